@@ -1,0 +1,112 @@
+//! In-memory DAG index: headers by hash, slot heads, insertion (topological) order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{BlockHash, BlockHeader, ChainId, ChainView, ValidatedBlock};
+use crate::model::Config;
+
+/// One block known to the DAG.
+#[derive(Debug, Clone)]
+pub struct DagEntry {
+    pub hash: BlockHash,
+    pub header: BlockHeader,
+    /// Chain-A blocks: the parsed config.
+    pub config: Option<Config>,
+}
+
+/// Headers by hash, heads per slot, and blocks in the order they were
+/// accepted (every parent before its children).
+#[derive(Debug, Default, Clone)]
+pub struct Dag {
+    entries: HashMap<BlockHash, DagEntry>,
+    heads: BTreeMap<(Option<BlockHash>, String), BlockHash>,
+    order: Vec<BlockHash>,
+}
+
+impl Dag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a validated block; it becomes its slot's head.
+    pub fn insert(&mut self, v: &ValidatedBlock) {
+        let config = v.meta.as_ref().map(|(_, c)| c.clone());
+        self.insert_trusted(v.block.hash, v.block.header.clone(), config);
+    }
+
+    /// Add a block read back from this node's own store (validated when it was stored).
+    pub fn insert_trusted(&mut self, hash: BlockHash, header: BlockHeader, config: Option<Config>) {
+        if self.entries.contains_key(&hash) {
+            return;
+        }
+        self.heads.insert((header.meta, header.name.clone()), hash);
+        self.order.push(hash);
+        self.entries.insert(hash, DagEntry { hash, header, config });
+    }
+
+    /// Set a slot's head explicitly (a store that keeps heads apart from blocks).
+    pub fn set_head(&mut self, meta: Option<BlockHash>, name: &str, hash: BlockHash) {
+        self.heads.insert((meta, name.to_string()), hash);
+    }
+
+    pub fn get(&self, hash: &BlockHash) -> Option<&DagEntry> {
+        self.entries.get(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Blocks of one chain, in acceptance order.
+    pub fn chain(&self, chain: ChainId) -> impl Iterator<Item = &DagEntry> {
+        self.order
+            .iter()
+            .filter_map(|h| self.entries.get(h))
+            .filter(move |e| e.header.chain == chain)
+    }
+
+    /// Every block in acceptance order.
+    pub fn iter(&self) -> impl Iterator<Item = &DagEntry> {
+        self.order.iter().filter_map(|h| self.entries.get(h))
+    }
+
+    /// All heads: `((meta, name), hash)`.
+    pub fn heads(&self) -> impl Iterator<Item = (&(Option<BlockHash>, String), &BlockHash)> {
+        self.heads.iter()
+    }
+
+    /// Heads of chain-B slots under one meta block, by slot name.
+    pub fn slot_heads(&self, meta: &BlockHash) -> BTreeMap<String, BlockHash> {
+        self.heads
+            .iter()
+            .filter(|((m, _), _)| m.as_ref() == Some(meta))
+            .map(|((_, n), h)| (n.clone(), *h))
+            .collect()
+    }
+
+    /// The latest chain-A meta block (the default model): the most recently
+    /// accepted chain-A head.
+    pub fn latest_meta(&self) -> Option<&DagEntry> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|h| self.entries.get(h))
+            .find(|e| e.header.chain == ChainId::A && self.heads.get(&(None, e.header.name.clone())) == Some(&e.hash))
+    }
+}
+
+impl ChainView for Dag {
+    fn header(&self, hash: &BlockHash) -> Option<BlockHeader> {
+        self.entries.get(hash).map(|e| e.header.clone())
+    }
+    fn config(&self, meta: &BlockHash) -> Option<Config> {
+        self.entries.get(meta).and_then(|e| e.config.clone())
+    }
+    fn head(&self, meta: Option<&BlockHash>, name: &str) -> Option<BlockHash> {
+        self.heads.get(&(meta.copied(), name.to_string())).copied()
+    }
+}

@@ -1,0 +1,299 @@
+//! Block validation: one [`ChainError`] variant per rule.
+//!
+//! [`validate_block`] runs every rule; the pieces are public so that a node
+//! can check cheap rules first (signature before downloading a payload).
+
+use std::collections::HashSet;
+
+use safetensors::SafeTensors;
+
+use super::{
+    chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, ChainError,
+    ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
+};
+use crate::model::{Config, Slot};
+
+/// What validation needs to know about the chain a block joins.
+pub trait ChainView {
+    /// Header of a known block.
+    fn header(&self, hash: &BlockHash) -> Option<BlockHeader>;
+    /// Parsed config of a known chain-A meta block.
+    fn config(&self, meta: &BlockHash) -> Option<Config>;
+    /// Current head of a slot: `(meta link, name)`; chain A uses `meta = None`.
+    fn head(&self, meta: Option<&BlockHash>, name: &str) -> Option<BlockHash>;
+}
+
+/// A block that passed every rule, with what the payload revealed.
+#[derive(Debug, Clone)]
+pub struct ValidatedBlock {
+    pub block: Block,
+    /// Chain A: the parsed spec and config.
+    pub meta: Option<(MetaPayload, Config)>,
+}
+
+/// Rules that need only the block itself: version, field limits,
+/// chain/kind/dtype/name consistency, and the signature.
+pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
+    let h = &block.header;
+    if h.version != HEADER_VERSION {
+        return Err(ChainError::UnsupportedVersion(h.version));
+    }
+    if h.kind.chain() != h.chain {
+        return Err(ChainError::ChainKind { chain: h.chain, kind: h.kind });
+    }
+    let field = |s: String| Err(ChainError::Field(s));
+    if h.name.is_empty() || h.name.len() > limits::MAX_NAME_LEN {
+        return field(format!("name must be 1..={} bytes", limits::MAX_NAME_LEN));
+    }
+    if h.address.len() > limits::MAX_ADDRESS_LEN {
+        return Err(ChainError::TooLarge {
+            what: "address",
+            len: h.address.len() as u64,
+            max: limits::MAX_ADDRESS_LEN as u64,
+        });
+    }
+    if h.parents.len() > limits::MAX_PARENTS {
+        return Err(ChainError::TooLarge {
+            what: "parent list",
+            len: h.parents.len() as u64,
+            max: limits::MAX_PARENTS as u64,
+        });
+    }
+    if !(limits::MIN_CHUNK_SIZE..=limits::MAX_CHUNK_SIZE).contains(&h.chunk_size) {
+        return field(format!(
+            "chunk_size {} outside {}..={}",
+            h.chunk_size,
+            limits::MIN_CHUNK_SIZE,
+            limits::MAX_CHUNK_SIZE
+        ));
+    }
+    let max = match h.chain {
+        ChainId::A => limits::MAX_META_PAYLOAD_LEN,
+        ChainId::B => limits::MAX_PAYLOAD_LEN,
+    };
+    if h.payload_len > max {
+        return Err(ChainError::TooLarge { what: "payload", len: h.payload_len, max });
+    }
+    if let Some(l) = h.candidate_loss {
+        if !(l.is_finite() && l >= 0.0) {
+            return field(format!("candidate_loss {l} must be finite and >= 0"));
+        }
+    }
+    match (h.kind, h.dtype) {
+        (BlockKind::Meta, PayloadDtype::Json) => {}
+        (BlockKind::Meta, d) => return field(format!("meta blocks carry JSON, not {}", d.as_str())),
+        (_, PayloadDtype::Json) => return field("parameter blocks carry safetensors, not JSON".into()),
+        _ => {}
+    }
+    match h.chain {
+        ChainId::A if h.meta.is_some() => {
+            return Err(ChainError::MetaLink("a chain-A block must not link to a meta block".into()))
+        }
+        ChainId::B if h.meta.is_none() => {
+            return Err(ChainError::MetaLink("a chain-B block must link to its chain-A meta block".into()))
+        }
+        _ => {}
+    }
+    if h.kind != BlockKind::Meta {
+        let slot = Slot::parse(&h.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
+        let ok = matches!(
+            (h.kind, slot),
+            (BlockKind::Shared, Slot::Shared)
+                | (BlockKind::Router, Slot::Router { .. })
+                | (BlockKind::Expert, Slot::Expert { .. })
+        );
+        if !ok {
+            return Err(ChainError::SlotName(format!(
+                "{} is not a {} slot",
+                h.name,
+                h.kind.as_str()
+            )));
+        }
+    }
+    block.verify_signature()
+}
+
+/// Rules that need the chain: duplicate, meta link, parents, cycles, slot in
+/// spec, and that the block builds on its slot's current head. Returns the
+/// config the block must conform to (chain B).
+pub fn check_context(block: &Block, view: &impl ChainView) -> Result<Option<Config>, ChainError> {
+    let h = &block.header;
+    if view.header(&block.hash).is_some() {
+        return Err(ChainError::Duplicate(block.hash));
+    }
+    let config = match &h.meta {
+        None => None,
+        Some(m) => {
+            let mh = view.header(m).ok_or(ChainError::UnknownMeta(*m))?;
+            if mh.chain != ChainId::A || mh.kind != BlockKind::Meta {
+                return Err(ChainError::MetaNotChainA(*m));
+            }
+            Some(view.config(m).ok_or(ChainError::UnknownMeta(*m))?)
+        }
+    };
+    let mut seen = HashSet::new();
+    for p in &h.parents {
+        if *p == block.hash {
+            return Err(ChainError::SelfParent);
+        }
+        if !seen.insert(*p) {
+            return Err(ChainError::DuplicateParent(*p));
+        }
+        if view.header(p).is_none() {
+            return Err(ChainError::UnknownParent(*p));
+        }
+    }
+    check_acyclic(block, view)?;
+    if let (Some(cfg), Ok(slot)) = (&config, Slot::parse(&h.name)) {
+        slot.check_in_spec(cfg).map_err(|e| ChainError::SlotOutOfSpec(e.to_string()))?;
+    }
+    // Versions of a slot form a line: a new version builds on the current head.
+    let head = view.head(h.meta.as_ref(), &h.name);
+    for p in &h.parents {
+        if let Some(ph) = view.header(p) {
+            if ph.name == h.name && ph.meta == h.meta && Some(*p) != head {
+                if let Some(head) = head {
+                    return Err(ChainError::StaleParent { slot: h.name.clone(), parent: *p, head });
+                }
+            }
+        }
+    }
+    if let Some(head) = head {
+        if !h.parents.contains(&head) {
+            return Err(ChainError::NotHead { slot: h.name.clone(), head });
+        }
+    }
+    Ok(config)
+}
+
+/// Walk the ancestors; reaching the block itself means a cycle.
+fn check_acyclic(block: &Block, view: &impl ChainView) -> Result<(), ChainError> {
+    let mut stack: Vec<BlockHash> = block.header.parents.clone();
+    let mut seen: HashSet<BlockHash> = HashSet::new();
+    while let Some(x) = stack.pop() {
+        if x == block.hash {
+            return Err(ChainError::Cycle(x));
+        }
+        if !seen.insert(x) {
+            continue;
+        }
+        if let Some(h) = view.header(&x) {
+            stack.extend(h.parents.iter().copied());
+            if let Some(m) = h.meta {
+                stack.push(m);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Payload length and chunk root.
+pub fn check_payload_integrity(header: &BlockHeader, payload: &[u8]) -> Result<(), ChainError> {
+    if payload.len() as u64 != header.payload_len {
+        return Err(ChainError::PayloadLength {
+            header: header.payload_len,
+            actual: payload.len() as u64,
+        });
+    }
+    let root = payload_root(&chunk_hashes(payload, header.chunk_size));
+    if root != header.payload_root {
+        return Err(ChainError::PayloadRoot { expected: header.payload_root, actual: root });
+    }
+    Ok(())
+}
+
+/// What the payload holds: for chain A a consistent meta spec whose name is
+/// the block name; for chain B exactly the tensors (names, shapes, dtype)
+/// the config implies for the slot.
+pub fn check_payload_content(
+    header: &BlockHeader,
+    payload: &[u8],
+    config: Option<&Config>,
+) -> Result<Option<(MetaPayload, Config)>, ChainError> {
+    if header.kind == BlockKind::Meta {
+        let (m, cfg) = MetaPayload::parse(payload)?;
+        if m.model_name != header.name {
+            return Err(ChainError::MetaPayload(format!(
+                "model_name {:?} is not the block name {:?}",
+                m.model_name, header.name
+            )));
+        }
+        return Ok(Some((m, cfg)));
+    }
+    let cfg = config.ok_or_else(|| ChainError::MetaLink("no config for a chain-B block".into()))?;
+    let slot = Slot::parse(&header.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
+    check_tensors(slot, header.dtype, payload, cfg)?;
+    Ok(None)
+}
+
+fn check_tensors(slot: Slot, dtype: PayloadDtype, payload: &[u8], cfg: &Config) -> Result<(), ChainError> {
+    let bad = |s: String| ChainError::Tensors(s);
+    if payload.len() < 8 {
+        return Err(bad("payload is not safetensors (shorter than its header length)".into()));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&payload[..8]);
+    let n = u64::from_le_bytes(n);
+    if n > limits::MAX_SAFETENSORS_HEADER as u64 {
+        return Err(ChainError::TooLarge {
+            what: "safetensors header",
+            len: n,
+            max: limits::MAX_SAFETENSORS_HEADER as u64,
+        });
+    }
+    let st = SafeTensors::deserialize(payload).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let want_dtype = match dtype {
+        PayloadDtype::F32 => safetensors::Dtype::F32,
+        PayloadDtype::F16 => safetensors::Dtype::F16,
+        PayloadDtype::BF16 => safetensors::Dtype::BF16,
+        PayloadDtype::Json => return Err(bad("JSON payload for a parameter block".into())),
+    };
+    let expected = slot.tensors(cfg);
+    let got = st.tensors();
+    if got.len() != expected.len() {
+        let names: HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
+        let extra: Vec<_> = got.iter().map(|(n, _)| n.as_str()).filter(|n| !names.contains(n)).collect();
+        return Err(bad(format!(
+            "slot {slot} needs {} tensors, payload has {} (unexpected: {:?})",
+            expected.len(),
+            got.len(),
+            extra
+        )));
+    }
+    for spec in &expected {
+        let view = st
+            .tensor(&spec.name)
+            .map_err(|_| bad(format!("missing tensor {}", spec.name)))?;
+        if view.shape() != spec.shape.as_slice() {
+            return Err(bad(format!(
+                "{}: shape {:?}, config implies {:?}",
+                spec.name,
+                view.shape(),
+                spec.shape
+            )));
+        }
+        if view.dtype() != want_dtype {
+            return Err(bad(format!(
+                "{}: dtype {:?}, header says {}",
+                spec.name,
+                view.dtype(),
+                dtype.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every rule, cheapest first. Nothing is stored here: the caller inserts the
+/// returned block only on `Ok`.
+pub fn validate_block(
+    block: &Block,
+    payload: &[u8],
+    view: &impl ChainView,
+) -> Result<ValidatedBlock, ChainError> {
+    check_standalone(block)?;
+    let config = check_context(block, view)?;
+    check_payload_integrity(&block.header, payload)?;
+    let meta = check_payload_content(&block.header, payload, config.as_ref())?;
+    Ok(ValidatedBlock { block: block.clone(), meta })
+}

@@ -1,0 +1,1 @@
+//! GPU engine (wgpu): WGSL kernels and the Mixtral forward pass.

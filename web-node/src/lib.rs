@@ -1,0 +1,16 @@
+//! AI-Block node library.
+//!
+//! Everything a node does lives here as plain Rust that native tests cover:
+//! the signed DAG chain ([`chain`]), the model ([`model`]: config, checkpoints,
+//! tokenizer, CPU reference forward), the GPU engine ([`gpu`]), the wire
+//! protocol ([`net`]) and block stores ([`store`]). The wasm facade in
+//! `browser` only wires these to the page.
+
+pub mod chain;
+pub mod gpu;
+pub mod model;
+pub mod net;
+pub mod store;
+
+#[cfg(target_arch = "wasm32")]
+mod browser;

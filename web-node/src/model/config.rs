@@ -1,0 +1,230 @@
+//! Hugging Face Mixtral `config.json`, read as it is (transformers 4.x and 5.x forms).
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+fn default_rope_theta() -> f64 {
+    1e6
+}
+fn default_rms_eps() -> f64 {
+    1e-5
+}
+fn default_max_pos() -> usize {
+    4096
+}
+fn default_top_k() -> usize {
+    2
+}
+
+/// transformers 5.x nests the RoPE base here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+/// The fields of a Mixtral `config.json` the engine needs. Unknown fields are
+/// ignored here; the verbatim JSON travels in the chain-A meta block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// `null` in transformers 5.x means `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4.x: top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers 5.x: `rope_parameters.rope_theta`.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default = "default_top_k")]
+    pub num_experts_per_tok: usize,
+    pub num_local_experts: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// transformers 4.x: `torch_dtype`; 5.x: `dtype`.
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+/// Upper bounds a config must respect before anything is allocated from it.
+pub mod limits {
+    /// Largest vocabulary accepted (Mixtral has 32 000, newer tokenizers ~256 k).
+    pub const MAX_VOCAB: usize = 1 << 20;
+    /// Largest hidden size accepted (Mixtral 8x22B uses 6 144).
+    pub const MAX_HIDDEN: usize = 1 << 16;
+    /// Largest expert intermediate size accepted.
+    pub const MAX_INTERMEDIATE: usize = 1 << 18;
+    /// Most layers accepted.
+    pub const MAX_LAYERS: usize = 1024;
+    /// Most experts per layer accepted.
+    pub const MAX_EXPERTS: usize = 1024;
+    /// Most attention heads accepted.
+    pub const MAX_HEADS: usize = 1024;
+}
+
+impl Config {
+    /// Parse `config.json` bytes and check that the shapes are consistent.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ModelError> {
+        let cfg: Config =
+            serde_json::from_slice(bytes).map_err(|e| ModelError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse an already decoded JSON value.
+    pub fn from_value(v: &serde_json::Value) -> Result<Self, ModelError> {
+        let cfg: Config =
+            Config::deserialize(v).map_err(|e| ModelError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        use limits::*;
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
+            return bad(format!("vocab_size {} out of range 1..={MAX_VOCAB}", self.vocab_size));
+        }
+        if self.hidden_size == 0 || self.hidden_size > MAX_HIDDEN {
+            return bad(format!("hidden_size {} out of range", self.hidden_size));
+        }
+        if self.intermediate_size == 0 || self.intermediate_size > MAX_INTERMEDIATE {
+            return bad(format!("intermediate_size {} out of range", self.intermediate_size));
+        }
+        if self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {
+            return bad(format!("num_hidden_layers {} out of range", self.num_hidden_layers));
+        }
+        if self.num_local_experts == 0 || self.num_local_experts > MAX_EXPERTS {
+            return bad(format!("num_local_experts {} out of range", self.num_local_experts));
+        }
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
+            return bad(format!(
+                "num_experts_per_tok {} must be in 1..={}",
+                self.num_experts_per_tok, self.num_local_experts
+            ));
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads > MAX_HEADS {
+            return bad(format!("num_attention_heads {} out of range", self.num_attention_heads));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return bad(format!(
+                "num_key_value_heads {kv} must divide num_attention_heads {}",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return bad("hidden_size must be a multiple of num_attention_heads".into());
+        }
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 || hd > MAX_HIDDEN {
+            return bad(format!("head_dim {hd} must be even and non-zero"));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad("rms_norm_eps must be positive".into());
+        }
+        let theta = self.rope_theta();
+        if !(theta.is_finite() && theta > 1.0) {
+            return bad(format!("rope_theta {theta} must be > 1"));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return bad(format!("hidden_act {act:?} is not supported (only silu)"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or_else(default_rope_theta)
+    }
+
+    /// Width of the query projection output.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// Width of each of the key/value projection outputs.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads() * self.head_dim()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V4: &str = r#"{"architectures":["MixtralForCausalLM"],"model_type":"mixtral",
+        "vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,
+        "num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":32768,
+        "rms_norm_eps":1e-5,"rope_theta":1000000.0,"num_experts_per_tok":2,"num_local_experts":8,
+        "tie_word_embeddings":false,"sliding_window":null,"torch_dtype":"bfloat16","hidden_act":"silu",
+        "router_aux_loss_coef":0.02}"#;
+    const V5: &str = r#"{"architectures":["MixtralForCausalLM"],"model_type":"mixtral",
+        "vocab_size":100,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":4,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":null,
+        "rope_parameters":{"rope_theta":10000.0,"rope_type":"default"},"dtype":"float32",
+        "num_experts_per_tok":2,"num_local_experts":8}"#;
+
+    #[test]
+    fn reads_transformers_4_config() {
+        let c = Config::from_json(V4.as_bytes()).unwrap();
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.kv_dim(), 1024);
+        assert_eq!(c.rope_theta(), 1e6);
+    }
+
+    #[test]
+    fn reads_transformers_5_config() {
+        let c = Config::from_json(V5.as_bytes()).unwrap();
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.rope_theta(), 1e4);
+        assert_eq!(c.num_kv_heads(), 2);
+    }
+
+    #[test]
+    fn rejects_inconsistent_heads() {
+        let bad = V5.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        assert!(Config::from_json(bad.as_bytes()).is_err());
+        let bad = V5.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9");
+        assert!(Config::from_json(bad.as_bytes()).is_err());
+        assert!(Config::from_json(b"{not json").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Wire protocol and REST types shared with the relay.
