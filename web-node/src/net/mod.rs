@@ -1,1 +1,3 @@
 //! Wire protocol and REST types shared with the relay.
+
+pub mod api;
