@@ -7,6 +7,7 @@
 //! `browser` only wires these to the page.
 
 pub mod chain;
+pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod net;

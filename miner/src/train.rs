@@ -1,0 +1,323 @@
+//! Train the default model: a byte-level BPE tokenizer (digits split one per
+//! token) on the train split, then a small Mixtral with AdamW on answer
+//! tokens, written as a Hugging Face directory.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use tokenizers::models::bpe::{BpeTrainer, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+use web_node::eval::corpus::Rng;
+use web_node::eval::{self, Corpus, Skill, Tokenized, BOS, EOS};
+use web_node::model::Config;
+
+use crate::mixtral::Mixtral;
+
+/// Hyper-parameters of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    pub seed: u64,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub aux_coef: f64,
+    /// Evaluate and write the directory every this many steps.
+    pub checkpoint_every: usize,
+}
+
+/// Train a byte-level BPE tokenizer on the training texts. Digits are always
+/// single tokens; `<s>` and `</s>` are special.
+pub fn train_tokenizer(corpus: &Corpus, vocab: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
+    let mut trainer: tokenizers::models::TrainerWrapper = BpeTrainer::builder()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials.clone())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let texts: Vec<String> = corpus.train.iter().map(|e| e.text()).collect();
+    tok.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow!("training tokenizer: {e}"))?;
+    tok.add_special_tokens(&specials);
+    Ok(tok)
+}
+
+/// The HF config.json (transformers 4.x form) of a model of these sizes.
+pub fn config_json(args: &TrainArgs, vocab_size: usize, bos: u32, eos: u32) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": vocab_size,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": args.hidden / 4,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "num_experts_per_tok": 2,
+        "num_local_experts": 8,
+        "router_aux_loss_coef": args.aux_coef,
+        "output_router_logits": false,
+        "tie_word_embeddings": false,
+        "sliding_window": null,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    })
+}
+
+/// A padded batch: inputs, targets and the loss mask (1 on answer targets).
+pub fn make_batch(items: &[&Tokenized], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = items
+        .iter()
+        .map(|e| e.prompt.len() + e.answer.len() - 1)
+        .max()
+        .unwrap_or(1);
+    let b = items.len();
+    let (mut inp, mut tgt, mut mask) = (vec![0u32; b * t], vec![0u32; b * t], vec![0f32; b * t]);
+    for (i, e) in items.iter().enumerate() {
+        let full = e.full();
+        for p in 0..full.len() - 1 {
+            inp[i * t + p] = full[p];
+            tgt[i * t + p] = full[p + 1];
+            if p + 1 >= e.prompt.len() {
+                mask[i * t + p] = 1.0;
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(inp, (b, t), device)?,
+        Tensor::from_vec(tgt, (b * t,), device)?,
+        Tensor::from_vec(mask, (b * t,), device)?,
+    ))
+}
+
+/// Masked mean cross-entropy of logits `(B, T, V)`.
+pub fn masked_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(2)?;
+    let lsm = candle_nn::ops::log_softmax(&logits.reshape(((), v))?, 1)?;
+    let picked = lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let n = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+    Ok(((picked * mask)?.sum_all()?.neg()? / n as f64)?)
+}
+
+/// Mean public-eval loss of a candle model (batched, same number as
+/// [`eval::eval_loss`] up to float rounding).
+pub fn batch_eval_loss(model: &Mixtral, data: &[Tokenized]) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0f64);
+    for chunk in data.chunks(64) {
+        let items: Vec<&Tokenized> = chunk.iter().collect();
+        let (inp, tgt, mask) = make_batch(&items, model.device())?;
+        let (logits, _) = model.forward(&inp)?;
+        let k = mask.sum_all()?.to_scalar::<f32>()? as f64;
+        sum += masked_ce(&logits, &tgt, &mask)?.to_scalar::<f32>()? as f64 * k;
+        n += k;
+    }
+    Ok(sum / n.max(1.0))
+}
+
+/// Sample a batch: skill uniform, then an example of that skill uniform.
+pub fn sample_batch<'a>(
+    by_skill: &'a [Vec<Tokenized>],
+    batch: usize,
+    rng: &mut Rng,
+) -> Vec<&'a Tokenized> {
+    (0..batch)
+        .map(|_| {
+            let s = &by_skill[rng.below(by_skill.len())];
+            &s[rng.below(s.len())]
+        })
+        .collect()
+}
+
+/// Cosine schedule with linear warm-up, down to 10% of the peak.
+pub fn lr_at(step: usize, total: usize, peak: f64) -> f64 {
+    let warm = (total / 20).max(1);
+    if step < warm {
+        return peak * (step + 1) as f64 / warm as f64;
+    }
+    let p = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+/// The tokenized splits, the train split grouped by skill.
+pub struct Splits {
+    pub by_skill: Vec<Vec<Tokenized>>,
+    pub public: Vec<Tokenized>,
+    pub held: Vec<Tokenized>,
+}
+
+/// Tokenize the splits and group the train split by skill.
+pub fn tokenized_splits(tok: &Tokenizer, corpus: &Corpus) -> Result<Splits> {
+    let mut by_skill = Vec::new();
+    for skill in Skill::ALL {
+        let ex: Vec<_> = corpus
+            .train
+            .iter()
+            .filter(|e| e.skill == skill)
+            .cloned()
+            .collect();
+        by_skill.push(eval::tokenize(tok, &ex)?);
+    }
+    let public = eval::tokenize(tok, &corpus.public_eval)?;
+    let held = eval::tokenize(tok, &corpus.held_out)?;
+    Ok(Splits { by_skill, public, held })
+}
+
+/// Train `vars` of `model` on batches from `by_skill` for `steps` steps.
+#[allow(clippy::too_many_arguments)]
+pub fn train_loop(
+    model: &Mixtral,
+    vars: Vec<Var>,
+    by_skill: &[Vec<Tokenized>],
+    public: &[Tokenized],
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    aux_coef: f64,
+    seed: u64,
+    mut on_checkpoint: impl FnMut(usize, f64) -> Result<()>,
+    checkpoint_every: usize,
+) -> Result<()> {
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )?;
+    let mut rng = Rng::new(seed ^ 0x7EA1_0000);
+    let start = Instant::now();
+    let mut avg = 0f64;
+    for step in 0..steps {
+        opt.set_learning_rate(lr_at(step, steps, lr));
+        let items = sample_batch(by_skill, batch, &mut rng);
+        let (inp, tgt, mask) = make_batch(&items, model.device())?;
+        let (logits, aux) = model.forward(&inp)?;
+        let ce = masked_ce(&logits, &tgt, &mask)?;
+        let loss = (&ce + (aux * aux_coef)?)?;
+        opt.backward_step(&loss)?;
+        let l = ce.to_scalar::<f32>()? as f64;
+        avg = if step == 0 { l } else { 0.98 * avg + 0.02 * l };
+        if step % 25 == 0 || step + 1 == steps {
+            tracing::info!(
+                "step {step}/{steps} loss {l:.4} avg {avg:.4} lr {:.2e} {:.1}s",
+                lr_at(step, steps, lr),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        if checkpoint_every > 0 && (step + 1) % checkpoint_every == 0 && step + 1 < steps {
+            let pl = batch_eval_loss(model, public)?;
+            tracing::info!("step {} public-eval loss {pl:.4}", step + 1);
+            on_checkpoint(step + 1, pl)?;
+        }
+    }
+    let pl = batch_eval_loss(model, public)?;
+    tracing::info!(
+        "final public-eval loss {pl:.4} after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    on_checkpoint(steps, pl)
+}
+
+/// Write a Hugging Face directory: config.json, model.safetensors, tokenizer.json.
+pub fn write_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    model: &Mixtral,
+    tok: &Tokenizer,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config)? + "\n",
+    )?;
+    let tmp = dir.join("model.safetensors.tmp");
+    model.save(&tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    let json = tok
+        .to_string(true)
+        .map_err(|e| anyhow!("serialising tokenizer: {e}"))?;
+    std::fs::write(dir.join("tokenizer.json"), json + "\n")?;
+    Ok(())
+}
+
+/// The whole run: tokenizer, model, training, directory with a README section.
+pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
+    let device = Device::Cpu;
+    let corpus = Corpus::generate(args.seed);
+    let tok = train_tokenizer(&corpus, args.vocab)?;
+    let vocab_size = tok.get_vocab_size(true);
+    let bos = tok.token_to_id(BOS).context("no <s>")?;
+    let eos = tok.token_to_id(EOS).context("no </s>")?;
+    let config = config_json(args, vocab_size, bos, eos);
+    let cfg = Config::from_value(&config)?;
+    tracing::info!("tokenizer: {vocab_size} tokens; config {}", config);
+    let Splits { by_skill, public, held } = tokenized_splits(&tok, &corpus)?;
+    let mut model = Mixtral::init(&cfg, args.seed, &device)?;
+    let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
+    tracing::info!("{params} parameters");
+    let start = Instant::now();
+    let vars = model.all_vars();
+    train_loop(
+        &model,
+        vars,
+        &by_skill,
+        &public,
+        args.steps,
+        args.batch,
+        args.lr,
+        args.aux_coef,
+        args.seed,
+        |step, _| {
+            write_dir(out, &config, &model, &tok)?;
+            tracing::info!("wrote {} at step {step}", out.display());
+            Ok(())
+        },
+        args.checkpoint_every,
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let public_loss = batch_eval_loss(&model, &public)?;
+    let acc = eval::accuracy(&mut model, &tok, &held)?;
+    let line = eval::format_accuracy(&acc);
+    tracing::info!("held-out accuracy: {line}");
+    let report = serde_json::json!({
+        "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "hidden": args.hidden, "intermediate": args.intermediate, "vocab": vocab_size,
+        "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
+        "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.skill.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("train_report.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    let _ = DType::F32;
+    Ok(())
+}

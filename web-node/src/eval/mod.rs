@@ -1,0 +1,285 @@
+//! Evaluation: a deterministic corpus of skills with exact answers
+//! ([`corpus`]), its tokenization, the public-eval loss (mean cross-entropy
+//! on answer tokens) and held-out accuracy per skill by greedy decoding.
+//!
+//! Pure Rust: it compiles for wasm32 and runs against any model that can
+//! give the logits of every position ([`LogitsModel`]).
+
+pub mod corpus;
+
+pub use corpus::{Corpus, Example, Skill, DEFAULT_SEED};
+
+use crate::model::ModelError;
+
+/// The end-of-sequence token that follows every answer.
+pub const EOS: &str = "</s>";
+/// The beginning-of-sequence token (in the vocabulary; prompts do not use it).
+pub const BOS: &str = "<s>";
+
+/// Errors of evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error(
+        "logits have {got} values, expected {expected} ({positions} positions x vocab {vocab})"
+    )]
+    Logits {
+        got: usize,
+        expected: usize,
+        positions: usize,
+        vocab: usize,
+    },
+    #[error("token id {id} is outside the model's vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("nothing to evaluate")]
+    Empty,
+}
+
+/// An example as token ids: the answer ends with the EOS token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    pub skill: Skill,
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+    /// The answer text (for accuracy).
+    pub answer_text: String,
+}
+
+impl Tokenized {
+    /// Prompt followed by answer (with EOS).
+    pub fn full(&self) -> Vec<u32> {
+        let mut v = self.prompt.clone();
+        v.extend_from_slice(&self.answer);
+        v
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EvalError {
+    EvalError::Tokenizer(e.to_string())
+}
+
+/// The EOS token id of a tokenizer.
+pub fn eos_id(tok: &tokenizers::Tokenizer) -> Result<u32, EvalError> {
+    tok.token_to_id(EOS)
+        .ok_or_else(|| tok_err(format!("no {EOS} token in the vocabulary")))
+}
+
+/// Encode text without special tokens.
+pub fn encode(tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, EvalError> {
+    Ok(tok.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+}
+
+/// Tokenize examples: prompt and answer separately (so the prompt's tokens are
+/// exactly what a user's prompt gives), EOS after the answer.
+pub fn tokenize(
+    tok: &tokenizers::Tokenizer,
+    examples: &[Example],
+) -> Result<Vec<Tokenized>, EvalError> {
+    let eos = eos_id(tok)?;
+    examples
+        .iter()
+        .map(|e| {
+            let prompt = encode(tok, &e.prompt)?;
+            let mut answer = encode(tok, &e.answer)?;
+            answer.push(eos);
+            Ok(Tokenized {
+                skill: e.skill,
+                prompt,
+                answer,
+                answer_text: e.answer.clone(),
+            })
+        })
+        .collect()
+}
+
+/// A model that returns the logits of every position of a token sequence,
+/// `tokens.len() * vocab_size()` values, row-major. Stateless between calls.
+pub trait LogitsModel {
+    fn vocab_size(&self) -> usize;
+    fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError>;
+}
+
+fn check_logits(got: usize, positions: usize, vocab: usize) -> Result<(), EvalError> {
+    let expected = positions * vocab;
+    if got != expected {
+        return Err(EvalError::Logits {
+            got,
+            expected,
+            positions,
+            vocab,
+        });
+    }
+    Ok(())
+}
+
+/// Sum of cross-entropy (nats) over the answer tokens of one example, and
+/// their count.
+pub fn example_loss(
+    model: &mut impl LogitsModel,
+    ex: &Tokenized,
+) -> Result<(f64, usize), EvalError> {
+    let full = ex.full();
+    let vocab = model.vocab_size();
+    if full.len() < 2 || ex.answer.is_empty() {
+        return Err(EvalError::Empty);
+    }
+    // Positions 0..n-1 predict tokens 1..n; no need for the last position.
+    let input = &full[..full.len() - 1];
+    let logits = model.logits_all(input)?;
+    check_logits(logits.len(), input.len(), vocab)?;
+    let mut sum = 0f64;
+    let first = ex.prompt.len() - 1; // position predicting the first answer token
+    for (i, &target) in ex.answer.iter().enumerate() {
+        let row = &logits[(first + i) * vocab..(first + i + 1) * vocab];
+        let t = target as usize;
+        if t >= vocab {
+            return Err(EvalError::TokenOutOfRange { id: target, vocab });
+        }
+        sum += cross_entropy(row, t);
+    }
+    Ok((sum, ex.answer.len()))
+}
+
+/// `-log softmax(row)[target]`, computed stably in f64.
+pub fn cross_entropy(row: &[f32], target: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    lse - row[target] as f64
+}
+
+/// Mean cross-entropy (nats per token) over the answer tokens of all examples:
+/// the public-eval loss that miners claim and the relay recomputes.
+pub fn eval_loss(model: &mut impl LogitsModel, examples: &[Tokenized]) -> Result<f64, EvalError> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for ex in examples {
+        let (s, k) = example_loss(model, ex)?;
+        sum += s;
+        n += k;
+    }
+    if n == 0 {
+        return Err(EvalError::Empty);
+    }
+    Ok(sum / n as f64)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy decoding: up to `max_new` tokens after the prompt, stopping after EOS
+/// (which is included in the result).
+pub fn greedy(
+    model: &mut impl LogitsModel,
+    prompt: &[u32],
+    max_new: usize,
+    eos: u32,
+) -> Result<Vec<u32>, EvalError> {
+    let vocab = model.vocab_size();
+    let mut seq = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let logits = model.logits_all(&seq)?;
+        check_logits(logits.len(), seq.len(), vocab)?;
+        let next = argmax(&logits[(seq.len() - 1) * vocab..]);
+        out.push(next);
+        seq.push(next);
+        if next == eos {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Correct answers of one skill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkillAccuracy {
+    pub skill: Skill,
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl SkillAccuracy {
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+}
+
+/// Is a greedy continuation the exact answer followed by EOS?
+pub fn is_correct(
+    tok: &tokenizers::Tokenizer,
+    ex: &Tokenized,
+    generated: &[u32],
+    eos: u32,
+) -> Result<bool, EvalError> {
+    let Some((&last, body)) = generated.split_last() else {
+        return Ok(false);
+    };
+    if last != eos {
+        return Ok(false);
+    }
+    let text = tok.decode(body, true).map_err(tok_err)?;
+    Ok(text.trim() == ex.answer_text.trim())
+}
+
+/// Accuracy per skill (in [`Skill::ALL`] order, skills with no example left
+/// out) by greedy decoding.
+pub fn accuracy(
+    model: &mut impl LogitsModel,
+    tok: &tokenizers::Tokenizer,
+    examples: &[Tokenized],
+) -> Result<Vec<SkillAccuracy>, EvalError> {
+    let eos = eos_id(tok)?;
+    let mut res: Vec<SkillAccuracy> = Vec::new();
+    for skill in Skill::ALL {
+        let mut acc = SkillAccuracy {
+            skill,
+            correct: 0,
+            total: 0,
+        };
+        for ex in examples.iter().filter(|e| e.skill == skill) {
+            let out = greedy(model, &ex.prompt, ex.answer.len() + 4, eos)?;
+            acc.total += 1;
+            if is_correct(tok, ex, &out, eos)? {
+                acc.correct += 1;
+            }
+        }
+        if acc.total > 0 {
+            res.push(acc);
+        }
+    }
+    Ok(res)
+}
+
+/// A one-line table: `add 48/50 (96.0%) | ...`.
+pub fn format_accuracy(acc: &[SkillAccuracy]) -> String {
+    acc.iter()
+        .map(|a| {
+            format!(
+                "{} {}/{} ({:.1}%)",
+                a.skill,
+                a.correct,
+                a.total,
+                100.0 * a.fraction()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
