@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Run every test:
+#   ./scripts/test.sh
+# formatting, clippy (-D warnings), cargo test --workspace, the wasm build
+# (trunk), and the headless-Chromium tests in tests/e2e when node and chromium
+# are installed.
+#
+# AIBLOCK_REQUIRE_E2E=1: fail (instead of skipping) when the browser tests cannot run.
+# AIBLOCK_REQUIRE_GPU=1: GPU tests fail (instead of skipping) without a wgpu adapter,
+#                        and the browser test requires a WebGPU adapter.
+# CI (.ci/run) sets both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+SECONDS=0
+step() { log "[$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+
+ensure_web_tools
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo clippy -p web-node --target wasm32-unknown-unknown -- -D warnings"
+cargo clippy -p web-node --target wasm32-unknown-unknown -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "web app (wasm) build"
+build_web
+
+skip_e2e() {
+    printf '\n\033[1;33m'
+    printf '############################################################\n'
+    printf '##  BROWSER TESTS SKIPPED: %s\n' "$1"
+    printf '##  (install chromium and node/npm, or see .ci/run)\n'
+    printf '############################################################\033[0m\n\n'
+    if [ "${AIBLOCK_REQUIRE_E2E:-0}" = 1 ]; then
+        echo "AIBLOCK_REQUIRE_E2E=1: failing because the browser tests did not run" >&2
+        exit 1
+    fi
+}
+
+CHROMIUM="${AIBLOCK_CHROMIUM:-/usr/bin/chromium}"
+if ! command -v node >/dev/null 2>&1; then
+    skip_e2e "node is not installed"
+elif [ ! -x "$CHROMIUM" ]; then
+    skip_e2e "no chromium at $CHROMIUM"
+else
+    if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+        if command -v npm >/dev/null 2>&1; then
+            step "npm ci (tests/e2e)"
+            (cd tests/e2e && npm ci --no-audit --no-fund)
+        fi
+    fi
+    if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+        skip_e2e "playwright-core is not installed (cd tests/e2e && npm ci)"
+    else
+        step "cargo build -p relay"
+        cargo build -p relay
+        target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+        step "browser tests: node tests/e2e/verify.mjs"
+        AIBLOCK_RELAY_BIN="$target_dir/debug/relay" AIBLOCK_DIST="$PWD/dist" node tests/e2e/verify.mjs
+    fi
+fi
+
+step "all tests passed"

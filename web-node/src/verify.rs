@@ -1,0 +1,975 @@
+//! Verify a whole chain fetched from a relay, block by block, with the same
+//! [`crate::chain`] rules the relay applies, and render the result.
+//!
+//! This is everything the web page does with the chain, as plain Rust that
+//! native tests cover; the wasm facade in `browser` only fetches the bytes
+//! and puts [`render_html`]'s output into the page.
+//!
+//! For every block the relay lists: the envelope decodes, hashes to the hash
+//! it was listed under, sits on the chain it was listed on, and then
+//! [`validate_block`] runs every rule (signature, payload length and chunk
+//! root, meta link, parents, slot in spec, tensors, head) against a [`Dag`]
+//! built from the blocks already verified, in topological order. A block
+//! whose meta block or parent failed fails too, naming it.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::chain::{validate_block, Block, BlockHash, BlockKind, ChainId, ChainView, Dag};
+
+/// One block as fetched from a relay: the hash and chain it was listed
+/// under, its envelope and its payload (or why a fetch failed).
+#[derive(Debug, Clone)]
+pub struct FetchedBlock {
+    /// Hash from `GET /chain/{A|B}/blocks`.
+    pub listed_hash: BlockHash,
+    /// Chain of the listing it came from.
+    pub listed_chain: ChainId,
+    /// `GET /blocks/{hash}?format=bin`: the block envelope.
+    pub envelope: Result<Vec<u8>, String>,
+    /// `GET /blocks/{hash}/payload`.
+    pub payload: Result<Vec<u8>, String>,
+}
+
+/// The verification result of one block, with what its header says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub hash: BlockHash,
+    pub chain: ChainId,
+    /// Header fields (None when the envelope could not be decoded).
+    pub kind: Option<BlockKind>,
+    pub name: Option<String>,
+    /// 1 for the first version of a slot, parent's version + 1 after (verified blocks only).
+    pub version: Option<u32>,
+    pub parents: Vec<BlockHash>,
+    pub meta: Option<BlockHash>,
+    pub payload_len: Option<u64>,
+    pub candidate_loss: Option<f32>,
+    pub miner: Option<String>,
+    pub address: Option<String>,
+    pub timestamp_ms: Option<u64>,
+    /// Whether the block is its slot's head among the verified blocks.
+    pub head: bool,
+    /// Chain-A blocks: `"4 layers × 8 experts, top2"`.
+    pub spec: Option<String>,
+    /// None: verified. Some: why it failed.
+    pub error: Option<String>,
+}
+
+impl VerifyReport {
+    pub fn verified(&self) -> bool {
+        self.error.is_none()
+    }
+
+    fn failed(f: &FetchedBlock, block: Option<&Block>, error: String) -> Self {
+        let h = block.map(|b| &b.header);
+        Self {
+            hash: f.listed_hash,
+            chain: f.listed_chain,
+            kind: h.map(|h| h.kind),
+            name: h.map(|h| h.name.clone()),
+            version: None,
+            parents: h.map(|h| h.parents.clone()).unwrap_or_default(),
+            meta: h.and_then(|h| h.meta),
+            payload_len: h.map(|h| h.payload_len),
+            candidate_loss: h.and_then(|h| h.candidate_loss),
+            miner: h.map(|h| h.miner_hex()),
+            address: h.map(|h| h.address.clone()),
+            timestamp_ms: h.map(|h| h.timestamp_ms),
+            head: false,
+            spec: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// Every block's result: verified blocks first in the order they joined the
+/// DAG (parents before children), then the failed ones in listing order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChainReport {
+    pub blocks: Vec<VerifyReport>,
+    pub verified: usize,
+    pub failed: usize,
+}
+
+impl ChainReport {
+    pub fn total(&self) -> usize {
+        self.blocks.len()
+    }
+    pub fn get(&self, hash: &BlockHash) -> Option<&VerifyReport> {
+        self.blocks.iter().find(|r| &r.hash == hash)
+    }
+}
+
+struct Candidate<'a> {
+    fetched: &'a FetchedBlock,
+    block: Block,
+    payload: &'a [u8],
+}
+
+impl Candidate<'_> {
+    /// Blocks that must be in the DAG before this one: meta link and parents.
+    fn deps(&self) -> impl Iterator<Item = BlockHash> + '_ {
+        self.block
+            .header
+            .meta
+            .into_iter()
+            .chain(self.block.header.parents.iter().copied())
+    }
+}
+
+/// Verify every fetched block. Never panics; every problem is a failed report.
+pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
+    let mut failed: Vec<(usize, VerifyReport)> = Vec::new();
+    let mut pending: Vec<(usize, Candidate<'_>)> = Vec::new();
+    for (i, f) in fetched.iter().enumerate() {
+        match first_checks(f) {
+            Ok(c) => pending.push((i, c)),
+            Err(r) => failed.push((i, *r)),
+        }
+    }
+
+    let mut dag = Dag::new();
+    let mut accepted: Vec<(BlockHash, Option<String>)> = Vec::new();
+    let mut versions: HashMap<BlockHash, u32> = HashMap::new();
+    let mut failed_hashes: HashSet<BlockHash> = failed.iter().map(|(_, r)| r.hash).collect();
+
+    // Kahn-style passes in listing order: validate every block whose meta
+    // block and parents are all verified; stop when a pass makes no progress.
+    loop {
+        let mut progressed = false;
+        let mut still = Vec::with_capacity(pending.len());
+        for (i, c) in pending {
+            if !c.deps().all(|d| dag.header(&d).is_some()) {
+                still.push((i, c));
+                continue;
+            }
+            progressed = true;
+            match validate_block(&c.block, c.payload, &dag) {
+                Ok(v) => {
+                    let h = &v.block.header;
+                    let version = h
+                        .parents
+                        .iter()
+                        .filter_map(|p| {
+                            dag.get(p)
+                                .filter(|e| e.header.name == h.name && e.header.meta == h.meta)
+                        })
+                        .filter_map(|e| versions.get(&e.hash))
+                        .max()
+                        .map_or(1, |v| v + 1);
+                    versions.insert(v.block.hash, version);
+                    let spec = v.meta.as_ref().map(|(m, _)| {
+                        format!(
+                            "{} layers × {} experts, {}",
+                            m.num_layers, m.num_experts, m.routing_strategy
+                        )
+                    });
+                    dag.insert(&v);
+                    accepted.push((v.block.hash, spec));
+                }
+                Err(e) => {
+                    failed_hashes.insert(c.block.hash);
+                    failed.push((
+                        i,
+                        VerifyReport::failed(c.fetched, Some(&c.block), e.to_string()),
+                    ));
+                }
+            }
+        }
+        pending = still;
+        if !progressed || pending.is_empty() {
+            break;
+        }
+    }
+
+    // What is left waits on a block that failed or that the relay did not list.
+    for (i, c) in pending {
+        let error = match c.deps().find(|d| failed_hashes.contains(d)) {
+            Some(d) => format!("depends on block {} which failed verification", d.short()),
+            None => match validate_block(&c.block, c.payload, &dag) {
+                Err(e) => e.to_string(),
+                // Unreachable in practice (a missing dependency fails validation).
+                Ok(_) => "its dependencies were not verified".to_string(),
+            },
+        };
+        failed.push((i, VerifyReport::failed(c.fetched, Some(&c.block), error)));
+    }
+    failed.sort_by_key(|(i, _)| *i);
+
+    let mut blocks = Vec::with_capacity(fetched.len());
+    for (hash, spec) in accepted {
+        let Some(e) = dag.get(&hash) else { continue };
+        let h = &e.header;
+        blocks.push(VerifyReport {
+            hash,
+            chain: h.chain,
+            kind: Some(h.kind),
+            name: Some(h.name.clone()),
+            version: versions.get(&hash).copied(),
+            parents: h.parents.clone(),
+            meta: h.meta,
+            payload_len: Some(h.payload_len),
+            candidate_loss: h.candidate_loss,
+            miner: Some(h.miner_hex()),
+            address: Some(h.address.clone()),
+            timestamp_ms: Some(h.timestamp_ms),
+            head: dag.head(h.meta.as_ref(), &h.name) == Some(hash),
+            spec,
+            error: None,
+        });
+    }
+    let verified = blocks.len();
+    let nfailed = failed.len();
+    blocks.extend(failed.into_iter().map(|(_, r)| r));
+    ChainReport {
+        blocks,
+        verified,
+        failed: nfailed,
+    }
+}
+
+/// Decode, hash and chain checks, and the fetches' own errors.
+fn first_checks(f: &FetchedBlock) -> Result<Candidate<'_>, Box<VerifyReport>> {
+    let fail = |block: Option<&Block>, e: String| Box::new(VerifyReport::failed(f, block, e));
+    let env = f
+        .envelope
+        .as_ref()
+        .map_err(|e| fail(None, format!("fetching the block failed: {e}")))?;
+    let block = Block::decode(env).map_err(|e| fail(None, e.to_string()))?;
+    if let Err(e) = block.check_hash(&f.listed_hash) {
+        return Err(fail(Some(&block), e.to_string()));
+    }
+    if block.header.chain != f.listed_chain {
+        let e = format!(
+            "listed on chain {:?} but the header says chain {:?}",
+            f.listed_chain, block.header.chain
+        );
+        return Err(fail(Some(&block), e));
+    }
+    let payload = match &f.payload {
+        Ok(p) => p.as_slice(),
+        Err(e) => {
+            return Err(fail(
+                Some(&block),
+                format!("fetching the payload failed: {e}"),
+            ))
+        }
+    };
+    Ok(Candidate {
+        fetched: f,
+        block,
+        payload,
+    })
+}
+
+/// The hashes of a `GET /chain/{A|B}/blocks` answer: a JSON array of block
+/// infos (or `{"blocks": [...]}`), of which only `hash` is used: everything
+/// else is read from the signed envelope itself.
+pub fn parse_listing(body: &[u8]) -> Result<Vec<BlockHash>, String> {
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        hash: BlockHash,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Listing {
+        Plain(Vec<Listed>),
+        Wrapped { blocks: Vec<Listed> },
+    }
+    let l: Listing =
+        serde_json::from_slice(body).map_err(|e| format!("not a block listing: {e}"))?;
+    let v = match l {
+        Listing::Plain(v) | Listing::Wrapped { blocks: v } => v,
+    };
+    Ok(v.into_iter().map(|b| b.hash).collect())
+}
+
+/// Escape text for HTML element content and attribute values.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn fmt_bytes(n: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = n as f64;
+    if f >= K * K {
+        format!("{:.1} MiB", f / (K * K))
+    } else if f >= K {
+        format!("{:.1} KiB", f / K)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// The summary element the page shows and the browser tests wait for.
+pub fn render_summary(report: &ChainReport) -> String {
+    let all_ok = report.failed == 0 && report.total() > 0;
+    format!(
+        "<div id=\"summary\" class=\"summary {cls}\" data-verified=\"{v}\" data-failed=\"{f}\" data-total=\"{t}\">\
+         {v} of {t} blocks verified in this browser{tail}</div>",
+        cls = if all_ok { "ok" } else { "bad" },
+        v = report.verified,
+        f = report.failed,
+        t = report.total(),
+        tail = if report.failed > 0 { format!(", {} failed", report.failed) } else { String::new() },
+    )
+}
+
+/// The summary element for a chain that could not be fetched at all.
+pub fn render_fetch_error(error: &str) -> String {
+    format!(
+        "<div id=\"summary\" class=\"summary bad\" data-verified=\"0\" data-failed=\"0\" data-total=\"0\" \
+         data-error=\"{e}\">Could not fetch the chain: {e}</div>",
+        e = escape_html(error)
+    )
+}
+
+fn short_list(hashes: &[BlockHash], report: &ChainReport) -> String {
+    if hashes.is_empty() {
+        return "—".into();
+    }
+    hashes
+        .iter()
+        .map(|h| {
+            let label = report
+                .get(h)
+                .and_then(|r| r.name.as_ref().map(|n| format!("{n} v{}", r.version.map_or("?".into(), |v| v.to_string()))))
+                .unwrap_or_else(|| "unknown".into());
+            format!(
+                "<a href=\"#b-{hex}\" class=\"hash\" title=\"{hex}\">{short}</a> <span class=\"muted\">{label}</span>",
+                hex = h.to_hex(),
+                short = h.short(),
+                label = escape_html(&label)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("<br>")
+}
+
+fn render_row(r: &VerifyReport, report: &ChainReport) -> String {
+    let status = if r.verified() { "verified" } else { "failed" };
+    let name = r.name.as_deref().unwrap_or("?");
+    let result = match &r.error {
+        None => "✔ verified".to_string(),
+        Some(e) => format!("✘ {}", escape_html(e)),
+    };
+    let extra = match (&r.spec, r.candidate_loss) {
+        (Some(s), _) => escape_html(s),
+        (None, Some(l)) => format!("loss {l:.4}"),
+        (None, None) => String::new(),
+    };
+    format!(
+        "<tr id=\"b-{hex}\" class=\"block {status}\" data-hash=\"{hex}\" data-chain=\"{chain:?}\" data-slot=\"{slot}\" \
+         data-version=\"{ver}\" data-head=\"{head}\" data-status=\"{status}\" data-parents=\"{plist}\" data-meta=\"{meta}\">\
+         <td>{slot}{headmark}</td><td>{kind}</td><td>{ver_txt}</td>\
+         <td><span class=\"hash\" title=\"{hex}\">{short}</span></td><td>{parents}</td>\
+         <td>{size}</td><td>{extra}</td><td>{addr}</td><td class=\"result\">{result}</td></tr>",
+        hex = r.hash.to_hex(),
+        chain = r.chain,
+        slot = escape_html(name),
+        ver = r.version.map_or(String::new(), |v| v.to_string()),
+        ver_txt = r.version.map_or("—".into(), |v| format!("v{v}")),
+        head = r.head,
+        headmark = if r.head { " <span class=\"tag\">head</span>" } else { "" },
+        kind = r.kind.map_or("?", |k| k.as_str()),
+        short = r.hash.short(),
+        parents = short_list(&r.parents, report),
+        size = r.payload_len.map_or("?".into(), fmt_bytes),
+        addr = escape_html(r.address.as_deref().unwrap_or("")),
+        plist = r.parents.iter().map(BlockHash::to_hex).collect::<Vec<_>>().join(","),
+        meta = r.meta.map(|m| m.to_hex()).unwrap_or_default(),
+    )
+}
+
+fn render_chain(report: &ChainReport, chain: ChainId, title: &str) -> String {
+    let rows: Vec<String> = report
+        .blocks
+        .iter()
+        .filter(|r| r.chain == chain)
+        .map(|r| render_row(r, report))
+        .collect();
+    let body = if rows.is_empty() {
+        "<tr><td colspan=\"9\" class=\"muted\">no blocks</td></tr>".to_string()
+    } else {
+        rows.concat()
+    };
+    format!(
+        "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>\
+         <thead><tr><th>Slot</th><th>Kind</th><th>Version</th><th>Hash</th><th>Parents</th>\
+         <th>Payload</th><th>Spec / loss</th><th>Miner</th><th>Verification</th></tr></thead>\
+         <tbody>{body}</tbody></table></section>"
+    )
+}
+
+/// A grid of chain-B slot heads: one row per layer, router and experts as
+/// columns, each cell the slot's latest verified version.
+fn render_grid(report: &ChainReport) -> String {
+    use crate::model::Slot;
+    // Per slot: latest verified version, and how many of its blocks failed.
+    let mut cells: HashMap<Option<Slot>, (u32, usize)> = HashMap::new();
+    let (mut layers, mut experts) = (0usize, 0usize);
+    for r in report.blocks.iter().filter(|r| r.chain == ChainId::B) {
+        let Some(slot) = r.name.as_deref().and_then(|n| Slot::parse(n).ok()) else {
+            continue;
+        };
+        if let Some(layer) = slot.layer() {
+            layers = layers.max(layer + 1);
+        }
+        if let Slot::Expert { expert, .. } = slot {
+            experts = experts.max(expert + 1);
+        }
+        let key = if slot == Slot::Shared {
+            None
+        } else {
+            Some(slot)
+        };
+        let c = cells.entry(key).or_insert((0, 0));
+        match r.version {
+            Some(v) if r.verified() => c.0 = c.0.max(v),
+            _ => c.1 += 1,
+        }
+    }
+    if cells.is_empty() {
+        return String::new();
+    }
+    // Cap the drawing so a hostile listing cannot make a huge page.
+    let (layers, experts) = (layers.min(256), experts.min(256));
+    let cell = |c: Option<&(u32, usize)>| match c {
+        None => "<td class=\"cell missing\">·</td>".to_string(),
+        Some((v, 0)) => format!("<td class=\"cell verified\">v{v}</td>"),
+        Some((0, f)) => format!("<td class=\"cell failed\">✘{f}</td>"),
+        Some((v, f)) => format!("<td class=\"cell failed\">v{v} ✘{f}</td>"),
+    };
+    let mut s = String::from("<section class=\"grid\"><h2>Chain B slots (latest version per slot)</h2><table><thead><tr><th></th><th>router</th>");
+    for e in 0..experts {
+        s.push_str(&format!("<th>expert{e}</th>"));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for l in 0..layers {
+        s.push_str(&format!(
+            "<tr><th>layer{l}</th>{}",
+            cell(cells.get(&Some(Slot::Router { layer: l })))
+        ));
+        for e in 0..experts {
+            s.push_str(&cell(cells.get(&Some(Slot::Expert {
+                layer: l,
+                expert: e,
+            }))));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str(&format!(
+        "</tbody></table><div class=\"shared\">shared: <table class=\"inline\"><tr>{}</tr></table></div></section>",
+        cell(cells.get(&None))
+    ));
+    s
+}
+
+/// The whole report: summary, slot grid, then both chains as tables.
+pub fn render_html(report: &ChainReport) -> String {
+    let mut s = render_summary(report);
+    s.push_str(&render_grid(report));
+    s.push_str(&render_chain(
+        report,
+        ChainId::A,
+        "Chain A — model (meta) blocks",
+    ));
+    s.push_str(&render_chain(
+        report,
+        ChainId::B,
+        "Chain B — parameter blocks",
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::{
+        chunk_hashes, limits, payload_root, BlockHeader, MetaPayload, PayloadDtype, HEADER_VERSION,
+    };
+    use crate::model::{Config, Slot};
+    use ed25519_dalek::SigningKey;
+
+    const CONFIG: &str = r#"{"architectures":["MixtralForCausalLM"],"model_type":"mixtral",
+        "vocab_size":16,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,
+        "num_attention_heads":2,"num_key_value_heads":1,"rope_theta":10000.0,
+        "num_experts_per_tok":2,"num_local_experts":3}"#;
+
+    struct Chain {
+        key: SigningKey,
+        cfg: Config,
+        blocks: Vec<(Block, Vec<u8>)>,
+        t: u64,
+    }
+
+    impl Chain {
+        #[allow(clippy::too_many_arguments)]
+        fn header(
+            &mut self,
+            chain: ChainId,
+            kind: BlockKind,
+            name: &str,
+            meta: Option<BlockHash>,
+            parents: Vec<BlockHash>,
+            payload: &[u8],
+            dtype: PayloadDtype,
+        ) -> BlockHeader {
+            self.t += 1;
+            let cs = limits::MIN_CHUNK_SIZE;
+            BlockHeader {
+                version: HEADER_VERSION,
+                chain,
+                kind,
+                name: name.into(),
+                meta,
+                parents,
+                payload_len: payload.len() as u64,
+                chunk_size: cs,
+                payload_root: payload_root(&chunk_hashes(payload, cs)),
+                dtype,
+                candidate_loss: None,
+                miner: [0; 32],
+                address: "alice <script>".into(),
+                timestamp_ms: 1_700_000_000_000 + self.t,
+            }
+        }
+
+        /// Genesis meta block plus one block per slot; returns the chain.
+        fn genesis() -> Self {
+            let key = SigningKey::from_bytes(&[3; 32]);
+            let config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+            let cfg = Config::from_value(&config).unwrap();
+            let mut c = Chain {
+                key,
+                cfg,
+                blocks: Vec::new(),
+                t: 0,
+            };
+            let meta_payload = MetaPayload::new("tiny", config, None).unwrap().to_json();
+            let h = c.header(
+                ChainId::A,
+                BlockKind::Meta,
+                "tiny",
+                None,
+                vec![],
+                &meta_payload,
+                PayloadDtype::Json,
+            );
+            let meta = Block::sign(h, &c.key);
+            let mh = meta.hash;
+            c.blocks.push((meta, meta_payload));
+            let mut slots = vec![Slot::Shared];
+            for layer in 0..c.cfg.num_hidden_layers {
+                slots.push(Slot::Router { layer });
+                for expert in 0..c.cfg.num_local_experts {
+                    slots.push(Slot::Expert { layer, expert });
+                }
+            }
+            for s in slots {
+                c.push_slot(mh, s, vec![], 0.5);
+            }
+            c
+        }
+
+        fn payload(&self, slot: Slot, fill: f32) -> Vec<u8> {
+            let specs = slot.tensors(&self.cfg);
+            let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
+                .iter()
+                .map(|t| {
+                    let n: usize = t.shape.iter().product();
+                    let bytes = std::iter::repeat_n(fill, n)
+                        .flat_map(f32::to_le_bytes)
+                        .collect();
+                    (t.name.clone(), t.shape.clone(), bytes)
+                })
+                .collect();
+            let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+                .iter()
+                .map(|(n, s, b)| {
+                    (
+                        n.clone(),
+                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            safetensors::serialize(views, &None).unwrap()
+        }
+
+        fn push_slot(
+            &mut self,
+            meta: BlockHash,
+            slot: Slot,
+            parents: Vec<BlockHash>,
+            fill: f32,
+        ) -> BlockHash {
+            let payload = self.payload(slot, fill);
+            let kind = match slot {
+                Slot::Shared => BlockKind::Shared,
+                Slot::Router { .. } => BlockKind::Router,
+                Slot::Expert { .. } => BlockKind::Expert,
+            };
+            let h = self.header(
+                ChainId::B,
+                kind,
+                &slot.to_string(),
+                Some(meta),
+                parents,
+                &payload,
+                PayloadDtype::F32,
+            );
+            let b = Block::sign(h, &self.key);
+            let hash = b.hash;
+            self.blocks.push((b, payload));
+            hash
+        }
+
+        fn meta(&self) -> BlockHash {
+            self.blocks[0].0.hash
+        }
+
+        fn hash_of(&self, name: &str) -> BlockHash {
+            self.blocks
+                .iter()
+                .rev()
+                .find(|(b, _)| b.header.name == name)
+                .unwrap()
+                .0
+                .hash
+        }
+
+        fn fetched(&self) -> Vec<FetchedBlock> {
+            self.blocks
+                .iter()
+                .map(|(b, p)| FetchedBlock {
+                    listed_hash: b.hash,
+                    listed_chain: b.header.chain,
+                    envelope: Ok(b.encode()),
+                    payload: Ok(p.clone()),
+                })
+                .collect()
+        }
+    }
+
+    fn status(r: &ChainReport, h: &BlockHash) -> Option<String> {
+        r.get(h).unwrap().error.clone()
+    }
+
+    #[test]
+    fn honest_chain_verifies_in_any_listing_order() {
+        let mut c = Chain::genesis();
+        // A second and third version of one expert.
+        let e = c.hash_of("layer1.expert2");
+        let e2 = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 1,
+                expert: 2,
+            },
+            vec![e],
+            0.25,
+        );
+        let e3 = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 1,
+                expert: 2,
+            },
+            vec![e2],
+            0.125,
+        );
+        let n = c.blocks.len();
+        assert_eq!(n, 1 + 1 + 2 * 4 + 2);
+
+        let mut fetched = c.fetched();
+        let r = verify_chain(&fetched);
+        assert_eq!(
+            (r.verified, r.failed, r.total()),
+            (n, 0, n),
+            "{:#?}",
+            r.blocks
+                .iter()
+                .filter(|b| !b.verified())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(r.get(&e).unwrap().version, Some(1));
+        assert_eq!(r.get(&e2).unwrap().version, Some(2));
+        assert_eq!(r.get(&e3).unwrap().version, Some(3));
+        assert!(r.get(&e3).unwrap().head && !r.get(&e).unwrap().head);
+        assert_eq!(
+            r.get(&c.meta()).unwrap().spec.as_deref(),
+            Some("2 layers × 3 experts, top2")
+        );
+
+        // Relays may list children before parents (and chain B before A).
+        fetched.reverse();
+        let r2 = verify_chain(&fetched);
+        assert_eq!((r2.verified, r2.failed), (n, 0));
+        assert_eq!(r2.get(&e3).unwrap().version, Some(3));
+        // Verified blocks come in topological order: meta first, parents before children.
+        assert_eq!(r2.blocks[0].hash, c.meta());
+        let pos = |h: &BlockHash| r2.blocks.iter().position(|b| &b.hash == h).unwrap();
+        assert!(pos(&e) < pos(&e2) && pos(&e2) < pos(&e3));
+    }
+
+    #[test]
+    fn corrupted_payload_fails_that_block_only() {
+        let c = Chain::genesis();
+        let mut fetched = c.fetched();
+        let target = c.hash_of("layer0.expert1");
+        let f = fetched
+            .iter_mut()
+            .find(|f| f.listed_hash == target)
+            .unwrap();
+        if let Ok(p) = f.payload.as_mut() {
+            let last = p.len() - 1;
+            p[last] ^= 1;
+        }
+        let r = verify_chain(&fetched);
+        assert_eq!((r.verified, r.failed), (c.blocks.len() - 1, 1));
+        let e = status(&r, &target).unwrap();
+        assert!(e.contains("payload root mismatch"), "{e}");
+        // Truncated payload: a length error.
+        let f = fetched
+            .iter_mut()
+            .find(|f| f.listed_hash == target)
+            .unwrap();
+        f.payload = Ok(vec![1, 2, 3]);
+        let e = status(&verify_chain(&fetched), &target).unwrap();
+        assert!(e.contains("payload length mismatch"), "{e}");
+    }
+
+    #[test]
+    fn tampered_envelope_and_wrong_listing_fail() {
+        let c = Chain::genesis();
+        let target = c.hash_of("layer1.router");
+
+        // A header byte flipped: the hash no longer matches the listing.
+        let mut fetched = c.fetched();
+        let f = fetched
+            .iter_mut()
+            .find(|f| f.listed_hash == target)
+            .unwrap();
+        let mut env = f.envelope.clone().unwrap();
+        let n = env.len();
+        env[n - 70] ^= 0x01; // inside the header, before the signature
+        f.envelope = Ok(env);
+        let r = verify_chain(&fetched);
+        assert_eq!(r.failed, 1);
+        let e = status(&r, &target).unwrap();
+        assert!(
+            e.contains("hash mismatch") || e.contains("malformed"),
+            "{e}"
+        );
+
+        // Same envelope but a forged signature, listed under its new hash: signature rule.
+        let (b, _) = &c.blocks.iter().find(|(b, _)| b.hash == target).unwrap();
+        let mut sig = b.signature;
+        sig[0] ^= 1;
+        let forged = Block::from_parts(b.header.clone(), sig);
+        let mut fetched = c.fetched();
+        let f = fetched
+            .iter_mut()
+            .find(|f| f.listed_hash == target)
+            .unwrap();
+        f.listed_hash = forged.hash;
+        f.envelope = Ok(forged.encode());
+        let r = verify_chain(&fetched);
+        let e = status(&r, &forged.hash).unwrap();
+        assert!(e.contains("bad signature"), "{e}");
+
+        // Garbage bytes and a listing on the wrong chain.
+        let mut fetched = c.fetched();
+        fetched[3].envelope = Ok(b"not a block".to_vec());
+        fetched[4].listed_chain = ChainId::A;
+        fetched[5].payload = Err("HTTP 500".into());
+        fetched[6].envelope = Err("HTTP 404".into());
+        let r = verify_chain(&fetched);
+        assert_eq!(r.failed, 4);
+        assert!(r
+            .get(&fetched[3].listed_hash)
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("malformed"));
+        assert!(r
+            .get(&fetched[4].listed_hash)
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("listed on chain A"));
+        assert!(r
+            .get(&fetched[5].listed_hash)
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("HTTP 500"));
+        assert!(r
+            .get(&fetched[6].listed_hash)
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("HTTP 404"));
+    }
+
+    #[test]
+    fn failure_propagates_to_dependents() {
+        let mut c = Chain::genesis();
+        let e = c.hash_of("layer0.expert0");
+        let e2 = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 0,
+                expert: 0,
+            },
+            vec![e],
+            0.1,
+        );
+        let mut fetched = c.fetched();
+        // Break the meta block: every chain-B block depends on it.
+        fetched[0].payload = Ok(b"{}".to_vec());
+        let r = verify_chain(&fetched);
+        assert_eq!((r.verified, r.failed), (0, c.blocks.len()));
+        assert!(status(&r, &e2).unwrap().contains("failed verification"));
+
+        // Break only the first version: the second one fails, the rest verify.
+        let mut fetched = c.fetched();
+        let f = fetched.iter_mut().find(|f| f.listed_hash == e).unwrap();
+        f.payload = Ok(vec![0; 8]);
+        let r = verify_chain(&fetched);
+        assert_eq!(r.failed, 2);
+        assert!(status(&r, &e2)
+            .unwrap()
+            .contains(&format!("depends on block {}", e.short())));
+    }
+
+    #[test]
+    fn missing_parent_fork_and_duplicate_are_reported() {
+        let mut c = Chain::genesis();
+        let e = c.hash_of("layer0.router");
+        let v2 = c.push_slot(c.meta(), Slot::Router { layer: 0 }, vec![e], 0.1);
+        // A fork: another child of v1 while v2 is the head.
+        let fork = c.push_slot(c.meta(), Slot::Router { layer: 0 }, vec![e], 0.2);
+        let fetched = c.fetched();
+        let r = verify_chain(&fetched);
+        assert!(r.get(&v2).unwrap().verified());
+        let err = status(&r, &fork).unwrap();
+        assert!(
+            err.contains("old version") || err.contains("has head"),
+            "{err}"
+        );
+
+        // Parent not listed by the relay at all.
+        let fetched: Vec<_> = c
+            .fetched()
+            .into_iter()
+            .filter(|f| f.listed_hash != e)
+            .collect();
+        let r = verify_chain(&fetched);
+        let err = status(&r, &v2).unwrap();
+        assert!(err.contains("unknown"), "{err}");
+
+        // Listed twice.
+        let mut fetched = c.fetched();
+        fetched.truncate(3);
+        fetched.push(fetched[2].clone());
+        let r = verify_chain(&fetched);
+        assert_eq!((r.verified, r.failed, r.total()), (3, 1, 4));
+        assert!(r.blocks[3]
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("already exists"));
+    }
+
+    #[test]
+    fn out_of_spec_slot_fails() {
+        let mut c = Chain::genesis();
+        // Expert 3 of a 3-expert model: signed honestly, but outside the spec.
+        let cfg = c.cfg.clone();
+        let mut big = cfg.clone();
+        big.num_local_experts = 4;
+        c.cfg = big;
+        let h = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 0,
+                expert: 3,
+            },
+            vec![],
+            0.1,
+        );
+        c.cfg = cfg;
+        let r = verify_chain(&c.fetched());
+        assert_eq!(r.failed, 1);
+        assert!(status(&r, &h).unwrap().contains("outside the spec"));
+    }
+
+    #[test]
+    fn listing_parses_hashes_and_rejects_garbage() {
+        let h = BlockHash([0xab; 32]);
+        let body = format!(r#"[{{"hash":"{}","chain":"B","name":"x"}}]"#, h.to_hex());
+        assert_eq!(parse_listing(body.as_bytes()).unwrap(), vec![h]);
+        let body = format!(r#"{{"blocks":[{{"hash":"{}"}}]}}"#, h.to_hex());
+        assert_eq!(parse_listing(body.as_bytes()).unwrap(), vec![h]);
+        assert_eq!(parse_listing(b"[]").unwrap(), vec![]);
+        assert!(parse_listing(b"[{\"hash\":\"zz\"}]").is_err());
+        assert!(parse_listing(b"{\"code\":\"x\"}").is_err());
+        assert!(parse_listing(b"<html>").is_err());
+    }
+
+    #[test]
+    fn empty_listing_is_empty_report() {
+        let r = verify_chain(&[]);
+        assert_eq!((r.verified, r.failed, r.total()), (0, 0, 0));
+        assert!(render_summary(&r).contains("data-total=\"0\""));
+        assert!(render_summary(&r).contains("class=\"summary bad\""));
+    }
+
+    #[test]
+    fn html_has_one_row_per_block_with_status_and_escapes_text() {
+        let c = Chain::genesis();
+        let mut fetched = c.fetched();
+        let bad = fetched[2].listed_hash;
+        fetched[2].payload = Ok(vec![]);
+        let r = verify_chain(&fetched);
+        let html = render_html(&r);
+        assert!(html.contains(&format!(
+            "<div id=\"summary\" class=\"summary bad\" data-verified=\"{}\" data-failed=\"1\" data-total=\"{}\"",
+            c.blocks.len() - 1,
+            c.blocks.len()
+        )));
+        assert_eq!(
+            html.matches("data-status=\"verified\"").count(),
+            c.blocks.len() - 1
+        );
+        assert_eq!(html.matches("data-status=\"failed\"").count(), 1);
+        assert!(html.contains(&format!("data-hash=\"{}\" data-chain=\"B\"", bad.to_hex())));
+        // The miner address is user input: escaped, never markup.
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("alice &lt;script&gt;"));
+        assert!(html.contains("<th>expert2</th>") && !html.contains("<th>expert3</th>"));
+        assert!(
+            render_fetch_error("<b>down</b>").contains("data-error=\"&lt;b&gt;down&lt;/b&gt;\"")
+        );
+        assert_eq!(escape_html("a&\"'<>"), "a&amp;&quot;&#39;&lt;&gt;");
+    }
+}
