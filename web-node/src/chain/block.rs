@@ -34,7 +34,10 @@ impl BlockHash {
     }
     pub fn from_hex(s: &str) -> Result<Self, ChainError> {
         if s.len() != 64 {
-            return Err(ChainError::Field(format!("hash must be 64 hex characters, got {}", s.len())));
+            return Err(ChainError::Field(format!(
+                "hash must be 64 hex characters, got {}",
+                s.len()
+            )));
         }
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out)
@@ -218,10 +221,15 @@ impl BlockHeader {
         let (h, rest): (BlockHeader, _) = postcard::take_from_bytes(bytes)
             .map_err(|e| ChainError::Malformed(format!("header: {e}")))?;
         if !rest.is_empty() {
-            return Err(ChainError::Malformed(format!("{} trailing bytes after header", rest.len())));
+            return Err(ChainError::Malformed(format!(
+                "{} trailing bytes after header",
+                rest.len()
+            )));
         }
         if h.encode() != bytes {
-            return Err(ChainError::Malformed("header is not canonically encoded".into()));
+            return Err(ChainError::Malformed(
+                "header is not canonically encoded".into(),
+            ));
         }
         Ok(h)
     }
@@ -266,7 +274,12 @@ impl Block {
         msg.extend_from_slice(&header_bytes);
         let signature = key.sign(&msg).to_bytes();
         let hash = hash_of(&header_bytes, &signature);
-        Self { header, header_bytes, signature, hash }
+        Self {
+            header,
+            header_bytes,
+            signature,
+            hash,
+        }
     }
 
     /// Assemble from a header and a detached signature (as in the seed's JSON
@@ -274,7 +287,12 @@ impl Block {
     pub fn from_parts(header: BlockHeader, signature: [u8; 64]) -> Self {
         let header_bytes = header.encode();
         let hash = hash_of(&header_bytes, &signature);
-        Self { header, header_bytes, signature, hash }
+        Self {
+            header,
+            header_bytes,
+            signature,
+            hash,
+        }
     }
 
     pub fn header_bytes(&self) -> &[u8] {
@@ -312,10 +330,14 @@ impl Block {
     /// the number of bytes it took (the payload, if any, follows). Never panics.
     pub fn decode_prefix(bytes: &[u8]) -> Result<(Self, usize), ChainError> {
         if bytes.len() < 8 {
-            return Err(ChainError::Malformed("shorter than the block envelope".into()));
+            return Err(ChainError::Malformed(
+                "shorter than the block envelope".into(),
+            ));
         }
         if &bytes[..4] != BLOCK_MAGIC {
-            return Err(ChainError::Malformed("bad magic (not an AI-Block block)".into()));
+            return Err(ChainError::Malformed(
+                "bad magic (not an AI-Block block)".into(),
+            ));
         }
         let mut len4 = [0u8; 4];
         len4.copy_from_slice(&bytes[4..8]);
@@ -336,7 +358,15 @@ impl Block {
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&bytes[8 + hlen..end]);
         let hash = hash_of(&header_bytes, &signature);
-        Ok((Self { header, header_bytes, signature, hash }, end))
+        Ok((
+            Self {
+                header,
+                header_bytes,
+                signature,
+                hash,
+            },
+            end,
+        ))
     }
 
     /// Decode an envelope that must span all of `bytes`.
@@ -354,7 +384,10 @@ impl Block {
     /// Check the block hashes to `expected` (a block fetched by hash).
     pub fn check_hash(&self, expected: &BlockHash) -> Result<(), ChainError> {
         if &self.hash != expected {
-            return Err(ChainError::HashMismatch { expected: *expected, actual: self.hash });
+            return Err(ChainError::HashMismatch {
+                expected: *expected,
+                actual: self.hash,
+            });
         }
         Ok(())
     }
@@ -402,7 +435,10 @@ mod tests {
         let mut h = b.header.clone();
         h.candidate_loss = Some(0.1);
         let forged = Block::from_parts(h, b.signature);
-        assert!(matches!(forged.verify_signature(), Err(ChainError::BadSignature(_))));
+        assert!(matches!(
+            forged.verify_signature(),
+            Err(ChainError::BadSignature(_))
+        ));
         assert_ne!(forged.hash, b.hash);
     }
 
@@ -421,7 +457,10 @@ mod tests {
         assert!(matches!(Block::decode(&bad), Err(ChainError::Malformed(_))));
         let mut huge = enc.clone();
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Block::decode(&huge), Err(ChainError::TooLarge { .. })));
+        assert!(matches!(
+            Block::decode(&huge),
+            Err(ChainError::TooLarge { .. })
+        ));
     }
 
     proptest::proptest! {
@@ -438,7 +477,10 @@ mod tests {
     #[test]
     fn hash_hex_round_trip() {
         let h = BlockHash::of(b"abc");
-        assert_eq!(h.to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(BlockHash::from_hex(&h.to_hex()).unwrap(), h);
         assert!(BlockHash::from_hex("zz").is_err());
         assert!(BlockHash::from_hex(&"g".repeat(64)).is_err());

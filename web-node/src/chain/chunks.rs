@@ -19,7 +19,10 @@ pub fn chunk_hashes(payload: &[u8], chunk_size: u32) -> Vec<BlockHash> {
     if chunk_size == 0 {
         return Vec::new();
     }
-    payload.chunks(chunk_size as usize).map(BlockHash::of).collect()
+    payload
+        .chunks(chunk_size as usize)
+        .map(BlockHash::of)
+        .collect()
 }
 
 /// The payload root of a chunk list.
@@ -115,8 +118,14 @@ mod tests {
         let hs = chunk_hashes(&p, 4096);
         assert_eq!(hs.len(), 3);
         verify_chunk(&hs, 2, &p[8192..]).unwrap();
-        assert_eq!(verify_chunk(&hs, 1, &p[8192..]), Err(ChainError::ChunkHash { index: 1 }));
-        assert_eq!(verify_chunk(&hs, 3, &p[8192..]), Err(ChainError::ChunkHash { index: 3 }));
+        assert_eq!(
+            verify_chunk(&hs, 1, &p[8192..]),
+            Err(ChainError::ChunkHash { index: 1 })
+        );
+        assert_eq!(
+            verify_chunk(&hs, 3, &p[8192..]),
+            Err(ChainError::ChunkHash { index: 3 })
+        );
         assert!(verify_chunk(&hs, u64::MAX, &[]).is_err());
     }
 

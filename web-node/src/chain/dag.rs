@@ -41,7 +41,14 @@ impl Dag {
         }
         self.heads.insert((header.meta, header.name.clone()), hash);
         self.order.push(hash);
-        self.entries.insert(hash, DagEntry { hash, header, config });
+        self.entries.insert(
+            hash,
+            DagEntry {
+                hash,
+                header,
+                config,
+            },
+        );
     }
 
     /// Set a slot's head explicitly (a store that keeps heads apart from blocks).
@@ -95,7 +102,10 @@ impl Dag {
             .iter()
             .rev()
             .filter_map(|h| self.entries.get(h))
-            .find(|e| e.header.chain == ChainId::A && self.heads.get(&(None, e.header.name.clone())) == Some(&e.hash))
+            .find(|e| {
+                e.header.chain == ChainId::A
+                    && self.heads.get(&(None, e.header.name.clone())) == Some(&e.hash)
+            })
     }
 }
 

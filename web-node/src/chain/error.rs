@@ -17,7 +17,10 @@ pub enum ChainError {
     BadPublicKey(String),
     /// The block's hash is not the hash it was asked for or announced under.
     #[error("hash mismatch: expected {expected}, got {actual}")]
-    HashMismatch { expected: BlockHash, actual: BlockHash },
+    HashMismatch {
+        expected: BlockHash,
+        actual: BlockHash,
+    },
     #[error("payload length mismatch: header says {header} bytes, got {actual}")]
     PayloadLength { header: u64, actual: u64 },
     /// A chunk does not hash to its entry in the chunk list.
@@ -25,7 +28,10 @@ pub enum ChainError {
     ChunkHash { index: u64 },
     /// The chunk list does not hash to the header's payload root.
     #[error("payload root mismatch: chunk list hashes to {actual}, header says {expected}")]
-    PayloadRoot { expected: BlockHash, actual: BlockHash },
+    PayloadRoot {
+        expected: BlockHash,
+        actual: BlockHash,
+    },
     #[error("block kind {kind:?} does not belong on chain {chain:?}")]
     ChainKind { chain: ChainId, kind: BlockKind },
     /// A chain-B block must link to a chain-A meta block; a chain-A block must not.
@@ -55,7 +61,11 @@ pub enum ChainError {
     #[error("bad meta payload: {0}")]
     MetaPayload(String),
     #[error("{what} is too large: {len} > {max}")]
-    TooLarge { what: &'static str, len: u64, max: u64 },
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     #[error("bad header field: {0}")]
     Field(String),
     /// The slot already has a head and the block does not build on it.
@@ -63,7 +73,11 @@ pub enum ChainError {
     NotHead { slot: String, head: BlockHash },
     /// A parent of the same slot that is not the slot's head (a fork).
     #[error("parent {parent} is an old version of slot {slot}; its head is {head}")]
-    StaleParent { slot: String, parent: BlockHash, head: BlockHash },
+    StaleParent {
+        slot: String,
+        parent: BlockHash,
+        head: BlockHash,
+    },
     #[error("block {0} already exists")]
     Duplicate(BlockHash),
 }

@@ -32,7 +32,8 @@ impl MetaPayload {
         config: serde_json::Value,
         tokenizer: Option<serde_json::Value>,
     ) -> Result<Self, ChainError> {
-        let cfg = Config::from_value(&config).map_err(|e| ChainError::MetaPayload(e.to_string()))?;
+        let cfg =
+            Config::from_value(&config).map_err(|e| ChainError::MetaPayload(e.to_string()))?;
         Ok(Self {
             model_name: model_name.to_string(),
             architecture: ARCHITECTURE.into(),
@@ -60,7 +61,10 @@ impl MetaPayload {
     pub fn check(&self) -> Result<Config, ChainError> {
         let bad = |s: String| Err(ChainError::MetaPayload(s));
         if self.architecture != ARCHITECTURE {
-            return bad(format!("architecture {:?} is not {ARCHITECTURE:?}", self.architecture));
+            return bad(format!(
+                "architecture {:?} is not {ARCHITECTURE:?}",
+                self.architecture
+            ));
         }
         let cfg =
             Config::from_value(&self.config).map_err(|e| ChainError::MetaPayload(e.to_string()))?;
@@ -77,10 +81,16 @@ impl MetaPayload {
             ));
         }
         let k = self.top_k().ok_or_else(|| {
-            ChainError::MetaPayload(format!("routing_strategy {:?} is not topK", self.routing_strategy))
+            ChainError::MetaPayload(format!(
+                "routing_strategy {:?} is not topK",
+                self.routing_strategy
+            ))
         })?;
         if k == 0 || k > cfg.num_local_experts {
-            return bad(format!("routing_strategy top{k} outside 1..={}", cfg.num_local_experts));
+            return bad(format!(
+                "routing_strategy top{k} outside 1..={}",
+                cfg.num_local_experts
+            ));
         }
         if self.model_name.is_empty() || self.model_name.len() > super::limits::MAX_NAME_LEN {
             return bad("model_name must be 1..=64 bytes".into());

@@ -39,7 +39,10 @@ pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
         return Err(ChainError::UnsupportedVersion(h.version));
     }
     if h.kind.chain() != h.chain {
-        return Err(ChainError::ChainKind { chain: h.chain, kind: h.kind });
+        return Err(ChainError::ChainKind {
+            chain: h.chain,
+            kind: h.kind,
+        });
     }
     let field = |s: String| Err(ChainError::Field(s));
     if h.name.is_empty() || h.name.len() > limits::MAX_NAME_LEN {
@@ -72,7 +75,11 @@ pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
         ChainId::B => limits::MAX_PAYLOAD_LEN,
     };
     if h.payload_len > max {
-        return Err(ChainError::TooLarge { what: "payload", len: h.payload_len, max });
+        return Err(ChainError::TooLarge {
+            what: "payload",
+            len: h.payload_len,
+            max,
+        });
     }
     if let Some(l) = h.candidate_loss {
         if !(l.is_finite() && l >= 0.0) {
@@ -81,16 +88,24 @@ pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
     }
     match (h.kind, h.dtype) {
         (BlockKind::Meta, PayloadDtype::Json) => {}
-        (BlockKind::Meta, d) => return field(format!("meta blocks carry JSON, not {}", d.as_str())),
-        (_, PayloadDtype::Json) => return field("parameter blocks carry safetensors, not JSON".into()),
+        (BlockKind::Meta, d) => {
+            return field(format!("meta blocks carry JSON, not {}", d.as_str()))
+        }
+        (_, PayloadDtype::Json) => {
+            return field("parameter blocks carry safetensors, not JSON".into())
+        }
         _ => {}
     }
     match h.chain {
         ChainId::A if h.meta.is_some() => {
-            return Err(ChainError::MetaLink("a chain-A block must not link to a meta block".into()))
+            return Err(ChainError::MetaLink(
+                "a chain-A block must not link to a meta block".into(),
+            ))
         }
         ChainId::B if h.meta.is_none() => {
-            return Err(ChainError::MetaLink("a chain-B block must link to its chain-A meta block".into()))
+            return Err(ChainError::MetaLink(
+                "a chain-B block must link to its chain-A meta block".into(),
+            ))
         }
         _ => {}
     }
@@ -145,7 +160,8 @@ pub fn check_context(block: &Block, view: &impl ChainView) -> Result<Option<Conf
     }
     check_acyclic(block, view)?;
     if let (Some(cfg), Ok(slot)) = (&config, Slot::parse(&h.name)) {
-        slot.check_in_spec(cfg).map_err(|e| ChainError::SlotOutOfSpec(e.to_string()))?;
+        slot.check_in_spec(cfg)
+            .map_err(|e| ChainError::SlotOutOfSpec(e.to_string()))?;
     }
     // Versions of a slot form a line: a new version builds on the current head.
     let head = view.head(h.meta.as_ref(), &h.name);
@@ -153,14 +169,21 @@ pub fn check_context(block: &Block, view: &impl ChainView) -> Result<Option<Conf
         if let Some(ph) = view.header(p) {
             if ph.name == h.name && ph.meta == h.meta && Some(*p) != head {
                 if let Some(head) = head {
-                    return Err(ChainError::StaleParent { slot: h.name.clone(), parent: *p, head });
+                    return Err(ChainError::StaleParent {
+                        slot: h.name.clone(),
+                        parent: *p,
+                        head,
+                    });
                 }
             }
         }
     }
     if let Some(head) = head {
         if !h.parents.contains(&head) {
-            return Err(ChainError::NotHead { slot: h.name.clone(), head });
+            return Err(ChainError::NotHead {
+                slot: h.name.clone(),
+                head,
+            });
         }
     }
     Ok(config)
@@ -197,7 +220,10 @@ pub fn check_payload_integrity(header: &BlockHeader, payload: &[u8]) -> Result<(
     }
     let root = payload_root(&chunk_hashes(payload, header.chunk_size));
     if root != header.payload_root {
-        return Err(ChainError::PayloadRoot { expected: header.payload_root, actual: root });
+        return Err(ChainError::PayloadRoot {
+            expected: header.payload_root,
+            actual: root,
+        });
     }
     Ok(())
 }
@@ -226,10 +252,17 @@ pub fn check_payload_content(
     Ok(None)
 }
 
-fn check_tensors(slot: Slot, dtype: PayloadDtype, payload: &[u8], cfg: &Config) -> Result<(), ChainError> {
+fn check_tensors(
+    slot: Slot,
+    dtype: PayloadDtype,
+    payload: &[u8],
+    cfg: &Config,
+) -> Result<(), ChainError> {
     let bad = |s: String| ChainError::Tensors(s);
     if payload.len() < 8 {
-        return Err(bad("payload is not safetensors (shorter than its header length)".into()));
+        return Err(bad(
+            "payload is not safetensors (shorter than its header length)".into(),
+        ));
     }
     let mut n = [0u8; 8];
     n.copy_from_slice(&payload[..8]);
@@ -252,7 +285,11 @@ fn check_tensors(slot: Slot, dtype: PayloadDtype, payload: &[u8], cfg: &Config) 
     let got = st.tensors();
     if got.len() != expected.len() {
         let names: HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
-        let extra: Vec<_> = got.iter().map(|(n, _)| n.as_str()).filter(|n| !names.contains(n)).collect();
+        let extra: Vec<_> = got
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !names.contains(n))
+            .collect();
         return Err(bad(format!(
             "slot {slot} needs {} tensors, payload has {} (unexpected: {:?})",
             expected.len(),
@@ -295,5 +332,8 @@ pub fn validate_block(
     let config = check_context(block, view)?;
     check_payload_integrity(&block.header, payload)?;
     let meta = check_payload_content(&block.header, payload, config.as_ref())?;
-    Ok(ValidatedBlock { block: block.clone(), meta })
+    Ok(ValidatedBlock {
+        block: block.clone(),
+        meta,
+    })
 }

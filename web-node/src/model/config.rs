@@ -99,8 +99,7 @@ impl Config {
 
     /// Parse an already decoded JSON value.
     pub fn from_value(v: &serde_json::Value) -> Result<Self, ModelError> {
-        let cfg: Config =
-            Config::deserialize(v).map_err(|e| ModelError::Config(e.to_string()))?;
+        let cfg: Config = Config::deserialize(v).map_err(|e| ModelError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -109,19 +108,31 @@ impl Config {
         use limits::*;
         let bad = |m: String| Err(ModelError::Config(m));
         if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
-            return bad(format!("vocab_size {} out of range 1..={MAX_VOCAB}", self.vocab_size));
+            return bad(format!(
+                "vocab_size {} out of range 1..={MAX_VOCAB}",
+                self.vocab_size
+            ));
         }
         if self.hidden_size == 0 || self.hidden_size > MAX_HIDDEN {
             return bad(format!("hidden_size {} out of range", self.hidden_size));
         }
         if self.intermediate_size == 0 || self.intermediate_size > MAX_INTERMEDIATE {
-            return bad(format!("intermediate_size {} out of range", self.intermediate_size));
+            return bad(format!(
+                "intermediate_size {} out of range",
+                self.intermediate_size
+            ));
         }
         if self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {
-            return bad(format!("num_hidden_layers {} out of range", self.num_hidden_layers));
+            return bad(format!(
+                "num_hidden_layers {} out of range",
+                self.num_hidden_layers
+            ));
         }
         if self.num_local_experts == 0 || self.num_local_experts > MAX_EXPERTS {
-            return bad(format!("num_local_experts {} out of range", self.num_local_experts));
+            return bad(format!(
+                "num_local_experts {} out of range",
+                self.num_local_experts
+            ));
         }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return bad(format!(
@@ -130,20 +141,23 @@ impl Config {
             ));
         }
         if self.num_attention_heads == 0 || self.num_attention_heads > MAX_HEADS {
-            return bad(format!("num_attention_heads {} out of range", self.num_attention_heads));
+            return bad(format!(
+                "num_attention_heads {} out of range",
+                self.num_attention_heads
+            ));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_key_value_heads {kv} must divide num_attention_heads {}",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad("hidden_size must be a multiple of num_attention_heads".into());
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 || hd > MAX_HIDDEN {
+        if hd == 0 || !hd.is_multiple_of(2) || hd > MAX_HIDDEN {
             return bad(format!("head_dim {hd} must be even and non-zero"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {

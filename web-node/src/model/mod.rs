@@ -1,6 +1,7 @@
 //! The model: Hugging Face Mixtral config, chain slots and the tensors each
 //! holds, checkpoint <-> blocks, tokenizer, and the CPU reference forward.
 
+pub mod checkpoint;
 pub mod config;
 pub mod slots;
 pub mod weights;

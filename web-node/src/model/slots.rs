@@ -63,7 +63,10 @@ impl Slot {
 
     /// Check the slot lies within the model's spec.
     pub fn check_in_spec(&self, cfg: &Config) -> Result<(), ModelError> {
-        let out = |reason: String| ModelError::SlotOutOfRange { slot: self.to_string(), reason };
+        let out = |reason: String| ModelError::SlotOutOfRange {
+            slot: self.to_string(),
+            reason,
+        };
         if let Some(layer) = self.layer() {
             if layer >= cfg.num_hidden_layers {
                 return Err(out(format!(
@@ -102,15 +105,30 @@ impl Slot {
         let t = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
         match *self {
             Slot::Shared => {
-                let mut v = vec![t("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h])];
+                let mut v = vec![t(
+                    "model.embed_tokens.weight".into(),
+                    vec![cfg.vocab_size, h],
+                )];
                 for l in 0..cfg.num_hidden_layers {
                     let p = format!("model.layers.{l}");
                     v.push(t(format!("{p}.input_layernorm.weight"), vec![h]));
                     v.push(t(format!("{p}.post_attention_layernorm.weight"), vec![h]));
-                    v.push(t(format!("{p}.self_attn.q_proj.weight"), vec![cfg.q_dim(), h]));
-                    v.push(t(format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_dim(), h]));
-                    v.push(t(format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_dim(), h]));
-                    v.push(t(format!("{p}.self_attn.o_proj.weight"), vec![h, cfg.q_dim()]));
+                    v.push(t(
+                        format!("{p}.self_attn.q_proj.weight"),
+                        vec![cfg.q_dim(), h],
+                    ));
+                    v.push(t(
+                        format!("{p}.self_attn.k_proj.weight"),
+                        vec![cfg.kv_dim(), h],
+                    ));
+                    v.push(t(
+                        format!("{p}.self_attn.v_proj.weight"),
+                        vec![cfg.kv_dim(), h],
+                    ));
+                    v.push(t(
+                        format!("{p}.self_attn.o_proj.weight"),
+                        vec![h, cfg.q_dim()],
+                    ));
                 }
                 v.push(t("model.norm.weight".into(), vec![h]));
                 if !cfg.tie_word_embeddings {
@@ -152,8 +170,11 @@ impl Slot {
             }
             return Some(Slot::Shared);
         }
-        matches!(name, "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight")
-            .then_some(Slot::Shared)
+        matches!(
+            name,
+            "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight"
+        )
+        .then_some(Slot::Shared)
     }
 }
 
@@ -173,22 +194,47 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in ["shared", "layer0.router", "layer3.expert7", "layer12.expert0"] {
+        for s in [
+            "shared",
+            "layer0.router",
+            "layer3.expert7",
+            "layer12.expert0",
+        ] {
             assert_eq!(Slot::parse(s).unwrap().to_string(), s);
         }
-        for s in ["", "layer", "layer01.router", "layer-1.router", "layer0.expert", "layer0.gate",
-            "layer0.expert1.x", "Shared", "layer0.expert+1", "layer9999999.router"] {
+        for s in [
+            "",
+            "layer",
+            "layer01.router",
+            "layer-1.router",
+            "layer0.expert",
+            "layer0.gate",
+            "layer0.expert1.x",
+            "Shared",
+            "layer0.expert+1",
+            "layer9999999.router",
+        ] {
             assert!(Slot::parse(s).is_err(), "{s}");
         }
     }
 
     #[test]
     fn tensor_names_map_back_to_slots() {
-        assert_eq!(Slot::of_tensor("model.layers.2.block_sparse_moe.experts.5.w2.weight"),
-            Some(Slot::Expert { layer: 2, expert: 5 }));
-        assert_eq!(Slot::of_tensor("model.layers.1.block_sparse_moe.gate.weight"),
-            Some(Slot::Router { layer: 1 }));
-        assert_eq!(Slot::of_tensor("model.layers.1.self_attn.q_proj.weight"), Some(Slot::Shared));
+        assert_eq!(
+            Slot::of_tensor("model.layers.2.block_sparse_moe.experts.5.w2.weight"),
+            Some(Slot::Expert {
+                layer: 2,
+                expert: 5
+            })
+        );
+        assert_eq!(
+            Slot::of_tensor("model.layers.1.block_sparse_moe.gate.weight"),
+            Some(Slot::Router { layer: 1 })
+        );
+        assert_eq!(
+            Slot::of_tensor("model.layers.1.self_attn.q_proj.weight"),
+            Some(Slot::Shared)
+        );
         assert_eq!(Slot::of_tensor("lm_head.weight"), Some(Slot::Shared));
         assert_eq!(Slot::of_tensor("something.else"), None);
     }
