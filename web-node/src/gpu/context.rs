@@ -1,0 +1,245 @@
+//! Device setup, apart from the work functions: pick an adapter from the
+//! environment, request a device within its limits, and read buffers back.
+
+use wgpu::util::DeviceExt;
+
+/// Preferred invocations per workgroup for the one-row-per-invocation
+/// kernels (software GPUs gain nothing from larger groups; real GPUs are
+/// fine with 64). Clamped to what the adapter reports.
+pub const PREFERRED_WORKGROUP: u32 = 64;
+
+/// Errors of the GPU layer.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+    #[error("request device: {0}")]
+    Device(String),
+    #[error("buffer readback: {0}")]
+    Readback(String),
+    #[error("adapter limit: {0}")]
+    Limit(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+/// A wgpu device and queue plus what the kernels need to know about the adapter.
+#[derive(Debug)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// Invocations per workgroup used by the kernels (passed as the `WG`
+    /// pipeline-overridable constant).
+    pub workgroup_size: u32,
+}
+
+impl GpuContext {
+    /// Pick an adapter the way wgpu's examples do: backends from
+    /// `WGPU_BACKEND`, an adapter whose name contains `WGPU_ADAPTER_NAME`
+    /// (case-insensitive) if that is set, else the default adapter
+    /// (`WGPU_POWER_PREF` respected). Then request a device with the
+    /// adapter's own limits.
+    pub async fn new() -> Result<Self, GpuError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let adapter = pick_adapter(&instance).await?;
+        Self::from_adapter(adapter).await
+    }
+
+    /// Native convenience: [`GpuContext::new`] driven by `pollster`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_blocking() -> Result<Self, GpuError> {
+        pollster::block_on(Self::new())
+    }
+
+    /// Request a device on a given adapter.
+    pub async fn from_adapter(adapter: wgpu::Adapter) -> Result<Self, GpuError> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("aiblock"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| GpuError::Device(e.to_string()))?;
+        let mut workgroup_size = PREFERRED_WORKGROUP
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(wg) = std::env::var("AIBLOCK_GPU_WG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            workgroup_size = wg
+                .clamp(1, limits.max_compute_invocations_per_workgroup)
+                .min(limits.max_compute_workgroup_size_x);
+        }
+        workgroup_size = workgroup_size.max(1);
+        tracing::info!(
+            adapter = %info.name,
+            backend = ?info.backend,
+            workgroup_size,
+            max_storage_binding = limits.max_storage_buffer_binding_size,
+            "gpu context ready"
+        );
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            workgroup_size,
+        })
+    }
+
+    /// True for CPU implementations (lavapipe/llvmpipe, SwiftShader, WARP).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Largest storage binding the device accepts, in bytes.
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// A storage buffer initialised with `data` (at least 4 bytes, so that
+    /// empty inputs still bind).
+    pub fn storage_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        let padded;
+        let contents = if data.len() < 4 || !data.len().is_multiple_of(4) {
+            let mut v = data.to_vec();
+            v.resize(data.len().div_ceil(4).max(1) * 4, 0);
+            padded = v;
+            &padded[..]
+        } else {
+            data
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+            })
+    }
+
+    /// A zeroed storage buffer of `bytes` (rounded up to 4, at least 4).
+    pub fn storage_zeroed(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.div_ceil(4).max(1) * 4,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A uniform buffer holding `data`.
+    pub fn uniform_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: data,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// A buffer the CPU can map for reading.
+    pub fn readback_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.div_ceil(4).max(1) * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Map `bytes` of a `MAP_READ` buffer and copy them out. Natively this
+    /// blocks in `device.poll`; in the browser it awaits `map_async`.
+    pub async fn read_mapped(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<u8>, GpuError> {
+        let size = bytes.div_ceil(4).max(1) * 4;
+        let slice = buffer.slice(..size);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        rx.await
+            .map_err(|_| GpuError::Readback("map callback dropped".into()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            view[..bytes as usize].to_vec()
+        };
+        buffer.unmap();
+        Ok(out)
+    }
+
+    /// Copy `bytes` of a storage buffer into a fresh readback buffer, submit,
+    /// and return them (tests and one-shot kernels).
+    pub async fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let size = bytes.div_ceil(4).max(1) * 4;
+        let rb = self.readback_buffer("readback", size);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, 0, &rb, 0, size);
+        self.queue.submit([enc.finish()]);
+        self.read_mapped(&rb, bytes).await
+    }
+
+    /// [`GpuContext::read_buffer`] as `f32`s.
+    pub async fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_buffer(src, (count * 4) as u64).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// [`GpuContext::read_buffer`] as `u32`s.
+    pub async fn read_u32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.read_buffer(src, (count * 4) as u64).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}
+
+async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter, GpuError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Ok(want) = std::env::var("WGPU_ADAPTER_NAME") {
+        let want = want.to_lowercase();
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&want))
+            .ok_or_else(|| {
+                GpuError::NoAdapter(format!(
+                    "WGPU_ADAPTER_NAME={want:?} matches none of {names:?}"
+                ))
+            });
+    }
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| GpuError::NoAdapter(e.to_string()))
+}

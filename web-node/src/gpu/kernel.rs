@@ -1,0 +1,180 @@
+//! What every kernel wrapper shares: pipeline creation with the workgroup
+//! size as a pipeline-overridable constant, bind groups from a buffer list,
+//! 2-D dispatch splitting, and the per-step uniform.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+
+/// Per-step values every kernel reads from one small uniform buffer, written
+/// once per engine step with `queue.write_buffer` (so one set of bind groups
+/// serves every position and batch size).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct Step {
+    /// Position of the first token of this step in the sequence.
+    pub pos0: u32,
+    /// Tokens in this step (1 when decoding, up to the batch size when prefilling).
+    pub n_tok: u32,
+    /// Experts per token (all of them for the dense mixture).
+    pub top_k: u32,
+    /// 1: renormalise the chosen experts' weights to sum to 1 (top-k MoE);
+    /// 0: keep the softmax over all experts (dense mixture).
+    pub renorm: u32,
+}
+
+impl Step {
+    pub fn bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
+
+/// One compute pipeline built from one WGSL file.
+#[derive(Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub pipeline: wgpu::ComputePipeline,
+    /// Invocations per workgroup this pipeline was built with.
+    pub wg: u32,
+    max_groups: u32,
+}
+
+impl Kernel {
+    /// Build `source`; `overridable` shaders get `WG` set to the context's
+    /// workgroup size, the others keep their fixed size `fixed_wg`.
+    pub fn new(ctx: &GpuContext, name: &'static str, source: &str, fixed_wg: Option<u32>) -> Self {
+        let module = ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let wg = fixed_wg.unwrap_or(ctx.workgroup_size);
+        let constants: Vec<(&str, f64)> = if fixed_wg.is_none() {
+            vec![("WG", f64::from(wg))]
+        } else {
+            Vec::new()
+        };
+        let pipeline = ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: true,
+                },
+                cache: None,
+            });
+        Self {
+            name,
+            pipeline,
+            wg,
+            max_groups: ctx.limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    /// A bind group whose binding `i` is `buffers[i]` (whole buffer).
+    pub fn bind(&self, ctx: &GpuContext, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let layout = self.pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(self.name),
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+
+    /// Dispatch enough workgroups for `invocations` invocations (the shader
+    /// bounds-checks the tail).
+    pub fn dispatch(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        bg: &wgpu::BindGroup,
+        invocations: u64,
+    ) {
+        self.dispatch_groups(pass, bg, invocations.div_ceil(u64::from(self.wg)));
+    }
+
+    /// Dispatch `groups` workgroups, split over x and y when one dimension
+    /// would exceed the adapter limit (the shader linearises `y * nx + x`).
+    pub fn dispatch_groups(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        bg: &wgpu::BindGroup,
+        groups: u64,
+    ) {
+        let groups = groups.max(1);
+        let max = u64::from(self.max_groups.max(1));
+        let (x, y) = if groups <= max {
+            (groups, 1)
+        } else {
+            (max, groups.div_ceil(max))
+        };
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, bg, &[]);
+        pass.dispatch_workgroups(x as u32, y as u32, 1);
+    }
+
+    /// Encode one dispatch in its own pass, submit, and wait (tests, benches).
+    pub fn run_once(&self, ctx: &GpuContext, bg: &wgpu::BindGroup, invocations: u64) {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.dispatch(&mut pass, bg, invocations);
+        }
+        ctx.queue.submit([enc.finish()]);
+    }
+}
+
+/// `[rows][cols]` row-major -> `[cols][rows]` (the layout the kernels read:
+/// neighbouring invocations own neighbouring rows and read neighbouring words).
+pub fn transpose(rows: usize, cols: usize, data: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+/// `f32` slice as bytes.
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// A uniform buffer for a step.
+pub fn step_buffer(ctx: &GpuContext, step: Step) -> wgpu::Buffer {
+    ctx.uniform_init("step", step.bytes())
+}
+
+/// Same as `rmsnorm` on the CPU (reference for the fused kernels).
+pub fn rmsnorm_ref(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
+    let n = x.len().max(1) as f32;
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (ss / n + eps).sqrt();
+    x.iter().zip(g).map(|(v, w)| v * inv * w).collect()
+}
+
+/// `W x` with W `[rows][cols]` row-major (CPU reference).
+pub fn matvec_ref(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+    (0..rows)
+        .map(|r| {
+            w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a * b)
+                .sum()
+        })
+        .collect()
+}

@@ -1,0 +1,141 @@
+//! `shaders/matvec.wgsl`: matrix-vector (and, over the tokens of a step,
+//! matrix-matrix) product with optional fused RMSNorm and residual add.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::{GpuContext, GpuError};
+use super::kernel::{f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step};
+
+pub const SOURCE: &str = include_str!("../../../shaders/matvec.wgsl");
+
+/// Accumulate into `y` (residual add).
+pub const ACCUMULATE: u32 = 1;
+/// RMS-normalise each input row with the norm weight first.
+pub const NORM: u32 = 2;
+/// Only the last token of the step (logits of the last position).
+pub const LAST_ONLY: u32 = 4;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Params {
+    pub rows: u32,
+    pub cols: u32,
+    pub flags: u32,
+    pub eps: f32,
+}
+
+#[derive(Debug)]
+pub struct Matvec(pub Kernel);
+
+impl Matvec {
+    pub fn new(ctx: &GpuContext) -> Self {
+        Self(Kernel::new(ctx, "matvec", SOURCE, None))
+    }
+
+    /// Bindings: step, params, w (`[cols][rows]`), x (`[n][cols]`), g (`[cols]`), y.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &self,
+        ctx: &GpuContext,
+        step: &wgpu::Buffer,
+        params: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        g: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        self.0.bind(ctx, &[step, params, w, x, g, y])
+    }
+
+    pub fn encode(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        bg: &wgpu::BindGroup,
+        p: &Params,
+        n_tok: u32,
+    ) {
+        let n = if p.flags & LAST_ONLY != 0 { 1 } else { n_tok };
+        self.0.dispatch(pass, bg, u64::from(n) * u64::from(p.rows));
+    }
+}
+
+/// CPU reference: for each of the `n` rows of `x`, `y = (acc ? y : 0) + W norm?(x)`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    g: Option<&[f32]>,
+    eps: f32,
+    y0: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * rows);
+    for t in 0..n {
+        let xt = &x[t * cols..(t + 1) * cols];
+        let xin = match g {
+            Some(g) => rmsnorm_ref(xt, g, eps),
+            None => xt.to_vec(),
+        };
+        let mut y = matvec_ref(w, rows, cols, &xin);
+        if let Some(y0) = y0 {
+            for (a, b) in y.iter_mut().zip(&y0[t * rows..(t + 1) * rows]) {
+                *a += b;
+            }
+        }
+        out.extend(y);
+    }
+    out
+}
+
+/// One-shot GPU run of [`reference`]'s computation (tests).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    g: Option<&[f32]>,
+    eps: f32,
+    y0: Option<&[f32]>,
+) -> Result<Vec<f32>, GpuError> {
+    if w.len() != rows * cols || x.len() != n * cols {
+        return Err(GpuError::Input("matvec: shape mismatch".into()));
+    }
+    let k = Matvec::new(ctx);
+    let flags = if g.is_some() { NORM } else { 0 } | if y0.is_some() { ACCUMULATE } else { 0 };
+    let p = Params {
+        rows: rows as u32,
+        cols: cols as u32,
+        flags,
+        eps,
+    };
+    let step = step_buffer(
+        ctx,
+        Step {
+            pos0: 0,
+            n_tok: n as u32,
+            top_k: 0,
+            renorm: 0,
+        },
+    );
+    let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
+    let wb = ctx.storage_init("w", f32_bytes(&transpose(rows, cols, w)));
+    let xb = ctx.storage_init("x", f32_bytes(x));
+    let gb = ctx.storage_init("g", f32_bytes(g.unwrap_or(&[0.0])));
+    let yb = match y0 {
+        Some(y0) => ctx.storage_init("y", f32_bytes(y0)),
+        None => ctx.storage_zeroed("y", (n * rows * 4) as u64),
+    };
+    let bg = k.bind(ctx, &step, &pb, &wb, &xb, &gb, &yb);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        k.encode(&mut pass, &bg, &p, n as u32);
+    }
+    ctx.queue.submit([enc.finish()]);
+    ctx.read_f32(&yb, n * rows).await
+}
