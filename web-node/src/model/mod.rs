@@ -3,12 +3,69 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
+pub mod load;
+pub mod random;
+pub mod reference;
+pub mod sampler;
 pub mod slots;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::Config;
 pub use slots::{Slot, TensorSpec};
 pub use weights::{ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights, SharedWeights};
+
+/// Per-request inference options, shared by every engine (CPU reference, GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Experts per token; `None` means the config's `num_experts_per_tok`.
+    /// Must lie in `1..=num_local_experts`.
+    pub top_k: Option<usize>,
+    /// `false`: dense mixture baseline, every expert runs, weighted by the
+    /// softmax over all experts (no top-k, no renormalisation).
+    pub use_moe: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            top_k: None,
+            use_moe: true,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The number of experts each token uses under these options, checked
+    /// against the config.
+    pub fn experts_per_token(&self, cfg: &Config) -> Result<usize, ModelError> {
+        if !self.use_moe {
+            return Ok(cfg.num_local_experts);
+        }
+        let k = self.top_k.unwrap_or(cfg.num_experts_per_tok);
+        if k == 0 || k > cfg.num_local_experts {
+            return Err(ModelError::Input(format!(
+                "top_k {k} must be in 1..={}",
+                cfg.num_local_experts
+            )));
+        }
+        Ok(k)
+    }
+}
+
+/// A language model forward pass with a KV cache (CPU reference or GPU engine).
+pub trait Forward {
+    /// Append `tokens` to the KV cache and return the logits (length
+    /// `vocab_size`) of the LAST of them.
+    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError>;
+    /// Empty the KV cache (position back to 0).
+    fn reset(&mut self);
+    /// Number of tokens in the KV cache.
+    fn position(&self) -> usize;
+    /// The model's config (EOS/BOS ids, context length, sizes).
+    fn config(&self) -> &Config;
+}
 
 /// Errors of the model layer.
 #[derive(Debug, thiserror::Error)]
@@ -29,4 +86,6 @@ pub enum ModelError {
     Source(String),
     #[error("io: {0}")]
     Io(String),
+    #[error("invalid input: {0}")]
+    Input(String),
 }

@@ -1,0 +1,711 @@
+//! CPU reference forward of a Mixtral model: RMSNorm, RoPE (Hugging Face
+//! `rotate_half` convention), grouped-query attention with a KV cache, router
+//! softmax, top-k with renormalised weights, SwiGLU experts, final norm and
+//! lm_head.
+//!
+//! Experts are asked from an [`ExpertSource`] the first time the router picks
+//! them and kept afterwards; routing statistics are kept per expert.
+//!
+//! Matrix products run over weight rows (each row is read once per call and
+//! dotted with every token of the batch) with a 16-lane accumulator that the
+//! compiler vectorises; large products are split by rows over
+//! `std::thread::scope` threads natively (wasm runs single-threaded).
+//!
+//! `sliding_window` is not applied (attention is full causal); models here
+//! are far shorter than any window.
+
+use std::sync::Arc;
+
+use super::load::BytesExpertSource;
+use super::{
+    Config, ExpertSource, ExpertWeights, Forward, Mat, ModelError, RouterWeights, RunOptions,
+    SharedWeights,
+};
+
+/// Products with at least this many multiply-adds are split over threads.
+const PAR_MIN_MACS: usize = 1 << 18;
+
+/// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingStats {
+    /// `tokens_routed[layer][expert]`: token-expert evaluations (in dense
+    /// mode every expert counts for every token).
+    pub tokens_routed: Vec<Vec<u64>>,
+    /// Experts asked from the source.
+    pub experts_loaded: u64,
+    /// Bytes (as f32) of the experts asked from the source.
+    pub expert_bytes_loaded: u64,
+    /// Bytes of expert weights read by the products (one read per expert per
+    /// forward call that uses it).
+    pub expert_bytes_read: u64,
+    /// Tokens processed by forward calls.
+    pub tokens: u64,
+}
+
+impl RoutingStats {
+    fn new(cfg: &Config) -> Self {
+        Self {
+            tokens_routed: vec![vec![0; cfg.num_local_experts]; cfg.num_hidden_layers],
+            ..Self::default()
+        }
+    }
+
+    /// `(layer, expert, count)` of every expert routed at least once.
+    pub fn routed(&self) -> Vec<(usize, usize, u64)> {
+        let mut v = Vec::new();
+        for (l, row) in self.tokens_routed.iter().enumerate() {
+            for (e, &c) in row.iter().enumerate() {
+                if c > 0 {
+                    v.push((l, e, c));
+                }
+            }
+        }
+        v
+    }
+}
+
+/// The CPU reference model.
+pub struct CpuModel {
+    cfg: Config,
+    shared: SharedWeights,
+    routers: Vec<RouterWeights>,
+    experts: Vec<Vec<Option<ExpertWeights>>>,
+    source: Box<dyn ExpertSource + Send>,
+    /// Per layer, `[position][kv_head][head_dim]`.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    pos: usize,
+    inv_freq: Vec<f32>,
+    stats: RoutingStats,
+    threads: usize,
+}
+
+impl std::fmt::Debug for CpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuModel")
+            .field("pos", &self.pos)
+            .field("threads", &self.threads)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_mat(name: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), ModelError> {
+    if m.rows != rows || m.cols != cols || m.data.len() != rows * cols {
+        return Err(ModelError::Tensor {
+            name: name.into(),
+            reason: format!("shape [{}, {}], expected [{rows}, {cols}]", m.rows, m.cols),
+        });
+    }
+    Ok(())
+}
+
+fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
+    if v.len() != n {
+        return Err(ModelError::Tensor {
+            name: name.into(),
+            reason: format!("length {}, expected {n}", v.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Check an expert's shapes against the config.
+pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    check_mat("w1", &w.w1, i, h)?;
+    check_mat("w2", &w.w2, h, i)?;
+    check_mat("w3", &w.w3, i, h)
+}
+
+fn default_threads() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    {
+        1
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}
+
+/// Dot product with 16 independent accumulators (vectorises without fast-math).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let mut acc = [0f32; 16];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    let mut s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y[t, o] = sum_i w[o, i] * x[t, i]` for `t` rows of `x` (`[t, w.cols]`),
+/// giving `[t, w.rows]`.
+pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
+    let (out, inn) = (w.rows, w.cols);
+    let mut yt = vec![0f32; out * t];
+    if out == 0 || t == 0 {
+        return yt;
+    }
+    let body = |o0: usize, chunk: &mut [f32]| {
+        for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
+            let o = o0 + r;
+            let wr = &w.data[o * inn..(o + 1) * inn];
+            for (ti, y) in ys.iter_mut().enumerate() {
+                *y = dot(wr, &x[ti * inn..(ti + 1) * inn]);
+            }
+        }
+    };
+    let n = if out * inn * t >= PAR_MIN_MACS {
+        threads.clamp(1, out)
+    } else {
+        1
+    };
+    if n <= 1 || cfg!(target_arch = "wasm32") {
+        body(0, &mut yt);
+    } else {
+        let rows_per = out.div_ceil(n);
+        std::thread::scope(|s| {
+            let mut chunks = yt.chunks_mut(rows_per * t).enumerate();
+            let first = chunks.next();
+            for (i, c) in chunks {
+                s.spawn(move || body(i * rows_per, c));
+            }
+            if let Some((_, c)) = first {
+                body(0, c);
+            }
+        });
+    }
+    if t == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; out * t];
+    for o in 0..out {
+        for ti in 0..t {
+            y[ti * out + o] = yt[o * t + ti];
+        }
+    }
+    y
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut out = vec![0f32; x.len()];
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ms = dot(xr, xr) / h as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = g * (v * r);
+        }
+    }
+    out
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// In-place softmax.
+pub fn softmax(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in v.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// The `k` largest of `probs` (ties: lower index first), as `(index, weight)`
+/// with weights renormalised to sum to one (Hugging Face Mixtral).
+pub fn top_k(probs: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..probs.len()).collect();
+    idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    idx.truncate(k);
+    let sum: f32 = idx.iter().map(|&i| probs[i]).sum();
+    idx.into_iter().map(|i| (i, probs[i] / sum)).collect()
+}
+
+/// SwiGLU expert on `t` rows of `x` (`[t, hidden]`): `w2(silu(w1 x) * w3 x)`.
+pub fn expert_forward(w: &ExpertWeights, x: &[f32], t: usize, threads: usize) -> Vec<f32> {
+    let mut a = matmul(x, t, &w.w1, threads);
+    let b = matmul(x, t, &w.w3, threads);
+    for (a, b) in a.iter_mut().zip(&b) {
+        *a = silu(*a) * b;
+    }
+    matmul(&a, t, &w.w2, threads)
+}
+
+impl CpuModel {
+    /// A model from its shared weights and routers; experts come from `source`.
+    pub fn new(
+        cfg: Config,
+        shared: SharedWeights,
+        routers: Vec<RouterWeights>,
+        source: impl ExpertSource + Send + 'static,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        check_mat("model.embed_tokens.weight", &shared.embed_tokens, v, h)?;
+        if shared.layers.len() != cfg.num_hidden_layers {
+            return Err(ModelError::Tensor {
+                name: "model.layers".into(),
+                reason: format!(
+                    "{} layers, expected {}",
+                    shared.layers.len(),
+                    cfg.num_hidden_layers
+                ),
+            });
+        }
+        for (l, la) in shared.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            check_vec(
+                &format!("{p}.input_layernorm.weight"),
+                &la.input_layernorm,
+                h,
+            )?;
+            check_vec(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &la.post_attention_layernorm,
+                h,
+            )?;
+            check_mat(
+                &format!("{p}.self_attn.q_proj.weight"),
+                &la.q_proj,
+                cfg.q_dim(),
+                h,
+            )?;
+            check_mat(
+                &format!("{p}.self_attn.k_proj.weight"),
+                &la.k_proj,
+                cfg.kv_dim(),
+                h,
+            )?;
+            check_mat(
+                &format!("{p}.self_attn.v_proj.weight"),
+                &la.v_proj,
+                cfg.kv_dim(),
+                h,
+            )?;
+            check_mat(
+                &format!("{p}.self_attn.o_proj.weight"),
+                &la.o_proj,
+                h,
+                cfg.q_dim(),
+            )?;
+        }
+        check_vec("model.norm.weight", &shared.norm, h)?;
+        match (&shared.lm_head, cfg.tie_word_embeddings) {
+            (Some(m), _) => check_mat("lm_head.weight", m, v, h)?,
+            (None, true) => {}
+            (None, false) => {
+                return Err(ModelError::Tensor {
+                    name: "lm_head.weight".into(),
+                    reason: "missing and tie_word_embeddings is false".into(),
+                })
+            }
+        }
+        if routers.len() != cfg.num_hidden_layers {
+            return Err(ModelError::Tensor {
+                name: "block_sparse_moe.gate".into(),
+                reason: format!(
+                    "{} routers, expected {}",
+                    routers.len(),
+                    cfg.num_hidden_layers
+                ),
+            });
+        }
+        for (l, r) in routers.iter().enumerate() {
+            check_mat(
+                &format!("model.layers.{l}.block_sparse_moe.gate.weight"),
+                &r.gate,
+                cfg.num_local_experts,
+                h,
+            )?;
+        }
+        let hd = cfg.head_dim();
+        let theta = cfg.rope_theta() as f32;
+        let inv_freq = (0..hd)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32))
+            .collect();
+        let layers = cfg.num_hidden_layers;
+        Ok(Self {
+            experts: (0..layers)
+                .map(|_| vec![None; cfg.num_local_experts])
+                .collect(),
+            stats: RoutingStats::new(&cfg),
+            cfg,
+            shared,
+            routers,
+            source: Box::new(source),
+            k_cache: vec![Vec::new(); layers],
+            v_cache: vec![Vec::new(); layers],
+            pos: 0,
+            inv_freq,
+            threads: default_threads(),
+        })
+    }
+
+    /// A model over an in-memory whole checkpoint (works in wasm); experts
+    /// are still converted only when first routed.
+    pub fn from_safetensors(cfg: Config, bytes: impl Into<Arc<[u8]>>) -> Result<Self, ModelError> {
+        let bytes: Arc<[u8]> = bytes.into();
+        let shared = SharedWeights::from_safetensors(&cfg, &bytes)?;
+        let routers = super::load::routers_from_safetensors(&cfg, &bytes)?;
+        let source = BytesExpertSource::new(cfg.clone(), bytes)?;
+        Self::new(cfg, shared, routers, source)
+    }
+
+    /// A model over a Hugging Face directory, experts read lazily from its file.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_model_dir(dir: &super::load::ModelDir) -> Result<Self, ModelError> {
+        Self::new(
+            dir.config.clone(),
+            dir.shared.clone(),
+            dir.routers.clone(),
+            dir.expert_source()?,
+        )
+    }
+
+    /// Threads for large products (1 in wasm).
+    pub fn set_threads(&mut self, n: usize) {
+        self.threads = if cfg!(target_arch = "wasm32") {
+            1
+        } else {
+            n.max(1)
+        };
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn routing_stats(&self) -> &RoutingStats {
+        &self.stats
+    }
+
+    pub fn reset_stats(&mut self) {
+        self.stats = RoutingStats::new(&self.cfg);
+    }
+
+    pub fn is_expert_loaded(&self, layer: usize, expert: usize) -> bool {
+        matches!(
+            self.experts.get(layer).and_then(|l| l.get(expert)),
+            Some(Some(_))
+        )
+    }
+
+    /// Put an expert in the cache (e.g. a new version), checking its shapes.
+    pub fn insert_expert(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        w: ExpertWeights,
+    ) -> Result<(), ModelError> {
+        super::Slot::Expert { layer, expert }.check_in_spec(&self.cfg)?;
+        check_expert(&self.cfg, &w)?;
+        self.experts[layer][expert] = Some(w);
+        Ok(())
+    }
+
+    /// Replace the expert source (cached experts stay).
+    pub fn set_source(&mut self, source: impl ExpertSource + Send + 'static) {
+        self.source = Box::new(source);
+    }
+
+    /// Append `tokens` and return the logits of every one of them.
+    pub fn forward_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_all_logits_with(tokens, &RunOptions::default())
+    }
+
+    pub fn forward_all_logits_with(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let x = self.run(tokens, opts)?;
+        let t = tokens.len();
+        let logits = self.head(&x, t);
+        let v = self.cfg.vocab_size;
+        Ok(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    fn head(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let xn = rms_norm(x, &self.shared.norm, self.cfg.rms_norm_eps as f32);
+        let head = self
+            .shared
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.shared.embed_tokens);
+        matmul(&xn, t, head, self.threads)
+    }
+
+    /// Run the layers on `tokens`, appending to the cache; returns the final
+    /// hidden states `[t, hidden]` (before the final norm). On error the
+    /// cache is left as it was.
+    fn run(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
+        let k = opts.experts_per_token(&self.cfg)?;
+        if tokens.is_empty() {
+            return Err(ModelError::Input("no tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token {bad} >= vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        if self.pos + tokens.len() > self.cfg.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "context full: {} + {} tokens > max_position_embeddings {}",
+                self.pos,
+                tokens.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let r = self.layers(tokens, k, opts.use_moe);
+        match &r {
+            Ok(_) => {
+                self.pos += tokens.len();
+                self.stats.tokens += tokens.len() as u64;
+            }
+            Err(_) => {
+                let kvd = self.cfg.kv_dim();
+                for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+                    c.truncate(self.pos * kvd);
+                }
+            }
+        }
+        r
+    }
+
+    fn layers(&mut self, tokens: &[u32], k: usize, use_moe: bool) -> Result<Vec<f32>, ModelError> {
+        let (h, t) = (self.cfg.hidden_size, tokens.len());
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = Vec::with_capacity(t * h);
+        for &tok in tokens {
+            let r = tok as usize;
+            x.extend_from_slice(&self.shared.embed_tokens.data[r * h..(r + 1) * h]);
+        }
+        for l in 0..self.cfg.num_hidden_layers {
+            let xn = rms_norm(&x, &self.shared.layers[l].input_layernorm, eps);
+            let attn = self.attention(l, &xn, t);
+            for (a, b) in x.iter_mut().zip(&attn) {
+                *a += b;
+            }
+            let xn = rms_norm(&x, &self.shared.layers[l].post_attention_layernorm, eps);
+            let y = self.moe(l, &xn, t, k, use_moe)?;
+            for (a, b) in x.iter_mut().zip(&y) {
+                *a += b;
+            }
+        }
+        Ok(x)
+    }
+
+    fn rope(&self, v: &mut [f32], heads: usize, pos: usize) {
+        let hd = self.cfg.head_dim();
+        let half = hd / 2;
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let ang = pos as f32 * f;
+            let (s, c) = ang.sin_cos();
+            for hh in 0..heads {
+                let base = hh * hd;
+                let x1 = v[base + i];
+                let x2 = v[base + i + half];
+                v[base + i] = x1 * c - x2 * s;
+                v[base + i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+
+    fn attention(&mut self, l: usize, xn: &[f32], t: usize) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let la = &self.shared.layers[l];
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let mut q = matmul(xn, t, &la.q_proj, self.threads);
+        let mut kk = matmul(xn, t, &la.k_proj, self.threads);
+        let vv = matmul(xn, t, &la.v_proj, self.threads);
+        for ti in 0..t {
+            let p = self.pos + ti;
+            self.rope(&mut q[ti * qd..(ti + 1) * qd], nh, p);
+            self.rope(&mut kk[ti * kvd..(ti + 1) * kvd], nkv, p);
+        }
+        self.k_cache[l].extend_from_slice(&kk);
+        self.v_cache[l].extend_from_slice(&vv);
+        let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; t * qd];
+        let mut scores = Vec::with_capacity(self.pos + t);
+        for ti in 0..t {
+            let n = self.pos + ti + 1;
+            for hh in 0..nh {
+                let kvh = hh / group;
+                let qv = &q[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                scores.clear();
+                for j in 0..n {
+                    let kj = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                    scores.push(dot(qv, kj) * scale);
+                }
+                softmax(&mut scores);
+                let o = &mut out[ti * qd + hh * hd..ti * qd + (hh + 1) * hd];
+                for (j, &p) in scores.iter().enumerate() {
+                    let vj = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                    for (a, &b) in o.iter_mut().zip(vj) {
+                        *a += p * b;
+                    }
+                }
+            }
+        }
+        matmul(&out, t, &la.o_proj, self.threads)
+    }
+
+    fn moe(
+        &mut self,
+        l: usize,
+        xn: &[f32],
+        t: usize,
+        k: usize,
+        use_moe: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (h, ne) = (self.cfg.hidden_size, self.cfg.num_local_experts);
+        let mut probs = matmul(xn, t, &self.routers[l].gate, self.threads);
+        // Per expert: (token, weight).
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for (ti, row) in probs.chunks_exact_mut(ne).enumerate() {
+            softmax(row);
+            if use_moe {
+                for (e, w) in top_k(row, k) {
+                    assigned[e].push((ti, w));
+                }
+            } else {
+                for (e, &w) in row.iter().enumerate() {
+                    assigned[e].push((ti, w));
+                }
+            }
+        }
+        let mut y = vec![0f32; t * h];
+        for (e, toks) in assigned.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            if self.experts[l][e].is_none() {
+                let w = self.source.load_expert(l, e)?;
+                check_expert(&self.cfg, &w)
+                    .map_err(|err| ModelError::Source(format!("layer{l}.expert{e}: {err}")))?;
+                self.stats.experts_loaded += 1;
+                self.stats.expert_bytes_loaded += w.f32_bytes() as u64;
+                self.experts[l][e] = Some(w);
+            }
+            let Some(w) = self.experts[l][e].as_ref() else {
+                return Err(ModelError::Source(format!(
+                    "layer{l}.expert{e} missing after load"
+                )));
+            };
+            self.stats.tokens_routed[l][e] += toks.len() as u64;
+            self.stats.expert_bytes_read += w.f32_bytes() as u64;
+            let mut xs = Vec::with_capacity(toks.len() * h);
+            for &(ti, _) in toks {
+                xs.extend_from_slice(&xn[ti * h..(ti + 1) * h]);
+            }
+            let out = expert_forward(w, &xs, toks.len(), self.threads);
+            for (r, &(ti, wt)) in toks.iter().enumerate() {
+                for (a, &b) in y[ti * h..(ti + 1) * h]
+                    .iter_mut()
+                    .zip(&out[r * h..(r + 1) * h])
+                {
+                    *a += wt * b;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl Forward for CpuModel {
+    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
+        let x = self.run(tokens, opts)?;
+        let h = self.cfg.hidden_size;
+        let last = &x[(tokens.len() - 1) * h..];
+        Ok(self.head(last, 1))
+    }
+
+    fn reset(&mut self) {
+        for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            c.clear();
+        }
+        self.pos = 0;
+    }
+
+    fn position(&self) -> usize {
+        self.pos
+    }
+
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive_on_odd_shapes() {
+        let mut rng = crate::model::sampler::SplitMix64::new(3);
+        for &(out, inn, t) in &[(1, 1, 1), (7, 33, 3), (600, 517, 2), (5, 16, 1)] {
+            let w = Mat::new(
+                out,
+                inn,
+                (0..out * inn).map(|_| rng.uniform_pm1()).collect(),
+            )
+            .unwrap();
+            let x: Vec<f32> = (0..inn * t).map(|_| rng.uniform_pm1()).collect();
+            for threads in [1, 2, 3] {
+                let y = matmul(&x, t, &w, threads);
+                for ti in 0..t {
+                    for o in 0..out {
+                        let naive: f64 = (0..inn)
+                            .map(|i| w.data[o * inn + i] as f64 * x[ti * inn + i] as f64)
+                            .sum();
+                        assert!(
+                            (y[ti * out + o] as f64 - naive).abs() < 1e-4,
+                            "{out} {inn} {t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_renormalises_and_breaks_ties_low_first() {
+        let got = top_k(&[0.1, 0.3, 0.3, 0.2, 0.1], 2);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((got[0].1 - 0.5).abs() < 1e-6);
+    }
+}
