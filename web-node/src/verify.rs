@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use crate::chain::{validate_block, Block, BlockHash, BlockKind, ChainId, ChainView, Dag};
+use crate::net::api::BlockInfo;
 
 /// One block as fetched from a relay: the hash and chain it was listed
 /// under, its envelope and its payload (or why a fetch failed).
@@ -26,6 +27,8 @@ pub struct FetchedBlock {
     pub listed_hash: BlockHash,
     /// Chain of the listing it came from.
     pub listed_chain: ChainId,
+    /// Whether the relay's listing calls it its slot's head (None: not said).
+    pub listed_head: Option<bool>,
     /// `GET /blocks/{hash}?format=bin`: the block envelope.
     pub envelope: Result<Vec<u8>, String>,
     /// `GET /blocks/{hash}/payload`.
@@ -51,6 +54,9 @@ pub struct VerifyReport {
     pub timestamp_ms: Option<u64>,
     /// Whether the block is its slot's head among the verified blocks.
     pub head: bool,
+    /// What the relay's listing claimed about `head`, when it disagrees
+    /// (a relay that misreports heads, or a chain that moved while listing).
+    pub relay_head_disagrees: Option<bool>,
     /// Chain-A blocks: `"4 layers × 8 experts, top2"`.
     pub spec: Option<String>,
     /// None: verified. Some: why it failed.
@@ -78,6 +84,7 @@ impl VerifyReport {
             address: h.map(|h| h.address.clone()),
             timestamp_ms: h.map(|h| h.timestamp_ms),
             head: false,
+            relay_head_disagrees: None,
             spec: None,
             error: Some(error),
         }
@@ -131,7 +138,7 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
     }
 
     let mut dag = Dag::new();
-    let mut accepted: Vec<(BlockHash, Option<String>)> = Vec::new();
+    let mut accepted: Vec<(BlockHash, Option<String>, Option<bool>)> = Vec::new();
     let mut versions: HashMap<BlockHash, u32> = HashMap::new();
     let mut failed_hashes: HashSet<BlockHash> = failed.iter().map(|(_, r)| r.hash).collect();
 
@@ -167,7 +174,7 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
                         )
                     });
                     dag.insert(&v);
-                    accepted.push((v.block.hash, spec));
+                    accepted.push((v.block.hash, spec, c.fetched.listed_head));
                 }
                 Err(e) => {
                     failed_hashes.insert(c.block.hash);
@@ -199,9 +206,10 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
     failed.sort_by_key(|(i, _)| *i);
 
     let mut blocks = Vec::with_capacity(fetched.len());
-    for (hash, spec) in accepted {
+    for (hash, spec, listed_head) in accepted {
         let Some(e) = dag.get(&hash) else { continue };
         let h = &e.header;
+        let head = dag.head(h.meta.as_ref(), &h.name) == Some(hash);
         blocks.push(VerifyReport {
             hash,
             chain: h.chain,
@@ -215,7 +223,8 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
             miner: Some(h.miner_hex()),
             address: Some(h.address.clone()),
             timestamp_ms: Some(h.timestamp_ms),
-            head: dag.head(h.meta.as_ref(), &h.name) == Some(hash),
+            head,
+            relay_head_disagrees: listed_head.filter(|l| *l != head),
             spec,
             error: None,
         });
@@ -264,26 +273,19 @@ fn first_checks(f: &FetchedBlock) -> Result<Candidate<'_>, Box<VerifyReport>> {
     })
 }
 
-/// The hashes of a `GET /chain/{A|B}/blocks` answer: a JSON array of block
-/// infos (or `{"blocks": [...]}`), of which only `hash` is used: everything
-/// else is read from the signed envelope itself.
-pub fn parse_listing(body: &[u8]) -> Result<Vec<BlockHash>, String> {
-    #[derive(serde::Deserialize)]
-    struct Listed {
-        hash: BlockHash,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Listing {
-        Plain(Vec<Listed>),
-        Wrapped { blocks: Vec<Listed> },
-    }
-    let l: Listing =
-        serde_json::from_slice(body).map_err(|e| format!("not a block listing: {e}"))?;
-    let v = match l {
-        Listing::Plain(v) | Listing::Wrapped { blocks: v } => v,
-    };
-    Ok(v.into_iter().map(|b| b.hash).collect())
+/// Parse a `GET /chain/{A|B}/blocks` answer (a JSON array of
+/// [`BlockInfo`]s). Only the hash and the relay's head claim are used: every
+/// other field is read from the signed envelope itself.
+pub fn parse_listing(body: &[u8]) -> Result<Vec<BlockInfo>, String> {
+    serde_json::from_slice(body).map_err(|e| format!("not a block listing: {e}"))
+}
+
+/// What to fetch for one listing: `(hash, chain, relay's head claim)`.
+pub fn listed(infos: &[BlockInfo], chain: ChainId) -> Vec<(BlockHash, ChainId, Option<bool>)> {
+    infos
+        .iter()
+        .map(|i| (i.hash, chain, Some(i.is_head)))
+        .collect()
 }
 
 /// Escape text for HTML element content and attribute values.
@@ -359,6 +361,21 @@ fn short_list(hashes: &[BlockHash], report: &ChainReport) -> String {
         .join("<br>")
 }
 
+/// "head" tag, and a warning when the relay's head claim disagrees.
+fn head_tags(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    if r.head {
+        s.push_str(" <span class=\"tag\">head</span>");
+    }
+    if let Some(claim) = r.relay_head_disagrees {
+        s.push_str(&format!(
+            " <span class=\"tag warn\" data-head-disagrees=\"true\">relay says {}head</span>",
+            if claim { "" } else { "not " }
+        ));
+    }
+    s
+}
+
 fn render_row(r: &VerifyReport, report: &ChainReport) -> String {
     let status = if r.verified() { "verified" } else { "failed" };
     let name = r.name.as_deref().unwrap_or("?");
@@ -383,7 +400,7 @@ fn render_row(r: &VerifyReport, report: &ChainReport) -> String {
         ver = r.version.map_or(String::new(), |v| v.to_string()),
         ver_txt = r.version.map_or("—".into(), |v| format!("v{v}")),
         head = r.head,
-        headmark = if r.head { " <span class=\"tag\">head</span>" } else { "" },
+        headmark = head_tags(r),
         kind = r.kind.map_or("?", |k| k.as_str()),
         short = r.hash.short(),
         parents = short_list(&r.parents, report),
@@ -658,6 +675,7 @@ mod tests {
                 .map(|(b, p)| FetchedBlock {
                     listed_hash: b.hash,
                     listed_chain: b.header.chain,
+                    listed_head: None,
                     envelope: Ok(b.encode()),
                     payload: Ok(p.clone()),
                 })
@@ -924,16 +942,59 @@ mod tests {
     }
 
     #[test]
-    fn listing_parses_hashes_and_rejects_garbage() {
-        let h = BlockHash([0xab; 32]);
-        let body = format!(r#"[{{"hash":"{}","chain":"B","name":"x"}}]"#, h.to_hex());
-        assert_eq!(parse_listing(body.as_bytes()).unwrap(), vec![h]);
-        let body = format!(r#"{{"blocks":[{{"hash":"{}"}}]}}"#, h.to_hex());
-        assert_eq!(parse_listing(body.as_bytes()).unwrap(), vec![h]);
+    fn listing_parses_block_infos_and_rejects_garbage() {
+        let c = Chain::genesis();
+        let infos: Vec<BlockInfo> = c
+            .blocks
+            .iter()
+            .take(3)
+            .map(|(b, _)| BlockInfo::from(b).with_head(true))
+            .collect();
+        let body = serde_json::to_vec(&infos).unwrap();
+        let parsed = parse_listing(&body).unwrap();
+        assert_eq!(parsed, infos);
+        let l = listed(&parsed, ChainId::B);
+        assert_eq!(l[2], (c.blocks[2].0.hash, ChainId::B, Some(true)));
         assert_eq!(parse_listing(b"[]").unwrap(), vec![]);
         assert!(parse_listing(b"[{\"hash\":\"zz\"}]").is_err());
-        assert!(parse_listing(b"{\"code\":\"x\"}").is_err());
+        assert!(parse_listing(b"{\"code\":\"x\",\"message\":\"y\"}").is_err());
         assert!(parse_listing(b"<html>").is_err());
+    }
+
+    #[test]
+    fn relay_head_claims_are_checked() {
+        let mut c = Chain::genesis();
+        let e = c.hash_of("layer0.expert0");
+        let e2 = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 0,
+                expert: 0,
+            },
+            vec![e],
+            0.1,
+        );
+        let mut fetched = c.fetched();
+        for f in &mut fetched {
+            f.listed_head = Some(f.listed_hash != e);
+        }
+        let r = verify_chain(&fetched);
+        assert_eq!(r.failed, 0);
+        assert!(r.blocks.iter().all(|b| b.relay_head_disagrees.is_none()));
+        // A relay that calls the old version the head (and the new one not).
+        for f in &mut fetched {
+            f.listed_head = Some(f.listed_hash != e2);
+        }
+        let r = verify_chain(&fetched);
+        assert_eq!(
+            r.failed, 0,
+            "a wrong head claim does not make a block invalid"
+        );
+        assert_eq!(r.get(&e).unwrap().relay_head_disagrees, Some(true));
+        assert_eq!(r.get(&e2).unwrap().relay_head_disagrees, Some(false));
+        let html = render_html(&r);
+        assert_eq!(html.matches("data-head-disagrees=\"true\"").count(), 2);
+        assert!(html.contains("relay says not head"));
     }
 
     #[test]

@@ -77,21 +77,21 @@ async fn fetch_bytes(url: &str) -> Result<Vec<u8>, String> {
 }
 
 async fn load_and_verify() -> Result<String, String> {
-    let mut listed: Vec<(BlockHash, ChainId)> = Vec::new();
+    let mut listed: Vec<(BlockHash, ChainId, Option<bool>)> = Vec::new();
     for (chain, path) in [
         (ChainId::A, "/chain/A/blocks"),
         (ChainId::B, "/chain/B/blocks"),
     ] {
         set_progress(&format!("listing chain {chain:?}…"));
         let body = fetch_bytes(path).await?;
-        let hashes = verify::parse_listing(&body).map_err(|e| format!("{path}: {e}"))?;
-        listed.extend(hashes.into_iter().map(|h| (h, chain)));
+        let infos = verify::parse_listing(&body).map_err(|e| format!("{path}: {e}"))?;
+        listed.extend(verify::listed(&infos, chain));
     }
 
     let t0 = now_ms();
     let mut fetched = Vec::with_capacity(listed.len());
     let mut bytes = 0usize;
-    for (i, (hash, chain)) in listed.iter().enumerate() {
+    for (i, (hash, chain, head)) in listed.iter().enumerate() {
         set_progress(&format!("fetching block {} of {}…", i + 1, listed.len()));
         let hex = hash.to_hex();
         let envelope = fetch_bytes(&format!("/blocks/{hex}?format=bin")).await;
@@ -100,6 +100,7 @@ async fn load_and_verify() -> Result<String, String> {
         fetched.push(FetchedBlock {
             listed_hash: *hash,
             listed_chain: *chain,
+            listed_head: *head,
             envelope,
             payload,
         });
