@@ -185,7 +185,11 @@ pub fn tokenized_splits(tok: &Tokenizer, corpus: &Corpus) -> Result<Splits> {
     }
     let public = eval::tokenize(tok, &corpus.public_eval)?;
     let held = eval::tokenize(tok, &corpus.held_out)?;
-    Ok(Splits { by_skill, public, held })
+    Ok(Splits {
+        by_skill,
+        public,
+        held,
+    })
 }
 
 /// Train `vars` of `model` on batches from `by_skill` for `steps` steps.
@@ -280,7 +284,11 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     let config = config_json(args, vocab_size, bos, eos);
     let cfg = Config::from_value(&config)?;
     tracing::info!("tokenizer: {vocab_size} tokens; config {}", config);
-    let Splits { by_skill, public, held } = tokenized_splits(&tok, &corpus)?;
+    let Splits {
+        by_skill,
+        public,
+        held,
+    } = tokenized_splits(&tok, &corpus)?;
     let mut model = Mixtral::init(&cfg, args.seed, &device)?;
     let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
     tracing::info!("{params} parameters");
