@@ -18,6 +18,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate text from a prompt with a model directory.
+    Chat(miner::infer::ChatArgs),
+    /// Print the last position's logits for token ids as a JSON array.
+    Logits(miner::infer::LogitsArgs),
     /// Train the default model from scratch (deterministic from --seed).
     Train {
         #[arg(long, default_value = "models/default")]
@@ -52,6 +56,8 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Chat(a) => miner::infer::chat(&a),
+        Cmd::Logits(a) => miner::infer::logits(&a),
         Cmd::Train {
             out,
             seed,
