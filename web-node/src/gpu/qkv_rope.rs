@@ -52,19 +52,20 @@ impl QkvRope {
 }
 
 /// RoPE table `[max_seq][head_dim/2][cos, sin]` with the Hugging Face
-/// frequencies `theta^(-2i/head_dim)` (computed in f32 like candle and the
-/// CPU reference).
+/// frequencies computed as the CPU reference does: f32 `1 / theta^(i / head_dim)`
+/// for even `i`, f32 angle `pos * freq`, `sin_cos`.
 pub fn rope_table(head_dim: usize, theta: f64, max_seq: usize) -> Vec<f32> {
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64) as f32)
+    let theta = theta as f32;
+    let inv: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
         .collect();
-    let mut out = Vec::with_capacity(max_seq * half * 2);
+    let mut out = Vec::with_capacity(max_seq * inv.len() * 2);
     for pos in 0..max_seq {
         for f in &inv {
-            let a = pos as f32 * f;
-            out.push(a.cos());
-            out.push(a.sin());
+            let (s, c) = (pos as f32 * f).sin_cos();
+            out.push(c);
+            out.push(s);
         }
     }
     out
