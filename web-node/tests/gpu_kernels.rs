@@ -2,7 +2,9 @@
 //! the environment picks), on proptest shapes: odd sizes, sizes that are not
 //! a multiple of the workgroup, one row, one column.
 
-#[path = "gpu_common.rs"]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "gpu_support/mod.rs"]
 mod common;
 
 use common::{assert_close, ctx};

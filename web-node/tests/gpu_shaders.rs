@@ -1,6 +1,8 @@
 //! Every `shaders/*.wgsl` parses and validates with naga (no GPU needed),
 //! and every file is one the crate includes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 #[test]

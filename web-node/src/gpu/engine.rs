@@ -32,7 +32,9 @@ use super::kernel::{f32_bytes, transpose, Kernel, Step};
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
 use super::router::Router;
-use crate::model::{Config, ExpertSource, ExpertWeights, Mat, ModelError, RouterWeights, RunOptions, SharedWeights};
+use crate::model::{
+    Config, ExpertSource, ExpertWeights, Mat, ModelError, RouterWeights, RunOptions, SharedWeights,
+};
 
 /// The expert source the engine owns (`Send` natively so the engine can
 /// move between threads; the browser's wgpu types are not `Send` anyway).
@@ -53,7 +55,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_seq: 2048, max_batch: 64 }
+        Self {
+            max_seq: 2048,
+            max_batch: 64,
+        }
     }
 }
 
@@ -173,7 +178,10 @@ fn check_mat(name: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), ModelE
 
 fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
     if v.len() != n {
-        return Err(tensor_err(name.into(), format!("length {}, expected {n}", v.len())));
+        return Err(tensor_err(
+            name.into(),
+            format!("length {}, expected {n}", v.len()),
+        ));
     }
     Ok(())
 }
@@ -210,7 +218,12 @@ impl Engine {
         opts: EngineOptions,
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
-        let (h, v, i, ne) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_local_experts);
+        let (h, v, i, ne) = (
+            cfg.hidden_size,
+            cfg.vocab_size,
+            cfg.intermediate_size,
+            cfg.num_local_experts,
+        );
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let nl = cfg.num_hidden_layers;
@@ -222,23 +235,42 @@ impl Engine {
         check_mat("model.embed_tokens.weight", &shared.embed_tokens, v, h)?;
         check_vec("model.norm.weight", &shared.norm, h)?;
         if shared.layers.len() != nl {
-            return Err(tensor_err("model.layers".into(), format!("{} layers, expected {nl}", shared.layers.len())));
+            return Err(tensor_err(
+                "model.layers".into(),
+                format!("{} layers, expected {nl}", shared.layers.len()),
+            ));
         }
         if routers.len() != nl {
-            return Err(tensor_err("block_sparse_moe.gate".into(), format!("{} routers, expected {nl}", routers.len())));
+            return Err(tensor_err(
+                "block_sparse_moe.gate".into(),
+                format!("{} routers, expected {nl}", routers.len()),
+            ));
         }
         if let Some(head) = &shared.lm_head {
             check_mat("lm_head.weight", head, v, h)?;
         }
         for (l, la) in shared.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            check_vec(&format!("{p}.input_layernorm.weight"), &la.input_layernorm, h)?;
-            check_vec(&format!("{p}.post_attention_layernorm.weight"), &la.post_attention_layernorm, h)?;
+            check_vec(
+                &format!("{p}.input_layernorm.weight"),
+                &la.input_layernorm,
+                h,
+            )?;
+            check_vec(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &la.post_attention_layernorm,
+                h,
+            )?;
             check_mat(&format!("{p}.self_attn.q_proj.weight"), &la.q_proj, qd, h)?;
             check_mat(&format!("{p}.self_attn.k_proj.weight"), &la.k_proj, kvd, h)?;
             check_mat(&format!("{p}.self_attn.v_proj.weight"), &la.v_proj, kvd, h)?;
             check_mat(&format!("{p}.self_attn.o_proj.weight"), &la.o_proj, h, qd)?;
-            check_mat(&format!("{p}.block_sparse_moe.gate.weight"), &routers[l].gate, ne, h)?;
+            check_mat(
+                &format!("{p}.block_sparse_moe.gate.weight"),
+                &routers[l].gate,
+                ne,
+                h,
+            )?;
         }
 
         // Every binding must fit the adapter.
@@ -292,12 +324,36 @@ impl Engine {
             _p1: 0,
             _p2: 0,
         };
-        let p_o = matvec::Params { rows: h as u32, cols: qd as u32, flags: matvec::ACCUMULATE, eps };
-        let p_head_last =
-            matvec::Params { rows: v as u32, cols: h as u32, flags: matvec::NORM | matvec::LAST_ONLY, eps };
-        let p_head_all = matvec::Params { rows: v as u32, cols: h as u32, flags: matvec::NORM, eps };
-        let p_router = super::router::Params { hidden: h as u32, n_experts: ne as u32, eps, _p0: 0 };
-        let p_exp = expert::Params { hidden: h as u32, inter: i as u32, n_experts: ne as u32, eps };
+        let p_o = matvec::Params {
+            rows: h as u32,
+            cols: qd as u32,
+            flags: matvec::ACCUMULATE,
+            eps,
+        };
+        let p_head_last = matvec::Params {
+            rows: v as u32,
+            cols: h as u32,
+            flags: matvec::NORM | matvec::LAST_ONLY,
+            eps,
+        };
+        let p_head_all = matvec::Params {
+            rows: v as u32,
+            cols: h as u32,
+            flags: matvec::NORM,
+            eps,
+        };
+        let p_router = super::router::Params {
+            hidden: h as u32,
+            n_experts: ne as u32,
+            eps,
+            _p0: 0,
+        };
+        let p_exp = expert::Params {
+            hidden: h as u32,
+            inter: i as u32,
+            n_experts: ne as u32,
+            eps,
+        };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
         let ub_qkv = u("p_qkv", bytemuck::bytes_of(&p_qkv));
         let ub_attn = u("p_attn", bytemuck::bytes_of(&p_attn));
@@ -308,12 +364,33 @@ impl Engine {
         let ub_exp = u("p_exp", bytemuck::bytes_of(&p_exp));
         let ub_embed = u(
             "p_embed",
-            bytemuck::bytes_of(&super::embedding::Params { hidden: h as u32, vocab: v as u32, _p0: 0, _p1: 0 }),
+            bytemuck::bytes_of(&super::embedding::Params {
+                hidden: h as u32,
+                vocab: v as u32,
+                _p0: 0,
+                _p1: 0,
+            }),
         );
-        let ub_argmax =
-            u("p_argmax", bytemuck::bytes_of(&argmax::Params { n: v as u32, _p0: 0, _p1: 0, _p2: 0 }));
+        let ub_argmax = u(
+            "p_argmax",
+            bytemuck::bytes_of(&argmax::Params {
+                n: v as u32,
+                _p0: 0,
+                _p1: 0,
+                _p2: 0,
+            }),
+        );
 
-        let step = c.uniform_init("step", Step { pos0: 0, n_tok: 0, top_k: 0, renorm: 0 }.bytes());
+        let step = c.uniform_init(
+            "step",
+            Step {
+                pos0: 0,
+                n_tok: 0,
+                top_k: 0,
+                renorm: 0,
+            }
+            .bytes(),
+        );
         let b = max_batch;
         let f = |n: usize| (n * 4) as u64;
         let tokens = c.storage_zeroed("tokens", f(b));
@@ -329,7 +406,10 @@ impl Engine {
         let argmax_out = c.storage_zeroed("argmax_out", 4);
         let readback = c.readback_buffer("readback", f((b * v).max(b * ne * 2)));
         let rope = c.storage_init("rope", f32_bytes(&rope_table(cfg, max_seq)));
-        let embed_t = c.storage_init("embed_t", f32_bytes(&transpose(v, h, &shared.embed_tokens.data)));
+        let embed_t = c.storage_init(
+            "embed_t",
+            f32_bytes(&transpose(v, h, &shared.embed_tokens.data)),
+        );
         let head_t = match &shared.lm_head {
             Some(m) => c.storage_init("lm_head_t", f32_bytes(&transpose(v, h, &m.data))),
             None => embed_t.clone(),
@@ -338,7 +418,15 @@ impl Engine {
 
         let mut layers = Vec::with_capacity(nl);
         for (l, la) in shared.layers.iter().enumerate() {
-            let wqkv = c.storage_init("wqkv", f32_bytes(&pack_qkv(&la.q_proj.data, &la.k_proj.data, &la.v_proj.data, h)));
+            let wqkv = c.storage_init(
+                "wqkv",
+                f32_bytes(&pack_qkv(
+                    &la.q_proj.data,
+                    &la.k_proj.data,
+                    &la.v_proj.data,
+                    h,
+                )),
+            );
             let wo = c.storage_init("wo", f32_bytes(&transpose(h, qd, &la.o_proj.data)));
             let g_in = c.storage_init("input_norm", f32_bytes(&la.input_layernorm));
             let g_post = c.storage_init("post_norm", f32_bytes(&la.post_attention_layernorm));
@@ -348,11 +436,19 @@ impl Engine {
             let w13 = c.storage_zeroed("w13", f(ne * 2 * i * h));
             let w2 = c.storage_zeroed("w2", f(ne * i * h));
             layers.push(Layer {
-                bg_qkv: k.qkv.bind(c, [&step, &ub_qkv, &wqkv, &x, &g_in, &rope, &q, &kc, &vc]),
-                bg_attn: k.attn.bind(c, [&step, &ub_attn, &q, &kc, &vc, &scores, &attn_out]),
+                bg_qkv: k
+                    .qkv
+                    .bind(c, [&step, &ub_qkv, &wqkv, &x, &g_in, &rope, &q, &kc, &vc]),
+                bg_attn: k
+                    .attn
+                    .bind(c, [&step, &ub_attn, &q, &kc, &vc, &scores, &attn_out]),
                 bg_o: k.mv.bind(c, &step, &ub_o, &wo, &attn_out, &g_in, &x),
-                bg_router: k.router.bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
-                bg_up: k.up.bind(c, [&step, &ub_exp, &w13, &x, &g_post, &route, &act]),
+                bg_router: k
+                    .router
+                    .bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
+                bg_up: k
+                    .up
+                    .bind(c, [&step, &ub_exp, &w13, &x, &g_post, &route, &act]),
                 bg_down: k.down.bind(c, [&step, &ub_exp, &w2, &act, &route, &x]),
                 w13,
                 w2,
@@ -360,8 +456,10 @@ impl Engine {
             });
         }
         let bg_embed = k.embed.bind(c, &[&step, &ub_embed, &embed_t, &tokens, &x]);
-        let bg_head_last = k.mv.bind(c, &step, &ub_head_last, &head_t, &x, &norm, &logits_last);
-        let bg_head_all = k.mv.bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
+        let bg_head_last =
+            k.mv.bind(c, &step, &ub_head_last, &head_t, &x, &norm, &logits_last);
+        let bg_head_all =
+            k.mv.bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
         let bg_argmax = k.argmax.bind(c, &ub_argmax, &logits_last, &argmax_out);
 
         Ok(Self {
@@ -425,7 +523,11 @@ impl Engine {
 
     /// Whether `layer{layer}.expert{expert}` is on the GPU.
     pub fn is_expert_resident(&self, layer: usize, expert: usize) -> bool {
-        self.layers.get(layer).and_then(|l| l.resident.get(expert)).copied().unwrap_or(false)
+        self.layers
+            .get(layer)
+            .and_then(|l| l.resident.get(expert))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Replace the expert source (resident experts stay).
@@ -435,15 +537,24 @@ impl Engine {
 
     /// Upload an expert now (e.g. one the browser already fetched, or a new
     /// version of it), so the router never has to wait for it.
-    pub fn insert_expert(&mut self, layer: usize, expert: usize, w: &ExpertWeights) -> Result<(), ModelError> {
+    pub fn insert_expert(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        w: &ExpertWeights,
+    ) -> Result<(), ModelError> {
         crate::model::Slot::Expert { layer, expert }.check_in_spec(&self.cfg)?;
         check_expert(&self.cfg, w)?;
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let l = &mut self.layers[layer];
         let w13 = pack_w13(&w.w1.data, &w.w3.data, i, h);
         let w2 = pack_w2(&w.w2.data, i, h);
-        self.ctx.queue.write_buffer(&l.w13, (expert * w13.len() * 4) as u64, f32_bytes(&w13));
-        self.ctx.queue.write_buffer(&l.w2, (expert * w2.len() * 4) as u64, f32_bytes(&w2));
+        self.ctx
+            .queue
+            .write_buffer(&l.w13, (expert * w13.len() * 4) as u64, f32_bytes(&w13));
+        self.ctx
+            .queue
+            .write_buffer(&l.w2, (expert * w2.len() * 4) as u64, f32_bytes(&w2));
         l.resident[expert] = true;
         self.stats.expert_bytes_uploaded += ((w13.len() + w2.len()) * 4) as u64;
         Ok(())
@@ -482,7 +593,10 @@ impl Engine {
             return Err(ModelError::Input("no tokens".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token {bad} >= vocab_size {}", self.cfg.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token {bad} >= vocab_size {}",
+                self.cfg.vocab_size
+            )));
         }
         if self.pos + tokens.len() > self.opts.max_seq {
             return Err(ModelError::Input(format!(
@@ -495,7 +609,12 @@ impl Engine {
         Ok(k)
     }
 
-    async fn run(&mut self, tokens: &[u32], opts: &RunOptions, want: Want) -> Result<Output, ModelError> {
+    async fn run(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+        want: Want,
+    ) -> Result<Output, ModelError> {
         let k = self.check_tokens(tokens, opts)?;
         let start = self.pos;
         let r = self.run_checked(tokens, k, opts.use_moe, want).await;
@@ -506,7 +625,13 @@ impl Engine {
         r
     }
 
-    async fn run_checked(&mut self, tokens: &[u32], k: usize, use_moe: bool, want: Want) -> Result<Output, ModelError> {
+    async fn run_checked(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+        use_moe: bool,
+        want: Want,
+    ) -> Result<Output, ModelError> {
         let ne = self.cfg.num_local_experts;
         if !use_moe {
             for l in 0..self.cfg.num_hidden_layers {
@@ -521,22 +646,35 @@ impl Engine {
         for (ci, chunk) in chunks.iter().enumerate() {
             let last = ci + 1 == chunks.len();
             let n = chunk.len();
-            let step = Step { pos0: self.pos as u32, n_tok: n as u32, top_k: k as u32, renorm: u32::from(use_moe) };
+            let step = Step {
+                pos0: self.pos as u32,
+                n_tok: n as u32,
+                top_k: k as u32,
+                renorm: u32::from(use_moe),
+            };
             self.ctx.queue.write_buffer(&self.step, 0, step.bytes());
-            self.ctx.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(chunk));
+            self.ctx
+                .queue
+                .write_buffer(&self.tokens, 0, bytemuck::cast_slice(chunk));
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             let mut dispatches = 0u64;
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                self.k.embed.dispatch(&mut pass, &self.bg_embed, (n * self.cfg.hidden_size) as u64);
+                self.k
+                    .embed
+                    .dispatch(&mut pass, &self.bg_embed, (n * self.cfg.hidden_size) as u64);
                 dispatches += 1;
             }
             for l in 0..self.layers.len() {
                 {
                     let ly = &self.layers[l];
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    self.k.qkv.encode(&mut pass, &ly.bg_qkv, &self.p_qkv, n as u32);
-                    self.k.attn.encode(&mut pass, &ly.bg_attn, &self.p_attn, n as u32);
+                    self.k
+                        .qkv
+                        .encode(&mut pass, &ly.bg_qkv, &self.p_qkv, n as u32);
+                    self.k
+                        .attn
+                        .encode(&mut pass, &ly.bg_attn, &self.p_attn, n as u32);
                     self.k.mv.encode(&mut pass, &ly.bg_o, &self.p_o, n as u32);
                     self.k.router.encode(&mut pass, &ly.bg_router, n as u32);
                     dispatches += 4;
@@ -547,14 +685,19 @@ impl Engine {
                     enc.copy_buffer_to_buffer(&self.route, 0, &self.readback, 0, bytes);
                     self.ctx.queue.submit([enc.finish()]);
                     self.stats.submissions += 1;
-                    let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(&self.readback, bytes).await?);
+                    let words: Vec<u32> = bytemuck::pod_collect_to_vec(
+                        &self.ctx.read_mapped(&self.readback, bytes).await?,
+                    );
                     self.stats.readbacks += 1;
                     self.stats.readback_bytes += bytes;
                     for t in 0..n {
                         for s in 0..k {
                             let e = words[(t * ne + s) * 2] as usize;
                             if e >= ne {
-                                return Err(GpuError::Readback(format!("router returned expert {e}")).into());
+                                return Err(GpuError::Readback(format!(
+                                    "router returned expert {e}"
+                                ))
+                                .into());
                             }
                             self.ensure_expert(l, e)?;
                         }
@@ -563,22 +706,30 @@ impl Engine {
                 }
                 let ly = &self.layers[l];
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                self.k.up.encode(&mut pass, &ly.bg_up, &self.p_exp, n as u32, k as u32);
-                self.k.down.encode(&mut pass, &ly.bg_down, &self.p_exp, n as u32);
+                self.k
+                    .up
+                    .encode(&mut pass, &ly.bg_up, &self.p_exp, n as u32, k as u32);
+                self.k
+                    .down
+                    .encode(&mut pass, &ly.bg_down, &self.p_exp, n as u32);
                 dispatches += 2;
             }
             let v = self.cfg.vocab_size;
             let read: Option<(&wgpu::Buffer, u64)> = {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 if want == Want::AllLogits {
-                    self.k.mv.encode(&mut pass, &self.bg_head_all, &self.p_head_all, n as u32);
+                    self.k
+                        .mv
+                        .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n as u32);
                     dispatches += 1;
                     Some((&self.logits_all, (n * v * 4) as u64))
                 } else if last {
-                    self.k.mv.encode(&mut pass, &self.bg_head_last, &self.p_head_last, n as u32);
+                    self.k
+                        .mv
+                        .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n as u32);
                     dispatches += 1;
                     if want == Want::Token {
-                        self.k.argmax.encode(&mut pass);
+                        self.k.argmax.encode(&mut pass, &self.bg_argmax);
                         dispatches += 1;
                         Some((&self.argmax_out, 4))
                     } else {
@@ -600,7 +751,11 @@ impl Engine {
                 self.stats.readbacks += 1;
                 self.stats.readback_bytes += bytes;
                 match want {
-                    Want::Token => out = Some(Output::Token(bytemuck::pod_read_unaligned::<u32>(&data[..4]))),
+                    Want::Token => {
+                        out = Some(Output::Token(bytemuck::pod_read_unaligned::<u32>(
+                            &data[..4],
+                        )))
+                    }
                     Want::Logits => out = Some(Output::Logits(bytemuck::pod_collect_to_vec(&data))),
                     Want::AllLogits => {
                         let f: Vec<f32> = bytemuck::pod_collect_to_vec(&data);
@@ -618,7 +773,11 @@ impl Engine {
     }
 
     /// Append `tokens` and return the last position's logits.
-    pub async fn forward_async(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
+    pub async fn forward_async(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<f32>, ModelError> {
         match self.run(tokens, opts, Want::Logits).await? {
             Output::Logits(l) => Ok(l),
             _ => Err(GpuError::Readback("unexpected output".into()).into()),
@@ -627,7 +786,11 @@ impl Engine {
 
     /// Append `tokens` and return the greedy next token (argmax on the GPU;
     /// only its id is read back).
-    pub async fn next_token_async(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<u32, ModelError> {
+    pub async fn next_token_async(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<u32, ModelError> {
         match self.run(tokens, opts, Want::Token).await? {
             Output::Token(t) => Ok(t),
             _ => Err(GpuError::Readback("unexpected output".into()).into()),
@@ -635,7 +798,11 @@ impl Engine {
     }
 
     /// Append `tokens` and return every position's logits (tests, eval loss).
-    pub async fn forward_all_logits_async(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub async fn forward_all_logits_async(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         match self.run(tokens, opts, Want::AllLogits).await? {
             Output::All(a) => Ok(a),
             _ => Err(GpuError::Readback("unexpected output".into()).into()),
@@ -674,11 +841,21 @@ impl Engine {
         pollster::block_on(self.next_token_async(tokens, opts))
     }
 
-    pub fn forward_all_logits(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn forward_all_logits(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         pollster::block_on(self.forward_all_logits_async(tokens, opts))
     }
 
-    pub fn generate_greedy(&mut self, prompt: &[u32], steps: usize, opts: &RunOptions, on_token: impl FnMut(u32)) -> Result<Vec<u32>, ModelError> {
+    pub fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        steps: usize,
+        opts: &RunOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>, ModelError> {
         pollster::block_on(self.generate_greedy_async(prompt, steps, opts, on_token))
     }
 }

@@ -13,6 +13,7 @@ pub mod argmax;
 pub mod attention;
 pub mod context;
 pub mod embedding;
+pub mod engine;
 pub mod expert;
 pub mod kernel;
 pub mod matvec;
@@ -21,6 +22,7 @@ pub mod rmsnorm;
 pub mod router;
 
 pub use context::{GpuContext, GpuError};
+pub use engine::{DynSource, Engine, EngineOptions, EngineStats};
 
 /// Every WGSL file, by name (validated with naga in the tests).
 pub const SHADERS: &[(&str, &str)] = &[

@@ -110,7 +110,11 @@ pub async fn run(
     k: usize,
     renorm: bool,
 ) -> Result<Vec<Vec<(u32, f32)>>, GpuError> {
-    if gate.len() != n_experts * hidden || !x.len().is_multiple_of(hidden) || k == 0 || k > n_experts {
+    if gate.len() != n_experts * hidden
+        || !x.len().is_multiple_of(hidden)
+        || k == 0
+        || k > n_experts
+    {
         return Err(GpuError::Input("router: shape mismatch".into()));
     }
     let n = x.len() / hidden;

@@ -88,4 +88,6 @@ pub enum ModelError {
     Io(String),
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("gpu: {0}")]
+    Gpu(String),
 }

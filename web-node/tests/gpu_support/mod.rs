@@ -1,3 +1,4 @@
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 //! Shared by the GPU test binaries: one context per binary, skip (or fail
 //! under `AIBLOCK_REQUIRE_GPU=1` / feature `require-gpu`) without an adapter.
 

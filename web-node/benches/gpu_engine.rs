@@ -1,0 +1,237 @@
+//! GPU engine benchmark (`cargo bench -p web-node --bench gpu_engine`).
+//!
+//! In one run, on the adapter the environment picks (lavapipe here) and on
+//! the CPU reference with the same weights: prefill and decode tokens/s,
+//! dispatches and weight bytes per decoded token, the best plain matvec
+//! bandwidth this adapter reaches and its per-dispatch cost (measured here),
+//! and the decode time per token those imply.
+//!
+//! Model: `models/default` if present, else a random Mixtral of the default
+//! shape (4 layers, 8 experts, top-2) and realistic small size.
+//! Env: `BENCH_DECODE` (default 32), `BENCH_PROMPT` (default 64).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
+use web_node::gpu::matvec::{self, Matvec};
+use web_node::gpu::{Engine, EngineOptions, GpuContext};
+use web_node::model::load::ModelDir;
+use web_node::model::random::{small_config, write_random_model};
+use web_node::model::reference::CpuModel;
+use web_node::model::sampler::argmax;
+use web_node::model::{Forward, RunOptions};
+
+fn env(name: &str, d: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// (seconds per dispatch, GB/s) of `reps` matvec dispatches of `[rows][cols]`
+/// in one encoder.
+fn matvec_time(ctx: &GpuContext, rows: usize, cols: usize, reps: usize) -> (f64, f64) {
+    let k = Matvec::new(ctx);
+    let p = matvec::Params {
+        rows: rows as u32,
+        cols: cols as u32,
+        flags: 0,
+        eps: 0.0,
+    };
+    let step = step_buffer(
+        ctx,
+        Step {
+            pos0: 0,
+            n_tok: 1,
+            top_k: 0,
+            renorm: 0,
+        },
+    );
+    let pb = ctx.uniform_init("p", bytemuck::bytes_of(&p));
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 * 0.01).collect();
+    let wb = ctx.storage_init("w", f32_bytes(&w));
+    let xb = ctx.storage_init("x", f32_bytes(&vec![0.5f32; cols]));
+    let gb = ctx.storage_init("g", f32_bytes(&[1.0]));
+    let yb = ctx.storage_zeroed("y", (rows * 4) as u64);
+    let bg = k.bind(ctx, &step, &pb, &wb, &xb, &gb, &yb);
+    let run = |n: usize| {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for _ in 0..n {
+                k.encode(&mut pass, &bg, &p, 1);
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+    };
+    run(2);
+    let t = Instant::now();
+    run(reps);
+    let per = t.elapsed().as_secs_f64() / reps as f64;
+    (per, (rows * cols * 4) as f64 / per / 1e9)
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let default = root.join("models/default");
+    let _tmp;
+    let dir = if default.join("config.json").exists() {
+        default
+    } else {
+        let t = tempfile::tempdir()?;
+        // Realistic small Mixtral of the default shape.
+        let cfg = small_config(4096, 256, 512, 4, 8, 4);
+        write_random_model(t.path(), &cfg, 1)?;
+        let p = t.path().to_path_buf();
+        _tmp = t;
+        p
+    };
+    let m = ModelDir::load(&dir)?;
+    let cfg = m.config.clone();
+    let opts = RunOptions::default();
+    let k = opts.experts_per_token(&cfg)?;
+    let n_prompt = env("BENCH_PROMPT", 64);
+    let n_decode = env("BENCH_DECODE", 32);
+    let prompt: Vec<u32> = (0..n_prompt as u32)
+        .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+        .collect();
+    println!(
+        "model: {} (vocab {}, hidden {}, inter {}, layers {}, heads {}/{}, experts {} top-{k})",
+        dir.display(),
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.num_local_experts
+    );
+
+    // CPU reference, same weights.
+    let mut cpu = CpuModel::from_model_dir(&m)?;
+    cpu.forward(&prompt, &opts)?; // load the routed experts
+    Forward::reset(&mut cpu);
+    let t = Instant::now();
+    let mut tok = argmax(&cpu.forward(&prompt, &opts)?);
+    let cpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut cpu_tokens = Vec::new();
+    for _ in 0..n_decode {
+        cpu_tokens.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts)?);
+    }
+    let cpu_decode = n_decode as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "cpu reference ({} threads): prefill {cpu_prefill:.1} tok/s, decode {cpu_decode:.1} tok/s",
+        cpu.threads()
+    );
+
+    let ctx = match GpuContext::new_blocking() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            println!("gpu: no adapter ({e}); GPU numbers skipped");
+            return Ok(());
+        }
+    };
+    println!(
+        "adapter: {} ({:?}, {:?}), workgroup {}",
+        ctx.info.name, ctx.info.backend, ctx.info.device_type, ctx.workgroup_size
+    );
+    let mut gpu = Engine::with_options(
+        ctx.clone(),
+        &cfg,
+        &m.shared,
+        &m.routers,
+        Box::new(m.expert_source()?),
+        EngineOptions {
+            max_seq: 1024,
+            max_batch: 64,
+        },
+    )?;
+    // Warm-up: loads every expert the measured run routes to and compiles pipelines.
+    let warm = gpu.generate_greedy(&prompt, n_decode, &opts, |_| {})?;
+    gpu.reset();
+    gpu.reset_stats();
+    let t = Instant::now();
+    let first = gpu.next_token(&prompt, &opts)?;
+    let gpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
+    let prefill_stats = gpu.stats().clone();
+    gpu.reset_stats();
+    let t = Instant::now();
+    let mut gpu_tokens = vec![first];
+    let mut tok = first;
+    for _ in 1..n_decode {
+        tok = gpu.next_token(&[tok], &opts)?;
+        gpu_tokens.push(tok);
+    }
+    let decode_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
+    let s = gpu.stats().clone();
+    let dispatches = s.dispatches as f64 / s.tokens.max(1) as f64;
+    let bytes = gpu.weight_bytes_per_token(k);
+    println!(
+        "gpu engine: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens), decode {:.1} tok/s ({:.2} ms/token)",
+        prefill_stats.dispatches,
+        1.0 / decode_s,
+        decode_s * 1e3
+    );
+    println!(
+        "per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {} experts per layer)",
+        s.submissions as f64 / s.tokens.max(1) as f64,
+        s.readback_bytes / s.tokens.max(1),
+        bytes as f64 / 1e6,
+        cfg.num_local_experts
+    );
+    println!(
+        "greedy tokens equal to the CPU reference: {} (warm-up run equal: {})",
+        gpu_tokens == cpu_tokens,
+        warm == cpu_tokens
+    );
+
+    // Plain matvec on this adapter: per-dispatch cost and best bandwidth.
+    let (tiny, _) = matvec_time(&ctx, 1, 1, 200);
+    let mut best = (0.0f64, 0usize, 0usize);
+    let max_elems = (ctx.max_binding() / 4) as usize;
+    for (r, c) in [(1024, 1024), (4096, 1024), (2048, 2048), (4096, 4096)] {
+        if r * c > max_elems {
+            continue;
+        }
+        let (_, bw) = matvec_time(&ctx, r, c, 10);
+        println!("matvec [{r} x {c}] f32: {bw:.2} GB/s");
+        if bw > best.0 {
+            best = (bw, r, c);
+        }
+    }
+    let ideal = bytes as f64 / (best.0 * 1e9);
+    println!(
+        "best matvec {:.2} GB/s ([{} x {}]); dispatch overhead {:.0} us (1x1 matvec)",
+        best.0,
+        best.1,
+        best.2,
+        tiny * 1e6
+    );
+    println!(
+        "implied ideal decode: {:.2} ms/token from bandwidth ({:.1} tok/s); + {dispatches:.0} dispatches x {:.0} us = {:.2} ms/token; measured {:.2} ms/token",
+        ideal * 1e3,
+        1.0 / ideal,
+        tiny * 1e6,
+        (ideal + dispatches * tiny) * 1e3,
+        decode_s * 1e3
+    );
+    println!("peak RSS {:.0} MiB", peak_rss_mib());
+    Ok(())
+}
