@@ -1,0 +1,212 @@
+//! The operator key and the genesis blocks of a Hugging Face model directory.
+//!
+//! Genesis = one chain-A meta block (spec + config.json + tokenizer.json) and,
+//! when the directory holds `model.safetensors`, one chain-B block per slot
+//! (shared, `layerN.router`, `layerN.expertM`), all signed by the operator.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::SigningKey;
+use safetensors::SafeTensors;
+use web_node::chain::{
+    chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, MetaPayload,
+    PayloadDtype, HEADER_VERSION,
+};
+use web_node::model::{Config, Slot};
+use web_node::net::api::safetensors_dtype;
+
+use crate::RelayError;
+
+/// Display address of operator-signed blocks.
+pub const OPERATOR_ADDRESS: &str = "operator";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Load `data/operator.key` (hex ed25519 secret), creating it (mode 0600) on first start.
+pub fn operator_key(data_dir: &Path) -> Result<SigningKey, RelayError> {
+    let path = data_dir.join("operator.key");
+    if path.exists() {
+        let text = fs::read_to_string(&path)?;
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut secret).map_err(|e| {
+            RelayError::Key(format!("{}: not a hex ed25519 secret: {e}", path.display()))
+        })?;
+        return Ok(SigningKey::from_bytes(&secret));
+    }
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    let tmp = data_dir.join("operator.key.tmp");
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(hex::encode(key.to_bytes()).as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    tracing::info!(public_key = %hex::encode(key.verifying_key().to_bytes()), path = %path.display(), "operator key created");
+    Ok(key)
+}
+
+/// The model name of a directory: config `_name_or_path` (last component) or the dir name.
+pub fn model_name(dir: &Path, config: &serde_json::Value) -> String {
+    let from_cfg = config
+        .get("_name_or_path")
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.trim_end_matches('/').rsplit('/').next())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    let from_dir = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let mut name = from_cfg.or(from_dir).unwrap_or_else(|| "model".into());
+    name.truncate(limits::MAX_NAME_LEN);
+    name
+}
+
+fn header(
+    kind: BlockKind,
+    name: &str,
+    meta: Option<BlockHash>,
+    payload: &[u8],
+    dtype: PayloadDtype,
+    timestamp_ms: u64,
+) -> BlockHeader {
+    let chunk_size = limits::DEFAULT_CHUNK_SIZE;
+    BlockHeader {
+        version: HEADER_VERSION,
+        chain: kind.chain(),
+        kind,
+        name: name.to_string(),
+        meta,
+        parents: Vec::new(),
+        payload_len: payload.len() as u64,
+        chunk_size,
+        payload_root: payload_root(&chunk_hashes(payload, chunk_size)),
+        dtype,
+        candidate_loss: None,
+        miner: [0; 32],
+        address: OPERATOR_ADDRESS.into(),
+        timestamp_ms,
+    }
+}
+
+/// The chain-A meta block of a model directory (config.json, optional tokenizer.json).
+pub fn meta_block(
+    dir: &Path,
+    key: &SigningKey,
+    timestamp_ms: u64,
+) -> Result<(Block, Vec<u8>), RelayError> {
+    let g = |m: String| RelayError::Genesis(m);
+    let cfg_bytes = fs::read(dir.join("config.json"))
+        .map_err(|e| g(format!("{}: {e}", dir.join("config.json").display())))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&cfg_bytes).map_err(|e| g(format!("config.json: {e}")))?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.is_file() {
+        let t = fs::read(&tok_path)?;
+        Some(serde_json::from_slice(&t).map_err(|e| g(format!("tokenizer.json: {e}")))?)
+    } else {
+        None
+    };
+    let name = model_name(dir, &config);
+    let meta = MetaPayload::new(&name, config, tokenizer).map_err(|e| g(e.to_string()))?;
+    let payload = meta.to_json();
+    let h = header(
+        BlockKind::Meta,
+        &name,
+        None,
+        &payload,
+        PayloadDtype::Json,
+        timestamp_ms,
+    );
+    Ok((Block::sign(h, key), payload))
+}
+
+/// Split a whole checkpoint (safetensors bytes) into one payload per slot,
+/// in [`Slot::all`] order. Every tensor must belong to exactly one slot with
+/// the shape the config implies, and all must share one dtype.
+pub fn split_checkpoint(cfg: &Config, bytes: &[u8]) -> Result<Vec<(Slot, Vec<u8>)>, RelayError> {
+    let g = |m: String| RelayError::Genesis(m);
+    let st = SafeTensors::deserialize(bytes).map_err(|e| g(format!("model.safetensors: {e}")))?;
+    let slots = Slot::all(cfg);
+    let mut expected = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(slots.len());
+    for slot in slots {
+        let mut views = Vec::new();
+        for spec in slot.tensors(cfg) {
+            let v = st
+                .tensor(&spec.name)
+                .map_err(|_| g(format!("checkpoint lacks tensor {}", spec.name)))?;
+            if v.shape() != spec.shape.as_slice() {
+                return Err(g(format!(
+                    "{}: shape {:?}, config implies {:?}",
+                    spec.name,
+                    v.shape(),
+                    spec.shape
+                )));
+            }
+            expected.insert(spec.name.clone());
+            views.push((spec.name, v));
+        }
+        let payload =
+            safetensors::serialize(views, &None).map_err(|e| g(format!("{slot}: {e}")))?;
+        out.push((slot, payload));
+    }
+    if let Some(extra) = st.names().into_iter().find(|n| !expected.contains(*n)) {
+        return Err(g(format!(
+            "checkpoint tensor {extra} belongs to no slot of the config"
+        )));
+    }
+    Ok(out)
+}
+
+/// Genesis blocks of a model directory: the meta block, then (if
+/// `model.safetensors` exists) one block per slot. All signed by `key`.
+pub fn genesis_blocks(
+    dir: &Path,
+    key: &SigningKey,
+    timestamp_ms: u64,
+) -> Result<Vec<(Block, Vec<u8>)>, RelayError> {
+    let (meta, meta_payload) = meta_block(dir, key, timestamp_ms)?;
+    let (_, cfg) =
+        MetaPayload::parse(&meta_payload).map_err(|e| RelayError::Genesis(e.to_string()))?;
+    let mut out = vec![(meta.clone(), meta_payload)];
+    let ckpt = dir.join("model.safetensors");
+    if ckpt.is_file() {
+        let bytes = fs::read(&ckpt)?;
+        for (slot, payload) in split_checkpoint(&cfg, &bytes)? {
+            let dtype = safetensors_dtype(&payload)
+                .map_err(|e| RelayError::Genesis(format!("{slot}: {e}")))?;
+            let kind = match slot {
+                Slot::Shared => BlockKind::Shared,
+                Slot::Router { .. } => BlockKind::Router,
+                Slot::Expert { .. } => BlockKind::Expert,
+            };
+            let h = header(
+                kind,
+                &slot.to_string(),
+                Some(meta.hash),
+                &payload,
+                dtype,
+                timestamp_ms,
+            );
+            out.push((Block::sign(h, key), payload));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,31 @@
+//! AI-Block relay: stores the chain, serves the REST API and the web app.
+//!
+//! * [`store::FileStore`]: the embedded [`BlockStore`](web_node::store::BlockStore):
+//!   content-addressed block files (`data/blocks/ab/<hash>`, envelope then
+//!   payload, written temp + fsync + rename + fsync dir) and a redb index
+//!   (order, headers, heads). Crash-safe; repaired on open.
+//! * [`server`]: `fn app(state) -> Router` with the REST API and static files.
+//! * [`gate`]: the acceptance hook every new version of an existing slot passes.
+//! * [`genesis`]: the operator key and the genesis blocks of the default model.
+
+pub mod gate;
+pub mod genesis;
+pub mod server;
+pub mod store;
+
+pub use gate::{AcceptAll, Gate, GateContext, Rejection};
+pub use server::{accept_block, app, open_relay, AppState, RelayOptions, SharedState};
+pub use store::FileStore;
+
+/// Errors of the relay library.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] web_node::store::StoreError),
+    #[error("genesis: {0}")]
+    Genesis(String),
+    #[error("operator key: {0}")]
+    Key(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
