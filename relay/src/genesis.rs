@@ -9,13 +9,8 @@ use std::io::Write;
 use std::path::Path;
 
 use ed25519_dalek::SigningKey;
-use safetensors::SafeTensors;
-use web_node::chain::{
-    chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, MetaPayload,
-    PayloadDtype, HEADER_VERSION,
-};
-use web_node::model::{Config, Slot};
-use web_node::net::api::safetensors_dtype;
+use web_node::chain::{limits, Block, MetaPayload};
+use web_node::model::checkpoint::{split_checkpoint, Signer};
 
 use crate::RelayError;
 
@@ -78,30 +73,12 @@ pub fn model_name(dir: &Path, config: &serde_json::Value) -> String {
     name
 }
 
-fn header(
-    kind: BlockKind,
-    name: &str,
-    meta: Option<BlockHash>,
-    payload: &[u8],
-    dtype: PayloadDtype,
-    timestamp_ms: u64,
-) -> BlockHeader {
-    let chunk_size = limits::DEFAULT_CHUNK_SIZE;
-    BlockHeader {
-        version: HEADER_VERSION,
-        chain: kind.chain(),
-        kind,
-        name: name.to_string(),
-        meta,
-        parents: Vec::new(),
-        payload_len: payload.len() as u64,
-        chunk_size,
-        payload_root: payload_root(&chunk_hashes(payload, chunk_size)),
-        dtype,
-        candidate_loss: None,
-        miner: [0; 32],
+fn signer(key: &SigningKey, timestamp_ms: u64) -> Signer<'_> {
+    Signer {
+        key,
         address: OPERATOR_ADDRESS.into(),
         timestamp_ms,
+        chunk_size: limits::DEFAULT_CHUNK_SIZE,
     }
 }
 
@@ -125,58 +102,14 @@ pub fn meta_block(
     };
     let name = model_name(dir, &config);
     let meta = MetaPayload::new(&name, config, tokenizer).map_err(|e| g(e.to_string()))?;
-    let payload = meta.to_json();
-    let h = header(
-        BlockKind::Meta,
-        &name,
-        None,
-        &payload,
-        PayloadDtype::Json,
-        timestamp_ms,
-    );
-    Ok((Block::sign(h, key), payload))
-}
-
-/// Split a whole checkpoint (safetensors bytes) into one payload per slot,
-/// in [`Slot::all`] order. Every tensor must belong to exactly one slot with
-/// the shape the config implies, and all must share one dtype.
-pub fn split_checkpoint(cfg: &Config, bytes: &[u8]) -> Result<Vec<(Slot, Vec<u8>)>, RelayError> {
-    let g = |m: String| RelayError::Genesis(m);
-    let st = SafeTensors::deserialize(bytes).map_err(|e| g(format!("model.safetensors: {e}")))?;
-    let slots = Slot::all(cfg);
-    let mut expected = std::collections::HashSet::new();
-    let mut out = Vec::with_capacity(slots.len());
-    for slot in slots {
-        let mut views = Vec::new();
-        for spec in slot.tensors(cfg) {
-            let v = st
-                .tensor(&spec.name)
-                .map_err(|_| g(format!("checkpoint lacks tensor {}", spec.name)))?;
-            if v.shape() != spec.shape.as_slice() {
-                return Err(g(format!(
-                    "{}: shape {:?}, config implies {:?}",
-                    spec.name,
-                    v.shape(),
-                    spec.shape
-                )));
-            }
-            expected.insert(spec.name.clone());
-            views.push((spec.name, v));
-        }
-        let payload =
-            safetensors::serialize(views, &None).map_err(|e| g(format!("{slot}: {e}")))?;
-        out.push((slot, payload));
-    }
-    if let Some(extra) = st.names().into_iter().find(|n| !expected.contains(*n)) {
-        return Err(g(format!(
-            "checkpoint tensor {extra} belongs to no slot of the config"
-        )));
-    }
-    Ok(out)
+    signer(key, timestamp_ms)
+        .meta_block(&meta, None)
+        .map_err(|e| g(e.to_string()))
 }
 
 /// Genesis blocks of a model directory: the meta block, then (if
-/// `model.safetensors` exists) one block per slot. All signed by `key`.
+/// `model.safetensors` exists) one block per slot, split by
+/// [`web_node::model::checkpoint::split_checkpoint`]. All signed by `key`.
 pub fn genesis_blocks(
     dir: &Path,
     key: &SigningKey,
@@ -189,23 +122,11 @@ pub fn genesis_blocks(
     let ckpt = dir.join("model.safetensors");
     if ckpt.is_file() {
         let bytes = fs::read(&ckpt)?;
-        for (slot, payload) in split_checkpoint(&cfg, &bytes)? {
-            let dtype = safetensors_dtype(&payload)
-                .map_err(|e| RelayError::Genesis(format!("{slot}: {e}")))?;
-            let kind = match slot {
-                Slot::Shared => BlockKind::Shared,
-                Slot::Router { .. } => BlockKind::Router,
-                Slot::Expert { .. } => BlockKind::Expert,
-            };
-            let h = header(
-                kind,
-                &slot.to_string(),
-                Some(meta.hash),
-                &payload,
-                dtype,
-                timestamp_ms,
-            );
-            out.push((Block::sign(h, key), payload));
+        let slots = split_checkpoint(&cfg, &[bytes.as_slice()])
+            .map_err(|e| RelayError::Genesis(format!("{}: {e}", ckpt.display())))?;
+        let s = signer(key, timestamp_ms);
+        for slot in &slots {
+            out.push(s.slot_block(meta.hash, slot, Vec::new(), None));
         }
     }
     Ok(out)

@@ -1,0 +1,345 @@
+//! Helpers for relay integration tests: tiny model dirs, a real relay on
+//! 127.0.0.1:0 (in process or as the real binary), a blocking HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use relay::server::ServeConfig;
+use relay::AppState;
+use web_node::chain::{validate_block, Block, BlockHash, BlockKind, Dag};
+use web_node::model::random::{
+    random_tensors, safetensors_bytes, small_config, write_random_model,
+};
+use web_node::model::{Config, Slot};
+use web_node::net::api::{ApiError, BlockInfo, SeedUpload, UploadOptions};
+
+/// A small Mixtral: 2 layers, 8 experts, hidden 16, vocab 259.
+pub fn test_config() -> Config {
+    small_config(259, 16, 24, 2, 2, 1)
+}
+
+/// Write a random model dir (config.json, model.safetensors, tokenizer.json).
+pub fn model_dir(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    write_random_model(&m, &test_config(), 7).unwrap();
+    m
+}
+
+/// A payload holding exactly `slot`'s tensors (F32), deterministic from `seed`.
+pub fn slot_payload(cfg: &Config, slot: Slot, seed: u64) -> Vec<u8> {
+    let want: Vec<String> = slot.tensors(cfg).into_iter().map(|t| t.name).collect();
+    let t: Vec<_> = random_tensors(cfg, seed)
+        .into_iter()
+        .filter(|(n, _, _)| want.contains(n))
+        .collect();
+    safetensors_bytes(&t).unwrap()
+}
+
+pub fn miner_key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+/// A signed seed upload of a new version of `slot`.
+pub fn upload(
+    slot: Slot,
+    payload: &[u8],
+    parents: Vec<BlockHash>,
+    meta: Option<BlockHash>,
+    key: &SigningKey,
+) -> (SeedUpload, Block) {
+    let kind = match slot {
+        Slot::Shared => BlockKind::Shared,
+        Slot::Router { .. } => BlockKind::Router,
+        Slot::Expert { .. } => BlockKind::Expert,
+    };
+    let opts = UploadOptions {
+        parents,
+        candidate_loss: Some(1.25),
+        address: "alice".into(),
+        meta,
+        timestamp_ms: 1_700_000_000_000,
+        chunk_size: Some(4096),
+    };
+    SeedUpload::build(kind, &slot.to_string(), payload, &opts, key).unwrap()
+}
+
+/// A relay serving in this process on 127.0.0.1:0.
+pub struct TestRelay {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestRelay {
+    pub fn start(data: &Path, model: Option<&Path>, web: Option<&Path>) -> Self {
+        Self::start_with(data, model, web, |s| s)
+    }
+
+    pub fn start_with(
+        data: &Path,
+        model: Option<&Path>,
+        web: Option<&Path>,
+        customize: impl FnOnce(AppState) -> AppState,
+    ) -> Self {
+        let cfg = ServeConfig {
+            data_dir: data.to_path_buf(),
+            web_dir: web.map(Path::to_path_buf),
+            model_dir: model.map(Path::to_path_buf),
+        };
+        let state = customize(relay::open_relay(&cfg).unwrap());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(l.local_addr().unwrap()).unwrap();
+                axum::serve(l, relay::app(Arc::new(state)))
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            url: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    /// Stop serving and release the store.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The real `relay` binary as a child process.
+pub struct ChildRelay {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ChildRelay {
+    pub fn start(data: &Path, model: &Path, web: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .arg("--web")
+            .arg(web)
+            .arg("--model")
+            .arg(model)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("relay listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Self { child, url }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait: graceful shutdown must exit 0.
+    pub fn terminate(mut self) {
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let code = self.child.wait().unwrap();
+        assert!(code.success(), "relay exited with {code}");
+    }
+}
+
+impl Drop for ChildRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response: status, content-type, Content-Range, body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub content_type: String,
+    pub content_range: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+    /// The JSON error body; asserts the status.
+    pub fn error(&self, status: u16) -> ApiError {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{}",
+            self.content_type
+        );
+        let e: ApiError = self.json();
+        assert_eq!(e.status(), status, "{e:?}");
+        e
+    }
+}
+
+fn to_resp(r: Result<ureq::Response, ureq::Error>) -> Resp {
+    let r = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = r.status();
+    let content_type = r.header("content-type").unwrap_or_default().to_string();
+    let content_range = r.header("content-range").map(str::to_string);
+    let mut body = Vec::new();
+    r.into_reader().read_to_end(&mut body).unwrap();
+    Resp {
+        status,
+        content_type,
+        content_range,
+        body,
+    }
+}
+
+pub fn get(url: &str) -> Resp {
+    to_resp(ureq::get(url).call())
+}
+
+pub fn get_with(url: &str, header: &str, value: &str) -> Resp {
+    to_resp(ureq::get(url).set(header, value).call())
+}
+
+pub fn post_json(url: &str, body: &[u8]) -> Resp {
+    to_resp(
+        ureq::post(url)
+            .set("content-type", "application/json")
+            .send_bytes(body),
+    )
+}
+
+pub fn post_bin(url: &str, body: &[u8]) -> Resp {
+    to_resp(
+        ureq::post(url)
+            .set("content-type", "application/octet-stream")
+            .send_bytes(body),
+    )
+}
+
+/// Send raw request bytes (paths no client would normalise) and read the reply.
+pub fn raw(addr: &str, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+pub fn list(url: &str, chain: &str) -> Vec<BlockInfo> {
+    let r = get(&format!("{url}/chain/{chain}/blocks"));
+    assert_eq!(r.status, 200);
+    r.json()
+}
+
+/// Every file under `dir` (relative paths, sorted) with its length.
+pub fn files(dir: &Path) -> Vec<(String, u64)> {
+    fn walk(base: &Path, d: &Path, out: &mut Vec<(String, u64)>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+                out.push((rel, p.metadata().unwrap().len()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Fetch every block of both chains (envelope + payload) and validate them in
+/// order against a fresh DAG, as a client would.
+pub fn fetch_and_validate_all(url: &str) -> usize {
+    let mut dag = Dag::new();
+    let mut infos = list(url, "A");
+    infos.extend(list(url, "B"));
+    for info in &infos {
+        let env = get(&format!("{url}/blocks/{}?format=bin", info.hash));
+        assert_eq!(env.status, 200);
+        let b = Block::decode(&env.body).unwrap();
+        b.check_hash(&info.hash).unwrap();
+        let p = get(&format!("{url}/blocks/{}/payload", info.hash));
+        assert_eq!(p.status, 200);
+        let v = validate_block(&b, &p.body, &dag).unwrap();
+        dag.insert(&v);
+    }
+    infos.len()
+}
+
+/// The binary upload body: envelope then payload.
+pub fn envelope_and_payload(b: &Block, payload: &[u8]) -> Vec<u8> {
+    let mut v = b.encode();
+    v.extend_from_slice(payload);
+    v
+}
