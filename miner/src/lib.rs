@@ -1,6 +1,10 @@
 //! The AI-Block miner: training the default model, fine-tuning one expert,
-//! importing checkpoints as signed blocks and talking to a relay.
+//! importing checkpoints as signed blocks, talking to a relay, and local
+//! inference (`chat`, `logits`).
 
+pub mod blocks;
+pub mod client;
+pub mod improve;
 pub mod infer;
 pub mod mixtral;
 pub mod train;

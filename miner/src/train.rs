@@ -13,7 +13,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
-use web_node::eval::corpus::Rng;
+use web_node::eval::corpus::{FreshSampler, Rng};
 use web_node::eval::{self, Corpus, Skill, Tokenized, BOS, EOS};
 use web_node::model::Config;
 
@@ -30,6 +30,7 @@ pub struct TrainArgs {
     pub intermediate: usize,
     pub vocab: usize,
     pub aux_coef: f64,
+    pub weight_decay: f64,
     /// Evaluate and write the directory every this many steps.
     pub checkpoint_every: usize,
 }
@@ -140,18 +141,32 @@ pub fn batch_eval_loss(model: &Mixtral, data: &[Tokenized]) -> Result<f64> {
     Ok(sum / n.max(1.0))
 }
 
-/// Sample a batch: skill uniform, then an example of that skill uniform.
-pub fn sample_batch<'a>(
-    by_skill: &'a [Vec<Tokenized>],
-    batch: usize,
-    rng: &mut Rng,
-) -> Vec<&'a Tokenized> {
-    (0..batch)
-        .map(|_| {
-            let s = &by_skill[rng.below(by_skill.len())];
-            &s[rng.below(s.len())]
-        })
-        .collect()
+/// Where training batches come from: per skill, either the fixed train
+/// split or fresh examples (never in the eval splits).
+pub struct Source<'a> {
+    pub skills: Vec<Skill>,
+    pub by_skill: &'a [Vec<Tokenized>],
+    pub fresh: Option<(&'a FreshSampler, &'a Tokenizer)>,
+}
+
+impl Source<'_> {
+    /// Sample a batch: skill uniform, then an example of that skill.
+    pub fn batch(&self, batch: usize, rng: &mut Rng) -> Result<Vec<Tokenized>> {
+        let mut out = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let i = rng.below(self.skills.len());
+            let skill = self.skills[i];
+            if let Some((f, tok)) = self.fresh {
+                if let Some(e) = f.sample(skill, rng) {
+                    out.extend(eval::tokenize(tok, &[e])?);
+                    continue;
+                }
+            }
+            let s = &self.by_skill[i];
+            out.push(s[rng.below(s.len())].clone());
+        }
+        Ok(out)
+    }
 }
 
 /// Cosine schedule with linear warm-up, down to 10% of the peak.
@@ -197,12 +212,13 @@ pub fn tokenized_splits(tok: &Tokenizer, corpus: &Corpus) -> Result<Splits> {
 pub fn train_loop(
     model: &Mixtral,
     vars: Vec<Var>,
-    by_skill: &[Vec<Tokenized>],
+    source: &Source<'_>,
     public: &[Tokenized],
     steps: usize,
     batch: usize,
     lr: f64,
     aux_coef: f64,
+    weight_decay: f64,
     seed: u64,
     mut on_checkpoint: impl FnMut(usize, f64) -> Result<()>,
     checkpoint_every: usize,
@@ -214,7 +230,7 @@ pub fn train_loop(
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-8,
-            weight_decay: 0.01,
+            weight_decay,
         },
     )?;
     let mut rng = Rng::new(seed ^ 0x7EA1_0000);
@@ -222,7 +238,8 @@ pub fn train_loop(
     let mut avg = 0f64;
     for step in 0..steps {
         opt.set_learning_rate(lr_at(step, steps, lr));
-        let items = sample_batch(by_skill, batch, &mut rng);
+        let items = source.batch(batch, &mut rng)?;
+        let items: Vec<&Tokenized> = items.iter().collect();
         let (inp, tgt, mask) = make_batch(&items, model.device())?;
         let (logits, aux) = model.forward(&inp)?;
         let ce = masked_ce(&logits, &tgt, &mask)?;
@@ -294,15 +311,22 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     tracing::info!("{params} parameters");
     let start = Instant::now();
     let vars = model.all_vars();
+    let fresh = FreshSampler::new(&corpus);
+    let source = Source {
+        skills: Skill::ALL.to_vec(),
+        by_skill: &by_skill,
+        fresh: Some((&fresh, &tok)),
+    };
     train_loop(
         &model,
         vars,
-        &by_skill,
+        &source,
         &public,
         args.steps,
         args.batch,
         args.lr,
         args.aux_coef,
+        args.weight_decay,
         args.seed,
         |step, _| {
             write_dir(out, &config, &model, &tok)?;
@@ -318,7 +342,7 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     tracing::info!("held-out accuracy: {line}");
     let report = serde_json::json!({
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "hidden": args.hidden, "intermediate": args.intermediate, "vocab": vocab_size,
+        "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
         "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.skill.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
     });

@@ -343,6 +343,46 @@ impl Corpus {
     }
 }
 
+/// Draws fresh training examples of the generated skills (copy, reverse,
+/// sort, count), never one whose prompt is in the public-eval or held-out
+/// split. The enumerated skills (add, sub, capital) have no fresh examples:
+/// their train split is everything else.
+#[derive(Debug, Clone)]
+pub struct FreshSampler {
+    excluded: BTreeSet<String>,
+}
+
+impl FreshSampler {
+    pub fn new(corpus: &Corpus) -> Self {
+        let excluded = corpus
+            .public_eval
+            .iter()
+            .chain(&corpus.held_out)
+            .map(|e| e.prompt.clone())
+            .collect();
+        Self { excluded }
+    }
+
+    /// Whether `skill` has fresh examples.
+    pub fn generates(skill: Skill) -> bool {
+        !matches!(skill, Skill::Add | Skill::Sub | Skill::Capital)
+    }
+
+    /// A fresh example of a generated skill (None for enumerated skills).
+    pub fn sample(&self, skill: Skill, rng: &mut Rng) -> Option<Example> {
+        if !Self::generates(skill) {
+            return None;
+        }
+        for _ in 0..1000 {
+            let e = sample(skill, rng);
+            if !self.excluded.contains(&e.prompt) {
+                return Some(e);
+            }
+        }
+        None
+    }
+}
+
 /// Only the examples of one skill.
 pub fn of_skill(examples: &[Example], skill: Skill) -> Vec<Example> {
     examples
@@ -429,6 +469,29 @@ mod tests {
                     assert!(CAPITALS
                         .iter()
                         .any(|(c, cap)| body.contains(c) && *cap == ans))
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fresh_examples_avoid_eval_splits() {
+        let c = Corpus::default_corpus();
+        let f = FreshSampler::new(&c);
+        let held: BTreeSet<&str> = c.held_out.iter().map(|e| e.prompt.as_str()).collect();
+        let public: BTreeSet<&str> = c.public_eval.iter().map(|e| e.prompt.as_str()).collect();
+        let mut rng = Rng::new(5);
+        for skill in Skill::ALL {
+            for _ in 0..2000 {
+                match f.sample(skill, &mut rng) {
+                    Some(e) => {
+                        assert_eq!(e.skill, skill);
+                        assert!(
+                            !held.contains(e.prompt.as_str())
+                                && !public.contains(e.prompt.as_str())
+                        );
+                    }
+                    None => assert!(!FreshSampler::generates(skill)),
                 }
             }
         }

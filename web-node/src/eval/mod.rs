@@ -283,3 +283,59 @@ pub fn format_accuracy(acc: &[SkillAccuracy]) -> String {
         .collect::<Vec<_>>()
         .join(" | ")
 }
+
+impl LogitsModel for crate::model::reference::CpuModel {
+    fn vocab_size(&self) -> usize {
+        crate::model::Forward::config(self).vocab_size
+    }
+
+    fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError> {
+        crate::model::Forward::reset(self);
+        let rows = self.forward_all_logits(tokens)?;
+        Ok(rows.concat())
+    }
+}
+
+/// Any [`Forward`](crate::model::Forward) engine (e.g. the GPU one) as a
+/// [`LogitsModel`]: resets the cache and feeds the tokens one at a time.
+pub struct ForwardLogits<'a, F: crate::model::Forward + ?Sized> {
+    pub model: &'a mut F,
+    pub opts: crate::model::RunOptions,
+}
+
+impl<F: crate::model::Forward + ?Sized> LogitsModel for ForwardLogits<'_, F> {
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError> {
+        self.model.reset();
+        let mut out = Vec::with_capacity(tokens.len() * self.vocab_size());
+        for t in tokens {
+            out.extend(self.model.forward(std::slice::from_ref(t), &self.opts)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The public-eval loss of a model with a tokenizer, on the committed corpus
+/// ([`DEFAULT_SEED`]): the number miners claim as `candidate_loss` and the
+/// relay's quality gate recomputes.
+pub fn public_eval_loss(
+    model: &mut impl LogitsModel,
+    tok: &tokenizers::Tokenizer,
+) -> Result<f64, EvalError> {
+    let corpus = Corpus::default_corpus();
+    let public = tokenize(tok, &corpus.public_eval)?;
+    eval_loss(model, &public)
+}
+
+/// Held-out accuracy per skill on the committed corpus.
+pub fn held_out_accuracy(
+    model: &mut impl LogitsModel,
+    tok: &tokenizers::Tokenizer,
+) -> Result<Vec<SkillAccuracy>, EvalError> {
+    let corpus = Corpus::default_corpus();
+    let held = tokenize(tok, &corpus.held_out)?;
+    accuracy(model, tok, &held)
+}

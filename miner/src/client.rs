@@ -1,0 +1,190 @@
+//! Talking to a relay over its REST API: binary upload of blocks, listing
+//! chains and heads, fetching payloads, and exporting the heads as a Hugging
+//! Face directory.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use web_node::chain::{check_payload_integrity, Block, BlockHash, BlockKind, ChainId, MetaPayload};
+use web_node::model::{Config, Slot};
+use web_node::net::api::{ApiError, BlockInfo};
+
+use crate::blocks::{join_payloads, parse_block_file};
+
+/// Most bytes read from one response (a payload is at most 2 GiB by the chain limits).
+const MAX_RESPONSE: u64 = 2 * 1024 * 1024 * 1024 + 1024 * 1024;
+
+fn base(relay: &str) -> String {
+    relay.trim_end_matches('/').to_string()
+}
+
+fn describe(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body = resp.into_string().unwrap_or_default();
+            match serde_json::from_str::<ApiError>(&body) {
+                Ok(api) => anyhow!("relay refused ({code}): {}: {}", api.code, api.message),
+                Err(_) => anyhow!("relay answered {code}: {body}"),
+            }
+        }
+        other => anyhow!("cannot reach the relay: {other}"),
+    }
+}
+
+fn get_bytes(url: &str) -> Result<Vec<u8>> {
+    let resp = ureq::get(url).call().map_err(describe)?;
+    let mut v = Vec::new();
+    resp.into_reader().take(MAX_RESPONSE).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T> {
+    let bytes = get_bytes(url)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
+}
+
+/// Upload one block (envelope || payload) with `POST /blocks`.
+pub fn post_block(relay: &str, body: &[u8]) -> Result<serde_json::Value> {
+    let resp = ureq::post(&format!("{}/blocks", base(relay)))
+        .set("content-type", "application/octet-stream")
+        .send_bytes(body)
+        .map_err(describe)?;
+    let text = resp.into_string()?;
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// Publish every `*.block` file of a directory: meta blocks first, then
+/// shared, routers and experts; a progress bar counts bytes.
+pub fn publish_dir(relay: &str, dir: &Path) -> Result<Vec<BlockHash>> {
+    let mut files: Vec<(u8, String, Block, Vec<u8>)> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("block") {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let (block, payload) =
+            parse_block_file(&bytes).with_context(|| format!("{}", path.display()))?;
+        let rank = match block.header.kind {
+            BlockKind::Meta => 0,
+            BlockKind::Shared => 1,
+            BlockKind::Router => 2,
+            BlockKind::Expert => 3,
+        };
+        files.push((rank, block.header.name.clone(), block, payload));
+    }
+    if files.is_empty() {
+        bail!("no .block files in {}", dir.display());
+    }
+    files.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let total: u64 = files
+        .iter()
+        .map(|f| (f.2.encoded_len() + f.3.len()) as u64)
+        .sum();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut hashes = Vec::new();
+    for (_, name, block, payload) in &files {
+        bar.set_message(name.clone());
+        let body = crate::blocks::block_file_bytes(block, payload);
+        post_block(relay, &body).with_context(|| format!("publishing {name} ({})", block.hash))?;
+        bar.inc(body.len() as u64);
+        hashes.push(block.hash);
+    }
+    bar.finish_with_message("published");
+    Ok(hashes)
+}
+
+/// `GET /chain/{A|B}/blocks`.
+pub fn list_chain(relay: &str, chain: ChainId) -> Result<Vec<BlockInfo>> {
+    let c = match chain {
+        ChainId::A => "A",
+        ChainId::B => "B",
+    };
+    get_json(&format!("{}/chain/{c}/blocks", base(relay)))
+}
+
+/// Fetch a block's payload and check it against the (hash-checked) block.
+pub fn fetch_payload(relay: &str, info: &BlockInfo) -> Result<(Block, Vec<u8>)> {
+    let block = info
+        .to_block()
+        .map_err(|e| anyhow!("block {}: {e}", info.hash))?;
+    block.verify_signature()?;
+    let payload = get_bytes(&format!("{}/blocks/{}/payload", base(relay), info.hash))?;
+    check_payload_integrity(&block.header, &payload)
+        .with_context(|| format!("payload of {} ({})", info.name, info.hash))?;
+    Ok((block, payload))
+}
+
+/// The meta block to use: the one given, or the only chain-A head.
+pub fn pick_meta(relay: &str, meta: Option<BlockHash>) -> Result<(Block, MetaPayload, Config)> {
+    let a = list_chain(relay, ChainId::A)?;
+    let info = match meta {
+        Some(h) => a
+            .iter()
+            .find(|i| i.hash == h)
+            .ok_or_else(|| anyhow!("the relay has no meta block {h}"))?,
+        None => {
+            let heads: Vec<&BlockInfo> = a.iter().filter(|i| i.is_head).collect();
+            match heads.as_slice() {
+                [one] => one,
+                [] if a.len() == 1 => &a[0],
+                [] => bail!("the relay lists no chain-A head; pass --meta-hash"),
+                _ => bail!("the relay has {} models; pass --meta-hash", heads.len()),
+            }
+        }
+    };
+    let (block, payload) = fetch_payload(relay, info)?;
+    let (m, cfg) = MetaPayload::parse(&payload)?;
+    Ok((block, m, cfg))
+}
+
+/// Current head of every slot of a model (by meta hash).
+pub fn slot_heads(relay: &str, meta: &BlockHash) -> Result<Vec<BlockInfo>> {
+    Ok(list_chain(relay, ChainId::B)?
+        .into_iter()
+        .filter(|i| i.is_head && i.meta.as_ref() == Some(meta))
+        .collect())
+}
+
+/// Current head of one slot, if any.
+pub fn slot_head(relay: &str, meta: &BlockHash, slot: Slot) -> Result<Option<BlockInfo>> {
+    let name = slot.to_string();
+    Ok(slot_heads(relay, meta)?
+        .into_iter()
+        .find(|i| i.name == name))
+}
+
+/// Write the chain's current heads back as a Hugging Face directory.
+/// Returns the meta hash used.
+pub fn export(relay: &str, meta: Option<BlockHash>, out: &Path) -> Result<BlockHash> {
+    let (meta_block, m, cfg) = pick_meta(relay, meta)?;
+    let heads = slot_heads(relay, &meta_block.hash)?;
+    let mut payloads = Vec::new();
+    for slot in Slot::all(&cfg) {
+        let name = slot.to_string();
+        let info = heads
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| anyhow!("the relay has no head for slot {name}"))?;
+        let (_, payload) = fetch_payload(relay, info)?;
+        payloads.push(payload);
+    }
+    let weights = join_payloads(&payloads)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&m.config)? + "\n",
+    )?;
+    if let Some(t) = &m.tokenizer {
+        std::fs::write(out.join("tokenizer.json"), serde_json::to_string(t)?)?;
+    }
+    std::fs::write(out.join("model.safetensors"), weights)?;
+    Ok(meta_block.hash)
+}
