@@ -515,8 +515,9 @@ async fn upload_binary(
     })
     .await?;
     accept_async(st, move |_| {
+        let mut bytes = bytes;
         let (block, used) = Block::decode_prefix(&bytes)?;
-        let payload = bytes[used..].to_vec();
+        let payload = bytes.split_off(used);
         Ok((block, payload))
     })
     .await
