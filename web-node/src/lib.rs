@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod model;
 pub mod net;
 pub mod store;
+pub mod node;
 pub mod verify;
 
 #[cfg(target_arch = "wasm32")]

@@ -128,6 +128,11 @@ impl Candidate<'_> {
 
 /// Verify every fetched block. Never panics; every problem is a failed report.
 pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
+    verify_chain_dag(fetched).0
+}
+
+/// [`verify_chain`], also returning the DAG of the verified blocks.
+pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
     let mut failed: Vec<(usize, VerifyReport)> = Vec::new();
     let mut pending: Vec<(usize, Candidate<'_>)> = Vec::new();
     for (i, f) in fetched.iter().enumerate() {
@@ -232,11 +237,12 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
     let verified = blocks.len();
     let nfailed = failed.len();
     blocks.extend(failed.into_iter().map(|(_, r)| r));
-    ChainReport {
+    let report = ChainReport {
         blocks,
         verified,
         failed: nfailed,
-    }
+    };
+    (report, dag)
 }
 
 /// Decode, hash and chain checks, and the fetches' own errors.

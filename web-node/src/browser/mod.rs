@@ -1,24 +1,39 @@
 //! wasm-bindgen facade: fetch the chain from the relay that served the page,
-//! hand the bytes to [`crate::verify`], and put the rendered report into the
-//! page. Every rule lives in `verify`/`chain`; this file is fetch and DOM glue.
+//! hand the bytes to [`crate::verify`], put the rendered report into the
+//! page, and wire the chat form to [`crate::node::ChainModel`]. Every rule
+//! lives in `verify`/`chain`/`node`; this file is fetch and DOM glue.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
 use crate::chain::{BlockHash, ChainId};
+use crate::model::sampler::SamplerConfig;
+use crate::model::RunOptions;
+use crate::node::{self, ChainModel};
 use crate::verify::{self, FetchedBlock};
+
+thread_local! {
+    /// The model of the verified chain, once built.
+    static MODEL: RefCell<Option<ChainModel>> = const { RefCell::new(None) };
+}
 
 /// Runs when the module loads.
 #[wasm_bindgen(start)]
 pub fn start() {
     console_error_panic_hook::set_once();
     wasm_bindgen_futures::spawn_local(async {
-        let html = match load_and_verify().await {
-            Ok(html) => html,
-            Err(e) => verify::render_fetch_error(&e),
-        };
-        set_html("app", &html);
+        match load_and_verify().await {
+            Ok(html) => {
+                set_html("app", &html);
+                wire_chat();
+            }
+            Err(e) => set_html("app", &verify::render_fetch_error(&e)),
+        }
     });
 }
 
@@ -31,23 +46,50 @@ fn js_err(v: JsValue) -> String {
         .unwrap_or_else(|| format!("{v:?}"))
 }
 
+fn document() -> Option<web_sys::Document> {
+    web_sys::window().and_then(|w| w.document())
+}
+
+fn element(id: &str) -> Option<web_sys::Element> {
+    document().and_then(|d| d.get_element_by_id(id))
+}
+
 fn set_html(id: &str, html: &str) {
-    if let Some(el) = web_sys::window()
-        .and_then(|w| w.document())
-        .and_then(|d| d.get_element_by_id(id))
-    {
+    if let Some(el) = element(id) {
         el.set_inner_html(html);
     }
 }
 
+fn set_text(id: &str, text: &str) {
+    if let Some(el) = element(id) {
+        el.set_text_content(Some(text));
+    }
+}
+
+fn set_attr(id: &str, name: &str, value: &str) {
+    if let Some(el) = element(id) {
+        let _ = el.set_attribute(name, value);
+    }
+}
+
 fn set_progress(text: &str) {
-    set_html("progress", &verify::escape_html(text));
+    set_text("progress", text);
 }
 
 fn now_ms() -> f64 {
     web_sys::window()
         .and_then(|w| w.performance())
         .map_or(0.0, |p| p.now())
+}
+
+/// Let the browser paint before a long synchronous step.
+async fn next_frame() {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        if let Some(w) = web_sys::window() {
+            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, 0);
+        }
+    });
+    let _ = JsFuture::from(p).await;
 }
 
 /// GET a URL relative to the page; non-2xx answers are errors with the relay's message.
@@ -107,14 +149,110 @@ async fn load_and_verify() -> Result<String, String> {
     }
     let t1 = now_ms();
     set_progress("verifying…");
-    let report = verify::verify_chain(&fetched);
+    next_frame().await;
+    let (report, dag) = verify::verify_chain_dag(&fetched);
     let t2 = now_ms();
-    set_progress(&format!(
+    let timing = format!(
         "fetched {} blocks ({:.1} MiB) in {:.0} ms, verified in {:.0} ms (wasm)",
         listed.len(),
         bytes as f64 / (1024.0 * 1024.0),
         t1 - t0,
         t2 - t1
-    ));
-    Ok(verify::render_html(&report))
+    );
+    let mut html = verify::render_html(&report);
+
+    // Only verified payloads go to the model.
+    let payloads: HashMap<BlockHash, Arc<[u8]>> = fetched
+        .into_iter()
+        .filter(|f| report.get(&f.listed_hash).is_some_and(|r| r.verified()))
+        .filter_map(|f| f.payload.ok().map(|p| (f.listed_hash, Arc::from(p))))
+        .collect();
+    set_progress("loading the model…");
+    next_frame().await;
+    let built = ChainModel::from_verified(&dag, &payloads);
+    html.push_str(&node::render_chat(built.as_ref()));
+    if let Ok(m) = built {
+        MODEL.with(|cell| *cell.borrow_mut() = Some(m));
+    }
+    set_progress(&timing);
+    Ok(html)
+}
+
+fn input_value(id: &str) -> String {
+    element(id)
+        .and_then(|e| {
+            e.dyn_ref::<web_sys::HtmlInputElement>()
+                .map(|i| i.value())
+                .or_else(|| {
+                    e.dyn_ref::<web_sys::HtmlTextAreaElement>()
+                        .map(|t| t.value())
+                })
+        })
+        .unwrap_or_default()
+}
+
+fn wire_chat() {
+    let Some(form) = element("chat-form") else {
+        return;
+    };
+    let on_submit = Closure::<dyn FnMut(web_sys::Event)>::new(move |ev: web_sys::Event| {
+        ev.prevent_default();
+        wasm_bindgen_futures::spawn_local(run_chat());
+    });
+    let _ = form.add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref());
+    // The page lives as long as the form: keep the handler.
+    on_submit.forget();
+}
+
+async fn run_chat() {
+    let prompt = input_value("prompt");
+    let max_tokens = input_value("max-tokens").parse::<usize>().unwrap_or(32);
+    let temperature = input_value("temperature").parse::<f32>().unwrap_or(0.0);
+    let top_k = input_value("top-k").parse::<usize>().ok();
+    set_attr("reply", "data-state", "running");
+    set_text("reply", "");
+    set_text("chat-stats", "generating…");
+    next_frame().await;
+    let t0 = now_ms();
+    let result = MODEL.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let Some(m) = guard.as_mut() else {
+            return Err("no model".to_string());
+        };
+        let sampler = SamplerConfig {
+            temperature,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let opts = RunOptions {
+            top_k,
+            use_moe: true,
+        };
+        m.chat(&prompt, max_tokens, sampler, &opts, |_, _| true)
+            .map_err(|e| e.to_string())
+    });
+    let ms = now_ms() - t0;
+    match result {
+        Ok(g) => {
+            set_text("reply", &g.text);
+            set_attr("reply", "data-tokens", &g.tokens.len().to_string());
+            set_attr("reply", "data-state", "done");
+            set_text(
+                "chat-stats",
+                &format!(
+                    "{} prompt + {} generated tokens in {:.0} ms ({:.1} tokens/s), stop: {:?}",
+                    g.prompt_tokens.len(),
+                    g.tokens.len(),
+                    ms,
+                    g.tokens.len() as f64 * 1000.0 / ms.max(1.0),
+                    g.stop
+                ),
+            );
+        }
+        Err(e) => {
+            set_text("reply", &format!("error: {e}"));
+            set_attr("reply", "data-state", "error");
+            set_text("chat-stats", "");
+        }
+    }
 }
