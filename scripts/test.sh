@@ -60,11 +60,11 @@ else
     if [ ! -d tests/e2e/node_modules/playwright-core ]; then
         skip_e2e "playwright-core is not installed (cd tests/e2e && npm ci)"
     else
-        step "cargo build -p relay"
-        cargo build -p relay
+        step "cargo build -p relay -p miner"
+        cargo build -p relay -p miner
         target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
         step "browser tests: node tests/e2e/verify.mjs"
-        AIBLOCK_RELAY_BIN="$target_dir/debug/relay" AIBLOCK_DIST="$PWD/dist" node tests/e2e/verify.mjs
+        AIBLOCK_RELAY_BIN="$target_dir/debug/relay" AIBLOCK_MINER_BIN="$target_dir/debug/aiblock" AIBLOCK_DIST="$PWD/dist" node tests/e2e/verify.mjs
     fi
 fi
 

@@ -33,6 +33,16 @@ export function relayBin() {
   throw new Error('relay binary not found: build it with `cargo build -p relay` or set AIBLOCK_RELAY_BIN');
 }
 
+/** The miner CLI (`aiblock`), for comparing the page's chat with native inference. */
+export function aiblockBin() {
+  if (process.env.AIBLOCK_MINER_BIN) return process.env.AIBLOCK_MINER_BIN;
+  const target = process.env.CARGO_TARGET_DIR || path.join(REPO, 'target');
+  for (const p of [path.join(target, 'debug', 'aiblock'), path.join(target, 'release', 'aiblock')]) {
+    if (fs.existsSync(p)) return p;
+  }
+  return null;
+}
+
 export function freePort() {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();

@@ -9,12 +9,13 @@
 // no WebGPU adapter).
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 import {
-  CHROMIUM_ARGS, chromiumPath, listChain, openAndReport, startRelay, startTamperProxy,
+  CHROMIUM_ARGS, REPO, aiblockBin, chromiumPath, listChain, openAndReport, startRelay, startTamperProxy,
 } from './lib.mjs';
 
 const results = [];
@@ -76,6 +77,39 @@ try {
     assert.equal(chains('A'), a.length);
     assert.equal(chains('B'), b.length);
     honestRows = r.rows;
+  });
+
+  await test('chat in the page runs the verified model and matches native greedy decoding', async () => {
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    try {
+      await page.goto(`${relay.base}/`);
+      await page.waitForSelector('#summary[data-total]', { timeout: 180_000 });
+      const state = await page.getAttribute('#chat', 'data-state');
+      assert.equal(state, 'ready', `chat not ready: ${await page.textContent('#chat').catch(() => '(no #chat)')}`);
+      const prompt = 'Q: 23+45=? A:';
+      await page.fill('#prompt', prompt);
+      await page.fill('#max-tokens', '16');
+      await page.click('#send');
+      await page.waitForSelector('#reply[data-state="done"], #reply[data-state="error"]', { timeout: 180_000 });
+      const reply = await page.textContent('#reply');
+      const replyState = await page.getAttribute('#reply', 'data-state');
+      console.log(`  page: ${JSON.stringify(prompt)} -> ${JSON.stringify(reply)} | ${await page.textContent('#chat-stats')}`);
+      assert.equal(replyState, 'done', `chat failed: ${reply}`);
+      assert.ok(reply.length > 0, 'empty reply');
+      const bin = aiblockBin();
+      const model = process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
+      if (bin && fs.existsSync(path.join(model, 'config.json'))) {
+        const native = execFileSync(bin, ['chat', '--model', model, '--prompt', prompt, '--max-tokens', '16', '--threads', '1'],
+          { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).replace(/\n$/, '');
+        console.log(`  native aiblock chat: ${JSON.stringify(native)}`);
+        assert.equal(reply, native, 'browser (wasm) and native greedy decoding differ');
+      } else {
+        console.log('  (aiblock binary or models/default missing: no native comparison)');
+      }
+    } finally {
+      await ctx.close();
+    }
   });
 
   await test('WebGPU adapter in headless Chromium', async () => {
