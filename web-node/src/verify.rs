@@ -504,7 +504,13 @@ fn render_grid(report: &ChainReport) -> String {
 /// The whole report: summary, slot grid, then both chains as tables.
 pub fn render_html(report: &ChainReport) -> String {
     let mut s = render_summary(report);
-    s.push_str(&render_grid(report));
+    s.push_str(&render_details(report));
+    s
+}
+
+/// Everything below the summary: slot grid and both chains as tables.
+pub fn render_details(report: &ChainReport) -> String {
+    let mut s = render_grid(report);
     s.push_str(&render_chain(
         report,
         ChainId::A,

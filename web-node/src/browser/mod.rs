@@ -159,7 +159,7 @@ async fn load_and_verify() -> Result<String, String> {
         t1 - t0,
         t2 - t1
     );
-    let mut html = verify::render_html(&report);
+    let mut html = verify::render_summary(&report);
 
     // Only verified payloads go to the model.
     let payloads: HashMap<BlockHash, Arc<[u8]>> = fetched
@@ -171,6 +171,7 @@ async fn load_and_verify() -> Result<String, String> {
     next_frame().await;
     let built = ChainModel::from_verified(&dag, &payloads);
     html.push_str(&node::render_chat(built.as_ref()));
+    html.push_str(&verify::render_details(&report));
     if let Ok(m) = built {
         MODEL.with(|cell| *cell.borrow_mut() = Some(m));
     }
