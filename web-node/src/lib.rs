@@ -11,8 +11,8 @@ pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod net;
-pub mod store;
 pub mod node;
+pub mod store;
 pub mod verify;
 
 #[cfg(target_arch = "wasm32")]
