@@ -23,7 +23,7 @@ use super::{
 };
 
 /// Products with at least this many multiply-adds are split over threads.
-const PAR_MIN_MACS: usize = 1 << 18;
+const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,8 +131,19 @@ fn default_threads() -> usize {
     }
 }
 
-/// Dot product with 16 independent accumulators (vectorises without fast-math).
-#[inline]
+#[inline(always)]
+fn reduce16(acc: &[f32; 16]) -> f32 {
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
+/// Dot product with 16 independent accumulators (vectorises without
+/// fast-math; the result does not depend on the SIMD width).
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -145,16 +156,80 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s8 = [0f32; 8];
-    for i in 0..8 {
-        s8[i] = acc[i] + acc[i + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    let mut s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    let mut s = reduce16(&acc);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
     s
+}
+
+/// One weight row against four input rows (each `w.len()` long, back to
+/// back in `x`): the row is loaded once. Bit-identical to four [`dot`]s.
+#[inline(always)]
+fn dot4(w: &[f32], x: &[f32]) -> [f32; 4] {
+    let n = w.len();
+    let (x0, rest) = x[..4 * n].split_at(n);
+    let (x1, rest) = rest.split_at(n);
+    let (x2, x3) = rest.split_at(n);
+    let mut acc = [[0f32; 16]; 4];
+    let it = w
+        .chunks_exact(16)
+        .zip(x0.chunks_exact(16))
+        .zip(x1.chunks_exact(16))
+        .zip(x2.chunks_exact(16))
+        .zip(x3.chunks_exact(16));
+    for ((((wv, a0), a1), a2), a3) in it {
+        for i in 0..16 {
+            acc[0][i] += wv[i] * a0[i];
+            acc[1][i] += wv[i] * a1[i];
+            acc[2][i] += wv[i] * a2[i];
+            acc[3][i] += wv[i] * a3[i];
+        }
+    }
+    let tail = n - n % 16;
+    let mut out = [0f32; 4];
+    for (k, xs) in [x0, x1, x2, x3].into_iter().enumerate() {
+        let mut s = reduce16(&acc[k]);
+        for (a, b) in w[tail..].iter().zip(&xs[tail..]) {
+            s += a * b;
+        }
+        out[k] = s;
+    }
+    out
+}
+
+/// Run `f` compiled for the best SIMD level of this CPU (AVX2 on x86-64
+/// when present; plain code in wasm).
+#[inline(always)]
+fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        pulp::Arch::new().dispatch(f)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        f()
+    }
+}
+
+/// Rows `o0..` of `w` against the `t` rows of `x`, into `chunk`
+/// (`[rows, t]`, out-major).
+#[inline(always)]
+fn rows_kernel(w: &Mat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
+    let inn = w.cols;
+    for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
+        let o = o0 + r;
+        let wr = &w.data[o * inn..(o + 1) * inn];
+        let mut ti = 0;
+        while ti + 4 <= t {
+            ys[ti..ti + 4].copy_from_slice(&dot4(wr, &x[ti * inn..(ti + 4) * inn]));
+            ti += 4;
+        }
+        while ti < t {
+            ys[ti] = dot(wr, &x[ti * inn..(ti + 1) * inn]);
+            ti += 1;
+        }
+    }
 }
 
 /// `y[t, o] = sum_i w[o, i] * x[t, i]` for `t` rows of `x` (`[t, w.cols]`),
@@ -165,15 +240,7 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
     if out == 0 || t == 0 {
         return yt;
     }
-    let body = |o0: usize, chunk: &mut [f32]| {
-        for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
-            let o = o0 + r;
-            let wr = &w.data[o * inn..(o + 1) * inn];
-            for (ti, y) in ys.iter_mut().enumerate() {
-                *y = dot(wr, &x[ti * inn..(ti + 1) * inn]);
-            }
-        }
-    };
+    let body = |o0: usize, chunk: &mut [f32]| with_simd(|| rows_kernel(w, x, t, o0, chunk));
     let n = if out * inn * t >= PAR_MIN_MACS {
         threads.clamp(1, out)
     } else {
@@ -677,7 +744,14 @@ mod tests {
     #[test]
     fn matmul_matches_naive_on_odd_shapes() {
         let mut rng = crate::model::sampler::SplitMix64::new(3);
-        for &(out, inn, t) in &[(1, 1, 1), (7, 33, 3), (600, 517, 2), (5, 16, 1)] {
+        for &(out, inn, t) in &[
+            (1, 1, 1),
+            (7, 33, 3),
+            (600, 517, 2),
+            (5, 16, 1),
+            (9, 40, 9),
+            (1100, 1000, 5),
+        ] {
             let w = Mat::new(
                 out,
                 inn,
@@ -699,6 +773,25 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn batched_products_equal_one_row_at_a_time_bitwise() {
+        let mut rng = crate::model::sampler::SplitMix64::new(5);
+        let (out, inn, t) = (1030, 1037, 7);
+        let w = Mat::new(
+            out,
+            inn,
+            (0..out * inn).map(|_| rng.uniform_pm1()).collect(),
+        )
+        .unwrap();
+        let x: Vec<f32> = (0..inn * t).map(|_| rng.uniform_pm1()).collect();
+        let all = matmul(&x, t, &w, 1);
+        assert_eq!(all, matmul(&x, t, &w, 3));
+        for ti in 0..t {
+            let one = matmul(&x[ti * inn..(ti + 1) * inn], 1, &w, 1);
+            assert_eq!(one[..], all[ti * out..(ti + 1) * out]);
         }
     }
 
