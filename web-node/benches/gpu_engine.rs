@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
 use web_node::gpu::matvec::{self, Matvec};
-use web_node::gpu::{Engine, EngineOptions, GpuContext};
+use web_node::gpu::{Engine, EngineOptions, GpuContext, WeightFormat};
 use web_node::model::load::ModelDir;
 use web_node::model::random::{small_config, write_random_model};
 use web_node::model::reference::CpuModel;
@@ -152,55 +152,65 @@ fn main() -> anyhow::Result<()> {
         "adapter: {} ({:?}, {:?}), workgroup {}",
         ctx.info.name, ctx.info.backend, ctx.info.device_type, ctx.workgroup_size
     );
-    let mut gpu = Engine::with_options(
-        ctx.clone(),
-        &cfg,
-        &m.shared,
-        &m.routers,
-        Box::new(m.expert_source()?),
-        EngineOptions {
-            max_seq: 1024,
-            max_batch: 64,
-        },
-    )?;
-    // Warm-up: loads every expert the measured run routes to and compiles pipelines.
-    let warm = gpu.generate_greedy(&prompt, n_decode, &opts, |_| {})?;
-    gpu.reset();
-    gpu.reset_stats();
-    let t = Instant::now();
-    let first = gpu.next_token(&prompt, &opts)?;
-    let gpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
-    let prefill_stats = gpu.stats().clone();
-    gpu.reset_stats();
-    let t = Instant::now();
-    let mut gpu_tokens = vec![first];
-    let mut tok = first;
-    for _ in 1..n_decode {
-        tok = gpu.next_token(&[tok], &opts)?;
-        gpu_tokens.push(tok);
+    let mut results = Vec::new();
+    for fmt in [WeightFormat::F32, WeightFormat::F16] {
+        let mut gpu = Engine::with_options(
+            ctx.clone(),
+            &cfg,
+            &m.shared,
+            &m.routers,
+            Box::new(m.expert_source()?),
+            EngineOptions {
+                max_seq: 1024,
+                max_batch: 64,
+                weights: fmt,
+            },
+        )?;
+        // Warm-up: loads every expert the measured run routes to.
+        let warm = gpu.generate_greedy(&prompt, n_decode, &opts, |_| {})?;
+        gpu.reset();
+        gpu.reset_stats();
+        let t = Instant::now();
+        let first = gpu.next_token(&prompt, &opts)?;
+        let gpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
+        let prefill_stats = gpu.stats().clone();
+        gpu.reset_stats();
+        let t = Instant::now();
+        let mut gpu_tokens = vec![first];
+        let mut tok = first;
+        for _ in 1..n_decode {
+            tok = gpu.next_token(&[tok], &opts)?;
+            gpu_tokens.push(tok);
+        }
+        let decode_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
+        let s = gpu.stats().clone();
+        let dispatches = s.dispatches as f64 / s.tokens.max(1) as f64;
+        let bytes = gpu.weight_bytes_per_token(k);
+        println!(
+            "gpu engine {fmt:?}: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens), decode {:.1} tok/s ({:.2} ms/token)",
+            prefill_stats.dispatches,
+            1.0 / decode_s,
+            decode_s * 1e3
+        );
+        println!(
+            "  per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {} experts per layer)",
+            s.submissions as f64 / s.tokens.max(1) as f64,
+            s.readback_bytes / s.tokens.max(1),
+            bytes as f64 / 1e6,
+            cfg.num_local_experts
+        );
+        println!(
+            "  greedy tokens equal to the CPU reference: {} (warm-up run: {}){}",
+            gpu_tokens == cpu_tokens,
+            warm == cpu_tokens,
+            if fmt == WeightFormat::F16 {
+                " (f16 weights may legitimately differ)"
+            } else {
+                ""
+            }
+        );
+        results.push((fmt, decode_s, dispatches, bytes));
     }
-    let decode_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
-    let s = gpu.stats().clone();
-    let dispatches = s.dispatches as f64 / s.tokens.max(1) as f64;
-    let bytes = gpu.weight_bytes_per_token(k);
-    println!(
-        "gpu engine: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens), decode {:.1} tok/s ({:.2} ms/token)",
-        prefill_stats.dispatches,
-        1.0 / decode_s,
-        decode_s * 1e3
-    );
-    println!(
-        "per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {} experts per layer)",
-        s.submissions as f64 / s.tokens.max(1) as f64,
-        s.readback_bytes / s.tokens.max(1),
-        bytes as f64 / 1e6,
-        cfg.num_local_experts
-    );
-    println!(
-        "greedy tokens equal to the CPU reference: {} (warm-up run equal: {})",
-        gpu_tokens == cpu_tokens,
-        warm == cpu_tokens
-    );
 
     // Plain matvec on this adapter: per-dispatch cost and best bandwidth.
     let (tiny, _) = matvec_time(&ctx, 1, 1, 200);
@@ -216,7 +226,6 @@ fn main() -> anyhow::Result<()> {
             best = (bw, r, c);
         }
     }
-    let ideal = bytes as f64 / (best.0 * 1e9);
     println!(
         "best matvec {:.2} GB/s ([{} x {}]); dispatch overhead {:.0} us (1x1 matvec)",
         best.0,
@@ -224,14 +233,17 @@ fn main() -> anyhow::Result<()> {
         best.2,
         tiny * 1e6
     );
-    println!(
-        "implied ideal decode: {:.2} ms/token from bandwidth ({:.1} tok/s); + {dispatches:.0} dispatches x {:.0} us = {:.2} ms/token; measured {:.2} ms/token",
-        ideal * 1e3,
-        1.0 / ideal,
-        tiny * 1e6,
-        (ideal + dispatches * tiny) * 1e3,
-        decode_s * 1e3
-    );
+    for (fmt, decode_s, dispatches, bytes) in results {
+        let ideal = bytes as f64 / (best.0 * 1e9);
+        println!(
+            "{fmt:?}: implied ideal decode {:.2} ms/token from bandwidth ({:.0} tok/s); + {dispatches:.0} dispatches x {:.0} us = {:.2} ms/token; measured {:.2} ms/token",
+            ideal * 1e3,
+            1.0 / ideal,
+            tiny * 1e6,
+            (ideal + dispatches * tiny) * 1e3,
+            decode_s * 1e3
+        );
+    }
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::ctx;
-use web_node::gpu::{Engine, EngineOptions, GpuContext};
+use web_node::gpu::kernel::round_f16;
+use web_node::gpu::{Engine, EngineOptions, GpuContext, WeightFormat};
 use web_node::model::load::ModelDir;
 use web_node::model::random::{tiny_config, write_random_model};
 use web_node::model::reference::CpuModel;
@@ -107,6 +108,7 @@ fn logits_match_cpu_reference_per_position() {
             EngineOptions {
                 max_seq: 256,
                 max_batch: batch,
+                ..Default::default()
             },
         );
         let mut cpu = CpuModel::from_model_dir(&m).unwrap();
@@ -248,6 +250,7 @@ fn bad_requests_are_errors_and_leave_the_cache() {
         EngineOptions {
             max_seq: 8,
             max_batch: 4,
+            ..Default::default()
         },
     );
     gpu.forward(&[1, 2], &opts).unwrap();
@@ -340,4 +343,78 @@ fn reset_replays_identically() {
     assert_eq!(gpu.position(), 0);
     let b = gpu.forward(&prompt(6, 2), &opts).unwrap();
     assert_eq!(a, b);
+}
+
+/// Rounds every expert through f16 (the CPU side of the f16 comparison).
+struct Rounded(web_node::model::load::DirExpertSource);
+impl ExpertSource for Rounded {
+    fn load_expert(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights, ModelError> {
+        let mut w = self.0.load_expert(layer, expert)?;
+        for m in [&mut w.w1, &mut w.w2, &mut w.w3] {
+            m.data = round_f16(&m.data);
+        }
+        Ok(w)
+    }
+}
+
+#[test]
+fn f16_weights_match_cpu_on_the_same_rounded_weights() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(13);
+    let mut gpu = gpu_engine(
+        c,
+        &m,
+        EngineOptions {
+            weights: WeightFormat::F16,
+            ..Default::default()
+        },
+    );
+    // The CPU model gets the same f16-rounded large matrices (norms, router and embedding stay f32).
+    let mut shared = m.shared.clone();
+    for la in &mut shared.layers {
+        for mat in [
+            &mut la.q_proj,
+            &mut la.k_proj,
+            &mut la.v_proj,
+            &mut la.o_proj,
+        ] {
+            mat.data = round_f16(&mat.data);
+        }
+    }
+    let head = shared
+        .lm_head
+        .as_mut()
+        .expect("tiny config has an untied lm_head");
+    head.data = round_f16(&head.data);
+    let mut cpu = CpuModel::new(
+        m.config.clone(),
+        shared,
+        m.routers.clone(),
+        Rounded(m.expert_source().unwrap()),
+    )
+    .unwrap();
+    let opts = RunOptions::default();
+    let p = prompt(9, 4);
+    let g = gpu.forward_all_logits(&p, &opts).unwrap();
+    let r = cpu.forward_all_logits_with(&p, &opts).unwrap();
+    for (i, (a, b)) in g.iter().zip(&r).enumerate() {
+        assert_logits_close(a, b, &format!("f16 position {i}"));
+    }
+    let mut tok = argmax(&g[g.len() - 1]);
+    let mut gen = Vec::new();
+    for _ in 0..32 {
+        gen.push(tok);
+        tok = gpu.next_token(&[tok], &opts).unwrap();
+    }
+    let mut tok = argmax(&r[r.len() - 1]);
+    let mut want = Vec::new();
+    for _ in 0..32 {
+        want.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+    }
+    assert_eq!(gen, want);
+    assert!(
+        gpu.weight_bytes_per_token(2)
+            < gpu_engine(c, &m, EngineOptions::default()).weight_bytes_per_token(2)
+    );
 }

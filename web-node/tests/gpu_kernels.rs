@@ -9,7 +9,10 @@ mod common;
 
 use common::{assert_close, ctx};
 use proptest::prelude::*;
-use web_node::gpu::{add, argmax, attention, embedding, expert, matvec, qkv_rope, rmsnorm, router};
+use web_node::gpu::kernel::round_f16;
+use web_node::gpu::{
+    add, argmax, attention, embedding, expert, matvec, qkv_rope, rmsnorm, router, WeightFormat,
+};
 
 const CASES: u32 = 16;
 
@@ -158,6 +161,45 @@ proptest! {
         let gpu = block(expert::run(c, &experts, inter, hidden, &x, &g, 1e-5, &route)).unwrap();
         let cpu = expert::reference(&experts, inter, hidden, &x, &g, 1e-5, &route);
         assert_close(&gpu, &cpu, 1e-5, "experts");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    /// f16-packed weights (two per u32, unpack2x16float) against the CPU on the
+    /// same f16-rounded weights, odd row counts included (padding).
+    #[test]
+    fn f16_kernels_match_reference(rows in 1usize..90, cols in 1usize..90, n in 1usize..3, half in 1usize..5, ne in 1usize..4, seed: u64) {
+        let Some(c) = ctx() else { return Ok(()) };
+        let f16 = WeightFormat::F16;
+        let w = round_f16(&vals(rows * cols, seed));
+        let x = vals(n * cols, seed ^ 1);
+        let g = vals(cols, seed ^ 2);
+        let y0 = vals(n * rows, seed ^ 3);
+        let gpu = block(matvec::run_format(c, f16, &w, rows, cols, &x, n, Some(&g), 1e-5, Some(&y0))).unwrap();
+        assert_close(&gpu, &matvec::reference(&w, rows, cols, &x, n, Some(&g), 1e-5, Some(&y0)), 1e-5, "matvec f16");
+
+        let s = qkv_rope::QkvShape { hidden: cols, n_heads: 2, n_kv: 1, head_dim: 2 * half, eps: 1e-5 };
+        let (qd, kvd) = (2 * s.head_dim, s.head_dim);
+        let wq = round_f16(&vals(qd * cols, seed ^ 4));
+        let wk = round_f16(&vals(kvd * cols, seed ^ 5));
+        let wv = round_f16(&vals(kvd * cols, seed ^ 6));
+        let table = qkv_rope::rope_table(s.head_dim, 1e4, 2 + n);
+        let (q, k, v) = block(qkv_rope::run_format(c, f16, &s, &wq, &wk, &wv, &x, &g, &table, 2)).unwrap();
+        let (rq, rk, rv) = qkv_rope::reference(&s, &wq, &wk, &wv, &x, &g, &table, 2);
+        assert_close(&q, &rq, 1e-5, "q f16");
+        assert_close(&k, &rk, 1e-5, "k f16");
+        assert_close(&v, &rv, 1e-5, "v f16");
+
+        // Experts: hidden = cols (odd or even), inter = rows.
+        let ws: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..ne as u64)
+            .map(|e| (round_f16(&vals(rows * cols, seed ^ (e * 3 + 10))), round_f16(&vals(rows * cols, seed ^ (e * 3 + 11))), round_f16(&vals(cols * rows, seed ^ (e * 3 + 12)))))
+            .collect();
+        let experts: Vec<expert::ExpertRef> = ws.iter().map(|(a, b, c)| expert::ExpertRef { w1: a, w3: b, w2: c }).collect();
+        let route: Vec<Vec<(u32, f32)>> = (0..n).map(|t| vec![((t + seed as usize) % ne) as u32, ((t + 1 + seed as usize) % ne) as u32].into_iter().take(ne.min(2)).map(|e| (e, 0.5)).collect()).collect();
+        let gpu = block(expert::run_format(c, f16, &experts, rows, cols, &x, &g, 1e-5, &route)).unwrap();
+        assert_close(&gpu, &expert::reference(&experts, rows, cols, &x, &g, 1e-5, &route), 1e-5, "experts f16");
     }
 }
 

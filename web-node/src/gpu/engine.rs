@@ -28,7 +28,7 @@ use super::argmax::{self, Argmax};
 use super::attention::{self, Attention};
 use super::context::{GpuContext, GpuError};
 use super::expert::{self, pack_w13, pack_w2, ExpertDown, ExpertUp};
-use super::kernel::{f32_bytes, transpose, Kernel, Step};
+use super::kernel::{f32_bytes, transpose, Kernel, Step, WeightFormat};
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
 use super::router::Router;
@@ -51,6 +51,9 @@ pub struct EngineOptions {
     /// Most prompt tokens run together in one step (longer prompts are
     /// split into steps of this size).
     pub max_batch: usize,
+    /// Storage of the large matrices (attention, experts, lm_head); the
+    /// router, norms and embedding lookup stay f32.
+    pub weights: WeightFormat,
 }
 
 impl Default for EngineOptions {
@@ -58,6 +61,7 @@ impl Default for EngineOptions {
         Self {
             max_seq: 2048,
             max_batch: 64,
+            weights: WeightFormat::F32,
         }
     }
 }
@@ -230,7 +234,12 @@ impl Engine {
         let eps = cfg.rms_norm_eps as f32;
         let max_seq = opts.max_seq.min(cfg.max_position_embeddings).max(1);
         let max_batch = opts.max_batch.clamp(1, max_seq);
-        let opts = EngineOptions { max_seq, max_batch };
+        let opts = EngineOptions {
+            max_seq,
+            max_batch,
+            weights: opts.weights,
+        };
+        let fmt = opts.weights;
 
         check_mat("model.embed_tokens.weight", &shared.embed_tokens, v, h)?;
         check_vec("model.norm.weight", &shared.norm, h)?;
@@ -277,8 +286,14 @@ impl Engine {
         let max_binding = ctx.max_binding();
         let big: [(&str, u64); 6] = [
             ("embedding table", (v * h * 4) as u64),
-            ("expert w1/w3 of one layer", (ne * 2 * i * h * 4) as u64),
-            ("expert w2 of one layer", (ne * i * h * 4) as u64),
+            (
+                "expert w1/w3 of one layer",
+                (ne * fmt.matrix_bytes(h, 2 * i)) as u64,
+            ),
+            (
+                "expert w2 of one layer",
+                (ne * fmt.matrix_bytes(i, h)) as u64,
+            ),
             ("attention scores", (max_batch * nh * max_seq * 4) as u64),
             ("KV cache of one layer", (max_seq * kvd * 4) as u64),
             ("expert activations", (max_batch * ne * i * 4) as u64),
@@ -295,12 +310,12 @@ impl Engine {
         let c = &*ctx;
         let k = Kernels {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
-            qkv: QkvRope::new(c),
+            qkv: QkvRope::with_format(c, fmt),
             attn: Attention::new(c),
-            mv: Matvec::new(c),
+            mv: Matvec::with_format(c, fmt),
             router: Router::new(c),
-            up: ExpertUp::new(c),
-            down: ExpertDown::new(c),
+            up: ExpertUp::with_format(c, fmt),
+            down: ExpertDown::with_format(c, fmt),
             argmax: Argmax::new(c),
         };
 
@@ -411,8 +426,12 @@ impl Engine {
             f32_bytes(&transpose(v, h, &shared.embed_tokens.data)),
         );
         let head_t = match &shared.lm_head {
-            Some(m) => c.storage_init("lm_head_t", f32_bytes(&transpose(v, h, &m.data))),
-            None => embed_t.clone(),
+            Some(m) => c.storage_init("lm_head_t", &fmt.encode(&transpose(v, h, &m.data), h, v)),
+            None if fmt == WeightFormat::F32 => embed_t.clone(),
+            None => c.storage_init(
+                "lm_head_t",
+                &fmt.encode(&transpose(v, h, &shared.embed_tokens.data), h, v),
+            ),
         };
         let norm = c.storage_init("norm", f32_bytes(&shared.norm));
 
@@ -420,21 +439,20 @@ impl Engine {
         for (l, la) in shared.layers.iter().enumerate() {
             let wqkv = c.storage_init(
                 "wqkv",
-                f32_bytes(&pack_qkv(
-                    &la.q_proj.data,
-                    &la.k_proj.data,
-                    &la.v_proj.data,
+                &fmt.encode(
+                    &pack_qkv(&la.q_proj.data, &la.k_proj.data, &la.v_proj.data, h),
                     h,
-                )),
+                    qd + 2 * kvd,
+                ),
             );
-            let wo = c.storage_init("wo", f32_bytes(&transpose(h, qd, &la.o_proj.data)));
+            let wo = c.storage_init("wo", &fmt.encode(&transpose(h, qd, &la.o_proj.data), qd, h));
             let g_in = c.storage_init("input_norm", f32_bytes(&la.input_layernorm));
             let g_post = c.storage_init("post_norm", f32_bytes(&la.post_attention_layernorm));
             let gate = c.storage_init("gate", f32_bytes(&transpose(ne, h, &routers[l].gate.data)));
             let kc = c.storage_zeroed("k_cache", f(max_seq * kvd));
             let vc = c.storage_zeroed("v_cache", f(max_seq * kvd));
-            let w13 = c.storage_zeroed("w13", f(ne * 2 * i * h));
-            let w2 = c.storage_zeroed("w2", f(ne * i * h));
+            let w13 = c.storage_zeroed("w13", (ne * fmt.matrix_bytes(h, 2 * i)) as u64);
+            let w2 = c.storage_zeroed("w2", (ne * fmt.matrix_bytes(i, h)) as u64);
             layers.push(Layer {
                 bg_qkv: k
                     .qkv
@@ -547,16 +565,17 @@ impl Engine {
         check_expert(&self.cfg, w)?;
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let l = &mut self.layers[layer];
-        let w13 = pack_w13(&w.w1.data, &w.w3.data, i, h);
-        let w2 = pack_w2(&w.w2.data, i, h);
+        let fmt = self.opts.weights;
+        let w13 = fmt.encode(&pack_w13(&w.w1.data, &w.w3.data, i, h), h, 2 * i);
+        let w2 = fmt.encode(&pack_w2(&w.w2.data, i, h), i, h);
         self.ctx
             .queue
-            .write_buffer(&l.w13, (expert * w13.len() * 4) as u64, f32_bytes(&w13));
+            .write_buffer(&l.w13, (expert * w13.len()) as u64, &w13);
         self.ctx
             .queue
-            .write_buffer(&l.w2, (expert * w2.len() * 4) as u64, f32_bytes(&w2));
+            .write_buffer(&l.w2, (expert * w2.len()) as u64, &w2);
         l.resident[expert] = true;
-        self.stats.expert_bytes_uploaded += ((w13.len() + w2.len()) * 4) as u64;
+        self.stats.expert_bytes_uploaded += (w13.len() + w2.len()) as u64;
         Ok(())
     }
 
@@ -577,9 +596,13 @@ impl Engine {
     pub fn weight_bytes_per_token(&self, k: usize) -> u64 {
         let c = &self.cfg;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let attn = h * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * h + 2 * h;
-        let moe = h * c.num_local_experts + k * 3 * h * i;
-        ((c.num_hidden_layers * (attn + moe) + h * v + h + h) * 4) as u64
+        let f = self.opts.weights;
+        let attn = f.matrix_bytes(h, c.q_dim() + 2 * c.kv_dim())
+            + f.matrix_bytes(c.q_dim(), h)
+            + 2 * h * 4;
+        let moe =
+            h * c.num_local_experts * 4 + k * (f.matrix_bytes(h, 2 * i) + f.matrix_bytes(i, h));
+        (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
     /// Dispatches one step of `n` tokens issues (without routing splits).

@@ -6,10 +6,14 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, GpuError};
-use super::kernel::{f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step};
+use super::kernel::{
+    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
+};
 
 pub const SOURCE_UP: &str = include_str!("../../../shaders/expert_up.wgsl");
 pub const SOURCE_DOWN: &str = include_str!("../../../shaders/expert_down.wgsl");
+pub const SOURCE_UP_F16: &str = include_str!("../../../shaders/expert_up_f16.wgsl");
+pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16.wgsl");
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -27,7 +31,15 @@ pub struct ExpertDown(pub Kernel);
 
 impl ExpertUp {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "expert_up", SOURCE_UP, None))
+        Self::with_format(ctx, WeightFormat::F32)
+    }
+
+    /// The variant reading `w13` in `format`.
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::F32 => Self(Kernel::new(ctx, "expert_up", SOURCE_UP, None)),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "expert_up_f16", SOURCE_UP_F16, None)),
+        }
     }
     /// Bindings: step, params, w13, x, g, route, act.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
@@ -51,7 +63,15 @@ impl ExpertUp {
 
 impl ExpertDown {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "expert_down", SOURCE_DOWN, None))
+        Self::with_format(ctx, WeightFormat::F32)
+    }
+
+    /// The variant reading `w2` in `format`.
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::F32 => Self(Kernel::new(ctx, "expert_down", SOURCE_DOWN, None)),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "expert_down_f16", SOURCE_DOWN_F16, None)),
+        }
     }
     /// Bindings: step, params, w2, act, route, x.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 6]) -> wgpu::BindGroup {
@@ -144,6 +164,33 @@ pub async fn run(
     eps: f32,
     route: &[Vec<(u32, f32)>],
 ) -> Result<Vec<f32>, GpuError> {
+    run_format(
+        ctx,
+        WeightFormat::F32,
+        experts,
+        inter,
+        hidden,
+        x,
+        g,
+        eps,
+        route,
+    )
+    .await
+}
+
+/// [`run`] with the expert weights stored in `format`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_format(
+    ctx: &GpuContext,
+    format: WeightFormat,
+    experts: &[ExpertRef<'_>],
+    inter: usize,
+    hidden: usize,
+    x: &[f32],
+    g: &[f32],
+    eps: f32,
+    route: &[Vec<(u32, f32)>],
+) -> Result<Vec<f32>, GpuError> {
     let ne = experts.len();
     let n = x.len() / hidden;
     let k = route.first().map_or(0, |r| r.len());
@@ -156,8 +203,8 @@ pub async fn run(
     {
         return Err(GpuError::Input("expert: bad route".into()));
     }
-    let up = ExpertUp::new(ctx);
-    let down = ExpertDown::new(ctx);
+    let up = ExpertUp::with_format(ctx, format);
+    let down = ExpertDown::with_format(ctx, format);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,
@@ -177,8 +224,8 @@ pub async fn run(
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
     for e in experts {
-        w13.extend(pack_w13(e.w1, e.w3, inter, hidden));
-        w2.extend(pack_w2(e.w2, inter, hidden));
+        w13.extend(format.encode(&pack_w13(e.w1, e.w3, inter, hidden), hidden, 2 * inter));
+        w2.extend(format.encode(&pack_w2(e.w2, inter, hidden), inter, hidden));
     }
     let mut words = vec![0u32; n * ne * 2];
     for (t, r) in route.iter().enumerate() {
@@ -187,8 +234,8 @@ pub async fn run(
             words[(t * ne + s) * 2 + 1] = w.to_bits();
         }
     }
-    let w13b = ctx.storage_init("w13", f32_bytes(&w13));
-    let w2b = ctx.storage_init("w2", f32_bytes(&w2));
+    let w13b = ctx.storage_init("w13", &w13);
+    let w2b = ctx.storage_init("w2", &w2);
     let xb = ctx.storage_init("x", f32_bytes(x));
     let gb = ctx.storage_init("g", f32_bytes(g));
     let rb = ctx.storage_init("route", bytemuck::cast_slice(&words));

@@ -178,3 +178,51 @@ pub fn matvec_ref(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
         })
         .collect()
 }
+
+/// How the large weight matrices are stored on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// f32, exact.
+    #[default]
+    F32,
+    /// f16, two per `u32`, read with WGSL `unpack2x16float` (no `shader-f16`
+    /// needed, so it runs on SwiftShader too): half the bytes per token.
+    F16,
+}
+
+impl WeightFormat {
+    /// Bytes a `[outer][rows]` matrix takes in this format (f16 pads rows to even).
+    pub fn matrix_bytes(self, outer: usize, rows: usize) -> usize {
+        match self {
+            WeightFormat::F32 => outer * rows * 4,
+            WeightFormat::F16 => outer * rows.div_ceil(2) * 4,
+        }
+    }
+
+    /// Encode a `[outer][rows]` matrix (already in kernel layout) in this format.
+    pub fn encode(self, data: &[f32], outer: usize, rows: usize) -> Vec<u8> {
+        match self {
+            WeightFormat::F32 => f32_bytes(data).to_vec(),
+            WeightFormat::F16 => bytemuck::cast_slice(&pack_f16(data, outer, rows)).to_vec(),
+        }
+    }
+}
+
+/// Pack a `[outer][rows]` matrix as f16 pairs per `u32` (low half = even
+/// row), each outer row padded to an even length.
+pub fn pack_f16(data: &[f32], outer: usize, rows: usize) -> Vec<u32> {
+    let rp = rows.div_ceil(2);
+    let mut out = vec![0u32; outer * rp];
+    for o in 0..outer {
+        for r in 0..rows {
+            let bits = u32::from(half::f16::from_f32(data[o * rows + r]).to_bits());
+            out[o * rp + r / 2] |= bits << (16 * (r % 2));
+        }
+    }
+    out
+}
+
+/// Values rounded through f16 (the CPU side of f16 comparisons).
+pub fn round_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+}

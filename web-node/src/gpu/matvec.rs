@@ -4,9 +4,12 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, GpuError};
-use super::kernel::{f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step};
+use super::kernel::{
+    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
+};
 
 pub const SOURCE: &str = include_str!("../../../shaders/matvec.wgsl");
+pub const SOURCE_F16: &str = include_str!("../../../shaders/matvec_f16.wgsl");
 
 /// Accumulate into `y` (residual add).
 pub const ACCUMULATE: u32 = 1;
@@ -29,7 +32,15 @@ pub struct Matvec(pub Kernel);
 
 impl Matvec {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "matvec", SOURCE, None))
+        Self::with_format(ctx, WeightFormat::F32)
+    }
+
+    /// The variant reading `w` in `format` (see [`WeightFormat::encode`]).
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::F32 => Self(Kernel::new(ctx, "matvec", SOURCE, None)),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "matvec_f16", SOURCE_F16, None)),
+        }
     }
 
     /// Bindings: step, params, w (`[cols][rows]`), x (`[n][cols]`), g (`[cols]`), y.
@@ -102,10 +113,27 @@ pub async fn run(
     eps: f32,
     y0: Option<&[f32]>,
 ) -> Result<Vec<f32>, GpuError> {
+    run_format(ctx, WeightFormat::F32, w, rows, cols, x, n, g, eps, y0).await
+}
+
+/// [`run`] with the weights stored in `format`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_format(
+    ctx: &GpuContext,
+    format: WeightFormat,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    g: Option<&[f32]>,
+    eps: f32,
+    y0: Option<&[f32]>,
+) -> Result<Vec<f32>, GpuError> {
     if w.len() != rows * cols || x.len() != n * cols {
         return Err(GpuError::Input("matvec: shape mismatch".into()));
     }
-    let k = Matvec::new(ctx);
+    let k = Matvec::with_format(ctx, format);
     let flags = if g.is_some() { NORM } else { 0 } | if y0.is_some() { ACCUMULATE } else { 0 };
     let p = Params {
         rows: rows as u32,
@@ -123,7 +151,7 @@ pub async fn run(
         },
     );
     let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
-    let wb = ctx.storage_init("w", f32_bytes(&transpose(rows, cols, w)));
+    let wb = ctx.storage_init("w", &format.encode(&transpose(rows, cols, w), cols, rows));
     let xb = ctx.storage_init("x", f32_bytes(x));
     let gb = ctx.storage_init("g", f32_bytes(g.unwrap_or(&[0.0])));
     let yb = match y0 {

@@ -3,9 +3,12 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, GpuError};
-use super::kernel::{f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step};
+use super::kernel::{
+    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
+};
 
 pub const SOURCE: &str = include_str!("../../../shaders/qkv_rope.wgsl");
+pub const SOURCE_F16: &str = include_str!("../../../shaders/qkv_rope_f16.wgsl");
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -34,7 +37,15 @@ pub struct QkvRope(pub Kernel);
 
 impl QkvRope {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "qkv_rope", SOURCE, None))
+        Self::with_format(ctx, WeightFormat::F32)
+    }
+
+    /// The variant reading `w` in `format`.
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::F32 => Self(Kernel::new(ctx, "qkv_rope", SOURCE, None)),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "qkv_rope_f16", SOURCE_F16, None)),
+        }
     }
     /// Bindings: step, params, w, x, g, rope, q, k_cache, v_cache.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 9]) -> wgpu::BindGroup {
@@ -148,13 +159,30 @@ pub async fn run(
     table: &[f32],
     pos0: usize,
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
+    run_format(ctx, WeightFormat::F32, s, wq, wk, wv, x, g, table, pos0).await
+}
+
+/// [`run`] with the weights stored in `format`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_format(
+    ctx: &GpuContext,
+    format: WeightFormat,
+    s: &QkvShape,
+    wq: &[f32],
+    wk: &[f32],
+    wv: &[f32],
+    x: &[f32],
+    g: &[f32],
+    table: &[f32],
+    pos0: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
     let n = x.len() / s.hidden;
     let (qd, kvd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim);
     let max_seq = pos0 + n;
     if table.len() < max_seq * s.head_dim {
         return Err(GpuError::Input("rope table too short".into()));
     }
-    let k = QkvRope::new(ctx);
+    let k = QkvRope::with_format(ctx, format);
     let p = Params {
         hidden: s.hidden as u32,
         n_heads: s.n_heads as u32,
@@ -175,7 +203,10 @@ pub async fn run(
         },
     );
     let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
-    let wb = ctx.storage_init("w", f32_bytes(&pack_qkv(wq, wk, wv, s.hidden)));
+    let wb = ctx.storage_init(
+        "w",
+        &format.encode(&pack_qkv(wq, wk, wv, s.hidden), s.hidden, qd + 2 * kvd),
+    );
     let xb = ctx.storage_init("x", f32_bytes(x));
     let gb = ctx.storage_init("g", f32_bytes(g));
     let rb = ctx.storage_init("rope", f32_bytes(table));

@@ -1,0 +1,48 @@
+// f16 weights: w2 packed two halves per u32, per expert [inter][hidden rounded
+// up to even], read with unpack2x16float. Otherwise as expert_down.wgsl.
+// SwiGLU expert, second half, fused with the weighted sum over the routed
+// experts and the residual add: x[t][i] += sum_slot weight * (w2_e[i] . act[t][slot]).
+// w2 is stored transposed per expert: w2[e][j][i] ([inter][hidden]).
+
+struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, _p0: u32 }
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> s: Step;
+@group(0) @binding(1) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> w2: array<u32>;
+@group(0) @binding(3) var<storage, read> act: array<f32>;
+@group(0) @binding(4) var<storage, read> route: array<u32>;
+@group(0) @binding(5) var<storage, read_write> x: array<f32>;
+
+
+fn wh(i: u32) -> f32 {
+    let v = unpack2x16float(w2[i >> 1u]);
+    return select(v.x, v.y, (i & 1u) == 1u);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let gid = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (gid >= s.n_tok * p.hidden) { return; }
+    let t = gid / p.hidden;
+    let i = gid % p.hidden;
+    let k = min(s.top_k, p.n_experts);
+    let hp = (p.hidden + 1u) & ~1u;
+    var total = 0.0;
+    for (var slot = 0u; slot < k; slot++) {
+        let ri = (t * p.n_experts + slot) * 2u;
+        let e = min(route[ri], p.n_experts - 1u);
+        let wt = bitcast<f32>(route[ri + 1u]);
+        let wb = e * p.inter * hp;
+        let ab = (t * p.n_experts + slot) * p.inter;
+        var acc = 0.0;
+        for (var j = 0u; j < p.inter; j++) {
+            acc += wh(wb + j * hp + i) * act[ab + j];
+        }
+        total += wt * acc;
+    }
+    x[gid] = x[gid] + total;
+}
