@@ -130,9 +130,9 @@ enum Cmd {
         /// With --model: the slot's current head.
         #[arg(long)]
         parent: Option<BlockHash>,
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 100)]
         steps: usize,
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 5e-4)]
         lr: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -167,7 +167,7 @@ enum Cmd {
         aux_coef: f64,
         #[arg(long, default_value_t = 0.05)]
         weight_decay: f64,
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 1000)]
         checkpoint_every: usize,
     },
 }

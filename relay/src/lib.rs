@@ -6,10 +6,12 @@
 //!   (order, headers, heads). Crash-safe; repaired on open.
 //! * [`server`]: `fn app(state) -> Router` with the REST API and static files.
 //! * [`gate`]: the acceptance hook every new version of an existing slot passes.
+//! * [`quality`]: the quality gate (recomputed public-eval loss, rate limit per miner key).
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
 
 pub mod gate;
 pub mod genesis;
+pub mod quality;
 pub mod server;
 pub mod store;
 

@@ -34,6 +34,10 @@ enum Cmd {
         /// Genesis model (Hugging Face dir) used when the chain is empty.
         #[arg(long, default_value = "models/default")]
         model: PathBuf,
+        /// Acceptance gate for new versions of a slot: `quality` recomputes the
+        /// public-eval loss (see relay::quality); `accept-all` only validates.
+        #[arg(long, default_value = "quality", value_parser = ["quality", "accept-all"])]
+        gate: String,
     },
 }
 
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 data,
                 web,
                 model,
+                gate,
             },
     } = Cli::parse();
     let cfg = ServeConfig {
@@ -88,6 +93,12 @@ async fn main() -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || relay::open_relay(&cfg))
         .await?
         .with_context(|| format!("opening the relay data in {}", data.display()))?;
+    let state = if gate == "quality" {
+        state.with_gate(Arc::new(relay::quality::QualityGate::default()))
+    } else {
+        tracing::warn!("quality gate off: every valid block is accepted");
+        state
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

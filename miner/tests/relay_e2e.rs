@@ -1,0 +1,393 @@
+//! The miner CLI against a real relay (the relay library's app on
+//! 127.0.0.1:0) and the committed default model: import/export round trip,
+//! refused mismatched checkpoints, greedy chat from the blocks the relay
+//! stores, and the quality gate (honest improve accepted, lies and worse
+//! versions rejected, heads unchanged).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use relay::server::ServeConfig;
+use relay::AppState;
+use safetensors::SafeTensors;
+use web_node::chain::BlockHash;
+use web_node::eval::{self, Corpus, Skill};
+use web_node::model::load::ModelDir;
+use web_node::model::reference::CpuModel;
+use web_node::net::api::BlockInfo;
+
+fn default_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default")
+}
+
+fn aiblock(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_aiblock"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Relay {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(data: &Path, model: &Path, customize: impl FnOnce(AppState) -> AppState) -> Self {
+        let cfg = ServeConfig {
+            data_dir: data.to_path_buf(),
+            web_dir: None,
+            model_dir: Some(model.to_path_buf()),
+        };
+        let state = customize(relay::open_relay(&cfg).unwrap());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(l.local_addr().unwrap()).unwrap();
+                axum::serve(l, relay::app(Arc::new(state)))
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            url: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn chain(url: &str, c: &str) -> Vec<BlockInfo> {
+    let body = ureq::get(&format!("{url}/chain/{c}/blocks"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+fn heads(url: &str) -> Vec<(String, BlockHash)> {
+    let mut v: Vec<_> = chain(url, "B")
+        .into_iter()
+        .filter(|b| b.is_head)
+        .map(|b| (b.name, b.hash))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every tensor of two safetensors files: same names, dtypes, shapes and bytes.
+fn assert_bit_identical(a: &[u8], b: &[u8]) {
+    let (a, b) = (
+        SafeTensors::deserialize(a).unwrap(),
+        SafeTensors::deserialize(b).unwrap(),
+    );
+    let mut na = a.names();
+    let mut nb = b.names();
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb);
+    for n in na {
+        let (x, y) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+        assert_eq!(x.dtype(), y.dtype(), "{n}");
+        assert_eq!(x.shape(), y.shape(), "{n}");
+        assert!(x.data() == y.data(), "{n}: bytes differ");
+    }
+}
+
+/// A model dir with only config.json and tokenizer.json: the relay's genesis
+/// is then the meta block alone, and the miner imports the weights.
+fn meta_only_model(dir: &Path) -> PathBuf {
+    let m = dir.join("meta-only/aiblock-default");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(default_model().join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+#[test]
+fn import_publish_export_round_trip_and_greedy_chat_from_relay_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let relay = Relay::start(&work.join("data"), &meta_only_model(work), |s| s);
+    let a = chain(&relay.url, "A");
+    assert_eq!(a.len(), 1);
+    let meta = a[0].hash.to_hex();
+    assert!(heads(&relay.url).is_empty());
+
+    ok(&aiblock(&["keygen", "--out", "key"], work));
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    let common = [
+        "--model",
+        model,
+        "--meta-hash",
+        &meta,
+        "--address",
+        "alice",
+        "--key",
+        "key",
+    ];
+
+    // Dry run: lists every block with tensors and shapes, writes nothing.
+    let mut args = vec!["import"];
+    args.extend(common);
+    args.extend(["--relay", &relay.url, "--dry-run", "--out", "dry"]);
+    let out = ok(&aiblock(&args, work));
+    assert!(
+        out.contains("layer3.expert7") && out.contains("model.embed_tokens.weight"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[512, 128]") || out.contains("[128, 128]"),
+        "{out}"
+    );
+    assert!(out.contains("dry run: 37 blocks"), "{out}");
+    assert!(!work.join("dry").exists(), "a dry run writes nothing");
+
+    let mut args = vec!["import"];
+    args.extend(common);
+    args.extend(["--relay", &relay.url, "--out", "blocks"]);
+    ok(&aiblock(&args, work));
+    let out = ok(&aiblock(
+        &["publish", "--relay", &relay.url, "--dir", "blocks"],
+        work,
+    ));
+    assert!(out.contains("published 37 blocks"), "{out}");
+    assert_eq!(heads(&relay.url).len(), 37);
+
+    ok(&aiblock(
+        &["export", "--relay", &relay.url, "--out", "exported"],
+        work,
+    ));
+    let original = std::fs::read(default_model().join("model.safetensors")).unwrap();
+    let exported = std::fs::read(work.join("exported/model.safetensors")).unwrap();
+    assert_bit_identical(&original, &exported);
+
+    // Greedy chat from the model rebuilt out of the relay's blocks answers
+    // held-out arithmetic prompts (never seen in training).
+    let corpus = Corpus::default_corpus();
+    let held: Vec<_> = eval::corpus::of_skill(&corpus.held_out, Skill::Add);
+    let exported_dir = work.join("exported");
+    let mut correct = 0;
+    for ex in held.iter().take(3) {
+        let o = aiblock(
+            &[
+                "chat",
+                "--model",
+                exported_dir.to_str().unwrap(),
+                "--prompt",
+                &ex.prompt,
+                "--max-tokens",
+                "8",
+            ],
+            work,
+        );
+        let text = ok(&o);
+        if text.trim() == ex.answer.trim() {
+            correct += 1;
+        } else {
+            eprintln!("{} -> {text:?} (expected {:?})", ex.prompt, ex.answer);
+        }
+    }
+    assert!(
+        correct >= 2,
+        "greedy chat answered {correct}/3 held-out sums"
+    );
+    // And the exported model scores the committed held-out accuracy on add.
+    let dir = ModelDir::load(&exported_dir).unwrap();
+    let mut m = CpuModel::from_model_dir(&dir).unwrap();
+    let tok = dir.tokenizer.inner().clone();
+    let acc = eval::accuracy(&mut m, &tok, &eval::tokenize(&tok, &held).unwrap()).unwrap();
+    assert!(acc[0].fraction() >= 0.8, "{acc:?}");
+}
+
+#[test]
+fn mismatched_checkpoint_is_refused_in_dry_run_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    ok(&aiblock(&["keygen", "--out", "key"], work));
+    let model = default_model();
+    let meta = ok(&aiblock(
+        &[
+            "genesis",
+            "--model",
+            model.to_str().unwrap(),
+            "--key",
+            "key",
+            "--out",
+            "meta",
+        ],
+        work,
+    ));
+    let meta = meta.trim().to_string();
+    let meta_file = std::fs::read_dir(work.join("meta"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // Another model: same layout, other sizes.
+    let other = work.join("other");
+    web_node::model::random::write_random_model(&other, &web_node::model::random::tiny_config(), 3)
+        .unwrap();
+    for dry in [true, false] {
+        let mut args = vec![
+            "import",
+            "--model",
+            other.to_str().unwrap(),
+            "--meta-hash",
+            &meta,
+            "--address",
+            "bob",
+            "--key",
+            "key",
+            "--meta-file",
+            meta_file.to_str().unwrap(),
+            "--out",
+            "out",
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        let o = aiblock(&args, work);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("does not match the meta config"), "{err}");
+        assert!(err.contains("shape"), "{err}");
+        assert!(!work.join("out").exists(), "nothing written");
+    }
+    // A meta file that is not the --meta-hash is refused too.
+    let o = aiblock(
+        &[
+            "import",
+            "--model",
+            model.to_str().unwrap(),
+            "--meta-hash",
+            &"0".repeat(64),
+            "--address",
+            "bob",
+            "--key",
+            "key",
+            "--meta-file",
+            meta_file.to_str().unwrap(),
+            "--dry-run",
+        ],
+        work,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not the --meta-hash"));
+}
+
+#[test]
+fn quality_gate_accepts_honest_improvements_and_rejects_lies_and_regressions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let relay = Relay::start(&work.join("data"), &default_model(), |s| {
+        s.with_gate(Arc::new(relay::quality::QualityGate::default()))
+    });
+    ok(&aiblock(&["keygen", "--out", "key"], work));
+    let before = heads(&relay.url);
+    assert_eq!(before.len(), 37);
+    let url = relay.url.as_str();
+    let expert = "layer3.expert5";
+    let improve = |extra: &[&str]| {
+        let mut args = vec![
+            "improve", "--relay", url, "--expert", expert, "--skill", "copy", "--key", "key",
+        ];
+        args.extend(extra);
+        aiblock(&args, work)
+    };
+
+    // A lie: the real loss of this version, but it claims far less.
+    let o = improve(&["--steps", "100", "--lr", "5e-4", "--claim", "0.01"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rejected") && err.contains("does not match the recomputed"),
+        "{err}"
+    );
+    assert_eq!(heads(url), before, "a rejected block changes no head");
+
+    // Worse than the incumbent: a destructive learning rate, published anyway
+    // with its honest (higher) loss.
+    let o = improve(&["--lr", "0.5", "--steps", "10", "--force"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not better than the incumbent"), "{err}");
+    assert_eq!(heads(url), before, "a rejected block changes no head");
+
+    // Honest: accepted, the slot's head moves, the public-eval loss drops.
+    let out = ok(&improve(&["--steps", "100", "--lr", "5e-4"]));
+    assert!(out.contains("published"), "{out}");
+    let after = heads(url);
+    let changed: Vec<_> = after
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0.clone())
+        .collect();
+    assert_eq!(changed, vec![expert.to_string()]);
+    let loss_of = |dir: &Path| {
+        let d = ModelDir::load(dir).unwrap();
+        let mut m = CpuModel::from_model_dir(&d).unwrap();
+        eval::public_eval_loss(&mut m, d.tokenizer.inner()).unwrap()
+    };
+    ok(&aiblock(
+        &["export", "--relay", url, "--out", "exported"],
+        work,
+    ));
+    let (old, new) = (loss_of(&default_model()), loss_of(&work.join("exported")));
+    assert!(
+        new < old - relay::quality::MARGIN,
+        "public-eval loss {old} -> {new}"
+    );
+    let info = chain(url, "B")
+        .into_iter()
+        .find(|b| b.is_head && b.name == expert)
+        .unwrap();
+    let claimed = info.candidate_loss.unwrap() as f64;
+    assert!(
+        (claimed - new).abs() <= relay::quality::TOLERANCE,
+        "claimed {claimed}, loss {new}"
+    );
+}
