@@ -141,10 +141,25 @@ fn reduce16(acc: &[f32; 16]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
+/// `a * b + c`, fused when `FMA` (only used where the CPU has FMA).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// Dot product with 16 independent accumulators (vectorises without
 /// fast-math; the result does not depend on the SIMD width).
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_k::<false>(a, b)
+}
+
+#[inline(always)]
+fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let ca = a.chunks_exact(16);
@@ -153,12 +168,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
         }
     }
     let mut s = reduce16(&acc);
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s = madd::<FMA>(*x, *y, s);
     }
     s
 }
@@ -166,7 +181,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// One weight row against four input rows (each `w.len()` long, back to
 /// back in `x`): the row is loaded once. Bit-identical to four [`dot`]s.
 #[inline(always)]
-fn dot4(w: &[f32], x: &[f32]) -> [f32; 4] {
+fn dot4<const FMA: bool>(w: &[f32], x: &[f32]) -> [f32; 4] {
     let n = w.len();
     let (x0, rest) = x[..4 * n].split_at(n);
     let (x1, rest) = rest.split_at(n);
@@ -180,10 +195,10 @@ fn dot4(w: &[f32], x: &[f32]) -> [f32; 4] {
         .zip(x3.chunks_exact(16));
     for ((((wv, a0), a1), a2), a3) in it {
         for i in 0..16 {
-            acc[0][i] += wv[i] * a0[i];
-            acc[1][i] += wv[i] * a1[i];
-            acc[2][i] += wv[i] * a2[i];
-            acc[3][i] += wv[i] * a3[i];
+            acc[0][i] = madd::<FMA>(wv[i], a0[i], acc[0][i]);
+            acc[1][i] = madd::<FMA>(wv[i], a1[i], acc[1][i]);
+            acc[2][i] = madd::<FMA>(wv[i], a2[i], acc[2][i]);
+            acc[3][i] = madd::<FMA>(wv[i], a3[i], acc[3][i]);
         }
     }
     let tail = n - n % 16;
@@ -191,42 +206,81 @@ fn dot4(w: &[f32], x: &[f32]) -> [f32; 4] {
     for (k, xs) in [x0, x1, x2, x3].into_iter().enumerate() {
         let mut s = reduce16(&acc[k]);
         for (a, b) in w[tail..].iter().zip(&xs[tail..]) {
-            s += a * b;
+            s = madd::<FMA>(*a, *b, s);
         }
         out[k] = s;
     }
     out
 }
 
-/// Run `f` compiled for the best SIMD level of this CPU (AVX2 on x86-64
-/// when present; plain code in wasm).
-#[inline(always)]
-fn with_simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        pulp::Arch::new().dispatch(f)
+/// One thread's share of a product: rows `o0..` of `w` into `chunk`.
+struct RowsOp<'a> {
+    w: &'a Mat,
+    x: &'a [f32],
+    t: usize,
+    o0: usize,
+    chunk: &'a mut [f32],
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl pulp::WithSimd for RowsOp<'_> {
+    type Output = ();
+    // Inlined into pulp's `#[target_feature]` entry point, so the loops
+    // below are compiled for the dispatched level (AVX2 + FMA on x86-64
+    // v3); `FMA` is on exactly when that level is.
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        if fma_level() {
+            rows_kernel::<true>(self.w, self.x, self.t, self.o0, self.chunk)
+        } else {
+            rows_kernel::<false>(self.w, self.x, self.t, self.o0, self.chunk)
+        }
     }
-    #[cfg(target_arch = "wasm32")]
+}
+
+/// Whether pulp dispatches to x86-64 v3 (AVX2 + FMA) here. Products then
+/// use fused multiply-adds, so their last bits differ from a CPU without
+/// them (well within the engines' tolerances).
+#[inline(always)]
+fn fma_level() -> bool {
+    #[cfg(target_arch = "x86_64")]
     {
-        f()
+        pulp::x86::V3::try_new().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl RowsOp<'_> {
+    fn run(self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            pulp::Arch::new().dispatch(self)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            rows_kernel::<false>(self.w, self.x, self.t, self.o0, self.chunk)
+        }
     }
 }
 
 /// Rows `o0..` of `w` against the `t` rows of `x`, into `chunk`
 /// (`[rows, t]`, out-major).
 #[inline(always)]
-fn rows_kernel(w: &Mat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
+fn rows_kernel<const FMA: bool>(w: &Mat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
     let inn = w.cols;
     for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
         let o = o0 + r;
         let wr = &w.data[o * inn..(o + 1) * inn];
         let mut ti = 0;
         while ti + 4 <= t {
-            ys[ti..ti + 4].copy_from_slice(&dot4(wr, &x[ti * inn..(ti + 4) * inn]));
+            ys[ti..ti + 4].copy_from_slice(&dot4::<FMA>(wr, &x[ti * inn..(ti + 4) * inn]));
             ti += 4;
         }
         while ti < t {
-            ys[ti] = dot(wr, &x[ti * inn..(ti + 1) * inn]);
+            ys[ti] = dot_k::<FMA>(wr, &x[ti * inn..(ti + 1) * inn]);
             ti += 1;
         }
     }
@@ -240,7 +294,7 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
     if out == 0 || t == 0 {
         return yt;
     }
-    let body = |o0: usize, chunk: &mut [f32]| with_simd(|| rows_kernel(w, x, t, o0, chunk));
+    let body = |o0: usize, chunk: &mut [f32]| RowsOp { w, x, t, o0, chunk }.run();
     let n = if out * inn * t >= PAR_MIN_MACS {
         threads.clamp(1, out)
     } else {
