@@ -112,6 +112,18 @@ pub fn accept_block(
     block: &Block,
     payload: &[u8],
 ) -> Result<BlockInfo, ApiError> {
+    accept_staged(state, dag, block, payload, None)
+}
+
+/// [`accept_block`] for an upload staged in a file (`envelope || payload`),
+/// which the store may move into place.
+fn accept_staged(
+    state: &AppState,
+    dag: &mut Dag,
+    block: &Block,
+    payload: &[u8],
+    staged: Option<&Path>,
+) -> Result<BlockInfo, ApiError> {
     let v = validate_block(block, payload, &*dag)?;
     let h = &block.header;
     if let Some(head) = dag.head(h.meta.as_ref(), &h.name) {
@@ -129,7 +141,11 @@ pub fn accept_block(
             return Err(r.into());
         }
     }
-    state.store.put(block, payload).map_err(store_err)?;
+    match staged {
+        Some(p) => state.store.put_staged(block, payload, p),
+        None => state.store.put(block, payload),
+    }
+    .map_err(store_err)?;
     dag.insert(&v);
     tracing::info!(block = %block.hash, chain = ?h.chain, slot = %h.name, bytes = h.payload_len, "block accepted");
     Ok(BlockInfo::from(block).with_head(true))
@@ -507,20 +523,19 @@ async fn upload_binary(
         .await
         .map_err(|e| ApiError::internal(format!("staging upload: {e}")))?;
     drop(file);
-    let bytes = blocking(move || {
-        let b = std::fs::read(&path)
-            .map_err(|e| ApiError::internal(format!("reading staged upload: {e}")));
-        drop(path); // removes the staged file
-        b
-    })
-    .await?;
-    accept_async(st, move |_| {
-        let mut bytes = bytes;
+    let mut dag = st.dag.clone().write_owned().await;
+    let info = blocking(move || {
+        let mut bytes = std::fs::read(&path)
+            .map_err(|e| ApiError::internal(format!("reading staged upload: {e}")))?;
         let (block, used) = Block::decode_prefix(&bytes)?;
         let payload = bytes.split_off(used);
-        Ok((block, payload))
+        drop(bytes);
+        // The store may move the staged file into place; otherwise dropping
+        // `path` removes it.
+        accept_staged(&st, &mut dag, &block, &payload, Some(&path))
     })
-    .await
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 /// Percent-decode a URL path; None if it is not valid UTF-8 or escapes are broken.

@@ -315,6 +315,49 @@ impl FileStore {
     }
 }
 
+impl FileStore {
+    fn check_new(&self, block: &Block, payload: &[u8]) -> Result<(), StoreError> {
+        if payload.len() as u64 != block.header.payload_len {
+            return Err(StoreError::Corrupt(format!(
+                "payload of {} bytes for a header of {}",
+                payload.len(),
+                block.header.payload_len
+            )));
+        }
+        if self.envelope(&block.hash)?.is_some() {
+            return Err(StoreError::Duplicate(block.hash));
+        }
+        Ok(())
+    }
+
+    /// Index a block whose file is durable: order, envelope and head in one transaction.
+    fn index(&self, block: &Block) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(io)?;
+        {
+            let mut blocks = w.open_table(BLOCKS).map_err(io)?;
+            if blocks.get(block.hash.0.as_slice()).map_err(io)?.is_some() {
+                return Err(StoreError::Duplicate(block.hash));
+            }
+            blocks
+                .insert(block.hash.0.as_slice(), block.encode().as_slice())
+                .map_err(io)?;
+            let mut order = w.open_table(ORDER).map_err(io)?;
+            let next = order
+                .last()
+                .map_err(io)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(0);
+            order.insert(next, block.hash.0.as_slice()).map_err(io)?;
+            let mut heads = w.open_table(HEADS).map_err(io)?;
+            let k = head_key(block.header.meta.as_ref(), &block.header.name);
+            heads
+                .insert(k.as_str(), block.hash.0.as_slice())
+                .map_err(io)?;
+        }
+        w.commit().map_err(io)
+    }
+}
+
 impl BlockStore for FileStore {
     fn get(&self, hash: &BlockHash) -> Result<Option<Block>, StoreError> {
         match self.envelope(hash)? {
@@ -340,40 +383,33 @@ impl BlockStore for FileStore {
     }
 
     fn put(&self, block: &Block, payload: &[u8]) -> Result<(), StoreError> {
-        if payload.len() as u64 != block.header.payload_len {
-            return Err(StoreError::Corrupt(format!(
-                "payload of {} bytes for a header of {}",
-                payload.len(),
-                block.header.payload_len
-            )));
-        }
-        if self.envelope(&block.hash)?.is_some() {
-            return Err(StoreError::Duplicate(block.hash));
-        }
+        self.check_new(block, payload)?;
         self.write_file(block, payload)?;
-        let w = self.db.begin_write().map_err(io)?;
-        {
-            let mut blocks = w.open_table(BLOCKS).map_err(io)?;
-            if blocks.get(block.hash.0.as_slice()).map_err(io)?.is_some() {
-                return Err(StoreError::Duplicate(block.hash));
-            }
-            blocks
-                .insert(block.hash.0.as_slice(), block.encode().as_slice())
-                .map_err(io)?;
-            let mut order = w.open_table(ORDER).map_err(io)?;
-            let next = order
-                .last()
-                .map_err(io)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(0);
-            order.insert(next, block.hash.0.as_slice()).map_err(io)?;
-            let mut heads = w.open_table(HEADS).map_err(io)?;
-            let k = head_key(block.header.meta.as_ref(), &block.header.name);
-            heads
-                .insert(k.as_str(), block.hash.0.as_slice())
-                .map_err(io)?;
+        self.index(block)
+    }
+
+    fn put_staged(&self, block: &Block, payload: &[u8], staged: &Path) -> Result<(), StoreError> {
+        self.check_new(block, payload)?;
+        let expected = block.encoded_len() as u64 + block.header.payload_len;
+        let movable = staged.parent() == Some(self.staging_dir().as_path())
+            && fs::metadata(staged).is_ok_and(|m| m.is_file() && m.len() == expected);
+        if !movable {
+            self.write_file(block, payload)?;
+            return self.index(block);
         }
-        w.commit().map_err(io)
+        // Same filesystem (data/tmp -> data/blocks): fsync, rename, fsync dir.
+        let path = self.block_path(&block.hash);
+        let dir = path
+            .parent()
+            .ok_or_else(|| StoreError::Io("block path has no parent".into()))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(io)?;
+            sync_dir(&self.root.join("blocks"))?;
+        }
+        File::open(staged).and_then(|f| f.sync_all()).map_err(io)?;
+        fs::rename(staged, &path).map_err(io)?;
+        sync_dir(dir)?;
+        self.index(block)
     }
 
     fn list(&self) -> Result<Vec<Block>, StoreError> {

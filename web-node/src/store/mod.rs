@@ -64,6 +64,20 @@ pub trait BlockStore: Send + Sync {
     /// header's `payload_len`.
     fn put(&self, block: &Block, payload: &[u8]) -> Result<(), StoreError>;
 
+    /// [`BlockStore::put`] for a block whose `envelope || payload` the caller
+    /// already holds in a staged file (an upload). A file-backed store may move
+    /// the file into place instead of writing the bytes again; the default
+    /// ignores the file. The file must hold exactly those bytes.
+    fn put_staged(
+        &self,
+        block: &Block,
+        payload: &[u8],
+        staged: &std::path::Path,
+    ) -> Result<(), StoreError> {
+        let _ = staged;
+        self.put(block, payload)
+    }
+
     /// Every stored block in acceptance order (parents before children).
     fn list(&self) -> Result<Vec<Block>, StoreError>;
 
