@@ -339,3 +339,95 @@ pub fn held_out_accuracy(
     let held = tokenize(tok, &corpus.held_out)?;
     accuracy(model, tok, &held)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Puts `logit` on the token that follows the longest matching prefix of
+    /// one known sequence, 0 elsewhere.
+    struct Oracle {
+        seq: Vec<u32>,
+        vocab: usize,
+        logit: f32,
+    }
+
+    impl LogitsModel for Oracle {
+        fn vocab_size(&self) -> usize {
+            self.vocab
+        }
+        fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError> {
+            let mut out = vec![0f32; tokens.len() * self.vocab];
+            for i in 0..tokens.len() {
+                if tokens[..=i] == self.seq[..=i.min(self.seq.len() - 1)] {
+                    if let Some(&next) = self.seq.get(i + 1).filter(|&&n| (n as usize) < self.vocab)
+                    {
+                        out[i * self.vocab + next as usize] = self.logit;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    fn example() -> Tokenized {
+        Tokenized {
+            skill: Skill::Add,
+            prompt: vec![5, 6, 7],
+            answer: vec![3, 4, 1],
+            answer_text: String::new(),
+        }
+    }
+
+    #[test]
+    fn loss_is_mean_cross_entropy_on_answer_tokens() {
+        let ex = example();
+        // Uniform logits: every answer token costs ln(vocab).
+        let mut flat = Oracle {
+            seq: ex.full(),
+            vocab: 10,
+            logit: 0.0,
+        };
+        let l = eval_loss(&mut flat, std::slice::from_ref(&ex)).unwrap();
+        assert!((l - (10f64).ln()).abs() < 1e-9, "{l}");
+        // A confident oracle: loss -> log(1 + 9 e^-20) ~ 0.
+        let mut sure = Oracle {
+            seq: ex.full(),
+            vocab: 10,
+            logit: 20.0,
+        };
+        let l = eval_loss(&mut sure, std::slice::from_ref(&ex)).unwrap();
+        assert!(l < 1e-6, "{l}");
+        // Greedy decoding follows the oracle and stops after EOS (id 1).
+        assert_eq!(greedy(&mut sure, &ex.prompt, 10, 1).unwrap(), vec![3, 4, 1]);
+        assert!(matches!(eval_loss(&mut sure, &[]), Err(EvalError::Empty)));
+    }
+
+    #[test]
+    fn bad_models_get_errors_not_panics() {
+        struct Short;
+        impl LogitsModel for Short {
+            fn vocab_size(&self) -> usize {
+                10
+            }
+            fn logits_all(&mut self, _: &[u32]) -> Result<Vec<f32>, EvalError> {
+                Ok(vec![0.0; 3])
+            }
+        }
+        assert!(matches!(
+            eval_loss(&mut Short, &[example()]),
+            Err(EvalError::Logits { .. })
+        ));
+        let mut big = example();
+        big.answer = vec![99, 1];
+        let mut m = Oracle {
+            seq: big.full(),
+            vocab: 10,
+            logit: 1.0,
+        };
+        assert!(matches!(
+            eval_loss(&mut m, &[big]),
+            Err(EvalError::TokenOutOfRange { id: 99, .. })
+        ));
+    }
+}
