@@ -3,7 +3,7 @@
 //! - [`context`]: device setup apart from the work functions
 //!   ([`GpuContext::new`] async, [`GpuContext::new_blocking`] natively);
 //!   adapter from `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` (/ `WGPU_POWER_PREF`),
-//!   the adapter's own limits, workgroup size `min(64, adapter limit)`
+//!   the adapter's own limits, workgroup size `min(128, adapter limit)`
 //!   (`AIBLOCK_GPU_WG` overrides natively), readback (native `device.poll`,
 //!   browser `map_async` awaited through a oneshot channel).
 //! - one module per kernel in `shaders/`, each with its CPU reference and a
