@@ -93,7 +93,18 @@ fn engine(dir: &ModelDir, device: Device, threads: Option<usize>) -> Result<Box<
             }
             Ok(Box::new(m))
         }
-        Device::Gpu => bail!("the GPU engine is not available in this build yet; use --device cpu"),
+        Device::Gpu => {
+            let ctx = web_node::gpu::context::GpuContext::new_blocking()
+                .map_err(|e| anyhow::anyhow!("no usable GPU adapter ({e}); use --device cpu"))?;
+            let engine = web_node::gpu::engine::Engine::new(
+                std::sync::Arc::new(ctx),
+                &dir.config,
+                &dir.shared,
+                &dir.routers,
+                Box::new(dir.expert_source()?),
+            )?;
+            Ok(Box::new(engine))
+        }
     }
 }
 

@@ -81,3 +81,34 @@ fn chat_generates_deterministically() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn logits_on_the_gpu_match_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_random_model(tmp.path(), &tiny_config(), 23).unwrap();
+    let run = |device: &str| {
+        aiblock()
+            .args(["logits", "--model"])
+            .arg(tmp.path())
+            .args(["--tokens", "0,72,101,108,108,111", "--device", device])
+            .output()
+            .unwrap()
+    };
+    let gpu = run("gpu");
+    if !gpu.status.success() {
+        let err = String::from_utf8_lossy(&gpu.stderr);
+        assert!(err.contains("no usable GPU adapter"), "{err}");
+        eprintln!("SKIPPED: {err}");
+        return;
+    }
+    let cpu: Vec<f32> = serde_json::from_slice(&run("cpu").stdout).unwrap();
+    let gpu: Vec<f32> = serde_json::from_slice(&gpu.stdout).unwrap();
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = cpu
+        .iter()
+        .zip(&gpu)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    assert_eq!(cpu.len(), gpu.len());
+    assert!(err < 1e-4, "relative error {err}");
+}

@@ -5,7 +5,7 @@
 //! (VmHWM of a separate child process per engine, so the numbers do not mix)
 //! and the bytes of expert weights loaded and read per token.
 //!
-//! Model: `$AIBLOCK_BENCH_MODEL`, else `models/default` if present, else a
+//! Model: `$AIBLOCK_BENCH_MODEL` (a directory, or `random`), else `models/default` if present, else a
 //! random model (hidden 256, intermediate 512, vocab 2000, 8 heads, 4 KV heads).
 //! Run: `cargo bench -p web-node --bench cpu_engine` (env `BENCH_PROMPT`,
 //! `BENCH_DECODE`, `BENCH_REPS` change the sizes).
@@ -190,11 +190,12 @@ fn child(engine: &str, dir: &Path) {
 }
 
 fn model_dir() -> (PathBuf, Option<tempfile::TempDir>) {
-    if let Ok(p) = std::env::var("AIBLOCK_BENCH_MODEL") {
-        return (PathBuf::from(p), None);
+    let choice = std::env::var("AIBLOCK_BENCH_MODEL").unwrap_or_default();
+    if !choice.is_empty() && choice != "random" {
+        return (PathBuf::from(choice), None);
     }
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    if default.join("model.safetensors").exists() {
+    if choice.is_empty() && default.join("model.safetensors").exists() {
         return (default, None);
     }
     let tmp = tempfile::tempdir().unwrap();
