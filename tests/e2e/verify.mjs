@@ -112,6 +112,41 @@ try {
     }
   });
 
+  await test('chat on the WebGPU engine in the page matches native greedy decoding', async () => {
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    try {
+      await page.goto(`${relay.base}/`);
+      await page.waitForSelector('#summary[data-total]', { timeout: 180_000 });
+      const hasAdapter = await page.evaluate(async () => !!(navigator.gpu && await navigator.gpu.requestAdapter()));
+      if (!hasAdapter) {
+        assert.notEqual(process.env.AIBLOCK_REQUIRE_GPU, '1', 'AIBLOCK_REQUIRE_GPU=1 but the page has no WebGPU adapter');
+        console.log('  SKIPPED: no WebGPU adapter in this browser');
+        return;
+      }
+      const prompt = 'Q: 17+38=? A:';
+      await page.fill('#prompt', prompt);
+      await page.fill('#max-tokens', '8');
+      await page.selectOption('#device', 'gpu');
+      await page.click('#send');
+      await page.waitForSelector('#reply[data-state="done"], #reply[data-state="error"]', { timeout: 300_000 });
+      const reply = await page.textContent('#reply');
+      console.log(`  page (GPU): ${JSON.stringify(prompt)} -> ${JSON.stringify(reply)} | ${await page.textContent('#chat-stats')}`);
+      assert.equal(await page.getAttribute('#reply', 'data-state'), 'done', `GPU chat failed: ${reply}`);
+      assert.equal(await page.getAttribute('#reply', 'data-engine'), 'gpu');
+      const bin = aiblockBin();
+      const model = process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
+      if (bin && fs.existsSync(path.join(model, 'config.json'))) {
+        const native = execFileSync(bin, ['chat', '--model', model, '--prompt', prompt, '--max-tokens', '8', '--threads', '1'],
+          { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).replace(/\n$/, '');
+        console.log(`  native aiblock chat (CPU): ${JSON.stringify(native)}`);
+        assert.equal(reply, native, 'WebGPU engine in the browser and native CPU greedy decoding differ');
+      }
+    } finally {
+      await ctx.close();
+    }
+  });
+
   await test('WebGPU adapter in headless Chromium', async () => {
     const ctx = await browser.newContext();
     const page = await ctx.newPage();

@@ -40,6 +40,10 @@ pub struct ChainModel {
     pub heads: Vec<(String, BlockHash)>,
     pub tokenizer: Tokenizer,
     pub model: CpuModel,
+    /// The verified payloads the model was built from, for other engines.
+    shared_payload: Arc<[u8]>,
+    router_payloads: Vec<Arc<[u8]>>,
+    experts: MapExpertSource,
 }
 
 impl std::fmt::Debug for ChainModel {
@@ -81,13 +85,16 @@ impl ChainModel {
                 .copied()
                 .ok_or(NodeError::MissingSlot(name))
         };
-        let shared = SharedWeights::from_safetensors(&cfg, &payload(&head(Slot::Shared)?)?)?;
-        let routers = (0..cfg.num_hidden_layers)
-            .map(|layer| {
-                let p = payload(&head(Slot::Router { layer })?)?;
-                Ok(RouterWeights::from_safetensors(&cfg, layer, &p)?)
-            })
+        let shared_payload = payload(&head(Slot::Shared)?)?;
+        let shared = SharedWeights::from_safetensors(&cfg, &shared_payload)?;
+        let router_payloads = (0..cfg.num_hidden_layers)
+            .map(|layer| payload(&head(Slot::Router { layer })?))
             .collect::<Result<Vec<_>, NodeError>>()?;
+        let routers = router_payloads
+            .iter()
+            .enumerate()
+            .map(|(layer, p)| RouterWeights::from_safetensors(&cfg, layer, p))
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let mut source = MapExpertSource::new(cfg.clone());
         for layer in 0..cfg.num_hidden_layers {
             for expert in 0..cfg.num_local_experts {
@@ -98,14 +105,33 @@ impl ChainModel {
                 );
             }
         }
-        let model = CpuModel::new(cfg, shared, routers, source)?;
+        let model = CpuModel::new(cfg, shared, routers, source.clone())?;
         Ok(Self {
             meta: meta.hash,
             name: meta.header.name.clone(),
             heads: heads.into_iter().collect(),
             tokenizer,
             model,
+            shared_payload,
+            router_payloads,
+            experts: source,
         })
+    }
+
+    /// What another engine (the GPU one) needs: config, shared weights,
+    /// routers, and an expert source over the same verified payloads.
+    pub fn engine_parts(
+        &self,
+    ) -> Result<(Config, SharedWeights, Vec<RouterWeights>, MapExpertSource), ModelError> {
+        let cfg = self.model.config().clone();
+        let shared = SharedWeights::from_safetensors(&cfg, &self.shared_payload)?;
+        let routers = self
+            .router_payloads
+            .iter()
+            .enumerate()
+            .map(|(layer, p)| RouterWeights::from_safetensors(&cfg, layer, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((cfg, shared, routers, self.experts.clone()))
     }
 
     /// Generate a reply to `prompt`; `on_token(id, text)` sees each piece.
@@ -152,6 +178,8 @@ pub fn render_chat(model: Result<&ChainModel, &NodeError>) -> String {
                  <label>max tokens <input id=\"max-tokens\" type=\"number\" min=\"1\" max=\"512\" value=\"32\"></label> \
                  <label>temperature <input id=\"temperature\" type=\"number\" min=\"0\" step=\"0.1\" value=\"0\"></label> \
                  <label>experts per token <input id=\"top-k\" type=\"number\" min=\"1\" max=\"{experts}\" value=\"{k}\"></label> \
+                 <label>engine <select id=\"device\"><option value=\"cpu\">CPU (wasm)</option>\
+                 <option value=\"gpu\">GPU (WebGPU, greedy)</option></select></label> \
                  <button id=\"send\" type=\"submit\">Generate</button></form>\
                  <pre id=\"reply\" data-state=\"idle\"></pre><div id=\"chat-stats\" class=\"muted\"></div></section>",
                 name = escape_html(&m.name),
@@ -243,6 +271,22 @@ mod tests {
         let g2 = generate(&mut direct, &tok, "hello", 12, &mut s, &opts, |_, _| true).unwrap();
         assert_eq!(g.tokens, g2.tokens);
         assert!(!g.tokens.is_empty());
+
+        // The parts for other engines rebuild the same model.
+        let (cfg, shared, routers, source) = cm.engine_parts().unwrap();
+        let mut again = CpuModel::new(cfg, shared, routers, source).unwrap();
+        let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+        let g3 = generate(
+            &mut again,
+            &cm.tokenizer,
+            "hello",
+            12,
+            &mut s,
+            &opts,
+            |_, _| true,
+        )
+        .unwrap();
+        assert_eq!(g3.tokens, g.tokens);
     }
 
     #[test]

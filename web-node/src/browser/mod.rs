@@ -12,14 +12,17 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
 use crate::chain::{BlockHash, ChainId};
+use crate::gpu::{Engine, GpuContext};
 use crate::model::sampler::SamplerConfig;
-use crate::model::RunOptions;
+use crate::model::{Forward, RunOptions};
 use crate::node::{self, ChainModel};
 use crate::verify::{self, FetchedBlock};
 
 thread_local! {
     /// The model of the verified chain, once built.
     static MODEL: RefCell<Option<ChainModel>> = const { RefCell::new(None) };
+    /// The WebGPU engine over the same weights, built on first use.
+    static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
 }
 
 /// Runs when the module loads.
@@ -188,8 +191,75 @@ fn input_value(id: &str) -> String {
                     e.dyn_ref::<web_sys::HtmlTextAreaElement>()
                         .map(|t| t.value())
                 })
+                .or_else(|| e.dyn_ref::<web_sys::HtmlSelectElement>().map(|t| t.value()))
         })
         .unwrap_or_default()
+}
+
+/// Greedy generation on the WebGPU engine (built on first use from the
+/// verified payloads). Returns (prompt tokens, generated tokens, text, adapter).
+async fn run_gpu(
+    prompt: &str,
+    max_tokens: usize,
+    opts: &RunOptions,
+) -> Result<(usize, Vec<u32>, String, String), String> {
+    let (ids, eos) = MODEL.with(|cell| {
+        let guard = cell.borrow();
+        let m = guard.as_ref().ok_or("no model")?;
+        let ids = m.tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+        Ok::<_, String>((ids, m.model.config().eos_token_id))
+    })?;
+    if ids.is_empty() {
+        return Err("empty prompt".into());
+    }
+    let mut engine = match ENGINE.with(|c| c.borrow_mut().take()) {
+        Some(e) => e,
+        None => {
+            let (cfg, shared, routers, source) = MODEL.with(|cell| {
+                let guard = cell.borrow();
+                let m = guard.as_ref().ok_or("no model".to_string())?;
+                m.engine_parts().map_err(|e| e.to_string())
+            })?;
+            let ctx = GpuContext::new().await.map_err(|e| e.to_string())?;
+            // The engine's API takes an Arc (shared with native threads); wasm has one thread.
+            #[allow(clippy::arc_with_non_send_sync)]
+            let ctx = Arc::new(ctx);
+            Engine::new(ctx, &cfg, &shared, &routers, Box::new(source))
+                .map_err(|e| e.to_string())?
+        }
+    };
+    let info = &engine.context().info;
+    let adapter = if info.name.is_empty() {
+        format!("{} adapter", info.backend)
+    } else {
+        format!("{}, {}", info.name, info.backend)
+    };
+    let max_seq = engine.options().max_seq;
+    engine.reset();
+    let mut out: Vec<u32> = Vec::new();
+    let mut result = Ok(());
+    let mut feed = ids.clone();
+    while out.len() < max_tokens && ids.len() + out.len() < max_seq {
+        match engine.next_token_async(&feed, opts).await {
+            Ok(t) if Some(t) == eos => break,
+            Ok(t) => {
+                out.push(t);
+                feed = vec![t];
+            }
+            Err(e) => {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+    }
+    ENGINE.with(|c| *c.borrow_mut() = Some(engine));
+    result?;
+    let text = MODEL.with(|cell| {
+        let guard = cell.borrow();
+        let m = guard.as_ref().ok_or("no model".to_string())?;
+        m.tokenizer.decode(&out).map_err(|e| e.to_string())
+    })?;
+    Ok((ids.len(), out, text, adapter))
 }
 
 fn wire_chat() {
@@ -215,6 +285,36 @@ async fn run_chat() {
     set_text("chat-stats", "generating…");
     next_frame().await;
     let t0 = now_ms();
+    if input_value("device") == "gpu" {
+        let opts = RunOptions {
+            top_k,
+            use_moe: true,
+        };
+        let r = run_gpu(&prompt, max_tokens, &opts).await;
+        let ms = now_ms() - t0;
+        match r {
+            Ok((n_prompt, tokens, text, adapter)) => {
+                set_text("reply", &text);
+                set_attr("reply", "data-tokens", &tokens.len().to_string());
+                set_attr("reply", "data-engine", "gpu");
+                set_attr("reply", "data-state", "done");
+                set_text(
+                    "chat-stats",
+                    &format!(
+                        "GPU ({adapter}): {n_prompt} prompt + {} generated tokens in {ms:.0} ms \
+                         (first run includes uploading the weights)",
+                        tokens.len()
+                    ),
+                );
+            }
+            Err(e) => {
+                set_text("reply", &format!("error: {e}"));
+                set_attr("reply", "data-state", "error");
+                set_text("chat-stats", "");
+            }
+        }
+        return;
+    }
     let result = MODEL.with(|cell| {
         let mut guard = cell.borrow_mut();
         let Some(m) = guard.as_mut() else {
@@ -237,6 +337,7 @@ async fn run_chat() {
         Ok(g) => {
             set_text("reply", &g.text);
             set_attr("reply", "data-tokens", &g.tokens.len().to_string());
+            set_attr("reply", "data-engine", "cpu");
             set_attr("reply", "data-state", "done");
             set_text(
                 "chat-stats",
