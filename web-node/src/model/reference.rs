@@ -241,6 +241,7 @@ impl pulp::WithSimd for RowsOp<'_> {
 /// Whether pulp dispatches to x86-64 v3 (AVX2 + FMA) here. Products then
 /// use fused multiply-adds, so their last bits differ from a CPU without
 /// them (well within the engines' tolerances).
+#[cfg(not(target_arch = "wasm32"))]
 #[inline(always)]
 fn fma_level() -> bool {
     #[cfg(target_arch = "x86_64")]
