@@ -174,7 +174,7 @@ pub fn render_chat(model: Result<&ChainModel, &NodeError>) -> String {
                  meta block <span class=\"hash\">{meta}</span>: {layers} layers × {experts} experts, \
                  top-{k}; an expert's weights are decoded the first time the router picks it.</p>\
                  <form id=\"chat-form\"><textarea id=\"prompt\" rows=\"2\" cols=\"60\" \
-                 placeholder=\"Ask the model\"></textarea><br>\
+                 placeholder=\"Q: 38+45=? A:  (the default model answers prompts in this form)\"></textarea><br>\
                  <label>max tokens <input id=\"max-tokens\" type=\"number\" min=\"1\" max=\"512\" value=\"32\"></label> \
                  <label>temperature <input id=\"temperature\" type=\"number\" min=\"0\" step=\"0.1\" value=\"0\"></label> \
                  <label>experts per token <input id=\"top-k\" type=\"number\" min=\"1\" max=\"{experts}\" value=\"{k}\"></label> \

@@ -22,7 +22,7 @@ pub use error::ChainError;
 pub use meta::{MetaPayload, ARCHITECTURE};
 pub use validate::{
     check_context, check_payload_content, check_payload_integrity, check_standalone,
-    validate_block, ChainView, ValidatedBlock,
+    parse_safetensors, payload_dtype_of, validate_block, ChainView, ValidatedBlock,
 };
 
 /// Limits every block must respect; each is checked before anything is stored.

@@ -252,15 +252,11 @@ pub fn check_payload_content(
     Ok(None)
 }
 
-fn check_tensors(
-    slot: Slot,
-    dtype: PayloadDtype,
-    payload: &[u8],
-    cfg: &Config,
-) -> Result<(), ChainError> {
-    let bad = |s: String| ChainError::Tensors(s);
+/// Parse a safetensors payload, refusing a header length past
+/// [`limits::MAX_SAFETENSORS_HEADER`] before anything is read.
+pub fn parse_safetensors(payload: &[u8]) -> Result<SafeTensors<'_>, ChainError> {
     if payload.len() < 8 {
-        return Err(bad(
+        return Err(ChainError::Tensors(
             "payload is not safetensors (shorter than its header length)".into(),
         ));
     }
@@ -274,7 +270,28 @@ fn check_tensors(
             max: limits::MAX_SAFETENSORS_HEADER as u64,
         });
     }
-    let st = SafeTensors::deserialize(payload).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    SafeTensors::deserialize(payload)
+        .map_err(|e| ChainError::Tensors(format!("payload is not safetensors: {e}")))
+}
+
+/// The payload dtype of a safetensors tensor dtype (None: not F32/F16/BF16).
+pub fn payload_dtype_of(d: safetensors::Dtype) -> Option<PayloadDtype> {
+    match d {
+        safetensors::Dtype::F32 => Some(PayloadDtype::F32),
+        safetensors::Dtype::F16 => Some(PayloadDtype::F16),
+        safetensors::Dtype::BF16 => Some(PayloadDtype::BF16),
+        _ => None,
+    }
+}
+
+fn check_tensors(
+    slot: Slot,
+    dtype: PayloadDtype,
+    payload: &[u8],
+    cfg: &Config,
+) -> Result<(), ChainError> {
+    let bad = |s: String| ChainError::Tensors(s);
+    let st = parse_safetensors(payload)?;
     let want_dtype = match dtype {
         PayloadDtype::F32 => safetensors::Dtype::F32,
         PayloadDtype::F16 => safetensors::Dtype::F16,

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use ed25519_dalek::SigningKey;
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 use super::{Config, ModelError, Slot, TensorSpec};
 use crate::chain::{
-    chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, ChainError,
-    ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
+    chunk_hashes, parse_safetensors, payload_dtype_of, payload_root, Block, BlockHash, BlockHeader,
+    BlockKind, ChainError, ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
 };
 
 /// One slot's payload (a safetensors file holding exactly the slot's tensors).
@@ -29,24 +29,7 @@ fn st_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 fn parse(bytes: &[u8]) -> Result<SafeTensors<'_>, ModelError> {
-    if bytes.len() < 8 {
-        return Err(st_err("file shorter than its header length"));
-    }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&bytes[..8]);
-    if u64::from_le_bytes(n) > limits::MAX_SAFETENSORS_HEADER as u64 {
-        return Err(st_err("safetensors header too large"));
-    }
-    SafeTensors::deserialize(bytes).map_err(st_err)
-}
-
-fn payload_dtype(d: Dtype) -> Option<PayloadDtype> {
-    match d {
-        Dtype::F32 => Some(PayloadDtype::F32),
-        Dtype::F16 => Some(PayloadDtype::F16),
-        Dtype::BF16 => Some(PayloadDtype::BF16),
-        _ => None,
-    }
+    parse_safetensors(bytes).map_err(st_err)
 }
 
 /// Split checkpoint shards into per-slot payloads, in [`Slot::all`] order.
@@ -97,7 +80,7 @@ pub fn split_checkpoint(cfg: &Config, shards: &[&[u8]]) -> Result<Vec<SlotPayloa
                     ),
                 });
             }
-            let d = payload_dtype(view.dtype()).ok_or_else(|| ModelError::Tensor {
+            let d = payload_dtype_of(view.dtype()).ok_or_else(|| ModelError::Tensor {
                 name: spec.name.clone(),
                 reason: format!("dtype {:?} is not F32, F16 or BF16", view.dtype()),
             })?;
@@ -216,6 +199,7 @@ impl Signer<'_> {
 mod tests {
     use super::*;
     use crate::chain::{validate_block, Dag};
+    use safetensors::Dtype;
 
     fn cfg() -> Config {
         Config::from_json(

@@ -340,37 +340,15 @@ pub struct SeedUpload {
 /// The dtype of a safetensors payload: every tensor must share it.
 pub fn safetensors_dtype(payload: &[u8]) -> Result<PayloadDtype, ApiError> {
     let bad = |m: String| ApiError::new(codes::INVALID_BLOCK, m);
-    if payload.len() < 8 {
-        return Err(bad(
-            "payload is not safetensors (shorter than its header length)".into(),
-        ));
-    }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&payload[..8]);
-    let n = u64::from_le_bytes(n);
-    if n > limits::MAX_SAFETENSORS_HEADER as u64 {
-        return Err(ApiError::new(
-            codes::TOO_LARGE,
-            format!(
-                "safetensors header is too large: {n} > {}",
-                limits::MAX_SAFETENSORS_HEADER
-            ),
-        ));
-    }
-    let st = safetensors::SafeTensors::deserialize(payload)
-        .map_err(|e| bad(format!("payload is not safetensors: {e}")))?;
+    let st = crate::chain::parse_safetensors(payload).map_err(ApiError::from)?;
     let mut dtype = None;
     for (name, view) in st.tensors() {
-        let d = match view.dtype() {
-            safetensors::Dtype::F32 => PayloadDtype::F32,
-            safetensors::Dtype::F16 => PayloadDtype::F16,
-            safetensors::Dtype::BF16 => PayloadDtype::BF16,
-            other => {
-                return Err(bad(format!(
-                    "tensor {name}: dtype {other:?} is not F32/F16/BF16"
-                )))
-            }
-        };
+        let d = crate::chain::payload_dtype_of(view.dtype()).ok_or_else(|| {
+            bad(format!(
+                "tensor {name}: dtype {:?} is not F32/F16/BF16",
+                view.dtype()
+            ))
+        })?;
         match dtype {
             None => dtype = Some(d),
             Some(x) if x != d => {
