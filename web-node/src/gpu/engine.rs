@@ -611,25 +611,13 @@ impl Engine {
     }
 
     fn check_tokens(&self, tokens: &[u32], opts: &RunOptions) -> Result<usize, ModelError> {
-        let k = opts.experts_per_token(&self.cfg)?;
-        if tokens.is_empty() {
-            return Err(ModelError::Input("no tokens".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token {bad} >= vocab_size {}",
-                self.cfg.vocab_size
-            )));
-        }
-        if self.pos + tokens.len() > self.opts.max_seq {
-            return Err(ModelError::Input(format!(
-                "context full: {} + {} tokens > {} (KV cache capacity)",
-                self.pos,
-                tokens.len(),
-                self.opts.max_seq
-            )));
-        }
-        Ok(k)
+        opts.check_step(
+            &self.cfg,
+            self.pos,
+            tokens,
+            self.opts.max_seq,
+            "KV cache capacity",
+        )
     }
 
     async fn run(

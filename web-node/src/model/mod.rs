@@ -52,6 +52,36 @@ impl RunOptions {
         }
         Ok(k)
     }
+
+    /// Check one forward step of `tokens` at cache position `pos` against
+    /// the config and a cache of `capacity` positions (`what` names that
+    /// limit in the error); returns the experts per token.
+    pub fn check_step(
+        &self,
+        cfg: &Config,
+        pos: usize,
+        tokens: &[u32],
+        capacity: usize,
+        what: &str,
+    ) -> Result<usize, ModelError> {
+        let k = self.experts_per_token(cfg)?;
+        if tokens.is_empty() {
+            return Err(ModelError::Input("no tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token {bad} >= vocab_size {}",
+                cfg.vocab_size
+            )));
+        }
+        if pos + tokens.len() > capacity {
+            return Err(ModelError::Input(format!(
+                "context full: {pos} + {} tokens > {what} {capacity}",
+                tokens.len()
+            )));
+        }
+        Ok(k)
+    }
 }
 
 /// A language model forward pass with a KV cache (CPU reference or GPU engine).

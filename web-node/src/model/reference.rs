@@ -590,24 +590,13 @@ impl CpuModel {
     /// hidden states `[t, hidden]` (before the final norm). On error the
     /// cache is left as it was.
     fn run(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
-        let k = opts.experts_per_token(&self.cfg)?;
-        if tokens.is_empty() {
-            return Err(ModelError::Input("no tokens".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token {bad} >= vocab_size {}",
-                self.cfg.vocab_size
-            )));
-        }
-        if self.pos + tokens.len() > self.cfg.max_position_embeddings {
-            return Err(ModelError::Input(format!(
-                "context full: {} + {} tokens > max_position_embeddings {}",
-                self.pos,
-                tokens.len(),
-                self.cfg.max_position_embeddings
-            )));
-        }
+        let k = opts.check_step(
+            &self.cfg,
+            self.pos,
+            tokens,
+            self.cfg.max_position_embeddings,
+            "max_position_embeddings",
+        )?;
         let r = self.layers(tokens, k, opts.use_moe);
         match &r {
             Ok(_) => {
