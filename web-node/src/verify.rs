@@ -830,34 +830,17 @@ mod tests {
         fetched[6].envelope = Err("HTTP 404".into());
         let r = verify_chain(&fetched);
         assert_eq!(r.failed, 4);
-        assert!(r
-            .get(&fetched[3].listed_hash)
-            .unwrap()
-            .error
-            .as_ref()
-            .unwrap()
-            .contains("malformed"));
-        assert!(r
-            .get(&fetched[4].listed_hash)
-            .unwrap()
-            .error
-            .as_ref()
-            .unwrap()
-            .contains("listed on chain A"));
-        assert!(r
-            .get(&fetched[5].listed_hash)
-            .unwrap()
-            .error
-            .as_ref()
-            .unwrap()
-            .contains("HTTP 500"));
-        assert!(r
-            .get(&fetched[6].listed_hash)
-            .unwrap()
-            .error
-            .as_ref()
-            .unwrap()
-            .contains("HTTP 404"));
+        let error = |i: usize| {
+            r.get(&fetched[i].listed_hash)
+                .unwrap()
+                .error
+                .clone()
+                .unwrap()
+        };
+        assert!(error(3).contains("malformed"));
+        assert!(error(4).contains("listed on chain A"));
+        assert!(error(5).contains("HTTP 500"));
+        assert!(error(6).contains("HTTP 404"));
     }
 
     #[test]
