@@ -16,7 +16,10 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::chain::{validate_block, Block, BlockHash, BlockKind, ChainId, ChainView, Dag};
+use crate::chain::{
+    validate_header, validate_payload, Block, BlockHash, BlockKind, ChainError, ChainId, ChainView,
+    Dag, MetaPayload, ValidatedBlock,
+};
 use crate::net::api::BlockInfo;
 
 /// One block as fetched from a relay: the hash and chain it was listed
@@ -29,10 +32,14 @@ pub struct FetchedBlock {
     pub listed_chain: ChainId,
     /// Whether the relay's listing calls it its slot's head (None: not said).
     pub listed_head: Option<bool>,
-    /// `GET /blocks/{hash}?format=bin`: the block envelope.
+    /// The signed block: `GET /blocks/{hash}?format=bin`, or the envelope
+    /// rebuilt from the listing's header fields and signature
+    /// ([`FetchedBlock::from_listing`]).
     pub envelope: Result<Vec<u8>, String>,
     /// `GET /blocks/{hash}/payload`.
-    pub payload: Result<Vec<u8>, String>,
+    /// None: not fetched; the block is verified from its header alone and
+    /// its payload is checked later, chunk by chunk, when it is needed.
+    pub payload: Option<Result<Vec<u8>, String>>,
 }
 
 /// The verification result of one block, with what its header says.
@@ -59,6 +66,9 @@ pub struct VerifyReport {
     pub relay_head_disagrees: Option<bool>,
     /// Chain-A blocks: `"4 layers × 8 experts, top2"`.
     pub spec: Option<String>,
+    /// Whether the payload was checked too (false: header verified, payload
+    /// not fetched yet).
+    pub payload_verified: bool,
     /// None: verified. Some: why it failed.
     pub error: Option<String>,
 }
@@ -86,7 +96,25 @@ impl VerifyReport {
             head: false,
             relay_head_disagrees: None,
             spec: None,
+            payload_verified: false,
             error: Some(error),
+        }
+    }
+}
+
+impl FetchedBlock {
+    /// A block as a relay listed it (`GET /chain/{A|B}/blocks` carries every
+    /// header field and the signature), with no payload: header-first.
+    pub fn from_listing(info: &BlockInfo, chain: ChainId) -> Self {
+        Self {
+            listed_hash: info.hash,
+            listed_chain: chain,
+            listed_head: Some(info.is_head),
+            envelope: info
+                .to_block()
+                .map(|b| b.encode())
+                .map_err(|e| format!("bad listing entry: {}", e.message)),
+            payload: None,
         }
     }
 }
@@ -112,7 +140,7 @@ impl ChainReport {
 struct Candidate<'a> {
     fetched: &'a FetchedBlock,
     block: Block,
-    payload: &'a [u8],
+    payload: Option<&'a [u8]>,
 }
 
 impl Candidate<'_> {
@@ -158,9 +186,9 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
                 continue;
             }
             progressed = true;
-            match validate_block(&c.block, c.payload, &dag) {
-                Ok(v) => {
-                    let h = &v.block.header;
+            match verify_one(&c, &mut dag) {
+                Ok(meta) => {
+                    let h = &c.block.header;
                     let version = h
                         .parents
                         .iter()
@@ -171,15 +199,14 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
                         .filter_map(|e| versions.get(&e.hash))
                         .max()
                         .map_or(1, |v| v + 1);
-                    versions.insert(v.block.hash, version);
-                    let spec = v.meta.as_ref().map(|(m, _)| {
+                    versions.insert(c.block.hash, version);
+                    let spec = meta.as_ref().map(|m| {
                         format!(
                             "{} layers × {} experts, {}",
                             m.num_layers, m.num_experts, m.routing_strategy
                         )
                     });
-                    dag.insert(&v);
-                    accepted.push((v.block.hash, spec, c.fetched.listed_head));
+                    accepted.push((c.block.hash, spec, c.fetched.listed_head));
                 }
                 Err(e) => {
                     failed_hashes.insert(c.block.hash);
@@ -200,7 +227,7 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
     for (i, c) in pending {
         let error = match c.deps().find(|d| failed_hashes.contains(d)) {
             Some(d) => format!("depends on block {} which failed verification", d.short()),
-            None => match validate_block(&c.block, c.payload, &dag) {
+            None => match validate_header(&c.block, &dag) {
                 Err(e) => e.to_string(),
                 // Unreachable in practice (a missing dependency fails validation).
                 Ok(_) => "its dependencies were not verified".to_string(),
@@ -231,6 +258,7 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
             head,
             relay_head_disagrees: listed_head.filter(|l| *l != head),
             spec,
+            payload_verified: e.payload.is_verified(),
             error: None,
         });
     }
@@ -243,6 +271,28 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
         failed: nfailed,
     };
     (report, dag)
+}
+
+/// Phase one on the header and, when the payload was fetched, phase two;
+/// the block joins the DAG only if all that ran passed. Returns the meta
+/// spec of a chain-A block whose payload was checked.
+fn verify_one(c: &Candidate<'_>, dag: &mut Dag) -> Result<Option<MetaPayload>, ChainError> {
+    let config = validate_header(&c.block, dag)?;
+    match c.payload {
+        None => {
+            dag.insert_header(c.block.hash, c.block.header.clone());
+            Ok(None)
+        }
+        Some(p) => {
+            let meta = validate_payload(&c.block.header, p, config.as_ref())?;
+            let spec = meta.as_ref().map(|(m, _)| m.clone());
+            dag.insert(&ValidatedBlock {
+                block: c.block.clone(),
+                meta,
+            });
+            Ok(spec)
+        }
+    }
 }
 
 /// Decode, hash and chain checks, and the fetches' own errors.
@@ -264,8 +314,9 @@ fn first_checks(f: &FetchedBlock) -> Result<Candidate<'_>, Box<VerifyReport>> {
         return Err(fail(Some(&block), e));
     }
     let payload = match &f.payload {
-        Ok(p) => p.as_slice(),
-        Err(e) => {
+        None => None,
+        Some(Ok(p)) => Some(p.as_slice()),
+        Some(Err(e)) => {
             return Err(fail(
                 Some(&block),
                 format!("fetching the payload failed: {e}"),
@@ -689,7 +740,7 @@ mod tests {
                     listed_chain: b.header.chain,
                     listed_head: None,
                     envelope: Ok(b.encode()),
-                    payload: Ok(p.clone()),
+                    payload: Some(Ok(p.clone())),
                 })
                 .collect()
         }
@@ -765,7 +816,7 @@ mod tests {
             .iter_mut()
             .find(|f| f.listed_hash == target)
             .unwrap();
-        if let Ok(p) = f.payload.as_mut() {
+        if let Some(Ok(p)) = f.payload.as_mut() {
             let last = p.len() - 1;
             p[last] ^= 1;
         }
@@ -778,7 +829,7 @@ mod tests {
             .iter_mut()
             .find(|f| f.listed_hash == target)
             .unwrap();
-        f.payload = Ok(vec![1, 2, 3]);
+        f.payload = Some(Ok(vec![1, 2, 3]));
         let e = status(&verify_chain(&fetched), &target).unwrap();
         assert!(e.contains("payload length mismatch"), "{e}");
     }
@@ -826,7 +877,7 @@ mod tests {
         let mut fetched = c.fetched();
         fetched[3].envelope = Ok(b"not a block".to_vec());
         fetched[4].listed_chain = ChainId::A;
-        fetched[5].payload = Err("HTTP 500".into());
+        fetched[5].payload = Some(Err("HTTP 500".into()));
         fetched[6].envelope = Err("HTTP 404".into());
         let r = verify_chain(&fetched);
         assert_eq!(r.failed, 4);
@@ -858,7 +909,7 @@ mod tests {
         );
         let mut fetched = c.fetched();
         // Break the meta block: every chain-B block depends on it.
-        fetched[0].payload = Ok(b"{}".to_vec());
+        fetched[0].payload = Some(Ok(b"{}".to_vec()));
         let r = verify_chain(&fetched);
         assert_eq!((r.verified, r.failed), (0, c.blocks.len()));
         assert!(status(&r, &e2).unwrap().contains("failed verification"));
@@ -866,7 +917,7 @@ mod tests {
         // Break only the first version: the second one fails, the rest verify.
         let mut fetched = c.fetched();
         let f = fetched.iter_mut().find(|f| f.listed_hash == e).unwrap();
-        f.payload = Ok(vec![0; 8]);
+        f.payload = Some(Ok(vec![0; 8]));
         let r = verify_chain(&fetched);
         assert_eq!(r.failed, 2);
         assert!(status(&r, &e2)
@@ -1005,7 +1056,7 @@ mod tests {
         let c = Chain::genesis();
         let mut fetched = c.fetched();
         let bad = fetched[2].listed_hash;
-        fetched[2].payload = Ok(vec![]);
+        fetched[2].payload = Some(Ok(vec![]));
         let r = verify_chain(&fetched);
         let html = render_html(&r);
         assert!(html.contains(&format!(

@@ -248,10 +248,13 @@ fn rule_chunk_hashes_and_root() {
     assert_eq!(payload_root(&hashes), b.header.payload_root);
     let n = hashes.len() as u64 - 1;
     let start = (n * 4096) as usize;
-    verify_chunk(&hashes, n, &p[start..]).unwrap();
+    verify_chunk(&b.hash, &hashes, n, &p[start..]).unwrap();
     assert_eq!(
-        verify_chunk(&hashes, n, &bad[start..]),
-        Err(ChainError::ChunkHash { index: n })
+        verify_chunk(&b.hash, &hashes, n, &bad[start..]),
+        Err(ChainError::ChunkHash {
+            block: b.hash,
+            index: n
+        })
     );
 }
 

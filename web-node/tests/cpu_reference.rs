@@ -575,11 +575,16 @@ struct Eosy {
     pos: usize,
 }
 impl Forward for Eosy {
-    fn forward(&mut self, tokens: &[u32], _: &RunOptions) -> Result<Vec<f32>, ModelError> {
+    fn run(
+        &mut self,
+        tokens: &[u32],
+        _: &RunOptions,
+        _: web_node::model::Want,
+    ) -> Result<web_node::model::Output, ModelError> {
         self.pos += tokens.len();
         let mut l = vec![0.0; self.cfg.vocab_size];
         l[if self.pos >= 5 { 1 } else { 70 }] = 10.0;
-        Ok(l)
+        Ok(web_node::model::Output::Logits(l))
     }
     fn reset(&mut self) {
         self.pos = 0;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{limits, ChainError};
+use crate::spec::Slot;
 
 /// First bytes of every encoded block.
 pub const BLOCK_MAGIC: &[u8; 4] = b"AIBK";
@@ -139,6 +140,21 @@ impl BlockKind {
             Self::Meta => ChainId::A,
             _ => ChainId::B,
         }
+    }
+
+    /// The kind of block that holds a chain-B slot (the one mapping).
+    pub fn of_slot(slot: Slot) -> Self {
+        match slot {
+            Slot::Shared => Self::Shared,
+            Slot::Router { .. } => Self::Router,
+            Slot::Expert { .. } => Self::Expert,
+        }
+    }
+}
+
+impl From<Slot> for BlockKind {
+    fn from(slot: Slot) -> Self {
+        Self::of_slot(slot)
     }
 }
 

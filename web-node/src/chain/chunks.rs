@@ -34,14 +34,26 @@ pub fn payload_root(hashes: &[BlockHash]) -> BlockHash {
     BlockHash(h.finalize().into())
 }
 
-/// Check one chunk against a chunk list (already checked against the root).
-pub fn verify_chunk(hashes: &[BlockHash], index: u64, bytes: &[u8]) -> Result<(), ChainError> {
+/// Check chunk `index` of `block` against its chunk list (already checked
+/// against the root).
+pub fn verify_chunk(
+    block: &BlockHash,
+    hashes: &[BlockHash],
+    index: u64,
+    bytes: &[u8],
+) -> Result<(), ChainError> {
     let expected = usize::try_from(index)
         .ok()
         .and_then(|i| hashes.get(i))
-        .ok_or(ChainError::ChunkHash { index })?;
+        .ok_or_else(|| ChainError::ChunkList {
+            block: *block,
+            reason: format!("chunk index {index} past the {} chunks", hashes.len()),
+        })?;
     if BlockHash::of(bytes) != *expected {
-        return Err(ChainError::ChunkHash { index });
+        return Err(ChainError::ChunkHash {
+            block: *block,
+            index,
+        });
     }
     Ok(())
 }
@@ -117,16 +129,17 @@ mod tests {
         let p: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let hs = chunk_hashes(&p, 4096);
         assert_eq!(hs.len(), 3);
-        verify_chunk(&hs, 2, &p[8192..]).unwrap();
+        let b = BlockHash::of(b"block");
+        verify_chunk(&b, &hs, 2, &p[8192..]).unwrap();
         assert_eq!(
-            verify_chunk(&hs, 1, &p[8192..]),
-            Err(ChainError::ChunkHash { index: 1 })
+            verify_chunk(&b, &hs, 1, &p[8192..]),
+            Err(ChainError::ChunkHash { block: b, index: 1 })
         );
-        assert_eq!(
-            verify_chunk(&hs, 3, &p[8192..]),
-            Err(ChainError::ChunkHash { index: 3 })
-        );
-        assert!(verify_chunk(&hs, u64::MAX, &[]).is_err());
+        assert!(matches!(
+            verify_chunk(&b, &hs, 3, &p[8192..]),
+            Err(ChainError::ChunkList { .. })
+        ));
+        assert!(verify_chunk(&b, &hs, u64::MAX, &[]).is_err());
     }
 
     proptest! {

@@ -2,16 +2,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{BlockHash, BlockHeader, ChainId, ChainView, ValidatedBlock};
-use crate::model::Config;
+use super::{BlockHash, BlockHeader, ChainId, ChainView, PayloadStatus, ValidatedBlock};
+use crate::spec::Config;
 
-/// One block known to the DAG.
+/// One block known to the DAG: its header passed every header rule; its
+/// payload is absent, partial or verified.
 #[derive(Debug, Clone)]
 pub struct DagEntry {
     pub hash: BlockHash,
     pub header: BlockHeader,
-    /// Chain-A blocks: the parsed config.
+    /// Chain-A blocks whose payload is verified: the parsed config.
     pub config: Option<Config>,
+    pub payload: PayloadStatus,
 }
 
 /// Headers by hash, heads per slot, and blocks in the order they were
@@ -28,14 +30,31 @@ impl Dag {
         Self::default()
     }
 
-    /// Add a validated block; it becomes its slot's head.
+    /// Add a block that passed both phases; it becomes its slot's head.
     pub fn insert(&mut self, v: &ValidatedBlock) {
         let config = v.meta.as_ref().map(|(_, c)| c.clone());
         self.insert_trusted(v.block.hash, v.block.header.clone(), config);
     }
 
+    /// Add a block whose header passed [`super::validate_header`]; its
+    /// payload is absent until [`Dag::set_payload`] says otherwise. It
+    /// becomes its slot's head.
+    pub fn insert_header(&mut self, hash: BlockHash, header: BlockHeader) {
+        self.insert_entry(hash, header, None, PayloadStatus::Absent);
+    }
+
     /// Add a block read back from this node's own store (validated when it was stored).
     pub fn insert_trusted(&mut self, hash: BlockHash, header: BlockHeader, config: Option<Config>) {
+        self.insert_entry(hash, header, config, PayloadStatus::Verified);
+    }
+
+    fn insert_entry(
+        &mut self,
+        hash: BlockHash,
+        header: BlockHeader,
+        config: Option<Config>,
+        payload: PayloadStatus,
+    ) {
         if self.entries.contains_key(&hash) {
             return;
         }
@@ -47,8 +66,21 @@ impl Dag {
                 hash,
                 header,
                 config,
+                payload,
             },
         );
+    }
+
+    /// Record where a block's payload stands; a verified chain-A payload
+    /// brings its config (which its chain-B blocks are checked against).
+    /// Unknown hashes are ignored.
+    pub fn set_payload(&mut self, hash: &BlockHash, status: PayloadStatus, config: Option<Config>) {
+        if let Some(e) = self.entries.get_mut(hash) {
+            if config.is_some() {
+                e.config = config;
+            }
+            e.payload = status;
+        }
     }
 
     /// Set a slot's head explicitly (a store that keeps heads apart from blocks).

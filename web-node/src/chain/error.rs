@@ -24,8 +24,15 @@ pub enum ChainError {
     #[error("payload length mismatch: header says {header} bytes, got {actual}")]
     PayloadLength { header: u64, actual: u64 },
     /// A chunk does not hash to its entry in the chunk list.
-    #[error("chunk {index} does not match its hash")]
-    ChunkHash { index: u64 },
+    #[error("chunk {index} of block {block} does not match its hash")]
+    ChunkHash { block: BlockHash, index: u64 },
+    /// A chunk list of the wrong length, or a chunk index past its end.
+    #[error("block {block}: {reason}")]
+    ChunkList { block: BlockHash, reason: String },
+    /// The payload a rule needs has not been verified yet (chain A: the
+    /// meta payload gives the config every chain-B block is checked against).
+    #[error("the payload of block {0} is not verified yet")]
+    PayloadMissing(BlockHash),
     /// The chunk list does not hash to the header's payload root.
     #[error("payload root mismatch: chunk list hashes to {actual}, header says {expected}")]
     PayloadRoot {

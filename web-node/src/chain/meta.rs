@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ChainError;
-use crate::model::Config;
+use crate::spec::Config;
 
 /// The only architecture this chain carries.
 pub const ARCHITECTURE: &str = "mixture-of-experts";

@@ -6,23 +6,28 @@
 //! obey has its own [`ChainError`] variant.
 
 mod block;
+mod build;
 mod chunks;
 mod dag;
 mod error;
 mod meta;
+mod payload;
 mod validate;
 
 pub use block::{
     Block, BlockHash, BlockHeader, BlockKind, ChainId, PayloadDtype, BLOCK_MAGIC, HEADER_VERSION,
     SIGNING_DOMAIN,
 };
+pub use build::{now_ms, BlockBuilder};
 pub use chunks::{chunk_count, chunk_hashes, payload_root, verify_chunk, ChunkHasher};
 pub use dag::{Dag, DagEntry};
 pub use error::ChainError;
 pub use meta::{MetaPayload, ARCHITECTURE};
+pub use payload::{PayloadAssembler, PayloadStatus, VerifiedPayload};
 pub use validate::{
     check_context, check_payload_content, check_payload_integrity, check_standalone,
-    parse_safetensors, payload_dtype_of, validate_block, ChainView, ValidatedBlock,
+    check_tensor_header, parse_safetensors, payload_dtype_of, validate_block, validate_header,
+    validate_payload, ChainView, ValidatedBlock,
 };
 
 /// Limits every block must respect; each is checked before anything is stored.

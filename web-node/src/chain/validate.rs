@@ -11,7 +11,7 @@ use super::{
     chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, ChainError,
     ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
 };
-use crate::model::{Config, Slot};
+use crate::spec::{Config, Slot};
 
 /// What validation needs to know about the chain a block joins.
 pub trait ChainView {
@@ -143,7 +143,7 @@ pub fn check_context(block: &Block, view: &impl ChainView) -> Result<Option<Conf
             if mh.chain != ChainId::A || mh.kind != BlockKind::Meta {
                 return Err(ChainError::MetaNotChainA(*m));
             }
-            Some(view.config(m).ok_or(ChainError::UnknownMeta(*m))?)
+            Some(view.config(m).ok_or(ChainError::PayloadMissing(*m))?)
         }
     };
     let mut seen = HashSet::new();
@@ -247,29 +247,14 @@ pub fn check_payload_content(
         return Ok(Some((m, cfg)));
     }
     let cfg = config.ok_or_else(|| ChainError::MetaLink("no config for a chain-B block".into()))?;
-    let slot = Slot::parse(&header.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
-    check_tensors(slot, header.dtype, payload, cfg)?;
+    check_tensor_header(header, payload, cfg)?;
     Ok(None)
 }
 
 /// Parse a safetensors payload, refusing a header length past
 /// [`limits::MAX_SAFETENSORS_HEADER`] before anything is read.
 pub fn parse_safetensors(payload: &[u8]) -> Result<SafeTensors<'_>, ChainError> {
-    if payload.len() < 8 {
-        return Err(ChainError::Tensors(
-            "payload is not safetensors (shorter than its header length)".into(),
-        ));
-    }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&payload[..8]);
-    let n = u64::from_le_bytes(n);
-    if n > limits::MAX_SAFETENSORS_HEADER as u64 {
-        return Err(ChainError::TooLarge {
-            what: "safetensors header",
-            len: n,
-            max: limits::MAX_SAFETENSORS_HEADER as u64,
-        });
-    }
+    safetensors_header_len(payload)?;
     SafeTensors::deserialize(payload)
         .map_err(|e| ChainError::Tensors(format!("payload is not safetensors: {e}")))
 }
@@ -284,29 +269,49 @@ pub fn payload_dtype_of(d: safetensors::Dtype) -> Option<PayloadDtype> {
     }
 }
 
-fn check_tensors(
-    slot: Slot,
-    dtype: PayloadDtype,
-    payload: &[u8],
+/// Check a chain-B payload's tensors from its safetensors header alone:
+/// exactly the names and shapes the config implies for the slot, the
+/// header's dtype, and data that exactly fills `header.payload_len`.
+/// `payload_prefix` is the start of the payload (the whole payload will do);
+/// it must hold the 8-byte length and the JSON header. Nothing past the
+/// header is read, so a streaming upload or a node that holds only the
+/// first chunk can run it. The one tensor rule, used by every phase-2 check.
+pub fn check_tensor_header(
+    header: &BlockHeader,
+    payload_prefix: &[u8],
     cfg: &Config,
 ) -> Result<(), ChainError> {
     let bad = |s: String| ChainError::Tensors(s);
-    let st = parse_safetensors(payload)?;
-    let want_dtype = match dtype {
+    let slot = Slot::parse(&header.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
+    let want_dtype = match header.dtype {
         PayloadDtype::F32 => safetensors::Dtype::F32,
         PayloadDtype::F16 => safetensors::Dtype::F16,
         PayloadDtype::BF16 => safetensors::Dtype::BF16,
         PayloadDtype::Json => return Err(bad("JSON payload for a parameter block".into())),
     };
+    let n = safetensors_header_len(payload_prefix)?;
+    let end = 8usize
+        .checked_add(n)
+        .filter(|&e| e <= payload_prefix.len() && (e as u64) <= header.payload_len)
+        .ok_or_else(|| {
+            bad(format!(
+                "payload is not safetensors: header of {n} bytes does not fit the payload"
+            ))
+        })?;
+    let json = std::str::from_utf8(&payload_prefix[8..end])
+        .map_err(|_| bad("payload is not safetensors: header is not UTF-8".into()))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_str(json).map_err(|e| bad(format!("payload is not safetensors: {e}")))?;
+    let got = meta.tensors();
     let expected = slot.tensors(cfg);
-    let got = st.tensors();
     if got.len() != expected.len() {
         let names: HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
-        let extra: Vec<_> = got
-            .iter()
-            .map(|(n, _)| n.as_str())
+        let mut extra: Vec<&str> = got
+            .keys()
+            .map(String::as_str)
             .filter(|n| !names.contains(n))
             .collect();
+        extra.sort_unstable();
         return Err(bad(format!(
             "slot {slot} needs {} tensors, payload has {} (unexpected: {:?})",
             expected.len(),
@@ -315,40 +320,107 @@ fn check_tensors(
         )));
     }
     for spec in &expected {
-        let view = st
-            .tensor(&spec.name)
-            .map_err(|_| bad(format!("missing tensor {}", spec.name)))?;
-        if view.shape() != spec.shape.as_slice() {
+        let info = got
+            .get(&spec.name)
+            .ok_or_else(|| bad(format!("missing tensor {}", spec.name)))?;
+        if info.shape != spec.shape {
             return Err(bad(format!(
                 "{}: shape {:?}, config implies {:?}",
-                spec.name,
-                view.shape(),
-                spec.shape
+                spec.name, info.shape, spec.shape
             )));
         }
-        if view.dtype() != want_dtype {
+        if info.dtype != want_dtype {
             return Err(bad(format!(
                 "{}: dtype {:?}, header says {}",
                 spec.name,
-                view.dtype(),
-                dtype.as_str()
+                info.dtype,
+                header.dtype.as_str()
             )));
         }
+    }
+    // The data must be laid out back to back and fill the payload exactly.
+    let mut spans: Vec<(usize, usize, &str)> = got
+        .iter()
+        .map(|(name, i)| (i.data_offsets.0, i.data_offsets.1, name.as_str()))
+        .collect();
+    spans.sort_unstable();
+    let mut at = 0usize;
+    for (s, e, name) in spans {
+        let want = got
+            .get(name)
+            .and_then(|i| {
+                i.shape
+                    .iter()
+                    .try_fold(i.dtype.size(), |a, &d| a.checked_mul(d))
+            })
+            .ok_or_else(|| bad(format!("{name}: size overflows")))?;
+        if s != at || e < s || e - s != want {
+            return Err(bad(format!(
+                "{name}: data offsets {s}..{e} are not the next {want} bytes at {at}"
+            )));
+        }
+        at = e;
+    }
+    if (end as u64).checked_add(at as u64) != Some(header.payload_len) {
+        return Err(bad(format!(
+            "tensors fill {} bytes after a {end}-byte header, payload has {}",
+            at, header.payload_len
+        )));
     }
     Ok(())
 }
 
-/// Every rule, cheapest first. Nothing is stored here: the caller inserts the
-/// returned block only on `Ok`.
+/// The safetensors header length at the start of a payload, refused past
+/// [`limits::MAX_SAFETENSORS_HEADER`] before anything else is read.
+fn safetensors_header_len(payload: &[u8]) -> Result<usize, ChainError> {
+    let Some(first) = payload.get(..8) else {
+        return Err(ChainError::Tensors(
+            "payload is not safetensors (shorter than its header length)".into(),
+        ));
+    };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(first);
+    let n = u64::from_le_bytes(n);
+    if n > limits::MAX_SAFETENSORS_HEADER as u64 {
+        return Err(ChainError::TooLarge {
+            what: "safetensors header",
+            len: n,
+            max: limits::MAX_SAFETENSORS_HEADER as u64,
+        });
+    }
+    Ok(n as usize)
+}
+
+/// Phase one: every rule that needs no payload (version, fields, limits,
+/// chain/kind, slot name, signature, duplicate, meta link, parents, cycles,
+/// slot in spec, slot head). Returns the config a chain-B block's payload
+/// must conform to. A node runs it on the whole chain from headers; the
+/// relay runs it before it reads an upload's payload.
+pub fn validate_header(block: &Block, view: &impl ChainView) -> Result<Option<Config>, ChainError> {
+    check_standalone(block)?;
+    check_context(block, view)
+}
+
+/// Phase two: the payload of a header-verified block (length, chunk root,
+/// content). Chain A returns its parsed spec and config.
+pub fn validate_payload(
+    header: &BlockHeader,
+    payload: &[u8],
+    config: Option<&Config>,
+) -> Result<Option<(MetaPayload, Config)>, ChainError> {
+    check_payload_integrity(header, payload)?;
+    check_payload_content(header, payload, config)
+}
+
+/// Both phases. Nothing is stored here: the caller inserts the returned
+/// block only on `Ok`.
 pub fn validate_block(
     block: &Block,
     payload: &[u8],
     view: &impl ChainView,
 ) -> Result<ValidatedBlock, ChainError> {
-    check_standalone(block)?;
-    let config = check_context(block, view)?;
-    check_payload_integrity(&block.header, payload)?;
-    let meta = check_payload_content(&block.header, payload, config.as_ref())?;
+    let config = validate_header(block, view)?;
+    let meta = validate_payload(&block.header, payload, config.as_ref())?;
     Ok(ValidatedBlock {
         block: block.clone(),
         meta,

@@ -11,8 +11,8 @@ use safetensors::SafeTensors;
 
 use super::{Config, ModelError, Slot, TensorSpec};
 use crate::chain::{
-    chunk_hashes, parse_safetensors, payload_dtype_of, payload_root, Block, BlockHash, BlockHeader,
-    BlockKind, ChainError, ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
+    parse_safetensors, payload_dtype_of, Block, BlockBuilder, BlockHash, ChainError, MetaPayload,
+    PayloadDtype,
 };
 
 /// One slot's payload (a safetensors file holding exactly the slot's tensors).
@@ -140,23 +140,10 @@ pub struct Signer<'a> {
 }
 
 impl Signer<'_> {
-    fn header(&self, kind: BlockKind, name: String, payload: &[u8]) -> BlockHeader {
-        BlockHeader {
-            version: HEADER_VERSION,
-            chain: kind.chain(),
-            kind,
-            name,
-            meta: None,
-            parents: Vec::new(),
-            payload_len: payload.len() as u64,
-            chunk_size: self.chunk_size,
-            payload_root: payload_root(&chunk_hashes(payload, self.chunk_size)),
-            dtype: PayloadDtype::Json,
-            candidate_loss: None,
-            miner: self.key.verifying_key().to_bytes(),
-            address: self.address.clone(),
-            timestamp_ms: self.timestamp_ms,
-        }
+    fn builder(&self, b: BlockBuilder) -> BlockBuilder {
+        b.address(self.address.clone())
+            .timestamp_ms(self.timestamp_ms)
+            .chunk_size(self.chunk_size)
     }
 
     /// A chain-A meta block (genesis when `parent` is None).
@@ -167,10 +154,8 @@ impl Signer<'_> {
     ) -> Result<(Block, Vec<u8>), ChainError> {
         meta.check()?;
         let payload = meta.to_json();
-        let mut h = self.header(BlockKind::Meta, meta.model_name.clone(), &payload);
-        h.chain = ChainId::A;
-        h.parents = parent.into_iter().collect();
-        Ok((Block::sign(h, self.key), payload))
+        let b = self.builder(BlockBuilder::meta(meta.model_name.clone()).parents(parent));
+        Ok((b.sign(&payload, self.key), payload))
     }
 
     /// A chain-B block for one slot payload.
@@ -181,17 +166,12 @@ impl Signer<'_> {
         parents: Vec<BlockHash>,
         candidate_loss: Option<f32>,
     ) -> (Block, Vec<u8>) {
-        let kind = match slot.slot {
-            Slot::Shared => BlockKind::Shared,
-            Slot::Router { .. } => BlockKind::Router,
-            Slot::Expert { .. } => BlockKind::Expert,
-        };
-        let mut h = self.header(kind, slot.slot.to_string(), &slot.bytes);
-        h.meta = Some(meta);
-        h.parents = parents;
-        h.dtype = slot.dtype;
-        h.candidate_loss = candidate_loss;
-        (Block::sign(h, self.key), slot.bytes.clone())
+        let b = self.builder(
+            BlockBuilder::slot(meta, slot.slot, slot.dtype)
+                .parents(parents)
+                .candidate_loss(candidate_loss),
+        );
+        (b.sign(&slot.bytes, self.key), slot.bytes.clone())
     }
 }
 

@@ -156,7 +156,7 @@ fn shared_from(cfg: &Config, src: &mut dyn TensorGet) -> Result<SharedWeights, M
 }
 
 fn check_layer(cfg: &Config, slot: Slot) -> Result<(), ModelError> {
-    slot.check_in_spec(cfg)
+    Ok(slot.check_in_spec(cfg)?)
 }
 
 fn router_from(

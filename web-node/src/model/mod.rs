@@ -2,18 +2,17 @@
 //! holds, checkpoint <-> blocks, tokenizer, and the CPU reference forward.
 
 pub mod checkpoint;
-pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod load;
 pub mod random;
 pub mod reference;
 pub mod sampler;
-pub mod slots;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::Config;
-pub use slots::{Slot, TensorSpec};
+pub use crate::spec::{config, slots, Config, Slot, SpecError, TensorSpec};
+pub use engine::{run_step, Engine, ExpertId, Output, Step, Supply, Want};
 pub use weights::{ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights, SharedWeights};
 
 /// Per-request inference options, shared by every engine (CPU reference, GPU).
@@ -84,11 +83,19 @@ impl RunOptions {
     }
 }
 
-/// A language model forward pass with a KV cache (CPU reference or GPU engine).
+/// A blocking model: an [`Engine`] with its expert source attached, so a
+/// step never pauses (CLI, eval, tests).
 pub trait Forward {
+    /// Append `tokens` to the KV cache and return what `want` asks for.
+    fn run(&mut self, tokens: &[u32], opts: &RunOptions, want: Want) -> Result<Output, ModelError>;
     /// Append `tokens` to the KV cache and return the logits (length
     /// `vocab_size`) of the LAST of them.
-    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError>;
+    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
+        match self.run(tokens, opts, Want::Logits)? {
+            Output::Logits(l) => Ok(l),
+            _ => Err(ModelError::Input("the engine gave no logits".into())),
+        }
+    }
     /// Empty the KV cache (position back to 0).
     fn reset(&mut self);
     /// Number of tokens in the KV cache.
@@ -120,4 +127,16 @@ pub enum ModelError {
     Input(String),
     #[error("gpu: {0}")]
     Gpu(String),
+}
+
+impl From<SpecError> for ModelError {
+    fn from(e: SpecError) -> Self {
+        match e {
+            SpecError::Config(m) => ModelError::Config(m),
+            SpecError::SlotName(n) => ModelError::SlotName(n),
+            SpecError::SlotOutOfRange { slot, reason } => {
+                ModelError::SlotOutOfRange { slot, reason }
+            }
+        }
+    }
 }

@@ -3,8 +3,10 @@
 //! softmax, top-k with renormalised weights, SwiGLU experts, final norm and
 //! lm_head.
 //!
-//! Experts are asked from an [`ExpertSource`] the first time the router picks
-//! them and kept afterwards; routing statistics are kept per expert.
+//! [`CpuEngine`] implements [`Engine`]: a step that reaches experts it does
+//! not hold pauses and names them; [`CpuModel`] attaches an
+//! [`ExpertSource`] for blocking callers. Routing statistics are kept per
+//! expert.
 //!
 //! Matrix products run over weight rows (each row is read once per call and
 //! dotted with every token of the batch) with a 16-lane accumulator that the
@@ -16,10 +18,11 @@
 
 use std::sync::Arc;
 
+use super::engine::now;
 use super::load::BytesExpertSource;
 use super::{
-    Config, ExpertSource, ExpertWeights, Forward, Mat, ModelError, RouterWeights, RunOptions,
-    SharedWeights,
+    run_step, Config, Engine, ExpertId, ExpertSource, ExpertWeights, Forward, Mat, ModelError,
+    Output, RouterWeights, RunOptions, SharedWeights, Step, Want,
 };
 
 /// Products with at least this many multiply-adds are split over threads.
@@ -64,13 +67,14 @@ impl RoutingStats {
     }
 }
 
-/// The CPU reference model.
-pub struct CpuModel {
+/// The CPU reference engine: implements [`Engine`]. A step that reaches
+/// a layer whose routed experts are not held pauses with
+/// [`Step::Need`]; it never fetches them itself.
+pub struct CpuEngine {
     cfg: Config,
     shared: SharedWeights,
     routers: Vec<RouterWeights>,
     experts: Vec<Vec<Option<ExpertWeights>>>,
-    source: Box<dyn ExpertSource + Send>,
     /// Per layer, `[position][kv_head][head_dim]`.
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
@@ -78,14 +82,48 @@ pub struct CpuModel {
     inv_freq: Vec<f32>,
     stats: RoutingStats,
     threads: usize,
+    pending: Option<Pending>,
+}
+
+/// A step paused at a layer's experts.
+struct Pending {
+    tokens: Vec<u32>,
+    k: usize,
+    use_moe: bool,
+    want: Want,
+    /// The layer being computed.
+    layer: usize,
+    /// Hidden states `[t, hidden]`; after the layer's attention when
+    /// `attn_done`.
+    x: Vec<f32>,
+    /// The post-attention normalised states the experts take.
+    xn: Vec<f32>,
+    attn_done: bool,
+}
+
+impl std::fmt::Debug for CpuEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuEngine")
+            .field("pos", &self.pos)
+            .field("threads", &self.threads)
+            .field("stats", &self.stats)
+            .field("paused", &self.pending.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CPU engine with an attached expert source: the blocking convenience
+/// for the CLI, eval and tests ([`Forward`]). Steps run through
+/// [`run_step`], the same loop every caller uses.
+pub struct CpuModel {
+    pub engine: CpuEngine,
+    pub source: Box<dyn ExpertSource + Send>,
 }
 
 impl std::fmt::Debug for CpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuModel")
-            .field("pos", &self.pos)
-            .field("threads", &self.threads)
-            .field("stats", &self.stats)
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
@@ -381,13 +419,13 @@ pub fn expert_forward(w: &ExpertWeights, x: &[f32], t: usize, threads: usize) ->
     matmul(&a, t, &w.w2, threads)
 }
 
-impl CpuModel {
-    /// A model from its shared weights and routers; experts come from `source`.
+impl CpuEngine {
+    /// An engine from its shared weights and routers; it holds no expert
+    /// until one is supplied.
     pub fn new(
         cfg: Config,
         shared: SharedWeights,
         routers: Vec<RouterWeights>,
-        source: impl ExpertSource + Send + 'static,
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -483,34 +521,13 @@ impl CpuModel {
             cfg,
             shared,
             routers,
-            source: Box::new(source),
             k_cache: vec![Vec::new(); layers],
             v_cache: vec![Vec::new(); layers],
             pos: 0,
             inv_freq,
             threads: default_threads(),
+            pending: None,
         })
-    }
-
-    /// A model over an in-memory whole checkpoint (works in wasm); experts
-    /// are still converted only when first routed.
-    pub fn from_safetensors(cfg: Config, bytes: impl Into<Arc<[u8]>>) -> Result<Self, ModelError> {
-        let bytes: Arc<[u8]> = bytes.into();
-        let shared = SharedWeights::from_safetensors(&cfg, &bytes)?;
-        let routers = super::load::routers_from_safetensors(&cfg, &bytes)?;
-        let source = BytesExpertSource::new(cfg.clone(), bytes)?;
-        Self::new(cfg, shared, routers, source)
-    }
-
-    /// A model over a Hugging Face directory, experts read lazily from its file.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_model_dir(dir: &super::load::ModelDir) -> Result<Self, ModelError> {
-        Self::new(
-            dir.config.clone(),
-            dir.shared.clone(),
-            dir.routers.clone(),
-            dir.expert_source()?,
-        )
     }
 
     /// Threads for large products (1 in wasm).
@@ -541,39 +558,140 @@ impl CpuModel {
         )
     }
 
-    /// Put an expert in the cache (e.g. a new version), checking its shapes.
-    pub fn insert_expert(
-        &mut self,
-        layer: usize,
-        expert: usize,
-        w: ExpertWeights,
-    ) -> Result<(), ModelError> {
-        super::Slot::Expert { layer, expert }.check_in_spec(&self.cfg)?;
-        check_expert(&self.cfg, &w)?;
-        self.experts[layer][expert] = Some(w);
+    /// Drop a held expert (e.g. to bound memory); the next step that routes
+    /// to it asks for it again.
+    pub fn evict_expert(&mut self, id: ExpertId) -> bool {
+        self.experts
+            .get_mut(id.layer)
+            .and_then(|l| l.get_mut(id.expert))
+            .and_then(Option::take)
+            .is_some()
+    }
+
+    /// Hold an expert (checked against the config); replaces a held one.
+    pub fn insert_expert(&mut self, id: ExpertId, w: ExpertWeights) -> Result<(), ModelError> {
+        super::Slot::Expert {
+            layer: id.layer,
+            expert: id.expert,
+        }
+        .check_in_spec(&self.cfg)?;
+        check_expert(&self.cfg, &w).map_err(|e| ModelError::Source(format!("{id}: {e}")))?;
+        self.stats.experts_loaded += 1;
+        self.stats.expert_bytes_loaded += w.f32_bytes() as u64;
+        self.experts[id.layer][id.expert] = Some(w);
         Ok(())
     }
 
-    /// Replace the expert source (cached experts stay).
-    pub fn set_source(&mut self, source: impl ExpertSource + Send + 'static) {
-        self.source = Box::new(source);
-    }
-
-    /// Append `tokens` and return the logits of every one of them.
-    pub fn forward_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_all_logits_with(tokens, &RunOptions::default())
-    }
-
-    pub fn forward_all_logits_with(
+    /// Start a step appending `tokens` (see [`Engine::step`]).
+    pub fn step_now(
         &mut self,
         tokens: &[u32],
         opts: &RunOptions,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let x = self.run(tokens, opts)?;
-        let t = tokens.len();
-        let logits = self.head(&x, t);
-        let v = self.cfg.vocab_size;
-        Ok(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
+        want: Want,
+    ) -> Result<Step, ModelError> {
+        if self.pending.is_some() {
+            return Err(ModelError::Input(
+                "a step is paused for experts: resume or cancel it first".into(),
+            ));
+        }
+        let k = opts.check_step(
+            &self.cfg,
+            self.pos,
+            tokens,
+            self.cfg.max_position_embeddings,
+            "max_position_embeddings",
+        )?;
+        let h = self.cfg.hidden_size;
+        let mut x = Vec::with_capacity(tokens.len() * h);
+        for &tok in tokens {
+            let r = tok as usize;
+            x.extend_from_slice(&self.shared.embed_tokens.data[r * h..(r + 1) * h]);
+        }
+        self.pending = Some(Pending {
+            tokens: tokens.to_vec(),
+            k,
+            use_moe: opts.use_moe,
+            want,
+            layer: 0,
+            x,
+            xn: Vec::new(),
+            attn_done: false,
+        });
+        self.advance()
+    }
+
+    /// Continue a paused step (see [`Engine::resume`]).
+    pub fn resume_now(&mut self) -> Result<Step, ModelError> {
+        if self.pending.is_none() {
+            return Err(ModelError::Input("no step is paused".into()));
+        }
+        self.advance()
+    }
+
+    /// Drop a paused step; the cache goes back to where the step began.
+    pub fn cancel_step(&mut self) {
+        if self.pending.take().is_some() {
+            let kvd = self.cfg.kv_dim();
+            for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+                c.truncate(self.pos * kvd);
+            }
+        }
+    }
+
+    fn advance(&mut self) -> Result<Step, ModelError> {
+        let r = self.advance_inner();
+        if r.is_err() {
+            self.cancel_step();
+        }
+        r
+    }
+
+    fn advance_inner(&mut self) -> Result<Step, ModelError> {
+        let Some(mut p) = self.pending.take() else {
+            return Err(ModelError::Input("no step is paused".into()));
+        };
+        let t = p.tokens.len();
+        let eps = self.cfg.rms_norm_eps as f32;
+        while p.layer < self.cfg.num_hidden_layers {
+            let l = p.layer;
+            if !p.attn_done {
+                let xn = rms_norm(&p.x, &self.shared.layers[l].input_layernorm, eps);
+                let attn = self.attention(l, &xn, t);
+                for (a, b) in p.x.iter_mut().zip(&attn) {
+                    *a += b;
+                }
+                p.xn = rms_norm(&p.x, &self.shared.layers[l].post_attention_layernorm, eps);
+                p.attn_done = true;
+            }
+            let assigned = self.route(l, &p.xn, t, p.k, p.use_moe);
+            let need: Vec<ExpertId> = assigned
+                .iter()
+                .enumerate()
+                .filter(|(e, toks)| !toks.is_empty() && self.experts[l][*e].is_none())
+                .map(|(e, _)| ExpertId::new(l, e))
+                .collect();
+            if !need.is_empty() {
+                self.pending = Some(p);
+                return Ok(Step::Need(need));
+            }
+            let y = self.moe(l, &p.xn, t, &assigned)?;
+            for (a, b) in p.x.iter_mut().zip(&y) {
+                *a += b;
+            }
+            p.layer += 1;
+            p.attn_done = false;
+        }
+        self.pos += t;
+        self.stats.tokens += t as u64;
+        let h = self.cfg.hidden_size;
+        Ok(Step::Done(match p.want {
+            Want::AllLogits => {
+                let v = self.cfg.vocab_size;
+                let logits = self.head(&p.x, t);
+                Output::AllLogits(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
+            }
+            Want::Logits | Want::Greedy => Output::Logits(self.head(&p.x[(t - 1) * h..], 1)),
+        }))
     }
 
     fn head(&self, x: &[f32], t: usize) -> Vec<f32> {
@@ -584,56 +702,6 @@ impl CpuModel {
             .as_ref()
             .unwrap_or(&self.shared.embed_tokens);
         matmul(&xn, t, head, self.threads)
-    }
-
-    /// Run the layers on `tokens`, appending to the cache; returns the final
-    /// hidden states `[t, hidden]` (before the final norm). On error the
-    /// cache is left as it was.
-    fn run(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
-        let k = opts.check_step(
-            &self.cfg,
-            self.pos,
-            tokens,
-            self.cfg.max_position_embeddings,
-            "max_position_embeddings",
-        )?;
-        let r = self.layers(tokens, k, opts.use_moe);
-        match &r {
-            Ok(_) => {
-                self.pos += tokens.len();
-                self.stats.tokens += tokens.len() as u64;
-            }
-            Err(_) => {
-                let kvd = self.cfg.kv_dim();
-                for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
-                    c.truncate(self.pos * kvd);
-                }
-            }
-        }
-        r
-    }
-
-    fn layers(&mut self, tokens: &[u32], k: usize, use_moe: bool) -> Result<Vec<f32>, ModelError> {
-        let (h, t) = (self.cfg.hidden_size, tokens.len());
-        let eps = self.cfg.rms_norm_eps as f32;
-        let mut x = Vec::with_capacity(t * h);
-        for &tok in tokens {
-            let r = tok as usize;
-            x.extend_from_slice(&self.shared.embed_tokens.data[r * h..(r + 1) * h]);
-        }
-        for l in 0..self.cfg.num_hidden_layers {
-            let xn = rms_norm(&x, &self.shared.layers[l].input_layernorm, eps);
-            let attn = self.attention(l, &xn, t);
-            for (a, b) in x.iter_mut().zip(&attn) {
-                *a += b;
-            }
-            let xn = rms_norm(&x, &self.shared.layers[l].post_attention_layernorm, eps);
-            let y = self.moe(l, &xn, t, k, use_moe)?;
-            for (a, b) in x.iter_mut().zip(&y) {
-                *a += b;
-            }
-        }
-        Ok(x)
     }
 
     fn rope(&self, v: &mut [f32], heads: usize, pos: usize) {
@@ -695,17 +763,17 @@ impl CpuModel {
         matmul(&out, t, &la.o_proj, self.threads)
     }
 
-    fn moe(
-        &mut self,
+    /// Router of layer `l`: per expert, the `(token, weight)` pairs it serves.
+    fn route(
+        &self,
         l: usize,
         xn: &[f32],
         t: usize,
         k: usize,
         use_moe: bool,
-    ) -> Result<Vec<f32>, ModelError> {
-        let (h, ne) = (self.cfg.hidden_size, self.cfg.num_local_experts);
+    ) -> Vec<Vec<(usize, f32)>> {
+        let ne = self.cfg.num_local_experts;
         let mut probs = matmul(xn, t, &self.routers[l].gate, self.threads);
-        // Per expert: (token, weight).
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         for (ti, row) in probs.chunks_exact_mut(ne).enumerate() {
             softmax(row);
@@ -719,22 +787,26 @@ impl CpuModel {
                 }
             }
         }
+        assigned
+    }
+
+    /// The weighted sum of the routed experts' outputs (all of them held).
+    fn moe(
+        &mut self,
+        l: usize,
+        xn: &[f32],
+        t: usize,
+        assigned: &[Vec<(usize, f32)>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let h = self.cfg.hidden_size;
         let mut y = vec![0f32; t * h];
         for (e, toks) in assigned.iter().enumerate() {
             if toks.is_empty() {
                 continue;
             }
-            if self.experts[l][e].is_none() {
-                let w = self.source.load_expert(l, e)?;
-                check_expert(&self.cfg, &w)
-                    .map_err(|err| ModelError::Source(format!("layer{l}.expert{e}: {err}")))?;
-                self.stats.experts_loaded += 1;
-                self.stats.expert_bytes_loaded += w.f32_bytes() as u64;
-                self.experts[l][e] = Some(w);
-            }
             let Some(w) = self.experts[l][e].as_ref() else {
                 return Err(ModelError::Source(format!(
-                    "layer{l}.expert{e} missing after load"
+                    "layer{l}.expert{e} is not held"
                 )));
             };
             self.stats.tokens_routed[l][e] += toks.len() as u64;
@@ -757,15 +829,30 @@ impl CpuModel {
     }
 }
 
-impl Forward for CpuModel {
-    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
-        let x = self.run(tokens, opts)?;
-        let h = self.cfg.hidden_size;
-        let last = &x[(tokens.len() - 1) * h..];
-        Ok(self.head(last, 1))
+impl Engine for CpuEngine {
+    async fn step(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+        want: Want,
+    ) -> Result<Step, ModelError> {
+        self.step_now(tokens, opts, want)
+    }
+
+    async fn resume(&mut self) -> Result<Step, ModelError> {
+        self.resume_now()
+    }
+
+    fn supply_expert(&mut self, id: ExpertId, weights: ExpertWeights) -> Result<(), ModelError> {
+        self.insert_expert(id, weights)
+    }
+
+    fn cancel(&mut self) {
+        self.cancel_step();
     }
 
     fn reset(&mut self) {
+        self.cancel_step();
         for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
             c.clear();
         }
@@ -778,6 +865,120 @@ impl Forward for CpuModel {
 
     fn config(&self) -> &Config {
         &self.cfg
+    }
+}
+
+impl CpuModel {
+    /// A model from its shared weights and routers; experts come from `source`.
+    pub fn new(
+        cfg: Config,
+        shared: SharedWeights,
+        routers: Vec<RouterWeights>,
+        source: impl ExpertSource + Send + 'static,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            engine: CpuEngine::new(cfg, shared, routers)?,
+            source: Box::new(source),
+        })
+    }
+
+    /// A model over an in-memory whole checkpoint (works in wasm); experts
+    /// are still converted only when first routed.
+    pub fn from_safetensors(cfg: Config, bytes: impl Into<Arc<[u8]>>) -> Result<Self, ModelError> {
+        let bytes: Arc<[u8]> = bytes.into();
+        let shared = SharedWeights::from_safetensors(&cfg, &bytes)?;
+        let routers = super::load::routers_from_safetensors(&cfg, &bytes)?;
+        let source = BytesExpertSource::new(cfg.clone(), bytes)?;
+        Self::new(cfg, shared, routers, source)
+    }
+
+    /// A model over a Hugging Face directory, experts read lazily from its file.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_model_dir(dir: &super::load::ModelDir) -> Result<Self, ModelError> {
+        Self::new(
+            dir.config.clone(),
+            dir.shared.clone(),
+            dir.routers.clone(),
+            dir.expert_source()?,
+        )
+    }
+
+    pub fn set_threads(&mut self, n: usize) {
+        self.engine.set_threads(n);
+    }
+
+    pub fn threads(&self) -> usize {
+        self.engine.threads()
+    }
+
+    pub fn routing_stats(&self) -> &RoutingStats {
+        self.engine.routing_stats()
+    }
+
+    pub fn reset_stats(&mut self) {
+        self.engine.reset_stats();
+    }
+
+    pub fn is_expert_loaded(&self, layer: usize, expert: usize) -> bool {
+        self.engine.is_expert_loaded(layer, expert)
+    }
+
+    /// Put an expert in the cache (e.g. a new version), checking its shapes.
+    pub fn insert_expert(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        w: ExpertWeights,
+    ) -> Result<(), ModelError> {
+        self.engine.insert_expert(ExpertId::new(layer, expert), w)
+    }
+
+    /// Replace the expert source (held experts stay).
+    pub fn set_source(&mut self, source: impl ExpertSource + Send + 'static) {
+        self.source = Box::new(source);
+    }
+
+    /// Append `tokens` and return the logits of every one of them.
+    pub fn forward_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_all_logits_with(tokens, &RunOptions::default())
+    }
+
+    pub fn forward_all_logits_with(
+        &mut self,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        match self.run(tokens, opts, Want::AllLogits)? {
+            Output::AllLogits(all) => Ok(all),
+            _ => Err(ModelError::Input(
+                "the engine gave no per-position logits".into(),
+            )),
+        }
+    }
+}
+
+impl Forward for CpuModel {
+    /// One step through [`run_step`], experts from the attached source.
+    fn run(&mut self, tokens: &[u32], opts: &RunOptions, want: Want) -> Result<Output, ModelError> {
+        now(run_step(
+            &mut self.engine,
+            &mut self.source,
+            tokens,
+            opts,
+            want,
+        ))
+    }
+
+    fn reset(&mut self) {
+        Engine::reset(&mut self.engine);
+    }
+
+    fn position(&self) -> usize {
+        self.engine.position()
+    }
+
+    fn config(&self) -> &Config {
+        self.engine.config()
     }
 }
 

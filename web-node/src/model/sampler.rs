@@ -118,6 +118,11 @@ impl Sampler {
         &self.cfg
     }
 
+    /// Temperature 0: the sample is the argmax, so an engine may pick it.
+    pub fn is_greedy(&self) -> bool {
+        self.cfg.temperature == 0.0
+    }
+
     /// Pick a token from logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, ModelError> {
         if logits.is_empty() {

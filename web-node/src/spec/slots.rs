@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::{Config, ModelError};
+use super::{Config, SpecError};
 
 /// One chain-B slot. A slot's versions form a line of blocks; its head is the
 /// accepted latest version.
@@ -37,8 +37,8 @@ fn parse_index(s: &str) -> Option<usize> {
 
 impl Slot {
     /// Parse a canonical slot name.
-    pub fn parse(name: &str) -> Result<Self, ModelError> {
-        let err = || ModelError::SlotName(name.to_string());
+    pub fn parse(name: &str) -> Result<Self, SpecError> {
+        let err = || SpecError::SlotName(name.to_string());
         if name == "shared" {
             return Ok(Slot::Shared);
         }
@@ -62,8 +62,8 @@ impl Slot {
     }
 
     /// Check the slot lies within the model's spec.
-    pub fn check_in_spec(&self, cfg: &Config) -> Result<(), ModelError> {
-        let out = |reason: String| ModelError::SlotOutOfRange {
+    pub fn check_in_spec(&self, cfg: &Config) -> Result<(), SpecError> {
+        let out = |reason: String| SpecError::SlotOutOfRange {
             slot: self.to_string(),
             reason,
         };

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ModelError;
+use super::SpecError;
 
 fn default_rope_theta() -> f64 {
     1e6
@@ -90,23 +90,23 @@ pub mod limits {
 
 impl Config {
     /// Parse `config.json` bytes and check that the shapes are consistent.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, ModelError> {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
         let cfg: Config =
-            serde_json::from_slice(bytes).map_err(|e| ModelError::Config(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| SpecError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parse an already decoded JSON value.
-    pub fn from_value(v: &serde_json::Value) -> Result<Self, ModelError> {
-        let cfg: Config = Config::deserialize(v).map_err(|e| ModelError::Config(e.to_string()))?;
+    pub fn from_value(v: &serde_json::Value) -> Result<Self, SpecError> {
+        let cfg: Config = Config::deserialize(v).map_err(|e| SpecError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         use limits::*;
-        let bad = |m: String| Err(ModelError::Config(m));
+        let bad = |m: String| Err(SpecError::Config(m));
         if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
             return bad(format!(
                 "vocab_size {} out of range 1..={MAX_VOCAB}",
