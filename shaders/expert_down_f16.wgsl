@@ -2,10 +2,12 @@
 // up to even], read with unpack2x16float. Otherwise as expert_down.wgsl.
 // SwiGLU expert, second half, fused with the weighted sum over the routed
 // experts and the residual add: x[t][i] += sum_slot weight * (w2_e[i] . act[t][slot]).
-// w2 is stored transposed per expert: w2[e][j][i] ([inter][hidden]).
+// w2 is stored transposed per expert: w2[e][j][i] ([inter][hidden]), in the
+// expert pool: w2 holds n_slots experts, slots[e] is where expert e of this
+// layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, _p0: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, _p0: u32, _p1: u32, _p2: u32 }
 
 override WG: u32 = 64u;
 
@@ -15,6 +17,7 @@ override WG: u32 = 64u;
 @group(0) @binding(3) var<storage, read> act: array<f32>;
 @group(0) @binding(4) var<storage, read> route: array<u32>;
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;
+@group(0) @binding(6) var<storage, read> slots: array<u32>;
 
 
 fn wh(i: u32) -> f32 {
@@ -36,7 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let ri = (t * p.n_experts + slot) * 2u;
         let e = min(route[ri], p.n_experts - 1u);
         let wt = bitcast<f32>(route[ri + 1u]);
-        let wb = e * p.inter * hp;
+        let wb = min(slots[e], p.n_slots - 1u) * p.inter * hp;
         let ab = (t * p.n_experts + slot) * p.inter;
         var acc = 0.0;
         for (var j = 0u; j < p.inter; j++) {

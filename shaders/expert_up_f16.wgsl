@@ -3,10 +3,12 @@
 // SwiGLU expert, first half, for every (token, routed slot, intermediate row):
 // act[t][slot][j] = silu(w1_e[j] . xn) * (w3_e[j] . xn), xn = RMSNorm(x[t])
 // (post-attention norm fused), e = route[t][slot].id. Per expert, w1 and w3
-// are stored transposed side by side: w13[e][c][0..inter] = w1, [inter..2 inter] = w3.
+// are stored transposed side by side: w13[e][c][0..inter] = w1, [inter..2 inter] = w3,
+// in the expert pool: w13 holds n_slots experts, slots[e] is where expert e of
+// this layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, _p0: u32, _p1: u32, _p2: u32 }
 
 override WG: u32 = 64u;
 
@@ -17,6 +19,7 @@ override WG: u32 = 64u;
 @group(0) @binding(4) var<storage, read> g: array<f32>;
 @group(0) @binding(5) var<storage, read> route: array<u32>;
 @group(0) @binding(6) var<storage, read_write> act: array<f32>;
+@group(0) @binding(7) var<storage, read> slots: array<u32>;
 
 
 fn wh(i: u32) -> f32 {
@@ -36,7 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let slot = ts % k;
     let e = min(route[(t * p.n_experts + slot) * 2u], p.n_experts - 1u);
     let two_i = 2u * p.inter;
-    let wb = e * p.hidden * two_i;
+    let wb = min(slots[e], p.n_slots - 1u) * p.hidden * two_i;
     let xb = t * p.hidden;
     var ss = 0.0;
     var a = 0.0;

@@ -1,6 +1,7 @@
 //! The GPU engine against the CPU reference on a tiny random Mixtral
-//! checkpoint written to disk (config.json, model.safetensors, tokenizer.json),
-//! and selective expert loading.
+//! checkpoint written to disk (config.json, model.safetensors, tokenizer.json):
+//! the step API (Need / supply / resume / cancel), selective expert uploads,
+//! and the expert pool under a budget smaller than the model.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,16 +9,19 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::ctx;
 use web_node::gpu::kernel::round_f16;
-use web_node::gpu::{Engine, EngineOptions, GpuContext, WeightFormat};
-use web_node::model::load::ModelDir;
+use web_node::gpu::{expert_bytes, Attached, Engine, EngineOptions, GpuContext, WeightFormat};
+use web_node::model::load::{DirExpertSource, ModelDir};
 use web_node::model::random::{tiny_config, write_random_model};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertSource, ExpertWeights, Forward, ModelError, RunOptions};
+use web_node::model::{
+    Engine as _, ExpertId, ExpertSource, ExpertWeights, Forward, ModelError, Output, RunOptions,
+    Step, Want,
+};
 
 fn model_dir(seed: u64) -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -38,15 +42,41 @@ fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
 }
 
 fn gpu_engine(c: &GpuContext, m: &ModelDir, opts: EngineOptions) -> Engine {
-    Engine::with_options(
-        shared_ctx(c),
-        &m.config,
-        &m.shared,
-        &m.routers,
-        Box::new(m.expert_source().unwrap()),
-        opts,
-    )
-    .unwrap()
+    Engine::with_options(shared_ctx(c), &m.config, &m.shared, &m.routers, opts).unwrap()
+}
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    pollster::block_on(f)
+}
+
+/// Supply every expert `ids` names from `src`.
+fn supply(gpu: &mut Engine, src: &mut DirExpertSource, ids: &[ExpertId]) {
+    for &id in ids {
+        gpu.supply_expert(id, src.load_expert(id.layer, id.expert).unwrap())
+            .unwrap();
+    }
+}
+
+/// Resume (supplying from `src`) until the step is done; returns the output
+/// and how many times it paused.
+fn finish(gpu: &mut Engine, src: &mut DirExpertSource, mut step: Step) -> (Output, usize) {
+    let mut pauses = 0;
+    loop {
+        match step {
+            Step::Done(out) => return (out, pauses),
+            Step::Need(ids) => {
+                assert!(!ids.is_empty());
+                assert!(
+                    ids.windows(2).all(|w| w[0] < w[1]),
+                    "sorted, unique: {ids:?}"
+                );
+                assert!(gpu.is_paused());
+                pauses += 1;
+                supply(gpu, src, &ids);
+                step = block(gpu.resume()).unwrap();
+            }
+        }
+    }
 }
 
 /// Per position: max |gpu - cpu| <= 1e-4 * max |cpu|.
@@ -111,22 +141,24 @@ fn logits_match_cpu_reference_per_position() {
                 ..Default::default()
             },
         );
+        let mut src = m.expert_source().unwrap();
         let mut cpu = CpuModel::from_model_dir(&m).unwrap();
         let p = prompt(11, 1);
-        let g = gpu.forward_all_logits(&p, &opts).unwrap();
+        let g = gpu.forward_all_logits(&mut src, &p, &opts).unwrap();
         let r = cpu.forward_all_logits_with(&p, &opts).unwrap();
         assert_eq!(g.len(), p.len());
         for (i, (a, b)) in g.iter().zip(&r).enumerate() {
             assert_logits_close(a, b, &format!("{opts:?} batch {batch} prompt position {i}"));
         }
-        // Then decode one token at a time through Forward.
+        // Then decode one token at a time.
         for step in 0..6u32 {
             let t = [(step * 53 + 9) % 259];
-            let a = Forward::forward(&mut gpu, &t, &opts).unwrap();
+            let a = gpu.forward(&mut src, &t, &opts).unwrap();
             let b = cpu.forward(&t, &opts).unwrap();
             assert_logits_close(&a, &b, &format!("{opts:?} decode step {step}"));
         }
         assert_eq!(gpu.position(), cpu.position());
+        assert_eq!(gpu.stats().expert_evictions, 0);
     }
 }
 
@@ -136,11 +168,12 @@ fn greedy_tokens_identical_for_64_steps() {
     let (_d, m) = model_dir(11);
     let opts = RunOptions::default();
     let mut gpu = gpu_engine(c, &m, EngineOptions::default());
+    let mut src = m.expert_source().unwrap();
     let mut cpu = CpuModel::from_model_dir(&m).unwrap();
     let p = prompt(5, 3);
     let mut streamed = Vec::new();
     let g = gpu
-        .generate_greedy(&p, 64, &opts, |t| streamed.push(t))
+        .generate_greedy(&mut src, &p, 64, &opts, |t| streamed.push(t))
         .unwrap();
     let mut r = Vec::new();
     let mut tok = argmax(&cpu.forward(&p, &opts).unwrap());
@@ -158,76 +191,246 @@ fn greedy_tokens_identical_for_64_steps() {
         s.readback_bytes < s.readbacks * 4 + s.readbacks * 8 * 2 * 8,
         "{s:?}"
     );
+
+    // The same through the blocking Forward adapter (engine + attached source).
+    let mut att = Attached {
+        engine: gpu_engine(c, &m, EngineOptions::default()),
+        source: m.expert_source().unwrap(),
+    };
+    let mut tok = argmax(&att.forward(&p, &opts).unwrap());
+    let mut a = Vec::new();
+    for _ in 0..8 {
+        a.push(tok);
+        tok = argmax(&att.forward(&[tok], &opts).unwrap());
+    }
+    assert_eq!(a, r[..8]);
 }
 
 /// Counts every load, per (layer, expert).
-#[derive(Clone, Default)]
 struct Counting {
-    inner: Arc<Mutex<Option<web_node::model::load::DirExpertSource>>>,
-    loads: Arc<Mutex<HashMap<(usize, usize), usize>>>,
+    inner: DirExpertSource,
+    loads: HashMap<(usize, usize), usize>,
 }
 
 impl ExpertSource for Counting {
     fn load_expert(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights, ModelError> {
-        *self
-            .loads
-            .lock()
-            .unwrap()
-            .entry((layer, expert))
-            .or_default() += 1;
-        self.inner
-            .lock()
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .load_expert(layer, expert)
+        *self.loads.entry((layer, expert)).or_default() += 1;
+        self.inner.load_expert(layer, expert)
     }
 }
 
 #[test]
-fn only_routed_experts_load_each_once() {
+fn only_routed_experts_are_asked_for_each_once() {
     let Some(c) = ctx() else { return };
     let (_d, m) = model_dir(5);
-    let src = Counting {
-        inner: Arc::new(Mutex::new(Some(m.expert_source().unwrap()))),
-        ..Default::default()
+    let mut src = Counting {
+        inner: m.expert_source().unwrap(),
+        loads: HashMap::new(),
     };
-    let loads = src.loads.clone();
-    let mut gpu = Engine::new(
-        shared_ctx(c),
-        &m.config,
-        &m.shared,
-        &m.routers,
-        Box::new(src),
-    )
-    .unwrap();
+    let mut gpu = Engine::new(shared_ctx(c), &m.config, &m.shared, &m.routers).unwrap();
     let mut cpu = CpuModel::from_model_dir(&m).unwrap();
     let opts = RunOptions::default();
     let p = prompt(2, 9);
-    gpu.forward(&p, &opts).unwrap();
+    gpu.forward(&mut src, &p, &opts).unwrap();
     cpu.forward(&p, &opts).unwrap();
     for t in [17u32, 200, 17] {
-        gpu.next_token(&[t], &opts).unwrap();
+        gpu.next_token(&mut src, &[t], &opts).unwrap();
         cpu.forward(&[t], &opts).unwrap();
     }
-    let loads = loads.lock().unwrap().clone();
     let routed = &cpu.routing_stats().tokens_routed;
     let mut expected = 0;
     for (l, row) in routed.iter().enumerate() {
         for (e, &n) in row.iter().enumerate() {
-            let got = loads.get(&(l, e)).copied().unwrap_or(0);
+            let got = src.loads.get(&(l, e)).copied().unwrap_or(0);
             assert_eq!(
                 got,
                 usize::from(n > 0),
-                "layer {l} expert {e}: routed {n} times, loaded {got} times"
+                "layer {l} expert {e}: routed {n} times, asked for {got} times"
             );
             assert_eq!(gpu.is_expert_resident(l, e), n > 0);
             expected += usize::from(n > 0);
         }
     }
-    assert_eq!(gpu.stats().experts_loaded as usize, expected);
+    let s = gpu.stats();
+    assert_eq!(s.expert_uploads as usize, expected);
+    assert_eq!(s.expert_evictions, 0);
+    assert_eq!(gpu.resident_experts(), expected);
+    assert_eq!(gpu.pool_slots(), 4 * 8, "default pool: every expert");
     // 5 tokens x top-2 cannot touch all 8 experts of every layer: some stay unloaded.
     assert!(expected < 4 * 8, "every expert was loaded");
+}
+
+#[test]
+fn step_asks_for_the_routed_experts_then_matches_cpu() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(17);
+    let opts = RunOptions::default();
+    let p = prompt(6, 2);
+    let mut cpu = CpuModel::from_model_dir(&m).unwrap();
+    let want = cpu.forward_all_logits_with(&p, &opts).unwrap();
+    let layer0: Vec<ExpertId> = cpu.routing_stats().tokens_routed[0]
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(e, _)| ExpertId::new(0, e))
+        .collect();
+
+    let mut gpu = gpu_engine(c, &m, EngineOptions::default());
+    let mut src = m.expert_source().unwrap();
+    let first = block(gpu.step(&p, &opts, Want::AllLogits)).unwrap();
+    assert_eq!(
+        first,
+        Step::Need(layer0.clone()),
+        "layer 0's routed experts"
+    );
+    assert_eq!(gpu.position(), 0, "a paused step does not advance");
+    assert!(gpu.is_paused());
+    // A second step while one is paused is refused, and the paused one survives.
+    assert!(matches!(
+        block(gpu.step(&[1], &opts, Want::Greedy)),
+        Err(ModelError::Input(_))
+    ));
+    assert!(gpu.is_paused());
+
+    // Supply layer 0, run on to the next pause (a later layer), cancel there:
+    // layer 0 already wrote KV-cache rows, but the position is back at 0.
+    supply(&mut gpu, &mut src, &layer0);
+    match block(gpu.resume()).unwrap() {
+        Step::Need(ids) => assert!(ids.iter().all(|id| id.layer > 0), "{ids:?}"),
+        Step::Done(_) => panic!("layers 1.. had no experts yet"),
+    }
+    gpu.cancel();
+    assert_eq!(gpu.position(), 0);
+    assert!(!gpu.is_paused());
+    assert!(matches!(block(gpu.resume()), Err(ModelError::Input(_))));
+
+    // The same step again: layer 0 is resident now, the rest is asked for.
+    let s = block(gpu.step(&p, &opts, Want::AllLogits)).unwrap();
+    let (out, pauses) = finish(&mut gpu, &mut src, s);
+    assert!(pauses >= 1);
+    let Output::AllLogits(got) = out else {
+        panic!("asked for all logits")
+    };
+    assert_eq!(got.len(), p.len());
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_logits_close(a, b, &format!("step API position {i}"));
+    }
+    assert_eq!(gpu.position(), p.len());
+
+    // Greedy: only the token id comes back, and it is the CPU's argmax.
+    let t = argmax(&want[p.len() - 1]);
+    let s = block(gpu.step(&[t], &opts, Want::Greedy)).unwrap();
+    let (out, _) = finish(&mut gpu, &mut src, s);
+    let cpu_next = argmax(&cpu.forward(&[t], &opts).unwrap());
+    assert_eq!(out, Output::Token(cpu_next));
+    let s = block(gpu.step(&[cpu_next], &opts, Want::Logits)).unwrap();
+    let (out, _) = finish(&mut gpu, &mut src, s);
+    let Output::Logits(l) = out else {
+        panic!("asked for logits")
+    };
+    assert_logits_close(&l, &cpu.forward(&[cpu_next], &opts).unwrap(), "step logits");
+
+    // Dense: every missing expert of every layer, asked for up front; cancel
+    // keeps the position.
+    let dense = RunOptions {
+        top_k: None,
+        use_moe: false,
+    };
+    let pos = gpu.position();
+    let Step::Need(ids) = block(gpu.step(&[3], &dense, Want::Logits)).unwrap() else {
+        panic!("not every expert is resident yet")
+    };
+    let all: Vec<ExpertId> = (0..4)
+        .flat_map(|l| (0..8).map(move |e| ExpertId::new(l, e)))
+        .filter(|id| !gpu.is_expert_resident(id.layer, id.expert))
+        .collect();
+    assert_eq!(ids, all);
+    gpu.cancel();
+    assert_eq!(gpu.position(), pos);
+    let s = block(gpu.step(&[3], &dense, Want::Logits)).unwrap();
+    let (out, pauses) = finish(&mut gpu, &mut src, s);
+    assert_eq!(pauses, 1, "dense asks once");
+    let Output::Logits(l) = out else {
+        panic!("asked for logits")
+    };
+    assert_logits_close(&l, &cpu.forward(&[3], &dense).unwrap(), "dense step");
+    assert_eq!(gpu.position(), pos + 1);
+}
+
+/// The must-show: a pool smaller than the model gives the same greedy
+/// tokens as all resident (and as the CPU), evicting on the way.
+#[test]
+fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(23);
+    let opts = RunOptions::default();
+    let p = prompt(5, 7);
+    let steps = 32;
+    let mut src = m.expert_source().unwrap();
+    let mut full = gpu_engine(c, &m, EngineOptions::default());
+    let resident = full
+        .generate_greedy(&mut src, &p, steps, &opts, |_| {})
+        .unwrap();
+    assert_eq!(full.stats().expert_evictions, 0);
+
+    let mut cpu = CpuModel::from_model_dir(&m).unwrap();
+    let mut want = Vec::new();
+    let mut tok = argmax(&cpu.forward(&p, &opts).unwrap());
+    for _ in 0..steps {
+        want.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+    }
+    assert_eq!(resident, want, "all resident vs CPU");
+
+    let per = expert_bytes(&m.config, WeightFormat::F32);
+    // 12 slots (3 per layer of 8), 8 (one layer's worth), and 3 (fewer than
+    // a layer: chunks of 3 / top-2 = 1 token).
+    for slots in [12u64, 8, 3] {
+        let mut small = gpu_engine(
+            c,
+            &m,
+            EngineOptions {
+                expert_pool_bytes: Some(slots * per + per / 2),
+                ..Default::default()
+            },
+        );
+        assert_eq!(small.pool_slots(), slots as usize);
+        let got = small
+            .generate_greedy(&mut src, &p, steps, &opts, |_| {})
+            .unwrap();
+        let s = small.stats().clone();
+        eprintln!(
+            "pool of {slots} experts: {} uploads, {} evictions, {} pauses, {} submissions for {} tokens",
+            s.expert_uploads, s.expert_evictions, s.pauses, s.submissions, s.tokens
+        );
+        assert_eq!(got, resident, "pool of {slots} vs all resident");
+        assert!(s.expert_evictions > 0, "pool of {slots}: {s:?}");
+        assert_eq!(s.expert_uploads - s.expert_evictions, slots, "{s:?}");
+        assert!(small.resident_experts() <= slots as usize);
+        assert_eq!(
+            s.dispatches,
+            s.steps * small.dispatches_per_step() - 2 * (s.steps - steps as u64),
+            "dispatches per chunk unchanged (head and argmax only on the last chunk of a step)"
+        );
+    }
+
+    // A prompt in several chunks under a 3-expert pool: logits still match.
+    let mut small = gpu_engine(
+        c,
+        &m,
+        EngineOptions {
+            expert_pool_bytes: Some(3 * per),
+            ..Default::default()
+        },
+    );
+    let p = prompt(7, 1);
+    let g = small.forward_all_logits(&mut src, &p, &opts).unwrap();
+    cpu.reset();
+    let r = cpu.forward_all_logits_with(&p, &opts).unwrap();
+    for (i, (a, b)) in g.iter().zip(&r).enumerate() {
+        assert_logits_close(a, b, &format!("3-slot pool position {i}"));
+    }
+    assert_eq!(small.stats().steps, p.len() as u64, "one token per chunk");
 }
 
 struct Failing;
@@ -244,6 +447,7 @@ fn bad_requests_are_errors_and_leave_the_cache() {
     let Some(c) = ctx() else { return };
     let (_d, m) = model_dir(3);
     let opts = RunOptions::default();
+    let mut src = m.expert_source().unwrap();
     let mut gpu = gpu_engine(
         c,
         &m,
@@ -253,54 +457,35 @@ fn bad_requests_are_errors_and_leave_the_cache() {
             ..Default::default()
         },
     );
-    gpu.forward(&[1, 2], &opts).unwrap();
-    assert!(matches!(
-        gpu.forward(&[259], &opts),
-        Err(ModelError::Input(_))
-    ));
-    assert!(matches!(gpu.forward(&[], &opts), Err(ModelError::Input(_))));
-    assert!(matches!(
-        gpu.forward(
-            &[1],
-            &RunOptions {
-                top_k: Some(0),
-                use_moe: true
-            }
-        ),
-        Err(ModelError::Input(_))
-    ));
-    assert!(matches!(
-        gpu.forward(
-            &[1],
-            &RunOptions {
-                top_k: Some(9),
-                use_moe: true
-            }
-        ),
-        Err(ModelError::Input(_))
-    ));
+    gpu.forward(&mut src, &[1, 2], &opts).unwrap();
+    let bad = |gpu: &mut Engine, src: &mut DirExpertSource, t: &[u32], o: RunOptions| {
+        matches!(gpu.forward(src, t, &o), Err(ModelError::Input(_)))
+    };
+    assert!(bad(&mut gpu, &mut src, &[259], opts));
+    assert!(bad(&mut gpu, &mut src, &[], opts));
+    for top_k in [0, 9] {
+        let o = RunOptions {
+            top_k: Some(top_k),
+            use_moe: true,
+        };
+        assert!(bad(&mut gpu, &mut src, &[1], o), "top_k {top_k}");
+    }
     assert!(
-        matches!(gpu.forward(&[1; 7], &opts), Err(ModelError::Input(_))),
+        bad(&mut gpu, &mut src, &[1; 7], opts),
         "context of 8 overflows"
     );
     assert_eq!(gpu.position(), 2);
 
-    // A source that fails: error, position unchanged, and the engine still works after.
-    let mut e = Engine::new(
-        shared_ctx(c),
-        &m.config,
-        &m.shared,
-        &m.routers,
-        Box::new(Failing),
-    )
-    .unwrap();
+    // A source that fails: error, position unchanged, nothing paused, and the
+    // engine still works after.
+    let mut e = Engine::new(shared_ctx(c), &m.config, &m.shared, &m.routers).unwrap();
     assert!(matches!(
-        e.forward(&[1, 2, 3], &opts),
+        e.forward(&mut Failing, &[1, 2, 3], &opts),
         Err(ModelError::Source(_))
     ));
     assert_eq!(e.position(), 0);
-    e.set_source(Box::new(m.expert_source().unwrap()));
-    let a = e.forward(&[1, 2, 3], &opts).unwrap();
+    assert!(!e.is_paused());
+    let a = e.forward(&mut src, &[1, 2, 3], &opts).unwrap();
     let mut cpu = CpuModel::from_model_dir(&m).unwrap();
     assert_logits_close(
         &a,
@@ -308,27 +493,102 @@ fn bad_requests_are_errors_and_leave_the_cache() {
         "after failed load",
     );
 
+    // Supplying bad experts: wrong shapes, ids outside the spec.
+    let good = src.load_expert(0, 0).unwrap();
+    let mut short = good.clone();
+    short.w2.data.pop();
+    assert!(matches!(
+        e.supply_expert(ExpertId::new(0, 0), short),
+        Err(ModelError::Tensor { .. })
+    ));
+    let mut wide = good.clone();
+    wide.w1.cols += 1;
+    assert!(matches!(
+        e.supply_expert(ExpertId::new(0, 0), wide),
+        Err(ModelError::Tensor { .. })
+    ));
+    for id in [
+        ExpertId::new(4, 0),
+        ExpertId::new(0, 8),
+        ExpertId::new(usize::MAX, 0),
+    ] {
+        assert!(
+            e.supply_expert(id, good.clone()).is_err(),
+            "{id} is outside the spec"
+        );
+    }
+    // Nothing above changed a resident expert.
+    let b = {
+        e.reset();
+        e.forward(&mut src, &[1, 2, 3], &opts).unwrap()
+    };
+    assert_eq!(a, b);
+    assert!(matches!(block(e.resume()), Err(ModelError::Input(_))));
+
+    // Pool limits: no room for one expert, top-k or dense larger than the pool,
+    // and pinned experts are never evicted.
+    let per = expert_bytes(&m.config, WeightFormat::F32);
+    let pool = |bytes: u64| {
+        Engine::with_options(
+            shared_ctx(c),
+            &m.config,
+            &m.shared,
+            &m.routers,
+            EngineOptions {
+                expert_pool_bytes: Some(bytes),
+                ..Default::default()
+            },
+        )
+    };
+    assert!(matches!(pool(per - 1), Err(ModelError::Input(_))));
+    let mut two = pool(2 * per).unwrap();
+    assert_eq!(two.pool_slots(), 2);
+    let top3 = RunOptions {
+        top_k: Some(3),
+        use_moe: true,
+    };
+    let dense = RunOptions {
+        top_k: None,
+        use_moe: false,
+    };
+    for o in [top3, dense] {
+        assert!(matches!(
+            block(two.step(&[1], &o, Want::Greedy)),
+            Err(ModelError::Input(_))
+        ));
+    }
+    let Step::Need(ids) = block(two.step(&[1, 2], &opts, Want::Greedy)).unwrap() else {
+        panic!("empty pool")
+    };
+    assert_eq!(ids.len(), 2, "one token per chunk, top-2: {ids:?}");
+    supply(&mut two, &mut src, &ids);
+    let other = (0..8)
+        .map(|e| ExpertId::new(1, e))
+        .find(|id| !ids.contains(id))
+        .unwrap();
+    assert!(
+        matches!(
+            two.supply_expert(other, src.load_expert(1, other.expert).unwrap()),
+            Err(ModelError::Input(_))
+        ),
+        "both slots hold experts the paused step needs"
+    );
+    let s = block(two.resume()).unwrap();
+    let (out, _) = finish(&mut two, &mut src, s);
+    let mut cpu = CpuModel::from_model_dir(&m).unwrap();
+    assert_eq!(
+        out,
+        Output::Token(argmax(&cpu.forward(&[1, 2], &opts).unwrap()))
+    );
+
     // Wrong shapes are refused at construction.
     let mut bad = m.shared.clone();
     bad.norm.pop();
     assert!(matches!(
-        Engine::new(
-            shared_ctx(c),
-            &m.config,
-            &bad,
-            &m.routers,
-            Box::new(Failing)
-        ),
+        Engine::new(shared_ctx(c), &m.config, &bad, &m.routers),
         Err(ModelError::Tensor { .. })
     ));
-    assert!(Engine::new(
-        shared_ctx(c),
-        &m.config,
-        &m.shared,
-        &m.routers[..3],
-        Box::new(Failing)
-    )
-    .is_err());
+    assert!(Engine::new(shared_ctx(c), &m.config, &m.shared, &m.routers[..3]).is_err());
 }
 
 #[test]
@@ -336,17 +596,18 @@ fn reset_replays_identically() {
     let Some(c) = ctx() else { return };
     let (_d, m) = model_dir(21);
     let opts = RunOptions::default();
+    let mut src = m.expert_source().unwrap();
     let mut gpu = gpu_engine(c, &m, EngineOptions::default());
-    let a = gpu.forward(&prompt(6, 2), &opts).unwrap();
-    gpu.forward(&[4, 5, 6], &opts).unwrap();
-    Forward::reset(&mut gpu);
+    let a = gpu.forward(&mut src, &prompt(6, 2), &opts).unwrap();
+    gpu.forward(&mut src, &[4, 5, 6], &opts).unwrap();
+    gpu.reset();
     assert_eq!(gpu.position(), 0);
-    let b = gpu.forward(&prompt(6, 2), &opts).unwrap();
+    let b = gpu.forward(&mut src, &prompt(6, 2), &opts).unwrap();
     assert_eq!(a, b);
 }
 
 /// Rounds every expert through f16 (the CPU side of the f16 comparison).
-struct Rounded(web_node::model::load::DirExpertSource);
+struct Rounded(DirExpertSource);
 impl ExpertSource for Rounded {
     fn load_expert(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights, ModelError> {
         let mut w = self.0.load_expert(layer, expert)?;
@@ -361,11 +622,15 @@ impl ExpertSource for Rounded {
 fn f16_weights_match_cpu_on_the_same_rounded_weights() {
     let Some(c) = ctx() else { return };
     let (_d, m) = model_dir(13);
+    let mut src = m.expert_source().unwrap();
+    let per = expert_bytes(&m.config, WeightFormat::F16);
+    // A 10-expert pool: f16 slots, evicting.
     let mut gpu = gpu_engine(
         c,
         &m,
         EngineOptions {
             weights: WeightFormat::F16,
+            expert_pool_bytes: Some(10 * per),
             ..Default::default()
         },
     );
@@ -395,7 +660,7 @@ fn f16_weights_match_cpu_on_the_same_rounded_weights() {
     .unwrap();
     let opts = RunOptions::default();
     let p = prompt(9, 4);
-    let g = gpu.forward_all_logits(&p, &opts).unwrap();
+    let g = gpu.forward_all_logits(&mut src, &p, &opts).unwrap();
     let r = cpu.forward_all_logits_with(&p, &opts).unwrap();
     for (i, (a, b)) in g.iter().zip(&r).enumerate() {
         assert_logits_close(a, b, &format!("f16 position {i}"));
@@ -404,7 +669,7 @@ fn f16_weights_match_cpu_on_the_same_rounded_weights() {
     let mut gen = Vec::new();
     for _ in 0..32 {
         gen.push(tok);
-        tok = gpu.next_token(&[tok], &opts).unwrap();
+        tok = gpu.next_token(&mut src, &[tok], &opts).unwrap();
     }
     let mut tok = argmax(&r[r.len() - 1]);
     let mut want = Vec::new();
@@ -413,6 +678,7 @@ fn f16_weights_match_cpu_on_the_same_rounded_weights() {
         tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
     }
     assert_eq!(gen, want);
+    assert!(gpu.stats().expert_evictions > 0);
     assert!(
         gpu.weight_bytes_per_token(2)
             < gpu_engine(c, &m, EngineOptions::default()).weight_bytes_per_token(2)

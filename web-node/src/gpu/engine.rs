@@ -1,7 +1,8 @@
-//! The Mixtral forward pass on the GPU.
+//! The Mixtral forward pass on the GPU, as a sans-IO [`crate::model::Engine`].
 //!
-//! Weights and the KV cache live in GPU buffers. A step (one decoded token,
-//! or up to `max_batch` prompt tokens at once) is one command encoder:
+//! Weights and the KV cache live in GPU buffers. A chunk of a step (one
+//! decoded token, or up to `max_batch` prompt tokens at once) is one command
+//! encoder:
 //!
 //! ```text
 //! embedding                                   1 dispatch
@@ -15,12 +16,40 @@
 //! ```
 //!
 //! = `6 * layers + 3` dispatches per token, and the only readback is the
-//! sampled token id (4 bytes), or the logits when asked for them. While a
-//! layer still has experts that are not resident, the step is split after
-//! that layer's router: the routed ids are read back, the missing experts
-//! are fetched from the [`ExpertSource`] (each once) and uploaded, and the
-//! step continues. With `use_moe = false` every expert runs (dense
-//! mixture), so all of them are loaded up front.
+//! sampled token id (4 bytes), or the logits when asked for them.
+//!
+//! # Asking for experts
+//!
+//! The engine never fetches weights. While a layer has experts that are not
+//! in the pool, the encoder is submitted after that layer's router and the
+//! routed ids are read back; if any of them is missing, [`Engine::step`]
+//! (or [`Engine::resume`]) returns [`Step::Need`] with the missing ids
+//! (sorted, deduplicated) and keeps its place: the token chunk, the layer,
+//! the hidden state (still in GPU buffers) and the position (not yet
+//! advanced). The caller hands the experts over with
+//! [`Engine::supply_expert`] and calls [`Engine::resume`], which continues
+//! with that layer's experts; [`Engine::cancel`] drops the step instead.
+//! [`run_step`] is that loop. With `use_moe = false` (dense mixture) every
+//! expert runs, so a step asks for all missing experts of all layers up
+//! front (or, when the pool cannot hold them all, for all of one layer at a
+//! time). Calling [`Engine::step`] while a step is paused is an error
+//! ([`ModelError::Input`]): resume or cancel it first.
+//!
+//! # Expert pool
+//!
+//! Experts live in one pool of `N` slots (one buffer for `w1/w3`, one for
+//! `w2`, each under the adapter's storage-binding limit), sized by
+//! [`EngineOptions::expert_pool_bytes`] (default: every expert of the
+//! model, or as many as the adapter binds). A per-layer table (expert ->
+//! slot) tells the expert kernels where each expert lives, so an upload or
+//! an eviction rewrites one table word, never a bind group. When the pool is
+//! full, a supplied expert replaces the least recently used one, except the
+//! experts the paused layer-step needs (they are pinned until it runs).
+//! Work already encoded is always submitted before a step pauses, and queue
+//! writes are ordered after earlier submissions, so an eviction never
+//! changes weights under a running kernel. A pool smaller than a whole
+//! layer's experts limits the chunk to `N / k` tokens, so one layer-step
+//! never needs more experts than the pool holds.
 
 use std::sync::Arc;
 
@@ -28,32 +57,32 @@ use super::argmax::{self, Argmax};
 use super::attention::{self, Attention};
 use super::context::{GpuContext, GpuError};
 use super::expert::{self, pack_w13, pack_w2, ExpertDown, ExpertUp};
-use super::kernel::{f32_bytes, transpose, Kernel, Step, WeightFormat};
+use super::kernel::{f32_bytes, transpose, Kernel, Step as StepUniform, WeightFormat};
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
 use super::router::Router;
-use crate::model::{
-    Config, ExpertSource, ExpertWeights, Mat, ModelError, RouterWeights, RunOptions, SharedWeights,
-};
-
-/// The expert source the engine owns (`Send` natively so the engine can
-/// move between threads; the browser's wgpu types are not `Send` anyway).
 #[cfg(not(target_arch = "wasm32"))]
-pub type DynSource = Box<dyn ExpertSource + Send>;
-#[cfg(target_arch = "wasm32")]
-pub type DynSource = Box<dyn ExpertSource>;
+use crate::model::{run_step, ExpertSource, Forward, Supply};
+use crate::model::{
+    Config, ExpertId, ExpertWeights, Mat, ModelError, Output, RouterWeights, RunOptions,
+    SharedWeights, Slot, Step, Want,
+};
 
 /// Sizes the engine allocates for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// KV-cache capacity in tokens (capped by `max_position_embeddings`).
     pub max_seq: usize,
-    /// Most prompt tokens run together in one step (longer prompts are
-    /// split into steps of this size).
+    /// Most prompt tokens run together in one chunk (longer prompts are
+    /// split into chunks of this size).
     pub max_batch: usize,
     /// Storage of the large matrices (attention, experts, lm_head); the
     /// router, norms and embedding lookup stay f32.
     pub weights: WeightFormat,
+    /// GPU memory for the expert pool, in bytes (a whole number of experts
+    /// of [`expert_bytes`] each, at least one). `None`: every expert of the
+    /// model, or as many as the adapter's binding limit allows.
+    pub expert_pool_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -62,8 +91,15 @@ impl Default for EngineOptions {
             max_seq: 2048,
             max_batch: 64,
             weights: WeightFormat::F32,
+            expert_pool_bytes: None,
         }
     }
+}
+
+/// Bytes one expert takes in the pool (`w1/w3` plus `w2`) in `fmt`.
+pub fn expert_bytes(cfg: &Config, fmt: WeightFormat) -> u64 {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    (fmt.matrix_bytes(h, 2 * i) + fmt.matrix_bytes(i, h)) as u64
 }
 
 /// Counters since the engine was built (or [`Engine::reset_stats`]).
@@ -71,17 +107,21 @@ impl Default for EngineOptions {
 pub struct EngineStats {
     /// Tokens run through the layers.
     pub tokens: u64,
-    /// Steps (command encoders that ran a batch of tokens).
+    /// Chunks run to the end (a step of more than `max_batch` tokens runs several).
     pub steps: u64,
     pub dispatches: u64,
-    /// Queue submissions (1 per step, plus 1 per routing readback).
+    /// Queue submissions (1 per chunk, plus 1 per routing readback).
     pub submissions: u64,
     /// Buffers mapped for reading (sampled token, logits, routed ids).
     pub readbacks: u64,
     pub readback_bytes: u64,
-    /// Experts fetched from the source and uploaded.
-    pub experts_loaded: u64,
+    /// Times a step paused with [`Step::Need`].
+    pub pauses: u64,
+    /// Experts written into the pool (supplied ones, including replacements).
+    pub expert_uploads: u64,
     pub expert_bytes_uploaded: u64,
+    /// Experts dropped from the pool to make room (least recently used first).
+    pub expert_evictions: u64,
 }
 
 #[derive(Debug)]
@@ -104,35 +144,132 @@ struct Layer {
     bg_router: wgpu::BindGroup,
     bg_up: wgpu::BindGroup,
     bg_down: wgpu::BindGroup,
+    /// `slots[expert]`: the pool slot holding this layer's expert
+    /// ([`NO_SLOT`] when it is not resident).
+    table: wgpu::Buffer,
+}
+
+/// Table word of an expert that is not in the pool (clamped by the kernels).
+const NO_SLOT: u32 = u32::MAX;
+
+/// Which expert each pool slot holds, and when each was last used (CPU side
+/// of the pool; the weights are in `w13`/`w2`).
+#[derive(Debug)]
+struct Pool {
     w13: wgpu::Buffer,
     w2: wgpu::Buffer,
-    resident: Vec<bool>,
+    w13_bytes: u64,
+    w2_bytes: u64,
+    owner: Vec<Option<ExpertId>>,
+    last_used: Vec<u64>,
+    /// `[layer][expert]` -> slot.
+    slot_of: Vec<Vec<Option<usize>>>,
+    clock: u64,
 }
 
-/// What a step reads back.
+impl Pool {
+    fn slots(&self) -> usize {
+        self.owner.len()
+    }
+
+    fn slot(&self, id: ExpertId) -> Option<usize> {
+        self.slot_of
+            .get(id.layer)
+            .and_then(|l| l.get(id.expert))
+            .copied()
+            .flatten()
+    }
+
+    fn resident(&self, id: ExpertId) -> bool {
+        self.slot(id).is_some()
+    }
+
+    fn layer_resident(&self, layer: usize) -> bool {
+        self.slot_of[layer].iter().all(Option::is_some)
+    }
+
+    fn touch(&mut self, ids: impl IntoIterator<Item = ExpertId>) {
+        self.clock += 1;
+        for id in ids {
+            if let Some(s) = self.slot(id) {
+                self.last_used[s] = self.clock;
+            }
+        }
+    }
+
+    /// A slot for `id`: its own, a free one, or the least recently used one
+    /// not in `pinned` (returned with the expert it held).
+    fn claim(
+        &mut self,
+        id: ExpertId,
+        pinned: &[ExpertId],
+    ) -> Result<(usize, Option<ExpertId>), ModelError> {
+        if let Some(s) = self.slot(id) {
+            return Ok((s, None));
+        }
+        let s = match self.owner.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => (0..self.slots())
+                .filter(|&s| self.owner[s].is_some_and(|o| !pinned.contains(&o)))
+                .min_by_key(|&s| self.last_used[s])
+                .ok_or_else(|| {
+                    ModelError::Input(format!(
+                        "expert pool full: all {} slots hold experts the paused step needs, \
+                         no room for {id}",
+                        self.slots()
+                    ))
+                })?,
+        };
+        let old = self.owner[s].take();
+        if let Some(o) = old {
+            self.slot_of[o.layer][o.expert] = None;
+        }
+        self.owner[s] = Some(id);
+        self.slot_of[id.layer][id.expert] = Some(s);
+        self.clock += 1;
+        self.last_used[s] = self.clock;
+        Ok((s, old))
+    }
+}
+
+/// Where a step goes on from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    /// Only the argmax of the last position's logits.
-    Token,
-    /// The last position's logits.
-    Logits,
-    /// Every position's logits.
-    AllLogits,
+enum At {
+    /// The start of the next chunk (embedding).
+    Chunk,
+    /// Layer `l`'s router ran; its experts come next.
+    Experts(usize),
 }
 
-enum Output {
-    Token(u32),
-    Logits(Vec<f32>),
-    All(Vec<Vec<f32>>),
+/// A step in progress (paused while it is stored in [`Engine::paused`]).
+#[derive(Debug)]
+struct Run {
+    tokens: Vec<u32>,
+    k: usize,
+    use_moe: bool,
+    want: Want,
+    /// Most tokens per chunk (`max_batch`, or fewer for a small pool).
+    cap: usize,
+    /// Tokens of finished chunks.
+    done: usize,
+    /// Tokens of the current chunk.
+    n: usize,
+    at: At,
+    /// Every expert the awaited layer-step (or the dense step) needs:
+    /// pinned in the pool until it ran.
+    need: Vec<ExpertId>,
+    all: Vec<Vec<f32>>,
 }
 
-/// Mixtral on wgpu. See the module docs for the per-step schedule.
+/// Mixtral on wgpu, a [`crate::model::Engine`]. See the module docs for the
+/// per-chunk schedule, pausing and the expert pool.
 pub struct Engine {
     ctx: Arc<GpuContext>,
     cfg: Config,
     opts: EngineOptions,
     k: Kernels,
     layers: Vec<Layer>,
+    pool: Pool,
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
     route: wgpu::Buffer,
@@ -150,8 +287,8 @@ pub struct Engine {
     p_head_last: matvec::Params,
     p_head_all: matvec::Params,
     p_exp: expert::Params,
-    source: DynSource,
     pos: usize,
+    paused: Option<Run>,
     stats: EngineStats,
 }
 
@@ -161,6 +298,8 @@ impl std::fmt::Debug for Engine {
             .field("adapter", &self.ctx.info.name)
             .field("pos", &self.pos)
             .field("opts", &self.opts)
+            .field("pool_slots", &self.pool.slots())
+            .field("paused", &self.paused.as_ref().map(|r| r.at))
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -200,16 +339,15 @@ pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
 
 impl Engine {
     /// Upload the shared weights and routers and allocate the KV cache and
-    /// the (empty) expert slots. Experts come from `source` when first
-    /// routed. Nothing here awaits: the async part is [`GpuContext::new`].
+    /// the (empty) expert pool. Experts are supplied when a step asks for
+    /// them. Nothing here awaits: the async part is [`GpuContext::new`].
     pub fn new(
         ctx: Arc<GpuContext>,
         cfg: &Config,
         shared: &SharedWeights,
         routers: &[RouterWeights],
-        source: DynSource,
     ) -> Result<Self, ModelError> {
-        Self::with_options(ctx, cfg, shared, routers, source, EngineOptions::default())
+        Self::with_options(ctx, cfg, shared, routers, EngineOptions::default())
     }
 
     /// [`Engine::new`] with explicit sizes.
@@ -218,7 +356,6 @@ impl Engine {
         cfg: &Config,
         shared: &SharedWeights,
         routers: &[RouterWeights],
-        source: DynSource,
         opts: EngineOptions,
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
@@ -237,7 +374,7 @@ impl Engine {
         let opts = EngineOptions {
             max_seq,
             max_batch,
-            weights: opts.weights,
+            ..opts
         };
         let fmt = opts.weights;
 
@@ -284,16 +421,11 @@ impl Engine {
 
         // Every binding must fit the adapter.
         let max_binding = ctx.max_binding();
-        let big: [(&str, u64); 6] = [
+        let w13_bytes = fmt.matrix_bytes(h, 2 * i) as u64;
+        let w2_bytes = fmt.matrix_bytes(i, h) as u64;
+        let big: [(&str, u64); 5] = [
             ("embedding table", (v * h * 4) as u64),
-            (
-                "expert w1/w3 of one layer",
-                (ne * fmt.matrix_bytes(h, 2 * i)) as u64,
-            ),
-            (
-                "expert w2 of one layer",
-                (ne * fmt.matrix_bytes(i, h)) as u64,
-            ),
+            ("expert w1/w3", w13_bytes),
             ("attention scores", (max_batch * nh * max_seq * 4) as u64),
             ("KV cache of one layer", (max_seq * kvd * 4) as u64),
             ("expert activations", (max_batch * ne * i * 4) as u64),
@@ -305,6 +437,30 @@ impl Engine {
                 ))
                 .into());
             }
+        }
+        // The pool: what was asked for (or every expert), within the binding limit.
+        let per_expert = w13_bytes + w2_bytes;
+        let fits = (max_binding / w13_bytes.max(1)) as usize;
+        let asked = match opts.expert_pool_bytes {
+            None => nl * ne,
+            Some(b) => {
+                let n = (b / per_expert.max(1)) as usize;
+                if n == 0 {
+                    return Err(ModelError::Input(format!(
+                        "expert_pool_bytes {b} holds no expert ({per_expert} bytes each)"
+                    )));
+                }
+                n.min(nl * ne)
+            }
+        };
+        let n_slots = asked.min(fits).max(1);
+        if n_slots < asked {
+            tracing::warn!(
+                asked,
+                n_slots,
+                max_binding,
+                "expert pool limited by the adapter's storage-binding size"
+            );
         }
 
         let c = &*ctx;
@@ -368,6 +524,10 @@ impl Engine {
             inter: i as u32,
             n_experts: ne as u32,
             eps,
+            n_slots: n_slots as u32,
+            _p0: 0,
+            _p1: 0,
+            _p2: 0,
         };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
         let ub_qkv = u("p_qkv", bytemuck::bytes_of(&p_qkv));
@@ -398,7 +558,7 @@ impl Engine {
 
         let step = c.uniform_init(
             "step",
-            Step {
+            StepUniform {
                 pos0: 0,
                 n_tok: 0,
                 top_k: 0,
@@ -435,6 +595,16 @@ impl Engine {
         };
         let norm = c.storage_init("norm", f32_bytes(&shared.norm));
 
+        let pool = Pool {
+            w13: c.storage_zeroed("expert_pool_w13", n_slots as u64 * w13_bytes),
+            w2: c.storage_zeroed("expert_pool_w2", n_slots as u64 * w2_bytes),
+            w13_bytes,
+            w2_bytes,
+            owner: vec![None; n_slots],
+            last_used: vec![0; n_slots],
+            slot_of: vec![vec![None; ne]; nl],
+            clock: 0,
+        };
         let mut layers = Vec::with_capacity(nl);
         for (l, la) in shared.layers.iter().enumerate() {
             let wqkv = c.storage_init(
@@ -451,8 +621,7 @@ impl Engine {
             let gate = c.storage_init("gate", f32_bytes(&transpose(ne, h, &routers[l].gate.data)));
             let kc = c.storage_zeroed("k_cache", f(max_seq * kvd));
             let vc = c.storage_zeroed("v_cache", f(max_seq * kvd));
-            let w13 = c.storage_zeroed("w13", (ne * fmt.matrix_bytes(h, 2 * i)) as u64);
-            let w2 = c.storage_zeroed("w2", (ne * fmt.matrix_bytes(i, h)) as u64);
+            let table = c.storage_init("expert_slots", bytemuck::cast_slice(&vec![NO_SLOT; ne]));
             layers.push(Layer {
                 bg_qkv: k
                     .qkv
@@ -464,13 +633,14 @@ impl Engine {
                 bg_router: k
                     .router
                     .bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
-                bg_up: k
-                    .up
-                    .bind(c, [&step, &ub_exp, &w13, &x, &g_post, &route, &act]),
-                bg_down: k.down.bind(c, [&step, &ub_exp, &w2, &act, &route, &x]),
-                w13,
-                w2,
-                resident: vec![false; ne],
+                bg_up: k.up.bind(
+                    c,
+                    [&step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table],
+                ),
+                bg_down: k
+                    .down
+                    .bind(c, [&step, &ub_exp, &pool.w2, &act, &route, &x, &table]),
+                table,
             });
         }
         let bg_embed = k.embed.bind(c, &[&step, &ub_embed, &embed_t, &tokens, &x]);
@@ -486,6 +656,7 @@ impl Engine {
             opts,
             k,
             layers,
+            pool,
             step,
             tokens,
             route,
@@ -503,8 +674,8 @@ impl Engine {
             p_head_last,
             p_head_all,
             p_exp,
-            source,
             pos: 0,
+            paused: None,
             stats: EngineStats::default(),
         })
     }
@@ -529,65 +700,79 @@ impl Engine {
         self.stats = EngineStats::default();
     }
 
-    /// Tokens in the KV cache.
+    /// Tokens in the KV cache (a paused step's tokens are not counted yet).
     pub fn position(&self) -> usize {
         self.pos
     }
 
-    /// Empty the KV cache (the resident experts stay).
+    /// Empty the KV cache and drop a paused step (the pool keeps its experts).
     pub fn reset(&mut self) {
+        self.paused = None;
         self.pos = 0;
     }
 
-    /// Whether `layer{layer}.expert{expert}` is on the GPU.
+    /// Whether a step is paused waiting for experts.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Experts the pool holds at most.
+    pub fn pool_slots(&self) -> usize {
+        self.pool.slots()
+    }
+
+    /// Experts in the pool now.
+    pub fn resident_experts(&self) -> usize {
+        self.pool.owner.iter().flatten().count()
+    }
+
+    /// Whether `layer{layer}.expert{expert}` is in the pool.
     pub fn is_expert_resident(&self, layer: usize, expert: usize) -> bool {
-        self.layers
-            .get(layer)
-            .and_then(|l| l.resident.get(expert))
-            .copied()
-            .unwrap_or(false)
+        self.pool.resident(ExpertId::new(layer, expert))
     }
 
-    /// Replace the expert source (resident experts stay).
-    pub fn set_source(&mut self, source: DynSource) {
-        self.source = source;
-    }
-
-    /// Upload an expert now (e.g. one the browser already fetched, or a new
-    /// version of it), so the router never has to wait for it.
-    pub fn insert_expert(
-        &mut self,
-        layer: usize,
-        expert: usize,
-        w: &ExpertWeights,
-    ) -> Result<(), ModelError> {
-        crate::model::Slot::Expert { layer, expert }.check_in_spec(&self.cfg)?;
-        check_expert(&self.cfg, w)?;
+    /// Upload an expert into the pool (a missing one a paused step asked
+    /// for, one fetched ahead of time, or a new version of a resident one).
+    /// A full pool drops its least recently used expert, never one the
+    /// paused step needs.
+    pub fn supply_expert(&mut self, id: ExpertId, w: ExpertWeights) -> Result<(), ModelError> {
+        Slot::Expert {
+            layer: id.layer,
+            expert: id.expert,
+        }
+        .check_in_spec(&self.cfg)?;
+        check_expert(&self.cfg, &w).map_err(|e| match e {
+            ModelError::Tensor { name, reason } => ModelError::Tensor {
+                name: format!("{id}.{name}"),
+                reason,
+            },
+            e => e,
+        })?;
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        let l = &mut self.layers[layer];
         let fmt = self.opts.weights;
         let w13 = fmt.encode(&pack_w13(&w.w1.data, &w.w3.data, i, h), h, 2 * i);
         let w2 = fmt.encode(&pack_w2(&w.w2.data, i, h), i, h);
-        self.ctx
-            .queue
-            .write_buffer(&l.w13, (expert * w13.len()) as u64, &w13);
-        self.ctx
-            .queue
-            .write_buffer(&l.w2, (expert * w2.len()) as u64, &w2);
-        l.resident[expert] = true;
-        self.stats.expert_bytes_uploaded += (w13.len() + w2.len()) as u64;
-        Ok(())
-    }
-
-    fn ensure_expert(&mut self, layer: usize, expert: usize) -> Result<(), ModelError> {
-        if self.is_expert_resident(layer, expert) {
-            return Ok(());
+        let pinned = self.paused.as_ref().map_or(&[][..], |r| &r.need[..]);
+        let (slot, evicted) = self.pool.claim(id, pinned)?;
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.pool.w13, slot as u64 * self.pool.w13_bytes, &w13);
+        q.write_buffer(&self.pool.w2, slot as u64 * self.pool.w2_bytes, &w2);
+        if let Some(old) = evicted {
+            q.write_buffer(
+                &self.layers[old.layer].table,
+                (old.expert * 4) as u64,
+                bytemuck::bytes_of(&NO_SLOT),
+            );
+            self.stats.expert_evictions += 1;
+            tracing::debug!(%old, %id, slot, "expert pool: evicted");
         }
-        let w = self.source.load_expert(layer, expert)?;
-        check_expert(&self.cfg, &w)
-            .map_err(|e| ModelError::Source(format!("layer{layer}.expert{expert}: {e}")))?;
-        self.insert_expert(layer, expert, &w)?;
-        self.stats.experts_loaded += 1;
+        q.write_buffer(
+            &self.layers[id.layer].table,
+            (id.expert * 4) as u64,
+            bytemuck::bytes_of(&(slot as u32)),
+        );
+        self.stats.expert_uploads += 1;
+        self.stats.expert_bytes_uploaded += (w13.len() + w2.len()) as u64;
         Ok(())
     }
 
@@ -605,143 +790,250 @@ impl Engine {
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
-    /// Dispatches one step of `n` tokens issues (without routing splits).
+    /// Dispatches one chunk issues.
     pub fn dispatches_per_step(&self) -> u64 {
         6 * self.cfg.num_hidden_layers as u64 + 3
     }
 
-    fn check_tokens(&self, tokens: &[u32], opts: &RunOptions) -> Result<usize, ModelError> {
-        opts.check_step(
+    /// Check a new step and plan its chunks.
+    fn start(&mut self, tokens: &[u32], opts: &RunOptions, want: Want) -> Result<Run, ModelError> {
+        if self.paused.is_some() {
+            return Err(ModelError::Input(
+                "a step is paused waiting for experts: resume or cancel it first".into(),
+            ));
+        }
+        let k = opts.check_step(
             &self.cfg,
             self.pos,
             tokens,
             self.opts.max_seq,
             "KV cache capacity",
-        )
+        )?;
+        let (ne, slots) = (self.cfg.num_local_experts, self.pool.slots());
+        let cap = if slots >= ne {
+            self.opts.max_batch
+        } else if !opts.use_moe {
+            return Err(ModelError::Input(format!(
+                "the dense mixture runs all {ne} experts of a layer at once; \
+                 the expert pool holds {slots}"
+            )));
+        } else if slots < k {
+            return Err(ModelError::Input(format!(
+                "top_k {k} experts per token do not fit an expert pool of {slots}"
+            )));
+        } else {
+            // One layer-step needs at most k distinct experts per token.
+            self.opts.max_batch.min(slots / k)
+        };
+        Ok(Run {
+            tokens: tokens.to_vec(),
+            k,
+            use_moe: opts.use_moe,
+            want,
+            cap,
+            done: 0,
+            n: 0,
+            at: At::Chunk,
+            need: Vec::new(),
+            all: Vec::new(),
+        })
     }
 
-    async fn run(
-        &mut self,
-        tokens: &[u32],
-        opts: &RunOptions,
-        want: Want,
-    ) -> Result<Output, ModelError> {
-        let k = self.check_tokens(tokens, opts)?;
-        let start = self.pos;
-        let r = self.run_checked(tokens, k, opts.use_moe, want).await;
-        if r.is_err() {
-            // The cache rows written past `start` are overwritten next time.
-            self.pos = start;
+    /// Run `run` on from where it stands, until it finishes or lacks experts.
+    async fn drive(&mut self, mut run: Run) -> Result<Step, ModelError> {
+        match self.advance(&mut run).await {
+            Ok(Some(out)) => {
+                self.pos += run.tokens.len();
+                Ok(Step::Done(out))
+            }
+            Ok(None) => {
+                let missing = self.missing(&run.need);
+                self.stats.pauses += 1;
+                self.paused = Some(run);
+                Ok(Step::Need(missing))
+            }
+            // The cache rows written past `pos` are overwritten next time.
+            Err(e) => Err(e),
         }
-        r
     }
 
-    async fn run_checked(
+    fn missing(&self, ids: &[ExpertId]) -> Vec<ExpertId> {
+        ids.iter()
+            .copied()
+            .filter(|&id| !self.pool.resident(id))
+            .collect()
+    }
+
+    fn layer_ids(&self, layer: usize) -> impl Iterator<Item = ExpertId> {
+        (0..self.cfg.num_local_experts).map(move |e| ExpertId::new(layer, e))
+    }
+
+    fn write_step(&self, run: &Run) {
+        let u = StepUniform {
+            pos0: (self.pos + run.done) as u32,
+            n_tok: run.n as u32,
+            top_k: run.k as u32,
+            renorm: u32::from(run.use_moe),
+        };
+        self.ctx.queue.write_buffer(&self.step, 0, u.bytes());
+    }
+
+    fn encode_experts(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        let ly = &self.layers[layer];
+        self.k
+            .up
+            .encode(pass, &ly.bg_up, &self.p_exp, run.n as u32, run.k as u32);
+        self.k
+            .down
+            .encode(pass, &ly.bg_down, &self.p_exp, run.n as u32);
+        self.stats.dispatches += 2;
+    }
+
+    fn submit(&mut self, enc: wgpu::CommandEncoder) {
+        self.ctx.queue.submit([enc.finish()]);
+        self.stats.submissions += 1;
+    }
+
+    /// Read back the experts layer `layer` routed the chunk's tokens to
+    /// (sorted, deduplicated); submits `enc`.
+    async fn routed(
         &mut self,
-        tokens: &[u32],
-        k: usize,
-        use_moe: bool,
-        want: Want,
-    ) -> Result<Output, ModelError> {
+        mut enc: wgpu::CommandEncoder,
+        layer: usize,
+        run: &Run,
+    ) -> Result<Vec<ExpertId>, ModelError> {
         let ne = self.cfg.num_local_experts;
-        if !use_moe {
-            for l in 0..self.cfg.num_hidden_layers {
-                for e in 0..ne {
-                    self.ensure_expert(l, e)?;
+        let bytes = (run.n * ne * 2 * 4) as u64;
+        enc.copy_buffer_to_buffer(&self.route, 0, &self.readback, 0, bytes);
+        self.submit(enc);
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(&self.readback, bytes).await?);
+        self.stats.readbacks += 1;
+        self.stats.readback_bytes += bytes;
+        let mut ids = Vec::with_capacity(run.n * run.k);
+        for t in 0..run.n {
+            for s in 0..run.k {
+                let e = words[(t * ne + s) * 2] as usize;
+                if e >= ne {
+                    return Err(GpuError::Readback(format!("router returned expert {e}")).into());
                 }
+                ids.push(e);
             }
         }
-        let chunks: Vec<&[u32]> = tokens.chunks(self.opts.max_batch).collect();
-        let mut all = Vec::new();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids.into_iter().map(|e| ExpertId::new(layer, e)).collect())
+    }
+
+    /// Encode and submit from `run.at` on. `Ok(None)`: paused, `run.need`
+    /// says which experts the awaited layer-step needs.
+    async fn advance(&mut self, run: &mut Run) -> Result<Option<Output>, ModelError> {
+        let (ne, nl, h, v) = (
+            self.cfg.num_local_experts,
+            self.layers.len(),
+            self.cfg.hidden_size,
+            self.cfg.vocab_size,
+        );
         let mut out = None;
-        for (ci, chunk) in chunks.iter().enumerate() {
-            let last = ci + 1 == chunks.len();
-            let n = chunk.len();
-            let step = Step {
-                pos0: self.pos as u32,
-                n_tok: n as u32,
-                top_k: k as u32,
-                renorm: u32::from(use_moe),
+        loop {
+            let (mut enc, first) = match run.at {
+                At::Chunk => {
+                    if run.done == run.tokens.len() {
+                        break;
+                    }
+                    if !run.use_moe && self.pool.slots() >= nl * ne {
+                        // Dense: every expert of every layer, asked for up front.
+                        let all: Vec<ExpertId> = (0..nl).flat_map(|l| self.layer_ids(l)).collect();
+                        if all.iter().any(|&id| !self.pool.resident(id)) {
+                            run.need = all;
+                            return Ok(None);
+                        }
+                        run.need.clear();
+                    }
+                    run.n = run.cap.min(run.tokens.len() - run.done);
+                    self.write_step(run);
+                    self.ctx.queue.write_buffer(
+                        &self.tokens,
+                        0,
+                        bytemuck::cast_slice(&run.tokens[run.done..run.done + run.n]),
+                    );
+                    let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        self.k
+                            .embed
+                            .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
+                    }
+                    self.stats.dispatches += 1;
+                    (enc, 0)
+                }
+                At::Experts(l) => {
+                    if run.need.iter().any(|&id| !self.pool.resident(id)) {
+                        return Ok(None);
+                    }
+                    let need = std::mem::take(&mut run.need);
+                    self.pool.touch(need);
+                    // The step uniform is unchanged since the pause; rewritten
+                    // so that resuming never depends on that.
+                    self.write_step(run);
+                    let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        self.encode_experts(&mut pass, l, run);
+                    }
+                    (enc, l + 1)
+                }
             };
-            self.ctx.queue.write_buffer(&self.step, 0, step.bytes());
-            self.ctx
-                .queue
-                .write_buffer(&self.tokens, 0, bytemuck::cast_slice(chunk));
-            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            let mut dispatches = 0u64;
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                self.k
-                    .embed
-                    .dispatch(&mut pass, &self.bg_embed, (n * self.cfg.hidden_size) as u64);
-                dispatches += 1;
-            }
-            for l in 0..self.layers.len() {
+            for l in first..nl {
                 {
                     let ly = &self.layers[l];
+                    let n = run.n as u32;
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    self.k
-                        .qkv
-                        .encode(&mut pass, &ly.bg_qkv, &self.p_qkv, n as u32);
-                    self.k
-                        .attn
-                        .encode(&mut pass, &ly.bg_attn, &self.p_attn, n as u32);
-                    self.k.mv.encode(&mut pass, &ly.bg_o, &self.p_o, n as u32);
-                    self.k.router.encode(&mut pass, &ly.bg_router, n as u32);
-                    dispatches += 4;
+                    self.k.qkv.encode(&mut pass, &ly.bg_qkv, &self.p_qkv, n);
+                    self.k.attn.encode(&mut pass, &ly.bg_attn, &self.p_attn, n);
+                    self.k.mv.encode(&mut pass, &ly.bg_o, &self.p_o, n);
+                    self.k.router.encode(&mut pass, &ly.bg_router, n);
                 }
-                if use_moe && self.layers[l].resident.iter().any(|r| !r) {
-                    // Read the routed ids back, load what is missing, go on.
-                    let bytes = (n * ne * 2 * 4) as u64;
-                    enc.copy_buffer_to_buffer(&self.route, 0, &self.readback, 0, bytes);
-                    self.ctx.queue.submit([enc.finish()]);
-                    self.stats.submissions += 1;
-                    let words: Vec<u32> = bytemuck::pod_collect_to_vec(
-                        &self.ctx.read_mapped(&self.readback, bytes).await?,
-                    );
-                    self.stats.readbacks += 1;
-                    self.stats.readback_bytes += bytes;
-                    for t in 0..n {
-                        for s in 0..k {
-                            let e = words[(t * ne + s) * 2] as usize;
-                            if e >= ne {
-                                return Err(GpuError::Readback(format!(
-                                    "router returned expert {e}"
-                                ))
-                                .into());
-                            }
-                            self.ensure_expert(l, e)?;
-                        }
+                self.stats.dispatches += 4;
+                run.at = At::Experts(l);
+                if self.pool.layer_resident(l) {
+                    // Nothing to ask for: no readback (every expert counts as used).
+                    let ids: Vec<ExpertId> = self.layer_ids(l).collect();
+                    self.pool.touch(ids);
+                } else if !run.use_moe {
+                    self.submit(enc);
+                    run.need = self.layer_ids(l).collect();
+                    return Ok(None);
+                } else {
+                    let ids = self.routed(enc, l, run).await?;
+                    if ids.iter().any(|&id| !self.pool.resident(id)) {
+                        run.need = ids;
+                        return Ok(None);
                     }
+                    self.pool.touch(ids);
                     enc = self.ctx.device.create_command_encoder(&Default::default());
                 }
-                let ly = &self.layers[l];
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                self.k
-                    .up
-                    .encode(&mut pass, &ly.bg_up, &self.p_exp, n as u32, k as u32);
-                self.k
-                    .down
-                    .encode(&mut pass, &ly.bg_down, &self.p_exp, n as u32);
-                dispatches += 2;
+                self.encode_experts(&mut pass, l, run);
             }
-            let v = self.cfg.vocab_size;
+            let last = run.done + run.n == run.tokens.len();
             let read: Option<(&wgpu::Buffer, u64)> = {
+                let n = run.n as u32;
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                if want == Want::AllLogits {
+                if run.want == Want::AllLogits {
                     self.k
                         .mv
-                        .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n as u32);
-                    dispatches += 1;
-                    Some((&self.logits_all, (n * v * 4) as u64))
+                        .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n);
+                    self.stats.dispatches += 1;
+                    Some((&self.logits_all, (run.n * v * 4) as u64))
                 } else if last {
                     self.k
                         .mv
-                        .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n as u32);
-                    dispatches += 1;
-                    if want == Want::Token {
+                        .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n);
+                    self.stats.dispatches += 1;
+                    if run.want == Want::Greedy {
                         self.k.argmax.encode(&mut pass, &self.bg_argmax);
-                        dispatches += 1;
+                        self.stats.dispatches += 1;
                         Some((&self.argmax_out, 4))
                     } else {
                         Some((&self.logits_last, (v * 4) as u64))
@@ -750,19 +1042,18 @@ impl Engine {
                     None
                 }
             };
-            if let Some((src, bytes)) = read {
+            let read = read.map(|(src, bytes)| {
                 enc.copy_buffer_to_buffer(src, 0, &self.readback, 0, bytes);
-            }
-            self.ctx.queue.submit([enc.finish()]);
-            self.stats.submissions += 1;
+                bytes
+            });
+            self.submit(enc);
             self.stats.steps += 1;
-            self.stats.dispatches += dispatches;
-            if let Some((_, bytes)) = read {
+            if let Some(bytes) = read {
                 let data = self.ctx.read_mapped(&self.readback, bytes).await?;
                 self.stats.readbacks += 1;
                 self.stats.readback_bytes += bytes;
-                match want {
-                    Want::Token => {
+                match run.want {
+                    Want::Greedy => {
                         out = Some(Output::Token(bytemuck::pod_read_unaligned::<u32>(
                             &data[..4],
                         )))
@@ -770,111 +1061,49 @@ impl Engine {
                     Want::Logits => out = Some(Output::Logits(bytemuck::pod_collect_to_vec(&data))),
                     Want::AllLogits => {
                         let f: Vec<f32> = bytemuck::pod_collect_to_vec(&data);
-                        all.extend(f.chunks_exact(v).map(<[f32]>::to_vec));
+                        run.all.extend(f.chunks_exact(v).map(<[f32]>::to_vec));
                     }
                 }
             }
-            self.pos += n;
-            self.stats.tokens += n as u64;
+            run.done += run.n;
+            self.stats.tokens += run.n as u64;
+            run.at = At::Chunk;
         }
-        if want == Want::AllLogits {
-            return Ok(Output::All(all));
+        if run.want == Want::AllLogits {
+            return Ok(Some(Output::AllLogits(std::mem::take(&mut run.all))));
         }
-        out.ok_or_else(|| GpuError::Readback("no output".into()).into())
-    }
-
-    /// Append `tokens` and return the last position's logits.
-    pub async fn forward_async(
-        &mut self,
-        tokens: &[u32],
-        opts: &RunOptions,
-    ) -> Result<Vec<f32>, ModelError> {
-        match self.run(tokens, opts, Want::Logits).await? {
-            Output::Logits(l) => Ok(l),
-            _ => Err(GpuError::Readback("unexpected output".into()).into()),
-        }
-    }
-
-    /// Append `tokens` and return the greedy next token (argmax on the GPU;
-    /// only its id is read back).
-    pub async fn next_token_async(
-        &mut self,
-        tokens: &[u32],
-        opts: &RunOptions,
-    ) -> Result<u32, ModelError> {
-        match self.run(tokens, opts, Want::Token).await? {
-            Output::Token(t) => Ok(t),
-            _ => Err(GpuError::Readback("unexpected output".into()).into()),
-        }
-    }
-
-    /// Append `tokens` and return every position's logits (tests, eval loss).
-    pub async fn forward_all_logits_async(
-        &mut self,
-        tokens: &[u32],
-        opts: &RunOptions,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        match self.run(tokens, opts, Want::AllLogits).await? {
-            Output::All(a) => Ok(a),
-            _ => Err(GpuError::Readback("unexpected output".into()).into()),
-        }
-    }
-
-    /// Greedy decoding: feed `prompt`, then `steps` sampled tokens one at a
-    /// time; `on_token` sees each one. Returns the generated ids.
-    pub async fn generate_greedy_async(
-        &mut self,
-        prompt: &[u32],
-        steps: usize,
-        opts: &RunOptions,
-        mut on_token: impl FnMut(u32),
-    ) -> Result<Vec<u32>, ModelError> {
-        let mut out = Vec::with_capacity(steps);
-        if steps == 0 {
-            return Ok(out);
-        }
-        let mut tok = self.next_token_async(prompt, opts).await?;
-        loop {
-            out.push(tok);
-            on_token(tok);
-            if out.len() == steps {
-                return Ok(out);
-            }
-            tok = self.next_token_async(&[tok], opts).await?;
-        }
+        out.map(Some)
+            .ok_or_else(|| GpuError::Readback("no output".into()).into())
     }
 }
 
-/// Native blocking wrappers.
-#[cfg(not(target_arch = "wasm32"))]
-impl Engine {
-    pub fn next_token(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<u32, ModelError> {
-        pollster::block_on(self.next_token_async(tokens, opts))
-    }
-
-    pub fn forward_all_logits(
+impl crate::model::Engine for Engine {
+    /// Start a step. Errors ([`ModelError::Input`]) while another step is
+    /// paused: resume or cancel that one first.
+    async fn step(
         &mut self,
         tokens: &[u32],
         opts: &RunOptions,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        pollster::block_on(self.forward_all_logits_async(tokens, opts))
+        want: Want,
+    ) -> Result<Step, ModelError> {
+        let run = self.start(tokens, opts, want)?;
+        self.drive(run).await
     }
 
-    pub fn generate_greedy(
-        &mut self,
-        prompt: &[u32],
-        steps: usize,
-        opts: &RunOptions,
-        on_token: impl FnMut(u32),
-    ) -> Result<Vec<u32>, ModelError> {
-        pollster::block_on(self.generate_greedy_async(prompt, steps, opts, on_token))
+    async fn resume(&mut self) -> Result<Step, ModelError> {
+        let run = self
+            .paused
+            .take()
+            .ok_or_else(|| ModelError::Input("resume: no step is paused".into()))?;
+        self.drive(run).await
     }
-}
 
-#[cfg(not(target_arch = "wasm32"))]
-impl crate::model::Forward for Engine {
-    fn forward(&mut self, tokens: &[u32], opts: &RunOptions) -> Result<Vec<f32>, ModelError> {
-        pollster::block_on(self.forward_async(tokens, opts))
+    fn supply_expert(&mut self, id: ExpertId, weights: ExpertWeights) -> Result<(), ModelError> {
+        Engine::supply_expert(self, id, weights)
+    }
+
+    fn cancel(&mut self) {
+        self.paused = None;
     }
 
     fn reset(&mut self) {
@@ -887,6 +1116,116 @@ impl crate::model::Forward for Engine {
 
     fn config(&self) -> &Config {
         &self.cfg
+    }
+}
+
+/// Native blocking conveniences: one [`run_step`] under `pollster`, with the
+/// experts from `source` (any [`ExpertSource`] is a [`Supply`]).
+#[cfg(not(target_arch = "wasm32"))]
+impl Engine {
+    /// Append `tokens`, return the output `want` asks for.
+    pub fn run_blocking<S: Supply + ?Sized>(
+        &mut self,
+        source: &mut S,
+        tokens: &[u32],
+        opts: &RunOptions,
+        want: Want,
+    ) -> Result<Output, ModelError> {
+        pollster::block_on(run_step(self, source, tokens, opts, want))
+    }
+
+    /// Append `tokens`, return the last position's logits.
+    pub fn forward<S: Supply + ?Sized>(
+        &mut self,
+        source: &mut S,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<f32>, ModelError> {
+        match self.run_blocking(source, tokens, opts, Want::Logits)? {
+            Output::Logits(l) => Ok(l),
+            _ => Err(GpuError::Readback("unexpected output".into()).into()),
+        }
+    }
+
+    /// Append `tokens`, return the greedy next token (argmax on the GPU;
+    /// only its id is read back).
+    pub fn next_token<S: Supply + ?Sized>(
+        &mut self,
+        source: &mut S,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<u32, ModelError> {
+        match self.run_blocking(source, tokens, opts, Want::Greedy)? {
+            Output::Token(t) => Ok(t),
+            _ => Err(GpuError::Readback("unexpected output".into()).into()),
+        }
+    }
+
+    /// Append `tokens`, return every position's logits (tests, eval loss).
+    pub fn forward_all_logits<S: Supply + ?Sized>(
+        &mut self,
+        source: &mut S,
+        tokens: &[u32],
+        opts: &RunOptions,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        match self.run_blocking(source, tokens, opts, Want::AllLogits)? {
+            Output::AllLogits(a) => Ok(a),
+            _ => Err(GpuError::Readback("unexpected output".into()).into()),
+        }
+    }
+
+    /// Greedy decoding: feed `prompt`, then `steps` sampled tokens one at a
+    /// time; `on_token` sees each one. Returns the generated ids.
+    pub fn generate_greedy<S: Supply + ?Sized>(
+        &mut self,
+        source: &mut S,
+        prompt: &[u32],
+        steps: usize,
+        opts: &RunOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut out = Vec::with_capacity(steps);
+        if steps == 0 {
+            return Ok(out);
+        }
+        let mut tok = self.next_token(source, prompt, opts)?;
+        loop {
+            out.push(tok);
+            on_token(tok);
+            if out.len() == steps {
+                return Ok(out);
+            }
+            tok = self.next_token(source, &[tok], opts)?;
+        }
+    }
+}
+
+/// The engine with an attached expert source, as a blocking
+/// [`crate::model::Forward`] (native; e.g. the CLI's `--device gpu`).
+#[cfg(not(target_arch = "wasm32"))]
+#[derive(Debug)]
+pub struct Attached<S> {
+    pub engine: Engine,
+    pub source: S,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<S: ExpertSource> Forward for Attached<S> {
+    fn run(&mut self, tokens: &[u32], opts: &RunOptions, want: Want) -> Result<Output, ModelError> {
+        self.engine
+            .run_blocking(&mut self.source, tokens, opts, want)
+    }
+
+    fn reset(&mut self) {
+        self.engine.reset();
+    }
+
+    fn position(&self) -> usize {
+        self.engine.position()
+    }
+
+    fn config(&self) -> &Config {
+        self.engine.config()
     }
 }
 

@@ -2,6 +2,11 @@
 //! experts of one layer, for the experts the router chose.
 //! up: `act = silu(w1 xn) * (w3 xn)` with the post-attention RMSNorm fused;
 //! down: `x += sum_k weight_k * w2_k act_k` (weighted sum and residual fused).
+//!
+//! The weights live in an expert pool: `w13` and `w2` hold `n_slots` experts
+//! each, and a per-layer table `slots[expert]` says which slot holds which
+//! expert, so evicting or uploading an expert rewrites one table word and
+//! never a bind group.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -22,6 +27,11 @@ pub struct Params {
     pub inter: u32,
     pub n_experts: u32,
     pub eps: f32,
+    /// Experts the pool buffers hold (slot indices are clamped below it).
+    pub n_slots: u32,
+    pub _p0: u32,
+    pub _p1: u32,
+    pub _p2: u32,
 }
 
 #[derive(Debug)]
@@ -41,8 +51,8 @@ impl ExpertUp {
             WeightFormat::F16 => Self(Kernel::new(ctx, "expert_up_f16", SOURCE_UP_F16, None)),
         }
     }
-    /// Bindings: step, params, w13, x, g, route, act.
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
+    /// Bindings: step, params, w13 (pool), x, g, route, act, slot table.
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
     pub fn encode(
@@ -73,8 +83,8 @@ impl ExpertDown {
             WeightFormat::F16 => Self(Kernel::new(ctx, "expert_down_f16", SOURCE_DOWN_F16, None)),
         }
     }
-    /// Bindings: step, params, w2, act, route, x.
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 6]) -> wgpu::BindGroup {
+    /// Bindings: step, params, w2 (pool), act, route, x, slot table.
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
     pub fn encode(
@@ -210,6 +220,10 @@ pub async fn run_format(
         inter: inter as u32,
         n_experts: ne as u32,
         eps,
+        n_slots: ne as u32,
+        _p0: 0,
+        _p1: 0,
+        _p2: 0,
     };
     let step = step_buffer(
         ctx,
@@ -221,9 +235,11 @@ pub async fn run_format(
         },
     );
     let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
+    // A pool of `ne` slots holding the experts in reverse order (the table
+    // maps them back), so the test exercises the indirection.
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
-    for e in experts {
+    for e in experts.iter().rev() {
         w13.extend(format.encode(&pack_w13(e.w1, e.w3, inter, hidden), hidden, 2 * inter));
         w2.extend(format.encode(&pack_w2(e.w2, inter, hidden), inter, hidden));
     }
@@ -240,8 +256,10 @@ pub async fn run_format(
     let gb = ctx.storage_init("g", f32_bytes(g));
     let rb = ctx.storage_init("route", bytemuck::cast_slice(&words));
     let act = ctx.storage_zeroed("act", (n * ne * inter * 4) as u64);
-    let bg_up = up.bind(ctx, [&step, &pb, &w13b, &xb, &gb, &rb, &act]);
-    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb]);
+    let table: Vec<u32> = (0..ne as u32).rev().collect();
+    let tb = ctx.storage_init("slots", bytemuck::cast_slice(&table));
+    let bg_up = up.bind(ctx, [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb]);
+    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());

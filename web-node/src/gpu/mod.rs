@@ -11,28 +11,38 @@
 //!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down), [`argmax`].
 //!   Weights are stored transposed (`[in][out]`) so neighbouring invocations
 //!   read neighbouring words.
-//! - [`engine`]: [`Engine`], the forward pass (see its module docs for the
-//!   per-step schedule: `6 * layers + 3` dispatches per token).
+//! - [`engine`]: [`Engine`], the forward pass as a sans-IO
+//!   [`crate::model::Engine`] (see its module docs for the per-chunk
+//!   schedule, `6 * layers + 3` dispatches per token, how a step pauses for
+//!   missing experts, and the expert pool).
 //!
 //! # Using the engine (native and browser)
 //!
 //! ```ignore
+//! use web_node::model::{run_step, Engine as _, Want};
 //! let ctx = Arc::new(GpuContext::new().await?);            // or new_blocking() natively
-//! let mut engine = Engine::new(ctx, &cfg, &shared, &routers, Box::new(source))?;
-//! // (Engine::with_options(.., EngineOptions { max_seq, max_batch }) for other sizes)
-//! let logits = engine.forward_async(&prompt_ids, &RunOptions::default()).await?;   // last position
-//! let next = engine.next_token_async(&[id], &opts).await?;  // greedy, reads back 4 bytes
-//! let ids = engine.generate_greedy_async(&prompt, 32, &opts, |id| stream(id)).await?;
-//! let all = engine.forward_all_logits_async(&ids, &opts).await?; // every position (eval)
-//! engine.insert_expert(layer, expert, &weights)?;   // push an expert fetched ahead of time
-//! engine.reset();                                     // empty the KV cache
+//! let mut engine = Engine::new(ctx, &cfg, &shared, &routers)?;
+//! // Engine::with_options(.., EngineOptions { max_seq, max_batch, weights,
+//! //     expert_pool_bytes: Some(12 * expert_bytes(&cfg, weights)) }) for a small pool
+//! match engine.step(&prompt_ids, &opts, Want::Greedy).await? {
+//!     Step::Done(Output::Token(t)) => { /* next token */ }
+//!     Step::Need(ids) => {
+//!         for id in ids { engine.supply_expert(id, fetch(id).await?)?; }
+//!         engine.resume().await?;                          // (or engine.cancel())
+//!     }
+//!     _ => {}
+//! }
+//! // or the whole loop, with any Supply (every ExpertSource is one):
+//! let out = run_step(&mut engine, &mut source, &ids, &opts, Want::Logits).await?;
+//! engine.reset();                                          // empty the KV cache
 //! ```
 //!
-//! `source` is any [`crate::model::ExpertSource`] (`Send` natively, see
-//! [`DynSource`]); it is asked for `(layer, expert)` the first time the router
-//! picks it, once. Natively [`Engine`] also implements
-//! [`crate::model::Forward`] (blocking), so `generate` and the sampler work
-//! with it unchanged; in the browser use the `*_async` methods.
+//! The engine never calls out for weights: the caller supplies what a step
+//! asks for (from a file, a store, a cache or a peer). Natively,
+//! `Engine::{forward, next_token, forward_all_logits, generate_greedy}` are
+//! blocking wrappers over [`crate::model::run_step`] that take a source, and
+//! [`engine::Attached`] (engine + source) is a blocking
+//! [`crate::model::Forward`].
 
 pub mod add;
 pub mod argmax;
@@ -48,7 +58,9 @@ pub mod rmsnorm;
 pub mod router;
 
 pub use context::{GpuContext, GpuError};
-pub use engine::{DynSource, Engine, EngineOptions, EngineStats};
+#[cfg(not(target_arch = "wasm32"))]
+pub use engine::Attached;
+pub use engine::{expert_bytes, Engine, EngineOptions, EngineStats};
 pub use kernel::WeightFormat;
 
 /// Every WGSL file, by name (validated with naga in the tests).
