@@ -16,6 +16,17 @@ pub struct DagEntry {
     pub payload: PayloadStatus,
 }
 
+/// A slot's head: the accepted latest version of `name` under `meta`
+/// (`meta` is None for chain-A models).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotHead {
+    /// The chain-A meta block (None for chain-A heads).
+    pub meta: Option<BlockHash>,
+    /// Slot (chain B) or model (chain A) name.
+    pub name: String,
+    pub hash: BlockHash,
+}
+
 /// Headers by hash, heads per slot, and blocks in the order they were
 /// accepted (every parent before its children).
 #[derive(Debug, Default, Clone)]

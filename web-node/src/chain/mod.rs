@@ -20,7 +20,7 @@ pub use block::{
 };
 pub use build::{now_ms, BlockBuilder};
 pub use chunks::{chunk_count, chunk_hashes, payload_root, verify_chunk, ChunkHasher};
-pub use dag::{Dag, DagEntry};
+pub use dag::{Dag, DagEntry, SlotHead};
 pub use error::ChainError;
 pub use meta::{MetaPayload, ARCHITECTURE};
 pub use payload::{PayloadAssembler, PayloadStatus, VerifiedPayload};

@@ -15,7 +15,7 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{
-    chunk_hashes, limits, payload_root, Block, BlockHash, BlockHeader, BlockKind, ChainError,
+    limits, payload_root, Block, BlockBuilder, BlockHash, BlockHeader, BlockKind, ChainError,
     ChainId, PayloadDtype, HEADER_VERSION,
 };
 use crate::model::Slot;
@@ -253,15 +253,8 @@ impl BlockInfo {
     }
 }
 
-/// A slot head as `GET /heads` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeadInfo {
-    /// The chain-A meta block (None for chain-A heads).
-    pub meta: Option<BlockHash>,
-    /// Slot (chain B) or model (chain A) name.
-    pub name: String,
-    pub hash: BlockHash,
-}
+/// A slot head as `GET /heads` lists it (the DAG's own record).
+pub use crate::chain::SlotHead as HeadInfo;
 
 /// `GET /blocks/{hash}/chunks`: the chunk-hash list of a payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,22 +453,14 @@ impl SeedUpload {
                 ),
             ));
         }
-        Ok(BlockHeader {
-            version: HEADER_VERSION,
-            chain: kind.chain(),
-            kind,
-            name,
-            meta,
-            parents,
-            payload_len: payload.len() as u64,
-            chunk_size,
-            payload_root: payload_root(&chunk_hashes(payload, chunk_size)),
-            dtype,
-            candidate_loss: self.candidate_loss,
-            miner: hex_array::<32>("miner_pub", self.miner_pub.trim())?,
-            address: self.miner_address.clone(),
-            timestamp_ms: self.timestamp_ms,
-        })
+        let miner = hex_array::<32>("miner_pub", self.miner_pub.trim())?;
+        Ok(BlockBuilder::new(kind, name, meta, dtype)
+            .parents(parents)
+            .chunk_size(chunk_size)
+            .candidate_loss(self.candidate_loss)
+            .address(self.miner_address.clone())
+            .timestamp_ms(self.timestamp_ms)
+            .header(payload, miner))
     }
 
     /// Decode the upload into the signed block and its payload. The signature

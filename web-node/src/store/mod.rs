@@ -20,8 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::chain::Block;
-use crate::chain::{BlockHash, ChainId, ChainView as _, Dag, MetaPayload};
-use crate::net::api::HeadInfo;
+use crate::chain::{BlockHash, ChainId, ChainView as _, Dag, MetaPayload, SlotHead};
 
 /// Errors of a block store.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -91,7 +90,7 @@ pub trait BlockStore: Send + Sync {
     }
 
     /// The head of every slot.
-    fn heads(&self) -> Result<Vec<HeadInfo>, StoreError>;
+    fn heads(&self) -> Result<Vec<SlotHead>, StoreError>;
 
     /// Point a slot's head at a stored block (operator rollback, re-org).
     fn set_head(
@@ -207,12 +206,12 @@ impl BlockStore for MemoryStore {
             .collect())
     }
 
-    fn heads(&self) -> Result<Vec<HeadInfo>, StoreError> {
+    fn heads(&self) -> Result<Vec<SlotHead>, StoreError> {
         Ok(self
             .lock()?
             .heads
             .iter()
-            .map(|((meta, name), hash)| HeadInfo {
+            .map(|((meta, name), hash)| SlotHead {
                 meta: *meta,
                 name: name.clone(),
                 hash: *hash,
@@ -238,32 +237,20 @@ impl BlockStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::{
-        chunk_hashes, payload_root, BlockHeader, BlockKind, PayloadDtype, HEADER_VERSION,
-    };
+    use crate::chain::BlockBuilder;
     use ed25519_dalek::SigningKey;
 
     fn meta_block(name: &str, parents: Vec<BlockHash>) -> (Block, Vec<u8>) {
         let cfg = serde_json::json!({"vocab_size":16,"hidden_size":8,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":2,"num_local_experts":2});
         let payload = MetaPayload::new(name, cfg, None).unwrap().to_json();
-        let h = BlockHeader {
-            version: HEADER_VERSION,
-            chain: ChainId::A,
-            kind: BlockKind::Meta,
-            name: name.into(),
-            meta: None,
-            parents,
-            payload_len: payload.len() as u64,
-            chunk_size: 4096,
-            payload_root: payload_root(&chunk_hashes(&payload, 4096)),
-            dtype: PayloadDtype::Json,
-            candidate_loss: None,
-            miner: [0; 32],
-            address: "op".into(),
-            timestamp_ms: 1,
-        };
-        (Block::sign(h, &SigningKey::from_bytes(&[1; 32])), payload)
+        let b = BlockBuilder::meta(name)
+            .parents(parents)
+            .chunk_size(4096)
+            .address("op")
+            .timestamp_ms(1)
+            .sign(&payload, &SigningKey::from_bytes(&[1; 32]));
+        (b, payload)
     }
 
     #[test]
@@ -289,7 +276,7 @@ mod tests {
         ));
         assert_eq!(
             s.heads().unwrap(),
-            vec![HeadInfo {
+            vec![SlotHead {
                 meta: None,
                 name: "m".into(),
                 hash: b.hash
