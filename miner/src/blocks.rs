@@ -9,19 +9,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use web_node::chain::{
-    chunk_hashes, limits::DEFAULT_CHUNK_SIZE, payload_root, validate_block, Block, BlockHash,
-    BlockHeader, BlockKind, ChainId, MetaPayload, PayloadDtype, HEADER_VERSION,
+    limits::DEFAULT_CHUNK_SIZE, now_ms, validate_block, Block, BlockHash, BlockKind, Dag,
+    MetaPayload,
 };
-use web_node::model::checkpoint::{self, SlotPayload};
-use web_node::model::{Config, Slot};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use web_node::model::checkpoint::{self, Signer, SlotPayload};
+use web_node::model::Config;
 
 /// Generate a key and write its 32-byte secret as hex (file mode 0600 on Unix).
 pub fn keygen(path: &Path) -> Result<SigningKey> {
@@ -105,97 +97,33 @@ pub fn join_payloads(payloads: &[Vec<u8>]) -> Result<Vec<u8>> {
     Ok(checkpoint::join_slots(&refs)?)
 }
 
-fn kind_of(slot: Slot) -> BlockKind {
-    match slot {
-        Slot::Shared => BlockKind::Shared,
-        Slot::Router { .. } => BlockKind::Router,
-        Slot::Expert { .. } => BlockKind::Expert,
+/// The signer of a user's blocks: `key`, `address`, now, the default chunk size.
+pub fn signer<'a>(key: &'a SigningKey, address: &str) -> Signer<'a> {
+    Signer {
+        key,
+        address: address.to_string(),
+        timestamp_ms: now_ms(),
+        chunk_size: DEFAULT_CHUNK_SIZE,
     }
 }
 
-/// What a parameter block needs besides its payload.
-#[derive(Debug, Clone)]
-pub struct BlockOpts {
-    pub meta: BlockHash,
-    pub parents: Vec<BlockHash>,
-    pub candidate_loss: Option<f32>,
-    pub address: String,
-}
-
-/// Sign a chain-B block for a slot payload.
-pub fn slot_block(
-    slot: Slot,
-    dtype: PayloadDtype,
-    payload: &[u8],
-    o: &BlockOpts,
-    key: &SigningKey,
-) -> Block {
-    let header = BlockHeader {
-        version: HEADER_VERSION,
-        chain: ChainId::B,
-        kind: kind_of(slot),
-        name: slot.to_string(),
-        meta: Some(o.meta),
-        parents: o.parents.clone(),
-        payload_len: payload.len() as u64,
-        chunk_size: DEFAULT_CHUNK_SIZE,
-        payload_root: payload_root(&chunk_hashes(payload, DEFAULT_CHUNK_SIZE)),
-        dtype,
-        candidate_loss: o.candidate_loss,
-        miner: [0; 32],
-        address: o.address.clone(),
-        timestamp_ms: now_ms(),
-    };
-    Block::sign(header, key)
-}
-
-/// Build and sign a chain-A meta block for a model directory.
+/// Build and sign the chain-A meta block of a model directory (genesis: no
+/// parent) and check it against every standalone and payload rule before
+/// anyone sees it.
 pub fn meta_block(
     model_name: &str,
     files: &ModelFiles,
-    address: &str,
-    key: &SigningKey,
+    signer: &Signer<'_>,
 ) -> Result<(Block, Vec<u8>)> {
     let meta = MetaPayload::new(
         model_name,
         files.config_json.clone(),
         files.tokenizer_json.clone(),
     )?;
-    let payload = meta.to_json();
-    let header = BlockHeader {
-        version: HEADER_VERSION,
-        chain: ChainId::A,
-        kind: BlockKind::Meta,
-        name: model_name.to_string(),
-        meta: None,
-        parents: Vec::new(),
-        payload_len: payload.len() as u64,
-        chunk_size: DEFAULT_CHUNK_SIZE,
-        payload_root: payload_root(&chunk_hashes(&payload, DEFAULT_CHUNK_SIZE)),
-        dtype: PayloadDtype::Json,
-        candidate_loss: None,
-        miner: [0; 32],
-        address: address.to_string(),
-        timestamp_ms: now_ms(),
-    };
-    let block = Block::sign(header, key);
-    // Check it against every standalone and payload rule before anyone sees it.
-    validate_block(&block, &payload, &NoChain)?;
+    let (block, payload) = signer.meta_block(&meta, None)?;
+    // An empty chain: the rules that need no other block.
+    validate_block(&block, &payload, &Dag::new())?;
     Ok((block, payload))
-}
-
-/// A chain view with nothing in it (for checking a genesis block alone).
-struct NoChain;
-impl web_node::chain::ChainView for NoChain {
-    fn header(&self, _: &BlockHash) -> Option<BlockHeader> {
-        None
-    }
-    fn config(&self, _: &BlockHash) -> Option<Config> {
-        None
-    }
-    fn head(&self, _: Option<&BlockHash>, _: &str) -> Option<BlockHash> {
-        None
-    }
 }
 
 /// The bytes of a block file / binary upload: envelope then payload.

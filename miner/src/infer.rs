@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use web_node::gpu::engine::Attached;
 use web_node::model::generate::generate;
 use web_node::model::load::ModelDir;
 use web_node::model::reference::CpuModel;
@@ -101,9 +102,9 @@ fn engine(dir: &ModelDir, device: Device, threads: Option<usize>) -> Result<Box<
                 &dir.config,
                 &dir.shared,
                 &dir.routers,
-                Box::new(dir.expert_source()?),
             )?;
-            Ok(Box::new(engine))
+            let source = dir.expert_source()?;
+            Ok(Box::new(Attached { engine, source }))
         }
     }
 }

@@ -3,19 +3,24 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use web_node::chain::BlockHash;
 use web_node::eval::{self, Corpus, Skill};
 use web_node::model::Slot;
 
-use miner::blocks::{self, BlockOpts, ModelFiles};
+use miner::blocks::{self, ModelFiles};
 use miner::{client, improve, train};
 
 #[derive(Parser)]
 #[command(
     name = "aiblock",
     version,
-    about = "AI-Block miner: keys, genesis, import, publish, export, eval, improve, train"
+    about = "AI-Block miner: keys, genesis, import, publish, export, chat, eval, improve, train",
+    long_about = "AI-Block miner: keys, genesis, import, publish, export, chat, eval, improve, train.\n\n\
+        A typical session: `aiblock keygen`, then `aiblock improve --relay URL --expert \
+        layer1.expert3 --skill add --key key` fine-tunes one expert and publishes it \
+        through the relay's quality gate. A new model: `genesis` (meta block), `import` \
+        (one block per slot), `publish`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,147 +34,174 @@ enum Cmd {
     /// Print the last position's logits for token ids as a JSON array.
     Logits(miner::infer::LogitsArgs),
     /// Create a miner key (ed25519 secret as hex, mode 0600) and print its public key.
-    Keygen {
-        #[arg(long, default_value = "key")]
-        out: PathBuf,
-    },
+    Keygen(KeygenArgs),
     /// Build a chain-A meta block (spec + config.json + tokenizer.json) for a model directory.
-    Genesis {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        /// Model name in the spec (default: the directory's name).
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long, default_value = "operator")]
-        address: String,
-        /// Where to write the block file (publish it with `publish --dir`).
-        #[arg(long, default_value = "blocks")]
-        out: PathBuf,
-    },
+    Genesis(GenesisArgs),
     /// Split a checkpoint into signed chain-B blocks (one per slot).
-    Import {
-        #[arg(long)]
-        model: PathBuf,
-        /// The chain-A meta block the blocks conform to.
-        #[arg(long)]
-        meta_hash: BlockHash,
-        #[arg(long)]
-        address: String,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long)]
-        candidate_loss: Option<f32>,
-        /// Print each block (name, kind, tensors and shapes, size, hash); write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Read the meta config from this relay (and use its slot heads as parents).
-        #[arg(long)]
-        relay: Option<String>,
-        /// Read the meta config from a meta block file (as `genesis` writes it).
-        #[arg(long)]
-        meta_file: Option<PathBuf>,
-        #[arg(long, default_value = "blocks")]
-        out: PathBuf,
-    },
+    Import(ImportArgs),
     /// Upload every block file of a directory (binary `POST /blocks`).
-    Publish {
-        #[arg(long)]
-        relay: String,
-        #[arg(long, default_value = "blocks")]
-        dir: PathBuf,
-    },
+    Publish(PublishArgs),
     /// Write the chain's current heads back as a Hugging Face directory.
-    Export {
-        #[arg(long)]
-        relay: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        meta_hash: Option<BlockHash>,
-    },
+    Export(ExportArgs),
     /// Held-out accuracy per skill and public-eval loss of a model directory.
-    Eval {
-        #[arg(long, default_value = "models/default")]
-        model: PathBuf,
-        /// Also print every wrong held-out answer.
-        #[arg(long)]
-        show_errors: bool,
-    },
+    Eval(EvalArgs),
     /// Which experts the router picks for a skill's public-eval prompts
     /// (a guide for choosing `improve --expert`).
-    Routes {
-        #[arg(long, default_value = "models/default")]
-        model: PathBuf,
-        #[arg(long)]
-        skill: String,
-    },
+    Routes(RoutesArgs),
     /// Fine-tune one expert (all else frozen) on a skill, measure the public-eval
     /// loss of the whole model with it, and publish it as the slot's next version.
-    Improve {
-        /// Take the model from the relay's current heads (and publish there).
-        #[arg(long, conflicts_with = "model")]
-        relay: Option<String>,
-        /// Take the model from a directory (the block is only written).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Slot to improve, e.g. layer1.expert3.
-        #[arg(long)]
-        expert: String,
-        /// Skill to train on (add, sub, copy, reverse, sort, count, capital).
-        #[arg(long)]
-        skill: String,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long, default_value = "miner")]
-        address: String,
-        /// With --model: the meta block hash for the new block.
-        #[arg(long)]
-        meta_hash: Option<BlockHash>,
-        /// With --model: the slot's current head.
-        #[arg(long)]
-        parent: Option<BlockHash>,
-        #[arg(long, default_value_t = 100)]
-        steps: usize,
-        #[arg(long, default_value_t = 5e-4)]
-        lr: f64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Claim this loss instead of the measured one (for testing the relay's gate).
-        #[arg(long, hide = true)]
-        claim: Option<f32>,
-        /// Publish even if the measured loss is not lower than the current one.
-        #[arg(long)]
-        force: bool,
-        #[arg(long, default_value = "blocks")]
-        out: PathBuf,
-    },
+    Improve(ImproveArgs),
     /// Train the default model from scratch (deterministic from --seed).
-    Train {
-        #[arg(long, default_value = "models/default")]
-        out: PathBuf,
-        #[arg(long, default_value_t = web_node::eval::DEFAULT_SEED)]
-        seed: u64,
-        #[arg(long, default_value_t = 9000)]
-        steps: usize,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        #[arg(long, default_value_t = 2e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 128)]
-        hidden: usize,
-        #[arg(long, default_value_t = 256)]
-        intermediate: usize,
-        #[arg(long, default_value_t = 512)]
-        vocab: usize,
-        #[arg(long, default_value_t = 0.01)]
-        aux_coef: f64,
-        #[arg(long, default_value_t = 0.05)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 1000)]
-        checkpoint_every: usize,
-    },
+    Train(train::TrainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct KeygenArgs {
+    /// Where to write the secret key (refuses to overwrite a file).
+    #[arg(long, default_value = "key")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+struct GenesisArgs {
+    /// Hugging Face-style model directory (config.json, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Key file to sign with (as `keygen` writes it); a relay accepts meta
+    /// blocks only from its operator key or keys it lists.
+    #[arg(long)]
+    key: PathBuf,
+    /// Model name in the spec (default: the directory's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Display address recorded in the block header.
+    #[arg(long, default_value = "operator")]
+    address: String,
+    /// Where to write the block file (publish it with `publish --dir`).
+    #[arg(long, default_value = "blocks")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ImportArgs {
+    /// Hugging Face-style model directory (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// The chain-A meta block the blocks conform to.
+    #[arg(long)]
+    meta_hash: BlockHash,
+    /// Display address recorded in every block header.
+    #[arg(long)]
+    address: String,
+    /// Key file to sign with (as `keygen` writes it).
+    #[arg(long)]
+    key: PathBuf,
+    /// Public-eval loss the blocks claim (checked by a relay's quality gate).
+    #[arg(long)]
+    candidate_loss: Option<f32>,
+    /// Print each block (name, kind, tensors and shapes, size, hash); write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Read the meta config from this relay (and use its slot heads as parents).
+    #[arg(long)]
+    relay: Option<String>,
+    /// Read the meta config from a meta block file (as `genesis` writes it).
+    #[arg(long)]
+    meta_file: Option<PathBuf>,
+    /// Where to write the block files.
+    #[arg(long, default_value = "blocks")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PublishArgs {
+    /// Relay base URL, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    relay: String,
+    /// Directory of `.block` files (meta blocks are sent first).
+    #[arg(long, default_value = "blocks")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ExportArgs {
+    /// Relay base URL.
+    #[arg(long)]
+    relay: String,
+    /// Directory to write (config.json, tokenizer.json, model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// The model's meta block (default: the relay's only model).
+    #[arg(long)]
+    meta_hash: Option<BlockHash>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct EvalArgs {
+    /// Hugging Face-style model directory.
+    #[arg(long, default_value = "models/default")]
+    model: PathBuf,
+    /// Also print every wrong held-out answer.
+    #[arg(long)]
+    show_errors: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct RoutesArgs {
+    /// Hugging Face-style model directory.
+    #[arg(long, default_value = "models/default")]
+    model: PathBuf,
+    /// Skill whose public-eval prompts are routed (add, sub, copy, reverse,
+    /// sort, count, capital).
+    #[arg(long)]
+    skill: String,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ImproveArgs {
+    /// Take the model from the relay's current heads (and publish there).
+    #[arg(long, conflicts_with = "model")]
+    relay: Option<String>,
+    /// Take the model from a directory (the block is only written).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Slot to improve, e.g. layer1.expert3.
+    #[arg(long)]
+    expert: String,
+    /// Skill to train on (add, sub, copy, reverse, sort, count, capital).
+    #[arg(long)]
+    skill: String,
+    /// Key file to sign with (as `keygen` writes it).
+    #[arg(long)]
+    key: PathBuf,
+    /// Display address recorded in the block header.
+    #[arg(long, default_value = "miner")]
+    address: String,
+    /// The model's meta block: required with --model; with --relay, picks
+    /// one of several models.
+    #[arg(long)]
+    meta_hash: Option<BlockHash>,
+    /// With --model: the slot's current head.
+    #[arg(long)]
+    parent: Option<BlockHash>,
+    /// Fine-tuning steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Seed of the training batches.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Claim this loss instead of the measured one (for testing the relay's gate).
+    #[arg(long, hide = true)]
+    claim: Option<f32>,
+    /// Publish even if the measured loss is not lower than the current one.
+    #[arg(long)]
+    force: bool,
+    /// Where to write the block file.
+    #[arg(long, default_value = "blocks")]
+    out: PathBuf,
 }
 
 fn dir_name(p: &Path) -> String {
@@ -179,34 +211,44 @@ fn dir_name(p: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cmd_import(
-    model: &Path,
-    meta_hash: BlockHash,
-    address: &str,
-    key: &Path,
-    candidate_loss: Option<f32>,
-    dry_run: bool,
-    relay: Option<&str>,
-    meta_file: Option<&Path>,
-    out: &Path,
-) -> Result<()> {
-    let cfg = match (relay, meta_file) {
+fn cmd_genesis(a: &GenesisArgs) -> Result<()> {
+    let files = ModelFiles::read(&a.model)?;
+    let key = blocks::load_key(&a.key)?;
+    let name = a.name.clone().unwrap_or_else(|| dir_name(&a.model));
+    let (block, payload) = blocks::meta_block(&name, &files, &blocks::signer(&key, &a.address))?;
+    let path = blocks::write_block_file(&a.out, &block, &payload)?;
+    println!("{}", block.hash);
+    eprintln!(
+        "meta block {name}: {} layers, {} experts, top{}; {} bytes; written to {}",
+        files.config.num_hidden_layers,
+        files.config.num_local_experts,
+        files.config.num_experts_per_tok,
+        payload.len(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn cmd_import(a: &ImportArgs) -> Result<()> {
+    let meta_hash = a.meta_hash;
+    let relay = a.relay.as_deref();
+    let cfg = match (relay, &a.meta_file) {
         (_, Some(f)) => blocks::meta_config_from_file(f, &meta_hash)?.1,
         (Some(r), None) => client::pick_meta(r, Some(meta_hash))?.2,
         (None, None) => {
             bail!("need --relay URL or --meta-file FILE to read the meta config of {meta_hash}")
         }
     };
-    let files = ModelFiles::read(model)?;
+    let files = ModelFiles::read(&a.model)?;
     let slots = blocks::split_checkpoint(&cfg, &files.weights).with_context(|| {
         format!(
             "importing {} against meta {}",
-            model.display(),
+            a.model.display(),
             meta_hash.short()
         )
     })?;
-    let key = blocks::load_key(key)?;
+    let key = blocks::load_key(&a.key)?;
+    let signer = blocks::signer(&key, &a.address);
     let heads = match relay {
         Some(r) => client::slot_heads(r, &meta_hash)?,
         None => Vec::new(),
@@ -219,13 +261,7 @@ fn cmd_import(
             .filter(|h| h.name == name)
             .map(|h| h.hash)
             .collect();
-        let opts = BlockOpts {
-            meta: meta_hash,
-            parents,
-            candidate_loss,
-            address: address.to_string(),
-        };
-        let block = blocks::slot_block(sp.slot, sp.dtype, &sp.bytes, &opts, &key);
+        let (block, payload) = signer.slot_block(meta_hash, sp, parents, a.candidate_loss);
         total += sp.bytes.len();
         println!(
             "{:<18} {:<7} {:>10} bytes  {}",
@@ -237,11 +273,11 @@ fn cmd_import(
         for t in &sp.tensors {
             println!("    {:<60} {:?} {}", t.name, t.shape, sp.dtype.as_str());
         }
-        if !dry_run {
-            blocks::write_block_file(out, &block, &sp.bytes)?;
+        if !a.dry_run {
+            blocks::write_block_file(&a.out, &block, &payload)?;
         }
     }
-    if dry_run {
+    if a.dry_run {
         println!(
             "dry run: {} blocks, {total} payload bytes; nothing written",
             slots.len()
@@ -250,15 +286,22 @@ fn cmd_import(
         println!(
             "wrote {} blocks ({total} payload bytes) to {}",
             slots.len(),
-            out.display()
+            a.out.display()
         );
     }
     Ok(())
 }
 
-fn cmd_routes(model: &Path, skill: &str) -> Result<()> {
-    let skill = Skill::parse(skill).with_context(|| format!("unknown skill {skill:?}"))?;
-    let dir = web_node::model::load::ModelDir::load(model)?;
+fn parse_skill(name: &str) -> Result<Skill> {
+    Skill::parse(name).with_context(|| {
+        let names: Vec<_> = Skill::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown skill {name:?}; one of {}", names.join(", "))
+    })
+}
+
+fn cmd_routes(a: &RoutesArgs) -> Result<()> {
+    let skill = parse_skill(&a.skill)?;
+    let dir = web_node::model::load::ModelDir::load(&a.model)?;
     let mut m = web_node::model::reference::CpuModel::from_model_dir(&dir)?;
     let tok = dir.tokenizer.inner().clone();
     let corpus = Corpus::default_corpus();
@@ -284,8 +327,8 @@ fn cmd_routes(model: &Path, skill: &str) -> Result<()> {
     Ok(())
 }
 
-fn cmd_eval(model: &Path, show_errors: bool) -> Result<()> {
-    let dir = web_node::model::load::ModelDir::load(model)?;
+fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    let dir = web_node::model::load::ModelDir::load(&a.model)?;
     let mut m = web_node::model::reference::CpuModel::from_model_dir(&dir)?;
     let tok = dir.tokenizer.inner().clone();
     let corpus = Corpus::default_corpus();
@@ -293,7 +336,7 @@ fn cmd_eval(model: &Path, show_errors: bool) -> Result<()> {
     let loss = eval::eval_loss(&mut m, &public)?;
     let held = eval::tokenize(&tok, &corpus.held_out)?;
     let acc = eval::accuracy(&mut m, &tok, &held)?;
-    if show_errors {
+    if a.show_errors {
         let eos = eval::eos_id(&tok)?;
         for ex in &held {
             let out = eval::greedy(&mut m, &ex.prompt, ex.answer.len() + 4, eos)?;
@@ -331,52 +374,33 @@ fn cmd_eval(model: &Path, show_errors: bool) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cmd_improve(
-    relay: Option<&str>,
-    model: Option<&Path>,
-    expert: &str,
-    skill: &str,
-    key: &Path,
-    address: &str,
-    meta_hash: Option<BlockHash>,
-    parent: Option<BlockHash>,
-    steps: usize,
-    lr: f64,
-    seed: u64,
-    claim: Option<f32>,
-    force: bool,
-    out: &Path,
-) -> Result<()> {
-    let slot = Slot::parse(expert)?;
-    let skill = Skill::parse(skill).with_context(|| {
-        let names: Vec<_> = Skill::ALL.iter().map(|s| s.name()).collect();
-        format!("unknown skill {skill:?}; one of {}", names.join(", "))
-    })?;
-    let key = blocks::load_key(key)?;
+fn cmd_improve(a: &ImproveArgs) -> Result<()> {
+    let slot = Slot::parse(&a.expert)?;
+    let skill = parse_skill(&a.skill)?;
+    let key = blocks::load_key(&a.key)?;
     let tmp;
-    let (dir, meta, parents) = match (relay, model) {
+    let (dir, meta, parents) = match (a.relay.as_deref(), &a.model) {
         (Some(r), _) => {
             tmp = tempfile::tempdir()?;
-            let meta = client::export(r, meta_hash, tmp.path())?;
+            let meta = client::export(r, a.meta_hash, tmp.path())?;
             let head = client::slot_head(r, &meta, slot)?
                 .with_context(|| format!("the relay has no head for {slot}"))?;
             (tmp.path().to_path_buf(), meta, vec![head.hash])
         }
         (None, Some(m)) => {
-            let meta = meta_hash.context("--model needs --meta-hash")?;
-            (m.to_path_buf(), meta, parent.into_iter().collect())
+            let meta = a.meta_hash.context("--model needs --meta-hash")?;
+            (m.clone(), meta, a.parent.into_iter().collect())
         }
         (None, None) => bail!("give --relay URL or --model DIR"),
     };
-    let res = improve::improve(&dir, slot, skill, steps, lr, seed)?;
+    let res = improve::improve(&dir, slot, skill, a.steps, a.lr, a.seed)?;
     println!(
         "{slot} on {skill}: public-eval loss {:.5} -> {:.5} ({:+.5})",
         res.baseline_loss,
         res.loss,
         res.loss - res.baseline_loss
     );
-    if res.loss >= res.baseline_loss && !force {
+    if res.loss >= res.baseline_loss && !a.force {
         bail!(
             "no improvement: public-eval loss {:.5} is not below the current {:.5}; nothing published \
              (try another --expert, --skill, --steps or --lr)",
@@ -384,23 +408,18 @@ fn cmd_improve(
             res.baseline_loss
         );
     }
-    let claimed = claim.unwrap_or(res.loss as f32);
-    let opts = BlockOpts {
-        meta,
-        parents,
-        candidate_loss: Some(claimed),
-        address: address.to_string(),
-    };
-    let block = blocks::slot_block(slot, res.payload.dtype, &res.payload.bytes, &opts, &key);
-    let path = blocks::write_block_file(out, &block, &res.payload.bytes)?;
+    let claimed = a.claim.unwrap_or(res.loss as f32);
+    let (block, payload) =
+        blocks::signer(&key, &a.address).slot_block(meta, &res.payload, parents, Some(claimed));
+    let path = blocks::write_block_file(&a.out, &block, &payload)?;
     println!(
         "block {} ({}) written to {}",
         block.hash,
         slot,
         path.display()
     );
-    if let Some(r) = relay {
-        let body = blocks::block_file_bytes(&block, &res.payload.bytes);
+    if let Some(r) = &a.relay {
+        let body = blocks::block_file_bytes(&block, &payload);
         let answer = client::post_block(r, &body)?;
         println!("published: {answer}");
     }
@@ -416,132 +435,30 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Chat(a) => miner::infer::chat(&a),
-        Cmd::Logits(a) => miner::infer::logits(&a),
-        Cmd::Keygen { out } => {
-            let key = blocks::keygen(&out)?;
+    match &cli.cmd {
+        Cmd::Chat(a) => miner::infer::chat(a),
+        Cmd::Logits(a) => miner::infer::logits(a),
+        Cmd::Keygen(a) => {
+            let key = blocks::keygen(&a.out)?;
             println!("{}", hex::encode(key.verifying_key().to_bytes()));
-            eprintln!("secret key written to {}", out.display());
+            eprintln!("secret key written to {}", a.out.display());
             Ok(())
         }
-        Cmd::Genesis {
-            model,
-            key,
-            name,
-            address,
-            out,
-        } => {
-            let files = ModelFiles::read(&model)?;
-            let key = blocks::load_key(&key)?;
-            let name = name.unwrap_or_else(|| dir_name(&model));
-            let (block, payload) = blocks::meta_block(&name, &files, &address, &key)?;
-            let path = blocks::write_block_file(&out, &block, &payload)?;
-            println!("{}", block.hash);
-            eprintln!(
-                "meta block {name}: {} layers, {} experts, top{}; {} bytes; written to {}",
-                files.config.num_hidden_layers,
-                files.config.num_local_experts,
-                files.config.num_experts_per_tok,
-                payload.len(),
-                path.display()
-            );
+        Cmd::Genesis(a) => cmd_genesis(a),
+        Cmd::Import(a) => cmd_import(a),
+        Cmd::Publish(a) => {
+            let hashes = client::publish_dir(&a.relay, &a.dir)?;
+            println!("published {} blocks to {}", hashes.len(), a.relay);
             Ok(())
         }
-        Cmd::Import {
-            model,
-            meta_hash,
-            address,
-            key,
-            candidate_loss,
-            dry_run,
-            relay,
-            meta_file,
-            out,
-        } => cmd_import(
-            &model,
-            meta_hash,
-            &address,
-            &key,
-            candidate_loss,
-            dry_run,
-            relay.as_deref(),
-            meta_file.as_deref(),
-            &out,
-        ),
-        Cmd::Publish { relay, dir } => {
-            let hashes = client::publish_dir(&relay, &dir)?;
-            println!("published {} blocks to {relay}", hashes.len());
+        Cmd::Export(a) => {
+            let meta = client::export(&a.relay, a.meta_hash, &a.out)?;
+            println!("exported the heads of meta {meta} to {}", a.out.display());
             Ok(())
         }
-        Cmd::Export {
-            relay,
-            out,
-            meta_hash,
-        } => {
-            let meta = client::export(&relay, meta_hash, &out)?;
-            println!("exported the heads of meta {meta} to {}", out.display());
-            Ok(())
-        }
-        Cmd::Routes { model, skill } => cmd_routes(&model, &skill),
-        Cmd::Eval { model, show_errors } => cmd_eval(&model, show_errors),
-        Cmd::Improve {
-            relay,
-            model,
-            expert,
-            skill,
-            key,
-            address,
-            meta_hash,
-            parent,
-            steps,
-            lr,
-            seed,
-            claim,
-            force,
-            out,
-        } => cmd_improve(
-            relay.as_deref(),
-            model.as_deref(),
-            &expert,
-            &skill,
-            &key,
-            &address,
-            meta_hash,
-            parent,
-            steps,
-            lr,
-            seed,
-            claim,
-            force,
-            &out,
-        ),
-        Cmd::Train {
-            out,
-            seed,
-            steps,
-            batch,
-            lr,
-            hidden,
-            intermediate,
-            vocab,
-            aux_coef,
-            weight_decay,
-            checkpoint_every,
-        } => {
-            let args = train::TrainArgs {
-                seed,
-                steps,
-                batch,
-                lr,
-                hidden,
-                intermediate,
-                vocab,
-                aux_coef,
-                weight_decay,
-                checkpoint_every,
-            };
-            train::run(&args, &out)
-        }
+        Cmd::Routes(a) => cmd_routes(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Improve(a) => cmd_improve(a),
+        Cmd::Train(a) => train::run(a),
     }
 }

@@ -2,7 +2,7 @@
 //! token) on the train split, then a small Mixtral with AdamW on answer
 //! tokens, written as a Hugging Face directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
@@ -19,19 +19,43 @@ use web_node::model::Config;
 
 use crate::mixtral::Mixtral;
 
-/// Hyper-parameters of a training run.
-#[derive(Debug, Clone)]
+/// `aiblock train`: where to write the model and the hyper-parameters of
+/// the run (the defaults made the committed default model).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
+    /// Directory to write (config.json, tokenizer.json, model.safetensors,
+    /// train_report.json); rewritten at every checkpoint.
+    #[arg(long, default_value = "models/default")]
+    pub out: PathBuf,
+    /// Seed of the corpus, the initial weights and the batches.
+    #[arg(long, default_value_t = web_node::eval::DEFAULT_SEED)]
     pub seed: u64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 9000)]
     pub steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Hidden size (4 attention heads, 2 KV heads).
+    #[arg(long, default_value_t = 128)]
     pub hidden: usize,
+    /// Each expert's intermediate size.
+    #[arg(long, default_value_t = 256)]
     pub intermediate: usize,
+    /// Tokenizer vocabulary size (BPE target).
+    #[arg(long, default_value_t = 512)]
     pub vocab: usize,
+    /// Router load-balancing loss coefficient.
+    #[arg(long, default_value_t = 0.01)]
     pub aux_coef: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f64,
     /// Evaluate and write the directory every this many steps.
+    #[arg(long, default_value_t = 1000)]
     pub checkpoint_every: usize,
 }
 
@@ -291,7 +315,8 @@ pub fn write_dir(
 }
 
 /// The whole run: tokenizer, model, training, directory with a README section.
-pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let out = args.out.as_path();
     let device = Device::Cpu;
     let corpus = Corpus::generate(args.seed);
     let tok = train_tokenizer(&corpus, args.vocab)?;

@@ -154,25 +154,44 @@ fn import_publish_export_round_trip_and_greedy_chat_from_relay_blocks() {
     let meta = a[0].hash.to_hex();
     assert!(heads(&relay.url).is_empty());
 
-    ok(&aiblock(&["keygen", "--out", "key"], work));
+    // The first version of a slot must be signed by the meta block's signer
+    // (here the relay operator, whose key is data/operator.key).
+    let operator_key = work.join("data/operator.key");
     let model = default_model();
     let model = model.to_str().unwrap();
-    let common = [
-        "--model",
-        model,
-        "--meta-hash",
-        &meta,
-        "--address",
-        "alice",
-        "--key",
-        "key",
-    ];
+    let import = |key: &str, extra: &[&str]| {
+        let mut args = vec![
+            "import",
+            "--model",
+            model,
+            "--meta-hash",
+            &meta,
+            "--address",
+            "alice",
+            "--key",
+            key,
+            "--relay",
+            &relay.url,
+        ];
+        args.extend(extra);
+        aiblock(&args, work)
+    };
+
+    // A stranger's key: imported fine, refused by the relay on publish.
+    ok(&aiblock(&["keygen", "--out", "key"], work));
+    ok(&import("key", &["--out", "stranger"]));
+    let o = aiblock(
+        &["publish", "--relay", &relay.url, "--dir", "stranger"],
+        work,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("forbidden"), "{err}");
+    assert!(heads(&relay.url).is_empty());
+    let operator_key = operator_key.to_str().unwrap();
 
     // Dry run: lists every block with tensors and shapes, writes nothing.
-    let mut args = vec!["import"];
-    args.extend(common);
-    args.extend(["--relay", &relay.url, "--dry-run", "--out", "dry"]);
-    let out = ok(&aiblock(&args, work));
+    let out = ok(&import(operator_key, &["--dry-run", "--out", "dry"]));
     assert!(
         out.contains("layer3.expert7") && out.contains("model.embed_tokens.weight"),
         "{out}"
@@ -184,10 +203,7 @@ fn import_publish_export_round_trip_and_greedy_chat_from_relay_blocks() {
     assert!(out.contains("dry run: 37 blocks"), "{out}");
     assert!(!work.join("dry").exists(), "a dry run writes nothing");
 
-    let mut args = vec!["import"];
-    args.extend(common);
-    args.extend(["--relay", &relay.url, "--out", "blocks"]);
-    ok(&aiblock(&args, work));
+    ok(&import(operator_key, &["--out", "blocks"]));
     let out = ok(&aiblock(
         &["publish", "--relay", &relay.url, "--dir", "blocks"],
         work,
