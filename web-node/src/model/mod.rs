@@ -13,7 +13,10 @@ pub mod weights;
 
 pub use crate::spec::{config, slots, Config, Slot, SpecError, TensorSpec};
 pub use engine::{run_step, Engine, ExpertId, Output, Step, Supply, Want};
-pub use weights::{ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights, SharedWeights};
+pub use weights::{
+    check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,
+    SharedWeights,
+};
 
 /// Per-request inference options, shared by every engine (CPU reference, GPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use super::engine::now;
 use super::load::BytesExpertSource;
 use super::{
-    run_step, Config, Engine, ExpertId, ExpertSource, ExpertWeights, Forward, Mat, ModelError,
-    Output, RouterWeights, RunOptions, SharedWeights, Step, Want,
+    check_expert, check_weights, run_step, Config, Engine, ExpertId, ExpertSource, ExpertWeights,
+    Forward, Mat, ModelError, Output, RouterWeights, RunOptions, SharedWeights, Step, Want,
 };
 
 /// Products with at least this many multiply-adds are split over threads.
@@ -126,34 +126,6 @@ impl std::fmt::Debug for CpuModel {
             .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
-}
-
-fn check_mat(name: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), ModelError> {
-    if m.rows != rows || m.cols != cols || m.data.len() != rows * cols {
-        return Err(ModelError::Tensor {
-            name: name.into(),
-            reason: format!("shape [{}, {}], expected [{rows}, {cols}]", m.rows, m.cols),
-        });
-    }
-    Ok(())
-}
-
-fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
-    if v.len() != n {
-        return Err(ModelError::Tensor {
-            name: name.into(),
-            reason: format!("length {}, expected {n}", v.len()),
-        });
-    }
-    Ok(())
-}
-
-/// Check an expert's shapes against the config.
-pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    check_mat("w1", &w.w1, i, h)?;
-    check_mat("w2", &w.w2, h, i)?;
-    check_mat("w3", &w.w3, i, h)
 }
 
 fn default_threads() -> usize {
@@ -427,85 +399,7 @@ impl CpuEngine {
         shared: SharedWeights,
         routers: Vec<RouterWeights>,
     ) -> Result<Self, ModelError> {
-        cfg.validate()?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        check_mat("model.embed_tokens.weight", &shared.embed_tokens, v, h)?;
-        if shared.layers.len() != cfg.num_hidden_layers {
-            return Err(ModelError::Tensor {
-                name: "model.layers".into(),
-                reason: format!(
-                    "{} layers, expected {}",
-                    shared.layers.len(),
-                    cfg.num_hidden_layers
-                ),
-            });
-        }
-        for (l, la) in shared.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            check_vec(
-                &format!("{p}.input_layernorm.weight"),
-                &la.input_layernorm,
-                h,
-            )?;
-            check_vec(
-                &format!("{p}.post_attention_layernorm.weight"),
-                &la.post_attention_layernorm,
-                h,
-            )?;
-            check_mat(
-                &format!("{p}.self_attn.q_proj.weight"),
-                &la.q_proj,
-                cfg.q_dim(),
-                h,
-            )?;
-            check_mat(
-                &format!("{p}.self_attn.k_proj.weight"),
-                &la.k_proj,
-                cfg.kv_dim(),
-                h,
-            )?;
-            check_mat(
-                &format!("{p}.self_attn.v_proj.weight"),
-                &la.v_proj,
-                cfg.kv_dim(),
-                h,
-            )?;
-            check_mat(
-                &format!("{p}.self_attn.o_proj.weight"),
-                &la.o_proj,
-                h,
-                cfg.q_dim(),
-            )?;
-        }
-        check_vec("model.norm.weight", &shared.norm, h)?;
-        match (&shared.lm_head, cfg.tie_word_embeddings) {
-            (Some(m), _) => check_mat("lm_head.weight", m, v, h)?,
-            (None, true) => {}
-            (None, false) => {
-                return Err(ModelError::Tensor {
-                    name: "lm_head.weight".into(),
-                    reason: "missing and tie_word_embeddings is false".into(),
-                })
-            }
-        }
-        if routers.len() != cfg.num_hidden_layers {
-            return Err(ModelError::Tensor {
-                name: "block_sparse_moe.gate".into(),
-                reason: format!(
-                    "{} routers, expected {}",
-                    routers.len(),
-                    cfg.num_hidden_layers
-                ),
-            });
-        }
-        for (l, r) in routers.iter().enumerate() {
-            check_mat(
-                &format!("model.layers.{l}.block_sparse_moe.gate.weight"),
-                &r.gate,
-                cfg.num_local_experts,
-                h,
-            )?;
-        }
+        check_weights(&cfg, &shared, &routers)?;
         let hd = cfg.head_dim();
         let theta = cfg.rope_theta() as f32;
         let inv_freq = (0..hd)
