@@ -2,24 +2,71 @@
 //! after validation and before it is stored. The default [`AcceptAll`] accepts
 //! everything; the quality gate (relay/src/quality.rs) recomputes the claimed
 //! loss and compares it with the incumbent's.
+//!
+//! A gate runs on a blocking thread with no lock held, at most
+//! `--eval-concurrency` at once, on a snapshot of the slot heads taken when
+//! the upload's header was checked; if the slot's head moves meanwhile the
+//! upload gets 409 when it commits.
 
-use web_node::chain::{Block, BlockHash, Dag};
+use std::collections::BTreeMap;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::Path;
+
+use web_node::chain::{Block, BlockHash};
 use web_node::model::Config;
 use web_node::net::api::{codes, ApiError};
 use web_node::store::BlockStore;
 
+/// Where the candidate's payload is: in memory, or in its staged upload file.
+#[derive(Debug, Clone, Copy)]
+pub enum PayloadRef<'a> {
+    Memory(&'a [u8]),
+    /// `len` bytes at `offset` of a file.
+    File {
+        path: &'a Path,
+        offset: u64,
+        len: u64,
+    },
+}
+
 /// What a gate sees: the validated new block and its payload, the incumbent
-/// head it replaces, and read access to the chain and the store (to read the
-/// current heads' payloads).
+/// head it replaces, the heads of the other slots of its model, and the store
+/// (to read the heads' payloads).
 pub struct GateContext<'a> {
     pub block: &'a Block,
-    pub payload: &'a [u8],
+    pub payload: PayloadRef<'a>,
     /// The slot's current head (the block this one replaces).
     pub head: BlockHash,
     /// The config of the block's meta block (None for chain-A blocks).
     pub config: Option<&'a Config>,
-    pub dag: &'a Dag,
+    /// Heads of every slot under the block's meta block, by slot name.
+    pub slot_heads: &'a BTreeMap<String, BlockHash>,
     pub store: &'a dyn BlockStore,
+}
+
+impl GateContext<'_> {
+    /// The candidate's payload in memory (a gate that evaluates needs it whole).
+    pub fn payload(&self) -> Result<Vec<u8>, Rejection> {
+        match self.payload {
+            PayloadRef::Memory(p) => Ok(p.to_vec()),
+            PayloadRef::File { path, offset, len } => {
+                let read = || -> std::io::Result<Vec<u8>> {
+                    let mut f = std::fs::File::open(path)?;
+                    f.seek(SeekFrom::Start(offset))?;
+                    let n = usize::try_from(len).map_err(std::io::Error::other)?;
+                    let mut v = vec![0u8; n];
+                    f.read_exact(&mut v)?;
+                    Ok(v)
+                };
+                read().map_err(|e| Rejection::rejected(format!("reading the staged payload: {e}")))
+            }
+        }
+    }
+
+    /// The candidate payload's length.
+    pub fn payload_len(&self) -> u64 {
+        self.block.header.payload_len
+    }
 }
 
 /// Why a gate refused a block (the message should carry the numbers).
@@ -53,9 +100,16 @@ impl From<Rejection> for ApiError {
 }
 
 /// Acceptance hook for new versions of existing slots. Runs on a blocking
-/// thread under the chain's write lock, so it may be slow (an eval run).
+/// thread with no lock held, so it may be slow (an eval run).
 pub trait Gate: Send + Sync {
     fn check(&self, ctx: &GateContext<'_>) -> Result<(), Rejection>;
+
+    /// Whether [`Gate::check`] does real work for this block (then it runs
+    /// under the relay's evaluation concurrency limit and queue).
+    fn evaluates(&self, block: &Block) -> bool {
+        let _ = block;
+        true
+    }
 }
 
 /// Accepts every valid block.
@@ -65,5 +119,8 @@ pub struct AcceptAll;
 impl Gate for AcceptAll {
     fn check(&self, _ctx: &GateContext<'_>) -> Result<(), Rejection> {
         Ok(())
+    }
+    fn evaluates(&self, _block: &Block) -> bool {
+        false
     }
 }

@@ -4,7 +4,9 @@
 //!   content-addressed block files (`data/blocks/ab/<hash>`, envelope then
 //!   payload, written temp + fsync + rename + fsync dir) and a redb index
 //!   (order, headers, heads). Crash-safe; repaired on open.
-//! * [`server`]: `fn app(state) -> Router` with the REST API and static files.
+//! * [`server`]: `fn app(state) -> Router` with the REST API and static files,
+//!   [`serve`] (the accept loop with connection limits and timeouts), the
+//!   upload pipeline, write rules and limits.
 //! * [`gate`]: the acceptance hook every new version of an existing slot passes.
 //! * [`quality`]: the quality gate (recomputed public-eval loss, rate limit per miner key).
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
@@ -15,8 +17,11 @@ pub mod quality;
 pub mod server;
 pub mod store;
 
-pub use gate::{AcceptAll, Gate, GateContext, Rejection};
-pub use server::{accept_block, app, open_relay, AppState, RelayOptions, SharedState};
+pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection};
+pub use server::{
+    accept_block, app, open_relay, serve, AppState, ChainState, RelayOptions, ServeOptions,
+    SharedState,
+};
 pub use store::FileStore;
 
 /// Errors of the relay library.

@@ -1,11 +1,14 @@
 //! `relay serve --addr 127.0.0.1:8080 --data ./data --web dist --model models/default`
+//! `relay check --data ./data`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use relay::server::limits::{self, Rate};
 use relay::server::ServeConfig;
 
 #[derive(Parser)]
@@ -21,24 +24,105 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the chain, the REST API and the web app.
-    Serve {
-        /// Address to listen on (port 0 picks a free port; the URL is printed).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: SocketAddr,
-        /// Data directory: block files, index, operator key.
+    Serve(Box<Serve>),
+    /// Re-hash every stored payload against its block; quarantine and report
+    /// the ones that do not match (run while the relay is stopped; `serve`
+    /// runs the same pass in the background when it starts). Exits 1 if any
+    /// payload is quarantined.
+    Check {
+        /// Data directory of the relay.
         #[arg(long, default_value = "./data")]
         data: PathBuf,
-        /// Static files of the web app (trunk's dist/).
-        #[arg(long, default_value = "dist")]
-        web: PathBuf,
-        /// Genesis model (Hugging Face dir) used when the chain is empty.
-        #[arg(long, default_value = "models/default")]
-        model: PathBuf,
-        /// Acceptance gate for new versions of a slot: `quality` recomputes the
-        /// public-eval loss (see relay::quality); `accept-all` only validates.
-        #[arg(long, default_value = "quality", value_parser = ["quality", "accept-all"])]
-        gate: String,
     },
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?} must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+#[derive(Args)]
+struct Serve {
+    /// Address to listen on (port 0 picks a free port; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Data directory: block files, index, operator key.
+    #[arg(long, default_value = "./data")]
+    data: PathBuf,
+    /// Static files of the web app (trunk's dist/).
+    #[arg(long, default_value = "dist")]
+    web: PathBuf,
+    /// Genesis model (Hugging Face dir) used when the chain is empty.
+    #[arg(long, default_value = "models/default")]
+    model: PathBuf,
+    /// Acceptance gate for new versions of a slot: `quality` recomputes the
+    /// public-eval loss (see relay::quality); `accept-all` only validates.
+    #[arg(long, default_value = "quality", value_parser = ["quality", "accept-all"])]
+    gate: String,
+    /// Keys (hex ed25519 public keys, one per line, `#` comments) allowed to
+    /// publish chain-A meta blocks besides the operator key (data/operator.key).
+    #[arg(long)]
+    meta_keys: Option<PathBuf>,
+    /// Largest JSON upload body, bytes (POST /upload_moe_experts).
+    #[arg(long, default_value_t = limits::MAX_JSON_UPLOAD)]
+    max_json_body: usize,
+    /// Largest binary upload body, bytes (POST /blocks).
+    #[arg(long, default_value_t = limits::MAX_BINARY_UPLOAD)]
+    max_binary_body: u64,
+    /// JSON uploads decoded at once (others wait 2 s, then 503).
+    #[arg(long, default_value_t = limits::JSON_CONCURRENCY)]
+    json_concurrency: usize,
+    /// Quality-gate evaluations at once.
+    #[arg(long, default_value_t = limits::EVAL_CONCURRENCY)]
+    eval_concurrency: usize,
+    /// Uploads admitted to wait for an evaluation (more: 429 before their payload).
+    #[arg(long, default_value_t = limits::EVAL_QUEUE)]
+    eval_queue: usize,
+    /// Uploads per miner key in a burst.
+    #[arg(long, default_value_t = limits::KEY_BURST)]
+    key_burst: u32,
+    /// Sustained uploads per minute per miner key.
+    #[arg(long, default_value_t = limits::KEY_PER_MINUTE)]
+    key_per_minute: u32,
+    /// Upload requests per client IP in a burst.
+    #[arg(long, default_value_t = limits::IP_BURST)]
+    ip_burst: u32,
+    /// Sustained upload requests per minute per client IP.
+    #[arg(long, default_value_t = limits::IP_PER_MINUTE)]
+    ip_per_minute: u32,
+    /// Entries of each rate table (per key, per IP).
+    #[arg(long, default_value_t = limits::RATE_TABLE_CAPACITY)]
+    rate_table_capacity: usize,
+    /// Seconds an upload body may send nothing before it is cut (staged file removed).
+    #[arg(long, value_parser = secs, default_value = "15")]
+    body_idle_timeout: Duration,
+    /// Seconds to send a whole request header (from connect or the previous response).
+    #[arg(long, value_parser = secs, default_value = "10")]
+    header_timeout: Duration,
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, value_parser = secs, default_value = "5")]
+    keepalive_timeout: Duration,
+    /// Seconds a response write may make no progress before the connection is closed.
+    #[arg(long, value_parser = secs, default_value = "30")]
+    write_timeout: Duration,
+    /// Open connections in total (also capped below the file-descriptor limit).
+    #[arg(long, default_value_t = limits::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Open connections per client IP.
+    #[arg(long, default_value_t = limits::MAX_CONNECTIONS_PER_IP)]
+    max_connections_per_ip: usize,
+    /// Listen backlog (Linux caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = limits::LISTEN_BACKLOG)]
+    backlog: u32,
+    /// Default number of blocks per page of GET /chain/{A|B}/blocks (max 1000).
+    #[arg(long, default_value_t = limits::DEFAULT_PAGE)]
+    page_size: usize,
+    /// Do not re-hash every stored payload in the background at start.
+    #[arg(long)]
+    no_scrub: bool,
 }
 
 async fn shutdown_signal() {
@@ -63,6 +147,35 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+fn check(data: PathBuf) -> anyhow::Result<()> {
+    let (store, _) = relay::FileStore::open(&data)
+        .with_context(|| format!("opening the store in {}", data.display()))?;
+    let t = std::time::Instant::now();
+    let r = store.scrub()?;
+    println!(
+        "checked {} payloads ({:.1} MB) in {:.1} s",
+        r.checked,
+        r.bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let all = store.quarantined_all()?;
+    for (h, why) in &all {
+        println!("quarantined {h}: {why}");
+    }
+    if all.is_empty() {
+        println!("all payloads match their blocks");
+        Ok(())
+    } else {
+        println!(
+            "{} payloads quarantined ({} found now) in {}",
+            all.len(),
+            r.quarantined.len(),
+            data.join("quarantine").display()
+        );
+        std::process::exit(1);
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -72,41 +185,84 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cli {
-        cmd:
-            Cmd::Serve {
-                addr,
-                data,
-                web,
-                model,
-                gate,
-            },
-    } = Cli::parse();
-    let cfg = ServeConfig {
-        data_dir: data.clone(),
-        web_dir: Some(web.clone()),
-        model_dir: Some(model),
+    let a = match Cli::parse().cmd {
+        Cmd::Check { data } => return tokio::task::spawn_blocking(move || check(data)).await?,
+        Cmd::Serve(a) => a,
     };
-    if !web.join("index.html").is_file() {
-        tracing::warn!(web = %web.display(), "no index.html in the web dir (build the web app with trunk)");
+    let cfg = ServeConfig {
+        data_dir: a.data.clone(),
+        web_dir: Some(a.web.clone()),
+        model_dir: Some(a.model.clone()),
+    };
+    if !a.web.join("index.html").is_file() {
+        tracing::warn!(web = %a.web.display(), "no index.html in the web dir (build the web app with trunk)");
     }
+    let meta_keys = match &a.meta_keys {
+        Some(p) => relay::server::auth::read_key_file(p)?,
+        None => Vec::new(),
+    };
+    let data = a.data.clone();
     let state = tokio::task::spawn_blocking(move || relay::open_relay(&cfg))
         .await?
         .with_context(|| format!("opening the relay data in {}", data.display()))?;
-    let state = if gate == "quality" {
+    let state = state.with_meta_keys(meta_keys).with_options(|o| {
+        o.max_json_body = a.max_json_body;
+        o.max_binary_body = a.max_binary_body;
+        o.json_concurrency = a.json_concurrency;
+        o.eval_concurrency = a.eval_concurrency;
+        o.eval_queue = a.eval_queue;
+        o.key_rate = Rate {
+            burst: a.key_burst,
+            per_minute: a.key_per_minute,
+        };
+        o.ip_rate = Rate {
+            burst: a.ip_burst,
+            per_minute: a.ip_per_minute,
+        };
+        o.rate_table_capacity = a.rate_table_capacity;
+        o.body_idle_timeout = a.body_idle_timeout;
+        o.default_page = a.page_size.clamp(1, limits::MAX_PAGE);
+    });
+    if let Some(op) = state.meta_keys().operator() {
+        tracing::info!(operator = %hex::encode(op), "meta blocks accepted from the operator key and --meta-keys");
+    }
+    let state = if a.gate == "quality" {
         state.with_gate(Arc::new(relay::quality::QualityGate::default()))
     } else {
         tracing::warn!("quality gate off: every valid block is accepted");
         state
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let state = Arc::new(state);
+    if !a.no_scrub {
+        let store = state.store.clone();
+        tokio::task::spawn_blocking(move || match store.scrub() {
+            Ok(r) => {
+                for (h, why) in &r.quarantined {
+                    tracing::error!(block = %h, reason = %why, "corrupted payload quarantined at start (not served)");
+                }
+                tracing::info!(
+                    checked = r.checked,
+                    bytes = r.bytes,
+                    quarantined = r.quarantined.len(),
+                    "payload check done"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "payload check failed"),
+        });
+    }
+    let listener = relay::server::conn::bind(a.addr, a.backlog)
+        .with_context(|| format!("binding {}", a.addr))?;
     let local = listener.local_addr()?;
     println!("relay listening on http://{local}");
     tracing::info!(%local, "listening");
-    axum::serve(listener, relay::app(Arc::new(state)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let opts = relay::ServeOptions {
+        header_timeout: a.header_timeout,
+        keepalive_timeout: a.keepalive_timeout,
+        write_timeout: a.write_timeout,
+        max_connections: a.max_connections,
+        max_connections_per_ip: a.max_connections_per_ip,
+        backlog: a.backlog,
+    };
+    relay::serve(listener, relay::app(state), opts, shutdown_signal()).await?;
     Ok(())
 }

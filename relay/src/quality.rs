@@ -10,17 +10,21 @@
 //! ([`RATE_BURST`] blocks, refilled at [`RATE_PER_MINUTE`] per minute), checked
 //! before any recomputation so a flood costs the relay nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::Instant;
 
-use web_node::chain::{BlockHash, ChainId, MetaPayload};
+use web_node::chain::{Block, BlockHash, ChainId, MetaPayload};
 use web_node::eval::{self, EvalError};
 use web_node::model::reference::CpuModel;
 use web_node::model::{checkpoint, Config};
 use web_node::store::BlockStore;
 
 use crate::gate::{Gate, GateContext, Rejection};
+use crate::server::limits::{Rate, RateTable, RATE_TABLE_CAPACITY};
+
+/// Incumbent losses remembered (one per set of heads; an entry is useless
+/// once a head of its model moves, so a few suffice).
+pub const INCUMBENT_CACHE: usize = 8;
 
 /// Largest accepted gap, in nats per answer token, between the claimed and
 /// the recomputed public-eval loss. Both sides run the same deterministic
@@ -133,17 +137,16 @@ pub fn model_loss(
         .map_err(|e: EvalError| GateError::Eval(e.to_string()))
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
+/// A model's identity for the incumbent cache: its meta block and every slot head.
+type HeadsKey = (BlockHash, Vec<BlockHash>);
 
 /// The relay's quality gate (see the module docs).
 pub struct QualityGate {
     params: GateParams,
-    buckets: Mutex<HashMap<[u8; 32], Bucket>>,
-    /// Incumbent losses by (meta, every slot head): recomputed only when a head moves.
-    incumbents: Mutex<HashMap<(BlockHash, Vec<BlockHash>), f64>>,
+    /// Token bucket per miner key, bounded like the relay's own tables.
+    buckets: RateTable<[u8; 32]>,
+    /// Incumbent losses by (meta, every slot head), the latest [`INCUMBENT_CACHE`].
+    incumbents: Mutex<VecDeque<(HeadsKey, f64)>>,
 }
 
 impl Default for QualityGate {
@@ -154,10 +157,15 @@ impl Default for QualityGate {
 
 impl QualityGate {
     pub fn new(params: GateParams) -> Self {
+        // Whole tokens: the burst and the per-minute rate round to integers.
+        let rate = Rate {
+            burst: params.burst.round().max(1.0) as u32,
+            per_minute: params.per_minute.round().max(0.0) as u32,
+        };
         Self {
             params,
-            buckets: Mutex::new(HashMap::new()),
-            incumbents: Mutex::new(HashMap::new()),
+            buckets: RateTable::new(rate, RATE_TABLE_CAPACITY),
+            incumbents: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -167,29 +175,19 @@ impl QualityGate {
 
     /// Take one token from the miner's bucket.
     fn rate_limit(&self, miner: &[u8; 32]) -> Result<(), Rejection> {
-        let mut b = self
-            .buckets
-            .lock()
-            .map_err(|_| Rejection::rejected("gate state poisoned"))?;
-        let now = Instant::now();
-        let e = b.entry(*miner).or_insert(Bucket {
-            tokens: self.params.burst,
-            at: now,
-        });
-        let refill = now.duration_since(e.at).as_secs_f64() * self.params.per_minute / 60.0;
-        e.tokens = (e.tokens + refill).min(self.params.burst);
-        e.at = now;
-        if e.tokens < 1.0 {
-            let wait = (1.0 - e.tokens) * 60.0 / self.params.per_minute.max(1e-9);
-            return Err(Rejection::rate_limited(format!(
-                "miner {} submits too fast: at most {} blocks per minute (burst {}); retry in {wait:.0} s",
+        self.buckets.take(miner).map_err(|wait| {
+            Rejection::rate_limited(format!(
+                "miner {} submits too fast: at most {} blocks per minute (burst {}); retry in {wait} s",
                 hex::encode(miner),
                 self.params.per_minute,
                 self.params.burst
-            )));
-        }
-        e.tokens -= 1.0;
-        Ok(())
+            ))
+        })
+    }
+
+    /// Entries in the per-key table (bounded).
+    pub fn rate_table_len(&self) -> usize {
+        self.buckets.len()
     }
 
     fn evaluate(&self, ctx: &GateContext<'_>) -> Result<(), GateError> {
@@ -208,9 +206,9 @@ impl QualityGate {
             .ok_or_else(|| GateError::Eval("the meta block carries no tokenizer".into()))?;
         let tokenizer: tokenizers::Tokenizer = serde_json::from_value(tok_json)
             .map_err(|e| GateError::Eval(format!("meta tokenizer: {e}")))?;
-        let heads: BTreeMap<String, BlockHash> = ctx.dag.slot_heads(&meta);
+        let heads: &BTreeMap<String, BlockHash> = ctx.slot_heads;
         let mut payloads: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        for (name, hash) in &heads {
+        for (name, hash) in heads {
             payloads.insert(name.clone(), read(ctx.store, hash)?);
         }
         let key = (meta, heads.values().copied().collect::<Vec<_>>());
@@ -218,19 +216,23 @@ impl QualityGate {
             .incumbents
             .lock()
             .ok()
-            .and_then(|c| c.get(&key).copied());
+            .and_then(|c| c.iter().find(|(k, _)| *k == key).map(|(_, l)| *l));
         let incumbent = match cached {
             Some(l) => l,
             None => {
                 let refs: Vec<&[u8]> = payloads.values().map(|p| p.as_slice()).collect();
                 let l = model_loss(cfg, &tokenizer, &refs)?;
                 if let Ok(mut c) = self.incumbents.lock() {
-                    c.insert(key, l);
+                    if c.len() >= INCUMBENT_CACHE {
+                        c.pop_front();
+                    }
+                    c.push_back((key, l));
                 }
                 l
             }
         };
-        payloads.insert(h.name.clone(), ctx.payload.to_vec());
+        let candidate = ctx.payload().map_err(|r| GateError::Eval(r.message))?;
+        payloads.insert(h.name.clone(), candidate);
         let refs: Vec<&[u8]> = payloads.values().map(|p| p.as_slice()).collect();
         let recomputed = model_loss(cfg, &tokenizer, &refs)?;
         tracing::info!(
@@ -248,6 +250,10 @@ fn read(store: &dyn BlockStore, hash: &BlockHash) -> Result<Vec<u8>, GateError> 
 }
 
 impl Gate for QualityGate {
+    fn evaluates(&self, block: &Block) -> bool {
+        block.header.chain == ChainId::B
+    }
+
     fn check(&self, ctx: &GateContext<'_>) -> Result<(), Rejection> {
         if ctx.block.header.chain != ChainId::B {
             return Ok(());
@@ -294,7 +300,7 @@ mod tests {
     fn token_bucket_limits_each_key() {
         let g = QualityGate::new(GateParams {
             burst: 2.0,
-            per_minute: 1e-6,
+            per_minute: 0.0,
             ..GateParams::default()
         });
         assert!(g.rate_limit(&[1; 32]).is_ok());

@@ -1,80 +1,200 @@
-//! The HTTP server: REST API over the store and static files of the web app.
+//! The HTTP server: REST API over the store, uploads, static files of the web
+//! app, and the connection loop with its limits.
+//!
+//! * [`routes_read`]: listings (paged), blocks, payloads (HTTP Range), chunk lists, heads.
+//! * [`upload`]: `POST /blocks` (streamed, checked as it arrives) and the
+//!   seed's JSON `POST /upload_moe_experts`; both run header checks, rate
+//!   limits and write rules before the payload, then payload checks, the gate
+//!   and the store's fsync with no lock held; the chain lock is taken only to
+//!   re-check the slot head and insert.
+//! * [`auth`]: who may write what.
+//! * [`limits`]: every limit as a named constant, rate tables.
+//! * [`conn`]: [`serve`], the accept loop: connection caps, header / keep-alive
+//!   / write timeouts, listen backlog.
+//! * [`static_files`]: the web app through tower-http's `ServeDir`, compressed.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+pub mod auth;
+pub mod conn;
+pub mod limits;
+mod routes_read;
+mod static_files;
+pub mod upload;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path as UrlPath, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt as _;
-use tokio::io::AsyncWriteExt as _;
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock, Semaphore};
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 use web_node::chain::{
-    limits, validate_block, Block, BlockHash, ChainId, ChainView as _, ChunkHasher, Dag,
+    validate_block, Block, BlockHash, ChainId, ChainView as _, Dag, ValidatedBlock,
 };
-use web_node::net::api::{
-    codes, ApiError, BlockInfo, ChunkList, HeadInfo, SeedUpload, MAX_JSON_UPLOAD,
-};
+use web_node::net::api::{codes, ApiError, BlockInfo};
 use web_node::store::{BlockStore, StoreError};
 
-use crate::gate::{AcceptAll, Gate, GateContext};
+use crate::gate::{AcceptAll, Gate};
 use crate::genesis;
 use crate::store::FileStore;
 use crate::RelayError;
 
-/// Largest binary `POST /blocks` body: envelope plus the largest payload.
-pub const MAX_BINARY_UPLOAD: u64 = 8 + limits::MAX_HEADER_LEN as u64 + 64 + limits::MAX_PAYLOAD_LEN;
-/// Bytes read from the store per piece of a streamed payload response.
-const PAYLOAD_PIECE: u64 = 1024 * 1024;
+pub use auth::{MetaKeys, MetaWriters};
+pub use conn::serve;
+pub use limits::{RelayOptions, ServeOptions, MAX_BINARY_UPLOAD};
 
-/// Relay settings.
-#[derive(Debug, Clone)]
-pub struct RelayOptions {
-    /// Largest JSON upload body (413 above).
-    pub max_json_body: usize,
-    /// Largest binary upload body (413 above).
-    pub max_binary_body: u64,
-    /// Static files of the web app (trunk's `dist/`); None serves none.
-    pub web_dir: Option<PathBuf>,
-    /// Where binary uploads are staged while they stream in.
-    pub staging_dir: PathBuf,
+/// The chain as the relay serves it: the DAG index (headers, heads,
+/// configs), and what listings and write rules need besides: each chain's
+/// acceptance order, signatures, and each meta block's writers.
+#[derive(Debug, Default)]
+pub struct ChainState {
+    pub dag: Dag,
+    order: [Vec<BlockHash>; 2],
+    pos: HashMap<BlockHash, usize>,
+    sigs: HashMap<BlockHash, [u8; 64]>,
+    writers: HashMap<BlockHash, MetaWriters>,
 }
 
-impl RelayOptions {
-    pub fn new(staging_dir: PathBuf) -> Self {
-        Self {
-            max_json_body: MAX_JSON_UPLOAD,
-            max_binary_body: MAX_BINARY_UPLOAD,
-            web_dir: None,
-            staging_dir,
+fn chain_ix(c: ChainId) -> usize {
+    match c {
+        ChainId::A => 0,
+        ChainId::B => 1,
+    }
+}
+
+impl ChainState {
+    /// Rebuild from a store: the DAG (as web-node loads it), then the order,
+    /// signatures and meta writers.
+    pub fn load(store: &FileStore) -> Result<Self, StoreError> {
+        let dag = web_node::store::load_dag(store)?;
+        let mut s = Self {
+            dag,
+            ..Self::default()
+        };
+        for b in store.list()? {
+            let writers = if b.header.chain == ChainId::A {
+                let p = store.payload(&b.hash)?;
+                Some(MetaWriters::of(&b, &p))
+            } else {
+                None
+            };
+            s.index(&b, writers);
+        }
+        Ok(s)
+    }
+
+    fn index(&mut self, b: &Block, writers: Option<MetaWriters>) {
+        if self.sigs.contains_key(&b.hash) {
+            return;
+        }
+        let v = &mut self.order[chain_ix(b.header.chain)];
+        self.pos.insert(b.hash, v.len());
+        v.push(b.hash);
+        self.sigs.insert(b.hash, b.signature);
+        if let Some(w) = writers {
+            self.writers.insert(b.hash, w);
         }
     }
+
+    /// Add an accepted block (it becomes its slot's head).
+    pub fn insert(&mut self, v: &ValidatedBlock, writers: Option<MetaWriters>) {
+        self.dag.insert(v);
+        self.index(&v.block, writers);
+    }
+
+    /// The writers of an accepted meta block.
+    pub fn meta_writers(&self, meta: &BlockHash) -> Option<&MetaWriters> {
+        self.writers.get(meta)
+    }
+
+    /// Blocks of a chain in acceptance order, from just after `after`.
+    pub fn page(
+        &self,
+        chain: ChainId,
+        after: Option<&BlockHash>,
+        limit: usize,
+    ) -> Result<(Vec<BlockInfo>, bool), ApiError> {
+        let order = &self.order[chain_ix(chain)];
+        let start = match after {
+            None => 0,
+            Some(h) => match self.pos.get(h) {
+                Some(&i) if order.get(i) == Some(h) => i + 1,
+                _ => {
+                    return Err(ApiError::malformed(format!(
+                        "after={h}: no such block on chain {chain:?}"
+                    )))
+                }
+            },
+        };
+        let end = start.saturating_add(limit).min(order.len());
+        let infos = order
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| self.info(h))
+            .collect();
+        Ok((infos, end < order.len()))
+    }
+
+    /// One block's listing entry (with its head flag), from memory.
+    pub fn info(&self, hash: &BlockHash) -> Option<BlockInfo> {
+        let e = self.dag.get(hash)?;
+        let sig = self.sigs.get(hash)?;
+        let b = Block::from_parts(e.header.clone(), *sig);
+        let head = self.dag.head(e.header.meta.as_ref(), &e.header.name) == Some(*hash);
+        Some(BlockInfo::from(&b).with_head(head))
+    }
+
+    pub fn len(&self) -> usize {
+        self.dag.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dag.is_empty()
+    }
+}
+
+/// Built on first use from [`RelayOptions`] (so options set after
+/// construction apply): rate tables and concurrency bounds.
+struct Runtime {
+    rates: limits::RateLimits,
+    json: Arc<Semaphore>,
+    eval_queue: Arc<Semaphore>,
+    eval_run: Arc<Semaphore>,
+    web: Option<static_files::StaticFiles>,
 }
 
 /// Everything a request handler needs.
 pub struct AppState {
-    pub store: Arc<dyn BlockStore>,
-    /// The chain index; uploads validate and insert under its write lock.
-    pub dag: Arc<RwLock<Dag>>,
+    pub store: Arc<FileStore>,
+    /// The chain index. Readers take it shared; uploads take it exclusively
+    /// only to insert an accepted block (see [`upload`]).
+    pub chain: Arc<RwLock<ChainState>>,
+    /// Serialises the last step of uploads (head re-check, index, insert).
+    commit: Mutex<()>,
     gate: Arc<dyn Gate>,
     pub opts: RelayOptions,
+    meta_keys: MetaKeys,
+    runtime: OnceLock<Runtime>,
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    pub fn new(store: Arc<dyn BlockStore>, dag: Dag, opts: RelayOptions) -> Self {
+    pub fn new(store: Arc<FileStore>, chain: ChainState, opts: RelayOptions) -> Self {
         Self {
             store,
-            dag: Arc::new(RwLock::new(dag)),
+            chain: Arc::new(RwLock::new(chain)),
+            commit: Mutex::new(()),
             gate: Arc::new(AcceptAll),
             opts,
+            meta_keys: MetaKeys::default(),
+            runtime: OnceLock::new(),
         }
     }
 
@@ -84,91 +204,160 @@ impl AppState {
         self
     }
 
+    /// Add keys allowed to write chain-A meta blocks besides the operator's.
+    pub fn with_meta_keys(mut self, keys: impl IntoIterator<Item = [u8; 32]>) -> Self {
+        self.meta_keys = self.meta_keys.with_listed(keys);
+        self
+    }
+
+    /// Change request-level options (before serving).
+    pub fn with_options(mut self, f: impl FnOnce(&mut RelayOptions)) -> Self {
+        f(&mut self.opts);
+        self.runtime = OnceLock::new();
+        self
+    }
+
     /// The acceptance gate new versions of existing slots pass.
     pub fn gate(&self) -> &dyn Gate {
         self.gate.as_ref()
     }
+
+    /// The keys allowed to write meta blocks.
+    pub fn meta_keys(&self) -> &MetaKeys {
+        &self.meta_keys
+    }
+
+    fn rt(&self) -> &Runtime {
+        self.runtime.get_or_init(|| Runtime {
+            rates: limits::RateLimits::new(&self.opts),
+            json: Arc::new(Semaphore::new(self.opts.json_concurrency.max(1))),
+            eval_queue: Arc::new(Semaphore::new(self.opts.eval_queue.max(1))),
+            eval_run: Arc::new(Semaphore::new(self.opts.eval_concurrency.max(1))),
+            web: self
+                .opts
+                .web_dir
+                .as_ref()
+                .map(|d| static_files::StaticFiles::new(d)),
+        })
+    }
+
+    /// Entries in the per-IP and per-key rate tables (bounded by
+    /// [`RelayOptions::rate_table_capacity`]).
+    pub fn rate_table_sizes(&self) -> (usize, usize) {
+        let r = &self.rt().rates;
+        (r.ip.len(), r.key.len())
+    }
 }
 
-fn store_err(e: StoreError) -> ApiError {
+/// An error response: the JSON [`ApiError`], its status (from the code
+/// unless set), and a Retry-After for load shedding.
+#[derive(Debug)]
+pub struct HttpError {
+    pub error: ApiError,
+    pub status: Option<StatusCode>,
+    pub retry_after: Option<u64>,
+}
+
+/// Error codes the relay adds to web-node's [`codes`].
+pub mod relay_codes {
+    /// 415: the upload's Content-Type is not the route's.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// 408: the upload's body stalled and was cut.
+    pub const TIMEOUT: &str = "timeout";
+    /// 503: the relay is at a capacity limit; retry after the Retry-After seconds.
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// 500: the stored payload failed its hash check and was quarantined.
+    pub const CORRUPT: &str = "corrupt";
+}
+
+impl HttpError {
+    pub fn with_status(error: ApiError, status: StatusCode) -> Self {
+        Self {
+            error,
+            status: Some(status),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with Retry-After.
+    pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            error: ApiError::new(codes::RATE_LIMITED, message),
+            status: None,
+            retry_after: Some(retry_after.max(1)),
+        }
+    }
+
+    /// 503 with Retry-After.
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            error: ApiError::new(relay_codes::UNAVAILABLE, message),
+            status: Some(StatusCode::SERVICE_UNAVAILABLE),
+            retry_after: Some(retry_after.max(1)),
+        }
+    }
+
+    pub fn unsupported_media(message: impl Into<String>) -> Self {
+        Self::with_status(
+            ApiError::new(relay_codes::UNSUPPORTED_MEDIA_TYPE, message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        )
+    }
+
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::with_status(
+            ApiError::new(relay_codes::TIMEOUT, message),
+            StatusCode::REQUEST_TIMEOUT,
+        )
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            status: None,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<web_node::chain::ChainError> for HttpError {
+    fn from(e: web_node::chain::ChainError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        });
+        let mut r = (status, Json(self.error)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, HttpError>;
+
+pub(crate) fn store_err(e: StoreError) -> ApiError {
     match e {
         StoreError::NotFound(h) => ApiError::not_found(format!("block {h} not found")),
         StoreError::Duplicate(h) => {
             ApiError::new(codes::DUPLICATE, format!("block {h} already exists"))
         }
         StoreError::Range { .. } => ApiError::new(codes::RANGE_NOT_SATISFIABLE, e.to_string()),
+        StoreError::Corrupt(m) => ApiError::new(relay_codes::CORRUPT, m),
         e => {
             tracing::error!(error = %e, "store failure");
             ApiError::internal(e.to_string())
         }
     }
 }
-
-/// Validate a block against the chain, pass the gate if it replaces a head,
-/// store it and insert it into the DAG. Call with the DAG's write lock held.
-pub fn accept_block(
-    state: &AppState,
-    dag: &mut Dag,
-    block: &Block,
-    payload: &[u8],
-) -> Result<BlockInfo, ApiError> {
-    accept_staged(state, dag, block, payload, None)
-}
-
-/// [`accept_block`] for an upload staged in a file (`envelope || payload`),
-/// which the store may move into place.
-fn accept_staged(
-    state: &AppState,
-    dag: &mut Dag,
-    block: &Block,
-    payload: &[u8],
-    staged: Option<&Path>,
-) -> Result<BlockInfo, ApiError> {
-    let v = validate_block(block, payload, &*dag)?;
-    let h = &block.header;
-    if let Some(head) = dag.head(h.meta.as_ref(), &h.name) {
-        let config = h.meta.as_ref().and_then(|m| dag.config(m));
-        let ctx = GateContext {
-            block,
-            payload,
-            head,
-            config: config.as_ref(),
-            dag,
-            store: state.store.as_ref(),
-        };
-        if let Err(r) = state.gate().check(&ctx) {
-            tracing::info!(block = %block.hash, slot = %h.name, reason = %r, "gate rejected block");
-            return Err(r.into());
-        }
-    }
-    match staged {
-        Some(p) => state.store.put_staged(block, payload, p),
-        None => state.store.put(block, payload),
-    }
-    .map_err(store_err)?;
-    dag.insert(&v);
-    tracing::info!(block = %block.hash, chain = ?h.chain, slot = %h.name, bytes = h.payload_len, "block accepted");
-    Ok(BlockInfo::from(block).with_head(true))
-}
-
-/// An [`ApiError`] as an HTTP response.
-pub struct HttpError(pub ApiError);
-
-impl From<ApiError> for HttpError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0)).into_response()
-    }
-}
-
-type ApiResult<T> = Result<T, HttpError>;
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -178,17 +367,28 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
 }
 
-fn parse_hash(p: Result<UrlPath<String>, PathRejection>) -> Result<BlockHash, ApiError> {
-    let UrlPath(s) = p.map_err(|e| ApiError::malformed(e.body_text()))?;
-    BlockHash::from_hex(&s)
-        .map_err(|_| ApiError::malformed(format!("{s:?} is not a block hash (64 hex characters)")))
+/// The client's address ([`serve`] and `into_make_service_with_connect_info`
+/// set it; otherwise every client shares one rate bucket).
+fn peer_ip(ext: &axum::http::Extensions) -> IpAddr {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
-async fn get_block_of(state: &SharedState, hash: BlockHash) -> Result<Block, ApiError> {
-    let store = state.store.clone();
-    blocking(move || store.get(&hash).map_err(store_err))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("block {hash} not found")))
+/// Store a trusted block (genesis, made by this relay) and insert it: full
+/// validation, no gate, no write rules.
+pub fn accept_block(
+    state: &AppState,
+    chain: &mut ChainState,
+    block: &Block,
+    payload: &[u8],
+) -> Result<BlockInfo, ApiError> {
+    let v = validate_block(block, payload, &chain.dag)?;
+    state.store.put(block, payload).map_err(store_err)?;
+    let writers = (block.header.chain == ChainId::A).then(|| MetaWriters::of(block, payload));
+    chain.insert(&v, writers);
+    tracing::info!(block = %block.hash, chain = ?block.header.chain, slot = %block.header.name, "block stored");
+    Ok(BlockInfo::from(block).with_head(true))
 }
 
 /// The web app, the REST API, CORS for GET and request tracing.
@@ -201,430 +401,20 @@ pub fn app(state: SharedState) -> Router {
             header::CONTENT_RANGE,
             header::ACCEPT_RANGES,
             header::CONTENT_LENGTH,
+            header::LINK,
         ]);
     Router::new()
-        .route("/chain/{chain}/blocks", get(list_chain))
-        .route("/blocks", post(upload_binary))
-        .route("/blocks/{hash}", get(get_block))
-        .route("/blocks/{hash}/payload", get(get_payload))
-        .route("/blocks/{hash}/chunks", get(get_chunks))
-        .route("/heads", get(get_heads))
-        .route("/upload_moe_experts", post(upload_json))
-        .fallback(static_file)
+        .route("/chain/{chain}/blocks", get(routes_read::list_chain))
+        .route("/blocks", post(upload::upload_binary))
+        .route("/blocks/{hash}", get(routes_read::get_block))
+        .route("/blocks/{hash}/payload", get(routes_read::get_payload))
+        .route("/blocks/{hash}/chunks", get(routes_read::get_chunks))
+        .route("/heads", get(routes_read::get_heads))
+        .route("/upload_moe_experts", post(upload::upload_json))
+        .fallback(static_files::static_file)
         .with_state(state)
         .layer(cors)
         .layer(TraceLayer::new_for_http())
-}
-
-async fn list_chain(
-    State(st): State<SharedState>,
-    chain: Result<UrlPath<String>, PathRejection>,
-) -> ApiResult<Json<Vec<BlockInfo>>> {
-    let UrlPath(c) = chain.map_err(|e| ApiError::malformed(e.body_text()))?;
-    let chain = ChainId::parse(&c)
-        .ok_or_else(|| ApiError::not_found(format!("no chain {c:?} (A or B)")))?;
-    let store = st.store.clone();
-    let blocks = blocking(move || store.list_chain(chain).map_err(store_err)).await?;
-    let dag = st.dag.read().await;
-    Ok(Json(
-        blocks
-            .iter()
-            .map(|b| {
-                let head = dag.head(b.header.meta.as_ref(), &b.header.name) == Some(b.hash);
-                BlockInfo::from(b).with_head(head)
-            })
-            .collect(),
-    ))
-}
-
-fn wants_binary(query: &Option<String>, headers: &HeaderMap) -> bool {
-    let q = query.as_deref().unwrap_or_default();
-    if q.split('&').any(|kv| kv == "format=bin") {
-        return true;
-    }
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/octet-stream"))
-}
-
-async fn get_block(
-    State(st): State<SharedState>,
-    hash: Result<UrlPath<String>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let hash = parse_hash(hash)?;
-    let b = get_block_of(&st, hash).await?;
-    if wants_binary(&query, &headers) {
-        return Ok((
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            b.encode(),
-        )
-            .into_response());
-    }
-    let head = st
-        .dag
-        .read()
-        .await
-        .head(b.header.meta.as_ref(), &b.header.name)
-        == Some(b.hash);
-    Ok(Json(BlockInfo::from(&b).with_head(head)).into_response())
-}
-
-/// A parsed single `Range: bytes=...` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RangeSpec {
-    From(u64, Option<u64>),
-    Suffix(u64),
-}
-
-/// Parse a single byte range; None for absent, multiple or unparsable ranges
-/// (which are ignored: the whole payload is served).
-fn parse_range(headers: &HeaderMap) -> Option<RangeSpec> {
-    let v = headers.get(header::RANGE)?.to_str().ok()?.trim();
-    let spec = v.strip_prefix("bytes=")?.trim();
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (a, b) = (a.trim(), b.trim());
-    if a.is_empty() {
-        return Some(RangeSpec::Suffix(b.parse().ok()?));
-    }
-    let start: u64 = a.parse().ok()?;
-    let end = if b.is_empty() {
-        None
-    } else {
-        Some(b.parse().ok()?)
-    };
-    if end.is_some_and(|e| e < start) {
-        return None;
-    }
-    Some(RangeSpec::From(start, end))
-}
-
-/// Resolve a range against a length: Ok(start, end_exclusive), Err if unsatisfiable.
-fn resolve_range(r: RangeSpec, len: u64) -> Result<(u64, u64), ()> {
-    match r {
-        RangeSpec::From(s, e) => {
-            if s >= len {
-                return Err(());
-            }
-            Ok((s, e.map_or(len, |e| e.saturating_add(1).min(len))))
-        }
-        RangeSpec::Suffix(n) => {
-            if n == 0 || len == 0 {
-                return Err(());
-            }
-            Ok((len - n.min(len), len))
-        }
-    }
-}
-
-async fn get_payload(
-    State(st): State<SharedState>,
-    hash: Result<UrlPath<String>, PathRejection>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let hash = parse_hash(hash)?;
-    let b = get_block_of(&st, hash).await?;
-    let len = b.header.payload_len;
-    let (status, start, end) = match parse_range(&headers) {
-        None => (StatusCode::OK, 0, len),
-        Some(r) => match resolve_range(r, len) {
-            Ok((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
-            Err(()) => {
-                let mut resp = HttpError(ApiError::new(
-                    codes::RANGE_NOT_SATISFIABLE,
-                    format!("range outside the payload of {len} bytes"),
-                ))
-                .into_response();
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
-                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                return Ok(resp);
-            }
-        },
-    };
-    let store = st.store.clone();
-    let stream = futures_util::stream::unfold(start, move |pos| {
-        let store = store.clone();
-        async move {
-            if pos >= end {
-                return None;
-            }
-            let n = PAYLOAD_PIECE.min(end - pos);
-            let r = tokio::task::spawn_blocking(move || store.read_payload(&hash, pos, n)).await;
-            let item = match r {
-                Ok(Ok(v)) => Ok(Bytes::from(v)),
-                Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            // After an error, end the stream (the client sees a short body).
-            let next = if item.is_ok() { pos + n } else { end };
-            Some((item, next))
-        }
-    });
-    let mut resp = Response::new(Body::from_stream(stream));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
-    }
-    Ok(resp)
-}
-
-async fn get_chunks(
-    State(st): State<SharedState>,
-    hash: Result<UrlPath<String>, PathRejection>,
-) -> ApiResult<Json<ChunkList>> {
-    let hash = parse_hash(hash)?;
-    let b = get_block_of(&st, hash).await?;
-    let store = st.store.clone();
-    let list = blocking(move || {
-        let h = &b.header;
-        let mut hasher = ChunkHasher::new(h.chunk_size);
-        let piece = (PAYLOAD_PIECE / h.chunk_size as u64).max(1) * h.chunk_size as u64;
-        let mut pos = 0;
-        while pos < h.payload_len {
-            let n = piece.min(h.payload_len - pos);
-            hasher.update(&store.read_payload(&hash, pos, n).map_err(store_err)?);
-            pos += n;
-        }
-        let (chunks, root, _) = hasher.finish();
-        if root != h.payload_root {
-            return Err(ApiError::internal(format!(
-                "stored payload of {hash} does not match its root"
-            )));
-        }
-        Ok(ChunkList {
-            hash,
-            payload_len: h.payload_len,
-            chunk_size: h.chunk_size,
-            payload_root: h.payload_root,
-            chunks,
-        })
-    })
-    .await?;
-    Ok(Json(list))
-}
-
-async fn get_heads(State(st): State<SharedState>) -> Json<Vec<HeadInfo>> {
-    let dag = st.dag.read().await;
-    Json(
-        dag.heads()
-            .map(|((meta, name), hash)| HeadInfo {
-                meta: *meta,
-                name: name.clone(),
-                hash: *hash,
-            })
-            .collect(),
-    )
-}
-
-fn too_large(what: &str, max: u64) -> ApiError {
-    ApiError::new(
-        codes::TOO_LARGE,
-        format!("{what} is larger than {max} bytes"),
-    )
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// Validate, gate and store under the DAG's write lock, on a blocking thread.
-async fn accept_async(
-    st: SharedState,
-    make: impl FnOnce(&Dag) -> Result<(Block, Vec<u8>), ApiError> + Send + 'static,
-) -> ApiResult<(StatusCode, Json<BlockInfo>)> {
-    let mut dag = st.dag.clone().write_owned().await;
-    let info = blocking(move || {
-        let (block, payload) = make(&dag)?;
-        accept_block(&st, &mut dag, &block, &payload)
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(info)))
-}
-
-async fn upload_json(
-    State(st): State<SharedState>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<BlockInfo>)> {
-    let max = st.opts.max_json_body;
-    if content_length(&headers).is_some_and(|n| n > max as u64) {
-        return Err(too_large("JSON body", max as u64).into());
-    }
-    let mut buf: Vec<u8> = Vec::new();
-    let mut stream = body.into_data_stream();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| ApiError::malformed(format!("reading the body: {e}")))?;
-        if buf.len() + piece.len() > max {
-            return Err(too_large("JSON body", max as u64).into());
-        }
-        buf.extend_from_slice(&piece);
-    }
-    let up: SeedUpload = serde_json::from_slice(&buf)
-        .map_err(|e| ApiError::malformed(format!("upload body: {e}")))?;
-    drop(buf);
-    accept_async(st, move |dag| {
-        up.to_block(dag.latest_meta().map(|e| e.hash))
-    })
-    .await
-}
-
-async fn upload_binary(
-    State(st): State<SharedState>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<BlockInfo>)> {
-    let max = st.opts.max_binary_body;
-    if content_length(&headers).is_some_and(|n| n > max) {
-        return Err(too_large("block upload", max).into());
-    }
-    let dir = st.opts.staging_dir.clone();
-    let tmp = blocking(move || {
-        tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&dir)
-            .map_err(|e| ApiError::internal(format!("staging upload: {e}")))
-    })
-    .await?;
-    let (file, path) = tmp.into_parts();
-    let mut file = tokio::fs::File::from_std(file);
-    let mut total: u64 = 0;
-    let mut stream = body.into_data_stream();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| ApiError::malformed(format!("reading the body: {e}")))?;
-        total += piece.len() as u64;
-        if total > max {
-            return Err(too_large("block upload", max).into());
-        }
-        file.write_all(&piece)
-            .await
-            .map_err(|e| ApiError::internal(format!("staging upload: {e}")))?;
-    }
-    file.flush()
-        .await
-        .map_err(|e| ApiError::internal(format!("staging upload: {e}")))?;
-    drop(file);
-    let mut dag = st.dag.clone().write_owned().await;
-    let info = blocking(move || {
-        let mut bytes = std::fs::read(&path)
-            .map_err(|e| ApiError::internal(format!("reading staged upload: {e}")))?;
-        let (block, used) = Block::decode_prefix(&bytes)?;
-        let payload = bytes.split_off(used);
-        drop(bytes);
-        // The store may move the staged file into place; otherwise dropping
-        // `path` removes it.
-        accept_staged(&st, &mut dag, &block, &payload, Some(&path))
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(info)))
-}
-
-/// Percent-decode a URL path; None if it is not valid UTF-8 or escapes are broken.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn content_type(p: &Path) -> &'static str {
-    match p.extension().and_then(|e| e.to_str()).unwrap_or_default() {
-        "html" | "htm" => "text/html; charset=utf-8",
-        "js" | "mjs" => "text/javascript; charset=utf-8",
-        "wasm" => "application/wasm",
-        "css" => "text/css; charset=utf-8",
-        "json" => "application/json",
-        "svg" => "image/svg+xml",
-        "png" => "image/png",
-        "ico" => "image/x-icon",
-        "txt" | "md" => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
-}
-
-/// Static files of the web app. Refuses `..`, `.`, backslashes and NUL in
-/// any (decoded) segment, and anything resolving outside the web dir.
-async fn static_file(
-    State(st): State<SharedState>,
-    method: Method,
-    uri: Uri,
-) -> ApiResult<Response> {
-    let not_found = || ApiError::not_found(format!("no such resource: {}", uri.path()));
-    if method != Method::GET && method != Method::HEAD {
-        return Err(not_found().into());
-    }
-    let Some(root) = st.opts.web_dir.clone() else {
-        return Err(not_found().into());
-    };
-    let decoded = percent_decode(uri.path())
-        .ok_or_else(|| ApiError::malformed("bad percent-encoding in path"))?;
-    let mut rel = PathBuf::new();
-    for seg in decoded.split('/') {
-        if seg.is_empty() {
-            continue;
-        }
-        if seg == "."
-            || seg == ".."
-            || seg.contains('\\')
-            || seg.contains('\0')
-            || seg.contains(':')
-        {
-            return Err(ApiError::malformed("path traversal refused").into());
-        }
-        rel.push(seg);
-    }
-    let file = blocking(move || {
-        let root = root
-            .canonicalize()
-            .map_err(|_| ApiError::not_found("no web app here"))?;
-        let mut p = root.join(&rel);
-        if p.is_dir() {
-            p = p.join("index.html");
-        }
-        let p = match p.canonicalize() {
-            Ok(p) => p,
-            Err(_) => return Ok(None),
-        };
-        if !p.starts_with(&root) || !p.is_file() {
-            return Ok(None);
-        }
-        let bytes = std::fs::read(&p).map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(Some((content_type(&p), bytes)))
-    })
-    .await?;
-    match file {
-        Some((ct, bytes)) => Ok(([(header::CONTENT_TYPE, ct)], bytes).into_response()),
-        None => Err(not_found().into()),
-    }
 }
 
 /// Everything `relay serve` needs besides the address.
@@ -636,7 +426,7 @@ pub struct ServeConfig {
     pub model_dir: Option<PathBuf>,
 }
 
-/// Open the store (repairing it), load the DAG, create the operator key and
+/// Open the store (repairing it), load the chain, create the operator key and
 /// the genesis blocks if needed. Blocking.
 pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
@@ -649,19 +439,23 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
             "store repaired on open"
         );
     }
-    let mut dag = web_node::store::load_dag(&store)?;
-    adopt_orphans(&store, &mut dag, &report.orphans);
+    let mut chain = ChainState::load(&store)?;
+    adopt_orphans(&store, &mut chain, &report.orphans);
+    for (h, why) in store.quarantined_all()? {
+        tracing::warn!(block = %h, reason = %why, "payload quarantined (not served)");
+    }
     let key = genesis::operator_key(&cfg.data_dir)?;
-    let store: Arc<dyn BlockStore> = Arc::new(store);
+    let store = Arc::new(store);
     let mut opts = RelayOptions::new(cfg.data_dir.join("tmp"));
     opts.web_dir = cfg.web_dir.clone();
-    let state = AppState::new(store, Dag::new(), opts);
-    if dag.chain(ChainId::A).next().is_none() {
+    let mut state = AppState::new(store, ChainState::default(), opts);
+    state.meta_keys = MetaKeys::new(Some(key.verifying_key().to_bytes()));
+    if chain.dag.chain(ChainId::A).next().is_none() {
         match &cfg.model_dir {
             Some(m) if m.join("config.json").is_file() => {
                 let blocks = genesis::genesis_blocks(m, &key, genesis::now_ms())?;
                 for (b, p) in &blocks {
-                    accept_block(&state, &mut dag, b, p).map_err(|e| {
+                    accept_block(&state, &mut chain, b, p).map_err(|e| {
                         RelayError::Genesis(format!("block {}: {e}", b.header.name))
                     })?;
                 }
@@ -673,16 +467,14 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
             None => tracing::warn!("no model dir: starting without genesis"),
         }
     }
-    tracing::info!(blocks = dag.len(), "chain loaded");
-    Ok(AppState {
-        dag: Arc::new(RwLock::new(dag)),
-        ..state
-    })
+    tracing::info!(blocks = chain.len(), "chain loaded");
+    state.chain = Arc::new(RwLock::new(chain));
+    Ok(state)
 }
 
 /// Validate block files found without an index entry; index the valid ones
 /// (they passed validation and the gate before they were written), quarantine the rest.
-fn adopt_orphans(store: &FileStore, dag: &mut Dag, orphans: &[BlockHash]) {
+fn adopt_orphans(store: &FileStore, chain: &mut ChainState, orphans: &[BlockHash]) {
     let mut left: Vec<BlockHash> = orphans.to_vec();
     loop {
         let before = left.len();
@@ -690,10 +482,11 @@ fn adopt_orphans(store: &FileStore, dag: &mut Dag, orphans: &[BlockHash]) {
             let Ok((b, p)) = store.read_orphan(h) else {
                 return true;
             };
-            match validate_block(&b, &p, &*dag) {
+            match validate_block(&b, &p, &chain.dag) {
                 Ok(v) => match store.put(&b, &p) {
                     Ok(()) => {
-                        dag.insert(&v);
+                        let w = (b.header.chain == ChainId::A).then(|| MetaWriters::of(&b, &p));
+                        chain.insert(&v, w);
                         tracing::warn!(block = %h, "adopted unindexed block file");
                         false
                     }
@@ -711,45 +504,5 @@ fn adopt_orphans(store: &FileStore, dag: &mut Dag, orphans: &[BlockHash]) {
         if let Err(e) = store.quarantine(&h) {
             tracing::error!(block = %h, error = %e, "quarantine failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hm(v: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
-        h
-    }
-
-    #[test]
-    fn ranges_parse_and_resolve() {
-        assert_eq!(
-            parse_range(&hm("bytes=0-9")),
-            Some(RangeSpec::From(0, Some(9)))
-        );
-        assert_eq!(parse_range(&hm("bytes=5-")), Some(RangeSpec::From(5, None)));
-        assert_eq!(parse_range(&hm("bytes=-3")), Some(RangeSpec::Suffix(3)));
-        assert_eq!(parse_range(&hm("bytes=0-1,4-5")), None);
-        assert_eq!(parse_range(&hm("bytes=9-1")), None);
-        assert_eq!(parse_range(&hm("items=0-1")), None);
-        assert_eq!(resolve_range(RangeSpec::From(0, Some(9)), 5), Ok((0, 5)));
-        assert_eq!(resolve_range(RangeSpec::From(5, None), 5), Err(()));
-        assert_eq!(resolve_range(RangeSpec::Suffix(3), 10), Ok((7, 10)));
-        assert_eq!(resolve_range(RangeSpec::Suffix(30), 10), Ok((0, 10)));
-        assert_eq!(
-            resolve_range(RangeSpec::From(0, Some(u64::MAX)), 10),
-            Ok((0, 10))
-        );
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("/a%2F..%2fb").as_deref(), Some("/a/../b"));
-        assert_eq!(percent_decode("/%zz"), None);
-        assert_eq!(percent_decode("/%"), None);
-        assert_eq!(percent_decode("/%ff"), None);
     }
 }

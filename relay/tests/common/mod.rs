@@ -9,8 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
+use relay::server::limits::Rate;
 use relay::server::ServeConfig;
-use relay::AppState;
+use relay::{AppState, ServeOptions, SharedState};
 use web_node::chain::{validate_block, Block, BlockHash, BlockKind, Dag};
 use web_node::model::random::{
     random_tensors, safetensors_bytes, small_config, write_random_model,
@@ -68,9 +69,22 @@ pub fn upload(
     SeedUpload::build(kind, &slot.to_string(), payload, &opts, key).unwrap()
 }
 
-/// A relay serving in this process on 127.0.0.1:0.
+/// Rate limits high enough that tests exercise validation, not throttling
+/// (the rate-limit tests set their own).
+pub fn unthrottled(s: AppState) -> AppState {
+    s.with_options(|o| {
+        o.ip_rate = Rate {
+            burst: 1_000_000,
+            per_minute: 1_000_000,
+        };
+        o.key_rate = o.ip_rate;
+    })
+}
+
+/// A relay serving in this process on 127.0.0.1:0 through [`relay::serve`].
 pub struct TestRelay {
     pub url: String,
+    pub state: SharedState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -86,14 +100,26 @@ impl TestRelay {
         web: Option<&Path>,
         customize: impl FnOnce(AppState) -> AppState,
     ) -> Self {
+        Self::start_full(data, model, web, customize, ServeOptions::default())
+    }
+
+    /// `customize` runs after [`unthrottled`].
+    pub fn start_full(
+        data: &Path,
+        model: Option<&Path>,
+        web: Option<&Path>,
+        customize: impl FnOnce(AppState) -> AppState,
+        serve_opts: ServeOptions,
+    ) -> Self {
         let cfg = ServeConfig {
             data_dir: data.to_path_buf(),
             web_dir: web.map(Path::to_path_buf),
             model_dir: model.map(Path::to_path_buf),
         };
-        let state = customize(relay::open_relay(&cfg).unwrap());
+        let state: SharedState = Arc::new(customize(unthrottled(relay::open_relay(&cfg).unwrap())));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -101,19 +127,19 @@ impl TestRelay {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
                 addr_tx.send(l.local_addr().unwrap()).unwrap();
-                axum::serve(l, relay::app(Arc::new(state)))
-                    .with_graceful_shutdown(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .unwrap();
+                relay::serve(l, relay::app(st), serve_opts, async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
             });
         });
         let addr = addr_rx.recv().unwrap();
         Self {
             url: format!("http://{addr}"),
+            state,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -152,8 +178,31 @@ pub struct ChildRelay {
 
 impl ChildRelay {
     pub fn start(data: &Path, model: &Path, web: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+        Self::start_args(data, model, web, &[], None, None)
+    }
+
+    /// With extra `relay serve` flags, an optional `ulimit -n`, and stderr
+    /// to a file (else inherited).
+    pub fn start_args(
+        data: &Path,
+        model: &Path,
+        web: &Path,
+        extra: &[&str],
+        nofile: Option<u64>,
+        log: Option<&Path>,
+    ) -> Self {
+        let bin = env!("CARGO_BIN_EXE_relay");
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--data"])
             .arg(data)
             .arg("--web")
             .arg(web)
@@ -161,11 +210,14 @@ impl ChildRelay {
             .arg(model)
             // These tests upload random new versions; the quality gate has its own tests.
             .args(["--gate", "accept-all"])
+            .args(extra)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        match log {
+            Some(p) => cmd.stderr(std::fs::File::create(p).unwrap()),
+            None => cmd.stderr(Stdio::inherit()),
+        };
+        let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -176,6 +228,15 @@ impl ChildRelay {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
         Self { child, url }
+    }
+
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    /// Peak resident memory of the relay process (VmHWM), bytes.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kb(self.child.id(), "VmHWM") * 1024
     }
 
     pub fn kill9(mut self) {
@@ -209,6 +270,8 @@ pub struct Resp {
     pub status: u16,
     pub content_type: String,
     pub content_range: Option<String>,
+    pub link: Option<String>,
+    pub retry_after: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -236,7 +299,7 @@ impl Resp {
     }
 }
 
-fn to_resp(r: Result<ureq::Response, ureq::Error>) -> Resp {
+pub fn to_resp(r: Result<ureq::Response, ureq::Error>) -> Resp {
     let r = match r {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
@@ -245,12 +308,16 @@ fn to_resp(r: Result<ureq::Response, ureq::Error>) -> Resp {
     let status = r.status();
     let content_type = r.header("content-type").unwrap_or_default().to_string();
     let content_range = r.header("content-range").map(str::to_string);
+    let link = r.header("link").map(str::to_string);
+    let retry_after = r.header("retry-after").map(str::to_string);
     let mut body = Vec::new();
     r.into_reader().read_to_end(&mut body).unwrap();
     Resp {
         status,
         content_type,
         content_range,
+        link,
+        retry_after,
         body,
     }
 }
@@ -344,4 +411,63 @@ pub fn envelope_and_payload(b: &Block, payload: &[u8]) -> Vec<u8> {
     let mut v = b.encode();
     v.extend_from_slice(payload);
     v
+}
+
+/// A `/proc/<pid>/status` field in kB.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A TCP connection to `addr` from a chosen loopback source address.
+pub fn connect_from(src: std::net::Ipv4Addr, addr: &str) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(std::net::SocketAddr::from((src, 0))).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = rt
+        .block_on(s.connect(addr.parse::<std::net::SocketAddr>().unwrap()))
+        .unwrap();
+    let std = t.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}
+
+/// The seed JSON body of a signed upload.
+pub fn seed_json(up: &SeedUpload) -> Vec<u8> {
+    serde_json::to_vec(up).unwrap()
+}
+
+/// A signed meta block for a config (`writers`: keys named for first slot versions).
+pub fn meta_upload(
+    name: &str,
+    cfg: &Config,
+    parents: Vec<BlockHash>,
+    writers: &[&SigningKey],
+    key: &SigningKey,
+) -> (SeedUpload, Block, Vec<u8>) {
+    let m = web_node::model::random::random_model_bytes(cfg, 1).unwrap();
+    let cfg_json: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
+    let meta = web_node::chain::MetaPayload::new(name, cfg_json, None).unwrap();
+    let mut v = serde_json::to_value(&meta).unwrap();
+    if !writers.is_empty() {
+        v["writers"] = writers
+            .iter()
+            .map(|k| hex::encode(k.verifying_key().to_bytes()))
+            .collect();
+    }
+    let payload = serde_json::to_vec(&v).unwrap();
+    let opts = UploadOptions {
+        parents,
+        timestamp_ms: 1_700_000_000_000,
+        ..Default::default()
+    };
+    let (up, block) = SeedUpload::build(BlockKind::Meta, name, &payload, &opts, key).unwrap();
+    (up, block, payload)
 }

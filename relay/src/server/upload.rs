@@ -1,0 +1,559 @@
+//! Uploads: `POST /blocks` (binary: envelope then payload, streamed) and the
+//! seed's `POST /upload_moe_experts` (JSON, base64 payload).
+//!
+//! Every upload goes through the same steps, cheapest first, and the chain
+//! rules are web-node's (the same phases a node runs):
+//!
+//! 1. Content-Type of the route (415), the client IP's rate (429), the body
+//!    size against the limits (413). Nothing has been read yet.
+//! 2. The header alone: `check_standalone` (fields, signature), the miner
+//!    key's rate (429), `check_context` under a shared chain lock (meta link,
+//!    parents, slot, builds on the head), the write rules ([`super::auth`],
+//!    403), and a place in the evaluation queue if the gate will evaluate (429).
+//!    A binary upload is refused here at its first bytes (bad magic, header).
+//! 3. The payload as it streams into a staging file: chunk hashes with
+//!    `ChunkHasher`, root and length against the header, then the content
+//!    (meta spec, or the tensors of the slot). Never held in memory twice.
+//! 4. The gate (bounded concurrency), then the block file is made durable
+//!    (fsync, rename) with no lock held.
+//! 5. Under the commit lock: re-check that the slot head did not move (409
+//!    `not_head` if it did), index (one redb transaction), insert into the
+//!    chain under its write lock for the time of one insert.
+//!
+//! Any failure removes the staged file: nothing is stored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use futures_util::StreamExt as _;
+use tempfile::TempPath;
+use tokio::sync::OwnedSemaphorePermit;
+use web_node::chain::{
+    check_context, check_payload_content, check_standalone, limits, Block, BlockHash, ChainError,
+    ChainId, ChainView as _, ChunkHasher, MetaPayload, ValidatedBlock, BLOCK_MAGIC,
+};
+use web_node::model::Config;
+use web_node::net::api::{codes, ApiError, BlockInfo, SeedUpload};
+
+use super::auth::{self, MetaWriters};
+use super::{blocking, peer_ip, store_err, ApiResult, HttpError, SharedState};
+use crate::gate::{GateContext, PayloadRef};
+
+/// Body pieces queued between the connection and the staging writer.
+const STAGE_QUEUE: usize = 8;
+
+type Created = (StatusCode, Json<BlockInfo>);
+
+fn too_large(what: &str, max: u64) -> ApiError {
+    ApiError::new(
+        codes::TOO_LARGE,
+        format!("{what} is larger than {max} bytes"),
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Refuse a body whose Content-Type is not `want` (so a web page cannot
+/// post a form or `text/plain` to an upload route).
+fn check_content_type(headers: &HeaderMap, want: &str) -> Result<(), HttpError> {
+    let got = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = got.split(';').next().unwrap_or_default().trim();
+    if mime.eq_ignore_ascii_case(want) {
+        return Ok(());
+    }
+    Err(HttpError::unsupported_media(format!(
+        "this route takes Content-Type: {want}, not {:?}",
+        got
+    )))
+}
+
+fn take_ip(st: &SharedState, headers: &axum::http::Extensions) -> Result<(), HttpError> {
+    let ip = peer_ip(headers);
+    st.rt().rates.ip.take(&ip).map_err(|wait| {
+        HttpError::rate_limited(
+            format!(
+                "too many uploads from {ip}: at most {} per minute (burst {}); retry in {wait} s",
+                st.opts.ip_rate.per_minute, st.opts.ip_rate.burst
+            ),
+            wait,
+        )
+    })
+}
+
+/// The next body piece; a body idle for `idle` is cut (408).
+async fn next_piece<S>(stream: &mut S, idle: Duration) -> Result<Option<Bytes>, HttpError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    match tokio::time::timeout(idle, stream.next()).await {
+        Err(_) => Err(HttpError::timeout(format!(
+            "no body bytes for {} s: upload cut",
+            idle.as_secs_f64()
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(ApiError::malformed(format!("reading the body: {e}")).into()),
+        Ok(Some(Ok(b))) => Ok(Some(b)),
+    }
+}
+
+/// What the header check decided.
+struct Admitted {
+    config: Option<Config>,
+    /// The slot's head when the header was checked.
+    head: Option<BlockHash>,
+    /// Present when the gate evaluates this block.
+    gate: Option<GateTicket>,
+}
+
+struct GateTicket {
+    slot_heads: BTreeMap<String, BlockHash>,
+    _queued: OwnedSemaphorePermit,
+}
+
+/// Step 2: the header alone (see the module docs).
+async fn admit(st: &SharedState, block: &Block) -> Result<Admitted, HttpError> {
+    check_standalone(block)?;
+    let h = &block.header;
+    st.rt().rates.key.take(&h.miner).map_err(|wait| {
+        HttpError::rate_limited(
+            format!(
+                "miner {} uploads too fast: at most {} per minute (burst {}); retry in {wait} s",
+                h.miner_hex(),
+                st.opts.key_rate.per_minute,
+                st.opts.key_rate.burst
+            ),
+            wait,
+        )
+    })?;
+    let (config, head, slot_heads) = {
+        let chain = st.chain.read().await;
+        let config = check_context(block, &chain.dag)?;
+        let head = chain.dag.head(h.meta.as_ref(), &h.name);
+        let writers = h.meta.as_ref().and_then(|m| chain.meta_writers(m));
+        auth::check_write(st.meta_keys(), block, head, writers)?;
+        let evaluates = head.is_some() && st.gate().evaluates(block);
+        let heads = match (evaluates, &h.meta) {
+            (true, Some(m)) => Some(chain.dag.slot_heads(m)),
+            (true, None) => Some(BTreeMap::new()),
+            _ => None,
+        };
+        (config, head, heads)
+    };
+    let gate = match slot_heads {
+        None => None,
+        Some(slot_heads) => {
+            let permit = st
+                .rt()
+                .eval_queue
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| {
+                    HttpError::rate_limited(
+                        format!(
+                            "the quality gate's queue is full ({} uploads waiting for evaluation)",
+                            st.opts.eval_queue
+                        ),
+                        10,
+                    )
+                })?;
+            Some(GateTicket {
+                slot_heads,
+                _queued: permit,
+            })
+        }
+    };
+    Ok(Admitted { config, head, gate })
+}
+
+/// A fully received, integrity-checked upload in its staging file.
+struct Staged {
+    block: Block,
+    path: TempPath,
+    chunks: Vec<BlockHash>,
+    meta: Option<(MetaPayload, Config)>,
+    writers: Option<MetaWriters>,
+}
+
+/// Compare what streamed in with the header's length and root.
+fn check_root(block: &Block, root: BlockHash, len: u64) -> Result<(), ChainError> {
+    let h = &block.header;
+    if len != h.payload_len {
+        return Err(ChainError::PayloadLength {
+            header: h.payload_len,
+            actual: len,
+        });
+    }
+    if root != h.payload_root {
+        return Err(ChainError::PayloadRoot {
+            expected: h.payload_root,
+            actual: root,
+        });
+    }
+    Ok(())
+}
+
+/// What a content check learnt: the parsed meta spec and writers (chain A).
+type Content = (Option<(MetaPayload, Config)>, Option<MetaWriters>);
+
+/// What the staging writer returns: the staged file, chunk hashes, root, length.
+type Written = (TempPath, Vec<BlockHash>, BlockHash, u64);
+
+/// Step 3's content check on a staged file: chain A reads the meta spec
+/// (at most [`limits::MAX_META_PAYLOAD_LEN`]); chain B checks the tensors.
+fn check_staged_content(
+    block: &Block,
+    path: &std::path::Path,
+    config: Option<&Config>,
+) -> Result<Content, ApiError> {
+    let h = &block.header;
+    let env = block.encoded_len();
+    let read = || -> Result<Vec<u8>, ApiError> {
+        let mut bytes = std::fs::read(path)
+            .map_err(|e| ApiError::internal(format!("reading the staged upload: {e}")))?;
+        bytes.drain(..env.min(bytes.len()));
+        Ok(bytes)
+    };
+    if h.chain == ChainId::A {
+        let payload = read()?;
+        let meta = check_payload_content(h, &payload, None)?;
+        let writers = MetaWriters::of(block, &payload);
+        return Ok((meta, Some(writers)));
+    }
+    // Until web-node's header-only tensor check lands, the tensor check reads
+    // the staged payload once (the stream itself was never held).
+    let payload = read()?;
+    check_payload_content(h, &payload, config)?;
+    Ok((None, None))
+}
+
+/// Steps 4 and 5 (see the module docs).
+async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Created> {
+    let Staged {
+        block,
+        path,
+        chunks,
+        meta,
+        writers,
+    } = staged;
+    let block = std::sync::Arc::new(block);
+    if let (Some(ticket), Some(head)) = (adm.gate, adm.head) {
+        let _running = st
+            .rt()
+            .eval_run
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("evaluation limiter closed"))?;
+        let (st2, b2) = (st.clone(), block.clone());
+        let p: PathBuf = path.to_path_buf();
+        let config = adm.config.clone();
+        blocking(move || {
+            let ctx = GateContext {
+                block: &b2,
+                payload: PayloadRef::File {
+                    path: &p,
+                    offset: b2.encoded_len() as u64,
+                    len: b2.header.payload_len,
+                },
+                head,
+                config: config.as_ref(),
+                slot_heads: &ticket.slot_heads,
+                store: st2.store.as_ref(),
+            };
+            st2.gate().check(&ctx).map_err(|r| {
+                tracing::info!(block = %b2.hash, slot = %b2.header.name, reason = %r, "gate rejected block");
+                ApiError::from(r)
+            })
+        })
+        .await?;
+    }
+    // Durable file, no lock held.
+    let (store, b2) = (st.store.clone(), block.clone());
+    blocking(move || {
+        store.place_staged(&b2, &path).map_err(store_err)?;
+        // Moved into place: the staging name no longer exists.
+        let _ = path.keep();
+        Ok(())
+    })
+    .await?;
+    // Commit: re-check the head, index, insert.
+    let _commit = st.commit.lock().await;
+    let h = &block.header;
+    let moved = {
+        let chain = st.chain.read().await;
+        if chain.dag.get(&block.hash).is_some() {
+            // The same block won a race; its file is the one just placed.
+            return Err(ApiError::new(
+                codes::DUPLICATE,
+                format!("block {} already exists", block.hash),
+            )
+            .into());
+        }
+        let now = chain.dag.head(h.meta.as_ref(), &h.name);
+        (now != adm.head).then_some(now)
+    };
+    if let Some(now) = moved {
+        let (store, hash) = (st.store.clone(), block.hash);
+        blocking(move || store.discard(&hash).map_err(store_err)).await?;
+        return Err(ApiError::new(
+            codes::NOT_HEAD,
+            format!(
+                "slot {}'s head moved to {} while this upload was checked; build on the new head",
+                h.name,
+                now.map(|x| x.to_hex()).unwrap_or_else(|| "none".into())
+            ),
+        )
+        .into());
+    }
+    let (store, b2) = (st.store.clone(), block.clone());
+    let committed = blocking(move || store.commit(&b2, &chunks).map_err(store_err)).await;
+    if let Err(e) = committed {
+        if e.code != codes::DUPLICATE {
+            let (store, hash) = (st.store.clone(), block.hash);
+            let _ = blocking(move || store.discard(&hash).map_err(store_err)).await;
+        }
+        return Err(e.into());
+    }
+    let v = ValidatedBlock {
+        block: (*block).clone(),
+        meta,
+    };
+    st.chain.write().await.insert(&v, writers);
+    tracing::info!(block = %block.hash, chain = ?h.chain, slot = %h.name, bytes = h.payload_len, "block accepted");
+    Ok((
+        StatusCode::CREATED,
+        Json(BlockInfo::from(&*block).with_head(true)),
+    ))
+}
+
+/// The staging writer: a blocking task fed body pieces through a bounded
+/// channel; writes them after the envelope and hashes them as they pass.
+struct Sink {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    task: tokio::task::JoinHandle<Result<Written, ApiError>>,
+}
+
+fn start_sink(dir: PathBuf, envelope: Vec<u8>, chunk_size: u32) -> Sink {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_QUEUE);
+    let task = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let stage = |e: std::io::Error| ApiError::internal(format!("staging the upload: {e}"));
+        let tmp = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&dir)
+            .map_err(stage)?;
+        let (file, path) = tmp.into_parts();
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, file);
+        w.write_all(&envelope).map_err(stage)?;
+        let mut hasher = ChunkHasher::new(chunk_size);
+        while let Some(piece) = rx.blocking_recv() {
+            hasher.update(&piece);
+            w.write_all(&piece).map_err(stage)?;
+        }
+        w.flush().map_err(stage)?;
+        let (chunks, root, len) = hasher.finish();
+        Ok((path, chunks, root, len))
+    });
+    Sink { tx, task }
+}
+
+/// `POST /blocks`: envelope then payload, checked as it streams in.
+pub(super) async fn upload_binary(
+    State(st): State<SharedState>,
+    req: Request,
+) -> ApiResult<Created> {
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers, "application/octet-stream")?;
+    take_ip(&st, &parts.extensions)?;
+    let max = st.opts.max_binary_body;
+    let declared = content_length(&parts.headers);
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large("block upload", max).into());
+    }
+    let idle = st.opts.body_idle_timeout;
+    let mut stream = body.into_data_stream();
+    // The envelope: magic, header length, header, signature. Refused at the
+    // first bytes that cannot start a block.
+    let mut head: Vec<u8> = Vec::new();
+    let mut need = 8usize;
+    let (block, used) = loop {
+        if head.len() >= need {
+            if need == 8 {
+                let hlen = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+                if hlen > limits::MAX_HEADER_LEN {
+                    return Err(ChainError::TooLarge {
+                        what: "header",
+                        len: hlen as u64,
+                        max: limits::MAX_HEADER_LEN as u64,
+                    }
+                    .into());
+                }
+                need = 8 + hlen + 64;
+                continue;
+            }
+            break Block::decode_prefix(&head)?;
+        }
+        let Some(piece) = next_piece(&mut stream, idle).await? else {
+            return Err(ApiError::malformed(if head.len() < 8 {
+                "shorter than the block envelope"
+            } else {
+                "truncated block envelope"
+            })
+            .into());
+        };
+        head.extend_from_slice(&piece);
+        let n = head.len().min(4);
+        if head[..n] != BLOCK_MAGIC[..n] {
+            return Err(ApiError::malformed("bad magic (not an AI-Block block)").into());
+        }
+    };
+    let plen = block.header.payload_len;
+    let total = used as u64 + plen;
+    if total > max {
+        return Err(too_large("block upload", max).into());
+    }
+    if let Some(d) = declared {
+        if d != total {
+            return Err(ApiError::malformed(format!(
+                "Content-Length {d} is not the envelope ({used}) plus the header's payload length ({plen})"
+            ))
+            .into());
+        }
+    }
+    let adm = admit(&st, &block).await?;
+    let first = Bytes::from(head.split_off(used));
+    let sink = start_sink(st.opts.staging_dir.clone(), head, block.header.chunk_size);
+    let mut seen: u64 = 0;
+    let mut piece = Some(first);
+    let streamed: Result<(), HttpError> = async {
+        loop {
+            let Some(p) = piece.take() else { break };
+            seen += p.len() as u64;
+            if seen > plen {
+                return Err(ApiError::malformed(format!(
+                    "body is longer than the envelope plus the header's payload length ({plen})"
+                ))
+                .into());
+            }
+            if !p.is_empty() && sink.tx.send(p).await.is_err() {
+                break; // the writer failed: its error is returned below
+            }
+            piece = next_piece(&mut stream, idle).await?;
+        }
+        Ok(())
+    }
+    .await;
+    let Sink { tx, task } = sink;
+    drop(tx);
+    let written = task
+        .await
+        .map_err(|e| ApiError::internal(format!("staging task: {e}")))?;
+    streamed?;
+    let (path, chunks, root, len) = written?;
+    check_root(&block, root, len)?;
+    let (config, b2) = (adm.config.clone(), block.clone());
+    let (path, meta, writers) = blocking(move || {
+        let (meta, writers) = check_staged_content(&b2, &path, config.as_ref())?;
+        Ok((path, meta, writers))
+    })
+    .await?;
+    let staged = Staged {
+        block,
+        path,
+        chunks,
+        meta,
+        writers,
+    };
+    finish(&st, adm, staged).await
+}
+
+/// `POST /upload_moe_experts`: the seed's JSON body.
+pub(super) async fn upload_json(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers, "application/json")?;
+    take_ip(&st, &parts.extensions)?;
+    let max = st.opts.max_json_body;
+    if content_length(&parts.headers).is_some_and(|n| n > max as u64) {
+        return Err(too_large("JSON body", max as u64).into());
+    }
+    // A decoding slot, held until the payload is staged.
+    let permit = tokio::time::timeout(
+        super::limits::UPLOAD_QUEUE_WAIT,
+        st.rt().json.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| {
+        HttpError::unavailable(
+            format!(
+                "{} JSON uploads are being decoded; use POST /blocks or retry",
+                st.opts.json_concurrency
+            ),
+            2,
+        )
+    })?
+    .map_err(|_| ApiError::internal("JSON limiter closed"))?;
+    let idle = st.opts.body_idle_timeout;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(piece) = next_piece(&mut stream, idle).await? {
+        if buf.len() + piece.len() > max {
+            return Err(too_large("JSON body", max as u64).into());
+        }
+        buf.extend_from_slice(&piece);
+    }
+    let up: SeedUpload = serde_json::from_slice(&buf)
+        .map_err(|e| ApiError::malformed(format!("upload body: {e}")))?;
+    drop(buf);
+    let latest = st.chain.read().await.dag.latest_meta().map(|e| e.hash);
+    let (block, payload) = up.to_block(latest)?;
+    drop(up);
+    let adm = admit(&st, &block).await?;
+    let (config, b2, dir) = (
+        adm.config.clone(),
+        block.clone(),
+        st.opts.staging_dir.clone(),
+    );
+    let (path, chunks, meta, writers) = blocking(move || {
+        let h = &b2.header;
+        let mut hasher = ChunkHasher::new(h.chunk_size);
+        hasher.update(&payload);
+        let (chunks, root, len) = hasher.finish();
+        check_root(&b2, root, len)?;
+        let meta = check_payload_content(h, &payload, config.as_ref())?;
+        let writers = (h.chain == ChainId::A).then(|| MetaWriters::of(&b2, &payload));
+        use std::io::Write as _;
+        let stage = |e: std::io::Error| ApiError::internal(format!("staging the upload: {e}"));
+        let mut tmp = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&dir)
+            .map_err(stage)?;
+        tmp.write_all(&b2.encode()).map_err(stage)?;
+        tmp.write_all(&payload).map_err(stage)?;
+        Ok((tmp.into_temp_path(), chunks, meta, writers))
+    })
+    .await?;
+    drop(permit);
+    let staged = Staged {
+        block,
+        path,
+        chunks,
+        meta,
+        writers,
+    };
+    finish(&st, adm, staged).await
+}
