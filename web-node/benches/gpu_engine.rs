@@ -8,20 +8,24 @@
 //!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
+//! Also decode with a small expert pool (`BENCH_POOL` experts per layer's
+//! worth, default 3, of the model's experts): tokens/s, uploads and
+//! evictions against all experts resident.
 //! Env: `BENCH_DECODE` (default 32), `BENCH_PROMPT` (default 64),
-//! `BENCH_MODEL=random` (use the random model even if `models/default` exists).
+//! `AIBLOCK_BENCH_MODEL=random` (or `BENCH_MODEL=random`: use the random
+//! model even if `models/default` exists).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
 use web_node::gpu::matvec::{self, Matvec};
-use web_node::gpu::{Engine, EngineOptions, GpuContext, WeightFormat};
+use web_node::gpu::{expert_bytes, Engine, EngineOptions, GpuContext, WeightFormat};
 use web_node::model::load::ModelDir;
 use web_node::model::random::{small_config, write_random_model};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertSource, Forward, RunOptions};
+use web_node::model::{ExpertId, ExpertSource, Forward, RunOptions};
 
 fn env(name: &str, d: usize) -> usize {
     std::env::var(name)
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     let _tmp;
     let dir = if default.join("config.json").exists()
         && std::env::var("BENCH_MODEL").as_deref() != Ok("random")
+        && std::env::var("AIBLOCK_BENCH_MODEL").as_deref() != Ok("random")
     {
         default
     } else {
@@ -156,25 +161,30 @@ fn main() -> anyhow::Result<()> {
         ctx.info.name, ctx.info.backend, ctx.info.device_type, ctx.workgroup_size
     );
     let mut results = Vec::new();
+    let mut src = m.expert_source()?;
+    let (nl, ne) = (cfg.num_hidden_layers, cfg.num_local_experts);
     for fmt in [WeightFormat::F32, WeightFormat::F16] {
-        let mut gpu = Engine::with_options(
-            ctx.clone(),
-            &cfg,
-            &m.shared,
-            &m.routers,
-            Box::new(m.expert_source()?),
-            EngineOptions {
-                max_seq: 1024,
-                max_batch: 64,
-                weights: fmt,
-            },
-        )?;
-        // Warm-up: loads every expert the measured run routes to.
-        let warm = gpu.generate_greedy(&prompt, n_decode, &opts, |_| {})?;
+        let engine = |pool: Option<u64>| {
+            Engine::with_options(
+                ctx.clone(),
+                &cfg,
+                &m.shared,
+                &m.routers,
+                EngineOptions {
+                    max_seq: 1024,
+                    max_batch: 64,
+                    weights: fmt,
+                    expert_pool_bytes: pool,
+                },
+            )
+        };
+        let mut gpu = engine(None)?;
+        // Warm-up: uploads every expert the measured run routes to.
+        let warm = gpu.generate_greedy(&mut src, &prompt, n_decode, &opts, |_| {})?;
         gpu.reset();
         gpu.reset_stats();
         let t = Instant::now();
-        let first = gpu.next_token(&prompt, &opts)?;
+        let first = gpu.next_token(&mut src, &prompt, &opts)?;
         let gpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
         let prefill_stats = gpu.stats().clone();
         gpu.reset_stats();
@@ -182,37 +192,34 @@ fn main() -> anyhow::Result<()> {
         let mut gpu_tokens = vec![first];
         let mut tok = first;
         for _ in 1..n_decode {
-            tok = gpu.next_token(&[tok], &opts)?;
+            tok = gpu.next_token(&mut src, &[tok], &opts)?;
             gpu_tokens.push(tok);
         }
         let selective_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
         let sel = gpu.stats().clone();
         println!(
-            "gpu engine {fmt:?}, experts loaded on demand ({} of {} resident): decode {:.1} tok/s, {:.1} submissions and {} readback bytes per token (routed ids read back while a layer has missing experts)",
-            (0..cfg.num_hidden_layers)
-                .map(|l| (0..cfg.num_local_experts).filter(|&e| gpu.is_expert_resident(l, e)).count())
-                .sum::<usize>(),
-            cfg.num_hidden_layers * cfg.num_local_experts,
+            "gpu engine {fmt:?}, experts supplied on demand ({} of {} resident): decode {:.1} tok/s, {:.1} submissions and {} readback bytes per token (routed ids read back while a layer has missing experts)",
+            gpu.resident_experts(),
+            nl * ne,
             1.0 / selective_s,
             sel.submissions as f64 / sel.tokens.max(1) as f64,
             sel.readback_bytes / sel.tokens.max(1)
         );
         // Steady state: every expert resident, so decoding reads back only the token id.
-        let mut src = m.expert_source()?;
-        for l in 0..cfg.num_hidden_layers {
-            for e in 0..cfg.num_local_experts {
+        for l in 0..nl {
+            for e in 0..ne {
                 if !gpu.is_expert_resident(l, e) {
-                    gpu.insert_expert(l, e, &src.load_expert(l, e)?)?;
+                    gpu.supply_expert(ExpertId::new(l, e), src.load_expert(l, e)?)?;
                 }
             }
         }
         gpu.reset();
-        gpu.next_token(&prompt, &opts)?;
+        gpu.next_token(&mut src, &prompt, &opts)?;
         gpu.reset_stats();
         let t = Instant::now();
         let mut tok = first;
         for _ in 1..n_decode {
-            tok = gpu.next_token(&[tok], &opts)?;
+            tok = gpu.next_token(&mut src, &[tok], &opts)?;
         }
         let decode_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
         let s = gpu.stats().clone();
@@ -225,11 +232,10 @@ fn main() -> anyhow::Result<()> {
             decode_s * 1e3
         );
         println!(
-            "  per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {} experts per layer)",
+            "  per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {ne} experts per layer)",
             s.submissions as f64 / s.tokens.max(1) as f64,
             s.readback_bytes / s.tokens.max(1),
             bytes as f64 / 1e6,
-            cfg.num_local_experts
         );
         println!(
             "  greedy tokens equal to the CPU reference: {} (warm-up run: {}){}",
@@ -240,6 +246,37 @@ fn main() -> anyhow::Result<()> {
             } else {
                 ""
             }
+        );
+
+        // A small pool: `per_layer` experts per layer's worth, evicting.
+        let per_layer = env("BENCH_POOL", 3);
+        let slots = (per_layer * nl) as u64;
+        let mut small = engine(Some(slots * expert_bytes(&cfg, fmt)))?;
+        let first = small.next_token(&mut src, &prompt, &opts)?;
+        small.reset_stats();
+        let t = Instant::now();
+        let mut pool_tokens = vec![first];
+        let mut tok = first;
+        for _ in 1..n_decode {
+            tok = small.next_token(&mut src, &[tok], &opts)?;
+            pool_tokens.push(tok);
+        }
+        let pool_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
+        let ps = small.stats().clone();
+        let per_tok = |v: u64| v as f64 / ps.tokens.max(1) as f64;
+        println!(
+            "gpu engine {fmt:?}, pool of {} experts ({per_layer} per layer, {:.1} MB of {:.1} MB): decode {:.1} tok/s vs {:.1} all resident ({:.2}x); per token {:.2} uploads, {:.2} evictions, {:.2} pauses, {:.1} submissions; tokens equal to all resident: {}",
+            small.pool_slots(),
+            (slots * expert_bytes(&cfg, fmt)) as f64 / 1e6,
+            (nl * ne) as f64 * expert_bytes(&cfg, fmt) as f64 / 1e6,
+            1.0 / pool_s,
+            1.0 / decode_s,
+            decode_s / pool_s,
+            per_tok(ps.expert_uploads),
+            per_tok(ps.expert_evictions),
+            per_tok(ps.pauses),
+            per_tok(ps.submissions),
+            pool_tokens == gpu_tokens
         );
         results.push((fmt, decode_s, dispatches, bytes));
     }
