@@ -82,10 +82,11 @@ export async function listChain(base, chain) {
 }
 
 /**
- * Start `relay serve` on a free port with a fresh data dir (or `dataDir`).
+ * Start `relay serve` on a free port with a fresh data dir (or `dataDir`) and
+ * `extraArgs`.
  * Resolves { base, dataDir, stop(), log() } once the REST API answers.
  */
-export async function startRelay({ dataDir } = {}) {
+export async function startRelay({ dataDir, extraArgs = [] } = {}) {
   const bin = relayBin();
   const port = await freePort();
   dataDir = dataDir || fs.mkdtempSync(path.join(os.tmpdir(), 'aiblock-e2e-'));
@@ -96,6 +97,7 @@ export async function startRelay({ dataDir } = {}) {
   const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data', dataDir, '--web', dist];
   const model = process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
   if (fs.existsSync(path.join(model, 'config.json'))) args.push('--model', model);
+  args.push(...extraArgs);
   const logFile = path.join(dataDir, '..', `${path.basename(dataDir)}-relay.log`);
   const out = fs.openSync(logFile, 'a');
   const child = spawn(bin, args, { stdio: ['ignore', out, out], env: { RUST_LOG: 'info', ...process.env } });
@@ -124,7 +126,8 @@ export async function startRelay({ dataDir } = {}) {
 
 /**
  * An HTTP proxy in front of the relay that passes everything through, except
- * that `tamper(url, body)` may return different bytes for a response.
+ * that `tamper(url, body, req)` may return different bytes for a response, or
+ * `{ status, body }` to change its status too.
  */
 export async function startTamperProxy(upstream, tamper) {
   const server = http.createServer((req, res) => {
@@ -133,8 +136,13 @@ export async function startTamperProxy(upstream, tamper) {
       ur.on('data', (c) => chunks.push(c));
       ur.on('end', () => {
         let body = Buffer.concat(chunks);
-        const t = tamper(req.url, body);
+        let status = ur.statusCode;
+        let t = tamper(req.url, body, req);
         const headers = { ...ur.headers };
+        if (t && !Buffer.isBuffer(t)) {
+          status = t.status ?? status;
+          t = Buffer.from(t.body);
+        }
         if (t) {
           body = t;
           delete headers['content-length'];
@@ -143,7 +151,7 @@ export async function startTamperProxy(upstream, tamper) {
         }
         headers['content-length'] = String(body.length);
         delete headers['transfer-encoding'];
-        res.writeHead(ur.statusCode, headers);
+        res.writeHead(status, headers);
         res.end(body);
       });
     });
@@ -155,44 +163,91 @@ export async function startTamperProxy(upstream, tamper) {
   return { base: `http://127.0.0.1:${port}`, close: () => new Promise((r) => server.close(r)) };
 }
 
-/** Open the page, wait for the verification summary, return what it shows. */
-export async function openAndReport(browser, url) {
-  const context = await browser.newContext();
+/** The block hash of a payload or chunk-list request, else null. */
+export function payloadRequestHash(url) {
+  const m = new URL(url).pathname.match(/^\/blocks\/([0-9a-f]{64})\/(payload|chunks)$/);
+  return m ? m[1] : null;
+}
+
+/** Where the tests write screenshots: $AIBLOCK_E2E_OUT or target/e2e. */
+export function outDir() {
+  const d = process.env.AIBLOCK_E2E_OUT || path.join(process.env.CARGO_TARGET_DIR || path.join(REPO, 'target'), 'e2e');
+  fs.mkdirSync(d, { recursive: true });
+  return d;
+}
+
+/** What the page shows: summary, fetch counters, one entry per block row. */
+export function readPage(page) {
+  return page.evaluate(() => {
+    const s = document.getElementById('summary');
+    const fs = document.getElementById('fetch-stats');
+    const rows = [...document.querySelectorAll('tr[data-hash]')].map((tr) => ({
+      hash: tr.dataset.hash,
+      chain: tr.dataset.chain,
+      slot: tr.dataset.slot,
+      version: tr.dataset.version,
+      status: tr.dataset.status,
+      payload: tr.dataset.payload,
+      parents: tr.dataset.parents ?? '',
+      meta: tr.dataset.meta ?? '',
+      address: tr.querySelector('td.addr')?.textContent ?? '',
+      result: tr.querySelector('td.result')?.textContent ?? '',
+    }));
+    const num = (el, k) => (el && el.dataset[k] !== undefined ? Number(el.dataset[k]) : null);
+    return {
+      verified: Number(s.dataset.verified),
+      failed: Number(s.dataset.failed),
+      total: Number(s.dataset.total),
+      held: num(s, 'held'),
+      headerOnly: num(s, 'headerOnly'),
+      error: s.dataset.error ?? null,
+      text: s.textContent,
+      progress: document.getElementById('progress')?.textContent ?? '',
+      chat: document.getElementById('chat')?.dataset.state ?? null,
+      fetch: fs ? {
+        bytes: num(fs, 'bytes'),
+        payloadBytes: num(fs, 'payloadBytes'),
+        modelBytes: num(fs, 'modelBytes'),
+        requests: num(fs, 'requests'),
+        experts: (fs.dataset.experts || '').split(',').filter(Boolean),
+        text: fs.textContent,
+      } : null,
+      rows,
+    };
+  });
+}
+
+/**
+ * Open the page in a new context and wait until it has verified the headers
+ * and fetched the payloads it needs to start. Resolves { page, context,
+ * report, payloadHashes (Set of block hashes whose payload or chunk list the
+ * page requested), consoleLines }; close the context when done.
+ */
+export async function openPage(browser, url) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
   const consoleLines = [];
+  const payloadHashes = new Set();
   page.on('console', (m) => consoleLines.push(`[${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => consoleLines.push(`[pageerror] ${e.message}`));
+  page.on('request', (r) => {
+    const h = payloadRequestHash(r.url());
+    if (h) payloadHashes.add(h);
+  });
+  await page.goto(url);
   try {
-    await page.goto(url);
-    try {
-      await page.waitForSelector('#summary[data-total]', { timeout: 180_000 });
-    } catch (e) {
-      const html = await page.content();
-      throw new Error(`no #summary on the page: ${e.message}\nconsole:\n${consoleLines.join('\n')}\npage:\n${html.slice(0, 2000)}`);
-    }
-    return await page.evaluate(() => {
-      const s = document.getElementById('summary');
-      const rows = [...document.querySelectorAll('tr[data-hash]')].map((tr) => ({
-        hash: tr.dataset.hash,
-        chain: tr.dataset.chain,
-        slot: tr.dataset.slot,
-        version: tr.dataset.version,
-        status: tr.dataset.status,
-        parents: tr.dataset.parents ?? '',
-        meta: tr.dataset.meta ?? '',
-        result: tr.querySelector('td.result')?.textContent ?? '',
-      }));
-      return {
-        verified: Number(s.dataset.verified),
-        failed: Number(s.dataset.failed),
-        total: Number(s.dataset.total),
-        error: s.dataset.error ?? null,
-        text: s.textContent,
-        progress: document.getElementById('progress')?.textContent ?? '',
-        rows,
-      };
-    });
-  } finally {
+    await page.waitForSelector('#summary[data-phase="done"]', { timeout: 180_000 });
+  } catch (e) {
+    const html = await page.content();
     await context.close();
+    throw new Error(`no finished #summary on the page: ${e.message}\nconsole:\n${consoleLines.join('\n')}\npage:\n${html.slice(0, 2000)}`);
   }
+  return { page, context, report: await readPage(page), payloadHashes, consoleLines };
+}
+
+/** Open the page, wait for the verification summary, return what it shows. */
+export async function openAndReport(browser, url) {
+  const { context, report } = await openPage(browser, url);
+  await context.close();
+  return report;
 }

@@ -1,9 +1,9 @@
 //! Verify a whole chain fetched from a relay, block by block, with the same
-//! [`crate::chain`] rules the relay applies, and render the result.
+//! [`crate::chain`] rules the relay applies.
 //!
-//! This is everything the web page does with the chain, as plain Rust that
-//! native tests cover; the wasm facade in `browser` only fetches the bytes
-//! and puts [`render_html`]'s output into the page.
+//! This is everything the web page decides about the chain, as plain Rust
+//! that native tests cover; the wasm facade in `browser` only fetches the
+//! bytes and renders the [`ChainReport`] as HTML.
 //!
 //! For every block the relay lists: the envelope decodes, hashes to the hash
 //! it was listed under, sits on the chain it was listed on, and then
@@ -345,242 +345,10 @@ pub fn listed(infos: &[BlockInfo], chain: ChainId) -> Vec<(BlockHash, ChainId, O
         .collect()
 }
 
-/// Escape text for HTML element content and attribute values.
-pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-fn fmt_bytes(n: u64) -> String {
-    const K: f64 = 1024.0;
-    let f = n as f64;
-    if f >= K * K {
-        format!("{:.1} MiB", f / (K * K))
-    } else if f >= K {
-        format!("{:.1} KiB", f / K)
-    } else {
-        format!("{n} B")
-    }
-}
-
-/// The summary element the page shows and the browser tests wait for.
-pub fn render_summary(report: &ChainReport) -> String {
-    let all_ok = report.failed == 0 && report.total() > 0;
-    format!(
-        "<div id=\"summary\" class=\"summary {cls}\" data-verified=\"{v}\" data-failed=\"{f}\" data-total=\"{t}\">\
-         {v} of {t} blocks verified in this browser{tail}</div>",
-        cls = if all_ok { "ok" } else { "bad" },
-        v = report.verified,
-        f = report.failed,
-        t = report.total(),
-        tail = if report.failed > 0 { format!(", {} failed", report.failed) } else { String::new() },
-    )
-}
-
-/// The summary element for a chain that could not be fetched at all.
-pub fn render_fetch_error(error: &str) -> String {
-    format!(
-        "<div id=\"summary\" class=\"summary bad\" data-verified=\"0\" data-failed=\"0\" data-total=\"0\" \
-         data-error=\"{e}\">Could not fetch the chain: {e}</div>",
-        e = escape_html(error)
-    )
-}
-
-fn short_list(hashes: &[BlockHash], report: &ChainReport) -> String {
-    if hashes.is_empty() {
-        return "—".into();
-    }
-    hashes
-        .iter()
-        .map(|h| {
-            let label = report
-                .get(h)
-                .and_then(|r| r.name.as_ref().map(|n| format!("{n} v{}", r.version.map_or("?".into(), |v| v.to_string()))))
-                .unwrap_or_else(|| "unknown".into());
-            format!(
-                "<a href=\"#b-{hex}\" class=\"hash\" title=\"{hex}\">{short}</a> <span class=\"muted\">{label}</span>",
-                hex = h.to_hex(),
-                short = h.short(),
-                label = escape_html(&label)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("<br>")
-}
-
-/// "head" tag, and a warning when the relay's head claim disagrees.
-fn head_tags(r: &VerifyReport) -> String {
-    let mut s = String::new();
-    if r.head {
-        s.push_str(" <span class=\"tag\">head</span>");
-    }
-    if let Some(claim) = r.relay_head_disagrees {
-        s.push_str(&format!(
-            " <span class=\"tag warn\" data-head-disagrees=\"true\">relay says {}head</span>",
-            if claim { "" } else { "not " }
-        ));
-    }
-    s
-}
-
-fn render_row(r: &VerifyReport, report: &ChainReport) -> String {
-    let status = if r.verified() { "verified" } else { "failed" };
-    let name = r.name.as_deref().unwrap_or("?");
-    let result = match &r.error {
-        None => "✔ verified".to_string(),
-        Some(e) => format!("✘ {}", escape_html(e)),
-    };
-    let extra = match (&r.spec, r.candidate_loss) {
-        (Some(s), _) => escape_html(s),
-        (None, Some(l)) => format!("loss {l:.4}"),
-        (None, None) => String::new(),
-    };
-    format!(
-        "<tr id=\"b-{hex}\" class=\"block {status}\" data-hash=\"{hex}\" data-chain=\"{chain:?}\" data-slot=\"{slot}\" \
-         data-version=\"{ver}\" data-head=\"{head}\" data-status=\"{status}\" data-parents=\"{plist}\" data-meta=\"{meta}\">\
-         <td>{slot}{headmark}</td><td>{kind}</td><td>{ver_txt}</td>\
-         <td><span class=\"hash\" title=\"{hex}\">{short}</span></td><td>{parents}</td>\
-         <td>{size}</td><td>{extra}</td><td>{addr}</td><td class=\"result\">{result}</td></tr>",
-        hex = r.hash.to_hex(),
-        chain = r.chain,
-        slot = escape_html(name),
-        ver = r.version.map_or(String::new(), |v| v.to_string()),
-        ver_txt = r.version.map_or("—".into(), |v| format!("v{v}")),
-        head = r.head,
-        headmark = head_tags(r),
-        kind = r.kind.map_or("?", |k| k.as_str()),
-        short = r.hash.short(),
-        parents = short_list(&r.parents, report),
-        size = r.payload_len.map_or("?".into(), fmt_bytes),
-        addr = escape_html(r.address.as_deref().unwrap_or("")),
-        plist = r.parents.iter().map(BlockHash::to_hex).collect::<Vec<_>>().join(","),
-        meta = r.meta.map(|m| m.to_hex()).unwrap_or_default(),
-    )
-}
-
-fn render_chain(report: &ChainReport, chain: ChainId, title: &str) -> String {
-    let rows: Vec<String> = report
-        .blocks
-        .iter()
-        .filter(|r| r.chain == chain)
-        .map(|r| render_row(r, report))
-        .collect();
-    let body = if rows.is_empty() {
-        "<tr><td colspan=\"9\" class=\"muted\">no blocks</td></tr>".to_string()
-    } else {
-        rows.concat()
-    };
-    format!(
-        "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>\
-         <thead><tr><th>Slot</th><th>Kind</th><th>Version</th><th>Hash</th><th>Parents</th>\
-         <th>Payload</th><th>Spec / loss</th><th>Miner</th><th>Verification</th></tr></thead>\
-         <tbody>{body}</tbody></table></section>"
-    )
-}
-
-/// A grid of chain-B slot heads: one row per layer, router and experts as
-/// columns, each cell the slot's latest verified version.
-fn render_grid(report: &ChainReport) -> String {
-    use crate::model::Slot;
-    // Per slot: latest verified version, and how many of its blocks failed.
-    let mut cells: HashMap<Option<Slot>, (u32, usize)> = HashMap::new();
-    let (mut layers, mut experts) = (0usize, 0usize);
-    for r in report.blocks.iter().filter(|r| r.chain == ChainId::B) {
-        let Some(slot) = r.name.as_deref().and_then(|n| Slot::parse(n).ok()) else {
-            continue;
-        };
-        if let Some(layer) = slot.layer() {
-            layers = layers.max(layer + 1);
-        }
-        if let Slot::Expert { expert, .. } = slot {
-            experts = experts.max(expert + 1);
-        }
-        let key = if slot == Slot::Shared {
-            None
-        } else {
-            Some(slot)
-        };
-        let c = cells.entry(key).or_insert((0, 0));
-        match r.version {
-            Some(v) if r.verified() => c.0 = c.0.max(v),
-            _ => c.1 += 1,
-        }
-    }
-    if cells.is_empty() {
-        return String::new();
-    }
-    // Cap the drawing so a hostile listing cannot make a huge page.
-    let (layers, experts) = (layers.min(256), experts.min(256));
-    let cell = |c: Option<&(u32, usize)>| match c {
-        None => "<td class=\"cell missing\">·</td>".to_string(),
-        Some((v, 0)) => format!("<td class=\"cell verified\">v{v}</td>"),
-        Some((0, f)) => format!("<td class=\"cell failed\">✘{f}</td>"),
-        Some((v, f)) => format!("<td class=\"cell failed\">v{v} ✘{f}</td>"),
-    };
-    let mut s = String::from("<section class=\"grid\"><h2>Chain B slots (latest version per slot)</h2><table><thead><tr><th></th><th>router</th>");
-    for e in 0..experts {
-        s.push_str(&format!("<th>expert{e}</th>"));
-    }
-    s.push_str("</tr></thead><tbody>");
-    for l in 0..layers {
-        s.push_str(&format!(
-            "<tr><th>layer{l}</th>{}",
-            cell(cells.get(&Some(Slot::Router { layer: l })))
-        ));
-        for e in 0..experts {
-            s.push_str(&cell(cells.get(&Some(Slot::Expert {
-                layer: l,
-                expert: e,
-            }))));
-        }
-        s.push_str("</tr>");
-    }
-    s.push_str(&format!(
-        "</tbody></table><div class=\"shared\">shared: <table class=\"inline\"><tr>{}</tr></table></div></section>",
-        cell(cells.get(&None))
-    ));
-    s
-}
-
-/// The whole report: summary, slot grid, then both chains as tables.
-pub fn render_html(report: &ChainReport) -> String {
-    let mut s = render_summary(report);
-    s.push_str(&render_details(report));
-    s
-}
-
-/// Everything below the summary: slot grid and both chains as tables.
-pub fn render_details(report: &ChainReport) -> String {
-    let mut s = render_grid(report);
-    s.push_str(&render_chain(
-        report,
-        ChainId::A,
-        "Chain A — model (meta) blocks",
-    ));
-    s.push_str(&render_chain(
-        report,
-        ChainId::B,
-        "Chain B — parameter blocks",
-    ));
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::{
-        chunk_hashes, limits, payload_root, BlockHeader, MetaPayload, PayloadDtype, HEADER_VERSION,
-    };
+    use crate::chain::{limits, BlockBuilder, MetaPayload, PayloadDtype};
     use crate::model::{Config, Slot};
     use ed25519_dalek::SigningKey;
 
@@ -597,35 +365,12 @@ mod tests {
     }
 
     impl Chain {
-        #[allow(clippy::too_many_arguments)]
-        fn header(
-            &mut self,
-            chain: ChainId,
-            kind: BlockKind,
-            name: &str,
-            meta: Option<BlockHash>,
-            parents: Vec<BlockHash>,
-            payload: &[u8],
-            dtype: PayloadDtype,
-        ) -> BlockHeader {
+        /// Every block of these tests: small chunks, a hostile address.
+        fn builder(&mut self, b: BlockBuilder) -> BlockBuilder {
             self.t += 1;
-            let cs = limits::MIN_CHUNK_SIZE;
-            BlockHeader {
-                version: HEADER_VERSION,
-                chain,
-                kind,
-                name: name.into(),
-                meta,
-                parents,
-                payload_len: payload.len() as u64,
-                chunk_size: cs,
-                payload_root: payload_root(&chunk_hashes(payload, cs)),
-                dtype,
-                candidate_loss: None,
-                miner: [0; 32],
-                address: "alice <script>".into(),
-                timestamp_ms: 1_700_000_000_000 + self.t,
-            }
+            b.chunk_size(limits::MIN_CHUNK_SIZE)
+                .address("alice <script>")
+                .timestamp_ms(1_700_000_000_000 + self.t)
         }
 
         /// Genesis meta block plus one block per slot; returns the chain.
@@ -640,16 +385,9 @@ mod tests {
                 t: 0,
             };
             let meta_payload = MetaPayload::new("tiny", config, None).unwrap().to_json();
-            let h = c.header(
-                ChainId::A,
-                BlockKind::Meta,
-                "tiny",
-                None,
-                vec![],
-                &meta_payload,
-                PayloadDtype::Json,
-            );
-            let meta = Block::sign(h, &c.key);
+            let meta = c
+                .builder(BlockBuilder::meta("tiny"))
+                .sign(&meta_payload, &c.key.clone());
             let mh = meta.hash;
             c.blocks.push((meta, meta_payload));
             let mut slots = vec![Slot::Shared];
@@ -698,21 +436,9 @@ mod tests {
             fill: f32,
         ) -> BlockHash {
             let payload = self.payload(slot, fill);
-            let kind = match slot {
-                Slot::Shared => BlockKind::Shared,
-                Slot::Router { .. } => BlockKind::Router,
-                Slot::Expert { .. } => BlockKind::Expert,
-            };
-            let h = self.header(
-                ChainId::B,
-                kind,
-                &slot.to_string(),
-                Some(meta),
-                parents,
-                &payload,
-                PayloadDtype::F32,
-            );
-            let b = Block::sign(h, &self.key);
+            let b = self
+                .builder(BlockBuilder::slot(meta, slot, PayloadDtype::F32).parents(parents))
+                .sign(&payload, &self.key.clone());
             let hash = b.hash;
             self.blocks.push((b, payload));
             hash
@@ -1038,45 +764,11 @@ mod tests {
         );
         assert_eq!(r.get(&e).unwrap().relay_head_disagrees, Some(true));
         assert_eq!(r.get(&e2).unwrap().relay_head_disagrees, Some(false));
-        let html = render_html(&r);
-        assert_eq!(html.matches("data-head-disagrees=\"true\"").count(), 2);
-        assert!(html.contains("relay says not head"));
     }
 
     #[test]
     fn empty_listing_is_empty_report() {
         let r = verify_chain(&[]);
         assert_eq!((r.verified, r.failed, r.total()), (0, 0, 0));
-        assert!(render_summary(&r).contains("data-total=\"0\""));
-        assert!(render_summary(&r).contains("class=\"summary bad\""));
-    }
-
-    #[test]
-    fn html_has_one_row_per_block_with_status_and_escapes_text() {
-        let c = Chain::genesis();
-        let mut fetched = c.fetched();
-        let bad = fetched[2].listed_hash;
-        fetched[2].payload = Some(Ok(vec![]));
-        let r = verify_chain(&fetched);
-        let html = render_html(&r);
-        assert!(html.contains(&format!(
-            "<div id=\"summary\" class=\"summary bad\" data-verified=\"{}\" data-failed=\"1\" data-total=\"{}\"",
-            c.blocks.len() - 1,
-            c.blocks.len()
-        )));
-        assert_eq!(
-            html.matches("data-status=\"verified\"").count(),
-            c.blocks.len() - 1
-        );
-        assert_eq!(html.matches("data-status=\"failed\"").count(), 1);
-        assert!(html.contains(&format!("data-hash=\"{}\" data-chain=\"B\"", bad.to_hex())));
-        // The miner address is user input: escaped, never markup.
-        assert!(!html.contains("<script>"));
-        assert!(html.contains("alice &lt;script&gt;"));
-        assert!(html.contains("<th>expert2</th>") && !html.contains("<th>expert3</th>"));
-        assert!(
-            render_fetch_error("<b>down</b>").contains("data-error=\"&lt;b&gt;down&lt;/b&gt;\"")
-        );
-        assert_eq!(escape_html("a&\"'<>"), "a&amp;&quot;&#39;&lt;&gt;");
     }
 }
