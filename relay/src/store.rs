@@ -446,6 +446,9 @@ impl FileStore {
     /// Stop serving an indexed block's payload: move its file to
     /// `quarantine/` and record why. The header stays in the chain.
     pub fn quarantine_payload(&self, hash: &BlockHash, reason: &str) -> Result<(), StoreError> {
+        if self.quarantined(hash)?.is_some() {
+            return Ok(()); // keep the first reason
+        }
         tracing::error!(block = %hash, %reason, "payload quarantined: it is no longer served");
         let q = self.root.join("quarantine");
         fs::create_dir_all(&q).map_err(io)?;

@@ -114,7 +114,7 @@ fn kill_9_mid_upload_leaves_no_half_block() {
     let mut s = TcpStream::connect(&addr).unwrap();
     write!(
         s,
-        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();

@@ -87,8 +87,8 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
         None,
     );
     let base = r.peak_rss();
-    // 8 JSON uploads of the maximum size at once: a 12 MiB payload (16 MiB of
-    // base64) under a signature that does not match it.
+    // 8 JSON uploads of the maximum size at once: a 12 MiB safetensors payload
+    // (16 MiB of base64) under a signature that does not match it.
     let meta = list(&r.url, "A")[0].hash;
     let head = list(&r.url, "B")
         .into_iter()
@@ -98,8 +98,10 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
     let small = slot_payload(&test_config(), Slot::Shared, 1);
     let (mut up, _) = upload(Slot::Shared, &small, vec![head], Some(meta), &miner_key(1));
     use base64::Engine as _;
-    up.tensor_data_b64 =
-        base64::engine::general_purpose::STANDARD.encode(vec![7u8; 12 * 1024 * 1024 - 4096]);
+    let n = (12 * 1024 * 1024 - 4096) / 4;
+    let big = web_node::model::random::safetensors_bytes(&[("x".into(), vec![n], vec![0.5f32; n])])
+        .unwrap();
+    up.tensor_data_b64 = base64::engine::general_purpose::STANDARD.encode(big);
     let body = seed_json(&up);
     assert!(body.len() <= 16 * 1024 * 1024);
     let threads: Vec<_> = (0..8)
@@ -111,7 +113,12 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
                     .send_bytes(&body)
                 {
                     Ok(resp) => resp.status(),
-                    Err(ureq::Error::Status(s, _)) => s,
+                    Err(ureq::Error::Status(s, r)) => {
+                        if s != 401 && s != 503 {
+                            eprintln!("{s}: {}", r.into_string().unwrap_or_default());
+                        }
+                        s
+                    }
                     Err(ureq::Error::Transport(_)) => 0, // refused while sending
                 }
             })
