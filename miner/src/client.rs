@@ -45,14 +45,48 @@ fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T> {
     serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
 }
 
+/// The Content-Type of a binary block upload (the relay refuses others).
+const BINARY: &str = "application/octet-stream";
+
 /// Upload one block (envelope || payload) with `POST /blocks`.
 pub fn post_block(relay: &str, body: &[u8]) -> Result<serde_json::Value> {
-    let resp = ureq::post(&format!("{}/blocks", base(relay)))
-        .set("content-type", "application/octet-stream")
+    let url = format!("{}/blocks", base(relay));
+    match ureq::post(&url)
+        .set("content-type", BINARY)
         .send_bytes(body)
-        .map_err(describe)?;
-    let text = resp.into_string()?;
-    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    {
+        Ok(resp) => {
+            let text = resp.into_string()?;
+            Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        }
+        Err(ureq::Error::Transport(t)) => Err(why_cut_off(&url, body, t)),
+        Err(e) => Err(describe(e)),
+    }
+}
+
+/// A relay checks a block's envelope before it reads the payload; when it
+/// refuses the block there (a key that may not write, not the head, a rate
+/// limit) it may close the connection while the payload is still being
+/// sent, and the client sees a broken pipe instead of the answer. Send the
+/// envelope alone (chunked: no Content-Length to disagree with the header)
+/// to read the reason.
+fn why_cut_off(url: &str, body: &[u8], t: ureq::Transport) -> anyhow::Error {
+    let cut = anyhow!("the relay closed the connection during the upload: {t}");
+    let used = match Block::decode_prefix(body) {
+        Ok((_, used)) if used < body.len() => used,
+        _ => return cut,
+    };
+    match ureq::post(url)
+        .set("content-type", BINARY)
+        .send(&body[..used])
+    {
+        // 400 is also the answer to a good envelope without its payload.
+        Err(e @ ureq::Error::Status(400, _)) => {
+            anyhow!("{cut}; the envelope alone gets: {}", describe(e))
+        }
+        Err(e @ ureq::Error::Status(..)) => describe(e),
+        _ => cut,
+    }
 }
 
 /// Publish every `*.block` file of a directory: meta blocks first, then

@@ -27,8 +27,10 @@ pub struct ChatArgs {
     /// Hugging Face-style model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// Text to complete.
     #[arg(long)]
     pub prompt: String,
+    /// Most tokens to generate (generation also stops at EOS or a full context).
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
     /// 0 = greedy.
@@ -40,11 +42,13 @@ pub struct ChatArgs {
     /// Nucleus sampling mass in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Sampler seed (same seed, same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Dense mixture baseline: every expert runs, weighted by the router softmax.
     #[arg(long)]
     pub no_moe: bool,
+    /// Engine that runs the model.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// CPU threads for large products (default: all cores).
@@ -60,10 +64,13 @@ pub struct LogitsArgs {
     /// Comma-separated token ids, e.g. `1,2,3`.
     #[arg(long)]
     pub tokens: String,
+    /// Experts per token (default: the config's num_experts_per_tok).
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Dense mixture baseline: every expert runs, weighted by the router softmax.
     #[arg(long)]
     pub no_moe: bool,
+    /// Engine that runs the model.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
 }

@@ -93,7 +93,8 @@ struct ImportArgs {
     /// Display address recorded in every block header.
     #[arg(long)]
     address: String,
-    /// Key file to sign with (as `keygen` writes it).
+    /// Key file to sign with (as `keygen` writes it). A relay takes a slot's
+    /// first version only from the meta block's signer or the writers it lists.
     #[arg(long)]
     key: PathBuf,
     /// Public-eval loss the blocks claim (checked by a relay's quality gate).
