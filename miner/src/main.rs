@@ -463,3 +463,24 @@ fn main() -> Result<()> {
         Cmd::Train(a) => train::run(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_parses_and_documents_its_flags() {
+        Cli::command().debug_assert();
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments() {
+                assert!(
+                    arg.get_help().is_some(),
+                    "aiblock {} --{}: no help text",
+                    sub.get_name(),
+                    arg.get_id()
+                );
+            }
+        }
+    }
+}

@@ -286,26 +286,26 @@ fn mismatched_checkpoint_is_refused_in_dry_run_too() {
     let other = work.join("other");
     web_node::model::random::write_random_model(&other, &web_node::model::random::tiny_config(), 3)
         .unwrap();
-    for dry in [true, false] {
+    let meta_file = meta_file.to_str().unwrap();
+    let import = |model: &Path, meta: &str, extra: &[&str]| {
         let mut args = vec![
             "import",
             "--model",
-            other.to_str().unwrap(),
+            model.to_str().unwrap(),
             "--meta-hash",
-            &meta,
+            meta,
             "--address",
             "bob",
             "--key",
             "key",
             "--meta-file",
-            meta_file.to_str().unwrap(),
-            "--out",
-            "out",
+            meta_file,
         ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let o = aiblock(&args, work);
+        args.extend(extra);
+        aiblock(&args, work)
+    };
+    for extra in [&["--out", "out", "--dry-run"][..], &["--out", "out"]] {
+        let o = import(&other, &meta, extra);
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("does not match the meta config"), "{err}");
@@ -313,23 +313,7 @@ fn mismatched_checkpoint_is_refused_in_dry_run_too() {
         assert!(!work.join("out").exists(), "nothing written");
     }
     // A meta file that is not the --meta-hash is refused too.
-    let o = aiblock(
-        &[
-            "import",
-            "--model",
-            model.to_str().unwrap(),
-            "--meta-hash",
-            &"0".repeat(64),
-            "--address",
-            "bob",
-            "--key",
-            "key",
-            "--meta-file",
-            meta_file.to_str().unwrap(),
-            "--dry-run",
-        ],
-        work,
-    );
+    let o = import(&model, &"0".repeat(64), &["--dry-run"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not the --meta-hash"));
 }
