@@ -62,10 +62,10 @@ use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
 use super::router::Router;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::model::{run_step, ExpertSource, Forward, Supply};
+use crate::model::{check_expert, check_weights, run_step, ExpertSource, Forward, Supply};
 use crate::model::{
-    Config, ExpertId, ExpertWeights, Mat, ModelError, Output, RouterWeights, RunOptions,
-    SharedWeights, Slot, Step, Want,
+    Config, ExpertId, ExpertWeights, ModelError, Output, RouterWeights, RunOptions, SharedWeights,
+    Slot, Step, Want,
 };
 
 /// Sizes the engine allocates for.
@@ -305,38 +305,6 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn tensor_err(name: String, reason: String) -> ModelError {
-    ModelError::Tensor { name, reason }
-}
-
-fn check_mat(name: &str, m: &Mat, rows: usize, cols: usize) -> Result<(), ModelError> {
-    if m.rows != rows || m.cols != cols || m.data.len() != rows * cols {
-        return Err(tensor_err(
-            name.into(),
-            format!("shape [{}, {}], expected [{rows}, {cols}]", m.rows, m.cols),
-        ));
-    }
-    Ok(())
-}
-
-fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
-    if v.len() != n {
-        return Err(tensor_err(
-            name.into(),
-            format!("length {}, expected {n}", v.len()),
-        ));
-    }
-    Ok(())
-}
-
-/// Check an expert's shapes against the config.
-pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    check_mat("w1", &w.w1, i, h)?;
-    check_mat("w2", &w.w2, h, i)?;
-    check_mat("w3", &w.w3, i, h)
-}
-
 impl Engine {
     /// Upload the shared weights and routers and allocate the KV cache and
     /// the (empty) expert pool. Experts are supplied when a step asks for
@@ -358,7 +326,6 @@ impl Engine {
         routers: &[RouterWeights],
         opts: EngineOptions,
     ) -> Result<Self, ModelError> {
-        cfg.validate()?;
         let (h, v, i, ne) = (
             cfg.hidden_size,
             cfg.vocab_size,
@@ -378,46 +345,7 @@ impl Engine {
         };
         let fmt = opts.weights;
 
-        check_mat("model.embed_tokens.weight", &shared.embed_tokens, v, h)?;
-        check_vec("model.norm.weight", &shared.norm, h)?;
-        if shared.layers.len() != nl {
-            return Err(tensor_err(
-                "model.layers".into(),
-                format!("{} layers, expected {nl}", shared.layers.len()),
-            ));
-        }
-        if routers.len() != nl {
-            return Err(tensor_err(
-                "block_sparse_moe.gate".into(),
-                format!("{} routers, expected {nl}", routers.len()),
-            ));
-        }
-        if let Some(head) = &shared.lm_head {
-            check_mat("lm_head.weight", head, v, h)?;
-        }
-        for (l, la) in shared.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            check_vec(
-                &format!("{p}.input_layernorm.weight"),
-                &la.input_layernorm,
-                h,
-            )?;
-            check_vec(
-                &format!("{p}.post_attention_layernorm.weight"),
-                &la.post_attention_layernorm,
-                h,
-            )?;
-            check_mat(&format!("{p}.self_attn.q_proj.weight"), &la.q_proj, qd, h)?;
-            check_mat(&format!("{p}.self_attn.k_proj.weight"), &la.k_proj, kvd, h)?;
-            check_mat(&format!("{p}.self_attn.v_proj.weight"), &la.v_proj, kvd, h)?;
-            check_mat(&format!("{p}.self_attn.o_proj.weight"), &la.o_proj, h, qd)?;
-            check_mat(
-                &format!("{p}.block_sparse_moe.gate.weight"),
-                &routers[l].gate,
-                ne,
-                h,
-            )?;
-        }
+        check_weights(cfg, shared, routers)?;
 
         // Every binding must fit the adapter.
         let max_binding = ctx.max_binding();
