@@ -85,7 +85,7 @@ pub fn reference(
     out
 }
 
-/// One-shot GPU run (tests), same arguments as [`reference`].
+/// One-shot GPU run (tests), same arguments as [`reference()`].
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &GpuContext,

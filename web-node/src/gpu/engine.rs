@@ -22,17 +22,17 @@
 //!
 //! The engine never fetches weights. While a layer has experts that are not
 //! in the pool, the encoder is submitted after that layer's router and the
-//! routed ids are read back; if any of them is missing, [`Engine::step`]
-//! (or [`Engine::resume`]) returns [`Step::Need`] with the missing ids
+//! routed ids are read back; if any of them is missing, [`step`](crate::model::Engine::step)
+//! (or [`resume`](crate::model::Engine::resume)) returns [`Step::Need`] with the missing ids
 //! (sorted, deduplicated) and keeps its place: the token chunk, the layer,
 //! the hidden state (still in GPU buffers) and the position (not yet
 //! advanced). The caller hands the experts over with
-//! [`Engine::supply_expert`] and calls [`Engine::resume`], which continues
-//! with that layer's experts; [`Engine::cancel`] drops the step instead.
-//! [`run_step`] is that loop. With `use_moe = false` (dense mixture) every
+//! [`Engine::supply_expert`] and calls [`resume`](crate::model::Engine::resume), which continues
+//! with that layer's experts; [`cancel`](crate::model::Engine::cancel) drops the step instead.
+//! [`crate::model::run_step`] is that loop. With `use_moe = false` (dense mixture) every
 //! expert runs, so a step asks for all missing experts of all layers up
 //! front (or, when the pool cannot hold them all, for all of one layer at a
-//! time). Calling [`Engine::step`] while a step is paused is an error
+//! time). Calling [`step`](crate::model::Engine::step) while a step is paused is an error
 //! ([`ModelError::Input`]): resume or cancel it first.
 //!
 //! # Expert pool
@@ -241,7 +241,7 @@ enum At {
     Experts(usize),
 }
 
-/// A step in progress (paused while it is stored in [`Engine::paused`]).
+/// A step in progress (paused while it is stored in `Engine::paused`).
 #[derive(Debug)]
 struct Run {
     tokens: Vec<u32>,

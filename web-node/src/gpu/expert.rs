@@ -162,7 +162,7 @@ pub fn reference(
     out
 }
 
-/// One-shot GPU run of the up and down kernels (tests), same arguments as [`reference`].
+/// One-shot GPU run of the up and down kernels (tests), same arguments as [`reference()`].
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &GpuContext,

@@ -100,7 +100,7 @@ pub fn reference(
     out
 }
 
-/// One-shot GPU run of [`reference`]'s computation (tests).
+/// One-shot GPU run of [`reference()`]'s computation (tests).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &GpuContext,

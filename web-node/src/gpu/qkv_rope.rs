@@ -145,7 +145,7 @@ pub fn reference(
     (q, k, v)
 }
 
-/// One-shot GPU run (tests): returns `(q, k, v)` like [`reference`], k and v
+/// One-shot GPU run (tests): returns `(q, k, v)` like [`reference()`], k and v
 /// read back from the cache rows the kernel wrote.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
