@@ -61,12 +61,12 @@ use super::kernel::{f32_bytes, transpose, Kernel, Step as StepUniform, WeightFor
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
 use super::router::Router;
-#[cfg(not(target_arch = "wasm32"))]
-use crate::model::{check_expert, check_weights, run_step, ExpertSource, Forward, Supply};
 use crate::model::{
-    Config, ExpertId, ExpertWeights, ModelError, Output, RouterWeights, RunOptions, SharedWeights,
-    Slot, Step, Want,
+    check_expert, check_weights, Config, ExpertId, ExpertWeights, ModelError, Output,
+    RouterWeights, RunOptions, SharedWeights, Slot, Step, Want,
 };
+#[cfg(not(target_arch = "wasm32"))]
+use crate::model::{run_step, ExpertSource, Forward, Supply};
 
 /// Sizes the engine allocates for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
