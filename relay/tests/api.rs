@@ -510,6 +510,43 @@ fn wrong_tensors_are_refused() {
 }
 
 #[test]
+fn wrong_tensors_are_refused_from_the_safetensors_header_before_the_rest() {
+    let e = env();
+    let before = e.snapshot();
+    let head = head_of(e.url(), "layer0.expert5");
+    let router = slot_payload(&test_config(), Slot::Router { layer: 0 }, 1);
+    let (_, block) = upload(
+        SLOT,
+        &router,
+        vec![head],
+        Some(meta_hash(e.url())),
+        &miner_key(1),
+    );
+    let n = u64::from_le_bytes(router[..8].try_into().unwrap()) as usize;
+    assert!(8 + n < router.len());
+    // Envelope and the safetensors header only; the rest is never sent.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(e.relay.addr()).unwrap();
+    let env = block.encode();
+    write!(
+        s,
+        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        env.len() + router.len()
+    )
+    .unwrap();
+    s.write_all(&env).unwrap();
+    s.write_all(&router[..8 + n]).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("tensors"), "{text}");
+    assert_eq!(e.snapshot(), before);
+}
+
+#[test]
 fn binary_garbage_truncation_and_tampering_are_refused() {
     let e = env();
     let before = e.snapshot();
@@ -630,6 +667,12 @@ fn unknown_hashes_and_traversal_get_json_errors() {
             codes::MALFORMED
         );
     }
+    let r = get(&format!("{url}/blocks"));
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.json::<web_node::net::api::ApiError>().code,
+        "method_not_allowed"
+    );
     for path in [
         "/blocks/..%2F..%2Fetc%2Fpasswd",
         "/blocks/..%2F..%2FCargo.toml/payload",

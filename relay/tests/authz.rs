@@ -13,13 +13,6 @@ use web_node::chain::{BlockHash, ChainId};
 use web_node::model::Slot;
 use web_node::net::api::{codes, BlockInfo, HeadInfo};
 
-fn operator_key(data: &std::path::Path) -> SigningKey {
-    let text = std::fs::read_to_string(data.join("operator.key")).unwrap();
-    let mut k = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut k).unwrap();
-    SigningKey::from_bytes(&k)
-}
-
 /// A model dir with config.json and tokenizer.json only: genesis is the meta
 /// block alone, so every slot still waits for its first version.
 fn meta_only(dir: &std::path::Path) -> std::path::PathBuf {

@@ -13,39 +13,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use relay::ServeOptions;
-use web_node::chain::{limits, Block, BlockHash, BlockHeader, BlockKind, ChainId, PayloadDtype};
 use web_node::model::Slot;
-use web_node::net::api::BlockInfo;
 
 fn web(dir: &std::path::Path) -> std::path::PathBuf {
     let w = dir.join("web");
     std::fs::create_dir_all(&w).unwrap();
     std::fs::write(w.join("index.html"), "hi").unwrap();
     w
-}
-
-/// A signed `len`-byte new version of `shared` with a bogus root: passes the
-/// header checks, refused after its last byte.
-fn big_header(url: &str, len: u64, key: u8) -> Block {
-    let b: Vec<BlockInfo> = list(url, "B");
-    let head = b.iter().find(|i| i.name == "shared" && i.is_head).unwrap();
-    let h = BlockHeader {
-        version: web_node::chain::HEADER_VERSION,
-        chain: ChainId::B,
-        kind: BlockKind::Shared,
-        name: "shared".into(),
-        meta: head.meta,
-        parents: vec![head.hash],
-        payload_len: len,
-        chunk_size: limits::DEFAULT_CHUNK_SIZE,
-        payload_root: BlockHash([0xEE; 32]),
-        dtype: PayloadDtype::F32,
-        candidate_loss: Some(1.0),
-        miner: [0; 32],
-        address: "big".into(),
-        timestamp_ms: 1,
-    };
-    Block::sign(h, &miner_key(key))
 }
 
 fn post_head(s: &mut TcpStream, path: &str, ct: &str, len: u64) {
@@ -76,16 +50,39 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
     let data = tmp.path().join("data");
+    let keys = tmp.path().join("meta-keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "# test\n{}\n",
+            hex::encode(miner_key(50).verifying_key().to_bytes())
+        ),
+    )
+    .unwrap();
     // Limits of this test: JSON bodies of at most 16 MiB decoded 2 at a time
     // (the defaults), binary bodies streamed.
     let r = ChildRelay::start_args(
         &data,
         &model,
         &web(tmp.path()),
-        &["--max-json-body", "16777216", "--json-concurrency", "2"],
+        &[
+            "--max-json-body",
+            "16777216",
+            "--json-concurrency",
+            "2",
+            "--meta-keys",
+            keys.to_str().unwrap(),
+        ],
         None,
         None,
     );
+    // A second model whose shared slot is 64 MiB, published by a listed key.
+    let big = big_config(64);
+    let op = miner_key(50);
+    let (up, big_meta_block, _) = meta_upload("big", &big, vec![], &[], &op);
+    let resp = post_json(&format!("{}/upload_moe_experts", r.url), &seed_json(&up));
+    assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
+    let big_meta = big_meta_block.hash;
     let base = r.peak_rss();
     // 8 JSON uploads of the maximum size at once: a 12 MiB safetensors payload
     // (16 MiB of base64) under a signature that does not match it.
@@ -99,9 +96,10 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
     let (mut up, _) = upload(Slot::Shared, &small, vec![head], Some(meta), &miner_key(1));
     use base64::Engine as _;
     let n = (12 * 1024 * 1024 - 4096) / 4;
-    let big = web_node::model::random::safetensors_bytes(&[("x".into(), vec![n], vec![0.5f32; n])])
-        .unwrap();
-    up.tensor_data_b64 = base64::engine::general_purpose::STANDARD.encode(big);
+    let tensors =
+        web_node::model::random::safetensors_bytes(&[("x".into(), vec![n], vec![0.5f32; n])])
+            .unwrap();
+    up.tensor_data_b64 = base64::engine::general_purpose::STANDARD.encode(tensors);
     let body = seed_json(&up);
     assert!(body.len() <= 16 * 1024 * 1024);
     let threads: Vec<_> = (0..8)
@@ -130,33 +128,21 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
         "{statuses:?}"
     );
     let after_json = r.peak_rss();
-    // 8 binary uploads of 64 MiB at once, streamed.
-    const BIN: u64 = 64 * 1024 * 1024;
-    let threads: Vec<_> = (0..8u8)
+    // 8 binary uploads of 64 MiB at once, streamed (first versions of the
+    // big model's shared slot, by its meta block's signer).
+    let statuses: Vec<String> = (0..8u64)
         .map(|i| {
-            let (url, addr) = (r.url.clone(), r.addr());
-            std::thread::spawn(move || {
-                let block = big_header(&url, BIN, 30 + i);
-                let mut s = TcpStream::connect(&addr).unwrap();
-                let env = block.encode();
-                post_head(
-                    &mut s,
-                    "/blocks",
-                    "application/octet-stream",
-                    env.len() as u64 + BIN,
-                );
-                s.write_all(&env).unwrap();
-                let piece = vec![i; 1 << 20];
-                for _ in 0..BIN >> 20 {
-                    s.write_all(&piece).unwrap();
-                }
-                read_reply(&mut s, Duration::from_secs(60)).0
-            })
+            let s = streamed_slot(&big, Slot::Shared, big_meta, vec![], &op, i);
+            assert!(s.len >= 64 << 20);
+            let addr = r.addr();
+            std::thread::spawn(move || send_streamed(&addr, &s, Duration::ZERO))
         })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
         .collect();
-    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(
-        statuses.iter().all(|s| *s == 400),
+        statuses.iter().all(|s| s.contains("400")),
         "bogus roots: {statuses:?}"
     );
     // Garbage refused at its first bytes: the answer comes while the client
@@ -254,28 +240,31 @@ fn slowloris_and_idle_connections_are_cut() {
 #[test]
 fn stalled_upload_bodies_are_cut_and_leave_no_staged_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
     let data = tmp.path().join("data");
+    let big = big_config(64);
     let relay = TestRelay::start_full(
         &data,
-        Some(&model),
+        Some(&meta_only_dir(tmp.path(), &big)),
         None,
         |s| s.with_options(|o| o.body_idle_timeout = Duration::from_secs(1)),
         short_timeouts(),
     );
     let before = (list(&relay.url, "A"), list(&relay.url, "B"));
-    // Binary: envelope and 1 MiB of a 64 MiB payload, then silence.
-    let block = big_header(&relay.url, 64 << 20, 3);
+    // Binary: envelope, safetensors header and 1 MiB of a 64 MiB payload,
+    // then silence.
+    let meta = before.0[0].hash;
+    let up = streamed_slot(&big, Slot::Shared, meta, vec![], &operator_key(&data), 1);
     let mut s = TcpStream::connect(relay.addr()).unwrap();
-    let env = block.encode();
+    let env = up.block.encode();
     post_head(
         &mut s,
         "/blocks",
         "application/octet-stream",
-        env.len() as u64 + (64 << 20),
+        env.len() as u64 + up.len,
     );
     s.write_all(&env).unwrap();
-    s.write_all(&vec![1u8; 1 << 20]).unwrap();
+    s.write_all(&up.prefix).unwrap();
+    s.write_all(&vec![0u8; 1 << 20]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while files(&data.join("tmp")).is_empty() {
         assert!(Instant::now() < deadline, "the upload was never staged");

@@ -268,6 +268,8 @@ pub mod relay_codes {
     pub const UNAVAILABLE: &str = "unavailable";
     /// 500: the stored payload failed its hash check and was quarantined.
     pub const CORRUPT: &str = "corrupt";
+    /// 405: the route exists, not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
 }
 
 impl HttpError {
@@ -412,9 +414,20 @@ pub fn app(state: SharedState) -> Router {
         .route("/heads", get(routes_read::get_heads))
         .route("/upload_moe_experts", post(upload::upload_json))
         .fallback(static_files::static_file)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(cors)
         .layer(TraceLayer::new_for_http())
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::with_status(
+        ApiError::new(
+            relay_codes::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {}", uri.path()),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
 }
 
 /// Everything `relay serve` needs besides the address.

@@ -34,8 +34,9 @@ use futures_util::StreamExt as _;
 use tempfile::TempPath;
 use tokio::sync::OwnedSemaphorePermit;
 use web_node::chain::{
-    check_context, check_payload_content, check_standalone, limits, Block, BlockHash, ChainError,
-    ChainId, ChainView as _, ChunkHasher, MetaPayload, ValidatedBlock, BLOCK_MAGIC,
+    check_context, check_payload_content, check_standalone, check_tensor_header, limits, Block,
+    BlockHash, BlockHeader, ChainError, ChainId, ChainView as _, ChunkHasher, MetaPayload,
+    ValidatedBlock, BLOCK_MAGIC,
 };
 use web_node::model::Config;
 use web_node::net::api::{codes, ApiError, BlockInfo, SeedUpload};
@@ -213,32 +214,20 @@ type Content = (Option<(MetaPayload, Config)>, Option<MetaWriters>);
 /// What the staging writer returns: the staged file, chunk hashes, root, length.
 type Written = (TempPath, Vec<BlockHash>, BlockHash, u64);
 
-/// Step 3's content check on a staged file: chain A reads the meta spec
-/// (at most [`limits::MAX_META_PAYLOAD_LEN`]); chain B checks the tensors.
-fn check_staged_content(
-    block: &Block,
-    path: &std::path::Path,
-    config: Option<&Config>,
-) -> Result<Content, ApiError> {
+/// Step 3's content check of a chain-A upload: the meta spec, read from the
+/// staged file (at most [`limits::MAX_META_PAYLOAD_LEN`]). Chain-B tensors are
+/// checked from the safetensors header while the payload streams ([`start_sink`]).
+fn check_staged_meta(block: &Block, path: &std::path::Path) -> Result<Content, ApiError> {
     let h = &block.header;
-    let env = block.encoded_len();
-    let read = || -> Result<Vec<u8>, ApiError> {
-        let mut bytes = std::fs::read(path)
-            .map_err(|e| ApiError::internal(format!("reading the staged upload: {e}")))?;
-        bytes.drain(..env.min(bytes.len()));
-        Ok(bytes)
-    };
-    if h.chain == ChainId::A {
-        let payload = read()?;
-        let meta = check_payload_content(h, &payload, None)?;
-        let writers = MetaWriters::of(block, &payload);
-        return Ok((meta, Some(writers)));
+    if h.chain != ChainId::A {
+        return Ok((None, None));
     }
-    // Until web-node's header-only tensor check lands, the tensor check reads
-    // the staged payload once (the stream itself was never held).
-    let payload = read()?;
-    check_payload_content(h, &payload, config)?;
-    Ok((None, None))
+    let mut payload = std::fs::read(path)
+        .map_err(|e| ApiError::internal(format!("reading the staged upload: {e}")))?;
+    payload.drain(..block.encoded_len().min(payload.len()));
+    let meta = check_payload_content(h, &payload, None)?;
+    let writers = MetaWriters::of(block, &payload);
+    Ok((meta, Some(writers)))
 }
 
 /// Steps 4 and 5 (see the module docs).
@@ -342,14 +331,88 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
 }
 
 /// The staging writer: a blocking task fed body pieces through a bounded
-/// channel; writes them after the envelope and hashes them as they pass.
+/// channel; writes them after the envelope and hashes them as they pass. For
+/// a chain-B block it keeps the payload's first bytes until the safetensors
+/// header is complete and checks the tensors then (web-node's
+/// `check_tensor_header`): a wrong payload is refused before the rest is read.
 struct Sink {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     task: tokio::task::JoinHandle<Result<Written, ApiError>>,
 }
 
-fn start_sink(dir: PathBuf, envelope: Vec<u8>, chunk_size: u32) -> Sink {
+/// The safetensors header check of a streaming chain-B payload.
+struct TensorCheck {
+    header: BlockHeader,
+    config: Config,
+    prefix: Vec<u8>,
+    done: bool,
+}
+
+impl TensorCheck {
+    /// The safetensors header length, once its 8 bytes are in.
+    fn header_len(&self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.prefix.get(..8)?.try_into().ok()?))
+    }
+
+    /// Bytes of prefix the check needs (8, then 8 + the header length), and
+    /// whether it can run now (a header length past the limits or the
+    /// payload is refused from its 8 bytes).
+    fn need(&self) -> (usize, bool) {
+        match self.header_len() {
+            None => (8, false),
+            Some(n) if n > limits::MAX_SAFETENSORS_HEADER as u64 => (8, true),
+            Some(n) if n + 8 > self.header.payload_len => (8, true),
+            Some(n) => (8 + n as usize, self.prefix.len() >= 8 + n as usize),
+        }
+    }
+
+    /// Feed payload bytes; runs the check once the header is in.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), ChainError> {
+        while !self.done && !bytes.is_empty() {
+            let take = self
+                .need()
+                .0
+                .saturating_sub(self.prefix.len())
+                .min(bytes.len());
+            self.prefix.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.need().1 {
+                self.done = true;
+                let r = check_tensor_header(&self.header, &self.prefix, &self.config);
+                self.prefix = Vec::new();
+                return r;
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the payload: the check must have run.
+    fn finish(mut self) -> Result<(), ChainError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        check_tensor_header(&self.header, &self.prefix, &self.config)
+    }
+}
+
+fn start_sink(
+    dir: PathBuf,
+    envelope: Vec<u8>,
+    header: &BlockHeader,
+    config: Option<Config>,
+) -> Sink {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_QUEUE);
+    let chunk_size = header.chunk_size;
+    let mut tensors = match (header.chain, config) {
+        (ChainId::B, Some(config)) => Some(TensorCheck {
+            header: header.clone(),
+            config,
+            prefix: Vec::new(),
+            done: false,
+        }),
+        _ => None,
+    };
     let task = tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
         let stage = |e: std::io::Error| ApiError::internal(format!("staging the upload: {e}"));
@@ -362,11 +425,19 @@ fn start_sink(dir: PathBuf, envelope: Vec<u8>, chunk_size: u32) -> Sink {
         w.write_all(&envelope).map_err(stage)?;
         let mut hasher = ChunkHasher::new(chunk_size);
         while let Some(piece) = rx.blocking_recv() {
+            if let Some(t) = tensors.as_mut() {
+                t.feed(&piece)?;
+            }
             hasher.update(&piece);
             w.write_all(&piece).map_err(stage)?;
         }
         w.flush().map_err(stage)?;
         let (chunks, root, len) = hasher.finish();
+        if let Some(t) = tensors {
+            if len == t.header.payload_len {
+                t.finish()?;
+            }
+        }
         Ok((path, chunks, root, len))
     });
     Sink { tx, task }
@@ -437,7 +508,12 @@ pub(super) async fn upload_binary(
     }
     let adm = admit(&st, &block).await?;
     let first = Bytes::from(head.split_off(used));
-    let sink = start_sink(st.opts.staging_dir.clone(), head, block.header.chunk_size);
+    let sink = start_sink(
+        st.opts.staging_dir.clone(),
+        head,
+        &block.header,
+        adm.config.clone(),
+    );
     let mut seen: u64 = 0;
     let mut piece = Some(first);
     let streamed: Result<(), HttpError> = async {
@@ -453,7 +529,11 @@ pub(super) async fn upload_binary(
             if !p.is_empty() && sink.tx.send(p).await.is_err() {
                 break; // the writer failed: its error is returned below
             }
-            piece = next_piece(&mut stream, idle).await?;
+            // Stop reading as soon as the writer refused the payload.
+            piece = tokio::select! {
+                r = next_piece(&mut stream, idle) => r?,
+                _ = sink.tx.closed() => break,
+            };
         }
         Ok(())
     }
@@ -463,12 +543,17 @@ pub(super) async fn upload_binary(
     let written = task
         .await
         .map_err(|e| ApiError::internal(format!("staging task: {e}")))?;
-    streamed?;
-    let (path, chunks, root, len) = written?;
+    // A refusal from the writer (tensors) comes before one from the stream:
+    // it is why the stream stopped.
+    let (path, chunks, root, len) = match (written, streamed) {
+        (Err(e), _) => return Err(e.into()),
+        (Ok(_), Err(e)) => return Err(e),
+        (Ok(w), Ok(())) => w,
+    };
     check_root(&block, root, len)?;
-    let (config, b2) = (adm.config.clone(), block.clone());
+    let b2 = block.clone();
     let (path, meta, writers) = blocking(move || {
-        let (meta, writers) = check_staged_content(&b2, &path, config.as_ref())?;
+        let (meta, writers) = check_staged_meta(&b2, &path)?;
         Ok((path, meta, writers))
     })
     .await?;

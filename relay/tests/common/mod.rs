@@ -471,3 +471,131 @@ pub fn meta_upload(
     let (up, block) = SeedUpload::build(BlockKind::Meta, name, &payload, &opts, key).unwrap();
     (up, block, payload)
 }
+
+/// The relay operator's key of a data dir.
+pub fn operator_key(data: &Path) -> SigningKey {
+    let text = std::fs::read_to_string(data.join("operator.key")).unwrap();
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut k).unwrap();
+    SigningKey::from_bytes(&k)
+}
+
+/// A model dir with config.json and tokenizer.json only: genesis is the meta
+/// block alone, every slot waits for its first version.
+pub fn meta_only_dir(dir: &Path, cfg: &Config) -> PathBuf {
+    let m = dir.join("meta-only");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        web_node::model::random::config_json(cfg).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("tokenizer.json"),
+        web_node::model::random::tokenizer_json().unwrap(),
+    )
+    .unwrap();
+    m
+}
+
+/// A config whose `shared` slot is about `mib` MiB of f32 (embeddings and
+/// lm_head dominate), one layer.
+pub fn big_config(mib: u64) -> Config {
+    let hidden = 512usize;
+    let vocab = ((mib << 20) / (2 * hidden as u64 * 4)) as usize;
+    small_config(vocab.max(300), hidden, 64, 1, 4, 2)
+}
+
+/// A block whose payload is streamed from a generator: a valid safetensors
+/// header for the slot, then zeros. The root is bogus, so the relay reads
+/// every byte and refuses it (400) only at the end.
+pub struct Streamed {
+    pub block: Block,
+    pub prefix: Vec<u8>,
+    pub len: u64,
+}
+
+pub fn streamed_slot(
+    cfg: &Config,
+    slot: Slot,
+    meta: BlockHash,
+    parents: Vec<BlockHash>,
+    key: &SigningKey,
+    tag: u64,
+) -> Streamed {
+    let mut entries = Vec::new();
+    let mut at = 0u64;
+    for t in slot.tensors(cfg) {
+        let n = t.shape.iter().product::<usize>() as u64 * 4;
+        entries.push(format!(
+            "{:?}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{at},{}]}}",
+            t.name,
+            t.shape,
+            at + n
+        ));
+        at += n;
+    }
+    let mut json = format!("{{{}}}", entries.join(",")).into_bytes();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&json);
+    let len = prefix.len() as u64 + at;
+    let kind = match slot {
+        Slot::Shared => BlockKind::Shared,
+        Slot::Router { .. } => BlockKind::Router,
+        Slot::Expert { .. } => BlockKind::Expert,
+    };
+    let h = web_node::chain::BlockHeader {
+        version: web_node::chain::HEADER_VERSION,
+        chain: web_node::chain::ChainId::B,
+        kind,
+        name: slot.to_string(),
+        meta: Some(meta),
+        parents,
+        payload_len: len,
+        chunk_size: web_node::chain::limits::DEFAULT_CHUNK_SIZE,
+        payload_root: BlockHash([0xEE; 32]),
+        dtype: web_node::chain::PayloadDtype::F32,
+        candidate_loss: Some(1.0),
+        miner: [0; 32],
+        address: "streamed".into(),
+        timestamp_ms: tag,
+    };
+    Streamed {
+        block: Block::sign(h, key),
+        prefix,
+        len,
+    }
+}
+
+/// POST a [`Streamed`] block (1 MiB writes, `pace` between them); returns
+/// the reply's status line, or what happened if the relay closed first.
+pub fn send_streamed(addr: &str, s: &Streamed, pace: std::time::Duration) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let env = s.block.encode();
+    write!(
+        c,
+        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        env.len() as u64 + s.len
+    )
+    .unwrap();
+    c.write_all(&env).unwrap();
+    c.write_all(&s.prefix).unwrap();
+    let piece = vec![0u8; 1 << 20];
+    let mut left = s.len - s.prefix.len() as u64;
+    while left > 0 {
+        let n = (piece.len() as u64).min(left) as usize;
+        if let Err(e) = c.write_all(&piece[..n]) {
+            return format!("write failed: {e}");
+        }
+        left -= n as u64;
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
+    }
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
