@@ -149,15 +149,19 @@ pub fn render_fetch_error(error: &str) -> String {
 /// this session holds.
 pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
     let experts: Vec<String> = s.experts.iter().map(ToString::to_string).collect();
-    let pct = if model_bytes > 0 {
-        100.0 * s.payload_bytes as f64 / model_bytes as f64
+    let of_model = if model_bytes > 0 {
+        format!(
+            " of the model's {} ({:.0}%)",
+            fmt_bytes(model_bytes),
+            100.0 * s.payload_bytes as f64 / model_bytes as f64
+        )
     } else {
-        0.0
+        String::new()
     };
     format!(
         "<div id=\"fetch-stats\" data-bytes=\"{b}\" data-payload-bytes=\"{pb}\" data-model-bytes=\"{mb}\" \
          data-requests=\"{req}\" data-payloads=\"{np}\" data-experts=\"{ex}\">\
-         fetched {pbt} of the model's {mbt} ({pct:.0}%) in {np} payloads; {bt} in {req} requests in all \
+         fetched {pbt}{of_model} in {np} payloads; {bt} in {req} requests in all \
          (listings and chunk lists included). Experts held: {nex}{list}</div>",
         b = s.bytes,
         pb = s.payload_bytes,
@@ -166,7 +170,6 @@ pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
         np = s.payloads,
         ex = escape_html(&experts.join(",")),
         pbt = fmt_bytes(s.payload_bytes),
-        mbt = fmt_bytes(model_bytes),
         bt = fmt_bytes(s.bytes),
         nex = experts.len(),
         list = if experts.is_empty() {
