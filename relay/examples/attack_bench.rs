@@ -35,6 +35,42 @@ fn cfg() -> Config {
     small_config(259, 16, 24, 2, 2, 1)
 }
 
+/// The key that publishes the big model (listed as a meta key).
+fn publisher() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+/// A config whose `shared` slot is about `mib` MiB of f32.
+fn big_config(mib: u64) -> Config {
+    let hidden = 1024usize;
+    let vocab = ((mib << 20) / (2 * hidden as u64 * 4)) as usize;
+    small_config(vocab.max(300), hidden, 64, 1, 4, 2)
+}
+
+/// A safetensors header for `slot` (F32, zeros follow) and the payload length.
+fn safetensors_prefix(cfg: &Config, slot: Slot) -> (Vec<u8>, u64) {
+    let mut entries = Vec::new();
+    let mut at = 0u64;
+    for t in slot.tensors(cfg) {
+        let n = t.shape.iter().product::<usize>() as u64 * 4;
+        entries.push(format!(
+            "{:?}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{at},{}]}}",
+            t.name,
+            t.shape,
+            at + n
+        ));
+        at += n;
+    }
+    let mut json = format!("{{{}}}", entries.join(",")).into_bytes();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&json);
+    let len = prefix.len() as u64 + at;
+    (prefix, len)
+}
+
 fn serve_child(data: &Path, model: &Path) {
     let state = relay::open_relay(&relay::server::ServeConfig {
         data_dir: data.to_path_buf(),
@@ -43,6 +79,7 @@ fn serve_child(data: &Path, model: &Path) {
     })
     .unwrap()
     .with_gate(Arc::new(relay::quality::QualityGate::default()))
+    .with_meta_keys([publisher().verifying_key().to_bytes()])
     .with_options(|o| {
         o.ip_rate = relay::server::limits::Rate {
             burst: 1_000_000,
@@ -92,6 +129,64 @@ fn stats(mut v: Vec<Duration>) -> String {
     )
 }
 
+/// A TCP connection from a chosen loopback address (attackers and the
+/// measuring client get their own, as separate hosts would).
+fn connect_from(src: [u8; 4], addr: &str) -> std::io::Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((src, 0)))?;
+    let t = rt.block_on(sock.connect(addr.parse().map_err(std::io::Error::other)?))?;
+    let s = t.into_std()?;
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A minimal keep-alive HTTP/1.1 GET client on its own source address.
+struct Reader {
+    addr: String,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Reader {
+    fn get(&mut self, path: &str) -> Duration {
+        let t = Instant::now();
+        if self.conn.is_none() {
+            self.conn = Some(BufReader::new(
+                connect_from([127, 0, 0, 2], &self.addr).unwrap(),
+            ));
+        }
+        let c = self.conn.as_mut().unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        c.get_mut().write_all(req.as_bytes()).unwrap();
+        let mut len = 0usize;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            if c.read_line(&mut line).unwrap() == 0 {
+                panic!("connection closed");
+            }
+            if first {
+                assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+                first = false;
+            }
+            let l = line.to_ascii_lowercase();
+            if let Some(v) = l.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body).unwrap();
+        t.elapsed()
+    }
+}
+
 fn read_status(s: &mut TcpStream) -> u16 {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
@@ -131,13 +226,11 @@ fn main() {
     let meta = blocks[0].meta;
     let head_of = |n: &str| blocks.iter().find(|b| b.name == n).unwrap().hash;
 
-    let agent = ureq::AgentBuilder::new().build();
-    let sample = |path: &str| {
-        let t = Instant::now();
-        let r = agent.get(&format!("{url}{path}")).call().unwrap();
-        let _ = r.into_string().unwrap();
-        t.elapsed()
+    let mut reader = Reader {
+        addr: addr.clone(),
+        conn: None,
     };
+    let mut sample = |path: &str| reader.get(path);
     for _ in 0..50 {
         sample("/heads");
     }
@@ -145,6 +238,48 @@ fn main() {
     let idle_chain: Vec<Duration> = (0..300).map(|_| sample("/chain/B/blocks")).collect();
     let hwm_idle = vm_hwm(pid);
 
+    // The large upload: the first version of a big model's shared slot
+    // (published by a listed key), a valid safetensors header then zeros,
+    // under a bogus root: every byte is read, hashed and staged, then refused.
+    let big = big_config(mib);
+    let meta_json = web_node::chain::MetaPayload::new(
+        "big",
+        serde_json::from_slice(&web_node::model::random::config_json(&big).unwrap()).unwrap(),
+        None,
+    )
+    .unwrap()
+    .to_json();
+    let (up, big_meta) = SeedUpload::build(
+        BlockKind::Meta,
+        "big",
+        &meta_json,
+        &UploadOptions::default(),
+        &publisher(),
+    )
+    .unwrap();
+    let r = ureq::post(&format!("{url}/upload_moe_experts"))
+        .set("content-type", "application/json")
+        .send_bytes(&serde_json::to_vec(&up).unwrap())
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (prefix, len) = safetensors_prefix(&big, Slot::Shared);
+    let h = BlockHeader {
+        version: web_node::chain::HEADER_VERSION,
+        chain: ChainId::B,
+        kind: BlockKind::Shared,
+        name: "shared".into(),
+        meta: Some(big_meta.hash),
+        parents: vec![],
+        payload_len: len,
+        chunk_size: limits::DEFAULT_CHUNK_SIZE,
+        payload_root: BlockHash([0xEE; 32]),
+        dtype: PayloadDtype::F32,
+        candidate_loss: None,
+        miner: [0; 32],
+        address: "big".into(),
+        timestamp_ms: 1,
+    };
+    let block = Block::sign(h, &publisher());
     let stop = Arc::new(AtomicBool::new(false));
     let evals = Arc::new(AtomicUsize::new(0));
     let jsons = Arc::new(AtomicUsize::new(0));
@@ -221,14 +356,15 @@ fn main() {
             }
         }));
     }
-    // Slowloris: 200 connections, one header byte per second each.
-    for _ in 0..4 {
+    // Slowloris: 200 connections from 4 addresses, one header byte per
+    // second each.
+    for k in 0..4u8 {
         let (addr, stop, cut) = (addr.clone(), stop.clone(), cut.clone());
         attackers.push(std::thread::spawn(move || {
             let mut conns: Vec<TcpStream> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 while conns.len() < 50 {
-                    match TcpStream::connect(&addr) {
+                    match connect_from([127, 0, 0, 10 + k], &addr) {
                         Ok(mut s) => {
                             let _ = s.write_all(b"GET /heads HTTP/1.1\r\nhost: x\r\n");
                             conns.push(s);
@@ -256,31 +392,11 @@ fn main() {
             }
         }));
     }
-    // The large upload; the measurement runs while it streams.
-    let len = mib << 20;
-    let shared = blocks.iter().find(|b| b.name == "shared").unwrap();
-    let h = BlockHeader {
-        version: web_node::chain::HEADER_VERSION,
-        chain: ChainId::B,
-        kind: BlockKind::Shared,
-        name: "shared".into(),
-        meta,
-        parents: vec![shared.hash],
-        payload_len: len,
-        chunk_size: limits::DEFAULT_CHUNK_SIZE,
-        payload_root: BlockHash([0xEE; 32]),
-        dtype: PayloadDtype::F32,
-        candidate_loss: Some(1.0),
-        miner: [0; 32],
-        address: "big".into(),
-        timestamp_ms: 1,
-    };
-    let block = Block::sign(h, &SigningKey::from_bytes(&[9; 32]));
     let done = Arc::new(AtomicBool::new(false));
     let (a2, d2) = (addr.clone(), done.clone());
     let big = std::thread::spawn(move || {
         let t = Instant::now();
-        let mut s = TcpStream::connect(&a2).unwrap();
+        let mut s = connect_from([127, 0, 0, 3], &a2).unwrap();
         let env = block.encode();
         write!(
             s,
@@ -289,9 +405,13 @@ fn main() {
         )
         .unwrap();
         s.write_all(&env).unwrap();
-        let piece = vec![0x5Au8; 1 << 20];
-        for _ in 0..mib {
-            s.write_all(&piece).unwrap();
+        s.write_all(&prefix).unwrap();
+        let piece = vec![0u8; 1 << 20];
+        let mut left = len - prefix.len() as u64;
+        while left > 0 {
+            let n = (piece.len() as u64).min(left) as usize;
+            s.write_all(&piece[..n]).unwrap();
+            left -= n as u64;
         }
         let st = read_status(&mut s);
         d2.store(true, Ordering::SeqCst);
