@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use web_node::chain::{limits, Block, BlockHash, BlockHeader, BlockKind, ChainId, PayloadDtype};
+use web_node::chain::{BlockBuilder, BlockHash, BlockKind, PayloadDtype};
 use web_node::model::random::{
     random_tensors, safetensors_bytes, small_config, write_random_model,
 };
@@ -263,23 +263,11 @@ fn main() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let (prefix, len) = safetensors_prefix(&big, Slot::Shared);
-    let h = BlockHeader {
-        version: web_node::chain::HEADER_VERSION,
-        chain: ChainId::B,
-        kind: BlockKind::Shared,
-        name: "shared".into(),
-        meta: Some(big_meta.hash),
-        parents: vec![],
-        payload_len: len,
-        chunk_size: limits::DEFAULT_CHUNK_SIZE,
-        payload_root: BlockHash([0xEE; 32]),
-        dtype: PayloadDtype::F32,
-        candidate_loss: None,
-        miner: [0; 32],
-        address: "big".into(),
-        timestamp_ms: 1,
-    };
-    let block = Block::sign(h, &publisher());
+    // A bogus root: the relay reads every byte and refuses it at the end.
+    let block = BlockBuilder::slot(big_meta.hash, Slot::Shared, PayloadDtype::F32)
+        .address("big")
+        .timestamp_ms(1)
+        .sign_for(len, BlockHash([0xEE; 32]), &publisher());
     let stop = Arc::new(AtomicBool::new(false));
     let evals = Arc::new(AtomicUsize::new(0));
     let jsons = Arc::new(AtomicUsize::new(0));

@@ -258,18 +258,12 @@ pub struct HttpError {
     pub retry_after: Option<u64>,
 }
 
-/// Error codes the relay adds to web-node's [`codes`].
+/// Error codes of the relay's own limits (in web-node's [`codes`] table, so
+/// clients map them to the right status too).
 pub mod relay_codes {
-    /// 415: the upload's Content-Type is not the route's.
-    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
-    /// 408: the upload's body stalled and was cut.
-    pub const TIMEOUT: &str = "timeout";
-    /// 503: the relay is at a capacity limit; retry after the Retry-After seconds.
-    pub const UNAVAILABLE: &str = "unavailable";
-    /// 500: the stored payload failed its hash check and was quarantined.
-    pub const CORRUPT: &str = "corrupt";
-    /// 405: the route exists, not with this method.
-    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub use web_node::net::api::codes::{
+        CORRUPT, METHOD_NOT_ALLOWED, TIMEOUT, UNAVAILABLE, UNSUPPORTED_MEDIA_TYPE,
+    };
 }
 
 impl HttpError {

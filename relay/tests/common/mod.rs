@@ -53,11 +53,7 @@ pub fn upload(
     meta: Option<BlockHash>,
     key: &SigningKey,
 ) -> (SeedUpload, Block) {
-    let kind = match slot {
-        Slot::Shared => BlockKind::Shared,
-        Slot::Router { .. } => BlockKind::Router,
-        Slot::Expert { .. } => BlockKind::Expert,
-    };
+    let kind = BlockKind::of_slot(slot);
     let opts = UploadOptions {
         parents,
         candidate_loss: Some(1.25),
@@ -542,32 +538,13 @@ pub fn streamed_slot(
     let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
     prefix.extend_from_slice(&json);
     let len = prefix.len() as u64 + at;
-    let kind = match slot {
-        Slot::Shared => BlockKind::Shared,
-        Slot::Router { .. } => BlockKind::Router,
-        Slot::Expert { .. } => BlockKind::Expert,
-    };
-    let h = web_node::chain::BlockHeader {
-        version: web_node::chain::HEADER_VERSION,
-        chain: web_node::chain::ChainId::B,
-        kind,
-        name: slot.to_string(),
-        meta: Some(meta),
-        parents,
-        payload_len: len,
-        chunk_size: web_node::chain::limits::DEFAULT_CHUNK_SIZE,
-        payload_root: BlockHash([0xEE; 32]),
-        dtype: web_node::chain::PayloadDtype::F32,
-        candidate_loss: Some(1.0),
-        miner: [0; 32],
-        address: "streamed".into(),
-        timestamp_ms: tag,
-    };
-    Streamed {
-        block: Block::sign(h, key),
-        prefix,
-        len,
-    }
+    let block = web_node::chain::BlockBuilder::slot(meta, slot, web_node::chain::PayloadDtype::F32)
+        .parents(parents)
+        .candidate_loss(Some(1.0))
+        .address("streamed")
+        .timestamp_ms(tag)
+        .sign_for(len, BlockHash([0xEE; 32]), key);
+    Streamed { block, prefix, len }
 }
 
 /// POST a [`Streamed`] block (1 MiB writes, `pace` between them); returns

@@ -90,6 +90,17 @@ impl BlockBuilder {
         let mut hasher = ChunkHasher::new(self.chunk_size);
         hasher.update(payload);
         let (hashes, _, len) = hasher.finish();
+        self.header_for(len, payload_root(&hashes), miner)
+    }
+
+    /// The header for a payload hashed elsewhere (streamed through a
+    /// [`ChunkHasher`], or deliberately wrong in tests).
+    pub fn header_for(
+        self,
+        payload_len: u64,
+        payload_root: BlockHash,
+        miner: [u8; 32],
+    ) -> BlockHeader {
         BlockHeader {
             version: HEADER_VERSION,
             chain: self.kind.chain(),
@@ -97,9 +108,9 @@ impl BlockBuilder {
             name: self.name,
             meta: self.meta,
             parents: self.parents,
-            payload_len: len,
+            payload_len,
             chunk_size: self.chunk_size,
-            payload_root: payload_root(&hashes),
+            payload_root,
             dtype: self.dtype,
             candidate_loss: self.candidate_loss,
             miner,
@@ -112,6 +123,14 @@ impl BlockBuilder {
     pub fn sign(self, payload: &[u8], key: &SigningKey) -> Block {
         let h = self.header(payload, key.verifying_key().to_bytes());
         Block::sign(h, key)
+    }
+
+    /// [`BlockBuilder::header_for`], signed with `key`.
+    pub fn sign_for(self, payload_len: u64, payload_root: BlockHash, key: &SigningKey) -> Block {
+        Block::sign(
+            self.header_for(payload_len, payload_root, key.verifying_key().to_bytes()),
+            key,
+        )
     }
 }
 

@@ -60,6 +60,16 @@ pub mod codes {
     pub const RATE_LIMITED: &str = "rate_limited";
     /// 500: the server failed.
     pub const INTERNAL: &str = "internal";
+    /// 500: a stored payload failed its hash check and was quarantined.
+    pub const CORRUPT: &str = "corrupt";
+    /// 405: the route exists, not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// 408: the request's body stalled and was cut.
+    pub const TIMEOUT: &str = "timeout";
+    /// 415: the body's Content-Type is not the route's.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// 503: the server is at a capacity limit; retry after `Retry-After`.
+    pub const UNAVAILABLE: &str = "unavailable";
 }
 
 impl ApiError {
@@ -86,11 +96,15 @@ impl ApiError {
             codes::BAD_SIGNATURE => 401,
             codes::FORBIDDEN => 403,
             codes::NOT_FOUND => 404,
+            codes::METHOD_NOT_ALLOWED => 405,
+            codes::TIMEOUT => 408,
             codes::DUPLICATE | codes::NOT_HEAD => 409,
             codes::TOO_LARGE => 413,
+            codes::UNSUPPORTED_MEDIA_TYPE => 415,
             codes::RANGE_NOT_SATISFIABLE => 416,
             codes::REJECTED => 422,
             codes::RATE_LIMITED => 429,
+            codes::UNAVAILABLE => 503,
             _ => 500,
         }
     }
@@ -509,6 +523,32 @@ impl SeedUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_has_its_status() {
+        use codes::*;
+        for (code, status) in [
+            (MALFORMED, 400),
+            (INVALID_BLOCK, 400),
+            (BAD_SIGNATURE, 401),
+            (FORBIDDEN, 403),
+            (NOT_FOUND, 404),
+            (METHOD_NOT_ALLOWED, 405),
+            (TIMEOUT, 408),
+            (DUPLICATE, 409),
+            (NOT_HEAD, 409),
+            (TOO_LARGE, 413),
+            (UNSUPPORTED_MEDIA_TYPE, 415),
+            (RANGE_NOT_SATISFIABLE, 416),
+            (REJECTED, 422),
+            (RATE_LIMITED, 429),
+            (INTERNAL, 500),
+            (CORRUPT, 500),
+            (UNAVAILABLE, 503),
+        ] {
+            assert_eq!(ApiError::new(code, "x").status(), status, "{code}");
+        }
+    }
     use crate::chain::ChainError;
 
     fn st_payload(dtype: safetensors::Dtype, n: usize) -> Vec<u8> {
