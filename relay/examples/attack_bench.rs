@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use web_node::chain::{BlockBuilder, BlockHash, BlockKind, PayloadDtype};
 use web_node::model::random::{
-    random_tensors, safetensors_bytes, small_config, write_random_model,
+    random_tensors, safetensors_bytes, slot_safetensors_prefix, small_config, write_random_model,
 };
 use web_node::model::{Config, Slot};
 use web_node::net::api::{BlockInfo, SeedUpload, UploadOptions};
@@ -45,30 +45,6 @@ fn big_config(mib: u64) -> Config {
     let hidden = 1024usize;
     let vocab = ((mib << 20) / (2 * hidden as u64 * 4)) as usize;
     small_config(vocab.max(300), hidden, 64, 1, 4, 2)
-}
-
-/// A safetensors header for `slot` (F32, zeros follow) and the payload length.
-fn safetensors_prefix(cfg: &Config, slot: Slot) -> (Vec<u8>, u64) {
-    let mut entries = Vec::new();
-    let mut at = 0u64;
-    for t in slot.tensors(cfg) {
-        let n = t.shape.iter().product::<usize>() as u64 * 4;
-        entries.push(format!(
-            "{:?}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{at},{}]}}",
-            t.name,
-            t.shape,
-            at + n
-        ));
-        at += n;
-    }
-    let mut json = format!("{{{}}}", entries.join(",")).into_bytes();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
-    prefix.extend_from_slice(&json);
-    let len = prefix.len() as u64 + at;
-    (prefix, len)
 }
 
 fn serve_child(data: &Path, model: &Path) {
@@ -262,7 +238,7 @@ fn main() {
         .send_bytes(&serde_json::to_vec(&up).unwrap())
         .unwrap();
     assert_eq!(r.status(), 201);
-    let (prefix, len) = safetensors_prefix(&big, Slot::Shared);
+    let (prefix, len) = slot_safetensors_prefix(&big, Slot::Shared);
     // A bogus root: the relay reads every byte and refuses it at the end.
     let block = BlockBuilder::slot(big_meta.hash, Slot::Shared, PayloadDtype::F32)
         .address("big")

@@ -519,25 +519,7 @@ pub fn streamed_slot(
     key: &SigningKey,
     tag: u64,
 ) -> Streamed {
-    let mut entries = Vec::new();
-    let mut at = 0u64;
-    for t in slot.tensors(cfg) {
-        let n = t.shape.iter().product::<usize>() as u64 * 4;
-        entries.push(format!(
-            "{:?}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{at},{}]}}",
-            t.name,
-            t.shape,
-            at + n
-        ));
-        at += n;
-    }
-    let mut json = format!("{{{}}}", entries.join(",")).into_bytes();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
-    prefix.extend_from_slice(&json);
-    let len = prefix.len() as u64 + at;
+    let (prefix, len) = web_node::model::random::slot_safetensors_prefix(cfg, slot);
     let block = web_node::chain::BlockBuilder::slot(meta, slot, web_node::chain::PayloadDtype::F32)
         .parents(parents)
         .candidate_loss(Some(1.0))

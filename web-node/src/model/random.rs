@@ -227,6 +227,32 @@ pub fn write_random_model(
     Ok(())
 }
 
+/// The safetensors header of an F32 payload for `slot` (the tensor data,
+/// zeros or anything, follows it) and the whole payload's length: for
+/// streaming large test payloads from a generator.
+pub fn slot_safetensors_prefix(cfg: &Config, slot: Slot) -> (Vec<u8>, u64) {
+    let mut entries = Vec::new();
+    let mut at = 0u64;
+    for t in slot.tensors(cfg) {
+        let n = t.shape.iter().product::<usize>() as u64 * 4;
+        entries.push(format!(
+            "{:?}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{at},{}]}}",
+            t.name,
+            t.shape,
+            at + n
+        ));
+        at += n;
+    }
+    let mut json = format!("{{{}}}", entries.join(",")).into_bytes();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut prefix = (json.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&json);
+    let len = prefix.len() as u64 + at;
+    (prefix, len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
