@@ -209,13 +209,7 @@ mod tests {
     fn listing(blocks: &[(Block, Vec<u8>)], with: &HashSet<BlockHash>) -> Vec<FetchedBlock> {
         blocks
             .iter()
-            .map(|(b, p)| FetchedBlock {
-                listed_hash: b.hash,
-                listed_chain: b.header.chain,
-                listed_head: None,
-                envelope: Ok(b.encode()),
-                payload: with.contains(&b.hash).then(|| Ok(p.clone())),
-            })
+            .map(|(b, p)| FetchedBlock::of(b, with.contains(&b.hash).then(|| p.clone())))
             .collect()
     }
 

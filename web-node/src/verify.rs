@@ -103,6 +103,17 @@ impl VerifyReport {
 }
 
 impl FetchedBlock {
+    /// A block as its own signer lists it, with its payload when given.
+    pub fn of(block: &Block, payload: Option<Vec<u8>>) -> Self {
+        Self {
+            listed_hash: block.hash,
+            listed_chain: block.header.chain,
+            listed_head: None,
+            envelope: Ok(block.encode()),
+            payload: payload.map(Ok),
+        }
+    }
+
     /// A block as a relay listed it (`GET /chain/{A|B}/blocks` carries every
     /// header field and the signature), with no payload: header-first.
     pub fn from_listing(info: &BlockInfo, chain: ChainId) -> Self {
@@ -461,13 +472,7 @@ mod tests {
         fn fetched(&self) -> Vec<FetchedBlock> {
             self.blocks
                 .iter()
-                .map(|(b, p)| FetchedBlock {
-                    listed_hash: b.hash,
-                    listed_chain: b.header.chain,
-                    listed_head: None,
-                    envelope: Ok(b.encode()),
-                    payload: Some(Ok(p.clone())),
-                })
+                .map(|(b, p)| FetchedBlock::of(b, Some(p.clone())))
                 .collect()
         }
     }
