@@ -9,10 +9,16 @@
 //!   upload pipeline, write rules and limits.
 //! * [`gate`]: the acceptance hook every new version of an existing slot passes.
 //! * [`quality`]: the quality gate (recomputed public-eval loss, rate limit per miner key).
+//! * [`peers`]: `/ws` peers (login, registry, chunk routing, remote expert
+//!   computation) and `/p2p/*`; [`compute`] is what chat needs of it.
+//! * [`chat`]: `/chat` and `/chat/distributed`.
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
 
+pub mod chat;
+pub mod compute;
 pub mod gate;
 pub mod genesis;
+pub mod peers;
 pub mod quality;
 pub mod server;
 pub mod store;

@@ -181,6 +181,10 @@ pub struct AppState {
     pub opts: RelayOptions,
     meta_keys: MetaKeys,
     runtime: OnceLock<Runtime>,
+    /// `/ws` peers: registry, chunk routing, remote computation.
+    pub peers: Arc<crate::peers::Peers>,
+    /// `/chat` state.
+    pub chat: crate::chat::ChatRuntime,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -195,6 +199,8 @@ impl AppState {
             opts,
             meta_keys: MetaKeys::default(),
             runtime: OnceLock::new(),
+            peers: Arc::new(crate::peers::Peers::default()),
+            chat: crate::chat::ChatRuntime::default(),
         }
     }
 
@@ -407,6 +413,8 @@ pub fn app(state: SharedState) -> Router {
         .route("/blocks/{hash}/chunks", get(routes_read::get_chunks))
         .route("/heads", get(routes_read::get_heads))
         .route("/upload_moe_experts", post(upload::upload_json))
+        .merge(crate::peers::routes())
+        .merge(crate::chat::routes())
         .fallback(static_files::static_file)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

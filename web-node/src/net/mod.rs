@@ -1,3 +1,5 @@
-//! Wire protocol and REST types shared with the relay.
+//! Wire types shared with the relay: REST ([`api`]) and the `/ws` peer
+//! protocol ([`peer`]).
 
 pub mod api;
+pub mod peer;

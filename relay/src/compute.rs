@@ -1,0 +1,43 @@
+//! Remote expert computation as the chat engine sees it: run expert `block`
+//! on `rows` hidden states somewhere else (a peer that holds it). The peer
+//! layer ([`crate::peers`]) implements it; `/chat/distributed` uses it and
+//! falls back to local computation.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use web_node::chain::BlockHash;
+use web_node::net::peer::PeerId;
+
+/// A computation that a peer answered in time.
+#[derive(Debug, Clone)]
+pub struct ComputeAnswer {
+    /// `rows × hidden` floats.
+    pub output: Vec<f32>,
+    /// The peer that computed it.
+    pub peer: PeerId,
+    /// Peers tried before it, with why each failed.
+    pub failed: Vec<(PeerId, String)>,
+}
+
+/// No peer answered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ComputeFailure {
+    pub message: String,
+    /// Peers tried, with why each failed (empty: no peer serves this block).
+    pub failed: Vec<(PeerId, String)>,
+}
+
+pub type ComputeFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ComputeAnswer, ComputeFailure>> + Send + 'a>>;
+
+/// Somewhere expert computations can run.
+pub trait ExpertCompute: Send + Sync {
+    /// Run expert block `block` on `input` (`rows × hidden`, row-major),
+    /// trying holders in order of preference, each within its timeout,
+    /// avoiding peers in backoff.
+    fn compute(&self, block: BlockHash, rows: u32, input: Vec<f32>) -> ComputeFuture<'_>;
+    /// Logged-in peers that serve expert computations.
+    fn compute_peers(&self) -> usize;
+}
