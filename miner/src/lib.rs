@@ -4,7 +4,9 @@
 
 pub mod blocks;
 pub mod client;
+pub mod demo;
 pub mod improve;
 pub mod infer;
 pub mod mixtral;
+pub mod peer;
 pub mod train;

@@ -53,6 +53,10 @@ enum Cmd {
     Improve(ImproveArgs),
     /// Train the default model from scratch (deterministic from --seed).
     Train(train::TrainArgs),
+    /// Run a node on a relay's peer network: hold, share and compute experts.
+    Peer(miner::peer::PeerArgs),
+    /// Start a relay and three nodes, run a distributed chat, print who computed what.
+    Demo(miner::demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -461,6 +465,8 @@ fn main() -> Result<()> {
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Improve(a) => cmd_improve(a),
         Cmd::Train(a) => train::run(a),
+        Cmd::Peer(a) => miner::peer::cli(a),
+        Cmd::Demo(a) => miner::demo::cli(a),
     }
 }
 
