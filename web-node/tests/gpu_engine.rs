@@ -75,6 +75,7 @@ fn finish(gpu: &mut Engine, src: &mut DirExpertSource, mut step: Step) -> (Outpu
                 supply(gpu, src, &ids);
                 step = block(gpu.resume()).unwrap();
             }
+            Step::Compute(_) => panic!("the GPU engine has no remote mode"),
         }
     }
 }
@@ -297,7 +298,7 @@ fn step_asks_for_the_routed_experts_then_matches_cpu() {
     supply(&mut gpu, &mut src, &layer0);
     match block(gpu.resume()).unwrap() {
         Step::Need(ids) => assert!(ids.iter().all(|id| id.layer > 0), "{ids:?}"),
-        Step::Done(_) => panic!("layers 1.. had no experts yet"),
+        other => panic!("layers 1.. had no experts yet: {other:?}"),
     }
     gpu.cancel();
     assert_eq!(gpu.position(), 0);

@@ -1,17 +1,24 @@
-//! The engine contract: a step either finishes or says which experts it
-//! lacks. Engines never call out for weights (sans-IO, as str0m and
-//! quinn-proto do for networking): the caller supplies what a step needs,
-//! from a file, a store, a cache or a peer, and resumes. So the same engine
-//! runs under tokio, in wasm (whose futures are not `Send`) and in tests.
+//! The engine contract: a step either finishes or says what it lacks: the
+//! weights of experts it does not hold, or (in remote mode) the outputs of
+//! expert computations it wants run elsewhere. Engines never call out
+//! (sans-IO, as str0m and quinn-proto do for networking): the caller
+//! supplies what a step needs, from a file, a store, a cache or a peer, and
+//! resumes. So the same engine runs under tokio, in wasm (whose futures are
+//! not `Send`) and in tests.
 //!
 //! ```text
 //! engine.step(tokens) ──► Done(output)
 //!        │
-//!        └─► Need([(layer, expert), ..]) ─► caller fetches ─► supply_expert(..) ─► resume()
+//!        ├─► Need([(layer, expert), ..]) ─► caller fetches ─► supply_expert(..) ─► resume()
+//!        │
+//!        └─► Compute([job, ..]) ─► caller runs each expert on job.input
+//!                                  (a peer, or locally) ─► supply_output(..) ─► resume()
 //! ```
 //!
 //! [`run_step`] is that loop, once, for every caller; [`Supply`] is where the
-//! weights come from (any synchronous [`ExpertSource`] is one).
+//! weights and expert outputs come from (any synchronous [`ExpertSource`] is
+//! one: it computes an output by loading the expert and running
+//! [`expert_forward`](super::reference::expert_forward)).
 
 use std::future::Future;
 use std::pin::pin;
@@ -58,6 +65,20 @@ pub enum Output {
     Token(u32),
 }
 
+/// One expert computation a paused step asks for (remote mode): run expert
+/// `id` (SwiGLU, [`expert_forward`](super::reference::expert_forward)) on
+/// `rows` hidden states and hand back its `rows × hidden` output with
+/// [`Engine::supply_output`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertJob {
+    pub id: ExpertId,
+    /// Tokens routed to this expert in this step.
+    pub rows: usize,
+    /// `rows × hidden`, row-major: the post-attention-normalised hidden
+    /// states of those tokens, in token order.
+    pub input: Vec<f32>,
+}
+
 /// The answer of [`Engine::step`] and [`Engine::resume`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -67,6 +88,11 @@ pub enum Step {
     /// [`Engine::supply_expert`], then call [`Engine::resume`] (or
     /// [`Engine::cancel`]).
     Need(Vec<ExpertId>),
+    /// The step is paused at one layer's experts (remote mode): supply the
+    /// output of every job with [`Engine::supply_output`], then call
+    /// [`Engine::resume`] (or [`Engine::cancel`]). Jobs are sorted by
+    /// expert and all belong to one layer.
+    Compute(Vec<ExpertJob>),
 }
 
 /// An inference engine (the CPU reference, the GPU engine).
@@ -86,6 +112,15 @@ pub trait Engine {
     async fn resume(&mut self) -> Result<Step, ModelError>;
     /// Hand the engine an expert's weights (checked against the config).
     fn supply_expert(&mut self, id: ExpertId, weights: ExpertWeights) -> Result<(), ModelError>;
+    /// Hand the engine the output of an [`ExpertJob`] it asked for with
+    /// [`Step::Compute`] (checked: asked for, `rows × hidden` long, finite).
+    /// Engines without a remote mode refuse.
+    fn supply_output(&mut self, id: ExpertId, output: Vec<f32>) -> Result<(), ModelError> {
+        drop(output);
+        Err(ModelError::Input(format!(
+            "{id}: this engine does not take expert outputs (no remote mode)"
+        )))
+    }
     /// Drop a paused step: the KV cache is as it was before it.
     fn cancel(&mut self);
     /// Empty the KV cache (position back to 0).
@@ -95,13 +130,26 @@ pub trait Engine {
     fn config(&self) -> &Config;
 }
 
-/// Where the weights a step lacks come from.
+/// Where the weights a step lacks, and the expert outputs it asks for, come
+/// from.
 #[allow(async_fn_in_trait)]
 pub trait Supply {
     async fn experts(
         &mut self,
         need: &[ExpertId],
     ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError>;
+
+    /// Run these expert computations ([`Step::Compute`]) and return one
+    /// `rows × hidden` output per job. By default a supply computes nothing.
+    async fn compute(
+        &mut self,
+        jobs: Vec<ExpertJob>,
+    ) -> Result<Vec<(ExpertId, Vec<f32>)>, ModelError> {
+        let ids: Vec<ExpertId> = jobs.iter().map(|j| j.id).collect();
+        Err(ModelError::Source(format!(
+            "this supply runs no expert computations (asked for {ids:?})"
+        )))
+    }
 }
 
 impl<S: ExpertSource + ?Sized> Supply for S {
@@ -111,6 +159,23 @@ impl<S: ExpertSource + ?Sized> Supply for S {
     ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError> {
         need.iter()
             .map(|&id| Ok((id, self.load_expert(id.layer, id.expert)?)))
+            .collect()
+    }
+
+    /// Load each expert and run it here (what a peer holding it does).
+    async fn compute(
+        &mut self,
+        jobs: Vec<ExpertJob>,
+    ) -> Result<Vec<(ExpertId, Vec<f32>)>, ModelError> {
+        let threads = super::reference::default_threads();
+        jobs.into_iter()
+            .map(|j| {
+                let w = self.load_expert(j.id.layer, j.id.expert)?;
+                Ok((
+                    j.id,
+                    super::reference::expert_forward(&w, &j.input, j.rows, threads),
+                ))
+            })
             .collect()
     }
 }
@@ -126,27 +191,42 @@ pub async fn run_step<E: Engine + ?Sized, S: Supply + ?Sized>(
 ) -> Result<Output, ModelError> {
     let mut step = engine.step(tokens, opts, want).await;
     loop {
-        match step {
+        let supplied = match step {
             Ok(Step::Done(out)) => return Ok(out),
             Ok(Step::Need(ids)) => {
-                let supplied = async {
+                async {
                     for (id, w) in supply.experts(&ids).await? {
                         engine.supply_expert(id, w)?;
                     }
                     Ok::<(), ModelError>(())
                 }
-                .await;
-                if let Err(e) = supplied {
-                    engine.cancel();
-                    return Err(e);
+                .await
+            }
+            Ok(Step::Compute(jobs)) => {
+                async {
+                    let mut asked: Vec<ExpertId> = jobs.iter().map(|j| j.id).collect();
+                    for (id, out) in supply.compute(jobs).await? {
+                        engine.supply_output(id, out)?;
+                        asked.retain(|&a| a != id);
+                    }
+                    // A supply that skips a job would make the engine ask
+                    // again forever.
+                    if !asked.is_empty() {
+                        return Err(ModelError::Source(format!(
+                            "the supply returned no output for {asked:?}"
+                        )));
+                    }
+                    Ok::<(), ModelError>(())
                 }
-                step = engine.resume().await;
+                .await
             }
-            Err(e) => {
-                engine.cancel();
-                return Err(e);
-            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = supplied {
+            engine.cancel();
+            return Err(e);
         }
+        step = engine.resume().await;
     }
 }
 

@@ -12,7 +12,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use crate::spec::{config, slots, Config, Slot, SpecError, TensorSpec};
-pub use engine::{run_step, Engine, ExpertId, Output, Step, Supply, Want};
+pub use engine::{run_step, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want};
 pub use weights::{
     check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,
     SharedWeights,

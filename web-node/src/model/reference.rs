@@ -4,9 +4,14 @@
 //! lm_head.
 //!
 //! [`CpuEngine`] implements [`Engine`]: a step that reaches experts it does
-//! not hold pauses and names them; [`CpuModel`] attaches an
+//! not hold pauses and names them; in remote mode
+//! ([`CpuEngine::set_remote_experts`]) it instead pauses at every layer with
+//! the expert computations it wants run elsewhere ([`Step::Compute`]) and
+//! sums their outputs exactly as it sums its own, so the result is
+//! bit-identical to local computation. [`CpuModel`] attaches an
 //! [`ExpertSource`] for blocking callers. Routing statistics are kept per
-//! expert.
+//! expert. Weights are shared (`Arc`): [`CpuEngine::fork`] makes another
+//! engine over the same weights with an empty KV cache, without copying them.
 //!
 //! Matrix products run over weight rows (each row is read once per call and
 //! dotted with every token of the batch) with a 16-lane accumulator that the
@@ -21,8 +26,9 @@ use std::sync::Arc;
 use super::engine::now;
 use super::load::BytesExpertSource;
 use super::{
-    check_expert, check_weights, run_step, Config, Engine, ExpertId, ExpertSource, ExpertWeights,
-    Forward, Mat, ModelError, Output, RouterWeights, RunOptions, SharedWeights, Step, Want,
+    check_expert, check_weights, run_step, Config, Engine, ExpertId, ExpertJob, ExpertSource,
+    ExpertWeights, Forward, Mat, ModelError, Output, RouterWeights, RunOptions, SharedWeights,
+    Step, Want,
 };
 
 /// Products with at least this many multiply-adds are split over threads.
@@ -69,12 +75,13 @@ impl RoutingStats {
 
 /// The CPU reference engine: implements [`Engine`]. A step that reaches
 /// a layer whose routed experts are not held pauses with
-/// [`Step::Need`]; it never fetches them itself.
+/// [`Step::Need`]; it never fetches them itself. In remote mode it pauses
+/// with [`Step::Compute`] at every layer instead.
 pub struct CpuEngine {
     cfg: Config,
-    shared: SharedWeights,
-    routers: Vec<RouterWeights>,
-    experts: Vec<Vec<Option<ExpertWeights>>>,
+    shared: Arc<SharedWeights>,
+    routers: Arc<[RouterWeights]>,
+    experts: Vec<Vec<Option<Arc<ExpertWeights>>>>,
     /// Per layer, `[position][kv_head][head_dim]`.
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
@@ -82,6 +89,10 @@ pub struct CpuEngine {
     inv_freq: Vec<f32>,
     stats: RoutingStats,
     threads: usize,
+    /// Remote mode: expert outputs are asked for ([`Step::Compute`]).
+    remote: bool,
+    /// Per layer, the experts the last finished step routed to.
+    last_experts: Vec<Vec<usize>>,
     pending: Option<Pending>,
 }
 
@@ -90,6 +101,8 @@ struct Pending {
     tokens: Vec<u32>,
     k: usize,
     use_moe: bool,
+    /// Remote mode, as set when the step began.
+    remote: bool,
     want: Want,
     /// The layer being computed.
     layer: usize,
@@ -99,6 +112,12 @@ struct Pending {
     /// The post-attention normalised states the experts take.
     xn: Vec<f32>,
     attn_done: bool,
+    /// Remote mode: the layer's routing, once its jobs were asked for.
+    assigned: Option<Vec<Vec<(usize, f32)>>>,
+    /// Remote mode: per expert of the layer, its supplied output.
+    outputs: Vec<Option<Vec<f32>>>,
+    /// Per layer done so far, the experts routed to.
+    used: Vec<Vec<usize>>,
 }
 
 impl std::fmt::Debug for CpuEngine {
@@ -128,7 +147,8 @@ impl std::fmt::Debug for CpuModel {
     }
 }
 
-fn default_threads() -> usize {
+/// Threads for large products: the machine's parallelism (1 in wasm).
+pub(crate) fn default_threads() -> usize {
     #[cfg(target_arch = "wasm32")]
     {
         1
@@ -399,6 +419,15 @@ impl CpuEngine {
         shared: SharedWeights,
         routers: Vec<RouterWeights>,
     ) -> Result<Self, ModelError> {
+        Self::from_shared(cfg, Arc::new(shared), routers.into())
+    }
+
+    /// [`CpuEngine::new`] over weights shared with other engines.
+    pub fn from_shared(
+        cfg: Config,
+        shared: Arc<SharedWeights>,
+        routers: Arc<[RouterWeights]>,
+    ) -> Result<Self, ModelError> {
         check_weights(&cfg, &shared, &routers)?;
         let hd = cfg.head_dim();
         let theta = cfg.rope_theta() as f32;
@@ -420,8 +449,53 @@ impl CpuEngine {
             pos: 0,
             inv_freq,
             threads: default_threads(),
+            remote: false,
+            last_experts: Vec::new(),
             pending: None,
         })
+    }
+
+    /// Another engine over the same weights (shared, not copied), holding
+    /// the same experts, with the same threads and mode, an empty KV cache
+    /// and fresh statistics.
+    pub fn fork(&self) -> Self {
+        let layers = self.cfg.num_hidden_layers;
+        Self {
+            cfg: self.cfg.clone(),
+            shared: Arc::clone(&self.shared),
+            routers: Arc::clone(&self.routers),
+            experts: self.experts.clone(),
+            k_cache: vec![Vec::new(); layers],
+            v_cache: vec![Vec::new(); layers],
+            pos: 0,
+            inv_freq: self.inv_freq.clone(),
+            stats: RoutingStats::new(&self.cfg),
+            threads: self.threads,
+            remote: self.remote,
+            last_experts: Vec::new(),
+            pending: None,
+        }
+    }
+
+    /// Remote mode: a step no longer runs experts itself but pauses at each
+    /// layer with [`Step::Compute`], one [`ExpertJob`] per routed expert
+    /// (held or not), and resumes with their outputs
+    /// ([`Engine::supply_output`]). The outputs are summed exactly as local
+    /// outputs are, so outputs computed by
+    /// [`expert_forward`] elsewhere give bit-identical results. A paused
+    /// step keeps the mode it began with.
+    pub fn set_remote_experts(&mut self, remote: bool) {
+        self.remote = remote;
+    }
+
+    pub fn remote_experts(&self) -> bool {
+        self.remote
+    }
+
+    /// Per layer, the experts (ascending) the last finished step routed at
+    /// least one token to.
+    pub fn last_step_experts(&self) -> &[Vec<usize>] {
+        &self.last_experts
     }
 
     /// Threads for large products (1 in wasm).
@@ -464,6 +538,15 @@ impl CpuEngine {
 
     /// Hold an expert (checked against the config); replaces a held one.
     pub fn insert_expert(&mut self, id: ExpertId, w: ExpertWeights) -> Result<(), ModelError> {
+        self.insert_shared_expert(id, Arc::new(w))
+    }
+
+    /// [`CpuEngine::insert_expert`] of weights shared with other engines.
+    pub fn insert_shared_expert(
+        &mut self,
+        id: ExpertId,
+        w: Arc<ExpertWeights>,
+    ) -> Result<(), ModelError> {
         super::Slot::Expert {
             layer: id.layer,
             expert: id.expert,
@@ -505,11 +588,15 @@ impl CpuEngine {
             tokens: tokens.to_vec(),
             k,
             use_moe: opts.use_moe,
+            remote: self.remote,
             want,
             layer: 0,
             x,
             xn: Vec::new(),
             attn_done: false,
+            assigned: None,
+            outputs: Vec::new(),
+            used: Vec::with_capacity(self.cfg.num_hidden_layers),
         });
         self.advance()
     }
@@ -557,18 +644,38 @@ impl CpuEngine {
                 p.xn = rms_norm(&p.x, &self.shared.layers[l].post_attention_layernorm, eps);
                 p.attn_done = true;
             }
-            let assigned = self.route(l, &p.xn, t, p.k, p.use_moe);
-            let need: Vec<ExpertId> = assigned
-                .iter()
-                .enumerate()
-                .filter(|(e, toks)| !toks.is_empty() && self.experts[l][*e].is_none())
-                .map(|(e, _)| ExpertId::new(l, e))
-                .collect();
-            if !need.is_empty() {
-                self.pending = Some(p);
-                return Ok(Step::Need(need));
-            }
-            let y = self.moe(l, &p.xn, t, &assigned)?;
+            let y = if p.remote {
+                let assigned = match p.assigned.take() {
+                    Some(a) => a,
+                    None => self.route(l, &p.xn, t, p.k, p.use_moe),
+                };
+                let jobs = self.jobs_missing(l, &p.xn, &assigned, &p.outputs);
+                if !jobs.is_empty() {
+                    if p.outputs.is_empty() {
+                        p.outputs = vec![None; assigned.len()];
+                    }
+                    p.assigned = Some(assigned);
+                    self.pending = Some(p);
+                    return Ok(Step::Compute(jobs));
+                }
+                let outputs = std::mem::take(&mut p.outputs);
+                p.used.push(used_experts(&assigned));
+                self.moe_remote(l, t, &assigned, outputs)?
+            } else {
+                let assigned = self.route(l, &p.xn, t, p.k, p.use_moe);
+                let need: Vec<ExpertId> = assigned
+                    .iter()
+                    .enumerate()
+                    .filter(|(e, toks)| !toks.is_empty() && self.experts[l][*e].is_none())
+                    .map(|(e, _)| ExpertId::new(l, e))
+                    .collect();
+                if !need.is_empty() {
+                    self.pending = Some(p);
+                    return Ok(Step::Need(need));
+                }
+                p.used.push(used_experts(&assigned));
+                self.moe(l, &p.xn, t, &assigned)?
+            };
             for (a, b) in p.x.iter_mut().zip(&y) {
                 *a += b;
             }
@@ -577,6 +684,7 @@ impl CpuEngine {
         }
         self.pos += t;
         self.stats.tokens += t as u64;
+        self.last_experts = p.used;
         let h = self.cfg.hidden_size;
         Ok(Step::Done(match p.want {
             Want::AllLogits => {
@@ -705,22 +813,127 @@ impl CpuEngine {
             };
             self.stats.tokens_routed[l][e] += toks.len() as u64;
             self.stats.expert_bytes_read += w.f32_bytes() as u64;
-            let mut xs = Vec::with_capacity(toks.len() * h);
-            for &(ti, _) in toks {
-                xs.extend_from_slice(&xn[ti * h..(ti + 1) * h]);
-            }
+            let xs = gather(xn, h, toks);
             let out = expert_forward(w, &xs, toks.len(), self.threads);
-            for (r, &(ti, wt)) in toks.iter().enumerate() {
-                for (a, &b) in y[ti * h..(ti + 1) * h]
-                    .iter_mut()
-                    .zip(&out[r * h..(r + 1) * h])
-                {
-                    *a += wt * b;
-                }
-            }
+            accumulate(&mut y, h, toks, &out);
         }
         Ok(y)
     }
+
+    /// Remote mode: one job per routed expert of layer `l` whose output is
+    /// not in yet.
+    fn jobs_missing(
+        &self,
+        l: usize,
+        xn: &[f32],
+        assigned: &[Vec<(usize, f32)>],
+        outputs: &[Option<Vec<f32>>],
+    ) -> Vec<ExpertJob> {
+        let h = self.cfg.hidden_size;
+        assigned
+            .iter()
+            .enumerate()
+            .filter(|(e, toks)| !toks.is_empty() && outputs.get(*e).is_none_or(Option::is_none))
+            .map(|(e, toks)| ExpertJob {
+                id: ExpertId::new(l, e),
+                rows: toks.len(),
+                input: gather(xn, h, toks),
+            })
+            .collect()
+    }
+
+    /// [`CpuEngine::moe`] over supplied outputs: the same sum, in the same order.
+    fn moe_remote(
+        &mut self,
+        l: usize,
+        t: usize,
+        assigned: &[Vec<(usize, f32)>],
+        outputs: Vec<Option<Vec<f32>>>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let h = self.cfg.hidden_size;
+        let mut y = vec![0f32; t * h];
+        for ((e, toks), out) in assigned.iter().enumerate().zip(outputs) {
+            if toks.is_empty() {
+                continue;
+            }
+            let Some(out) = out else {
+                return Err(ModelError::Source(format!(
+                    "layer{l}.expert{e}: no output supplied"
+                )));
+            };
+            self.stats.tokens_routed[l][e] += toks.len() as u64;
+            accumulate(&mut y, h, toks, &out);
+        }
+        Ok(y)
+    }
+
+    /// Take the output of a job of the paused step (see
+    /// [`Engine::supply_output`]).
+    pub fn supply_expert_output(
+        &mut self,
+        id: ExpertId,
+        output: Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let h = self.cfg.hidden_size;
+        let Some(p) = self.pending.as_mut() else {
+            return Err(ModelError::Input(format!(
+                "{id}: no step is paused for expert outputs"
+            )));
+        };
+        let rows = match &p.assigned {
+            Some(a) if id.layer == p.layer => a.get(id.expert).map_or(0, Vec::len),
+            _ => 0,
+        };
+        if rows == 0 {
+            return Err(ModelError::Input(format!("{id} was not asked for")));
+        }
+        if output.len() != rows * h {
+            return Err(ModelError::Source(format!(
+                "{id}: output has {} values, expected {rows} rows × {h}",
+                output.len()
+            )));
+        }
+        if let Some(i) = output.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Source(format!(
+                "{id}: output value {i} is {}",
+                output[i]
+            )));
+        }
+        p.outputs[id.expert] = Some(output);
+        Ok(())
+    }
+}
+
+/// The rows of `xn` (`h` wide) of the tokens in `toks`, back to back.
+fn gather(xn: &[f32], h: usize, toks: &[(usize, f32)]) -> Vec<f32> {
+    let mut xs = Vec::with_capacity(toks.len() * h);
+    for &(ti, _) in toks {
+        xs.extend_from_slice(&xn[ti * h..(ti + 1) * h]);
+    }
+    xs
+}
+
+/// `y[token] += weight * out[row]` for each routed `(token, weight)`: the
+/// one accumulation local and remote experts share.
+fn accumulate(y: &mut [f32], h: usize, toks: &[(usize, f32)], out: &[f32]) {
+    for (r, &(ti, wt)) in toks.iter().enumerate() {
+        for (a, &b) in y[ti * h..(ti + 1) * h]
+            .iter_mut()
+            .zip(&out[r * h..(r + 1) * h])
+        {
+            *a += wt * b;
+        }
+    }
+}
+
+/// The experts (ascending) with at least one routed token.
+fn used_experts(assigned: &[Vec<(usize, f32)>]) -> Vec<usize> {
+    assigned
+        .iter()
+        .enumerate()
+        .filter(|(_, toks)| !toks.is_empty())
+        .map(|(e, _)| e)
+        .collect()
 }
 
 impl Engine for CpuEngine {
@@ -739,6 +952,10 @@ impl Engine for CpuEngine {
 
     fn supply_expert(&mut self, id: ExpertId, weights: ExpertWeights) -> Result<(), ModelError> {
         self.insert_expert(id, weights)
+    }
+
+    fn supply_output(&mut self, id: ExpertId, output: Vec<f32>) -> Result<(), ModelError> {
+        self.supply_expert_output(id, output)
     }
 
     fn cancel(&mut self) {
@@ -931,6 +1148,259 @@ mod tests {
         for ti in 0..t {
             let one = matmul(&x[ti * inn..(ti + 1) * inn], 1, &w, 1);
             assert_eq!(one[..], all[ti * out..(ti + 1) * out]);
+        }
+    }
+
+    use crate::model::generate::generate_async;
+    use crate::model::load::BytesExpertSource;
+    use crate::model::random::{random_model_bytes, tiny_config};
+    use crate::model::sampler::Sampler;
+    use crate::model::tokenizer::Tokenizer;
+    use crate::model::Supply;
+
+    /// Computes expert outputs "elsewhere": its own copy of the weights,
+    /// one thread (the engine uses several), counting the jobs it ran.
+    struct Elsewhere {
+        source: BytesExpertSource,
+        jobs: Vec<(ExpertId, usize)>,
+    }
+
+    impl Supply for Elsewhere {
+        async fn experts(
+            &mut self,
+            need: &[ExpertId],
+        ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError> {
+            Err(ModelError::Source(format!(
+                "remote mode asked for weights {need:?}"
+            )))
+        }
+        async fn compute(
+            &mut self,
+            jobs: Vec<ExpertJob>,
+        ) -> Result<Vec<(ExpertId, Vec<f32>)>, ModelError> {
+            let mut out = Vec::new();
+            for j in jobs {
+                self.jobs.push((j.id, j.rows));
+                let w = self.source.load_expert(j.id.layer, j.id.expert)?;
+                out.push((j.id, expert_forward(&w, &j.input, j.rows, 1)));
+            }
+            Ok(out)
+        }
+    }
+
+    fn tiny() -> (CpuModel, Elsewhere, Tokenizer) {
+        let m = random_model_bytes(&tiny_config(), 11).unwrap();
+        let model = CpuModel::from_safetensors(tiny_config(), m.safetensors.clone()).unwrap();
+        let source = BytesExpertSource::new(tiny_config(), m.safetensors).unwrap();
+        let tok = Tokenizer::from_bytes(&m.tokenizer_json).unwrap();
+        (
+            model,
+            Elsewhere {
+                source,
+                jobs: Vec::new(),
+            },
+            tok,
+        )
+    }
+
+    #[test]
+    fn remote_expert_outputs_equal_local_computation_bitwise() {
+        let (mut local, mut elsewhere, tok) = tiny();
+        let mut remote = local.engine.fork();
+        remote.set_remote_experts(true);
+        assert!(remote.remote_experts() && !local.engine.remote_experts());
+        let prompt: Vec<u32> = vec![3, 17, 42, 5, 99, 7];
+        for opts in [
+            RunOptions::default(),
+            RunOptions {
+                top_k: Some(3),
+                use_moe: true,
+            },
+            RunOptions {
+                top_k: None,
+                use_moe: false,
+            },
+        ] {
+            // Every position's logits, then a greedy generation.
+            local.reset();
+            Engine::reset(&mut remote);
+            let a = local.forward_all_logits_with(&prompt, &opts).unwrap();
+            let b = now(run_step(
+                &mut remote,
+                &mut elsewhere,
+                &prompt,
+                &opts,
+                Want::AllLogits,
+            ))
+            .unwrap();
+            assert_eq!(Output::AllLogits(a), b, "{opts:?}");
+            assert_eq!(
+                local.engine.last_step_experts(),
+                remote.last_step_experts(),
+                "{opts:?}"
+            );
+            assert_eq!(
+                remote.last_step_experts().len(),
+                tiny_config().num_hidden_layers
+            );
+
+            let mut s = Sampler::greedy();
+            let want = crate::model::generate::generate_from_ids(
+                &mut local,
+                &tok,
+                prompt.clone(),
+                12,
+                &mut s,
+                &opts,
+                |_, _| true,
+            )
+            .unwrap();
+            elsewhere.jobs.clear();
+            let mut s = Sampler::greedy();
+            let got = now(generate_async(
+                &mut remote,
+                &mut elsewhere,
+                &tok,
+                prompt.clone(),
+                12,
+                &mut s,
+                &opts,
+                |_, _| true,
+            ))
+            .unwrap();
+            assert!(!want.tokens.is_empty());
+            assert_eq!(got.tokens, want.tokens, "{opts:?}");
+            // One job per routed expert per layer per step; none held here.
+            assert!(!elsewhere.jobs.is_empty());
+            let per_tok = opts.experts_per_token(&tiny_config()).unwrap();
+            let rows: usize = elsewhere.jobs.iter().map(|j| j.1).sum();
+            let layers = tiny_config().num_hidden_layers;
+            assert_eq!(
+                rows,
+                (prompt.len() + got.tokens.len() - 1) * layers * per_tok,
+                "{opts:?}"
+            );
+        }
+        assert_eq!(remote.routing_stats().experts_loaded, 0);
+    }
+
+    #[test]
+    fn expert_outputs_are_checked_and_cancel_keeps_the_cache() {
+        // The source's own compute (the default of an ExpertSource).
+        let (local, elsewhere, _) = tiny();
+        let src = &mut elsewhere.source.clone();
+        let mut e = local.engine.fork();
+        e.set_remote_experts(true);
+        let h = tiny_config().hidden_size;
+        let opts = RunOptions::default();
+        now(run_step(&mut e, src, &[1, 2], &opts, Want::Logits)).unwrap();
+        assert_eq!(e.position(), 2);
+
+        let Step::Compute(jobs) = e.step_now(&[4, 5, 6], &opts, Want::Logits).unwrap() else {
+            panic!("remote mode must ask for outputs");
+        };
+        assert!(jobs
+            .iter()
+            .all(|j| j.id.layer == 0 && j.input.len() == j.rows * h));
+        assert!(jobs.windows(2).all(|w| w[0].id < w[1].id));
+        let j = &jobs[0];
+        let not_routed = (0..tiny_config().num_local_experts)
+            .find(|x| jobs.iter().all(|j| j.id.expert != *x))
+            .unwrap();
+        for (id, out) in [
+            (j.id, vec![0.0; j.rows * h + 1]),
+            (j.id, {
+                let mut v = vec![0.0; j.rows * h];
+                v[3] = f32::NAN;
+                v
+            }),
+            (ExpertId::new(0, not_routed), vec![0.0; h]),
+            (ExpertId::new(1, j.id.expert), vec![0.0; j.rows * h]),
+        ] {
+            assert!(e.supply_output(id, out).is_err(), "{id}");
+        }
+        // Only some outputs: resume asks again for the rest.
+        e.supply_output(j.id, vec![0.5; j.rows * h]).unwrap();
+        match e.resume_now().unwrap() {
+            Step::Compute(again) => {
+                assert_eq!(again, jobs[1..].to_vec());
+            }
+            other => panic!("{other:?}"),
+        }
+        e.cancel();
+        assert_eq!(e.position(), 2);
+        assert!(e.supply_output(j.id, vec![0.5; j.rows * h]).is_err());
+
+        // The same tokens again, computed properly, equal a local run.
+        let mut l = local.engine.fork();
+        now(run_step(&mut l, src, &[1, 2], &opts, Want::Logits)).unwrap();
+        let a = now(run_step(&mut l, src, &[4, 5, 6], &opts, Want::Logits)).unwrap();
+        let b = now(run_step(&mut e, src, &[4, 5, 6], &opts, Want::Logits)).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_supply_that_skips_a_job_or_computes_nothing_fails_the_step() {
+        struct Skips;
+        impl Supply for Skips {
+            async fn experts(
+                &mut self,
+                _: &[ExpertId],
+            ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError> {
+                Ok(Vec::new())
+            }
+            async fn compute(
+                &mut self,
+                _: Vec<ExpertJob>,
+            ) -> Result<Vec<(ExpertId, Vec<f32>)>, ModelError> {
+                Ok(Vec::new())
+            }
+        }
+        struct Default_;
+        impl Supply for Default_ {
+            async fn experts(
+                &mut self,
+                _: &[ExpertId],
+            ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError> {
+                Ok(Vec::new())
+            }
+        }
+        let (local, _, _) = tiny();
+        let mut e = local.engine.fork();
+        e.set_remote_experts(true);
+        let opts = RunOptions::default();
+        let err = now(run_step(&mut e, &mut Skips, &[1, 2], &opts, Want::Logits)).unwrap_err();
+        assert!(err.to_string().contains("no output for"), "{err}");
+        assert_eq!((e.position(), e.pending.is_some()), (0, false));
+        let err = now(run_step(
+            &mut e,
+            &mut Default_,
+            &[1, 2],
+            &opts,
+            Want::Logits,
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("runs no expert computations"),
+            "{err}"
+        );
+        assert_eq!((e.position(), e.pending.is_some()), (0, false));
+    }
+
+    #[test]
+    fn fork_shares_weights_and_starts_empty() {
+        let (mut local, _, _) = tiny();
+        local.forward(&[1, 2, 3], &RunOptions::default()).unwrap();
+        let f = local.engine.fork();
+        assert_eq!(f.position(), 0);
+        assert!(Arc::ptr_eq(&f.shared, &local.engine.shared));
+        assert_eq!(f.routing_stats().tokens, 0);
+        let held = local.engine.routing_stats().routed();
+        assert!(!held.is_empty());
+        for (l, x, _) in held {
+            assert!(f.is_expert_loaded(l, x));
+            let (a, b) = (&f.experts[l][x], &local.engine.experts[l][x]);
+            assert!(Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
         }
     }
 
