@@ -11,6 +11,7 @@
 //! store, net   block stores; wire types (REST today)
 //! verify       a listed chain verified from headers (+ payloads when fetched)
 //! chain_model  a runnable model from verified blocks, experts fetched lazily
+//! node         the peer state machine (sans-IO): login, fetch, serve, compute
 //! eval         corpus, splits, public-eval loss
 //! browser      (wasm32) the page's glue: fetch, render, events
 //! ```
@@ -21,6 +22,7 @@ pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod spec;
 pub mod store;
 pub mod verify;
