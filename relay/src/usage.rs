@@ -1,0 +1,888 @@
+//! Usage and rewards: what each expert version did, counted from work the
+//! relay itself saw and verified, persisted in `data/usage.redb`, and the
+//! rewards computed from it.
+//!
+//! What counts:
+//! * **Calls, tokens routed, latency** of an expert version: from `/chat` and
+//!   `/chat/distributed`, which the relay runs itself ([`Usage::record_inference`]).
+//! * **Bytes served** by a peer: counted when the relay forwards a chunk of
+//!   that peer that passed the relay's hash check ([`Usage::record_chunk_served`]).
+//!   A corrupt chunk earns nothing ([`Usage::record_bad_chunk`]).
+//! * **Computations served** by a peer: counted when its answer came in
+//!   time and was accepted ([`Usage::record_compute`]).
+//! * **Self-reported usage** (inference that ran inside a browser or native
+//!   node): a [`UsageReport`] signed by the node key; replays (same key,
+//!   period, sequence number), forgeries, reports for another period than
+//!   the current or previous one, and usage over the per-key cap of a period
+//!   change nothing ([`Usage::submit_report`]). Self-reported tokens count
+//!   [`REPORT_WEIGHT_PCT`] % of relay-verified tokens in rewards.
+//!
+//! Counters are kept in memory and written to redb by [`Usage::flush`]
+//! (the relay flushes every [`FLUSH_INTERVAL`] and on shutdown); accepted
+//! reports and rewards are written before they are acknowledged.
+//!
+//! # Rewards
+//!
+//! [`Usage::reward`] pays, for one expert slot, the work done since its last
+//! reward (each counter remembers how much of it was already paid), in
+//! integer micro-credits (µc):
+//!
+//! * the **miner** of each accepted version `v` gets
+//!   `units_v × MINER_UC_PER_TOKEN × quality_v / 100 × speed_v / 100`, where
+//!   `units_v = tokens_v + reported_tokens_v × REPORT_WEIGHT_PCT / 100`,
+//!   `quality_v = 100 + min(100, 1000 × (parent_loss − loss) / parent_loss)`
+//!   (percent, losses taken in micro-nats as integers; 100 for a genesis version or one that did not improve; a
+//!   version 10 % better than its parent earns double), and
+//!   `speed_v = clamp(100 × TARGET_LATENCY_US / mean_latency_us, 50, 100)`
+//!   (percent; 100 when it answers within the target or has no samples);
+//! * each **peer** `p` that served the slot's versions gets
+//!   `bytes_p × PEER_UC_PER_MIB / 2^20 + computations_p × PEER_UC_PER_COMPUTE`.
+//!
+//! All divisions round down. The README works one example through; a test
+//! computes it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use web_node::chain::BlockHash;
+
+/// Micro-credits a miner earns per relay-verified token routed to its version.
+pub const MINER_UC_PER_TOKEN: u64 = 1_000;
+/// Micro-credits a peer earns per MiB of verified chunk bytes it served.
+pub const PEER_UC_PER_MIB: u64 = 50_000;
+/// Micro-credits a peer earns per expert computation answered in time.
+pub const PEER_UC_PER_COMPUTE: u64 = 200;
+/// Self-reported tokens count this percentage of relay-verified ones (the
+/// relay cannot see that inference, only that the reporter fetched the block).
+pub const REPORT_WEIGHT_PCT: u64 = 25;
+/// Expert latency (per call, µs) at or under which the speed factor is 100 %.
+pub const TARGET_LATENCY_US: u64 = 20_000;
+/// Length of a self-report period.
+pub const REPORT_PERIOD_MS: u64 = 3_600_000;
+/// Tokens one key may self-report per period, over all blocks.
+pub const REPORT_TOKENS_CAP: u64 = 20_000;
+/// Calls one key may self-report per period, over all blocks.
+pub const REPORT_CALLS_CAP: u64 = 2_000;
+/// Entries of one report.
+pub const REPORT_MAX_ENTRIES: usize = 256;
+/// How often the relay writes counters to disk (at most this much is lost
+/// in a crash; a graceful stop flushes).
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Domain separation of usage-report signatures.
+pub const REPORT_DOMAIN: &[u8] = b"aiblock/usage-report/v1";
+
+const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_versions");
+const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_peers");
+const SEEN: TableDefinition<&[u8], ()> = TableDefinition::new("usage_reports_seen");
+const CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_report_caps");
+const LEDGER: TableDefinition<u64, &[u8]> = TableDefinition::new("reward_ledger");
+
+/// Errors of the usage store.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("usage database: {0}")]
+    Db(String),
+    #[error("{0}")]
+    Report(String),
+}
+
+fn dberr<E: std::fmt::Display>(e: E) -> UsageError {
+    UsageError::Db(e.to_string())
+}
+
+/// Counters of one expert version (one block).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionCounters {
+    /// Relay-run generations that routed at least one token to it.
+    pub calls: u64,
+    /// Tokens routed to it by relay-run inference.
+    pub tokens: u64,
+    /// Sum and count of its per-call compute latency (µs).
+    pub latency_us_sum: u64,
+    pub latency_samples: u64,
+    /// Accepted self-reported calls and tokens.
+    pub reported_calls: u64,
+    pub reported_tokens: u64,
+    /// Verified chunk bytes peers served of it, and computations they answered.
+    pub bytes_served: u64,
+    pub computations: u64,
+    /// Miner reward units already paid (`units` at the last reward).
+    pub paid_units: u64,
+}
+
+impl VersionCounters {
+    /// Reward units: verified tokens plus weighted self-reported ones.
+    pub fn units(&self) -> u64 {
+        self.tokens + self.reported_tokens * REPORT_WEIGHT_PCT / 100
+    }
+
+    pub fn mean_latency_us(&self) -> Option<u64> {
+        (self.latency_samples > 0).then(|| self.latency_us_sum / self.latency_samples)
+    }
+}
+
+/// What one peer served of one block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    pub bytes: u64,
+    pub chunks: u64,
+    pub computations: u64,
+    /// Corrupt chunks the relay caught (earn nothing).
+    pub bad_chunks: u64,
+    pub paid_bytes: u64,
+    pub paid_computations: u64,
+}
+
+/// One entry of a signed self-report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportEntry {
+    pub block: BlockHash,
+    pub calls: u64,
+    pub tokens: u64,
+}
+
+/// A node's signed report of inference it ran itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The node key (hex in JSON).
+    #[serde(with = "hex32")]
+    pub key: [u8; 32],
+    /// `timestamp_ms / REPORT_PERIOD_MS` of the period reported.
+    pub period: u64,
+    /// Distinct per key and period; a repeated one is a replay.
+    pub seq: u64,
+    pub entries: Vec<ReportEntry>,
+    /// ed25519 over [`UsageReport::signing_bytes`] (hex in JSON).
+    #[serde(with = "hex64")]
+    pub sig: [u8; 64],
+}
+
+impl UsageReport {
+    /// `REPORT_DOMAIN ‖ postcard(key, period, seq, entries)`.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut m = REPORT_DOMAIN.to_vec();
+        let body = (&self.key, self.period, self.seq, &self.entries);
+        m.extend(postcard::to_allocvec(&body).unwrap_or_default());
+        m
+    }
+
+    /// A signed report (nodes and tests).
+    pub fn sign(
+        key: &ed25519_dalek::SigningKey,
+        period: u64,
+        seq: u64,
+        entries: Vec<ReportEntry>,
+    ) -> Self {
+        use ed25519_dalek::Signer as _;
+        let mut r = Self {
+            key: key.verifying_key().to_bytes(),
+            period,
+            seq,
+            entries,
+            sig: [0; 64],
+        };
+        r.sig = key.sign(&r.signing_bytes()).to_bytes();
+        r
+    }
+}
+
+/// What a report changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportOutcome {
+    pub accepted_calls: u64,
+    pub accepted_tokens: u64,
+    /// Entries (or parts) refused, with why.
+    pub refused: Vec<String>,
+}
+
+/// One reward paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewardEntry {
+    #[serde(with = "hex32")]
+    pub key: [u8; 32],
+    pub amount_uc: u64,
+    /// `miner` or `peer`.
+    pub role: String,
+    pub slot: String,
+    pub block: BlockHash,
+    /// How the amount was computed, in words and numbers.
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// A version of a slot as the reward needs it (from the chain).
+#[derive(Debug, Clone)]
+pub struct VersionInfo {
+    pub block: BlockHash,
+    pub miner: [u8; 32],
+    /// Verified public-eval loss of this version and of its parent version.
+    pub loss: Option<f64>,
+    pub parent_loss: Option<f64>,
+}
+
+/// Quality factor in percent (see the module docs).
+pub fn quality_pct(loss: Option<f64>, parent: Option<f64>) -> u64 {
+    match (loss, parent) {
+        (Some(l), Some(p)) if p > 0.0 && l >= 0.0 && l < p => {
+            // In micro-nats, integers: exact and the same on every machine.
+            let (l, p) = ((l * 1e6).round() as u64, (p * 1e6).round() as u64);
+            let bonus = p.saturating_sub(l) * 1000 / p.max(1);
+            100 + bonus.min(100)
+        }
+        _ => 100,
+    }
+}
+
+/// Speed factor in percent (see the module docs).
+pub fn speed_pct(mean_latency_us: Option<u64>) -> u64 {
+    match mean_latency_us {
+        Some(m) if m > TARGET_LATENCY_US => (100 * TARGET_LATENCY_US / m).clamp(50, 100),
+        _ => 100,
+    }
+}
+
+#[derive(Default)]
+struct State {
+    versions: HashMap<BlockHash, VersionCounters>,
+    peers: HashMap<([u8; 32], BlockHash), PeerCounters>,
+    dirty_versions: HashSet<BlockHash>,
+    dirty_peers: HashSet<([u8; 32], BlockHash)>,
+    ledger: Vec<RewardEntry>,
+}
+
+/// The usage store. Cheap to share (`Arc<Usage>`); every method is sync and
+/// short (no I/O but [`flush`](Usage::flush), reports and rewards).
+pub struct Usage {
+    db: Database,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Usage").finish_non_exhaustive()
+    }
+}
+
+fn peer_key(peer: &[u8; 32], block: &BlockHash) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(peer);
+    k[32..].copy_from_slice(&block.0);
+    k
+}
+
+impl Usage {
+    /// Open (creating) `path` and load every counter.
+    pub fn open(path: &Path) -> Result<Self, UsageError> {
+        let db = Database::create(path).map_err(dberr)?;
+        let mut st = State::default();
+        {
+            let w = db.begin_write().map_err(dberr)?;
+            w.open_table(VERSIONS).map_err(dberr)?;
+            w.open_table(PEERS).map_err(dberr)?;
+            w.open_table(SEEN).map_err(dberr)?;
+            w.open_table(CAPS).map_err(dberr)?;
+            w.open_table(LEDGER).map_err(dberr)?;
+            w.commit().map_err(dberr)?;
+        }
+        let r = db.begin_read().map_err(dberr)?;
+        for row in r
+            .open_table(VERSIONS)
+            .map_err(dberr)?
+            .iter()
+            .map_err(dberr)?
+        {
+            let (k, v) = row.map_err(dberr)?;
+            let Ok(h) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            let c: VersionCounters = postcard::from_bytes(v.value()).map_err(dberr)?;
+            st.versions.insert(BlockHash(h), c);
+        }
+        for row in r.open_table(PEERS).map_err(dberr)?.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            let k = k.value();
+            if k.len() != 64 {
+                continue;
+            }
+            let mut p = [0u8; 32];
+            p.copy_from_slice(&k[..32]);
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&k[32..]);
+            let c: PeerCounters = postcard::from_bytes(v.value()).map_err(dberr)?;
+            st.peers.insert((p, BlockHash(b)), c);
+        }
+        for row in r.open_table(LEDGER).map_err(dberr)?.iter().map_err(dberr)? {
+            let (_, v) = row.map_err(dberr)?;
+            st.ledger
+                .push(postcard::from_bytes(v.value()).map_err(dberr)?);
+        }
+        drop(r);
+        Ok(Self {
+            db,
+            state: Mutex::new(st),
+        })
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain counters; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn version<'a>(st: &'a mut State, block: &BlockHash) -> &'a mut VersionCounters {
+        st.dirty_versions.insert(*block);
+        st.versions.entry(*block).or_default()
+    }
+
+    fn peer<'a>(st: &'a mut State, peer: &[u8; 32], block: &BlockHash) -> &'a mut PeerCounters {
+        st.dirty_peers.insert((*peer, *block));
+        st.peers.entry((*peer, *block)).or_default()
+    }
+
+    /// One relay-run generation: per expert version, the tokens routed to it
+    /// and the time its computations took (µs, summed over the generation).
+    pub fn record_inference(&self, routed: &[(BlockHash, u64, u64)]) {
+        let mut st = self.st();
+        for (block, tokens, latency_us) in routed {
+            if *tokens == 0 {
+                continue;
+            }
+            let v = Self::version(&mut st, block);
+            v.calls += 1;
+            v.tokens += tokens;
+            v.latency_us_sum += latency_us;
+            v.latency_samples += 1;
+        }
+    }
+
+    /// A verified chunk of `block` that `peer` served, forwarded by the relay.
+    pub fn record_chunk_served(&self, peer: &[u8; 32], block: &BlockHash, bytes: u64) {
+        let mut st = self.st();
+        let p = Self::peer(&mut st, peer, block);
+        p.bytes += bytes;
+        p.chunks += 1;
+        Self::version(&mut st, block).bytes_served += bytes;
+    }
+
+    /// A corrupt chunk the relay caught: recorded, earns nothing.
+    pub fn record_bad_chunk(&self, peer: &[u8; 32], block: &BlockHash) {
+        let mut st = self.st();
+        Self::peer(&mut st, peer, block).bad_chunks += 1;
+    }
+
+    /// An expert computation `peer` answered in time.
+    pub fn record_compute(&self, peer: &[u8; 32], block: &BlockHash) {
+        let mut st = self.st();
+        Self::peer(&mut st, peer, block).computations += 1;
+        Self::version(&mut st, block).computations += 1;
+    }
+
+    /// Counters of one version (zeros if none).
+    pub fn version_counters(&self, block: &BlockHash) -> VersionCounters {
+        self.st().versions.get(block).cloned().unwrap_or_default()
+    }
+
+    /// Every peer's counters for one block.
+    pub fn peers_of(&self, block: &BlockHash) -> Vec<([u8; 32], PeerCounters)> {
+        let st = self.st();
+        let mut v: Vec<_> = st
+            .peers
+            .iter()
+            .filter(|((_, b), _)| b == block)
+            .map(|((p, _), c)| (*p, c.clone()))
+            .collect();
+        v.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Write every changed counter (one transaction).
+    pub fn flush(&self) -> Result<(), UsageError> {
+        let (versions, peers) = {
+            let mut st = self.st();
+            let v: Vec<_> = st
+                .dirty_versions
+                .drain()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|h| st.versions.get(&h).map(|c| (h, c.clone())))
+                .collect();
+            let p: Vec<_> = st
+                .dirty_peers
+                .drain()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|k| st.peers.get(&k).map(|c| (k, c.clone())))
+                .collect();
+            (v, p)
+        };
+        if versions.is_empty() && peers.is_empty() {
+            return Ok(());
+        }
+        let w = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut t = w.open_table(VERSIONS).map_err(dberr)?;
+            for (h, c) in &versions {
+                let bytes = postcard::to_allocvec(c).map_err(dberr)?;
+                t.insert(h.0.as_slice(), bytes.as_slice()).map_err(dberr)?;
+            }
+            let mut t = w.open_table(PEERS).map_err(dberr)?;
+            for ((p, b), c) in &peers {
+                let bytes = postcard::to_allocvec(c).map_err(dberr)?;
+                t.insert(peer_key(p, b).as_slice(), bytes.as_slice())
+                    .map_err(dberr)?;
+            }
+        }
+        w.commit().map_err(dberr)
+    }
+
+    /// Check and apply a self-report. `now_ms` decides the periods allowed
+    /// (this one and the previous one); `fetched(key, block)` says whether
+    /// the relay served this key that block (through its store or a peer),
+    /// the only blocks a node can have run. Nothing changes on an error.
+    pub fn submit_report(
+        &self,
+        r: &UsageReport,
+        now_ms: u64,
+        fetched: impl Fn(&[u8; 32], &BlockHash) -> bool,
+    ) -> Result<ReportOutcome, UsageError> {
+        let bad = |m: String| Err(UsageError::Report(m));
+        let vk = VerifyingKey::from_bytes(&r.key)
+            .map_err(|_| UsageError::Report("key is not a valid ed25519 public key".into()))?;
+        if vk
+            .verify(&r.signing_bytes(), &Signature::from_bytes(&r.sig))
+            .is_err()
+        {
+            return bad("the report's signature does not verify".into());
+        }
+        let current = now_ms / REPORT_PERIOD_MS;
+        if r.period != current && r.period + 1 != current {
+            return bad(format!(
+                "period {} is not the current ({current}) or the previous one",
+                r.period
+            ));
+        }
+        if r.entries.is_empty() || r.entries.len() > REPORT_MAX_ENTRIES {
+            return bad(format!(
+                "a report has 1..={REPORT_MAX_ENTRIES} entries, this one {}",
+                r.entries.len()
+            ));
+        }
+        let mut seen_key = r.key.to_vec();
+        seen_key.extend_from_slice(&r.period.to_be_bytes());
+        let cap_key = seen_key.clone();
+        seen_key.extend_from_slice(&r.seq.to_be_bytes());
+
+        let w = self.db.begin_write().map_err(dberr)?;
+        let outcome;
+        let applied;
+        {
+            let mut seen = w.open_table(SEEN).map_err(dberr)?;
+            if seen.get(seen_key.as_slice()).map_err(dberr)?.is_some() {
+                return bad(format!(
+                    "report {} of period {} was already counted (replay)",
+                    r.seq, r.period
+                ));
+            }
+            seen.insert(seen_key.as_slice(), ()).map_err(dberr)?;
+            let mut caps = w.open_table(CAPS).map_err(dberr)?;
+            let (mut calls_used, mut tokens_used): (u64, u64) =
+                match caps.get(cap_key.as_slice()).map_err(dberr)? {
+                    Some(v) => postcard::from_bytes(v.value()).map_err(dberr)?,
+                    None => (0, 0),
+                };
+            let mut refused = Vec::new();
+            let mut apply = Vec::new();
+            for e in &r.entries {
+                if !fetched(&r.key, &e.block) {
+                    refused.push(format!(
+                        "{}: this key never fetched that block through the relay",
+                        e.block.short()
+                    ));
+                    continue;
+                }
+                let calls = e.calls.min(REPORT_CALLS_CAP - calls_used);
+                let tokens = e.tokens.min(REPORT_TOKENS_CAP - tokens_used);
+                if calls < e.calls || tokens < e.tokens {
+                    refused.push(format!(
+                        "{}: over the per-key cap of {REPORT_CALLS_CAP} calls / {REPORT_TOKENS_CAP} tokens per period",
+                        e.block.short()
+                    ));
+                }
+                calls_used += calls;
+                tokens_used += tokens;
+                if calls > 0 || tokens > 0 {
+                    apply.push((e.block, calls, tokens));
+                }
+            }
+            let used = postcard::to_allocvec(&(calls_used, tokens_used)).map_err(dberr)?;
+            caps.insert(cap_key.as_slice(), used.as_slice())
+                .map_err(dberr)?;
+            outcome = ReportOutcome {
+                accepted_calls: apply.iter().map(|a| a.1).sum(),
+                accepted_tokens: apply.iter().map(|a| a.2).sum(),
+                refused,
+            };
+            applied = apply;
+        }
+        w.commit().map_err(dberr)?;
+        {
+            let mut st = self.st();
+            for (b, c, t) in applied {
+                let v = Self::version(&mut st, &b);
+                v.reported_calls += c;
+                v.reported_tokens += t;
+            }
+        }
+        self.flush()?;
+        Ok(outcome)
+    }
+
+    /// Pay one slot's unpaid work (see the module docs): miners of its
+    /// versions and the peers that served them. Returns the new entries
+    /// (none when nothing new was done). Written before it returns.
+    pub fn reward(
+        &self,
+        slot: &str,
+        versions: &[VersionInfo],
+        now_ms: u64,
+    ) -> Result<Vec<RewardEntry>, UsageError> {
+        // Compute and mark paid under the lock, then persist; on a write
+        // error the marks are rolled back.
+        let mut st = self.st();
+        let mut entries = Vec::new();
+        let mut marks_v = Vec::new();
+        let mut marks_p = Vec::new();
+        for v in versions {
+            let c = st.versions.get(&v.block).cloned().unwrap_or_default();
+            let units = c.units().saturating_sub(c.paid_units);
+            if units > 0 {
+                let q = quality_pct(v.loss, v.parent_loss);
+                let s = speed_pct(c.mean_latency_us());
+                let amount = units * MINER_UC_PER_TOKEN * q / 100 * s / 100;
+                entries.push(RewardEntry {
+                    key: v.miner,
+                    amount_uc: amount,
+                    role: "miner".into(),
+                    slot: slot.into(),
+                    block: v.block,
+                    reason: format!(
+                        "{units} units ({} verified tokens + {} self-reported × {REPORT_WEIGHT_PCT} %, less already paid) × {MINER_UC_PER_TOKEN} µc × quality {q} % × speed {s} %",
+                        c.tokens, c.reported_tokens
+                    ),
+                    at_ms: now_ms,
+                });
+                marks_v.push((v.block, c.paid_units, c.units()));
+            }
+            let mut peers: BTreeMap<[u8; 32], PeerCounters> = BTreeMap::new();
+            for ((p, b), pc) in &st.peers {
+                if *b == v.block {
+                    peers.insert(*p, pc.clone());
+                }
+            }
+            for (p, pc) in peers {
+                let bytes = pc.bytes.saturating_sub(pc.paid_bytes);
+                let comps = pc.computations.saturating_sub(pc.paid_computations);
+                if bytes == 0 && comps == 0 {
+                    continue;
+                }
+                let amount = bytes * PEER_UC_PER_MIB / (1 << 20) + comps * PEER_UC_PER_COMPUTE;
+                entries.push(RewardEntry {
+                    key: p,
+                    amount_uc: amount,
+                    role: "peer".into(),
+                    slot: slot.into(),
+                    block: v.block,
+                    reason: format!(
+                        "{bytes} verified bytes × {PEER_UC_PER_MIB} µc/MiB + {comps} computations × {PEER_UC_PER_COMPUTE} µc"
+                    ),
+                    at_ms: now_ms,
+                });
+                marks_p.push((
+                    (p, v.block),
+                    pc.paid_bytes,
+                    pc.paid_computations,
+                    pc.bytes,
+                    pc.computations,
+                ));
+            }
+        }
+        if entries.is_empty() {
+            return Ok(entries);
+        }
+        for (b, _, units) in &marks_v {
+            Self::version(&mut st, b).paid_units = *units;
+        }
+        for ((p, b), _, _, bytes, comps) in &marks_p {
+            let c = Self::peer(&mut st, p, b);
+            c.paid_bytes = *bytes;
+            c.paid_computations = *comps;
+        }
+        let first = st.ledger.len() as u64;
+        let res = (|| {
+            let w = self.db.begin_write().map_err(dberr)?;
+            {
+                let mut t = w.open_table(LEDGER).map_err(dberr)?;
+                for (i, e) in entries.iter().enumerate() {
+                    let bytes = postcard::to_allocvec(e).map_err(dberr)?;
+                    t.insert(first + i as u64, bytes.as_slice())
+                        .map_err(dberr)?;
+                }
+                let mut t = w.open_table(VERSIONS).map_err(dberr)?;
+                for (b, _, _) in &marks_v {
+                    if let Some(c) = st.versions.get(b) {
+                        let bytes = postcard::to_allocvec(c).map_err(dberr)?;
+                        t.insert(b.0.as_slice(), bytes.as_slice()).map_err(dberr)?;
+                    }
+                }
+                let mut t = w.open_table(PEERS).map_err(dberr)?;
+                for (k, ..) in &marks_p {
+                    if let Some(c) = st.peers.get(k) {
+                        let bytes = postcard::to_allocvec(c).map_err(dberr)?;
+                        t.insert(peer_key(&k.0, &k.1).as_slice(), bytes.as_slice())
+                            .map_err(dberr)?;
+                    }
+                }
+            }
+            w.commit().map_err(dberr)
+        })();
+        if let Err(e) = res {
+            for (b, paid, _) in &marks_v {
+                Self::version(&mut st, b).paid_units = *paid;
+            }
+            for ((p, b), pb, pc, ..) in &marks_p {
+                let c = Self::peer(&mut st, p, b);
+                c.paid_bytes = *pb;
+                c.paid_computations = *pc;
+            }
+            return Err(e);
+        }
+        st.ledger.extend(entries.iter().cloned());
+        Ok(entries)
+    }
+
+    /// Every reward a key earned, oldest first.
+    pub fn rewards_of(&self, key: &[u8; 32]) -> Vec<RewardEntry> {
+        self.st()
+            .ledger
+            .iter()
+            .filter(|e| &e.key == key)
+            .cloned()
+            .collect()
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(v))
+        } else {
+            serde::Serialize::serialize(v, s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(&s, &mut out).map_err(|e| {
+                serde::de::Error::custom(format!("expected 64 hex characters: {e}"))
+            })?;
+            Ok(out)
+        } else {
+            <[u8; 32]>::deserialize(d)
+        }
+    }
+}
+
+mod hex64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(v))
+        } else {
+            s.serialize_bytes(v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let bytes: Vec<u8> = if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            hex::decode(&s).map_err(|e| serde::de::Error::custom(format!("not hex: {e}")))?
+        } else {
+            serde_bytes_vec(d)?
+        };
+        bytes.try_into().map_err(|b: Vec<u8>| {
+            serde::de::Error::custom(format!("expected 64 bytes, got {}", b.len()))
+        })
+    }
+
+    fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn h(b: u8) -> BlockHash {
+        BlockHash([b; 32])
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Usage {
+        Usage::open(&dir.path().join("usage.redb")).expect("open")
+    }
+
+    #[test]
+    fn counters_survive_reopen_after_flush() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let u = open(&dir);
+            u.record_inference(&[(h(1), 5, 100), (h(2), 0, 0)]);
+            u.record_chunk_served(&[9; 32], &h(1), 4096);
+            u.record_compute(&[9; 32], &h(1));
+            u.record_bad_chunk(&[8; 32], &h(1));
+            u.flush().expect("flush");
+        }
+        let u = open(&dir);
+        let c = u.version_counters(&h(1));
+        assert_eq!(
+            (c.calls, c.tokens, c.bytes_served, c.computations),
+            (1, 5, 4096, 1)
+        );
+        assert_eq!(u.version_counters(&h(2)), VersionCounters::default());
+        let peers = u.peers_of(&h(1));
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].1.bytes, 4096);
+        assert_eq!(peers[1].1.bad_chunks, 1);
+        assert_eq!(peers[1].1.bytes, 0);
+    }
+
+    #[test]
+    fn reports_are_checked_deduplicated_and_capped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let u = open(&dir);
+        let k = SigningKey::from_bytes(&[3; 32]);
+        let now = 10 * REPORT_PERIOD_MS + 5;
+        let fetched = |_: &[u8; 32], b: &BlockHash| *b == h(1);
+        let e = |tokens| {
+            vec![ReportEntry {
+                block: h(1),
+                calls: 1,
+                tokens,
+            }]
+        };
+
+        let ok = u.submit_report(&UsageReport::sign(&k, 10, 1, e(100)), now, fetched);
+        assert_eq!(ok.expect("accepted").accepted_tokens, 100);
+        // Replay.
+        assert!(u
+            .submit_report(&UsageReport::sign(&k, 10, 1, e(100)), now, fetched)
+            .is_err());
+        // Forged: signature of another key / tampered entries.
+        let mut forged = UsageReport::sign(&k, 10, 2, e(100));
+        forged.entries[0].tokens = 10_000;
+        assert!(u.submit_report(&forged, now, fetched).is_err());
+        // Old period.
+        assert!(u
+            .submit_report(&UsageReport::sign(&k, 8, 3, e(1)), now, fetched)
+            .is_err());
+        // A block the key never fetched.
+        let other = vec![ReportEntry {
+            block: h(2),
+            calls: 1,
+            tokens: 50,
+        }];
+        let r = u
+            .submit_report(&UsageReport::sign(&k, 10, 4, other), now, fetched)
+            .expect("ok");
+        assert_eq!(r.accepted_tokens, 0);
+        assert_eq!(r.refused.len(), 1);
+        // Over the cap: only what is left of it counts.
+        let r = u
+            .submit_report(
+                &UsageReport::sign(&k, 10, 5, e(REPORT_TOKENS_CAP)),
+                now,
+                fetched,
+            )
+            .expect("ok");
+        assert_eq!(r.accepted_tokens, REPORT_TOKENS_CAP - 100);
+        let r = u
+            .submit_report(&UsageReport::sign(&k, 10, 6, e(10)), now, fetched)
+            .expect("ok");
+        assert_eq!(r.accepted_tokens, 0);
+        assert_eq!(u.version_counters(&h(1)).reported_tokens, REPORT_TOKENS_CAP);
+        assert_eq!(u.version_counters(&h(2)).reported_tokens, 0);
+        // The replay table survives a restart.
+        drop(u);
+        let u = open(&dir);
+        assert!(u
+            .submit_report(&UsageReport::sign(&k, 10, 1, e(100)), now, fetched)
+            .is_err());
+    }
+
+    #[test]
+    fn rewards_pay_each_unit_once_and_survive_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let miner = [1u8; 32];
+        let peer = [2u8; 32];
+        let v = [VersionInfo {
+            block: h(1),
+            miner,
+            loss: None,
+            parent_loss: None,
+        }];
+        {
+            let u = open(&dir);
+            u.record_inference(&[(h(1), 10, 1000)]);
+            u.record_chunk_served(&peer, &h(1), 1 << 20);
+            let first = u.reward("layer0.expert1", &v, 1).expect("reward");
+            assert_eq!(first.len(), 2);
+            assert_eq!(first[0].amount_uc, 10 * MINER_UC_PER_TOKEN);
+            assert_eq!(first[1].amount_uc, PEER_UC_PER_MIB);
+            assert!(u.reward("layer0.expert1", &v, 2).expect("again").is_empty());
+            u.flush().expect("flush");
+        }
+        let u = open(&dir);
+        assert!(u
+            .reward("layer0.expert1", &v, 3)
+            .expect("after restart")
+            .is_empty());
+        assert_eq!(u.rewards_of(&miner).len(), 1);
+        assert_eq!(u.rewards_of(&peer).len(), 1);
+        u.record_inference(&[(h(1), 3, 1000)]);
+        let next = u.reward("layer0.expert1", &v, 4).expect("reward");
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].amount_uc, 3 * MINER_UC_PER_TOKEN);
+    }
+
+    #[test]
+    fn factors() {
+        assert_eq!(quality_pct(None, None), 100);
+        assert_eq!(quality_pct(Some(0.9), Some(1.0)), 200);
+        assert_eq!(quality_pct(Some(0.99), Some(1.0)), 110);
+        assert_eq!(quality_pct(Some(1.1), Some(1.0)), 100);
+        assert_eq!(speed_pct(None), 100);
+        assert_eq!(speed_pct(Some(TARGET_LATENCY_US)), 100);
+        assert_eq!(speed_pct(Some(2 * TARGET_LATENCY_US)), 50);
+        assert_eq!(speed_pct(Some(100 * TARGET_LATENCY_US)), 50);
+    }
+}
