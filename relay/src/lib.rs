@@ -22,6 +22,7 @@ pub mod peers;
 pub mod quality;
 pub mod server;
 pub mod store;
+pub mod usage;
 
 pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection};
 pub use server::{
