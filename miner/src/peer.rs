@@ -1,9 +1,73 @@
 //! `aiblock peer`: a native node on the relay's `/ws` network.
+//!
+//! A thin tokio driver around the sans-IO [`PeerNode`] of `web_node::node`:
+//!
+//! 1. loads or creates the node's key (mode 0600);
+//! 2. syncs the chain's headers over REST (the http base is derived from the
+//!    ws URL) and verifies them ([`verify_chain_dag`]); the latest model's
+//!    meta payload gives the config;
+//! 3. picks the slot heads whose names match `--experts` (globs);
+//! 4. loads verified payloads already in `DATA/payloads/` (each re-checked
+//!    against its verified header; corrupt or stale files are deleted);
+//! 5. connects to `/ws` (subprotocol `aiblock.v1`), logs in, announces what
+//!    it holds, fetches the rest chunk by chunk through the relay (from other
+//!    peers, the relay's store as fallback), stores each verified payload
+//!    atomically (temp + fsync + rename) and announces it;
+//! 6. serves chunks, and with `--serve-compute` runs `expert_forward` on
+//!    its verified weights for the relay (on a blocking thread);
+//! 7. reconnects with capped exponential backoff when the relay goes away,
+//!    resyncs, and resumes where it stopped.
+//!
+//! [`run`] is the whole node as a library function, so tests run nodes in
+//! process; [`cli`] wraps it for the command line (until Ctrl-C).
 
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash, ChainId, Dag};
+use web_node::model::reference::expert_forward;
+use web_node::model::{Config, ExpertWeights, Slot};
+use web_node::net::api::{BlockInfo, ChunkList};
+use web_node::net::peer::{self, decode_from_relay, limits};
+use web_node::node::{ComputeReq, Millis, NodeConfig, NodeEvent, NodeStats, PeerNode, Source};
+use web_node::verify::{verify_chain_dag, FetchedBlock};
+
+use crate::blocks;
+
+/// First reconnection delay; doubles after each failed attempt up to
+/// [`BACKOFF_MAX`], and starts over after a successful login.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often the status line is logged.
+pub const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// Connecting (TCP + WebSocket handshake) may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// REST calls (listing, chunk lists, meta payload) time out after this.
+const REST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Page size of the chain listings (the relay's maximum page).
+const LIST_PAGE: usize = 1000;
+/// Largest meta payload read over REST (the chain's limit for chain A).
+const MAX_META_BYTES: u64 = web_node::chain::limits::MAX_META_PAYLOAD_LEN;
+/// Threads one expert computation uses (a node serves several at once).
+const COMPUTE_THREADS: usize = 1;
+/// Default `--experts`: every expert slot.
+pub const ALL_EXPERTS: &str = "layer*.expert*";
+/// Sub-directory of `--data` holding verified payloads, one file per block.
+const PAYLOAD_DIR: &str = "payloads";
+/// Default key file name inside `--data`.
+const KEY_FILE: &str = "peer.key";
 
 /// Flags of `aiblock peer`.
 #[derive(Debug, Clone, Args)]
@@ -15,7 +79,7 @@ pub struct PeerArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Comma-separated globs of the slots to hold, e.g. 'layer0.*,layer1.*'
-    /// (default: every expert).
+    /// (`*` any run of characters, `?` one; default: every expert).
     #[arg(long)]
     pub experts: Option<String>,
     /// Run expert computations for the relay on the held experts.
@@ -26,7 +90,947 @@ pub struct PeerArgs {
     pub key: Option<PathBuf>,
 }
 
-/// Run `aiblock peer` until Ctrl-C.
-pub fn cli(_a: &PeerArgs) -> Result<()> {
-    bail!("aiblock peer is not built yet")
+/// A node's status as it runs (published on [`PeerConfig::status`]).
+#[derive(Debug, Clone, Default)]
+pub struct PeerStatus {
+    /// Hex public key.
+    pub id: String,
+    pub logged_in: bool,
+    /// Blocks held (verified), with their slot names.
+    pub held: BTreeMap<BlockHash, String>,
+    /// Blocks this node should hold (matching slot heads).
+    pub wanted: BTreeMap<BlockHash, String>,
+    /// Payloads loaded from the data dir (verified) since start.
+    pub loaded_from_disk: u64,
+    /// Files in the data dir deleted as corrupt or stale.
+    pub dropped_files: u64,
+    pub stats: NodeStats,
+}
+
+impl PeerStatus {
+    /// Every wanted block is held.
+    pub fn complete(&self) -> bool {
+        !self.wanted.is_empty() && self.wanted.keys().all(|h| self.held.contains_key(h))
+    }
+}
+
+/// What a finished node reports.
+pub type PeerReport = PeerStatus;
+
+/// A callback on every node event, run on the driver's task (tests use it
+/// to act at an exact point of a fetch).
+pub type EventHook = Arc<dyn Fn(&NodeEvent) + Send + Sync>;
+
+/// Everything [`run`] needs.
+pub struct PeerConfig {
+    /// ws:// or wss:// URL of the relay's `/ws`.
+    pub relay: String,
+    pub data: PathBuf,
+    /// Slot globs; empty: [`ALL_EXPERTS`].
+    pub experts: Vec<String>,
+    pub serve_compute: bool,
+    /// Key file (default DATA/peer.key).
+    pub key: Option<PathBuf>,
+    /// Chunk requests in flight at most (the relay's credits bound it too).
+    pub max_in_flight: u32,
+    /// Receives the status after every change.
+    pub status: Option<watch::Sender<PeerStatus>>,
+    pub on_event: Option<EventHook>,
+}
+
+impl PeerConfig {
+    pub fn new(relay: impl Into<String>, data: impl Into<PathBuf>) -> Self {
+        Self {
+            relay: relay.into(),
+            data: data.into(),
+            experts: Vec::new(),
+            serve_compute: false,
+            key: None,
+            max_in_flight: limits::CHUNK_CREDITS,
+            status: None,
+            on_event: None,
+        }
+    }
+}
+
+/// Split `--experts` into globs.
+pub fn parse_globs(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Shell-style glob: `*` matches any run of characters, `?` one character.
+pub fn glob_match(glob: &str, name: &str) -> bool {
+    let g: Vec<char> = glob.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matcher with backtracking to the last `*`.
+    let (mut gi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match g.get(gi) {
+            Some('*') => {
+                star = Some((gi, ni));
+                gi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                gi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sg, sn)) => {
+                    gi = sg + 1;
+                    ni = sn + 1;
+                    star = Some((sg, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    g[gi.min(g.len())..].iter().all(|&c| c == '*')
+}
+
+/// The http(s) base of a ws(s) URL: `ws://h:p/ws` → `http://h:p`.
+pub fn http_base(ws: &str) -> Result<String> {
+    let (scheme, rest) = ws
+        .split_once("://")
+        .ok_or_else(|| anyhow!("{ws:?} is not a URL (expected ws://HOST:PORT/ws)"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        other => bail!("{ws:?}: scheme {other:?} is not ws:// or wss://"),
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() {
+        bail!("{ws:?} names no host");
+    }
+    Ok(format!("{scheme}://{host}"))
+}
+
+/// The ws(s) URL to connect to (an http(s) URL is accepted too).
+fn ws_url(relay: &str) -> Result<String> {
+    let base = http_base(relay)?;
+    let path = relay
+        .split_once("://")
+        .map(|(_, r)| r.find('/').map_or("/ws", |i| &r[i..]))
+        .unwrap_or("/ws");
+    let path = if path == "/" { "/ws" } else { path };
+    Ok(base.replacen("http", "ws", 1) + path)
+}
+
+/// Load the key, or create it (mode 0600) if the file does not exist.
+pub fn load_or_create_key(path: &Path) -> Result<SigningKey> {
+    if path.exists() {
+        blocks::load_key(path)
+    } else {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let key = blocks::keygen(path)?;
+        tracing::info!(path = %path.display(), "created a new node key");
+        Ok(key)
+    }
+}
+
+// ---------------------------------------------------------------- REST sync
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout(REST_TIMEOUT)
+        .build()
+}
+
+fn rest_get(agent: &ureq::Agent, url: &str, max: u64) -> Result<Vec<u8>> {
+    let resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, r) => {
+            anyhow!(
+                "{url}: relay answered {code}: {}",
+                r.into_string().unwrap_or_default()
+            )
+        }
+        other => anyhow!("{url}: {other}"),
+    })?;
+    let mut v = Vec::new();
+    resp.into_reader().take(max + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > max {
+        bail!("{url}: answer larger than {max} bytes");
+    }
+    Ok(v)
+}
+
+fn rest_json<T: serde::de::DeserializeOwned>(agent: &ureq::Agent, url: &str) -> Result<T> {
+    // Listings of 1000 headers and chunk lists of 8192 hashes fit easily.
+    const MAX_JSON: u64 = 64 * 1024 * 1024;
+    let bytes = rest_get(agent, url, MAX_JSON)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
+}
+
+fn list_all(agent: &ureq::Agent, base: &str, chain: &str) -> Result<Vec<BlockInfo>> {
+    let mut out: Vec<BlockInfo> = Vec::new();
+    loop {
+        let url = match out.last() {
+            None => format!("{base}/chain/{chain}/blocks?limit={LIST_PAGE}"),
+            Some(last) => format!(
+                "{base}/chain/{chain}/blocks?after={}&limit={LIST_PAGE}",
+                last.hash
+            ),
+        };
+        let page: Vec<BlockInfo> = rest_json(agent, &url)?;
+        let n = page.len();
+        out.extend(page);
+        if n < LIST_PAGE {
+            return Ok(out);
+        }
+    }
+}
+
+/// Verified payloads read from the data dir.
+type Loaded = Vec<(BlockHash, Arc<[u8]>)>;
+
+/// A block this node should hold.
+#[derive(Debug, Clone)]
+struct Wanted {
+    block: Block,
+    name: String,
+    /// Fetched when the payload is not held yet.
+    chunk_list: Option<Vec<BlockHash>>,
+}
+
+/// The outcome of one header sync.
+#[derive(Debug)]
+struct Plan {
+    config: Config,
+    wanted: Vec<Wanted>,
+    /// Verified payloads loaded from the data dir.
+    loaded: Loaded,
+    dropped_files: u64,
+}
+
+/// Header sync and local payload check (blocking: REST and file I/O).
+fn sync(
+    base: &str,
+    globs: &[String],
+    dir: &Path,
+    held: &BTreeMap<BlockHash, String>,
+) -> Result<Plan> {
+    let agent = agent();
+    let mut fetched = Vec::new();
+    let mut listed: HashMap<BlockHash, Block> = HashMap::new();
+    for (name, chain) in [("A", ChainId::A), ("B", ChainId::B)] {
+        for info in list_all(&agent, base, name)? {
+            if let Ok(b) = info.to_block() {
+                listed.insert(info.hash, b);
+            }
+            fetched.push(FetchedBlock::from_listing(&info, chain));
+        }
+    }
+    let (report, dag) = verify_chain_dag(&fetched);
+    if report.failed > 0 {
+        tracing::warn!(
+            failed = report.failed,
+            verified = report.verified,
+            "some listed blocks failed header verification (ignored)"
+        );
+    }
+    let meta = dag
+        .latest_meta()
+        .ok_or_else(|| anyhow!("the relay's chain has no verified model (chain-A meta block)"))?;
+    let meta_hash = meta.hash;
+    let config = meta_config(&agent, base, &dag, &meta_hash)?;
+    let mut wanted = Vec::new();
+    for (name, hash) in dag.slot_heads(&meta_hash) {
+        if !globs.iter().any(|g| glob_match(g, &name)) {
+            continue;
+        }
+        let Some(block) = listed.get(&hash) else {
+            continue;
+        };
+        wanted.push(Wanted {
+            block: block.clone(),
+            name,
+            chunk_list: None,
+        });
+    }
+    let (loaded, dropped_files) = load_dir(dir, &wanted, &config, held)?;
+    for w in &mut wanted {
+        if held.contains_key(&w.block.hash) || loaded.iter().any(|(h, _)| *h == w.block.hash) {
+            continue;
+        }
+        let list: ChunkList = rest_json(&agent, &format!("{base}/blocks/{}/chunks", w.block.hash))?;
+        w.chunk_list = Some(list.chunks);
+    }
+    Ok(Plan {
+        config,
+        wanted,
+        loaded,
+        dropped_files,
+    })
+}
+
+/// The config of a meta block, from its payload checked against the verified header.
+fn meta_config(agent: &ureq::Agent, base: &str, dag: &Dag, meta: &BlockHash) -> Result<Config> {
+    let entry = dag
+        .get(meta)
+        .ok_or_else(|| anyhow!("meta block {meta} is not verified"))?;
+    let payload = rest_get(
+        agent,
+        &format!("{base}/blocks/{meta}/payload"),
+        MAX_META_BYTES,
+    )?;
+    check_payload_integrity(&entry.header, &payload)
+        .with_context(|| format!("payload of meta block {meta}"))?;
+    let (_, config) = validate_payload(&entry.header, &payload, None)
+        .with_context(|| format!("payload of meta block {meta}"))?
+        .ok_or_else(|| anyhow!("meta block {meta} has no config"))?;
+    Ok(config)
+}
+
+// ------------------------------------------------------------- payload files
+
+fn payload_path(dir: &Path, hash: &BlockHash) -> PathBuf {
+    dir.join(PAYLOAD_DIR).join(format!("{}.bin", hash.to_hex()))
+}
+
+/// Check the payload files: keep (and return) those of wanted blocks that
+/// pass every rule against their verified header, delete the rest
+/// (corrupt, stale, temp). Blocks already held are not read again.
+fn load_dir(
+    dir: &Path,
+    wanted: &[Wanted],
+    config: &Config,
+    held: &BTreeMap<BlockHash, String>,
+) -> Result<(Loaded, u64)> {
+    let pdir = dir.join(PAYLOAD_DIR);
+    std::fs::create_dir_all(&pdir).with_context(|| format!("creating {}", pdir.display()))?;
+    let by_hash: HashMap<BlockHash, &Wanted> = wanted.iter().map(|w| (w.block.hash, w)).collect();
+    let mut loaded = Vec::new();
+    let mut dropped = 0u64;
+    for entry in std::fs::read_dir(&pdir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let hash = name
+            .strip_suffix(".bin")
+            .and_then(|h| BlockHash::from_hex(h).ok());
+        let keep = match hash.and_then(|h| by_hash.get(&h).map(|w| (h, *w))) {
+            None => Err("not a payload of a block this node holds".to_string()),
+            Some((h, _)) if held.contains_key(&h) => continue,
+            Some((h, w)) => match std::fs::read(&path) {
+                Err(e) => Err(format!("unreadable: {e}")),
+                Ok(bytes) => check_payload_integrity(&w.block.header, &bytes)
+                    .and_then(|_| validate_payload(&w.block.header, &bytes, Some(config)))
+                    .map(|_| (h, bytes))
+                    .map_err(|e| format!("fails verification: {e}")),
+            },
+        };
+        match keep {
+            Ok((h, bytes)) => loaded.push((h, Arc::<[u8]>::from(bytes))),
+            Err(why) => {
+                tracing::warn!(file = %path.display(), reason = %why, "dropping payload file");
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                dropped += 1;
+            }
+        }
+    }
+    Ok((loaded, dropped))
+}
+
+/// Write a verified payload: temp file, fsync, rename, fsync the dir.
+fn store_payload(dir: &Path, hash: &BlockHash, bytes: &[u8]) -> Result<()> {
+    let pdir = dir.join(PAYLOAD_DIR);
+    std::fs::create_dir_all(&pdir)?;
+    let final_path = payload_path(dir, hash);
+    let tmp = pdir.join(format!(".{}.{}.tmp", hash.to_hex(), std::process::id()));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &final_path)
+        .with_context(|| format!("renaming to {}", final_path.display()))?;
+    #[cfg(unix)]
+    std::fs::File::open(&pdir)?.sync_all()?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------- driver
+
+/// Why a session ended.
+enum Exit {
+    Shutdown,
+    Lost(String),
+}
+
+struct Driver {
+    cfg: PeerConfig,
+    base: String,
+    ws_url: String,
+    globs: Vec<String>,
+    node: PeerNode,
+    start: Instant,
+    status: PeerStatus,
+    config: Option<Config>,
+    /// Slot of every wanted block (for compute).
+    slots: HashMap<BlockHash, Slot>,
+    /// Chunk lists of wanted blocks not held yet (for fetches after a resync).
+    pending: HashMap<BlockHash, (Block, Vec<BlockHash>)>,
+    weights: Arc<Mutex<HashMap<BlockHash, Arc<ExpertWeights>>>>,
+    compute_tx: mpsc::UnboundedSender<(ComputeReq, Result<Vec<f32>, String>)>,
+    compute_rx: mpsc::UnboundedReceiver<(ComputeReq, Result<Vec<f32>, String>)>,
+    plan_tx: mpsc::UnboundedSender<Result<Plan>>,
+    plan_rx: mpsc::UnboundedReceiver<Result<Plan>>,
+    syncing: bool,
+}
+
+impl Driver {
+    fn now(&self) -> Millis {
+        self.start.elapsed().as_millis() as Millis
+    }
+
+    fn publish(&mut self) {
+        self.status.logged_in = self.node.is_logged_in();
+        self.status.stats = self.node.stats().clone();
+        if let Some(tx) = &self.cfg.status {
+            tx.send_replace(self.status.clone());
+        }
+    }
+
+    fn log_status(&self) {
+        let s = self.node.stats();
+        let peers: u64 = s
+            .bytes_received
+            .iter()
+            .filter(|(k, _)| matches!(k, Source::Peer(_)))
+            .map(|(_, v)| v)
+            .sum();
+        tracing::info!(
+            "status: {}/{} blocks held, {} fetching, served {} bytes in {} chunks, \
+             received {} bytes ({} from peers), {} bad chunks, {} computations",
+            self.status.held.len(),
+            self.status.wanted.len(),
+            self.node.fetching().len(),
+            s.bytes_served,
+            s.chunks_served,
+            s.total_received(),
+            peers,
+            s.total_bad(),
+            s.computes_served
+        );
+    }
+
+    /// Apply a header sync: hold what was loaded, drop what is no longer
+    /// wanted, start fetching the rest.
+    fn apply(&mut self, plan: Plan) {
+        let now = self.now();
+        self.status.loaded_from_disk += plan.loaded.len() as u64;
+        self.status.dropped_files += plan.dropped_files;
+        let wanted: BTreeMap<BlockHash, String> = plan
+            .wanted
+            .iter()
+            .map(|w| (w.block.hash, w.name.clone()))
+            .collect();
+        // Blocks no longer wanted (a new version replaced them): stop
+        // serving, forget, delete.
+        let stale: Vec<BlockHash> = self
+            .status
+            .held
+            .keys()
+            .filter(|h| !wanted.contains_key(h))
+            .copied()
+            .collect();
+        for h in stale {
+            self.node.unhold(&h);
+            self.status.held.remove(&h);
+            if let Ok(mut w) = self.weights.lock() {
+                w.remove(&h);
+            }
+            let _ = std::fs::remove_file(payload_path(&self.cfg.data, &h));
+            tracing::info!(block = %h, "no longer a wanted head: dropped");
+        }
+        for (h, _, _) in self.node.fetching() {
+            if !wanted.contains_key(&h) {
+                self.node.cancel_fetch(&h);
+            }
+        }
+        let names: HashMap<BlockHash, &Wanted> =
+            plan.wanted.iter().map(|w| (w.block.hash, w)).collect();
+        for (hash, payload) in plan.loaded {
+            let Some(w) = names.get(&hash) else { continue };
+            match self.node.hold(hash, payload, w.block.header.chunk_size) {
+                Ok(()) => {
+                    self.status.held.insert(hash, w.name.clone());
+                    tracing::info!(slot = %w.name, block = %hash, "loaded a verified payload from disk");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot hold a loaded payload"),
+            }
+        }
+        self.slots = plan
+            .wanted
+            .iter()
+            .filter_map(|w| Slot::parse(&w.name).ok().map(|s| (w.block.hash, s)))
+            .collect();
+        self.pending.clear();
+        for w in plan.wanted {
+            if self.node.is_held(&w.block.hash) {
+                continue;
+            }
+            if let Some(list) = w.chunk_list {
+                self.pending.insert(w.block.hash, (w.block, list));
+            }
+        }
+        self.config = Some(plan.config);
+        self.status.wanted = wanted;
+        self.start_fetches(now);
+        self.publish();
+    }
+
+    fn start_fetches(&mut self, now: Millis) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        for (hash, (block, list)) in &self.pending {
+            if self.node.is_held(hash) || self.node.is_fetching(hash) {
+                continue;
+            }
+            if let Err(e) = self
+                .node
+                .fetch(block, list.clone(), Some(config.clone()), now)
+            {
+                tracing::warn!(block = %hash, error = %e, "cannot fetch");
+            }
+        }
+    }
+
+    fn spawn_sync(&mut self) {
+        if self.syncing {
+            return;
+        }
+        self.syncing = true;
+        let (base, globs, dir, held, tx) = (
+            self.base.clone(),
+            self.globs.clone(),
+            self.cfg.data.clone(),
+            self.status.held.clone(),
+            self.plan_tx.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(sync(&base, &globs, &dir, &held));
+        });
+    }
+
+    fn on_event(&mut self, ev: NodeEvent) {
+        if let Some(hook) = &self.cfg.on_event {
+            hook(&ev);
+        }
+        match ev {
+            NodeEvent::LoggedIn { peer, .. } => {
+                tracing::info!(peer = %hex::encode(peer), held = self.status.held.len(), "logged in");
+            }
+            NodeEvent::RelayError { code, message } => {
+                tracing::warn!(%code, %message, "relay error");
+            }
+            NodeEvent::BadChunk { hash, index, from } => {
+                tracing::warn!(block = %hash, index, ?from, "bad chunk refused; asking again");
+            }
+            NodeEvent::BlockComplete { hash, payload } => {
+                let name = self.status.wanted.get(&hash).cloned().unwrap_or_default();
+                tracing::info!(slot = %name, block = %hash, bytes = payload.len(), "payload verified and held");
+                self.status.held.insert(hash, name);
+                self.pending.remove(&hash);
+                let dir = self.cfg.data.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store_payload(&dir, &hash, &payload) {
+                        tracing::error!(block = %hash, error = %e, "storing the payload failed");
+                    }
+                });
+            }
+            NodeEvent::FetchFailed { hash, reason } => {
+                tracing::warn!(block = %hash, %reason, "fetch failed; resyncing");
+                self.spawn_sync();
+            }
+            NodeEvent::Compute {
+                req,
+                block,
+                rows,
+                input,
+            } => self.compute(req, block, rows, input),
+            NodeEvent::BlockAdded { hash, name, .. } => {
+                tracing::info!(block = %hash, %name, "relay accepted a new block; resyncing");
+                self.spawn_sync();
+            }
+            NodeEvent::Progress { .. } => {}
+            other => tracing::debug!(event = ?other, "node event"),
+        }
+    }
+
+    fn compute(&mut self, req: ComputeReq, block: BlockHash, rows: u32, input: Vec<f32>) {
+        let tx = self.compute_tx.clone();
+        let (Some(cfg), Some(Slot::Expert { layer, expert })) =
+            (self.config.clone(), self.slots.get(&block).copied())
+        else {
+            let _ = tx.send((
+                req,
+                Err(format!(
+                    "block {} is not an expert held here",
+                    block.short()
+                )),
+            ));
+            return;
+        };
+        let Some(payload) = self.node.payload(&block) else {
+            let _ = tx.send((
+                req,
+                Err(format!("block {} is not held here", block.short())),
+            ));
+            return;
+        };
+        let cache = self.weights.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let hidden = cfg.hidden_size;
+                let rows = rows as usize;
+                if input.len() != rows * hidden {
+                    return Err(format!(
+                        "{} input floats are not {rows} rows of hidden size {hidden}",
+                        input.len()
+                    ));
+                }
+                let cached = cache.lock().ok().and_then(|c| c.get(&block).cloned());
+                let w = match cached {
+                    Some(w) => w,
+                    None => {
+                        let w = Arc::new(
+                            ExpertWeights::from_safetensors(&cfg, layer, expert, &payload)
+                                .map_err(|e| e.to_string())?,
+                        );
+                        if let Ok(mut c) = cache.lock() {
+                            c.insert(block, w.clone());
+                        }
+                        w
+                    }
+                };
+                Ok(expert_forward(&w, &input, rows, COMPUTE_THREADS))
+            })();
+            let _ = tx.send((req, result));
+        });
+    }
+
+    /// Deliver what the node wants sent.
+    async fn flush<S>(&mut self, sink: &mut S) -> Result<(), String>
+    where
+        S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        while let Some(m) = self.node.poll_transmit() {
+            let bytes = m.encode();
+            match tokio::time::timeout(
+                limits::WRITE_TIMEOUT,
+                sink.send(Message::Binary(bytes.into())),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                Err(_) => return Err("write timed out".into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_events(&mut self) -> Option<String> {
+        let mut fatal = None;
+        while let Some(ev) = self.node.poll_event() {
+            if let NodeEvent::RelayError { code, message } = &ev {
+                if [
+                    peer::codes::LOGIN_FAILED,
+                    peer::codes::BANNED,
+                    peer::codes::REPLACED,
+                    peer::codes::RATE_LIMITED,
+                    peer::codes::UNAVAILABLE,
+                ]
+                .contains(&code.as_str())
+                {
+                    fatal = Some(format!("{code}: {message}"));
+                }
+            }
+            self.on_event(ev);
+        }
+        fatal
+    }
+
+    /// One connection, until it is lost or shutdown comes.
+    async fn session(&mut self, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> Exit {
+        let mut req = match self.ws_url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return Exit::Lost(format!("bad relay URL: {e}")),
+        };
+        if let Ok(v) = peer::SUBPROTOCOL.parse() {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", v);
+        }
+        let wscfg = WebSocketConfig::default()
+            .max_message_size(Some(limits::MAX_MESSAGE))
+            .max_frame_size(Some(limits::MAX_MESSAGE));
+        let connect = tokio_tungstenite::connect_async_with_config(req, Some(wscfg), true);
+        let ws = tokio::select! {
+            _ = &mut *shutdown => return Exit::Shutdown,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
+                Ok(Ok((ws, _))) => ws,
+                Ok(Err(e)) => return Exit::Lost(format!("connect: {e}")),
+                Err(_) => return Exit::Lost("connect timed out".into()),
+            },
+        };
+        let (mut sink, mut stream) = ws.split();
+        self.node.connected(self.now());
+        let mut tick = tokio::time::interval(STATUS_EVERY);
+        tick.tick().await;
+        loop {
+            if let Err(e) = self.flush(&mut sink).await {
+                return Exit::Lost(e);
+            }
+            if let Some(fatal) = self.drain_events() {
+                let _ = sink.close().await;
+                return Exit::Lost(fatal);
+            }
+            // Events may have queued messages (Have after a completed block).
+            if let Err(e) = self.flush(&mut sink).await {
+                return Exit::Lost(e);
+            }
+            self.publish();
+            let deadline = self.node.poll_timeout().map(|t| {
+                let wait = Duration::from_millis(t.saturating_sub(self.now()));
+                tokio::time::Instant::now() + wait
+            });
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut *shutdown => {
+                    let _ = sink.close().await;
+                    return Exit::Shutdown;
+                }
+                frame = stream.next() => match frame {
+                    None => return Exit::Lost("the relay closed the connection".into()),
+                    Some(Err(e)) => return Exit::Lost(format!("read: {e}")),
+                    Some(Ok(Message::Binary(b))) => match decode_from_relay(&b) {
+                        Ok(m) => { let now = self.now(); self.node.handle(m, now) }
+                        Err(e) => tracing::warn!(error = %e, "undecodable frame from the relay (ignored)"),
+                    },
+                    Some(Ok(Message::Close(f))) => {
+                        return Exit::Lost(format!("closed by the relay: {f:?}"));
+                    }
+                    Some(Ok(_)) => {}
+                },
+                Some((req, res)) = self.compute_rx.recv() => {
+                    self.node.compute_done(req, res);
+                }
+                Some(plan) = self.plan_rx.recv() => {
+                    self.syncing = false;
+                    match plan {
+                        Ok(p) => self.apply(p),
+                        Err(e) => tracing::warn!(error = %e, "resync failed"),
+                    }
+                }
+                _ = sleep => { let now = self.now(); self.node.handle_timeout(now) }
+                _ = tick.tick() => self.log_status(),
+            }
+        }
+    }
+}
+
+/// Run a node until `shutdown` completes. Errors only for what retrying
+/// cannot fix (bad URL, unusable data dir or key); a relay that is away is
+/// retried with backoff.
+pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<PeerReport> {
+    let base = http_base(&cfg.relay)?;
+    let ws_url = ws_url(&cfg.relay)?;
+    std::fs::create_dir_all(&cfg.data)
+        .with_context(|| format!("creating {}", cfg.data.display()))?;
+    let key_path = cfg.key.clone().unwrap_or_else(|| cfg.data.join(KEY_FILE));
+    let key = load_or_create_key(&key_path)?;
+    let globs = if cfg.experts.is_empty() {
+        vec![ALL_EXPERTS.to_string()]
+    } else {
+        cfg.experts.clone()
+    };
+    let node = PeerNode::new(
+        key,
+        NodeConfig {
+            serve_compute: cfg.serve_compute,
+            max_in_flight: cfg.max_in_flight.max(1),
+            ..NodeConfig::default()
+        },
+    );
+    let (compute_tx, compute_rx) = mpsc::unbounded_channel();
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let mut d = Driver {
+        status: PeerStatus {
+            id: hex::encode(node.id()),
+            ..PeerStatus::default()
+        },
+        cfg,
+        base,
+        ws_url,
+        globs,
+        node,
+        start: Instant::now(),
+        config: None,
+        slots: HashMap::new(),
+        pending: HashMap::new(),
+        weights: Arc::default(),
+        compute_tx,
+        compute_rx,
+        plan_tx,
+        plan_rx,
+        syncing: false,
+    };
+    tracing::info!(id = %d.status.id, relay = %d.ws_url, globs = ?d.globs, "starting node");
+    d.publish();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        // Headers first (the relay may have changed while we were away).
+        let (base, globs, dir, held) = (
+            d.base.clone(),
+            d.globs.clone(),
+            d.cfg.data.clone(),
+            d.status.held.clone(),
+        );
+        let synced = tokio::select! {
+            _ = &mut shutdown => break,
+            r = tokio::task::spawn_blocking(move || sync(&base, &globs, &dir, &held)) => {
+                r.map_err(|e| anyhow!("sync task: {e}")).and_then(|r| r)
+            }
+        };
+        let exit = match synced {
+            Ok(plan) => {
+                d.apply(plan);
+                let logins = d.node.stats().logins;
+                let exit = d.session(&mut shutdown).await;
+                d.node.disconnected(d.now());
+                if d.node.stats().logins > logins {
+                    backoff = BACKOFF_MIN;
+                }
+                exit
+            }
+            Err(e) => Exit::Lost(format!("header sync: {e:#}")),
+        };
+        d.publish();
+        match exit {
+            Exit::Shutdown => break,
+            Exit::Lost(why) => {
+                tracing::warn!(reason = %why, retry_in = ?backoff, "relay connection lost; reconnecting");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    d.node.disconnected(d.now());
+    d.publish();
+    d.log_status();
+    Ok(d.status)
+}
+
+/// `aiblock peer`: run until Ctrl-C.
+pub fn cli(a: &PeerArgs) -> Result<()> {
+    let mut cfg = PeerConfig::new(a.relay.clone(), a.data.clone());
+    cfg.experts = a.experts.as_deref().map(parse_globs).unwrap_or_default();
+    cfg.serve_compute = a.serve_compute;
+    cfg.key = a.key.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(run(cfg, async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("Ctrl-C: shutting down");
+    }))?;
+    println!(
+        "held {} blocks; served {} bytes; received {} bytes",
+        report.held.len(),
+        report.stats.bytes_served,
+        report.stats.total_received()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_slot_names() {
+        assert!(glob_match("layer0.*", "layer0.expert3"));
+        assert!(glob_match("layer0.*", "layer0.router"));
+        assert!(!glob_match("layer0.*", "layer1.expert3"));
+        assert!(!glob_match("layer0.*", "layer10.expert3"));
+        assert!(glob_match("layer*.expert*", "layer12.expert7"));
+        assert!(!glob_match("layer*.expert*", "layer1.router"));
+        assert!(glob_match("*", "shared"));
+        assert!(glob_match("layer?.expert1", "layer3.expert1"));
+        assert!(!glob_match("layer?.expert1", "layer13.expert1"));
+        assert!(glob_match("*.expert3", "layer0.expert3"));
+        assert!(!glob_match("*.expert3", "layer0.expert31"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(!glob_match("", "x"));
+        assert!(glob_match("", ""));
+        assert_eq!(
+            parse_globs(" layer0.*, layer1.* ,,"),
+            vec!["layer0.*".to_string(), "layer1.*".to_string()]
+        );
+    }
+
+    #[test]
+    fn http_base_and_ws_url_come_from_the_relay_url() {
+        assert_eq!(
+            http_base("ws://127.0.0.1:8080/ws").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            http_base("wss://relay.example/ws").unwrap(),
+            "https://relay.example"
+        );
+        assert_eq!(ws_url("ws://h:1/ws").unwrap(), "ws://h:1/ws");
+        assert_eq!(ws_url("http://h:1").unwrap(), "ws://h:1/ws");
+        assert_eq!(ws_url("https://h:1/").unwrap(), "wss://h:1/ws");
+        assert!(http_base("ftp://x/ws").is_err());
+        assert!(http_base("nonsense").is_err());
+        assert!(http_base("ws:///ws").is_err());
+    }
+
+    #[test]
+    fn the_key_is_created_once_with_mode_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("k/peer.key");
+        let a = load_or_create_key(&p).unwrap();
+        let b = load_or_create_key(&p).unwrap();
+        assert_eq!(a.to_bytes(), b.to_bytes());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn stored_payloads_are_written_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = BlockHash([5; 32]);
+        store_payload(tmp.path(), &h, b"abc").unwrap();
+        assert_eq!(std::fs::read(payload_path(tmp.path(), &h)).unwrap(), b"abc");
+        let names: Vec<_> = std::fs::read_dir(tmp.path().join(PAYLOAD_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temp file left: {names:?}");
+    }
 }
