@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash, ChainId, Dag};
+use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash, ChainId};
 use web_node::model::reference::expert_forward;
 use web_node::model::{Config, ExpertWeights, Slot};
 use web_node::net::api::{BlockInfo, ChunkList};
@@ -324,14 +324,29 @@ fn sync(
             if let Ok(b) = info.to_block() {
                 listed.insert(info.hash, b);
             }
-            fetched.push(FetchedBlock::from_listing(&info, chain));
+            let mut f = FetchedBlock::from_listing(&info, chain);
+            // Meta payloads are small and carry the config every chain-B
+            // header is checked against: verified with their headers.
+            if chain == ChainId::A {
+                f.payload = Some(
+                    rest_get(
+                        &agent,
+                        &format!("{base}/blocks/{}/payload", info.hash),
+                        MAX_META_BYTES,
+                    )
+                    .map_err(|e| format!("{e:#}")),
+                );
+            }
+            fetched.push(f);
         }
     }
     let (report, dag) = verify_chain_dag(&fetched);
     if report.failed > 0 {
+        let first = report.blocks.iter().find_map(|r| r.error.clone());
         tracing::warn!(
             failed = report.failed,
             verified = report.verified,
+            first = ?first,
             "some listed blocks failed header verification (ignored)"
         );
     }
@@ -339,7 +354,10 @@ fn sync(
         .latest_meta()
         .ok_or_else(|| anyhow!("the relay's chain has no verified model (chain-A meta block)"))?;
     let meta_hash = meta.hash;
-    let config = meta_config(&agent, base, &dag, &meta_hash)?;
+    let config = meta
+        .config
+        .clone()
+        .ok_or_else(|| anyhow!("meta block {meta_hash} has no verified config"))?;
     let mut wanted = Vec::new();
     for (name, hash) in dag.slot_heads(&meta_hash) {
         if !globs.iter().any(|g| glob_match(g, &name)) {
@@ -368,24 +386,6 @@ fn sync(
         loaded,
         dropped_files,
     })
-}
-
-/// The config of a meta block, from its payload checked against the verified header.
-fn meta_config(agent: &ureq::Agent, base: &str, dag: &Dag, meta: &BlockHash) -> Result<Config> {
-    let entry = dag
-        .get(meta)
-        .ok_or_else(|| anyhow!("meta block {meta} is not verified"))?;
-    let payload = rest_get(
-        agent,
-        &format!("{base}/blocks/{meta}/payload"),
-        MAX_META_BYTES,
-    )?;
-    check_payload_integrity(&entry.header, &payload)
-        .with_context(|| format!("payload of meta block {meta}"))?;
-    let (_, config) = validate_payload(&entry.header, &payload, None)
-        .with_context(|| format!("payload of meta block {meta}"))?
-        .ok_or_else(|| anyhow!("meta block {meta} has no config"))?;
-    Ok(config)
 }
 
 // ------------------------------------------------------------- payload files
@@ -483,6 +483,9 @@ struct Driver {
     compute_rx: mpsc::UnboundedReceiver<(ComputeReq, Result<Vec<f32>, String>)>,
     plan_tx: mpsc::UnboundedSender<Result<Plan>>,
     plan_rx: mpsc::UnboundedReceiver<Result<Plan>>,
+    /// Payloads written to the data dir (or why not).
+    stored_tx: mpsc::UnboundedSender<(BlockHash, String, Result<()>)>,
+    stored_rx: mpsc::UnboundedReceiver<(BlockHash, String, Result<()>)>,
     syncing: bool,
 }
 
@@ -639,13 +642,12 @@ impl Driver {
             NodeEvent::BlockComplete { hash, payload } => {
                 let name = self.status.wanted.get(&hash).cloned().unwrap_or_default();
                 tracing::info!(slot = %name, block = %hash, bytes = payload.len(), "payload verified and held");
-                self.status.held.insert(hash, name);
                 self.pending.remove(&hash);
                 let dir = self.cfg.data.clone();
+                let tx = self.stored_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = store_payload(&dir, &hash, &payload) {
-                        tracing::error!(block = %hash, error = %e, "storing the payload failed");
-                    }
+                    let r = store_payload(&dir, &hash, &payload);
+                    let _ = tx.send((hash, name, r));
                 });
             }
             NodeEvent::FetchFailed { hash, reason } => {
@@ -829,6 +831,16 @@ impl Driver {
                 Some((req, res)) = self.compute_rx.recv() => {
                     self.node.compute_done(req, res);
                 }
+                Some((hash, name, r)) = self.stored_rx.recv() => {
+                    match r {
+                        Ok(()) => tracing::info!(slot = %name, block = %hash, "payload stored"),
+                        Err(e) => tracing::error!(block = %hash, error = %e, "storing the payload failed (held in memory)"),
+                    }
+                    // Held once it is also on disk (or could not be put there).
+                    if self.node.is_held(&hash) {
+                        self.status.held.insert(hash, name);
+                    }
+                }
                 Some(plan) = self.plan_rx.recv() => {
                     self.syncing = false;
                     match plan {
@@ -868,6 +880,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
     );
     let (compute_tx, compute_rx) = mpsc::unbounded_channel();
     let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let (stored_tx, stored_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
         status: PeerStatus {
             id: hex::encode(node.id()),
@@ -887,6 +900,8 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
         compute_rx,
         plan_tx,
         plan_rx,
+        stored_tx,
+        stored_rx,
         syncing: false,
     };
     tracing::info!(id = %d.status.id, relay = %d.ws_url, globs = ?d.globs, "starting node");

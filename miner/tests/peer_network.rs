@@ -1,0 +1,485 @@
+//! Native nodes (`miner::peer::run`, and the real `aiblock peer` binary)
+//! on a real relay (the relay library on 127.0.0.1, in process): blocks
+//! shared node to node through the relay, verified; a relay restart with
+//! nodes that reconnect and resume an interrupted fetch; a node restarted on
+//! its data dir; a corrupt payload file dropped and fetched again.
+//!
+//! The waits below are bounded only so that a broken build fails instead of
+//! hanging; no assertion depends on how fast anything is.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay::server::limits::Rate;
+use relay::server::ServeConfig;
+use relay::ServeOptions;
+use tokio::sync::watch;
+use web_node::chain::BlockHash;
+use web_node::model::random::{small_config, write_random_model};
+use web_node::net::api::BlockInfo;
+use web_node::node::{NodeEvent, Source};
+
+use miner::peer::{PeerConfig, PeerReport, PeerStatus};
+
+/// Bound on every wait (see the module docs).
+const WAIT: Duration = Duration::from_secs(180);
+
+/// A random model whose experts span two 256 KiB chunks (hidden 64,
+/// intermediate 512: three 64×512 f32 matrices, ~393 KB).
+fn model_dir(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    write_random_model(&m, &small_config(259, 64, 512, 2, 2, 1), 11).unwrap();
+    m
+}
+
+/// A relay serving in this process; `stop` releases its store so that
+/// another can open the same data dir.
+struct Relay {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// On `port` (0: any free one).
+    fn start(data: &Path, model: &Path, port: u16) -> Self {
+        let cfg = ServeConfig {
+            data_dir: data.to_path_buf(),
+            web_dir: None,
+            model_dir: Some(model.to_path_buf()),
+        };
+        let state = relay::open_relay(&cfg).unwrap().with_options(|o| {
+            o.ip_rate = Rate {
+                burst: 1_000_000,
+                per_minute: 1_000_000,
+            };
+            o.key_rate = o.ip_rate;
+        });
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                let l = relay::server::conn::bind(addr, 1024).unwrap();
+                addr_tx.send(l.local_addr().unwrap()).unwrap();
+                relay::serve(
+                    l,
+                    relay::app(Arc::new(state)),
+                    ServeOptions::default(),
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+            });
+            // Dropping the runtime ends every connection task and the store.
+            rt.shutdown_timeout(Duration::from_secs(5));
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    serde_json::from_slice(&get_bytes(url)).unwrap()
+}
+
+fn get_bytes(url: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut ureq::get(url).call().unwrap().into_reader(), &mut v).unwrap();
+    v
+}
+
+/// `GET /p2p/stats`.
+fn relay_stats(r: &Relay) -> serde_json::Value {
+    get_json(&format!("{}/p2p/stats", r.http()))
+}
+
+fn counter(v: &serde_json::Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {v}"))
+}
+
+/// The current head of a slot.
+fn head(r: &Relay, name: &str) -> BlockInfo {
+    let b: Vec<BlockInfo> = get_json(&format!("{}/chain/B/blocks", r.http()));
+    b.into_iter()
+        .find(|i| i.is_head && i.name == name)
+        .unwrap_or_else(|| panic!("no head for {name}"))
+}
+
+/// A node running `miner::peer::run` on its own runtime.
+struct Node {
+    status: watch::Receiver<PeerStatus>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<PeerReport>>>,
+}
+
+impl Node {
+    fn start(mut cfg: PeerConfig) -> Self {
+        let (tx, status) = watch::channel(PeerStatus::default());
+        cfg.status = Some(tx);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(miner::peer::run(cfg, async move {
+                let _ = stop_rx.await;
+            }))
+        });
+        Self {
+            status,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn status(&self) -> PeerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Wait until `f` holds for the node's status.
+    fn wait(&self, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < WAIT,
+                "gave up waiting for {what}; status: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_complete(&self) -> PeerStatus {
+        self.wait("every wanted block held", |s| s.logged_in && s.complete())
+    }
+
+    fn stop(mut self) -> PeerReport {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.thread.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn node_cfg(r: &Relay, data: &Path, globs: &[&str]) -> PeerConfig {
+    let mut c = PeerConfig::new(r.ws(), data);
+    c.experts = globs.iter().map(|s| s.to_string()).collect();
+    c
+}
+
+fn payload_file(data: &Path, h: &BlockHash) -> PathBuf {
+    data.join("payloads").join(format!("{}.bin", h.to_hex()))
+}
+
+#[test]
+fn a_node_gets_an_expert_that_only_another_node_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let slot = "layer1.expert3";
+    let info = head(&relay, slot);
+    let chunks = info.payload_len.div_ceil(u64::from(info.chunk_size));
+    assert!(chunks >= 2, "the test wants a multi-chunk expert");
+
+    // A fetches it first: only the relay's store has it.
+    let a = Node::start(node_cfg(&relay, &tmp.path().join("a"), &[slot]));
+    let sa = a.wait_complete();
+    assert_eq!(sa.held.values().collect::<Vec<_>>(), vec![slot]);
+    assert_eq!(sa.stats.bytes_received[&Source::Relay], info.payload_len);
+    // The relay knows A holds it before B asks.
+    let a_id = sa.id.clone();
+    let t0 = Instant::now();
+    loop {
+        let nodes: serde_json::Value = get_json(&format!("{}/p2p/nodes", relay.http()));
+        if nodes.to_string().contains(&info.hash.to_hex()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "the relay never listed A's block: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = relay_stats(&relay);
+
+    // B gets it from A, through the relay, and verifies it.
+    let b = Node::start(node_cfg(&relay, &tmp.path().join("b"), &[slot]));
+    let sb = b.wait_complete();
+    let after = relay_stats(&relay);
+    assert_eq!(
+        counter(&after, "chunks_from_store"),
+        counter(&before, "chunks_from_store"),
+        "the relay's store served none of it"
+    );
+    assert_eq!(
+        counter(&after, "chunks_from_peers") - counter(&before, "chunks_from_peers"),
+        chunks
+    );
+    assert_eq!(
+        after["per_peer"][&a_id]["chunks_served"].as_u64(),
+        Some(chunks)
+    );
+    let mut a_key = [0u8; 32];
+    hex::decode_to_slice(&a_id, &mut a_key).unwrap();
+    assert_eq!(
+        sb.stats.bytes_received[&Source::Peer(a_key)],
+        info.payload_len
+    );
+    assert_eq!(sb.stats.total_received(), info.payload_len);
+    assert_eq!(sb.stats.total_bad(), 0);
+    // Stored, and byte for byte the relay's payload.
+    let want = get_bytes(&format!("{}/blocks/{}/payload", relay.http(), info.hash));
+    assert_eq!(
+        std::fs::read(payload_file(&tmp.path().join("b"), &info.hash)).unwrap(),
+        want
+    );
+    let ra = a.stop();
+    assert_eq!(ra.stats.bytes_served, info.payload_len);
+    assert_eq!(ra.stats.chunks_served, chunks);
+    b.stop();
+}
+
+#[test]
+fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let rdata = tmp.path().join("relay");
+    let mut relay = Relay::start(&rdata, &model, 0);
+    let port = relay.addr.port();
+    let slot = "layer0.expert6";
+    let info = head(&relay, slot);
+    assert!(info.payload_len > u64::from(info.chunk_size));
+
+    let a = Node::start(node_cfg(&relay, &tmp.path().join("a"), &[slot]));
+    a.wait_complete();
+
+    // B asks one chunk at a time and stops (in its event hook) after the
+    // first one arrived, while the relay restarts.
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
+    let gate = Mutex::new(Some((reached_tx, resume_rx)));
+    let target = info.hash;
+    let mut cfg = node_cfg(&relay, &tmp.path().join("b"), &[slot]);
+    cfg.max_in_flight = 1;
+    cfg.on_event = Some(Arc::new(move |ev: &NodeEvent| {
+        if let NodeEvent::Progress { hash, received, of } = ev {
+            if *hash == target && *received == 1 && *of > 1 {
+                if let Some((reached, resume)) = gate.lock().unwrap().take() {
+                    reached.send(()).unwrap();
+                    resume.recv().unwrap();
+                }
+            }
+        }
+    }));
+    let b = Node::start(cfg);
+    reached_rx.recv_timeout(WAIT).unwrap();
+    relay.stop();
+    resume_tx.send(()).unwrap();
+    // B and A lose the relay.
+    b.wait("B to notice the relay is gone", |s| !s.logged_in);
+    a.wait("A to notice the relay is gone", |s| !s.logged_in);
+    assert!(
+        !b.status().held.contains_key(&target),
+        "the fetch was interrupted"
+    );
+
+    // Same data dir, same port: both log in again; B's fetch completes.
+    let relay = Relay::start(&rdata, &model, port);
+    let sb = b.wait_complete();
+    let sa = a.wait("A to log in again", |s| s.logged_in);
+    assert!(sb.stats.logins >= 2 && sa.stats.logins >= 2);
+    // Only the missing chunk was fetched after the restart.
+    assert_eq!(sb.stats.total_received(), info.payload_len);
+    let want = get_bytes(&format!("{}/blocks/{}/payload", relay.http(), info.hash));
+    assert_eq!(
+        std::fs::read(payload_file(&tmp.path().join("b"), &info.hash)).unwrap(),
+        want
+    );
+    // The relay lists both as online holders again.
+    let stats = relay_stats(&relay);
+    assert!(counter(&stats, "peers_online") >= 2, "{stats}");
+}
+
+#[test]
+fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let data = tmp.path().join("n");
+    let globs = ["layer0.expert1", "layer0.expert2", "layer1.expert*"];
+
+    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let first = n.wait_complete();
+    let report = n.stop();
+    let held = first.held.len();
+    assert_eq!(held, 2 + 8);
+    assert!(report.stats.total_received() > 0);
+
+    // Again on the same dir: everything is loaded and verified from disk.
+    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let s = n.wait_complete();
+    let r = n.stop();
+    assert_eq!(s.loaded_from_disk, held as u64);
+    assert_eq!(r.stats.total_received(), 0, "nothing downloaded again");
+    assert_eq!(r.stats.logins, 1);
+
+    // One file corrupted, one stale file, one temp file left by a crash.
+    let victim = head(&relay, "layer1.expert5");
+    let path = payload_file(&data, &victim.hash);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let stale = payload_file(&data, &BlockHash([7; 32]));
+    std::fs::write(&stale, b"old").unwrap();
+    let temp = data.join("payloads").join(".abc.1.tmp");
+    std::fs::write(&temp, b"half").unwrap();
+
+    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let s = n.wait_complete();
+    let r = n.stop();
+    assert_eq!(s.dropped_files, 3);
+    assert_eq!(s.loaded_from_disk, held as u64 - 1);
+    assert_eq!(
+        r.stats.total_received(),
+        victim.payload_len,
+        "only the corrupt one again"
+    );
+    assert!(!stale.exists() && !temp.exists());
+    let want = get_bytes(&format!("{}/blocks/{}/payload", relay.http(), victim.hash));
+    assert_eq!(std::fs::read(&path).unwrap(), want);
+}
+
+#[test]
+fn the_aiblock_peer_binary_logs_in_and_holds_its_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let info = head(&relay, "layer1.expert0");
+    let data = tmp.path().join("node");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aiblock"))
+        .args([
+            "peer",
+            "--relay",
+            &relay.ws(),
+            "--data",
+            data.to_str().unwrap(),
+            "--experts",
+            "layer1.expert0",
+            "--serve-compute",
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let mut logged_in = false;
+    let mut held = false;
+    let t0 = Instant::now();
+    while !(logged_in && held) {
+        let left = WAIT.saturating_sub(t0.elapsed());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!(
+                "aiblock peer did not log in and hold its block:\n{}",
+                log.join("\n")
+            );
+        };
+        logged_in |= line.contains("logged in");
+        held |= line.contains("payload stored") && line.contains("layer1.expert0");
+        log.push(line);
+    }
+    let key = std::fs::read_to_string(data.join("peer.key")).unwrap();
+    assert_eq!(key.trim().len(), 64, "a hex key was created");
+    // The relay sees it online, holding the block.
+    let t0 = Instant::now();
+    loop {
+        let nodes: serde_json::Value = get_json(&format!("{}/p2p/nodes", relay.http()));
+        if nodes.to_string().contains(&info.hash.to_hex()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "the relay never listed the node's block: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let want = get_bytes(&format!("{}/blocks/{}/payload", relay.http(), info.hash));
+    assert_eq!(
+        std::fs::read(payload_file(&data, &info.hash)).unwrap(),
+        want
+    );
+}
