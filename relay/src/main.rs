@@ -114,6 +114,12 @@ struct Serve {
     /// Open connections per client IP.
     #[arg(long, default_value_t = limits::MAX_CONNECTIONS_PER_IP)]
     max_connections_per_ip: usize,
+    /// Peer (/ws WebSocket) connections per client IP.
+    #[arg(long, default_value_t = web_node::net::peer::limits::CONNS_PER_IP)]
+    max_conns_per_ip: usize,
+    /// Peer (/ws WebSocket) connections in total.
+    #[arg(long, default_value_t = web_node::net::peer::limits::MAX_CONNS)]
+    max_peer_conns: usize,
     /// Listen backlog (Linux caps it at net.core.somaxconn).
     #[arg(long, default_value_t = limits::LISTEN_BACKLOG)]
     backlog: u32,
@@ -232,7 +238,15 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("quality gate off: every valid block is accepted");
         state
     };
+    let state = state.with_peer_options(relay::peers::PeerOptions {
+        max_conns_per_ip: a.max_conns_per_ip.max(1),
+        max_conns: a.max_peer_conns.max(1),
+        ..relay::peers::PeerOptions::default()
+    });
     let state = Arc::new(state);
+    // Usage counters flushed every second, rewards paid every hour.
+    relay::rewards::spawn_background(&state);
+    let usage = state.usage.clone();
     if !a.no_scrub {
         let store = state.store.clone();
         tokio::task::spawn_blocking(move || match store.scrub() {
@@ -263,6 +277,17 @@ async fn main() -> anyhow::Result<()> {
         max_connections_per_ip: a.max_connections_per_ip,
         backlog: a.backlog,
     };
-    relay::serve(listener, relay::app(state), opts, shutdown_signal()).await?;
+    let peers = state.peers.clone();
+    let stop_peers = peers.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Peers are told and closed while HTTP connections drain.
+        stop_peers.shutdown();
+    };
+    relay::serve(listener, relay::app(state), opts, shutdown).await?;
+    peers.drain(limits::SHUTDOWN_GRACE).await;
+    if let Err(e) = usage.flush() {
+        tracing::error!(error = %e, "usage counters not written at shutdown");
+    }
     Ok(())
 }

@@ -1,41 +1,620 @@
 //! The relay as coordinator: `/ws` peers (login, registry, chunk routing,
 //! remote expert computation) and the seed's `/p2p/*` endpoints.
+//!
+//! * [`route`]: the sans-IO core (registry, chunk routing with the relay's
+//!   own hash check, bans, compute bookkeeping): events in, [`Action`]s out.
+//! * `ws`: `GET /ws`, one actor per connection (login, then `select!` over
+//!   shutdown / kill / outbound queue / inbound frames / ping); thin: it
+//!   decodes frames, calls the core and executes its actions.
+//! * [`p2p`]: `POST /p2p/register`, `GET /p2p/nodes`, `DELETE /p2p/nodes/{id}`,
+//!   `GET /p2p/stats`.
+//! * [`stats`]: the counters ([`Peers::stats`]).
+//!
+//! [`Peers`] ties them together: the core behind a mutex (never held across
+//! an await), each connection's bounded outbound queue, the connection caps,
+//! a timer task for chunk deadlines, and [`ExpertCompute`] for `/chat/distributed`.
 
+pub mod p2p;
+pub mod route;
+pub mod stats;
+mod ws;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use axum::routing::{delete, get, post};
 use axum::Router;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use web_node::chain::{Block, BlockHash};
+use web_node::net::peer::{codes, limits, FromRelay, PeerId};
+use web_node::store::BlockStore as _;
 
+use crate::compute::{ComputeAnswer, ComputeFailure, ComputeFuture, ExpertCompute};
 use crate::server::SharedState;
+use crate::store::FileStore;
 
-/// Options of the peer layer.
+pub use route::{Action, ChunkInfo, ComputeOutcome, ConnId, Core, PeerView, RouteConfig};
+pub use stats::{Counters, PeerCounters, PeerStats};
+
+/// How often the timer task checks chunk deadlines and silent peers.
+pub const TIMER_TICK: Duration = Duration::from_millis(50);
+/// Chunk-hash entries kept in the chunk-list cache (32 bytes each: 32 MiB);
+/// past it the cache is emptied and refilled from the store.
+pub const CHUNK_CACHE_HASHES: usize = 1 << 20;
+/// How long closing a connection may spend writing its last error and
+/// close frame.
+pub const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The WebSocket read buffer of one connection (a frame larger than it is
+/// read into a buffer of its own size, up to the message limit): small, so
+/// an idle peer costs little memory.
+pub const READ_BUFFER: usize = 8 * 1024;
+/// Protocol version sent in `Challenge`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Options of the peer layer (defaults: [`limits`]).
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
     /// WebSocket connections from one IP address.
     pub max_conns_per_ip: usize,
     /// WebSocket connections in total.
     pub max_conns: usize,
+    /// Time from upgrade to a valid `Login`.
+    pub login_timeout: Duration,
+    /// WebSocket ping interval.
+    pub ping_interval: Duration,
+    /// A connection silent this long (no frame, no pong) is dropped.
+    pub idle_timeout: Duration,
+    /// One frame's write may take this long; then the peer is dropped.
+    pub write_timeout: Duration,
+    /// Time a holder has to answer `ServeChunk`.
+    pub chunk_timeout: Duration,
+    /// Time a compute peer has to answer `Compute`.
+    pub compute_timeout: Duration,
+    /// Messages per second per connection (token bucket) and burst.
+    pub msgs_per_sec: u32,
+    pub msgs_burst: u32,
+    /// Bad chunks that get a peer banned, and the first ban (doubling).
+    pub bad_chunks_to_ban: u32,
+    pub ban_base: Duration,
+    /// The first compute backoff of a failing peer (doubling).
+    pub compute_backoff_base: Duration,
+    /// Holders asked for one chunk before the relay's store answers.
+    pub max_holder_tries: usize,
 }
 
 impl Default for PeerOptions {
     fn default() -> Self {
+        let r = RouteConfig::default();
         Self {
-            max_conns_per_ip: web_node::net::peer::limits::CONNS_PER_IP,
-            max_conns: web_node::net::peer::limits::MAX_CONNS,
+            max_conns_per_ip: limits::CONNS_PER_IP,
+            max_conns: limits::MAX_CONNS,
+            login_timeout: limits::LOGIN_TIMEOUT,
+            ping_interval: limits::PING_INTERVAL,
+            idle_timeout: limits::IDLE_TIMEOUT,
+            write_timeout: limits::WRITE_TIMEOUT,
+            chunk_timeout: limits::CHUNK_TIMEOUT,
+            compute_timeout: limits::COMPUTE_TIMEOUT,
+            msgs_per_sec: limits::PEER_MSGS_PER_SEC,
+            msgs_burst: limits::PEER_MSGS_BURST,
+            bad_chunks_to_ban: r.bad_chunks_to_ban,
+            ban_base: r.ban_base,
+            compute_backoff_base: r.compute_backoff_base,
+            max_holder_tries: r.max_holder_tries,
         }
     }
 }
 
-/// The peer registry and everything routed through it.
+impl PeerOptions {
+    fn route_config(&self) -> RouteConfig {
+        RouteConfig {
+            chunk_timeout: self.chunk_timeout,
+            max_holder_tries: self.max_holder_tries,
+            bad_chunks_to_ban: self.bad_chunks_to_ban,
+            ban_base: self.ban_base,
+            compute_backoff_base: self.compute_backoff_base,
+            // The actor drops a silent peer first; the core's sweep is a backstop.
+            idle_timeout: self.idle_timeout.saturating_mul(2),
+            ..RouteConfig::default()
+        }
+    }
+}
+
+/// Tells a connection's actor to close (with an error for the peer).
 #[derive(Debug, Default)]
+struct Kill {
+    notify: Notify,
+    reason: Mutex<Option<(&'static str, String)>>,
+}
+
+impl Kill {
+    fn fire(&self, code: &'static str, message: String) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert((code, message));
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<(&'static str, String)> {
+        self.reason.lock().ok().and_then(|mut r| r.take())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ConnHandle {
+    tx: mpsc::Sender<FromRelay>,
+    kill: Arc<Kill>,
+}
+
+#[derive(Debug, Default)]
+struct ConnTable {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds one WebSocket connection's place under the caps.
+#[derive(Debug)]
+pub struct ConnGuard {
+    peers: Weak<Peers>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.peers.upgrade() {
+            if let Ok(mut t) = p.conns.lock() {
+                t.total = t.total.saturating_sub(1);
+                if let Some(n) = t.per_ip.get_mut(&self.ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        t.per_ip.remove(&self.ip);
+                    }
+                }
+            }
+            Counters::dec(&p.counters.connections_open);
+        }
+    }
+}
+
+#[derive(Default)]
+struct ChunkCache {
+    map: HashMap<BlockHash, Arc<ChunkInfo>>,
+    hashes: usize,
+}
+
+/// The peer registry and everything routed through it.
 pub struct Peers {
     pub opts: PeerOptions,
+    counters: Arc<Counters>,
+    core: Mutex<Core>,
+    handles: Mutex<HashMap<ConnId, ConnHandle>>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<ComputeOutcome>>>,
+    conns: Mutex<ConnTable>,
+    cache: Mutex<ChunkCache>,
+    store: OnceLock<Arc<FileStore>>,
+    next_conn: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    timer: OnceLock<()>,
+    /// This registry's own `Arc` (set by [`Peers::attach_store`]), for the
+    /// tasks it spawns.
+    this: OnceLock<Weak<Peers>>,
+    /// `POST /p2p/register` entries.
+    pub(crate) registry: p2p::Registry,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("opts", &self.opts)
+            .field("stats", &self.counters.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self::new(PeerOptions::default())
+    }
 }
 
 impl Peers {
     pub fn new(opts: PeerOptions) -> Self {
-        Self { opts }
+        let counters = Arc::new(Counters::default());
+        Self {
+            core: Mutex::new(Core::new(opts.route_config(), counters.clone())),
+            counters,
+            handles: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            conns: Mutex::new(ConnTable::default()),
+            cache: Mutex::new(ChunkCache::default()),
+            store: OnceLock::new(),
+            next_conn: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
+            timer: OnceLock::new(),
+            this: OnceLock::new(),
+            registry: p2p::Registry::default(),
+            opts,
+        }
+    }
+
+    /// The store chunks fall back to (set by [`crate::AppState`], which
+    /// holds the registry in an `Arc`).
+    pub fn attach_store(self: &Arc<Self>, store: Arc<FileStore>) {
+        let _ = self.store.set(store);
+        let _ = self.this.set(Arc::downgrade(self));
+    }
+
+    /// A copy of every counter.
+    pub fn stats(&self) -> PeerStats {
+        self.counters.snapshot()
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock would be a bug; keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logged-in peers, sorted by id.
+    pub fn views(&self) -> Vec<PeerView> {
+        self.core().views(Instant::now())
+    }
+
+    /// Logged-in peers announcing `block`.
+    pub fn holders_of(&self, block: &BlockHash) -> Vec<PeerId> {
+        self.core().holders_of(block)
+    }
+
+    /// Until when a peer is banned (None: not banned).
+    pub fn banned_for(&self, id: &PeerId) -> Option<Duration> {
+        let now = Instant::now();
+        self.core()
+            .banned_until(id, now)
+            .map(|u| u.saturating_duration_since(now))
+    }
+
+    /// Close a logged-in peer's connection (with `Error{code, message}`).
+    pub fn disconnect(&self, id: &PeerId, code: &'static str, message: &str) {
+        let conn = self.core().conn_of(id);
+        if let Some(conn) = conn {
+            self.kill(conn, code, message.to_string());
+        }
+    }
+
+    /// Close every connection (the relay is shutting down) and refuse new ones.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Wait (up to `grace`) until every WebSocket connection has closed.
+    pub async fn drain(&self, grace: Duration) {
+        let end = tokio::time::Instant::now() + grace;
+        while self.conns.lock().map(|t| t.total).unwrap_or(0) > 0
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Take a place under the connection caps (before the upgrade).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, String> {
+        if self.is_shutting_down() {
+            return Err("the relay is shutting down".into());
+        }
+        let mut t = self
+            .conns
+            .lock()
+            .map_err(|_| "connection table unavailable".to_string())?;
+        if t.total >= self.opts.max_conns {
+            return Err(format!(
+                "the relay holds its maximum of {} peer connections; retry later",
+                self.opts.max_conns
+            ));
+        }
+        let n = t.per_ip.entry(ip).or_insert(0);
+        if *n >= self.opts.max_conns_per_ip {
+            return Err(format!(
+                "too many peer connections from {ip} (at most {}); retry later",
+                self.opts.max_conns_per_ip
+            ));
+        }
+        *n += 1;
+        t.total += 1;
+        drop(t);
+        Counters::inc(&self.counters.connections_open);
+        self.ensure_timer();
+        Ok(ConnGuard {
+            peers: Arc::downgrade(self),
+            ip,
+        })
+    }
+
+    fn ensure_timer(self: &Arc<Self>) {
+        self.timer.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            let mut stop = self.shutdown.subscribe();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TIMER_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+                    }
+                    let Some(p) = weak.upgrade() else { break };
+                    let acts = p.core().handle_timeout(Instant::now());
+                    p.apply(acts);
+                }
+            });
+        });
+    }
+
+    fn next_conn(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Execute the core's actions (never blocks: queues are `try_send`).
+    fn apply(&self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { conn, msg } => {
+                    self.send(conn, msg);
+                }
+                Action::Close {
+                    conn,
+                    code,
+                    message,
+                } => self.kill(conn, code, message),
+                Action::ReadStore { job, info, index } => self.read_store(job, info, index),
+                Action::ComputeDone { req, outcome } => {
+                    let w = self.waiters.lock().ok().and_then(|mut w| w.remove(&req));
+                    if let Some(w) = w {
+                        let _ = w.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&self, conn: ConnId) -> Option<ConnHandle> {
+        self.handles.lock().ok()?.get(&conn).cloned()
+    }
+
+    /// Queue a message; a full queue means the peer does not read: drop it.
+    fn send(&self, conn: ConnId, msg: FromRelay) -> bool {
+        let Some(h) = self.handle(conn) else {
+            return false;
+        };
+        match h.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Counters::inc(&self.counters.dropped_slow);
+                h.kill.fire(
+                    codes::UNAVAILABLE,
+                    format!(
+                        "dropped: {} messages queued and not read",
+                        limits::OUTBOUND_QUEUE
+                    ),
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn kill(&self, conn: ConnId, code: &'static str, message: String) {
+        if let Some(h) = self.handle(conn) {
+            h.kill.fire(code, message);
+        }
+    }
+
+    fn read_store(&self, job: u64, info: Arc<ChunkInfo>, index: u32) {
+        let Some(peers) = self.this.get().and_then(Weak::upgrade) else {
+            let acts = self
+                .core()
+                .store_read(job, Err("the relay has no store attached".into()));
+            self.apply(acts);
+            return;
+        };
+        let store = self.store.get().cloned();
+        tokio::spawn(async move {
+            let r = match (store, info.range(index)) {
+                (Some(s), Some(range)) => {
+                    let block = info.block;
+                    tokio::task::spawn_blocking(move || {
+                        s.read_payload(&block, range.start, range.end - range.start)
+                    })
+                    .await
+                    .map_err(|e| format!("store task failed: {e}"))
+                    .and_then(|r| r.map_err(|e| format!("the relay's store: {e}")))
+                }
+                (None, _) => Err("the relay has no store attached".into()),
+                (_, None) => Err(format!("index {index} out of range")),
+            };
+            let acts = peers.core().store_read(job, r);
+            peers.apply(acts);
+        });
+    }
+
+    /// The chunk list of a block the relay holds (header in the chain and
+    /// payload in the store, not quarantined); cached.
+    async fn chunk_info(&self, st: &SharedState, block: BlockHash) -> Option<Arc<ChunkInfo>> {
+        if let Some(i) = self.cache.lock().ok()?.map.get(&block) {
+            return Some(i.clone());
+        }
+        let (len, cs) = {
+            let c = st.chain.read().await;
+            let e = c.dag.get(&block)?;
+            (e.header.payload_len, e.header.chunk_size)
+        };
+        let store = st.store.clone();
+        let list = tokio::task::spawn_blocking(move || store.chunk_list(&block))
+            .await
+            .ok()?
+            .ok()?;
+        if list.len() as u64 != web_node::chain::chunk_count(len, cs) || cs == 0 {
+            return None;
+        }
+        let info = Arc::new(ChunkInfo {
+            block,
+            chunks: list.into(),
+            chunk_size: cs,
+            payload_len: len,
+        });
+        if let Ok(mut c) = self.cache.lock() {
+            if c.hashes + info.chunks.len() > CHUNK_CACHE_HASHES {
+                c.map.clear();
+                c.hashes = 0;
+            }
+            c.hashes += info.chunks.len();
+            c.map.insert(block, info.clone());
+        }
+        Some(info)
+    }
+
+    /// The relay accepted a block: tell every logged-in peer (never blocks;
+    /// a peer whose queue is full is dropped as a non-reader).
+    pub fn block_added(&self, block: &Block) {
+        let conns: Vec<ConnId> = self
+            .handles
+            .lock()
+            .map(|h| h.keys().copied().collect())
+            .unwrap_or_default();
+        for conn in conns {
+            let msg = FromRelay::BlockAdded {
+                hash: block.hash,
+                chain: block.header.chain,
+                name: block.header.name.clone(),
+            };
+            if self.send(conn, msg) {
+                Counters::inc(&self.counters.block_added_sent);
+            }
+        }
+    }
+
+    /// Logged-in peers serving computations.
+    pub fn compute_peer_count(&self) -> usize {
+        self.core().compute_peers()
+    }
+
+    async fn compute_impl(
+        &self,
+        block: BlockHash,
+        rows: u32,
+        input: Vec<f32>,
+    ) -> Result<ComputeAnswer, ComputeFailure> {
+        let mut failed: Vec<(PeerId, String)> = Vec::new();
+        // Frame budget: 4 bytes per float plus the envelope.
+        if input.len().saturating_mul(4) + 1024 > limits::MAX_MESSAGE {
+            return Err(ComputeFailure {
+                message: format!(
+                    "{} floats do not fit one message of {} bytes",
+                    input.len(),
+                    limits::MAX_MESSAGE
+                ),
+                failed,
+            });
+        }
+        loop {
+            let tried: Vec<PeerId> = failed.iter().map(|f| f.0).collect();
+            let started =
+                self.core()
+                    .compute_start(Instant::now(), block, rows, input.clone(), &tried);
+            let Some((req, peer, send)) = started else {
+                let message = if failed.is_empty() {
+                    format!("no logged-in peer serves computations for block {block}")
+                } else {
+                    format!(
+                        "no peer answered the computation for block {block} ({} tried)",
+                        failed.len()
+                    )
+                };
+                return Err(ComputeFailure { message, failed });
+            };
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut w) = self.waiters.lock() {
+                w.insert(req, tx);
+            }
+            let queued = match send {
+                Action::Send { conn, msg } => self.send(conn, msg),
+                _ => false,
+            };
+            if !queued {
+                let acts =
+                    self.core()
+                        .compute_abandon(Instant::now(), req, "queue full".into(), false);
+                self.apply(acts);
+            }
+            let outcome = match tokio::time::timeout(self.opts.compute_timeout, rx).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(_)) => ComputeOutcome::Failed {
+                    peer,
+                    reason: "the request was dropped".into(),
+                },
+                Err(_) => {
+                    if let Ok(mut w) = self.waiters.lock() {
+                        w.remove(&req);
+                    }
+                    let secs = self.opts.compute_timeout.as_secs_f64();
+                    let acts = self.core().compute_abandon(
+                        Instant::now(),
+                        req,
+                        format!("no answer within {secs} s"),
+                        true,
+                    );
+                    self.apply(acts);
+                    ComputeOutcome::Failed {
+                        peer,
+                        reason: format!("no answer within {secs} s"),
+                    }
+                }
+            };
+            match outcome {
+                ComputeOutcome::Answered { peer, output } => {
+                    return Ok(ComputeAnswer {
+                        output,
+                        peer,
+                        failed,
+                    })
+                }
+                ComputeOutcome::Failed { peer, reason } => {
+                    tracing::info!(peer = %hex::encode(&peer[..8]), %block, %reason, "remote computation failed; trying the next holder");
+                    failed.push((peer, reason));
+                }
+            }
+        }
+    }
+}
+
+/// Expert computations on peers that hold the expert block (see
+/// [`Core::compute_start`] for the choice), each within
+/// [`PeerOptions::compute_timeout`], failing over to the next holder.
+impl ExpertCompute for Peers {
+    fn compute(&self, block: BlockHash, rows: u32, input: Vec<f32>) -> ComputeFuture<'_> {
+        Box::pin(self.compute_impl(block, rows, input))
+    }
+
+    fn compute_peers(&self) -> usize {
+        self.compute_peer_count()
     }
 }
 
 /// `/ws` and `/p2p/*`.
 pub fn routes() -> Router<SharedState> {
     Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/p2p/register", post(p2p::register))
+        .route("/p2p/nodes", get(p2p::list))
+        .route("/p2p/nodes/{id}", delete(p2p::remove))
+        .route("/p2p/stats", get(p2p::stats))
 }

@@ -10,6 +10,10 @@
 //!   `keepalive_timeout` is closed; so is one whose response writes make no
 //!   progress for `write_timeout` (a client that stops reading). Upload bodies
 //!   have their own idle timeout (`RelayOptions::body_idle_timeout`).
+//! * A connection upgraded to a WebSocket (`/ws`, status 101) leaves these
+//!   limits: hyper hands its socket to the peer layer, which releases the
+//!   HTTP connection's slot and applies its own caps, idle timeout (pings)
+//!   and write timeout; the keep-alive idle timer no longer applies to it.
 //! * Running out of descriptors (EMFILE) pauses accepting briefly instead of
 //!   spinning; connections already open keep being served.
 
@@ -18,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -224,18 +228,27 @@ async fn serve_connection(
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) {
     let inflight = Arc::new(AtomicUsize::new(0));
+    let upgraded = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(TimeoutIo::new(
         stream,
         opts.keepalive_timeout,
         opts.write_timeout,
         inflight.clone(),
+        upgraded.clone(),
     ));
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let guard = InFlight::start(&inflight);
         let call = router.clone().oneshot(req);
+        let upgraded = upgraded.clone();
         async move {
             let r = call.await;
+            if r.as_ref()
+                .is_ok_and(|resp| resp.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS)
+            {
+                // A WebSocket from now on: its idle time is the peer layer's.
+                upgraded.store(true, Ordering::SeqCst);
+            }
             drop(guard);
             r
         }
@@ -261,13 +274,14 @@ async fn serve_connection(
 }
 
 /// A TCP stream that fails reads when the connection sits idle (no request
-/// in flight, nothing read or written for `idle`) and writes that make no
-/// progress for `write_timeout`.
+/// in flight, nothing read or written for `idle`, not upgraded) and writes
+/// that make no progress for `write_timeout`.
 struct TimeoutIo {
     inner: TcpStream,
     idle: Duration,
     write_timeout: Duration,
     inflight: Arc<AtomicUsize>,
+    upgraded: Arc<AtomicBool>,
     last: Instant,
     idle_sleep: Pin<Box<Sleep>>,
     write_sleep: Option<Pin<Box<Sleep>>>,
@@ -279,6 +293,7 @@ impl TimeoutIo {
         idle: Duration,
         write_timeout: Duration,
         inflight: Arc<AtomicUsize>,
+        upgraded: Arc<AtomicBool>,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -286,6 +301,7 @@ impl TimeoutIo {
             idle,
             write_timeout,
             inflight,
+            upgraded,
             last: now,
             idle_sleep: Box::pin(tokio::time::sleep_until(now + idle)),
             write_sleep: None,
@@ -330,7 +346,9 @@ impl AsyncRead for TimeoutIo {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                if this.inflight.load(Ordering::SeqCst) == 0 {
+                if this.inflight.load(Ordering::SeqCst) == 0
+                    && !this.upgraded.load(Ordering::SeqCst)
+                {
                     let deadline = this.last + this.idle;
                     if this.idle_sleep.deadline() != deadline {
                         this.idle_sleep.as_mut().reset(deadline);

@@ -191,6 +191,8 @@ pub type SharedState = Arc<AppState>;
 
 impl AppState {
     pub fn new(store: Arc<FileStore>, chain: ChainState, opts: RelayOptions) -> Self {
+        let peers = Arc::new(crate::peers::Peers::default());
+        peers.attach_store(store.clone());
         Self {
             store,
             chain: Arc::new(RwLock::new(chain)),
@@ -199,9 +201,17 @@ impl AppState {
             opts,
             meta_keys: MetaKeys::default(),
             runtime: OnceLock::new(),
-            peers: Arc::new(crate::peers::Peers::default()),
+            peers,
             chat: crate::chat::ChatRuntime::default(),
         }
+    }
+
+    /// Replace the peer layer with one using `opts` (before serving).
+    pub fn with_peer_options(mut self, opts: crate::peers::PeerOptions) -> Self {
+        let peers = Arc::new(crate::peers::Peers::new(opts));
+        peers.attach_store(self.store.clone());
+        self.peers = peers;
+        self
     }
 
     /// Replace the acceptance gate (default [`AcceptAll`]).
@@ -389,6 +399,7 @@ pub fn accept_block(
     state.store.put(block, payload).map_err(store_err)?;
     let writers = (block.header.chain == ChainId::A).then(|| MetaWriters::of(block, payload));
     chain.insert(&v, writers);
+    state.peers.block_added(block);
     tracing::info!(block = %block.hash, chain = ?block.header.chain, slot = %block.header.name, "block stored");
     Ok(BlockInfo::from(block).with_head(true))
 }

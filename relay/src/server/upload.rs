@@ -323,6 +323,7 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
         meta,
     };
     st.chain.write().await.insert(&v, writers);
+    st.peers.block_added(&block);
     tracing::info!(block = %block.hash, chain = ?h.chain, slot = %h.name, bytes = h.payload_len, "block accepted");
     Ok((
         StatusCode::CREATED,

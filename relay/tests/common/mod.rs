@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 (in process or as the real binary), a blocking HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ws;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -125,8 +127,10 @@ impl TestRelay {
             rt.block_on(async move {
                 let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
                 addr_tx.send(l.local_addr().unwrap()).unwrap();
+                let peers = st.peers.clone();
                 relay::serve(l, relay::app(st), serve_opts, async move {
                     let _ = stop_rx.await;
+                    peers.shutdown();
                 })
                 .await
                 .unwrap();

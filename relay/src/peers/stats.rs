@@ -1,0 +1,174 @@
+//! Counters of the peer layer: atomics for the totals, a bounded table for
+//! per-peer numbers. [`Counters::snapshot`] copies them into [`PeerStats`]
+//! (`GET /p2p/stats`, and tests that prove where a chunk came from).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use web_node::net::peer::PeerId;
+
+/// Peers whose own counters are kept; past it only the totals count (a
+/// churn of fresh keys cannot grow the table).
+pub const PER_PEER_CAPACITY: usize = 65_536;
+
+/// One peer's numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    /// Chunks (and bytes) this peer served that the relay checked and forwarded.
+    pub chunks_served: u64,
+    pub bytes_served: u64,
+    /// Chunks from this peer that failed the relay's hash check.
+    pub bad_chunks: u64,
+    /// Chunk requests it did not answer in time.
+    pub chunk_timeouts: u64,
+    /// Expert computations sent to it, answered (valid, in time), failed
+    /// (refused, invalid output, disconnected) and timed out.
+    pub compute_sent: u64,
+    pub compute_answered: u64,
+    pub compute_failed: u64,
+    pub compute_timed_out: u64,
+}
+
+/// A copy of every counter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    /// Chunks (bytes) the relay answered from its own store.
+    pub chunks_from_store: u64,
+    pub bytes_from_store: u64,
+    /// Chunks (bytes) served by peers, checked and forwarded by the relay.
+    pub chunks_from_peers: u64,
+    pub bytes_from_peers: u64,
+    /// `GetChunk` requests answered `ChunkFailed`.
+    pub chunks_failed: u64,
+    /// Chunks from peers that failed the relay's hash check.
+    pub bad_chunks: u64,
+    /// Holders that did not answer a `ServeChunk` in time.
+    pub chunk_timeouts: u64,
+    /// Bans handed out (a banned peer is disconnected and refused).
+    pub bans: u64,
+    pub compute_sent: u64,
+    pub compute_answered: u64,
+    pub compute_failed: u64,
+    pub compute_timed_out: u64,
+    /// WebSocket connections open now (logged in or not).
+    pub connections_open: u64,
+    /// Logged-in peers now.
+    pub peers_online: u64,
+    /// Successful logins.
+    pub logins: u64,
+    /// Logins refused (bad signature, banned, timeout, not a login).
+    pub login_failures: u64,
+    /// Upgrades refused (over a connection cap, shutting down, wrong subprotocol).
+    pub refused_connections: u64,
+    /// Connections replaced by a second login with the same key.
+    pub replaced: u64,
+    /// Connections cut for flooding, malformed frames, not reading, or silence.
+    pub rate_limited: u64,
+    pub malformed: u64,
+    pub dropped_slow: u64,
+    pub dropped_idle: u64,
+    /// `BlockAdded` messages queued to peers.
+    pub block_added_sent: u64,
+    /// Per peer (hex key).
+    pub per_peer: BTreeMap<String, PeerCounters>,
+}
+
+impl PeerStats {
+    /// One peer's counters (zero if it has none).
+    pub fn peer(&self, id: &PeerId) -> PeerCounters {
+        self.per_peer
+            .get(&hex::encode(id))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// The live counters (see [`PeerStats`] for their meaning).
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $(pub $name: AtomicU64,)*
+            per_peer: Mutex<HashMap<PeerId, PeerCounters>>,
+        }
+
+        impl Counters {
+            /// Copy every counter.
+            pub fn snapshot(&self) -> PeerStats {
+                let per_peer = self
+                    .per_peer
+                    .lock()
+                    .map(|t| t.iter().map(|(k, v)| (hex::encode(k), *v)).collect())
+                    .unwrap_or_default();
+                PeerStats {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                    per_peer,
+                }
+            }
+        }
+    };
+}
+
+counters!(
+    chunks_from_store,
+    bytes_from_store,
+    chunks_from_peers,
+    bytes_from_peers,
+    chunks_failed,
+    bad_chunks,
+    chunk_timeouts,
+    bans,
+    compute_sent,
+    compute_answered,
+    compute_failed,
+    compute_timed_out,
+    connections_open,
+    peers_online,
+    logins,
+    login_failures,
+    refused_connections,
+    replaced,
+    rate_limited,
+    malformed,
+    dropped_slow,
+    dropped_idle,
+    block_added_sent,
+);
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(c: &AtomicU64) {
+        let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(1))
+        });
+    }
+
+    /// Update one peer's counters (dropped once the table is full and the
+    /// peer is not in it).
+    pub fn peer(&self, id: &PeerId, f: impl FnOnce(&mut PeerCounters)) {
+        if let Ok(mut t) = self.per_peer.lock() {
+            if !t.contains_key(id) && t.len() >= PER_PEER_CAPACITY {
+                return;
+            }
+            f(t.entry(*id).or_default());
+        }
+    }
+
+    /// One peer's counters.
+    pub fn of_peer(&self, id: &PeerId) -> PeerCounters {
+        self.per_peer
+            .lock()
+            .ok()
+            .and_then(|t| t.get(id).copied())
+            .unwrap_or_default()
+    }
+}
