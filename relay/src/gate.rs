@@ -70,6 +70,15 @@ impl GateContext<'_> {
 }
 
 /// Why a gate refused a block (the message should carry the numbers).
+/// What the gate measured for a block it accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// The recomputed public-eval loss with this block in its slot.
+    pub loss: f64,
+    /// The loss of the model it replaces (the slot heads before it).
+    pub incumbent: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct Rejection {
@@ -109,6 +118,13 @@ pub trait Gate: Send + Sync {
     fn evaluates(&self, block: &Block) -> bool {
         let _ = block;
         true
+    }
+
+    /// The losses behind an accepted block's verdict, taken once after the
+    /// block is stored (usage keeps them as the version's quality).
+    fn take_verdict(&self, block: &BlockHash) -> Option<Verdict> {
+        let _ = block;
+        None
     }
 }
 

@@ -20,11 +20,12 @@ pub mod gate;
 pub mod genesis;
 pub mod peers;
 pub mod quality;
+pub mod rewards;
 pub mod server;
 pub mod store;
 pub mod usage;
 
-pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection};
+pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection, Verdict};
 pub use server::{
     accept_block, app, open_relay, serve, AppState, ChainState, RelayOptions, ServeOptions,
     SharedState,
@@ -38,6 +39,8 @@ pub enum RelayError {
     Store(#[from] web_node::store::StoreError),
     #[error("genesis: {0}")]
     Genesis(String),
+    #[error("usage database: {0}")]
+    Usage(String),
     #[error("operator key: {0}")]
     Key(String),
     #[error("io: {0}")]

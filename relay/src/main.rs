@@ -244,6 +244,9 @@ async fn main() -> anyhow::Result<()> {
         ..relay::peers::PeerOptions::default()
     });
     let state = Arc::new(state);
+    // Usage counters flushed every second, rewards paid every hour.
+    relay::rewards::spawn_background(&state);
+    let usage = state.usage.clone();
     if !a.no_scrub {
         let store = state.store.clone();
         tokio::task::spawn_blocking(move || match store.scrub() {
@@ -283,5 +286,8 @@ async fn main() -> anyhow::Result<()> {
     };
     relay::serve(listener, relay::app(state), opts, shutdown).await?;
     peers.drain(limits::SHUTDOWN_GRACE).await;
+    if let Err(e) = usage.flush() {
+        tracing::error!(error = %e, "usage counters not written at shutdown");
+    }
     Ok(())
 }

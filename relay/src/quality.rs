@@ -19,7 +19,7 @@ use web_node::model::reference::CpuModel;
 use web_node::model::{checkpoint, Config};
 use web_node::store::BlockStore;
 
-use crate::gate::{Gate, GateContext, Rejection};
+use crate::gate::{Gate, GateContext, Rejection, Verdict};
 use crate::server::limits::{Rate, RateTable, RATE_TABLE_CAPACITY};
 
 /// Incumbent losses remembered (one per set of heads; an entry is useless
@@ -147,7 +147,12 @@ pub struct QualityGate {
     buckets: RateTable<[u8; 32]>,
     /// Incumbent losses by (meta, every slot head), the latest [`INCUMBENT_CACHE`].
     incumbents: Mutex<VecDeque<(HeadsKey, f64)>>,
+    /// Verdicts of accepted blocks not yet taken (the latest [`VERDICTS`]).
+    verdicts: Mutex<VecDeque<(BlockHash, Verdict)>>,
 }
+
+/// Verdicts kept until the upload that produced them stores its block.
+pub const VERDICTS: usize = 64;
 
 impl Default for QualityGate {
     fn default() -> Self {
@@ -166,6 +171,7 @@ impl QualityGate {
             params,
             buckets: RateTable::new(rate, RATE_TABLE_CAPACITY),
             incumbents: Mutex::new(VecDeque::new()),
+            verdicts: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -239,7 +245,20 @@ impl QualityGate {
             slot = %h.name, claimed = ?h.candidate_loss, recomputed, incumbent,
             "quality gate recomputed the public-eval loss"
         );
-        judge(incumbent, h.candidate_loss, recomputed, &self.params)
+        judge(incumbent, h.candidate_loss, recomputed, &self.params)?;
+        if let Ok(mut v) = self.verdicts.lock() {
+            if v.len() >= VERDICTS {
+                v.pop_front();
+            }
+            v.push_back((
+                ctx.block.hash,
+                Verdict {
+                    loss: recomputed,
+                    incumbent,
+                },
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +280,12 @@ impl Gate for QualityGate {
         self.rate_limit(&ctx.block.header.miner)?;
         self.evaluate(ctx)
             .map_err(|e| Rejection::rejected(format!("quality gate: {e}")))
+    }
+
+    fn take_verdict(&self, block: &BlockHash) -> Option<Verdict> {
+        let mut v = self.verdicts.lock().ok()?;
+        let i = v.iter().position(|(h, _)| h == block)?;
+        v.remove(i).map(|(_, verdict)| verdict)
     }
 }
 

@@ -81,6 +81,7 @@ const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_peers")
 const SEEN: TableDefinition<&[u8], ()> = TableDefinition::new("usage_reports_seen");
 const CAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_report_caps");
 const LEDGER: TableDefinition<u64, &[u8]> = TableDefinition::new("reward_ledger");
+const FETCHED: TableDefinition<&[u8], ()> = TableDefinition::new("usage_fetched");
 
 /// Errors of the usage store.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +97,7 @@ fn dberr<E: std::fmt::Display>(e: E) -> UsageError {
 }
 
 /// Counters of one expert version (one block).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VersionCounters {
     /// Relay-run generations that routed at least one token to it.
     pub calls: u64,
@@ -113,6 +114,10 @@ pub struct VersionCounters {
     pub computations: u64,
     /// Miner reward units already paid (`units` at the last reward).
     pub paid_units: u64,
+    /// The quality gate's recomputed public-eval loss of the model with this
+    /// version, and of the model it replaced (None for genesis versions).
+    pub verified_loss: Option<f64>,
+    pub incumbent_loss: Option<f64>,
 }
 
 impl VersionCounters {
@@ -253,12 +258,15 @@ struct State {
     dirty_versions: HashSet<BlockHash>,
     dirty_peers: HashSet<([u8; 32], BlockHash)>,
     ledger: Vec<RewardEntry>,
+    /// (key, block): the relay served this key chunks of this block.
+    fetched: HashSet<([u8; 32], BlockHash)>,
+    dirty_fetched: Vec<([u8; 32], BlockHash)>,
 }
 
 /// The usage store. Cheap to share (`Arc<Usage>`); every method is sync and
 /// short (no I/O but [`flush`](Usage::flush), reports and rewards).
 pub struct Usage {
-    db: Database,
+    db: Option<Database>,
     state: Mutex<State>,
 }
 
@@ -287,6 +295,7 @@ impl Usage {
             w.open_table(SEEN).map_err(dberr)?;
             w.open_table(CAPS).map_err(dberr)?;
             w.open_table(LEDGER).map_err(dberr)?;
+            w.open_table(FETCHED).map_err(dberr)?;
             w.commit().map_err(dberr)?;
         }
         let r = db.begin_read().map_err(dberr)?;
@@ -321,11 +330,56 @@ impl Usage {
             st.ledger
                 .push(postcard::from_bytes(v.value()).map_err(dberr)?);
         }
+        for row in r
+            .open_table(FETCHED)
+            .map_err(dberr)?
+            .iter()
+            .map_err(dberr)?
+        {
+            let (k, _) = row.map_err(dberr)?;
+            let k = k.value();
+            if k.len() != 64 {
+                continue;
+            }
+            let mut p = [0u8; 32];
+            p.copy_from_slice(&k[..32]);
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&k[32..]);
+            st.fetched.insert((p, BlockHash(b)));
+        }
         drop(r);
         Ok(Self {
-            db,
+            db: Some(db),
             state: Mutex::new(st),
         })
+    }
+
+    /// [`Usage::open`], or (logged as an error) a store that counts in
+    /// memory only and refuses reports and rewards, so a relay built in a
+    /// test or on a read-only disk still serves; `relay serve` opens the file
+    /// itself first and refuses to start if that fails.
+    pub fn open_or_memory(path: &Path) -> Self {
+        match Self::open(path) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "usage database not opened: counting in memory only");
+                Self {
+                    db: None,
+                    state: Mutex::new(State::default()),
+                }
+            }
+        }
+    }
+
+    /// Is a database file behind it (not [`Usage::open_or_memory`]'s fallback)?
+    pub fn is_persistent(&self) -> bool {
+        self.db.is_some()
+    }
+
+    fn db(&self) -> Result<&Database, UsageError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| UsageError::Db("the usage database is not open".into()))
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -359,6 +413,14 @@ impl Usage {
         }
     }
 
+    /// The quality gate accepted `block` with these losses.
+    pub fn record_quality(&self, block: &BlockHash, loss: f64, incumbent: f64) {
+        let mut st = self.st();
+        let v = Self::version(&mut st, block);
+        v.verified_loss = Some(loss);
+        v.incumbent_loss = Some(incumbent);
+    }
+
     /// A verified chunk of `block` that `peer` served, forwarded by the relay.
     pub fn record_chunk_served(&self, peer: &[u8; 32], block: &BlockHash, bytes: u64) {
         let mut st = self.st();
@@ -366,6 +428,20 @@ impl Usage {
         p.bytes += bytes;
         p.chunks += 1;
         Self::version(&mut st, block).bytes_served += bytes;
+    }
+
+    /// The relay delivered a chunk of `block` to `peer` (from its store or
+    /// another peer): that peer may report inference with it.
+    pub fn record_fetch(&self, peer: &[u8; 32], block: &BlockHash) {
+        let mut st = self.st();
+        if st.fetched.insert((*peer, *block)) {
+            st.dirty_fetched.push((*peer, *block));
+        }
+    }
+
+    /// Did the relay ever deliver `block` to `peer`?
+    pub fn fetched(&self, peer: &[u8; 32], block: &BlockHash) -> bool {
+        self.st().fetched.contains(&(*peer, *block))
     }
 
     /// A corrupt chunk the relay caught: recorded, earns nothing.
@@ -401,8 +477,9 @@ impl Usage {
 
     /// Write every changed counter (one transaction).
     pub fn flush(&self) -> Result<(), UsageError> {
-        let (versions, peers) = {
+        let (versions, peers, fetched) = {
             let mut st = self.st();
+            let f = std::mem::take(&mut st.dirty_fetched);
             let v: Vec<_> = st
                 .dirty_versions
                 .drain()
@@ -417,17 +494,24 @@ impl Usage {
                 .into_iter()
                 .filter_map(|k| st.peers.get(&k).map(|c| (k, c.clone())))
                 .collect();
-            (v, p)
+            (v, p, f)
         };
-        if versions.is_empty() && peers.is_empty() {
+        if versions.is_empty() && peers.is_empty() && fetched.is_empty() {
             return Ok(());
         }
-        let w = self.db.begin_write().map_err(dberr)?;
+        let Some(db) = &self.db else {
+            return Ok(());
+        };
+        let w = db.begin_write().map_err(dberr)?;
         {
             let mut t = w.open_table(VERSIONS).map_err(dberr)?;
             for (h, c) in &versions {
                 let bytes = postcard::to_allocvec(c).map_err(dberr)?;
                 t.insert(h.0.as_slice(), bytes.as_slice()).map_err(dberr)?;
+            }
+            let mut t = w.open_table(FETCHED).map_err(dberr)?;
+            for (p, b) in &fetched {
+                t.insert(peer_key(p, b).as_slice(), ()).map_err(dberr)?;
             }
             let mut t = w.open_table(PEERS).map_err(dberr)?;
             for ((p, b), c) in &peers {
@@ -476,7 +560,7 @@ impl Usage {
         let cap_key = seen_key.clone();
         seen_key.extend_from_slice(&r.seq.to_be_bytes());
 
-        let w = self.db.begin_write().map_err(dberr)?;
+        let w = self.db()?.begin_write().map_err(dberr)?;
         let outcome;
         let applied;
         {
@@ -623,7 +707,7 @@ impl Usage {
         }
         let first = st.ledger.len() as u64;
         let res = (|| {
-            let w = self.db.begin_write().map_err(dberr)?;
+            let w = self.db()?.begin_write().map_err(dberr)?;
             {
                 let mut t = w.open_table(LEDGER).map_err(dberr)?;
                 for (i, e) in entries.iter().enumerate() {
@@ -672,6 +756,14 @@ impl Usage {
             .filter(|e| &e.key == key)
             .cloned()
             .collect()
+    }
+}
+
+impl Drop for Usage {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "usage flush at shutdown failed");
+        }
     }
 }
 
@@ -872,6 +964,73 @@ mod tests {
         let next = u.reward("layer0.expert1", &v, 4).expect("reward");
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].amount_uc, 3 * MINER_UC_PER_TOKEN);
+    }
+
+    /// The README's worked example ("Usage and rewards"), computed.
+    #[test]
+    fn worked_example_of_the_readme() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let u = open(&dir);
+        let (operator, miner, peer, liar) = ([0x0a; 32], [0x0b; 32], [0x0c; 32], [0x0d; 32]);
+        let (v1, v2) = (h(1), h(2));
+        // v2 passed the quality gate: 0.04390 against the incumbent's 0.04437.
+        u.record_quality(&v2, 0.04390, 0.04437);
+        // 1 200 relay-verified tokens on v1 at 10 ms, 3 000 on v2 at 30 ms.
+        u.record_inference(&[(v1, 1_200, 10_000), (v2, 3_000, 30_000)]);
+        // 4 000 self-reported tokens on v2 (signed, within the cap).
+        let node = SigningKey::from_bytes(&[7; 32]);
+        let nk = node.verifying_key().to_bytes();
+        u.record_fetch(&nk, &v2);
+        let r = UsageReport::sign(
+            &node,
+            1,
+            1,
+            vec![ReportEntry {
+                block: v2,
+                calls: 40,
+                tokens: 4_000,
+            }],
+        );
+        u.submit_report(&r, REPORT_PERIOD_MS + 1, |k, b| u.fetched(k, b))
+            .expect("report");
+        // The peer served 3 MiB of v2, verified, and 25 computations; the
+        // liar one corrupt chunk.
+        for _ in 0..3 {
+            u.record_chunk_served(&peer, &v2, 1 << 20);
+        }
+        for _ in 0..25 {
+            u.record_compute(&peer, &v2);
+        }
+        u.record_bad_chunk(&liar, &v2);
+        let c = u.version_counters(&v2);
+        let versions = [
+            VersionInfo {
+                block: v1,
+                miner: operator,
+                loss: None,
+                parent_loss: None,
+            },
+            VersionInfo {
+                block: v2,
+                miner,
+                loss: c.verified_loss,
+                parent_loss: c.incumbent_loss,
+            },
+        ];
+        let paid = u.reward("layer2.expert5", &versions, 0).expect("reward");
+        let amounts: Vec<([u8; 32], &str, u64)> = paid
+            .iter()
+            .map(|e| (e.key, e.role.as_str(), e.amount_uc))
+            .collect();
+        assert_eq!(
+            amounts,
+            vec![
+                (operator, "miner", 1_200_000),
+                (miner, "miner", 2_904_000),
+                (peer, "peer", 155_000),
+            ]
+        );
+        assert!(u.rewards_of(&liar).is_empty());
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct AppState {
     pub peers: Arc<crate::peers::Peers>,
     /// `/chat` state.
     pub chat: crate::chat::ChatRuntime,
+    /// Usage counters and rewards (`data/usage.redb`).
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -193,6 +195,9 @@ impl AppState {
     pub fn new(store: Arc<FileStore>, chain: ChainState, opts: RelayOptions) -> Self {
         let peers = Arc::new(crate::peers::Peers::default());
         peers.attach_store(store.clone());
+        let usage = Arc::new(crate::usage::Usage::open_or_memory(
+            &store.root().join("usage.redb"),
+        ));
         Self {
             store,
             chain: Arc::new(RwLock::new(chain)),
@@ -203,6 +208,7 @@ impl AppState {
             runtime: OnceLock::new(),
             peers,
             chat: crate::chat::ChatRuntime::default(),
+            usage,
         }
     }
 
@@ -426,6 +432,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/upload_moe_experts", post(upload::upload_json))
         .merge(crate::peers::routes())
         .merge(crate::chat::routes())
+        .merge(crate::rewards::routes())
         .fallback(static_files::static_file)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -475,6 +482,12 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
     let mut opts = RelayOptions::new(cfg.data_dir.join("tmp"));
     opts.web_dir = cfg.web_dir.clone();
     let mut state = AppState::new(store, ChainState::default(), opts);
+    if !state.usage.is_persistent() {
+        return Err(RelayError::Usage(format!(
+            "cannot open {}: usage counters and rewards would not persist",
+            cfg.data_dir.join("usage.redb").display()
+        )));
+    }
     state.meta_keys = MetaKeys::new(Some(key.verifying_key().to_bytes()));
     if chain.dag.chain(ChainId::A).next().is_none() {
         match &cfg.model_dir {

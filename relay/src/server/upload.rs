@@ -324,6 +324,9 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
     };
     st.chain.write().await.insert(&v, writers);
     st.peers.block_added(&block);
+    if let Some(v) = st.gate().take_verdict(&block.hash) {
+        st.usage.record_quality(&block.hash, v.loss, v.incumbent);
+    }
     tracing::info!(block = %block.hash, chain = ?h.chain, slot = %h.name, bytes = h.payload_len, "block accepted");
     Ok((
         StatusCode::CREATED,

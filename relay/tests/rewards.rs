@@ -1,0 +1,207 @@
+//! The seed's analytics and reward endpoints on a real relay (port 0):
+//! `/experts/stats/{name}`, `/experts/top`, `/experts/reward/{name}`,
+//! `/rewards/{key}`, `/usage/report`; counters and rewards survive a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use ed25519_dalek::{Signer as _, SigningKey};
+use relay::rewards::reward_message;
+use relay::usage::{
+    ReportEntry, UsageReport, MINER_UC_PER_TOKEN, PEER_UC_PER_MIB, REPORT_PERIOD_MS,
+};
+use serde_json::Value;
+use web_node::chain::BlockHash;
+
+fn head_of(url: &str, name: &str) -> BlockHash {
+    let heads: Vec<Value> = get(&format!("{url}/heads")).json();
+    let h = heads
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no head {name}: {heads:?}"));
+    h["hash"].as_str().unwrap().parse().unwrap()
+}
+
+fn signed_reward(url: &str, name: &str, key: Option<&SigningKey>) -> Resp {
+    let mut r = ureq::post(&format!("{url}/experts/reward/{name}"));
+    if let Some(k) = key {
+        let ts = (web_node::chain::now_ms() / 1000).to_string();
+        let sig = k.sign(&reward_message(name, &ts));
+        r = r
+            .set("x-aiblock-key", &hex::encode(k.verifying_key().to_bytes()))
+            .set("x-aiblock-timestamp", &ts)
+            .set("x-aiblock-signature", &hex::encode(sig.to_bytes()));
+    }
+    to_resp(r.call())
+}
+
+fn report(url: &str, r: &UsageReport) -> Resp {
+    post_json(
+        &format!("{url}/usage/report"),
+        &serde_json::to_vec(r).unwrap(),
+    )
+}
+
+#[test]
+fn stats_top_rewards_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let data = tmp.path().join("data");
+    let relay = TestRelay::start(&data, Some(&model), None);
+    let url = relay.url.clone();
+    let op = relay::genesis::operator_key(&data).unwrap();
+    let e1 = head_of(&url, "layer0.expert1");
+    let e2 = head_of(&url, "layer1.expert3");
+
+    // Fresh: zeros; unknown and malformed names are clear errors.
+    let s: Value = get(&format!("{url}/experts/stats/layer0.expert1")).json();
+    assert_eq!(s["tokens_routed"], 0);
+    assert_eq!(s["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(s["head"], e1.to_hex());
+    let e = get(&format!("{url}/experts/stats/layer9.expert0")).error(404);
+    assert!(e.message.contains("no expert layer9.expert0"), "{e:?}");
+    let e = get(&format!("{url}/experts/stats/shared")).error(400);
+    assert!(e.message.contains("not an expert slot"), "{e:?}");
+    get(&format!("{url}/experts/stats/..%2F..%2Fetc")).error(400);
+    for bad in ["0", "-1", "abc", "1001", "", "1e3"] {
+        let e = get(&format!("{url}/experts/top?limit={bad}")).error(400);
+        assert!(
+            e.message
+                .contains("limit must be an integer from 1 to 1000"),
+            "{bad}: {e:?}"
+        );
+    }
+
+    // Work the relay saw: inference routed to e1 (and e2), verified bytes
+    // and a computation by a peer, a corrupt chunk by another.
+    let peer = [0x51u8; 32];
+    let liar = [0x52u8; 32];
+    relay
+        .state
+        .usage
+        .record_inference(&[(e1, 40, 2_000), (e2, 5, 1_000)]);
+    relay.state.usage.record_chunk_served(&peer, &e1, 2 << 20);
+    relay.state.usage.record_compute(&peer, &e1);
+    relay.state.usage.record_bad_chunk(&liar, &e1);
+
+    let s: Value = get(&format!("{url}/experts/stats/layer0.expert1")).json();
+    assert_eq!(s["calls"], 1);
+    assert_eq!(s["tokens_routed"], 40);
+    assert_eq!(s["bytes_served"], 2 << 20);
+    assert_eq!(s["computations_served"], 1);
+    let peers = s["versions"][0]["peers"].as_array().unwrap();
+    let liar_row = peers
+        .iter()
+        .find(|p| p["key"] == hex::encode(liar))
+        .unwrap();
+    assert_eq!(liar_row["bad_chunks"], 1);
+    assert_eq!(liar_row["bytes"], 0);
+
+    let top: Value = get(&format!("{url}/experts/top?limit=2")).json();
+    let rows = top["experts"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["expert"], "layer0.expert1");
+    assert_eq!(rows[1]["expert"], "layer1.expert3");
+    assert_eq!(rows[0]["rank"], 1);
+    let all: Value = get(&format!("{url}/experts/top")).json();
+    assert_eq!(all["experts"].as_array().unwrap().len(), 10);
+
+    // Rewards: operator only.
+    let e = signed_reward(&url, "layer0.expert1", None).error(401);
+    assert!(e.message.contains("operator"), "{e:?}");
+    signed_reward(&url, "layer0.expert1", Some(&miner_key(9))).error(403);
+    signed_reward(&url, "layer7.expert1", Some(&op)).error(404);
+    let paid: Value = signed_reward(&url, "layer0.expert1", Some(&op)).json();
+    let entries = paid["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{paid}");
+    // Genesis version (no parent loss: quality 100 %), latency 2 ms (speed 100 %).
+    assert_eq!(entries[0]["role"], "miner");
+    assert_eq!(entries[0]["amount_uc"], 40 * MINER_UC_PER_TOKEN);
+    assert_eq!(
+        entries[0]["key"],
+        hex::encode(op.verifying_key().to_bytes())
+    );
+    assert_eq!(entries[1]["role"], "peer");
+    assert_eq!(
+        entries[1]["amount_uc"],
+        2 * PEER_UC_PER_MIB + relay::usage::PEER_UC_PER_COMPUTE
+    );
+    // Nothing new: nothing paid twice.
+    let again: Value = signed_reward(&url, "layer0.expert1", Some(&op)).json();
+    assert_eq!(again["paid_uc"], 0);
+    let mine: Value = get(&format!("{url}/rewards/{}", hex::encode(peer))).json();
+    assert_eq!(
+        mine["peer_uc"],
+        2 * PEER_UC_PER_MIB + relay::usage::PEER_UC_PER_COMPUTE
+    );
+    let none: Value = get(&format!("{url}/rewards/{}", hex::encode(liar))).json();
+    assert_eq!(none["total_uc"], 0);
+    get(&format!("{url}/rewards/nothex")).error(400);
+
+    // Self-reports: only for blocks this key fetched through the relay,
+    // signed, once, within the cap.
+    let node = miner_key(33);
+    let nk = node.verifying_key().to_bytes();
+    let period = web_node::chain::now_ms() / REPORT_PERIOD_MS;
+    let entry = |b: BlockHash, tokens| {
+        vec![ReportEntry {
+            block: b,
+            calls: 1,
+            tokens,
+        }]
+    };
+    let r = report(&url, &UsageReport::sign(&node, period, 1, entry(e1, 100)));
+    let out: Value = r.json();
+    assert_eq!(out["accepted_tokens"], 0, "never fetched: {out}");
+    relay.state.usage.record_fetch(&nk, &e1);
+    let out: Value = report(&url, &UsageReport::sign(&node, period, 2, entry(e1, 100))).json();
+    assert_eq!(out["accepted_tokens"], 100);
+    let e = report(&url, &UsageReport::sign(&node, period, 2, entry(e1, 100))).error(403);
+    assert!(e.message.contains("replay"), "{e:?}");
+    let mut forged = UsageReport::sign(&node, period, 3, entry(e1, 100));
+    forged.entries[0].tokens = 5_000;
+    report(&url, &forged).error(403);
+    report(
+        &url,
+        &UsageReport::sign(&node, period.saturating_sub(5), 4, entry(e1, 1)),
+    )
+    .error(403);
+    let out: Value = report(
+        &url,
+        &UsageReport::sign(&node, period, 5, entry(e1, 1_000_000)),
+    )
+    .json();
+    assert_eq!(
+        out["accepted_tokens"],
+        relay::usage::REPORT_TOKENS_CAP - 100
+    );
+    let out: Value = report(&url, &UsageReport::sign(&node, period, 6, entry(e1, 10))).json();
+    assert_eq!(out["accepted_tokens"], 0);
+    // Unsigned / malformed / wrong type.
+    post_json(&format!("{url}/usage/report"), b"{\"key\":\"00\"}").error(400);
+    post_json(&format!("{url}/usage/report"), b"not json").error(400);
+    post_bin(&format!("{url}/usage/report"), b"{}").error(415);
+    let s: Value = get(&format!("{url}/experts/stats/layer0.expert1")).json();
+    assert_eq!(s["reported_tokens"], relay::usage::REPORT_TOKENS_CAP);
+
+    // A restart keeps counters, the replay table and the ledger.
+    drop(s);
+    relay.stop();
+    let relay = TestRelay::start(&data, Some(&model), None);
+    let url = relay.url.clone();
+    let s: Value = get(&format!("{url}/experts/stats/layer0.expert1")).json();
+    assert_eq!(s["tokens_routed"], 40);
+    assert_eq!(s["reported_tokens"], relay::usage::REPORT_TOKENS_CAP);
+    assert_eq!(s["bytes_served"], 2 << 20);
+    report(&url, &UsageReport::sign(&node, period, 2, entry(e1, 100))).error(403);
+    let mine: Value = get(&format!("{url}/rewards/{}", hex::encode(peer))).json();
+    assert_eq!(mine["entries"].as_array().unwrap().len(), 1);
+    let again: Value = signed_reward(&url, "layer0.expert1", Some(&op)).json();
+    // Only the self-reported units are new: 25 % of the cap.
+    assert_eq!(
+        again["paid_uc"],
+        relay::usage::REPORT_TOKENS_CAP * relay::usage::REPORT_WEIGHT_PCT / 100
+            * MINER_UC_PER_TOKEN
+    );
+}
