@@ -483,3 +483,55 @@ fn the_aiblock_peer_binary_logs_in_and_holds_its_blocks() {
         want
     );
 }
+
+#[test]
+fn aiblock_demo_runs_a_distributed_chat_on_three_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_aiblock"))
+        .args([
+            "demo",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--keep",
+            tmp.path().join("demo").to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "aiblock demo failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("same tokens: yes"), "{stdout}");
+    // Every routed expert was computed by one of the nodes (none fell back
+    // to the relay), and node3's blocks came from the other nodes.
+    let computed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("layer") && l.contains(".expert"))
+        .collect();
+    assert!(!computed.is_empty(), "{stdout}");
+    for l in &computed {
+        assert!(l.contains(" node"), "not computed by a node: {l}");
+    }
+    let node3 = stdout
+        .lines()
+        .find(|l| l.starts_with("node3") && l.contains("holds"))
+        .unwrap();
+    assert!(
+        node3.contains("fetched 0.00 MB from the relay's store"),
+        "node3 fetched from peers only: {node3}"
+    );
+    // Node 1's payload files are on disk under --keep.
+    assert!(
+        std::fs::read_dir(tmp.path().join("demo/node1/payloads"))
+            .unwrap()
+            .count()
+            > 0
+    );
+}
