@@ -205,3 +205,103 @@ fn stats_top_rewards_and_reports() {
             * MINER_UC_PER_TOKEN
     );
 }
+
+/// Peer transfers through the relay: the honest holder's verified bytes are
+/// counted for it, the liar's corrupt chunk earns nothing, and the fetcher
+/// may then report usage of that block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_transfers_count_verified_bytes_only() {
+    use common::ws::*;
+    use web_node::net::peer::{ChunkSource, ToRelay};
+
+    let env = PeerEnv::start(relay::peers::PeerOptions::default());
+    let url = env.relay.url.clone();
+    let peers = env.relay.state.peers.clone();
+    let (liar, honest, fetcher) = (miner_key(40), miner_key(41), miner_key(42));
+    let id = |k: &SigningKey| k.verifying_key().to_bytes();
+    let mut wl = login_as(&env.addr(), &liar).await;
+    let mut wh = login_as(&env.addr(), &honest).await;
+    // The liar looks cheaper, so it is asked first.
+    for (ws, load) in [(&mut wl, 0u16), (&mut wh, 1000)] {
+        send(
+            ws,
+            &ToRelay::Status {
+                load,
+                serve_compute: false,
+            },
+        )
+        .await;
+        send(
+            ws,
+            &ToRelay::Have {
+                add: vec![env.hash()],
+                remove: vec![],
+            },
+        )
+        .await;
+    }
+    until("both holders", || peers.holders_of(&env.hash()).len() == 2).await;
+    let cs = env.info.chunk_size as usize;
+    let lying = tokio::spawn(serve_chunks(wl, env.payload.clone(), cs, true));
+    let honest_task = tokio::spawn(serve_chunks(wh, env.payload.clone(), cs, false));
+    let mut wf = login_as(&env.addr(), &fetcher).await;
+    let (data, from) = fetch_chunk(&mut wf, 1, env.hash(), 0).await.unwrap();
+    assert_eq!(data, env.chunk(0));
+    assert_eq!(from, ChunkSource::Peer(id(&honest)));
+
+    let name = "layer0.expert1";
+    let stats = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || get(&format!("{url}/experts/stats/{name}")).json::<Value>()
+    })
+    .await
+    .unwrap();
+    let head = stats["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["is_head"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(head["block"], env.hash().to_hex());
+    assert_eq!(head["bytes_served"], data.len() as u64, "{stats}");
+    let row = |k: &SigningKey| {
+        head["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["key"] == hex::encode(id(k)))
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for a peer in {head}"))
+    };
+    assert_eq!(row(&honest)["bytes"], data.len() as u64);
+    assert_eq!(row(&liar)["bytes"], 0);
+    assert_eq!(row(&liar)["bad_chunks"], 1);
+    assert!(env.relay.state.usage.fetched(&id(&fetcher), &env.hash()));
+    assert!(!env.relay.state.usage.fetched(&id(&liar), &env.hash()));
+
+    // The operator pays: the honest peer earns for its bytes, the liar nothing.
+    let op = relay::genesis::operator_key(&env.tmp.path().join("data")).unwrap();
+    let paid: Value = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || signed_reward(&url, name, Some(&op)).json()
+    })
+    .await
+    .unwrap();
+    let entries = paid["entries"].as_array().unwrap();
+    let honest_paid: Vec<_> = entries
+        .iter()
+        .filter(|e| e["key"] == hex::encode(id(&honest)))
+        .collect();
+    assert_eq!(honest_paid.len(), 1, "{paid}");
+    assert_eq!(
+        honest_paid[0]["amount_uc"],
+        data.len() as u64 * PEER_UC_PER_MIB / (1 << 20)
+    );
+    assert!(
+        entries.iter().all(|e| e["key"] != hex::encode(id(&liar))),
+        "{paid}"
+    );
+    honest_task.abort();
+    lying.abort();
+}

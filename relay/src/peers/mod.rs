@@ -581,11 +581,12 @@ impl Peers {
             };
             match outcome {
                 ComputeOutcome::Answered { peer, output } => {
+                    self.counters.usage(|u| u.record_compute(&peer, &block));
                     return Ok(ComputeAnswer {
                         output,
                         peer,
                         failed,
-                    })
+                    });
                 }
                 ComputeOutcome::Failed { peer, reason } => {
                     tracing::info!(peer = %hex::encode(&peer[..8]), %block, %reason, "remote computation failed; trying the next holder");

@@ -776,6 +776,10 @@ impl Core {
             .filter(|p| p.conn == j.requester)
         {
             p.gets = p.gets.saturating_sub(1);
+            if let Some(id) = self.conns.get(&j.requester) {
+                let block = j.info.block;
+                self.counters.usage(|u| u.record_fetch(id, &block));
+            }
             out.push(Action::Send {
                 conn: j.requester,
                 msg: FromRelay::ChunkData {
@@ -824,6 +828,9 @@ impl Core {
                 c.chunks_served += 1;
                 c.bytes_served += n;
             });
+            let block = j.info.block;
+            self.counters
+                .usage(|u| u.record_chunk_served(&h, &block, n));
             if let Some(p) = self.peers.get_mut(&h) {
                 p.sample_latency(now.saturating_duration_since(sent).as_secs_f64() * 1e3);
                 p.score = p.score.saturating_add(1);
@@ -834,6 +841,7 @@ impl Core {
             tracing::warn!(peer = %hexid(&h), %block, index, "peer served a corrupt chunk");
             Counters::inc(&self.counters.bad_chunks);
             self.counters.peer(&h, |c| c.bad_chunks += 1);
+            self.counters.usage(|u| u.record_bad_chunk(&h, &block));
             if let Some(p) = self.peers.get_mut(&h) {
                 p.score = p.score.saturating_sub(SCORE_PENALTY);
             }

@@ -92,6 +92,8 @@ macro_rules! counters {
         pub struct Counters {
             $(pub $name: AtomicU64,)*
             per_peer: Mutex<HashMap<PeerId, PeerCounters>>,
+            /// Where verified work is also recorded for rewards.
+            usage: std::sync::OnceLock<std::sync::Arc<crate::usage::Usage>>,
         }
 
         impl Counters {
@@ -150,6 +152,18 @@ impl Counters {
         let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(v.saturating_sub(1))
         });
+    }
+
+    /// Record verified work in the usage store too (set once by the relay).
+    pub fn attach_usage(&self, usage: std::sync::Arc<crate::usage::Usage>) {
+        let _ = self.usage.set(usage);
+    }
+
+    /// Run `f` on the usage store, if one is attached.
+    pub fn usage(&self, f: impl FnOnce(&crate::usage::Usage)) {
+        if let Some(u) = self.usage.get() {
+            f(u);
+        }
     }
 
     /// Update one peer's counters (dropped once the table is full and the

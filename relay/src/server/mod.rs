@@ -198,6 +198,7 @@ impl AppState {
         let usage = Arc::new(crate::usage::Usage::open_or_memory(
             &store.root().join("usage.redb"),
         ));
+        peers.counters().attach_usage(usage.clone());
         Self {
             store,
             chain: Arc::new(RwLock::new(chain)),
@@ -216,6 +217,7 @@ impl AppState {
     pub fn with_peer_options(mut self, opts: crate::peers::PeerOptions) -> Self {
         let peers = Arc::new(crate::peers::Peers::new(opts));
         peers.attach_store(self.store.clone());
+        peers.counters().attach_usage(self.usage.clone());
         self.peers = peers;
         self
     }
