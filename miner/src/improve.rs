@@ -110,6 +110,8 @@ pub fn improve(
         lr,
         0.0,
         0.0,
+        0.0,
+        0.0,
         seed,
         |_, pl| {
             if best.as_ref().is_none_or(|(b, _)| pl < *b) {

@@ -9,4 +9,5 @@ pub mod improve;
 pub mod infer;
 pub mod mixtral;
 pub mod peer;
+pub mod routes;
 pub mod train;

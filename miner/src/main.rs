@@ -9,7 +9,7 @@ use web_node::eval::{self, Corpus, Skill};
 use web_node::model::Slot;
 
 use miner::blocks::{self, ModelFiles};
-use miner::{client, improve, train};
+use miner::{client, improve, routes, train};
 
 #[derive(Parser)]
 #[command(
@@ -45,8 +45,8 @@ enum Cmd {
     Export(ExportArgs),
     /// Held-out accuracy per skill and public-eval loss of a model directory.
     Eval(EvalArgs),
-    /// Which experts the router picks for a skill's public-eval prompts
-    /// (a guide for choosing `improve --expert`).
+    /// Which experts the held-out prompts of each skill (or one --prompt) need
+    /// when answered greedily, and the share of the model's bytes they cost.
     Routes(RoutesArgs),
     /// Fine-tune one expert (all else frozen) on a skill, measure the public-eval
     /// loss of the whole model with it, and publish it as the slot's next version.
@@ -156,10 +156,16 @@ struct RoutesArgs {
     /// Hugging Face-style model directory.
     #[arg(long, default_value = "models/default")]
     model: PathBuf,
-    /// Skill whose public-eval prompts are routed (add, sub, copy, reverse,
-    /// sort, count, capital).
+    /// Only this skill (add, sub, copy, reverse, sort, count, capital), with
+    /// the tokens routed to each expert; default: every skill and all.
+    #[arg(long, conflicts_with = "prompt")]
+    skill: Option<String>,
+    /// Route one prompt instead (answered greedily), e.g. "Q: 23+45=? A:".
     #[arg(long)]
-    skill: String,
+    prompt: Option<String>,
+    /// With --prompt: the most answer tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,9 +176,10 @@ struct ImproveArgs {
     /// Take the model from a directory (the block is only written).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Slot to improve, e.g. layer1.expert3.
+    /// Slot to improve, e.g. layer1.expert3 (default: the expert the skill's
+    /// public-eval examples are routed to most, as `routes --skill` prints).
     #[arg(long)]
-    expert: String,
+    expert: Option<String>,
     /// Skill to train on (add, sub, copy, reverse, sort, count, capital).
     #[arg(long)]
     skill: String,
@@ -304,30 +311,83 @@ fn parse_skill(name: &str) -> Result<Skill> {
     })
 }
 
-fn cmd_routes(a: &RoutesArgs) -> Result<()> {
-    let skill = parse_skill(&a.skill)?;
-    let dir = web_node::model::load::ModelDir::load(&a.model)?;
-    let mut m = web_node::model::reference::CpuModel::from_model_dir(&dir)?;
-    let tok = dir.tokenizer.inner().clone();
-    let corpus = Corpus::default_corpus();
-    let ex = eval::tokenize(&tok, &eval::corpus::of_skill(&corpus.public_eval, skill))?;
-    m.reset_stats();
-    for e in &ex {
-        eval::LogitsModel::logits_all(&mut m, &e.full())?;
-    }
-    let stats = m.routing_stats().clone();
+fn print_route_header(r: &routes::Router) {
+    let s = &r.sizes;
     println!(
-        "tokens routed per expert for {skill} ({} tokens, top-{}):",
-        stats.tokens, dir.config.num_experts_per_tok
+        "bytes: shared + routers {}, experts {} ({} each), whole model {}",
+        s.always,
+        s.all_experts,
+        s.expert
+            .first()
+            .and_then(|l| l.first())
+            .copied()
+            .unwrap_or(0),
+        s.whole
     );
-    for (l, row) in stats.tokens_routed.iter().enumerate() {
-        let mut v: Vec<(usize, u64)> = row.iter().copied().enumerate().collect();
-        v.sort_by_key(|a| std::cmp::Reverse(a.1));
-        let line: Vec<String> = v
-            .iter()
-            .map(|(e, c)| format!("layer{l}.expert{e}={c}"))
-            .collect();
-        println!("  {}", line.join(" "));
+    println!(
+        "per prompt (greedy answer, CPU reference engine): distinct experts used per layer, \
+         needed expert bytes / all expert bytes, (shared + routers + needed experts) / whole model; \
+         averages over prompts"
+    );
+}
+
+fn cmd_routes(a: &RoutesArgs) -> Result<()> {
+    let mut r = routes::Router::load(&a.model)?;
+    print_route_header(&r);
+    if let Some(p) = &a.prompt {
+        let route = r.route_text(p, a.max_tokens)?;
+        let answer = r.tok.decode(&route.answer, true).unwrap_or_default();
+        println!("{p:?} -> {answer:?}");
+        let s = routes::Summary::of("prompt", &[&route], &r.sizes);
+        println!("  {}", s.line());
+        for (l, row) in route.tokens.iter().enumerate() {
+            let used: Vec<String> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(e, c)| format!("expert{e}={c}"))
+                .collect();
+            println!("  layer{l}: {}", used.join(" "));
+        }
+        return Ok(());
+    }
+    let skill = a.skill.as_deref().map(parse_skill).transpose()?;
+    let corpus = Corpus::default_corpus();
+    let held = eval::tokenize(&r.tok, &corpus.held_out)?;
+    let mut all = Vec::new();
+    for s in Skill::ALL {
+        if skill.is_some_and(|k| k != s) {
+            continue;
+        }
+        let ex: Vec<_> = held.iter().filter(|e| e.skill == s).cloned().collect();
+        let routes = r.route_examples(&ex)?;
+        let refs: Vec<_> = routes.iter().collect();
+        println!(
+            "  {}",
+            routes::Summary::of(s.name(), &refs, &r.sizes).line()
+        );
+        all.extend(routes);
+    }
+    if let Some(s) = skill {
+        let refs: Vec<_> = all.iter().collect();
+        let sum = routes::Summary::of(s.name(), &refs, &r.sizes);
+        println!("tokens routed per expert for {s} (held-out prompts and greedy answers):");
+        for (l, row) in sum.tokens.iter().enumerate() {
+            let mut v: Vec<(usize, u64)> = row.iter().copied().enumerate().collect();
+            v.sort_by_key(|a| std::cmp::Reverse(a.1));
+            let line: Vec<String> = v
+                .iter()
+                .map(|(e, c)| format!("layer{l}.expert{e}={c}"))
+                .collect();
+            println!("  {}", line.join(" "));
+        }
+        println!(
+            "improve --skill {s} picks by default: {}",
+            r.most_used_expert(s)?
+        );
+    } else {
+        let refs: Vec<_> = all.iter().collect();
+        println!("  {}", routes::Summary::of("all", &refs, &r.sizes).line());
     }
     Ok(())
 }
@@ -380,23 +440,37 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
 }
 
 fn cmd_improve(a: &ImproveArgs) -> Result<()> {
-    let slot = Slot::parse(&a.expert)?;
     let skill = parse_skill(&a.skill)?;
     let key = blocks::load_key(&a.key)?;
     let tmp;
-    let (dir, meta, parents) = match (a.relay.as_deref(), &a.model) {
+    let given = a.expert.as_deref().map(Slot::parse).transpose()?;
+    let (dir, meta) = match (a.relay.as_deref(), &a.model) {
         (Some(r), _) => {
             tmp = tempfile::tempdir()?;
             let meta = client::export(r, a.meta_hash, tmp.path())?;
-            let head = client::slot_head(r, &meta, slot)?
-                .with_context(|| format!("the relay has no head for {slot}"))?;
-            (tmp.path().to_path_buf(), meta, vec![head.hash])
+            (tmp.path().to_path_buf(), meta)
         }
         (None, Some(m)) => {
             let meta = a.meta_hash.context("--model needs --meta-hash")?;
-            (m.clone(), meta, a.parent.into_iter().collect())
+            (m.clone(), meta)
         }
         (None, None) => bail!("give --relay URL or --model DIR"),
+    };
+    let slot = match given {
+        Some(s) => s,
+        None => {
+            let s = routes::Router::load(&dir)?.most_used_expert(skill)?;
+            println!("{skill} is routed most to {s}: improving it (choose another with --expert)");
+            s
+        }
+    };
+    let parents = match a.relay.as_deref() {
+        Some(r) => {
+            let head = client::slot_head(r, &meta, slot)?
+                .with_context(|| format!("the relay has no head for {slot}"))?;
+            vec![head.hash]
+        }
+        None => a.parent.into_iter().collect(),
     };
     let res = improve::improve(&dir, slot, skill, a.steps, a.lr, a.seed)?;
     println!(

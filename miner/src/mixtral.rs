@@ -2,8 +2,12 @@
 //!
 //! candle-transformers' Mixtral picks experts through host-side `to_vec2`, so
 //! no gradient reaches the router; this one keeps the routing weights in the
-//! graph (softmax over all experts, top-k mask, renormalised) so the gate
-//! trains, and adds Mixtral's load-balancing loss. Inference semantics are
+//! graph (softmax over all experts, top-k mask, renormalised; candle's
+//! differentiable `softmax`, since the fused `softmax_last_dim` has no
+//! backward pass) so the gate
+//! trains, and adds Mixtral's load-balancing loss and a routing objective
+//! (the mutual information between sequence and expert, as in Mod-Squad,
+//! see [`Routed::mi`]); both are training-only. Inference semantics are
 //! the same as Hugging Face's `MixtralForCausalLM` (RMSNorm, RoPE with
 //! rotate-half, GQA, top-k renormalised routing, SwiGLU experts).
 
@@ -15,6 +19,34 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use web_node::eval::corpus::Rng;
 use web_node::eval::{EvalError, LogitsModel};
 use web_node::model::{Config, Slot};
+
+/// One forward pass: logits and the routing terms (each a mean over layers).
+pub struct Routed {
+    /// `(B, T, vocab)`.
+    pub logits: Tensor,
+    /// Mixtral's load-balancing loss over the batch's real tokens: `E *
+    /// sum_e f_e * P_e` (1 when balanced).
+    pub aux: Tensor,
+    /// Mutual information between sequence and expert (Mod-Squad), in nats:
+    /// `H(p(e)) - mean_seq H(p(e|seq))`, where `p(e|seq)` is the router
+    /// softmax averaged over one sequence's real tokens and `p(e)` the mean
+    /// of those over the batch. High when each sequence uses few experts
+    /// (low per-sequence entropy) while the batch uses them all (high
+    /// batch entropy); at most `ln E`.
+    pub mi: Tensor,
+    /// Mean over real tokens of `ln` of the router probability on their
+    /// sequence's `k` likeliest experts (by `p(e|seq)`), at most 0: near 0
+    /// when every token's top-k lies within its sequence's top-k, so a
+    /// prompt needs only k experts per layer. The MI alone concentrates
+    /// `p(e|seq)` on one expert and leaves each token's second pick to
+    /// chance.
+    pub cover: Tensor,
+}
+
+/// Entropy in nats of probability rows along the last dimension.
+fn entropy(p: &Tensor) -> Result<Tensor> {
+    Ok((p * (p + 1e-9)?.log()?)?.sum(D::Minus1)?.neg()?)
+}
 
 /// The model's parameters by Hugging Face name.
 pub struct Mixtral {
@@ -53,6 +85,18 @@ impl Mixtral {
     /// Fresh weights from a seed: norms 1, matrices N(0, 1/sqrt(in)) (output
     /// projections scaled down by the depth), embeddings N(0, 1).
     pub fn init(cfg: &Config, seed: u64, device: &Device) -> Result<Self> {
+        Self::init_with_router_scale(cfg, seed, 0.1, device)
+    }
+
+    /// [`Mixtral::init`] with the routers' std scaled by `router_scale` (the
+    /// routing objective's gradient vanishes at uniform routing, so it needs
+    /// routers that start off uniform).
+    pub fn init_with_router_scale(
+        cfg: &Config,
+        seed: u64,
+        router_scale: f64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let depth_scale = 1.0 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         let mut vars = BTreeMap::new();
@@ -69,7 +113,7 @@ impl Mixtral {
                     std *= depth_scale;
                 }
                 if name.ends_with("gate.weight") {
-                    std *= 0.1;
+                    std *= router_scale;
                 }
                 randn(&mut rng, n, std)
             };
@@ -169,10 +213,24 @@ impl Mixtral {
     }
 
     /// Logits `(B, T, vocab)` for token ids `(B, T)`, and the load-balancing
-    /// loss (mean over layers).
+    /// loss (mean over layers), every position a real token.
     pub fn forward(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+        let r = self.forward_routed(tokens, None)?;
+        Ok((r.logits, r.aux))
+    }
+
+    /// Logits and routing terms for token ids `(B, T)`; `valid` `(B * T,)`
+    /// is 1 on real tokens and 0 on padding (None: all real). Padding is
+    /// left out of the routing terms (it never changes real positions: the
+    /// attention is causal and padding comes last).
+    pub fn forward_routed(&self, tokens: &Tensor, valid: Option<&Tensor>) -> Result<Routed> {
         let cfg = &self.cfg;
         let (b, t) = tokens.dims2()?;
+        let valid = match valid {
+            Some(v) => v.reshape((b * t,))?,
+            None => Tensor::ones((b * t,), DType::F32, &self.device)?,
+        };
+        let routing = RoutingMask::new(&valid, b, t)?;
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let groups = nh / nkv;
@@ -185,6 +243,8 @@ impl Mixtral {
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;
+        let mut mi = Tensor::zeros((), DType::F32, &self.device)?;
+        let mut cover = Tensor::zeros((), DType::F32, &self.device)?;
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let hs = self.rms(&x, &format!("{p}.input_layernorm.weight"))?;
@@ -206,14 +266,19 @@ impl Mixtral {
             };
             let scale = 1.0 / (hd as f64).sqrt();
             let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            // `softmax`, not the fused `softmax_last_dim`: that one has no
+            // backward pass (candle 0.9 applies it with `apply_op1_no_bwd`),
+            // so queries, keys and routers would never train.
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((n, nh * hd))?;
             let o = self.linear(&o, &format!("{p}.self_attn.o_proj.weight"))?;
             x = (x + o)?;
 
             let hs = self.rms(&x, &format!("{p}.post_attention_layernorm.weight"))?;
-            let (moe, layer_aux) = self.moe(&hs, l)?;
+            let (moe, layer_aux, layer_mi, layer_cover) = self.moe(&hs, l, &routing)?;
+            cover = (cover + layer_cover)?;
             aux = (aux + layer_aux)?;
+            mi = (mi + layer_mi)?;
             x = (x + moe)?;
         }
         let x = self.rms(&x, "model.norm.weight")?;
@@ -224,17 +289,29 @@ impl Mixtral {
         };
         let logits = self.linear(&x, head)?.reshape((b, t, cfg.vocab_size))?;
         let _ = h;
-        Ok((logits, (aux / cfg.num_hidden_layers as f64)?))
+        let layers = cfg.num_hidden_layers as f64;
+        Ok(Routed {
+            logits,
+            aux: (aux / layers)?,
+            mi: (mi / layers)?,
+            cover: (cover / layers)?,
+        })
     }
 
-    /// The sparse MoE block on `(N, H)` states: output and load-balancing loss.
-    fn moe(&self, hs: &Tensor, l: usize) -> Result<(Tensor, Tensor)> {
+    /// The sparse MoE block on `(N, H)` states: output, load-balancing loss
+    /// and sequence-expert mutual information.
+    fn moe(
+        &self,
+        hs: &Tensor,
+        l: usize,
+        r: &RoutingMask,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let cfg = &self.cfg;
         let e = cfg.num_local_experts;
         let k = cfg.num_experts_per_tok;
         let p = format!("model.layers.{l}.block_sparse_moe");
         let logits = self.linear(hs, &format!("{p}.gate.weight"))?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let host = probs.to_vec2::<f32>()?;
         let n = host.len();
         let mut mask = vec![0f32; n * e];
@@ -250,10 +327,14 @@ impl Mixtral {
         let mask = Tensor::from_vec(mask, (n, e), &self.device)?;
         let sel = (&probs * &mask)?;
         let weights = sel.broadcast_div(&sel.sum_keepdim(1)?)?;
-        // Load balancing (Switch/Mixtral): E * sum_e f_e * P_e, f from the mask.
-        let f = (mask.mean(0)? / k as f64)?;
-        let pm = probs.mean(0)?;
+        // Load balancing (Switch/Mixtral) over the batch's real tokens:
+        // E * sum_e f_e * P_e, f from the mask.
+        let vprobs = probs.broadcast_mul(&r.valid)?;
+        let f = (mask.broadcast_mul(&r.valid)?.sum(0)? / (r.n_valid * k as f64))?;
+        let pm = (vprobs.sum(0)? / r.n_valid)?;
         let aux = ((f * pm)?.sum_all()? * e as f64)?;
+        let mi = sequence_expert_mi(&vprobs, r)?;
+        let cover = sequence_cover(&probs, &vprobs, r, k)?;
 
         let mut out = hs.zeros_like()?;
         for (j, r) in rows.iter().enumerate() {
@@ -269,7 +350,7 @@ impl Mixtral {
             let w = weights.index_select(&idx, 0)?.narrow(1, j, 1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
-        Ok((out, aux))
+        Ok((out, aux, mi, cover))
     }
 
     /// Write all tensors as one F32 safetensors file.
@@ -281,6 +362,71 @@ impl Mixtral {
             .collect();
         candle_core::safetensors::save(&map, path)?;
         Ok(())
+    }
+}
+
+/// Mutual information between sequence and expert (Mod-Squad) from router
+/// probabilities `(B * T, E)` already zeroed on padding: `H(p(e)) -
+/// mean_seq H(p(e|seq))` with `p(e|seq)` the mean over the sequence's real
+/// tokens and `p(e)` the mean of those over the sequences.
+fn sequence_expert_mi(vprobs: &Tensor, r: &RoutingMask) -> Result<Tensor> {
+    let e = vprobs.dim(1)?;
+    let p_seq = vprobs
+        .reshape((r.b, r.t, e))?
+        .sum(1)?
+        .broadcast_div(&r.per_seq)?;
+    let p_all = p_seq.mean(0)?;
+    Ok((entropy(&p_all)? - entropy(&p_seq)?.mean_all()?)?)
+}
+
+/// Mean over real tokens of `ln` of the probability `probs` `(B * T, E)`
+/// puts on the `k` experts its sequence routes to most (by `vprobs`, the
+/// same zeroed on padding; the choice is a constant, the gradient goes
+/// through the probabilities).
+fn sequence_cover(probs: &Tensor, vprobs: &Tensor, r: &RoutingMask, k: usize) -> Result<Tensor> {
+    let e = probs.dim(1)?;
+    let per_seq = vprobs.reshape((r.b, r.t, e))?.sum(1)?.to_vec2::<f32>()?;
+    let mut mask = vec![0f32; r.b * r.t * e];
+    for (b, row) in per_seq.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..e).collect();
+        idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
+        for &j in idx.iter().take(k) {
+            for t in 0..r.t {
+                mask[(b * r.t + t) * e + j] = 1.0;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (r.b * r.t, e), probs.device())?;
+    let covered = (probs * mask)?.sum_keepdim(1)?;
+    let logc = (covered + 1e-6)?.log()?;
+    Ok((logc.broadcast_mul(&r.valid)?.sum_all()? / r.n_valid)?)
+}
+
+/// Which positions of a `(B, T)` batch are real tokens, for the routing terms.
+struct RoutingMask {
+    /// `(B * T, 1)`, 1 on real tokens.
+    valid: Tensor,
+    /// Real tokens per sequence, `(B, 1)`, at least 1.
+    per_seq: Tensor,
+    /// Real tokens in the batch, at least 1.
+    n_valid: f64,
+    b: usize,
+    t: usize,
+}
+
+impl RoutingMask {
+    /// From `valid` `(B * T,)`.
+    fn new(valid: &Tensor, b: usize, t: usize) -> Result<Self> {
+        Ok(Self {
+            valid: valid.unsqueeze(1)?,
+            per_seq: valid
+                .reshape((b, t))?
+                .sum_keepdim(1)?
+                .clamp(1f32, f32::MAX)?,
+            n_valid: (valid.sum_all()?.to_scalar::<f32>()? as f64).max(1.0),
+            b,
+            t,
+        })
     }
 }
 
@@ -296,5 +442,108 @@ impl LogitsModel for Mixtral {
             Ok(logits.flatten_all()?.to_vec1::<f32>()?)
         };
         run().map_err(|e| EvalError::Model(web_node::model::ModelError::Source(e.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routers_and_attention_get_gradients() {
+        let cfg = Config::from_value(&serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 16, "rms_norm_eps": 1e-5, "num_experts_per_tok": 2,
+            "num_local_experts": 4,
+        }))
+        .unwrap();
+        let m = Mixtral::init_with_router_scale(&cfg, 7, 1.0, &Device::Cpu).unwrap();
+        let tokens = Tensor::new(&[[1u32, 5, 3, 2], [4, 4, 9, 0]], &Device::Cpu).unwrap();
+        let valid = Tensor::new(&[1f32, 1., 1., 1., 1., 1., 1., 0.], &Device::Cpu).unwrap();
+        let r = m.forward_routed(&tokens, Some(&valid)).unwrap();
+        let loss = ((r.logits.sqr().unwrap().mean_all().unwrap() + r.aux).unwrap() - r.mi).unwrap();
+        let grads = loss.backward().unwrap();
+        for name in [
+            "model.layers.0.block_sparse_moe.gate.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+        ] {
+            let g = grads.get(m.vars[name].as_tensor()).expect(name);
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0, "{name}: zero gradient");
+        }
+    }
+
+    /// MI of router probabilities `rows` (B * T rows of E) with a mask.
+    fn mi(rows: &[[f32; 4]], valid: &[f32], b: usize) -> f64 {
+        let d = Device::Cpu;
+        let t = rows.len() / b;
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let p = Tensor::from_vec(flat, (rows.len(), 4), &d).unwrap();
+        let v = Tensor::new(valid, &d).unwrap();
+        let r = RoutingMask::new(&v, b, t).unwrap();
+        let vp = p.broadcast_mul(&r.valid).unwrap();
+        sequence_expert_mi(&vp, &r)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    }
+
+    const ONE0: [f32; 4] = [1.0, 0.0, 0.0, 0.0];
+    const ONE1: [f32; 4] = [0.0, 1.0, 0.0, 0.0];
+    const HALF: [f32; 4] = [0.5, 0.5, 0.0, 0.0];
+    const FLAT: [f32; 4] = [0.25; 4];
+
+    #[test]
+    fn mi_is_high_when_each_sequence_keeps_to_its_own_experts() {
+        let ln2 = std::f64::consts::LN_2;
+        // Two sequences of two tokens, each on its own expert: MI = ln 2.
+        assert!((mi(&[ONE0, ONE0, ONE1, ONE1], &[1.0; 4], 2) - ln2).abs() < 1e-4);
+        // Both on the same experts: nothing to tell them apart.
+        assert!(mi(&[HALF, HALF, HALF, HALF], &[1.0; 4], 2).abs() < 1e-4);
+        assert!(mi(&[FLAT, FLAT, FLAT, FLAT], &[1.0; 4], 2).abs() < 1e-4);
+        // Tokens of one sequence spread over two experts: p(e|seq) is flat
+        // over them and equals p(e), so MI = 0 although every token is sure.
+        assert!(mi(&[ONE0, ONE1, ONE0, ONE1], &[1.0; 4], 2).abs() < 1e-4);
+    }
+
+    #[test]
+    fn cover_is_zero_only_when_tokens_keep_to_their_sequences_top_k() {
+        let d = Device::Cpu;
+        let cover = |rows: &[[f32; 4]]| {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            let p = Tensor::from_vec(flat, (rows.len(), 4), &d).unwrap();
+            let r = RoutingMask::new(&Tensor::new(&[1f32; 4], &d).unwrap(), 2, 2).unwrap();
+            let vp = p.broadcast_mul(&r.valid).unwrap();
+            sequence_cover(&p, &vp, &r, 2)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        // Sequence 0 uses experts 0 and 1, sequence 1 experts 2 and 3.
+        let a = [[0.6, 0.4, 0.0, 0.0], [0.3, 0.7, 0.0, 0.0]];
+        let b = [[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.9, 0.1]];
+        assert!(cover(&[a[0], a[1], b[0], b[1]]).abs() < 1e-4);
+        // A token of sequence 1 straying to expert 0 costs ln(coverage).
+        let stray = [0.5, 0.0, 0.5, 0.0];
+        let c = cover(&[a[0], a[1], b[0], stray]);
+        assert!(c < -0.1 && c > -0.5, "{c}");
+    }
+
+    #[test]
+    fn mi_ignores_padding() {
+        let ln2 = std::f64::consts::LN_2;
+        // The padding rows (flat) would pull p(e|seq) towards uniform.
+        let rows = [ONE0, FLAT, ONE1, ONE1];
+        assert!((mi(&rows, &[1.0, 0.0, 1.0, 1.0], 2) - ln2).abs() < 1e-4);
+        assert!(mi(&rows, &[1.0; 4], 2) < ln2 - 0.1);
     }
 }

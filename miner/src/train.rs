@@ -19,6 +19,12 @@ use web_node::model::Config;
 
 use crate::mixtral::Mixtral;
 
+/// The routing objective's weight that made the committed default model.
+pub const DEFAULT_MI_COEF: f64 = 0.1;
+
+/// The sequence-cover term's weight that made the committed default model.
+pub const DEFAULT_COVER_COEF: f64 = 0.1;
+
 /// `aiblock train`: where to write the model and the hyper-parameters of
 /// the run (the defaults made the committed default model).
 #[derive(Debug, Clone, clap::Args)]
@@ -51,6 +57,22 @@ pub struct TrainArgs {
     /// Router load-balancing loss coefficient.
     #[arg(long, default_value_t = 0.01)]
     pub aux_coef: f64,
+    /// Weight of the routing objective: the loss subtracts this times the
+    /// mutual information between sequence and expert (Mod-Squad), so that
+    /// one prompt uses few experts per layer while the batch uses them all.
+    /// 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_MI_COEF)]
+    pub mi_coef: f64,
+    /// Weight of the sequence-cover term: the loss subtracts this times the
+    /// mean log router probability a token puts on its sequence's top-2
+    /// experts, so the token's own top-2 falls within them.
+    #[arg(long, default_value_t = DEFAULT_COVER_COEF)]
+    pub cover_coef: f64,
+    /// Initial router weights' std as a multiple of 1/sqrt(hidden): the
+    /// routing objective has no gradient at uniform routing, so routers
+    /// start with real preferences (the first default model used 0.1).
+    #[arg(long, default_value_t = 1.0)]
+    pub router_init: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f64,
@@ -115,8 +137,22 @@ pub fn config_json(args: &TrainArgs, vocab_size: usize, bos: u32, eos: u32) -> s
     })
 }
 
-/// A padded batch: inputs, targets and the loss mask (1 on answer targets).
-pub fn make_batch(items: &[&Tokenized], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+/// A padded batch of examples.
+pub struct Batch {
+    /// Input ids `(B, T)`: prompt and answer without its last token, then
+    /// padding.
+    pub inp: Tensor,
+    /// Next-token targets `(B * T,)`.
+    pub tgt: Tensor,
+    /// `(B * T,)`: 1 where the target is an answer token (the loss).
+    pub mask: Tensor,
+    /// `(B * T,)`: 1 on real input tokens, 0 on padding (the routing terms).
+    pub valid: Tensor,
+}
+
+/// A padded batch: inputs, targets, the loss mask (1 on answer targets) and
+/// the real-token mask.
+pub fn make_batch(items: &[&Tokenized], device: &Device) -> Result<Batch> {
     let t = items
         .iter()
         .map(|e| e.prompt.len() + e.answer.len() - 1)
@@ -124,21 +160,24 @@ pub fn make_batch(items: &[&Tokenized], device: &Device) -> Result<(Tensor, Tens
         .unwrap_or(1);
     let b = items.len();
     let (mut inp, mut tgt, mut mask) = (vec![0u32; b * t], vec![0u32; b * t], vec![0f32; b * t]);
+    let mut valid = vec![0f32; b * t];
     for (i, e) in items.iter().enumerate() {
         let full = e.full();
         for p in 0..full.len() - 1 {
             inp[i * t + p] = full[p];
+            valid[i * t + p] = 1.0;
             tgt[i * t + p] = full[p + 1];
             if p + 1 >= e.prompt.len() {
                 mask[i * t + p] = 1.0;
             }
         }
     }
-    Ok((
-        Tensor::from_vec(inp, (b, t), device)?,
-        Tensor::from_vec(tgt, (b * t,), device)?,
-        Tensor::from_vec(mask, (b * t,), device)?,
-    ))
+    Ok(Batch {
+        inp: Tensor::from_vec(inp, (b, t), device)?,
+        tgt: Tensor::from_vec(tgt, (b * t,), device)?,
+        mask: Tensor::from_vec(mask, (b * t,), device)?,
+        valid: Tensor::from_vec(valid, (b * t,), device)?,
+    })
 }
 
 /// Masked mean cross-entropy of logits `(B, T, V)`.
@@ -156,10 +195,10 @@ pub fn batch_eval_loss(model: &Mixtral, data: &[Tokenized]) -> Result<f64> {
     let (mut sum, mut n) = (0f64, 0f64);
     for chunk in data.chunks(64) {
         let items: Vec<&Tokenized> = chunk.iter().collect();
-        let (inp, tgt, mask) = make_batch(&items, model.device())?;
-        let (logits, _) = model.forward(&inp)?;
-        let k = mask.sum_all()?.to_scalar::<f32>()? as f64;
-        sum += masked_ce(&logits, &tgt, &mask)?.to_scalar::<f32>()? as f64 * k;
+        let bt = make_batch(&items, model.device())?;
+        let (logits, _) = model.forward(&bt.inp)?;
+        let k = bt.mask.sum_all()?.to_scalar::<f32>()? as f64;
+        sum += masked_ce(&logits, &bt.tgt, &bt.mask)?.to_scalar::<f32>()? as f64 * k;
         n += k;
     }
     Ok(sum / n.max(1.0))
@@ -242,6 +281,8 @@ pub fn train_loop(
     batch: usize,
     lr: f64,
     aux_coef: f64,
+    mi_coef: f64,
+    cover_coef: f64,
     weight_decay: f64,
     seed: u64,
     mut on_checkpoint: impl FnMut(usize, f64) -> Result<()>,
@@ -259,21 +300,32 @@ pub fn train_loop(
     )?;
     let mut rng = Rng::new(seed ^ 0x7EA1_0000);
     let start = Instant::now();
-    let mut avg = 0f64;
+    let (mut avg, mut avg_mi, mut avg_cover) = (0f64, 0f64, 0f64);
     for step in 0..steps {
         opt.set_learning_rate(lr_at(step, steps, lr));
         let items = source.batch(batch, &mut rng)?;
         let items: Vec<&Tokenized> = items.iter().collect();
-        let (inp, tgt, mask) = make_batch(&items, model.device())?;
-        let (logits, aux) = model.forward(&inp)?;
-        let ce = masked_ce(&logits, &tgt, &mask)?;
-        let loss = (&ce + (aux * aux_coef)?)?;
+        let bt = make_batch(&items, model.device())?;
+        let r = model.forward_routed(&bt.inp, Some(&bt.valid))?;
+        let ce = masked_ce(&r.logits, &bt.tgt, &bt.mask)?;
+        let mut loss = (&ce + (r.aux * aux_coef)?)?;
+        if mi_coef != 0.0 {
+            loss = (loss - (&r.mi * mi_coef)?)?;
+        }
+        if cover_coef != 0.0 {
+            loss = (loss - (&r.cover * cover_coef)?)?;
+        }
         opt.backward_step(&loss)?;
         let l = ce.to_scalar::<f32>()? as f64;
+        let mi = r.mi.to_scalar::<f32>()? as f64;
         avg = if step == 0 { l } else { 0.98 * avg + 0.02 * l };
+        let cover = (r.cover.to_scalar::<f32>()? as f64).exp();
+        let ema = |a: f64, x: f64| if step == 0 { x } else { 0.98 * a + 0.02 * x };
+        avg_mi = ema(avg_mi, mi);
+        avg_cover = ema(avg_cover, cover);
         if step % 25 == 0 || step + 1 == steps {
             tracing::info!(
-                "step {step}/{steps} loss {l:.4} avg {avg:.4} lr {:.2e} {:.1}s",
+                "step {step}/{steps} loss {l:.4} avg {avg:.4} mi {avg_mi:.3} cover {avg_cover:.3} lr {:.2e} {:.1}s",
                 lr_at(step, steps, lr),
                 start.elapsed().as_secs_f64()
             );
@@ -331,7 +383,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         public,
         held,
     } = tokenized_splits(&tok, &corpus)?;
-    let mut model = Mixtral::init(&cfg, args.seed, &device)?;
+    let mut model = Mixtral::init_with_router_scale(&cfg, args.seed, args.router_init, &device)?;
     let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
     tracing::info!("{params} parameters");
     let start = Instant::now();
@@ -351,6 +403,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args.batch,
         args.lr,
         args.aux_coef,
+        args.mi_coef,
+        args.cover_coef,
         args.weight_decay,
         args.seed,
         |step, _| {
@@ -365,11 +419,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let acc = eval::accuracy(&mut model, &tok, &held)?;
     let line = eval::format_accuracy(&acc);
     tracing::info!("held-out accuracy: {line}");
+    let routes = crate::routes::held_out_routes(out)?;
+    for r in &routes {
+        tracing::info!("routes: {}", r.line());
+    }
     let report = serde_json::json!({
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef, "intermediate": args.intermediate, "vocab": vocab_size,
+        "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
+        "mi_coef": args.mi_coef, "cover_coef": args.cover_coef, "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
         "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.skill.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
+        "routes": routes.iter().map(|r| r.json()).collect::<Vec<_>>(),
     });
     std::fs::write(
         out.join("train_report.json"),
