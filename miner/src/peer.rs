@@ -52,6 +52,9 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often the status line is logged.
 pub const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// A fetch given up (after its bounded retries) is tried again after a
+/// header sync this much later (the relay may have a new head, or a holder).
+const RESYNC_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Connecting (TCP + WebSocket handshake) may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// REST calls (listing, chunk lists, meta payload) time out after this.
@@ -608,7 +611,9 @@ impl Driver {
         }
     }
 
-    fn spawn_sync(&mut self) {
+    /// A header sync in the background, after `delay`; its plan arrives
+    /// on `plan_rx`.
+    fn spawn_sync(&mut self, delay: Duration) {
         if self.syncing {
             return;
         }
@@ -620,8 +625,13 @@ impl Driver {
             self.status.held.clone(),
             self.plan_tx.clone(),
         );
-        tokio::task::spawn_blocking(move || {
-            let _ = tx.send(sync(&base, &globs, &dir, &held));
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let plan = tokio::task::spawn_blocking(move || sync(&base, &globs, &dir, &held))
+                .await
+                .map_err(|e| anyhow!("sync task: {e}"))
+                .and_then(|r| r);
+            let _ = tx.send(plan);
         });
     }
 
@@ -651,8 +661,8 @@ impl Driver {
                 });
             }
             NodeEvent::FetchFailed { hash, reason } => {
-                tracing::warn!(block = %hash, %reason, "fetch failed; resyncing");
-                self.spawn_sync();
+                tracing::warn!(block = %hash, %reason, retry_in = ?RESYNC_AFTER_FAILURE, "fetch failed; resyncing");
+                self.spawn_sync(RESYNC_AFTER_FAILURE);
             }
             NodeEvent::Compute {
                 req,
@@ -662,7 +672,7 @@ impl Driver {
             } => self.compute(req, block, rows, input),
             NodeEvent::BlockAdded { hash, name, .. } => {
                 tracing::info!(block = %hash, %name, "relay accepted a new block; resyncing");
-                self.spawn_sync();
+                self.spawn_sync(Duration::ZERO);
             }
             NodeEvent::Progress { .. } => {}
             other => tracing::debug!(event = ?other, "node event"),

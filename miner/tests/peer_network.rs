@@ -367,9 +367,16 @@ fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
     let data = tmp.path().join("n");
     let globs = ["layer0.expert1", "layer0.expert2", "layer1.expert*"];
 
+    let t0 = Instant::now();
     let n = Node::start(node_cfg(&relay, &data, &globs));
     let first = n.wait_complete();
+    let secs = t0.elapsed().as_secs_f64();
     let report = n.stop();
+    let bytes = report.stats.total_received();
+    eprintln!(
+        "fetched {bytes} bytes in {secs:.3} s (sync, login, chunks, checks, fsync): {:.1} MB/s",
+        bytes as f64 / secs / 1e6
+    );
     let held = first.held.len();
     assert_eq!(held, 2 + 8);
     assert!(report.stats.total_received() > 0);
