@@ -254,7 +254,9 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
         root.join("node2"),
         layer_globs(second),
     );
+    let t0 = Instant::now();
     wait_all(&[&n1, &n2])?;
+    let t12 = t0.elapsed().as_secs_f64();
     let n3 = DemoNode::start(
         &rt,
         "node3",
@@ -263,7 +265,9 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
         root.join("node3"),
         node3_experts,
     );
+    let t0 = Instant::now();
     wait_all(&[&n3])?;
+    let t3 = t0.elapsed().as_secs_f64();
     let nodes = [n1, n2, n3];
     let names: BTreeMap<String, &'static str> =
         nodes.iter().map(|n| (n.status().id, n.name)).collect();
@@ -288,6 +292,14 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
                     .unwrap_or(0)),
         );
     }
+
+    let rate = |n: &DemoNode, secs: f64| n.status().stats.total_received() as f64 / secs / 1e6;
+    println!(
+        "node1+node2 fetched in {t12:.2} s ({:.1} MB/s together, from the store); \
+         node3 in {t3:.2} s ({:.1} MB/s, from node1 and node2)",
+        rate(&nodes[0], t12) + rate(&nodes[1], t12),
+        rate(&nodes[2], t3)
+    );
 
     // 3. The distributed chat, and the local one to compare.
     let mut body = serde_json::json!({
