@@ -589,6 +589,9 @@ impl Driver {
             }
         }
         self.config = Some(plan.config);
+        if wanted.is_empty() {
+            tracing::warn!(globs = ?self.globs, "no slot head matches the --experts globs: nothing to hold");
+        }
         self.status.wanted = wanted;
         self.start_fetches(now);
         self.publish();
