@@ -151,7 +151,11 @@ pub enum ToRelay {
         index: u32,
     },
     /// The answer to [`FromRelay::ServeChunk`].
-    Chunk { req: u64, data: Vec<u8> },
+    Chunk {
+        req: u64,
+        #[serde(with = "raw_bytes")]
+        data: Vec<u8>,
+    },
     /// This peer cannot serve [`FromRelay::ServeChunk`] `req`.
     NoChunk { req: u64, reason: String },
     /// The answer to [`FromRelay::Compute`]: `rows × hidden` floats.
@@ -183,6 +187,7 @@ pub enum FromRelay {
         req: u64,
         block: BlockHash,
         index: u32,
+        #[serde(with = "raw_bytes")]
         data: Vec<u8>,
         from: ChunkSource,
     },
@@ -209,6 +214,45 @@ pub enum FromRelay {
         chain: ChainId,
         name: String,
     },
+}
+
+/// Chunk data as one byte string (`serialize_bytes`: a length and a memcpy)
+/// rather than serde's element-by-element sequence of `u8`. postcard writes
+/// both the same way (varint length, then the bytes), so the wire format is
+/// unchanged; only the work per chunk is.
+mod raw_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(a.size_hint().unwrap_or(0).min(64 * 1024));
+                while let Some(b) = a.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
 }
 
 /// Error codes of the peer protocol (besides the REST ones).
@@ -406,6 +450,35 @@ mod tests {
                 assert_eq!(back, m);
             }
         }
+    }
+
+    #[test]
+    fn chunk_data_is_encoded_as_a_plain_byte_sequence() {
+        // The same bytes serde's default Vec<u8> encoding gives (so the
+        // byte-string fast path changed no wire format).
+        #[derive(Serialize)]
+        enum Plain {
+            #[allow(dead_code)]
+            Login,
+            #[allow(dead_code)]
+            Status,
+            #[allow(dead_code)]
+            Have,
+            #[allow(dead_code)]
+            GetChunk,
+            Chunk {
+                req: u64,
+                data: Vec<u8>,
+            },
+        }
+        let data: Vec<u8> = (0..=255).collect();
+        let ours = ToRelay::Chunk {
+            req: 300,
+            data: data.clone(),
+        }
+        .encode();
+        let plain = postcard::to_allocvec(&Plain::Chunk { req: 300, data }).expect("encodes");
+        assert_eq!(ours, plain);
     }
 
     #[test]
