@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = web_node::eval::DEFAULT_SEED)]
     pub seed: u64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 9000)]
+    #[arg(long, default_value_t = 3500)]
     pub steps: usize,
     /// Examples per step.
     #[arg(long, default_value_t = 64)]
