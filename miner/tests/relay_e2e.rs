@@ -430,4 +430,27 @@ fn quality_gate_accepts_honest_improvements_and_rejects_lies_and_regressions() {
         (claimed - new).abs() <= relay::quality::TOLERANCE,
         "claimed {claimed}, loss {new}"
     );
+
+    // Usage keeps the gate's verdict as the version's quality: its verified
+    // loss, the incumbent's, and the reward's quality factor from them.
+    let stats: serde_json::Value = serde_json::from_str(
+        &ureq::get(&format!("{url}/experts/stats/{expert}"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    )
+    .unwrap();
+    let v2 = &stats["versions"][1];
+    assert_eq!(v2["is_head"], true, "{stats}");
+    let verified = v2["verified_loss"].as_f64().unwrap();
+    let incumbent = v2["incumbent_loss"].as_f64().unwrap();
+    assert!((verified - new).abs() <= 1e-6, "{verified} vs {new}");
+    assert!((incumbent - old).abs() <= 1e-6, "{incumbent} vs {old}");
+    assert_eq!(
+        v2["quality_pct"],
+        relay::usage::quality_pct(Some(verified), Some(incumbent))
+    );
+    assert!(v2["quality_pct"].as_u64().unwrap() > 100, "{v2}");
+    assert_eq!(stats["versions"][0]["quality_pct"], 100, "genesis");
 }
