@@ -2,6 +2,24 @@
 //! on `rows` hidden states somewhere else (a peer that holds it). The peer
 //! layer ([`crate::peers`]) implements it; `/chat/distributed` uses it and
 //! falls back to local computation.
+//!
+//! How `/chat/distributed` ([`crate::chat`]) calls it, which implementations
+//! can rely on:
+//!
+//! * One call per [`ExpertJob`](web_node::model::ExpertJob) of the engine's
+//!   [`Step::Compute`](web_node::model::Step::Compute): all jobs of one layer
+//!   at once (concurrently, `join_all`), the next layer only after every job
+//!   of this one is answered.
+//! * `block` is the current head block of the expert's slot in the relay's
+//!   chain; `input` is `rows × hidden` post-attention-normalised states.
+//! * A [`ComputeFailure`] with an empty `failed` list (nobody was tried: no
+//!   holder, or every holder out of compute credits) while other jobs of the
+//!   same layer were answered is tried again once those are in; any other
+//!   failure goes to the relay's own computation (or a 503 when the request
+//!   turned `local_fallback` off). So an implementation should fail fast
+//!   rather than queue when its holders are busy.
+//! * The chat checks every [`ComputeAnswer::output`] (length `rows × hidden`,
+//!   finite); a bad one is listed as that peer's failure and computed locally.
 
 use std::future::Future;
 use std::pin::Pin;
