@@ -30,11 +30,13 @@ use web_node::model::Config;
 use web_node::net::chat::{ChatResponse, RELAY};
 
 /// Prompts to pick from (the longest answer is measured).
-const PROMPTS: [&str; 4] = [
+/// The default model answers `Q: ... A:` skill prompts (models/default/README.md).
+const PROMPTS: [&str; 5] = [
     "Explain quantum computing",
-    "The cat sat on the",
-    "Once upon a time",
-    "12 + 7 =",
+    "Q: reverse cat sun dog bird fish A:",
+    "Q: sort 9 3 7 1 5 8 2 A:",
+    "Q: copy the quick brown fox jumps A:",
+    "Q: 38+45=? A:",
 ];
 
 struct Args {

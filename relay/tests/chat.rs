@@ -174,6 +174,11 @@ fn seed_bodies_answer_like_the_native_engine() {
         assert!(a.timings.total_ms >= a.timings.prefill_ms);
         assert!(a.computed_by.is_none());
     }
+    // A prompt in the default model's skill format (it answers those at length).
+    let skill = "Q: reverse cat sun dog bird fish A:";
+    let a = answer(&e.chat(&format!(r#"{{"prompt": "{skill}", "max_tokens": 32}}"#)));
+    let want = e.native(skill, RunOptions::default(), 32);
+    assert_eq!((a.tokens, a.response), (want.tokens, want.text));
     // The seed's distributed body, without compute peers: the relay computes.
     let a = answer(&e.distributed(SEED_DISTRIBUTED));
     let want = e.native(
@@ -462,6 +467,11 @@ fn two_compute_peers_give_the_same_greedy_tokens_and_are_named() {
     assert_eq!(asked, by.iter().map(|c| c.calls).sum::<u64>());
     assert!(peers.peers.iter().all(|p| p.answered() > 0));
 
+    // A skill prompt (decodes several tokens) through the peers.
+    let body = r#"{"prompt": "Q: sort 9 3 7 1 5 8 2 A:", "max_tokens": 32}"#;
+    let a = answer(&e.distributed(&body.replacen('{', r#"{"local_fallback": false, "#, 1)));
+    let b = answer(&e.chat(body));
+    assert_eq!((a.tokens, a.response), (b.tokens, b.response));
     // Dense mixture through the peers too, equal to /chat.
     let a = answer(&e.distributed(
         r#"{"prompt": "hello", "use_moe": false, "max_tokens": 8, "local_fallback": false}"#,
