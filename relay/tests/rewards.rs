@@ -305,3 +305,32 @@ async fn peer_transfers_count_verified_bytes_only() {
     honest_task.abort();
     lying.abort();
 }
+
+/// `/chat` counts, per expert version, exactly the tokens its answer says
+/// each layer routed.
+#[test]
+fn chat_counts_the_tokens_it_routed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let relay = TestRelay::start(&tmp.path().join("data"), Some(&model), None);
+    let url = relay.url.clone();
+    let r = post_json(
+        &format!("{url}/chat"),
+        br#"{"prompt": "abc", "max_tokens": 4, "use_moe": true}"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer: Value = r.json();
+    let layers = answer["experts"].as_array().unwrap();
+    assert!(!layers.is_empty(), "{answer}");
+    let mut checked = 0;
+    for (l, used) in layers.iter().enumerate() {
+        for u in used.as_array().unwrap() {
+            let name = format!("layer{l}.expert{}", u["expert"]);
+            let s: Value = get(&format!("{url}/experts/stats/{name}")).json();
+            assert_eq!(s["tokens_routed"], u["tokens"], "{name}: {s}");
+            assert_eq!(s["calls"], 1, "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= layers.len(), "every layer routed somewhere");
+}

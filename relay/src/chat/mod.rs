@@ -368,6 +368,7 @@ async fn handle(
         remote,
         load_ms,
         cancel: Arc::new(AtomicBool::new(false)),
+        usage: state.usage.clone(),
     };
     let handle = tokio::runtime::Handle::current();
     if p.stream {
@@ -460,6 +461,8 @@ struct Job {
     remote: Option<remote::Remote>,
     load_ms: f64,
     cancel: Arc<AtomicBool>,
+    /// Where the tokens routed to each expert version are counted.
+    usage: Arc<crate::usage::Usage>,
 }
 
 impl Job {
@@ -529,6 +532,27 @@ impl Job {
             })
             .collect();
         let (computed_by, failovers) = supply.report();
+        // Usage: tokens routed to each expert version (its head block), with
+        // the generation's mean step time as the call's latency.
+        let step_us = (total.as_micros() as u64) / (decoded as u64 + 1);
+        let routed: Vec<(web_node::chain::BlockHash, u64, u64)> = engine
+            .routing_stats()
+            .tokens_routed
+            .iter()
+            .enumerate()
+            .flat_map(|(l, row)| {
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, &c)| c > 0)
+                    .filter_map(move |(e, &c)| {
+                        m.chain
+                            .heads
+                            .get(&format!("layer{l}.expert{e}"))
+                            .map(|b| (*b, c, step_us))
+                    })
+            })
+            .collect();
+        self.usage.record_inference(&routed);
         Ok(ChatResponse {
             response: g.text,
             tokens: g.tokens,
