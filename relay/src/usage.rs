@@ -283,6 +283,12 @@ fn peer_key(peer: &[u8; 32], block: &BlockHash) -> [u8; 64] {
     k
 }
 
+/// The inverse of [`peer_key`] (None for a key of another length).
+fn split_peer_key(k: &[u8]) -> Option<([u8; 32], BlockHash)> {
+    let (p, b) = (k.get(..32)?, k.get(32..)?);
+    Some((p.try_into().ok()?, BlockHash(b.try_into().ok()?)))
+}
+
 impl Usage {
     /// Open (creating) `path` and load every counter.
     pub fn open(path: &Path) -> Result<Self, UsageError> {
@@ -314,16 +320,11 @@ impl Usage {
         }
         for row in r.open_table(PEERS).map_err(dberr)?.iter().map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
-            let k = k.value();
-            if k.len() != 64 {
+            let Some(key) = split_peer_key(k.value()) else {
                 continue;
-            }
-            let mut p = [0u8; 32];
-            p.copy_from_slice(&k[..32]);
-            let mut b = [0u8; 32];
-            b.copy_from_slice(&k[32..]);
+            };
             let c: PeerCounters = postcard::from_bytes(v.value()).map_err(dberr)?;
-            st.peers.insert((p, BlockHash(b)), c);
+            st.peers.insert(key, c);
         }
         for row in r.open_table(LEDGER).map_err(dberr)?.iter().map_err(dberr)? {
             let (_, v) = row.map_err(dberr)?;
@@ -337,15 +338,9 @@ impl Usage {
             .map_err(dberr)?
         {
             let (k, _) = row.map_err(dberr)?;
-            let k = k.value();
-            if k.len() != 64 {
-                continue;
+            if let Some(key) = split_peer_key(k.value()) {
+                st.fetched.insert(key);
             }
-            let mut p = [0u8; 32];
-            p.copy_from_slice(&k[..32]);
-            let mut b = [0u8; 32];
-            b.copy_from_slice(&k[32..]);
-            st.fetched.insert((p, BlockHash(b)));
         }
         drop(r);
         Ok(Self {

@@ -212,7 +212,7 @@ fn stats_top_rewards_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_transfers_count_verified_bytes_only() {
     use common::ws::*;
-    use web_node::net::peer::{ChunkSource, ToRelay};
+    use web_node::net::peer::ChunkSource;
 
     let env = PeerEnv::start(relay::peers::PeerOptions::default());
     let url = env.relay.url.clone();
@@ -223,22 +223,7 @@ async fn peer_transfers_count_verified_bytes_only() {
     let mut wh = login_as(&env.addr(), &honest).await;
     // The liar looks cheaper, so it is asked first.
     for (ws, load) in [(&mut wl, 0u16), (&mut wh, 1000)] {
-        send(
-            ws,
-            &ToRelay::Status {
-                load,
-                serve_compute: false,
-            },
-        )
-        .await;
-        send(
-            ws,
-            &ToRelay::Have {
-                add: vec![env.hash()],
-                remove: vec![],
-            },
-        )
-        .await;
+        announce(ws, load, false, vec![env.hash()]).await;
     }
     until("both holders", || peers.holders_of(&env.hash()).len() == 2).await;
     let cs = env.info.chunk_size as usize;

@@ -309,22 +309,7 @@ async fn a_lying_peer_is_caught_banned_and_the_chunks_still_arrive_intact() {
     let mut wh = login_as(&env.addr(), &honest).await;
     // The liar looks cheaper (idle); the honest peer is busy.
     for (ws, load) in [(&mut wl, 0u16), (&mut wh, 1000)] {
-        send(
-            ws,
-            &ToRelay::Status {
-                load,
-                serve_compute: false,
-            },
-        )
-        .await;
-        send(
-            ws,
-            &ToRelay::Have {
-                add: vec![env.hash()],
-                remove: vec![],
-            },
-        )
-        .await;
+        announce(ws, load, false, vec![env.hash()]).await;
     }
     until("both holders", || peers.holders_of(&env.hash()).len() == 2).await;
     let cs = env.info.chunk_size as usize;

@@ -262,6 +262,26 @@ pub async fn serve_chunks(
     errors
 }
 
+/// Announce a peer's load and the blocks it holds.
+pub async fn announce(ws: &mut Ws, load: u16, serve_compute: bool, have: Vec<BlockHash>) {
+    send(
+        ws,
+        &ToRelay::Status {
+            load,
+            serve_compute,
+        },
+    )
+    .await;
+    send(
+        ws,
+        &ToRelay::Have {
+            add: have,
+            remove: vec![],
+        },
+    )
+    .await;
+}
+
 /// Ask for chunk `index` and wait for its answer: Ok((data, source)) or
 /// Err(reason).
 pub async fn fetch_chunk(
