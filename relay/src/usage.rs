@@ -70,6 +70,8 @@ pub const REPORT_TOKENS_CAP: u64 = 20_000;
 pub const REPORT_CALLS_CAP: u64 = 2_000;
 /// Entries of one report.
 pub const REPORT_MAX_ENTRIES: usize = 256;
+/// Reports one key may send per period (each one is a database write).
+pub const REPORTS_PER_PERIOD: u64 = 120;
 /// How often the relay writes counters to disk (at most this much is lost
 /// in a crash; a graceful stop flushes).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -550,6 +552,14 @@ impl Usage {
                 r.entries.len()
             ));
         }
+        // Checked before anything is written: a key the relay never served
+        // costs it no write at all.
+        if !r.entries.iter().any(|e| fetched(&r.key, &e.block)) {
+            return bad(
+                "this key was never served any of the blocks it reports (usage counts only for blocks the relay delivered to it)"
+                    .into(),
+            );
+        }
         let mut seen_key = r.key.to_vec();
         seen_key.extend_from_slice(&r.period.to_be_bytes());
         let cap_key = seen_key.clone();
@@ -566,13 +576,19 @@ impl Usage {
                     r.seq, r.period
                 ));
             }
-            seen.insert(seen_key.as_slice(), ()).map_err(dberr)?;
             let mut caps = w.open_table(CAPS).map_err(dberr)?;
-            let (mut calls_used, mut tokens_used): (u64, u64) =
+            let (mut calls_used, mut tokens_used, reports): (u64, u64, u64) =
                 match caps.get(cap_key.as_slice()).map_err(dberr)? {
                     Some(v) => postcard::from_bytes(v.value()).map_err(dberr)?,
-                    None => (0, 0),
+                    None => (0, 0, 0),
                 };
+            if reports >= REPORTS_PER_PERIOD {
+                // Returning drops the transaction: nothing is written.
+                return bad(format!(
+                    "at most {REPORTS_PER_PERIOD} reports per key and period"
+                ));
+            }
+            seen.insert(seen_key.as_slice(), ()).map_err(dberr)?;
             let mut refused = Vec::new();
             let mut apply = Vec::new();
             for e in &r.entries {
@@ -597,7 +613,8 @@ impl Usage {
                     apply.push((e.block, calls, tokens));
                 }
             }
-            let used = postcard::to_allocvec(&(calls_used, tokens_used)).map_err(dberr)?;
+            let used =
+                postcard::to_allocvec(&(calls_used, tokens_used, reports + 1)).map_err(dberr)?;
             caps.insert(cap_key.as_slice(), used.as_slice())
                 .map_err(dberr)?;
             outcome = ReportOutcome {
@@ -892,14 +909,30 @@ mod tests {
         assert!(u
             .submit_report(&UsageReport::sign(&k, 8, 3, e(1)), now, fetched)
             .is_err());
-        // A block the key never fetched.
-        let other = vec![ReportEntry {
+        // Only blocks the key never fetched: refused, nothing written.
+        let never = ReportEntry {
             block: h(2),
             calls: 1,
             tokens: 50,
-        }];
+        };
+        assert!(u
+            .submit_report(
+                &UsageReport::sign(&k, 10, 4, vec![never.clone()]),
+                now,
+                fetched
+            )
+            .is_err());
+        // Mixed: the fetched block counts, the other is refused.
+        let mixed = vec![
+            never,
+            ReportEntry {
+                block: h(1),
+                calls: 0,
+                tokens: 0,
+            },
+        ];
         let r = u
-            .submit_report(&UsageReport::sign(&k, 10, 4, other), now, fetched)
+            .submit_report(&UsageReport::sign(&k, 10, 7, mixed), now, fetched)
             .expect("ok");
         assert_eq!(r.accepted_tokens, 0);
         assert_eq!(r.refused.len(), 1);
@@ -918,6 +951,16 @@ mod tests {
         assert_eq!(r.accepted_tokens, 0);
         assert_eq!(u.version_counters(&h(1)).reported_tokens, REPORT_TOKENS_CAP);
         assert_eq!(u.version_counters(&h(2)).reported_tokens, 0);
+        // A key that reports too often is refused.
+        let k2 = SigningKey::from_bytes(&[4; 32]);
+        let fetched2 = |_: &[u8; 32], _: &BlockHash| true;
+        for seq in 0..REPORTS_PER_PERIOD {
+            u.submit_report(&UsageReport::sign(&k2, 10, seq, e(0)), now, fetched2)
+                .expect("under the report cap");
+        }
+        assert!(u
+            .submit_report(&UsageReport::sign(&k2, 10, 999, e(0)), now, fetched2)
+            .is_err());
         // The replay table survives a restart.
         drop(u);
         let u = open(&dir);
