@@ -221,8 +221,25 @@ fn malformed_and_oversized_bodies_are_refused_and_nothing_is_stored() {
     let many: Vec<String> = (0..4097).map(|i| format!("layer{i}.expert0")).collect();
     let body = serde_json::json!({"node_id":"m","host":"h","port":1,"available_experts":many});
     register(url, &serde_json::to_vec(&body).unwrap()).error(400);
-    let huge = vec![b' '; MAX_REGISTER_BODY + 1];
-    assert_eq!(register(url, &huge).error(413).code, codes::TOO_LARGE);
+    // Refused from its declared length, before the body is read: send only
+    // the header (a client streaming the body would see the relay close the
+    // connection on it, EPIPE, before it reads the 413).
+    let (status, text) = raw(
+        &e.relay.addr(),
+        format!(
+            "POST /p2p/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            MAX_REGISTER_BODY + 1
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 413, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{text}"
+    );
+    assert!(text.contains(codes::TOO_LARGE), "{text}");
     let r = to_resp(
         ureq::post(&format!("{url}/p2p/register"))
             .set("content-type", "text/plain")
