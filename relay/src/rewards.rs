@@ -119,6 +119,19 @@ fn parse_slot(p: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiEr
     }
 }
 
+/// The expert slots of model `meta`, sorted, each once.
+fn expert_names(dag: &Dag, meta: &BlockHash) -> Vec<String> {
+    let mut names: Vec<String> = dag
+        .chain(ChainId::B)
+        .filter(|e| e.header.meta.as_ref() == Some(meta))
+        .filter(|e| matches!(Slot::parse(&e.header.name), Ok(Slot::Expert { .. })))
+        .map(|e| e.header.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// The current model's meta block.
 fn current_meta(dag: &Dag) -> Result<BlockHash, ApiError> {
     dag.latest_meta()
@@ -281,15 +294,7 @@ async fn top(
     let limit = parse_limit(&query)?;
     let chain = st.chain.read().await;
     let meta = current_meta(&chain.dag)?;
-    let mut names: Vec<String> = chain
-        .dag
-        .chain(ChainId::B)
-        .filter(|e| e.header.meta == Some(meta))
-        .filter(|e| matches!(Slot::parse(&e.header.name), Ok(Slot::Expert { .. })))
-        .map(|e| e.header.name.clone())
-        .collect();
-    names.sort();
-    names.dedup();
+    let names = expert_names(&chain.dag, &meta);
     let mut rows: Vec<TopEntry> = names
         .iter()
         .filter_map(|n| expert_stats(&chain.dag, &st.usage, meta, n))
@@ -482,17 +487,10 @@ pub fn spawn_background(st: &SharedState) {
                 }
                 _ = pay.tick() => {
                     let Some(st) = weak.upgrade() else { return };
-                    let names: Vec<String> = {
+                    let names = {
                         let chain = st.chain.read().await;
                         let Ok(meta) = current_meta(&chain.dag) else { continue };
-                        let mut n: Vec<String> = chain.dag.chain(ChainId::B)
-                            .filter(|e| e.header.meta == Some(meta))
-                            .filter(|e| matches!(Slot::parse(&e.header.name), Ok(Slot::Expert { .. })))
-                            .map(|e| e.header.name.clone())
-                            .collect();
-                        n.sort();
-                        n.dedup();
-                        n
+                        expert_names(&chain.dag, &meta)
                     };
                     for n in names {
                         match pay_slot(&st, &n).await {

@@ -28,7 +28,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -198,13 +197,6 @@ impl Registry {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn bad(msg: impl Into<String>) -> HttpError {
     ApiError::malformed(msg).into()
 }
@@ -286,7 +278,7 @@ pub(crate) fn signer(
     let t: u64 = ts
         .parse()
         .map_err(|_| unauthorized("X-AIBlock-Timestamp must be unix seconds"))?;
-    let now = now_ms() / 1000;
+    let now = web_node::chain::now_ms() / 1000;
     if t.abs_diff(now) > MAX_CLOCK_SKEW {
         return Err(unauthorized(format!(
             "X-AIBlock-Timestamp {t} is more than {MAX_CLOCK_SKEW} s from the relay's clock ({now})"
@@ -367,7 +359,7 @@ pub(super) async fn register(
     })?;
     let port = validate(&req).map_err(bad)?;
     let owner = signer(&headers, |ts| register_message(&req.node_id, ts, &bytes))?;
-    let now = now_ms();
+    let now = web_node::chain::now_ms();
     let mut nodes = reg
         .nodes
         .lock()
@@ -432,7 +424,7 @@ pub(super) async fn register(
 pub(super) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
     let peers = &st.peers;
     let stats = peers.stats();
-    let now = now_ms();
+    let now = web_node::chain::now_ms();
     let mut nodes: Vec<NodeEntry> = peers
         .registry
         .nodes
