@@ -76,6 +76,12 @@ async fn get(
     Ok((body, link))
 }
 
+/// `GET url` as JSON (relay's REST API; not counted as block bytes).
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, String> {
+    let (body, _) = get(url, None, &mut FetchStats::default()).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: bad JSON: {e}"))
+}
+
 /// The target of a `Link: <url>; rel="next"` header.
 fn next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {

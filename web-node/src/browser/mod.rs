@@ -13,6 +13,7 @@
 mod chat;
 mod dom;
 mod fetch;
+mod net;
 mod render;
 
 use std::cell::RefCell;
