@@ -26,6 +26,7 @@ pub mod node;
 pub mod spec;
 pub mod store;
 pub mod verify;
+pub mod view;
 
 #[cfg(target_arch = "wasm32")]
 mod browser;

@@ -100,3 +100,19 @@ pub fn on_submit(id: &str, mut f: impl FnMut() + 'static) {
     // The page lives as long as the form: keep the handler.
     cb.forget();
 }
+
+/// Call `f` on every click of the element `id`, once per element: a second
+/// call for the same element does nothing (`data-wired` marks it).
+pub fn on_click(id: &str, mut f: impl FnMut() + 'static) {
+    let Some(el) = element(id) else {
+        return;
+    };
+    if el.has_attribute("data-wired") {
+        return;
+    }
+    let _ = el.set_attribute("data-wired", "");
+    let cb = Closure::<dyn FnMut(web_sys::Event)>::new(move |_: web_sys::Event| f());
+    let _ = el.add_event_listener_with_callback("click", cb.as_ref().unchecked_ref());
+    // The page lives as long as the element: keep the handler.
+    cb.forget();
+}

@@ -12,33 +12,7 @@ use crate::verify::{ChainReport, VerifyReport};
 
 use super::fetch::FetchStats;
 
-/// Escape text for HTML element content and attribute values.
-pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-pub fn fmt_bytes(n: u64) -> String {
-    const K: f64 = 1024.0;
-    let f = n as f64;
-    if f >= K * K {
-        format!("{:.1} MiB", f / (K * K))
-    } else if f >= K {
-        format!("{:.1} KiB", f / K)
-    } else {
-        format!("{n} B")
-    }
-}
+pub use crate::view::{escape_html, fmt_bytes};
 
 /// A block's payload as the page shows it.
 enum Payload<'a> {
@@ -396,7 +370,12 @@ pub fn render_details(report: &ChainReport, dag: &Dag) -> String {
 }
 
 /// The chat section: the form when the model is built, else why not.
+/// The engine select starts on the device check's plan (CPU before it ran).
 pub fn render_chat(model: Result<&ChainModel, &str>) -> String {
+    render_chat_for(model, super::panels::planned_gpu().unwrap_or(false))
+}
+
+fn render_chat_for(model: Result<&ChainModel, &str>, gpu: bool) -> String {
     match model {
         Err(e) => format!(
             "<section id=\"chat\" data-state=\"unavailable\"><h2>Chat</h2>\
@@ -405,6 +384,7 @@ pub fn render_chat(model: Result<&ChainModel, &str>) -> String {
         ),
         Ok(m) => {
             let cfg = &m.config;
+            let sel = |on: bool| if on { " selected" } else { "" };
             format!(
                 "<section id=\"chat\" data-state=\"ready\"><h2>Chat with {name}</h2>\
                  <p class=\"muted\">Runs in this browser on the verified heads of meta block \
@@ -412,19 +392,28 @@ pub fn render_chat(model: Result<&ChainModel, &str>) -> String {
                  An expert's payload is fetched, chunk by chunk, and verified the first time the \
                  router picks it.</p>\
                  <form id=\"chat-form\"><textarea id=\"prompt\" rows=\"2\" cols=\"60\" \
-                 placeholder=\"Q: 38+45=? A:  (the default model answers prompts in this form)\"></textarea><br>\
-                 <label>max tokens <input id=\"max-tokens\" type=\"number\" min=\"1\" max=\"512\" value=\"32\"></label> \
-                 <label>temperature <input id=\"temperature\" type=\"number\" min=\"0\" step=\"0.1\" value=\"0\"></label> \
-                 <label>experts per token <input id=\"top-k\" type=\"number\" min=\"1\" max=\"{experts}\" value=\"{k}\"></label> \
-                 <label>engine <select id=\"device\"><option value=\"cpu\">CPU (wasm)</option>\
-                 <option value=\"gpu\">GPU (WebGPU)</option></select></label> \
-                 <button id=\"send\" type=\"submit\">Generate</button></form>\
-                 <pre id=\"reply\" data-state=\"idle\"></pre><div id=\"chat-stats\" class=\"muted\"></div></section>",
+                 placeholder=\"Q: 38+45=? A:  (the default model answers prompts in this form)\"></textarea>\
+                 <div class=\"controls\">\
+                 <label>max tokens <input id=\"max-tokens\" type=\"number\" min=\"1\" max=\"512\" value=\"32\"></label>\
+                 <label title=\"0: greedy (the most likely token each time)\">temperature \
+                 <input id=\"temperature\" type=\"number\" min=\"0\" max=\"5\" step=\"0.1\" value=\"0\"></label>\
+                 <label title=\"nucleus sampling: keep the smallest set of tokens with this much probability\">top-p \
+                 <input id=\"top-p\" type=\"number\" min=\"0.05\" max=\"1\" step=\"0.05\" value=\"1\"></label>\
+                 <label title=\"experts each token is routed to in every layer (top_k)\">experts per token \
+                 <input id=\"top-k\" type=\"number\" min=\"1\" max=\"{experts}\" value=\"{k}\"></label>\
+                 <label>engine <select id=\"engine\"><option value=\"cpu\"{cpu_sel}>CPU (wasm)</option>\
+                 <option value=\"gpu\"{gpu_sel}>GPU (WebGPU)</option></select></label>\
+                 <button id=\"send\" type=\"submit\">Generate</button>\
+                 <button id=\"stop\" type=\"button\" disabled>Stop</button></div></form>\
+                 <pre id=\"reply\" data-state=\"idle\" aria-live=\"polite\"></pre>\
+                 <div id=\"chat-stats\" class=\"muted\"></div></section>",
                 name = escape_html(&m.name),
                 meta = m.meta.short(),
                 layers = cfg.num_hidden_layers,
                 experts = cfg.num_local_experts,
                 k = cfg.num_experts_per_tok,
+                cpu_sel = sel(!gpu),
+                gpu_sel = sel(gpu),
             )
         }
     }
