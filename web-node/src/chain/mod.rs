@@ -10,6 +10,7 @@ mod build;
 mod chunks;
 mod dag;
 mod error;
+mod held;
 mod meta;
 mod payload;
 mod validate;
@@ -22,6 +23,7 @@ pub use build::{now_ms, BlockBuilder};
 pub use chunks::{chunk_count, chunk_hashes, payload_root, verify_chunk, ChunkHasher};
 pub use dag::{Dag, DagEntry, SlotHead};
 pub use error::ChainError;
+pub use held::{verify_held, verify_held_payload};
 pub use meta::{MetaPayload, ARCHITECTURE};
 pub use payload::{PayloadAssembler, PayloadStatus, VerifiedPayload};
 pub use validate::{
