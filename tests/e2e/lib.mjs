@@ -82,15 +82,15 @@ export async function listChain(base, chain) {
 }
 
 /**
- * Start `relay serve` on a free port with a fresh data dir (or `dataDir`) and
- * `extraArgs`.
+ * Start `relay serve` on a free port with a fresh data dir (or `dataDir`),
+ * serving `dist` (default $AIBLOCK_DIST or dist/), and `extraArgs`.
  * Resolves { base, dataDir, stop(), log() } once the REST API answers.
  */
-export async function startRelay({ dataDir, extraArgs = [] } = {}) {
+export async function startRelay({ dataDir, extraArgs = [], dist = null } = {}) {
   const bin = relayBin();
   const port = await freePort();
   dataDir = dataDir || fs.mkdtempSync(path.join(os.tmpdir(), 'aiblock-e2e-'));
-  const dist = process.env.AIBLOCK_DIST || path.join(REPO, 'dist');
+  dist = dist || process.env.AIBLOCK_DIST || path.join(REPO, 'dist');
   if (!fs.existsSync(path.join(dist, 'index.html'))) {
     throw new Error(`${dist}/index.html missing: run \`trunk build --release --offline\` first`);
   }
@@ -251,3 +251,314 @@ export async function openAndReport(browser, url) {
   await context.close();
   return report;
 }
+
+// ------------------------------------------------------------------ the /ws wire
+
+/** Read a postcard varint (LEB128) at `o`; returns [value, next offset]. */
+function varint(buf, o) {
+  let v = 0;
+  let mul = 1;
+  for (let i = 0; i < 10; i++) {
+    const b = buf[o++];
+    if (b === undefined) throw new Error('truncated varint');
+    v += (b & 0x7f) * mul;
+    if (!(b & 0x80)) return [v, o];
+    mul *= 128;
+  }
+  throw new Error('varint too long');
+}
+
+const hex = (buf, o, n = 32) => Buffer.from(buf.subarray(o, o + n)).toString('hex');
+
+/**
+ * Decode the parts of a relay -> peer frame (web_node::net::peer::FromRelay,
+ * postcard) the tests need: Welcome{peer}, ServeChunk{req, block, index},
+ * ChunkData{req, block, index, bytes, from}, ChunkFailed, Error{code}.
+ * Variant order: Challenge, Welcome, Error, ServeChunk, ChunkData,
+ * ChunkFailed, Compute, BlockAdded.
+ */
+export function decodeFromRelay(payload) {
+  const b = Buffer.isBuffer(payload) ? payload : Buffer.from(payload);
+  let [tag, o] = varint(b, 0);
+  switch (tag) {
+    case 1: return { type: 'Welcome', peer: hex(b, o) };
+    case 2: {
+      let n; [n, o] = varint(b, o);
+      return { type: 'Error', code: b.subarray(o, o + n).toString() };
+    }
+    case 3: {
+      let req; [req, o] = varint(b, o);
+      const block = hex(b, o); o += 32;
+      const [index] = varint(b, o);
+      return { type: 'ServeChunk', req, block, index };
+    }
+    case 4: {
+      let req, index, n, src;
+      [req, o] = varint(b, o);
+      const block = hex(b, o); o += 32;
+      [index, o] = varint(b, o);
+      [n, o] = varint(b, o);
+      o += n;
+      [src, o] = varint(b, o);
+      const from = src === 1 ? hex(b, o) : 'relay';
+      return { type: 'ChunkData', req, block, index, bytes: n, from };
+    }
+    case 5: {
+      let req; [req, o] = varint(b, o);
+      return { type: 'ChunkFailed', req, block: hex(b, o) };
+    }
+    default: return { type: ['Challenge', 'Welcome', 'Error', 'ServeChunk', 'ChunkData', 'ChunkFailed', 'Compute', 'BlockAdded'][tag] ?? `tag${tag}` };
+  }
+}
+
+/**
+ * Decode a peer -> relay frame (ToRelay): Have{add}, GetChunk{block, index},
+ * Chunk{req, bytes}. Variant order: Login, Status, Have, GetChunk, Chunk,
+ * NoChunk, ComputeResult, ComputeFailed.
+ */
+export function decodeToRelay(payload) {
+  const b = Buffer.isBuffer(payload) ? payload : Buffer.from(payload);
+  let [tag, o] = varint(b, 0);
+  switch (tag) {
+    case 2: {
+      let n; [n, o] = varint(b, o);
+      const add = [];
+      for (let i = 0; i < n; i++, o += 32) add.push(hex(b, o));
+      return { type: 'Have', add };
+    }
+    case 3: {
+      let req; [req, o] = varint(b, o);
+      const block = hex(b, o); o += 32;
+      const [index] = varint(b, o);
+      return { type: 'GetChunk', req, block, index };
+    }
+    case 4: {
+      let req, n;
+      [req, o] = varint(b, o);
+      [n, o] = varint(b, o);
+      return { type: 'Chunk', req, bytes: n };
+    }
+    default: return { type: ['Login', 'Status', 'Have', 'GetChunk', 'Chunk', 'NoChunk', 'ComputeResult', 'ComputeFailed'][tag] ?? `tag${tag}` };
+  }
+}
+
+/**
+ * Record what a page downloads, independently of what it says: REST payload
+ * and chunk-list requests, and every /ws frame both ways (decoded). Survives
+ * reloads. `mark()` returns a position; `since(mark)` what happened after it.
+ */
+export function trackWire(page) {
+  const events = [];
+  page.on('request', (r) => {
+    const h = payloadRequestHash(r.url());
+    if (h) events.push({ kind: 'rest', hash: h, path: new URL(r.url()).pathname, t: Date.now() });
+  });
+  // Body bytes of every HTTP response (payloads, listings, the bundle).
+  page.on('requestfinished', async (r) => {
+    try {
+      const s = await r.sizes();
+      events.push({ kind: 'http-bytes', path: new URL(r.url()).pathname, bytes: s.responseBodySize, payload: !!payloadRequestHash(r.url()), t: Date.now() });
+    } catch { /* page gone */ }
+  });
+  page.on('websocket', (ws) => {
+    events.push({ kind: 'ws-open', url: ws.url() });
+    ws.on('framereceived', (f) => {
+      if (typeof f.payload === 'string') return;
+      try { events.push({ kind: 'in', ...decodeFromRelay(f.payload) }); } catch (e) { events.push({ kind: 'in', type: 'undecodable', error: String(e) }); }
+    });
+    ws.on('framesent', (f) => {
+      if (typeof f.payload === 'string') return;
+      try { events.push({ kind: 'out', ...decodeToRelay(f.payload) }); } catch (e) { events.push({ kind: 'out', type: 'undecodable', error: String(e) }); }
+    });
+    ws.on('close', () => events.push({ kind: 'ws-close' }));
+  });
+  const since = (m = 0) => {
+    const ev = events.slice(m);
+    const chunks = ev.filter((e) => e.kind === 'in' && e.type === 'ChunkData');
+    const bytesFrom = {};
+    for (const c of chunks) bytesFrom[c.from] = (bytesFrom[c.from] || 0) + c.bytes;
+    return {
+      events: ev,
+      rest: ev.filter((e) => e.kind === 'rest'),
+      /** Body bytes of REST payload and chunk-list answers. */
+      restPayloadBytes: ev.filter((e) => e.kind === 'http-bytes' && e.payload).reduce((n, e) => n + e.bytes, 0),
+      chunks,
+      chunkBytes: chunks.reduce((n, c) => n + c.bytes, 0),
+      bytesFrom,
+      served: ev.filter((e) => e.kind === 'out' && e.type === 'Chunk'),
+      have: ev.filter((e) => e.kind === 'out' && e.type === 'Have').flatMap((e) => e.add),
+      welcome: ev.find((e) => e.kind === 'in' && e.type === 'Welcome')?.peer ?? null,
+      /** Blocks whose payload bytes reached the page (REST or /ws). */
+      blocks: new Set([...ev.filter((e) => e.kind === 'rest').map((e) => e.hash), ...chunks.map((c) => c.block)]),
+    };
+  };
+  return { mark: () => events.length, since, events };
+}
+
+// ------------------------------------------------------------------ the node page
+
+/** Everything the node page shows in data attributes (the page contract). */
+export function readNode(page) {
+  return page.evaluate(() => {
+    const ds = (id) => {
+      const el = document.getElementById(id);
+      return el ? { ...el.dataset, text: el.textContent } : null;
+    };
+    const list = (s) => (s || '').split(',').map((x) => x.trim()).filter(Boolean);
+    const reply = ds('reply');
+    if (reply) {
+      reply.ids = list(reply.tokenIds).map(Number);
+      reply.used = list(reply.expertsUsed);
+      reply.fetched = list(reply.expertsFetched);
+    }
+    return {
+      summary: ds('summary'),
+      net: ds('net'),
+      cache: ds('cache'),
+      device: ds('device'),
+      reply,
+      alerts: [...document.querySelectorAll('#alerts .alert')].map((a) => ({ kind: a.dataset.kind, text: a.textContent.trim() })),
+      dag: [...document.querySelectorAll('#dag svg g[data-hash]')].map((g) => ({ ...g.dataset })),
+    };
+  });
+}
+
+/**
+ * Ask a prompt in the page's chat (greedy unless `temperature` is given) and
+ * wait until that answer ends. Resolves { ...readNode().reply, trace } where
+ * trace is every (state, tokens, text length) the reply went through.
+ */
+export async function ask(page, prompt, maxTokens, { engine = null, temperature = 0, timeout = 300_000 } = {}) {
+  await page.fill('#prompt', prompt);
+  await page.fill('#max-tokens', String(maxTokens));
+  const setIf = async (sel, v) => {
+    if (await page.$(sel)) await page.fill(sel, String(v));
+  };
+  await setIf('#temperature', temperature);
+  await setIf('#top-p', 1);
+  if (engine) await page.selectOption('#engine', engine);
+  await page.evaluate(() => {
+    const trace = [];
+    window.__replyTrace = trace;
+    const snap = () => {
+      const r = document.getElementById('reply');
+      if (!r) return;
+      const s = { state: r.dataset.state ?? null, tokens: Number(r.dataset.tokens ?? NaN), chars: r.textContent.length };
+      const last = trace[trace.length - 1];
+      if (!last || last.state !== s.state || last.tokens !== s.tokens || last.chars !== s.chars) trace.push({ ...s, t: performance.now() });
+    };
+    window.__replyObserver?.disconnect();
+    window.__replyObserver = new MutationObserver(snap);
+    window.__replyObserver.observe(document.body, { subtree: true, childList: true, attributes: true, characterData: true });
+  });
+  await page.evaluate(() => {
+    window.__sentAt = null;
+    document.getElementById('send')?.addEventListener('click', () => { window.__sentAt = performance.now(); }, { once: true, capture: true });
+  });
+  await page.click('#send');
+  try {
+    await page.waitForFunction(() => {
+      const tr = window.__replyTrace;
+      const i = tr.findIndex((x) => x.state === 'running');
+      const r = document.getElementById('reply');
+      const end = ['done', 'error', 'stopped'];
+      return i >= 0 && r && end.includes(r.dataset.state) && tr.slice(i).some((x) => end.includes(x.state));
+    }, null, { timeout, polling: 100 });
+  } catch (e) {
+    const now = await readNode(page).catch(() => null);
+    throw new Error(`no finished answer within ${timeout / 1000} s: ${e.message}\nreply now: ${JSON.stringify(now?.reply)}\nalerts: ${JSON.stringify(now?.alerts)}`);
+  }
+  const { trace, sentAt } = await page.evaluate(() => ({ trace: window.__replyTrace, sentAt: window.__sentAt }));
+  const r = (await readNode(page)).reply;
+  // Timings from the trace (page clock, ms): first token after the click,
+  // and decode tokens/s from the first token shown to the end.
+  const tok = trace.filter((x) => x.tokens > 0);
+  const first = tok[0];
+  // The moment the last token appeared (a later 'done' repeats its count).
+  const last = tok.find((x) => x.tokens === tok[tok.length - 1]?.tokens);
+  const firstTokenMs = first && sentAt != null ? first.t - sentAt : null;
+  const decodeTps = first && last && last.tokens > first.tokens ? (last.tokens - first.tokens) / ((last.t - first.t) / 1000) : null;
+  return { ...r, trace, sentAt, firstTokenMs, decodeTps };
+}
+
+/** A built cargo example of the miner (corrupt_peer, greedy_ids), or null. */
+export function exampleBin(name) {
+  const env = process.env[`AIBLOCK_${name.toUpperCase()}_BIN`];
+  if (env) return env;
+  const target = process.env.CARGO_TARGET_DIR || path.join(REPO, 'target');
+  for (const p of [path.join(target, 'debug', 'examples', name), path.join(target, 'release', 'examples', name)]) {
+    if (fs.existsSync(p)) return p;
+  }
+  return null;
+}
+
+export function modelDir() {
+  return process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
+}
+
+/**
+ * Native greedy decoding (miner example greedy_ids): resolves { ids, text,
+ * decode_tokens_per_s, first_token_ms, ... }, or null without the binary.
+ */
+export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, runs = 1 } = {}) {
+  const bin = exampleBin('greedy_ids');
+  if (!bin || !fs.existsSync(path.join(modelDir(), 'config.json'))) return Promise.resolve(null);
+  const args = ['--model', modelDir(), '--prompt', prompt, '--max-tokens', String(maxTokens), '--device', device, '--runs', String(runs)];
+  if (device === 'cpu' && threads) args.push('--threads', String(threads));
+  return new Promise((resolve, reject) => {
+    const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { err += d; });
+    child.on('exit', (code) => {
+      if (code !== 0) reject(new Error(`greedy_ids ${args.join(' ')} exited ${code}: ${err}`));
+      else resolve(JSON.parse(out.trim().split('\n').pop()));
+    });
+  });
+}
+
+/**
+ * Start the lying native peer (miner example corrupt_peer) on the relay:
+ * resolves once it logged in and announced its blocks, with { peer (hex),
+ * blocks, lines (its JSON events so far), exited, stop() }.
+ */
+export async function startCorruptPeer(base, extraArgs = []) {
+  const bin = exampleBin('corrupt_peer');
+  if (!bin) throw new Error('corrupt_peer not built: cargo build -p miner --example corrupt_peer');
+  const child = spawn(bin, ['--relay', base, ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const st = { lines: [], exited: null, stderr: '' };
+  let buf = '';
+  child.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      try { st.lines.push(JSON.parse(line)); } catch { st.lines.push({ event: 'text', line }); }
+    }
+  });
+  child.stderr.on('data', (d) => { st.stderr += d; });
+  child.on('exit', (code, sig) => { st.exited = { code, sig }; });
+  for (let i = 0; ; i++) {
+    const ready = st.lines.find((l) => l.event === 'ready');
+    if (ready) {
+      return {
+        peer: ready.peer,
+        blocks: ready.blocks,
+        state: st,
+        stop: async () => {
+          if (st.exited) return;
+          child.kill('SIGTERM');
+          for (let j = 0; j < 50 && !st.exited; j++) await sleep(100);
+          if (!st.exited) child.kill('SIGKILL');
+        },
+      };
+    }
+    if (st.exited) throw new Error(`corrupt_peer exited ${JSON.stringify(st.exited)}: ${st.stderr}`);
+    if (i > 600) { child.kill('SIGKILL'); throw new Error('corrupt_peer did not log in within 60 s'); }
+    await sleep(100);
+  }
+}
+
+export { sleep };

@@ -1,0 +1,155 @@
+// Browser benchmark (issue 11): run by scripts/bench-browser.sh, which builds
+// what it needs. Prints, in one run:
+//   - decode tokens/s in headless Chromium: the WebGPU engine (SwiftShader)
+//     and the CPU path (wasm SIMD128, and without SIMD when a second dist is
+//     given), beside the native engine (wgpu on lavapipe, and the CPU
+//     reference on one thread);
+//   - time to first token, cold (fresh profile) and from the cache (reload);
+//   - the wasm bundle's size, raw, gzip and brotli;
+//   - block bytes downloaded before the first token, beside the whole model.
+//
+// Env: AIBLOCK_DIST (the SIMD build, default dist/), AIBLOCK_DIST_NOSIMD (a
+// build without SIMD; skipped if unset), BENCH_TOKENS (decode length,
+// default 24), BENCH_PROMPT, AIBLOCK_REQUIRE_GPU=1 (fail without a WebGPU
+// adapter), plus lib.mjs's.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import zlib from 'node:zlib';
+import { chromium } from 'playwright-core';
+
+import {
+  CHROMIUM_ARGS, REPO, ask, chromiumPath, listChain, nativeGreedy, readNode, startRelay, trackWire,
+} from './lib.mjs';
+
+const PROMPT = process.env.BENCH_PROMPT || 'Q: 23+45=? A:';
+const N = Number(process.env.BENCH_TOKENS || 24);
+const DIST = process.env.AIBLOCK_DIST || path.join(REPO, 'dist');
+const DIST_NOSIMD = process.env.AIBLOCK_DIST_NOSIMD || null;
+const VIEWPORT = { width: 1280, height: 900 };
+
+const mib = (n) => `${(n / (1024 * 1024)).toFixed(2)} MiB`;
+const f1 = (x) => (x == null || Number.isNaN(x) ? 'n/a' : x.toFixed(1));
+const log = (s) => console.error(s);
+
+function bundleSizes(dist) {
+  const wasm = fs.readdirSync(dist).filter((f) => f.endsWith('.wasm'));
+  if (wasm.length !== 1) throw new Error(`${dist}: expected one .wasm, found ${wasm}`);
+  const raw = fs.readFileSync(path.join(dist, wasm[0]));
+  return {
+    file: wasm[0],
+    raw: raw.length,
+    gzip: zlib.gzipSync(raw, { level: 9 }).length,
+    brotli: zlib.brotliCompressSync(raw, {
+      params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 11, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: raw.length },
+    }).length,
+  };
+}
+
+async function modelBytes(base) {
+  const a = await listChain(base, 'A');
+  const b = await listChain(base, 'B');
+  return [...a, ...b].filter((x) => x.chain === 'A' || x.is_head).reduce((n, x) => n + x.payload_len, 0);
+}
+
+async function open(context, url) {
+  const page = await context.newPage();
+  const wire = trackWire(page);
+  const t0 = Date.now();
+  await page.goto(url);
+  await page.waitForSelector('#summary[data-phase="done"]', { timeout: 300_000 });
+  await page.waitForSelector('#net[data-state="online"]', { timeout: 60_000 }).catch(() => {});
+  return { page, wire, loadMs: Date.now() - t0 };
+}
+
+/** Decode speed: the best of `runs` answers of N tokens (the first warms up). */
+async function decode(page, engine, runs = 2) {
+  let best = null;
+  for (let i = 0; i < runs; i++) {
+    const r = await ask(page, PROMPT, N, { engine, timeout: 600_000 });
+    if (r.state !== 'done') throw new Error(`${engine} answer ended ${r.state}: ${r.text}`);
+    log(`  ${engine}: ${r.ids.length} tokens, ${f1(r.decodeTps)} tokens/s (engine ${r.engine})`);
+    if (!best || (r.decodeTps ?? 0) > (best.decodeTps ?? 0)) best = r;
+  }
+  return best;
+}
+
+const rows = [];
+const row = (what, value, note = '') => rows.push([what, value, note]);
+
+const simd = bundleSizes(DIST);
+const nosimd = DIST_NOSIMD ? bundleSizes(DIST_NOSIMD) : null;
+
+const relay = await startRelay();
+const whole = await modelBytes(relay.base);
+const browser = await chromium.launch({ executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
+log(`chromium ${browser.version()}, relay ${relay.base}, prompt ${JSON.stringify(PROMPT)}, ${N} tokens`);
+let gpuTps = null;
+let cpuTps = null;
+let nosimdTps = null;
+let cold = null;
+let warm = null;
+let adapter = null;
+try {
+  const ctx = await browser.newContext({ viewport: VIEWPORT });
+  const { page, wire, loadMs } = await open(ctx, `${relay.base}/`);
+  adapter = await page.evaluate(async () => {
+    const a = navigator.gpu && await navigator.gpu.requestAdapter();
+    return a ? (a.info?.description || a.info?.vendor || 'yes') : null;
+  });
+  if (!adapter && process.env.AIBLOCK_REQUIRE_GPU === '1') throw new Error('no WebGPU adapter');
+  const engine = adapter ? 'gpu' : 'cpu';
+  // Cold: a fresh profile, one token (what the first token needs, no more).
+  const first = await ask(page, PROMPT, 1, { engine, timeout: 600_000 });
+  const w = wire.since(0);
+  cold = { loadMs, ttft: first.firstTokenMs, bytes: w.chunkBytes + w.restPayloadBytes, ws: w.chunkBytes, rest: w.restPayloadBytes };
+  log(`  cold: page loaded in ${loadMs} ms, first token ${f1(first.firstTokenMs)} ms after the click, ${mib(cold.bytes)} of payloads`);
+  if (adapter) gpuTps = (await decode(page, 'gpu')).decodeTps;
+  cpuTps = (await decode(page, 'cpu')).decodeTps;
+  // From the cache: reload the same profile.
+  const m = wire.mark();
+  const t0 = Date.now();
+  await page.reload();
+  await page.waitForSelector('#summary[data-phase="done"]', { timeout: 300_000 });
+  const reloadMs = Date.now() - t0;
+  const again = await ask(page, PROMPT, 1, { engine, timeout: 600_000 });
+  const w2 = wire.since(m);
+  warm = { loadMs: reloadMs, ttft: again.firstTokenMs, bytes: w2.chunkBytes + w2.restPayloadBytes, cache: (await readNode(page)).cache };
+  log(`  cache: reloaded in ${reloadMs} ms, first token ${f1(again.firstTokenMs)} ms, ${warm.bytes} payload bytes downloaded`);
+  await ctx.close();
+} finally {
+  await relay.stop();
+}
+
+if (DIST_NOSIMD) {
+  const r2 = await startRelay({ dist: DIST_NOSIMD });
+  try {
+    const ctx = await browser.newContext({ viewport: VIEWPORT });
+    const { page } = await open(ctx, `${r2.base}/`);
+    nosimdTps = (await decode(page, 'cpu')).decodeTps;
+    await ctx.close();
+  } finally {
+    await r2.stop();
+  }
+}
+await browser.close();
+
+log('native: greedy_ids on the CPU reference (1 thread) and the wgpu engine (lavapipe)');
+const nCpu = await nativeGreedy(PROMPT, N, { device: 'cpu', threads: 1, runs: 2 }).catch((e) => ({ error: e.message }));
+const nGpu = await nativeGreedy(PROMPT, N, { device: 'gpu', runs: 2 }).catch((e) => ({ error: e.message }));
+
+row('decode, browser WebGPU (SwiftShader)', adapter ? `${f1(gpuTps)} tok/s` : 'no adapter', adapter ?? '');
+row('decode, native wgpu (lavapipe)', nGpu?.error ? 'failed' : `${f1(nGpu?.decode_tokens_per_s)} tok/s`, nGpu?.error ? nGpu.error.split('\n')[0].slice(0, 80) : 'greedy_ids --device gpu');
+row('decode, browser CPU path, wasm SIMD128', `${f1(cpuTps)} tok/s`, '1 thread');
+row('decode, browser CPU path, wasm without SIMD', DIST_NOSIMD ? `${f1(nosimdTps)} tok/s` : 'not built', DIST_NOSIMD ? '1 thread' : 'set AIBLOCK_DIST_NOSIMD');
+row('decode, native CPU reference', nCpu?.error ? 'failed' : `${f1(nCpu?.decode_tokens_per_s)} tok/s`, '1 thread');
+row('time to first token, cold', `${f1(cold?.ttft)} ms`, `after the click; page load before it ${cold?.loadMs} ms`);
+row('time to first token, from the cache', `${f1(warm?.ttft)} ms`, `after the click; reload before it ${warm?.loadMs} ms, ${warm?.bytes} payload bytes downloaded`);
+row('block bytes before the first token (cold)', mib(cold?.bytes ?? 0), `${(100 * (cold?.bytes ?? 0) / whole).toFixed(0)}% of the model's ${mib(whole)} (/ws ${mib(cold?.ws ?? 0)}, REST ${mib(cold?.rest ?? 0)})`);
+row('wasm bundle, SIMD128', `${mib(simd.raw)} raw`, `gzip ${mib(simd.gzip)}, brotli ${mib(simd.brotli)}`);
+if (nosimd) row('wasm bundle, no SIMD', `${mib(nosimd.raw)} raw`, `gzip ${mib(nosimd.gzip)}, brotli ${mib(nosimd.brotli)}`);
+
+const w0 = Math.max(...rows.map((r) => r[0].length));
+const w1 = Math.max(...rows.map((r) => r[1].length));
+console.log(`\nbrowser benchmark: ${JSON.stringify(PROMPT)}, ${N} decoded tokens, greedy; Chromium headless`);
+for (const [a, b, c] of rows) console.log(`  ${a.padEnd(w0)}  ${b.padStart(w1)}  ${c}`);
