@@ -15,6 +15,7 @@ use crate::model::generate::{prompt_ids, Generation, Generator, StopReason};
 use crate::model::sampler::{Sampler, SamplerConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{run_step, Engine, ExpertId, ModelError, RunOptions, Supply};
+use crate::net::usage::ReportEntry;
 
 use super::dom::{
     input_value, next_frame, now_ms, on_click, set_attr, set_disabled, set_progress, set_text,
@@ -151,6 +152,32 @@ pub async fn run_chat() {
                 .map(|e| e.hash)
                 .collect();
             panels::show_dag(&node.store.dag, &held, &a.used);
+            // A signed usage report of this answer (the relay counts it only
+            // for blocks it served this node). The CPU engine counts the
+            // tokens routed to each expert; the GPU engine only which ones.
+            let routed: Vec<(ExpertId, u64)> = if a.kind == "cpu" {
+                node.model
+                    .engine
+                    .routing_stats()
+                    .routed()
+                    .into_iter()
+                    .map(|(l, e, c)| (ExpertId::new(l, e), c))
+                    .collect()
+            } else {
+                a.used.iter().map(|&id| (id, 0)).collect()
+            };
+            super::net::spawn_usage_report(
+                routed
+                    .into_iter()
+                    .filter_map(|(id, tokens)| {
+                        node.model.expert_block(id).map(|block| ReportEntry {
+                            block,
+                            calls: 1,
+                            tokens,
+                        })
+                    })
+                    .collect(),
+            );
         }
         Err(e) => {
             // Keep what streamed so far; say what went wrong below it.

@@ -10,13 +10,18 @@ use std::sync::Arc;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::chain::{Block, BlockHash, ChainError, ChainId, Dag, PayloadAssembler, PayloadStatus};
+use crate::chain::{
+    verify_held_payload, Block, BlockHash, ChainError, ChainId, Dag, PayloadAssembler,
+    PayloadStatus,
+};
 use crate::model::{Config, ExpertId, ExpertWeights, ModelError, Supply};
 use crate::net::api::{BlockInfo, ChunkList};
 use crate::verify;
 
+use super::cache::Cache;
 use super::dom::{js_err, set_progress};
 use super::render::fmt_bytes;
+use super::{net, panels};
 
 /// Bytes per payload request: whole chunks, each checked on arrival.
 const PIECE_BYTES: u64 = 1024 * 1024;
@@ -37,6 +42,16 @@ pub struct FetchStats {
     pub refused_chunks: u64,
     /// Experts whose payload this session fetched.
     pub experts: BTreeSet<ExpertId>,
+    /// Payload bytes that came over the peer network (`/ws`: from other
+    /// nodes through the relay, or the relay's store as its fallback).
+    pub ws_payload_bytes: u64,
+    /// Payloads taken from the browser's cache after re-verification.
+    pub cache_hits: u64,
+    /// Cache entries dropped: corrupt (failed re-verification) or stale
+    /// (no longer a verified block of the chain).
+    pub cache_dropped: u64,
+    /// Payloads the peer network could not deliver, fetched over REST instead.
+    pub ws_fallbacks: u64,
 }
 
 /// One GET relative to the page; non-2xx answers are errors with the relay's
@@ -82,6 +97,32 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, St
     serde_json::from_slice(&body).map_err(|e| format!("{url}: bad JSON: {e}"))
 }
 
+/// `POST url` with a JSON body; the answer's status and body text.
+pub async fn post_json<T: serde::Serialize>(url: &str, body: &T) -> Result<(u16, String), String> {
+    let window = web_sys::window().ok_or("no window")?;
+    let json = serde_json::to_string(body).map_err(|e| e.to_string())?;
+    let init = web_sys::RequestInit::new();
+    init.set_method("POST");
+    let headers = web_sys::Headers::new().map_err(js_err)?;
+    headers
+        .set("Content-Type", "application/json")
+        .map_err(js_err)?;
+    init.set_headers(&headers);
+    init.set_body(&wasm_bindgen::JsValue::from_str(&json));
+    let req = web_sys::Request::new_with_str_and_init(url, &init).map_err(js_err)?;
+    let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req))
+        .await
+        .map_err(|e| format!("POST {url}: {}", js_err(e)))?
+        .dyn_into()
+        .map_err(js_err)?;
+    let text = JsFuture::from(resp.text().map_err(js_err)?)
+        .await
+        .map_err(|e| format!("POST {url}: {}", js_err(e)))?
+        .as_string()
+        .unwrap_or_default();
+    Ok((resp.status(), text))
+}
+
 /// The target of a `Link: <url>; rel="next"` header.
 fn next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {
@@ -121,6 +162,20 @@ pub async fn get_payload(hash: &BlockHash, stats: &mut FetchStats) -> Result<Vec
     Ok(body)
 }
 
+/// `GET /blocks/{hash}/chunks`: the chunk hashes the payload root commits
+/// to (checked by whoever assembles the payload).
+async fn chunk_list(block: &Block, stats: &mut FetchStats) -> Result<Vec<BlockHash>, String> {
+    let (body, _) = get(
+        &format!("/blocks/{}/chunks", block.hash.to_hex()),
+        None,
+        stats,
+    )
+    .await?;
+    let list: ChunkList =
+        serde_json::from_slice(&body).map_err(|e| format!("bad chunk list: {e}"))?;
+    Ok(list.chunks)
+}
+
 /// Fetch a header-verified block's payload chunk by chunk and verify it.
 /// A refused chunk is fetched once more before the payload fails.
 async fn fetch_verified(
@@ -131,10 +186,8 @@ async fn fetch_verified(
 ) -> Result<Vec<u8>, String> {
     let hex = block.hash.to_hex();
     let mut asm = PayloadAssembler::new(block);
-    let (body, _) = get(&format!("/blocks/{hex}/chunks"), None, stats).await?;
-    let list: ChunkList =
-        serde_json::from_slice(&body).map_err(|e| format!("bad chunk list: {e}"))?;
-    asm.set_chunk_list(list.chunks).map_err(|e| e.to_string())?;
+    asm.set_chunk_list(chunk_list(block, stats).await?)
+        .map_err(|e| e.to_string())?;
     let url = format!("/blocks/{hex}/payload");
     let per = (PIECE_BYTES / u64::from(block.header.chunk_size.max(1))).max(1) as usize;
     let total = asm.chunk_count();
@@ -180,46 +233,180 @@ async fn fetch_verified(
 }
 
 /// The blocks this page verified, the DAG with each payload's status, and
-/// the verified payloads it holds (in memory, for the session).
+/// the verified payloads it holds (in memory for the session, in the
+/// browser's cache across sessions, and served to other nodes).
 pub struct Store {
     pub blocks: HashMap<BlockHash, Block>,
     pub dag: Dag,
     pub payloads: HashMap<BlockHash, Arc<[u8]>>,
     pub stats: FetchStats,
+    /// The persistent cache (`None` when IndexedDB is unavailable).
+    pub cache: Option<Cache>,
+}
+
+/// Where a payload came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Memory,
+    Cache,
+    Peers,
+    Rest,
 }
 
 impl Store {
+    /// The model config a block's payload is checked against.
+    fn config_of(&self, block: &Block) -> Option<Config> {
+        block
+            .header
+            .meta
+            .and_then(|m| self.dag.get(&m))
+            .and_then(|e| e.config.clone())
+    }
+
     /// The verified payload of a header-verified block: held, or fetched
     /// and verified now. A failure is recorded in the DAG (the page shows
     /// it) and returned.
     pub async fn payload(&mut self, hash: &BlockHash, label: &str) -> Result<Arc<[u8]>, String> {
+        self.payload_from(hash, label).await.map(|(p, _)| p)
+    }
+
+    /// [`Store::payload`], and where it came from: this session's memory,
+    /// the cache (re-verified against the header), the peer network through
+    /// the relay's `/ws`, or the relay's REST API (when the peer network is
+    /// down or could not deliver).
+    pub async fn payload_from(
+        &mut self,
+        hash: &BlockHash,
+        label: &str,
+    ) -> Result<(Arc<[u8]>, Origin), String> {
         if let Some(p) = self.payloads.get(hash) {
-            return Ok(p.clone());
+            return Ok((p.clone(), Origin::Memory));
         }
         let block = self
             .blocks
             .get(hash)
             .ok_or_else(|| format!("block {} has no verified header", hash.short()))?
             .clone();
-        let config = block
-            .header
-            .meta
-            .and_then(|m| self.dag.get(&m))
-            .and_then(|e| e.config.clone());
-        match fetch_verified(&block, config.as_ref(), &mut self.stats, label).await {
-            Ok(bytes) => {
-                self.dag.set_payload(hash, PayloadStatus::Verified, None);
-                let p: Arc<[u8]> = bytes.into();
-                self.payloads.insert(*hash, p.clone());
-                self.stats.payloads += 1;
-                Ok(p)
+        let config = self.config_of(&block);
+        if let Some(p) = self.cached(&block, config.as_ref()).await {
+            self.stats.cache_hits += 1;
+            return Ok((self.keep(&block, p, false).await, Origin::Cache));
+        }
+        if net::online() {
+            set_progress(&format!("fetching {label} from peers…"));
+            let got = match chunk_list(&block, &mut self.stats).await {
+                Ok(list) => net::fetch(&block, list, config.clone()).await,
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(p) => {
+                    self.stats.ws_payload_bytes += p.len() as u64;
+                    self.stats.payload_bytes += p.len() as u64;
+                    return Ok((self.keep(&block, p, true).await, Origin::Peers));
+                }
+                Err(e) => {
+                    self.stats.ws_fallbacks += 1;
+                    set_progress(&format!(
+                        "{label}: the peer network could not deliver it ({e}); fetching over HTTP…"
+                    ));
+                }
             }
+        }
+        match fetch_verified(&block, config.as_ref(), &mut self.stats, label).await {
+            Ok(bytes) => Ok((self.keep(&block, bytes.into(), true).await, Origin::Rest)),
             Err(e) => {
                 self.dag
                     .set_payload(hash, PayloadStatus::Failed(e.clone()), None);
                 Err(e)
             }
         }
+    }
+
+    /// A cached payload that passes every check a download would; a
+    /// corrupt entry is dropped (and fetched again by the caller).
+    async fn cached(&mut self, block: &Block, config: Option<&Config>) -> Option<Arc<[u8]>> {
+        let cache = self.cache.as_ref()?;
+        let bytes = match cache.get(&block.hash).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => {
+                panels::alert(
+                    "cache-corrupt",
+                    &format!("The block cache could not be read: {e}"),
+                );
+                return None;
+            }
+        };
+        match verify_held_payload(block, config, &bytes) {
+            Ok(()) => Some(bytes.into()),
+            Err(e) => {
+                let _ = cache.delete(&block.hash).await;
+                self.stats.cache_dropped += 1;
+                panels::alert(
+                    "cache-corrupt",
+                    &format!(
+                        "The cached payload of {} ({}) failed verification ({e}): dropped and fetched again.",
+                        block.header.name,
+                        block.hash.short()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Hold a verified payload: in memory, in the cache (when it was
+    /// downloaded) and served to other nodes.
+    async fn keep(&mut self, block: &Block, p: Arc<[u8]>, downloaded: bool) -> Arc<[u8]> {
+        self.dag
+            .set_payload(&block.hash, PayloadStatus::Verified, None);
+        self.payloads.insert(block.hash, p.clone());
+        self.stats.payloads += 1;
+        if downloaded {
+            if let Some(c) = &self.cache {
+                if let Err(e) = c.put(&block.hash, &p).await {
+                    set_progress(&format!("not cached ({e})"));
+                }
+            }
+        }
+        net::hold(block.hash, p.clone(), block.header.chunk_size);
+        p
+    }
+
+    /// Re-verify every cache entry against the verified headers: entries
+    /// of verified blocks are held (and served), the rest dropped.
+    /// Returns (entries kept, entries dropped).
+    pub async fn load_cache(&mut self) -> (u64, u64) {
+        let Some(cache) = &self.cache else {
+            return (0, 0);
+        };
+        let keys = cache.keys().await.unwrap_or_default();
+        let (mut kept, mut dropped) = (0, 0);
+        for hash in keys {
+            if self.payloads.contains_key(&hash) {
+                kept += 1;
+                continue;
+            }
+            let Some(block) = self.blocks.get(&hash).cloned() else {
+                // Stale: not a verified block of this chain (any more).
+                if let Some(c) = &self.cache {
+                    let _ = c.delete(&hash).await;
+                }
+                self.stats.cache_dropped += 1;
+                dropped += 1;
+                continue;
+            };
+            let config = self.config_of(&block);
+            match self.cached(&block, config.as_ref()).await {
+                Some(p) => {
+                    self.stats.cache_hits += 1;
+                    self.keep(&block, p, false).await;
+                    kept += 1;
+                }
+                None => dropped += 1,
+            }
+        }
+        (kept, dropped)
     }
 }
 
@@ -248,13 +435,12 @@ impl Supply for RestSupply<'_> {
                 .experts
                 .get(&id)
                 .ok_or_else(|| ModelError::Source(format!("{id}: no verified block")))?;
-            let held = self.store.payloads.contains_key(&hash);
-            let payload = self
+            let (payload, origin) = self
                 .store
-                .payload(&hash, &id.to_string())
+                .payload_from(&hash, &id.to_string())
                 .await
                 .map_err(|e| ModelError::Source(format!("{id} (block {}): {e}", hash.short())))?;
-            if !held {
+            if matches!(origin, Origin::Peers | Origin::Rest) {
                 self.fetched.push(id);
                 self.store.stats.experts.insert(id);
             }

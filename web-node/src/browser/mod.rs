@@ -10,16 +10,21 @@
 //! * [`render`]: the page's HTML.
 //! * [`chat`]: the chat form on [`crate::model::generate::generate_async`].
 
+mod cache;
 mod chat;
+mod device;
 mod dom;
 mod fetch;
 mod net;
+mod panels;
 mod render;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 
 use crate::chain::{BlockHash, ChainId, PayloadStatus};
 use crate::chain_model::{startup_blocks, ChainModel};
@@ -68,6 +73,18 @@ fn show_details(store: &Store, report: &ChainReport) {
 
 async fn load() -> Result<(), String> {
     let t0 = now_ms();
+    // The peer node connects while the chain is listed and verified.
+    net::start();
+    let cache = match cache::Cache::open().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            panels::alert(
+                "cache-corrupt",
+                &format!("No block cache in this browser ({e}): every visit downloads again."),
+            );
+            None
+        }
+    };
     let mut stats = FetchStats::default();
     let mut fetched = Vec::new();
     let mut infos = Vec::new();
@@ -78,7 +95,7 @@ async fn load() -> Result<(), String> {
             if chain == ChainId::A {
                 // The meta payload gives the config chain-B headers are checked against.
                 set_progress(&format!("fetching meta block {}…", info.hash.short()));
-                f.payload = Some(fetch::get_payload(&info.hash, &mut stats).await);
+                f.payload = Some(meta_payload(&info, cache.as_ref(), &mut stats).await);
             }
             fetched.push(f);
             infos.push(info);
@@ -90,7 +107,7 @@ async fn load() -> Result<(), String> {
     let (report, dag) = verify::verify_chain_dag(&fetched);
     let t2 = now_ms();
     let verified = |h: &BlockHash| report.get(h).is_some_and(|r| r.verified());
-    let blocks = infos
+    let blocks: HashMap<_, _> = infos
         .iter()
         .filter(|i| verified(&i.hash))
         .filter_map(|i| i.to_block().ok().map(|b| (b.hash, b)))
@@ -106,19 +123,42 @@ async fn load() -> Result<(), String> {
             Some(Ok(p)) => Some((f.listed_hash, p.into())),
             _ => None,
         })
-        .collect::<HashMap<_, _>>();
+        .collect::<HashMap<_, Arc<[u8]>>>();
+    // Verified meta payloads: cached and served like any other.
+    for (h, p) in &payloads {
+        if let Some(b) = blocks.get(h) {
+            if let Some(c) = &cache {
+                let _ = c.put(h, p).await;
+            }
+            net::hold(*h, p.clone(), b.header.chunk_size);
+        }
+    }
     let mut store = Store {
         blocks,
         dag,
         payloads,
         stats,
+        cache,
     };
-    set_html(
-        "app",
-        "<div id=\"status\"></div><div id=\"chat-box\"></div><div id=\"details\"></div>",
-    );
     show_status(&store, &report, 0, "payloads");
     show_details(&store, &report);
+
+    // Before downloading the model: what this device can run.
+    let pool = expert_pool_bytes(&store.dag);
+    let device = device::check(pool).await;
+    panels::show_device(&device);
+    if !device.webgpu {
+        panels::alert("no-webgpu", &device.message);
+    }
+
+    // The cache, re-verified against the headers: held and served again.
+    set_progress("checking the block cache…");
+    let (kept, dropped) = store.load_cache().await;
+    show_cache(
+        &store,
+        &format!("{kept} verified at load, {dropped} dropped"),
+    )
+    .await;
 
     // The payloads the model needs to start, chunk by chunk.
     let start = startup_blocks(&store.dag).map_err(|e| e.to_string());
@@ -129,7 +169,9 @@ async fn load() -> Result<(), String> {
                 .get(h)
                 .map_or_else(|| h.short(), |e| e.header.name.clone());
             // A failure is recorded in the DAG and shown in the block's row.
-            let _ = store.payload(h, &name).await;
+            if let Err(e) = store.payload(h, &name).await {
+                panels::alert("bad-block", &format!("{name} ({}): {e}", h.short()));
+            }
             show_status(&store, &report, 0, "payloads");
         }
     }
@@ -151,7 +193,9 @@ async fn load() -> Result<(), String> {
         "chat-box",
         &render::render_chat(built.as_ref().map_err(String::as_str)),
     );
+    set_select("engine", if device.plan_gpu { "gpu" } else { "cpu" });
     show_details(&store, &report);
+    show_cache(&store, "").await;
     let model_bytes = match &built {
         Ok(cm) => {
             let startup: u64 = startup_blocks(&store.dag)
@@ -165,6 +209,8 @@ async fn load() -> Result<(), String> {
         Err(_) => 0,
     };
     show_status(&store, &report, model_bytes, "done");
+    let held = store.payloads.keys().copied().collect();
+    panels::show_dag(&store.dag, &held, &Default::default());
     set_progress(&format!(
         "listed {} blocks and fetched the meta payloads in {:.0} ms, verified the headers in {:.0} ms, \
          fetched and verified the shared and router payloads in {:.0} ms (wasm)",
@@ -173,6 +219,17 @@ async fn load() -> Result<(), String> {
         t2 - t1,
         t3 - t2
     ));
+    if let Some(key) = net::peer_id() {
+        wasm_bindgen_futures::spawn_local(async move {
+            loop {
+                panels::refresh_network(&key).await;
+                sleep_ms(NETWORK_REFRESH_MS).await;
+            }
+        });
+    }
+    dom::on_click("clear-cache", || {
+        wasm_bindgen_futures::spawn_local(clear_cache())
+    });
     if let Ok(model) = built {
         NODE.with(|cell| {
             *cell.borrow_mut() = Some(Node {
@@ -188,4 +245,104 @@ async fn load() -> Result<(), String> {
         });
     }
     Ok(())
+}
+
+/// How often the peers and leaderboard panels are refreshed.
+const NETWORK_REFRESH_MS: i32 = 10_000;
+
+/// A chain-A payload: from the cache when it passes the checks a download
+/// would, else over REST (checked with the rest of the chain by
+/// [`verify::verify_chain_dag`]).
+async fn meta_payload(
+    info: &crate::net::api::BlockInfo,
+    cache: Option<&cache::Cache>,
+    stats: &mut FetchStats,
+) -> Result<Vec<u8>, String> {
+    if let (Some(c), Ok(block)) = (cache, info.to_block()) {
+        if let Ok(Some(bytes)) = c.get(&info.hash).await {
+            if crate::chain::verify_held_payload(&block, None, &bytes).is_ok() {
+                stats.cache_hits += 1;
+                return Ok(bytes);
+            }
+            let _ = c.delete(&info.hash).await;
+            stats.cache_dropped += 1;
+            panels::alert(
+                "cache-corrupt",
+                &format!(
+                    "The cached meta block {} failed verification: dropped and fetched again.",
+                    info.hash.short()
+                ),
+            );
+        }
+    }
+    fetch::get_payload(&info.hash, stats).await
+}
+
+/// Bytes of every expert payload of the latest model (the pool the engine
+/// may hold).
+fn expert_pool_bytes(dag: &crate::chain::Dag) -> u64 {
+    let Some(meta) = dag.latest_meta() else {
+        return 0;
+    };
+    dag.slot_heads(&meta.hash)
+        .iter()
+        .filter(|(name, _)| name.contains(".expert"))
+        .filter_map(|(_, h)| dag.get(h))
+        .map(|e| e.header.payload_len)
+        .sum()
+}
+
+/// The cache panel: entries and bytes stored in this browser.
+async fn show_cache(store: &Store, note: &str) {
+    let (entries, bytes) = match &store.cache {
+        Some(c) => c.usage().await.unwrap_or((0, 0)),
+        None => (0, 0),
+    };
+    let note = if store.cache.is_none() {
+        "no cache in this browser".to_string()
+    } else if note.is_empty() {
+        format!(
+            "{} taken from the cache, {} dropped this session",
+            store.stats.cache_hits, store.stats.cache_dropped
+        )
+    } else {
+        note.to_string()
+    };
+    panels::show_cache(entries, bytes, &note);
+}
+
+/// The "Clear cache" button: empties the persistent cache (this session
+/// keeps what it holds in memory and goes on serving it).
+async fn clear_cache() {
+    let note = match cache::Cache::open().await {
+        Ok(c) => match c.clear().await {
+            Ok(()) => "cleared: the next visit downloads what it needs again".to_string(),
+            Err(e) => format!("could not clear the cache: {e}"),
+        },
+        Err(e) => format!("no cache in this browser: {e}"),
+    };
+    let (entries, bytes) = match cache::Cache::open().await {
+        Ok(c) => c.usage().await.unwrap_or((0, 0)),
+        Err(_) => (0, 0),
+    };
+    panels::show_cache(entries, bytes, &note);
+}
+
+/// Select an option of a `<select>` (when it has that value).
+fn set_select(id: &str, value: &str) {
+    if let Some(sel) =
+        dom::element(id).and_then(|e| e.dyn_into::<web_sys::HtmlSelectElement>().ok())
+    {
+        sel.set_value(value);
+    }
+}
+
+/// Resolve after `ms` milliseconds.
+async fn sleep_ms(ms: i32) {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        if let Some(w) = web_sys::window() {
+            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
 }

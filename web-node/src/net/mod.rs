@@ -1,6 +1,7 @@
-//! Wire types shared with the relay: REST ([`api`]), chat ([`chat`]) and the
-//! `/ws` peer protocol ([`peer`]).
+//! Wire types shared with the relay: REST ([`api`]), chat ([`chat`]), the
+//! `/ws` peer protocol ([`peer`]) and usage reports ([`usage`]).
 
 pub mod api;
 pub mod chat;
 pub mod peer;
+pub mod usage;
