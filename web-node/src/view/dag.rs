@@ -228,7 +228,26 @@ pub fn render_svg(nodes: &[DagNode]) -> String {
                     .any(|o| o.hash == *p && o.meta == n.meta && drawn.contains(p))
             });
             if let (false, Some(&(mx, my))) = (implied, pos.get(m)) {
-                s.push_str(&edge("meta", m, &n.hash, (mx, my), (cx, cy)));
+                // Down from the meta block to a bus just above the columns,
+                // along it and down into the column: the links of one meta
+                // block overlap into one tree instead of crossing the labels.
+                let k = metas.iter().position(|x| x.hash == *m).unwrap_or(0) as f64;
+                let bus = B_Y - R - 4.0 - 2.0 * k;
+                let d = format!(
+                    "M{} {}V{}H{}V{}H{}V{}",
+                    fmt(mx),
+                    fmt(my + R),
+                    fmt(A_Y + R + 8.0 + 2.0 * k),
+                    fmt(LEFT - 18.0 - 2.0 * k),
+                    fmt(bus),
+                    fmt(cx),
+                    fmt(cy - R)
+                );
+                s.push_str(&format!(
+                    "<path class=\"edge meta\" data-from=\"{}\" data-to=\"{}\" d=\"{d}\"/>",
+                    m.to_hex(),
+                    n.hash.to_hex()
+                ));
             }
         }
     }
@@ -359,10 +378,20 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// An edge from `from` (parent or meta) to `to`: a straight line within a
-/// column, a curve otherwise.
+/// An edge from `from` (a parent) to `to`: a straight line within a row or
+/// a column, a curve otherwise.
 fn edge(kind: &str, from: &BlockHash, to: &BlockHash, a: (f64, f64), b: (f64, f64)) -> String {
-    let d = if (a.0 - b.0).abs() < 0.5 {
+    let d = if (a.1 - b.1).abs() < 0.5 {
+        // Same row (chain A): left to right.
+        let (l, r) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+        format!(
+            "M{} {}L{} {}",
+            fmt(l.0 + R),
+            fmt(l.1),
+            fmt(r.0 - R),
+            fmt(r.1)
+        )
+    } else if (a.0 - b.0).abs() < 0.5 {
         format!(
             "M{} {}L{} {}",
             fmt(a.0),

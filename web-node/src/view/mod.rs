@@ -10,6 +10,8 @@
 pub mod dag;
 pub mod device;
 pub mod panels;
+#[cfg(test)]
+mod preview;
 
 /// Escape text for HTML (and SVG) element content and attribute values.
 pub fn escape_html(s: &str) -> String {

@@ -48,14 +48,8 @@ pub struct DeviceFacts<'a> {
 /// `#device`: data-webgpu yes|no, data-f16 yes|no, data-plan gpu|cpu.
 pub fn device_panel(d: &DeviceFacts) -> Panel {
     let mut facts = Vec::new();
-    if d.webgpu && !d.adapter.is_empty() {
-        facts.push(format!("adapter {}", escape_html(d.adapter)));
-        facts.push(format!("shader-f16 {}", yes_no(d.f16)));
-        facts.push(format!(
-            "max storage binding {}, max buffer {}",
-            fmt_bytes(d.max_storage_buffer),
-            fmt_bytes(d.max_buffer)
-        ));
+    if d.webgpu && d.max_buffer > 0 {
+        facts.push(format!("max buffer {}", fmt_bytes(d.max_buffer)));
     }
     if let Some(m) = d.memory_gib {
         facts.push(format!("device memory about {m} GiB"));
@@ -323,6 +317,17 @@ fn alert_title(kind: &str) -> &'static str {
     }
 }
 
+/// What follows from an alert of this kind, said after its message.
+fn alert_hint(kind: &str) -> &'static str {
+    match alert_kind(kind) {
+        "relay-down" => "Blocks already verified stay usable; the page reconnects by itself.",
+        "bad-block" => "It was refused and nothing from it is used.",
+        "peer-banned" => "Its chunks are not used; other holders and the relay's store serve them.",
+        "cache-corrupt" => "The entry was dropped and the block is fetched and verified again.",
+        _ => "",
+    }
+}
+
 /// `#alerts`: one `.alert[data-kind]` per kind, in the order given.
 pub fn alerts_html(alerts: &[(String, String)]) -> String {
     alerts
@@ -330,11 +335,16 @@ pub fn alerts_html(alerts: &[(String, String)]) -> String {
         .map(|(kind, msg)| {
             let k = alert_kind(kind);
             format!(
-                "<div class=\"alert {level}\" data-kind=\"{k}\" role=\"{role}\"><strong>{title}:</strong> {msg}</div>",
+                "<div class=\"alert {level}\" data-kind=\"{k}\" role=\"{role}\"><strong>{title}:</strong> \
+                 {msg}{hint}</div>",
                 level = alert_level(k),
                 role = if alert_level(k) == "error" { "alert" } else { "status" },
                 title = alert_title(k),
                 msg = escape_html(msg),
+                hint = match alert_hint(k) {
+                    "" => String::new(),
+                    h => format!(" <span class=\"hint\">{h}</span>"),
+                },
             )
         })
         .collect()
@@ -543,11 +553,13 @@ mod tests {
             max_buffer: 256 << 20,
             memory_gib: Some(8.0),
             plan_gpu: true,
-            message: "WebGPU: x",
+            message: "WebGPU: Swift<Shader>",
         });
         assert_eq!(p.attr("data-webgpu"), Some("yes"));
         assert_eq!(p.attr("data-f16"), Some("no"));
         assert_eq!(p.attr("data-plan"), Some("gpu"));
+        assert!(p.html.contains("max buffer 256.0 MiB"));
+        assert!(!p.html.contains("<Shader>"));
         assert!(p.html.contains("Swift&lt;Shader&gt;"));
         let p = device_panel(&DeviceFacts::default());
         assert_eq!(p.attr("data-webgpu"), Some("no"));
