@@ -14,7 +14,7 @@
 # target dir, so the main wasm build is not invalidated; the first run
 # compiles the wasm crates once more, a few minutes).
 #
-# Env: BENCH_TOKENS (default 24), BENCH_PROMPT, BENCH_SKIP_BUILD=1 (use the
+# Env: BENCH_TOKENS (default 16), BENCH_PROMPTS, BENCH_SKIP_BUILD=1 (use the
 # builds as they are), WGPU_ADAPTER_NAME (native adapter; default llvmpipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -60,11 +60,15 @@ else
     if [ ! -d tests/e2e/node_modules/playwright-core ]; then
         skip_e2e "playwright-core is not installed (cd tests/e2e && npm ci)"
     else
-        step "cargo build -p relay -p miner"
-        cargo build -p relay -p miner
+        # The binaries, the lying peer and the native greedy decoder the browser tests use.
+        step "cargo build -p relay -p miner --bins --example corrupt_peer --example greedy_ids"
+        cargo build -p relay -p miner --bins --example corrupt_peer --example greedy_ids
         target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+        export AIBLOCK_RELAY_BIN="$target_dir/debug/relay" AIBLOCK_MINER_BIN="$target_dir/debug/aiblock" AIBLOCK_DIST="$PWD/dist"
         step "browser tests: node tests/e2e/verify.mjs"
-        AIBLOCK_RELAY_BIN="$target_dir/debug/relay" AIBLOCK_MINER_BIN="$target_dir/debug/aiblock" AIBLOCK_DIST="$PWD/dist" node tests/e2e/verify.mjs
+        node tests/e2e/verify.mjs
+        step "browser node tests: node tests/e2e/node.mjs"
+        node tests/e2e/node.mjs
     fi
 fi
 

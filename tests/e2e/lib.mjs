@@ -477,8 +477,10 @@ export async function ask(page, prompt, maxTokens, { engine = null, temperature 
   // The moment the last token appeared (a later 'done' repeats its count).
   const last = tok.find((x) => x.tokens === tok[tok.length - 1]?.tokens);
   const firstTokenMs = first && sentAt != null ? first.t - sentAt : null;
-  const decodeTps = first && last && last.tokens > first.tokens ? (last.tokens - first.tokens) / ((last.t - first.t) / 1000) : null;
-  return { ...r, trace, sentAt, firstTokenMs, decodeTps };
+  const decodeTokens = first && last ? last.tokens - first.tokens : 0;
+  const decodeMs = first && last ? last.t - first.t : 0;
+  const decodeTps = decodeTokens > 0 ? decodeTokens / (decodeMs / 1000) : null;
+  return { ...r, trace, sentAt, firstTokenMs, decodeTokens, decodeMs, decodeTps };
 }
 
 /** A built cargo example of the miner (corrupt_peer, greedy_ids), or null. */

@@ -18,7 +18,7 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 import {
-  CHROMIUM_ARGS, REPO, aiblockBin, chromiumPath, listChain, openAndReport, openPage, outDir,
+  CHROMIUM_ARGS, REPO, aiblockBin, ask, chromiumPath, listChain, openAndReport, openPage, outDir,
   payloadRequestHash, readPage, startRelay, startTamperProxy,
 } from './lib.mjs';
 
@@ -68,25 +68,17 @@ function nativeChat(prompt, maxTokens) {
     { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).replace(/\n$/, '');
 }
 
-/** Send one prompt from the page's chat form; resolves what the reply shows. */
-async function chat(page, prompt, maxTokens, device = 'cpu', timeout = 180_000) {
-  await page.fill('#prompt', prompt);
-  await page.fill('#max-tokens', String(maxTokens));
-  await page.selectOption('#device', device);
-  await page.click('#send');
-  await page.waitForSelector('#reply[data-state="done"], #reply[data-state="error"]', { timeout });
-  return page.evaluate(() => {
-    const r = document.getElementById('reply');
-    const list = (k) => (r.dataset[k] || '').split(',').filter(Boolean);
-    return {
-      text: r.textContent,
-      state: r.dataset.state,
-      engine: r.dataset.engine ?? null,
-      used: list('expertsUsed'),
-      fetched: list('expertsFetched'),
-      stats: document.getElementById('chat-stats')?.textContent ?? '',
-    };
-  });
+/** Send one prompt from the page's chat form (greedy); resolves what the reply shows. */
+async function chat(page, prompt, maxTokens, engine = 'cpu', timeout = 180_000) {
+  const r = await ask(page, prompt, maxTokens, { engine, timeout });
+  return {
+    text: r.text,
+    state: r.state,
+    engine: r.engine ?? null,
+    used: r.used,
+    fetched: r.fetched,
+    stats: await page.evaluate(() => document.getElementById('chat-stats')?.textContent ?? ''),
+  };
 }
 
 function flip(buf, at) {
