@@ -19,6 +19,8 @@
 //    caught and banned by the relay, and a fresh page's answer still comes.
 // 5. Chromium without WebGPU answers on the CPU path and says so; the stop
 //    button stops an answer.
+// 6. the page's own counts (cache panel, experts held, the chat's summary)
+//    agree with what it holds, after an answer and after a reload.
 // Screenshots go to target/e2e/node-*.png.
 //
 // Env: as verify.mjs, plus AIBLOCK_E2E_ENGINE (gpu|cpu: the engine browser
@@ -405,6 +407,36 @@ try {
       await ctxB.close();
     } finally {
       await noGpu.close();
+    }
+  });
+  await test(6, 'the page\'s own counts agree with what it holds, after an answer and after a reload', async () => {
+    const ctx = await browser.newContext({ viewport: VIEWPORT });
+    try {
+      const { page } = await openNode(ctx, `${relay.base}/`);
+      const reply = await ask(page, PROMPT, MAX_TOKENS, { engine: ENGINE });
+      assert.equal(reply.state, 'done');
+      const u = hashesOf(reply.used, chain);
+      const held = new Set([...chain.startup, ...u]);
+      const experts = (page) => page.evaluate(() => (document.getElementById('fetch-stats')?.dataset.experts || '').split(',').filter(Boolean));
+      const problems = [];
+      // The cache panel counts what the answer stored (cache writes may lag a little).
+      const c = await until('#cache to count the answer\'s experts', async () => {
+        const x = (await readNode(page)).cache;
+        return num(x.entries) === held.size ? x : null;
+      }, 5_000).catch(async () => (await readNode(page)).cache);
+      if (num(c.entries) !== held.size) problems.push(`after an answer #cache says ${c.entries} entries (${c.bytes} bytes); the page holds ${held.size} payloads (${chain.bytes(held)} bytes)`);
+      await page.reload();
+      await waitLoaded(page);
+      const e = await experts(page);
+      if (e.length !== u.size) problems.push(`after a reload #fetch-stats data-experts lists ${e.length} experts; ${u.size} are held (from the cache)`);
+      const again = await ask(page, PROMPT, MAX_TOKENS, { engine: ENGINE });
+      const stats = await page.evaluate(() => document.getElementById('chat-stats')?.textContent ?? '');
+      const m = stats.match(/holds (\d+) of (\d+) experts/);
+      if (m && Number(m[1]) !== u.size) problems.push(`after a reload the chat says "holds ${m[1]} of ${m[2]} experts"; ${u.size} are held`);
+      assert.equal(again.state, 'done');
+      assert.deepEqual(problems, [], problems.join('; '));
+    } finally {
+      await ctx.close();
     }
   });
 } finally {
