@@ -23,8 +23,8 @@ import {
 } from './lib.mjs';
 
 // The default model answers in a few tokens and stops at EOS, so decode
-// speed is summed over several prompts (each answered once to warm up:
-// experts fetched, shaders compiled; then once measured).
+// speed is measured over several prompts (each answered once to warm up:
+// experts fetched, shaders compiled; then BENCH_RUNS times measured).
 const PROMPTS = (process.env.BENCH_PROMPTS || [
   'Q: reverse red blue green cat dog A:',
   'Q: copy red blue green cat dog A:',
@@ -71,26 +71,30 @@ async function open(context, url) {
   return { page, wire, loadMs: Date.now() - t0 };
 }
 
-/** Decode tokens/s summed over PROMPTS (each answered twice, the second timed). */
+/**
+ * Decode tokens/s over PROMPTS: each answered once to warm up, then RUNS
+ * times timed. Returns the median of the timed answers' rates (short answers:
+ * a single stall skews a sum) and their range.
+ */
+const RUNS = Number(process.env.BENCH_RUNS || 3);
 async function decode(page, engine) {
-  let n = 0;
-  let ms = 0;
+  const rates = [];
   let used = null;
   for (const p of PROMPTS) {
-    for (let i = 0; i < 2; i++) {
+    for (let i = 0; i <= RUNS; i++) {
       const r = await ask(page, p, N, { engine, timeout: 600_000 });
       if (r.state !== 'done') throw new Error(`${engine} answer to ${p} ended ${r.state}: ${r.text}`);
       used = r.engine;
-      if (i === 1) {
-        n += r.decodeTokens;
-        ms += r.decodeMs;
-        log(`  ${engine}: ${JSON.stringify(p)} -> ${JSON.stringify(r.text)}: ${r.ids.length} tokens, ${f1(r.decodeTps)} tokens/s`);
-      }
+      if (i > 0 && r.decodeTps) rates.push(r.decodeTps);
     }
+    log(`  ${engine}: ${JSON.stringify(p)}: ${rates.slice(-RUNS).map(f1).join(', ')} tokens/s`);
   }
   if (used !== engine) throw new Error(`asked for the ${engine} engine, the page used ${used}`);
-  return n > 0 ? n / (ms / 1000) : null;
+  rates.sort((a, b) => a - b);
+  return rates.length ? { median: rates[rates.length >> 1], min: rates[0], max: rates[rates.length - 1], n: rates.length } : null;
 }
+const rate = (d) => (d ? `${f1(d.median)} tok/s` : 'n/a');
+const spread = (d) => (d ? `median of ${d.n} answers (${f1(d.min)}-${f1(d.max)})` : '');
 
 /** The same over the native engine (greedy_ids, best of 3 runs per prompt). */
 async function nativeDecode(device) {
@@ -137,7 +141,7 @@ try {
   // Cold: a fresh profile, one token (what the first token needs, no more).
   const first = await ask(page, PROMPT, 1, { engine, timeout: 600_000 });
   const w = wire.since(0);
-  cold = { loadMs, ttft: first.firstTokenMs, bytes: w.chunkBytes + w.restPayloadBytes, ws: w.chunkBytes, rest: w.restPayloadBytes };
+  cold = { engine, loadMs, ttft: first.firstTokenMs, bytes: w.chunkBytes + w.restPayloadBytes, ws: w.chunkBytes, rest: w.restPayloadBytes };
   log(`  cold: page loaded in ${loadMs} ms, first token ${f1(first.firstTokenMs)} ms after the click, ${mib(cold.bytes)} of payloads`);
   if (adapter) gpuTps = await decode(page, 'gpu');
   cpuTps = await decode(page, 'cpu');
@@ -173,18 +177,18 @@ log('native: greedy_ids on the CPU reference (1 thread) and the wgpu engine (lav
 const nCpu = await nativeDecode('cpu').catch((e) => ({ error: e.message }));
 const nGpu = await nativeDecode('gpu').catch((e) => ({ error: e.message }));
 
-row('decode, browser WebGPU (SwiftShader)', adapter ? `${f1(gpuTps)} tok/s` : 'no adapter', adapter ?? '');
+row('decode, browser WebGPU (SwiftShader)', adapter ? rate(gpuTps) : 'no adapter', adapter ? `adapter ${adapter}; ${spread(gpuTps)}` : '');
 row('decode, native wgpu (lavapipe)', nGpu?.error ? 'failed' : `${f1(nGpu?.decode_tokens_per_s)} tok/s`, nGpu?.error ? nGpu.error.split('\n')[0].slice(0, 80) : 'greedy_ids --device gpu');
-row('decode, browser CPU path, wasm SIMD128', `${f1(cpuTps)} tok/s`, '1 thread');
-row('decode, browser CPU path, wasm without SIMD', DIST_NOSIMD ? `${f1(nosimdTps)} tok/s` : 'not built', DIST_NOSIMD ? '1 thread' : 'set AIBLOCK_DIST_NOSIMD');
-row('decode, native CPU reference', nCpu?.error ? 'failed' : `${f1(nCpu?.decode_tokens_per_s)} tok/s`, '1 thread');
-row('time to first token, cold', `${f1(cold?.ttft)} ms`, `after the click; page load before it ${cold?.loadMs} ms`);
-row('time to first token, from the cache', `${f1(warm?.ttft)} ms`, `after the click; reload before it ${warm?.loadMs} ms, ${warm?.bytes} payload bytes downloaded`);
+row('decode, browser CPU path, wasm SIMD128', rate(cpuTps), `1 thread; ${spread(cpuTps)}`);
+row('decode, browser CPU path, wasm without SIMD', DIST_NOSIMD ? rate(nosimdTps) : 'not built', DIST_NOSIMD ? `1 thread; ${spread(nosimdTps)}` : 'set AIBLOCK_DIST_NOSIMD');
+row('decode, native CPU reference', nCpu?.error ? 'failed' : `${f1(nCpu?.decode_tokens_per_s)} tok/s`, '1 thread; greedy_ids, best of 3 per prompt');
+row('time to first token, cold', `${f1(cold?.ttft)} ms`, `${cold?.engine} engine, after the click; page load before it ${cold?.loadMs} ms`);
+row('time to first token, from the cache', `${f1(warm?.ttft)} ms`, `${cold?.engine} engine, after the click; reload before it ${warm?.loadMs} ms, ${warm?.bytes} payload bytes downloaded`);
 row('block bytes before the first token (cold)', mib(cold?.bytes ?? 0), `${(100 * (cold?.bytes ?? 0) / whole).toFixed(0)}% of the model's ${mib(whole)} (/ws ${mib(cold?.ws ?? 0)}, REST ${mib(cold?.rest ?? 0)})`);
 row('wasm bundle, SIMD128', `${mib(simd.raw)} raw`, `gzip ${mib(simd.gzip)}, brotli ${mib(simd.brotli)}`);
 if (nosimd) row('wasm bundle, no SIMD', `${mib(nosimd.raw)} raw`, `gzip ${mib(nosimd.gzip)}, brotli ${mib(nosimd.brotli)}`);
 
 const w0 = Math.max(...rows.map((r) => r[0].length));
 const w1 = Math.max(...rows.map((r) => r[1].length));
-console.log(`\nbrowser benchmark: greedy answers to ${PROMPTS.length} prompts (decode speed summed over them; time to first token and bytes for ${JSON.stringify(PROMPT)}), headless Chromium ${browserVersion}`);
+console.log(`\nbrowser benchmark: greedy answers to ${PROMPTS.length} prompts (decode: median tokens/s over their answers; time to first token and bytes for ${JSON.stringify(PROMPT)}), headless Chromium ${browserVersion}`);
 for (const [a, b, c] of rows) console.log(`  ${a.padEnd(w0)}  ${b.padStart(w1)}  ${c}`);
