@@ -29,6 +29,7 @@
 
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -445,6 +446,8 @@ try {
   await relay.stop();
   if (results.some((x) => !x.ok)) {
     console.log(`--- relay log (${relay.dataDir}) ---\n${relay.log().slice(-4000)}`);
+  } else {
+    fs.rmSync(relay.dataDir, { recursive: true, force: true });
   }
 }
 
