@@ -152,6 +152,7 @@ pub async fn run_chat() {
                 .map(|e| e.hash)
                 .collect();
             panels::show_dag(&node.store.dag, &held, &a.used);
+            super::show_cache(&node.store, "").await;
             // A signed usage report of this answer (the relay counts it only
             // for blocks it served this node). The CPU engine counts the
             // tokens routed to each expert; the GPU engine only which ones.

@@ -14,7 +14,7 @@ use crate::chain::{
     verify_held_payload, Block, BlockHash, ChainError, ChainId, Dag, PayloadAssembler,
     PayloadStatus,
 };
-use crate::model::{Config, ExpertId, ExpertWeights, ModelError, Supply};
+use crate::model::{Config, ExpertId, ExpertWeights, ModelError, Slot, Supply};
 use crate::net::api::{BlockInfo, ChunkList};
 use crate::verify;
 
@@ -40,7 +40,8 @@ pub struct FetchStats {
     pub payloads: u64,
     /// Chunks refused (bad hash) and fetched again.
     pub refused_chunks: u64,
-    /// Experts whose payload this session fetched.
+    /// Experts whose verified payload this session holds (downloaded or
+    /// taken from the cache).
     pub experts: BTreeSet<ExpertId>,
     /// Payload bytes that came over the peer network (`/ws`: from other
     /// nodes through the relay, or the relay's store as its fallback).
@@ -345,7 +346,7 @@ impl Store {
                 panels::alert(
                     "cache-corrupt",
                     &format!(
-                        "The cached payload of {} ({}) failed verification ({e}): dropped and fetched again.",
+                        "The cached payload of {} ({}) failed verification ({e}).",
                         block.header.name,
                         block.hash.short()
                     ),
@@ -362,6 +363,9 @@ impl Store {
             .set_payload(&block.hash, PayloadStatus::Verified, None);
         self.payloads.insert(block.hash, p.clone());
         self.stats.payloads += 1;
+        if let Ok(Slot::Expert { layer, expert }) = Slot::parse(&block.header.name) {
+            self.stats.experts.insert(ExpertId::new(layer, expert));
+        }
         if downloaded {
             if let Some(c) = &self.cache {
                 if let Err(e) = c.put(&block.hash, &p).await {
@@ -442,7 +446,6 @@ impl Supply for RestSupply<'_> {
                 .map_err(|e| ModelError::Source(format!("{id} (block {}): {e}", hash.short())))?;
             if matches!(origin, Origin::Peers | Origin::Rest) {
                 self.fetched.push(id);
-                self.store.stats.experts.insert(id);
             }
             let w = ExpertWeights::from_safetensors(self.config, id.layer, id.expert, &payload)?;
             out.push((id, w));

@@ -55,7 +55,7 @@ pub fn start() {
     console_error_panic_hook::set_once();
     wasm_bindgen_futures::spawn_local(async {
         if let Err(e) = load().await {
-            set_html("app", &render::render_fetch_error(&e));
+            set_html("status", &render::render_fetch_error(&e));
         }
     });
 }
@@ -147,7 +147,7 @@ async fn load() -> Result<(), String> {
     let pool = expert_pool_bytes(&store.dag);
     let device = device::check(pool).await;
     panels::show_device(&device);
-    if !device.webgpu {
+    if !device.plan_gpu {
         panels::alert("no-webgpu", &device.message);
     }
 
@@ -269,7 +269,7 @@ async fn meta_payload(
             panels::alert(
                 "cache-corrupt",
                 &format!(
-                    "The cached meta block {} failed verification: dropped and fetched again.",
+                    "The cached meta block {} failed verification.",
                     info.hash.short()
                 ),
             );

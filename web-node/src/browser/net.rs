@@ -318,7 +318,7 @@ fn pump() {
                     panels::alert(
                         "bad-block",
                         &format!(
-                            "Chunk {index} of block {} from {who} failed its hash check: refused and asked again.",
+                            "Chunk {index} of block {} from {who} failed its hash check.",
                             hash.short()
                         ),
                     );
