@@ -209,6 +209,16 @@ try {
     assert.deepEqual(sorted(dagHeld), sorted(new Set([...chain.startup, ...used])), '#dag data-held');
     const dagUsed = dag.filter((g) => truthy(g.used)).map((g) => g.hash);
     assert.deepEqual(sorted(dagUsed), sorted(used), '#dag data-used');
+    // The page's signed usage report reached the relay and was counted: every
+    // expert the answer used shows reported calls (the relay served this key
+    // those blocks, so the report is accepted).
+    for (const h of used) {
+      const name = chain.byHash[h].name;
+      await until(`the usage report to count ${name}`, async () => {
+        const st = await getJson(`${relay.base}/experts/stats/${name}`);
+        return st.reported_calls > 0 ? st : null;
+      }, 10_000);
+    }
     await shot(page, 'node-answer.png');
   });
 
