@@ -55,6 +55,19 @@ pub struct FetchStats {
     pub ws_fallbacks: u64,
 }
 
+/// Send one request relative to the page; a network failure names the
+/// method and URL.
+async fn send(url: &str, init: &web_sys::RequestInit) -> Result<web_sys::Response, String> {
+    let window = web_sys::window().ok_or("no window")?;
+    let method = init.get_method().unwrap_or_default();
+    let req = web_sys::Request::new_with_str_and_init(url, init).map_err(js_err)?;
+    JsFuture::from(window.fetch_with_request(&req))
+        .await
+        .map_err(|e| format!("{method} {url}: {}", js_err(e)))?
+        .dyn_into()
+        .map_err(js_err)
+}
+
 /// One GET relative to the page; non-2xx answers are errors with the relay's
 /// message. Returns the body and the `Link` header.
 async fn get(
@@ -62,7 +75,6 @@ async fn get(
     range: Option<(u64, u64)>,
     stats: &mut FetchStats,
 ) -> Result<(Vec<u8>, Option<String>), String> {
-    let window = web_sys::window().ok_or("no window")?;
     let init = web_sys::RequestInit::new();
     init.set_method("GET");
     if let Some((start, end)) = range {
@@ -72,13 +84,8 @@ async fn get(
             .map_err(js_err)?;
         init.set_headers(&headers);
     }
-    let req = web_sys::Request::new_with_str_and_init(url, &init).map_err(js_err)?;
     stats.requests += 1;
-    let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req))
-        .await
-        .map_err(|e| format!("GET {url}: {}", js_err(e)))?
-        .dyn_into()
-        .map_err(js_err)?;
+    let resp = send(url, &init).await?;
     let buf = JsFuture::from(resp.array_buffer().map_err(js_err)?)
         .await
         .map_err(|e| format!("GET {url}: {}", js_err(e)))?;
@@ -100,7 +107,6 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, St
 
 /// `POST url` with a JSON body; the answer's status and body text.
 pub async fn post_json<T: serde::Serialize>(url: &str, body: &T) -> Result<(u16, String), String> {
-    let window = web_sys::window().ok_or("no window")?;
     let json = serde_json::to_string(body).map_err(|e| e.to_string())?;
     let init = web_sys::RequestInit::new();
     init.set_method("POST");
@@ -110,12 +116,7 @@ pub async fn post_json<T: serde::Serialize>(url: &str, body: &T) -> Result<(u16,
         .map_err(js_err)?;
     init.set_headers(&headers);
     init.set_body(&wasm_bindgen::JsValue::from_str(&json));
-    let req = web_sys::Request::new_with_str_and_init(url, &init).map_err(js_err)?;
-    let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req))
-        .await
-        .map_err(|e| format!("POST {url}: {}", js_err(e)))?
-        .dyn_into()
-        .map_err(js_err)?;
+    let resp = send(url, &init).await?;
     let text = JsFuture::from(resp.text().map_err(js_err)?)
         .await
         .map_err(|e| format!("POST {url}: {}", js_err(e)))?
@@ -290,7 +291,6 @@ impl Store {
             .clone();
         let config = self.config_of(&block);
         if let Some(p) = self.cached(&block, config.as_ref()).await {
-            self.stats.cache_hits += 1;
             return Ok((self.keep(&block, p, false).await, Origin::Cache));
         }
         if net::online() {
@@ -323,37 +323,13 @@ impl Store {
         }
     }
 
-    /// A cached payload that passes every check a download would; a
-    /// corrupt entry is dropped (and fetched again by the caller).
+    /// A cached payload that passes every check a download would (see
+    /// [`cached_payload`]).
     async fn cached(&mut self, block: &Block, config: Option<&Config>) -> Option<Arc<[u8]>> {
         let cache = self.cache.as_ref()?;
-        let bytes = match cache.get(&block.hash).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return None,
-            Err(e) => {
-                panels::alert(
-                    "cache-corrupt",
-                    &format!("The block cache could not be read: {e}"),
-                );
-                return None;
-            }
-        };
-        match verify_held_payload(block, config, &bytes) {
-            Ok(()) => Some(bytes.into()),
-            Err(e) => {
-                let _ = cache.delete(&block.hash).await;
-                self.stats.cache_dropped += 1;
-                panels::alert(
-                    "cache-corrupt",
-                    &format!(
-                        "The cached payload of {} ({}) failed verification ({e}).",
-                        block.header.name,
-                        block.hash.short()
-                    ),
-                );
-                None
-            }
-        }
+        cached_payload(cache, block, config, &mut self.stats)
+            .await
+            .map(Into::into)
     }
 
     /// Hold a verified payload: in memory, in the cache (when it was
@@ -403,7 +379,6 @@ impl Store {
             let config = self.config_of(&block);
             match self.cached(&block, config.as_ref()).await {
                 Some(p) => {
-                    self.stats.cache_hits += 1;
                     self.keep(&block, p, false).await;
                     kept += 1;
                 }
@@ -411,6 +386,47 @@ impl Store {
             }
         }
         (kept, dropped)
+    }
+}
+
+/// A cached payload of a header-verified block that passes every check a
+/// download would; a corrupt entry is dropped (the caller fetches it
+/// again), counted and reported. Counts a hit when it passes.
+pub async fn cached_payload(
+    cache: &Cache,
+    block: &Block,
+    config: Option<&Config>,
+    stats: &mut FetchStats,
+) -> Option<Vec<u8>> {
+    let bytes = match cache.get(&block.hash).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            panels::alert(
+                "cache-corrupt",
+                &format!("The block cache could not be read: {e}"),
+            );
+            return None;
+        }
+    };
+    match verify_held_payload(block, config, &bytes) {
+        Ok(()) => {
+            stats.cache_hits += 1;
+            Some(bytes)
+        }
+        Err(e) => {
+            let _ = cache.delete(&block.hash).await;
+            stats.cache_dropped += 1;
+            panels::alert(
+                "cache-corrupt",
+                &format!(
+                    "The cached payload of {} ({}) failed verification ({e}).",
+                    block.header.name,
+                    block.hash.short()
+                ),
+            );
+            None
+        }
     }
 }
 

@@ -88,6 +88,8 @@ async fn load() -> Result<(), String> {
     let mut stats = FetchStats::default();
     let mut fetched = Vec::new();
     let mut infos = Vec::new();
+    // Chain-A payloads taken from the cache (not written back).
+    let mut from_cache = std::collections::HashSet::new();
     for chain in [ChainId::A, ChainId::B] {
         set_progress(&format!("listing chain {chain:?}…"));
         for info in fetch::list_chain(chain, &mut stats).await? {
@@ -95,7 +97,11 @@ async fn load() -> Result<(), String> {
             if chain == ChainId::A {
                 // The meta payload gives the config chain-B headers are checked against.
                 set_progress(&format!("fetching meta block {}…", info.hash.short()));
-                f.payload = Some(meta_payload(&info, cache.as_ref(), &mut stats).await);
+                let (payload, cached) = meta_payload(&info, cache.as_ref(), &mut stats).await;
+                if cached {
+                    from_cache.insert(info.hash);
+                }
+                f.payload = Some(payload);
             }
             fetched.push(f);
             infos.push(info);
@@ -124,10 +130,10 @@ async fn load() -> Result<(), String> {
             _ => None,
         })
         .collect::<HashMap<_, Arc<[u8]>>>();
-    // Verified meta payloads: cached and served like any other.
+    // Verified meta payloads: cached (when downloaded) and served like any other.
     for (h, p) in &payloads {
         if let Some(b) = blocks.get(h) {
-            if let Some(c) = &cache {
+            if let Some(c) = cache.as_ref().filter(|_| !from_cache.contains(h)) {
                 let _ = c.put(h, p).await;
             }
             net::hold(*h, p.clone(), b.header.chunk_size);
@@ -252,30 +258,18 @@ const NETWORK_REFRESH_MS: i32 = 10_000;
 
 /// A chain-A payload: from the cache when it passes the checks a download
 /// would, else over REST (checked with the rest of the chain by
-/// [`verify::verify_chain_dag`]).
+/// [`verify::verify_chain_dag`]). Says whether it came from the cache.
 async fn meta_payload(
     info: &crate::net::api::BlockInfo,
     cache: Option<&cache::Cache>,
     stats: &mut FetchStats,
-) -> Result<Vec<u8>, String> {
+) -> (Result<Vec<u8>, String>, bool) {
     if let (Some(c), Ok(block)) = (cache, info.to_block()) {
-        if let Ok(Some(bytes)) = c.get(&info.hash).await {
-            if crate::chain::verify_held_payload(&block, None, &bytes).is_ok() {
-                stats.cache_hits += 1;
-                return Ok(bytes);
-            }
-            let _ = c.delete(&info.hash).await;
-            stats.cache_dropped += 1;
-            panels::alert(
-                "cache-corrupt",
-                &format!(
-                    "The cached meta block {} failed verification.",
-                    info.hash.short()
-                ),
-            );
+        if let Some(bytes) = fetch::cached_payload(c, &block, None, stats).await {
+            return (Ok(bytes), true);
         }
     }
-    fetch::get_payload(&info.hash, stats).await
+    (fetch::get_payload(&info.hash, stats).await, false)
 }
 
 /// Bytes of every expert payload of the latest model (the pool the engine
@@ -314,16 +308,15 @@ async fn show_cache(store: &Store, note: &str) {
 /// The "Clear cache" button: empties the persistent cache (this session
 /// keeps what it holds in memory and goes on serving it).
 async fn clear_cache() {
-    let note = match cache::Cache::open().await {
-        Ok(c) => match c.clear().await {
-            Ok(()) => "cleared: the next visit downloads what it needs again".to_string(),
-            Err(e) => format!("could not clear the cache: {e}"),
-        },
-        Err(e) => format!("no cache in this browser: {e}"),
-    };
-    let (entries, bytes) = match cache::Cache::open().await {
-        Ok(c) => c.usage().await.unwrap_or((0, 0)),
-        Err(_) => (0, 0),
+    let (note, (entries, bytes)) = match cache::Cache::open().await {
+        Ok(c) => {
+            let note = match c.clear().await {
+                Ok(()) => "cleared: the next visit downloads what it needs again".to_string(),
+                Err(e) => format!("could not clear the cache: {e}"),
+            };
+            (note, c.usage().await.unwrap_or((0, 0)))
+        }
+        Err(e) => (format!("no cache in this browser: {e}"), (0, 0)),
     };
     panels::show_cache(entries, bytes, &note);
 }
