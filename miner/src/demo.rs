@@ -208,6 +208,7 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
         data_dir: root.join("relay"),
         web_dir: None,
         model_dir: Some(a.model.clone()),
+        database: None,
     })?;
     let state = Arc::new(state);
     let (relay_stop, relay_stop_rx) = oneshot::channel::<()>();

@@ -53,6 +53,7 @@ impl Relay {
             data_dir: data.to_path_buf(),
             web_dir: None,
             model_dir: Some(model.to_path_buf()),
+            database: None,
         };
         let state = relay::open_relay(&cfg).unwrap().with_options(|o| {
             o.ip_rate = Rate {

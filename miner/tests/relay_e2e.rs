@@ -54,6 +54,7 @@ impl Relay {
             data_dir: data.to_path_buf(),
             web_dir: None,
             model_dir: Some(model.to_path_buf()),
+            database: None,
         };
         let state = customize(relay::open_relay(&cfg).unwrap());
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();

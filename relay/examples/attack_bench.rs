@@ -52,6 +52,7 @@ fn serve_child(data: &Path, model: &Path) {
         data_dir: data.to_path_buf(),
         web_dir: None,
         model_dir: Some(model.to_path_buf()),
+        database: None,
     })
     .unwrap()
     .with_gate(Arc::new(relay::quality::QualityGate::default()))

@@ -119,6 +119,7 @@ fn main() -> Result<()> {
         data_dir: tmp.path().join("data"),
         web_dir: None,
         model_dir: Some(model),
+        database: None,
     })?;
     state.chat = ChatRuntime::new(ChatOptions {
         ip_rate: Rate {

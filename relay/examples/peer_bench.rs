@@ -63,6 +63,7 @@ fn child(dir: &str) {
             data_dir: dir.join("data"),
             web_dir: None,
             model_dir: Some(model),
+            database: None,
         };
         let state = relay::open_relay(&cfg)
             .unwrap()

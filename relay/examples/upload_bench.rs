@@ -37,6 +37,7 @@ fn main() {
         data_dir: tmp.path().join("data"),
         web_dir: None,
         model_dir: Some(model),
+        database: None,
     })
     .unwrap();
     let genesis_s = t.elapsed().as_secs_f64();

@@ -19,6 +19,7 @@ pub mod compute;
 pub mod gate;
 pub mod genesis;
 pub mod peers;
+pub mod pg;
 pub mod quality;
 pub mod rewards;
 pub mod server;
@@ -43,6 +44,8 @@ pub enum RelayError {
     Usage(String),
     #[error("operator key: {0}")]
     Key(String),
+    #[error(transparent)]
+    Pg(#[from] pg::PgError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

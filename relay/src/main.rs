@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use relay::server::limits::{self, Rate};
 use relay::server::ServeConfig;
+use relay::store::RelayStore;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,9 @@ enum Cmd {
         /// Data directory of the relay.
         #[arg(long, default_value = "./data")]
         data: PathBuf,
+        /// Check the chain in this PostgreSQL database instead of --data.
+        #[arg(long)]
+        database: Option<String>,
     },
 }
 
@@ -129,6 +133,12 @@ struct Serve {
     /// Do not re-hash every stored payload in the background at start.
     #[arg(long)]
     no_scrub: bool,
+    /// PostgreSQL URL (`postgres://user@host:5432/aiblock`): keep the chain,
+    /// usage ledger and peer presence there, shared with the other relays
+    /// on it, instead of the embedded store in --data (which then holds only
+    /// the operator key and uploads in flight).
+    #[arg(long)]
+    database: Option<String>,
 }
 
 async fn shutdown_signal() {
@@ -153,9 +163,19 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn check(data: PathBuf) -> anyhow::Result<()> {
-    let (store, _) = relay::FileStore::open(&data)
-        .with_context(|| format!("opening the store in {}", data.display()))?;
+fn check(data: PathBuf, database: Option<String>) -> anyhow::Result<()> {
+    let (store, place): (Box<dyn RelayStore>, String) = match &database {
+        None => {
+            let (s, _) = relay::FileStore::open(&data)
+                .with_context(|| format!("opening the store in {}", data.display()))?;
+            (Box::new(s), data.join("quarantine").display().to_string())
+        }
+        Some(url) => {
+            let pg = relay::pg::Pg::connect(url)?;
+            let (s, _) = relay::store::PgStore::open(pg, &data.join("tmp"))?;
+            (Box::new(s), "the quarantine table".into())
+        }
+    };
     let t = std::time::Instant::now();
     let r = store.scrub()?;
     println!(
@@ -173,10 +193,9 @@ fn check(data: PathBuf) -> anyhow::Result<()> {
         Ok(())
     } else {
         println!(
-            "{} payloads quarantined ({} found now) in {}",
+            "{} payloads quarantined ({} found now) in {place}",
             all.len(),
             r.quarantined.len(),
-            data.join("quarantine").display()
         );
         std::process::exit(1);
     }
@@ -192,13 +211,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = match Cli::parse().cmd {
-        Cmd::Check { data } => return tokio::task::spawn_blocking(move || check(data)).await?,
+        Cmd::Check { data, database } => {
+            return tokio::task::spawn_blocking(move || check(data, database)).await?
+        }
         Cmd::Serve(a) => a,
     };
     let cfg = ServeConfig {
         data_dir: a.data.clone(),
         web_dir: Some(a.web.clone()),
         model_dir: Some(a.model.clone()),
+        database: a.database.clone(),
     };
     if !a.web.join("index.html").is_file() {
         tracing::warn!(web = %a.web.display(), "no index.html in the web dir (build the web app with trunk)");

@@ -296,6 +296,14 @@ impl Usage {
         })
     }
 
+    /// The usage ledger in PostgreSQL, shared by every relay on the database.
+    pub fn open_pg(pg: std::sync::Arc<crate::pg::Pg>) -> Result<Self, UsageError> {
+        let _ = pg;
+        Err(UsageError::Db(
+            "the PostgreSQL usage ledger is not built yet".into(),
+        ))
+    }
+
     /// [`Usage::open`], or (logged as an error) a store that counts in
     /// memory only and refuses reports and rewards, so a relay built in a
     /// test or on a read-only disk still serves; `relay serve` opens the file

@@ -452,7 +452,7 @@ fn ms(d: Duration) -> f64 {
 /// One generation, run on a blocking thread.
 struct Job {
     model: Arc<LoadedModel>,
-    store: Arc<crate::store::FileStore>,
+    store: Arc<dyn crate::store::RelayStore>,
     prompt: String,
     opts: RunOptions,
     sampler: SamplerConfig,

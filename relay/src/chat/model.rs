@@ -9,10 +9,9 @@ use web_node::chain_model::{ChainModel, NodeError};
 use web_node::model::reference::CpuEngine;
 use web_node::model::{ExpertId, ExpertWeights, ModelError};
 use web_node::net::api::{codes, ApiError};
-use web_node::store::BlockStore as _;
 
 use crate::server::{HttpError, SharedState};
-use crate::store::FileStore;
+use crate::store::RelayStore;
 
 /// The model of one set of heads, shared by every request that runs on it.
 pub struct LoadedModel {
@@ -67,7 +66,7 @@ impl LoadedModel {
     /// every chunk checked against the stored chunk list) and cached.
     pub fn expert(
         &self,
-        store: &FileStore,
+        store: &dyn RelayStore,
         id: ExpertId,
     ) -> Result<Arc<ExpertWeights>, ModelError> {
         if let Some(w) = self.experts.lock().ok().and_then(|m| m.get(&id).cloned()) {

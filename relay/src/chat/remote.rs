@@ -15,7 +15,7 @@ use web_node::net::peer::PeerId;
 use super::LoadedModel;
 use crate::compute::ExpertCompute;
 use crate::server::HttpError;
-use crate::store::FileStore;
+use crate::store::RelayStore;
 
 /// Threads of a local fallback computation (it runs on the request's own
 /// blocking thread; the products of the default model are below the size
@@ -69,14 +69,14 @@ impl Remote {
 /// The [`Supply`] of one chat request.
 pub(super) struct ChatSupply {
     model: Arc<LoadedModel>,
-    store: Arc<FileStore>,
+    store: Arc<dyn RelayStore>,
     remote: Option<Remote>,
 }
 
 impl ChatSupply {
     pub(super) fn new(
         model: Arc<LoadedModel>,
-        store: Arc<FileStore>,
+        store: Arc<dyn RelayStore>,
         remote: Option<Remote>,
     ) -> Self {
         Self {
@@ -133,7 +133,7 @@ impl ChatSupply {
 
     /// Run one expert here, on the relay's verified weights.
     fn local(&self, job: &ExpertJob) -> Result<Vec<f32>, ModelError> {
-        let w = self.model.expert(&self.store, job.id)?;
+        let w = self.model.expert(&*self.store, job.id)?;
         Ok(expert_forward(&w, &job.input, job.rows, FALLBACK_THREADS))
     }
 }
@@ -163,7 +163,7 @@ impl Supply for ChatSupply {
             .map(|&id| {
                 Ok((
                     id,
-                    ExpertWeights::clone(&*self.model.expert(&self.store, id)?),
+                    ExpertWeights::clone(&*self.model.expert(&*self.store, id)?),
                 ))
             })
             .collect()

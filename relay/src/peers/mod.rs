@@ -30,11 +30,10 @@ use axum::Router;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use web_node::chain::{Block, BlockHash};
 use web_node::net::peer::{codes, limits, FromRelay, PeerId};
-use web_node::store::BlockStore as _;
 
 use crate::compute::{ComputeAnswer, ComputeFailure, ComputeFuture, ExpertCompute};
 use crate::server::SharedState;
-use crate::store::FileStore;
+use crate::store::RelayStore;
 
 pub use route::{Action, ChunkInfo, ComputeOutcome, ConnId, Core, PeerView, RouteConfig};
 pub use stats::{Counters, PeerCounters, PeerStats};
@@ -193,7 +192,7 @@ pub struct Peers {
     waiters: Mutex<HashMap<u64, oneshot::Sender<ComputeOutcome>>>,
     conns: Mutex<ConnTable>,
     cache: Mutex<ChunkCache>,
-    store: OnceLock<Arc<FileStore>>,
+    store: OnceLock<Arc<dyn RelayStore>>,
     next_conn: AtomicU64,
     shutdown: watch::Sender<bool>,
     timer: OnceLock<()>,
@@ -241,7 +240,7 @@ impl Peers {
 
     /// The store chunks fall back to (set by [`crate::AppState`], which
     /// holds the registry in an `Arc`).
-    pub fn attach_store(self: &Arc<Self>, store: Arc<FileStore>) {
+    pub fn attach_store(self: &Arc<Self>, store: Arc<dyn RelayStore>) {
         let _ = self.store.set(store);
         let _ = self.this.set(Arc::downgrade(self));
     }

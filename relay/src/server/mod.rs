@@ -41,7 +41,7 @@ use web_node::store::{BlockStore, StoreError};
 
 use crate::gate::{AcceptAll, Gate};
 use crate::genesis;
-use crate::store::FileStore;
+use crate::store::{Committed, Expect, FileStore, PgStore, RelayStore};
 use crate::RelayError;
 
 pub use auth::{MetaKeys, MetaWriters};
@@ -70,7 +70,7 @@ fn chain_ix(c: ChainId) -> usize {
 impl ChainState {
     /// Rebuild from a store: the DAG (as web-node loads it), then the order,
     /// signatures and meta writers.
-    pub fn load(store: &FileStore) -> Result<Self, StoreError> {
+    pub fn load(store: &dyn RelayStore) -> Result<Self, StoreError> {
         let dag = web_node::store::load_dag(store)?;
         let mut s = Self {
             dag,
@@ -171,7 +171,7 @@ struct Runtime {
 
 /// Everything a request handler needs.
 pub struct AppState {
-    pub store: Arc<FileStore>,
+    pub store: Arc<dyn RelayStore>,
     /// The chain index. Readers take it shared; uploads take it exclusively
     /// only to insert an accepted block (see [`upload`]).
     pub chain: Arc<RwLock<ChainState>>,
@@ -192,12 +192,14 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    pub fn new(store: Arc<FileStore>, chain: ChainState, opts: RelayOptions) -> Self {
+    pub fn new(
+        store: Arc<dyn RelayStore>,
+        chain: ChainState,
+        opts: RelayOptions,
+        usage: Arc<crate::usage::Usage>,
+    ) -> Self {
         let peers = Arc::new(crate::peers::Peers::default());
         peers.attach_store(store.clone());
-        let usage = Arc::new(crate::usage::Usage::open_or_memory(
-            &store.root().join("usage.redb"),
-        ));
         peers.counters().attach_usage(usage.clone());
         Self {
             store,
@@ -404,7 +406,23 @@ pub fn accept_block(
     payload: &[u8],
 ) -> Result<BlockInfo, ApiError> {
     let v = validate_block(block, payload, &chain.dag)?;
-    state.store.put(block, payload).map_err(store_err)?;
+    let h = &block.header;
+    let expect = Expect::Head(chain.dag.head(h.meta.as_ref(), &h.name));
+    match crate::store::put_checked(state.store.as_ref(), block, payload, expect)
+        .map_err(store_err)?
+    {
+        Committed::Done => {}
+        Committed::HeadMoved(now) => {
+            return Err(ApiError::new(
+                codes::NOT_HEAD,
+                format!(
+                    "slot {}'s head moved to {}",
+                    h.name,
+                    now.map(|x| x.to_hex()).unwrap_or_else(|| "none".into())
+                ),
+            ))
+        }
+    }
     let writers = (block.header.chain == ChainId::A).then(|| MetaWriters::of(block, payload));
     chain.insert(&v, writers);
     state.peers.block_added(block);
@@ -459,46 +477,90 @@ pub struct ServeConfig {
     pub web_dir: Option<PathBuf>,
     /// The genesis model (HF dir); used when the chain has no meta block.
     pub model_dir: Option<PathBuf>,
+    /// `postgres://...`: keep the chain, usage and peer presence in this
+    /// database (shared with other relays) instead of the data dir.
+    pub database: Option<String>,
 }
 
 /// Open the store (repairing it), load the chain, create the operator key and
 /// the genesis blocks if needed. Blocking.
 pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let (store, report) = FileStore::open(&cfg.data_dir)?;
-    if report.removed_temp > 0 || !report.dropped.is_empty() || !report.orphans.is_empty() {
-        tracing::warn!(
-            removed_temp = report.removed_temp,
-            dropped = report.dropped.len(),
-            orphans = report.orphans.len(),
-            "store repaired on open"
-        );
-    }
-    let mut chain = ChainState::load(&store)?;
-    adopt_orphans(&store, &mut chain, &report.orphans);
+    let staging = cfg.data_dir.join("tmp");
+    let (store, usage, mut chain): (Arc<dyn RelayStore>, crate::usage::Usage, ChainState) =
+        match &cfg.database {
+            None => {
+                let (store, report) = FileStore::open(&cfg.data_dir)?;
+                if report.removed_temp > 0
+                    || !report.dropped.is_empty()
+                    || !report.orphans.is_empty()
+                {
+                    tracing::warn!(
+                        removed_temp = report.removed_temp,
+                        dropped = report.dropped.len(),
+                        orphans = report.orphans.len(),
+                        "store repaired on open"
+                    );
+                }
+                let mut chain = ChainState::load(&store)?;
+                adopt_orphans(&store, &mut chain, &report.orphans);
+                let path = cfg.data_dir.join("usage.redb");
+                let usage = crate::usage::Usage::open(&path).map_err(|e| {
+                    RelayError::Usage(format!(
+                        "cannot open {}: usage counters and rewards would not persist ({e})",
+                        path.display()
+                    ))
+                })?;
+                (Arc::new(store), usage, chain)
+            }
+            Some(url) => {
+                let pg = crate::pg::Pg::connect(url)?;
+                let (store, report) = PgStore::open(pg.clone(), &staging)?;
+                if report.removed_temp > 0 || report.removed_staged > 0 {
+                    tracing::warn!(
+                        removed_temp = report.removed_temp,
+                        removed_staged = report.removed_staged,
+                        "abandoned uploads removed"
+                    );
+                }
+                let chain = ChainState::load(&store)?;
+                let usage = crate::usage::Usage::open_pg(pg)
+                    .map_err(|e| RelayError::Usage(format!("{} ({e})", crate::pg::redact(url))))?;
+                tracing::info!(database = %crate::pg::redact(url), "chain, usage and peer presence in PostgreSQL");
+                (Arc::new(store), usage, chain)
+            }
+        };
     for (h, why) in store.quarantined_all()? {
         tracing::warn!(block = %h, reason = %why, "payload quarantined (not served)");
     }
     let key = genesis::operator_key(&cfg.data_dir)?;
-    let store = Arc::new(store);
-    let mut opts = RelayOptions::new(cfg.data_dir.join("tmp"));
+    let mut opts = RelayOptions::new(staging);
     opts.web_dir = cfg.web_dir.clone();
-    let mut state = AppState::new(store, ChainState::default(), opts);
-    if !state.usage.is_persistent() {
-        return Err(RelayError::Usage(format!(
-            "cannot open {}: usage counters and rewards would not persist",
-            cfg.data_dir.join("usage.redb").display()
-        )));
-    }
+    let mut state = AppState::new(store, ChainState::default(), opts, Arc::new(usage));
     state.meta_keys = MetaKeys::new(Some(key.verifying_key().to_bytes()));
     if chain.dag.chain(ChainId::A).next().is_none() {
         match &cfg.model_dir {
             Some(m) if m.join("config.json").is_file() => {
                 let blocks = genesis::genesis_blocks(m, &key, genesis::now_ms())?;
                 for (b, p) in &blocks {
-                    accept_block(&state, &mut chain, b, p).map_err(|e| {
-                        RelayError::Genesis(format!("block {}: {e}", b.header.name))
-                    })?;
+                    match accept_block(&state, &mut chain, b, p) {
+                        Ok(_) => {}
+                        // Another relay on the same database made the genesis first.
+                        Err(e)
+                            if cfg.database.is_some()
+                                && (e.code == codes::NOT_HEAD || e.code == codes::DUPLICATE) =>
+                        {
+                            tracing::info!("another relay created the genesis: using it");
+                            chain = ChainState::load(state.store.as_ref())?;
+                            break;
+                        }
+                        Err(e) => {
+                            return Err(RelayError::Genesis(format!(
+                                "block {}: {e}",
+                                b.header.name
+                            )))
+                        }
+                    }
                 }
                 tracing::info!(model = %m.display(), blocks = blocks.len(), "genesis created");
             }
@@ -508,7 +570,11 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
             None => tracing::warn!("no model dir: starting without genesis"),
         }
     }
-    tracing::info!(blocks = chain.len(), "chain loaded");
+    tracing::info!(
+        blocks = chain.len(),
+        store = state.store.kind(),
+        "chain loaded"
+    );
     state.chain = Arc::new(RwLock::new(chain));
     Ok(state)
 }
@@ -524,7 +590,7 @@ fn adopt_orphans(store: &FileStore, chain: &mut ChainState, orphans: &[BlockHash
                 return true;
             };
             match validate_block(&b, &p, &chain.dag) {
-                Ok(v) => match store.put(&b, &p) {
+                Ok(v) => match BlockStore::put(store, &b, &p) {
                     Ok(()) => {
                         let w = (b.header.chain == ChainId::A).then(|| MetaWriters::of(&b, &p));
                         chain.insert(&v, w);

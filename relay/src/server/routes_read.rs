@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use web_node::chain::{Block, BlockHash, ChainId};
 use web_node::net::api::{codes, ApiError, ChunkList, HeadInfo};
-use web_node::store::BlockStore as _;
 
 use super::{blocking, store_err, ApiResult, HttpError, SharedState};
 

@@ -44,6 +44,7 @@ use web_node::net::api::{codes, ApiError, BlockInfo, SeedUpload};
 use super::auth::{self, MetaWriters};
 use super::{blocking, peer_ip, store_err, ApiResult, HttpError, SharedState};
 use crate::gate::{GateContext, PayloadRef};
+use crate::store::{Committed, Expect};
 
 /// Body pieces queued between the connection and the staging writer.
 const STAGE_QUEUE: usize = 8;
@@ -309,14 +310,33 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
         )
         .into());
     }
+    // The store settles the head once more: another relay on the same
+    // database may have moved it since this relay's chain saw it.
     let (store, b2) = (st.store.clone(), block.clone());
-    let committed = blocking(move || store.commit(&b2, &chunks).map_err(store_err)).await;
-    if let Err(e) = committed {
-        if e.code != codes::DUPLICATE {
+    let expect = Expect::Head(adm.head);
+    let committed = blocking(move || store.commit(&b2, &chunks, expect).map_err(store_err)).await;
+    match committed {
+        Ok(Committed::Done) => {}
+        Ok(Committed::HeadMoved(now)) => {
             let (store, hash) = (st.store.clone(), block.hash);
             let _ = blocking(move || store.discard(&hash).map_err(store_err)).await;
+            return Err(ApiError::new(
+                codes::NOT_HEAD,
+                format!(
+                    "slot {}'s head moved to {} (accepted by another relay) while this upload was checked; build on the new head",
+                    h.name,
+                    now.map(|x| x.to_hex()).unwrap_or_else(|| "none".into())
+                ),
+            )
+            .into());
         }
-        return Err(e.into());
+        Err(e) => {
+            if e.code != codes::DUPLICATE {
+                let (store, hash) = (st.store.clone(), block.hash);
+                let _ = blocking(move || store.discard(&hash).map_err(store_err)).await;
+            }
+            return Err(e.into());
+        }
     }
     let v = ValidatedBlock {
         block: (*block).clone(),

@@ -113,6 +113,7 @@ impl TestRelay {
             data_dir: data.to_path_buf(),
             web_dir: web.map(Path::to_path_buf),
             model_dir: model.map(Path::to_path_buf),
+            database: None,
         };
         let state: SharedState = Arc::new(customize(unthrottled(relay::open_relay(&cfg).unwrap())));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();

@@ -39,6 +39,8 @@ use web_node::chain::{Block, BlockHash, ChunkHasher};
 use web_node::net::api::HeadInfo;
 use web_node::store::{check_range, BlockStore, StoreError};
 
+use super::{Committed, Expect, RelayStore};
+
 const ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("order");
 const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
@@ -377,13 +379,31 @@ impl FileStore {
         sync_dir(&dir)
     }
 
-    /// Index a placed block: envelope, order, head and chunk list in one transaction.
-    pub fn commit(&self, block: &Block, chunks: &[BlockHash]) -> Result<(), StoreError> {
+    /// Index a placed block: envelope, order, head and chunk list in one
+    /// transaction, if the slot's head is what `expect` says.
+    pub fn commit(
+        &self,
+        block: &Block,
+        chunks: &[BlockHash],
+        expect: Expect,
+    ) -> Result<Committed, StoreError> {
         let w = self.db.begin_write().map_err(io)?;
         {
             let mut blocks = w.open_table(BLOCKS).map_err(io)?;
             if blocks.get(block.hash.0.as_slice()).map_err(io)?.is_some() {
                 return Err(StoreError::Duplicate(block.hash));
+            }
+            let k = head_key(block.header.meta.as_ref(), &block.header.name);
+            if let Expect::Head(want) = expect {
+                let heads = w.open_table(HEADS).map_err(io)?;
+                let now = heads
+                    .get(k.as_str())
+                    .map_err(io)?
+                    .and_then(|v| hash_of_slice(v.value()));
+                if now != want {
+                    // Dropping the transaction writes nothing.
+                    return Ok(Committed::HeadMoved(now));
+                }
             }
             blocks
                 .insert(block.hash.0.as_slice(), block.encode().as_slice())
@@ -396,7 +416,6 @@ impl FileStore {
                 .unwrap_or(0);
             order.insert(next, block.hash.0.as_slice()).map_err(io)?;
             let mut heads = w.open_table(HEADS).map_err(io)?;
-            let k = head_key(block.header.meta.as_ref(), &block.header.name);
             heads
                 .insert(k.as_str(), block.hash.0.as_slice())
                 .map_err(io)?;
@@ -404,7 +423,26 @@ impl FileStore {
             c.insert(block.hash.0.as_slice(), chunk_bytes(chunks).as_slice())
                 .map_err(io)?;
         }
-        w.commit().map_err(io)
+        w.commit().map_err(io)?;
+        Ok(Committed::Done)
+    }
+
+    /// Blocks indexed after position `after`, with their positions.
+    pub fn list_after(&self, after: Option<u64>) -> Result<Vec<(u64, Block)>, StoreError> {
+        let r = self.db.begin_read().map_err(io)?;
+        let order = r.open_table(ORDER).map_err(io)?;
+        let blocks = r.open_table(BLOCKS).map_err(io)?;
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for row in order.range(from..).map_err(io)? {
+            let (k, h) = row.map_err(io)?;
+            let env = blocks.get(h.value()).map_err(io)?.ok_or_else(|| {
+                StoreError::Corrupt("order lists a block without an index entry".into())
+            })?;
+            let b = Block::decode(env.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((k.value(), b));
+        }
+        Ok(out)
     }
 
     /// Remove a placed block file that was not committed (a block that lost
@@ -671,7 +709,7 @@ impl BlockStore for FileStore {
         self.check_new(block, payload)?;
         self.place_bytes(block, payload)?;
         let chunks = web_node::chain::chunk_hashes(payload, block.header.chunk_size);
-        self.commit(block, &chunks)
+        self.commit(block, &chunks, Expect::Any).map(|_| ())
     }
 
     fn put_staged(&self, block: &Block, payload: &[u8], staged: &Path) -> Result<(), StoreError> {
@@ -680,7 +718,7 @@ impl BlockStore for FileStore {
             self.place_bytes(block, payload)?;
         }
         let chunks = web_node::chain::chunk_hashes(payload, block.header.chunk_size);
-        self.commit(block, &chunks)
+        self.commit(block, &chunks, Expect::Any).map(|_| ())
     }
 
     fn list(&self) -> Result<Vec<Block>, StoreError> {
@@ -730,5 +768,56 @@ impl BlockStore for FileStore {
                 .map_err(io)?;
         }
         w.commit().map_err(io)
+    }
+}
+
+impl RelayStore for FileStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        FileStore::staging_dir(self)
+    }
+
+    fn place_staged(&self, block: &Block, staged: &Path) -> Result<(), StoreError> {
+        FileStore::place_staged(self, block, staged)
+    }
+
+    fn commit(
+        &self,
+        block: &Block,
+        chunks: &[BlockHash],
+        expect: Expect,
+    ) -> Result<Committed, StoreError> {
+        FileStore::commit(self, block, chunks, expect)
+    }
+
+    fn discard(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        FileStore::discard(self, hash)
+    }
+
+    fn chunk_list(&self, hash: &BlockHash) -> Result<Vec<BlockHash>, StoreError> {
+        FileStore::chunk_list(self, hash)
+    }
+
+    fn quarantined(&self, hash: &BlockHash) -> Result<Option<String>, StoreError> {
+        FileStore::quarantined(self, hash)
+    }
+
+    fn quarantine_payload(&self, hash: &BlockHash, reason: &str) -> Result<(), StoreError> {
+        FileStore::quarantine_payload(self, hash, reason)
+    }
+
+    fn quarantined_all(&self) -> Result<Vec<(BlockHash, String)>, StoreError> {
+        FileStore::quarantined_all(self)
+    }
+
+    fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        FileStore::scrub(self)
+    }
+
+    fn list_after(&self, after: Option<u64>) -> Result<Vec<(u64, Block)>, StoreError> {
+        FileStore::list_after(self, after)
     }
 }
