@@ -15,6 +15,7 @@
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
 
 pub mod chat;
+pub mod cluster;
 pub mod compute;
 pub mod gate;
 pub mod genesis;

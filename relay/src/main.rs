@@ -266,6 +266,8 @@ async fn main() -> anyhow::Result<()> {
         ..relay::peers::PeerOptions::default()
     });
     let state = Arc::new(state);
+    // Blocks other relays on the same database accept.
+    relay::cluster::start(&state);
     // Usage counters flushed every second, rewards paid every hour.
     relay::rewards::spawn_background(&state);
     let usage = state.usage.clone();

@@ -185,8 +185,10 @@ pub struct AppState {
     pub peers: Arc<crate::peers::Peers>,
     /// `/chat` state.
     pub chat: crate::chat::ChatRuntime,
-    /// Usage counters and rewards (`data/usage.redb`).
+    /// Usage counters and rewards (`data/usage.redb`, or PostgreSQL).
     pub usage: Arc<crate::usage::Usage>,
+    /// The database shared with other relays (`--database`), if any.
+    pub pg: Option<Arc<crate::pg::Pg>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -212,6 +214,7 @@ impl AppState {
             peers,
             chat: crate::chat::ChatRuntime::default(),
             usage,
+            pg: None,
         }
     }
 
@@ -241,6 +244,12 @@ impl AppState {
         f(&mut self.opts);
         self.runtime = OnceLock::new();
         self
+    }
+
+    /// The lock the last step of an upload (head re-check, commit, index)
+    /// and the block follower ([`crate::cluster::follow`]) take.
+    pub async fn commit_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.commit.lock().await
     }
 
     /// The acceptance gate new versions of existing slots pass.
@@ -487,6 +496,7 @@ pub struct ServeConfig {
 pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let staging = cfg.data_dir.join("tmp");
+    let mut pg = None;
     let (store, usage, mut chain): (Arc<dyn RelayStore>, crate::usage::Usage, ChainState) =
         match &cfg.database {
             None => {
@@ -514,8 +524,9 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
                 (Arc::new(store), usage, chain)
             }
             Some(url) => {
-                let pg = crate::pg::Pg::connect(url)?;
-                let (store, report) = PgStore::open(pg.clone(), &staging)?;
+                let db = crate::pg::Pg::connect(url)?;
+                pg = Some(db.clone());
+                let (store, report) = PgStore::open(db.clone(), &staging)?;
                 if report.removed_temp > 0 || report.removed_staged > 0 {
                     tracing::warn!(
                         removed_temp = report.removed_temp,
@@ -524,7 +535,7 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
                     );
                 }
                 let chain = ChainState::load(&store)?;
-                let usage = crate::usage::Usage::open_pg(pg)
+                let usage = crate::usage::Usage::open_pg(db)
                     .map_err(|e| RelayError::Usage(format!("{} ({e})", crate::pg::redact(url))))?;
                 tracing::info!(database = %crate::pg::redact(url), "chain, usage and peer presence in PostgreSQL");
                 (Arc::new(store), usage, chain)
@@ -538,6 +549,7 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
     opts.web_dir = cfg.web_dir.clone();
     let mut state = AppState::new(store, ChainState::default(), opts, Arc::new(usage));
     state.meta_keys = MetaKeys::new(Some(key.verifying_key().to_bytes()));
+    state.pg = pg;
     if chain.dag.chain(ChainId::A).next().is_none() {
         match &cfg.model_dir {
             Some(m) if m.join("config.json").is_file() => {

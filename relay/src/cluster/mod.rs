@@ -1,0 +1,16 @@
+//! Several relays on one PostgreSQL database (`relay serve --database`).
+//! No protocol of our own between relays: they share the database, learn of
+//! new blocks through PostgreSQL's `LISTEN/NOTIFY` ([`follow`]) and settle
+//! same-slot races with its transactions ([`crate::store::PgStore`]).
+
+pub mod follow;
+
+use crate::SharedState;
+
+/// Start what a relay on a shared database runs besides serving: the block
+/// follower. Nothing for the embedded store. Call inside a tokio runtime.
+pub fn start(state: &SharedState) {
+    if state.pg.is_some() {
+        follow::spawn(state.clone());
+    }
+}
