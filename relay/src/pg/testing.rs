@@ -64,10 +64,58 @@ pub struct TestPg {
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
+static SHARED: std::sync::OnceLock<Option<TestPg>> = std::sync::OnceLock::new();
+
 impl TestPg {
     /// Start a server (fsync off: a test server, fast). See the module docs.
     pub fn start() -> Option<Self> {
         Self::start_with(&["-c", "fsync=off", "-c", "synchronous_commit=off"])
+    }
+
+    /// One server for the whole test process (a database per test with
+    /// [`TestPg::create_db`]). A static is never dropped, so a watchdog
+    /// process stops the server and removes its directory when this process
+    /// exits.
+    pub fn shared() -> Option<&'static TestPg> {
+        SHARED
+            .get_or_init(|| {
+                let pg = Self::start()?;
+                pg.watch_parent();
+                Some(pg)
+            })
+            .as_ref()
+    }
+
+    fn watch_parent(&self) {
+        let data = self.dir.path().join("data");
+        let stop = self
+            .cmd(
+                "pg_ctl",
+                &["-D", &data.display().to_string(), "-m", "immediate", "stop"],
+            )
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        let prog = if self.as_postgres {
+            "runuser".to_string()
+        } else {
+            self.bin.join("pg_ctl").display().to_string()
+        };
+        let quoted = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {prog} {args} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            prog = quoted(&prog),
+            args = stop.iter().map(|a| quoted(a)).collect::<Vec<_>>().join(" "),
+            dir = quoted(&self.dir.path().display().to_string()),
+        );
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
     }
 
     /// Start a server with PostgreSQL's default durability (benchmarks).

@@ -79,6 +79,19 @@ pub fn unthrottled(s: AppState) -> AppState {
     })
 }
 
+/// The database relays in this test use: None (the embedded store), or a
+/// new PostgreSQL database under `AIBLOCK_TEST_STORE=postgres`.
+pub fn test_database() -> Option<String> {
+    match std::env::var("AIBLOCK_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(
+            relay::pg::testing::TestPg::shared()
+                .expect("AIBLOCK_TEST_STORE=postgres but PostgreSQL is not available")
+                .create_db(),
+        ),
+        _ => None,
+    }
+}
+
 /// A relay serving in this process on 127.0.0.1:0 through [`relay::serve`].
 pub struct TestRelay {
     pub url: String,
@@ -101,7 +114,10 @@ impl TestRelay {
         Self::start_full(data, model, web, customize, ServeOptions::default())
     }
 
-    /// `customize` runs after [`unthrottled`].
+    /// `customize` runs after [`unthrottled`]. The store is the embedded
+    /// one, or PostgreSQL (a new database on a shared throwaway server)
+    /// under `AIBLOCK_TEST_STORE=postgres`: `scripts/test.sh` runs the
+    /// relay's behaviour tests both ways.
     pub fn start_full(
         data: &Path,
         model: Option<&Path>,
@@ -109,12 +125,37 @@ impl TestRelay {
         customize: impl FnOnce(AppState) -> AppState,
         serve_opts: ServeOptions,
     ) -> Self {
-        let cfg = ServeConfig {
-            data_dir: data.to_path_buf(),
-            web_dir: web.map(Path::to_path_buf),
-            model_dir: model.map(Path::to_path_buf),
-            database: None,
-        };
+        Self::start_cfg(
+            ServeConfig {
+                data_dir: data.to_path_buf(),
+                web_dir: web.map(Path::to_path_buf),
+                model_dir: model.map(Path::to_path_buf),
+                database: test_database(),
+            },
+            customize,
+            serve_opts,
+        )
+    }
+
+    /// A relay on the PostgreSQL database `url` (shared with other relays).
+    pub fn start_db(data: &Path, model: Option<&Path>, url: &str) -> Self {
+        Self::start_cfg(
+            ServeConfig {
+                data_dir: data.to_path_buf(),
+                web_dir: None,
+                model_dir: model.map(Path::to_path_buf),
+                database: Some(url.to_string()),
+            },
+            |s| s,
+            ServeOptions::default(),
+        )
+    }
+
+    pub fn start_cfg(
+        cfg: ServeConfig,
+        customize: impl FnOnce(AppState) -> AppState,
+        serve_opts: ServeOptions,
+    ) -> Self {
         let state: SharedState = Arc::new(customize(unthrottled(relay::open_relay(&cfg).unwrap())));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -128,6 +169,7 @@ impl TestRelay {
             rt.block_on(async move {
                 let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
                 addr_tx.send(l.local_addr().unwrap()).unwrap();
+                relay::cluster::start(&st);
                 let peers = st.peers.clone();
                 relay::serve(l, relay::app(st), serve_opts, async move {
                     let _ = stop_rx.await;
