@@ -1,6 +1,7 @@
 //! Usage and rewards: what each expert version did, counted from work the
-//! relay itself saw and verified, persisted in `data/usage.redb`, and the
-//! rewards computed from it.
+//! relay itself saw and verified, persisted in `data/usage.redb` or, with
+//! `relay serve --database`, in PostgreSQL shared by every relay on it
+//! ([`pg`]), and the rewards computed from it.
 //!
 //! What counts:
 //! * **Calls, tokens routed, latency** of an expert version: from `/chat` and
@@ -17,9 +18,11 @@
 //!   change nothing ([`Usage::submit_report`]). Self-reported tokens count
 //!   [`REPORT_WEIGHT_PCT`] % of relay-verified tokens in rewards.
 //!
-//! Counters are kept in memory and written to redb by [`Usage::flush`]
-//! (the relay flushes every [`FLUSH_INTERVAL`] and on shutdown); accepted
-//! reports and rewards are written before they are acknowledged.
+//! Counters are kept in memory and written by [`Usage::flush`] (the relay
+//! flushes every [`FLUSH_INTERVAL`] and on shutdown); accepted reports and
+//! rewards are written before they are acknowledged. The redb file writes
+//! each changed counter; PostgreSQL adds the changes to the shared rows
+//! (see [`pg`]).
 //!
 //! # Rewards
 //!
@@ -39,17 +42,21 @@
 //!   `bytes_p × PEER_UC_PER_MIB / 2^20 + computations_p × PEER_UC_PER_COMPUTE`.
 //!
 //! All divisions round down. The README works one example through; a test
-//! computes it.
+//! computes it. Both stores compute it with [`plan_reward`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use web_node::chain::BlockHash;
+
+use crate::pg::PgError;
+
+pub mod pg;
 
 /// Micro-credits a miner earns per relay-verified token routed to its version.
 pub const MINER_UC_PER_TOKEN: u64 = 1_000;
@@ -96,6 +103,18 @@ fn dberr<E: std::fmt::Display>(e: E) -> UsageError {
     UsageError::Db(e.to_string())
 }
 
+impl From<PgError> for UsageError {
+    fn from(e: PgError) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for UsageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PgError::from(e).into()
+    }
+}
+
 /// Counters of one expert version (one block).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VersionCounters {
@@ -129,6 +148,26 @@ impl VersionCounters {
     pub fn mean_latency_us(&self) -> Option<u64> {
         (self.latency_samples > 0).then(|| self.latency_us_sum / self.latency_samples)
     }
+
+    /// Add the counts of `d` (changes not yet in the database) and take its
+    /// losses if it has some.
+    fn add(&mut self, d: &VersionCounters) {
+        self.calls += d.calls;
+        self.tokens += d.tokens;
+        self.latency_us_sum += d.latency_us_sum;
+        self.latency_samples += d.latency_samples;
+        self.reported_calls += d.reported_calls;
+        self.reported_tokens += d.reported_tokens;
+        self.bytes_served += d.bytes_served;
+        self.computations += d.computations;
+        self.paid_units += d.paid_units;
+        if d.verified_loss.is_some() {
+            self.verified_loss = d.verified_loss;
+        }
+        if d.incumbent_loss.is_some() {
+            self.incumbent_loss = d.incumbent_loss;
+        }
+    }
 }
 
 /// What one peer served of one block.
@@ -141,6 +180,18 @@ pub struct PeerCounters {
     pub bad_chunks: u64,
     pub paid_bytes: u64,
     pub paid_computations: u64,
+}
+
+impl PeerCounters {
+    /// Add the counts of `d` (changes not yet in the database).
+    fn add(&mut self, d: &PeerCounters) {
+        self.bytes += d.bytes;
+        self.chunks += d.chunks;
+        self.computations += d.computations;
+        self.bad_chunks += d.bad_chunks;
+        self.paid_bytes += d.paid_bytes;
+        self.paid_computations += d.paid_computations;
+    }
 }
 
 /// What a report changed.
@@ -198,28 +249,55 @@ pub fn speed_pct(mean_latency_us: Option<u64>) -> u64 {
     }
 }
 
+/// (peer key, block).
+type PeerKey = ([u8; 32], BlockHash);
+
 #[derive(Default)]
 struct State {
+    /// What reads see: the stored counters plus what was counted since.
     versions: HashMap<BlockHash, VersionCounters>,
-    peers: HashMap<([u8; 32], BlockHash), PeerCounters>,
-    dirty_versions: HashSet<BlockHash>,
-    dirty_peers: HashSet<([u8; 32], BlockHash)>,
+    peers: HashMap<PeerKey, PeerCounters>,
+    /// Counted since the last flush, per counter: the redb file gets the
+    /// counter's whole value (from `versions` / `peers`), PostgreSQL gets
+    /// these changes added to its rows.
+    dirty_versions: HashMap<BlockHash, VersionCounters>,
+    dirty_peers: HashMap<PeerKey, PeerCounters>,
+    /// Every reward paid (redb; PostgreSQL reads its ledger table).
     ledger: Vec<RewardEntry>,
     /// (key, block): the relay served this key chunks of this block.
-    fetched: HashSet<([u8; 32], BlockHash)>,
-    dirty_fetched: Vec<([u8; 32], BlockHash)>,
+    fetched: HashSet<PeerKey>,
+    dirty_fetched: Vec<PeerKey>,
+    /// PostgreSQL: pairs the database said were never fetched, and when
+    /// (asked again after [`FLUSH_INTERVAL`]: another relay may record it).
+    not_fetched: HashMap<PeerKey, Instant>,
+}
+
+/// Where the counters persist.
+enum Backend {
+    /// [`Usage::open_or_memory`]'s fallback: counts, refuses reports and rewards.
+    Memory,
+    Redb(Database),
+    Pg(pg::PgLedger),
 }
 
 /// The usage store. Cheap to share (`Arc<Usage>`); every method is sync and
-/// short (no I/O but [`flush`](Usage::flush), reports and rewards).
+/// short (no I/O but [`flush`](Usage::flush), reports, rewards and, on
+/// PostgreSQL, [`fetched`](Usage::fetched) and [`rewards_of`](Usage::rewards_of)).
 pub struct Usage {
-    db: Option<Database>,
+    backend: Backend,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Usage").finish_non_exhaustive()
+        let backend = match &self.backend {
+            Backend::Memory => "memory",
+            Backend::Redb(_) => "redb",
+            Backend::Pg(_) => "postgres",
+        };
+        f.debug_struct("Usage")
+            .field("backend", &backend)
+            .finish_non_exhaustive()
     }
 }
 
@@ -231,9 +309,201 @@ fn peer_key(peer: &[u8; 32], block: &BlockHash) -> [u8; 64] {
 }
 
 /// The inverse of [`peer_key`] (None for a key of another length).
-fn split_peer_key(k: &[u8]) -> Option<([u8; 32], BlockHash)> {
+fn split_peer_key(k: &[u8]) -> Option<PeerKey> {
     let (p, b) = (k.get(..32)?, k.get(32..)?);
     Some((p.try_into().ok()?, BlockHash(b.try_into().ok()?)))
+}
+
+/// Count on `block`: the view and the changes to flush alike.
+fn count_version(st: &mut State, block: &BlockHash, f: impl Fn(&mut VersionCounters)) {
+    f(st.versions.entry(*block).or_default());
+    f(st.dirty_versions.entry(*block).or_default());
+}
+
+/// Count on (`peer`, `block`): the view and the changes to flush alike.
+fn count_peer(st: &mut State, peer: &[u8; 32], block: &BlockHash, f: impl Fn(&mut PeerCounters)) {
+    f(st.peers.entry((*peer, *block)).or_default());
+    f(st.dirty_peers.entry((*peer, *block)).or_default());
+}
+
+const NEVER_SERVED: &str = "this key was never served any of the blocks it reports (usage counts only for blocks the relay delivered to it)";
+
+fn replay(r: &UsageReport) -> UsageError {
+    UsageError::Report(format!(
+        "report {} of period {} was already counted (replay)",
+        r.seq, r.period
+    ))
+}
+
+fn too_many_reports() -> UsageError {
+    UsageError::Report(format!(
+        "at most {REPORTS_PER_PERIOD} reports per key and period"
+    ))
+}
+
+/// The checks of a report that need no store: key, signature, period,
+/// number of entries.
+fn check_report(r: &UsageReport, now_ms: u64) -> Result<(), UsageError> {
+    let bad = |m: String| Err(UsageError::Report(m));
+    let vk = VerifyingKey::from_bytes(&r.key)
+        .map_err(|_| UsageError::Report("key is not a valid ed25519 public key".into()))?;
+    if vk
+        .verify(&r.signing_bytes(), &Signature::from_bytes(&r.sig))
+        .is_err()
+    {
+        return bad("the report's signature does not verify".into());
+    }
+    let current = now_ms / REPORT_PERIOD_MS;
+    if r.period != current && r.period + 1 != current {
+        return bad(format!(
+            "period {} is not the current ({current}) or the previous one",
+            r.period
+        ));
+    }
+    if r.entries.is_empty() || r.entries.len() > REPORT_MAX_ENTRIES {
+        return bad(format!(
+            "a report has 1..={REPORT_MAX_ENTRIES} entries, this one {}",
+            r.entries.len()
+        ));
+    }
+    Ok(())
+}
+
+/// What of a report counts, given what its key already reported in the period.
+struct Capped {
+    /// (block, calls, tokens) to add, in the report's order.
+    apply: Vec<(BlockHash, u64, u64)>,
+    refused: Vec<String>,
+    /// The key's use of the period with this report.
+    calls_used: u64,
+    tokens_used: u64,
+}
+
+impl Capped {
+    fn outcome(&self) -> ReportOutcome {
+        ReportOutcome {
+            accepted_calls: self.apply.iter().map(|a| a.1).sum(),
+            accepted_tokens: self.apply.iter().map(|a| a.2).sum(),
+            refused: self.refused.clone(),
+        }
+    }
+}
+
+/// Apply the per-key caps to a report's entries (`fetched[i]`: was entry
+/// `i`'s block delivered to the key?).
+fn cap_entries(r: &UsageReport, fetched: &[bool], calls_used: u64, tokens_used: u64) -> Capped {
+    let mut c = Capped {
+        apply: Vec::new(),
+        refused: Vec::new(),
+        calls_used,
+        tokens_used,
+    };
+    for (e, ok) in r.entries.iter().zip(fetched) {
+        if !ok {
+            c.refused.push(format!(
+                "{}: this key never fetched that block through the relay",
+                e.block.short()
+            ));
+            continue;
+        }
+        let calls = e.calls.min(REPORT_CALLS_CAP.saturating_sub(c.calls_used));
+        let tokens = e
+            .tokens
+            .min(REPORT_TOKENS_CAP.saturating_sub(c.tokens_used));
+        if calls < e.calls || tokens < e.tokens {
+            c.refused.push(format!(
+                "{}: over the per-key cap of {REPORT_CALLS_CAP} calls / {REPORT_TOKENS_CAP} tokens per period",
+                e.block.short()
+            ));
+        }
+        c.calls_used += calls;
+        c.tokens_used += tokens;
+        if calls > 0 || tokens > 0 {
+            c.apply.push((e.block, calls, tokens));
+        }
+    }
+    c
+}
+
+/// A reward computed from counters, not yet written.
+struct RewardPlan {
+    entries: Vec<RewardEntry>,
+    /// (block, paid units before, paid units after).
+    versions: Vec<(BlockHash, u64, u64)>,
+    /// (peer and block, paid bytes and computations before, and after).
+    peers: Vec<(PeerKey, u64, u64, u64, u64)>,
+}
+
+/// The reward of one slot (see the module docs) from `counters` and `peers`
+/// (every peer row of the slot's blocks at least). The one place the
+/// formula is written, for both stores.
+fn plan_reward(
+    slot: &str,
+    versions: &[VersionInfo],
+    counters: &HashMap<BlockHash, VersionCounters>,
+    peers: &HashMap<PeerKey, PeerCounters>,
+    now_ms: u64,
+) -> RewardPlan {
+    let mut plan = RewardPlan {
+        entries: Vec::new(),
+        versions: Vec::new(),
+        peers: Vec::new(),
+    };
+    for v in versions {
+        let c = counters.get(&v.block).cloned().unwrap_or_default();
+        let units = c.units().saturating_sub(c.paid_units);
+        if units > 0 {
+            let q = quality_pct(v.loss, v.parent_loss);
+            let s = speed_pct(c.mean_latency_us());
+            let amount = units * MINER_UC_PER_TOKEN * q / 100 * s / 100;
+            plan.entries.push(RewardEntry {
+                key: v.miner,
+                amount_uc: amount,
+                role: "miner".into(),
+                slot: slot.into(),
+                block: v.block,
+                reason: format!(
+                    "{units} units ({} verified tokens + {} self-reported × {REPORT_WEIGHT_PCT} %, less already paid) × {MINER_UC_PER_TOKEN} µc × quality {q} % × speed {s} %",
+                    c.tokens, c.reported_tokens
+                ),
+                at_ms: now_ms,
+            });
+            plan.versions.push((v.block, c.paid_units, c.units()));
+        }
+        let mut of_block: BTreeMap<[u8; 32], PeerCounters> = BTreeMap::new();
+        for ((p, b), pc) in peers {
+            if *b == v.block {
+                of_block.insert(*p, pc.clone());
+            }
+        }
+        for (p, pc) in of_block {
+            let bytes = pc.bytes.saturating_sub(pc.paid_bytes);
+            let comps = pc.computations.saturating_sub(pc.paid_computations);
+            if bytes == 0 && comps == 0 {
+                continue;
+            }
+            let amount = bytes * PEER_UC_PER_MIB / (1 << 20) + comps * PEER_UC_PER_COMPUTE;
+            plan.entries.push(RewardEntry {
+                key: p,
+                amount_uc: amount,
+                role: "peer".into(),
+                slot: slot.into(),
+                block: v.block,
+                reason: format!(
+                    "{bytes} verified bytes × {PEER_UC_PER_MIB} µc/MiB + {comps} computations × {PEER_UC_PER_COMPUTE} µc"
+                ),
+                at_ms: now_ms,
+            });
+            plan.peers.push((
+                (p, v.block),
+                pc.paid_bytes,
+                pc.paid_computations,
+                pc.bytes,
+                pc.computations,
+            ));
+        }
+    }
+    plan
 }
 
 impl Usage {
@@ -291,17 +561,23 @@ impl Usage {
         }
         drop(r);
         Ok(Self {
-            db: Some(db),
+            backend: Backend::Redb(db),
             state: Mutex::new(st),
         })
     }
 
-    /// The usage ledger in PostgreSQL, shared by every relay on the database.
-    pub fn open_pg(pg: std::sync::Arc<crate::pg::Pg>) -> Result<Self, UsageError> {
-        let _ = pg;
-        Err(UsageError::Db(
-            "the PostgreSQL usage ledger is not built yet".into(),
-        ))
+    /// The usage ledger in PostgreSQL (a migrated database, [`crate::pg::Pg::connect`]),
+    /// shared by every relay on it: loads the counters. See [`pg`].
+    pub fn open_pg(pg: Arc<crate::pg::Pg>) -> Result<Self, UsageError> {
+        let (ledger, (versions, peers)) = pg::PgLedger::open(pg)?;
+        Ok(Self {
+            backend: Backend::Pg(ledger),
+            state: Mutex::new(State {
+                versions,
+                peers,
+                ..State::default()
+            }),
+        })
     }
 
     /// [`Usage::open`], or (logged as an error) a store that counts in
@@ -314,22 +590,24 @@ impl Usage {
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "usage database not opened: counting in memory only");
                 Self {
-                    db: None,
+                    backend: Backend::Memory,
                     state: Mutex::new(State::default()),
                 }
             }
         }
     }
 
-    /// Is a database file behind it (not [`Usage::open_or_memory`]'s fallback)?
+    /// Is a database behind it (the redb file or PostgreSQL, not
+    /// [`Usage::open_or_memory`]'s fallback)?
     pub fn is_persistent(&self) -> bool {
-        self.db.is_some()
+        !matches!(self.backend, Backend::Memory)
     }
 
-    fn db(&self) -> Result<&Database, UsageError> {
-        self.db
-            .as_ref()
-            .ok_or_else(|| UsageError::Db("the usage database is not open".into()))
+    fn redb(&self) -> Result<&Database, UsageError> {
+        match &self.backend {
+            Backend::Redb(db) => Ok(db),
+            _ => Err(UsageError::Db("the usage database is not open".into())),
+        }
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -337,13 +615,15 @@ impl Usage {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The view's counters of `block`, marked to be written (redb).
     fn version<'a>(st: &'a mut State, block: &BlockHash) -> &'a mut VersionCounters {
-        st.dirty_versions.insert(*block);
+        st.dirty_versions.entry(*block).or_default();
         st.versions.entry(*block).or_default()
     }
 
+    /// The view's counters of (`peer`, `block`), marked to be written (redb).
     fn peer<'a>(st: &'a mut State, peer: &[u8; 32], block: &BlockHash) -> &'a mut PeerCounters {
-        st.dirty_peers.insert((*peer, *block));
+        st.dirty_peers.entry((*peer, *block)).or_default();
         st.peers.entry((*peer, *block)).or_default()
     }
 
@@ -355,29 +635,32 @@ impl Usage {
             if *tokens == 0 {
                 continue;
             }
-            let v = Self::version(&mut st, block);
-            v.calls += 1;
-            v.tokens += tokens;
-            v.latency_us_sum += latency_us;
-            v.latency_samples += 1;
+            count_version(&mut st, block, |v| {
+                v.calls += 1;
+                v.tokens += tokens;
+                v.latency_us_sum += latency_us;
+                v.latency_samples += 1;
+            });
         }
     }
 
     /// The quality gate accepted `block` with these losses.
     pub fn record_quality(&self, block: &BlockHash, loss: f64, incumbent: f64) {
         let mut st = self.st();
-        let v = Self::version(&mut st, block);
-        v.verified_loss = Some(loss);
-        v.incumbent_loss = Some(incumbent);
+        count_version(&mut st, block, |v| {
+            v.verified_loss = Some(loss);
+            v.incumbent_loss = Some(incumbent);
+        });
     }
 
     /// A verified chunk of `block` that `peer` served, forwarded by the relay.
     pub fn record_chunk_served(&self, peer: &[u8; 32], block: &BlockHash, bytes: u64) {
         let mut st = self.st();
-        let p = Self::peer(&mut st, peer, block);
-        p.bytes += bytes;
-        p.chunks += 1;
-        Self::version(&mut st, block).bytes_served += bytes;
+        count_peer(&mut st, peer, block, |p| {
+            p.bytes += bytes;
+            p.chunks += 1;
+        });
+        count_version(&mut st, block, |v| v.bytes_served += bytes);
     }
 
     /// The relay delivered a chunk of `block` to `peer` (from its store or
@@ -389,22 +672,41 @@ impl Usage {
         }
     }
 
-    /// Did the relay ever deliver `block` to `peer`?
+    /// Did the relay ever deliver `block` to `peer`? On PostgreSQL, a pair
+    /// this relay did not see is looked up in the shared ledger (another
+    /// relay may have delivered it); a database error answers false.
     pub fn fetched(&self, peer: &[u8; 32], block: &BlockHash) -> bool {
-        self.st().fetched.contains(&(*peer, *block))
+        let k = (*peer, *block);
+        {
+            let st = self.st();
+            if st.fetched.contains(&k) {
+                return true;
+            }
+            if st
+                .not_fetched
+                .get(&k)
+                .is_some_and(|t| t.elapsed() < FLUSH_INTERVAL)
+            {
+                return false;
+            }
+        }
+        match &self.backend {
+            Backend::Pg(l) => l.fetched(self, peer, block),
+            _ => false,
+        }
     }
 
     /// A corrupt chunk the relay caught: recorded, earns nothing.
     pub fn record_bad_chunk(&self, peer: &[u8; 32], block: &BlockHash) {
         let mut st = self.st();
-        Self::peer(&mut st, peer, block).bad_chunks += 1;
+        count_peer(&mut st, peer, block, |p| p.bad_chunks += 1);
     }
 
     /// An expert computation `peer` answered in time.
     pub fn record_compute(&self, peer: &[u8; 32], block: &BlockHash) {
         let mut st = self.st();
-        Self::peer(&mut st, peer, block).computations += 1;
-        Self::version(&mut st, block).computations += 1;
+        count_peer(&mut st, peer, block, |p| p.computations += 1);
+        count_version(&mut st, block, |v| v.computations += 1);
     }
 
     /// Counters of one version (zeros if none).
@@ -425,23 +727,28 @@ impl Usage {
         v
     }
 
-    /// Write every changed counter (one transaction).
+    /// Write every changed counter (one transaction). On PostgreSQL the
+    /// changes are added to the shared rows and the counters read back, so
+    /// this relay's reads see every relay's counts; changes that could not
+    /// be written are kept for the next flush.
     pub fn flush(&self) -> Result<(), UsageError> {
+        match &self.backend {
+            Backend::Pg(l) => l.flush(self),
+            Backend::Redb(db) => self.flush_redb(Some(db)),
+            Backend::Memory => self.flush_redb(None),
+        }
+    }
+
+    fn flush_redb(&self, db: Option<&Database>) -> Result<(), UsageError> {
         let (versions, peers, fetched) = {
             let mut st = self.st();
             let f = std::mem::take(&mut st.dirty_fetched);
-            let v: Vec<_> = st
-                .dirty_versions
-                .drain()
-                .collect::<Vec<_>>()
-                .into_iter()
+            let v: Vec<_> = std::mem::take(&mut st.dirty_versions)
+                .into_keys()
                 .filter_map(|h| st.versions.get(&h).map(|c| (h, c.clone())))
                 .collect();
-            let p: Vec<_> = st
-                .dirty_peers
-                .drain()
-                .collect::<Vec<_>>()
-                .into_iter()
+            let p: Vec<_> = std::mem::take(&mut st.dirty_peers)
+                .into_keys()
                 .filter_map(|k| st.peers.get(&k).map(|c| (k, c.clone())))
                 .collect();
             (v, p, f)
@@ -449,7 +756,7 @@ impl Usage {
         if versions.is_empty() && peers.is_empty() && fetched.is_empty() {
             return Ok(());
         }
-        let Some(db) = &self.db else {
+        let Some(db) = db else {
             return Ok(());
         };
         let w = db.begin_write().map_err(dberr)?;
@@ -483,212 +790,122 @@ impl Usage {
         now_ms: u64,
         fetched: impl Fn(&[u8; 32], &BlockHash) -> bool,
     ) -> Result<ReportOutcome, UsageError> {
-        let bad = |m: String| Err(UsageError::Report(m));
-        let vk = VerifyingKey::from_bytes(&r.key)
-            .map_err(|_| UsageError::Report("key is not a valid ed25519 public key".into()))?;
-        if vk
-            .verify(&r.signing_bytes(), &Signature::from_bytes(&r.sig))
-            .is_err()
-        {
-            return bad("the report's signature does not verify".into());
+        check_report(r, now_ms)?;
+        if let Backend::Pg(l) = &self.backend {
+            // One query for all the report's blocks, so that `fetched`
+            // (usually `Usage::fetched`) answers from memory.
+            l.prefetch(self, &r.key, r.entries.iter().map(|e| e.block))?;
         }
-        let current = now_ms / REPORT_PERIOD_MS;
-        if r.period != current && r.period + 1 != current {
-            return bad(format!(
-                "period {} is not the current ({current}) or the previous one",
-                r.period
-            ));
-        }
-        if r.entries.is_empty() || r.entries.len() > REPORT_MAX_ENTRIES {
-            return bad(format!(
-                "a report has 1..={REPORT_MAX_ENTRIES} entries, this one {}",
-                r.entries.len()
-            ));
-        }
+        let ok: Vec<bool> = r
+            .entries
+            .iter()
+            .map(|e| fetched(&r.key, &e.block))
+            .collect();
         // Checked before anything is written: a key the relay never served
         // costs it no write at all.
-        if !r.entries.iter().any(|e| fetched(&r.key, &e.block)) {
-            return bad(
-                "this key was never served any of the blocks it reports (usage counts only for blocks the relay delivered to it)"
-                    .into(),
-            );
+        if !ok.contains(&true) {
+            return Err(UsageError::Report(NEVER_SERVED.into()));
         }
+        match &self.backend {
+            Backend::Pg(l) => l.submit_report(self, r, &ok, now_ms),
+            _ => self.submit_report_redb(r, &ok),
+        }
+    }
+
+    fn submit_report_redb(
+        &self,
+        r: &UsageReport,
+        ok: &[bool],
+    ) -> Result<ReportOutcome, UsageError> {
         let mut seen_key = r.key.to_vec();
         seen_key.extend_from_slice(&r.period.to_be_bytes());
         let cap_key = seen_key.clone();
         seen_key.extend_from_slice(&r.seq.to_be_bytes());
 
-        let w = self.db()?.begin_write().map_err(dberr)?;
-        let outcome;
-        let applied;
+        let w = self.redb()?.begin_write().map_err(dberr)?;
+        let capped;
         {
             let mut seen = w.open_table(SEEN).map_err(dberr)?;
             if seen.get(seen_key.as_slice()).map_err(dberr)?.is_some() {
-                return bad(format!(
-                    "report {} of period {} was already counted (replay)",
-                    r.seq, r.period
-                ));
+                return Err(replay(r));
             }
             let mut caps = w.open_table(CAPS).map_err(dberr)?;
-            let (mut calls_used, mut tokens_used, reports): (u64, u64, u64) =
+            let (calls_used, tokens_used, reports): (u64, u64, u64) =
                 match caps.get(cap_key.as_slice()).map_err(dberr)? {
                     Some(v) => postcard::from_bytes(v.value()).map_err(dberr)?,
                     None => (0, 0, 0),
                 };
             if reports >= REPORTS_PER_PERIOD {
                 // Returning drops the transaction: nothing is written.
-                return bad(format!(
-                    "at most {REPORTS_PER_PERIOD} reports per key and period"
-                ));
+                return Err(too_many_reports());
             }
             seen.insert(seen_key.as_slice(), ()).map_err(dberr)?;
-            let mut refused = Vec::new();
-            let mut apply = Vec::new();
-            for e in &r.entries {
-                if !fetched(&r.key, &e.block) {
-                    refused.push(format!(
-                        "{}: this key never fetched that block through the relay",
-                        e.block.short()
-                    ));
-                    continue;
-                }
-                let calls = e.calls.min(REPORT_CALLS_CAP - calls_used);
-                let tokens = e.tokens.min(REPORT_TOKENS_CAP - tokens_used);
-                if calls < e.calls || tokens < e.tokens {
-                    refused.push(format!(
-                        "{}: over the per-key cap of {REPORT_CALLS_CAP} calls / {REPORT_TOKENS_CAP} tokens per period",
-                        e.block.short()
-                    ));
-                }
-                calls_used += calls;
-                tokens_used += tokens;
-                if calls > 0 || tokens > 0 {
-                    apply.push((e.block, calls, tokens));
-                }
-            }
-            let used =
-                postcard::to_allocvec(&(calls_used, tokens_used, reports + 1)).map_err(dberr)?;
+            capped = cap_entries(r, ok, calls_used, tokens_used);
+            let used = postcard::to_allocvec(&(capped.calls_used, capped.tokens_used, reports + 1))
+                .map_err(dberr)?;
             caps.insert(cap_key.as_slice(), used.as_slice())
                 .map_err(dberr)?;
-            outcome = ReportOutcome {
-                accepted_calls: apply.iter().map(|a| a.1).sum(),
-                accepted_tokens: apply.iter().map(|a| a.2).sum(),
-                refused,
-            };
-            applied = apply;
         }
         w.commit().map_err(dberr)?;
         {
             let mut st = self.st();
-            for (b, c, t) in applied {
-                let v = Self::version(&mut st, &b);
+            for (b, c, t) in &capped.apply {
+                let v = Self::version(&mut st, b);
                 v.reported_calls += c;
                 v.reported_tokens += t;
             }
         }
         self.flush()?;
-        Ok(outcome)
+        Ok(capped.outcome())
     }
 
     /// Pay one slot's unpaid work (see the module docs): miners of its
     /// versions and the peers that served them. Returns the new entries
-    /// (none when nothing new was done). Written before it returns.
+    /// (none when nothing new was done). Written before it returns; on
+    /// PostgreSQL each unit is paid once over every relay of the database.
     pub fn reward(
         &self,
         slot: &str,
         versions: &[VersionInfo],
         now_ms: u64,
     ) -> Result<Vec<RewardEntry>, UsageError> {
+        if let Backend::Pg(l) = &self.backend {
+            return l.reward(self, slot, versions, now_ms);
+        }
         // Compute and mark paid under the lock, then persist; on a write
         // error the marks are rolled back.
         let mut st = self.st();
-        let mut entries = Vec::new();
-        let mut marks_v = Vec::new();
-        let mut marks_p = Vec::new();
-        for v in versions {
-            let c = st.versions.get(&v.block).cloned().unwrap_or_default();
-            let units = c.units().saturating_sub(c.paid_units);
-            if units > 0 {
-                let q = quality_pct(v.loss, v.parent_loss);
-                let s = speed_pct(c.mean_latency_us());
-                let amount = units * MINER_UC_PER_TOKEN * q / 100 * s / 100;
-                entries.push(RewardEntry {
-                    key: v.miner,
-                    amount_uc: amount,
-                    role: "miner".into(),
-                    slot: slot.into(),
-                    block: v.block,
-                    reason: format!(
-                        "{units} units ({} verified tokens + {} self-reported × {REPORT_WEIGHT_PCT} %, less already paid) × {MINER_UC_PER_TOKEN} µc × quality {q} % × speed {s} %",
-                        c.tokens, c.reported_tokens
-                    ),
-                    at_ms: now_ms,
-                });
-                marks_v.push((v.block, c.paid_units, c.units()));
-            }
-            let mut peers: BTreeMap<[u8; 32], PeerCounters> = BTreeMap::new();
-            for ((p, b), pc) in &st.peers {
-                if *b == v.block {
-                    peers.insert(*p, pc.clone());
-                }
-            }
-            for (p, pc) in peers {
-                let bytes = pc.bytes.saturating_sub(pc.paid_bytes);
-                let comps = pc.computations.saturating_sub(pc.paid_computations);
-                if bytes == 0 && comps == 0 {
-                    continue;
-                }
-                let amount = bytes * PEER_UC_PER_MIB / (1 << 20) + comps * PEER_UC_PER_COMPUTE;
-                entries.push(RewardEntry {
-                    key: p,
-                    amount_uc: amount,
-                    role: "peer".into(),
-                    slot: slot.into(),
-                    block: v.block,
-                    reason: format!(
-                        "{bytes} verified bytes × {PEER_UC_PER_MIB} µc/MiB + {comps} computations × {PEER_UC_PER_COMPUTE} µc"
-                    ),
-                    at_ms: now_ms,
-                });
-                marks_p.push((
-                    (p, v.block),
-                    pc.paid_bytes,
-                    pc.paid_computations,
-                    pc.bytes,
-                    pc.computations,
-                ));
-            }
+        let plan = plan_reward(slot, versions, &st.versions, &st.peers, now_ms);
+        if plan.entries.is_empty() {
+            return Ok(plan.entries);
         }
-        if entries.is_empty() {
-            return Ok(entries);
-        }
-        for (b, _, units) in &marks_v {
+        for (b, _, units) in &plan.versions {
             Self::version(&mut st, b).paid_units = *units;
         }
-        for ((p, b), _, _, bytes, comps) in &marks_p {
+        for ((p, b), _, _, bytes, comps) in &plan.peers {
             let c = Self::peer(&mut st, p, b);
             c.paid_bytes = *bytes;
             c.paid_computations = *comps;
         }
         let first = st.ledger.len() as u64;
         let res = (|| {
-            let w = self.db()?.begin_write().map_err(dberr)?;
+            let w = self.redb()?.begin_write().map_err(dberr)?;
             {
                 let mut t = w.open_table(LEDGER).map_err(dberr)?;
-                for (i, e) in entries.iter().enumerate() {
+                for (i, e) in plan.entries.iter().enumerate() {
                     let bytes = postcard::to_allocvec(e).map_err(dberr)?;
                     t.insert(first + i as u64, bytes.as_slice())
                         .map_err(dberr)?;
                 }
                 let mut t = w.open_table(VERSIONS).map_err(dberr)?;
-                for (b, _, _) in &marks_v {
+                for (b, _, _) in &plan.versions {
                     if let Some(c) = st.versions.get(b) {
                         let bytes = postcard::to_allocvec(c).map_err(dberr)?;
                         t.insert(b.0.as_slice(), bytes.as_slice()).map_err(dberr)?;
                     }
                 }
                 let mut t = w.open_table(PEERS).map_err(dberr)?;
-                for (k, ..) in &marks_p {
+                for (k, ..) in &plan.peers {
                     if let Some(c) = st.peers.get(k) {
                         let bytes = postcard::to_allocvec(c).map_err(dberr)?;
                         t.insert(peer_key(&k.0, &k.1).as_slice(), bytes.as_slice())
@@ -699,28 +916,42 @@ impl Usage {
             w.commit().map_err(dberr)
         })();
         if let Err(e) = res {
-            for (b, paid, _) in &marks_v {
+            for (b, paid, _) in &plan.versions {
                 Self::version(&mut st, b).paid_units = *paid;
             }
-            for ((p, b), pb, pc, ..) in &marks_p {
+            for ((p, b), pb, pc, ..) in &plan.peers {
                 let c = Self::peer(&mut st, p, b);
                 c.paid_bytes = *pb;
                 c.paid_computations = *pc;
             }
             return Err(e);
         }
-        st.ledger.extend(entries.iter().cloned());
-        Ok(entries)
+        st.ledger.extend(plan.entries.iter().cloned());
+        Ok(plan.entries)
     }
 
-    /// Every reward a key earned, oldest first.
+    /// Every reward a key earned, oldest first (empty, and logged, when the
+    /// database cannot be read: see [`Usage::try_rewards_of`]).
     pub fn rewards_of(&self, key: &[u8; 32]) -> Vec<RewardEntry> {
-        self.st()
+        self.try_rewards_of(key).unwrap_or_else(|e| {
+            tracing::error!(key = %hex::encode(key), error = %e, "rewards not read");
+            Vec::new()
+        })
+    }
+
+    /// Every reward a key earned, oldest first, or why they could not be
+    /// read (PostgreSQL: from the shared ledger, whichever relay paid them).
+    pub fn try_rewards_of(&self, key: &[u8; 32]) -> Result<Vec<RewardEntry>, UsageError> {
+        if let Backend::Pg(l) = &self.backend {
+            return l.rewards_of(key);
+        }
+        Ok(self
+            .st()
             .ledger
             .iter()
             .filter(|e| &e.key == key)
             .cloned()
-            .collect()
+            .collect())
     }
 }
 
@@ -732,8 +963,12 @@ impl Drop for Usage {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// The behaviour tests of the store, written once and run on both stores:
+/// the unit tests below on redb, `relay/tests/usage_pg.rs` on PostgreSQL.
+/// `open()` opens the same ledger again each time it is called (a restart).
+#[doc(hidden)]
+#[allow(clippy::expect_used)]
+pub mod conformance {
     use super::*;
     use ed25519_dalek::SigningKey;
 
@@ -741,22 +976,16 @@ mod tests {
         BlockHash([b; 32])
     }
 
-    fn open(dir: &tempfile::TempDir) -> Usage {
-        Usage::open(&dir.path().join("usage.redb")).expect("open")
-    }
-
-    #[test]
-    fn counters_survive_reopen_after_flush() {
-        let dir = tempfile::tempdir().expect("tmp");
+    pub fn counters_survive_reopen_after_flush(open: &dyn Fn() -> Usage) {
         {
-            let u = open(&dir);
+            let u = open();
             u.record_inference(&[(h(1), 5, 100), (h(2), 0, 0)]);
             u.record_chunk_served(&[9; 32], &h(1), 4096);
             u.record_compute(&[9; 32], &h(1));
             u.record_bad_chunk(&[8; 32], &h(1));
             u.flush().expect("flush");
         }
-        let u = open(&dir);
+        let u = open();
         let c = u.version_counters(&h(1));
         assert_eq!(
             (c.calls, c.tokens, c.bytes_served, c.computations),
@@ -770,10 +999,8 @@ mod tests {
         assert_eq!(peers[1].1.bytes, 0);
     }
 
-    #[test]
-    fn reports_are_checked_deduplicated_and_capped() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let u = open(&dir);
+    pub fn reports_are_checked_deduplicated_and_capped(open: &dyn Fn() -> Usage) {
+        let u = open();
         let k = SigningKey::from_bytes(&[3; 32]);
         let now = 10 * REPORT_PERIOD_MS + 5;
         let fetched = |_: &[u8; 32], b: &BlockHash| *b == h(1);
@@ -853,15 +1080,14 @@ mod tests {
             .is_err());
         // The replay table survives a restart.
         drop(u);
-        let u = open(&dir);
+        let u = open();
         assert!(u
             .submit_report(&UsageReport::sign(&k, 10, 1, e(100)), now, fetched)
             .is_err());
+        assert_eq!(u.version_counters(&h(1)).reported_tokens, REPORT_TOKENS_CAP);
     }
 
-    #[test]
-    fn rewards_pay_each_unit_once_and_survive_restart() {
-        let dir = tempfile::tempdir().expect("tmp");
+    pub fn rewards_pay_each_unit_once_and_survive_restart(open: &dyn Fn() -> Usage) {
         let miner = [1u8; 32];
         let peer = [2u8; 32];
         let v = [VersionInfo {
@@ -871,7 +1097,7 @@ mod tests {
             parent_loss: None,
         }];
         {
-            let u = open(&dir);
+            let u = open();
             u.record_inference(&[(h(1), 10, 1000)]);
             u.record_chunk_served(&peer, &h(1), 1 << 20);
             let first = u.reward("layer0.expert1", &v, 1).expect("reward");
@@ -881,7 +1107,7 @@ mod tests {
             assert!(u.reward("layer0.expert1", &v, 2).expect("again").is_empty());
             u.flush().expect("flush");
         }
-        let u = open(&dir);
+        let u = open();
         assert!(u
             .reward("layer0.expert1", &v, 3)
             .expect("after restart")
@@ -892,13 +1118,14 @@ mod tests {
         let next = u.reward("layer0.expert1", &v, 4).expect("reward");
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].amount_uc, 3 * MINER_UC_PER_TOKEN);
+        let paid: Vec<u64> = u.rewards_of(&miner).iter().map(|e| e.amount_uc).collect();
+        assert_eq!(paid, vec![10 * MINER_UC_PER_TOKEN, 3 * MINER_UC_PER_TOKEN]);
+        assert_eq!(u.version_counters(&h(1)).paid_units, 13);
     }
 
     /// The README's worked example ("Usage and rewards"), computed.
-    #[test]
-    fn worked_example_of_the_readme() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let u = open(&dir);
+    pub fn worked_example_of_the_readme(open: &dyn Fn() -> Usage) {
+        let u = open();
         let (operator, miner, peer, liar) = ([0x0a; 32], [0x0b; 32], [0x0c; 32], [0x0d; 32]);
         let (v1, v2) = (h(1), h(2));
         // v2 passed the quality gate: 0.04390 against the incumbent's 0.04437.
@@ -959,6 +1186,70 @@ mod tests {
             ]
         );
         assert!(u.rewards_of(&liar).is_empty());
+        assert_eq!(u.rewards_of(&miner).len(), 1);
+        // The losses persist with the counters.
+        u.flush().expect("flush");
+        drop(u);
+        let c = open().version_counters(&v2);
+        assert_eq!(
+            (c.verified_loss, c.incumbent_loss),
+            (Some(0.04390), Some(0.04437))
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redb ledger in `dir`, opened again at each call.
+    fn redb(dir: &tempfile::TempDir) -> impl Fn() -> Usage + '_ {
+        move || Usage::open(&dir.path().join("usage.redb")).expect("open")
+    }
+
+    #[test]
+    fn counters_survive_reopen_after_flush() {
+        let dir = tempfile::tempdir().expect("tmp");
+        conformance::counters_survive_reopen_after_flush(&redb(&dir));
+    }
+
+    #[test]
+    fn reports_are_checked_deduplicated_and_capped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        conformance::reports_are_checked_deduplicated_and_capped(&redb(&dir));
+    }
+
+    #[test]
+    fn rewards_pay_each_unit_once_and_survive_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        conformance::rewards_pay_each_unit_once_and_survive_restart(&redb(&dir));
+    }
+
+    /// The README's worked example ("Usage and rewards"), computed.
+    #[test]
+    fn worked_example_of_the_readme() {
+        let dir = tempfile::tempdir().expect("tmp");
+        conformance::worked_example_of_the_readme(&redb(&dir));
+    }
+
+    #[test]
+    fn memory_fallback_counts_and_refuses_reports_and_rewards() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // A directory is not a database file.
+        let u = Usage::open_or_memory(dir.path());
+        assert!(!u.is_persistent());
+        u.record_inference(&[(BlockHash([1; 32]), 5, 100)]);
+        u.flush().expect("nothing to write to");
+        assert_eq!(u.version_counters(&BlockHash([1; 32])).tokens, 5);
+        let v = [VersionInfo {
+            block: BlockHash([1; 32]),
+            miner: [1; 32],
+            loss: None,
+            parent_loss: None,
+        }];
+        assert!(matches!(u.reward("s", &v, 0), Err(UsageError::Db(_))));
+        // The failed reward marked nothing paid.
+        assert_eq!(u.version_counters(&BlockHash([1; 32])).paid_units, 0);
     }
 
     #[test]
