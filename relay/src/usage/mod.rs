@@ -42,7 +42,7 @@
 //!   `bytes_p × PEER_UC_PER_MIB / 2^20 + computations_p × PEER_UC_PER_COMPUTE`.
 //!
 //! All divisions round down. The README works one example through; a test
-//! computes it. Both stores compute it with [`plan_reward`].
+//! computes it. Both stores compute it with the same code (`plan_reward`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

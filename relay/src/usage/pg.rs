@@ -575,7 +575,7 @@ impl PgLedger {
     /// clock set back), once per period; best effort.
     fn prune(&self, current: u64) {
         let before = current.saturating_sub(2);
-        if before == 0 || self.pruned.swap(current, Ordering::Relaxed) >= current {
+        if before == 0 || self.pruned.fetch_max(current, Ordering::Relaxed) >= current {
             return;
         }
         let before = bits(before);
