@@ -411,7 +411,12 @@ async fn rewards_of(
             "{k:?} is not a key (64 hex characters of an ed25519 public key)"
         ))
     })?;
-    let entries = st.usage.rewards_of(&key);
+    // A database read on PostgreSQL: off the async workers, and an error is a 500.
+    let usage = st.usage.clone();
+    let entries = tokio::task::spawn_blocking(move || usage.try_rewards_of(&key))
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let by_role = |r: &str| -> u64 {
         entries
             .iter()

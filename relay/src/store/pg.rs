@@ -91,7 +91,7 @@ fn meta_key(meta: Option<&BlockHash>) -> Vec<u8> {
 }
 
 fn parse_chunks(v: &[u8]) -> Result<Vec<BlockHash>, Fail> {
-    if v.len() % 32 != 0 {
+    if !v.len().is_multiple_of(32) {
         return Err(corrupt(format!("chunk list of {} bytes", v.len())));
     }
     Ok(v.chunks_exact(32)
