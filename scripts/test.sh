@@ -8,12 +8,24 @@
 # AIBLOCK_REQUIRE_E2E=1: fail (instead of skipping) when the browser tests cannot run.
 # AIBLOCK_REQUIRE_GPU=1: GPU tests fail (instead of skipping) without a wgpu adapter,
 #                        and the browser test requires a WebGPU adapter.
-# CI (.ci/run) sets both.
+# AIBLOCK_REQUIRE_PG=1:  PostgreSQL tests fail (instead of skipping) without
+#                        PostgreSQL's initdb/pg_ctl (apt-get install postgresql).
+# CI (.ci/run) sets all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 SECONDS=0
+
+# Relay integration tests that run again on PostgreSQL (the others look at
+# the embedded store's files on disk).
+PG_BEHAVIOUR_TESTS="--test api --test authz --test concurrency --test p2p --test ws --test rewards --test chat"
+
+have_postgres() {
+    [ -n "${AIBLOCK_PG_BIN:-}" ] && return 0
+    command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1 && return 0
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
 step() { log "[$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
 
 ensure_web_tools
@@ -29,6 +41,19 @@ cargo clippy -p web-node --target wasm32-unknown-unknown -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+# The relay's behaviour tests once more with every relay on PostgreSQL (a
+# throwaway server; the store tests above already ran on both backends).
+if have_postgres; then
+    step "relay behaviour tests on PostgreSQL (AIBLOCK_TEST_STORE=postgres)"
+    AIBLOCK_TEST_STORE=postgres cargo test -p relay $PG_BEHAVIOUR_TESTS
+else
+    printf '\n\033[1;33m##  POSTGRESQL TESTS SKIPPED: initdb/pg_ctl not found (apt-get install postgresql)\033[0m\n\n'
+    if [ "${AIBLOCK_REQUIRE_PG:-0}" = 1 ]; then
+        echo "AIBLOCK_REQUIRE_PG=1: failing because PostgreSQL is not installed" >&2
+        exit 1
+    fi
+fi
 
 step "web app (wasm) build"
 build_web

@@ -79,15 +79,23 @@ pub fn unthrottled(s: AppState) -> AppState {
     })
 }
 
-/// The database relays in this test use: None (the embedded store), or a
-/// new PostgreSQL database under `AIBLOCK_TEST_STORE=postgres`.
-pub fn test_database() -> Option<String> {
+/// The database a relay on data dir `data` uses in this test: None (the
+/// embedded store), or under `AIBLOCK_TEST_STORE=postgres` a PostgreSQL
+/// database of its own, the same one when the relay restarts on that dir.
+pub fn test_database(data: &Path) -> Option<String> {
+    static DBS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
     match std::env::var("AIBLOCK_TEST_STORE").as_deref() {
-        Ok("postgres") => Some(
-            relay::pg::testing::TestPg::shared()
+        Ok("postgres") => {
+            let mut dbs = DBS.lock().unwrap();
+            if let Some((_, url)) = dbs.iter().find(|(d, _)| d == data) {
+                return Some(url.clone());
+            }
+            let url = relay::pg::testing::TestPg::shared()
                 .expect("AIBLOCK_TEST_STORE=postgres but PostgreSQL is not available")
-                .create_db(),
-        ),
+                .create_db();
+            dbs.push((data.to_path_buf(), url.clone()));
+            Some(url)
+        }
         _ => None,
     }
 }
@@ -130,7 +138,7 @@ impl TestRelay {
                 data_dir: data.to_path_buf(),
                 web_dir: web.map(Path::to_path_buf),
                 model_dir: model.map(Path::to_path_buf),
-                database: test_database(),
+                database: test_database(data),
             },
             customize,
             serve_opts,
