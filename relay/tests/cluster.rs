@@ -90,11 +90,15 @@ fn a_block_accepted_by_one_relay_is_listed_verified_and_served_by_the_other() {
     let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
     // The one that lost the genesis race may have loaded part of it; the
     // rest arrives through its follower.
-    until(Duration::from_secs(5), "both relays list the genesis", || {
-        list(&r1.url, "A") == list(&r2.url, "A")
-            && list(&r1.url, "B") == list(&r2.url, "B")
-            && heads(&r1.url) == heads(&r2.url)
-    });
+    until(
+        Duration::from_secs(5),
+        "both relays list the genesis",
+        || {
+            list(&r1.url, "A") == list(&r2.url, "A")
+                && list(&r1.url, "B") == list(&r2.url, "B")
+                && heads(&r1.url) == heads(&r2.url)
+        },
+    );
     let genesis = fetch_and_validate_all(&r2.url);
     assert!(genesis > 2);
 
