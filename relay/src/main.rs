@@ -139,6 +139,11 @@ struct Serve {
     /// the operator key and uploads in flight).
     #[arg(long)]
     database: Option<String>,
+    /// With --database: the /ws URL other relays on the database reach this
+    /// one at (e.g. ws://10.0.0.5:8080/ws); default ws://ADDR/ws from the
+    /// bound address (loopback when bound to 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 async fn shutdown_signal() {
@@ -266,8 +271,6 @@ async fn main() -> anyhow::Result<()> {
         ..relay::peers::PeerOptions::default()
     });
     let state = Arc::new(state);
-    // Blocks other relays on the same database accept.
-    relay::cluster::start(&state);
     // Usage counters flushed every second, rewards paid every hour.
     relay::rewards::spawn_background(&state);
     let usage = state.usage.clone();
@@ -293,6 +296,15 @@ async fn main() -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     println!("relay listening on http://{local}");
     tracing::info!(%local, "listening");
+    if state.pg.is_some() {
+        let url = a
+            .advertise
+            .clone()
+            .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
+        relay::cluster::presence::configure(&state, &a.data, url)?;
+    }
+    // Blocks other relays on the same database accept; presence and forwarding.
+    relay::cluster::start(&state);
     let opts = relay::ServeOptions {
         header_timeout: a.header_timeout,
         keepalive_timeout: a.keepalive_timeout,

@@ -4,13 +4,18 @@
 //! same-slot races with its transactions ([`crate::store::PgStore`]).
 
 pub mod follow;
+pub mod link;
+pub mod presence;
 
 use crate::SharedState;
 
 /// Start what a relay on a shared database runs besides serving: the block
-/// follower. Nothing for the embedded store. Call inside a tokio runtime.
+/// follower, and (after [`presence::configure`]) registration, peer
+/// presence and forwarding to other relays. Nothing for the embedded store.
+/// Call inside a tokio runtime.
 pub fn start(state: &SharedState) {
     if state.pg.is_some() {
         follow::spawn(state.clone());
+        presence::start(state);
     }
 }

@@ -35,7 +35,10 @@ use crate::compute::{ComputeAnswer, ComputeFailure, ComputeFuture, ExpertCompute
 use crate::server::SharedState;
 use crate::store::RelayStore;
 
-pub use route::{Action, ChunkInfo, ComputeOutcome, ConnId, Core, PeerView, RouteConfig};
+pub use route::{
+    Action, ChunkInfo, ComputeOutcome, ConnId, ConnKind, Core, LinkView, PeerView, PresenceChange,
+    RemoteRelay, RouteConfig,
+};
 pub use stats::{Counters, PeerCounters, PeerStats};
 
 /// How often the timer task checks chunk deadlines and silent peers.
@@ -145,6 +148,39 @@ impl Kill {
 struct ConnHandle {
     tx: mpsc::Sender<FromRelay>,
     kill: Arc<Kill>,
+    /// This relay's link to another relay (gets no `BlockAdded`).
+    link: bool,
+}
+
+/// A link's place in the registry while its connection is up
+/// ([`Peers::link_connected`]): its id, the messages the core routes to it
+/// (`ServeChunk`, to send on as `GetChunk`), its kill switch.
+pub(crate) struct LinkSession {
+    pub conn: ConnId,
+    pub rx: mpsc::Receiver<FromRelay>,
+    kill: Arc<Kill>,
+}
+
+impl LinkSession {
+    /// Its kill switch, to wait on beside `rx`.
+    pub fn kill_signal(&self) -> KillSignal {
+        KillSignal(self.kill.clone())
+    }
+}
+
+/// See [`LinkSession::kill_signal`].
+pub(crate) struct KillSignal(Arc<Kill>);
+
+impl KillSignal {
+    /// Resolves when the registry closes the link (banned, relay gone,
+    /// queue full), with why.
+    pub async fn fired(&self) -> String {
+        self.0.notify.notified().await;
+        self.0
+            .take()
+            .map(|(c, m)| format!("{c}: {m}"))
+            .unwrap_or_else(|| "closed by this relay".into())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +237,8 @@ pub struct Peers {
     this: OnceLock<Weak<Peers>>,
     /// `POST /p2p/register` entries.
     pub(crate) registry: p2p::Registry,
+    /// Several relays on one database: presence, lookups, links.
+    cluster: OnceLock<Arc<crate::cluster::presence::Cluster>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -234,8 +272,126 @@ impl Peers {
             timer: OnceLock::new(),
             this: OnceLock::new(),
             registry: p2p::Registry::default(),
+            cluster: OnceLock::new(),
             opts,
         }
+    }
+
+    /// Take part in a cluster of relays on one database (see
+    /// [`crate::cluster::presence`]); once.
+    pub fn attach_cluster(&self, cluster: Arc<crate::cluster::presence::Cluster>) {
+        if self.cluster.set(cluster).is_ok() {
+            self.core().enable_cluster();
+        }
+    }
+
+    /// The cluster side, if this relay is on a shared database.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::presence::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// This registry's own `Arc`.
+    fn me(&self) -> Option<Arc<Peers>> {
+        self.this.get().and_then(Weak::upgrade)
+    }
+
+    /// Links to other relays and their state.
+    pub fn links(&self) -> Vec<LinkView> {
+        self.core().link_views(Instant::now())
+    }
+
+    /// The other live relays (from the heartbeat): links to relays not
+    /// listed close.
+    pub fn relays_alive(&self, relays: Vec<RemoteRelay>) {
+        let acts = self.core().relays_alive(Instant::now(), relays);
+        self.apply(acts);
+    }
+
+    /// The answer of a presence lookup.
+    pub fn remote_holders(&self, block: BlockHash, relays: Vec<RemoteRelay>) {
+        let acts = self.core().remote_holders(Instant::now(), block, relays);
+        self.apply(acts);
+    }
+
+    /// What this relay's peers hold, per peer.
+    pub fn presence_snapshot(&self) -> Vec<(PeerId, Vec<BlockHash>)> {
+        self.core().presence_snapshot()
+    }
+
+    /// The shutdown signal (true once [`Peers::shutdown`] ran).
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Link `link` logged in to its relay: register it (None: not wanted
+    /// any more, close it).
+    pub(crate) fn link_connected(&self, link: PeerId) -> Option<LinkSession> {
+        let conn = self.next_conn();
+        let (tx, rx) = mpsc::channel(limits::OUTBOUND_QUEUE);
+        let kill = Arc::new(Kill::default());
+        if let Ok(mut h) = self.handles.lock() {
+            h.insert(
+                conn,
+                ConnHandle {
+                    tx,
+                    kill: kill.clone(),
+                    link: true,
+                },
+            );
+        }
+        let up = self.core().link_up(Instant::now(), link, conn);
+        match up {
+            Some(acts) => {
+                self.apply(acts);
+                Some(LinkSession { conn, rx, kill })
+            }
+            None => {
+                if let Ok(mut h) = self.handles.lock() {
+                    h.remove(&conn);
+                }
+                None
+            }
+        }
+    }
+
+    /// A message from the relay at the other end of link `conn`.
+    pub(crate) fn link_message(&self, conn: ConnId, m: FromRelay) {
+        let now = Instant::now();
+        let acts = match m {
+            FromRelay::ChunkData {
+                req,
+                block,
+                index,
+                data,
+                from,
+            } => self
+                .core()
+                .link_chunk(now, conn, req, block, index, data, from),
+            FromRelay::ChunkFailed { req, reason, .. } => {
+                self.core().link_failed(now, conn, req, &reason)
+            }
+            _ => {
+                self.core().heartbeat(now, conn);
+                Vec::new()
+            }
+        };
+        self.apply(acts);
+    }
+
+    /// Any frame on link `conn` (ping, pong).
+    pub(crate) fn link_heartbeat(&self, conn: ConnId) {
+        self.core().heartbeat(Instant::now(), conn);
+    }
+
+    /// Link `link` failed to open (`conn` None) or its connection ended.
+    pub(crate) fn link_closed(&self, link: PeerId, conn: Option<ConnId>) {
+        if let Some(c) = conn {
+            if let Ok(mut h) = self.handles.lock() {
+                h.remove(&c);
+            }
+        }
+        let acts = self.core().link_down(Instant::now(), link, conn);
+        self.apply(acts);
     }
 
     /// The store chunks fall back to (set by [`crate::AppState`], which
@@ -295,13 +451,18 @@ impl Peers {
         *self.shutdown.borrow()
     }
 
-    /// Wait (up to `grace`) until every WebSocket connection has closed.
+    /// Wait (up to `grace`) until every WebSocket connection has closed
+    /// and, on a shared database, this relay has removed itself from it.
     pub async fn drain(&self, grace: Duration) {
         let end = tokio::time::Instant::now() + grace;
         while self.conns.lock().map(|t| t.total).unwrap_or(0) > 0
             && tokio::time::Instant::now() < end
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(c) = self.cluster.get() {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            c.wait_left(left).await;
         }
     }
 
@@ -381,6 +542,21 @@ impl Peers {
                         let _ = w.send(outcome);
                     }
                 }
+                Action::Presence(change) => {
+                    if let Some(c) = self.cluster.get() {
+                        c.presence(change);
+                    }
+                }
+                Action::Lookup { block } => {
+                    let asked = self.cluster.get().is_some_and(|c| c.lookup(block));
+                    if !asked {
+                        self.remote_holders(block, Vec::new());
+                    }
+                }
+                Action::OpenLink { link, relay } => match (self.cluster.get(), self.me()) {
+                    (Some(c), Some(me)) => crate::cluster::link::spawn(me, c.clone(), link, relay),
+                    _ => self.link_closed(link, None),
+                },
             }
         }
     }
@@ -487,7 +663,7 @@ impl Peers {
         let conns: Vec<ConnId> = self
             .handles
             .lock()
-            .map(|h| h.keys().copied().collect())
+            .map(|h| h.iter().filter(|(_, c)| !c.link).map(|(k, _)| *k).collect())
             .unwrap_or_default();
         for conn in conns {
             let msg = FromRelay::BlockAdded {

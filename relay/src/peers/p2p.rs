@@ -23,7 +23,8 @@
 //!   for an unknown id. The id of a logged-in `/ws` peer (its hex key)
 //!   disconnects that peer.
 //! * `GET /p2p/nodes`: registered nodes and logged-in `/ws` peers.
-//! * `GET /p2p/stats`: [`super::PeerStats`].
+//! * `GET /p2p/stats`: [`super::PeerStats`], this relay's id on a shared
+//!   database and its links to other relays.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -556,6 +557,21 @@ pub(super) async fn remove(
 }
 
 /// `GET /p2p/stats`.
-pub(super) async fn stats(State(st): State<SharedState>) -> Json<PeerStats> {
-    Json(st.peers.stats())
+/// `GET /p2p/stats`: the counters and, on a shared database, this relay's
+/// id and its links to other relays.
+#[derive(Debug, Serialize)]
+pub struct StatsBody {
+    #[serde(flatten)]
+    pub stats: PeerStats,
+    /// This relay's id in the shared database (None on the embedded store).
+    pub relay_id: Option<String>,
+    pub links: Vec<super::LinkView>,
+}
+
+pub(super) async fn stats(State(st): State<SharedState>) -> Json<StatsBody> {
+    Json(StatsBody {
+        stats: st.peers.stats(),
+        relay_id: st.peers.cluster().map(|c| c.id.clone()),
+        links: st.peers.links(),
+    })
 }

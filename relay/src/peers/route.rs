@@ -14,6 +14,22 @@
 //! bans it with a doubling backoff. A bad, missing or late answer sends the
 //! request to the next holder, after [`RouteConfig::max_holder_tries`] or
 //! when none is left to the relay's store.
+//!
+//! Several relays on one database ([`Core::enable_cluster`]): what this
+//! relay's peers hold is reported as [`Action::Presence`] (written to
+//! `peer_presence` by [`crate::cluster::presence`]). When no local holder of
+//! a block is free, the core asks which other relays' peers hold it
+//! ([`Action::Lookup`], answered by [`Core::remote_holders`], kept for
+//! [`RouteConfig::remote_ttl`]) and routes the request over a *link*: an
+//! outbound `/ws` connection to that relay ([`Action::OpenLink`],
+//! [`Core::link_up`]), logged in with this relay's key like any peer. A link
+//! is a holder like a peer (credits, latency, score, bans), except that
+//! its `ServeChunk` goes out as an ordinary `GetChunk` and its `ChunkData`
+//! comes back through [`Core::link_chunk`], checked against the chunk list
+//! like any chunk. Order: local peers, then links, then the store. Another
+//! relay logged in here ([`ConnKind::Relay`]) is no peer: no presence, no
+//! credit, not listed; its requests go to local peers only (never to a link,
+//! so nothing loops, and never to the store, which it shares).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -47,6 +63,71 @@ pub const REPUTATION_CAPACITY: usize = 65_536;
 pub const MAX_BAN: Duration = Duration::from_secs(24 * 3600);
 /// The longest compute backoff.
 pub const MAX_COMPUTE_BACKOFF: Duration = Duration::from_secs(3600);
+/// How long the answer of a presence lookup is used before the database is
+/// asked again (a peer that just announced a block on another relay is
+/// found at most this late).
+pub const REMOTE_TTL: Duration = Duration::from_secs(5);
+/// Blocks whose lookup answer is kept at most; past it expired answers go,
+/// then all.
+pub const REMOTE_CAPACITY: usize = 65_536;
+/// Links (outbound connections to other relays) at most, open or not.
+pub const MAX_LINKS: usize = 64;
+/// First wait before a failed or lost link is opened again; doubles per
+/// failure in a row up to [`LINK_BACKOFF_MAX`].
+pub const LINK_BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A link still connecting after this long counts as failed (its actor
+/// gives up well before: connect and login time out).
+pub const LINK_CONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// Domain of a link's id in the registry ([`link_id`]).
+const LINK_ID_DOMAIN: &[u8] = b"aiblock/relay-link/v1";
+
+/// What is logged in on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// A peer (browser, native node): holds, serves, requests, earns.
+    Peer,
+    /// Another relay of the same database, logged in with its relay key:
+    /// it requests chunks for its own peers and is nothing else here.
+    Relay,
+    /// This relay's own link to another relay (an outbound connection): a
+    /// holder of what the database says that relay's peers hold.
+    Link,
+}
+
+/// Another live relay on the database (a row of `relays`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRelay {
+    pub id: String,
+    /// Its relay key (it logs in to other relays with it).
+    pub key: PeerId,
+    /// Where its `/ws` is reached.
+    pub ws_url: String,
+}
+
+/// The registry id of the link to the relay with key `key`: derived from
+/// the key (so a link's reputation survives reconnects and relay restarts)
+/// and never equal to a key that logs in.
+pub fn link_id(key: &PeerId) -> PeerId {
+    let mut m = LINK_ID_DOMAIN.to_vec();
+    m.extend_from_slice(key);
+    BlockHash::of(&m).0
+}
+
+/// A change of what this relay's peers hold (rows of `peer_presence`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    Add {
+        peer: PeerId,
+        blocks: Vec<BlockHash>,
+    },
+    Remove {
+        peer: PeerId,
+        blocks: Vec<BlockHash>,
+    },
+    /// The peer left (logout, drop, ban): none of its rows stay.
+    Gone { peer: PeerId },
+}
 
 /// The chunk list of a block the relay holds (header and payload).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +176,10 @@ pub struct RouteConfig {
     /// A peer silent this long is dropped by [`Core::handle_timeout`] (its
     /// actor normally drops it first).
     pub idle_timeout: Duration,
+    /// See [`REMOTE_TTL`], [`MAX_LINKS`], [`LINK_BACKOFF_BASE`].
+    pub remote_ttl: Duration,
+    pub max_links: usize,
+    pub link_backoff_base: Duration,
 }
 
 impl Default for RouteConfig {
@@ -109,6 +194,9 @@ impl Default for RouteConfig {
             ban_base: Duration::from_secs(60),
             compute_backoff_base: Duration::from_secs(5),
             idle_timeout: limits::IDLE_TIMEOUT,
+            remote_ttl: REMOTE_TTL,
+            max_links: MAX_LINKS,
+            link_backoff_base: LINK_BACKOFF_BASE,
         }
     }
 }
@@ -133,6 +221,14 @@ pub enum Action {
     },
     /// A remote computation ended.
     ComputeDone { req: u64, outcome: ComputeOutcome },
+    /// Record what this relay's peers hold (cluster mode only).
+    Presence(PresenceChange),
+    /// Ask the database which other relays' peers hold `block`; answer
+    /// with [`Core::remote_holders`].
+    Lookup { block: BlockHash },
+    /// Open the link `link` to `relay`; then [`Core::link_up`] or
+    /// [`Core::link_down`].
+    OpenLink { link: PeerId, relay: RemoteRelay },
 }
 
 /// How a remote computation ended.
@@ -140,6 +236,30 @@ pub enum Action {
 pub enum ComputeOutcome {
     Answered { peer: PeerId, output: Vec<f32> },
     Failed { peer: PeerId, reason: String },
+}
+
+/// A link to another relay as `GET /p2p/stats` lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LinkView {
+    /// The relay's id in the database.
+    pub relay: String,
+    pub ws_url: String,
+    /// `up`, `connecting` or `down`.
+    pub state: String,
+    /// Failures in a row.
+    pub fails: u32,
+    /// When down: until it may be opened again.
+    pub retry_in_ms: u64,
+    /// Requests outstanding on it.
+    pub in_flight: u32,
+    pub latency_ms: Option<f64>,
+    pub banned: bool,
+}
+
+/// `base` doubled `fails` times, at most [`LINK_BACKOFF_MAX`].
+fn backoff(base: Duration, fails: u32) -> Duration {
+    base.saturating_mul(1u32 << fails.min(20))
+        .min(LINK_BACKOFF_MAX)
 }
 
 /// A logged-in peer as listed by `GET /p2p/nodes`.
@@ -160,6 +280,7 @@ pub struct PeerView {
 
 #[derive(Debug)]
 struct PeerEntry {
+    kind: ConnKind,
     conn: ConnId,
     agent: String,
     addr: SocketAddr,
@@ -223,6 +344,38 @@ struct ChunkJob {
     at: Option<(PeerId, ConnId, Instant, Instant)>,
     /// Waiting for a holder's serve credit until then (then the store).
     parked: Option<Instant>,
+    /// Asked by another relay: local peers only, no store.
+    from_relay: bool,
+}
+
+/// The link to one other relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Not open; may be opened from then on.
+    Down {
+        until: Instant,
+    },
+    Connecting {
+        since: Instant,
+    },
+    Up {
+        conn: ConnId,
+    },
+}
+
+#[derive(Debug)]
+struct LinkEntry {
+    relay: RemoteRelay,
+    state: LinkState,
+    /// Failures in a row (the backoff doubles with each).
+    fails: u32,
+}
+
+/// A lookup's answer: the links to relays whose peers hold a block.
+#[derive(Debug)]
+struct Remote {
+    links: Vec<PeerId>,
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -256,7 +409,21 @@ pub struct Core {
     parked: HashMap<BlockHash, std::collections::VecDeque<u64>>,
     computes: HashMap<u64, ComputeJob>,
     next_req: u64,
+    /// Presence and links on (a relay on a shared database).
+    cluster: bool,
+    /// Other live relays exist (no lookups otherwise).
+    others: bool,
+    remote: HashMap<BlockHash, Remote>,
+    /// Lookups asked and not answered yet (since when).
+    lookups: HashMap<BlockHash, Instant>,
+    links: HashMap<PeerId, LinkEntry>,
 }
+
+/// `ChunkFailed` reason for a request of another relay that no local
+/// peer can serve.
+pub const NO_LOCAL_HOLDER: &str = "no peer of this relay holds the block";
+/// `ChunkFailed` reason for a requester over its credits.
+pub const CREDITS: &str = "credits";
 
 fn hexid(id: &PeerId) -> String {
     hex::encode(&id[..8])
@@ -276,7 +443,18 @@ impl Core {
             parked: HashMap::new(),
             computes: HashMap::new(),
             next_req: 1,
+            cluster: false,
+            others: false,
+            remote: HashMap::new(),
+            lookups: HashMap::new(),
+            links: HashMap::new(),
         }
+    }
+
+    /// Report presence ([`Action::Presence`]) and route over links to other
+    /// relays from now on.
+    pub fn enable_cluster(&mut self) {
+        self.cluster = true;
     }
 
     pub fn config(&self) -> &RouteConfig {
@@ -299,9 +477,21 @@ impl Core {
         self.peers.get(id).map(|p| p.conn)
     }
 
-    /// Logged-in peers.
+    /// Logged-in peers (not relays, not links).
     pub fn online(&self) -> usize {
-        self.peers.len()
+        self.peers
+            .values()
+            .filter(|p| p.kind == ConnKind::Peer)
+            .count()
+    }
+
+    /// What is logged in on `conn`.
+    pub fn kind_of(&self, conn: ConnId) -> Option<ConnKind> {
+        let id = self.conns.get(&conn)?;
+        self.peers
+            .get(id)
+            .filter(|p| p.conn == conn)
+            .map(|p| p.kind)
     }
 
     /// Until when `id` is banned, if it is.
@@ -340,6 +530,19 @@ impl Core {
         agent: String,
         addr: SocketAddr,
     ) -> Result<Vec<Action>, Refused> {
+        self.login_as(now, conn, id, agent, addr, ConnKind::Peer)
+    }
+
+    /// [`Core::login`] of a peer or of another relay ([`ConnKind::Relay`]).
+    pub fn login_as(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: PeerId,
+        agent: String,
+        addr: SocketAddr,
+        kind: ConnKind,
+    ) -> Result<Vec<Action>, Refused> {
         if let Some(until) = self.banned_until(&id, now) {
             return Err(Refused {
                 code: codes::BANNED,
@@ -362,9 +565,33 @@ impl Core {
                 self.remove_conn(now, old, &mut out);
             }
         }
+        self.insert_entry(now, conn, id, agent, addr, kind);
+        match kind {
+            ConnKind::Relay => {
+                Counters::inc(&self.counters.relay_logins);
+                Counters::inc(&self.counters.relays_online);
+            }
+            _ => {
+                Counters::inc(&self.counters.logins);
+                Counters::inc(&self.counters.peers_online);
+            }
+        }
+        Ok(out)
+    }
+
+    fn insert_entry(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: PeerId,
+        agent: String,
+        addr: SocketAddr,
+        kind: ConnKind,
+    ) {
         self.peers.insert(
             id,
             PeerEntry {
+                kind,
                 conn,
                 agent,
                 addr,
@@ -381,9 +608,6 @@ impl Core {
             },
         );
         self.conns.insert(conn, id);
-        Counters::inc(&self.counters.logins);
-        Counters::inc(&self.counters.peers_online);
-        Ok(out)
     }
 
     /// The connection ended (closed, dropped, replaced).
@@ -399,7 +623,17 @@ impl Core {
         };
         if self.peers.get(&id).is_some_and(|p| p.conn == conn) {
             if let Some(p) = self.peers.remove(&id) {
-                Counters::dec(&self.counters.peers_online);
+                match p.kind {
+                    ConnKind::Peer => Counters::dec(&self.counters.peers_online),
+                    ConnKind::Relay => Counters::dec(&self.counters.relays_online),
+                    ConnKind::Link => {
+                        Counters::dec(&self.counters.links_up);
+                        self.link_lost(now, &id, conn);
+                    }
+                }
+                if self.cluster && p.kind == ConnKind::Peer && !p.have.is_empty() {
+                    out.push(Action::Presence(PresenceChange::Gone { peer: id }));
+                }
                 for b in &p.have {
                     self.unhold(b, &id);
                     // Jobs waiting for its credits look again now.
@@ -460,7 +694,7 @@ impl Core {
     /// `Status{load, serve_compute}`.
     pub fn status(&mut self, now: Instant, conn: ConnId, load: u16, serve_compute: bool) {
         if let Some(id) = self.touch(now, conn) {
-            if let Some(p) = self.peers.get_mut(&id) {
+            if let Some(p) = self.peers.get_mut(&id).filter(|p| p.kind == ConnKind::Peer) {
                 p.load = load.min(1000);
                 p.serve_compute = serve_compute;
             }
@@ -483,6 +717,20 @@ impl Core {
         let Some(id) = self.touch(now, conn) else {
             return out;
         };
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.kind != ConnKind::Peer)
+        {
+            out.push(Action::Send {
+                conn,
+                msg: FromRelay::error(
+                    codes::PROTOCOL,
+                    "Have from a relay: relays hold nothing here; ignored",
+                ),
+            });
+            return out;
+        }
         if add.len() + remove.len() > limits::MAX_HAVE_PER_MSG {
             out.push(Action::Send {
                 conn,
@@ -499,9 +747,12 @@ impl Core {
         }
         let (mut unknown, mut over) = (0usize, 0usize);
         let mut added = Vec::new();
+        let mut removed = Vec::new();
         if let Some(p) = self.peers.get_mut(&id) {
             for b in remove {
-                p.have.remove(b);
+                if p.have.remove(b) {
+                    removed.push(*b);
+                }
             }
             for b in add {
                 if !known(b) {
@@ -518,8 +769,22 @@ impl Core {
         for b in remove {
             self.unhold(b, &id);
         }
-        for b in added {
-            self.holders.entry(b).or_default().insert(id);
+        for b in &added {
+            self.holders.entry(*b).or_default().insert(id);
+        }
+        if self.cluster {
+            if !removed.is_empty() {
+                out.push(Action::Presence(PresenceChange::Remove {
+                    peer: id,
+                    blocks: removed,
+                }));
+            }
+            if !added.is_empty() {
+                out.push(Action::Presence(PresenceChange::Add {
+                    peer: id,
+                    blocks: added,
+                }));
+            }
         }
         if unknown + over > 0 {
             out.push(Action::Send {
@@ -606,10 +871,11 @@ impl Core {
             return out;
         };
         if p.gets >= credits {
-            out.push(self.chunk_failed(conn, req, block, index, "credits"));
+            out.push(self.chunk_failed(conn, req, block, index, CREDITS));
             return out;
         }
         p.gets += 1;
+        let from_relay = p.kind == ConnKind::Relay;
         let job = self.req_id();
         self.jobs.insert(
             job,
@@ -621,24 +887,30 @@ impl Core {
                 tried: vec![id],
                 at: None,
                 parked: None,
+                from_relay,
             },
         );
         self.dispatch(now, job, &mut out);
         out
     }
 
-    /// Send job to the best holder not tried yet with a serve credit free;
-    /// if every such holder is at its credits, wait for one (until the chunk
-    /// timeout); with no holder left, the store.
+    /// Send job to the best holder not tried yet with a serve credit free:
+    /// a local peer, else (cluster mode) a link to a relay whose peers hold
+    /// the block; if every such holder is busy (at its credits, a link
+    /// connecting, a lookup pending), wait for one (until the chunk
+    /// timeout); with no holder left, the store (or, for a request of
+    /// another relay, a failure: it reads the same store itself).
     fn dispatch(&mut self, now: Instant, job: u64, out: &mut Vec<Action>) {
         let Some(j) = self.jobs.get(&job) else { return };
         let block = j.info.block;
-        let holder_tries = j.tried.len().saturating_sub(1);
+        let tried = j.tried.clone();
+        let (index, info, parked, from_relay) = (j.index, j.info.clone(), j.parked, j.from_relay);
+        let holder_tries = tried.len().saturating_sub(1);
         let mut best: Option<(f64, PeerId)> = None;
         let mut busy = false;
         if holder_tries < self.cfg.max_holder_tries {
             for h in self.holders.get(&block).into_iter().flatten() {
-                if j.tried.contains(h) || self.banned_until(h, now).is_some() {
+                if tried.contains(h) || self.banned_until(h, now).is_some() {
                     continue;
                 }
                 let Some(p) = self.peers.get(h) else { continue };
@@ -651,8 +923,12 @@ impl Core {
                     best = Some((c, *h));
                 }
             }
+            if best.is_none() && !from_relay && self.cluster && self.others {
+                let (b, waiting) = self.link_choice(now, block, &tried, out);
+                best = b;
+                busy |= waiting;
+            }
         }
-        let (index, info, parked) = (j.index, j.info.clone(), j.parked);
         match best.and_then(|(_, h)| self.peers.get_mut(&h).map(|p| (h, p))) {
             Some((h, p)) => {
                 p.serving += 1;
@@ -697,18 +973,137 @@ impl Core {
                     j.at = None;
                     j.parked = None;
                 }
-                out.push(Action::ReadStore { job, info, index });
+                if from_relay {
+                    self.fail_job(job, NO_LOCAL_HOLDER, out);
+                } else {
+                    out.push(Action::ReadStore { job, info, index });
+                }
             }
+        }
+    }
+
+    /// The best link for `block` not in `tried` with a credit free, and
+    /// whether one is worth waiting for (a lookup pending, a link
+    /// connecting or at its credits). Asks the lookup, opens links.
+    fn link_choice(
+        &mut self,
+        now: Instant,
+        block: BlockHash,
+        tried: &[PeerId],
+        out: &mut Vec<Action>,
+    ) -> (Option<(f64, PeerId)>, bool) {
+        let fresh = self
+            .remote
+            .get(&block)
+            .filter(|r| r.until > now)
+            .map(|r| r.links.clone());
+        let Some(links) = fresh else {
+            let pending = self
+                .lookups
+                .get(&block)
+                .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.chunk_timeout);
+            if !pending {
+                self.lookups.insert(block, now);
+                Counters::inc(&self.counters.presence_lookups);
+                out.push(Action::Lookup { block });
+            }
+            return (None, true);
+        };
+        let mut best: Option<(f64, PeerId)> = None;
+        let mut busy = false;
+        for l in links {
+            if tried.contains(&l) || self.banned_until(&l, now).is_some() {
+                continue;
+            }
+            match self.links.get(&l).map(|e| e.state) {
+                Some(LinkState::Up { .. }) => {
+                    let Some(p) = self.peers.get(&l) else {
+                        continue;
+                    };
+                    // The other relay gives each requester CHUNK_CREDITS.
+                    if p.serving >= self.cfg.chunk_credits {
+                        busy = true;
+                        continue;
+                    }
+                    let c = p.cost(p.serving);
+                    if best.is_none_or(|(b, _)| c < b) {
+                        best = Some((c, l));
+                    }
+                }
+                Some(LinkState::Connecting { since })
+                    if now.saturating_duration_since(since) < LINK_CONNECT_LIMIT =>
+                {
+                    busy = true;
+                }
+                Some(LinkState::Down { until }) if until <= now => {
+                    busy |= self.open_link(now, l, out);
+                }
+                _ => {}
+            }
+        }
+        (best, busy)
+    }
+
+    /// Open link `l` if it is down and its backoff is over.
+    fn open_link(&mut self, now: Instant, l: PeerId, out: &mut Vec<Action>) -> bool {
+        if self.banned_until(&l, now).is_some() {
+            return false;
+        }
+        let Some(e) = self.links.get_mut(&l) else {
+            return false;
+        };
+        match e.state {
+            LinkState::Down { until } if until <= now => {
+                e.state = LinkState::Connecting { since: now };
+                Counters::inc(&self.counters.links_opened);
+                out.push(Action::OpenLink {
+                    link: l,
+                    relay: e.relay.clone(),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Can `h` serve `block` (a peer that announced it, a link whose relay
+    /// holds it)?
+    fn can_serve(&self, h: &PeerId, block: &BlockHash) -> bool {
+        match self.peers.get(h) {
+            Some(p) if p.kind == ConnKind::Link => {
+                self.remote.get(block).is_some_and(|r| r.links.contains(h))
+            }
+            Some(p) => p.have.contains(block),
+            None => false,
+        }
+    }
+
+    /// Every job parked on `block` looks again.
+    fn wake(&mut self, now: Instant, block: &BlockHash, out: &mut Vec<Action>) {
+        if let Some(q) = self.parked.remove(block) {
+            for job in q {
+                self.dispatch(now, job, out);
+            }
+        }
+    }
+
+    /// Jobs parked on blocks that link `l` may serve look again.
+    fn wake_link(&mut self, now: Instant, l: &PeerId, out: &mut Vec<Action>) {
+        let blocks: Vec<BlockHash> = self
+            .parked
+            .keys()
+            .filter(|b| self.remote.get(b).is_some_and(|r| r.links.contains(l)))
+            .copied()
+            .collect();
+        for b in blocks {
+            self.wake(now, &b, out);
         }
     }
 
     /// A serve credit of `h` came free: the oldest job parked on a block
     /// it holds goes on.
     fn holder_freed(&mut self, now: Instant, h: PeerId, out: &mut Vec<Action>) {
-        let Some(have) = self.peers.get(&h).map(|p| &p.have) else {
-            return;
-        };
-        let block = self.parked.keys().find(|b| have.contains(b)).copied();
+        let block = self.parked.keys().find(|b| self.can_serve(&h, b)).copied();
         let Some(block) = block else { return };
         let job = self.parked.get_mut(&block).and_then(|q| q.pop_front());
         if self.parked.get(&block).is_some_and(|q| q.is_empty()) {
@@ -776,7 +1171,11 @@ impl Core {
             .filter(|p| p.conn == j.requester)
         {
             p.gets = p.gets.saturating_sub(1);
-            if let Some(id) = self.conns.get(&j.requester) {
+            if p.kind == ConnKind::Relay {
+                // The other relay delivers it to its peer and records that.
+                Counters::inc(&self.counters.chunks_to_relays);
+                Counters::add(&self.counters.bytes_to_relays, data.len() as u64);
+            } else if let Some(id) = self.conns.get(&j.requester) {
                 let block = j.info.block;
                 self.counters.usage(|u| u.record_fetch(id, &block));
             }
@@ -837,24 +1236,38 @@ impl Core {
             }
             self.deliver(job, data, ChunkSource::Peer(h), &mut out);
         } else {
-            let (block, index) = (j.info.block, j.index);
-            tracing::warn!(peer = %hexid(&h), %block, index, "peer served a corrupt chunk");
-            Counters::inc(&self.counters.bad_chunks);
-            self.counters.peer(&h, |c| c.bad_chunks += 1);
-            self.counters.usage(|u| u.record_bad_chunk(&h, &block));
-            if let Some(p) = self.peers.get_mut(&h) {
-                p.score = p.score.saturating_sub(SCORE_PENALTY);
-            }
-            let to_ban = self.cfg.bad_chunks_to_ban.max(1);
-            let r = self.rep(&h, now);
-            r.bad_chunks += 1;
-            if r.bad_chunks >= to_ban {
-                self.ban(now, h, &mut out);
-            }
-            self.dispatch(now, job, &mut out);
+            self.bad_chunk(now, h, job, false, &mut out);
         }
         self.holder_freed(now, h, &mut out);
         out
+    }
+
+    /// Holder `h` (a peer, or a link) answered `job` with bytes that do not
+    /// match: score it down, ban it after repeats, ask the next holder.
+    fn bad_chunk(&mut self, now: Instant, h: PeerId, job: u64, link: bool, out: &mut Vec<Action>) {
+        let Some(j) = self.jobs.get(&job) else {
+            return;
+        };
+        let (block, index) = (j.info.block, j.index);
+        Counters::inc(&self.counters.bad_chunks);
+        if link {
+            tracing::warn!(link = %hexid(&h), %block, index, "another relay forwarded a corrupt chunk");
+            Counters::inc(&self.counters.bad_chunks_from_relays);
+        } else {
+            tracing::warn!(peer = %hexid(&h), %block, index, "peer served a corrupt chunk");
+            self.counters.peer(&h, |c| c.bad_chunks += 1);
+            self.counters.usage(|u| u.record_bad_chunk(&h, &block));
+        }
+        if let Some(p) = self.peers.get_mut(&h) {
+            p.score = p.score.saturating_sub(SCORE_PENALTY);
+        }
+        let to_ban = self.cfg.bad_chunks_to_ban.max(1);
+        let r = self.rep(&h, now);
+        r.bad_chunks += 1;
+        if r.bad_chunks >= to_ban {
+            self.ban(now, h, out);
+        }
+        self.dispatch(now, job, out);
     }
 
     fn ban(&mut self, now: Instant, id: PeerId, out: &mut Vec<Action>) {
@@ -891,7 +1304,12 @@ impl Core {
         };
         if let Some(block) = self.jobs.get(&job).map(|j| j.info.block) {
             if let Some(p) = self.peers.get_mut(&h) {
-                p.have.remove(&block);
+                if p.have.remove(&block) && self.cluster && p.kind == ConnKind::Peer {
+                    out.push(Action::Presence(PresenceChange::Remove {
+                        peer: h,
+                        blocks: vec![block],
+                    }));
+                }
             }
             self.unhold(&block, &h);
         }
@@ -938,7 +1356,9 @@ impl Core {
             self.deadlines.remove(&(t, job));
             if let Some((h, _, _, _)) = self.jobs.get(&job).and_then(|j| j.at) {
                 Counters::inc(&self.counters.chunk_timeouts);
-                self.counters.peer(&h, |c| c.chunk_timeouts += 1);
+                if self.peers.get(&h).is_some_and(|p| p.kind == ConnKind::Peer) {
+                    self.counters.peer(&h, |c| c.chunk_timeouts += 1);
+                }
                 let timeout_ms = self.cfg.chunk_timeout.as_secs_f64() * 1e3;
                 if let Some(p) = self.peers.get_mut(&h) {
                     p.sample_latency(timeout_ms);
@@ -956,6 +1376,11 @@ impl Core {
                 self.dispatch(now, job, &mut out);
             }
         }
+        if !self.lookups.is_empty() {
+            let limit = self.cfg.chunk_timeout;
+            self.lookups
+                .retain(|_, t| now.saturating_duration_since(*t) < limit);
+        }
         let idle = self.cfg.idle_timeout;
         let dead: Vec<ConnId> = self
             .peers
@@ -972,6 +1397,258 @@ impl Core {
             self.remove_conn(now, conn, &mut out);
         }
         out
+    }
+
+    // ---- other relays: presence lookups and links ----
+
+    /// Other live relays of the database (every heartbeat). Links to relays
+    /// no longer listed are closed and forgotten; with none listed, no
+    /// lookups are made.
+    pub fn relays_alive(&mut self, now: Instant, relays: Vec<RemoteRelay>) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.others = !relays.is_empty();
+        let alive: HashMap<PeerId, RemoteRelay> =
+            relays.into_iter().map(|r| (link_id(&r.key), r)).collect();
+        let gone: Vec<PeerId> = self
+            .links
+            .keys()
+            .filter(|l| !alive.contains_key(*l))
+            .copied()
+            .collect();
+        for l in gone {
+            if let Some(e) = self.links.remove(&l) {
+                tracing::info!(relay = %e.relay.id, "relay no longer alive: link closed");
+                if let LinkState::Up { conn } = e.state {
+                    out.push(Action::Close {
+                        conn,
+                        code: codes::UNAVAILABLE,
+                        message: "the relay is no longer alive in the database".into(),
+                    });
+                    self.remove_conn(now, conn, &mut out);
+                }
+            }
+            self.wake_link(now, &l, &mut out);
+        }
+        for (l, r) in alive {
+            if let Some(e) = self.links.get_mut(&l) {
+                e.relay = r;
+            }
+        }
+        out
+    }
+
+    /// The answer to [`Action::Lookup`]: the other relays whose peers hold
+    /// `block` (empty: none, or the lookup failed). Jobs waiting for it go on.
+    pub fn remote_holders(
+        &mut self,
+        now: Instant,
+        block: BlockHash,
+        relays: Vec<RemoteRelay>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.lookups.remove(&block);
+        let mut ids = Vec::new();
+        for r in relays {
+            let l = link_id(&r.key);
+            if ids.contains(&l) {
+                continue;
+            }
+            if let Some(e) = self.links.get_mut(&l) {
+                if !matches!(e.state, LinkState::Up { .. }) {
+                    e.relay = r;
+                }
+                ids.push(l);
+            } else if self.links.len() < self.cfg.max_links {
+                self.links.insert(
+                    l,
+                    LinkEntry {
+                        relay: r,
+                        state: LinkState::Down { until: now },
+                        fails: 0,
+                    },
+                );
+                ids.push(l);
+            }
+        }
+        if self.remote.len() >= REMOTE_CAPACITY && !self.remote.contains_key(&block) {
+            self.remote.retain(|_, r| r.until > now);
+            if self.remote.len() >= REMOTE_CAPACITY {
+                self.remote.clear();
+            }
+        }
+        self.remote.insert(
+            block,
+            Remote {
+                links: ids,
+                until: now + self.cfg.remote_ttl,
+            },
+        );
+        self.wake(now, &block, &mut out);
+        out
+    }
+
+    /// Link `l` logged in to its relay on `conn`: it serves from now on.
+    /// None if it is not wanted any more (the driver closes it).
+    pub fn link_up(&mut self, now: Instant, l: PeerId, conn: ConnId) -> Option<Vec<Action>> {
+        let e = self.links.get_mut(&l)?;
+        if !matches!(e.state, LinkState::Connecting { .. }) {
+            return None;
+        }
+        e.state = LinkState::Up { conn };
+        e.fails = 0;
+        let agent = format!("link to {}", e.relay.ws_url);
+        tracing::info!(relay = %e.relay.id, url = %e.relay.ws_url, "link to another relay up");
+        let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+        self.insert_entry(now, conn, l, agent, addr, ConnKind::Link);
+        Counters::inc(&self.counters.links_up);
+        let mut out = Vec::new();
+        self.wake_link(now, &l, &mut out);
+        Some(out)
+    }
+
+    /// Link `l` could not be opened (`conn` None) or its connection ended:
+    /// down, opened again after a backoff. Its jobs go elsewhere.
+    pub fn link_down(&mut self, now: Instant, l: PeerId, conn: Option<ConnId>) -> Vec<Action> {
+        let mut out = Vec::new();
+        match conn {
+            Some(c) => self.remove_conn(now, c, &mut out),
+            None => {
+                if let Some(e) = self.links.get_mut(&l) {
+                    if matches!(e.state, LinkState::Connecting { .. }) {
+                        Counters::inc(&self.counters.link_failures);
+                        let d = backoff(self.cfg.link_backoff_base, e.fails);
+                        e.fails = e.fails.saturating_add(1);
+                        e.state = LinkState::Down { until: now + d };
+                    }
+                }
+            }
+        }
+        self.wake_link(now, &l, &mut out);
+        out
+    }
+
+    /// The link entry of `l` loses its connection `conn` (from remove_conn).
+    fn link_lost(&mut self, now: Instant, l: &PeerId, conn: ConnId) {
+        if let Some(e) = self.links.get_mut(l) {
+            if e.state == (LinkState::Up { conn }) {
+                Counters::inc(&self.counters.link_failures);
+                let d = backoff(self.cfg.link_backoff_base, e.fails);
+                e.fails = e.fails.saturating_add(1);
+                e.state = LinkState::Down { until: now + d };
+                tracing::info!(relay = %e.relay.id, retry_in_ms = d.as_millis() as u64, "link to another relay down");
+            }
+        }
+    }
+
+    /// `ChunkData` on link `conn` for its `GetChunk` `job`: checked against
+    /// the chunk list like a peer's chunk. Bytes forwarded by another relay
+    /// earn the link nothing (that relay credited its peer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn link_chunk(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        job: u64,
+        block: BlockHash,
+        index: u32,
+        data: Vec<u8>,
+        from: ChunkSource,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.touch(now, conn);
+        let Some((h, sent)) = self.take_answer(conn, job) else {
+            return out;
+        };
+        let Some(j) = self.jobs.get(&job) else {
+            return out;
+        };
+        if j.info.block == block && j.index == index && j.info.check(index, &data) {
+            let n = data.len() as u64;
+            Counters::inc(&self.counters.chunks_from_relays);
+            Counters::add(&self.counters.bytes_from_relays, n);
+            if let Some(p) = self.peers.get_mut(&h) {
+                p.sample_latency(now.saturating_duration_since(sent).as_secs_f64() * 1e3);
+                p.score = p.score.saturating_add(1);
+            }
+            let from = match from {
+                ChunkSource::Peer(x) => ChunkSource::Peer(x),
+                _ => ChunkSource::Relay,
+            };
+            self.deliver(job, data, from, &mut out);
+        } else {
+            self.bad_chunk(now, h, job, true, &mut out);
+        }
+        self.holder_freed(now, h, &mut out);
+        out
+    }
+
+    /// `ChunkFailed` on link `conn` for `job`: the next holder. Unless it
+    /// was only out of credits, that relay no longer counts as holding the
+    /// block (until the next lookup).
+    pub fn link_failed(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        job: u64,
+        reason: &str,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.touch(now, conn);
+        let Some((h, _)) = self.take_answer(conn, job) else {
+            return out;
+        };
+        if reason != CREDITS {
+            if let Some(block) = self.jobs.get(&job).map(|j| j.info.block) {
+                if let Some(r) = self.remote.get_mut(&block) {
+                    r.links.retain(|l| *l != h);
+                }
+            }
+        }
+        self.dispatch(now, job, &mut out);
+        self.holder_freed(now, h, &mut out);
+        out
+    }
+
+    /// What this relay's peers hold (for a full rewrite of its presence).
+    pub fn presence_snapshot(&self) -> Vec<(PeerId, Vec<BlockHash>)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.kind == ConnKind::Peer && !p.have.is_empty())
+            .map(|(id, p)| (*id, p.have.iter().copied().collect()))
+            .collect()
+    }
+
+    /// Links and their state, for `GET /p2p/stats`.
+    pub fn link_views(&self, now: Instant) -> Vec<LinkView> {
+        let mut v: Vec<LinkView> = self
+            .links
+            .iter()
+            .map(|(l, e)| {
+                let p = self.peers.get(l).filter(|p| p.kind == ConnKind::Link);
+                LinkView {
+                    relay: e.relay.id.clone(),
+                    ws_url: e.relay.ws_url.clone(),
+                    state: match e.state {
+                        LinkState::Up { .. } => "up",
+                        LinkState::Connecting { .. } => "connecting",
+                        LinkState::Down { .. } => "down",
+                    }
+                    .to_string(),
+                    fails: e.fails,
+                    retry_in_ms: match e.state {
+                        LinkState::Down { until } => {
+                            until.saturating_duration_since(now).as_millis() as u64
+                        }
+                        _ => 0,
+                    },
+                    in_flight: p.map_or(0, |p| p.serving),
+                    latency_ms: p.and_then(|p| p.latency_ms),
+                    banned: self.banned_until(l, now).is_some(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.relay.cmp(&b.relay));
+        v
     }
 
     // ---- remote computation ----
@@ -1177,6 +1854,7 @@ impl Core {
         let mut v: Vec<PeerView> = self
             .peers
             .iter()
+            .filter(|(_, p)| p.kind == ConnKind::Peer)
             .map(|(id, p)| {
                 let mut have: Vec<BlockHash> = p.have.iter().copied().collect();
                 have.sort();
@@ -1615,5 +2293,376 @@ mod tests {
             .handle_timeout(t.now + t.core.config().idle_timeout + Duration::from_secs(1));
         assert!(matches!(&a[..], [Action::Close { conn: 1, .. }]));
         assert_eq!(t.core.online(), 0);
+    }
+
+    // ---- several relays: presence, lookups, links ----
+
+    fn remote(n: u8) -> RemoteRelay {
+        RemoteRelay {
+            id: format!("relay{n}"),
+            key: [n; 32],
+            ws_url: format!("ws://127.0.0.{n}:1/ws"),
+        }
+    }
+
+    fn cluster() -> T {
+        let mut t = T::new();
+        t.core.enable_cluster();
+        t
+    }
+
+    /// (conn, job, index) of every ServeChunk in `a`.
+    fn serves(a: &[Action]) -> Vec<(ConnId, u64, u32)> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::Send {
+                    conn,
+                    msg: FromRelay::ServeChunk { req, index, .. },
+                } => Some((*conn, *req, *index)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn store_jobs(a: &[Action]) -> Vec<u64> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::ReadStore { job, .. } => Some(*job),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A link to `r` up on `conn` after a lookup for `i` named it.
+    fn link_up_for(t: &mut T, i: &Arc<ChunkInfo>, r: &RemoteRelay, conn: ConnId) -> Vec<Action> {
+        let a = t.core.remote_holders(t.now, i.block, vec![r.clone()]);
+        let l = link_id(&r.key);
+        assert!(
+            a.contains(&Action::OpenLink {
+                link: l,
+                relay: r.clone()
+            }),
+            "{a:?}"
+        );
+        t.core.link_up(t.now, l, conn).expect("wanted")
+    }
+
+    #[test]
+    fn a_chunk_no_local_peer_holds_goes_over_a_link_and_is_checked_again() {
+        let mut t = cluster();
+        let i = info(&[b"aaaa", b"bb"]);
+        let r = remote(7);
+        t.login(2, 2);
+        assert!(t.core.relays_alive(t.now, vec![r.clone()]).is_empty());
+        let a = t.core.get_chunk(t.now, 2, 77, i.block, 1, Some(i.clone()));
+        assert_eq!(a, vec![Action::Lookup { block: i.block }]);
+        // A second request for the block waits for the same lookup.
+        let a = t.core.get_chunk(t.now, 2, 78, i.block, 0, Some(i.clone()));
+        assert!(a.is_empty(), "{a:?}");
+        let a = link_up_for(&mut t, &i, &r, 100);
+        let s = serves(&a);
+        assert_eq!(s.len(), 2, "both go over the link: {a:?}");
+        assert!(s.iter().all(|x| x.0 == 100));
+        let job = |k: u32| s.iter().find(|x| x.2 == k).map(|x| x.1).unwrap();
+        let a = t.core.link_chunk(
+            t.now,
+            100,
+            job(1),
+            i.block,
+            1,
+            b"bb".to_vec(),
+            ChunkSource::Peer([5; 32]),
+        );
+        assert_eq!(data_to(&a), (2, b"bb".to_vec(), ChunkSource::Peer([5; 32])));
+        // A lying answer is not delivered: the store answers instead.
+        let a = t.core.link_chunk(
+            t.now,
+            100,
+            job(0),
+            i.block,
+            0,
+            b"evil".to_vec(),
+            ChunkSource::Peer([5; 32]),
+        );
+        assert_eq!(store_jobs(&a), vec![job(0)]);
+        let st = t.counters.snapshot();
+        assert_eq!(
+            (
+                st.chunks_from_relays,
+                st.bytes_from_relays,
+                st.chunks_from_peers
+            ),
+            (1, 2, 0)
+        );
+        assert_eq!((st.bad_chunks, st.bad_chunks_from_relays), (1, 1));
+        // Neither the link nor the relay's peer earn anything here.
+        assert_eq!(
+            st.peer(&link_id(&r.key)),
+            crate::peers::PeerCounters::default()
+        );
+        assert_eq!(st.peer(&[5; 32]), crate::peers::PeerCounters::default());
+        assert_eq!(
+            (st.links_up, st.links_opened, st.presence_lookups),
+            (1, 1, 1)
+        );
+        // The link is no peer.
+        assert_eq!(t.core.online(), 1);
+        assert_eq!(t.core.views(t.now).len(), 1);
+        assert_eq!(t.core.link_views(t.now)[0].state, "up");
+    }
+
+    #[test]
+    fn local_peers_come_first_and_a_lying_link_is_banned_like_a_peer() {
+        let mut t = cluster();
+        let i = info(&[b"x", b"y", b"z"]);
+        let r = remote(7);
+        t.login(1, 1);
+        t.login(2, 2);
+        t.core.relays_alive(t.now, vec![r.clone()]);
+        t.core.have(t.now, 1, &[i.block], &[], |_| true);
+        let a = t.core.get_chunk(t.now, 2, 1, i.block, 0, Some(i.clone()));
+        assert_eq!(serve_to(&a).0, 1, "the local holder, no lookup");
+        assert_eq!(t.counters.snapshot().presence_lookups, 0);
+        // The holder leaves: its job looks for another (a lookup), and a
+        // new request waits for the same lookup.
+        let a = t.core.logout(t.now, 1);
+        assert_eq!(
+            a,
+            vec![
+                Action::Presence(PresenceChange::Gone { peer: [1; 32] }),
+                Action::Lookup { block: i.block }
+            ]
+        );
+        assert!(t
+            .core
+            .get_chunk(t.now, 2, 2, i.block, 1, Some(i.clone()))
+            .is_empty());
+        let a = link_up_for(&mut t, &i, &r, 100);
+        let s = serves(&a);
+        assert_eq!(s.len(), 2, "{a:?}");
+        for (n, (_, job, index)) in s.into_iter().enumerate() {
+            let a = t.core.link_chunk(
+                t.now,
+                100,
+                job,
+                i.block,
+                index,
+                b"?".to_vec(),
+                ChunkSource::Relay,
+            );
+            assert_eq!(store_jobs(&a), vec![job]);
+            let banned = a.iter().any(
+                |x| matches!(x, Action::Close { conn: 100, code, .. } if *code == codes::BANNED),
+            );
+            assert_eq!(banned, n == 1, "banned on the second bad chunk");
+        }
+        let l = link_id(&r.key);
+        assert!(t.core.banned_until(&l, t.now).is_some());
+        // While banned it is neither used nor opened again.
+        let a = t.core.get_chunk(t.now, 2, 4, i.block, 0, Some(i.clone()));
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+        let later = t.now + Duration::from_secs(5);
+        let a = t.core.remote_holders(later, i.block, vec![r.clone()]);
+        assert!(a.is_empty(), "{a:?}");
+        let a = t.core.get_chunk(later, 2, 5, i.block, 0, Some(i.clone()));
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+    }
+
+    #[test]
+    fn requests_of_another_relay_stay_with_local_peers_and_earn_it_nothing() {
+        let mut t = cluster();
+        let i = info(&[b"abc"]);
+        t.core.relays_alive(t.now, vec![remote(7)]);
+        t.core
+            .login_as(t.now, 3, [7; 32], "relay".into(), addr(), ConnKind::Relay)
+            .unwrap();
+        // No local holder: failed at once (no lookup, no link, no store).
+        let a = t.core.get_chunk(t.now, 3, 1, i.block, 0, Some(i.clone()));
+        assert!(
+            matches!(&a[..], [Action::Send { conn: 3, msg: FromRelay::ChunkFailed { reason, .. } }] if reason == NO_LOCAL_HOLDER),
+            "{a:?}"
+        );
+        // A relay holds nothing and serves no computation.
+        let a = t.core.have(t.now, 3, &[i.block], &[], |_| true);
+        assert!(matches!(
+            &a[..],
+            [Action::Send {
+                conn: 3,
+                msg: FromRelay::Error { .. }
+            }]
+        ));
+        t.core.status(t.now, 3, 0, true);
+        assert_eq!(t.core.compute_peers(), 0);
+        assert!(t.core.holders_of(&i.block).is_empty());
+        // A local holder serves it; the holder earns, the relay is no peer.
+        t.login(1, 1);
+        t.core.have(t.now, 1, &[i.block], &[], |_| true);
+        let a = t.core.get_chunk(t.now, 3, 2, i.block, 0, Some(i.clone()));
+        let (_, job) = serve_to(&a);
+        let a = t.core.chunk(t.now, 1, job, b"abc".to_vec());
+        assert_eq!(
+            data_to(&a),
+            (3, b"abc".to_vec(), ChunkSource::Peer([1; 32]))
+        );
+        let s = t.counters.snapshot();
+        assert_eq!((s.chunks_to_relays, s.bytes_to_relays), (1, 3));
+        assert_eq!(s.peer(&[1; 32]).bytes_served, 3);
+        assert_eq!((s.relays_online, s.peers_online, s.logins), (1, 1, 1));
+        assert_eq!(t.core.online(), 1);
+        assert!(t.core.views(t.now).iter().all(|v| v.id != [7; 32]));
+        assert!(
+            t.core.logout(t.now, 3).is_empty(),
+            "no presence for a relay"
+        );
+        assert_eq!(t.counters.snapshot().relays_online, 0);
+    }
+
+    #[test]
+    fn presence_follows_have_no_chunk_and_logout_in_cluster_mode_only() {
+        let i = info(&[b"q"]);
+        let other = BlockHash([3; 32]);
+        let mut plain = T::new();
+        plain.login(1, 1);
+        plain.have(1, i.block); // no Presence without the cluster
+        let mut t = cluster();
+        t.login(1, 1);
+        t.login(2, 2);
+        let a = t.core.have(t.now, 1, &[i.block, other], &[], |_| true);
+        assert_eq!(
+            a,
+            vec![Action::Presence(PresenceChange::Add {
+                peer: [1; 32],
+                blocks: vec![i.block, other]
+            })]
+        );
+        let a = t
+            .core
+            .have(t.now, 1, &[], &[other, BlockHash([4; 32])], |_| true);
+        assert_eq!(
+            a,
+            vec![Action::Presence(PresenceChange::Remove {
+                peer: [1; 32],
+                blocks: vec![other]
+            })]
+        );
+        assert_eq!(t.core.presence_snapshot(), vec![([1; 32], vec![i.block])]);
+        let a = t.core.get_chunk(t.now, 2, 1, i.block, 0, Some(i.clone()));
+        let (_, job) = serve_to(&a);
+        let a = t.core.no_chunk(t.now, 1, job);
+        assert!(a.contains(&Action::Presence(PresenceChange::Remove {
+            peer: [1; 32],
+            blocks: vec![i.block]
+        })));
+        t.core.have(t.now, 1, &[i.block], &[], |_| true);
+        let a = t.core.logout(t.now, 1);
+        assert_eq!(
+            a,
+            vec![Action::Presence(PresenceChange::Gone { peer: [1; 32] })]
+        );
+        // A peer that held nothing leaves no trace.
+        assert!(t.core.logout(t.now, 2).is_empty());
+    }
+
+    #[test]
+    fn a_failed_or_lost_link_backs_off_and_its_jobs_go_to_the_store() {
+        let mut t = cluster();
+        let i = info(&[b"a", b"b", b"c"]);
+        let r = remote(7);
+        let l = link_id(&r.key);
+        t.login(2, 2);
+        t.core.relays_alive(t.now, vec![r.clone()]);
+        t.core.get_chunk(t.now, 2, 1, i.block, 0, Some(i.clone()));
+        let a = t.core.remote_holders(t.now, i.block, vec![r.clone()]);
+        assert!(matches!(&a[..], [Action::OpenLink { .. }]), "{a:?}");
+        // Connecting failed: the waiting job goes to the store.
+        let a = t.core.link_down(t.now, l, None);
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+        // Within the backoff: straight to the store, nothing opened.
+        let a = t.core.get_chunk(t.now, 2, 2, i.block, 1, Some(i.clone()));
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+        // After it: opened again, up, used.
+        let later = t.now + LINK_BACKOFF_BASE + Duration::from_millis(1);
+        let a = t.core.get_chunk(later, 2, 3, i.block, 2, Some(i.clone()));
+        assert!(matches!(&a[..], [Action::OpenLink { .. }]), "{a:?}");
+        let a = t.core.link_up(later, l, 100).unwrap();
+        let (conn, job, _) = serves(&a)[0];
+        assert_eq!(conn, 100);
+        // Lost while asked: the job is asked elsewhere (the store).
+        let a = t.core.link_down(later, l, Some(100));
+        assert_eq!(store_jobs(&a), vec![job]);
+        assert_eq!(t.core.link_views(later)[0].state, "down");
+        let s = t.counters.snapshot();
+        assert_eq!((s.links_up, s.link_failures, s.links_opened), (0, 2, 2));
+        // A late answer on the closed link changes nothing.
+        assert!(t
+            .core
+            .link_chunk(
+                later,
+                100,
+                job,
+                i.block,
+                2,
+                b"c".to_vec(),
+                ChunkSource::Relay
+            )
+            .is_empty());
+    }
+
+    #[test]
+    fn a_relay_that_says_it_has_no_holder_is_skipped_and_dead_relays_lose_their_links() {
+        let mut t = cluster();
+        let i = info(&[b"a", b"b"]);
+        let r = remote(7);
+        t.login(2, 2);
+        t.core.relays_alive(t.now, vec![r.clone()]);
+        t.core.get_chunk(t.now, 2, 1, i.block, 0, Some(i.clone()));
+        let a = link_up_for(&mut t, &i, &r, 100);
+        let (_, job, _) = serves(&a)[0];
+        // Out of credits only: asked again later, the relay still counts.
+        let a = t.core.link_failed(t.now, 100, job, CREDITS);
+        assert_eq!(store_jobs(&a), vec![job]);
+        let a = t.core.get_chunk(t.now, 2, 2, i.block, 1, Some(i.clone()));
+        let (_, job, _) = serves(&a)[0];
+        // No holder there: the relay no longer counts for the block.
+        let a = t.core.link_failed(t.now, 100, job, NO_LOCAL_HOLDER);
+        assert_eq!(store_jobs(&a), vec![job]);
+        let a = t.core.get_chunk(t.now, 2, 3, i.block, 1, Some(i.clone()));
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+        // The relay is no longer alive: its link is closed; no lookups
+        // without other relays.
+        let a = t.core.relays_alive(t.now, vec![]);
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Close { conn: 100, .. })));
+        assert!(t.core.link_views(t.now).is_empty());
+        let j = BlockHash([1; 32]);
+        let i2 = Arc::new(ChunkInfo {
+            block: j,
+            ..(*i).clone()
+        });
+        let a = t.core.get_chunk(t.now, 2, 4, j, 0, Some(i2));
+        assert_eq!(store_jobs(&a).len(), 1, "{a:?}");
+    }
+
+    #[test]
+    fn link_credits_bound_the_requests_in_flight_on_a_link() {
+        let mut t = cluster();
+        let chunks: Vec<&[u8]> = vec![b"x"; 40];
+        let i = info(&chunks);
+        let r = remote(7);
+        t.login(2, 2);
+        t.login(3, 3);
+        t.core.relays_alive(t.now, vec![r.clone()]);
+        t.core.get_chunk(t.now, 2, 0, i.block, 0, Some(i.clone()));
+        let mut sent = serves(&link_up_for(&mut t, &i, &r, 100)).len();
+        for k in 1..limits::CHUNK_CREDITS * 2 {
+            let conn = if k % 2 == 0 { 2 } else { 3 };
+            let a = t
+                .core
+                .get_chunk(t.now, conn, u64::from(k), i.block, k, Some(i.clone()));
+            sent += serves(&a).len();
+        }
+        assert_eq!(sent, limits::CHUNK_CREDITS as usize);
+        assert_eq!(t.core.link_views(t.now)[0].in_flight, limits::CHUNK_CREDITS);
     }
 }

@@ -71,6 +71,27 @@ pub struct PeerStats {
     pub dropped_idle: u64,
     /// `BlockAdded` messages queued to peers.
     pub block_added_sent: u64,
+    /// Several relays on one database: chunks (bytes) another relay
+    /// forwarded over a link, checked here and delivered to a peer here.
+    pub chunks_from_relays: u64,
+    pub bytes_from_relays: u64,
+    /// Chunks (bytes) this relay's peers served to another relay's request.
+    pub chunks_to_relays: u64,
+    pub bytes_to_relays: u64,
+    /// Chunks from a link that failed the hash check (also in `bad_chunks`).
+    pub bad_chunks_from_relays: u64,
+    /// Other relays logged in here now, and their logins.
+    pub relays_online: u64,
+    pub relay_logins: u64,
+    /// Links to other relays up now, opened (attempts), failed or lost.
+    pub links_up: u64,
+    pub links_opened: u64,
+    pub link_failures: u64,
+    /// Presence lookups asked of the database.
+    pub presence_lookups: u64,
+    /// Presence batches written, and writes that failed (then rewritten whole).
+    pub presence_writes: u64,
+    pub presence_errors: u64,
     /// Per peer (hex key).
     pub per_peer: BTreeMap<String, PeerCounters>,
 }
@@ -137,6 +158,19 @@ counters!(
     dropped_slow,
     dropped_idle,
     block_added_sent,
+    chunks_from_relays,
+    bytes_from_relays,
+    chunks_to_relays,
+    bytes_to_relays,
+    bad_chunks_from_relays,
+    relays_online,
+    relay_logins,
+    links_up,
+    links_opened,
+    link_failures,
+    presence_lookups,
+    presence_writes,
+    presence_errors,
 );
 
 impl Counters {

@@ -24,7 +24,7 @@ use web_node::net::peer::{
     WireLimits, SUBPROTOCOL,
 };
 
-use super::{ConnHandle, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER};
+use super::{ConnHandle, ConnKind, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER};
 use crate::server::{HttpError, SharedState};
 
 /// WebSocket close code for a policy violation (RFC 6455 §7.4.1).
@@ -33,6 +33,10 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// WebSocket close code: going away (shutdown).
 const CLOSE_AWAY: u16 = 1001;
+/// Another relay's connection may send this many times a peer's messages
+/// per second (it asks on behalf of all its peers; its requests are still
+/// bounded by the chunk credits).
+pub const RELAY_RATE_FACTOR: u32 = 16;
 
 /// `GET /ws`.
 pub(super) async fn upgrade(
@@ -319,10 +323,24 @@ async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
             ConnHandle {
                 tx,
                 kill: kill.clone(),
+                link: false,
             },
         );
     }
-    let login = peers.core().login(Instant::now(), conn, key, agent, addr);
+    // Another relay of the same database logging in with its relay key is
+    // no peer (see route::ConnKind::Relay); its bucket is wider, since it
+    // asks for many peers at once.
+    let kind = crate::cluster::presence::login_kind(&st, &key, &agent).await;
+    if kind == ConnKind::Relay {
+        bucket = Bucket::new(
+            o.msgs_per_sec.saturating_mul(RELAY_RATE_FACTOR),
+            o.msgs_burst.saturating_mul(RELAY_RATE_FACTOR),
+        );
+        tracing::info!(relay = %hex::encode(&key[..8]), %addr, "another relay logged in");
+    }
+    let login = peers
+        .core()
+        .login_as(Instant::now(), conn, key, agent, addr, kind);
     match login {
         Ok(acts) => peers.apply(acts),
         Err(r) => {
