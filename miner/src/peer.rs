@@ -16,7 +16,10 @@
 //! 6. serves chunks, and with `--serve-compute` runs `expert_forward` on
 //!    its verified weights for the relay (on a blocking thread);
 //! 7. reconnects with capped exponential backoff when the relay goes away,
-//!    resyncs, and resumes where it stopped.
+//!    resyncs, and resumes where it stopped. Given several relays (relays
+//!    sharing one database, `--relay` repeated or comma-separated), it moves
+//!    to the next one on each lost connection, so a relay that dies loses
+//!    it no peer: the next relay takes its `Have` and routes to it.
 //!
 //! [`run`] is the whole node as a library function, so tests run nodes in
 //! process; [`cli`] wraps it for the command line (until Ctrl-C).
@@ -75,9 +78,11 @@ const KEY_FILE: &str = "peer.key";
 /// Flags of `aiblock peer`.
 #[derive(Debug, Clone, Args)]
 pub struct PeerArgs {
-    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8080/ws.
-    #[arg(long)]
-    pub relay: String,
+    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8080/ws. Several
+    /// relays of one cluster (repeated or comma-separated): the node uses
+    /// the first and moves to the next whenever its connection is lost.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub relay: Vec<String>,
     /// Directory for the node's verified payloads (and its key by default).
     #[arg(long)]
     pub data: PathBuf,
@@ -98,6 +103,8 @@ pub struct PeerArgs {
 pub struct PeerStatus {
     /// Hex public key.
     pub id: String,
+    /// The ws URL of the relay the node is on (or trying).
+    pub relay: String,
     pub logged_in: bool,
     /// Blocks held (verified), with their slot names.
     pub held: BTreeMap<BlockHash, String>,
@@ -126,7 +133,8 @@ pub type EventHook = Arc<dyn Fn(&NodeEvent) + Send + Sync>;
 
 /// Everything [`run`] needs.
 pub struct PeerConfig {
-    /// ws:// or wss:// URL of the relay's `/ws`.
+    /// ws:// or wss:// URL of the relay's `/ws`; several relays of one
+    /// cluster comma-separated (see [`relay_urls`]).
     pub relay: String,
     pub data: PathBuf,
     /// Slot globs; empty: [`ALL_EXPERTS`].
@@ -154,6 +162,15 @@ impl PeerConfig {
             on_event: None,
         }
     }
+}
+
+/// The relays of a [`PeerConfig::relay`]: comma-separated URLs, in order.
+pub fn relay_urls(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Split `--experts` into globs.
@@ -470,6 +487,9 @@ enum Exit {
 
 struct Driver {
     cfg: PeerConfig,
+    /// Every relay as (http base, ws URL); `current` is the one in use.
+    relays: Vec<(String, String)>,
+    current: usize,
     base: String,
     ws_url: String,
     globs: Vec<String>,
@@ -872,8 +892,13 @@ impl Driver {
 /// cannot fix (bad URL, unusable data dir or key); a relay that is away is
 /// retried with backoff.
 pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<PeerReport> {
-    let base = http_base(&cfg.relay)?;
-    let ws_url = ws_url(&cfg.relay)?;
+    let relays = relay_urls(&cfg.relay)
+        .iter()
+        .map(|r| Ok((http_base(r)?, ws_url(r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let Some((base, ws_url)) = relays.first().cloned() else {
+        bail!("no relay URL given");
+    };
     std::fs::create_dir_all(&cfg.data)
         .with_context(|| format!("creating {}", cfg.data.display()))?;
     let key_path = cfg.key.clone().unwrap_or_else(|| cfg.data.join(KEY_FILE));
@@ -897,9 +922,12 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
     let mut d = Driver {
         status: PeerStatus {
             id: hex::encode(node.id()),
+            relay: ws_url.clone(),
             ..PeerStatus::default()
         },
         cfg,
+        relays,
+        current: 0,
         base,
         ws_url,
         globs,
@@ -952,7 +980,15 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
         match exit {
             Exit::Shutdown => break,
             Exit::Lost(why) => {
-                tracing::warn!(reason = %why, retry_in = ?backoff, "relay connection lost; reconnecting");
+                if d.relays.len() > 1 {
+                    // Relays of one cluster: the next one serves the same
+                    // chain and takes this node's Have.
+                    d.current = (d.current + 1) % d.relays.len();
+                    (d.base, d.ws_url) = d.relays[d.current].clone();
+                    d.status.relay = d.ws_url.clone();
+                    d.publish();
+                }
+                tracing::warn!(reason = %why, retry_in = ?backoff, next = %d.ws_url, "relay connection lost; reconnecting");
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -969,7 +1005,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
 
 /// `aiblock peer`: run until Ctrl-C.
 pub fn cli(a: &PeerArgs) -> Result<()> {
-    let mut cfg = PeerConfig::new(a.relay.clone(), a.data.clone());
+    let mut cfg = PeerConfig::new(a.relay.join(","), a.data.clone());
     cfg.experts = a.experts.as_deref().map(parse_globs).unwrap_or_default();
     cfg.serve_compute = a.serve_compute;
     cfg.key = a.key.clone();
@@ -1032,6 +1068,10 @@ mod tests {
         assert!(http_base("ftp://x/ws").is_err());
         assert!(http_base("nonsense").is_err());
         assert!(http_base("ws:///ws").is_err());
+        assert_eq!(
+            relay_urls(" ws://a:1/ws, ,ws://b:2/ws,"),
+            vec!["ws://a:1/ws".to_string(), "ws://b:2/ws".to_string()]
+        );
     }
 
     #[test]

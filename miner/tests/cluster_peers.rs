@@ -1,0 +1,311 @@
+//! Native nodes (`miner::peer::run`) on two relays sharing one real
+//! PostgreSQL database (relays in process): a node on relay 1 gets an
+//! expert that only a node on relay 2 holds (forwarded between the relays
+//! over a `/ws` link); when relay 2 dies, its node moves to relay 1 (it was
+//! given both URLs) and serves from there.
+//!
+//! Skipped (loudly) when PostgreSQL is not installed; `AIBLOCK_REQUIRE_PG=1`
+//! makes that a failure. The waits are bounded only so that a broken build
+//! fails instead of hanging.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay::cluster::presence::ClusterOptions;
+use relay::pg::testing::TestPg;
+use relay::pg::Pg;
+use relay::server::limits::Rate;
+use relay::server::ServeConfig;
+use relay::{ServeOptions, SharedState};
+use tokio::sync::watch;
+use web_node::chain::BlockHash;
+use web_node::model::random::{small_config, write_random_model};
+use web_node::net::api::BlockInfo;
+use web_node::node::Source;
+
+use miner::peer::{PeerConfig, PeerStatus};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Experts of two 256 KiB chunks (as in `peer_network`).
+fn model_dir(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    write_random_model(&m, &small_config(259, 64, 512, 2, 2, 1), 11).unwrap();
+    m
+}
+
+fn wait(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < WAIT, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A relay on the shared database in this process; `crash` drops it with
+/// every task and socket, leaving its rows to expire.
+struct Relay {
+    addr: SocketAddr,
+    state: SharedState,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Relay {
+    fn start(data: &Path, model: &Path, db: &str) -> Self {
+        let cfg = ServeConfig {
+            data_dir: data.to_path_buf(),
+            web_dir: None,
+            model_dir: Some(model.to_path_buf()),
+            database: Some(db.to_string()),
+        };
+        let state: SharedState = Arc::new(relay::open_relay(&cfg).unwrap().with_options(|o| {
+            o.ip_rate = Rate {
+                burst: 1_000_000,
+                per_minute: 1_000_000,
+            };
+            o.key_rate = o.ip_rate;
+        }));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (st, dir) = (state.clone(), data.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+                let addr = l.local_addr().unwrap();
+                relay::cluster::presence::configure_with(
+                    &st,
+                    &dir,
+                    format!("ws://{addr}/ws"),
+                    ClusterOptions {
+                        heartbeat: Duration::from_millis(300),
+                        dead_after: Duration::from_secs(3),
+                    },
+                )
+                .unwrap();
+                relay::cluster::start(&st);
+                addr_tx.send(addr).unwrap();
+                let serve = relay::serve(
+                    l,
+                    relay::app(st),
+                    ServeOptions::default(),
+                    std::future::pending(),
+                );
+                tokio::select! {
+                    r = serve => r.unwrap(),
+                    _ = stop_rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            state,
+            stop: Mutex::new(Some(stop_tx)),
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    fn id(&self) -> String {
+        self.state.peers.cluster().unwrap().id.clone()
+    }
+
+    fn crash(&self) {
+        if let Some(s) = self.stop.lock().unwrap().take() {
+            let _ = s.send(());
+        }
+        let t = self.thread.lock().unwrap().take();
+        if let Some(t) = t {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// A node running `miner::peer::run` on its own runtime.
+struct Node {
+    status: watch::Receiver<PeerStatus>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    fn start(relays: &[&Relay], data: &Path, slot: &str) -> Self {
+        let urls: Vec<String> = relays.iter().map(|r| r.ws()).collect();
+        let mut cfg = PeerConfig::new(urls.join(","), data);
+        cfg.experts = vec![slot.to_string()];
+        let (tx, status) = watch::channel(PeerStatus::default());
+        cfg.status = Some(tx);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(miner::peer::run(cfg, async move {
+                let _ = stop_rx.await;
+            }))
+            .unwrap();
+        });
+        Self {
+            status,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn status(&self) -> PeerStatus {
+        self.status.borrow().clone()
+    }
+
+    fn wait(&self, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return s;
+            }
+            assert!(t0.elapsed() < WAIT, "gave up waiting for {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn key(&self) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(self.status().id, &mut k).unwrap();
+        k
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn head(r: &Relay, name: &str) -> BlockInfo {
+    let url = format!("{}/chain/B/blocks", r.http());
+    let b: Vec<BlockInfo> =
+        serde_json::from_reader(ureq::get(&url).call().unwrap().into_reader()).unwrap();
+    b.into_iter().find(|i| i.is_head && i.name == name).unwrap()
+}
+
+/// Presence rows of `peer` on relay `relay`.
+fn presence(db: &Pg, relay: &str, peer: [u8; 32]) -> i64 {
+    let relay = relay.to_string();
+    db.with(move |c| async move {
+        let r = c
+            .query_one(
+                "SELECT count(*) FROM peer_presence WHERE relay = $1 AND peer = $2",
+                &[&relay, &peer.to_vec()],
+            )
+            .await
+            .map_err(relay::pg::PgError::from)?;
+        Ok::<i64, relay::pg::PgError>(r.get(0))
+    })
+    .unwrap()
+}
+
+#[test]
+fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
+    let Some(pg) = TestPg::start() else {
+        eprintln!("SKIPPED: PostgreSQL is not installed; the cluster node test did not run");
+        return;
+    };
+    let url = pg.create_db();
+    let db = Pg::connect(&url).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let r1 = Relay::start(&tmp.path().join("r1"), &model, &url);
+    let r2 = Relay::start(&tmp.path().join("r2"), &model, &url);
+    let c1 = r1.state.peers.cluster().unwrap().clone();
+    wait("relay 1 to see relay 2", || {
+        c1.relays().iter().any(|r| r.id == r2.id())
+    });
+    let slot = "layer1.expert3";
+    let info = head(&r1, slot);
+    let hash: BlockHash = info.hash;
+    let chunks = info.payload_len.div_ceil(u64::from(info.chunk_size));
+    assert!(chunks >= 2);
+
+    // N: on relay 2 first (relay 1 second); the only holder.
+    let n = Node::start(&[&r2, &r1], &tmp.path().join("n"), slot);
+    let sn = n.wait("N to hold the expert", |s| s.logged_in && s.complete());
+    assert_eq!(sn.relay, r2.ws());
+    let n_key = n.key();
+    wait("N's presence on relay 2", || {
+        presence(&db, &r2.id(), n_key) == 1
+    });
+
+    // M on relay 1 gets it from N, through both relays.
+    let m = Node::start(&[&r1], &tmp.path().join("m"), slot);
+    let sm = m.wait("M to hold the expert", |s| s.logged_in && s.complete());
+    assert_eq!(
+        sm.stats.bytes_received[&Source::Peer(n_key)],
+        info.payload_len
+    );
+    assert_eq!(sm.stats.total_bad(), 0);
+    let s1 = r1.state.peers.stats();
+    assert_eq!(s1.chunks_from_relays, chunks);
+    assert_eq!(s1.chunks_from_store, 0);
+    assert_eq!(
+        r2.state.peers.stats().peer(&n_key).bytes_served,
+        info.payload_len
+    );
+    drop(m);
+
+    // Relay 2 dies; N moves to relay 1 and holds the expert there.
+    r2.crash();
+    let sn = n.wait("N back on relay 1", |s| s.logged_in && s.relay == r1.ws());
+    assert!(sn.complete());
+    let peers1 = r1.state.peers.clone();
+    wait("relay 1 to list N as a holder", || {
+        peers1.holders_of(&hash).contains(&n_key)
+    });
+    wait("N's presence under relay 1", || {
+        presence(&db, &r1.id(), n_key) == 1
+    });
+    // P on relay 1 now gets it from N directly.
+    let before = r1.state.peers.stats().peer(&n_key).bytes_served;
+    let p = Node::start(&[&r1], &tmp.path().join("p"), slot);
+    let sp = p.wait("P to hold the expert", |s| s.logged_in && s.complete());
+    assert_eq!(
+        sp.stats.bytes_received[&Source::Peer(n_key)],
+        info.payload_len
+    );
+    assert_eq!(
+        r1.state.peers.stats().peer(&n_key).bytes_served - before,
+        info.payload_len
+    );
+    drop(p);
+    drop(n);
+}
