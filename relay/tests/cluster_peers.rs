@@ -523,3 +523,106 @@ async fn a_relay_that_stops_removes_itself_and_its_presence() {
         "gone at once, not after expiry"
     );
 }
+
+/// The real `relay serve --database` binary: two relays find each other
+/// (the advertised URL defaults to the bound address), forward a chunk, and
+/// a SIGTERM removes the stopped relay from the database at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_binary_forwards_between_relays_and_leaves_on_sigterm() {
+    let Some(pg) = TestPg::start() else {
+        eprintln!("SKIPPED: PostgreSQL is not installed; the cluster binary test did not run");
+        return;
+    };
+    let url = pg.create_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = peer_model(tmp.path());
+    let web = tmp.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let args = ["--database", url.as_str()];
+    let r1 = ChildRelay::start_args(&tmp.path().join("r1"), &model, &web, &args, None, None);
+    let r2 = ChildRelay::start_args(&tmp.path().join("r2"), &model, &web, &args, None, None);
+    let stats = |u: &str| -> serde_json::Value { get(&format!("{u}/p2p/stats")).json() };
+    let (u1, u2) = (r1.url.clone(), r2.url.clone());
+    let id2 = blocking(move || {
+        let id2 = stats(&u2)["relay_id"].as_str().unwrap().to_string();
+        let want = id2.clone();
+        wait_blocking("relay 1 to see relay 2", || {
+            stats(&u1)["relays"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == want.as_str())
+        });
+        id2
+    })
+    .await;
+    let (u1, u2) = (r1.url.clone(), r2.url.clone());
+    let (block, info, payload) = blocking(move || {
+        let b = publish_at(&u1, &peer_config(), 0, 1, 99);
+        wait_blocking("relay 2 to list the block", || {
+            get(&format!("{u2}/blocks/{}", b.0.hash)).status == 200
+        });
+        b
+    })
+    .await;
+    let h = key(1);
+    let mut ws = login_as(&r2.addr(), &h).await;
+    announce(&mut ws, 0, false, vec![block.hash]).await;
+    let db = Pg::connect(&url).unwrap();
+    let me = id(&h);
+    let count = move |sql: &'static str, p: Vec<u8>| {
+        db.with(move |c| async move {
+            let r = c
+                .query_one(sql, &[&p])
+                .await
+                .map_err(relay::pg::PgError::from)?;
+            Ok::<i64, relay::pg::PgError>(r.get(0))
+        })
+        .unwrap()
+    };
+    let c = count.clone();
+    blocking(move || {
+        wait_blocking("the presence row", || {
+            c(
+                "SELECT count(*) FROM peer_presence WHERE peer = $1",
+                me.to_vec(),
+            ) == 1
+        })
+    })
+    .await;
+    let serving = tokio::spawn(serve_chunks(
+        ws,
+        Arc::new(payload.clone()),
+        info.chunk_size as usize,
+        false,
+    ));
+    let mut rq = login_as(&r1.addr(), &key(2)).await;
+    let (data, from) = fetch_chunk(&mut rq, 1, block.hash, 0).await.unwrap();
+    assert_eq!(data, payload[..info.chunk_size as usize]);
+    assert_eq!(from, ChunkSource::Peer(me));
+    let u1 = r1.url.clone();
+    let s1 = blocking(move || stats(&u1)).await;
+    assert_eq!(s1["chunks_from_relays"], 1);
+    assert_eq!(s1["links"][0]["relay"], id2.as_str());
+    // SIGTERM: relay 2 leaves the database (with its presence) before it exits.
+    blocking(move || r2.terminate()).await;
+    let c = count.clone();
+    let left = blocking(move || {
+        (
+            c(
+                "SELECT count(*) FROM relays WHERE id = convert_from($1, 'UTF8')",
+                id2.into_bytes(),
+            ),
+            c(
+                "SELECT count(*) FROM peer_presence WHERE peer = $1",
+                me.to_vec(),
+            ),
+        )
+    })
+    .await;
+    assert_eq!(left, (0, 0));
+    let (_, from) = fetch_chunk(&mut rq, 2, block.hash, 1).await.unwrap();
+    assert_eq!(from, ChunkSource::Relay);
+    serving.abort();
+    drop(r1);
+}

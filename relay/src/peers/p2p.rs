@@ -565,6 +565,8 @@ pub struct StatsBody {
     pub stats: PeerStats,
     /// This relay's id in the shared database (None on the embedded store).
     pub relay_id: Option<String>,
+    /// The other live relays of the database (ids), as of the last heartbeat.
+    pub relays: Vec<String>,
     pub links: Vec<super::LinkView>,
 }
 
@@ -572,6 +574,11 @@ pub(super) async fn stats(State(st): State<SharedState>) -> Json<StatsBody> {
     Json(StatsBody {
         stats: st.peers.stats(),
         relay_id: st.peers.cluster().map(|c| c.id.clone()),
+        relays: st
+            .peers
+            .cluster()
+            .map(|c| c.relays().into_iter().map(|r| r.id).collect())
+            .unwrap_or_default(),
         links: st.peers.links(),
     })
 }
