@@ -29,8 +29,8 @@ pub mod usage;
 
 pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection, Verdict};
 pub use server::{
-    accept_block, app, open_relay, serve, AppState, ChainState, RelayOptions, ServeOptions,
-    SharedState,
+    accept_block, app, open_relay, open_relay_with_blobs, serve, AppState, ChainState,
+    RelayOptions, ServeOptions, SharedState,
 };
 pub use store::FileStore;
 

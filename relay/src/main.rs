@@ -37,6 +37,9 @@ enum Cmd {
         /// Check the chain in this PostgreSQL database instead of --data.
         #[arg(long)]
         database: Option<String>,
+        /// The --blobs of the relays on that database.
+        #[arg(long, requires = "database")]
+        blobs: Option<String>,
     },
 }
 
@@ -139,6 +142,11 @@ struct Serve {
     /// the operator key and uploads in flight).
     #[arg(long)]
     database: Option<String>,
+    /// With --database: keep payloads in this directory or S3-compatible
+    /// bucket (`s3://bucket/prefix`, credentials and endpoint from the AWS_*
+    /// variables) instead of chunk rows in the database.
+    #[arg(long, requires = "database")]
+    blobs: Option<String>,
     /// With --database: the /ws URL other relays on the database reach this
     /// one at (e.g. ws://10.0.0.5:8080/ws); default ws://ADDR/ws from the
     /// bound address (loopback when bound to 0.0.0.0).
@@ -168,7 +176,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn check(data: PathBuf, database: Option<String>) -> anyhow::Result<()> {
+fn check(data: PathBuf, database: Option<String>, blobs: Option<String>) -> anyhow::Result<()> {
     let (store, place): (Box<dyn RelayStore>, String) = match &database {
         None => {
             let (s, _) = relay::FileStore::open(&data)
@@ -177,7 +185,11 @@ fn check(data: PathBuf, database: Option<String>) -> anyhow::Result<()> {
         }
         Some(url) => {
             let pg = relay::pg::Pg::connect(url)?;
-            let (s, _) = relay::store::PgStore::open(pg, &data.join("tmp"))?;
+            let objects = blobs
+                .as_deref()
+                .map(relay::store::pg::open_blobs)
+                .transpose()?;
+            let (s, _) = relay::store::PgStore::open_with_blobs(pg, &data.join("tmp"), objects)?;
             (Box::new(s), "the quarantine table".into())
         }
     };
@@ -216,9 +228,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = match Cli::parse().cmd {
-        Cmd::Check { data, database } => {
-            return tokio::task::spawn_blocking(move || check(data, database)).await?
-        }
+        Cmd::Check {
+            data,
+            database,
+            blobs,
+        } => return tokio::task::spawn_blocking(move || check(data, database, blobs)).await?,
         Cmd::Serve(a) => a,
     };
     let cfg = ServeConfig {
@@ -235,9 +249,11 @@ async fn main() -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let data = a.data.clone();
-    let state = tokio::task::spawn_blocking(move || relay::open_relay(&cfg))
-        .await?
-        .with_context(|| format!("opening the relay data in {}", data.display()))?;
+    let blobs = a.blobs.clone();
+    let state =
+        tokio::task::spawn_blocking(move || relay::open_relay_with_blobs(&cfg, blobs.as_deref()))
+            .await?
+            .with_context(|| format!("opening the relay data in {}", data.display()))?;
     let state = state.with_meta_keys(meta_keys).with_options(|o| {
         o.max_json_body = a.max_json_body;
         o.max_binary_body = a.max_binary_body;

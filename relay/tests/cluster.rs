@@ -275,3 +275,47 @@ fn usage_counted_on_either_relay_lands_in_one_ledger() {
     r1.terminate();
     r2.terminate();
 }
+
+#[test]
+fn relays_with_blobs_in_a_shared_directory_serve_each_others_payloads() {
+    let Some(url) = db() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let blobs = tmp.path().join("blobs");
+    let b = blobs.to_str().unwrap();
+    let start_b = |d: &str| {
+        ChildRelay::start_args(
+            &tmp.path().join(d),
+            &model,
+            Path::new("dist-none"),
+            &["--database", &url, "--blobs", b, "--no-scrub"],
+            None,
+            None,
+        )
+    };
+    let r1 = start_b("d1");
+    let r2 = start_b("d2");
+    let slot = Slot::Expert {
+        layer: 0,
+        expert: 2,
+    };
+    let (status, hash, payload) = new_version(&r1.url, slot, 61, 7);
+    assert_eq!(status, 201);
+    until(Duration::from_secs(5), "relay 2 lists the block", || {
+        get(&format!("{}/blocks/{hash}", r2.url)).status == 200
+    });
+    assert_eq!(
+        get(&format!("{}/blocks/{hash}/payload", r2.url)).body,
+        payload
+    );
+    // The payloads are objects in the directory (genesis and the new block).
+    assert!(blobs.join("payloads").join(hash.to_hex()).is_file());
+    let n = fetch_and_validate_all(&r2.url);
+    assert_eq!(
+        std::fs::read_dir(blobs.join("payloads")).unwrap().count(),
+        n,
+        "one object per block"
+    );
+    r1.terminate();
+    r2.terminate();
+}

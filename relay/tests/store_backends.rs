@@ -12,7 +12,9 @@ use std::sync::Arc;
 use common::*;
 use relay::pg::testing::TestPg;
 use relay::pg::Pg;
-use relay::store::{put_checked, Committed, Expect, FileStore, PgStore, RelayStore};
+use relay::store::{
+    put_checked, BlockStore as _, Committed, Expect, FileStore, PgStore, RelayStore,
+};
 use web_node::chain::{Block, BlockKind, MetaPayload};
 use web_node::model::random::random_model_bytes;
 use web_node::model::Slot;
@@ -75,16 +77,29 @@ enum Backend {
         url: String,
         staging: tempfile::TempDir,
     },
+    /// PostgreSQL with payloads as objects in a directory (`--blobs DIR`).
+    PgBlobs {
+        url: String,
+        staging: tempfile::TempDir,
+        blobs: tempfile::TempDir,
+    },
 }
 
 impl Backend {
     fn all() -> Vec<Backend> {
         let mut v = vec![Backend::File(tempfile::tempdir().unwrap())];
         match TestPg::shared() {
-            Some(pg) => v.push(Backend::Pg {
-                url: pg.create_db(),
-                staging: tempfile::tempdir().unwrap(),
-            }),
+            Some(pg) => {
+                v.push(Backend::Pg {
+                    url: pg.create_db(),
+                    staging: tempfile::tempdir().unwrap(),
+                });
+                v.push(Backend::PgBlobs {
+                    url: pg.create_db(),
+                    staging: tempfile::tempdir().unwrap(),
+                    blobs: tempfile::tempdir().unwrap(),
+                });
+            }
             None => eprintln!("**** SKIPPED: the PostgreSQL half of this test ****"),
         }
         v
@@ -94,6 +109,7 @@ impl Backend {
         match self {
             Backend::File(_) => "embedded",
             Backend::Pg { .. } => "postgres",
+            Backend::PgBlobs { .. } => "postgres+blobs",
         }
     }
 
@@ -105,6 +121,22 @@ impl Backend {
                     .unwrap()
                     .0,
             ),
+            Backend::PgBlobs {
+                url,
+                staging,
+                blobs,
+            } => {
+                let objects = relay::store::pg::open_blobs(blobs.path().to_str().unwrap()).unwrap();
+                Box::new(
+                    PgStore::open_with_blobs(
+                        Pg::connect(url).unwrap(),
+                        staging.path(),
+                        Some(objects),
+                    )
+                    .unwrap()
+                    .0,
+                )
+            }
         }
     }
 
@@ -117,6 +149,12 @@ impl Backend {
                 let mut bytes = std::fs::read(&path).unwrap();
                 let at = b.encoded_len() + b.header.chunk_size as usize + 5;
                 bytes[at] ^= 0x55;
+                std::fs::write(&path, bytes).unwrap();
+            }
+            Backend::PgBlobs { blobs, .. } => {
+                let path = blobs.path().join("payloads").join(b.hash.to_hex());
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[b.header.chunk_size as usize + 5] ^= 0x55;
                 std::fs::write(&path, bytes).unwrap();
             }
             Backend::Pg { url, .. } => {
@@ -270,6 +308,10 @@ fn commit_settles_the_head_and_discard_leaves_nothing() {
             "{name}"
         );
         assert_eq!(s.list().unwrap().len(), 2, "{name}");
+        if let Backend::PgBlobs { blobs, .. } = &be {
+            let obj = blobs.path().join("payloads").join(v2.hash.to_hex());
+            assert!(!obj.exists(), "the loser's object is deleted");
+        }
         // A payload of the wrong length is refused before anything is written.
         assert!(matches!(
             put_checked(&*s, v2, &p2[..p2.len() - 1], Expect::Any),
@@ -419,4 +461,51 @@ fn migrations_apply_once_when_relays_start_together() {
         .unwrap();
     assert_eq!(n as usize, relay::pg::MIGRATIONS.len());
     let _ = Path::new("");
+}
+
+#[test]
+fn blobs_a_missing_object_is_corrupt_not_a_panic_and_blobs_need_a_database() {
+    let Some(pg) = TestPg::shared() else {
+        eprintln!("**** SKIPPED: no PostgreSQL ****");
+        return;
+    };
+    let bs = blocks();
+    let (staging, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let objects = relay::store::pg::open_blobs(dir.path().to_str().unwrap()).unwrap();
+    let (s, _) = PgStore::open_with_blobs(
+        Pg::connect(&pg.create_db()).unwrap(),
+        staging.path(),
+        Some(objects),
+    )
+    .unwrap();
+    for (b, p) in &bs {
+        s.put(b, p).unwrap();
+    }
+    // One object per payload, nothing in the chunk rows.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("payloads"))
+            .unwrap()
+            .count(),
+        3
+    );
+    std::fs::remove_file(dir.path().join("payloads").join(bs[1].0.hash.to_hex())).unwrap();
+    match s.read_payload(&bs[1].0.hash, 0, 10) {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("missing"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.quarantined(&bs[1].0.hash).unwrap().is_some());
+    assert_eq!(s.payload(&bs[2].0.hash).unwrap(), bs[2].1);
+    // A URL scheme it does not know, and --blobs without --database.
+    assert!(relay::store::pg::open_blobs("gs://bucket").is_err());
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = relay::server::ServeConfig {
+        data_dir: tmp.path().to_path_buf(),
+        web_dir: None,
+        model_dir: None,
+        database: None,
+    };
+    let e = relay::open_relay_with_blobs(&cfg, Some("/tmp/x"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("--blobs needs --database"), "{e}");
 }

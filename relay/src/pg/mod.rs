@@ -204,27 +204,24 @@ impl Drop for Pg {
     }
 }
 
-/// Apply the migrations this database lacks (see the module docs).
+/// Apply the migrations this database lacks (see the module docs). The
+/// advisory lock comes first: relays starting together wait for each other
+/// instead of racing to create `schema_migrations`.
 pub async fn migrate(c: &mut Client) -> Result<(), PgError> {
-    c.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version integer PRIMARY KEY,
-            name text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now()
-        )",
-    )
-    .await
-    .or_else(|e| {
-        // Two relays creating it at once: one gets a unique violation.
-        if sqlstate(&e) == Some("23505") || sqlstate(&e) == Some("42P07") {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
     c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    let r = apply(c).await;
+    let r = async {
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+        apply(c).await
+    }
+    .await;
     c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await?;
     r

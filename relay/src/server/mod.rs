@@ -494,6 +494,20 @@ pub struct ServeConfig {
 /// Open the store (repairing it), load the chain, create the operator key and
 /// the genesis blocks if needed. Blocking.
 pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
+    open_relay_with_blobs(cfg, None)
+}
+
+/// [`open_relay`] with the payloads of a `--database` relay in a directory or
+/// an S3-compatible object store (`relay serve --blobs`).
+pub fn open_relay_with_blobs(
+    cfg: &ServeConfig,
+    blobs: Option<&str>,
+) -> Result<AppState, RelayError> {
+    if blobs.is_some() && cfg.database.is_none() {
+        return Err(RelayError::Store(StoreError::Io(
+            "--blobs needs --database (the embedded store keeps payloads in --data)".into(),
+        )));
+    }
     std::fs::create_dir_all(&cfg.data_dir)?;
     let staging = cfg.data_dir.join("tmp");
     let mut pg = None;
@@ -526,7 +540,8 @@ pub fn open_relay(cfg: &ServeConfig) -> Result<AppState, RelayError> {
             Some(url) => {
                 let db = crate::pg::Pg::connect(url)?;
                 pg = Some(db.clone());
-                let (store, report) = PgStore::open(db.clone(), &staging)?;
+                let objects = blobs.map(crate::store::pg::open_blobs).transpose()?;
+                let (store, report) = PgStore::open_with_blobs(db.clone(), &staging, objects)?;
                 if report.removed_temp > 0 || report.removed_staged > 0 {
                     tracing::warn!(
                         removed_temp = report.removed_temp,

@@ -17,11 +17,18 @@
 //! * Staged payloads of uploads that never committed (a relay killed
 //!   mid-upload) are removed by the next relay that opens the store after
 //!   [`STALE_STAGED`].
+//! * `--blobs DIR|s3://bucket[/prefix]` ([`open_blobs`]): payloads go to a
+//!   directory or an S3-compatible object store (the `object_store` crate),
+//!   one immutable object `payloads/<hash>` each, written before the commit;
+//!   the database keeps everything else, the chunk lists included, and every
+//!   ranged read is checked against them as rows are.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use web_node::chain::{payload_root, Block, BlockHash};
 use web_node::net::api::HeadInfo;
@@ -39,6 +46,8 @@ pub const BLOCKS_CHANNEL: &str = "aiblock_blocks";
 pub const STALE_STAGED: Duration = Duration::from_secs(3600);
 /// Chunks fetched per query by reads and the scrub.
 const CHUNK_BATCH: i32 = 16;
+/// Bytes per part written to an object store (S3's minimum part is 5 MiB).
+const BLOB_PIECE: usize = 8 << 20;
 
 /// Why a query of the store failed.
 #[derive(Debug)]
@@ -107,6 +116,73 @@ fn decode(env: &[u8]) -> Result<Block, Fail> {
 pub struct PgStore {
     pg: Arc<Pg>,
     staging: PathBuf,
+    /// Payloads as objects (`--blobs`) instead of chunk rows.
+    blobs: Option<Arc<dyn ObjectStore>>,
+}
+
+/// The object store of `--blobs`: a directory (created if missing), or
+/// `s3://bucket[/prefix]` with the credentials, region and endpoint of the
+/// usual `AWS_*` variables (`AWS_ENDPOINT` for an S3-compatible server).
+pub fn open_blobs(spec: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let bad = |e: &dyn std::fmt::Display| StoreError::Io(format!("--blobs {spec}: {e}"));
+    if let Some(rest) = spec.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad(&"no bucket name"));
+        }
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let prefix = prefix.trim_matches('/');
+        return Ok(if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        });
+    }
+    if spec.contains("://") {
+        return Err(bad(&"a directory or s3://bucket[/prefix]"));
+    }
+    std::fs::create_dir_all(spec).map_err(|e| bad(&e))?;
+    let local = object_store::local::LocalFileSystem::new_with_prefix(spec).map_err(|e| bad(&e))?;
+    Ok(Arc::new(local))
+}
+
+fn object_path(h: &[u8]) -> ObjectPath {
+    ObjectPath::from(format!("payloads/{}", hex::encode(h)))
+}
+
+fn objerr(e: object_store::Error) -> Fail {
+    match e {
+        object_store::Error::NotFound { .. } => corrupt("the payload object is missing"),
+        e => Fail::Pg(PgError(format!("object store: {e}"))),
+    }
+}
+
+/// Chunks `first..=last` of a payload from its object.
+async fn chunk_objects(
+    blobs: &dyn ObjectStore,
+    h: &[u8],
+    first: u64,
+    last: u64,
+    chunk_size: u32,
+    payload_len: u64,
+) -> Result<Vec<Vec<u8>>, Fail> {
+    let cs = u64::from(chunk_size.max(1));
+    let (a, z) = (first * cs, ((last + 1) * cs).min(payload_len));
+    let bytes = blobs
+        .get_range(&object_path(h), a..z)
+        .await
+        .map_err(objerr)?;
+    if bytes.len() as u64 != z - a {
+        return Err(corrupt(format!(
+            "the payload object is shorter than its block ({} of {} bytes read)",
+            bytes.len(),
+            z - a
+        )));
+    }
+    Ok(bytes.chunks(cs as usize).map(<[u8]>::to_vec).collect())
 }
 
 impl std::fmt::Debug for PgStore {
@@ -128,6 +204,15 @@ impl PgStore {
     /// Use a migrated database ([`Pg::connect`]); uploads are staged in `staging`
     /// (emptied here: this relay's own interrupted uploads).
     pub fn open(pg: Arc<Pg>, staging: &Path) -> Result<(Self, PgOpenReport), StoreError> {
+        Self::open_with_blobs(pg, staging, None)
+    }
+
+    /// [`PgStore::open`] with payloads in an object store ([`open_blobs`]).
+    pub fn open_with_blobs(
+        pg: Arc<Pg>,
+        staging: &Path,
+        blobs: Option<Arc<dyn ObjectStore>>,
+    ) -> Result<(Self, PgOpenReport), StoreError> {
         let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", staging.display()));
         std::fs::create_dir_all(staging).map_err(io)?;
         let mut report = PgOpenReport::default();
@@ -139,20 +224,30 @@ impl PgStore {
             }
         }
         let stale = STALE_STAGED.as_secs_f64();
+        let b2 = blobs.clone();
         report.removed_staged = pg
             .with(move |c| async move {
-                Ok(c.execute(
-                    "DELETE FROM payloads p WHERE p.staged_at < now() - make_interval(secs => $1)
-                     AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.hash = p.block)",
-                    &[&stale],
-                )
-                .await?)
+                let gone = c
+                    .query(
+                        "DELETE FROM payloads p WHERE p.staged_at < now() - make_interval(secs => $1)
+                         AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.hash = p.block)
+                         RETURNING p.block",
+                        &[&stale],
+                    )
+                    .await?;
+                if let Some(b) = &b2 {
+                    for r in &gone {
+                        let _ = b.delete(&object_path(r.get(0))).await;
+                    }
+                }
+                Ok::<_, PgError>(gone.len() as u64)
             })
             .map_err(pgerr)?;
         Ok((
             Self {
                 pg,
                 staging: staging.to_path_buf(),
+                blobs,
             },
             report,
         ))
@@ -320,10 +415,14 @@ impl BlockStore for PgStore {
                 len: row.payload_len,
             })?,
         );
-        let pieces = match self
-            .pg
-            .with(move |c| async move { chunk_rows(&c, &h, f, l).await })
-        {
+        let blobs = self.blobs.clone();
+        let (cs32, plen) = (row.chunk_size, row.payload_len);
+        let pieces = match self.pg.with(move |c| async move {
+            match blobs {
+                Some(b) => chunk_objects(&*b, &h, first, last, cs32, plen).await,
+                None => chunk_rows(&c, &h, f, l).await,
+            }
+        }) {
             Ok(p) => p,
             Err(Fail::Corrupt(why)) => return Err(self.corrupt(hash, why)),
             Err(e) => return Err(store_err(e)),
@@ -413,7 +512,8 @@ impl BlockStore for PgStore {
     }
 }
 
-/// Copy the payload of a staged file (`envelope || payload`) into chunk rows.
+/// Copy the payload of a staged file (`envelope || payload`) into chunk
+/// rows, or into its object first (`--blobs`) and then its `payloads` row.
 async fn stage_file(
     c: &mut deadpool_postgres::Object,
     h: Vec<u8>,
@@ -421,12 +521,43 @@ async fn stage_file(
     env_len: u64,
     payload_len: u64,
     chunk_size: u32,
+    blobs: Option<Arc<dyn ObjectStore>>,
 ) -> Result<(), Fail> {
     let io = |e: std::io::Error| PgError(format!("staged file {}: {e}", path.display()));
     let mut f = tokio::fs::File::open(&path).await.map_err(io)?;
     f.seek(std::io::SeekFrom::Start(env_len))
         .await
         .map_err(io)?;
+    if let Some(b) = blobs {
+        if c.query_opt("SELECT 1 FROM blocks WHERE hash = $1", &[&h])
+            .await?
+            .is_some()
+        {
+            return Err(Fail::Duplicate);
+        }
+        let up = b.put_multipart(&object_path(&h)).await.map_err(objerr)?;
+        let mut w = object_store::WriteMultipart::new(up);
+        let mut left = payload_len;
+        let mut buf = vec![0u8; BLOB_PIECE.min(payload_len.max(1) as usize)];
+        while left > 0 {
+            let n = (BLOB_PIECE as u64).min(left) as usize;
+            f.read_exact(&mut buf[..n]).await.map_err(io)?;
+            w.wait_for_capacity(2).await.map_err(objerr)?;
+            w.write(&buf[..n]);
+            left -= n as u64;
+        }
+        w.finish().await.map_err(objerr)?;
+        let t = c.transaction().await?;
+        t.execute("DELETE FROM payloads WHERE block = $1", &[&h])
+            .await?;
+        t.execute(
+            "INSERT INTO payloads (block, len) VALUES ($1, $2)",
+            &[&h, &to_i64(payload_len)?],
+        )
+        .await?;
+        t.commit().await?;
+        return Ok(());
+    }
     let t = c.transaction().await?;
     if t.query_opt("SELECT 1 FROM blocks WHERE hash = $1", &[&h])
         .await?
@@ -464,7 +595,11 @@ async fn stage_file(
 
 impl RelayStore for PgStore {
     fn kind(&self) -> &'static str {
-        "postgres"
+        if self.blobs.is_some() {
+            "postgres+blobs"
+        } else {
+            "postgres"
+        }
     }
 
     fn staging_dir(&self) -> PathBuf {
@@ -486,9 +621,10 @@ impl RelayStore for PgStore {
             block.header.payload_len,
             block.header.chunk_size,
         );
-        let r = self
-            .pg
-            .with(move |mut c| async move { stage_file(&mut c, h, path, env_len, plen, cs).await });
+        let blobs = self.blobs.clone();
+        let r = self.pg.with(move |mut c| async move {
+            stage_file(&mut c, h, path, env_len, plen, cs, blobs).await
+        });
         // Consumed either way: the rows hold it now, or the upload failed.
         let _ = std::fs::remove_file(staged);
         r.map_err(fail_of(&block.hash))
@@ -511,7 +647,12 @@ impl RelayStore for PgStore {
         let cs = i32::try_from(hdr.chunk_size)
             .map_err(|_| StoreError::Corrupt(format!("chunk size {}", hdr.chunk_size)))?;
         let list: Vec<u8> = chunks.iter().flat_map(|c| c.0).collect();
-        let nchunks = chunks.len() as i64;
+        // Chunk rows a placed payload has (none when it is an object).
+        let nchunks = if self.blobs.is_some() {
+            0
+        } else {
+            chunks.len() as i64
+        };
         let (meta, name) = (meta_key(hdr.meta.as_ref()), hdr.name.clone());
         let r = self.pg.with(move |mut c| async move {
             let t = c.transaction().await?;
@@ -578,6 +719,7 @@ impl RelayStore for PgStore {
 
     fn discard(&self, hash: &BlockHash) -> Result<(), StoreError> {
         let h = hash.0.to_vec();
+        let blobs = self.blobs.clone();
         self.pg
             .with(move |c| async move {
                 c.execute(
@@ -586,6 +728,18 @@ impl RelayStore for PgStore {
                     &[&h],
                 )
                 .await?;
+                if let Some(b) = blobs {
+                    let committed = c
+                        .query_opt("SELECT 1 FROM blocks WHERE hash = $1", &[&h])
+                        .await?
+                        .is_some();
+                    if !committed {
+                        match b.delete(&object_path(&h)).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(PgError(format!("object store: {e}"))),
+                        }
+                    }
+                }
                 Ok(())
             })
             .map_err(pgerr)
@@ -692,9 +846,18 @@ impl PgStore {
         while first < n {
             let last = (first + CHUNK_BATCH - 1).min(n - 1);
             let h = b.hash.0.to_vec();
+            let blobs = self.blobs.clone();
+            let (cs32, plen) = (hdr.chunk_size, hdr.payload_len);
             let pieces = self
                 .pg
-                .with(move |c| async move { chunk_rows(&c, &h, first, last).await })
+                .with(move |c| async move {
+                    match blobs {
+                        Some(bl) => {
+                            chunk_objects(&*bl, &h, first as u64, last as u64, cs32, plen).await
+                        }
+                        None => chunk_rows(&c, &h, first, last).await,
+                    }
+                })
                 .map_err(|e| match e {
                     Fail::Corrupt(m) => m,
                     Fail::Pg(e) => e.to_string(),
