@@ -9,6 +9,11 @@
 //! * [`p2p`]: `POST /p2p/register`, `GET /p2p/nodes`, `DELETE /p2p/nodes/{id}`,
 //!   `GET /p2p/stats`.
 //! * [`stats`]: the counters ([`Peers::stats`]).
+//! * On a shared database ([`Peers::attach_cluster`]), the core's presence
+//!   changes, lookups and links are carried out by
+//!   [`crate::cluster::presence`] and [`crate::cluster::link`]: a request
+//!   no local peer can serve is forwarded to another relay whose peer holds
+//!   the block.
 //!
 //! [`Peers`] ties them together: the core behind a mutex (never held across
 //! an await), each connection's bounded outbound queue, the connection caps,

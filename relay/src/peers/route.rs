@@ -1494,8 +1494,9 @@ impl Core {
         if !matches!(e.state, LinkState::Connecting { .. }) {
             return None;
         }
+        // `fails` is reset by the first good chunk, not here: a relay that
+        // accepts the login and then drops the link still backs off.
         e.state = LinkState::Up { conn };
-        e.fails = 0;
         let agent = format!("link to {}", e.relay.ws_url);
         tracing::info!(relay = %e.relay.id, url = %e.relay.ws_url, "link to another relay up");
         let addr = SocketAddr::from(([0, 0, 0, 0], 0));
@@ -1569,6 +1570,9 @@ impl Core {
             if let Some(p) = self.peers.get_mut(&h) {
                 p.sample_latency(now.saturating_duration_since(sent).as_secs_f64() * 1e3);
                 p.score = p.score.saturating_add(1);
+            }
+            if let Some(e) = self.links.get_mut(&h) {
+                e.fails = 0;
             }
             let from = match from {
                 ChunkSource::Peer(x) => ChunkSource::Peer(x),
