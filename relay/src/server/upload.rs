@@ -113,6 +113,35 @@ where
     }
 }
 
+/// A small body refused after its envelope (write rules, rate limits, a
+/// moved head) is read to its end before the answer goes out: closing a
+/// socket with unread bytes makes the kernel reset the connection, and the
+/// client would see a broken pipe instead of the 403 / 409 / 429. Bodies over
+/// [`DRAIN_LIMIT`], or that do not arrive within [`DRAIN_TIME`], are cut.
+async fn drain_small<S>(stream: &mut S, declared: Option<u64>)
+where
+    S: futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    if declared.is_none_or(|n| n > DRAIN_LIMIT) {
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0u64;
+        while let Some(Ok(b)) = stream.next().await {
+            read += b.len() as u64;
+            if read > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The largest refused body read to its end (see [`drain_small`]).
+const DRAIN_LIMIT: u64 = 1 << 20;
+/// The longest a refused body is read for.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
 /// What the header check decided.
 struct Admitted {
     config: Option<Config>,
@@ -530,7 +559,13 @@ pub(super) async fn upload_binary(
             .into());
         }
     }
-    let adm = admit(&st, &block).await?;
+    let adm = match admit(&st, &block).await {
+        Ok(a) => a,
+        Err(e) => {
+            drain_small(&mut stream, declared).await;
+            return Err(e);
+        }
+    };
     let first = Bytes::from(head.split_off(used));
     let sink = start_sink(
         st.opts.staging_dir.clone(),
