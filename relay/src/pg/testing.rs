@@ -87,26 +87,20 @@ impl TestPg {
     }
 
     fn watch_parent(&self) {
-        let data = self.dir.path().join("data");
-        let stop = self
-            .cmd(
-                "pg_ctl",
-                &["-D", &data.display().to_string(), "-m", "immediate", "stop"],
-            )
+        let data = self.dir.path().join("data").display().to_string();
+        // The same command Drop runs (through runuser when root).
+        let stop = self.cmd("pg_ctl", &["-D", &data, "-m", "immediate", "stop"]);
+        let prog = stop.get_program().to_string_lossy().into_owned();
+        let args: Vec<String> = stop
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>();
-        let prog = if self.as_postgres {
-            "runuser".to_string()
-        } else {
-            self.bin.join("pg_ctl").display().to_string()
-        };
+            .collect();
         let quoted = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {prog} {args} >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
             prog = quoted(&prog),
-            args = stop.iter().map(|a| quoted(a)).collect::<Vec<_>>().join(" "),
+            args = args.iter().map(|a| quoted(a)).collect::<Vec<_>>().join(" "),
             dir = quoted(&self.dir.path().display().to_string()),
         );
         let _ = Command::new("sh")
