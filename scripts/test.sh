@@ -19,7 +19,9 @@ SECONDS=0
 
 # Relay integration tests that run again on PostgreSQL (the others look at
 # the embedded store's files on disk).
-PG_BEHAVIOUR_TESTS="--test api --test authz --test concurrency --test p2p --test ws --test rewards --test chat"
+# (Filters on the module paths of the one integration-test binary per crate;
+# --workspace keeps the feature set of the run above, so nothing recompiles.)
+PG_BEHAVIOUR_FILTERS="api:: authz:: concurrency:: p2p:: ws:: rewards:: chat::"
 
 have_postgres() {
     [ -n "${AIBLOCK_PG_BIN:-}" ] && return 0
@@ -46,7 +48,7 @@ cargo test --workspace
 # throwaway server; the store tests above already ran on both backends).
 if have_postgres; then
     step "relay behaviour tests on PostgreSQL (AIBLOCK_TEST_STORE=postgres)"
-    AIBLOCK_TEST_STORE=postgres cargo test -p relay $PG_BEHAVIOUR_TESTS
+    AIBLOCK_TEST_STORE=postgres cargo test --workspace --test it -- $PG_BEHAVIOUR_FILTERS
 else
     printf '\n\033[1;33m##  POSTGRESQL TESTS SKIPPED: initdb/pg_ctl not found (apt-get install postgresql)\033[0m\n\n'
     if [ "${AIBLOCK_REQUIRE_PG:-0}" = 1 ]; then
@@ -94,6 +96,10 @@ else
         node tests/e2e/verify.mjs
         step "browser node tests: node tests/e2e/node.mjs"
         node tests/e2e/node.mjs
+        # The README's first command as written: ./scripts/run.sh on the
+        # default ./data (release build of the relay, once), Ctrl-C, restart.
+        step "first run: node tests/e2e/first_run.mjs (./scripts/run.sh, default ./data)"
+        node tests/e2e/first_run.mjs
     fi
 fi
 

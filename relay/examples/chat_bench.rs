@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/compute_peer/mod.rs"]
+#[path = "../tests/it/compute_peer/mod.rs"]
 mod compute_peer;
 
 use std::path::Path;

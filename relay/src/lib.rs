@@ -14,10 +14,12 @@
 //! * [`chat`]: `/chat` and `/chat/distributed`.
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
 
+pub mod backup;
 pub mod chat;
 pub mod cluster;
 pub mod compute;
 pub mod gate;
+pub mod metrics;
 pub mod genesis;
 pub mod peers;
 pub mod pg;

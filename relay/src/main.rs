@@ -1,5 +1,6 @@
 //! `relay serve --addr 127.0.0.1:8080 --data ./data --web dist --model models/default`
 //! `relay check --data ./data`
+//! `relay backup --data ./data --out chain.aiblock`, `relay restore --from chain.aiblock --data ./data2`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,9 @@ use relay::store::RelayStore;
     about = "AI-Block relay: stores the chain, serves the REST API and the web app"
 )]
 struct Cli {
+    /// Log lines as human-readable text (default) or one JSON object per line.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -152,6 +156,16 @@ struct Serve {
     /// bound address (loopback when bound to 0.0.0.0).
     #[arg(long)]
     advertise: Option<String>,
+    /// Serve GET /metrics (Prometheus text format) only on this address
+    /// (e.g. 127.0.0.1:9100, port 0 picks one and prints it), not on --addr.
+    /// Without it /metrics is served on --addr.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Seconds, after SIGTERM or SIGINT, that requests in flight (uploads,
+    /// chats) may take to finish before they are cut (a cut upload leaves
+    /// nothing stored); then usage counters are flushed and the relay exits 0.
+    #[arg(long, value_parser = secs, default_value = "10")]
+    shutdown_timeout: Duration,
 }
 
 async fn shutdown_signal() {
@@ -173,7 +187,14 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: no new connections; requests in flight may finish");
+    // A second Ctrl-C does not wait for the drain.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("second interrupt: exiting now");
+            std::process::exit(130);
+        }
+    });
 }
 
 fn check(data: PathBuf, database: Option<String>, blobs: Option<String>) -> anyhow::Result<()> {
@@ -220,14 +241,18 @@ fn check(data: PathBuf, database: Option<String>, blobs: Option<String>) -> anyh
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let a = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_http=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        logs.init();
+    }
+    let a = match cli.cmd {
         Cmd::Check {
             data,
             database,
@@ -235,8 +260,12 @@ async fn main() -> anyhow::Result<()> {
         } => return tokio::task::spawn_blocking(move || check(data, database, blobs)).await?,
         Cmd::Serve(a) => a,
     };
+    // Resolved once (absolute, canonical): relative, `..`, symlinked and
+    // trailing-slash forms of --data all name the same directory.
+    let data = relay::store::resolve_data_dir(&a.data)
+        .with_context(|| format!("the data directory {}", a.data.display()))?;
     let cfg = ServeConfig {
-        data_dir: a.data.clone(),
+        data_dir: data.clone(),
         web_dir: Some(a.web.clone()),
         model_dir: Some(a.model.clone()),
         database: a.database.clone(),
@@ -248,12 +277,12 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => relay::server::auth::read_key_file(p)?,
         None => Vec::new(),
     };
-    let data = a.data.clone();
+    let shown = a.data.clone();
     let blobs = a.blobs.clone();
     let state =
         tokio::task::spawn_blocking(move || relay::open_relay_with_blobs(&cfg, blobs.as_deref()))
             .await?
-            .with_context(|| format!("opening the relay data in {}", data.display()))?;
+            .with_context(|| format!("opening the relay data in {}", shown.display()))?;
     let state = state.with_meta_keys(meta_keys).with_options(|o| {
         o.max_json_body = a.max_json_body;
         o.max_binary_body = a.max_binary_body;
@@ -317,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
             .advertise
             .clone()
             .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
-        relay::cluster::presence::configure(&state, &a.data, url)?;
+        relay::cluster::presence::configure(&state, &data, url)?;
     }
     // Blocks other relays on the same database accept; presence and forwarding.
     relay::cluster::start(&state);
@@ -328,18 +357,44 @@ async fn main() -> anyhow::Result<()> {
         max_connections: a.max_connections,
         max_connections_per_ip: a.max_connections_per_ip,
         backlog: a.backlog,
+        shutdown_timeout: a.shutdown_timeout,
     };
     let peers = state.peers.clone();
     let stop_peers = peers.clone();
+    let draining = state.draining.clone();
+    let staging = state.opts.staging_dir.clone();
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown_signal().await;
-        // Peers are told and closed while HTTP connections drain.
+        // /readyz answers 503 from now on; peers are told and closed while
+        // HTTP connections drain.
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = stopped_tx.send(true);
         stop_peers.shutdown();
     };
-    relay::serve(listener, relay::app(state), opts, shutdown).await?;
-    peers.drain(limits::SHUTDOWN_GRACE).await;
-    if let Err(e) = usage.flush() {
-        tracing::error!(error = %e, "usage counters not written at shutdown");
+    let app = relay::app(state);
+    relay::serve(listener, app, opts, shutdown).await?;
+    peers.drain(a.shutdown_timeout).await;
+    // Uploads cut by the deadline removed their staged files as they were
+    // dropped; anything left there (a staging task that had not finished) goes now.
+    let left = remove_staged(&staging);
+    if left > 0 {
+        tracing::warn!(files = left, "staged uploads of cut requests removed");
+    }
+    drop(stopped_rx);
+    match usage.flush() {
+        Ok(()) => tracing::info!("usage counters flushed; stopped"),
+        Err(e) => tracing::error!(error = %e, "usage counters not written at shutdown"),
     }
     Ok(())
+}
+
+/// Remove the files left in the staging dir; how many.
+fn remove_staged(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .filter(|e| e.path().is_file() && std::fs::remove_file(e.path()).is_ok())
+        .count()
 }

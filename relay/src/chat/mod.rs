@@ -169,15 +169,18 @@ pub fn routes() -> axum::Router<SharedState> {
 }
 
 async fn chat_local(State(state): State<SharedState>, req: Request) -> Response {
-    handle(state, req, false)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    counted(false, handle(state, req, false).await)
 }
 
 async fn chat_distributed(State(state): State<SharedState>, req: Request) -> Response {
-    handle(state, req, true)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    counted(true, handle(state, req, true).await)
+}
+
+/// Count a chat request's outcome ([`crate::metrics::chat_request`]).
+fn counted(distributed: bool, r: Result<Response, HttpError>) -> Response {
+    let outcome = r.as_ref().map(|_| ()).map_err(|e| e.error.code.as_str());
+    crate::metrics::chat_request(distributed, outcome);
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn bad(message: impl Into<String>) -> HttpError {
@@ -325,6 +328,7 @@ async fn handle(
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let rt = &state.chat;
     rt.rates.take(&ip).map_err(|wait| {
+        crate::metrics::refused(crate::metrics::Limit::ChatIpRate);
         HttpError::rate_limited(
             format!(
                 "{ip} sends chat requests too fast: at most {} per minute (burst {}); retry in {wait} s",
@@ -336,6 +340,7 @@ async fn handle(
     let body = read_body(req, rt.opts.max_body, rt.opts.body_idle_timeout).await?;
     let p = check(body, &rt.opts, distributed)?;
     let permit = rt.slots.clone().try_acquire_owned().map_err(|_| {
+        crate::metrics::refused(crate::metrics::Limit::ChatBusy);
         HttpError::rate_limited(
             format!(
                 "the relay is busy: {} generations are running; retry in {BUSY_RETRY_AFTER} s",
@@ -475,7 +480,8 @@ impl Job {
         let ids = prompt_ids(&m.chain.tokenizer, cfg, &self.prompt).map_err(input_err)?;
         let prompt_tokens = ids.len();
         let mut engine = m.engine();
-        engine.set_remote_experts(self.remote.is_some());
+        let distributed = self.remote.is_some();
+        engine.set_remote_experts(distributed);
         let mut sampler = Sampler::new(self.sampler).map_err(input_err)?;
         let mut supply = remote::ChatSupply::new(m.clone(), self.store.clone(), self.remote);
         let mut rec = Recording {
@@ -516,6 +522,7 @@ impl Job {
             Err(e) => return Err(supply.error_of(e)),
         };
         let total = start.elapsed();
+        crate::metrics::chat_generated(distributed, g.tokens.len() as u64, total);
         let prefill = first.unwrap_or(total);
         let decode = total.saturating_sub(prefill);
         let decoded = g.tokens.len().saturating_sub(1);

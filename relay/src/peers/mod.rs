@@ -214,6 +214,7 @@ impl Drop for ConnGuard {
                 }
             }
             Counters::dec(&p.counters.connections_open);
+            crate::metrics::ws_connection(false);
         }
     }
 }
@@ -474,6 +475,7 @@ impl Peers {
     /// Take a place under the connection caps (before the upgrade).
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, String> {
         if self.is_shutting_down() {
+            crate::metrics::refused(crate::metrics::Limit::PeerShutdown);
             return Err("the relay is shutting down".into());
         }
         let mut t = self
@@ -481,6 +483,7 @@ impl Peers {
             .lock()
             .map_err(|_| "connection table unavailable".to_string())?;
         if t.total >= self.opts.max_conns {
+            crate::metrics::refused(crate::metrics::Limit::PeerTotal);
             return Err(format!(
                 "the relay holds its maximum of {} peer connections; retry later",
                 self.opts.max_conns
@@ -488,6 +491,7 @@ impl Peers {
         }
         let n = t.per_ip.entry(ip).or_insert(0);
         if *n >= self.opts.max_conns_per_ip {
+            crate::metrics::refused(crate::metrics::Limit::PeerPerIp);
             return Err(format!(
                 "too many peer connections from {ip} (at most {}); retry later",
                 self.opts.max_conns_per_ip
@@ -497,6 +501,7 @@ impl Peers {
         t.total += 1;
         drop(t);
         Counters::inc(&self.counters.connections_open);
+        crate::metrics::ws_connection(true);
         self.ensure_timer();
         Ok(ConnGuard {
             peers: Arc::downgrade(self),

@@ -574,6 +574,7 @@ impl Core {
             _ => {
                 Counters::inc(&self.counters.logins);
                 Counters::inc(&self.counters.peers_online);
+                crate::metrics::ws_peer(true);
             }
         }
         Ok(out)
@@ -624,7 +625,10 @@ impl Core {
         if self.peers.get(&id).is_some_and(|p| p.conn == conn) {
             if let Some(p) = self.peers.remove(&id) {
                 match p.kind {
-                    ConnKind::Peer => Counters::dec(&self.counters.peers_online),
+                    ConnKind::Peer => {
+                        Counters::dec(&self.counters.peers_online);
+                        crate::metrics::ws_peer(false);
+                    }
                     ConnKind::Relay => Counters::dec(&self.counters.relays_online),
                     ConnKind::Link => {
                         Counters::dec(&self.counters.links_up);
@@ -1223,6 +1227,7 @@ impl Core {
             let n = data.len() as u64;
             Counters::inc(&self.counters.chunks_from_peers);
             Counters::add(&self.counters.bytes_from_peers, n);
+            crate::metrics::chunk_bytes(crate::metrics::ChunkPath::Peer, n);
             self.counters.peer(&h, |c| {
                 c.chunks_served += 1;
                 c.bytes_served += n;
@@ -1250,6 +1255,7 @@ impl Core {
         };
         let (block, index) = (j.info.block, j.index);
         Counters::inc(&self.counters.bad_chunks);
+        crate::metrics::bad_chunk(link);
         if link {
             tracing::warn!(link = %hexid(&h), %block, index, "another relay forwarded a corrupt chunk");
             Counters::inc(&self.counters.bad_chunks_from_relays);
@@ -1280,6 +1286,7 @@ impl Core {
             .min(MAX_BAN);
         r.banned_until = Some(now + d);
         Counters::inc(&self.counters.bans);
+        crate::metrics::ban();
         tracing::warn!(peer = %hexid(&id), secs = d.as_secs(), "peer banned for corrupt chunks");
         if let Some(conn) = self.peers.get(&id).map(|p| p.conn) {
             out.push(Action::Close {
@@ -1328,6 +1335,7 @@ impl Core {
             Ok(d) if j.info.check(j.index, &d) => {
                 Counters::inc(&self.counters.chunks_from_store);
                 Counters::add(&self.counters.bytes_from_store, d.len() as u64);
+                crate::metrics::chunk_bytes(crate::metrics::ChunkPath::Store, d.len() as u64);
                 self.deliver(job, d, ChunkSource::Relay, &mut out);
             }
             Ok(_) => self.fail_job(
@@ -1567,6 +1575,7 @@ impl Core {
             let n = data.len() as u64;
             Counters::inc(&self.counters.chunks_from_relays);
             Counters::add(&self.counters.bytes_from_relays, n);
+            crate::metrics::chunk_bytes(crate::metrics::ChunkPath::Link, n);
             if let Some(p) = self.peers.get_mut(&h) {
                 p.sample_latency(now.saturating_duration_since(sent).as_secs_f64() * 1e3);
                 p.score = p.score.saturating_add(1);

@@ -180,6 +180,24 @@ impl Pg {
             .map_err(|_| PgError::new("the PostgreSQL task failed"))?
     }
 
+    /// Whether the server answers `SELECT 1` within `timeout` (readiness probes).
+    pub fn ping(&self, timeout: Duration) -> Result<(), PgError> {
+        self.run(move |pool| async move {
+            let q = async {
+                let c = pool.get().await?;
+                c.simple_query("SELECT 1").await?;
+                Ok::<(), PgError>(())
+            };
+            match tokio::time::timeout(timeout, q).await {
+                Ok(r) => r,
+                Err(_) => Err(PgError::new(format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        })
+    }
+
     /// Run `f(client)` with one pooled connection.
     pub fn with<T, E, F, Fut>(&self, f: F) -> Result<T, E>
     where

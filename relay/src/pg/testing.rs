@@ -60,6 +60,8 @@ pub struct TestPg {
     port: u16,
     as_postgres: bool,
     version: String,
+    /// The `postgres` options it was started with (for [`TestPg::resume`]).
+    opts: String,
 }
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -153,6 +155,7 @@ impl TestPg {
             bin: bin.to_path_buf(),
             as_postgres,
             version: String::new(),
+            opts: String::new(),
             dir,
         };
         let v = run(&mut s.cmd("postgres", &["--version"]))?;
@@ -198,6 +201,7 @@ impl TestPg {
         })?;
         s.port = port;
         s.version = v.trim().to_string();
+        s.opts = opts;
         Ok(s)
     }
 
@@ -213,6 +217,26 @@ impl TestPg {
             c.args(args);
             c
         }
+    }
+
+    /// Stop the server (fast shutdown; clients see their connections end),
+    /// keeping its data, port and directory for [`TestPg::resume`].
+    pub fn pause(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data").display().to_string();
+        run(&mut self.cmd("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"])).map(|_| ())
+    }
+
+    /// Start a server stopped by [`TestPg::pause`] again, on the same port.
+    pub fn resume(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("server.log").display().to_string();
+        run(&mut self.cmd(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &self.opts, "-w", "-t", "60", "start",
+            ],
+        ))
+        .map(|_| ())
     }
 
     /// `postgres --version` of the running server.

@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt as _;
 
-use super::limits::{effective_max_connections, ServeOptions, SHUTDOWN_GRACE};
+use super::limits::{effective_max_connections, ServeOptions};
 
 /// Connections answered 503 at the same time (each holds a descriptor for at
 /// most a second, out of [`FD_RESERVE`](super::limits::FD_RESERVE)); beyond, they are just closed.
@@ -101,8 +101,11 @@ impl Drop for IpSlot {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown` resolves, then wait up to
-/// [`SHUTDOWN_GRACE`] for open connections. See the module docs.
+/// Serve `router` on `listener` until `shutdown` resolves; then stop
+/// accepting, let requests in flight finish for up to
+/// `opts.shutdown_timeout`, and cut the connections still open (their
+/// handlers are dropped: an upload cut this way removes its staged file).
+/// Returns when every connection task has ended. See the module docs.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -122,8 +125,11 @@ pub async fn serve(
     let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut last_emfile_log: Option<Instant> = None;
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Reap finished connection tasks so the set stays the size of what is open.
+        while tasks.try_join_next().is_some() {}
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => r,
@@ -158,7 +164,7 @@ pub async fn serve(
                 let router = router.clone();
                 let opts = opts.clone();
                 let mut stop = stop_rx.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     serve_connection(stream, peer, router, &opts, &mut stop).await;
                     drop(ip_slot);
                     drop(permit);
@@ -166,6 +172,7 @@ pub async fn serve(
             }
             Err(why) => {
                 tracing::debug!(%peer, why, "connection refused");
+                crate::metrics::conn_refused(why);
                 if let Ok(p) = refusing.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream, why).await;
@@ -182,7 +189,19 @@ pub async fn serve(
         ips = per_ip.len(),
         "draining connections"
     );
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, total.acquire_many(max as u32)).await;
+    let drained = tokio::time::timeout(opts.shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            cut = tasks.len(),
+            timeout_s = opts.shutdown_timeout.as_secs_f64(),
+            "shutdown timeout: cutting the connections still open"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     Ok(())
 }
 

@@ -65,7 +65,8 @@ pub const FD_RESERVE: u64 = 64;
 /// Listen backlog: connections the kernel queues before `accept` (bursts of
 /// page loads). Linux caps it at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: u32 = 4096;
-/// How long graceful shutdown waits for open connections.
+/// How long graceful shutdown waits for open connections (requests in
+/// flight, uploads included) before cutting them (`--shutdown-timeout`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A token-bucket rate: `burst` at once, `per_minute` sustained.
@@ -140,6 +141,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub backlog: u32,
+    /// After the shutdown signal: how long requests in flight may take to
+    /// finish before their connections are cut (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -151,6 +155,7 @@ impl Default for ServeOptions {
             max_connections: MAX_CONNECTIONS,
             max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
             backlog: LISTEN_BACKLOG,
+            shutdown_timeout: SHUTDOWN_GRACE,
         }
     }
 }

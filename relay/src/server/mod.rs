@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod health;
 pub mod limits;
 mod routes_read;
 mod static_files;
@@ -189,6 +190,11 @@ pub struct AppState {
     pub usage: Arc<crate::usage::Usage>,
     /// The database shared with other relays (`--database`), if any.
     pub pg: Option<Arc<crate::pg::Pg>>,
+    /// Set when shutdown starts: `/readyz` answers 503 so that load
+    /// balancers stop sending work while connections drain.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The last `/readyz` answer; held while a probe runs ([`health`]).
+    readiness: Mutex<Option<health::Readiness>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -215,6 +221,8 @@ impl AppState {
             chat: crate::chat::ChatRuntime::default(),
             usage,
             pg: None,
+            draining: Arc::default(),
+            readiness: Mutex::new(None),
         }
     }
 
@@ -376,6 +384,7 @@ impl IntoResponse for HttpError {
 type ApiResult<T> = Result<T, HttpError>;
 
 pub(crate) fn store_err(e: StoreError) -> ApiError {
+    crate::metrics::store_error(&e);
     match e {
         StoreError::NotFound(h) => ApiError::not_found(format!("block {h} not found")),
         StoreError::Duplicate(h) => {
@@ -458,6 +467,8 @@ pub fn app(state: SharedState) -> Router {
         .route("/blocks/{hash}/payload", get(routes_read::get_payload))
         .route("/blocks/{hash}/chunks", get(routes_read::get_chunks))
         .route("/heads", get(routes_read::get_heads))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .route("/upload_moe_experts", post(upload::upload_json))
         .merge(crate::peers::routes())
         .merge(crate::chat::routes())
@@ -465,6 +476,7 @@ pub fn app(state: SharedState) -> Router {
         .fallback(static_files::static_file)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(cors)
         .layer(TraceLayer::new_for_http())
 }
@@ -508,7 +520,12 @@ pub fn open_relay_with_blobs(
             "--blobs needs --database (the embedded store keeps payloads in --data)".into(),
         )));
     }
-    std::fs::create_dir_all(&cfg.data_dir)?;
+    // Resolved once: every path below is absolute, whatever form --data had.
+    let data_dir = crate::store::resolve_data_dir(&cfg.data_dir)?;
+    let cfg = &ServeConfig {
+        data_dir,
+        ..cfg.clone()
+    };
     let staging = cfg.data_dir.join("tmp");
     let mut pg = None;
     let (store, usage, mut chain): (Arc<dyn RelayStore>, crate::usage::Usage, ChainState) =

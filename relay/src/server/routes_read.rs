@@ -219,6 +219,7 @@ pub(super) async fn get_payload(
     } else {
         Vec::new()
     };
+    crate::metrics::payload_bytes(first.len() as u64);
     let head =
         futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
     let rest = futures_util::stream::unfold(first_end, move |pos| {
@@ -231,7 +232,10 @@ pub(super) async fn get_payload(
             let r =
                 tokio::task::spawn_blocking(move || store.read_payload(&hash, pos, to - pos)).await;
             let item = match r {
-                Ok(Ok(v)) => Ok(Bytes::from(v)),
+                Ok(Ok(v)) => {
+                    crate::metrics::payload_bytes(v.len() as u64);
+                    Ok(Bytes::from(v))
+                }
                 Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             };

@@ -87,6 +87,7 @@ fn check_content_type(headers: &HeaderMap, want: &str) -> Result<(), HttpError> 
 fn take_ip(st: &SharedState, headers: &axum::http::Extensions) -> Result<(), HttpError> {
     let ip = peer_ip(headers);
     st.rt().rates.ip.take(&ip).map_err(|wait| {
+        crate::metrics::refused(crate::metrics::Limit::UploadIpRate);
         HttpError::rate_limited(
             format!(
                 "too many uploads from {ip}: at most {} per minute (burst {}); retry in {wait} s",
@@ -161,6 +162,7 @@ async fn admit(st: &SharedState, block: &Block) -> Result<Admitted, HttpError> {
     check_standalone(block)?;
     let h = &block.header;
     st.rt().rates.key.take(&h.miner).map_err(|wait| {
+        crate::metrics::refused(crate::metrics::Limit::UploadKeyRate);
         HttpError::rate_limited(
             format!(
                 "miner {} uploads too fast: at most {} per minute (burst {}); retry in {wait} s",
@@ -194,6 +196,7 @@ async fn admit(st: &SharedState, block: &Block) -> Result<Admitted, HttpError> {
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| {
+                    crate::metrics::refused(crate::metrics::Limit::EvalQueue);
                     HttpError::rate_limited(
                         format!(
                             "the quality gate's queue is full ({} uploads waiting for evaluation)",
@@ -294,7 +297,13 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
                 slot_heads: &ticket.slot_heads,
                 store: st2.store.as_ref(),
             };
-            st2.gate().check(&ctx).map_err(|r| {
+            let started = std::time::Instant::now();
+            let verdict = st2.gate().check(&ctx);
+            crate::metrics::gate_evaluation(
+                started.elapsed(),
+                verdict.as_ref().err().map(|r| r.code),
+            );
+            verdict.map_err(|r| {
                 tracing::info!(block = %b2.hash, slot = %b2.header.name, reason = %r, "gate rejected block");
                 ApiError::from(r)
             })
@@ -496,11 +505,22 @@ fn start_sink(
     Sink { tx, task }
 }
 
+/// Count an upload's outcome ([`crate::metrics::upload`]).
+fn counted(route: crate::metrics::UploadRoute, r: ApiResult<Created>) -> ApiResult<Created> {
+    let outcome = r.as_ref().map(|_| ()).map_err(|e| e.error.code.as_str());
+    crate::metrics::upload(route, outcome);
+    r
+}
+
 /// `POST /blocks`: envelope then payload, checked as it streams in.
-pub(super) async fn upload_binary(
-    State(st): State<SharedState>,
-    req: Request,
-) -> ApiResult<Created> {
+pub(super) async fn upload_binary(state: State<SharedState>, req: Request) -> ApiResult<Created> {
+    counted(
+        crate::metrics::UploadRoute::Blocks,
+        binary(state, req).await,
+    )
+}
+
+async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers, "application/octet-stream")?;
     take_ip(&st, &parts.extensions)?;
@@ -627,7 +647,11 @@ pub(super) async fn upload_binary(
 }
 
 /// `POST /upload_moe_experts`: the seed's JSON body.
-pub(super) async fn upload_json(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
+pub(super) async fn upload_json(state: State<SharedState>, req: Request) -> ApiResult<Created> {
+    counted(crate::metrics::UploadRoute::Json, json(state, req).await)
+}
+
+async fn json(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers, "application/json")?;
     take_ip(&st, &parts.extensions)?;
@@ -642,6 +666,7 @@ pub(super) async fn upload_json(State(st): State<SharedState>, req: Request) -> 
     )
     .await
     .map_err(|_| {
+        crate::metrics::refused(crate::metrics::Limit::JsonUploads);
         HttpError::unavailable(
             format!(
                 "{} JSON uploads are being decoded; use POST /blocks or retry",

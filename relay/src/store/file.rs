@@ -96,8 +96,12 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Open (creating if needed) the store in `root` and repair it.
+    /// Open (creating if needed) the store in `root` and repair it. `root`
+    /// is resolved once here ([`super::resolve_data_dir`]): relative,
+    /// `./x/../x`, symlinked and trailing-slash forms all name one store.
     pub fn open(root: &Path) -> Result<(Self, OpenReport), StoreError> {
+        let root = super::resolve_data_dir(root)?;
+        let root = root.as_path();
         let blocks = root.join("blocks");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blocks).map_err(io)?;
@@ -364,6 +368,7 @@ impl FileStore {
     /// dir. Not indexed yet: [`FileStore::commit`] or [`FileStore::discard`].
     pub fn place_staged(&self, block: &Block, staged: &Path) -> Result<(), StoreError> {
         let expected = block.encoded_len() as u64 + block.header.payload_len;
+        // The root is canonical (open); so is a staged path made in staging_dir().
         let ok = staged.parent() == Some(self.staging_dir().as_path())
             && fs::metadata(staged).is_ok_and(|m| m.is_file() && m.len() == expected);
         if !ok {

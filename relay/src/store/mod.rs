@@ -23,6 +23,29 @@ pub use web_node::store::{BlockStore, StoreError};
 pub use file::{FileStore, OpenReport, ScrubReport};
 pub use pg::PgStore;
 
+/// A data directory as the relay uses it: created if missing, then made
+/// absolute and canonical (`.`/`..` removed, symlinks resolved, trailing
+/// slash gone), once, when a store or command opens it. Every path under it
+/// (staging files, block files, keys) is then compared and joined in one
+/// form, whatever form `--data` was given in.
+pub fn resolve_data_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    let io = |what: &str, e: std::io::Error| {
+        StoreError::Io(format!("data directory {}: {what}: {e}", dir.display()))
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(StoreError::Io("data directory: empty path".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create it", e))?;
+    let abs = std::fs::canonicalize(dir).map_err(|e| io("cannot resolve it", e))?;
+    if !abs.is_dir() {
+        return Err(StoreError::Io(format!(
+            "data directory {} is not a directory",
+            dir.display()
+        )));
+    }
+    Ok(abs)
+}
+
 /// What [`RelayStore::commit`] requires of the slot's head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {

@@ -75,6 +75,7 @@ fn corrupt(m: impl Into<String>) -> Fail {
 }
 
 fn pgerr(e: PgError) -> StoreError {
+    crate::metrics::db_error(crate::metrics::Db::Postgres, crate::metrics::DbPart::Store);
     StoreError::Io(e.to_string())
 }
 
@@ -213,8 +214,8 @@ impl PgStore {
         staging: &Path,
         blobs: Option<Arc<dyn ObjectStore>>,
     ) -> Result<(Self, PgOpenReport), StoreError> {
+        let staging = &super::resolve_data_dir(staging)?;
         let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", staging.display()));
-        std::fs::create_dir_all(staging).map_err(io)?;
         let mut report = PgOpenReport::default();
         for e in std::fs::read_dir(staging).map_err(io)? {
             let p = e.map_err(io)?.path();

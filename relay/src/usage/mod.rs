@@ -100,11 +100,13 @@ pub enum UsageError {
 }
 
 fn dberr<E: std::fmt::Display>(e: E) -> UsageError {
+    crate::metrics::db_error(crate::metrics::Db::Redb, crate::metrics::DbPart::Usage);
     UsageError::Db(e.to_string())
 }
 
 impl From<PgError> for UsageError {
     fn from(e: PgError) -> Self {
+        crate::metrics::db_error(crate::metrics::Db::Postgres, crate::metrics::DbPart::Usage);
         Self::Db(e.to_string())
     }
 }

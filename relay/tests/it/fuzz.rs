@@ -3,11 +3,10 @@
 //! case the listings, the block files and the staging dir are unchanged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 use web_node::chain::Block;
 use web_node::model::Slot;

@@ -4,8 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "gpu_support/mod.rs"]
-mod common;
+use crate::gpu_support as common;
 
 use common::{assert_close, ctx};
 use proptest::prelude::*;

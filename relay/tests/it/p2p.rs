@@ -4,13 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::ws::{login_as, peer_model};
-use common::*;
+use crate::common::ws::{login_as, peer_model};
+use crate::common::*;
 use ed25519_dalek::{Signer as _, SigningKey};
 use relay::peers::p2p::{delete_message, register_message, NodeList, MAX_REGISTER_BODY};
 use web_node::net::api::codes;
@@ -308,7 +307,7 @@ fn websocket_peers_are_listed_with_what_they_hold_and_can_be_removed() {
         .unwrap();
     let mut ws = rt.block_on(async {
         let mut ws = login_as(&addr, &k).await;
-        common::ws::send(
+        crate::common::ws::send(
             &mut ws,
             &ToRelay::Status {
                 load: 250,
@@ -316,7 +315,7 @@ fn websocket_peers_are_listed_with_what_they_hold_and_can_be_removed() {
             },
         )
         .await;
-        common::ws::send(
+        crate::common::ws::send(
             &mut ws,
             &ToRelay::Have {
                 add: vec![expert],
@@ -328,7 +327,7 @@ fn websocket_peers_are_listed_with_what_they_hold_and_can_be_removed() {
     });
     let peers = e.relay.state.peers.clone();
     let id = k.verifying_key().to_bytes();
-    rt.block_on(common::ws::until("the Have", || {
+    rt.block_on(crate::common::ws::until("the Have", || {
         peers.holders_of(&expert) == vec![id]
     }));
     let l = nodes(&url);
@@ -351,8 +350,8 @@ fn websocket_peers_are_listed_with_what_they_hold_and_can_be_removed() {
         200
     );
     rt.block_on(async {
-        let (code, _) = common::ws::expect_error(&mut ws).await;
+        let (code, _) = crate::common::ws::expect_error(&mut ws).await;
         assert_eq!(code, web_node::net::peer::codes::UNAVAILABLE);
-        common::ws::until("the peer gone", || peers.views().is_empty()).await;
+        crate::common::ws::until("the peer gone", || peers.views().is_empty()).await;
     });
 }

@@ -4,12 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use web_node::net::api::{BlockInfo, ChunkList};
 
 fn web(dir: &std::path::Path) -> std::path::PathBuf {

@@ -2,9 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use relay::FileStore;
 use web_node::chain::{BlockKind, MetaPayload};
 use web_node::model::random::random_model_bytes;

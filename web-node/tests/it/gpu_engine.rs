@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "gpu_support/mod.rs"]
-mod common;
+use crate::gpu_support as common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,9 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use ed25519_dalek::SigningKey;
 use relay::server::limits::Rate;
 use web_node::chain::{BlockHash, ChainId};

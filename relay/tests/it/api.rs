@@ -4,11 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use web_node::chain::{chunk_hashes, Block, BlockHash, ChainId};
 use web_node::model::Slot;
 use web_node::net::api::{codes, BlockInfo, ChunkList, HeadInfo, SeedUpload};

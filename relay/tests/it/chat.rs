@@ -6,14 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod compute_peer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
-use compute_peer::{Behaviour, ComputePeer};
+use crate::common::*;
+use crate::compute_peer::{Behaviour, ComputePeer};
 use ed25519_dalek::SigningKey;
 use relay::chat::{ChatOptions, ChatRuntime};
 use relay::compute::ExpertCompute as _;
@@ -402,10 +400,10 @@ impl Peers {
 
     /// A peer holding (and serving computations for) the experts of `layers`.
     fn add(&mut self, e: &Env, key: u8, layers: std::ops::Range<usize>, b: Behaviour) -> usize {
-        let held = compute_peer::expert_weights(e.url(), &e.dir.config, layers);
+        let held = crate::compute_peer::expert_weights(e.url(), &e.dir.config, layers);
         assert!(!held.is_empty());
         let addr = e.relay.addr();
-        let p = self.rt.block_on(compute_peer::start(
+        let p = self.rt.block_on(crate::compute_peer::start(
             &addr,
             SigningKey::from_bytes(&[key; 32]),
             held,

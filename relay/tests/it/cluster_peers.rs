@@ -11,14 +11,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::ws::*;
-use common::*;
+use crate::common::ws::*;
+use crate::common::*;
 use ed25519_dalek::SigningKey;
 use relay::cluster::presence::ClusterOptions;
 use relay::peers::PeerOptions;
@@ -253,7 +252,7 @@ enum Param {
     Text(String),
 }
 
-/// [`common::ws::publish_expert`] against a URL.
+/// [`crate::common::ws::publish_expert`] against a URL.
 fn publish_at(
     url: &str,
     cfg: &Config,

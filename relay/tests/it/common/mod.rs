@@ -613,3 +613,47 @@ pub fn send_streamed(addr: &str, s: &Streamed, pace: std::time::Duration) -> Str
     let _ = c.read_to_string(&mut out);
     out.lines().next().unwrap_or_default().to_string()
 }
+
+impl ChildRelay {
+    /// The real binary with `--metrics-addr 127.0.0.1:0` (and `extra`
+    /// flags): the relay, and the URL of its metrics listener, read from the
+    /// second line it prints (`metrics listening on http://ADDR`).
+    pub fn start_metrics_listener(
+        data: &Path,
+        model: &Path,
+        web: &Path,
+        extra: &[&str],
+    ) -> (Self, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .arg("--web")
+            .arg(web)
+            .arg("--model")
+            .arg(model)
+            .args(["--gate", "accept-all", "--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut lines = [String::new(), String::new()];
+        for l in &mut lines {
+            let _ = out.read_line(l);
+        }
+        let after = |l: &str, prefix: &str| l.trim().strip_prefix(prefix).map(str::to_string);
+        match (
+            after(&lines[0], "relay listening on "),
+            after(&lines[1], "metrics listening on "),
+        ) {
+            (Some(url), Some(metrics)) => (Self { child, url }, metrics),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unexpected first lines {lines:?}")
+            }
+        }
+    }
+}

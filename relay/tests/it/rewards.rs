@@ -3,9 +3,8 @@
 //! `/rewards/{key}`, `/usage/report`; counters and rewards survive a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use ed25519_dalek::{Signer as _, SigningKey};
 use relay::rewards::reward_message;
 use relay::usage::{
@@ -210,7 +209,7 @@ fn stats_top_rewards_and_reports() {
 /// may then report usage of that block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_transfers_count_verified_bytes_only() {
-    use common::ws::*;
+    use crate::common::ws::*;
     use web_node::net::peer::ChunkSource;
 
     let env = PeerEnv::start(relay::peers::PeerOptions::default());

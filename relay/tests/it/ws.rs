@@ -6,13 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::ws::*;
-use common::*;
+use crate::common::ws::*;
+use crate::common::*;
 use ed25519_dalek::SigningKey;
 use futures_util::SinkExt as _;
 use relay::compute::ExpertCompute as _;

@@ -1,0 +1,10 @@
+//! The crate's integration tests in one binary (one link instead of one per file).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster_peers;
+mod infer_cli;
+mod peer_network;
+mod relay_e2e;
+mod routes;
+mod tokenizer;
