@@ -129,15 +129,25 @@ pub struct BackupArgs {
     pub database: Option<String>,
     /// With --database: the --blobs of the relays on that database (a
     /// directory or `s3://bucket/prefix`).
-    #[arg(long, value_name = "SPEC", requires = "database")]
+    #[arg(
+        long,
+        value_name = "SPEC",
+        requires = "database",
+        conflicts_with_all = ["data", "relay"]
+    )]
     pub blobs: Option<String>,
     /// Base URL of a serving relay (`http://host:8080`): read over its REST
     /// API, every block checked before it is written.
     #[arg(long, value_name = "URL")]
     pub relay: Option<String>,
     /// With --relay: blocks per listing request (1-1000).
-    #[arg(long, value_name = "N", default_value_t = MAX_PAGE,
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_PAGE)))]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = MAX_PAGE,
+        conflicts_with_all = ["data", "database"],
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_PAGE))
+    )]
     pub page: u16,
     /// The archive to write (replaced atomically at the end; nothing is left
     /// behind if the backup fails).
@@ -172,7 +182,12 @@ pub struct RestoreArgs {
     pub database: Option<String>,
     /// With --database: keep payloads in this directory or `s3://bucket/prefix`,
     /// as the relays on that database will (`relay serve --blobs`).
-    #[arg(long, value_name = "SPEC", requires = "database")]
+    #[arg(
+        long,
+        value_name = "SPEC",
+        requires = "database",
+        conflicts_with = "data"
+    )]
     pub blobs: Option<String>,
 }
 

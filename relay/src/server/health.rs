@@ -79,12 +79,13 @@ async fn probe(st: &SharedState) -> Readiness {
     };
     let chain_blocks = st.chain.read().await.len();
     let shutting_down = st.draining.load(Ordering::SeqCst);
+    // The database first: with --database the store lives there too.
     let reason = if shutting_down {
         Some("shutting down".to_string())
-    } else if store != "ok" {
-        Some(store.clone())
     } else if st.pg.is_some() && database != "ok" {
         Some(database.clone())
+    } else if store != "ok" {
+        Some(store.clone())
     } else {
         None
     };

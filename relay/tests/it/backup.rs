@@ -410,7 +410,7 @@ fn damaged_archives_are_refused_and_nothing_is_imported() {
     let recs = records(&good);
     assert!(recs.len() > 3);
     let (env0, pay0, plen0) = recs[0];
-    let (env2, pay2, plen2) = recs[2];
+    let (_, pay2, plen2) = recs[2];
     let last = recs[recs.len() - 1];
     let trailer = len - backup::TRAILER_LEN as usize;
     assert_eq!(last.1 + last.2, trailer);
@@ -527,11 +527,16 @@ fn flags_need_exactly_one_source_and_say_what_is_left_out() {
     assert!(backup(&["--data", "d", "--relay", "u", "--out", "f"]).is_err());
     assert!(backup(&["--data", "d", "--database", "u", "--out", "f"]).is_err());
     assert!(backup(&["--relay", "u", "--blobs", "b", "--out", "f"]).is_err());
+    assert!(backup(&["--data", "d", "--blobs", "b", "--out", "f"]).is_err());
+    assert!(backup(&["--blobs", "b", "--out", "f"]).is_err());
+    assert!(backup(&["--data", "d", "--page", "5", "--out", "f"]).is_err());
     assert!(backup(&["--relay", "u", "--page", "1001", "--out", "f"]).is_err());
     assert!(backup(&["--data", "d"]).is_err(), "no --out");
     assert!(restore(&["--from", "f", "--data", "d"]).is_ok());
     assert!(restore(&["--from", "f"]).is_err(), "no target");
     assert!(restore(&["--from", "f", "--data", "d", "--database", "u"]).is_err());
+    assert!(restore(&["--from", "f", "--data", "d", "--blobs", "b"]).is_err());
+    assert!(restore(&["--from", "f", "--database", "u", "--blobs", "b"]).is_ok());
     for mut cmd in [
         BackupArgs::augment_args(clap::Command::new("backup")),
         RestoreArgs::augment_args(clap::Command::new("restore")),

@@ -173,10 +173,10 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     if !is_metric_name(name) {
         return Err(format!("bad metric name {name:?}"));
     }
-    let mut rest = skip_blanks(&line[end..]);
+    let mut rest = &line[end..];
     let mut labels = BTreeMap::new();
-    if rest.starts_with('{') {
-        let (l, r) = parse_labels(rest)?;
+    if skip_blanks(rest).starts_with('{') {
+        let (l, r) = parse_labels(skip_blanks(rest))?;
         labels = l;
         rest = r;
     }
@@ -241,7 +241,8 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         });
         Ok(())
     };
-    for (n, line) in text.lines().enumerate() {
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    for (n, line) in body.split('\n').enumerate() {
         let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
         if line.contains('\r') {
             return Err(at("carriage return".into()));
