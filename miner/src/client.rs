@@ -135,13 +135,53 @@ pub fn publish_dir(relay: &str, dir: &Path) -> Result<Vec<BlockHash>> {
     Ok(hashes)
 }
 
-/// `GET /chain/{A|B}/blocks`.
+/// Most listing pages followed (1000 blocks each: far past any chain the
+/// relay's limits allow; a relay whose `Link` headers loop stops here).
+const MAX_PAGES: usize = 100_000;
+
+/// The target of a `Link: <url>; rel="next"` header, made absolute on `base`.
+fn next_link(base: &str, link: Option<&str>) -> Option<String> {
+    link?.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| matches!(p.trim(), "rel=\"next\"" | "rel=next"));
+        let t = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        is_next.then(|| {
+            if t.starts_with("http://") || t.starts_with("https://") {
+                t.to_string()
+            } else {
+                format!("{base}{t}")
+            }
+        })
+    })
+}
+
+/// Every block of a chain: `GET /chain/{A|B}/blocks`, following the relay's
+/// `Link: <...>; rel="next"` pages to the end.
 pub fn list_chain(relay: &str, chain: ChainId) -> Result<Vec<BlockInfo>> {
     let c = match chain {
         ChainId::A => "A",
         ChainId::B => "B",
     };
-    get_json(&format!("{}/chain/{c}/blocks", base(relay)))
+    let base = base(relay);
+    let mut url = format!("{base}/chain/{c}/blocks");
+    let mut out: Vec<BlockInfo> = Vec::new();
+    for _ in 0..MAX_PAGES {
+        let resp = ureq::get(&url).call().map_err(describe)?;
+        let next = next_link(&base, resp.header("link"));
+        let mut bytes = Vec::new();
+        resp.into_reader().take(MAX_RESPONSE).read_to_end(&mut bytes)?;
+        let page: Vec<BlockInfo> = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing the answer of {url}"))?;
+        let empty = page.is_empty();
+        out.extend(page);
+        match next {
+            Some(n) if !empty && n != url => url = n,
+            _ => return Ok(out),
+        }
+    }
+    bail!("the listing of chain {c} at {base} has more than {MAX_PAGES} pages")
 }
 
 /// Fetch a block's payload and check it against the (hash-checked) block.
@@ -221,4 +261,25 @@ pub fn export(relay: &str, meta: Option<BlockHash>, out: &Path) -> Result<BlockH
     }
     std::fs::write(out.join("model.safetensors"), weights)?;
     Ok(meta_block.hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_link;
+
+    #[test]
+    fn next_link_of_the_relays_link_header() {
+        let b = "http://127.0.0.1:8080";
+        assert_eq!(
+            next_link(b, Some(r#"</chain/B/blocks?after=ab&limit=10>; rel="next""#)).as_deref(),
+            Some("http://127.0.0.1:8080/chain/B/blocks?after=ab&limit=10")
+        );
+        assert_eq!(
+            next_link(b, Some("<http://x/y>; rel=next")).as_deref(),
+            Some("http://x/y")
+        );
+        assert_eq!(next_link(b, Some(r#"</a>; rel="prev""#)), None);
+        assert_eq!(next_link(b, Some("garbage")), None);
+        assert_eq!(next_link(b, None), None);
+    }
 }

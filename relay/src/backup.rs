@@ -216,7 +216,7 @@ pub enum BackupError {
     SourceInvalid {
         hash: BlockHash,
         name: String,
-        error: ChainError,
+        error: Box<ChainError>,
     },
     #[error("{url}: {message}")]
     Http { url: String, message: String },
@@ -242,7 +242,7 @@ pub enum BackupError {
         path: PathBuf,
         index: u64,
         hash: BlockHash,
-        error: ChainError,
+        error: Box<ChainError>,
     },
     #[error("{}", partial_message(.index, .total, .hash, .error))]
     Partial {
@@ -411,7 +411,7 @@ fn write_archive(
             validate_block(&block, &payload, &dag).map_err(|error| BackupError::SourceInvalid {
                 hash: block.hash,
                 name: block.header.name.clone(),
-                error,
+                error: Box::new(error),
             })?;
         dag.insert(&v);
         w.record(&block, &payload)?;
@@ -522,7 +522,7 @@ impl RelayClient {
         let invalid = |error: ChainError| BackupError::SourceInvalid {
             hash: h,
             name: info.name.clone(),
-            error,
+            error: Box::new(error),
         };
         let block = Block::decode(&env).map_err(invalid)?;
         block.check_hash(&h).map_err(invalid)?;
@@ -610,9 +610,9 @@ enum Fail {
     Block {
         index: u64,
         hash: BlockHash,
-        error: ChainError,
+        error: Box<ChainError>,
     },
-    Io(BackupError),
+    Io(Box<BackupError>),
 }
 
 impl ArchiveReader {
@@ -648,10 +648,10 @@ impl ArchiveReader {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Fail::Format(format!("{what} at offset {} is cut short", self.pos))
             } else {
-                Fail::Io(BackupError::Io {
+                Fail::Io(Box::new(BackupError::Io {
                     what: "reading the archive".into(),
                     error: e,
-                })
+                }))
             }
         })?;
         self.sha.update(&buf);
@@ -756,7 +756,7 @@ fn walk(r: &mut ArchiveReader) -> Result<Verified, Fail> {
         let v = validate_block(&block, &payload, &dag).map_err(|error| Fail::Block {
             index,
             hash: block.hash,
-            error,
+            error: Box::new(error),
         })?;
         dag.insert(&v);
         out.hashes.push(block.hash);
@@ -804,7 +804,7 @@ pub fn verify_archive(path: &Path) -> Result<Verified, BackupError> {
     };
     let path = path.to_path_buf();
     Err(match fail {
-        Fail::Io(e) => e,
+        Fail::Io(e) => *e,
         Fail::NotArchive(detail) => BackupError::NotArchive { path, detail },
         // A bad version, structure or block in an archive whose checksum
         // holds was written that way; otherwise the bytes changed.
@@ -920,10 +920,13 @@ fn locked(index: &Path) -> Result<bool, BackupError> {
 
 /// The embedded store of a stopped relay, to read.
 fn open_data_source(dir: &Path) -> Result<FileStore, BackupError> {
-    let index = dir.join("index.redb");
-    if !index.is_file() {
+    if !dir.join("index.redb").is_file() {
         return Err(BackupError::NoStore(dir.to_path_buf()));
     }
+    // As the store resolves it (FileStore::open): one canonical form.
+    let dir = crate::store::resolve_data_dir(dir)?;
+    let dir = dir.as_path();
+    let index = dir.join("index.redb");
     // Before FileStore::open, which would clear a running relay's uploads in flight.
     if locked(&index)? {
         return Err(BackupError::RelayRunning(dir.to_path_buf()));
@@ -937,6 +940,8 @@ fn open_data_source(dir: &Path) -> Result<FileStore, BackupError> {
 
 /// An embedded store to restore into (created if missing), empty.
 fn open_data_target(dir: &Path) -> Result<FileStore, BackupError> {
+    let dir = crate::store::resolve_data_dir(dir)?;
+    let dir = dir.as_path();
     let index = dir.join("index.redb");
     if index.is_file() && locked(&index)? {
         return Err(BackupError::TargetInUse(dir.to_path_buf()));

@@ -30,6 +30,13 @@ struct Cli {
 enum Cmd {
     /// Serve the chain, the REST API and the web app.
     Serve(Box<Serve>),
+    /// Write every accepted block (payloads included) to one portable archive,
+    /// while the relay serves (--relay URL or --database) or is stopped (--data).
+    Backup(relay::backup::BackupArgs),
+    /// Import an archive of `relay backup` into an empty store, validating
+    /// every block first: a damaged archive imports nothing. Also how to move
+    /// from the embedded store to PostgreSQL.
+    Restore(relay::backup::RestoreArgs),
     /// Re-hash every stored payload against its block; quarantine and report
     /// the ones that do not match (run while the relay is stopped; `serve`
     /// runs the same pass in the background when it starts). Exits 1 if any
@@ -258,6 +265,12 @@ async fn main() -> anyhow::Result<()> {
             database,
             blobs,
         } => return tokio::task::spawn_blocking(move || check(data, database, blobs)).await?,
+        Cmd::Backup(b) => {
+            return tokio::task::spawn_blocking(move || relay::backup::run_backup(&b)).await?
+        }
+        Cmd::Restore(r) => {
+            return tokio::task::spawn_blocking(move || relay::backup::run_restore(&r)).await?
+        }
         Cmd::Serve(a) => a,
     };
     // Resolved once (absolute, canonical): relative, `..`, symlinked and

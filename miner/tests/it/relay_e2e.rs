@@ -96,6 +96,7 @@ impl Drop for Relay {
     }
 }
 
+/// The first page of a chain's listing, as the relay pages it by default.
 fn chain(url: &str, c: &str) -> Vec<BlockInfo> {
     let body = ureq::get(&format!("{url}/chain/{c}/blocks"))
         .call()
@@ -106,7 +107,13 @@ fn chain(url: &str, c: &str) -> Vec<BlockInfo> {
 }
 
 fn heads(url: &str) -> Vec<(String, BlockHash)> {
-    let mut v: Vec<_> = chain(url, "B")
+    let body = ureq::get(&format!("{url}/chain/B/blocks?limit=1000"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let all: Vec<BlockInfo> = serde_json::from_str(&body).unwrap();
+    let mut v: Vec<_> = all
         .into_iter()
         .filter(|b| b.is_head)
         .map(|b| (b.name, b.hash))
@@ -262,9 +269,13 @@ fn import_publish_export_round_trip_and_greedy_chat_from_relay_blocks() {
 fn model_rebuilt_from_the_relays_genesis_blocks_answers_as_the_directory_does() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    // The relay's own genesis: meta block and every slot from models/default.
-    let relay = Relay::start(&work.join("data"), &default_model(), |s| s);
+    // The relay's own genesis: meta block and every slot from models/default,
+    // listed 10 blocks a page: export must follow the pages to find every head.
+    let relay = Relay::start(&work.join("data"), &default_model(), |s| {
+        s.with_options(|o| o.default_page = 10)
+    });
     assert_eq!(heads(&relay.url).len(), 37);
+    assert_eq!(chain(&relay.url, "B").len(), 10, "one page of 10");
     ok(&aiblock(
         &["export", "--relay", &relay.url, "--out", "exported"],
         work,

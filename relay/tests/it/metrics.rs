@@ -340,15 +340,15 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
 
 /// Buckets cumulative and ending at +Inf, whose count is `_count`; `_sum` present.
 fn check_histogram(f: &Family) -> Result<(), String> {
-    type Key = BTreeMap<String, String>;
-    let mut buckets: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut sums: BTreeMap<Vec<(String, String)>, f64> = BTreeMap::new();
-    let mut counts: BTreeMap<Vec<(String, String)>, f64> = BTreeMap::new();
-    let key = |l: &Key| -> Vec<(String, String)> {
-        l.iter()
-            .filter(|(k, _)| *k != "le")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    /// A series' labels without `le`.
+    type Group = BTreeMap<String, String>;
+    let mut buckets: BTreeMap<Group, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut sums: BTreeMap<Group, f64> = BTreeMap::new();
+    let mut counts: BTreeMap<Group, f64> = BTreeMap::new();
+    let key = |l: &Group| -> Group {
+        let mut g = l.clone();
+        g.remove("le");
+        g
     };
     for s in &f.samples {
         let k = key(&s.labels);
@@ -468,10 +468,16 @@ fn counters_move_with_chat_peer_transfers_and_uploads() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
     let relay = ChildRelay::start(&tmp.path().join("data"), &model, &tmp.path().join("web"));
-    let url = relay.url.clone();
+    exercise(&relay.url, &relay.url);
+}
+
+/// Chat, peer transfers and uploads on the relay at `url`; the counters
+/// they move, scraped from `metrics`.
+fn exercise(url: &str, metrics: &str) {
+    let url = url.to_string();
     let block = head(&url, "layer0.expert0");
     let cs = block.chunk_size as usize;
-    let before = scrape(&url);
+    let before = scrape(metrics);
 
     // A REST payload read: bytes from the store.
     let payload = get(&format!("{url}/blocks/{}/payload", block.hash));
@@ -493,7 +499,7 @@ fn counters_move_with_chat_peer_transfers_and_uploads() {
     // from A once A holds the block.
     let (ka, kb) = (miner_key(21), miner_key(22));
     let id_a = ka.verifying_key().to_bytes();
-    let addr = relay.addr();
+    let addr = url.trim_start_matches("http://").to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -518,7 +524,7 @@ fn counters_move_with_chat_peer_transfers_and_uploads() {
             (data.as_slice(), from),
             (chunk0.as_slice(), ChunkSource::Peer(id_a))
         );
-        let u = url.clone();
+        let u = metrics.to_string();
         let during = tokio::task::spawn_blocking(move || scrape(&u))
             .await
             .unwrap();
@@ -530,7 +536,7 @@ fn counters_move_with_chat_peer_transfers_and_uploads() {
     assert_eq!(during.get("aiblock_ws_peers", &[]), 2.0);
     assert_eq!(during.get("aiblock_ws_connections", &[]), 2.0);
     wait_for("the peers to be gone from the gauges", || {
-        let m = scrape(&url);
+        let m = scrape(metrics);
         m.get("aiblock_ws_peers", &[]) == 0.0 && m.get("aiblock_ws_connections", &[]) == 0.0
     });
 
@@ -562,7 +568,7 @@ fn counters_move_with_chat_peer_transfers_and_uploads() {
     // An unmatched path: the "static" route.
     assert_eq!(get(&format!("{url}/no/such/page")).status, 404);
 
-    let after = scrape(&url);
+    let after = scrape(metrics);
     let m = |name: &str, labels: &[(&str, &str)]| moved(&before, &after, name, labels);
     // Chat.
     let local = [("mode", "local")];
