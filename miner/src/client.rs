@@ -40,11 +40,6 @@ fn get_bytes(url: &str) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T> {
-    let bytes = get_bytes(url)?;
-    serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
-}
-
 /// The Content-Type of a binary block upload (the relay refuses others).
 const BINARY: &str = "application/octet-stream";
 
@@ -171,7 +166,9 @@ pub fn list_chain(relay: &str, chain: ChainId) -> Result<Vec<BlockInfo>> {
         let resp = ureq::get(&url).call().map_err(describe)?;
         let next = next_link(&base, resp.header("link"));
         let mut bytes = Vec::new();
-        resp.into_reader().take(MAX_RESPONSE).read_to_end(&mut bytes)?;
+        resp.into_reader()
+            .take(MAX_RESPONSE)
+            .read_to_end(&mut bytes)?;
         let page: Vec<BlockInfo> = serde_json::from_slice(&bytes)
             .with_context(|| format!("parsing the answer of {url}"))?;
         let empty = page.is_empty();
@@ -271,7 +268,11 @@ mod tests {
     fn next_link_of_the_relays_link_header() {
         let b = "http://127.0.0.1:8080";
         assert_eq!(
-            next_link(b, Some(r#"</chain/B/blocks?after=ab&limit=10>; rel="next""#)).as_deref(),
+            next_link(
+                b,
+                Some(r#"</chain/B/blocks?after=ab&limit=10>; rel="next""#)
+            )
+            .as_deref(),
             Some("http://127.0.0.1:8080/chain/B/blocks?after=ab&limit=10")
         );
         assert_eq!(

@@ -255,7 +255,10 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if cli.log_format == "json" {
-        logs.json().flatten_event(true).with_current_span(false).init();
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         logs.init();
     }
@@ -354,6 +357,30 @@ async fn main() -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     println!("relay listening on http://{local}");
     tracing::info!(%local, "listening");
+    let (stopped_tx, mut stopped_rx) = tokio::sync::watch::channel(false);
+    // Prometheus metrics: on --metrics-addr only, or on the main address.
+    let metrics = relay::metrics::install().context("installing the metrics recorder")?;
+    let metrics = match a.metrics_addr {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            let at = l.local_addr()?;
+            println!("metrics listening on http://{at}");
+            tracing::info!(%at, "metrics listening");
+            let routes = relay::metrics::routes(metrics);
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stopped_rx.changed().await;
+                };
+                if let Err(e) = axum::serve(l, routes).with_graceful_shutdown(stop).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+            None
+        }
+        None => Some(relay::metrics::routes(metrics)),
+    };
     if state.pg.is_some() {
         let url = a
             .advertise
@@ -376,7 +403,6 @@ async fn main() -> anyhow::Result<()> {
     let stop_peers = peers.clone();
     let draining = state.draining.clone();
     let staging = state.opts.staging_dir.clone();
-    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown_signal().await;
         // /readyz answers 503 from now on; peers are told and closed while
@@ -385,7 +411,10 @@ async fn main() -> anyhow::Result<()> {
         let _ = stopped_tx.send(true);
         stop_peers.shutdown();
     };
-    let app = relay::app(state);
+    let app = match metrics {
+        Some(m) => relay::app(state).merge(m),
+        None => relay::app(state),
+    };
     relay::serve(listener, app, opts, shutdown).await?;
     peers.drain(a.shutdown_timeout).await;
     // Uploads cut by the deadline removed their staged files as they were
@@ -394,7 +423,6 @@ async fn main() -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(files = left, "staged uploads of cut requests removed");
     }
-    drop(stopped_rx);
     match usage.flush() {
         Ok(()) => tracing::info!("usage counters flushed; stopped"),
         Err(e) => tracing::error!(error = %e, "usage counters not written at shutdown"),

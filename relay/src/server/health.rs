@@ -70,11 +70,8 @@ async fn probe(st: &SharedState) -> Readiness {
         None => "not configured".to_string(),
         Some(pg) => {
             let pg = pg.clone();
-            check_blocking(move || {
-                pg.ping(PROBE_TIMEOUT)
-                    .map_err(|e| format!("database: {e}"))
-            })
-            .await
+            check_blocking(move || pg.ping(PROBE_TIMEOUT).map_err(|e| format!("database: {e}")))
+                .await
         }
     };
     let chain_blocks = st.chain.read().await.len();

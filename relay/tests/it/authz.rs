@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use crate::common::*;
 use ed25519_dalek::SigningKey;
 use relay::server::limits::Rate;

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};

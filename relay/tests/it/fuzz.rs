@@ -3,7 +3,6 @@
 //! case the listings, the block files and the staging dir are unchanged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::common::*;

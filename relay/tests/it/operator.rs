@@ -107,7 +107,10 @@ fn upload_new_version(url: &str, slot: Slot, key: &ed25519_dalek::SigningKey, se
         .address("operator-test")
         .timestamp_ms(1_700_000_000_000 + seed)
         .sign(&payload, key);
-    let r = post_bin(&format!("{url}/blocks"), &envelope_and_payload(&block, &payload));
+    let r = post_bin(
+        &format!("{url}/blocks"),
+        &envelope_and_payload(&block, &payload),
+    );
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 }
 
@@ -147,8 +150,15 @@ fn every_form_of_data_dir_serves_restarts_and_checks() {
         let (st, _) = r.signal_and_wait("INT");
         assert!(st.success(), "{form}: exit status {st}");
         // The store lives where the form points, and nothing is left staged.
-        assert!(dir.join("index.redb").is_file(), "{form}: {}", dir.display());
-        assert!(files(&dir.join("tmp")).is_empty(), "{form}: staged files left");
+        assert!(
+            dir.join("index.redb").is_file(),
+            "{form}: {}",
+            dir.display()
+        );
+        assert!(
+            files(&dir.join("tmp")).is_empty(),
+            "{form}: staged files left"
+        );
         // Same form again: the same chain, no second genesis.
         let r = Served::start(&cwd, &["--data", form, "--model", &model_s]);
         assert_eq!(hashes(&r.url), after, "{form}: restart");
@@ -181,7 +191,10 @@ fn every_form_of_data_dir_serves_restarts_and_checks() {
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}"));
-        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{line}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
         n += 1;
     }
     assert!(n > 10, "{n} log lines");
@@ -256,7 +269,10 @@ fn readyz_follows_postgres_down_and_back() {
     let down = wait_ready(&r.url, 503, Duration::from_secs(15));
     assert!(!down.ready);
     assert!(
-        down.reason.as_deref().unwrap_or_default().contains("database"),
+        down.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("database"),
         "{down:?}"
     );
     // Liveness is not readiness: the process still serves.
@@ -338,7 +354,10 @@ fn graceful_shutdown_cuts_a_streaming_upload_and_flushes_usage() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(refused, "the relay still accepts connections while draining");
+    assert!(
+        refused,
+        "the relay still accepts connections while draining"
+    );
     let (st, _) = r.signal_and_wait("0");
     let took = t.elapsed();
     assert!(st.success(), "exit status {st}");

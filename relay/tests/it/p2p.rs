@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
 

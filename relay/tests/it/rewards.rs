@@ -3,7 +3,6 @@
 //! `/rewards/{key}`, `/usage/report`; counters and rewards survive a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use crate::common::*;
 use ed25519_dalek::{Signer as _, SigningKey};
 use relay::rewards::reward_message;

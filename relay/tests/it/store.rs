@@ -2,7 +2,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use crate::common::*;
 use relay::FileStore;
 use web_node::chain::{BlockKind, MetaPayload};

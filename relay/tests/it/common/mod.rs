@@ -638,21 +638,42 @@ impl ChildRelay {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        // Read on a thread: a relay that prints one line only must fail the
+        // test, not hang it.
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut lines = [String::new(), String::new()];
-        for l in &mut lines {
-            let _ = out.read_line(l);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                let mut l = String::new();
+                let _ = out.read_line(&mut l);
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while lines.len() < 2 {
+            match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(l) => lines.push(l),
+                Err(_) => break,
+            }
         }
-        let after = |l: &str, prefix: &str| l.trim().strip_prefix(prefix).map(str::to_string);
+        let after = |i: usize, prefix: &str| {
+            lines
+                .get(i)
+                .and_then(|l| l.trim().strip_prefix(prefix).map(str::to_string))
+        };
         match (
-            after(&lines[0], "relay listening on "),
-            after(&lines[1], "metrics listening on "),
+            after(0, "relay listening on "),
+            after(1, "metrics listening on "),
         ) {
             (Some(url), Some(metrics)) => (Self { child, url }, metrics),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("unexpected first lines {lines:?}")
+                panic!(
+                    "expected the listening lines of the relay and of its metrics, got {lines:?}"
+                )
             }
         }
     }
