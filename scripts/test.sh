@@ -41,6 +41,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy -p web-node --target wasm32-unknown-unknown -- -D warnings"
 cargo clippy -p web-node --target wasm32-unknown-unknown -- -D warnings
 
+# Every binary first: tests outside the relay crate start the real `relay`
+# (miner's `aiblock demo` test finds it in target/debug; cargo builds a
+# crate's own binaries for its tests only).
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
 step "cargo test --workspace"
 cargo test --workspace
 

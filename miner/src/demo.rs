@@ -1,7 +1,8 @@
 //! `aiblock demo`: the seed's distributed demo, for real, in one command.
 //!
-//! 1. a relay (the relay library, in this process) on 127.0.0.1 with its
-//!    data in a temporary directory and the genesis of `--model`;
+//! 1. a relay: the `relay` binary (next to this executable, else on PATH)
+//!    as a child process, `relay serve` on 127.0.0.1:0 with its data in a
+//!    temporary directory and the genesis of `--model`;
 //! 2. three native nodes ([`crate::peer::run`]), all serving compute:
 //!    node1 holds layers 0–1 (the first half of the layers), node2 the
 //!    others, node3 the first half of the experts of every layer. node1 and
@@ -14,10 +15,9 @@
 //!    (the relay's own counters) and whether the answer equals local inference.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,6 +53,132 @@ pub struct DemoArgs {
     /// Keep the relay's and the nodes' data here instead of a temporary directory.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+}
+
+/// How long the relay may take to open its data and listen, and to stop.
+const RELAY_START: Duration = Duration::from_secs(120);
+const RELAY_STOP: Duration = Duration::from_secs(10);
+
+/// The `relay` binary: next to this executable (as `cargo build` and an
+/// install put them), else on PATH.
+fn relay_binary() -> Result<PathBuf> {
+    let name = format!("relay{}", std::env::consts::EXE_SUFFIX);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(&name)));
+    if let Some(p) = beside.as_ref().filter(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(&name)).collect())
+        .unwrap_or_default();
+    if let Some(p) = on_path.into_iter().find(|p| p.is_file()) {
+        return Ok(p);
+    }
+    bail!(
+        "the relay binary was not found: not next to aiblock ({}) and not on PATH; \
+         build it with `cargo build -p relay` (or `cargo build --workspace --bins`)",
+        beside
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the directory of this executable is unknown".into())
+    )
+}
+
+/// `relay serve` as a child process; stopped (SIGTERM, as Ctrl-C would)
+/// by [`RelayProcess::stop`] or on drop.
+struct RelayProcess {
+    child: Child,
+    /// What it printed: `http://127.0.0.1:PORT`.
+    url: String,
+}
+
+impl RelayProcess {
+    fn start(data: &Path, model: &Path) -> Result<Self> {
+        let bin = relay_binary()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .arg("--model")
+            .arg(model)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout from the relay"))?;
+        // Its first line is `relay listening on URL`; read on a thread so
+        // that a relay that never listens is an error, not a hang. The rest
+        // of its stdout is read (and dropped) so that it never blocks.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let mut relay = Self {
+            child,
+            url: String::new(),
+        };
+        let line = match rx.recv_timeout(RELAY_START) {
+            Ok(Some(Ok(l))) => l,
+            Ok(_) => {
+                let status = relay.child.wait()?;
+                bail!(
+                    "the relay ({}) exited before listening: {status}",
+                    bin.display()
+                );
+            }
+            Err(_) => bail!(
+                "the relay ({}) did not listen within {} s",
+                bin.display(),
+                RELAY_START.as_secs()
+            ),
+        };
+        relay.url = line
+            .trim()
+            .strip_prefix("relay listening on ")
+            .ok_or_else(|| anyhow!("unexpected first line from the relay: {line:?}"))?
+            .to_string();
+        Ok(relay)
+    }
+
+    /// SIGTERM (a graceful stop: counters flushed), then SIGKILL if it has
+    /// not exited within [`RELAY_STOP`].
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < RELAY_STOP {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
 }
 
 /// One node of the demo.
@@ -203,29 +329,10 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
         .enable_all()
         .build()?;
 
-    // 1. The relay.
-    let state = relay::open_relay(&relay::server::ServeConfig {
-        data_dir: root.join("relay"),
-        web_dir: None,
-        model_dir: Some(a.model.clone()),
-        database: None,
-    })?;
-    let state = Arc::new(state);
-    let (relay_stop, relay_stop_rx) = oneshot::channel::<()>();
-    let listener = rt.block_on(async {
-        relay::server::conn::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1024)
-    })?;
-    let addr = listener.local_addr()?;
-    let relay_task = rt.spawn(relay::serve(
-        listener,
-        relay::app(state.clone()),
-        relay::ServeOptions::default(),
-        async move {
-            let _ = relay_stop_rx.await;
-        },
-    ));
-    let http = format!("http://{addr}");
-    let ws = format!("ws://{addr}/ws");
+    // 1. The relay: the `relay` binary, as a user would run it.
+    let relay = RelayProcess::start(&root.join("relay"), &a.model)?;
+    let http = relay.url.clone();
+    let ws = format!("ws://{}/ws", http.trim_start_matches("http://"));
     println!("relay   {http}  (data in {})", root.join("relay").display());
 
     // 2. Three nodes.
@@ -380,8 +487,7 @@ pub fn cli(a: &DemoArgs) -> Result<()> {
         }
         let _ = rt.block_on(n.task);
     }
-    let _ = relay_stop.send(());
-    let _ = rt.block_on(relay_task);
+    relay.stop();
     rt.shutdown_timeout(Duration::from_secs(2));
     if !same {
         bail!("the distributed answer differs from local inference");

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
+use test_support::relay::TestRelay;
 use web_node::chain::{BlockBuilder, BlockHash, BlockKind, PayloadDtype};
 use web_node::model::random::{
     random_tensors, safetensors_bytes, slot_safetensors_prefix, small_config, write_random_model,
@@ -47,31 +48,35 @@ fn big_config(mib: u64) -> Config {
     small_config(vocab.max(300), hidden, 64, 1, 4, 2)
 }
 
+/// The relay under attack (`test_support`'s in-process relay, through the
+/// production accept loop), in this child process until it is killed. The
+/// per-IP rate is lifted (every client is 127.0.0.1); the per-key rate is
+/// the default one.
 fn serve_child(data: &Path, model: &Path) {
-    let state = relay::open_relay(&relay::server::ServeConfig {
+    let cfg = relay::server::ServeConfig {
         data_dir: data.to_path_buf(),
         web_dir: None,
         model_dir: Some(model.to_path_buf()),
         database: None,
-    })
-    .unwrap()
-    .with_gate(Arc::new(relay::quality::QualityGate::default()))
-    .with_meta_keys([publisher().verifying_key().to_bytes()])
-    .with_options(|o| {
-        o.ip_rate = relay::server::limits::Rate {
-            burst: 1_000_000,
-            per_minute: 1_000_000,
-        };
-    });
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let opts = relay::ServeOptions::default();
-        let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), opts.backlog).unwrap();
-        println!("http://{}", l.local_addr().unwrap());
-        relay::serve(l, relay::app(Arc::new(state)), opts, std::future::pending())
-            .await
-            .unwrap();
-    });
+    };
+    let r = TestRelay::start_cfg(
+        cfg,
+        |s| {
+            s.with_gate(Arc::new(relay::quality::QualityGate::default()))
+                .with_meta_keys([publisher().verifying_key().to_bytes()])
+                .with_options(|o| {
+                    o.key_rate = relay::server::limits::Rate {
+                        burst: relay::server::limits::KEY_BURST,
+                        per_minute: relay::server::limits::KEY_PER_MINUTE,
+                    }
+                })
+        },
+        relay::ServeOptions::default(),
+    );
+    println!("{}", r.url);
+    loop {
+        std::thread::park();
+    }
 }
 
 fn vm_hwm(pid: u32) -> u64 {

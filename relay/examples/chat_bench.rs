@@ -17,7 +17,6 @@
 mod compute_peer;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
@@ -26,6 +25,7 @@ use relay::chat::{ChatOptions, ChatRuntime};
 use relay::compute::ExpertCompute as _;
 use relay::server::limits::Rate;
 use relay::server::ServeConfig;
+use test_support::relay::TestRelay;
 use web_node::model::Config;
 use web_node::net::chat::{ChatResponse, RELAY};
 
@@ -115,35 +115,34 @@ fn main() -> Result<()> {
         std::fs::copy(src.join(f), model.join(f)).with_context(|| format!("copying {f}"))?;
     }
     let cfg = Config::from_json(&std::fs::read(model.join("config.json"))?)?;
-    let mut state = relay::open_relay(&ServeConfig {
-        data_dir: tmp.path().join("data"),
-        web_dir: None,
-        model_dir: Some(model),
-        database: None,
-    })?;
-    state.chat = ChatRuntime::new(ChatOptions {
-        ip_rate: Rate {
-            burst: 1_000_000,
-            per_minute: 1_000_000,
+    // The relay: `test_support`'s, in process, through the production
+    // accept loop, on a runtime of its own.
+    let served = TestRelay::start_cfg(
+        ServeConfig {
+            data_dir: tmp.path().join("data"),
+            web_dir: None,
+            model_dir: Some(model),
+            database: None,
         },
-        ..ChatOptions::default()
-    });
-    let state = Arc::new(state);
+        |mut s| {
+            s.chat = ChatRuntime::new(ChatOptions {
+                ip_rate: Rate {
+                    burst: 1_000_000,
+                    per_minute: 1_000_000,
+                },
+                ..ChatOptions::default()
+            });
+            s
+        },
+        relay::ServeOptions::default(),
+    );
+    let state = served.state.clone();
+    let addr = served.addr();
+    let url = served.url.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let listener = rt.block_on(async {
-        relay::server::conn::bind("127.0.0.1:0".parse().expect("address"), 1024)
-    })?;
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
-    rt.spawn(relay::serve(
-        listener,
-        relay::app(state.clone()),
-        relay::ServeOptions::default(),
-        std::future::pending::<()>(),
-    ));
 
     // Two compute peers, each holding half of the layers' experts.
     let layers = cfg.num_hidden_layers;
@@ -152,7 +151,7 @@ fn main() -> Result<()> {
     for (key, range) in [(61u8, 0..half), (62u8, half..layers)] {
         let held = compute_peer::expert_weights(&url, &cfg, range);
         peers.push(rt.block_on(compute_peer::start(
-            &addr.to_string(),
+            &addr,
             SigningKey::from_bytes(&[key; 32]),
             held,
             compute_peer::Behaviour::Answer,

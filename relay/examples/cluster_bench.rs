@@ -12,12 +12,12 @@
 //! `cargo run --release -p relay --example cluster_bench [-- UPLOADS [KiB]]`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use relay::pg::testing::TestPg;
 use relay::server::ServeConfig;
+use test_support::pg::TestPg;
+use test_support::relay::TestRelay;
 use web_node::chain::{BlockHash, BlockKind};
 use web_node::model::random::{
     random_tensors, safetensors_bytes, small_config, write_random_model,
@@ -25,22 +25,13 @@ use web_node::model::random::{
 use web_node::model::{Config, Slot};
 use web_node::net::api::{BlockInfo, HeadInfo, SeedUpload, UploadOptions};
 
-struct Served {
-    url: String,
-}
-
-fn serve(rt: &tokio::runtime::Runtime, cfg: ServeConfig) -> (Served, f64) {
+/// A relay in this process (`test_support`'s, through the production
+/// accept loop, on a runtime of its own) and how long it took to open its
+/// store and start listening.
+fn serve(cfg: ServeConfig) -> (TestRelay, f64) {
     let t = Instant::now();
-    let state = Arc::new(relay::open_relay(&cfg).unwrap());
-    let open_s = t.elapsed().as_secs_f64();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let _g = rt.enter();
-    relay::cluster::start(&state);
-    rt.spawn(async move { axum::serve(listener, relay::app(state)).await });
-    (Served { url }, open_s)
+    let served = TestRelay::start_cfg(cfg, |s| s, relay::ServeOptions::default());
+    (served, t.elapsed().as_secs_f64())
 }
 
 fn heads(url: &str) -> Vec<HeadInfo> {
@@ -110,13 +101,7 @@ struct Run {
     reopen_s: f64,
 }
 
-fn run_backend(
-    rt: &tokio::runtime::Runtime,
-    model: &std::path::Path,
-    cfg: &Config,
-    db: Option<String>,
-    uploads: u64,
-) -> Run {
+fn run_backend(model: &std::path::Path, cfg: &Config, db: Option<String>, uploads: u64) -> Run {
     let data = tempfile::tempdir().unwrap();
     let mk = |database: Option<String>| ServeConfig {
         data_dir: data.path().to_path_buf(),
@@ -124,7 +109,7 @@ fn run_backend(
         model_dir: Some(model.to_path_buf()),
         database,
     };
-    let (r, _) = serve(rt, mk(db.clone()));
+    let (r, _) = serve(mk(db.clone()));
     let key = SigningKey::from_bytes(&[7; 32]);
     // Bodies built before the clock starts.
     let mut bytes = 0usize;
@@ -206,14 +191,9 @@ fn main() {
         pg.version(),
         uploads
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let file = run_backend(&rt, &model, &cfg, None, uploads);
+    let file = run_backend(&model, &cfg, None, uploads);
     let db = pg.create_db();
-    let post_ = run_backend(&rt, &model, &cfg, Some(db), uploads);
+    let post_ = run_backend(&model, &cfg, Some(db), uploads);
     println!("| What | embedded (redb + files) | PostgreSQL |");
     println!("|---|---|---|");
     println!(
@@ -243,8 +223,8 @@ fn main() {
         model_dir: Some(model.clone()),
         database: Some(db.clone()),
     };
-    let (r1, _) = serve(&rt, mk(d1.path()));
-    let (r2, _) = serve(&rt, mk(d2.path()));
+    let (r1, _) = serve(mk(d1.path()));
+    let (r2, _) = serve(mk(d2.path()));
     let key = SigningKey::from_bytes(&[8; 32]);
     let mut lat: Vec<Duration> = Vec::new();
     for i in 0..uploads.min(32) {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt as _, StreamExt as _};
 use relay::peers::PeerOptions;
+use test_support::relay::TestRelay;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 use web_node::model::random::{small_config, write_random_model};
@@ -65,34 +66,32 @@ fn child(dir: &str) {
             model_dir: Some(model),
             database: None,
         };
-        let state = relay::open_relay(&cfg)
-            .unwrap()
-            .with_peer_options(PeerOptions {
-                max_conns_per_ip: 1_000_000,
-                max_conns: 1_000_000,
-                msgs_per_sec: 1_000_000,
-                msgs_burst: 1_000_000,
-                ..PeerOptions::default()
-            });
-        let state = Arc::new(state);
-        let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
-        println!("ADDR {}", l.local_addr().unwrap());
-        let opts = relay::ServeOptions {
-            max_connections: 100_000,
-            max_connections_per_ip: 100_000,
-            ..relay::ServeOptions::default()
-        };
-        let stop = async {
-            // The parent closes our stdin when it is done.
-            let _ = tokio::task::spawn_blocking(|| {
-                let mut s = String::new();
-                let _ = std::io::stdin().read_line(&mut s);
-            })
-            .await;
-        };
-        relay::serve(l, relay::app(state), opts, stop)
-            .await
-            .unwrap();
+        // `test_support`'s relay, through the production accept loop.
+        let served = TestRelay::start_cfg(
+            cfg,
+            |s| {
+                s.with_peer_options(PeerOptions {
+                    max_conns_per_ip: 1_000_000,
+                    max_conns: 1_000_000,
+                    msgs_per_sec: 1_000_000,
+                    msgs_burst: 1_000_000,
+                    ..PeerOptions::default()
+                })
+            },
+            relay::ServeOptions {
+                max_connections: 100_000,
+                max_connections_per_ip: 100_000,
+                ..relay::ServeOptions::default()
+            },
+        );
+        println!("ADDR {}", served.addr());
+        // The parent closes our stdin when it is done.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut s = String::new();
+            let _ = std::io::stdin().read_line(&mut s);
+        })
+        .await;
+        served.stop();
     });
 }
 

@@ -8,11 +8,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use sha2::Digest;
+use test_support::relay::TestRelay;
 use web_node::chain::BlockKind;
 use web_node::model::random::{
     random_tensors, safetensors_bytes, small_config, write_random_model,
@@ -32,21 +32,21 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     write_random_model(&model, &cfg, 1).unwrap();
+    // `test_support`'s relay, in process, through the production accept
+    // loop; genesis is most of its start.
     let t = Instant::now();
-    let state = relay::open_relay(&relay::server::ServeConfig {
-        data_dir: tmp.path().join("data"),
-        web_dir: None,
-        model_dir: Some(model),
-        database: None,
-    })
-    .unwrap();
+    let served = TestRelay::start_cfg(
+        relay::server::ServeConfig {
+            data_dir: tmp.path().join("data"),
+            web_dir: None,
+            model_dir: Some(model),
+            database: None,
+        },
+        |s| s,
+        relay::ServeOptions::default(),
+    );
     let genesis_s = t.elapsed().as_secs_f64();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, relay::app(Arc::new(state))).await });
+    let url = served.url.clone();
 
     let list: Vec<BlockInfo> = serde_json::from_reader(
         ureq::get(&format!("{url}/chain/B/blocks"))

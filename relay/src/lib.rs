@@ -1,39 +1,88 @@
 //! AI-Block relay: stores the chain, serves the REST API and the web app.
 //!
+//! # Layers
+//!
+//! Each file imports only files of a lower layer (or, within its layer,
+//! without a cycle); nothing imports `server` but `main`. A feature is
+//! split along the line of the state: its runtime (what [`AppState`]
+//! holds) sits below [`state`], its handlers above it.
+//!
+//! ```text
+//!  main (bin)            relay serve / backup / restore: flags, build, run
+//!  ───────────────────────────────────────────────────────────────────────
+//!  server                app(): the router from each feature's routes();
+//!                        open_relay, conn (accept loop), static files
+//!  ───────────────────────────────────────────────────────────────────────
+//!  handlers              server::{routes_read, upload, health}
+//!                        peers::{ws, p2p, http}   chat, chat::remote
+//!                        rewards                  cluster::{presence, link, follow}
+//!  ───────────────────────────────────────────────────────────────────────
+//!  state                 AppState, SharedState, accept_block
+//!  ───────────────────────────────────────────────────────────────────────
+//!  feature runtimes      peers (Peers, chunks core, stats, nodes,
+//!                        cluster: the Cluster handle + ClusterIo port)
+//!                        chat::{runtime, model}
+//!  ───────────────────────────────────────────────────────────────────────
+//!  chain_index           ChainState (the DAG index, order, signatures)
+//!  ───────────────────────────────────────────────────────────────────────
+//!  foundation            store, usage, http (HttpError, store_err), quality,
+//!                        backup
+//!                        limits, auth, gate, compute (chat → peers port),
+//!                        genesis, metrics, pg
+//! ```
+//!
+//! Two ports cut what would be circles: [`compute::ExpertCompute`] (what
+//! chat needs of peers) and [`peers::ClusterIo`] (what peers needs of the
+//! cluster; `cluster` implements it). Everything is built in order and
+//! passed to its constructor: the store and usage, the chain lock, then
+//! [`peers::Peers::new`] with all three, then [`AppState`]. The one late
+//! step is [`peers::Peers::join_cluster`]: joining needs the advertised
+//! `/ws` URL, known only once the listener is bound.
+//!
+//! # Modules
+//!
 //! * [`store::FileStore`]: the embedded [`BlockStore`](web_node::store::BlockStore):
 //!   content-addressed block files (`data/blocks/ab/<hash>`, envelope then
 //!   payload, written temp + fsync + rename + fsync dir) and a redb index
 //!   (order, headers, heads). Crash-safe; repaired on open.
 //! * [`server`]: `fn app(state) -> Router` with the REST API and static files,
 //!   [`serve`] (the accept loop with connection limits and timeouts), the
-//!   upload pipeline, write rules and limits.
+//!   upload pipeline.
+//! * [`state`], [`chain_index`], [`http`], [`limits`] (the server's and the
+//!   cluster's limits), [`auth`] (write rules).
 //! * [`gate`]: the acceptance hook every new version of an existing slot passes.
 //! * [`quality`]: the quality gate (recomputed public-eval loss, rate limit per miner key).
 //! * [`peers`]: `/ws` peers (login, registry, chunk routing, remote expert
 //!   computation) and `/p2p/*`; [`compute`] is what chat needs of it.
 //! * [`chat`]: `/chat` and `/chat/distributed`.
+//! * [`cluster`]: several relays on one PostgreSQL database.
+//! * [`rewards`]: usage reports and reward claims.
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
 
+pub mod auth;
 pub mod backup;
+pub mod chain_index;
 pub mod chat;
 pub mod cluster;
 pub mod compute;
 pub mod gate;
 pub mod genesis;
+pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod peers;
 pub mod pg;
 pub mod quality;
 pub mod rewards;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod usage;
 
 pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection, Verdict};
-pub use server::{
-    accept_block, app, open_relay, open_relay_with_blobs, serve, AppState, ChainState,
-    RelayOptions, ServeOptions, SharedState,
-};
+pub use limits::{RelayOptions, ServeOptions};
+pub use server::{app, open_relay, open_relay_with_blobs, serve};
+pub use state::{accept_block, AppState, ChainState, SharedState};
 pub use store::FileStore;
 
 /// Errors of the relay library.

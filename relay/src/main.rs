@@ -249,19 +249,7 @@ fn check(data: PathBuf, database: Option<String>, blobs: Option<String>) -> anyh
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,tower_http=info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        logs.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
-    } else {
-        logs.init();
-    }
+    init_logs(&cli.log_format);
     let a = match cli.cmd {
         Cmd::Check {
             data,
@@ -276,12 +264,93 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve(a) => a,
     };
+    serve(*a).await
+}
+
+/// Logs to stderr, as text or JSON (`--log-format`), filtered by `RUST_LOG`.
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_http=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        logs.init();
+    }
+}
+
+/// `relay serve`: open the relay, start its background tasks, serve until
+/// a shutdown signal, then drain.
+async fn serve(a: Serve) -> anyhow::Result<()> {
     // Resolved once (absolute, canonical): relative, `..`, symlinked and
     // trailing-slash forms of --data all name the same directory.
     let data = relay::store::resolve_data_dir(&a.data)
         .with_context(|| format!("the data directory {}", a.data.display()))?;
+    let state = Arc::new(open_state(&a, &data).await?);
+    // Usage counters flushed every second, rewards paid every hour.
+    relay::rewards::spawn_background(&state);
+    let usage = state.usage.clone();
+    if !a.no_scrub {
+        spawn_scrub(&state);
+    }
+    let listener = relay::server::conn::bind(a.addr, a.backlog)
+        .with_context(|| format!("binding {}", a.addr))?;
+    let local = listener.local_addr()?;
+    println!("relay listening on http://{local}");
+    tracing::info!(%local, "listening");
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let metrics = metrics_routes(a.metrics_addr, stopped_rx).await?;
+    if state.pg.is_some() {
+        let url = a
+            .advertise
+            .clone()
+            .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
+        relay::cluster::presence::configure(&state, &data, url)?;
+    }
+    // Blocks other relays on the same database accept; presence and forwarding.
+    relay::cluster::start(&state);
+    let opts = serve_options(&a);
+    let peers = state.peers.clone();
+    let stop_peers = peers.clone();
+    let draining = state.draining.clone();
+    let staging = state.opts.staging_dir.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // /readyz answers 503 from now on; peers are told and closed while
+        // HTTP connections drain.
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = stopped_tx.send(true);
+        stop_peers.shutdown();
+    };
+    let app = match metrics {
+        Some(m) => relay::app(state).merge(m),
+        None => relay::app(state),
+    };
+    relay::serve(listener, app, opts, shutdown).await?;
+    peers.drain(a.shutdown_timeout).await;
+    // Uploads cut by the deadline removed their staged files as they were
+    // dropped; anything left there (a staging task that had not finished) goes now.
+    let left = remove_staged(&staging);
+    if left > 0 {
+        tracing::warn!(files = left, "staged uploads of cut requests removed");
+    }
+    match usage.flush() {
+        Ok(()) => tracing::info!("usage counters flushed; stopped"),
+        Err(e) => tracing::error!(error = %e, "usage counters not written at shutdown"),
+    }
+    Ok(())
+}
+
+/// Open the store and chain (blocking), then apply the flags: meta keys,
+/// request options, the gate and the peer options.
+async fn open_state(a: &Serve, data: &std::path::Path) -> anyhow::Result<relay::AppState> {
     let cfg = ServeConfig {
-        data_dir: data.clone(),
+        data_dir: data.to_path_buf(),
         web_dir: Some(a.web.clone()),
         model_dir: Some(a.model.clone()),
         database: a.database.clone(),
@@ -331,36 +400,38 @@ async fn main() -> anyhow::Result<()> {
         max_conns: a.max_peer_conns.max(1),
         ..relay::peers::PeerOptions::default()
     });
-    let state = Arc::new(state);
-    // Usage counters flushed every second, rewards paid every hour.
-    relay::rewards::spawn_background(&state);
-    let usage = state.usage.clone();
-    if !a.no_scrub {
-        let store = state.store.clone();
-        tokio::task::spawn_blocking(move || match store.scrub() {
-            Ok(r) => {
-                for (h, why) in &r.quarantined {
-                    tracing::error!(block = %h, reason = %why, "corrupted payload quarantined at start (not served)");
-                }
-                tracing::info!(
-                    checked = r.checked,
-                    bytes = r.bytes,
-                    quarantined = r.quarantined.len(),
-                    "payload check done"
-                );
+    Ok(state)
+}
+
+/// Check every payload against its hash in the background; quarantine the
+/// corrupted ones.
+fn spawn_scrub(state: &relay::SharedState) {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || match store.scrub() {
+        Ok(r) => {
+            for (h, why) in &r.quarantined {
+                tracing::error!(block = %h, reason = %why, "corrupted payload quarantined at start (not served)");
             }
-            Err(e) => tracing::error!(error = %e, "payload check failed"),
-        });
-    }
-    let listener = relay::server::conn::bind(a.addr, a.backlog)
-        .with_context(|| format!("binding {}", a.addr))?;
-    let local = listener.local_addr()?;
-    println!("relay listening on http://{local}");
-    tracing::info!(%local, "listening");
-    let (stopped_tx, mut stopped_rx) = tokio::sync::watch::channel(false);
+            tracing::info!(
+                checked = r.checked,
+                bytes = r.bytes,
+                quarantined = r.quarantined.len(),
+                "payload check done"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "payload check failed"),
+    });
+}
+
+/// Prometheus metrics: served on `addr` until `stopped` (then `None`), or
+/// returned to be merged into the main router.
+async fn metrics_routes(
+    addr: Option<SocketAddr>,
+    mut stopped_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<axum::Router>> {
     // Prometheus metrics: on --metrics-addr only, or on the main address.
     let metrics = relay::metrics::install().context("installing the metrics recorder")?;
-    let metrics = match a.metrics_addr {
+    Ok(match addr {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -380,17 +451,12 @@ async fn main() -> anyhow::Result<()> {
             None
         }
         None => Some(relay::metrics::routes(metrics)),
-    };
-    if state.pg.is_some() {
-        let url = a
-            .advertise
-            .clone()
-            .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
-        relay::cluster::presence::configure(&state, &data, url)?;
-    }
-    // Blocks other relays on the same database accept; presence and forwarding.
-    relay::cluster::start(&state);
-    let opts = relay::ServeOptions {
+    })
+}
+
+/// The connection-level flags.
+fn serve_options(a: &Serve) -> relay::ServeOptions {
+    relay::ServeOptions {
         header_timeout: a.header_timeout,
         keepalive_timeout: a.keepalive_timeout,
         write_timeout: a.write_timeout,
@@ -398,36 +464,7 @@ async fn main() -> anyhow::Result<()> {
         max_connections_per_ip: a.max_connections_per_ip,
         backlog: a.backlog,
         shutdown_timeout: a.shutdown_timeout,
-    };
-    let peers = state.peers.clone();
-    let stop_peers = peers.clone();
-    let draining = state.draining.clone();
-    let staging = state.opts.staging_dir.clone();
-    let shutdown = async move {
-        shutdown_signal().await;
-        // /readyz answers 503 from now on; peers are told and closed while
-        // HTTP connections drain.
-        draining.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = stopped_tx.send(true);
-        stop_peers.shutdown();
-    };
-    let app = match metrics {
-        Some(m) => relay::app(state).merge(m),
-        None => relay::app(state),
-    };
-    relay::serve(listener, app, opts, shutdown).await?;
-    peers.drain(a.shutdown_timeout).await;
-    // Uploads cut by the deadline removed their staged files as they were
-    // dropped; anything left there (a staging task that had not finished) goes now.
-    let left = remove_staged(&staging);
-    if left > 0 {
-        tracing::warn!(files = left, "staged uploads of cut requests removed");
     }
-    match usage.flush() {
-        Ok(()) => tracing::info!("usage counters flushed; stopped"),
-        Err(e) => tracing::error!(error = %e, "usage counters not written at shutdown"),
-    }
-    Ok(())
 }
 
 /// Remove the files left in the staging dir; how many.

@@ -20,7 +20,7 @@ use web_node::model::{checkpoint, Config};
 use web_node::store::BlockStore;
 
 use crate::gate::{Gate, GateContext, Rejection, Verdict};
-use crate::server::limits::{Rate, RateTable, RATE_TABLE_CAPACITY};
+use crate::limits::{Rate, RateTable, RATE_TABLE_CAPACITY};
 
 /// Incumbent losses remembered (one per set of heads; an entry is useless
 /// once a head of its model moves, so a few suffice).

@@ -28,7 +28,8 @@ use web_node::chain::{BlockHash, ChainId, ChainView as _, Dag};
 use web_node::model::Slot;
 use web_node::net::api::{codes, ApiError};
 
-use crate::server::{HttpError, SharedState};
+use crate::http::HttpError;
+use crate::state::{AppState, SharedState};
 use crate::usage::{
     quality_pct, speed_pct, PeerCounters, RewardEntry, Usage, UsageReport, VersionCounters,
     VersionInfo,
@@ -475,7 +476,7 @@ async fn report(
 /// Flush counters every [`crate::usage::FLUSH_INTERVAL`] and pay every
 /// expert slot each [`REWARD_PERIOD`], while the state lives.
 pub fn spawn_background(st: &SharedState) {
-    let weak: Weak<crate::server::AppState> = Arc::downgrade(st);
+    let weak: Weak<AppState> = Arc::downgrade(st);
     tokio::spawn(async move {
         let mut flush = tokio::time::interval(crate::usage::FLUSH_INTERVAL);
         let mut pay = tokio::time::interval(REWARD_PERIOD);

@@ -173,36 +173,19 @@ mod tests {
 
     use super::*;
     use crate::chain::{chunk_hashes, limits, Block, ChainError, PayloadAssembler, PayloadStatus};
-    use crate::model::checkpoint::{split_checkpoint, Signer};
     use crate::model::generate::{generate_async, generate_from_ids, prompt_ids};
-    use crate::model::random::{random_model_bytes, tiny_config, RandomModel};
+    use crate::model::random::{tiny_config, RandomModel};
     use crate::model::reference::CpuModel;
     use crate::model::sampler::Sampler;
     use crate::model::{engine::now, RunOptions, Supply};
+    use crate::test_chain::TinyChain;
     use crate::verify::{verify_chain_dag, FetchedBlock};
-    use ed25519_dalek::SigningKey;
 
-    /// A random tiny model as signed blocks: (block, payload) in chain order.
+    /// A random tiny model as signed blocks: (block, payload) in chain order
+    /// (the crate's one signed tiny-chain fixture, [`crate::test_chain`]).
     fn chain_of_random_model() -> (Vec<(Block, Vec<u8>)>, RandomModel) {
-        let cfg = tiny_config();
-        let m = random_model_bytes(&cfg, 7).unwrap();
-        let key = SigningKey::from_bytes(&[5; 32]);
-        let signer = Signer {
-            key: &key,
-            address: "op".into(),
-            timestamp_ms: 1,
-            chunk_size: limits::MIN_CHUNK_SIZE,
-        };
-        let config: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
-        let tok: serde_json::Value = serde_json::from_slice(&m.tokenizer_json).unwrap();
-        let spec = MetaPayload::new("tiny", config, Some(tok)).unwrap();
-        let (meta, meta_payload) = signer.meta_block(&spec, None).unwrap();
-        let mh = meta.hash;
-        let mut out = vec![(meta, meta_payload)];
-        for s in split_checkpoint(&cfg, &[&m.safetensors]).unwrap() {
-            out.push(signer.slot_block(mh, &s, vec![], None));
-        }
-        (out, m)
+        let c = TinyChain::new(7);
+        (c.blocks(), c.model)
     }
 
     /// Headers only, but for the payloads named in `with`.

@@ -28,5 +28,8 @@ pub mod store;
 pub mod verify;
 pub mod view;
 
+#[cfg(test)]
+mod test_chain;
+
 #[cfg(target_arch = "wasm32")]
 mod browser;

@@ -10,17 +10,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use relay::cluster::presence::ClusterOptions;
-use relay::pg::testing::TestPg;
 use relay::pg::Pg;
-use relay::server::limits::Rate;
 use relay::server::ServeConfig;
-use relay::{ServeOptions, SharedState};
+use relay::ServeOptions;
+use test_support::pg::TestPg;
+use test_support::relay::{Launch, TestRelay};
 use tokio::sync::watch;
 use web_node::chain::BlockHash;
 use web_node::model::random::{small_config, write_random_model};
@@ -46,103 +44,34 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A relay on the shared database in this process; `crash` drops it with
-/// every task and socket, leaving its rows to expire.
-struct Relay {
-    addr: SocketAddr,
-    state: SharedState,
-    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+/// A relay on the shared database in this process (`test_support`'s), in
+/// the cluster with short timings; `crash` (and drop) ends it with every
+/// task and socket, leaving its rows to expire.
+fn start_relay(data: &Path, model: &Path, db: &str) -> TestRelay {
+    let cfg = ServeConfig {
+        data_dir: data.to_path_buf(),
+        web_dir: None,
+        model_dir: Some(model.to_path_buf()),
+        database: Some(db.to_string()),
+    };
+    TestRelay::launch(
+        cfg,
+        |s| s,
+        ServeOptions::default(),
+        Launch {
+            cluster: Some(ClusterOptions {
+                heartbeat: Duration::from_millis(300),
+                dead_after: Duration::from_secs(3),
+            }),
+            crash_on_drop: true,
+            ..Launch::default()
+        },
+    )
 }
 
-impl Relay {
-    fn start(data: &Path, model: &Path, db: &str) -> Self {
-        let cfg = ServeConfig {
-            data_dir: data.to_path_buf(),
-            web_dir: None,
-            model_dir: Some(model.to_path_buf()),
-            database: Some(db.to_string()),
-        };
-        let state: SharedState = Arc::new(relay::open_relay(&cfg).unwrap().with_options(|o| {
-            o.ip_rate = Rate {
-                burst: 1_000_000,
-                per_minute: 1_000_000,
-            };
-            o.key_rate = o.ip_rate;
-        }));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (st, dir) = (state.clone(), data.to_path_buf());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
-                let addr = l.local_addr().unwrap();
-                relay::cluster::presence::configure_with(
-                    &st,
-                    &dir,
-                    format!("ws://{addr}/ws"),
-                    ClusterOptions {
-                        heartbeat: Duration::from_millis(300),
-                        dead_after: Duration::from_secs(3),
-                    },
-                )
-                .unwrap();
-                relay::cluster::start(&st);
-                addr_tx.send(addr).unwrap();
-                let serve = relay::serve(
-                    l,
-                    relay::app(st),
-                    ServeOptions::default(),
-                    std::future::pending(),
-                );
-                tokio::select! {
-                    r = serve => r.unwrap(),
-                    _ = stop_rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            addr,
-            state,
-            stop: Mutex::new(Some(stop_tx)),
-            thread: Mutex::new(Some(thread)),
-        }
-    }
-
-    fn http(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ws(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    fn id(&self) -> String {
-        self.state.peers.cluster().unwrap().id.clone()
-    }
-
-    fn crash(&self) {
-        if let Some(s) = self.stop.lock().unwrap().take() {
-            let _ = s.send(());
-        }
-        let t = self.thread.lock().unwrap().take();
-        if let Some(t) = t {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.crash();
-    }
+/// The cluster id of a relay.
+fn relay_id(r: &TestRelay) -> String {
+    r.state.peers.cluster().unwrap().id.clone()
 }
 
 /// A node running `miner::peer::run` on its own runtime.
@@ -153,7 +82,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(relays: &[&Relay], data: &Path, slot: &str) -> Self {
+    fn start(relays: &[&TestRelay], data: &Path, slot: &str) -> Self {
         let urls: Vec<String> = relays.iter().map(|r| r.ws()).collect();
         let mut cfg = PeerConfig::new(urls.join(","), data);
         cfg.experts = vec![slot.to_string()];
@@ -212,11 +141,8 @@ impl Drop for Node {
     }
 }
 
-fn head(r: &Relay, name: &str) -> BlockInfo {
-    let url = format!("{}/chain/B/blocks", r.http());
-    let b: Vec<BlockInfo> =
-        serde_json::from_reader(ureq::get(&url).call().unwrap().into_reader()).unwrap();
-    b.into_iter().find(|i| i.is_head && i.name == name).unwrap()
+fn head(r: &TestRelay, name: &str) -> BlockInfo {
+    test_support::http::head(&r.url, name)
 }
 
 /// Presence rows of `peer` on relay `relay`.
@@ -245,11 +171,11 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
     let db = Pg::connect(&url).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
-    let r1 = Relay::start(&tmp.path().join("r1"), &model, &url);
-    let r2 = Relay::start(&tmp.path().join("r2"), &model, &url);
+    let r1 = start_relay(&tmp.path().join("r1"), &model, &url);
+    let r2 = start_relay(&tmp.path().join("r2"), &model, &url);
     let c1 = r1.state.peers.cluster().unwrap().clone();
     wait("relay 1 to see relay 2", || {
-        c1.relays().iter().any(|r| r.id == r2.id())
+        c1.relays().iter().any(|r| r.id == relay_id(&r2))
     });
     let slot = "layer1.expert3";
     let info = head(&r1, slot);
@@ -263,7 +189,7 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
     assert_eq!(sn.relay, r2.ws());
     let n_key = n.key();
     wait("N's presence on relay 2", || {
-        presence(&db, &r2.id(), n_key) == 1
+        presence(&db, &relay_id(&r2), n_key) == 1
     });
 
     // M on relay 1 gets it from N, through both relays.
@@ -292,7 +218,7 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
         peers1.holders_of(&hash).contains(&n_key)
     });
     wait("N's presence under relay 1", || {
-        presence(&db, &r1.id(), n_key) == 1
+        presence(&db, &relay_id(&r1), n_key) == 1
     });
     // P on relay 1 now gets it from N directly.
     let before = r1.state.peers.stats().peer(&n_key).bytes_served;

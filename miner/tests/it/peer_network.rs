@@ -1,6 +1,7 @@
 //! Native nodes (`miner::peer::run`, and the real `aiblock peer` binary)
-//! on a real relay (the relay library on 127.0.0.1, in process): blocks
-//! shared node to node through the relay, verified; a relay restart with
+//! on a real relay (the relay library on 127.0.0.1, in process:
+//! `test_support::relay::TestRelay`): blocks shared node to node through
+//! the relay, verified; a relay restart with
 //! nodes that reconnect and resume an interrupted fetch; a node restarted on
 //! its data dir; a corrupt payload file dropped and fetched again.
 //!
@@ -16,9 +17,10 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use relay::server::limits::Rate;
 use relay::server::ServeConfig;
 use relay::ServeOptions;
+use test_support::http::{get_bytes, get_json};
+use test_support::relay::{Launch, TestRelay};
 use tokio::sync::watch;
 use web_node::chain::BlockHash;
 use web_node::model::random::{small_config, write_random_model};
@@ -38,100 +40,29 @@ fn model_dir(dir: &Path) -> PathBuf {
     m
 }
 
-/// A relay serving in this process; `stop` releases its store so that
-/// another can open the same data dir.
-struct Relay {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Relay {
-    /// On `port` (0: any free one).
-    fn start(data: &Path, model: &Path, port: u16) -> Self {
-        let cfg = ServeConfig {
-            data_dir: data.to_path_buf(),
-            web_dir: None,
-            model_dir: Some(model.to_path_buf()),
-            database: None,
-        };
-        let state = relay::open_relay(&cfg).unwrap().with_options(|o| {
-            o.ip_rate = Rate {
-                burst: 1_000_000,
-                per_minute: 1_000_000,
-            };
-            o.key_rate = o.ip_rate;
-        });
-        let (addr_tx, addr_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-                let l = relay::server::conn::bind(addr, 1024).unwrap();
-                addr_tx.send(l.local_addr().unwrap()).unwrap();
-                relay::serve(
-                    l,
-                    relay::app(Arc::new(state)),
-                    ServeOptions::default(),
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .unwrap();
-            });
-            // Dropping the runtime ends every connection task and the store.
-            rt.shutdown_timeout(Duration::from_secs(5));
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn http(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ws(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
-    serde_json::from_slice(&get_bytes(url)).unwrap()
-}
-
-fn get_bytes(url: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::io::Read::read_to_end(&mut ureq::get(url).call().unwrap().into_reader(), &mut v).unwrap();
-    v
+/// A relay serving in this process (`test_support`'s, through the
+/// production accept loop) on `port` (0: any free one); `stop` releases its
+/// store so that another can open the same data dir.
+fn start_relay(data: &Path, model: &Path, port: u16) -> TestRelay {
+    let cfg = ServeConfig {
+        data_dir: data.to_path_buf(),
+        web_dir: None,
+        model_dir: Some(model.to_path_buf()),
+        database: None,
+    };
+    TestRelay::launch(
+        cfg,
+        |s| s,
+        ServeOptions::default(),
+        Launch {
+            port,
+            ..Launch::default()
+        },
+    )
 }
 
 /// `GET /p2p/stats`.
-fn relay_stats(r: &Relay) -> serde_json::Value {
+fn relay_stats(r: &TestRelay) -> serde_json::Value {
     get_json(&format!("{}/p2p/stats", r.http()))
 }
 
@@ -142,11 +73,8 @@ fn counter(v: &serde_json::Value, name: &str) -> u64 {
 }
 
 /// The current head of a slot.
-fn head(r: &Relay, name: &str) -> BlockInfo {
-    let b: Vec<BlockInfo> = get_json(&format!("{}/chain/B/blocks", r.http()));
-    b.into_iter()
-        .find(|i| i.is_head && i.name == name)
-        .unwrap_or_else(|| panic!("no head for {name}"))
+fn head(r: &TestRelay, name: &str) -> BlockInfo {
+    test_support::http::head(&r.url, name)
 }
 
 /// A node running `miner::peer::run` on its own runtime.
@@ -221,7 +149,7 @@ impl Drop for Node {
     }
 }
 
-fn node_cfg(r: &Relay, data: &Path, globs: &[&str]) -> PeerConfig {
+fn node_cfg(r: &TestRelay, data: &Path, globs: &[&str]) -> PeerConfig {
     let mut c = PeerConfig::new(r.ws(), data);
     c.experts = globs.iter().map(|s| s.to_string()).collect();
     c
@@ -235,7 +163,7 @@ fn payload_file(data: &Path, h: &BlockHash) -> PathBuf {
 fn a_node_gets_an_expert_that_only_another_node_holds() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
-    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let relay = start_relay(&tmp.path().join("relay"), &model, 0);
     let slot = "layer1.expert3";
     let info = head(&relay, slot);
     let chunks = info.payload_len.div_ceil(u64::from(info.chunk_size));
@@ -304,8 +232,8 @@ fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
     let rdata = tmp.path().join("relay");
-    let mut relay = Relay::start(&rdata, &model, 0);
-    let port = relay.addr.port();
+    let relay = start_relay(&rdata, &model, 0);
+    let port = relay.addr().parse::<SocketAddr>().unwrap().port();
     let slot = "layer0.expert6";
     let info = head(&relay, slot);
     assert!(info.payload_len > u64::from(info.chunk_size));
@@ -344,7 +272,7 @@ fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
     );
 
     // Same data dir, same port: both log in again; B's fetch completes.
-    let relay = Relay::start(&rdata, &model, port);
+    let relay = start_relay(&rdata, &model, port);
     let sb = b.wait_complete();
     let sa = a.wait("A to log in again", |s| s.logged_in);
     assert!(sb.stats.logins >= 2 && sa.stats.logins >= 2);
@@ -364,7 +292,7 @@ fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
 fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
-    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let relay = start_relay(&tmp.path().join("relay"), &model, 0);
     let data = tmp.path().join("n");
     let globs = ["layer0.expert1", "layer0.expert2", "layer1.expert*"];
 
@@ -421,7 +349,7 @@ fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
 fn the_aiblock_peer_binary_logs_in_and_holds_its_blocks() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
-    let relay = Relay::start(&tmp.path().join("relay"), &model, 0);
+    let relay = start_relay(&tmp.path().join("relay"), &model, 0);
     let info = head(&relay, "layer1.expert0");
     let data = tmp.path().join("node");
     let mut child = Command::new(env!("CARGO_BIN_EXE_aiblock"))
@@ -494,6 +422,16 @@ fn the_aiblock_peer_binary_logs_in_and_holds_its_blocks() {
 
 #[test]
 fn aiblock_demo_runs_a_distributed_chat_on_three_nodes() {
+    // `aiblock demo` runs the `relay` binary found next to itself; cargo
+    // builds a crate's own binaries only (scripts/test.sh builds them all
+    // before the tests).
+    let relay = Path::new(env!("CARGO_BIN_EXE_aiblock"))
+        .with_file_name(format!("relay{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        relay.is_file(),
+        "{} is missing: build it first (`cargo build -p relay`)",
+        relay.display()
+    );
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path());
     let out = Command::new(env!("CARGO_BIN_EXE_aiblock"))

@@ -1,7 +1,7 @@
-//! The miner CLI against a real relay (the relay library's app on
-//! 127.0.0.1:0) and the committed default model: import/export round trip,
-//! refused mismatched checkpoints, greedy chat from the blocks the relay
-//! stores, and the quality gate (honest improve accepted, lies and worse
+//! The miner CLI against a real relay (the relay library in process on
+//! 127.0.0.1:0, `test_support::relay::TestRelay`) and the committed default
+//! model: import/export round trip, refused mismatched checkpoints, greedy
+//! chat from the blocks the relay stores, and the quality gate (honest improve accepted, lies and worse
 //! versions rejected, heads unchanged).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,8 +11,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use relay::server::ServeConfig;
-use relay::AppState;
+use relay::{AppState, ServeOptions};
 use safetensors::SafeTensors;
+use test_support::relay::TestRelay;
 use web_node::chain::BlockHash;
 use web_node::eval::{self, Corpus, Skill};
 use web_node::model::load::ModelDir;
@@ -42,58 +43,21 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-struct Relay {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Relay {
-    fn start(data: &Path, model: &Path, customize: impl FnOnce(AppState) -> AppState) -> Self {
-        let cfg = ServeConfig {
-            data_dir: data.to_path_buf(),
-            web_dir: None,
-            model_dir: Some(model.to_path_buf()),
-            database: None,
-        };
-        let state = customize(relay::open_relay(&cfg).unwrap());
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(l.local_addr().unwrap()).unwrap();
-                axum::serve(l, relay::app(Arc::new(state)))
-                    .with_graceful_shutdown(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            url: format!("http://{addr}"),
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// A relay in this process (`test_support`'s, through the production
+/// accept loop) on the embedded store; `customize` runs after the rate
+/// limits are lifted.
+fn start_relay(
+    data: &Path,
+    model: &Path,
+    customize: impl FnOnce(AppState) -> AppState,
+) -> TestRelay {
+    let cfg = ServeConfig {
+        data_dir: data.to_path_buf(),
+        web_dir: None,
+        model_dir: Some(model.to_path_buf()),
+        database: None,
+    };
+    TestRelay::start_cfg(cfg, customize, ServeOptions::default())
 }
 
 /// The first page of a chain's listing, as the relay pages it by default.
@@ -156,7 +120,7 @@ fn meta_only_model(dir: &Path) -> PathBuf {
 fn import_publish_export_round_trip_and_greedy_chat_from_relay_blocks() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let relay = Relay::start(&work.join("data"), &meta_only_model(work), |s| s);
+    let relay = start_relay(&work.join("data"), &meta_only_model(work), |s| s);
     let a = chain(&relay.url, "A");
     assert_eq!(a.len(), 1);
     let meta = a[0].hash.to_hex();
@@ -271,7 +235,7 @@ fn model_rebuilt_from_the_relays_genesis_blocks_answers_as_the_directory_does() 
     let work = tmp.path();
     // The relay's own genesis: meta block and every slot from models/default,
     // listed 10 blocks a page: export must follow the pages to find every head.
-    let relay = Relay::start(&work.join("data"), &default_model(), |s| {
+    let relay = start_relay(&work.join("data"), &default_model(), |s| {
         s.with_options(|o| o.default_page = 10)
     });
     assert_eq!(heads(&relay.url).len(), 37);
@@ -370,7 +334,7 @@ fn mismatched_checkpoint_is_refused_in_dry_run_too() {
 fn quality_gate_accepts_honest_improvements_and_rejects_lies_and_regressions() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let relay = Relay::start(&work.join("data"), &default_model(), |s| {
+    let relay = start_relay(&work.join("data"), &default_model(), |s| {
         s.with_gate(Arc::new(relay::quality::QualityGate::default()))
     });
     ok(&aiblock(&["keygen", "--out", "key"], work));

@@ -19,9 +19,16 @@
 //!   (429 with Retry-After beyond), a per-IP token bucket, `max_tokens`,
 //!   prompt length and body size. A client that goes away stops its
 //!   generation at the next token.
+//!
+//! Layers inside: [`runtime`] (the [`ChatRuntime`] the state holds, the
+//! limits) and `model` import only the foundation (`chain_index`, `store`,
+//! `http`, `limits`) and sit below [`crate::state`]; this file and `remote`
+//! are the handlers, above it. Remote computation goes through
+//! [`crate::compute`], never `crate::peers`.
 
 mod model;
 mod remote;
+pub mod runtime;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,7 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use futures_util::StreamExt as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use web_node::model::generate::{generate_async, prompt_ids, StopReason};
 use web_node::model::reference::CpuEngine;
 use web_node::model::sampler::{Sampler, SamplerConfig};
@@ -50,116 +57,15 @@ use web_node::net::chat::{
 };
 
 use crate::compute::ExpertCompute;
-use crate::server::limits::{Rate, RateTable, RATE_TABLE_CAPACITY};
-use crate::server::{HttpError, SharedState};
+use crate::http::HttpError;
+use crate::state::SharedState;
 
 pub use model::LoadedModel;
-
-/// Generations running at once. Each is CPU bound (one core or more), so
-/// on the 2-core reference machine two keep it busy; more would only make
-/// every answer slower. Beyond it: 429 with Retry-After.
-pub const MAX_CONCURRENT_CHATS: usize = 2;
-/// `max_tokens` when the body gives none.
-pub const DEFAULT_MAX_TOKENS: usize = 64;
-/// Largest `max_tokens` (400 above): bounds one request's CPU time (the
-/// default model decodes a few hundred tokens per second per core).
-pub const MAX_TOKENS_CAP: usize = 256;
-/// Longest prompt in characters (413 above); the default model's context is
-/// 256 tokens, so a longer prompt could not run anyway.
-pub const MAX_PROMPT_CHARS: usize = 4096;
-/// Largest request body (413 above): a prompt at the cap in 4-byte UTF-8
-/// plus the options.
-pub const MAX_CHAT_BODY: usize = 4 * MAX_PROMPT_CHARS + 4096;
-/// Chat requests per client IP in a burst.
-pub const CHAT_IP_BURST: u32 = 30;
-/// Sustained chat requests per minute per client IP.
-pub const CHAT_IP_PER_MINUTE: u32 = 60;
-/// Retry-After (seconds) of a 429 when every generation slot is busy.
-pub const BUSY_RETRY_AFTER: u64 = 1;
-/// A request body that sends no byte for this long gets 408.
-pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The chat limits (defaults: the constants above).
-#[derive(Debug, Clone)]
-pub struct ChatOptions {
-    pub max_concurrent: usize,
-    pub default_max_tokens: usize,
-    pub max_tokens_cap: usize,
-    pub max_prompt_chars: usize,
-    pub max_body: usize,
-    pub ip_rate: Rate,
-    pub rate_table_capacity: usize,
-    pub body_idle_timeout: Duration,
-}
-
-impl Default for ChatOptions {
-    fn default() -> Self {
-        Self {
-            max_concurrent: MAX_CONCURRENT_CHATS,
-            default_max_tokens: DEFAULT_MAX_TOKENS,
-            max_tokens_cap: MAX_TOKENS_CAP,
-            max_prompt_chars: MAX_PROMPT_CHARS,
-            max_body: MAX_CHAT_BODY,
-            ip_rate: Rate {
-                burst: CHAT_IP_BURST,
-                per_minute: CHAT_IP_PER_MINUTE,
-            },
-            rate_table_capacity: RATE_TABLE_CAPACITY,
-            body_idle_timeout: BODY_IDLE_TIMEOUT,
-        }
-    }
-}
-
-/// Chat state: the cached model, the generation slots, the rate table.
-pub struct ChatRuntime {
-    opts: ChatOptions,
-    slots: Arc<Semaphore>,
-    rates: RateTable<IpAddr>,
-    model: model::ModelCache,
-}
-
-impl std::fmt::Debug for ChatRuntime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatRuntime")
-            .field("opts", &self.opts)
-            .field("free_slots", &self.slots.available_permits())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for ChatRuntime {
-    fn default() -> Self {
-        Self::new(ChatOptions::default())
-    }
-}
-
-impl ChatRuntime {
-    pub fn new(opts: ChatOptions) -> Self {
-        Self {
-            slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
-            rates: RateTable::new(opts.ip_rate, opts.rate_table_capacity),
-            model: model::ModelCache::default(),
-            opts,
-        }
-    }
-
-    pub fn options(&self) -> &ChatOptions {
-        &self.opts
-    }
-
-    /// Generations running now.
-    pub fn running(&self) -> usize {
-        self.opts
-            .max_concurrent
-            .max(1)
-            .saturating_sub(self.slots.available_permits())
-    }
-
-    /// The model of the chain's current heads (built or rebuilt if needed).
-    pub async fn model(&self, state: &SharedState) -> Result<Arc<LoadedModel>, HttpError> {
-        self.model.get(state).await
-    }
-}
+pub use runtime::{
+    ChatOptions, ChatRuntime, BODY_IDLE_TIMEOUT, BUSY_RETRY_AFTER, CHAT_IP_BURST,
+    CHAT_IP_PER_MINUTE, DEFAULT_MAX_TOKENS, MAX_CHAT_BODY, MAX_CONCURRENT_CHATS, MAX_PROMPT_CHARS,
+    MAX_TOKENS_CAP,
+};
 
 /// `/chat` and `/chat/distributed`.
 pub fn routes() -> axum::Router<SharedState> {
@@ -350,7 +256,7 @@ async fn handle(
         )
     })?;
     let t0 = Instant::now();
-    let model = rt.model(&state).await?;
+    let model = rt.model(&state.chain, &state.store).await?;
     let load_ms = ms(t0.elapsed());
     let per_token = check_model(&p, &model.chain.config)?;
     let remote = if distributed {
@@ -526,39 +432,12 @@ impl Job {
         let prefill = first.unwrap_or(total);
         let decode = total.saturating_sub(prefill);
         let decoded = g.tokens.len().saturating_sub(1);
-        let experts = engine
-            .routing_stats()
-            .tokens_routed
-            .iter()
-            .map(|row| {
-                row.iter()
-                    .enumerate()
-                    .filter(|(_, &c)| c > 0)
-                    .map(|(expert, &tokens)| ExpertUse { expert, tokens })
-                    .collect()
-            })
-            .collect();
+        let experts = experts_used(&engine.routing_stats().tokens_routed);
         let (computed_by, failovers) = supply.report();
         // Usage: tokens routed to each expert version (its head block), with
         // the generation's mean step time as the call's latency.
         let step_us = (total.as_micros() as u64) / (decoded as u64 + 1);
-        let routed: Vec<(web_node::chain::BlockHash, u64, u64)> = engine
-            .routing_stats()
-            .tokens_routed
-            .iter()
-            .enumerate()
-            .flat_map(|(l, row)| {
-                row.iter()
-                    .enumerate()
-                    .filter(|(_, &c)| c > 0)
-                    .filter_map(move |(e, &c)| {
-                        m.chain
-                            .heads
-                            .get(&format!("layer{l}.expert{e}"))
-                            .map(|b| (*b, c, step_us))
-                    })
-            })
-            .collect();
+        let routed = routed_versions(m, &engine.routing_stats().tokens_routed, step_us);
         self.usage.record_inference(&routed);
         Ok(ChatResponse {
             response: g.text,
@@ -658,4 +537,42 @@ impl Engine for Recording<'_> {
     fn config(&self) -> &Config {
         Engine::config(self.engine)
     }
+}
+
+/// Per layer, the experts that got tokens and how many.
+fn experts_used(tokens_routed: &[Vec<u64>]) -> Vec<Vec<ExpertUse>> {
+    tokens_routed
+        .iter()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(expert, &tokens)| ExpertUse { expert, tokens })
+                .collect()
+        })
+        .collect()
+}
+
+/// Usage: tokens routed to each expert version (its head block in `m`),
+/// each with `step_us` as the call's latency.
+fn routed_versions(
+    m: &LoadedModel,
+    tokens_routed: &[Vec<u64>],
+    step_us: u64,
+) -> Vec<(web_node::chain::BlockHash, u64, u64)> {
+    tokens_routed
+        .iter()
+        .enumerate()
+        .flat_map(|(l, row)| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .filter_map(move |(e, &c)| {
+                    m.chain
+                        .heads
+                        .get(&format!("layer{l}.expert{e}"))
+                        .map(|b| (*b, c, step_us))
+                })
+        })
+        .collect()
 }

@@ -10,7 +10,8 @@ use web_node::model::reference::CpuEngine;
 use web_node::model::{ExpertId, ExpertWeights, ModelError};
 use web_node::net::api::{codes, ApiError};
 
-use crate::server::{HttpError, SharedState};
+use crate::chain_index::ChainState;
+use crate::http::HttpError;
 use crate::store::RelayStore;
 
 /// The model of one set of heads, shared by every request that runs on it.
@@ -96,11 +97,15 @@ pub(super) struct ModelCache {
 }
 
 impl ModelCache {
-    pub(super) async fn get(&self, state: &SharedState) -> Result<Arc<LoadedModel>, HttpError> {
+    pub(super) async fn get(
+        &self,
+        chain: &Arc<tokio::sync::RwLock<ChainState>>,
+        store: &Arc<dyn RelayStore>,
+    ) -> Result<Arc<LoadedModel>, HttpError> {
         // Held while building, so concurrent requests build once.
         let mut current = self.current.lock().await;
         {
-            let chain = state.chain.read().await;
+            let chain = chain.read().await;
             let meta = chain.dag.latest_meta().ok_or_else(no_model)?;
             if let Some(m) = current.as_ref() {
                 if m.chain.meta == meta.hash && m.chain.heads == chain.dag.slot_heads(&meta.hash) {
@@ -108,8 +113,8 @@ impl ModelCache {
                 }
             }
         }
-        let chain = state.chain.clone();
-        let store = state.store.clone();
+        let chain = chain.clone();
+        let store = store.clone();
         let built = tokio::task::spawn_blocking(move || {
             let chain = chain.blocking_read();
             ChainModel::from_verified(&chain.dag, |h| match store.payload(h) {

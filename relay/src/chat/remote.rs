@@ -14,7 +14,7 @@ use web_node::net::peer::PeerId;
 
 use super::LoadedModel;
 use crate::compute::ExpertCompute;
-use crate::server::HttpError;
+use crate::http::HttpError;
 use crate::store::RelayStore;
 
 /// Threads of a local fallback computation (it runs on the request's own

@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 use web_node::chain::{validate_block, Block, ChainId};
 
-use crate::server::MetaWriters;
+use crate::auth::MetaWriters;
+use crate::state::SharedState;
 use crate::store::pg::BLOCKS_CHANNEL;
-use crate::SharedState;
 
 /// First wait after a lost listener connection; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);

@@ -1,10 +1,10 @@
 //! A link: this relay's outbound `/ws` connection to another relay of the
 //! same database, over the ordinary peer protocol. It logs in with the
-//! relay key ([`super::presence::Cluster::key`], agent [`AGENT`]) through
+//! relay key ([`Cluster::key`], agent [`AGENT`]) through
 //! the ordinary challenge, and the other relay, which finds the key in
 //! `relays`, treats it as a relay (no peer: no presence, no credit).
 //!
-//! The core ([`crate::peers::route`]) decides when a link opens and what
+//! The core ([`crate::peers::chunks`]) decides when a link opens and what
 //! goes over it; this actor only moves messages: the core's `ServeChunk`
 //! for the link goes out as `GetChunk` (same request id), the answers
 //! (`ChunkData`, `ChunkFailed`) go back to the core, which checks every
@@ -17,7 +17,7 @@
 //! doubling backoff.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -27,13 +27,14 @@ use web_node::net::peer::{
     decode_from_relay, limits, login, FromRelay, PeerId, ToRelay, SUBPROTOCOL,
 };
 
-use super::presence::Cluster;
+use crate::limits::LINK_CLOSE_TIMEOUT;
+use crate::peers::cluster::Cluster;
 use crate::peers::{LinkSession, Peers, RemoteRelay};
 
-/// The agent a link logs in with (followed by the relay's id).
-pub const AGENT: &str = "aiblock-relay/1";
 /// TCP connect plus the WebSocket handshake.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::limits::LINK_CONNECT_TIMEOUT as CONNECT_TIMEOUT;
+/// The agent a link logs in with (followed by the relay's id).
+pub use crate::peers::cluster::RELAY_AGENT as AGENT;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -137,7 +138,7 @@ async fn serve(peers: &Peers, s: &mut LinkSession, mut ws: Ws) -> String {
     let kill = s.kill_signal();
     let why = loop {
         tokio::select! {
-            _ = super::presence::stopped(&mut stop) => break "this relay is shutting down".to_string(),
+            _ = stopped(&mut stop) => break "this relay is shutting down".to_string(),
             why = kill.fired() => break why,
             m = s.rx.recv() => match m {
                 None => break "queue closed".into(),
@@ -179,6 +180,11 @@ async fn serve(peers: &Peers, s: &mut LinkSession, mut ws: Ws) -> String {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    let _ = tokio::time::timeout(LINK_CLOSE_TIMEOUT, ws.close(None)).await;
     why
+}
+
+/// Resolves once `stop` is true (the relay shuts down).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

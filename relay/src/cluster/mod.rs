@@ -7,7 +7,7 @@ pub mod follow;
 pub mod link;
 pub mod presence;
 
-use crate::SharedState;
+use crate::state::SharedState;
 
 /// Start what a relay on a shared database runs besides serving: the block
 /// follower, and (after [`presence::configure`]) registration, peer

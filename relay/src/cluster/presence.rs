@@ -23,174 +23,36 @@
 //!   ([`crate::peers::Peers::remote_holders`]). The core then forwards over
 //!   a link ([`super::link`]).
 //! * **Who is a relay.** Each heartbeat reads the live relays: their keys
-//!   (a login with one of them is another relay, [`login_kind`]) and the
+//!   (a login with one of them is another relay, [`Cluster::login_kind`]) and the
 //!   list the core keeps links to.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use rand_core::RngCore as _;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use web_node::chain::BlockHash;
 use web_node::net::peer::PeerId;
 
-use crate::peers::{ConnKind, Counters, Peers, PresenceChange, RemoteRelay};
+pub use crate::limits::{
+    DB_TIMEOUT, LOGIN_CHECK_TIMEOUT, LOOKUP_BATCH, LOOKUP_QUEUE, MAX_RETRY, PRESENCE_BATCH,
+    PRESENCE_DELAY, PRESENCE_QUEUE,
+};
+pub use crate::peers::cluster::{Cluster, ClusterOptions};
+
+use crate::limits::FIRST_RETRY;
+use crate::peers::cluster::{ClusterIo, IoFuture};
+use crate::peers::{Counters, Peers, PresenceChange, RemoteRelay};
 use crate::pg::{hash32, Client, Pg, PgError};
-use crate::server::AppState;
-use crate::{RelayError, SharedState};
+use crate::state::{AppState, SharedState};
+use crate::RelayError;
 
 /// The relay's key file in its data dir.
 pub const KEY_FILE: &str = "relay-peer.key";
-/// Presence changes queued for the writer; past it the queue is dropped and
-/// the next write rewrites this relay's presence whole.
-pub const PRESENCE_QUEUE: usize = 4096;
-/// Changes written in one transaction at most.
-pub const PRESENCE_BATCH: usize = 1024;
-/// The writer waits this long after a change for more to batch with it.
-pub const PRESENCE_DELAY: Duration = Duration::from_millis(50);
-/// Blocks queued for lookup; past it a lookup is answered "nobody" at once
-/// (the request goes to the store).
-pub const LOOKUP_QUEUE: usize = 1024;
-/// Blocks looked up in one query at most.
-pub const LOOKUP_BATCH: usize = 256;
-/// One database step (a query, a batch) may take this long; then it counts
-/// as failed.
-pub const DB_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait before retrying a failed registration or presence write.
-pub const MAX_RETRY: Duration = Duration::from_secs(10);
-/// How long a login that says it is a relay may spend on the database check.
-pub const LOGIN_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Timing of registration (every relay of a database should use the same).
-#[derive(Debug, Clone, Copy)]
-pub struct ClusterOptions {
-    /// How often a relay refreshes its row and reads the live relays.
-    pub heartbeat: Duration,
-    /// A row not refreshed this long is dead (well above `heartbeat`).
-    pub dead_after: Duration,
-}
-
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_secs(5),
-            dead_after: Duration::from_secs(30),
-        }
-    }
-}
-
-/// This relay's side of the cluster (held by [`Peers`]).
-pub struct Cluster {
-    /// Its row's id in `relays` (fresh per start).
-    pub id: String,
-    /// The relay key it logs in to other relays with.
-    pub key: SigningKey,
-    /// Where other relays reach its `/ws`.
-    pub ws_url: String,
-    pub opts: ClusterOptions,
-    relay_keys: RwLock<HashSet<PeerId>>,
-    alive: RwLock<Vec<RemoteRelay>>,
-    presence_tx: mpsc::Sender<PresenceChange>,
-    presence_rx: Mutex<Option<mpsc::Receiver<PresenceChange>>>,
-    /// The next presence write rewrites this relay's rows whole.
-    resync: AtomicBool,
-    wake: Notify,
-    lookup_tx: mpsc::Sender<BlockHash>,
-    lookup_rx: Mutex<Option<mpsc::Receiver<BlockHash>>>,
-    /// Registered now.
-    registered: AtomicBool,
-    /// True once the relay is out of the database (or never got in).
-    left: watch::Sender<bool>,
-}
-
-impl std::fmt::Debug for Cluster {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
-            .field("id", &self.id)
-            .field("key", &hex::encode(self.key.verifying_key().to_bytes()))
-            .field("ws_url", &self.ws_url)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Cluster {
-    fn new(key: SigningKey, ws_url: String, opts: ClusterOptions) -> Self {
-        let mut r = [0u8; 8];
-        rand_core::OsRng.fill_bytes(&mut r);
-        let (ptx, prx) = mpsc::channel(PRESENCE_QUEUE);
-        let (ltx, lrx) = mpsc::channel(LOOKUP_QUEUE);
-        Self {
-            id: hex::encode(r),
-            key,
-            ws_url,
-            opts,
-            relay_keys: RwLock::new(HashSet::new()),
-            alive: RwLock::new(Vec::new()),
-            presence_tx: ptx,
-            presence_rx: Mutex::new(Some(prx)),
-            resync: AtomicBool::new(true),
-            wake: Notify::new(),
-            lookup_tx: ltx,
-            lookup_rx: Mutex::new(Some(lrx)),
-            registered: AtomicBool::new(false),
-            left: watch::channel(true).0,
-        }
-    }
-
-    /// Its relay key, public.
-    pub fn public_key(&self) -> PeerId {
-        self.key.verifying_key().to_bytes()
-    }
-
-    /// Queue a presence change (never blocks; a full queue means a full
-    /// rewrite next).
-    pub fn presence(&self, change: PresenceChange) {
-        if self.presence_tx.try_send(change).is_err() {
-            self.resync.store(true, Ordering::SeqCst);
-            self.wake.notify_one();
-        }
-    }
-
-    /// Queue a lookup; false if the queue is full (answer "nobody").
-    pub fn lookup(&self, block: BlockHash) -> bool {
-        self.lookup_tx.try_send(block).is_ok()
-    }
-
-    /// Is `key` the key of a live relay (as of the last heartbeat)?
-    pub fn is_relay_key(&self, key: &PeerId) -> bool {
-        self.relay_keys.read().is_ok_and(|k| k.contains(key))
-    }
-
-    /// The other live relays, as of the last heartbeat.
-    pub fn relays(&self) -> Vec<RemoteRelay> {
-        self.alive.read().map(|a| a.clone()).unwrap_or_default()
-    }
-
-    /// Is this relay's row in the database now?
-    pub fn is_registered(&self) -> bool {
-        self.registered.load(Ordering::SeqCst)
-    }
-
-    /// Wait (up to `limit`) until the relay is out of the database.
-    pub async fn wait_left(&self, limit: Duration) {
-        let mut rx = self.left.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|l| *l)).await;
-    }
-
-    fn set_alive(&self, relays: &[RemoteRelay]) {
-        if let Ok(mut k) = self.relay_keys.write() {
-            *k = relays.iter().map(|r| r.key).collect();
-        }
-        if let Ok(mut a) = self.alive.write() {
-            *a = relays.to_vec();
-        }
-    }
-}
 
 /// `ws://ADDR/ws` for the bound address; an unspecified address (0.0.0.0,
 /// [::]) becomes loopback (pass `--advertise` when other machines must
@@ -274,52 +136,49 @@ pub fn configure_with(
     check_ws_url(&ws_url)
         .map_err(|m| RelayError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?;
     let key = relay_key(data_dir)?;
+    let io = Box::new(DbIo {
+        pg: state.pg.clone(),
+    });
     state
         .peers
-        .attach_cluster(Arc::new(Cluster::new(key, ws_url, opts)));
-    Ok(())
+        .join_cluster(Arc::new(Cluster::new(key, ws_url, opts, io)))
+        .map_err(|m| RelayError::Io(std::io::Error::other(m)))
 }
 
-/// Is the login of `key` (agent `agent`) another relay of this database?
-/// The live relays' keys are known from the heartbeat; a login whose agent
-/// says it is a relay ([`super::link::AGENT`]) and whose key is not known
-/// yet (a relay that started since) is checked in the database.
-pub async fn login_kind(st: &SharedState, key: &PeerId, agent: &str) -> ConnKind {
-    let Some(c) = st.peers.cluster() else {
-        return ConnKind::Peer;
-    };
-    if c.is_relay_key(key) {
-        return ConnKind::Relay;
+/// [`ClusterIo`] over the shared database and [`super::link`].
+struct DbIo {
+    pg: Option<Arc<Pg>>,
+}
+
+impl ClusterIo for DbIo {
+    fn open_link(
+        &self,
+        peers: Arc<Peers>,
+        cluster: Arc<Cluster>,
+        link: PeerId,
+        relay: RemoteRelay,
+    ) {
+        super::link::spawn(peers, cluster, link, relay);
     }
-    let Some(pg) = st.pg.clone() else {
-        return ConnKind::Peer;
-    };
-    if !agent.starts_with(super::link::AGENT) {
-        return ConnKind::Peer;
-    }
-    let (k, dead) = (key.to_vec(), secs(c.opts.dead_after));
-    let found = tokio::time::timeout(
-        LOGIN_CHECK_TIMEOUT,
-        db(&pg, move |c: Client| async move {
-            let row = c
-                .query_opt(
-                    "SELECT 1 FROM relays WHERE key = $1 \
-                     AND seen_at >= now() - make_interval(secs => $2)",
-                    &[&k, &dead],
-                )
-                .await?;
-            Ok(row.is_some())
-        }),
-    )
-    .await;
-    match found {
-        Ok(Ok(true)) => {
-            if let Ok(mut k) = c.relay_keys.write() {
-                k.insert(*key);
-            }
-            ConnKind::Relay
-        }
-        _ => ConnKind::Peer,
+
+    fn is_live_relay(&self, key: PeerId, dead_after: Duration) -> IoFuture {
+        let Some(pg) = self.pg.clone() else {
+            return Box::pin(async { false });
+        };
+        let (k, dead) = (key.to_vec(), secs(dead_after));
+        Box::pin(async move {
+            let found = db(&pg, move |c: Client| async move {
+                let row = c
+                    .query_opt(
+                        "SELECT 1 FROM relays WHERE key = $1 \
+                         AND seen_at >= now() - make_interval(secs => $2)",
+                        &[&k, &dead],
+                    )
+                    .await?;
+                Ok(row.is_some())
+            });
+            matches!(found.await, Ok(true))
+        })
     }
 }
 
@@ -386,7 +245,7 @@ async fn heartbeat(
     let mut stop = peers.shutdown_signal();
     let weak = Arc::downgrade(&peers);
     drop(peers);
-    let mut retry = Duration::from_millis(200);
+    let mut retry = FIRST_RETRY;
     loop {
         match register(&pg, &c).await {
             Ok(()) => break,
@@ -543,7 +402,7 @@ async fn write_presence(
     c: Arc<Cluster>,
     mut rx: mpsc::Receiver<PresenceChange>,
 ) {
-    let mut retry = Duration::from_millis(200);
+    let mut retry = FIRST_RETRY;
     loop {
         let mut batch = Vec::new();
         if !c.resync.load(Ordering::SeqCst) {
@@ -572,7 +431,7 @@ async fn write_presence(
         match write(&pg, &c.id, snapshot, f).await {
             Ok(()) => {
                 Counters::inc(&p.counters().presence_writes);
-                retry = Duration::from_millis(200);
+                retry = FIRST_RETRY;
             }
             Err(e) => {
                 Counters::inc(&p.counters().presence_errors);

@@ -1,26 +1,41 @@
 //! The relay as coordinator: `/ws` peers (login, registry, chunk routing,
 //! remote expert computation) and the seed's `/p2p/*` endpoints.
 //!
-//! * [`route`]: the sans-IO core (registry, chunk routing with the relay's
-//!   own hash check, bans, compute bookkeeping): events in, [`Action`]s out.
+//! * [`chunks`]: the sans-IO chunk-routing core (registry, chunk routing
+//!   with the relay's own hash check, bans, compute bookkeeping): events and
+//!   the time in, [`Action`]s out, what to count among them
+//!   ([`Action::Usage`], counted by [`Counters::record`]).
 //! * `ws`: `GET /ws`, one actor per connection (login, then `select!` over
 //!   shutdown / kill / outbound queue / inbound frames / ping); thin: it
 //!   decodes frames, calls the core and executes its actions.
 //! * [`p2p`]: `POST /p2p/register`, `GET /p2p/nodes`, `DELETE /p2p/nodes/{id}`,
 //!   `GET /p2p/stats`.
 //! * [`stats`]: the counters ([`Peers::stats`]).
-//! * On a shared database ([`Peers::attach_cluster`]), the core's presence
-//!   changes, lookups and links are carried out by
-//!   [`crate::cluster::presence`] and [`crate::cluster::link`]: a request
-//!   no local peer can serve is forwarded to another relay whose peer holds
-//!   the block.
+//! * [`cluster`]: what the peer layer needs of the cluster (several relays
+//!   on one database): the [`Cluster`] handle (identity, live relays, the
+//!   presence and lookup queues) and the [`ClusterIo`] port. On a shared
+//!   database ([`Peers::join_cluster`]) the core's presence changes,
+//!   lookups and links are carried out through it by `crate::cluster`: a
+//!   request no local peer can serve is forwarded to another relay whose
+//!   peer holds the block.
+//! * [`nodes`]: the `/p2p/register` registry; [`http`]: this feature's routes.
+//!
+//! Layers inside: the core files (this one, `chunks`, `stats`, `cluster`,
+//! `nodes`) import only the foundation (`store`, `usage`, `chain_index`,
+//! `compute`, `limits`, `metrics`) and sit below [`crate::state`], which
+//! holds a [`Peers`]; the handler files (`ws`, `p2p`, `http`) sit above
+//! it and import `crate::state` / `crate::http`. Nothing here imports
+//! `crate::server` or `crate::cluster`.
 //!
 //! [`Peers`] ties them together: the core behind a mutex (never held across
 //! an await), each connection's bounded outbound queue, the connection caps,
 //! a timer task for chunk deadlines, and [`ExpertCompute`] for `/chat/distributed`.
 
+pub mod chunks;
+pub mod cluster;
+pub mod http;
+pub mod nodes;
 pub mod p2p;
-pub mod route;
 pub mod stats;
 mod ws;
 
@@ -30,19 +45,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use axum::routing::{delete, get, post};
-use axum::Router;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use web_node::chain::{Block, BlockHash};
 use web_node::net::peer::{codes, limits, FromRelay, PeerId};
 
+use crate::chain_index::ChainState;
 use crate::compute::{ComputeAnswer, ComputeFailure, ComputeFuture, ExpertCompute};
-use crate::server::SharedState;
 use crate::store::RelayStore;
+use crate::usage::Usage;
 
-pub use route::{
+pub use cluster::{Cluster, ClusterIo};
+
+pub use chunks::{
     Action, ChunkInfo, ComputeOutcome, ConnId, ConnKind, Core, LinkView, PeerView, PresenceChange,
-    RemoteRelay, RouteConfig,
+    RemoteRelay, RouteConfig, UsageEvent,
 };
 pub use stats::{Counters, PeerCounters, PeerStats};
 
@@ -234,17 +250,24 @@ pub struct Peers {
     waiters: Mutex<HashMap<u64, oneshot::Sender<ComputeOutcome>>>,
     conns: Mutex<ConnTable>,
     cache: Mutex<ChunkCache>,
-    store: OnceLock<Arc<dyn RelayStore>>,
+    /// Where chunks no peer serves are read from.
+    store: Arc<dyn RelayStore>,
+    /// The relay's chain index (the same lock as [`crate::AppState::chain`]):
+    /// chunk lists of the blocks it holds.
+    chain: Arc<tokio::sync::RwLock<ChainState>>,
     next_conn: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Started with the first connection (inside the runtime).
     timer: OnceLock<()>,
-    /// This registry's own `Arc` (set by [`Peers::attach_store`]), for the
-    /// tasks it spawns.
-    this: OnceLock<Weak<Peers>>,
+    /// This registry's own `Arc` (from [`Arc::new_cyclic`]), for the tasks
+    /// it spawns.
+    this: Weak<Peers>,
     /// `POST /p2p/register` entries.
-    pub(crate) registry: p2p::Registry,
-    /// Several relays on one database: presence, lookups, links.
-    cluster: OnceLock<Arc<crate::cluster::presence::Cluster>>,
+    pub(crate) registry: nodes::Registry,
+    /// Several relays on one database: presence, lookups, links. Set once
+    /// by [`Peers::join_cluster`] (see there why it is not a constructor
+    /// argument).
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -256,49 +279,68 @@ impl std::fmt::Debug for Peers {
     }
 }
 
-impl Default for Peers {
-    fn default() -> Self {
-        Self::new(PeerOptions::default())
-    }
-}
-
 impl Peers {
-    pub fn new(opts: PeerOptions) -> Self {
-        let counters = Arc::new(Counters::default());
-        Self {
-            core: Mutex::new(Core::new(opts.route_config(), counters.clone())),
-            counters,
+    /// The registry over the relay's store and chain index; verified work
+    /// is also recorded in `usage` (for rewards).
+    pub fn new(
+        opts: PeerOptions,
+        store: Arc<dyn RelayStore>,
+        chain: Arc<tokio::sync::RwLock<ChainState>>,
+        usage: Arc<Usage>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            core: Mutex::new(Core::new(opts.route_config())),
+            counters: Arc::new(Counters::with_usage(usage)),
             handles: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             conns: Mutex::new(ConnTable::default()),
             cache: Mutex::new(ChunkCache::default()),
-            store: OnceLock::new(),
+            store,
+            chain,
             next_conn: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
             timer: OnceLock::new(),
-            this: OnceLock::new(),
-            registry: p2p::Registry::default(),
+            this: this.clone(),
+            registry: nodes::Registry::default(),
             cluster: OnceLock::new(),
             opts,
-        }
+        })
     }
 
     /// Take part in a cluster of relays on one database (see
-    /// [`crate::cluster::presence`]); once.
-    pub fn attach_cluster(&self, cluster: Arc<crate::cluster::presence::Cluster>) {
-        if self.cluster.set(cluster).is_ok() {
-            self.core().enable_cluster();
-        }
+    /// `crate::cluster::presence::configure`), before serving; once.
+    ///
+    /// A setter rather than a constructor argument on purpose: joining is
+    /// a step of starting to serve, not of building the state. The cluster
+    /// identity needs the `/ws` URL other relays reach this one at, known
+    /// only once the listener is bound, which happens after the state is
+    /// built and shared (`relay serve`, the tests). An error if this relay
+    /// joined already.
+    pub fn join_cluster(&self, cluster: Arc<Cluster>) -> Result<(), String> {
+        self.cluster
+            .set(cluster)
+            .map_err(|_| "this relay joined a cluster already".to_string())?;
+        self.core().enable_cluster();
+        Ok(())
     }
 
     /// The cluster side, if this relay is on a shared database.
-    pub fn cluster(&self) -> Option<&Arc<crate::cluster::presence::Cluster>> {
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()
+    }
+
+    /// Is this login another relay of the cluster ([`Cluster::login_kind`]),
+    /// or a peer?
+    pub async fn login_kind(&self, key: &PeerId, agent: &str) -> ConnKind {
+        match self.cluster.get() {
+            Some(c) => c.login_kind(key, agent).await,
+            None => ConnKind::Peer,
+        }
     }
 
     /// This registry's own `Arc`.
     fn me(&self) -> Option<Arc<Peers>> {
-        self.this.get().and_then(Weak::upgrade)
+        self.this.upgrade()
     }
 
     /// Links to other relays and their state.
@@ -309,14 +351,12 @@ impl Peers {
     /// The other live relays (from the heartbeat): links to relays not
     /// listed close.
     pub fn relays_alive(&self, relays: Vec<RemoteRelay>) {
-        let acts = self.core().relays_alive(Instant::now(), relays);
-        self.apply(acts);
+        self.drive(|core| core.relays_alive(Instant::now(), relays));
     }
 
     /// The answer of a presence lookup.
     pub fn remote_holders(&self, block: BlockHash, relays: Vec<RemoteRelay>) {
-        let acts = self.core().remote_holders(Instant::now(), block, relays);
-        self.apply(acts);
+        self.drive(|core| core.remote_holders(Instant::now(), block, relays));
     }
 
     /// What this relay's peers hold, per peer.
@@ -345,7 +385,11 @@ impl Peers {
                 },
             );
         }
-        let up = self.core().link_up(Instant::now(), link, conn);
+        let up = {
+            let mut core = self.core();
+            core.link_up(Instant::now(), link, conn)
+                .map(|acts| self.count(acts))
+        };
         match up {
             Some(acts) => {
                 self.apply(acts);
@@ -363,25 +407,20 @@ impl Peers {
     /// A message from the relay at the other end of link `conn`.
     pub(crate) fn link_message(&self, conn: ConnId, m: FromRelay) {
         let now = Instant::now();
-        let acts = match m {
+        self.drive(|core| match m {
             FromRelay::ChunkData {
                 req,
                 block,
                 index,
                 data,
                 from,
-            } => self
-                .core()
-                .link_chunk(now, conn, req, block, index, data, from),
-            FromRelay::ChunkFailed { req, reason, .. } => {
-                self.core().link_failed(now, conn, req, &reason)
-            }
+            } => core.link_chunk(now, conn, req, block, index, data, from),
+            FromRelay::ChunkFailed { req, reason, .. } => core.link_failed(now, conn, req, &reason),
             _ => {
-                self.core().heartbeat(now, conn);
+                core.heartbeat(now, conn);
                 Vec::new()
             }
-        };
-        self.apply(acts);
+        });
     }
 
     /// Any frame on link `conn` (ping, pong).
@@ -396,15 +435,7 @@ impl Peers {
                 h.remove(&c);
             }
         }
-        let acts = self.core().link_down(Instant::now(), link, conn);
-        self.apply(acts);
-    }
-
-    /// The store chunks fall back to (set by [`crate::AppState`], which
-    /// holds the registry in an `Arc`).
-    pub fn attach_store(self: &Arc<Self>, store: Arc<dyn RelayStore>) {
-        let _ = self.store.set(store);
-        let _ = self.this.set(Arc::downgrade(self));
+        self.drive(|core| core.link_down(Instant::now(), link, conn));
     }
 
     /// A copy of every counter.
@@ -420,6 +451,35 @@ impl Peers {
     fn core(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock would be a bug; keep serving.
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Call into the core (the caller reads the clock and passes it): what
+    /// it reports to count is counted at once, under the core's lock and in
+    /// the order it happened; its other actions are returned, to execute.
+    fn call(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) -> Vec<Action> {
+        let mut core = self.core();
+        self.count(f(&mut core))
+    }
+
+    /// [`Peers::call`], then execute the actions.
+    fn drive(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) {
+        let acts = self.call(f);
+        self.apply(acts);
+    }
+
+    /// Count the [`Action::Usage`] among `actions` ([`Counters::record`]);
+    /// the others are left to execute.
+    fn count(&self, actions: Vec<Action>) -> Vec<Action> {
+        actions
+            .into_iter()
+            .filter(|a| match a {
+                Action::Usage(e) => {
+                    self.counters.record(e);
+                    false
+                }
+                _ => true,
+            })
+            .collect()
     }
 
     /// Logged-in peers, sorted by id.
@@ -522,8 +582,7 @@ impl Peers {
                         r = stop.changed() => if r.is_err() || *stop.borrow() { break },
                     }
                     let Some(p) = weak.upgrade() else { break };
-                    let acts = p.core().handle_timeout(Instant::now());
-                    p.apply(acts);
+                    p.drive(|core| core.handle_timeout(Instant::now()));
                 }
             });
         });
@@ -564,9 +623,11 @@ impl Peers {
                     }
                 }
                 Action::OpenLink { link, relay } => match (self.cluster.get(), self.me()) {
-                    (Some(c), Some(me)) => crate::cluster::link::spawn(me, c.clone(), link, relay),
+                    (Some(c), Some(me)) => c.open_link(me, link, relay),
                     _ => self.link_closed(link, None),
                 },
+                // Counted by `drive` already, unless it came another way.
+                Action::Usage(e) => self.counters.record(&e),
             }
         }
     }
@@ -604,45 +665,40 @@ impl Peers {
     }
 
     fn read_store(&self, job: u64, info: Arc<ChunkInfo>, index: u32) {
-        let Some(peers) = self.this.get().and_then(Weak::upgrade) else {
-            let acts = self
-                .core()
-                .store_read(job, Err("the relay has no store attached".into()));
-            self.apply(acts);
+        let Some(peers) = self.me() else {
+            self.drive(|core| core.store_read(job, Err("the relay is shutting down".into())));
             return;
         };
-        let store = self.store.get().cloned();
+        let store = self.store.clone();
         tokio::spawn(async move {
-            let r = match (store, info.range(index)) {
-                (Some(s), Some(range)) => {
+            let r = match info.range(index) {
+                Some(range) => {
                     let block = info.block;
                     tokio::task::spawn_blocking(move || {
-                        s.read_payload(&block, range.start, range.end - range.start)
+                        store.read_payload(&block, range.start, range.end - range.start)
                     })
                     .await
                     .map_err(|e| format!("store task failed: {e}"))
                     .and_then(|r| r.map_err(|e| format!("the relay's store: {e}")))
                 }
-                (None, _) => Err("the relay has no store attached".into()),
-                (_, None) => Err(format!("index {index} out of range")),
+                None => Err(format!("index {index} out of range")),
             };
-            let acts = peers.core().store_read(job, r);
-            peers.apply(acts);
+            peers.drive(|core| core.store_read(job, r));
         });
     }
 
     /// The chunk list of a block the relay holds (header in the chain and
     /// payload in the store, not quarantined); cached.
-    async fn chunk_info(&self, st: &SharedState, block: BlockHash) -> Option<Arc<ChunkInfo>> {
+    async fn chunk_info(&self, block: BlockHash) -> Option<Arc<ChunkInfo>> {
         if let Some(i) = self.cache.lock().ok()?.map.get(&block) {
             return Some(i.clone());
         }
         let (len, cs) = {
-            let c = st.chain.read().await;
+            let c = self.chain.read().await;
             let e = c.dag.get(&block)?;
             (e.header.payload_len, e.header.chunk_size)
         };
-        let store = st.store.clone();
+        let store = self.store.clone();
         let list = tokio::task::spawn_blocking(move || store.chunk_list(&block))
             .await
             .ok()?
@@ -712,9 +768,11 @@ impl Peers {
         }
         loop {
             let tried: Vec<PeerId> = failed.iter().map(|f| f.0).collect();
-            let started =
-                self.core()
-                    .compute_start(Instant::now(), block, rows, input.clone(), &tried);
+            let started = {
+                let mut core = self.core();
+                core.compute_start(Instant::now(), block, rows, input.clone(), &tried)
+                    .map(|(req, peer, acts)| (req, peer, self.count(acts)))
+            };
             let Some((req, peer, send)) = started else {
                 let message = if failed.is_empty() {
                     format!("no logged-in peer serves computations for block {block}")
@@ -730,15 +788,14 @@ impl Peers {
             if let Ok(mut w) = self.waiters.lock() {
                 w.insert(req, tx);
             }
-            let queued = match send {
+            let queued = send.into_iter().any(|a| match a {
                 Action::Send { conn, msg } => self.send(conn, msg),
                 _ => false,
-            };
+            });
             if !queued {
-                let acts =
-                    self.core()
-                        .compute_abandon(Instant::now(), req, "queue full".into(), false);
-                self.apply(acts);
+                self.drive(|core| {
+                    core.compute_abandon(Instant::now(), req, "queue full".into(), false)
+                });
             }
             let outcome = match tokio::time::timeout(self.opts.compute_timeout, rx).await {
                 Ok(Ok(o)) => o,
@@ -751,13 +808,10 @@ impl Peers {
                         w.remove(&req);
                     }
                     let secs = self.opts.compute_timeout.as_secs_f64();
-                    let acts = self.core().compute_abandon(
-                        Instant::now(),
-                        req,
-                        format!("no answer within {secs} s"),
-                        true,
-                    );
-                    self.apply(acts);
+                    self.drive(|core| {
+                        let why = format!("no answer within {secs} s");
+                        core.compute_abandon(Instant::now(), req, why, true)
+                    });
                     ComputeOutcome::Failed {
                         peer,
                         reason: format!("no answer within {secs} s"),
@@ -766,7 +820,7 @@ impl Peers {
             };
             match outcome {
                 ComputeOutcome::Answered { peer, output } => {
-                    self.counters.usage(|u| u.record_compute(&peer, &block));
+                    // Its usage was recorded when the core checked it.
                     return Ok(ComputeAnswer {
                         output,
                         peer,
@@ -793,14 +847,4 @@ impl ExpertCompute for Peers {
     fn compute_peers(&self) -> usize {
         self.compute_peer_count()
     }
-}
-
-/// `/ws` and `/p2p/*`.
-pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/ws", get(ws::upgrade))
-        .route("/p2p/register", post(p2p::register))
-        .route("/p2p/nodes", get(p2p::list))
-        .route("/p2p/nodes/{id}", delete(p2p::remove))
-        .route("/p2p/stats", get(p2p::stats))
 }

@@ -26,9 +26,7 @@
 //! * `GET /p2p/stats`: [`super::PeerStats`], this relay's id on a shared
 //!   database and its links to other relays.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -43,12 +41,18 @@ use web_node::model::Slot;
 use web_node::net::api::{codes, ApiError};
 use web_node::net::peer::codes as peer_codes;
 
+pub use super::nodes::{
+    RegisteredNode, Registry, REGISTER_BURST, REGISTER_PER_MINUTE, REGISTER_RATE_TABLE,
+};
+
 use super::PeerStats;
-use crate::server::limits::{Rate, RateTable};
-use crate::server::{HttpError, SharedState};
+use crate::http::HttpError;
+use crate::state::SharedState;
 
 /// Registered nodes at most; more are refused (503) until some are deleted.
 pub const MAX_REGISTERED: usize = 10_000;
+/// Retry-After (seconds) of the 503 a full registry answers.
+pub const REGISTRY_FULL_RETRY_AFTER: u64 = 60;
 /// Largest `POST /p2p/register` body (4096 names of 64 bytes fit).
 pub const MAX_REGISTER_BODY: usize = 512 * 1024;
 /// Slot names one node may list.
@@ -59,11 +63,6 @@ pub const MAX_EXPERT_NAME: usize = 64;
 pub const MAX_NODE_ID: usize = 64;
 /// Longest `host` (a DNS name's limit).
 pub const MAX_HOST: usize = 253;
-/// Registrations per client IP in a burst, and sustained per minute.
-pub const REGISTER_BURST: u32 = 30;
-pub const REGISTER_PER_MINUTE: u32 = 60;
-/// IPs the registration rate table tracks at most.
-pub const REGISTER_RATE_TABLE: usize = 4096;
 /// How far a signed request's timestamp may be from the relay's clock.
 pub const MAX_CLOCK_SKEW: u64 = 300;
 /// Domain of the ownership signature of a registration.
@@ -107,22 +106,6 @@ pub struct RegisterRequest {
     pub available_experts: Vec<String>,
 }
 
-/// One registered node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RegisteredNode {
-    pub node_id: String,
-    pub host: String,
-    pub port: u16,
-    pub available_experts: Vec<String>,
-    /// Hex key the id is bound to, if it was registered signed.
-    pub owner: Option<String>,
-    /// Unix ms of the first registration and of the last one.
-    pub registered_at_ms: u64,
-    pub updated_at_ms: u64,
-    #[serde(skip)]
-    owner_key: Option<[u8; 32]>,
-}
-
 /// `GET /p2p/nodes` entry: a registered node or a `/ws` peer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeEntry {
@@ -154,48 +137,6 @@ pub struct NodeList {
     pub nodes: Vec<NodeEntry>,
     pub registered: usize,
     pub ws_peers: usize,
-}
-
-/// Registered nodes, per-IP registration rate.
-pub struct Registry {
-    nodes: Mutex<BTreeMap<String, RegisteredNode>>,
-    rate: RateTable<IpAddr>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Self {
-            nodes: Mutex::new(BTreeMap::new()),
-            rate: RateTable::new(
-                Rate {
-                    burst: REGISTER_BURST,
-                    per_minute: REGISTER_PER_MINUTE,
-                },
-                REGISTER_RATE_TABLE,
-            ),
-        }
-    }
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").finish_non_exhaustive()
-    }
-}
-
-impl Registry {
-    /// Registered nodes now.
-    pub fn len(&self) -> usize {
-        self.nodes.lock().map(|n| n.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn get(&self, id: &str) -> Option<RegisteredNode> {
-        self.nodes.lock().ok()?.get(id).cloned()
-    }
 }
 
 fn bad(msg: impl Into<String>) -> HttpError {
@@ -313,6 +254,36 @@ pub(super) async fn register(
 ) -> Result<Response, HttpError> {
     let reg = &st.peers.registry;
     let ip = client_ip(&ext);
+    take_register_rate(reg, ip)?;
+    let bytes = read_register_body(&headers, body).await?;
+    let req: RegisterRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(format!(
+            "the body must be JSON {{\"node_id\", \"host\", \"port\", \"available_experts\"}}: {e}"
+        ))
+    })?;
+    let port = validate(&req).map_err(bad)?;
+    let owner = signer(&headers, |ts| register_message(&req.node_id, ts, &bytes))?;
+    let node_id = req.node_id.clone();
+    let (node, created) = insert_node(reg, req, port, owner)?;
+    tracing::info!(node = %node_id, %ip, "node registered");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({
+            "status": "registered",
+            "node_id": node.node_id,
+            "node": node,
+        })),
+    )
+        .into_response())
+}
+
+/// The per-IP registration rate (429 beyond it).
+fn take_register_rate(reg: &Registry, ip: IpAddr) -> Result<(), HttpError> {
     reg.rate.take(&ip).map_err(|wait| {
         HttpError::rate_limited(
             format!(
@@ -321,7 +292,15 @@ pub(super) async fn register(
             ),
             wait,
         )
-    })?;
+    })
+}
+
+/// The body of a registration: JSON, at most [`MAX_REGISTER_BODY`] bytes
+/// (refused from its Content-Length when that says more).
+async fn read_register_body(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, HttpError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -350,16 +329,20 @@ pub(super) async fn register(
     if declared.is_some_and(|n| n > MAX_REGISTER_BODY as u64) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, MAX_REGISTER_BODY)
+    axum::body::to_bytes(body, MAX_REGISTER_BODY)
         .await
-        .map_err(|_| too_large())?;
-    let req: RegisterRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        bad(format!(
-            "the body must be JSON {{\"node_id\", \"host\", \"port\", \"available_experts\"}}: {e}"
-        ))
-    })?;
-    let port = validate(&req).map_err(bad)?;
-    let owner = signer(&headers, |ts| register_message(&req.node_id, ts, &bytes))?;
+        .map_err(|_| too_large())
+}
+
+/// Insert or update a node: an id bound to a key takes only registrations
+/// signed by it (409), and a full registry takes no new id (503). Returns
+/// the entry and whether it is new.
+fn insert_node(
+    reg: &Registry,
+    req: RegisterRequest,
+    port: u16,
+    owner: Option<[u8; 32]>,
+) -> Result<(RegisteredNode, bool), HttpError> {
     let now = web_node::chain::now_ms();
     let mut nodes = reg
         .nodes
@@ -386,7 +369,7 @@ pub(super) async fn register(
     } else if nodes.len() >= MAX_REGISTERED {
         return Err(HttpError::unavailable(
             format!("the relay holds its maximum of {MAX_REGISTERED} registered nodes"),
-            60,
+            REGISTRY_FULL_RETRY_AFTER,
         ));
     }
     let created = prev.is_none();
@@ -402,23 +385,8 @@ pub(super) async fn register(
         updated_at_ms: now,
         owner_key,
     };
-    nodes.insert(req.node_id.clone(), node.clone());
-    drop(nodes);
-    tracing::info!(node = %req.node_id, %ip, "node registered");
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        Json(serde_json::json!({
-            "status": "registered",
-            "node_id": node.node_id,
-            "node": node,
-        })),
-    )
-        .into_response())
+    nodes.insert(req.node_id, node.clone());
+    Ok((node, created))
 }
 
 /// `GET /p2p/nodes`.

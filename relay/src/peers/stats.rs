@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use web_node::net::peer::PeerId;
 
+use super::chunks::{ConnKind, UsageEvent};
+
 /// Peers whose own counters are kept; past it only the totals count (a
 /// churn of fresh keys cannot grow the table).
 pub const PER_PEER_CAPACITY: usize = 65_536;
@@ -114,7 +116,7 @@ macro_rules! counters {
             $(pub $name: AtomicU64,)*
             per_peer: Mutex<HashMap<PeerId, PeerCounters>>,
             /// Where verified work is also recorded for rewards.
-            usage: std::sync::OnceLock<std::sync::Arc<crate::usage::Usage>>,
+            usage: Option<std::sync::Arc<crate::usage::Usage>>,
         }
 
         impl Counters {
@@ -188,14 +190,17 @@ impl Counters {
         });
     }
 
-    /// Record verified work in the usage store too (set once by the relay).
-    pub fn attach_usage(&self, usage: std::sync::Arc<crate::usage::Usage>) {
-        let _ = self.usage.set(usage);
+    /// Counters that also record verified work in `usage` (for rewards).
+    pub fn with_usage(usage: std::sync::Arc<crate::usage::Usage>) -> Self {
+        Self {
+            usage: Some(usage),
+            ..Self::default()
+        }
     }
 
     /// Run `f` on the usage store, if one is attached.
     pub fn usage(&self, f: impl FnOnce(&crate::usage::Usage)) {
-        if let Some(u) = self.usage.get() {
+        if let Some(u) = self.usage.as_deref() {
             f(u);
         }
     }
@@ -218,5 +223,109 @@ impl Counters {
             .ok()
             .and_then(|t| t.get(id).copied())
             .unwrap_or_default()
+    }
+}
+
+impl Counters {
+    /// Count what the chunk-routing core reported ([`Action::Usage`]): the
+    /// counters, the metrics and, for verified work, the usage store.
+    ///
+    /// [`Action::Usage`]: super::chunks::Action::Usage
+    pub fn record(&self, event: &UsageEvent) {
+        use crate::metrics::{self, ChunkPath};
+        match *event {
+            UsageEvent::Login { kind } => match kind {
+                ConnKind::Relay => {
+                    Self::inc(&self.relay_logins);
+                    Self::inc(&self.relays_online);
+                }
+                ConnKind::Peer | ConnKind::Link => {
+                    Self::inc(&self.logins);
+                    Self::inc(&self.peers_online);
+                    metrics::ws_peer(true);
+                }
+            },
+            UsageEvent::Replaced => Self::inc(&self.replaced),
+            UsageEvent::Logout { kind } => match kind {
+                ConnKind::Peer => {
+                    Self::dec(&self.peers_online);
+                    metrics::ws_peer(false);
+                }
+                ConnKind::Relay => Self::dec(&self.relays_online),
+                ConnKind::Link => Self::dec(&self.links_up),
+            },
+            UsageEvent::ChunkFailed => Self::inc(&self.chunks_failed),
+            UsageEvent::ChunkServed { peer, block, bytes } => {
+                Self::inc(&self.chunks_from_peers);
+                Self::add(&self.bytes_from_peers, bytes);
+                metrics::chunk_bytes(ChunkPath::Peer, bytes);
+                self.peer(&peer, |c| {
+                    c.chunks_served += 1;
+                    c.bytes_served += bytes;
+                });
+                self.usage(|u| u.record_chunk_served(&peer, &block, bytes));
+            }
+            UsageEvent::ChunkFromLink { bytes } => {
+                Self::inc(&self.chunks_from_relays);
+                Self::add(&self.bytes_from_relays, bytes);
+                metrics::chunk_bytes(ChunkPath::Link, bytes);
+            }
+            UsageEvent::ChunkFromStore { bytes } => {
+                Self::inc(&self.chunks_from_store);
+                Self::add(&self.bytes_from_store, bytes);
+                metrics::chunk_bytes(ChunkPath::Store, bytes);
+            }
+            UsageEvent::ChunkToRelay { bytes } => {
+                Self::inc(&self.chunks_to_relays);
+                Self::add(&self.bytes_to_relays, bytes);
+            }
+            UsageEvent::Fetch { peer, block } => self.usage(|u| u.record_fetch(&peer, &block)),
+            UsageEvent::BadChunk {
+                holder,
+                block,
+                link,
+            } => {
+                Self::inc(&self.bad_chunks);
+                metrics::bad_chunk(link);
+                if link {
+                    Self::inc(&self.bad_chunks_from_relays);
+                } else {
+                    self.peer(&holder, |c| c.bad_chunks += 1);
+                    self.usage(|u| u.record_bad_chunk(&holder, &block));
+                }
+            }
+            UsageEvent::ChunkTimeout { peer } => {
+                Self::inc(&self.chunk_timeouts);
+                if let Some(p) = peer {
+                    self.peer(&p, |c| c.chunk_timeouts += 1);
+                }
+            }
+            UsageEvent::Ban => {
+                Self::inc(&self.bans);
+                metrics::ban();
+            }
+            UsageEvent::Lookup => Self::inc(&self.presence_lookups),
+            UsageEvent::LinkOpened => Self::inc(&self.links_opened),
+            UsageEvent::LinkUp => Self::inc(&self.links_up),
+            UsageEvent::LinkFailure => Self::inc(&self.link_failures),
+            UsageEvent::ComputeSent { peer } => {
+                Self::inc(&self.compute_sent);
+                self.peer(&peer, |c| c.compute_sent += 1);
+            }
+            UsageEvent::ComputeAnswered { peer, block } => {
+                Self::inc(&self.compute_answered);
+                self.peer(&peer, |c| c.compute_answered += 1);
+                self.usage(|u| u.record_compute(&peer, &block));
+            }
+            UsageEvent::ComputeFailed { peer, timed_out } => {
+                if timed_out {
+                    Self::inc(&self.compute_timed_out);
+                    self.peer(&peer, |c| c.compute_timed_out += 1);
+                } else {
+                    Self::inc(&self.compute_failed);
+                    self.peer(&peer, |c| c.compute_failed += 1);
+                }
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! queue (each write within the write timeout), inbound frames (token
 //! bucket, decode, hand to the core) and the ping interval (a peer silent
 //! for the idle timeout is dropped). Protocol decisions live in
-//! [`super::route::Core`].
+//! [`super::chunks::Core`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +25,8 @@ use web_node::net::peer::{
 };
 
 use super::{ConnHandle, ConnKind, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER};
-use crate::server::{HttpError, SharedState};
+use crate::http::HttpError;
+use crate::state::SharedState;
 
 /// WebSocket close code for a policy violation (RFC 6455 §7.4.1).
 const CLOSE_POLICY: u16 = 1008;
@@ -328,9 +329,9 @@ async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
         );
     }
     // Another relay of the same database logging in with its relay key is
-    // no peer (see route::ConnKind::Relay); its bucket is wider, since it
+    // no peer (see chunks::ConnKind::Relay); its bucket is wider, since it
     // asks for many peers at once.
-    let kind = crate::cluster::presence::login_kind(&st, &key, &agent).await;
+    let kind = peers.login_kind(&key, &agent).await;
     if kind == ConnKind::Relay {
         bucket = Bucket::new(
             o.msgs_per_sec.saturating_mul(RELAY_RATE_FACTOR),
@@ -338,9 +339,11 @@ async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
         );
         tracing::info!(relay = %hex::encode(&key[..8]), %addr, "another relay logged in");
     }
-    let login = peers
-        .core()
-        .login_as(Instant::now(), conn, key, agent, addr, kind);
+    let login = {
+        let mut core = peers.core();
+        core.login_as(Instant::now(), conn, key, agent, addr, kind)
+            .map(|acts| peers.count(acts))
+    };
     match login {
         Ok(acts) => peers.apply(acts),
         Err(r) => {
@@ -393,8 +396,7 @@ fn finish(peers: &Peers, conn: u64) {
     if let Ok(mut h) = peers.handles.lock() {
         h.remove(&conn);
     }
-    let acts = peers.core().logout(Instant::now(), conn);
-    peers.apply(acts);
+    peers.drive(|core| core.logout(Instant::now(), conn));
 }
 
 type End = Option<(&'static str, String, u16)>;
@@ -522,21 +524,19 @@ async fn dispatch(st: &SharedState, peers: &Arc<Peers>, conn: u64, m: ToRelay) {
                         .copied()
                         .collect()
                 };
-            peers
-                .core()
-                .have(now(), conn, &add, &remove, |b| known.contains(b))
+            peers.call(|core| core.have(now(), conn, &add, &remove, |b| known.contains(b)))
         }
         ToRelay::GetChunk { req, block, index } => {
-            let info = peers.chunk_info(st, block).await;
-            peers.core().get_chunk(now(), conn, req, block, index, info)
+            let info = peers.chunk_info(block).await;
+            peers.call(|core| core.get_chunk(now(), conn, req, block, index, info))
         }
-        ToRelay::Chunk { req, data } => peers.core().chunk(now(), conn, req, data),
-        ToRelay::NoChunk { req, .. } => peers.core().no_chunk(now(), conn, req),
+        ToRelay::Chunk { req, data } => peers.call(|core| core.chunk(now(), conn, req, data)),
+        ToRelay::NoChunk { req, .. } => peers.call(|core| core.no_chunk(now(), conn, req)),
         ToRelay::ComputeResult { req, output } => {
-            peers.core().compute_result(now(), conn, req, output)
+            peers.call(|core| core.compute_result(now(), conn, req, output))
         }
         ToRelay::ComputeFailed { req, reason } => {
-            peers.core().compute_refused(now(), conn, req, reason)
+            peers.call(|core| core.compute_refused(now(), conn, req, reason))
         }
         ToRelay::Login { .. } => vec![super::Action::Send {
             conn,

@@ -10,8 +10,6 @@
 //!   one transaction each, under an advisory lock so that relays starting
 //!   together apply each once; `schema_migrations` records them. A database
 //!   migrated by a newer relay is refused.
-//! * [`testing`]: a throwaway PostgreSQL server (initdb / pg_ctl from the
-//!   machine's packages) for tests and benchmarks.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -294,5 +292,3 @@ pub fn to_i64(v: u64) -> Result<i64, PgError> {
 pub fn to_u64(v: i64) -> Result<u64, PgError> {
     u64::try_from(v).map_err(|_| PgError(format!("negative counter {v} in the database")))
 }
-
-pub mod testing;

@@ -36,11 +36,10 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt as _;
 
-use super::limits::{effective_max_connections, ServeOptions};
-
-/// Connections answered 503 at the same time (each holds a descriptor for at
-/// most a second, out of [`FD_RESERVE`](super::limits::FD_RESERVE)); beyond, they are just closed.
-const MAX_REFUSING: usize = 16;
+use crate::limits::{
+    effective_max_connections, ServeOptions, ACCEPT_PAUSE, EMFILE_LOG_EVERY, MAX_REFUSING,
+    REFUSE_TIMEOUT,
+};
 
 /// Bind a listener with an explicit backlog (tokio's default is 1024; the
 /// kernel caps it at `net.core.somaxconn`).
@@ -139,11 +138,11 @@ pub async fn serve(
             Err(e) => {
                 let fd = matches!(e.raw_os_error(), Some(23 | 24));
                 if fd {
-                    if last_emfile_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    if last_emfile_log.is_none_or(|t| t.elapsed() > EMFILE_LOG_EVERY) {
                         tracing::warn!(error = %e, "out of file descriptors: pausing accept");
                         last_emfile_log = Some(Instant::now());
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
                 } else {
                     tracing::debug!(error = %e, "accept failed");
                 }
@@ -212,7 +211,7 @@ async fn refuse(mut stream: TcpStream, why: &str) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
         stream.write_all(msg.as_bytes()).await?;
         stream.shutdown().await?;
         // Read what the client sent so closing does not reset the answer away.

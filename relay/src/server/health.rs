@@ -16,28 +16,20 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 use web_node::chain::BlockHash;
 
-use super::SharedState;
+use crate::state::SharedState;
 
 /// How long each readiness check may take before it counts as failed.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The body of `/readyz`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct Readiness {
-    pub ready: bool,
-    /// `ok` or why not.
-    pub store: String,
-    /// Blocks in the loaded chain.
-    pub chain_blocks: usize,
-    /// `ok`, why not, or `not configured` (no `--database`).
-    pub database: String,
-    pub shutting_down: bool,
-    /// The first failing check, when not ready.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+pub use crate::state::Readiness;
+
+/// `/healthz` and `/readyz`.
+pub(super) fn routes() -> axum::Router<SharedState> {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
 }
 
 pub(super) async fn healthz() -> Response {

@@ -11,7 +11,8 @@ use axum::Json;
 use web_node::chain::{Block, BlockHash, ChainId};
 use web_node::net::api::{codes, ApiError, ChunkList, HeadInfo};
 
-use super::{blocking, store_err, ApiResult, HttpError, SharedState};
+use crate::http::{blocking, store_err, ApiResult, HttpError};
+use crate::state::SharedState;
 
 /// Bytes read from the store per piece of a streamed payload response
 /// (rounded up to whole chunks: every piece is checked against the chunk list).
@@ -45,6 +46,17 @@ async fn get_block_of(st: &SharedState, hash: BlockHash) -> Result<Block, ApiErr
 /// `after`. When more follow, a `Link: <...?after=<last>&limit=N>; rel="next"`
 /// header points at the next page. Without parameters this is the seed's
 /// listing (complete for chains up to the default page).
+/// The read side of the REST API: listings, blocks, payloads, chunk lists, heads.
+pub(super) fn routes() -> axum::Router<SharedState> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/chain/{chain}/blocks", get(list_chain))
+        .route("/blocks/{hash}", get(get_block))
+        .route("/blocks/{hash}/payload", get(get_payload))
+        .route("/blocks/{hash}/chunks", get(get_chunks))
+        .route("/heads", get(get_heads))
+}
+
 pub(super) async fn list_chain(
     State(st): State<SharedState>,
     chain: Result<UrlPath<String>, PathRejection>,

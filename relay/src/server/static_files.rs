@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::path::Path;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use tower::util::BoxCloneSyncService;
@@ -17,7 +17,7 @@ use tower_http::compression::{CompressionLayer, CompressionLevel};
 use tower_http::services::ServeDir;
 use web_node::net::api::ApiError;
 
-use super::{ApiResult, SharedState};
+use crate::http::ApiResult;
 
 /// Compression quality for responses compressed on the fly: brotli and gzip
 /// level 5 cost a few tens of milliseconds on a 3 MB wasm bundle.
@@ -69,10 +69,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-pub(super) async fn static_file(
-    State(st): State<SharedState>,
-    req: Request,
-) -> ApiResult<Response> {
+pub(super) async fn static_file(web: Option<StaticFiles>, req: Request) -> ApiResult<Response> {
     let path = req.uri().path().to_string();
     let not_found = || ApiError::not_found(format!("no such resource: {path}"));
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -90,7 +87,7 @@ pub(super) async fn static_file(
             return Err(ApiError::malformed("path traversal refused").into());
         }
     }
-    let Some(web) = st.rt().web.clone() else {
+    let Some(web) = web else {
         return Err(not_found().into());
     };
     let resp = match web.svc.oneshot(req).await {

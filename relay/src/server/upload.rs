@@ -41,9 +41,10 @@ use web_node::chain::{
 use web_node::model::Config;
 use web_node::net::api::{codes, ApiError, BlockInfo, SeedUpload};
 
-use super::auth::{self, MetaWriters};
-use super::{blocking, peer_ip, store_err, ApiResult, HttpError, SharedState};
+use crate::auth::{self, MetaWriters};
 use crate::gate::{GateContext, PayloadRef};
+use crate::http::{blocking, peer_ip, store_err, ApiResult, HttpError};
+use crate::state::SharedState;
 use crate::store::{Committed, Expect};
 
 /// Body pieces queued between the connection and the staging writer.
@@ -263,64 +264,61 @@ fn check_staged_meta(block: &Block, path: &std::path::Path) -> Result<Content, A
     Ok((meta, Some(writers)))
 }
 
-/// Steps 4 and 5 (see the module docs).
-async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Created> {
-    let Staged {
-        block,
-        path,
-        chunks,
-        meta,
-        writers,
-    } = staged;
-    let block = std::sync::Arc::new(block);
-    if let (Some(ticket), Some(head)) = (adm.gate, adm.head) {
-        let _running = st
-            .rt()
-            .eval_run
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::internal("evaluation limiter closed"))?;
-        let (st2, b2) = (st.clone(), block.clone());
-        let p: PathBuf = path.to_path_buf();
-        let config = adm.config.clone();
-        blocking(move || {
-            let ctx = GateContext {
-                block: &b2,
-                payload: PayloadRef::File {
-                    path: &p,
-                    offset: b2.encoded_len() as u64,
-                    len: b2.header.payload_len,
-                },
-                head,
-                config: config.as_ref(),
-                slot_heads: &ticket.slot_heads,
-                store: st2.store.as_ref(),
-            };
-            let started = std::time::Instant::now();
-            let verdict = st2.gate().check(&ctx);
-            crate::metrics::gate_evaluation(
-                started.elapsed(),
-                verdict.as_ref().err().map(|r| r.code),
-            );
-            verdict.map_err(|r| {
-                tracing::info!(block = %b2.hash, slot = %b2.header.name, reason = %r, "gate rejected block");
-                ApiError::from(r)
-            })
-        })
-        .await?;
-    }
-    // Durable file, no lock held.
-    let (store, b2) = (st.store.clone(), block.clone());
+/// The gate's evaluation of a staged block (one at a time, on a blocking
+/// thread), reading the payload from the staging file.
+async fn run_gate(
+    st: &SharedState,
+    block: &std::sync::Arc<Block>,
+    path: &std::path::Path,
+    ticket: GateTicket,
+    head: BlockHash,
+    config: Option<Config>,
+) -> ApiResult<()> {
+    let _running = st
+        .rt()
+        .eval_run
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::internal("evaluation limiter closed"))?;
+    let (st2, b2) = (st.clone(), block.clone());
+    let p: PathBuf = path.to_path_buf();
     blocking(move || {
-        store.place_staged(&b2, &path).map_err(store_err)?;
-        // Moved into place: the staging name no longer exists.
-        let _ = path.keep();
-        Ok(())
+        let ctx = GateContext {
+            block: &b2,
+            payload: PayloadRef::File {
+                path: &p,
+                offset: b2.encoded_len() as u64,
+                len: b2.header.payload_len,
+            },
+            head,
+            config: config.as_ref(),
+            slot_heads: &ticket.slot_heads,
+            store: st2.store.as_ref(),
+        };
+        let started = std::time::Instant::now();
+        let verdict = st2.gate().check(&ctx);
+        crate::metrics::gate_evaluation(
+            started.elapsed(),
+            verdict.as_ref().err().map(|r| r.code),
+        );
+        verdict.map_err(|r| {
+            tracing::info!(block = %b2.hash, slot = %b2.header.name, reason = %r, "gate rejected block");
+            ApiError::from(r)
+        })
     })
     .await?;
-    // Commit: re-check the head, index, insert.
-    let _commit = st.commit.lock().await;
+    Ok(())
+}
+
+/// Under the commit lock: refuse a block the chain got meanwhile (409) or
+/// whose slot head moved since its header was checked (the placed file is
+/// discarded).
+async fn recheck_head(
+    st: &SharedState,
+    block: &Block,
+    expected: Option<BlockHash>,
+) -> ApiResult<()> {
     let h = &block.header;
     let moved = {
         let chain = st.chain.read().await;
@@ -333,7 +331,7 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
             .into());
         }
         let now = chain.dag.head(h.meta.as_ref(), &h.name);
-        (now != adm.head).then_some(now)
+        (now != expected).then_some(now)
     };
     if let Some(now) = moved {
         let (store, hash) = (st.store.clone(), block.hash);
@@ -348,10 +346,20 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
         )
         .into());
     }
-    // The store settles the head once more: another relay on the same
-    // database may have moved it since this relay's chain saw it.
+    Ok(())
+}
+
+/// The store's commit, which settles the head once more (another relay on
+/// the same database may have moved it); a refused block's file is discarded.
+async fn commit_to_store(
+    st: &SharedState,
+    block: &std::sync::Arc<Block>,
+    chunks: Vec<BlockHash>,
+    expected: Option<BlockHash>,
+) -> ApiResult<()> {
+    let h = &block.header;
     let (store, b2) = (st.store.clone(), block.clone());
-    let expect = Expect::Head(adm.head);
+    let expect = Expect::Head(expected);
     let committed = blocking(move || store.commit(&b2, &chunks, expect).map_err(store_err)).await;
     match committed {
         Ok(Committed::Done) => {}
@@ -376,6 +384,38 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
             return Err(e.into());
         }
     }
+    Ok(())
+}
+
+/// Steps 4 and 5 (see the module docs).
+async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Created> {
+    let Staged {
+        block,
+        path,
+        chunks,
+        meta,
+        writers,
+    } = staged;
+    let block = std::sync::Arc::new(block);
+    if let (Some(ticket), Some(head)) = (adm.gate, adm.head) {
+        run_gate(st, &block, &path, ticket, head, adm.config.clone()).await?;
+    }
+    // Durable file, no lock held.
+    let (store, b2) = (st.store.clone(), block.clone());
+    blocking(move || {
+        store.place_staged(&b2, &path).map_err(store_err)?;
+        // Moved into place: the staging name no longer exists.
+        let _ = path.keep();
+        Ok(())
+    })
+    .await?;
+    // Commit: re-check the head, index, insert.
+    let _commit = st.commit.lock().await;
+    let h = &block.header;
+    recheck_head(st, &block, adm.head).await?;
+    // The store settles the head once more: another relay on the same
+    // database may have moved it since this relay's chain saw it.
+    commit_to_store(st, &block, chunks, adm.head).await?;
     let v = ValidatedBlock {
         block: (*block).clone(),
         meta,
@@ -513,6 +553,14 @@ fn counted(route: crate::metrics::UploadRoute, r: ApiResult<Created>) -> ApiResu
 }
 
 /// `POST /blocks`: envelope then payload, checked as it streams in.
+/// `POST /blocks` and the seed's `POST /upload_moe_experts`.
+pub(super) fn routes() -> axum::Router<SharedState> {
+    use axum::routing::post;
+    axum::Router::new()
+        .route("/blocks", post(upload_binary))
+        .route("/upload_moe_experts", post(upload_json))
+}
+
 pub(super) async fn upload_binary(state: State<SharedState>, req: Request) -> ApiResult<Created> {
     counted(
         crate::metrics::UploadRoute::Blocks,
@@ -520,17 +568,14 @@ pub(super) async fn upload_binary(state: State<SharedState>, req: Request) -> Ap
     )
 }
 
-async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
-    let (parts, body) = req.into_parts();
-    check_content_type(&parts.headers, "application/octet-stream")?;
-    take_ip(&st, &parts.extensions)?;
-    let max = st.opts.max_binary_body;
-    let declared = content_length(&parts.headers);
-    if declared.is_some_and(|n| n > max) {
-        return Err(too_large("block upload", max).into());
-    }
-    let idle = st.opts.body_idle_timeout;
-    let mut stream = body.into_data_stream();
+/// Read the envelope (magic, header length, header, signature): refused at
+/// the first bytes that cannot start a block. Returns the block, the
+/// envelope's length and every byte read so far (the payload's first
+/// bytes follow the envelope).
+async fn read_envelope<S>(stream: &mut S, idle: Duration) -> ApiResult<(Block, usize, Vec<u8>)>
+where
+    S: futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
     // The envelope: magic, header length, header, signature. Refused at the
     // first bytes that cannot start a block.
     let mut head: Vec<u8> = Vec::new();
@@ -552,7 +597,7 @@ async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Create
             }
             break Block::decode_prefix(&head)?;
         }
-        let Some(piece) = next_piece(&mut stream, idle).await? else {
+        let Some(piece) = next_piece(stream, idle).await? else {
             return Err(ApiError::malformed(if head.len() < 8 {
                 "shorter than the block envelope"
             } else {
@@ -566,7 +611,12 @@ async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Create
             return Err(ApiError::malformed("bad magic (not an AI-Block block)").into());
         }
     };
-    let plen = block.header.payload_len;
+    Ok((block, used, head))
+}
+
+/// The envelope plus the header's payload length: within `max`, and equal
+/// to the Content-Length when one was sent.
+fn check_upload_length(declared: Option<u64>, used: usize, plen: u64, max: u64) -> ApiResult<()> {
     let total = used as u64 + plen;
     if total > max {
         return Err(too_large("block upload", max).into());
@@ -579,6 +629,23 @@ async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Create
             .into());
         }
     }
+    Ok(())
+}
+
+async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers, "application/octet-stream")?;
+    take_ip(&st, &parts.extensions)?;
+    let max = st.opts.max_binary_body;
+    let declared = content_length(&parts.headers);
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large("block upload", max).into());
+    }
+    let idle = st.opts.body_idle_timeout;
+    let mut stream = body.into_data_stream();
+    let (block, used, mut head) = read_envelope(&mut stream, idle).await?;
+    let plen = block.header.payload_len;
+    check_upload_length(declared, used, plen, max)?;
     let adm = match admit(&st, &block).await {
         Ok(a) => a,
         Err(e) => {
@@ -661,7 +728,7 @@ async fn json(State(st): State<SharedState>, req: Request) -> ApiResult<Created>
     }
     // A decoding slot, held until the payload is staged.
     let permit = tokio::time::timeout(
-        super::limits::UPLOAD_QUEUE_WAIT,
+        crate::limits::UPLOAD_QUEUE_WAIT,
         st.rt().json.clone().acquire_owned(),
     )
     .await

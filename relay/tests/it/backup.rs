@@ -10,11 +10,11 @@ use crate::common::*;
 use relay::backup::{
     self, run_backup, run_restore, verify_archive, BackupArgs, BackupError, RestoreArgs,
 };
-use relay::pg::testing::TestPg;
 use relay::pg::Pg;
 use relay::server::ServeConfig;
 use relay::store::{BlockStore as _, FileStore, PgStore, RelayStore};
 use relay::ServeOptions;
+use test_support::pg::TestPg;
 use web_node::chain::{Block, BlockHash, ChainId};
 use web_node::model::Slot;
 use web_node::net::api::BlockInfo;

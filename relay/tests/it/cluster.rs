@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use relay::pg::testing::TestPg;
 use serde_json::Value;
+use test_support::pg::TestPg;
 use web_node::chain::BlockHash;
 use web_node::model::Slot;
 use web_node::net::api::{codes, ApiError, HeadInfo};

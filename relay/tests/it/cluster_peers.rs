@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::ws::*;
@@ -20,10 +20,10 @@ use crate::common::*;
 use ed25519_dalek::SigningKey;
 use relay::cluster::presence::ClusterOptions;
 use relay::peers::PeerOptions;
-use relay::pg::testing::TestPg;
 use relay::pg::Pg;
 use relay::server::ServeConfig;
-use relay::{ServeOptions, SharedState};
+use relay::ServeOptions;
+use test_support::pg::TestPg;
 use web_node::chain::Block;
 use web_node::model::{Config, Slot};
 use web_node::net::api::BlockInfo;
@@ -46,13 +46,14 @@ fn id(k: &SigningKey) -> [u8; 32] {
 }
 
 /// A relay on the shared database, serving in this process, taking part in
-/// the cluster (advertising its bound address).
-struct Node {
-    url: String,
-    addr: String,
-    state: SharedState,
-    stop: Mutex<Option<tokio::sync::oneshot::Sender<bool>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+/// the cluster (advertising its bound address); dropped, it crashes.
+struct Node(TestRelay);
+
+impl std::ops::Deref for Node {
+    type Target = TestRelay;
+    fn deref(&self) -> &TestRelay {
+        &self.0
+    }
 }
 
 impl Node {
@@ -63,64 +64,16 @@ impl Node {
             model_dir: Some(model.to_path_buf()),
             database: Some(db.to_string()),
         };
-        let state: SharedState =
-            Arc::new(unthrottled(relay::open_relay(&cfg).unwrap()).with_peer_options(opts));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        // true: a graceful stop; false (or dropped): a crash.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<bool>();
-        let (st, dir) = (state.clone(), data.to_path_buf());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = relay::server::conn::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
-                let addr = l.local_addr().unwrap();
-                relay::cluster::presence::configure_with(
-                    &st,
-                    &dir,
-                    format!("ws://{addr}/ws"),
-                    quick(),
-                )
-                .unwrap();
-                relay::cluster::start(&st);
-                addr_tx.send(addr).unwrap();
-                let peers = st.peers.clone();
-                let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
-                let serve = relay::serve(
-                    l,
-                    relay::app(st.clone()),
-                    ServeOptions::default(),
-                    async move {
-                        let _ = graceful_rx.await;
-                    },
-                );
-                tokio::pin!(serve);
-                tokio::select! {
-                    r = &mut serve => r.unwrap(),
-                    s = stop_rx => {
-                        if s == Ok(true) {
-                            peers.shutdown();
-                            let _ = graceful_tx.send(());
-                            serve.await.unwrap();
-                            peers.drain(Duration::from_secs(5)).await;
-                        }
-                        // A crash: the runtime goes with every task and socket.
-                    }
-                }
-            });
-            rt.shutdown_background();
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            url: format!("http://{addr}"),
-            addr: addr.to_string(),
-            state,
-            stop: Mutex::new(Some(stop_tx)),
-            thread: Mutex::new(Some(thread)),
-        }
+        Self(TestRelay::launch(
+            cfg,
+            move |s| s.with_peer_options(opts),
+            ServeOptions::default(),
+            Launch {
+                cluster: Some(quick()),
+                crash_on_drop: true,
+                ..Launch::default()
+            },
+        ))
     }
 
     fn relay_id(&self) -> String {
@@ -129,24 +82,6 @@ impl Node {
 
     fn relay_key(&self) -> [u8; 32] {
         self.state.peers.cluster().unwrap().public_key()
-    }
-
-    /// Stop serving: gracefully, or as a crash (every task and socket
-    /// dropped, nothing cleaned up).
-    fn end(&self, graceful: bool) {
-        if let Some(s) = self.stop.lock().unwrap().take() {
-            let _ = s.send(graceful);
-        }
-        let t = self.thread.lock().unwrap().take();
-        if let Some(t) = t {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.end(false);
     }
 }
 
@@ -311,7 +246,7 @@ async fn holder(
     k: &SigningKey,
     corrupt: bool,
 ) -> tokio::task::JoinHandle<Vec<(String, String)>> {
-    let mut ws = login_as(&on.addr, k).await;
+    let mut ws = login_as(&on.addr(), k).await;
     announce(&mut ws, 0, false, vec![env.block.hash]).await;
     let peers = on.state.peers.clone();
     let (me, hash) = (id(k), env.block.hash);
@@ -338,7 +273,7 @@ async fn a_peer_on_one_relay_gets_chunks_only_a_peer_on_another_relay_holds() {
     let Some(env) = env_or_skip() else { return };
     let h = key(1);
     let serving = holder(&env, &env.r2, &h, false).await;
-    let mut rq = login_as(&env.r1.addr, &key(2)).await;
+    let mut rq = login_as(&env.r1.addr(), &key(2)).await;
     let n = env.n_chunks();
     assert!(n > 10, "{n} chunks");
     for k in 0..n {
@@ -433,7 +368,7 @@ async fn a_lying_peer_on_the_other_relay_is_caught_there_and_the_store_answers()
     };
     let liar = key(3);
     let serving = holder(&env, &env.r2, &liar, true).await;
-    let mut rq = login_as(&env.r1.addr, &key(2)).await;
+    let mut rq = login_as(&env.r1.addr(), &key(2)).await;
     for k in 0..3u32 {
         let (data, from) = fetch_chunk(&mut rq, u64::from(k), env.block.hash, k)
             .await
@@ -465,7 +400,7 @@ async fn a_dead_relay_stops_being_used_and_its_rows_expire() {
     let Some(env) = env_or_skip() else { return };
     let h = key(1);
     let _serving = holder(&env, &env.r2, &h, false).await;
-    let mut rq = login_as(&env.r1.addr, &key(2)).await;
+    let mut rq = login_as(&env.r1.addr(), &key(2)).await;
     let (_, from) = fetch_chunk(&mut rq, 0, env.block.hash, 0).await.unwrap();
     assert_eq!(from, ChunkSource::Peer(id(&h)));
     let (r2_id, hash) = (env.r2.relay_id(), env.block.hash);

@@ -21,5 +21,6 @@ mod p2p;
 mod rewards;
 mod store;
 mod store_backends;
+mod usage;
 mod usage_pg;
 mod ws;

@@ -246,7 +246,7 @@ fn wait_ready(url: &str, want: u16, within: Duration) -> Readiness {
 #[test]
 fn readyz_follows_postgres_down_and_back() {
     // A server of its own: this test stops it.
-    let Some(pg) = relay::pg::testing::TestPg::start() else {
+    let Some(pg) = test_support::pg::TestPg::start() else {
         return;
     };
     let url = pg.create_db();

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::common::*;
-use relay::pg::testing::TestPg;
 use relay::pg::Pg;
 use relay::store::{
     put_checked, BlockStore as _, Committed, Expect, FileStore, PgStore, RelayStore,
 };
+use test_support::pg::TestPg;
 use web_node::chain::{Block, BlockKind, MetaPayload};
 use web_node::model::random::random_model_bytes;
 use web_node::model::Slot;

@@ -1,5 +1,5 @@
 //! The usage ledger on PostgreSQL (`relay serve --database`): the store's
-//! behaviour tests (the same bodies as the redb unit tests), several relays
+//! behaviour tests (the same suites as `usage` runs on redb), several relays
 //! on one database, and a database that fails or goes away.
 //!
 //! The tests share one throwaway server ([`TestPg::shared`]) and each gets a
@@ -13,13 +13,13 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use relay::pg::testing::TestPg;
 use relay::pg::Pg;
 use relay::usage::{
-    conformance, ReportEntry, Usage, UsageError, UsageReport, VersionInfo, FLUSH_INTERVAL,
-    MINER_UC_PER_TOKEN, PEER_UC_PER_COMPUTE, PEER_UC_PER_MIB, REPORTS_PER_PERIOD, REPORT_PERIOD_MS,
-    REPORT_TOKENS_CAP,
+    ReportEntry, Usage, UsageError, UsageReport, VersionInfo, FLUSH_INTERVAL, MINER_UC_PER_TOKEN,
+    PEER_UC_PER_COMPUTE, PEER_UC_PER_MIB, REPORTS_PER_PERIOD, REPORT_PERIOD_MS, REPORT_TOKENS_CAP,
 };
+use test_support::pg::TestPg;
+use test_support::usage_conformance as conformance;
 use web_node::chain::BlockHash;
 
 /// A fresh database on the test process's server.

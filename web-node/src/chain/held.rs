@@ -50,9 +50,8 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     use super::*;
-    use crate::chain::{chunk_hashes, limits, BlockBuilder, MetaPayload, PayloadAssembler};
-    use crate::model::checkpoint::{split_checkpoint, Signer};
-    use crate::model::random::{random_model_bytes, tiny_config};
+    use crate::chain::{chunk_hashes, limits, BlockBuilder, PayloadAssembler};
+    use crate::test_chain::TinyChain;
 
     /// The tiny model's meta block and two expert blocks, each with its
     /// payload (several 4 KiB chunks).
@@ -64,29 +63,14 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let cfg = tiny_config();
-        let m = random_model_bytes(&cfg, 5).unwrap();
-        let key = SigningKey::from_bytes(&[6; 32]);
-        let signer = Signer {
-            key: &key,
-            address: "op".into(),
-            timestamp_ms: 1,
-            chunk_size: limits::MIN_CHUNK_SIZE,
-        };
-        let config: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
-        let spec = MetaPayload::new("tiny", config, None).unwrap();
-        let meta = signer.meta_block(&spec, None).unwrap();
-        let slots = split_checkpoint(&cfg, &[&m.safetensors]).unwrap();
-        let mut experts = slots
-            .iter()
-            .filter(|s| s.slot.to_string().contains("expert"))
-            .map(|s| signer.slot_block(meta.0.hash, s, vec![], None));
+        let chain = TinyChain::new(5);
+        let mut experts = chain.experts().into_iter();
         let expert = experts.next().unwrap();
         let other = experts.next().unwrap();
         assert!(expert.1.len() > 2 * limits::MIN_CHUNK_SIZE as usize);
         Fixture {
-            config: cfg,
-            meta,
+            config: chain.config,
+            meta: chain.meta,
             expert,
             other,
         }

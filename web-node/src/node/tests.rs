@@ -8,10 +8,9 @@ use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
 
 use super::*;
-use crate::chain::{chunk_hashes, limits as chain_limits, MetaPayload};
-use crate::model::checkpoint::{split_checkpoint, Signer};
-use crate::model::random::{random_model_bytes, tiny_config};
+use crate::chain::{chunk_hashes, limits as chain_limits};
 use crate::net::peer::{decode_from_relay, verify_login};
+use crate::test_chain::TinyChain;
 
 /// The tiny model's meta block and one expert block (several 4 KiB chunks).
 struct Fixture {
@@ -23,28 +22,13 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let cfg = tiny_config();
-    let m = random_model_bytes(&cfg, 3).unwrap();
-    let key = SigningKey::from_bytes(&[9; 32]);
-    let signer = Signer {
-        key: &key,
-        address: "op".into(),
-        timestamp_ms: 1,
-        chunk_size: chain_limits::MIN_CHUNK_SIZE,
-    };
-    let config: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
-    let spec = MetaPayload::new("tiny", config, None).unwrap();
-    let (meta, _) = signer.meta_block(&spec, None).unwrap();
-    let slots = split_checkpoint(&cfg, &[&m.safetensors]).unwrap();
-    let mut experts = slots
-        .iter()
-        .filter(|s| s.slot.to_string().contains("expert"))
-        .map(|s| signer.slot_block(meta.hash, s, vec![], None));
+    let chain = TinyChain::new(3);
+    let mut experts = chain.experts().into_iter();
     let (expert, payload) = experts.next().unwrap();
     let (other, other_payload) = experts.next().unwrap();
     assert!(payload.len() > 3 * chain_limits::MIN_CHUNK_SIZE as usize);
     Fixture {
-        config: cfg,
+        config: chain.config,
         expert,
         payload,
         other,

@@ -6,11 +6,12 @@
 use ed25519_dalek::SigningKey;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use test_support::chain::signer;
 use web_node::chain::{
     chunk_hashes, limits, payload_root, validate_block, verify_chunk, Block, BlockHash,
     BlockHeader, BlockKind, ChainError, ChainId, ChainView, Dag, MetaPayload, PayloadDtype,
 };
-use web_node::model::checkpoint::{split_checkpoint, Signer, SlotPayload};
+use web_node::model::checkpoint::{split_checkpoint, SlotPayload};
 use web_node::model::{Config, Slot};
 
 fn cfg_json() -> serde_json::Value {
@@ -125,15 +126,6 @@ impl Fixture {
             assert!(self.dag.get(&b.hash).is_none());
         }
         err
-    }
-}
-
-fn signer(key: &SigningKey) -> Signer<'_> {
-    Signer {
-        key,
-        address: "alice".into(),
-        timestamp_ms: 1_700_000_000_000,
-        chunk_size: 4096,
     }
 }
 

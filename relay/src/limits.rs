@@ -1,6 +1,9 @@
-//! Every limit of the relay, as a named constant with the reason for its
-//! value, the options that carry them (each is a `relay serve` flag), and the
-//! bounded per-key / per-IP token buckets.
+//! The limits of the HTTP server and of the cluster, each a named constant
+//! with the reason for its value, the options that carry them (each is a
+//! `relay serve` flag), and the bounded per-key / per-IP token buckets.
+//! A feature's own limits live with it (listed below, before [`Rate`]).
+//!
+//! Layer: foundation. Imports nothing of the crate.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -68,6 +71,61 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// How long graceful shutdown waits for open connections (requests in
 /// flight, uploads included) before cutting them (`--shutdown-timeout`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Connections answered 503 at the same time (each holds a descriptor for at
+/// most [`REFUSE_TIMEOUT`], out of [`FD_RESERVE`]); beyond, they are just closed.
+pub const MAX_REFUSING: usize = 16;
+/// How long a refused connection may take to read its 503 before it is closed.
+pub const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Out of file descriptors, `accept` pauses this long before trying again
+/// (connections wait in the listen backlog meanwhile).
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+/// At most one "out of file descriptors" warning per this long.
+pub const EMFILE_LOG_EVERY: Duration = Duration::from_secs(5);
+
+// Several relays on one database (`crate::cluster`, `crate::peers::cluster`).
+
+/// How often a relay refreshes its row in `relays` and reads the live relays
+/// (`ClusterOptions::heartbeat`'s default; every relay of a database should
+/// use the same).
+pub const CLUSTER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A relay row not refreshed this long is dead (well above
+/// [`CLUSTER_HEARTBEAT`]; `ClusterOptions::dead_after`'s default).
+pub const CLUSTER_DEAD_AFTER: Duration = Duration::from_secs(30);
+/// Presence changes queued for the writer; past it the queue is dropped and
+/// the next write rewrites this relay's presence whole.
+pub const PRESENCE_QUEUE: usize = 4096;
+/// Changes written in one transaction at most.
+pub const PRESENCE_BATCH: usize = 1024;
+/// The writer waits this long after a change for more to batch with it.
+pub const PRESENCE_DELAY: Duration = Duration::from_millis(50);
+/// Blocks queued for lookup; past it a lookup is answered "nobody" at once
+/// (the request goes to the store).
+pub const LOOKUP_QUEUE: usize = 1024;
+/// Blocks looked up in one query at most.
+pub const LOOKUP_BATCH: usize = 256;
+/// One database step (a query, a batch) may take this long; then it counts
+/// as failed.
+pub const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before retrying a failed registration or presence write
+/// (doubling up to [`MAX_RETRY`]).
+pub const FIRST_RETRY: Duration = Duration::from_millis(200);
+/// Longest wait before retrying a failed registration or presence write.
+pub const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How long a login that says it is a relay may spend on the database check.
+pub const LOGIN_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A link to another relay: TCP connect plus the WebSocket handshake.
+pub const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A closing link waits this long for the close handshake.
+pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+// Limits that live with their feature: the `/ws` protocol's own limits are
+// web-node's `net::peer::limits` (both ends share them); `/chat`'s are in
+// `crate::chat` (`MAX_CONCURRENT_CHATS` ...), `/p2p/*`'s in
+// `crate::peers::p2p` (`MAX_REGISTERED` ...), the peer layer's timing in
+// `crate::peers::PeerOptions` and the chunk core's in its `RouteConfig`:
+// each is documented there, next to the code it bounds, and carried by that
+// feature's options.
 
 /// A token-bucket rate: `burst` at once, `per_minute` sustained.
 #[derive(Debug, Clone, Copy, PartialEq)]
