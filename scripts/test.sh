@@ -35,6 +35,14 @@ ensure_web_tools
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
+# The relay's layers: no cycle between its files, no import up the table.
+if command -v python3 >/dev/null 2>&1; then
+    step "relay module graph (scripts/relay_layers.py)"
+    python3 scripts/relay_layers.py relay/src check
+else
+    log "python3 not found: relay module-graph check skipped"
+fi
+
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 

@@ -257,13 +257,15 @@ fn frame_error(e: &axum::Error) -> Option<(&'static str, String)> {
     }
 }
 
-/// One connection, from the challenge to the close.
-async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
-    let peers = st.peers.clone();
-    let o = peers.opts.clone();
-    let conn = peers.next_conn();
-    let mut shutdown = peers.shutdown.subscribe();
-    let mut bucket = Bucket::new(o.msgs_per_sec, o.msgs_burst);
+/// Send the challenge and wait for a valid `Login` (or the shutdown); on
+/// failure the socket is closed as the peer should be told, and None.
+async fn challenge_and_login(
+    peers: &Peers,
+    socket: &mut WebSocket,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    bucket: &mut Bucket,
+) -> Option<(PeerId, String)> {
+    let o = &peers.opts;
     let mut nonce = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut nonce);
     let challenge = FromRelay::Challenge {
@@ -271,25 +273,25 @@ async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
         version: super::PROTOCOL_VERSION,
     };
     if write(
-        &mut socket,
+        socket,
         Message::Binary(challenge.encode().into()),
         o.write_timeout,
     )
     .await
     .is_err()
     {
-        return;
+        return None;
     }
     let login = tokio::select! {
-        r = tokio::time::timeout(o.login_timeout, read_login(&mut socket, &nonce, &mut bucket)) => r,
+        r = tokio::time::timeout(o.login_timeout, read_login(socket, &nonce, bucket)) => r,
         _ = shutdown.changed() => {
-            close_with(&mut socket, codes::UNAVAILABLE, "the relay is shutting down".into(), CLOSE_AWAY).await;
-            return;
+            close_with(socket, codes::UNAVAILABLE, "the relay is shutting down".into(), CLOSE_AWAY).await;
+            return None;
         }
     };
-    let (key, agent) = match login {
-        Ok(Ok(x)) => x,
-        Ok(Err(LoginError::Gone)) => return,
+    match login {
+        Ok(Ok(x)) => Some(x),
+        Ok(Err(LoginError::Gone)) => None,
         Ok(Err(LoginError::Refuse(code, message))) => {
             Counters::inc(&peers.counters.login_failures);
             if code == codes::MALFORMED {
@@ -300,21 +302,35 @@ async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
             } else {
                 CLOSE_POLICY
             };
-            close_with(&mut socket, code, message, close).await;
-            return;
+            close_with(socket, code, message, close).await;
+            None
         }
         Err(_) => {
             Counters::inc(&peers.counters.login_failures);
             let secs = o.login_timeout.as_secs_f64();
             close_with(
-                &mut socket,
+                socket,
                 codes::LOGIN_TIMEOUT,
                 format!("no valid Login within {secs} s of the Challenge"),
                 CLOSE_POLICY,
             )
             .await;
-            return;
+            None
         }
+    }
+}
+
+/// One connection, from the challenge to the close.
+async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
+    let peers = st.peers.clone();
+    let o = peers.opts.clone();
+    let conn = peers.next_conn();
+    let mut shutdown = peers.shutdown.subscribe();
+    let mut bucket = Bucket::new(o.msgs_per_sec, o.msgs_burst);
+    let Some((key, agent)) =
+        challenge_and_login(&peers, &mut socket, &mut shutdown, &mut bucket).await
+    else {
+        return;
     };
     let (tx, mut rx) = mpsc::channel(limits::OUTBOUND_QUEUE);
     let kill = Arc::new(Kill::default());

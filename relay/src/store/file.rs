@@ -210,6 +210,26 @@ impl FileStore {
             }
         }
         // Fix heads: keep a stored head if kept, else the slot's last kept block.
+        let heads = self.fixed_heads(&kept, &last_of_slot)?;
+        self.rewrite_index(&drop_seq, &kept, &heads)?;
+        report.dropped = drop_seq.into_iter().map(|(_, h)| h).collect();
+        let mut orphans: Vec<BlockHash> = on_disk
+            .iter()
+            .filter(|h| !kept.contains(h))
+            .copied()
+            .collect();
+        orphans.sort();
+        report.orphans = orphans;
+        Ok(())
+    }
+
+    /// The heads after the check: each stored head that was kept, else the
+    /// slot's last kept block.
+    fn fixed_heads(
+        &self,
+        kept: &HashSet<BlockHash>,
+        last_of_slot: &BTreeMap<String, BlockHash>,
+    ) -> Result<BTreeMap<String, BlockHash>, StoreError> {
         let mut heads: BTreeMap<String, BlockHash> = BTreeMap::new();
         {
             let r = self.db.begin_read().map_err(io)?;
@@ -223,45 +243,46 @@ impl FileStore {
                 }
             }
         }
-        for (k, h) in &last_of_slot {
+        for (k, h) in last_of_slot {
             heads.entry(k.clone()).or_insert(*h);
         }
+        Ok(heads)
+    }
+
+    /// Remove the dropped entries (and their envelopes unless kept) and
+    /// replace the heads table with `heads`.
+    fn rewrite_index(
+        &self,
+        drop_seq: &[(u64, BlockHash)],
+        kept: &HashSet<BlockHash>,
+        heads: &BTreeMap<String, BlockHash>,
+    ) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(io)?;
         {
-            let w = self.db.begin_write().map_err(io)?;
-            {
-                let mut order = w.open_table(ORDER).map_err(io)?;
-                let mut blocks = w.open_table(BLOCKS).map_err(io)?;
-                for (seq, h) in &drop_seq {
-                    order.remove(*seq).map_err(io)?;
-                    if !kept.contains(h) {
-                        blocks.remove(h.0.as_slice()).map_err(io)?;
-                    }
-                }
-                let mut t = w.open_table(HEADS).map_err(io)?;
-                let stale: Vec<String> = t
-                    .iter()
-                    .map_err(io)?
-                    .filter_map(|r| r.ok())
-                    .map(|(k, _)| k.value().to_string())
-                    .filter(|k| !heads.contains_key(k))
-                    .collect();
-                for k in stale {
-                    t.remove(k.as_str()).map_err(io)?;
-                }
-                for (k, h) in &heads {
-                    t.insert(k.as_str(), h.0.as_slice()).map_err(io)?;
+            let mut order = w.open_table(ORDER).map_err(io)?;
+            let mut blocks = w.open_table(BLOCKS).map_err(io)?;
+            for (seq, h) in drop_seq {
+                order.remove(*seq).map_err(io)?;
+                if !kept.contains(h) {
+                    blocks.remove(h.0.as_slice()).map_err(io)?;
                 }
             }
-            w.commit().map_err(io)?;
+            let mut t = w.open_table(HEADS).map_err(io)?;
+            let stale: Vec<String> = t
+                .iter()
+                .map_err(io)?
+                .filter_map(|r| r.ok())
+                .map(|(k, _)| k.value().to_string())
+                .filter(|k| !heads.contains_key(k))
+                .collect();
+            for k in stale {
+                t.remove(k.as_str()).map_err(io)?;
+            }
+            for (k, h) in heads {
+                t.insert(k.as_str(), h.0.as_slice()).map_err(io)?;
+            }
         }
-        report.dropped = drop_seq.into_iter().map(|(_, h)| h).collect();
-        let mut orphans: Vec<BlockHash> = on_disk
-            .iter()
-            .filter(|h| !kept.contains(h))
-            .copied()
-            .collect();
-        orphans.sort();
-        report.orphans = orphans;
+        w.commit().map_err(io)?;
         Ok(())
     }
 

@@ -37,9 +37,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::{IsolationLevel, Row, Transaction};
 use web_node::chain::BlockHash;
 
+use super::reward::RewardPlan;
 use super::{
     cap_entries, plan_reward, replay, too_many_reports, PeerCounters, PeerKey, ReportOutcome,
     RewardEntry, Usage, UsageError, UsageReport, VersionCounters, VersionInfo, FLUSH_INTERVAL,
@@ -624,88 +625,12 @@ impl PgLedger {
             .pg
             .with(move |mut c| async move {
                 let t = c.transaction().await?;
-                let rows = t
-                    .query(
-                        &format!(
-                            "SELECT {VERSION_COLS} FROM usage_versions
-                             WHERE block = ANY($1) ORDER BY block FOR UPDATE"
-                        ),
-                        &[&blocks],
-                    )
-                    .await?;
-                let mut counters = HashMap::with_capacity(rows.len());
-                for r in &rows {
-                    let (b, c) = version_row(r)?;
-                    counters.insert(b, c);
-                }
-                let rows = t
-                    .query(
-                        &format!(
-                            "SELECT {PEER_COLS} FROM usage_peers
-                             WHERE block = ANY($1) ORDER BY peer, block FOR UPDATE"
-                        ),
-                        &[&blocks],
-                    )
-                    .await?;
-                let mut peers = HashMap::with_capacity(rows.len());
-                for r in &rows {
-                    let (k, c) = peer_row(r)?;
-                    peers.insert(k, c);
-                }
+                let (counters, peers) = counters_for_update(&t, &blocks).await?;
                 let plan = plan_reward(&slot, &vs, &counters, &peers, now_ms);
                 if plan.entries.is_empty() {
                     return Ok(plan);
                 }
-                let mut l = (
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                );
-                for e in &plan.entries {
-                    l.0.push(e.key.to_vec());
-                    l.1.push(to_i64(e.amount_uc)?);
-                    l.2.push(e.role.clone());
-                    l.3.push(e.slot.clone());
-                    l.4.push(e.block.0.to_vec());
-                    l.5.push(e.reason.clone());
-                    l.6.push(to_i64(e.at_ms)?);
-                }
-                t.execute(ADD_LEDGER, &[&l.0, &l.1, &l.2, &l.3, &l.4, &l.5, &l.6])
-                    .await?;
-                if !plan.versions.is_empty() {
-                    let mut cols = (Vec::new(), Vec::new());
-                    for (b, _, units) in &plan.versions {
-                        cols.0.push(b.0.to_vec());
-                        cols.1.push(to_i64(*units)?);
-                    }
-                    t.execute(
-                        "UPDATE usage_versions t SET paid_units = u.p
-                         FROM unnest($1::bytea[], $2::int8[]) AS u(b, p) WHERE t.block = u.b",
-                        &[&cols.0, &cols.1],
-                    )
-                    .await?;
-                }
-                if !plan.peers.is_empty() {
-                    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                    for ((p, b), _, _, bytes, comps) in &plan.peers {
-                        cols.0.push(p.to_vec());
-                        cols.1.push(b.0.to_vec());
-                        cols.2.push(to_i64(*bytes)?);
-                        cols.3.push(to_i64(*comps)?);
-                    }
-                    t.execute(
-                        "UPDATE usage_peers t SET paid_bytes = u.pb, paid_computations = u.pc
-                         FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[])
-                             AS u(p, b, pb, pc)
-                         WHERE t.peer = u.p AND t.block = u.b",
-                        &[&cols.0, &cols.1, &cols.2, &cols.3],
-                    )
-                    .await?;
-                }
+                write_reward(&t, &plan).await?;
                 t.commit().await?;
                 Ok::<_, UsageError>(plan)
             })
@@ -745,4 +670,102 @@ impl PgLedger {
             })
             .map_err(ctx("rewards"))
     }
+}
+
+/// The counter rows of `blocks` and every peer row of them, locked (`FOR
+/// UPDATE`) until the transaction ends.
+async fn counters_for_update(
+    t: &Transaction<'_>,
+    blocks: &[Vec<u8>],
+) -> Result<
+    (
+        HashMap<BlockHash, VersionCounters>,
+        HashMap<PeerKey, PeerCounters>,
+    ),
+    UsageError,
+> {
+    let rows = t
+        .query(
+            &format!(
+                "SELECT {VERSION_COLS} FROM usage_versions
+                             WHERE block = ANY($1) ORDER BY block FOR UPDATE"
+            ),
+            &[&blocks],
+        )
+        .await?;
+    let mut counters = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let (b, c) = version_row(r)?;
+        counters.insert(b, c);
+    }
+    let rows = t
+        .query(
+            &format!(
+                "SELECT {PEER_COLS} FROM usage_peers
+                             WHERE block = ANY($1) ORDER BY peer, block FOR UPDATE"
+            ),
+            &[&blocks],
+        )
+        .await?;
+    let mut peers = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let (k, c) = peer_row(r)?;
+        peers.insert(k, c);
+    }
+    Ok((counters, peers))
+}
+
+/// Write a reward in the transaction: its ledger entries and what is now paid.
+async fn write_reward(t: &Transaction<'_>, plan: &RewardPlan) -> Result<(), UsageError> {
+    let mut l = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for e in &plan.entries {
+        l.0.push(e.key.to_vec());
+        l.1.push(to_i64(e.amount_uc)?);
+        l.2.push(e.role.clone());
+        l.3.push(e.slot.clone());
+        l.4.push(e.block.0.to_vec());
+        l.5.push(e.reason.clone());
+        l.6.push(to_i64(e.at_ms)?);
+    }
+    t.execute(ADD_LEDGER, &[&l.0, &l.1, &l.2, &l.3, &l.4, &l.5, &l.6])
+        .await?;
+    if !plan.versions.is_empty() {
+        let mut cols = (Vec::new(), Vec::new());
+        for (b, _, units) in &plan.versions {
+            cols.0.push(b.0.to_vec());
+            cols.1.push(to_i64(*units)?);
+        }
+        t.execute(
+            "UPDATE usage_versions t SET paid_units = u.p
+                         FROM unnest($1::bytea[], $2::int8[]) AS u(b, p) WHERE t.block = u.b",
+            &[&cols.0, &cols.1],
+        )
+        .await?;
+    }
+    if !plan.peers.is_empty() {
+        let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((p, b), _, _, bytes, comps) in &plan.peers {
+            cols.0.push(p.to_vec());
+            cols.1.push(b.0.to_vec());
+            cols.2.push(to_i64(*bytes)?);
+            cols.3.push(to_i64(*comps)?);
+        }
+        t.execute(
+            "UPDATE usage_peers t SET paid_bytes = u.pb, paid_computations = u.pc
+                         FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[])
+                             AS u(p, b, pb, pc)
+                         WHERE t.peer = u.p AND t.block = u.b",
+            &[&cols.0, &cols.1, &cols.2, &cols.3],
+        )
+        .await?;
+    }
+    Ok(())
 }
