@@ -125,13 +125,10 @@ fn main() -> Result<()> {
             database: None,
         },
         |mut s| {
-            s.chat = ChatRuntime::new(ChatOptions {
-                ip_rate: Rate {
-                    burst: 1_000_000,
-                    per_minute: 1_000_000,
-                },
-                ..ChatOptions::default()
-            });
+            s.chat = ChatRuntime::new(ChatOptions::default().ip_rate(Rate {
+                burst: 1_000_000,
+                per_minute: 1_000_000,
+            }));
             s
         },
         relay::ServeOptions::default(),

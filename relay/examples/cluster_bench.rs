@@ -23,7 +23,7 @@ use web_node::model::random::{
     random_tensors, safetensors_bytes, small_config, write_random_model,
 };
 use web_node::model::{Config, Slot};
-use web_node::net::api::{BlockInfo, HeadInfo, SeedUpload, UploadOptions};
+use web_node::net::api::{BlockInfo, SeedUpload, SlotHead, UploadOptions};
 
 /// A relay in this process (`test_support`'s, through the production
 /// accept loop, on a runtime of its own) and how long it took to open its
@@ -34,7 +34,7 @@ fn serve(cfg: ServeConfig) -> (TestRelay, f64) {
     (served, t.elapsed().as_secs_f64())
 }
 
-fn heads(url: &str) -> Vec<HeadInfo> {
+fn heads(url: &str) -> Vec<SlotHead> {
     serde_json::from_reader(
         ureq::get(&format!("{url}/heads"))
             .call()

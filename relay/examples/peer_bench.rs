@@ -70,19 +70,17 @@ fn child(dir: &str) {
         let served = TestRelay::start_cfg(
             cfg,
             |s| {
-                s.with_peer_options(PeerOptions {
-                    max_conns_per_ip: 1_000_000,
-                    max_conns: 1_000_000,
-                    msgs_per_sec: 1_000_000,
-                    msgs_burst: 1_000_000,
-                    ..PeerOptions::default()
-                })
+                s.with_peer_options(
+                    PeerOptions::default()
+                        .max_conns_per_ip(1_000_000)
+                        .max_conns(1_000_000)
+                        .msgs_per_sec(1_000_000)
+                        .msgs_burst(1_000_000),
+                )
             },
-            relay::ServeOptions {
-                max_connections: 100_000,
-                max_connections_per_ip: 100_000,
-                ..relay::ServeOptions::default()
-            },
+            relay::ServeOptions::default()
+                .max_connections(100_000)
+                .max_connections_per_ip(100_000),
         );
         println!("ADDR {}", served.addr());
         // The parent closes our stdin when it is done.

@@ -8,6 +8,8 @@
 //! * New versions of existing slots: anyone; they pass the quality gate.
 //!
 //! Everything else refused here gets 403 `forbidden` before its payload is read.
+//!
+//! Layer: foundation (base). May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::collections::HashSet;
 use std::path::Path;

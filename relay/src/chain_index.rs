@@ -5,6 +5,8 @@
 //! Layer: foundation. Imports [`crate::auth`] (meta writers) and
 //! [`crate::store`]; the peer layer reads it (chunk lists), the state holds
 //! it behind a lock.
+//!
+//! May import: the foundation (its base, `store`, `usage`, `http`, `quality`, `backup`).
 
 use std::collections::HashMap;
 

@@ -20,6 +20,9 @@
 //!   rather than queue when its holders are busy.
 //! * The chat checks every [`ComputeAnswer::output`] (length `rows × hidden`,
 //!   finite); a bad one is listed as that peer's failure and computed locally.
+//!
+//! Layer: foundation (base): the port that cuts chat → peers.
+//! May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -7,6 +7,8 @@
 //! `--eval-concurrency` at once, on a snapshot of the slot heads taken when
 //! the upload's header was checked; if the slot's head moves meanwhile the
 //! upload gets 409 when it commits.
+//!
+//! Layer: foundation (base). May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom};

@@ -3,6 +3,8 @@
 //! Genesis = one chain-A meta block (spec + config.json + tokenizer.json) and,
 //! when the directory holds `model.safetensors`, one chain-B block per slot
 //! (shared, `layerN.router`, `layerN.expertM`), all signed by the operator.
+//!
+//! Layer: foundation (base). May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::fs;
 use std::io::Write;

@@ -5,6 +5,8 @@
 //!
 //! Layer: foundation. Imports only [`crate::metrics`] (store error
 //! counters); every handler module imports it, it imports no feature.
+//!
+//! May import: the foundation's base (`metrics`, `pg`, `auth`, `limits`, `gate`, `compute`, `genesis`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 

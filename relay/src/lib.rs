@@ -4,8 +4,12 @@
 //!
 //! Each file imports only files of a lower layer (or, within its layer,
 //! without a cycle); nothing imports `server` but `main`. A feature is
-//! split along the line of the state: its runtime (what [`AppState`]
-//! holds) sits below [`state`], its handlers above it.
+//! split along the line of the state into two top-level modules: its
+//! runtime (what [`AppState`] holds: [`peers`], [`chat`]) sits below
+//! [`state`], its handlers ([`peer_api`], [`chat_api`]) above it, so that
+//! neither the files nor the top-level modules form a circle.
+//! `scripts/relay_layers.py` checks both (its `LAYERS` table is this
+//! picture); each module's doc says what it may import.
 //!
 //! ```text
 //!  main (bin)            relay serve / backup / restore: flags, build, run
@@ -14,14 +18,14 @@
 //!                        open_relay, conn (accept loop), static files
 //!  ───────────────────────────────────────────────────────────────────────
 //!  handlers              server::{routes_read, upload, health}
-//!                        peers::{ws, p2p, http}   chat, chat::remote
+//!                        peer_api (/ws, /p2p/*)   chat_api (/chat, remote)
 //!                        rewards                  cluster::{presence, link, follow}
 //!  ───────────────────────────────────────────────────────────────────────
 //!  state                 AppState, SharedState, accept_block
 //!  ───────────────────────────────────────────────────────────────────────
 //!  feature runtimes      peers (Peers, chunks core, stats, nodes,
 //!                        cluster: the Cluster handle + ClusterIo port)
-//!                        chat::{runtime, model}
+//!                        chat (runtime, model)
 //!  ───────────────────────────────────────────────────────────────────────
 //!  chain_index           ChainState (the DAG index, order, signatures)
 //!  ───────────────────────────────────────────────────────────────────────
@@ -30,6 +34,20 @@
 //!                        limits, auth, gate, compute (chat → peers port),
 //!                        genesis, metrics, pg
 //! ```
+//!
+//! Top-level imports of the features (`server` imports every handler):
+//!
+//! ```text
+//!  peer_api ──► state ◄── chat_api           rewards ──► peer_api, state
+//!     │         │   │       │  │             cluster ──► state, peers
+//!     │   ┌─────┘   └────┐  │  └──► compute (the ExpertCompute port)
+//!     ▼   ▼              ▼  ▼          ▲
+//!     peers              chat          │
+//!       └──────────────────────────────┘ (peers implements it)
+//! ```
+//!
+//! This file declares every module and re-exports the main types.
+//! May import: every module.
 //!
 //! Two ports cut what would be circles: [`compute::ExpertCompute`] (what
 //! chat needs of peers) and [`peers::ClusterIo`] (what peers needs of the
@@ -52,9 +70,11 @@
 //!   cluster's limits), [`auth`] (write rules).
 //! * [`gate`]: the acceptance hook every new version of an existing slot passes.
 //! * [`quality`]: the quality gate (recomputed public-eval loss, rate limit per miner key).
-//! * [`peers`]: `/ws` peers (login, registry, chunk routing, remote expert
-//!   computation) and `/p2p/*`; [`compute`] is what chat needs of it.
-//! * [`chat`]: `/chat` and `/chat/distributed`.
+//! * [`peers`]: the runtime of `/ws` peers (login, registry, chunk dispatch,
+//!   remote expert computation) and of `/p2p/*`; [`peer_api`]: their
+//!   handlers. [`compute`] is what chat needs of peers.
+//! * [`chat`]: the runtime of `/chat` and `/chat/distributed` (limits, slots,
+//!   model cache); [`chat_api`]: their handlers.
 //! * [`cluster`]: several relays on one PostgreSQL database.
 //! * [`rewards`]: usage reports and reward claims.
 //! * [`genesis`]: the operator key and the genesis blocks of the default model.
@@ -63,6 +83,7 @@ pub mod auth;
 pub mod backup;
 pub mod chain_index;
 pub mod chat;
+pub mod chat_api;
 pub mod cluster;
 pub mod compute;
 pub mod gate;
@@ -70,6 +91,7 @@ pub mod genesis;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod peer_api;
 pub mod peers;
 pub mod pg;
 pub mod quality;

@@ -4,6 +4,8 @@
 //! A feature's own limits live with it (listed below, before [`Rate`]).
 //!
 //! Layer: foundation. Imports nothing of the crate.
+//!
+//! May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -122,10 +124,36 @@ pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 // Limits that live with their feature: the `/ws` protocol's own limits are
 // web-node's `net::peer::limits` (both ends share them); `/chat`'s are in
 // `crate::chat` (`MAX_CONCURRENT_CHATS` ...), `/p2p/*`'s in
-// `crate::peers::p2p` (`MAX_REGISTERED` ...), the peer layer's timing in
-// `crate::peers::PeerOptions` and the chunk core's in its `RouteConfig`:
+// `crate::peer_api::p2p` (`MAX_REGISTERED` ...), the peer layer's timing in
+// `crate::peers::PeerOptions` and the chunk core's in its `ChunkConfig`:
 // each is documented there, next to the code it bounds, and carried by that
 // feature's options.
+
+/// The builder methods of an options struct: `with` (change several fields
+/// in a closure) and one setter per listed field, so that code outside the
+/// crate (the options are `#[non_exhaustive]`) starts from `Default` and
+/// changes what it needs: `ServeOptions::default().max_connections(8)`.
+macro_rules! option_setters {
+    ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            /// These options, changed by `f` (several fields at once).
+            #[must_use]
+            pub fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
+                f(&mut self);
+                self
+            }
+            $(
+                #[doc = concat!("These options with [`", stringify!($field), "`](field@", stringify!($ty), "::", stringify!($field), ") set to `v`.")]
+                #[must_use]
+                pub fn $field(mut self, v: $t) -> Self {
+                    self.$field = v;
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use option_setters;
 
 /// A token-bucket rate: `burst` at once, `per_minute` sustained.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,8 +162,11 @@ pub struct Rate {
     pub per_minute: u32,
 }
 
-/// Request-level settings of the relay (the REST handlers).
+/// Request-level settings of the relay (the REST handlers). Defaults: the
+/// constants above; built with [`RelayOptions::new`] or `Default` and the
+/// setters ([`RelayOptions::with`], [`RelayOptions::web_dir`] ...).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayOptions {
     /// Largest JSON upload body (413 above).
     pub max_json_body: usize,
@@ -159,12 +190,39 @@ pub struct RelayOptions {
     pub rate_table_capacity: usize,
     /// Cut an upload whose body is idle this long.
     pub body_idle_timeout: Duration,
-    /// Default and largest page of chain listings.
+    /// Default page of chain listings (the unpaged form returns this many).
     pub default_page: usize,
+    /// Largest page of chain listings.
     pub max_page: usize,
 }
 
+impl Default for RelayOptions {
+    /// The defaults, staging in the system's temporary directory (a served
+    /// relay stages in its store's staging directory: [`RelayOptions::new`]).
+    fn default() -> Self {
+        Self::new(std::env::temp_dir())
+    }
+}
+
+option_setters!(RelayOptions {
+    max_json_body: usize,
+    max_binary_body: u64,
+    web_dir: Option<PathBuf>,
+    staging_dir: PathBuf,
+    json_concurrency: usize,
+    eval_concurrency: usize,
+    eval_queue: usize,
+    key_rate: Rate,
+    ip_rate: Rate,
+    rate_table_capacity: usize,
+    body_idle_timeout: Duration,
+    default_page: usize,
+    max_page: usize,
+});
+
 impl RelayOptions {
+    /// The defaults, staging binary uploads in `staging_dir` (which must be on
+    /// the store's file system: a staged upload is renamed into it).
     pub fn new(staging_dir: PathBuf) -> Self {
         Self {
             max_json_body: MAX_JSON_UPLOAD,
@@ -190,14 +248,25 @@ impl RelayOptions {
     }
 }
 
-/// Connection-level settings of [`crate::server::serve`].
+/// Connection-level settings of [`crate::server::serve`]. Defaults: the
+/// constants above; changed with the setters ([`ServeOptions::with`],
+/// [`ServeOptions::header_timeout`] ...).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServeOptions {
+    /// Time a client has to send a whole request header ([`HEADER_TIMEOUT`]).
     pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this ([`KEEPALIVE_TIMEOUT`]).
     pub keepalive_timeout: Duration,
+    /// A response write without progress this long closes the connection
+    /// ([`WRITE_TIMEOUT`]).
     pub write_timeout: Duration,
+    /// Open connections in total, lowered under the descriptor limit
+    /// ([`MAX_CONNECTIONS`], [`effective_max_connections`]).
     pub max_connections: usize,
+    /// Open connections per client IP ([`MAX_CONNECTIONS_PER_IP`]).
     pub max_connections_per_ip: usize,
+    /// Listen backlog ([`LISTEN_BACKLOG`]).
     pub backlog: u32,
     /// After the shutdown signal: how long requests in flight may take to
     /// finish before their connections are cut (`--shutdown-timeout`).
@@ -217,6 +286,16 @@ impl Default for ServeOptions {
         }
     }
 }
+
+option_setters!(ServeOptions {
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
+    write_timeout: Duration,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    backlog: u32,
+    shutdown_timeout: Duration,
+});
 
 struct Bucket {
     tokens: f64,

@@ -1,6 +1,9 @@
 //! `relay serve --addr 127.0.0.1:8080 --data ./data --web dist --model models/default`
 //! `relay check --data ./data`
 //! `relay backup --data ./data --out chain.aiblock`, `relay restore --from chain.aiblock --data ./data2`
+//!
+//! Layer: top (the binary). May import: the library (`relay::*`), every
+//! module of it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -395,11 +398,11 @@ async fn open_state(a: &Serve, data: &std::path::Path) -> anyhow::Result<relay::
         tracing::warn!("quality gate off: every valid block is accepted");
         state
     };
-    let state = state.with_peer_options(relay::peers::PeerOptions {
-        max_conns_per_ip: a.max_conns_per_ip.max(1),
-        max_conns: a.max_peer_conns.max(1),
-        ..relay::peers::PeerOptions::default()
-    });
+    let state = state.with_peer_options(
+        relay::peers::PeerOptions::default()
+            .max_conns_per_ip(a.max_conns_per_ip.max(1))
+            .max_conns(a.max_peer_conns.max(1)),
+    );
     Ok(state)
 }
 
@@ -456,15 +459,14 @@ async fn metrics_routes(
 
 /// The connection-level flags.
 fn serve_options(a: &Serve) -> relay::ServeOptions {
-    relay::ServeOptions {
-        header_timeout: a.header_timeout,
-        keepalive_timeout: a.keepalive_timeout,
-        write_timeout: a.write_timeout,
-        max_connections: a.max_connections,
-        max_connections_per_ip: a.max_connections_per_ip,
-        backlog: a.backlog,
-        shutdown_timeout: a.shutdown_timeout,
-    }
+    relay::ServeOptions::default()
+        .header_timeout(a.header_timeout)
+        .keepalive_timeout(a.keepalive_timeout)
+        .write_timeout(a.write_timeout)
+        .max_connections(a.max_connections)
+        .max_connections_per_ip(a.max_connections_per_ip)
+        .backlog(a.backlog)
+        .shutdown_timeout(a.shutdown_timeout)
 }
 
 /// Remove the files left in the staging dir; how many.

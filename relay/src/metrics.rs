@@ -32,6 +32,8 @@
 //! | `aiblock_store_errors_total` | counter | `kind` |
 //! | `aiblock_db_errors_total` | counter | `db`, `part` |
 //! | `aiblock_limit_refusals_total` | counter | `limit` |
+//!
+//! Layer: foundation (base). May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::time::{Duration, Instant};
 

@@ -9,6 +9,8 @@
 //! Rejections carry the numbers. Each miner key also has a token bucket
 //! ([`RATE_BURST`] blocks, refilled at [`RATE_PER_MINUTE`] per minute), checked
 //! before any recomputation so a flood costs the relay nothing.
+//!
+//! Layer: foundation. May import: the foundation's base (`metrics`, `pg`, `auth`, `limits`, `gate`, `compute`, `genesis`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;

@@ -13,6 +13,9 @@
 //! minutes) and `X-AIBlock-Signature` over [`reward_message`]
 //! (`aiblock/experts-reward/v1` ‖ name ‖ timestamp). The relay also pays
 //! every slot by itself each [`REWARD_PERIOD`].
+//!
+//! Layer: handlers, above [`crate::state`]. May import: `state` and every
+//! module below it, and `peer_api::p2p` (request signatures).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -370,7 +373,7 @@ async fn reward(
     name: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Response, HttpError> {
     let name = parse_slot(name)?;
-    let signer = crate::peers::p2p::signer(&headers, |ts| reward_message(&name, ts))?;
+    let signer = crate::peer_api::p2p::signer(&headers, |ts| reward_message(&name, ts))?;
     let Some(key) = signer else {
         return Err(HttpError::with_status(
             ApiError::new(

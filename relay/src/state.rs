@@ -9,6 +9,10 @@
 //! the store and usage first, then the chain lock, then [`Peers`] with all
 //! three, so nothing is attached later. It imports no handler module and
 //! not [`crate::server`].
+//!
+//! May import: the foundation, `chain_index` and the feature runtimes (`peers`,
+//! `chat`); no handler module (`peer_api`, `chat_api`, `rewards`, `cluster`,
+//! `server`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -62,7 +66,7 @@ pub struct AppState {
     pub opts: RelayOptions,
     pub(crate) meta_keys: MetaKeys,
     runtime: OnceLock<Runtime>,
-    /// `/ws` peers: registry, chunk routing, remote computation.
+    /// `/ws` peers: registry, chunk dispatch, remote computation.
     pub peers: Arc<Peers>,
     /// `/chat` state.
     pub chat: ChatRuntime,

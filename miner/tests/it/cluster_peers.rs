@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use relay::cluster::presence::ClusterOptions;
@@ -19,23 +19,13 @@ use relay::server::ServeConfig;
 use relay::ServeOptions;
 use test_support::pg::TestPg;
 use test_support::relay::{Launch, TestRelay};
-use tokio::sync::watch;
 use web_node::chain::BlockHash;
-use web_node::model::random::{small_config, write_random_model};
 use web_node::net::api::BlockInfo;
 use web_node::node::Source;
 
-use miner::peer::{PeerConfig, PeerStatus};
+use crate::node::{model_dir, node_cfg, Node, WAIT};
 
-const WAIT: Duration = Duration::from_secs(180);
-
-/// Experts of two 256 KiB chunks (as in `peer_network`).
-fn model_dir(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    write_random_model(&m, &small_config(259, 64, 512, 2, 2, 1), 11).unwrap();
-    m
-}
-
+/// Wait until `f` holds (bounded by [`WAIT`]).
 fn wait(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -59,10 +49,11 @@ fn start_relay(data: &Path, model: &Path, db: &str) -> TestRelay {
         |s| s,
         ServeOptions::default(),
         Launch {
-            cluster: Some(ClusterOptions {
-                heartbeat: Duration::from_millis(300),
-                dead_after: Duration::from_secs(3),
-            }),
+            cluster: Some(
+                ClusterOptions::default()
+                    .heartbeat(Duration::from_millis(300))
+                    .dead_after(Duration::from_secs(3)),
+            ),
             crash_on_drop: true,
             ..Launch::default()
         },
@@ -72,73 +63,6 @@ fn start_relay(data: &Path, model: &Path, db: &str) -> TestRelay {
 /// The cluster id of a relay.
 fn relay_id(r: &TestRelay) -> String {
     r.state.peers.cluster().unwrap().id.clone()
-}
-
-/// A node running `miner::peer::run` on its own runtime.
-struct Node {
-    status: watch::Receiver<PeerStatus>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Node {
-    fn start(relays: &[&TestRelay], data: &Path, slot: &str) -> Self {
-        let urls: Vec<String> = relays.iter().map(|r| r.ws()).collect();
-        let mut cfg = PeerConfig::new(urls.join(","), data);
-        cfg.experts = vec![slot.to_string()];
-        let (tx, status) = watch::channel(PeerStatus::default());
-        cfg.status = Some(tx);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(miner::peer::run(cfg, async move {
-                let _ = stop_rx.await;
-            }))
-            .unwrap();
-        });
-        Self {
-            status,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn status(&self) -> PeerStatus {
-        self.status.borrow().clone()
-    }
-
-    fn wait(&self, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if f(&s) {
-                return s;
-            }
-            assert!(t0.elapsed() < WAIT, "gave up waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn key(&self) -> [u8; 32] {
-        let mut k = [0u8; 32];
-        hex::decode_to_slice(self.status().id, &mut k).unwrap();
-        k
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn head(r: &TestRelay, name: &str) -> BlockInfo {
@@ -184,7 +108,7 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
     assert!(chunks >= 2);
 
     // N: on relay 2 first (relay 1 second); the only holder.
-    let n = Node::start(&[&r2, &r1], &tmp.path().join("n"), slot);
+    let n = Node::start(node_cfg(&[&r2, &r1], &tmp.path().join("n"), &[slot]));
     let sn = n.wait("N to hold the expert", |s| s.logged_in && s.complete());
     assert_eq!(sn.relay, r2.ws());
     let n_key = n.key();
@@ -193,7 +117,7 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
     });
 
     // M on relay 1 gets it from N, through both relays.
-    let m = Node::start(&[&r1], &tmp.path().join("m"), slot);
+    let m = Node::start(node_cfg(&[&r1], &tmp.path().join("m"), &[slot]));
     let sm = m.wait("M to hold the expert", |s| s.logged_in && s.complete());
     assert_eq!(
         sm.stats.bytes_received[&Source::Peer(n_key)],
@@ -222,7 +146,7 @@ fn nodes_share_across_relays_and_a_node_of_a_dead_relay_moves_to_the_other() {
     });
     // P on relay 1 now gets it from N directly.
     let before = r1.state.peers.stats().peer(&n_key).bytes_served;
-    let p = Node::start(&[&r1], &tmp.path().join("p"), slot);
+    let p = Node::start(node_cfg(&[&r1], &tmp.path().join("p"), &[slot]));
     let sp = p.wait("P to hold the expert", |s| s.logged_in && s.complete());
     assert_eq!(
         sp.stats.bytes_received[&Source::Peer(n_key)],

@@ -4,6 +4,7 @@
 
 mod cluster_peers;
 mod infer_cli;
+mod node;
 mod peer_network;
 mod relay_e2e;
 mod routes;

@@ -21,24 +21,11 @@ use relay::server::ServeConfig;
 use relay::ServeOptions;
 use test_support::http::{get_bytes, get_json};
 use test_support::relay::{Launch, TestRelay};
-use tokio::sync::watch;
 use web_node::chain::BlockHash;
-use web_node::model::random::{small_config, write_random_model};
 use web_node::net::api::BlockInfo;
 use web_node::node::{NodeEvent, Source};
 
-use miner::peer::{PeerConfig, PeerReport, PeerStatus};
-
-/// Bound on every wait (see the module docs).
-const WAIT: Duration = Duration::from_secs(180);
-
-/// A random model whose experts span two 256 KiB chunks (hidden 64,
-/// intermediate 512: three 64×512 f32 matrices, ~393 KB).
-fn model_dir(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    write_random_model(&m, &small_config(259, 64, 512, 2, 2, 1), 11).unwrap();
-    m
-}
+use crate::node::{model_dir, node_cfg, Node, WAIT};
 
 /// A relay serving in this process (`test_support`'s, through the
 /// production accept loop) on `port` (0: any free one); `stop` releases its
@@ -77,84 +64,6 @@ fn head(r: &TestRelay, name: &str) -> BlockInfo {
     test_support::http::head(&r.url, name)
 }
 
-/// A node running `miner::peer::run` on its own runtime.
-struct Node {
-    status: watch::Receiver<PeerStatus>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<PeerReport>>>,
-}
-
-impl Node {
-    fn start(mut cfg: PeerConfig) -> Self {
-        let (tx, status) = watch::channel(PeerStatus::default());
-        cfg.status = Some(tx);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(miner::peer::run(cfg, async move {
-                let _ = stop_rx.await;
-            }))
-        });
-        Self {
-            status,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn status(&self) -> PeerStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Wait until `f` holds for the node's status.
-    fn wait(&self, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if f(&s) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "gave up waiting for {what}; status: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_complete(&self) -> PeerStatus {
-        self.wait("every wanted block held", |s| s.logged_in && s.complete())
-    }
-
-    fn stop(mut self) -> PeerReport {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.thread.take().unwrap().join().unwrap().unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn node_cfg(r: &TestRelay, data: &Path, globs: &[&str]) -> PeerConfig {
-    let mut c = PeerConfig::new(r.ws(), data);
-    c.experts = globs.iter().map(|s| s.to_string()).collect();
-    c
-}
-
 fn payload_file(data: &Path, h: &BlockHash) -> PathBuf {
     data.join("payloads").join(format!("{}.bin", h.to_hex()))
 }
@@ -170,7 +79,7 @@ fn a_node_gets_an_expert_that_only_another_node_holds() {
     assert!(chunks >= 2, "the test wants a multi-chunk expert");
 
     // A fetches it first: only the relay's store has it.
-    let a = Node::start(node_cfg(&relay, &tmp.path().join("a"), &[slot]));
+    let a = Node::start(node_cfg(&[&relay], &tmp.path().join("a"), &[slot]));
     let sa = a.wait_complete();
     assert_eq!(sa.held.values().collect::<Vec<_>>(), vec![slot]);
     assert_eq!(sa.stats.bytes_received[&Source::Relay], info.payload_len);
@@ -191,7 +100,7 @@ fn a_node_gets_an_expert_that_only_another_node_holds() {
     let before = relay_stats(&relay);
 
     // B gets it from A, through the relay, and verifies it.
-    let b = Node::start(node_cfg(&relay, &tmp.path().join("b"), &[slot]));
+    let b = Node::start(node_cfg(&[&relay], &tmp.path().join("b"), &[slot]));
     let sb = b.wait_complete();
     let after = relay_stats(&relay);
     assert_eq!(
@@ -238,7 +147,7 @@ fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
     let info = head(&relay, slot);
     assert!(info.payload_len > u64::from(info.chunk_size));
 
-    let a = Node::start(node_cfg(&relay, &tmp.path().join("a"), &[slot]));
+    let a = Node::start(node_cfg(&[&relay], &tmp.path().join("a"), &[slot]));
     a.wait_complete();
 
     // B asks one chunk at a time and stops (in its event hook) after the
@@ -247,7 +156,7 @@ fn nodes_reconnect_after_a_relay_restart_and_an_interrupted_fetch_completes() {
     let (resume_tx, resume_rx) = mpsc::channel::<()>();
     let gate = Mutex::new(Some((reached_tx, resume_rx)));
     let target = info.hash;
-    let mut cfg = node_cfg(&relay, &tmp.path().join("b"), &[slot]);
+    let mut cfg = node_cfg(&[&relay], &tmp.path().join("b"), &[slot]);
     cfg.max_in_flight = 1;
     cfg.on_event = Some(Arc::new(move |ev: &NodeEvent| {
         if let NodeEvent::Progress { hash, received, of } = ev {
@@ -297,7 +206,7 @@ fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
     let globs = ["layer0.expert1", "layer0.expert2", "layer1.expert*"];
 
     let t0 = Instant::now();
-    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let n = Node::start(node_cfg(&[&relay], &data, &globs));
     let first = n.wait_complete();
     let secs = t0.elapsed().as_secs_f64();
     let report = n.stop();
@@ -311,7 +220,7 @@ fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
     assert!(report.stats.total_received() > 0);
 
     // Again on the same dir: everything is loaded and verified from disk.
-    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let n = Node::start(node_cfg(&[&relay], &data, &globs));
     let s = n.wait_complete();
     let r = n.stop();
     assert_eq!(s.loaded_from_disk, held as u64);
@@ -330,7 +239,7 @@ fn a_restarted_node_downloads_nothing_it_holds_and_replaces_corrupt_files() {
     let temp = data.join("payloads").join(".abc.1.tmp");
     std::fs::write(&temp, b"half").unwrap();
 
-    let n = Node::start(node_cfg(&relay, &data, &globs));
+    let n = Node::start(node_cfg(&[&relay], &data, &globs));
     let s = n.wait_complete();
     let r = n.stop();
     assert_eq!(s.dropped_files, 3);

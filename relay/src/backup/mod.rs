@@ -73,6 +73,9 @@
 //! [`validate_block`]: web_node::chain::validate_block
 //! [`Dag`]: web_node::chain::Dag
 //! [`put_checked`]: crate::store::put_checked
+//!
+//! Layer: foundation. May import: the foundation's base (`metrics`, `pg`, `auth`, `limits`, `gate`, `compute`, `genesis`)
+//! and, without a cycle, `store` and `usage`.
 
 mod archive;
 mod restore;

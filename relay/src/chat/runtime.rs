@@ -42,18 +42,40 @@ pub const BUSY_RETRY_AFTER: u64 = 1;
 /// A request body that sends no byte for this long gets 408.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The chat limits (defaults: the constants above).
+/// The chat limits (defaults: the constants above); changed with the
+/// setters ([`ChatOptions::with`], [`ChatOptions::max_concurrent`] ...).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ChatOptions {
+    /// Generations running at once ([`MAX_CONCURRENT_CHATS`]); more get 429.
     pub max_concurrent: usize,
+    /// `max_tokens` of a request that gives none ([`DEFAULT_MAX_TOKENS`]).
     pub default_max_tokens: usize,
+    /// Largest `max_tokens` a request may ask for ([`MAX_TOKENS_CAP`]).
     pub max_tokens_cap: usize,
+    /// Longest prompt in characters ([`MAX_PROMPT_CHARS`]; 413 above).
     pub max_prompt_chars: usize,
+    /// Largest request body ([`MAX_CHAT_BODY`]; 413 above).
     pub max_body: usize,
+    /// Chat requests per client IP ([`CHAT_IP_BURST`], [`CHAT_IP_PER_MINUTE`]).
     pub ip_rate: Rate,
+    /// Entries the per-IP rate table holds at most.
     pub rate_table_capacity: usize,
+    /// A request body that sends no byte for this long gets 408
+    /// ([`BODY_IDLE_TIMEOUT`]).
     pub body_idle_timeout: Duration,
 }
+
+crate::limits::option_setters!(ChatOptions {
+    max_concurrent: usize,
+    default_max_tokens: usize,
+    max_tokens_cap: usize,
+    max_prompt_chars: usize,
+    max_body: usize,
+    ip_rate: Rate,
+    rate_table_capacity: usize,
+    body_idle_timeout: Duration,
+});
 
 impl Default for ChatOptions {
     fn default() -> Self {
@@ -75,9 +97,9 @@ impl Default for ChatOptions {
 
 /// Chat state: the cached model, the generation slots, the rate table.
 pub struct ChatRuntime {
-    pub(super) opts: ChatOptions,
-    pub(super) slots: Arc<Semaphore>,
-    pub(super) rates: RateTable<IpAddr>,
+    pub(crate) opts: ChatOptions,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) rates: RateTable<IpAddr>,
     model: model::ModelCache,
 }
 

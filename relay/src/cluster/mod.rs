@@ -2,6 +2,11 @@
 //! No protocol of our own between relays: they share the database, learn of
 //! new blocks through PostgreSQL's `LISTEN/NOTIFY` ([`follow`]) and settle
 //! same-slot races with its transactions ([`crate::store::PgStore`]).
+//!
+//! Layer: handlers, above [`crate::state`] (its tasks run on the
+//! [`SharedState`]); it implements [`crate::peers::ClusterIo`].
+//! May import: `state` and every module below it (`peers`, `limits`, `pg`,
+//! `store`, `auth`); no other handler module, not `server`.
 
 pub mod follow;
 pub mod link;

@@ -47,14 +47,23 @@ pub trait ClusterIo: Send + Sync {
     fn is_live_relay(&self, key: PeerId, dead_after: Duration) -> IoFuture;
 }
 
-/// Timing of registration (every relay of a database should use the same).
+/// Timing of registration (every relay of a database should use the same);
+/// changed with the setters ([`ClusterOptions::heartbeat`] ...).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ClusterOptions {
-    /// How often a relay refreshes its row and reads the live relays.
+    /// How often a relay refreshes its row and reads the live relays
+    /// ([`CLUSTER_HEARTBEAT`]).
     pub heartbeat: Duration,
-    /// A row not refreshed this long is dead (well above `heartbeat`).
+    /// A row not refreshed this long is dead (well above `heartbeat`;
+    /// [`CLUSTER_DEAD_AFTER`]).
     pub dead_after: Duration,
 }
+
+crate::limits::option_setters!(ClusterOptions {
+    heartbeat: Duration,
+    dead_after: Duration,
+});
 
 impl Default for ClusterOptions {
     fn default() -> Self {

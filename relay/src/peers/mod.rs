@@ -1,15 +1,13 @@
-//! The relay as coordinator: `/ws` peers (login, registry, chunk routing,
-//! remote expert computation) and the seed's `/p2p/*` endpoints.
+//! The relay as coordinator: `/ws` peers (login, registry, chunk dispatch,
+//! remote expert computation) and the seed's `/p2p/*` registry: the
+//! feature's runtime, which [`crate::state::AppState`] holds. Its handlers
+//! (`GET /ws` with one actor per connection, `/p2p/*`) are
+//! [`crate::peer_api`], above the state.
 //!
-//! * [`chunks`]: the sans-IO chunk-routing core (registry, chunk routing
+//! * [`chunks`]: the sans-IO chunk-dispatch core (registry, chunk dispatch
 //!   with the relay's own hash check, bans, compute bookkeeping): events and
 //!   the time in, [`Action`]s out, what to count among them
 //!   ([`Action::Usage`], counted by [`Counters::record`]).
-//! * `ws`: `GET /ws`, one actor per connection (login, then `select!` over
-//!   shutdown / kill / outbound queue / inbound frames / ping); thin: it
-//!   decodes frames, calls the core and executes its actions.
-//! * [`p2p`]: `POST /p2p/register`, `GET /p2p/nodes`, `DELETE /p2p/nodes/{id}`,
-//!   `GET /p2p/stats`.
 //! * [`stats`]: the counters ([`Peers::stats`]).
 //! * [`cluster`]: what the peer layer needs of the cluster (several relays
 //!   on one database): the [`Cluster`] handle (identity, live relays, the
@@ -18,14 +16,13 @@
 //!   lookups and links are carried out through it by `crate::cluster`: a
 //!   request no local peer can serve is forwarded to another relay whose
 //!   peer holds the block.
-//! * [`nodes`]: the `/p2p/register` registry; [`http`]: this feature's routes.
+//! * [`nodes`]: the `/p2p/register` registry.
 //!
-//! Layers inside: the core files (this one, `chunks`, `stats`, `cluster`,
-//! `nodes`) import only the foundation (`store`, `usage`, `chain_index`,
-//! `compute`, `limits`, `metrics`) and sit below [`crate::state`], which
-//! holds a [`Peers`]; the handler files (`ws`, `p2p`, `http`) sit above
-//! it and import `crate::state` / `crate::http`. Nothing here imports
-//! `crate::server` or `crate::cluster`.
+//! Layer: feature runtime, below [`crate::state`], which holds a [`Peers`].
+//! Nothing here imports `crate::state`, a handler module (`peer_api`,
+//! `cluster`, ...) or `crate::server`.
+//! May import: the foundation (`store`, `usage`, `compute`, `limits`,
+//! `metrics`, ...) and `chain_index`.
 //!
 //! [`Peers`] ties them together: the core behind a mutex (never held across
 //! an await), each connection's bounded outbound queue, the connection caps,
@@ -33,11 +30,8 @@
 
 pub mod chunks;
 pub mod cluster;
-pub mod http;
 pub mod nodes;
-pub mod p2p;
 pub mod stats;
-mod ws;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -57,8 +51,8 @@ use crate::usage::Usage;
 pub use cluster::{Cluster, ClusterIo};
 
 pub use chunks::{
-    Action, ChunkInfo, ComputeOutcome, ConnId, ConnKind, Core, LinkView, PeerView, PresenceChange,
-    RemoteRelay, RouteConfig, UsageEvent,
+    Action, ChunkConfig, ChunkInfo, ComputeOutcome, ConnId, ConnKind, Core, LinkView, PeerView,
+    PresenceChange, RemoteRelay, UsageEvent,
 };
 pub use stats::{Counters, PeerCounters, PeerStats};
 
@@ -77,8 +71,11 @@ pub const READ_BUFFER: usize = 8 * 1024;
 /// Protocol version sent in `Challenge`.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// Options of the peer layer (defaults: [`limits`]).
+/// Options of the peer layer (defaults: [`limits`] and the chunk core's
+/// [`ChunkConfig`]); changed with the setters ([`PeerOptions::with`],
+/// [`PeerOptions::chunk_timeout`] ...).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PeerOptions {
     /// WebSocket connections from one IP address.
     pub max_conns_per_ip: usize,
@@ -96,11 +93,13 @@ pub struct PeerOptions {
     pub chunk_timeout: Duration,
     /// Time a compute peer has to answer `Compute`.
     pub compute_timeout: Duration,
-    /// Messages per second per connection (token bucket) and burst.
+    /// Messages per second per connection, sustained (token bucket).
     pub msgs_per_sec: u32,
+    /// Messages per connection in a burst (the bucket's size).
     pub msgs_burst: u32,
-    /// Bad chunks that get a peer banned, and the first ban (doubling).
+    /// Bad chunks that get a peer banned.
     pub bad_chunks_to_ban: u32,
+    /// The first ban; each further ban doubles it.
     pub ban_base: Duration,
     /// The first compute backoff of a failing peer (doubling).
     pub compute_backoff_base: Duration,
@@ -110,7 +109,7 @@ pub struct PeerOptions {
 
 impl Default for PeerOptions {
     fn default() -> Self {
-        let r = RouteConfig::default();
+        let r = ChunkConfig::default();
         Self {
             max_conns_per_ip: limits::CONNS_PER_IP,
             max_conns: limits::MAX_CONNS,
@@ -130,9 +129,26 @@ impl Default for PeerOptions {
     }
 }
 
+crate::limits::option_setters!(PeerOptions {
+    max_conns_per_ip: usize,
+    max_conns: usize,
+    login_timeout: Duration,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    write_timeout: Duration,
+    chunk_timeout: Duration,
+    compute_timeout: Duration,
+    msgs_per_sec: u32,
+    msgs_burst: u32,
+    bad_chunks_to_ban: u32,
+    ban_base: Duration,
+    compute_backoff_base: Duration,
+    max_holder_tries: usize,
+});
+
 impl PeerOptions {
-    fn route_config(&self) -> RouteConfig {
-        RouteConfig {
+    fn chunk_config(&self) -> ChunkConfig {
+        ChunkConfig {
             chunk_timeout: self.chunk_timeout,
             max_holder_tries: self.max_holder_tries,
             bad_chunks_to_ban: self.bad_chunks_to_ban,
@@ -140,15 +156,15 @@ impl PeerOptions {
             compute_backoff_base: self.compute_backoff_base,
             // The actor drops a silent peer first; the core's sweep is a backstop.
             idle_timeout: self.idle_timeout.saturating_mul(2),
-            ..RouteConfig::default()
+            ..ChunkConfig::default()
         }
     }
 }
 
 /// Tells a connection's actor to close (with an error for the peer).
 #[derive(Debug, Default)]
-struct Kill {
-    notify: Notify,
+pub(crate) struct Kill {
+    pub(crate) notify: Notify,
     reason: Mutex<Option<(&'static str, String)>>,
 }
 
@@ -160,21 +176,21 @@ impl Kill {
         self.notify.notify_one();
     }
 
-    fn take(&self) -> Option<(&'static str, String)> {
+    pub(crate) fn take(&self) -> Option<(&'static str, String)> {
         self.reason.lock().ok().and_then(|mut r| r.take())
     }
 }
 
 #[derive(Debug, Clone)]
-struct ConnHandle {
-    tx: mpsc::Sender<FromRelay>,
-    kill: Arc<Kill>,
+pub(crate) struct ConnHandle {
+    pub(crate) tx: mpsc::Sender<FromRelay>,
+    pub(crate) kill: Arc<Kill>,
     /// This relay's link to another relay (gets no `BlockAdded`).
-    link: bool,
+    pub(crate) link: bool,
 }
 
 /// A link's place in the registry while its connection is up
-/// ([`Peers::link_connected`]): its id, the messages the core routes to it
+/// ([`Peers::link_connected`]): its id, the messages the core forwards to it
 /// (`ServeChunk`, to send on as `GetChunk`), its kill switch.
 pub(crate) struct LinkSession {
     pub conn: ConnId,
@@ -241,12 +257,12 @@ struct ChunkCache {
     hashes: usize,
 }
 
-/// The peer registry and everything routed through it.
+/// The peer registry and everything dispatched through it.
 pub struct Peers {
     pub opts: PeerOptions,
-    counters: Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
     core: Mutex<Core>,
-    handles: Mutex<HashMap<ConnId, ConnHandle>>,
+    pub(crate) handles: Mutex<HashMap<ConnId, ConnHandle>>,
     waiters: Mutex<HashMap<u64, oneshot::Sender<ComputeOutcome>>>,
     conns: Mutex<ConnTable>,
     cache: Mutex<ChunkCache>,
@@ -256,7 +272,7 @@ pub struct Peers {
     /// chunk lists of the blocks it holds.
     chain: Arc<tokio::sync::RwLock<ChainState>>,
     next_conn: AtomicU64,
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutdown: watch::Sender<bool>,
     /// Started with the first connection (inside the runtime).
     timer: OnceLock<()>,
     /// This registry's own `Arc` (from [`Arc::new_cyclic`]), for the tasks
@@ -289,7 +305,7 @@ impl Peers {
         usage: Arc<Usage>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
-            core: Mutex::new(Core::new(opts.route_config())),
+            core: Mutex::new(Core::new(opts.chunk_config())),
             counters: Arc::new(Counters::with_usage(usage)),
             handles: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
@@ -448,7 +464,7 @@ impl Peers {
         &self.counters
     }
 
-    fn core(&self) -> MutexGuard<'_, Core> {
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock would be a bug; keep serving.
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -456,20 +472,20 @@ impl Peers {
     /// Call into the core (the caller reads the clock and passes it): what
     /// it reports to count is counted at once, under the core's lock and in
     /// the order it happened; its other actions are returned, to execute.
-    fn call(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) -> Vec<Action> {
+    pub(crate) fn call(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) -> Vec<Action> {
         let mut core = self.core();
         self.count(f(&mut core))
     }
 
     /// [`Peers::call`], then execute the actions.
-    fn drive(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) {
+    pub(crate) fn drive(&self, f: impl FnOnce(&mut Core) -> Vec<Action>) {
         let acts = self.call(f);
         self.apply(acts);
     }
 
     /// Count the [`Action::Usage`] among `actions` ([`Counters::record`]);
     /// the others are left to execute.
-    fn count(&self, actions: Vec<Action>) -> Vec<Action> {
+    pub(crate) fn count(&self, actions: Vec<Action>) -> Vec<Action> {
         actions
             .into_iter()
             .filter(|a| match a {
@@ -533,7 +549,7 @@ impl Peers {
     }
 
     /// Take a place under the connection caps (before the upgrade).
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, String> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, String> {
         if self.is_shutting_down() {
             crate::metrics::refused(crate::metrics::Limit::PeerShutdown);
             return Err("the relay is shutting down".into());
@@ -588,12 +604,12 @@ impl Peers {
         });
     }
 
-    fn next_conn(&self) -> ConnId {
+    pub(crate) fn next_conn(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Execute the core's actions (never blocks: queues are `try_send`).
-    fn apply(&self, actions: Vec<Action>) {
+    pub(crate) fn apply(&self, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Send { conn, msg } => {
@@ -689,7 +705,7 @@ impl Peers {
 
     /// The chunk list of a block the relay holds (header in the chain and
     /// payload in the store, not quarantined); cached.
-    async fn chunk_info(&self, block: BlockHash) -> Option<Arc<ChunkInfo>> {
+    pub(crate) async fn chunk_info(&self, block: BlockHash) -> Option<Arc<ChunkInfo>> {
         if let Some(i) = self.cache.lock().ok()?.map.get(&block) {
             return Some(i.clone());
         }

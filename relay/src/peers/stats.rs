@@ -227,7 +227,7 @@ impl Counters {
 }
 
 impl Counters {
-    /// Count what the chunk-routing core reported ([`Action::Usage`]): the
+    /// Count what the chunk-dispatch core reported ([`Action::Usage`]): the
     /// counters, the metrics and, for verified work, the usage store.
     ///
     /// [`Action::Usage`]: super::chunks::Action::Usage

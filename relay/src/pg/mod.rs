@@ -10,6 +10,8 @@
 //!   one transaction each, under an advisory lock so that relays starting
 //!   together apply each once; `schema_migrations` records them. A database
 //!   migrated by a newer relay is refused.
+//!
+//! Layer: foundation (base). May import: nothing of the crate (the base of the foundation, layer 0 of `scripts/relay_layers.py`).
 
 use std::future::Future;
 use std::sync::Arc;

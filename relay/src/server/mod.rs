@@ -15,8 +15,9 @@
 //! * [`auth`] and [`limits`] live in the foundation ([`crate::auth`],
 //!   [`crate::limits`]) and are re-exported here under their old paths.
 //!
-//! Layer: top. May import every module below it (state, http, features'
-//! `routes()`); nothing but `main` imports it.
+//! Layer: top; nothing but `main` imports it.
+//! May import: every module below it (`state`, `http`, the handlers'
+//! `routes()`: `peer_api`, `chat_api`, `rewards`, ...).
 
 pub mod conn;
 pub mod health;
@@ -67,8 +68,8 @@ pub fn app(state: SharedState) -> Router {
         .merge(routes_read::routes())
         .merge(upload::routes())
         .merge(health::routes())
-        .merge(crate::peers::http::routes())
-        .merge(crate::chat::routes())
+        .merge(crate::peer_api::routes())
+        .merge(crate::chat_api::routes())
         .merge(crate::rewards::routes())
         .fallback(move |req| static_files::static_file(web.clone(), req))
         .method_not_allowed_fallback(method_not_allowed)

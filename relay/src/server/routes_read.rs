@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use web_node::chain::{Block, BlockHash, ChainId};
-use web_node::net::api::{codes, ApiError, ChunkList, HeadInfo};
+use web_node::net::api::{codes, ApiError, ChunkList, SlotHead};
 
 use crate::http::{blocking, store_err, ApiResult, HttpError};
 use crate::state::SharedState;
@@ -293,13 +293,13 @@ pub(super) async fn get_chunks(
     }))
 }
 
-pub(super) async fn get_heads(State(st): State<SharedState>) -> Json<Vec<HeadInfo>> {
+pub(super) async fn get_heads(State(st): State<SharedState>) -> Json<Vec<SlotHead>> {
     let chain = st.chain.read().await;
     Json(
         chain
             .dag
             .heads()
-            .map(|((meta, name), hash)| HeadInfo {
+            .map(|((meta, name), hash)| SlotHead {
                 meta: *meta,
                 name: name.clone(),
                 hash: *hash,

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use web_node::chain::{Block, BlockHash, ChunkHasher};
-use web_node::net::api::HeadInfo;
+use web_node::net::api::SlotHead;
 use web_node::store::{check_range, BlockStore, StoreError};
 
 use super::{Committed, Expect, RelayStore};
@@ -762,7 +762,7 @@ impl BlockStore for FileStore {
         Ok(out)
     }
 
-    fn heads(&self) -> Result<Vec<HeadInfo>, StoreError> {
+    fn heads(&self) -> Result<Vec<SlotHead>, StoreError> {
         let r = self.db.begin_read().map_err(io)?;
         let t = r.open_table(HEADS).map_err(io)?;
         let mut out = Vec::new();
@@ -772,7 +772,7 @@ impl BlockStore for FileStore {
                 .ok_or_else(|| StoreError::Corrupt(format!("bad head key {:?}", k.value())))?;
             let hash = hash_of_slice(v.value())
                 .ok_or_else(|| StoreError::Corrupt("bad head hash".into()))?;
-            out.push(HeadInfo { meta, name, hash });
+            out.push(SlotHead { meta, name, hash });
         }
         Ok(out)
     }

@@ -11,6 +11,8 @@
 //! ([`RelayStore::commit`]), where the store itself settles the race for a
 //! slot's head, so that two relays on one database accept one version of a
 //! slot and refuse the other.
+//!
+//! Layer: foundation. May import: the foundation's base (`metrics`, `pg`, `auth`, `limits`, `gate`, `compute`, `genesis`).
 
 pub mod file;
 pub mod pg;

@@ -31,7 +31,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use web_node::chain::{payload_root, Block, BlockHash};
-use web_node::net::api::HeadInfo;
+use web_node::net::api::SlotHead;
 use web_node::store::{check_range, BlockStore, StoreError};
 
 use super::{Committed, Expect, RelayStore, ScrubReport};
@@ -452,7 +452,7 @@ impl BlockStore for PgStore {
         Ok(self.list_after(None)?.into_iter().map(|(_, b)| b).collect())
     }
 
-    fn heads(&self) -> Result<Vec<HeadInfo>, StoreError> {
+    fn heads(&self) -> Result<Vec<SlotHead>, StoreError> {
         self.pg
             .with(move |c| async move {
                 let rows = c
@@ -469,7 +469,7 @@ impl BlockStore for PgStore {
                     } else {
                         Some(BlockHash(hash32(&m)?))
                     };
-                    out.push(HeadInfo {
+                    out.push(SlotHead {
                         meta,
                         name: r.get(1),
                         hash: BlockHash(hash32(r.get(2))?),

@@ -43,6 +43,8 @@
 //!
 //! All divisions round down. The README works one example through; a test
 //! computes it. Both stores compute it with the same code (`plan_reward`).
+//!
+//! Layer: foundation. May import: the foundation's base (`metrics`, `pg`, `auth`, `limits`, `gate`, `compute`, `genesis`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::common::*;
 use web_node::chain::{chunk_hashes, Block, BlockHash, ChainId};
 use web_node::model::Slot;
-use web_node::net::api::{codes, BlockInfo, ChunkList, HeadInfo, SeedUpload};
+use web_node::net::api::{codes, BlockInfo, ChunkList, SeedUpload, SlotHead};
 
 struct Env {
     _tmp: tempfile::TempDir,
@@ -75,7 +75,7 @@ fn meta_hash(url: &str) -> BlockHash {
 }
 
 fn head_of(url: &str, name: &str) -> BlockHash {
-    let heads: Vec<HeadInfo> = get(&format!("{url}/heads")).json();
+    let heads: Vec<SlotHead> = get(&format!("{url}/heads")).json();
     heads
         .into_iter()
         .find(|h| h.name == name && h.meta.is_some())

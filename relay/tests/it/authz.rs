@@ -9,7 +9,7 @@ use ed25519_dalek::SigningKey;
 use relay::server::limits::Rate;
 use web_node::chain::{BlockHash, ChainId};
 use web_node::model::Slot;
-use web_node::net::api::{codes, BlockInfo, HeadInfo};
+use web_node::net::api::{codes, BlockInfo, SlotHead};
 
 /// A model dir with config.json and tokenizer.json only: genesis is the meta
 /// block alone, so every slot still waits for its first version.
@@ -179,7 +179,7 @@ fn listed_keys_publish_models_and_their_named_writers_fill_the_slots() {
         &other,
     );
     assert_eq!(e.post_json(&seed_json(&up)).status, 201);
-    let heads: Vec<HeadInfo> = get(&format!("{}/heads", e.url())).json();
+    let heads: Vec<SlotHead> = get(&format!("{}/heads", e.url())).json();
     assert!(heads.iter().any(|h| h.meta.is_none() && h.name == "tiny"));
     assert_eq!(list(e.url(), "A")[1].chain, ChainId::A);
 }

@@ -341,13 +341,10 @@ fn bad_bodies_get_json_errors() {
 #[test]
 fn per_ip_rate_limit_gives_429_with_retry_after() {
     let e = env_with(|mut s| {
-        s.chat = ChatRuntime::new(ChatOptions {
-            ip_rate: relay::server::limits::Rate {
-                burst: 2,
-                per_minute: 1,
-            },
-            ..ChatOptions::default()
-        });
+        s.chat = ChatRuntime::new(ChatOptions::default().ip_rate(relay::server::limits::Rate {
+            burst: 2,
+            per_minute: 1,
+        }));
         s
     });
     let body = r#"{"prompt": "hi", "max_tokens": 2}"#;
@@ -527,10 +524,7 @@ fn a_peer_killed_mid_request_fails_over_and_the_answer_stays() {
 #[test]
 fn concurrency_cap_gives_429_while_a_generation_runs() {
     let e = env_with(|mut s| {
-        s.chat = ChatRuntime::new(ChatOptions {
-            max_concurrent: 1,
-            ..ChatOptions::default()
-        });
+        s.chat = ChatRuntime::new(ChatOptions::default().max_concurrent(1));
         s
     });
     let layers = e.dir.config.num_hidden_layers;

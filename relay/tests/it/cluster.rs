@@ -14,7 +14,7 @@ use serde_json::Value;
 use test_support::pg::TestPg;
 use web_node::chain::BlockHash;
 use web_node::model::Slot;
-use web_node::net::api::{codes, ApiError, HeadInfo};
+use web_node::net::api::{codes, ApiError, SlotHead};
 
 fn db() -> Option<String> {
     match TestPg::shared() {
@@ -39,8 +39,8 @@ fn start(data: &Path, model: &Path, url: &str) -> ChildRelay {
     )
 }
 
-fn heads(url: &str) -> Vec<HeadInfo> {
-    let mut h: Vec<HeadInfo> = get(&format!("{url}/heads")).json();
+fn heads(url: &str) -> Vec<SlotHead> {
+    let mut h: Vec<SlotHead> = get(&format!("{url}/heads")).json();
     h.sort_by(|a, b| a.name.cmp(&b.name));
     h
 }

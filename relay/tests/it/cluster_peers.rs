@@ -31,10 +31,9 @@ use web_node::net::peer::{codes, ChunkSource};
 
 /// Short timings so that a dead relay expires within a test.
 fn quick() -> ClusterOptions {
-    ClusterOptions {
-        heartbeat: Duration::from_millis(300),
-        dead_after: Duration::from_secs(3),
-    }
+    ClusterOptions::default()
+        .heartbeat(Duration::from_millis(300))
+        .dead_after(Duration::from_secs(3))
 }
 
 fn key(n: u8) -> SigningKey {
@@ -359,11 +358,7 @@ async fn a_peer_on_one_relay_gets_chunks_only_a_peer_on_another_relay_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_on_the_other_relay_is_caught_there_and_the_store_answers() {
     // Relay 2 bans at the first bad chunk.
-    let Some(env) = Env::start(PeerOptions {
-        bad_chunks_to_ban: 1,
-        ..PeerOptions::default()
-    })
-    .map(Arc::new) else {
+    let Some(env) = Env::start(PeerOptions::default().bad_chunks_to_ban(1)).map(Arc::new) else {
         return;
     };
     let liar = key(3);

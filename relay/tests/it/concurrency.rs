@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use web_node::chain::BlockHash;
 use web_node::model::Slot;
-use web_node::net::api::{codes, HeadInfo};
+use web_node::net::api::{codes, SlotHead};
 
 /// A gate that takes `delay` to decide (an eval run) and accepts.
 struct SlowGate {
@@ -29,7 +29,7 @@ impl relay::Gate for SlowGate {
 }
 
 fn head_of(url: &str, name: &str) -> BlockHash {
-    let heads: Vec<HeadInfo> = get(&format!("{url}/heads")).json();
+    let heads: Vec<SlotHead> = get(&format!("{url}/heads")).json();
     heads.into_iter().find(|h| h.name == name).unwrap().hash
 }
 
@@ -188,7 +188,7 @@ fn two_uploads_racing_for_one_slot_one_wins_one_gets_409() {
     assert_eq!(head_of(&url, "layer1.expert1"), won[0].2);
     let b = list(&url, "B");
     assert!(b.iter().all(|i| i.hash != lost[0].2));
-    let heads: Vec<HeadInfo> = get(&format!("{url}/heads")).json();
+    let heads: Vec<SlotHead> = get(&format!("{url}/heads")).json();
     for i in &b {
         let is_head = heads.iter().any(|h| h.hash == i.hash);
         assert_eq!(i.is_head, is_head, "{}", i.name);

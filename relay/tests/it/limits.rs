@@ -176,11 +176,9 @@ fn memory_stays_bounded_through_concurrent_maximum_size_uploads() {
 }
 
 fn short_timeouts() -> ServeOptions {
-    ServeOptions {
-        header_timeout: Duration::from_millis(1500),
-        keepalive_timeout: Duration::from_millis(700),
-        ..ServeOptions::default()
-    }
+    ServeOptions::default()
+        .header_timeout(Duration::from_millis(1500))
+        .keepalive_timeout(Duration::from_millis(700))
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::common::ws::{login_as, peer_model};
 use crate::common::*;
 use ed25519_dalek::{Signer as _, SigningKey};
-use relay::peers::p2p::{delete_message, register_message, NodeList, MAX_REGISTER_BODY};
+use relay::peer_api::p2p::{delete_message, register_message, NodeList, MAX_REGISTER_BODY};
 use web_node::net::api::codes;
 use web_node::net::peer::ToRelay;
 
@@ -264,7 +264,7 @@ fn registrations_are_rate_limited_per_ip() {
     }
     let i = limited.expect("rate limited");
     // The burst, plus what refilled (one a second) while the loop ran.
-    assert!(i >= relay::peers::p2p::REGISTER_BURST as usize, "{i}");
+    assert!(i >= relay::peer_api::p2p::REGISTER_BURST as usize, "{i}");
     assert_eq!(nodes(url).registered, i);
 }
 

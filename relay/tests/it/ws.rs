@@ -31,10 +31,7 @@ fn id(k: &SigningKey) -> [u8; 32] {
 }
 
 fn quick() -> PeerOptions {
-    PeerOptions {
-        login_timeout: Duration::from_millis(300),
-        ..PeerOptions::default()
-    }
+    PeerOptions::default().login_timeout(Duration::from_millis(300))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,10 +356,7 @@ async fn a_lying_peer_is_caught_banned_and_the_chunks_still_arrive_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_read_is_dropped_and_others_are_served() {
-    let env = PeerEnv::start(PeerOptions {
-        write_timeout: Duration::from_millis(500),
-        ..PeerOptions::default()
-    });
+    let env = PeerEnv::start(PeerOptions::default().write_timeout(Duration::from_millis(500)));
     let peers = env.relay.state.peers.clone();
     // A socket with a tiny receive buffer that never reads after login.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -534,10 +528,7 @@ async fn remote_compute_answers_and_fails_over_from_garbage_and_disconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_compute_peer_times_out_and_the_next_answers() {
-    let env = PeerEnv::start(PeerOptions {
-        compute_timeout: Duration::from_millis(300),
-        ..PeerOptions::default()
-    });
+    let env = PeerEnv::start(PeerOptions::default().compute_timeout(Duration::from_millis(300)));
     let peers = env.relay.state.peers.clone();
     let honest = key(50);
     let h = compute_peer(&env, &honest, 900, Behaviour::Honest).await;
@@ -594,10 +585,7 @@ async fn logged_in_peers_hear_of_new_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_per_ip_cap_get_503_and_shutdown_closes_peers() {
-    let env = PeerEnv::start(PeerOptions {
-        max_conns_per_ip: 2,
-        ..PeerOptions::default()
-    });
+    let env = PeerEnv::start(PeerOptions::default().max_conns_per_ip(2));
     let mut a = login_as(&env.addr(), &key(70)).await;
     let _b = login_as(&env.addr(), &key(71)).await;
     let err =

@@ -1,7 +1,7 @@
 //! The chat form: one answer streamed into `#reply` token by token. The
 //! generation loop is [`Generator`] driven step by step with [`run_step`]
 //! (as [`crate::model::generate::generate_async`] does), on the CPU engine
-//! or the WebGPU engine, with the experts supplied by [`RestSupply`] as the
+//! or the WebGPU engine, with the experts supplied by [`ChainSupply`] as the
 //! router picks them; after each token the page paints and the stop
 //! button's click can run.
 
@@ -20,7 +20,7 @@ use crate::net::usage::ReportEntry;
 use super::dom::{
     input_value, next_frame, now_ms, on_click, set_attr, set_disabled, set_progress, set_text,
 };
-use super::fetch::RestSupply;
+use super::fetch::ChainSupply;
 use super::render::fmt_bytes;
 use super::{panels, show_details, show_status, Node, NODE};
 
@@ -273,8 +273,8 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
             Some(crate::gpu::Engine::new(ctx, &c, &shared, &routers).map_err(|e| e.to_string())?);
         set_progress("");
     }
-    let mut supply = RestSupply {
-        store,
+    let mut supply = ChainSupply {
+        chain: store,
         config: &model.config,
         experts,
         fetched: Vec::new(),
@@ -329,6 +329,6 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         engine,
         used,
         fetched: supply.fetched,
-        fetched_bytes: supply.store.stats.payload_bytes - bytes_before,
+        fetched_bytes: supply.chain.stats.payload_bytes - bytes_before,
     })
 }

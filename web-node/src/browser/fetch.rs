@@ -234,10 +234,11 @@ async fn fetch_verified(
         .map_err(|e| e.to_string())
 }
 
-/// The blocks this page verified, the DAG with each payload's status, and
-/// the verified payloads it holds (in memory for the session, in the
-/// browser's cache across sessions, and served to other nodes).
-pub struct Store {
+/// The page's verified chain: the blocks whose headers it verified, the DAG
+/// with each payload's status, and the verified payloads it holds (in memory
+/// for the session, in the browser's cache across sessions, and served to
+/// other nodes); [`VerifiedChain::payload`] gets and verifies the rest.
+pub struct VerifiedChain {
     pub blocks: HashMap<BlockHash, Block>,
     pub dag: Dag,
     pub payloads: HashMap<BlockHash, Arc<[u8]>>,
@@ -255,7 +256,7 @@ pub enum Origin {
     Rest,
 }
 
-impl Store {
+impl VerifiedChain {
     /// The model config a block's payload is checked against.
     fn config_of(&self, block: &Block) -> Option<Config> {
         block
@@ -272,7 +273,7 @@ impl Store {
         self.payload_from(hash, label).await.map(|(p, _)| p)
     }
 
-    /// [`Store::payload`], and where it came from: this session's memory,
+    /// [`VerifiedChain::payload`], and where it came from: this session's memory,
     /// the cache (re-verified against the header), the peer network through
     /// the relay's `/ws`, or the relay's REST API (when the peer network is
     /// down or could not deliver).
@@ -430,10 +431,11 @@ pub async fn cached_payload(
     }
 }
 
-/// The engine's [`Supply`]: an expert's payload from the store (fetched
-/// over REST and verified the first time), decoded to weights.
-pub struct RestSupply<'a> {
-    pub store: &'a mut Store,
+/// The engine's [`Supply`] from the verified chain: an expert slot's head
+/// payload through [`VerifiedChain::payload_from`] (memory, cache, peers or
+/// REST, verified the first time), decoded to weights.
+pub struct ChainSupply<'a> {
+    pub chain: &'a mut VerifiedChain,
     pub config: &'a Config,
     /// The head block of every expert slot of the model.
     pub experts: HashMap<ExpertId, BlockHash>,
@@ -443,7 +445,7 @@ pub struct RestSupply<'a> {
     pub asked: Vec<ExpertId>,
 }
 
-impl Supply for RestSupply<'_> {
+impl Supply for ChainSupply<'_> {
     async fn experts(
         &mut self,
         need: &[ExpertId],
@@ -456,7 +458,7 @@ impl Supply for RestSupply<'_> {
                 .get(&id)
                 .ok_or_else(|| ModelError::Source(format!("{id}: no verified block")))?;
             let (payload, origin) = self
-                .store
+                .chain
                 .payload_from(&hash, &id.to_string())
                 .await
                 .map_err(|e| ModelError::Source(format!("{id} (block {}): {e}", hash.short())))?;

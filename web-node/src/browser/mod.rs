@@ -3,7 +3,7 @@
 //! ([`crate::verify`]), fetch the payloads the model needs to start
 //! ([`crate::chain_model::startup_blocks`]) chunk by chunk, build the
 //! [`ChainModel`] and show the chat; an expert's payload is fetched when the
-//! router first picks it ([`fetch::RestSupply`]).
+//! router first picks it ([`fetch::ChainSupply`]).
 //!
 //! * [`dom`]: elements, text, attributes, events.
 //! * [`fetch`]: REST, payloads chunk by chunk, the engine's supply.
@@ -31,11 +31,11 @@ use crate::chain_model::{startup_blocks, ChainModel};
 use crate::verify::{self, ChainReport, FetchedBlock};
 
 use dom::{next_frame, now_ms, set_html, set_progress};
-use fetch::{FetchStats, Store};
+use fetch::{FetchStats, VerifiedChain};
 
 /// The page's node: what it verified and holds, and the model.
 struct Node {
-    store: Store,
+    store: VerifiedChain,
     report: ChainReport,
     model: ChainModel,
     /// The WebGPU engine over the same weights, built on first use.
@@ -61,13 +61,13 @@ pub fn start() {
 }
 
 /// Summary and fetch counters (re-rendered as payloads arrive).
-fn show_status(store: &Store, report: &ChainReport, model_bytes: u64, phase: &str) {
+fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, phase: &str) {
     let mut html = render::render_summary(report, &store.dag, phase);
     html.push_str(&render::render_fetch_stats(&store.stats, model_bytes));
     set_html("status", &html);
 }
 
-fn show_details(store: &Store, report: &ChainReport) {
+fn show_details(store: &VerifiedChain, report: &ChainReport) {
     set_html("details", &render::render_details(report, &store.dag));
 }
 
@@ -139,7 +139,7 @@ async fn load() -> Result<(), String> {
             net::hold(*h, p.clone(), b.header.chunk_size);
         }
     }
-    let mut store = Store {
+    let mut store = VerifiedChain {
         blocks,
         dag,
         payloads,
@@ -287,7 +287,7 @@ fn expert_pool_bytes(dag: &crate::chain::Dag) -> u64 {
 }
 
 /// The cache panel: entries and bytes stored in this browser.
-async fn show_cache(store: &Store, note: &str) {
+async fn show_cache(store: &VerifiedChain, note: &str) {
     let (entries, bytes) = match &store.cache {
         Some(c) => c.usage().await.unwrap_or((0, 0)),
         None => (0, 0),

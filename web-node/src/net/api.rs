@@ -267,8 +267,9 @@ impl BlockInfo {
     }
 }
 
-/// A slot head as `GET /heads` lists it (the DAG's own record).
-pub use crate::chain::SlotHead as HeadInfo;
+/// One slot's head as `GET /heads` lists it (the DAG's own record; the
+/// JSON fields are `meta`, `name`, `hash`).
+pub use crate::chain::SlotHead;
 
 /// `GET /blocks/{hash}/chunks`: the chunk-hash list of a payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -84,9 +84,9 @@ impl ChunkInfo {
     }
 }
 
-/// Settings of the core (from [`super::PeerOptions`]).
+/// Settings of the chunk-dispatch core (from [`crate::peers::PeerOptions`]).
 #[derive(Debug, Clone)]
-pub struct RouteConfig {
+pub struct ChunkConfig {
     pub chunk_credits: u32,
     pub serve_credits: u32,
     pub compute_credits: u32,
@@ -108,7 +108,7 @@ pub struct RouteConfig {
     pub link_backoff_base: Duration,
 }
 
-impl Default for RouteConfig {
+impl Default for ChunkConfig {
     fn default() -> Self {
         Self {
             chunk_credits: limits::CHUNK_CREDITS,

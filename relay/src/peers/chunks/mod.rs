@@ -1,5 +1,5 @@
-//! Chunk routing, the sans-IO core of the peer layer: the registry of logged-in peers, chunk
-//! routing with the relay's own hash check, bans, and the bookkeeping of
+//! Chunk dispatch, the sans-IO core of the peer layer: the registry of logged-in peers, chunk
+//! dispatch with the relay's own hash check, bans, and the bookkeeping of
 //! remote computations. Events in (a login, a frame, a store read that
 //! finished, the clock), [`Action`]s out (send this to that connection,
 //! close that one, read this chunk from the store, this computation is
@@ -9,13 +9,13 @@
 //! `super::ws` and [`super::Peers`] drive it (they read the clock and apply
 //! the actions); tests drive it directly.
 //!
-//! Chunk routing: a `GetChunk` is sent to a holder chosen by load, measured
+//! Chunk dispatch: a `GetChunk` is sent to a holder chosen by load, measured
 //! latency and what it already has outstanding (parallel requests spread
 //! over holders), never to the requester or a banned peer, within serve
 //! credits. The answer is checked against the block's chunk list; a bad one
-//! scores the holder down and, after [`RouteConfig::bad_chunks_to_ban`],
+//! scores the holder down and, after [`ChunkConfig::bad_chunks_to_ban`],
 //! bans it with a doubling backoff. A bad, missing or late answer sends the
-//! request to the next holder, after [`RouteConfig::max_holder_tries`] or
+//! request to the next holder, after [`ChunkConfig::max_holder_tries`] or
 //! when none is left to the relay's store.
 //!
 //! Several relays on one database ([`Core::enable_cluster`]): what this
@@ -23,7 +23,7 @@
 //! `peer_presence` by [`crate::cluster::presence`]). When no local holder of
 //! a block is free, the core asks which other relays' peers hold it
 //! ([`Action::Lookup`], answered by [`Core::remote_holders`], kept for
-//! [`RouteConfig::remote_ttl`]) and routes the request over a *link*: an
+//! [`ChunkConfig::remote_ttl`]) and forwards the request over a *link*: an
 //! outbound `/ws` connection to that relay ([`Action::OpenLink`],
 //! [`Core::link_up`]), logged in with this relay's key like any peer. A link
 //! is a holder like a peer (credits, latency, score, bans), except that
@@ -40,6 +40,10 @@
 //! (one sequence for an answer of a peer or of a link:
 //! `Core::holder_answered`), parking, timeouts; `reputation` scores,
 //! latency and bans; `links` other relays; `compute` remote computations.
+//!
+//! Layer: feature runtime, a part of [`crate::peers`], sans-IO.
+//! May import: nothing of the crate outside `peers::chunks` (its tests also
+//! use `peers` and `peers::stats`).
 
 mod actions;
 mod compute;
@@ -59,8 +63,8 @@ use web_node::chain::BlockHash;
 use web_node::net::peer::PeerId;
 
 pub use actions::{
-    Action, ChunkInfo, ComputeOutcome, ConnId, ConnKind, LinkView, PeerView, PresenceChange,
-    Refused, RemoteRelay, RouteConfig, UsageEvent,
+    Action, ChunkConfig, ChunkInfo, ComputeOutcome, ConnId, ConnKind, LinkView, PeerView,
+    PresenceChange, Refused, RemoteRelay, UsageEvent,
 };
 pub use links::link_id;
 
@@ -187,10 +191,10 @@ struct ComputeJob {
     expected: usize,
 }
 
-/// The registry and router. See the module docs.
+/// The registry and chunk dispatcher. See the module docs.
 #[derive(Debug)]
 pub struct Core {
-    cfg: RouteConfig,
+    cfg: ChunkConfig,
     peers: HashMap<PeerId, PeerEntry>,
     conns: HashMap<ConnId, PeerId>,
     holders: HashMap<BlockHash, HashSet<PeerId>>,
@@ -223,7 +227,7 @@ fn hexid(id: &PeerId) -> String {
 }
 
 impl Core {
-    pub fn new(cfg: RouteConfig) -> Self {
+    pub fn new(cfg: ChunkConfig) -> Self {
         Self {
             cfg,
             peers: HashMap::new(),
@@ -243,13 +247,13 @@ impl Core {
         }
     }
 
-    /// Report presence ([`Action::Presence`]) and route over links to other
+    /// Report presence ([`Action::Presence`]) and forward over links to other
     /// relays from now on.
     pub fn enable_cluster(&mut self) {
         self.cluster = true;
     }
 
-    pub fn config(&self) -> &RouteConfig {
+    pub fn config(&self) -> &ChunkConfig {
         &self.cfg
     }
 

@@ -186,7 +186,7 @@ impl Core {
     /// The best holder of `block` not in `tried` with a serve credit free
     /// (a local peer, else a link), and whether one is worth waiting for
     /// (busy, connecting, a lookup pending). Nothing past
-    /// [`super::RouteConfig::max_holder_tries`].
+    /// [`super::ChunkConfig::max_holder_tries`].
     fn pick_holder(
         &mut self,
         now: Instant,

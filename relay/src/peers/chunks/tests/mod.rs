@@ -2,6 +2,8 @@
 //! [`Action::Usage`] events are counted into [`Counters`] by
 //! [`Counters::record`], as the driver does, and left out of what the test
 //! sees, so the tests look at the other actions and at the counters.
+//!
+//! May import: `peers` and its parts (test code of the core).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -79,7 +81,7 @@ impl T {
     fn new() -> Self {
         let counters = Arc::new(Counters::default());
         Self {
-            core: Core::new(RouteConfig::default()),
+            core: Core::new(ChunkConfig::default()),
             now: Instant::now(),
             counters,
         }
@@ -395,7 +397,7 @@ fn requester_credits_unknown_blocks_and_bad_indexes_fail_at_once() {
 }
 
 #[test]
-fn second_login_replaces_the_first_and_a_holder_leaving_reroutes_its_jobs() {
+fn second_login_replaces_the_first_and_a_holder_leaving_resends_its_jobs() {
     let mut t = T::new();
     let i = info(&[b"q"]);
     t.login(1, 1);

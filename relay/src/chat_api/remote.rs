@@ -2,6 +2,9 @@
 //! relay's store (`/chat`), or expert outputs (`/chat/distributed`) from
 //! peers through [`ExpertCompute`], one layer's jobs in parallel, with the
 //! relay's own computation as the fallback.
+//!
+//! Layer: handlers (a part of [`super`]'s). May import: `chat`, `compute`,
+//! `http`, `store`, and [`super`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use web_node::net::api::{codes, ApiError};
 use web_node::net::chat::{ComputedBy, Failover, RELAY};
 use web_node::net::peer::PeerId;
 
-use super::LoadedModel;
+use crate::chat::LoadedModel;
 use crate::compute::ExpertCompute;
 use crate::http::HttpError;
 use crate::store::RelayStore;

@@ -5,7 +5,11 @@
 //! queue (each write within the write timeout), inbound frames (token
 //! bucket, decode, hand to the core) and the ping interval (a peer silent
 //! for the idle timeout is dropped). Protocol decisions live in
-//! [`super::chunks::Core`].
+//! [`crate::peers::chunks::Core`].
+//!
+//! Layer: handlers (a part of [`super`]'s). It drives the internals of
+//! [`Peers`] (the core, the connection handles, the kill switches), which
+//! `crate::peers` opens to the crate for it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,8 +28,10 @@ use web_node::net::peer::{
     WireLimits, SUBPROTOCOL,
 };
 
-use super::{ConnHandle, ConnKind, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER};
 use crate::http::HttpError;
+use crate::peers::{
+    Action, ConnHandle, ConnKind, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER,
+};
 use crate::state::SharedState;
 
 /// WebSocket close code for a policy violation (RFC 6455 §7.4.1).
@@ -40,7 +46,7 @@ const CLOSE_AWAY: u16 = 1001;
 pub const RELAY_RATE_FACTOR: u32 = 16;
 
 /// `GET /ws`.
-pub(super) async fn upgrade(
+pub(crate) async fn upgrade(
     State(st): State<SharedState>,
     ext: Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -270,7 +276,7 @@ async fn challenge_and_login(
     rand_core::OsRng.fill_bytes(&mut nonce);
     let challenge = FromRelay::Challenge {
         nonce,
-        version: super::PROTOCOL_VERSION,
+        version: crate::peers::PROTOCOL_VERSION,
     };
     if write(
         socket,
@@ -554,11 +560,11 @@ async fn dispatch(st: &SharedState, peers: &Arc<Peers>, conn: u64, m: ToRelay) {
         ToRelay::ComputeFailed { req, reason } => {
             peers.call(|core| core.compute_refused(now(), conn, req, reason))
         }
-        ToRelay::Login { .. } => vec![super::Action::Send {
+        ToRelay::Login { .. } => vec![Action::Send {
             conn,
             msg: FromRelay::error(codes::PROTOCOL, "already logged in: Login ignored"),
         }],
-        _ => vec![super::Action::Send {
+        _ => vec![Action::Send {
             conn,
             msg: FromRelay::error(
                 codes::PROTOCOL,

@@ -23,7 +23,7 @@
 //!   for an unknown id. The id of a logged-in `/ws` peer (its hex key)
 //!   disconnects that peer.
 //! * `GET /p2p/nodes`: registered nodes and logged-in `/ws` peers.
-//! * `GET /p2p/stats`: [`super::PeerStats`], this relay's id on a shared
+//! * `GET /p2p/stats`: [`crate::peers::PeerStats`], this relay's id on a shared
 //!   database and its links to other relays.
 
 use std::net::IpAddr;
@@ -41,12 +41,12 @@ use web_node::model::Slot;
 use web_node::net::api::{codes, ApiError};
 use web_node::net::peer::codes as peer_codes;
 
-pub use super::nodes::{
+pub use crate::peers::nodes::{
     RegisteredNode, Registry, REGISTER_BURST, REGISTER_PER_MINUTE, REGISTER_RATE_TABLE,
 };
 
-use super::PeerStats;
 use crate::http::HttpError;
+use crate::peers::PeerStats;
 use crate::state::SharedState;
 
 /// Registered nodes at most; more are refused (503) until some are deleted.
@@ -246,7 +246,7 @@ fn client_ip(ext: &Extensions) -> IpAddr {
 }
 
 /// `POST /p2p/register`.
-pub(super) async fn register(
+pub(crate) async fn register(
     State(st): State<SharedState>,
     ext: Extensions,
     headers: HeaderMap,
@@ -390,7 +390,7 @@ fn insert_node(
 }
 
 /// `GET /p2p/nodes`.
-pub(super) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
+pub(crate) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
     let peers = &st.peers;
     let stats = peers.stats();
     let now = web_node::chain::now_ms();
@@ -468,7 +468,7 @@ pub(super) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
 }
 
 /// `DELETE /p2p/nodes/{id}`.
-pub(super) async fn remove(
+pub(crate) async fn remove(
     State(st): State<SharedState>,
     id: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
@@ -535,10 +535,10 @@ pub struct StatsBody {
     pub relay_id: Option<String>,
     /// The other live relays of the database (ids), as of the last heartbeat.
     pub relays: Vec<String>,
-    pub links: Vec<super::LinkView>,
+    pub links: Vec<crate::peers::LinkView>,
 }
 
-pub(super) async fn stats(State(st): State<SharedState>) -> Json<StatsBody> {
+pub(crate) async fn stats(State(st): State<SharedState>) -> Json<StatsBody> {
     Json(StatsBody {
         stats: st.peers.stats(),
         relay_id: st.peers.cluster().map(|c| c.id.clone()),
