@@ -385,3 +385,77 @@ fn graceful_shutdown_cuts_a_streaming_upload_and_flushes_usage() {
     assert_eq!(hashes(&r.url), before);
     assert!(!list(&r.url, "B").iter().any(|b| b.hash == block.hash));
 }
+
+/// SIGTERM while an upload streams in, whose last bytes arrive within the
+/// deadline: the upload finishes (201), the block is stored, and the relay
+/// exits 0 right after, well before the deadline.
+#[test]
+fn graceful_shutdown_lets_an_upload_in_flight_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let data = tmp.path().join("data");
+    let args = [
+        "--data",
+        "data",
+        "--model",
+        &model.display().to_string(),
+        "--shutdown-timeout",
+        "20",
+    ];
+    let r = Served::start(tmp.path(), &args);
+    let head = list(&r.url, "B")
+        .into_iter()
+        .find(|b| b.name == "shared" && b.is_head)
+        .unwrap();
+    let payload = slot_payload(&test_config(), Slot::Shared, 77);
+    let block = BlockBuilder::slot(head.meta.unwrap(), Slot::Shared, PayloadDtype::F32)
+        .parents(vec![head.hash])
+        .candidate_loss(Some(0.5))
+        .address("finishing")
+        .timestamp_ms(1_700_000_000_077)
+        .chunk_size(4096)
+        .sign(&payload, &miner_key(4));
+    let body = envelope_and_payload(&block, &payload);
+    let mut s = TcpStream::connect(r.addr()).unwrap();
+    write!(
+        s,
+        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let cut = block.encoded_len() + 1024;
+    s.write_all(&body[..cut]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while files(&data.join("tmp")).is_empty() {
+        assert!(Instant::now() < deadline, "the upload was never staged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = r.child.id();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    // The rest of the body, after the signal.
+    s.write_all(&body[cut..]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 201"),
+        "the upload in flight was not finished: {reply:?}"
+    );
+    let t = Instant::now();
+    let (st, _) = r.signal_and_wait("0");
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the relay waited for its deadline after the last request ended"
+    );
+    assert!(files(&data.join("tmp")).is_empty(), "staged file left");
+    let r = Served::start(tmp.path(), &args);
+    assert!(list(&r.url, "B")
+        .iter()
+        .any(|b| b.hash == block.hash && b.is_head));
+}
