@@ -90,22 +90,25 @@ print("file-level cycles:", file_cycles or "none")
 tg = {}
 for m, e in fg.items():
     tg.setdefault(top(m), set()).update(top(t) for t in e if top(t) != top(m))
-# A feature's runtime (below state) and its handlers (above it) live in
-# different top-level modules (peers / peer_api, chat / chat_api), so the
-# top-level graph has no cycle either.
+# A feature's runtime and its handlers live in different top-level modules
+# (peers / peer_api, chat / chat_api), so the top-level graph has no cycle
+# either. The state imports no feature: the runtimes sit above it, and the
+# composite AppState (core + runtimes) is assembled in `server`.
 top_cycles = sccs(tg)
 print("top-level-module cycles:", top_cycles or "none")
 if mode == 'all':
     for m in sorted(tg): print(f"  {m:10} -> {', '.join(sorted(tg[m]))}")
 
 # Layers (lower number = lower layer). A file may import only files of a
-# lower layer, or of its own layer without a cycle (checked above).
+# lower layer, or of its own layer without a cycle (checked above). `state`
+# (the core state) is below every feature, so a feature import in it is an
+# upward import.
 LAYERS = [
   (0, ['metrics', 'pg', 'auth', 'limits', 'gate', 'compute', 'genesis']),
   (1, ['store', 'store::*', 'usage', 'usage::*', 'http', 'quality', 'backup', 'backup::*']),
   (2, ['chain_index']),
-  (3, ['peers', 'peers::*', 'chat', 'chat::*']),
-  (4, ['state']),
+  (3, ['state']),
+  (4, ['peers', 'peers::*', 'chat', 'chat::*']),
   (5, ['peer_api', 'peer_api::*', 'chat_api', 'chat_api::*', 'rewards', 'cluster', 'cluster::*', 'server::routes_read', 'server::upload', 'server::health', 'server::static_files', 'server::conn']),
   (6, ['server']),
   (7, ['lib', 'main']),

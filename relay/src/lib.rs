@@ -3,29 +3,33 @@
 //! # Layers
 //!
 //! Each file imports only files of a lower layer (or, within its layer,
-//! without a cycle); nothing imports `server` but `main`. A feature is
-//! split along the line of the state into two top-level modules: its
-//! runtime (what [`AppState`] holds: [`peers`], [`chat`]) sits below
-//! [`state`], its handlers ([`peer_api`], [`chat_api`]) above it, so that
-//! neither the files nor the top-level modules form a circle.
+//! without a cycle); nothing imports `server` but `main`. The core state
+//! ([`state`]: [`CoreState`], [`SharedCore`]) and the HTTP error type
+//! ([`http`]) import no feature; every feature sits above them. A feature
+//! is split into two top-level modules: its runtime ([`peers`], [`chat`])
+//! and its handlers ([`peer_api`], [`chat_api`]); the handlers extract the
+//! core and their own runtime ([`peer_api::PeerState`], the
+//! [`chat_api::ChatHost`] port), never [`server`]. The composite
+//! [`AppState`] (core + `peers` + `chat`) is assembled in `server`.
 //! `scripts/relay_layers.py` checks both (its `LAYERS` table is this
 //! picture); each module's doc says what it may import.
 //!
 //! ```text
 //!  main (bin)            relay serve / backup / restore: flags, build, run
 //!  ───────────────────────────────────────────────────────────────────────
-//!  server                app(): the router from each feature's routes();
-//!                        open_relay, conn (accept loop), static files
+//!  server                AppState (core + peers + chat), SharedState,
+//!                        app(): the router from each feature's routes()
+//!                        with its state; open_relay, conn, static files
 //!  ───────────────────────────────────────────────────────────────────────
 //!  handlers              server::{routes_read, upload, health}
 //!                        peer_api (/ws, /p2p/*)   chat_api (/chat, remote)
 //!                        rewards                  cluster::{presence, link, follow}
 //!  ───────────────────────────────────────────────────────────────────────
-//!  state                 AppState, SharedState, accept_block
-//!  ───────────────────────────────────────────────────────────────────────
 //!  feature runtimes      peers (Peers, chunks core, stats, nodes,
 //!                        cluster: the Cluster handle + ClusterIo port)
 //!                        chat (runtime, model)
+//!  ───────────────────────────────────────────────────────────────────────
+//!  state                 CoreState, SharedCore, BlockListener, accept_block
 //!  ───────────────────────────────────────────────────────────────────────
 //!  chain_index           ChainState (the DAG index, order, signatures)
 //!  ───────────────────────────────────────────────────────────────────────
@@ -35,27 +39,29 @@
 //!                        genesis, metrics, pg
 //! ```
 //!
-//! Top-level imports of the features (`server` imports every handler):
+//! Top-level imports of the features (`server` imports every handler and
+//! runtime, and builds [`AppState`]):
 //!
 //! ```text
 //!  peer_api ──► state ◄── chat_api           rewards ──► peer_api, state
-//!     │         │   │       │  │             cluster ──► state, peers
-//!     │   ┌─────┘   └────┐  │  └──► compute (the ExpertCompute port)
-//!     ▼   ▼              ▼  ▼          ▲
-//!     peers              chat          │
+//!     │                     │  │             cluster ──► state, peers
+//!     ▼                     ▼  └──► compute (the ExpertCompute port)
+//!     peers                 chat       ▲
 //!       └──────────────────────────────┘ (peers implements it)
 //! ```
 //!
 //! This file declares every module and re-exports the main types.
 //! May import: every module.
 //!
-//! Two ports cut what would be circles: [`compute::ExpertCompute`] (what
-//! chat needs of peers) and [`peers::ClusterIo`] (what peers needs of the
-//! cluster; `cluster` implements it). Everything is built in order and
-//! passed to its constructor: the store and usage, the chain lock, then
-//! [`peers::Peers::new`] with all three, then [`AppState`]. The one late
-//! step is [`peers::Peers::join_cluster`]: joining needs the advertised
-//! `/ws` URL, known only once the listener is bound.
+//! Three ports cut what would be circles: [`compute::ExpertCompute`] (what
+//! chat needs of peers), [`peers::ClusterIo`] (what peers needs of the
+//! cluster; `cluster` implements it) and [`state::BlockListener`] (what the
+//! core tells of stored blocks; `server` wires the peers to it). Everything
+//! is built in order and passed to its constructor ([`AppState::new`]): the
+//! store and usage, the chain lock, then [`peers::Peers::new`] with all
+//! three, then the core with the peers as its listener. The one late step
+//! is [`peers::Peers::join_cluster`]: joining needs the advertised `/ws`
+//! URL, known only once the listener is bound.
 //!
 //! # Modules
 //!
@@ -104,7 +110,8 @@ pub mod usage;
 pub use gate::{AcceptAll, Gate, GateContext, PayloadRef, Rejection, Verdict};
 pub use limits::{RelayOptions, ServeOptions};
 pub use server::{app, open_relay, open_relay_with_blobs, serve};
-pub use state::{accept_block, AppState, ChainState, SharedState};
+pub use server::{AppState, SharedState};
+pub use state::{accept_block, ChainState, CoreState, SharedCore};
 pub use store::FileStore;
 
 /// Errors of the relay library.

@@ -296,7 +296,7 @@ async fn serve(a: Serve) -> anyhow::Result<()> {
         .with_context(|| format!("the data directory {}", a.data.display()))?;
     let state = Arc::new(open_state(&a, &data).await?);
     // Usage counters flushed every second, rewards paid every hour.
-    relay::rewards::spawn_background(&state);
+    relay::rewards::spawn_background(&state.core);
     let usage = state.usage.clone();
     if !a.no_scrub {
         spawn_scrub(&state);
@@ -313,10 +313,10 @@ async fn serve(a: Serve) -> anyhow::Result<()> {
             .advertise
             .clone()
             .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
-        relay::cluster::presence::configure(&state, &data, url)?;
+        relay::cluster::presence::configure(&state, &state.peers, &data, url)?;
     }
     // Blocks other relays on the same database accept; presence and forwarding.
-    relay::cluster::start(&state);
+    relay::cluster::start(&state.core, &state.peers);
     let opts = serve_options(&a);
     let peers = state.peers.clone();
     let stop_peers = peers.clone();

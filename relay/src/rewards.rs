@@ -32,7 +32,7 @@ use web_node::model::Slot;
 use web_node::net::api::{codes, ApiError};
 
 use crate::http::HttpError;
-use crate::state::{AppState, SharedState};
+use crate::state::{CoreState, SharedCore};
 use crate::usage::{
     quality_pct, speed_pct, PeerCounters, RewardEntry, Usage, UsageReport, VersionCounters,
     VersionInfo,
@@ -56,7 +56,7 @@ pub fn reward_message(name: &str, timestamp: &str) -> Vec<u8> {
     m
 }
 
-pub fn routes() -> Router<SharedState> {
+pub fn routes() -> Router<SharedCore> {
     Router::new()
         .route("/experts/stats/{name}", get(stats))
         .route("/experts/top", get(top))
@@ -244,7 +244,7 @@ fn expert_stats(dag: &Dag, usage: &Usage, meta: BlockHash, name: &str) -> Option
 
 /// `GET /experts/stats/{name}`.
 async fn stats(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     name: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Response, HttpError> {
     let name = parse_slot(name)?;
@@ -292,7 +292,7 @@ fn parse_limit(query: &Option<String>) -> Result<usize, ApiError> {
 
 /// `GET /experts/top?limit=N`.
 async fn top(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
     let limit = parse_limit(&query)?;
@@ -329,7 +329,7 @@ async fn top(
 
 /// Pay one slot now.
 pub async fn pay_slot(
-    st: &SharedState,
+    st: &SharedCore,
     name: &str,
 ) -> Result<(BlockHash, Vec<RewardEntry>), ApiError> {
     let vs = {
@@ -368,7 +368,7 @@ fn entry_json(e: &RewardEntry) -> serde_json::Value {
 
 /// `POST /experts/reward/{name}` (operator only).
 async fn reward(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     headers: HeaderMap,
     name: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Response, HttpError> {
@@ -405,7 +405,7 @@ async fn reward(
 
 /// `GET /rewards/{key}`.
 async fn rewards_of(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     key: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Response, HttpError> {
     let UrlPath(k) = key.map_err(|e| ApiError::malformed(e.body_text()))?;
@@ -440,7 +440,7 @@ async fn rewards_of(
 
 /// `POST /usage/report`.
 async fn report(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, HttpError> {
@@ -478,8 +478,8 @@ async fn report(
 
 /// Flush counters every [`crate::usage::FLUSH_INTERVAL`] and pay every
 /// expert slot each [`REWARD_PERIOD`], while the state lives.
-pub fn spawn_background(st: &SharedState) {
-    let weak: Weak<AppState> = Arc::downgrade(st);
+pub fn spawn_background(st: &SharedCore) {
+    let weak: Weak<CoreState> = Arc::downgrade(st);
     tokio::spawn(async move {
         let mut flush = tokio::time::interval(crate::usage::FLUSH_INTERVAL);
         let mut pay = tokio::time::interval(REWARD_PERIOD);

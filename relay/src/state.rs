@@ -1,18 +1,18 @@
-//! The relay's state, shared by every handler: [`ChainState`] (the chain
-//! index), [`AppState`] (store, chain, options, usage, database, and each
-//! feature's runtime: [`Peers`], [`ChatRuntime`]), [`SharedState`], and
-//! [`accept_block`] (store and index a trusted block).
+//! The relay's core state, shared by every feature: [`ChainState`] (the
+//! chain index), [`CoreState`] (store, chain, commit lock, gate, options,
+//! meta keys, usage, database, draining, readiness, rates), [`SharedCore`],
+//! the [`BlockListener`] port (told of every stored block; the peers'
+//! runtime implements it) and [`accept_block`] (store and index a trusted
+//! block).
 //!
 //! Layer: state, above the foundation (store, usage, pg, gate, limits,
-//! auth, http, metrics) and the features' runtimes (`peers` core,
-//! `chat::runtime`), below every handler. It builds its parts in order:
-//! the store and usage first, then the chain lock, then [`Peers`] with all
-//! three, so nothing is attached later. It imports no handler module and
-//! not [`crate::server`].
+//! auth, http, metrics) and `chain_index`, below every feature. It imports
+//! no feature: each feature's handlers extract the core and their own
+//! runtime; the composite `crate::server::AppState` (core, `peers`, `chat`)
+//! is assembled in the top layer.
 //!
-//! May import: the foundation, `chain_index` and the feature runtimes (`peers`,
-//! `chat`); no handler module (`peer_api`, `chat_api`, `rewards`, `cluster`,
-//! `server`).
+//! May import: the foundation and `chain_index`; no feature (`peers`,
+//! `chat`, `peer_api`, `chat_api`, `rewards`, `cluster`), not `server`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,11 +22,9 @@ use web_node::net::api::{codes, ApiError, BlockInfo};
 
 use crate::auth::{MetaKeys, MetaWriters};
 pub use crate::chain_index::ChainState;
-use crate::chat::runtime::ChatRuntime;
 use crate::gate::{AcceptAll, Gate};
 use crate::http::store_err;
 use crate::limits::{self, RelayOptions};
-use crate::peers::{PeerOptions, Peers};
 use crate::store::{Committed, Expect, RelayStore};
 
 /// The body of `/readyz`.
@@ -54,8 +52,22 @@ pub(crate) struct Runtime {
     pub(crate) eval_run: Arc<Semaphore>,
 }
 
-/// Everything a request handler needs.
-pub struct AppState {
+/// Told of every block this relay stores or adopts (the port through which
+/// the core reaches the peers' runtime: `/ws` peers get `block_added`).
+pub trait BlockListener: Send + Sync {
+    fn block_added(&self, block: &Block);
+}
+
+/// No listener (a core built alone).
+pub struct NoListener;
+
+impl BlockListener for NoListener {
+    fn block_added(&self, _: &Block) {}
+}
+
+/// What every feature shares: the store, the chain, the options, usage and
+/// the database.
+pub struct CoreState {
     pub store: Arc<dyn RelayStore>,
     /// The chain index. Readers take it shared; uploads take it exclusively
     /// only to insert an accepted block (see `crate::server::upload`).
@@ -66,10 +78,8 @@ pub struct AppState {
     pub opts: RelayOptions,
     pub(crate) meta_keys: MetaKeys,
     runtime: OnceLock<Runtime>,
-    /// `/ws` peers: registry, chunk dispatch, remote computation.
-    pub peers: Arc<Peers>,
-    /// `/chat` state.
-    pub chat: ChatRuntime,
+    /// Told of every stored block (the peers' runtime).
+    listener: Arc<dyn BlockListener>,
     /// Usage counters and rewards (`data/usage.redb`, or PostgreSQL).
     pub usage: Arc<crate::usage::Usage>,
     /// The database shared with other relays (`--database`), if any.
@@ -82,22 +92,18 @@ pub struct AppState {
     pub(crate) readiness: Mutex<Option<Readiness>>,
 }
 
-pub type SharedState = Arc<AppState>;
+pub type SharedCore = Arc<CoreState>;
 
-impl AppState {
+impl CoreState {
+    /// `chain` is the lock the peers' runtime shares; `listener` is told
+    /// of every stored block.
     pub fn new(
         store: Arc<dyn RelayStore>,
-        chain: ChainState,
+        chain: Arc<RwLock<ChainState>>,
         opts: RelayOptions,
         usage: Arc<crate::usage::Usage>,
+        listener: Arc<dyn BlockListener>,
     ) -> Self {
-        let chain = Arc::new(RwLock::new(chain));
-        let peers = Peers::new(
-            PeerOptions::default(),
-            store.clone(),
-            chain.clone(),
-            usage.clone(),
-        );
         Self {
             store,
             chain,
@@ -106,8 +112,7 @@ impl AppState {
             opts,
             meta_keys: MetaKeys::default(),
             runtime: OnceLock::new(),
-            peers,
-            chat: ChatRuntime::default(),
+            listener,
             usage,
             pg: None,
             draining: Arc::default(),
@@ -115,25 +120,29 @@ impl AppState {
         }
     }
 
-    /// Replace the peer layer with one using `opts` (before serving).
-    pub fn with_peer_options(mut self, opts: PeerOptions) -> Self {
-        self.peers = Peers::new(
-            opts,
-            self.store.clone(),
-            self.chain.clone(),
-            self.usage.clone(),
-        );
-        self
+    /// Replace the block listener (before serving).
+    pub fn set_listener(&mut self, listener: Arc<dyn BlockListener>) {
+        self.listener = listener;
+    }
+
+    /// Tell the listener of a stored block.
+    pub fn block_added(&self, block: &Block) {
+        self.listener.block_added(block);
     }
 
     /// Replace the acceptance gate (default [`AcceptAll`]).
     pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
-        self.gate = gate;
+        self.set_gate(gate);
         self
     }
 
-    /// Replace the chain index in place (the lock [`Peers`] shares stays
-    /// the same). Before serving.
+    /// [`Self::with_gate`] in place (before serving).
+    pub fn set_gate(&mut self, gate: Arc<dyn Gate>) {
+        self.gate = gate;
+    }
+
+    /// Replace the chain index in place (the lock the peers' runtime
+    /// shares stays the same). Before serving.
     pub(crate) fn set_chain(&self, chain: ChainState) {
         match self.chain.try_write() {
             Ok(mut c) => *c = chain,
@@ -143,15 +152,30 @@ impl AppState {
 
     /// Add keys allowed to write chain-A meta blocks besides the operator's.
     pub fn with_meta_keys(mut self, keys: impl IntoIterator<Item = [u8; 32]>) -> Self {
-        self.meta_keys = self.meta_keys.with_listed(keys);
+        self.add_meta_keys(keys);
         self
+    }
+
+    /// [`Self::with_meta_keys`] in place (before serving).
+    pub fn add_meta_keys(&mut self, keys: impl IntoIterator<Item = [u8; 32]>) {
+        self.meta_keys = std::mem::take(&mut self.meta_keys).with_listed(keys);
+    }
+
+    /// Set the keys allowed to write meta blocks (before serving).
+    pub(crate) fn set_meta_keys(&mut self, keys: MetaKeys) {
+        self.meta_keys = keys;
     }
 
     /// Change request-level options (before serving).
     pub fn with_options(mut self, f: impl FnOnce(&mut RelayOptions)) -> Self {
+        self.change_options(f);
+        self
+    }
+
+    /// [`Self::with_options`] in place (before serving).
+    pub fn change_options(&mut self, f: impl FnOnce(&mut RelayOptions)) {
         f(&mut self.opts);
         self.runtime = OnceLock::new();
-        self
     }
 
     /// The lock the last step of an upload (head re-check, commit, index)
@@ -190,7 +214,7 @@ impl AppState {
 /// Store a trusted block (genesis, made by this relay) and insert it: full
 /// validation, no gate, no write rules.
 pub fn accept_block(
-    state: &AppState,
+    state: &CoreState,
     chain: &mut ChainState,
     block: &Block,
     payload: &[u8],
@@ -215,7 +239,7 @@ pub fn accept_block(
     }
     let writers = (block.header.chain == ChainId::A).then(|| MetaWriters::of(block, payload));
     chain.insert(&v, writers);
-    state.peers.block_added(block);
+    state.block_added(block);
     tracing::info!(block = %block.hash, chain = ?block.header.chain, slot = %block.header.name, "block stored");
     Ok(BlockInfo::from(block).with_head(true))
 }

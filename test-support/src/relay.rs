@@ -277,13 +277,17 @@ async fn serve(
         Err(e) => panic!("local address: {e}"),
     };
     if let Some(opts) = cluster {
-        if let Err(e) =
-            relay::cluster::presence::configure_with(&st, &dir, format!("ws://{addr}/ws"), opts)
-        {
+        if let Err(e) = relay::cluster::presence::configure_with(
+            &st,
+            &st.peers,
+            &dir,
+            format!("ws://{addr}/ws"),
+            opts,
+        ) {
             panic!("joining the cluster: {e:#}");
         }
     }
-    relay::cluster::start(&st);
+    relay::cluster::start(&st.core, &st.peers);
     let _ = addr_tx.send(addr);
     let peers = st.peers.clone();
     let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,6 +1,6 @@
-//! The chat feature's runtime: what [`crate::state::AppState`] holds for
+//! The chat feature's runtime: what [`crate::server::AppState`] holds for
 //! `POST /chat` and `POST /chat/distributed` (whose handlers live in
-//! [`crate::chat_api`], above the state).
+//! [`crate::chat_api`]).
 //!
 //! * [`runtime`]: the [`ChatRuntime`] (options with their limits, each a
 //!   named constant; the generation slots, the per-IP rate table, the model
@@ -11,7 +11,7 @@
 //!   weights read from the store (a verified read) the first time they are
 //!   routed and kept for later requests.
 //!
-//! Layer: feature runtime, below [`crate::state`].
+//! Layer: feature runtime, above [`crate::state`] (which imports no feature).
 //! May import: the foundation (`chain_index`, `store`, `http`, `limits`).
 
 mod model;

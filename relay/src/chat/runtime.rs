@@ -1,9 +1,9 @@
-//! The chat feature's runtime, which [`crate::state::AppState`] holds: its
+//! The chat feature's runtime, which [`crate::server::AppState`] holds: its
 //! options with their limits (each a named constant, documented with the
 //! reason for its value), the generation slots, the per-IP rate table and
 //! the model cache.
 //!
-//! Layer: feature runtime, below the state. Imports the foundation only
+//! Layer: feature runtime, above the state. Imports the foundation only
 //! (`chain_index`, `store`, `http`, `limits`) and [`super::model`].
 
 use std::net::IpAddr;

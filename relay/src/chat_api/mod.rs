@@ -1,7 +1,7 @@
 //! `POST /chat` and `POST /chat/distributed`: the handlers of the CPU
 //! reference engine run by the relay on its own verified chain. The
 //! feature's runtime (options, slots, rate table, model cache) is
-//! [`crate::chat`], below the state.
+//! [`crate::chat`]; the handlers reach it through [`ChatHost`].
 //!
 //! * The model comes from the runtime's cache ([`crate::chat::LoadedModel`]);
 //!   each request runs a [`fork`](web_node::model::reference::CpuEngine::fork)
@@ -51,23 +51,36 @@ use web_node::net::chat::{
     EVENT_TOKEN,
 };
 
+use crate::chat::runtime::ChatRuntime;
 use crate::chat::{ChatOptions, LoadedModel, BUSY_RETRY_AFTER};
 use crate::compute::ExpertCompute;
 use crate::http::HttpError;
-use crate::state::SharedState;
+use crate::state::CoreState;
+
+/// What the chat handlers need of the relay (the port the server's state
+/// implements): the core state, the chat runtime, and who computes experts
+/// remotely.
+pub trait ChatHost: Send + Sync + 'static {
+    fn core(&self) -> &CoreState;
+    fn chat(&self) -> &ChatRuntime;
+    fn compute(&self) -> Arc<dyn ExpertCompute>;
+}
+
+/// What the chat handlers run on.
+pub type ChatState = Arc<dyn ChatHost>;
 
 /// `/chat` and `/chat/distributed`.
-pub fn routes() -> axum::Router<SharedState> {
+pub fn routes() -> axum::Router<ChatState> {
     Router::new()
         .route("/chat", post(chat_local))
         .route("/chat/distributed", post(chat_distributed))
 }
 
-async fn chat_local(State(state): State<SharedState>, req: Request) -> Response {
+async fn chat_local(State(state): State<ChatState>, req: Request) -> Response {
     counted(false, handle(state, req, false).await)
 }
 
-async fn chat_distributed(State(state): State<SharedState>, req: Request) -> Response {
+async fn chat_distributed(State(state): State<ChatState>, req: Request) -> Response {
     counted(true, handle(state, req, true).await)
 }
 
@@ -211,17 +224,14 @@ fn check_model(p: &Params, cfg: &Config) -> Result<usize, HttpError> {
         .map_err(|e| bad(e.to_string()))
 }
 
-async fn handle(
-    state: SharedState,
-    req: Request,
-    distributed: bool,
-) -> Result<Response, HttpError> {
+async fn handle(state: ChatState, req: Request, distributed: bool) -> Result<Response, HttpError> {
     let ip = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let rt = &state.chat;
+    let rt = state.chat();
+    let core = state.core();
     rt.rates.take(&ip).map_err(|wait| {
         crate::metrics::refused(crate::metrics::Limit::ChatIpRate);
         HttpError::rate_limited(
@@ -245,11 +255,11 @@ async fn handle(
         )
     })?;
     let t0 = Instant::now();
-    let model = rt.model(&state.chain, &state.store).await?;
+    let model = rt.model(&core.chain, &core.store).await?;
     let load_ms = ms(t0.elapsed());
     let per_token = check_model(&p, &model.chain.config)?;
     let remote = if distributed {
-        let compute: Arc<dyn ExpertCompute> = state.peers.clone();
+        let compute = state.compute();
         if !p.local_fallback && compute.compute_peers() == 0 {
             return Err(no_peer("no logged-in peer serves expert computations"));
         }
@@ -259,7 +269,7 @@ async fn handle(
     };
     let job = Job {
         model,
-        store: state.store.clone(),
+        store: core.store.clone(),
         prompt: p.prompt,
         opts: p.opts,
         sampler: p.sampler,
@@ -268,7 +278,7 @@ async fn handle(
         remote,
         load_ms,
         cancel: Arc::new(AtomicBool::new(false)),
-        usage: state.usage.clone(),
+        usage: core.usage.clone(),
     };
     let handle = tokio::runtime::Handle::current();
     if p.stream {

@@ -19,7 +19,7 @@ use tokio_postgres::AsyncMessage;
 use web_node::chain::{validate_block, Block, ChainId};
 
 use crate::auth::MetaWriters;
-use crate::state::SharedState;
+use crate::state::SharedCore;
 use crate::store::pg::BLOCKS_CHANNEL;
 
 /// First wait after a lost listener connection; doubles up to [`MAX_BACKOFF`].
@@ -27,11 +27,11 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Run the follower for as long as the relay runs.
-pub fn spawn(state: SharedState) -> tokio::task::JoinHandle<()> {
+pub fn spawn(state: SharedCore) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(state))
 }
 
-async fn run(state: SharedState) {
+async fn run(state: SharedCore) {
     let Some(url) = state.pg.as_ref().map(|p| p.url().to_string()) else {
         return;
     };
@@ -51,7 +51,7 @@ async fn run(state: SharedState) {
 
 /// One listener connection: LISTEN, catch up, then catch up on each
 /// notification until the connection ends.
-async fn listen(state: &SharedState, url: &str, last: &mut Option<u64>) -> Result<(), String> {
+async fn listen(state: &SharedCore, url: &str, last: &mut Option<u64>) -> Result<(), String> {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;
@@ -84,7 +84,7 @@ async fn listen(state: &SharedState, url: &str, last: &mut Option<u64>) -> Resul
 }
 
 /// Index the blocks committed after `last` (see the module docs).
-pub async fn catch_up(state: &SharedState, last: &mut Option<u64>) {
+pub async fn catch_up(state: &SharedCore, last: &mut Option<u64>) {
     // Uploads on this relay index under the same lock: a block is either
     // indexed by its upload or found here, never half of each.
     let _commit = state.commit_lock().await;
@@ -117,7 +117,7 @@ pub async fn catch_up(state: &SharedState, last: &mut Option<u64>) {
     }
 }
 
-async fn adopt(state: &SharedState, b: &Block) -> Result<(), String> {
+async fn adopt(state: &SharedCore, b: &Block) -> Result<(), String> {
     let store = state.store.clone();
     let hash = b.hash;
     let payload = tokio::task::spawn_blocking(move || store.payload(&hash))
@@ -129,6 +129,6 @@ async fn adopt(state: &SharedState, b: &Block) -> Result<(), String> {
     let writers = (b.header.chain == ChainId::A).then(|| MetaWriters::of(b, &payload));
     chain.insert(&v, writers);
     drop(chain);
-    state.peers.block_added(b);
+    state.block_added(b);
     Ok(())
 }

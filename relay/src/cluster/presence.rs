@@ -48,7 +48,7 @@ use crate::limits::FIRST_RETRY;
 use crate::peers::cluster::{ClusterIo, IoFuture};
 use crate::peers::{Counters, Peers, PresenceChange, RemoteRelay};
 use crate::pg::{hash32, Client, Pg, PgError};
-use crate::state::{AppState, SharedState};
+use crate::state::{CoreState, SharedCore};
 use crate::RelayError;
 
 /// The relay's key file in its data dir.
@@ -122,13 +122,19 @@ pub fn relay_key(dir: &Path) -> Result<SigningKey, RelayError> {
 
 /// Give a relay on a shared database its identity (see the module docs);
 /// call before [`super::start`]. `data_dir` holds [`KEY_FILE`].
-pub fn configure(state: &AppState, data_dir: &Path, ws_url: String) -> Result<(), RelayError> {
-    configure_with(state, data_dir, ws_url, ClusterOptions::default())
+pub fn configure(
+    state: &CoreState,
+    peers: &Peers,
+    data_dir: &Path,
+    ws_url: String,
+) -> Result<(), RelayError> {
+    configure_with(state, peers, data_dir, ws_url, ClusterOptions::default())
 }
 
 /// [`configure`] with other timings (tests).
 pub fn configure_with(
-    state: &AppState,
+    state: &CoreState,
+    peers: &Peers,
     data_dir: &Path,
     ws_url: String,
     opts: ClusterOptions,
@@ -139,8 +145,7 @@ pub fn configure_with(
     let io = Box::new(DbIo {
         pg: state.pg.clone(),
     });
-    state
-        .peers
+    peers
         .join_cluster(Arc::new(Cluster::new(key, ws_url, opts, io)))
         .map_err(|m| RelayError::Io(std::io::Error::other(m)))
 }
@@ -218,8 +223,8 @@ where
 
 /// Start registration, heartbeat, presence writer and lookups (nothing
 /// without a database or without [`configure`]). Inside a tokio runtime.
-pub fn start(state: &SharedState) {
-    let (Some(pg), Some(c)) = (state.pg.clone(), state.peers.cluster().cloned()) else {
+pub fn start(state: &SharedCore, peers: &Arc<Peers>) {
+    let (Some(pg), Some(c)) = (state.pg.clone(), peers.cluster().cloned()) else {
         if state.pg.is_some() {
             tracing::warn!("on a shared database without an advertised /ws URL: peers of this relay are not found by other relays and chunks are not forwarded");
         }
@@ -232,7 +237,7 @@ pub fn start(state: &SharedState) {
         return; // started already
     };
     c.left.send_replace(false);
-    tokio::spawn(heartbeat(state.peers.clone(), pg, c, presence, lookups));
+    tokio::spawn(heartbeat(peers.clone(), pg, c, presence, lookups));
 }
 
 async fn heartbeat(

@@ -45,9 +45,9 @@ pub use crate::peers::nodes::{
     RegisteredNode, Registry, REGISTER_BURST, REGISTER_PER_MINUTE, REGISTER_RATE_TABLE,
 };
 
+use super::PeerState;
 use crate::http::HttpError;
 use crate::peers::PeerStats;
-use crate::state::SharedState;
 
 /// Registered nodes at most; more are refused (503) until some are deleted.
 pub const MAX_REGISTERED: usize = 10_000;
@@ -247,7 +247,7 @@ fn client_ip(ext: &Extensions) -> IpAddr {
 
 /// `POST /p2p/register`.
 pub(crate) async fn register(
-    State(st): State<SharedState>,
+    State(st): State<PeerState>,
     ext: Extensions,
     headers: HeaderMap,
     body: Body,
@@ -390,7 +390,7 @@ fn insert_node(
 }
 
 /// `GET /p2p/nodes`.
-pub(crate) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
+pub(crate) async fn list(State(st): State<PeerState>) -> Json<NodeList> {
     let peers = &st.peers;
     let stats = peers.stats();
     let now = web_node::chain::now_ms();
@@ -469,7 +469,7 @@ pub(crate) async fn list(State(st): State<SharedState>) -> Json<NodeList> {
 
 /// `DELETE /p2p/nodes/{id}`.
 pub(crate) async fn remove(
-    State(st): State<SharedState>,
+    State(st): State<PeerState>,
     id: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
@@ -538,7 +538,7 @@ pub struct StatsBody {
     pub links: Vec<crate::peers::LinkView>,
 }
 
-pub(crate) async fn stats(State(st): State<SharedState>) -> Json<StatsBody> {
+pub(crate) async fn stats(State(st): State<PeerState>) -> Json<StatsBody> {
     Json(StatsBody {
         stats: st.peers.stats(),
         relay_id: st.peers.cluster().map(|c| c.id.clone()),

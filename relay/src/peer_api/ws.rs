@@ -28,11 +28,11 @@ use web_node::net::peer::{
     WireLimits, SUBPROTOCOL,
 };
 
+use super::PeerState;
 use crate::http::HttpError;
 use crate::peers::{
     Action, ConnHandle, ConnKind, Counters, Kill, Peers, CLOSE_WRITE_TIMEOUT, READ_BUFFER,
 };
-use crate::state::SharedState;
 
 /// WebSocket close code for a policy violation (RFC 6455 §7.4.1).
 const CLOSE_POLICY: u16 = 1008;
@@ -47,7 +47,7 @@ pub const RELAY_RATE_FACTOR: u32 = 16;
 
 /// `GET /ws`.
 pub(crate) async fn upgrade(
-    State(st): State<SharedState>,
+    State(st): State<PeerState>,
     ext: Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -327,7 +327,7 @@ async fn challenge_and_login(
 }
 
 /// One connection, from the challenge to the close.
-async fn run(st: SharedState, mut socket: WebSocket, addr: SocketAddr) {
+async fn run(st: PeerState, mut socket: WebSocket, addr: SocketAddr) {
     let peers = st.peers.clone();
     let o = peers.opts.clone();
     let conn = peers.next_conn();
@@ -426,7 +426,7 @@ type End = Option<(&'static str, String, u16)>;
 /// The logged-in loop; returns the error to send before closing, if any.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    st: &SharedState,
+    st: &PeerState,
     peers: &Arc<Peers>,
     conn: u64,
     socket: &mut WebSocket,
@@ -524,7 +524,7 @@ async fn serve(
 }
 
 /// One decoded message from a logged-in peer.
-async fn dispatch(st: &SharedState, peers: &Arc<Peers>, conn: u64, m: ToRelay) {
+async fn dispatch(st: &PeerState, peers: &Arc<Peers>, conn: u64, m: ToRelay) {
     let now = Instant::now;
     let acts = match m {
         ToRelay::Status {

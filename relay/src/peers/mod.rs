@@ -1,8 +1,8 @@
 //! The relay as coordinator: `/ws` peers (login, registry, chunk dispatch,
 //! remote expert computation) and the seed's `/p2p/*` registry: the
-//! feature's runtime, which [`crate::state::AppState`] holds. Its handlers
+//! feature's runtime, which [`crate::server::AppState`] holds. Its handlers
 //! (`GET /ws` with one actor per connection, `/p2p/*`) are
-//! [`crate::peer_api`], above the state.
+//! [`crate::peer_api`].
 //!
 //! * [`chunks`]: the sans-IO chunk-dispatch core (registry, chunk dispatch
 //!   with the relay's own hash check, bans, compute bookkeeping): events and
@@ -18,7 +18,9 @@
 //!   peer holds the block.
 //! * [`nodes`]: the `/p2p/register` registry.
 //!
-//! Layer: feature runtime, below [`crate::state`], which holds a [`Peers`].
+//! Layer: feature runtime, above [`crate::state`] (which imports no feature);
+//! [`crate::server::AppState`] holds a [`Peers`] and wires it to the core as
+//! its [`crate::state::BlockListener`].
 //! Nothing here imports `crate::state`, a handler module (`peer_api`,
 //! `cluster`, ...) or `crate::server`.
 //! May import: the foundation (`store`, `usage`, `compute`, `limits`,
@@ -268,7 +270,7 @@ pub struct Peers {
     cache: Mutex<ChunkCache>,
     /// Where chunks no peer serves are read from.
     store: Arc<dyn RelayStore>,
-    /// The relay's chain index (the same lock as [`crate::AppState::chain`]):
+    /// The relay's chain index (the same lock as [`crate::CoreState::chain`]):
     /// chunk lists of the blocks it holds.
     chain: Arc<tokio::sync::RwLock<ChainState>>,
     next_conn: AtomicU64,

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use web_node::chain::BlockHash;
 
-use crate::state::SharedState;
+use crate::state::SharedCore;
 
 /// How long each readiness check may take before it counts as failed.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,7 +26,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub use crate::state::Readiness;
 
 /// `/healthz` and `/readyz`.
-pub(super) fn routes() -> axum::Router<SharedState> {
+pub(super) fn routes() -> axum::Router<SharedCore> {
     axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
@@ -49,7 +49,7 @@ where
     }
 }
 
-async fn probe(st: &SharedState) -> Readiness {
+async fn probe(st: &SharedCore) -> Readiness {
     let store = st.store.clone();
     let store = check_blocking(move || {
         store
@@ -88,7 +88,7 @@ async fn probe(st: &SharedState) -> Readiness {
     }
 }
 
-pub(super) async fn readyz(State(st): State<SharedState>) -> Response {
+pub(super) async fn readyz(State(st): State<SharedCore>) -> Response {
     let r = match st.readiness.try_lock() {
         Ok(mut last) => {
             let r = probe(&st).await;

@@ -15,6 +15,10 @@
 //! * [`auth`] and [`limits`] live in the foundation ([`crate::auth`],
 //!   [`crate::limits`]) and are re-exported here under their old paths.
 //!
+//! * [`AppState`]: the composite every feature's state is cut from: the
+//!   core ([`crate::state::CoreState`], reached through `Deref`), the peers'
+//!   runtime and the chat runtime, built in one order in [`AppState::new`].
+//!
 //! Layer: top; nothing but `main` imports it.
 //! May import: every module below it (`state`, `http`, the handlers'
 //! `routes()`: `peer_api`, `chat_api`, `rewards`, ...).
@@ -30,13 +34,20 @@ use std::sync::Arc;
 
 use axum::http::{header, Method, StatusCode};
 use axum::Router;
+use tokio::sync::RwLock;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 use web_node::chain::{validate_block, BlockHash, ChainId};
 use web_node::net::api::{codes, ApiError};
 use web_node::store::{BlockStore, StoreError};
 
+use crate::chat::runtime::ChatRuntime;
+use crate::chat_api::{ChatHost, ChatState};
+use crate::compute::ExpertCompute;
 use crate::genesis;
+use crate::peer_api::PeerState;
+use crate::peers::{PeerOptions, Peers};
+use crate::state::{BlockListener, CoreState, SharedCore};
 use crate::store::{FileStore, PgStore, RelayStore};
 use crate::RelayError;
 
@@ -44,11 +55,123 @@ pub use crate::auth::{self, MetaKeys, MetaWriters};
 pub use crate::http::{relay_codes, HttpError};
 pub use crate::http::{store_err, ApiResult};
 pub use crate::limits::{self, RelayOptions, ServeOptions, MAX_BINARY_UPLOAD};
-pub use crate::state::{accept_block, AppState, ChainState, SharedState};
+pub use crate::state::{accept_block, ChainState};
 pub use conn::serve;
+
+/// The relay's whole state: the core every feature shares and each
+/// feature's runtime. Built in one order: the store, usage and chain lock,
+/// then [`Peers`] with them, then the core with the peers as its
+/// [`BlockListener`].
+pub struct AppState {
+    /// Store, chain, options, usage, database (also reached through `Deref`).
+    pub core: SharedCore,
+    /// `/ws` peers: registry, chunk dispatch, remote computation.
+    pub peers: Arc<Peers>,
+    /// `/chat` state.
+    pub chat: ChatRuntime,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl std::ops::Deref for AppState {
+    type Target = CoreState;
+    fn deref(&self) -> &CoreState {
+        &self.core
+    }
+}
+
+impl BlockListener for Peers {
+    fn block_added(&self, block: &web_node::chain::Block) {
+        Peers::block_added(self, block)
+    }
+}
+
+impl ChatHost for AppState {
+    fn core(&self) -> &CoreState {
+        &self.core
+    }
+    fn chat(&self) -> &ChatRuntime {
+        &self.chat
+    }
+    fn compute(&self) -> Arc<dyn ExpertCompute> {
+        self.peers.clone()
+    }
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn RelayStore>,
+        chain: ChainState,
+        opts: RelayOptions,
+        usage: Arc<crate::usage::Usage>,
+    ) -> Self {
+        let chain = Arc::new(RwLock::new(chain));
+        let peers = Peers::new(
+            PeerOptions::default(),
+            store.clone(),
+            chain.clone(),
+            usage.clone(),
+        );
+        let core = CoreState::new(store, chain, opts, usage, peers.clone());
+        Self {
+            core: Arc::new(core),
+            peers,
+            chat: ChatRuntime::default(),
+        }
+    }
+
+    /// The core, to change before serving (nothing shares it yet).
+    fn core_mut(&mut self) -> &mut CoreState {
+        match Arc::get_mut(&mut self.core) {
+            Some(core) => core,
+            None => unreachable!("the state is changed before serving"),
+        }
+    }
+
+    /// Replace the peer layer with one using `opts` (before serving).
+    pub fn with_peer_options(mut self, opts: PeerOptions) -> Self {
+        self.peers = Peers::new(
+            opts,
+            self.store.clone(),
+            self.chain.clone(),
+            self.usage.clone(),
+        );
+        let peers = self.peers.clone();
+        self.core_mut().set_listener(peers);
+        self
+    }
+
+    /// Replace the acceptance gate (default [`crate::AcceptAll`]).
+    pub fn with_gate(mut self, gate: Arc<dyn crate::Gate>) -> Self {
+        self.core_mut().set_gate(gate);
+        self
+    }
+
+    /// Add keys allowed to write chain-A meta blocks besides the operator's.
+    pub fn with_meta_keys(mut self, keys: impl IntoIterator<Item = [u8; 32]>) -> Self {
+        self.core_mut().add_meta_keys(keys);
+        self
+    }
+
+    /// Change request-level options (before serving).
+    pub fn with_options(mut self, f: impl FnOnce(&mut RelayOptions)) -> Self {
+        self.core_mut().change_options(f);
+        self
+    }
+
+    /// What the peer handlers run on.
+    pub fn peer_state(&self) -> PeerState {
+        PeerState {
+            core: self.core.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
 
 /// The web app, the REST API, CORS for GET and request tracing.
 pub fn app(state: SharedState) -> Router {
+    let core = state.core.clone();
+    let peer_state = state.peer_state();
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::HEAD])
@@ -64,16 +187,17 @@ pub fn app(state: SharedState) -> Router {
         .web_dir
         .as_deref()
         .map(static_files::StaticFiles::new);
+    let chat_state: ChatState = state;
     Router::new()
         .merge(routes_read::routes())
         .merge(upload::routes())
         .merge(health::routes())
-        .merge(crate::peer_api::routes())
-        .merge(crate::chat_api::routes())
         .merge(crate::rewards::routes())
+        .with_state(core)
+        .merge(crate::peer_api::routes().with_state(peer_state))
+        .merge(crate::chat_api::routes().with_state(chat_state))
         .fallback(move |req| static_files::static_file(web.clone(), req))
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(cors)
         .layer(TraceLayer::new_for_http())
@@ -178,8 +302,9 @@ pub fn open_relay_with_blobs(
     let mut opts = RelayOptions::new(staging);
     opts.web_dir = cfg.web_dir.clone();
     let mut state = AppState::new(store, ChainState::default(), opts, Arc::new(usage));
-    state.meta_keys = MetaKeys::new(Some(key.verifying_key().to_bytes()));
-    state.pg = pg;
+    let core = state.core_mut();
+    core.set_meta_keys(MetaKeys::new(Some(key.verifying_key().to_bytes())));
+    core.pg = pg;
     if chain.dag.chain(ChainId::A).next().is_none() {
         create_genesis(&state, &mut chain, cfg, &key)?;
     }
@@ -196,7 +321,7 @@ pub fn open_relay_with_blobs(
 /// operator key (none without a model dir); on a shared database another
 /// relay may have made them first, then its are used.
 fn create_genesis(
-    state: &AppState,
+    state: &CoreState,
     chain: &mut ChainState,
     cfg: &ServeConfig,
     key: &ed25519_dalek::SigningKey,

@@ -12,7 +12,7 @@ use web_node::chain::{Block, BlockHash, ChainId};
 use web_node::net::api::{codes, ApiError, ChunkList, SlotHead};
 
 use crate::http::{blocking, store_err, ApiResult, HttpError};
-use crate::state::SharedState;
+use crate::state::SharedCore;
 
 /// Bytes read from the store per piece of a streamed payload response
 /// (rounded up to whole chunks: every piece is checked against the chunk list).
@@ -34,7 +34,7 @@ fn query_param<'a>(query: &'a Option<String>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn get_block_of(st: &SharedState, hash: BlockHash) -> Result<Block, ApiError> {
+async fn get_block_of(st: &SharedCore, hash: BlockHash) -> Result<Block, ApiError> {
     let store = st.store.clone();
     blocking(move || store.get(&hash).map_err(store_err))
         .await?
@@ -47,7 +47,7 @@ async fn get_block_of(st: &SharedState, hash: BlockHash) -> Result<Block, ApiErr
 /// header points at the next page. Without parameters this is the seed's
 /// listing (complete for chains up to the default page).
 /// The read side of the REST API: listings, blocks, payloads, chunk lists, heads.
-pub(super) fn routes() -> axum::Router<SharedState> {
+pub(super) fn routes() -> axum::Router<SharedCore> {
     use axum::routing::get;
     axum::Router::new()
         .route("/chain/{chain}/blocks", get(list_chain))
@@ -58,7 +58,7 @@ pub(super) fn routes() -> axum::Router<SharedState> {
 }
 
 pub(super) async fn list_chain(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     chain: Result<UrlPath<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
@@ -112,7 +112,7 @@ fn wants_binary(query: &Option<String>, headers: &HeaderMap) -> bool {
 }
 
 pub(super) async fn get_block(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     hash: Result<UrlPath<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -192,7 +192,7 @@ fn piece_end(pos: u64, end: u64, chunk_size: u32) -> u64 {
 }
 
 pub(super) async fn get_payload(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     hash: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -276,7 +276,7 @@ pub(super) async fn get_payload(
 
 /// `GET /blocks/{hash}/chunks`: the chunk list stored when the block was accepted.
 pub(super) async fn get_chunks(
-    State(st): State<SharedState>,
+    State(st): State<SharedCore>,
     hash: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult<Json<ChunkList>> {
     let hash = parse_hash(hash)?;
@@ -293,7 +293,7 @@ pub(super) async fn get_chunks(
     }))
 }
 
-pub(super) async fn get_heads(State(st): State<SharedState>) -> Json<Vec<SlotHead>> {
+pub(super) async fn get_heads(State(st): State<SharedCore>) -> Json<Vec<SlotHead>> {
     let chain = st.chain.read().await;
     Json(
         chain

@@ -44,7 +44,7 @@ use web_node::net::api::{codes, ApiError, BlockInfo, SeedUpload};
 use crate::auth::{self, MetaWriters};
 use crate::gate::{GateContext, PayloadRef};
 use crate::http::{blocking, peer_ip, store_err, ApiResult, HttpError};
-use crate::state::SharedState;
+use crate::state::SharedCore;
 use crate::store::{Committed, Expect};
 
 /// Body pieces queued between the connection and the staging writer.
@@ -85,7 +85,7 @@ fn check_content_type(headers: &HeaderMap, want: &str) -> Result<(), HttpError> 
     )))
 }
 
-fn take_ip(st: &SharedState, headers: &axum::http::Extensions) -> Result<(), HttpError> {
+fn take_ip(st: &SharedCore, headers: &axum::http::Extensions) -> Result<(), HttpError> {
     let ip = peer_ip(headers);
     st.rt().rates.ip.take(&ip).map_err(|wait| {
         crate::metrics::refused(crate::metrics::Limit::UploadIpRate);
@@ -159,7 +159,7 @@ struct GateTicket {
 }
 
 /// Step 2: the header alone (see the module docs).
-async fn admit(st: &SharedState, block: &Block) -> Result<Admitted, HttpError> {
+async fn admit(st: &SharedCore, block: &Block) -> Result<Admitted, HttpError> {
     check_standalone(block)?;
     let h = &block.header;
     st.rt().rates.key.take(&h.miner).map_err(|wait| {
@@ -267,7 +267,7 @@ fn check_staged_meta(block: &Block, path: &std::path::Path) -> Result<Content, A
 /// The gate's evaluation of a staged block (one at a time, on a blocking
 /// thread), reading the payload from the staging file.
 async fn run_gate(
-    st: &SharedState,
+    st: &SharedCore,
     block: &std::sync::Arc<Block>,
     path: &std::path::Path,
     ticket: GateTicket,
@@ -315,7 +315,7 @@ async fn run_gate(
 /// whose slot head moved since its header was checked (the placed file is
 /// discarded).
 async fn recheck_head(
-    st: &SharedState,
+    st: &SharedCore,
     block: &Block,
     expected: Option<BlockHash>,
 ) -> ApiResult<()> {
@@ -352,7 +352,7 @@ async fn recheck_head(
 /// The store's commit, which settles the head once more (another relay on
 /// the same database may have moved it); a refused block's file is discarded.
 async fn commit_to_store(
-    st: &SharedState,
+    st: &SharedCore,
     block: &std::sync::Arc<Block>,
     chunks: Vec<BlockHash>,
     expected: Option<BlockHash>,
@@ -388,7 +388,7 @@ async fn commit_to_store(
 }
 
 /// Steps 4 and 5 (see the module docs).
-async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Created> {
+async fn finish(st: &SharedCore, adm: Admitted, staged: Staged) -> ApiResult<Created> {
     let Staged {
         block,
         path,
@@ -421,7 +421,7 @@ async fn finish(st: &SharedState, adm: Admitted, staged: Staged) -> ApiResult<Cr
         meta,
     };
     st.chain.write().await.insert(&v, writers);
-    st.peers.block_added(&block);
+    st.block_added(&block);
     if let Some(v) = st.gate().take_verdict(&block.hash) {
         st.usage.record_quality(&block.hash, v.loss, v.incumbent);
     }
@@ -554,14 +554,14 @@ fn counted(route: crate::metrics::UploadRoute, r: ApiResult<Created>) -> ApiResu
 
 /// `POST /blocks`: envelope then payload, checked as it streams in.
 /// `POST /blocks` and the seed's `POST /upload_moe_experts`.
-pub(super) fn routes() -> axum::Router<SharedState> {
+pub(super) fn routes() -> axum::Router<SharedCore> {
     use axum::routing::post;
     axum::Router::new()
         .route("/blocks", post(upload_binary))
         .route("/upload_moe_experts", post(upload_json))
 }
 
-pub(super) async fn upload_binary(state: State<SharedState>, req: Request) -> ApiResult<Created> {
+pub(super) async fn upload_binary(state: State<SharedCore>, req: Request) -> ApiResult<Created> {
     counted(
         crate::metrics::UploadRoute::Blocks,
         binary(state, req).await,
@@ -632,7 +632,7 @@ fn check_upload_length(declared: Option<u64>, used: usize, plen: u64, max: u64) 
     Ok(())
 }
 
-async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
+async fn binary(State(st): State<SharedCore>, req: Request) -> ApiResult<Created> {
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers, "application/octet-stream")?;
     take_ip(&st, &parts.extensions)?;
@@ -714,11 +714,11 @@ async fn binary(State(st): State<SharedState>, req: Request) -> ApiResult<Create
 }
 
 /// `POST /upload_moe_experts`: the seed's JSON body.
-pub(super) async fn upload_json(state: State<SharedState>, req: Request) -> ApiResult<Created> {
+pub(super) async fn upload_json(state: State<SharedCore>, req: Request) -> ApiResult<Created> {
     counted(crate::metrics::UploadRoute::Json, json(state, req).await)
 }
 
-async fn json(State(st): State<SharedState>, req: Request) -> ApiResult<Created> {
+async fn json(State(st): State<SharedCore>, req: Request) -> ApiResult<Created> {
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers, "application/json")?;
     take_ip(&st, &parts.extensions)?;
