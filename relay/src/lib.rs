@@ -59,9 +59,12 @@
 //! core tells of stored blocks; `server` wires the peers to it). Everything
 //! is built in order and passed to its constructor ([`AppState::new`]): the
 //! store and usage, the chain lock, then [`peers::Peers::new`] with all
-//! three, then the core with the peers as its listener. The one late step
-//! is [`peers::Peers::join_cluster`]: joining needs the advertised `/ws`
-//! URL, known only once the listener is bound.
+//! three, then the core with the peers as its listener. There is no late
+//! step: on a shared database the listener is bound first (`relay serve`,
+//! the test relays), then the cluster handle is built with the advertised
+//! `/ws` URL ([`cluster::presence::configure`]) and given to
+//! [`peers::Peers::new`] ([`AppState::with_cluster`]) before the state is
+//! shared and the cluster's tasks start ([`cluster::start`]).
 //!
 //! # Modules
 //!

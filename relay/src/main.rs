@@ -294,27 +294,34 @@ async fn serve(a: Serve) -> anyhow::Result<()> {
     // trailing-slash forms of --data all name the same directory.
     let data = relay::store::resolve_data_dir(&a.data)
         .with_context(|| format!("the data directory {}", a.data.display()))?;
-    let state = Arc::new(open_state(&a, &data).await?);
+    let state = open_state(&a, &data).await?;
+    // Built in one order: the listener is bound first, so that the cluster
+    // identity (with the advertised /ws URL, which defaults to the bound
+    // address) is built before the peer layer and the state is shared.
+    let listener = relay::server::conn::bind(a.addr, a.backlog)
+        .with_context(|| format!("binding {}", a.addr))?;
+    let local = listener.local_addr()?;
+    println!("relay listening on http://{local}");
+    tracing::info!(%local, "listening");
+    let state = if state.pg.is_some() {
+        let url = a
+            .advertise
+            .clone()
+            .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
+        let cluster = relay::cluster::presence::configure(&state, &data, url)?;
+        state.with_cluster(cluster)
+    } else {
+        state
+    };
+    let state = Arc::new(state);
     // Usage counters flushed every second, rewards paid every hour.
     relay::rewards::spawn_background(&state.core);
     let usage = state.usage.clone();
     if !a.no_scrub {
         spawn_scrub(&state);
     }
-    let listener = relay::server::conn::bind(a.addr, a.backlog)
-        .with_context(|| format!("binding {}", a.addr))?;
-    let local = listener.local_addr()?;
-    println!("relay listening on http://{local}");
-    tracing::info!(%local, "listening");
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let metrics = metrics_routes(a.metrics_addr, stopped_rx).await?;
-    if state.pg.is_some() {
-        let url = a
-            .advertise
-            .clone()
-            .unwrap_or_else(|| relay::cluster::presence::default_advertise(local));
-        relay::cluster::presence::configure(&state, &state.peers, &data, url)?;
-    }
     // Blocks other relays on the same database accept; presence and forwarding.
     relay::cluster::start(&state.core, &state.peers);
     let opts = serve_options(&a);

@@ -163,10 +163,10 @@ impl TestRelay {
             Ok(s) => s,
             Err(e) => panic!("opening a relay on {}: {e:#}", cfg.data_dir.display()),
         };
-        let state: SharedState = Arc::new(customize(unthrottled(opened)));
+        let st = customize(unthrottled(opened));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<End>();
-        let (st, dir) = (state.clone(), cfg.data_dir.clone());
+        let dir = cfg.data_dir.clone();
         let Launch { port, cluster, .. } = launch;
         let thread = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -187,7 +187,7 @@ impl TestRelay {
                 rt.shutdown_timeout(Duration::from_secs(10));
             }
         });
-        let addr = match addr_rx.recv() {
+        let (addr, state) = match addr_rx.recv() {
             Ok(a) => a,
             Err(_) => {
                 // The thread panicked before binding: show why.
@@ -256,15 +256,17 @@ impl Drop for TestRelay {
     }
 }
 
-/// The serving thread's body: bind, join the cluster, serve until told to
-/// end. Returns whether it was a crash.
+/// The serving thread's body, in one order: bind, build the cluster
+/// identity with the bound address and the peer layer with it, share the
+/// state (sent back with the address), serve until told to end. Returns
+/// whether it was a crash.
 async fn serve(
-    st: SharedState,
+    st: AppState,
     dir: PathBuf,
     port: u16,
     cluster: Option<ClusterOptions>,
     serve_opts: ServeOptions,
-    addr_tx: std::sync::mpsc::Sender<SocketAddr>,
+    addr_tx: std::sync::mpsc::Sender<(SocketAddr, SharedState)>,
     stop_rx: tokio::sync::oneshot::Receiver<End>,
 ) -> bool {
     let at = SocketAddr::from(([127, 0, 0, 1], port));
@@ -276,19 +278,23 @@ async fn serve(
         Ok(a) => a,
         Err(e) => panic!("local address: {e}"),
     };
-    if let Some(opts) = cluster {
-        if let Err(e) = relay::cluster::presence::configure_with(
-            &st,
-            &st.peers,
-            &dir,
-            format!("ws://{addr}/ws"),
-            opts,
-        ) {
-            panic!("joining the cluster: {e:#}");
+    let st = match cluster {
+        Some(opts) => {
+            match relay::cluster::presence::configure_with(
+                &st,
+                &dir,
+                format!("ws://{addr}/ws"),
+                opts,
+            ) {
+                Ok(c) => st.with_cluster(c),
+                Err(e) => panic!("joining the cluster: {e:#}"),
+            }
         }
-    }
+        None => st,
+    };
+    let st: SharedState = Arc::new(st);
     relay::cluster::start(&st.core, &st.peers);
-    let _ = addr_tx.send(addr);
+    let _ = addr_tx.send((addr, st.clone()));
     let peers = st.peers.clone();
     let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = relay::serve(l, relay::app(st), serve_opts, async move {

@@ -120,34 +120,34 @@ pub fn relay_key(dir: &Path) -> Result<SigningKey, RelayError> {
     Ok(key)
 }
 
-/// Give a relay on a shared database its identity (see the module docs);
-/// call before [`super::start`]. `data_dir` holds [`KEY_FILE`].
+/// The identity of a relay on a shared database (see the module docs): the
+/// cluster handle to build its peer layer with
+/// (`crate::server::AppState::with_cluster`, which gives it to
+/// [`Peers::new`]), before [`super::start`]. `ws_url` is the `/ws` URL other
+/// relays reach this one at, so the listener is bound first. `data_dir`
+/// holds [`KEY_FILE`].
 pub fn configure(
     state: &CoreState,
-    peers: &Peers,
     data_dir: &Path,
     ws_url: String,
-) -> Result<(), RelayError> {
-    configure_with(state, peers, data_dir, ws_url, ClusterOptions::default())
+) -> Result<Arc<Cluster>, RelayError> {
+    configure_with(state, data_dir, ws_url, ClusterOptions::default())
 }
 
 /// [`configure`] with other timings (tests).
 pub fn configure_with(
     state: &CoreState,
-    peers: &Peers,
     data_dir: &Path,
     ws_url: String,
     opts: ClusterOptions,
-) -> Result<(), RelayError> {
+) -> Result<Arc<Cluster>, RelayError> {
     check_ws_url(&ws_url)
         .map_err(|m| RelayError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?;
     let key = relay_key(data_dir)?;
     let io = Box::new(DbIo {
         pg: state.pg.clone(),
     });
-    peers
-        .join_cluster(Arc::new(Cluster::new(key, ws_url, opts, io)))
-        .map_err(|m| RelayError::Io(std::io::Error::other(m)))
+    Ok(Arc::new(Cluster::new(key, ws_url, opts, io)))
 }
 
 /// [`ClusterIo`] over the shared database and [`super::link`].

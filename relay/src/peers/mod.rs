@@ -12,7 +12,7 @@
 //! * [`cluster`]: what the peer layer needs of the cluster (several relays
 //!   on one database): the [`Cluster`] handle (identity, live relays, the
 //!   presence and lookup queues) and the [`ClusterIo`] port. On a shared
-//!   database ([`Peers::join_cluster`]) the core's presence changes,
+//!   database (a handle given to [`Peers::new`]) the core's presence changes,
 //!   lookups and links are carried out through it by `crate::cluster`: a
 //!   request no local peer can serve is forwarded to another relay whose
 //!   peer holds the block.
@@ -282,10 +282,10 @@ pub struct Peers {
     this: Weak<Peers>,
     /// `POST /p2p/register` entries.
     pub(crate) registry: nodes::Registry,
-    /// Several relays on one database: presence, lookups, links. Set once
-    /// by [`Peers::join_cluster`] (see there why it is not a constructor
-    /// argument).
-    cluster: OnceLock<Arc<Cluster>>,
+    /// Several relays on one database: presence, lookups, links (None: a
+    /// relay alone, or on a shared database without an advertised `/ws`
+    /// URL).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -299,15 +299,23 @@ impl std::fmt::Debug for Peers {
 
 impl Peers {
     /// The registry over the relay's store and chain index; verified work
-    /// is also recorded in `usage` (for rewards).
+    /// is also recorded in `usage` (for rewards). With `cluster` it takes
+    /// part in a cluster of relays on one database (the handle from
+    /// `crate::cluster::presence::configure`, built once the listener is
+    /// bound: it carries the advertised `/ws` URL).
     pub fn new(
         opts: PeerOptions,
         store: Arc<dyn RelayStore>,
         chain: Arc<tokio::sync::RwLock<ChainState>>,
         usage: Arc<Usage>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
+        let mut core = Core::new(opts.chunk_config());
+        if cluster.is_some() {
+            core.enable_cluster();
+        }
         Arc::new_cyclic(|this| Self {
-            core: Mutex::new(Core::new(opts.chunk_config())),
+            core: Mutex::new(core),
             counters: Arc::new(Counters::with_usage(usage)),
             handles: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
@@ -320,37 +328,20 @@ impl Peers {
             timer: OnceLock::new(),
             this: this.clone(),
             registry: nodes::Registry::default(),
-            cluster: OnceLock::new(),
+            cluster,
             opts,
         })
     }
 
-    /// Take part in a cluster of relays on one database (see
-    /// `crate::cluster::presence::configure`), before serving; once.
-    ///
-    /// A setter rather than a constructor argument on purpose: joining is
-    /// a step of starting to serve, not of building the state. The cluster
-    /// identity needs the `/ws` URL other relays reach this one at, known
-    /// only once the listener is bound, which happens after the state is
-    /// built and shared (`relay serve`, the tests). An error if this relay
-    /// joined already.
-    pub fn join_cluster(&self, cluster: Arc<Cluster>) -> Result<(), String> {
-        self.cluster
-            .set(cluster)
-            .map_err(|_| "this relay joined a cluster already".to_string())?;
-        self.core().enable_cluster();
-        Ok(())
-    }
-
     /// The cluster side, if this relay is on a shared database.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.get()
+        self.cluster.as_ref()
     }
 
     /// Is this login another relay of the cluster ([`Cluster::login_kind`]),
     /// or a peer?
     pub async fn login_kind(&self, key: &PeerId, agent: &str) -> ConnKind {
-        match self.cluster.get() {
+        match self.cluster.as_ref() {
             Some(c) => c.login_kind(key, agent).await,
             None => ConnKind::Peer,
         }
@@ -544,7 +535,7 @@ impl Peers {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Some(c) = self.cluster.get() {
+        if let Some(c) = self.cluster.as_ref() {
             let left = end.saturating_duration_since(tokio::time::Instant::now());
             c.wait_left(left).await;
         }
@@ -630,17 +621,17 @@ impl Peers {
                     }
                 }
                 Action::Presence(change) => {
-                    if let Some(c) = self.cluster.get() {
+                    if let Some(c) = self.cluster.as_ref() {
                         c.presence(change);
                     }
                 }
                 Action::Lookup { block } => {
-                    let asked = self.cluster.get().is_some_and(|c| c.lookup(block));
+                    let asked = self.cluster.as_ref().is_some_and(|c| c.lookup(block));
                     if !asked {
                         self.remote_holders(block, Vec::new());
                     }
                 }
-                Action::OpenLink { link, relay } => match (self.cluster.get(), self.me()) {
+                Action::OpenLink { link, relay } => match (self.cluster.as_ref(), self.me()) {
                     (Some(c), Some(me)) => c.open_link(me, link, relay),
                     _ => self.link_closed(link, None),
                 },

@@ -46,7 +46,7 @@ use crate::chat_api::{ChatHost, ChatState};
 use crate::compute::ExpertCompute;
 use crate::genesis;
 use crate::peer_api::PeerState;
-use crate::peers::{PeerOptions, Peers};
+use crate::peers::{Cluster, PeerOptions, Peers};
 use crate::state::{BlockListener, CoreState, SharedCore};
 use crate::store::{FileStore, PgStore, RelayStore};
 use crate::RelayError;
@@ -111,6 +111,7 @@ impl AppState {
             store.clone(),
             chain.clone(),
             usage.clone(),
+            None,
         );
         let core = CoreState::new(store, chain, opts, usage, peers.clone());
         Self {
@@ -128,13 +129,30 @@ impl AppState {
         }
     }
 
-    /// Replace the peer layer with one using `opts` (before serving).
-    pub fn with_peer_options(mut self, opts: PeerOptions) -> Self {
+    /// Replace the peer layer with one using `opts` (before serving; a
+    /// cluster it took part in is kept).
+    pub fn with_peer_options(self, opts: PeerOptions) -> Self {
+        let cluster = self.peers.cluster().cloned();
+        self.with_peers(opts, cluster)
+    }
+
+    /// Replace the peer layer with one taking part in `cluster` (before
+    /// serving, once the listener is bound: the handle from
+    /// [`crate::cluster::presence::configure`] carries the advertised `/ws`
+    /// URL); the peer options are kept.
+    pub fn with_cluster(self, cluster: Arc<Cluster>) -> Self {
+        let opts = self.peers.opts.clone();
+        self.with_peers(opts, Some(cluster))
+    }
+
+    /// A new peer layer, wired to the core as its listener.
+    fn with_peers(mut self, opts: PeerOptions, cluster: Option<Arc<Cluster>>) -> Self {
         self.peers = Peers::new(
             opts,
             self.store.clone(),
             self.chain.clone(),
             self.usage.clone(),
+            cluster,
         );
         let peers = self.peers.clone();
         self.core_mut().set_listener(peers);
