@@ -1,20 +1,10 @@
-//! A signed tiny chain for tests outside web-node: the tiny random model
-//! ([`tiny_config`], deterministic from a seed) as a signed chain-A meta
-//! block (config and tokenizer) and one chain-B block per slot, split from
-//! its checkpoint, each with its payload. The same fixture as web-node's
-//! own unit tests use (`web_node::test_chain`, `#[cfg(test)]`, which cannot
-//! depend on this crate).
+//! Signing test blocks outside web-node: [`signer`], the fixed signer of
+//! test chains. The signed tiny chain itself lives once, in web-node's own
+//! unit tests (`web_node::test_chain`, `#[cfg(test)]`): no test outside
+//! web-node uses one.
 
 use ed25519_dalek::SigningKey;
-use web_node::chain::{limits, Block, MetaPayload};
-use web_node::model::checkpoint::{split_checkpoint, Signer};
-use web_node::model::random::{random_model_bytes, tiny_config, RandomModel};
-use web_node::model::Config;
-
-/// The key that signs a [`TinyChain`].
-pub fn tiny_chain_key() -> SigningKey {
-    SigningKey::from_bytes(&[5; 32])
-}
+use web_node::model::checkpoint::Signer;
 
 /// A signer of test blocks: address `alice`, a fixed timestamp
 /// (2023-11-14), 4 KiB chunks.
@@ -24,81 +14,5 @@ pub fn signer(key: &SigningKey) -> Signer<'_> {
         address: "alice".into(),
         timestamp_ms: 1_700_000_000_000,
         chunk_size: 4096,
-    }
-}
-
-/// See the module docs.
-pub struct TinyChain {
-    pub config: Config,
-    /// The model the blocks were split from.
-    pub model: RandomModel,
-    /// The meta block and its JSON payload.
-    pub meta: (Block, Vec<u8>),
-    /// One block per slot (shared, routers, experts) with its payload, in
-    /// checkpoint order.
-    pub slots: Vec<(Block, Vec<u8>)>,
-}
-
-impl TinyChain {
-    /// The tiny model with weights from `seed`, signed by [`tiny_chain_key`]
-    /// with the smallest chunk size (so an expert spans several chunks).
-    pub fn new(seed: u64) -> Self {
-        let config = tiny_config();
-        let model = match random_model_bytes(&config, seed) {
-            Ok(m) => m,
-            Err(e) => panic!("random tiny model: {e}"),
-        };
-        let key = tiny_chain_key();
-        let signer = Signer {
-            key: &key,
-            address: "op".into(),
-            timestamp_ms: 1,
-            chunk_size: limits::MIN_CHUNK_SIZE,
-        };
-        let json = |b: &[u8]| -> serde_json::Value {
-            serde_json::from_slice(b).unwrap_or_else(|e| panic!("tiny model JSON: {e}"))
-        };
-        let spec = match MetaPayload::new(
-            "tiny",
-            json(&model.config_json),
-            Some(json(&model.tokenizer_json)),
-        ) {
-            Ok(s) => s,
-            Err(e) => panic!("meta payload: {e}"),
-        };
-        let meta = match signer.meta_block(&spec, None) {
-            Ok(m) => m,
-            Err(e) => panic!("meta block: {e}"),
-        };
-        let slots = match split_checkpoint(&config, &[&model.safetensors]) {
-            Ok(s) => s,
-            Err(e) => panic!("split the tiny checkpoint: {e}"),
-        };
-        let slots = slots
-            .iter()
-            .map(|s| signer.slot_block(meta.0.hash, s, vec![], None))
-            .collect();
-        Self {
-            config,
-            model,
-            meta,
-            slots,
-        }
-    }
-
-    /// Every block with its payload, meta first (chain order).
-    pub fn blocks(&self) -> Vec<(Block, Vec<u8>)> {
-        std::iter::once(self.meta.clone())
-            .chain(self.slots.iter().cloned())
-            .collect()
-    }
-
-    /// The expert blocks with their payloads.
-    pub fn experts(&self) -> Vec<(Block, Vec<u8>)> {
-        self.slots
-            .iter()
-            .filter(|(b, _)| b.header.name.contains("expert"))
-            .cloned()
-            .collect()
     }
 }

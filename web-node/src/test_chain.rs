@@ -3,8 +3,7 @@
 //! signed chain-A meta block (config and tokenizer) and one chain-B block
 //! per slot, split from its checkpoint, each with its payload. Unit tests
 //! cannot use the `test-support` crate (it depends on web-node: two copies
-//! of every type); `test_support::chain` is the same fixture for every
-//! other crate's tests.
+//! of every type); no test outside web-node needs this fixture.
 #![allow(dead_code)]
 
 use crate::chain::{limits, Block, MetaPayload};

@@ -91,27 +91,68 @@ fn hashes(url: &str) -> (Vec<BlockHash>, Vec<BlockHash>) {
     (h("A"), h("B"))
 }
 
-/// A new version of `slot` on top of its head, uploaded through `POST /blocks`
-/// (the streamed binary path, which stages a file in the data dir).
-fn upload_new_version(url: &str, slot: Slot, key: &ed25519_dalek::SigningKey, seed: u64) {
-    let blocks = list(url, "B");
+/// A signed new version of `slot` on top of its current head, with its payload.
+fn new_version(
+    url: &str,
+    slot: Slot,
+    key: &ed25519_dalek::SigningKey,
+    address: &str,
+    seed: u64,
+) -> (web_node::chain::Block, Vec<u8>) {
     let name = slot.to_string();
-    let head = blocks
-        .iter()
+    let head = list(url, "B")
+        .into_iter()
         .find(|b| b.name == name && b.is_head)
         .unwrap_or_else(|| panic!("no head for {name}"));
     let payload = slot_payload(&test_config(), slot, seed);
     let block = BlockBuilder::slot(head.meta.unwrap(), slot, PayloadDtype::F32)
         .parents(vec![head.hash])
         .candidate_loss(Some(0.5))
-        .address("operator-test")
+        .address(address)
         .timestamp_ms(1_700_000_000_000 + seed)
+        .chunk_size(4096)
         .sign(&payload, key);
+    (block, payload)
+}
+
+/// A new version of `slot` uploaded through `POST /blocks` (the streamed
+/// binary path, which stages a file in the data dir).
+fn upload_new_version(url: &str, slot: Slot, key: &ed25519_dalek::SigningKey, seed: u64) {
+    let (block, payload) = new_version(url, slot, key, "operator-test", seed);
     let r = post_bin(
         &format!("{url}/blocks"),
         &envelope_and_payload(&block, &payload),
     );
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Start uploading a new version of `shared`: the request head, the envelope
+/// and the first 1 KiB of the payload, then wait until the relay has staged
+/// it in `data/tmp`. Returns the block, the whole body, the connection and
+/// how much of the body was sent.
+fn begin_upload(
+    r: &Served,
+    data: &Path,
+    address: &str,
+    seed: u64,
+) -> (web_node::chain::Block, Vec<u8>, TcpStream, usize) {
+    let (block, payload) = new_version(&r.url, Slot::Shared, &miner_key(3), address, seed);
+    let body = envelope_and_payload(&block, &payload);
+    let mut s = TcpStream::connect(r.addr()).unwrap();
+    write!(
+        s,
+        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let cut = block.encoded_len() + 1024;
+    s.write_all(&body[..cut]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while files(&data.join("tmp")).is_empty() {
+        assert!(Instant::now() < deadline, "the upload was never staged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (block, body, s, cut)
 }
 
 /// Every form of `--data` names one store: genesis once, uploads staged and
@@ -310,33 +351,7 @@ fn graceful_shutdown_cuts_a_streaming_upload_and_flushes_usage() {
     assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
     // A valid new version of `shared`, of which only the envelope and the
     // first bytes arrive before the signal.
-    let head = list(&r.url, "B")
-        .into_iter()
-        .find(|b| b.name == "shared" && b.is_head)
-        .unwrap();
-    let payload = slot_payload(&test_config(), Slot::Shared, 99);
-    let block = BlockBuilder::slot(head.meta.unwrap(), Slot::Shared, PayloadDtype::F32)
-        .parents(vec![head.hash])
-        .candidate_loss(Some(0.5))
-        .address("slow")
-        .timestamp_ms(1_700_000_000_099)
-        .chunk_size(4096)
-        .sign(&payload, &miner_key(3));
-    let body = envelope_and_payload(&block, &payload);
-    let mut s = TcpStream::connect(r.addr()).unwrap();
-    write!(
-        s,
-        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    let cut = block.encoded_len() + 1024;
-    s.write_all(&body[..cut]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while files(&data.join("tmp")).is_empty() {
-        assert!(Instant::now() < deadline, "the upload was never staged");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (block, _, mut s, _) = begin_upload(&r, &data, "slow", 99);
     let addr = r.addr();
     let pid = r.child.id();
     let t = Instant::now();
@@ -403,33 +418,7 @@ fn graceful_shutdown_lets_an_upload_in_flight_finish() {
         "20",
     ];
     let r = Served::start(tmp.path(), &args);
-    let head = list(&r.url, "B")
-        .into_iter()
-        .find(|b| b.name == "shared" && b.is_head)
-        .unwrap();
-    let payload = slot_payload(&test_config(), Slot::Shared, 77);
-    let block = BlockBuilder::slot(head.meta.unwrap(), Slot::Shared, PayloadDtype::F32)
-        .parents(vec![head.hash])
-        .candidate_loss(Some(0.5))
-        .address("finishing")
-        .timestamp_ms(1_700_000_000_077)
-        .chunk_size(4096)
-        .sign(&payload, &miner_key(4));
-    let body = envelope_and_payload(&block, &payload);
-    let mut s = TcpStream::connect(r.addr()).unwrap();
-    write!(
-        s,
-        "POST /blocks HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    let cut = block.encoded_len() + 1024;
-    s.write_all(&body[..cut]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while files(&data.join("tmp")).is_empty() {
-        assert!(Instant::now() < deadline, "the upload was never staged");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (block, body, mut s, cut) = begin_upload(&r, &data, "finishing", 77);
     let pid = r.child.id();
     assert!(Command::new("kill")
         .args(["-TERM", &pid.to_string()])
