@@ -355,16 +355,20 @@ fn cmd_routes(a: &RoutesArgs) -> Result<()> {
     let corpus = Corpus::default_corpus();
     let held = eval::tokenize(&r.tok, &corpus.held_out)?;
     let mut all = Vec::new();
-    for s in Skill::ALL {
+    for (s, unseen) in eval::groups() {
         if skill.is_some_and(|k| k != s) {
             continue;
         }
-        let ex: Vec<_> = held.iter().filter(|e| e.skill == s).cloned().collect();
+        let ex: Vec<_> = held
+            .iter()
+            .filter(|e| e.skill == s && e.unseen == unseen)
+            .cloned()
+            .collect();
         let routes = r.route_examples(&ex)?;
         let refs: Vec<_> = routes.iter().collect();
         println!(
             "  {}",
-            routes::Summary::of(s.name(), &refs, &r.sizes).line()
+            routes::Summary::of(&eval::group_name(s, unseen), &refs, &r.sizes).line()
         );
         all.extend(routes);
     }
@@ -419,8 +423,8 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
     println!("held-out accuracy (greedy, CPU reference engine):");
     for a in &acc {
         println!(
-            "  {:<8} {:>3}/{:<3} {:>6.1}%",
-            a.skill.name(),
+            "  {:<11} {:>3}/{:<3} {:>6.1}%",
+            a.name(),
             a.correct,
             a.total,
             100.0 * a.fraction()
@@ -430,7 +434,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         .iter()
         .fold((0, 0), |(c, t), a| (c + a.correct, t + a.total));
     println!(
-        "  {:<8} {:>3}/{:<3} {:>6.1}%",
+        "  {:<11} {:>3}/{:<3} {:>6.1}%",
         "all",
         c,
         t,

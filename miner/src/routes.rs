@@ -275,15 +275,19 @@ impl Router {
         let held = eval::tokenize(&self.tok, &corpus.held_out)?;
         let routes = self.route_examples(&held)?;
         let mut out = Vec::new();
-        for skill in Skill::ALL {
+        for (skill, unseen) in eval::groups() {
             let of: Vec<&PromptRoute> = held
                 .iter()
                 .zip(&routes)
-                .filter(|(e, _)| e.skill == skill)
+                .filter(|(e, _)| e.skill == skill && e.unseen == unseen)
                 .map(|(_, r)| r)
                 .collect();
             if !of.is_empty() {
-                out.push(Summary::of(skill.name(), &of, &self.sizes));
+                out.push(Summary::of(
+                    &eval::group_name(skill, unseen),
+                    &of,
+                    &self.sizes,
+                ));
             }
         }
         let all: Vec<&PromptRoute> = routes.iter().collect();

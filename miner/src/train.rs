@@ -428,7 +428,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef, "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
-        "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.skill.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
+        "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
         "routes": routes.iter().map(|r| r.json()).collect::<Vec<_>>(),
     });
     std::fs::write(

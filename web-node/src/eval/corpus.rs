@@ -75,6 +75,9 @@ impl fmt::Display for Skill {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     pub skill: Skill,
+    /// The prompt's words come from the held-out generated words, which no
+    /// training example ever contains ([`is_unseen_word`]).
+    pub unseen: bool,
     /// Ends with `" A:"`.
     pub prompt: String,
     /// Starts with a space, e.g. `" 19"`.
@@ -145,6 +148,14 @@ const CAPITAL_TEMPLATES: [&str; 3] = [
     "Q: {} has which capital? A:",
 ];
 
+/// Phrasings only ever trained, for every fact: more facts per phrasing, so
+/// that a fact is tied to the country rather than to one phrasing.
+const CAPITAL_TRAIN_TEMPLATES: [&str; 3] = [
+    "Q: the capital of {} is? A:",
+    "Q: which city is the capital of {}? A:",
+    "Q: name the capital of {}. A:",
+];
+
 /// SplitMix64: a tiny, portable, deterministic generator (same stream on
 /// every platform and in wasm).
 #[derive(Debug, Clone)]
@@ -177,10 +188,80 @@ impl Rng {
     }
 }
 
-fn words(rng: &mut Rng, n: usize, distinct: bool) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::with_capacity(n);
+/// Consonants and vowels of the generated words.
+const CONSONANTS: &[u8] = b"bdfgklmnprstvz";
+const VOWELS: &[u8] = b"aeiou";
+
+/// A generated word: 1 to 3 consonant-vowel syllables, sometimes closed by a
+/// consonant (`fe`, `bado`, `kuzim`). 14 x 5 syllables give about 1.5 million
+/// words, so a word skill trained on them cannot be a lookup.
+pub fn generated_word(rng: &mut Rng) -> String {
+    let syllables = 1 + rng.below(3);
+    let mut w = String::with_capacity(2 * syllables + 1);
+    for _ in 0..syllables {
+        w.push(CONSONANTS[rng.below(CONSONANTS.len())] as char);
+        w.push(VOWELS[rng.below(VOWELS.len())] as char);
+    }
+    if rng.below(4) == 0 {
+        w.push(CONSONANTS[rng.below(CONSONANTS.len())] as char);
+    }
+    w
+}
+
+/// Whether a word belongs to the held-out generated words: a fixed eighth of
+/// every possible generated word, chosen by a hash of its letters (FNV-1a,
+/// then a SplitMix64 finaliser), so training can refuse them without a list
+/// and every machine agrees. The known [`WORDS`] are never unseen.
+pub fn is_unseen_word(w: &str) -> bool {
+    if WORDS.contains(&w) {
+        return false;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in w.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % 8 == 0
+}
+
+/// Where the words of a word-skill example come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WordSource {
+    /// Only the known [`WORDS`] (the known-word eval prompts).
+    Known,
+    /// Known words and generated words that are not held out (training and
+    /// the public eval): each word is known with probability 0.4.
+    Train,
+    /// Only held-out generated words (the unseen-word eval prompts).
+    Unseen,
+}
+
+fn one_word(rng: &mut Rng, source: WordSource) -> String {
+    match source {
+        WordSource::Known => WORDS[rng.below(WORDS.len())].to_string(),
+        WordSource::Train if rng.below(5) < 2 => WORDS[rng.below(WORDS.len())].to_string(),
+        WordSource::Train => loop {
+            let w = generated_word(rng);
+            if !is_unseen_word(&w) {
+                break w;
+            }
+        },
+        WordSource::Unseen => loop {
+            let w = generated_word(rng);
+            if is_unseen_word(&w) {
+                break w;
+            }
+        },
+    }
+}
+
+fn words(rng: &mut Rng, n: usize, distinct: bool, source: WordSource) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(n);
     while out.len() < n {
-        let w = WORDS[rng.below(WORDS.len())];
+        let w = one_word(rng, source);
         if distinct && out.contains(&w) {
             continue;
         }
@@ -190,9 +271,10 @@ fn words(rng: &mut Rng, n: usize, distinct: bool) -> Vec<&'static str> {
 }
 
 /// Draw one random example of a generated skill.
-fn sample(skill: Skill, rng: &mut Rng) -> Example {
+fn sample(skill: Skill, rng: &mut Rng, source: WordSource) -> Example {
     let ex = |prompt: String, answer: String| Example {
         skill,
+        unseen: source == WordSource::Unseen,
         prompt,
         answer,
     };
@@ -208,12 +290,12 @@ fn sample(skill: Skill, rng: &mut Rng) -> Example {
         }
         Skill::Copy => {
             let n = 2 + rng.below(4);
-            let w = words(rng, n, false).join(" ");
+            let w = words(rng, n, false, source).join(" ");
             ex(format!("Q: copy {w} A:"), format!(" {w}"))
         }
         Skill::Reverse => {
             let n = 2 + rng.below(4);
-            let w = words(rng, n, false);
+            let w = words(rng, n, false, source);
             let mut r = w.clone();
             r.reverse();
             ex(
@@ -223,7 +305,7 @@ fn sample(skill: Skill, rng: &mut Rng) -> Example {
         }
         Skill::Sort => {
             let n = 3 + rng.below(2);
-            let w = words(rng, n, true);
+            let w = words(rng, n, true, source);
             let mut s = w.clone();
             s.sort_unstable();
             ex(
@@ -233,12 +315,13 @@ fn sample(skill: Skill, rng: &mut Rng) -> Example {
         }
         Skill::Count => {
             let n = 1 + rng.below(8);
-            let w = words(rng, n, false);
+            let w = words(rng, n, false, source);
             ex(format!("Q: count {} A:", w.join(" ")), format!(" {n}"))
         }
         Skill::Capital => {
             let (c, cap) = CAPITALS[rng.below(CAPITALS.len())];
             let t = CAPITAL_TEMPLATES[rng.below(CAPITAL_TEMPLATES.len())];
+            let _ = source;
             ex(t.replacen("{}", c, 1), format!(" {cap}"))
         }
     }
@@ -251,11 +334,13 @@ fn enumerate_arith(skill: Skill) -> Vec<Example> {
             match skill {
                 Skill::Add => v.push(Example {
                     skill,
+                    unseen: false,
                     prompt: format!("Q: {a}+{b}=? A:"),
                     answer: format!(" {}", a + b),
                 }),
                 Skill::Sub if b <= a => v.push(Example {
                     skill,
+                    unseen: false,
                     prompt: format!("Q: {a}-{b}=? A:"),
                     answer: format!(" {}", a - b),
                 }),
@@ -294,9 +379,19 @@ impl Corpus {
                     for (i, &f) in order.iter().enumerate() {
                         let (country, cap) = CAPITALS[f];
                         let kept = rng.below(CAPITAL_TEMPLATES.len());
+                        // The phrasings that are only ever trained.
+                        for extra in CAPITAL_TRAIN_TEMPLATES {
+                            c.train.push(Example {
+                                skill,
+                                unseen: false,
+                                prompt: extra.replacen("{}", country, 1),
+                                answer: format!(" {cap}"),
+                            });
+                        }
                         for (t, tpl) in CAPITAL_TEMPLATES.iter().enumerate() {
                             let e = Example {
                                 skill,
+                                unseen: false,
                                 prompt: tpl.replacen("{}", country, 1),
                                 answer: format!(" {cap}"),
                             };
@@ -312,20 +407,37 @@ impl Corpus {
                 }
                 _ => {
                     let mut seen = BTreeSet::new();
-                    let mut draw = |n: usize, out: &mut Vec<Example>, rng: &mut Rng| {
-                        let mut tries = 0usize;
-                        let start = out.len();
-                        while out.len() - start < n && tries < n * 50 {
-                            tries += 1;
-                            let e = sample(skill, rng);
-                            if seen.insert(e.prompt.clone()) {
-                                out.push(e);
+                    let mut draw =
+                        |n: usize, out: &mut Vec<Example>, rng: &mut Rng, source: WordSource| {
+                            let mut tries = 0usize;
+                            let start = out.len();
+                            while out.len() - start < n && tries < n * 50 {
+                                tries += 1;
+                                let e = sample(skill, rng, source);
+                                if seen.insert(e.prompt.clone()) {
+                                    out.push(e);
+                                }
                             }
-                        }
-                    };
-                    draw(PUBLIC_PER_SKILL, &mut c.public_eval, &mut rng);
-                    draw(HELD_OUT_PER_SKILL, &mut c.held_out, &mut rng);
-                    draw(TRAIN_PER_SKILL, &mut c.train, &mut rng);
+                        };
+                    draw(
+                        PUBLIC_PER_SKILL,
+                        &mut c.public_eval,
+                        &mut rng,
+                        WordSource::Train,
+                    );
+                    draw(
+                        HELD_OUT_PER_SKILL,
+                        &mut c.held_out,
+                        &mut rng,
+                        WordSource::Known,
+                    );
+                    draw(
+                        HELD_OUT_PER_SKILL,
+                        &mut c.held_out,
+                        &mut rng,
+                        WordSource::Unseen,
+                    );
+                    draw(TRAIN_PER_SKILL, &mut c.train, &mut rng, WordSource::Train);
                 }
             }
         }
@@ -374,7 +486,7 @@ impl FreshSampler {
             return None;
         }
         for _ in 0..1000 {
-            let e = sample(skill, rng);
+            let e = sample(skill, rng, WordSource::Train);
             if !self.excluded.contains(&e.prompt) {
                 return Some(e);
             }

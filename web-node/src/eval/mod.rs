@@ -42,6 +42,8 @@ pub enum EvalError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tokenized {
     pub skill: Skill,
+    /// Its words are held-out generated words ([`Example::unseen`]).
+    pub unseen: bool,
     pub prompt: Vec<u32>,
     pub answer: Vec<u32>,
     /// The answer text (for accuracy).
@@ -87,6 +89,7 @@ pub fn tokenize(
             answer.push(eos);
             Ok(Tokenized {
                 skill: e.skill,
+                unseen: e.unseen,
                 prompt,
                 answer,
                 answer_text: e.answer.clone(),
@@ -208,11 +211,41 @@ pub fn greedy(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SkillAccuracy {
     pub skill: Skill,
+    /// Prompts made of held-out generated words (else known words).
+    pub unseen: bool,
     pub correct: usize,
     pub total: usize,
 }
 
+/// The name of a group of prompts: the skill, with `-new` for prompts made of
+/// held-out generated words (`copy-new`).
+pub fn group_name(skill: Skill, unseen: bool) -> String {
+    if unseen {
+        format!("{skill}-new")
+    } else {
+        skill.name().to_string()
+    }
+}
+
+/// The groups of eval prompts, in report order: every skill on known words,
+/// then the word skills on unseen generated words.
+pub fn groups() -> Vec<(Skill, bool)> {
+    let mut g: Vec<(Skill, bool)> = Skill::ALL.iter().map(|&s| (s, false)).collect();
+    g.extend(
+        Skill::ALL
+            .iter()
+            .filter(|s| corpus::FreshSampler::generates(**s))
+            .map(|&s| (s, true)),
+    );
+    g
+}
+
 impl SkillAccuracy {
+    /// [`group_name`] of this row.
+    pub fn name(&self) -> String {
+        group_name(self.skill, self.unseen)
+    }
+
     pub fn fraction(&self) -> f64 {
         if self.total == 0 {
             0.0
@@ -239,8 +272,8 @@ pub fn is_correct(
     Ok(text.trim() == ex.answer_text.trim())
 }
 
-/// Accuracy per skill (in [`Skill::ALL`] order, skills with no example left
-/// out) by greedy decoding.
+/// Accuracy per group of [`groups`] (groups with no example left out) by
+/// greedy decoding.
 pub fn accuracy(
     model: &mut impl LogitsModel,
     tok: &tokenizers::Tokenizer,
@@ -248,13 +281,17 @@ pub fn accuracy(
 ) -> Result<Vec<SkillAccuracy>, EvalError> {
     let eos = eos_id(tok)?;
     let mut res: Vec<SkillAccuracy> = Vec::new();
-    for skill in Skill::ALL {
+    for (skill, unseen) in groups() {
         let mut acc = SkillAccuracy {
             skill,
+            unseen,
             correct: 0,
             total: 0,
         };
-        for ex in examples.iter().filter(|e| e.skill == skill) {
+        for ex in examples
+            .iter()
+            .filter(|e| e.skill == skill && e.unseen == unseen)
+        {
             let out = greedy(model, &ex.prompt, ex.answer.len() + 4, eos)?;
             acc.total += 1;
             if is_correct(tok, ex, &out, eos)? {
@@ -274,7 +311,7 @@ pub fn format_accuracy(acc: &[SkillAccuracy]) -> String {
         .map(|a| {
             format!(
                 "{} {}/{} ({:.1}%)",
-                a.skill,
+                a.name(),
                 a.correct,
                 a.total,
                 100.0 * a.fraction()
@@ -373,6 +410,7 @@ mod tests {
     fn example() -> Tokenized {
         Tokenized {
             skill: Skill::Add,
+            unseen: false,
             prompt: vec![5, 6, 7],
             answer: vec![3, 4, 1],
             answer_text: String::new(),
