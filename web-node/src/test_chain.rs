@@ -33,7 +33,11 @@ impl TinyChain {
     /// The tiny model with weights from `seed`, signed by [`tiny_chain_key`]
     /// with the smallest chunk size (so an expert spans several chunks).
     pub fn new(seed: u64) -> Self {
-        let config = tiny_config();
+        Self::with_config(seed, tiny_config())
+    }
+
+    /// The same with another config (e.g. sizes that fit quantization groups).
+    pub fn with_config(seed: u64, config: Config) -> Self {
         let model = match random_model_bytes(&config, seed) {
             Ok(m) => m,
             Err(e) => panic!("random tiny model: {e}"),

@@ -169,6 +169,12 @@ pub enum PayloadDtype {
     F16,
     /// safetensors with every tensor BF16.
     BF16,
+    /// Expert blocks only: every matrix in `q8_0` (packed I8 values and F16
+    /// scales per group of 32; layout in [`crate::spec::quant`]).
+    Q8_0,
+    /// Expert blocks only: every matrix in `q4_0` (packed U8 nibbles and F16
+    /// scales per group of 32).
+    Q4_0,
 }
 
 impl PayloadDtype {
@@ -178,6 +184,26 @@ impl PayloadDtype {
             Self::F32 => "F32",
             Self::F16 => "F16",
             Self::BF16 => "BF16",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4_0 => "Q4_0",
+        }
+    }
+
+    /// The quantized format, for `Q8_0` and `Q4_0`.
+    pub fn quant(&self) -> Option<crate::spec::quant::QuantFormat> {
+        use crate::spec::quant::QuantFormat;
+        match self {
+            Self::Q8_0 => Some(QuantFormat::Q8_0),
+            Self::Q4_0 => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// The payload dtype of a quantized format.
+    pub fn of_quant(f: crate::spec::quant::QuantFormat) -> Self {
+        match f {
+            crate::spec::quant::QuantFormat::Q8_0 => Self::Q8_0,
+            crate::spec::quant::QuantFormat::Q4_0 => Self::Q4_0,
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -186,6 +212,8 @@ impl PayloadDtype {
             "F32" | "f32" => Some(Self::F32),
             "F16" | "f16" => Some(Self::F16),
             "BF16" | "bf16" => Some(Self::BF16),
+            "Q8_0" | "q8_0" => Some(Self::Q8_0),
+            "Q4_0" | "q4_0" => Some(Self::Q4_0),
             _ => None,
         }
     }

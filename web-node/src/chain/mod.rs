@@ -28,8 +28,8 @@ pub use meta::{MetaPayload, ARCHITECTURE};
 pub use payload::{PayloadAssembler, PayloadStatus, VerifiedPayload};
 pub use validate::{
     check_context, check_payload_content, check_payload_integrity, check_standalone,
-    check_tensor_header, parse_safetensors, payload_dtype_of, validate_block, validate_header,
-    validate_payload, ChainView, ValidatedBlock,
+    check_tensor_header, parse_safetensors, payload_dtype_of, payload_dtype_of_tensors,
+    validate_block, validate_header, validate_payload, ChainView, ValidatedBlock,
 };
 
 /// Limits every block must respect; each is checked before anything is stored.

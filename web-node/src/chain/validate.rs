@@ -94,6 +94,13 @@ pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
         (_, PayloadDtype::Json) => {
             return field("parameter blocks carry safetensors, not JSON".into())
         }
+        (kind, d) if d.quant().is_some() && kind != BlockKind::Expert => {
+            return field(format!(
+                "only expert blocks are quantized: a {} block cannot be {}",
+                kind.as_str(),
+                d.as_str()
+            ))
+        }
         _ => {}
     }
     match h.chain {
@@ -259,6 +266,47 @@ pub fn parse_safetensors(payload: &[u8]) -> Result<SafeTensors<'_>, ChainError> 
         .map_err(|e| ChainError::Tensors(format!("payload is not safetensors: {e}")))
 }
 
+/// The payload dtype of a whole safetensors payload's tensors: all float
+/// tensors of one dtype, or a quantized payload (every tensor `NAME` packed
+/// as I8 or U8 with its F16 `NAME.scales`). `Err` names the offending tensor.
+pub fn payload_dtype_of_tensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, safetensors::Dtype)>,
+) -> Result<PayloadDtype, String> {
+    let all: Vec<(&str, safetensors::Dtype)> = tensors.into_iter().collect();
+    let is_scales = |n: &str| n.ends_with(".scales");
+    let quant = all.iter().any(|(n, _)| is_scales(n));
+    let mut dtype: Option<PayloadDtype> = None;
+    for &(name, d) in &all {
+        let this = if quant {
+            match (is_scales(name), d) {
+                (true, safetensors::Dtype::F16) => continue,
+                (false, safetensors::Dtype::I8) => PayloadDtype::Q8_0,
+                (false, safetensors::Dtype::U8) => PayloadDtype::Q4_0,
+                _ => {
+                    return Err(format!(
+                        "tensor {name}: dtype {d:?} in a quantized payload (values I8 or U8, scales F16)"
+                    ))
+                }
+            }
+        } else {
+            payload_dtype_of(d)
+                .ok_or_else(|| format!("tensor {name}: dtype {d:?} is not F32/F16/BF16"))?
+        };
+        match dtype {
+            None => dtype = Some(this),
+            Some(x) if x != this => {
+                return Err(format!(
+                    "mixed dtypes: {name} is {}, others are {}",
+                    this.as_str(),
+                    x.as_str()
+                ))
+            }
+            _ => {}
+        }
+    }
+    dtype.ok_or_else(|| "payload holds no tensors".into())
+}
+
 /// The payload dtype of a safetensors tensor dtype (None: not F32/F16/BF16).
 pub fn payload_dtype_of(d: safetensors::Dtype) -> Option<PayloadDtype> {
     match d {
@@ -283,12 +331,33 @@ pub fn check_tensor_header(
 ) -> Result<(), ChainError> {
     let bad = |s: String| ChainError::Tensors(s);
     let slot = Slot::parse(&header.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
-    let want_dtype = match header.dtype {
-        PayloadDtype::F32 => safetensors::Dtype::F32,
-        PayloadDtype::F16 => safetensors::Dtype::F16,
-        PayloadDtype::BF16 => safetensors::Dtype::BF16,
+    let float_dtype = match header.dtype {
+        PayloadDtype::F32 => Some(safetensors::Dtype::F32),
+        PayloadDtype::F16 => Some(safetensors::Dtype::F16),
+        PayloadDtype::BF16 => Some(safetensors::Dtype::BF16),
+        PayloadDtype::Q8_0 | PayloadDtype::Q4_0 => None,
         PayloadDtype::Json => return Err(bad("JSON payload for a parameter block".into())),
     };
+    // A quantized model's expert blocks are in its format; everything else,
+    // and every block of a float model, is float.
+    let model_quant = cfg.expert_quant().map_err(|e| bad(e.to_string()))?;
+    let want_quant = if matches!(slot, Slot::Expert { .. }) {
+        model_quant
+    } else {
+        None
+    };
+    if header.dtype.quant() != want_quant {
+        return Err(bad(match want_quant {
+            Some(q) => format!(
+                "{slot}: this model's expert blocks are {q}, the header says {}",
+                header.dtype.as_str()
+            ),
+            None => format!(
+                "{slot}: {} blocks belong to a quantized model (its own meta block); this one is float",
+                header.dtype.as_str()
+            ),
+        }));
+    }
     let n = safetensors_header_len(payload_prefix)?;
     let end = 8usize
         .checked_add(n)
@@ -303,9 +372,28 @@ pub fn check_tensor_header(
     let meta: safetensors::tensor::Metadata =
         serde_json::from_str(json).map_err(|e| bad(format!("payload is not safetensors: {e}")))?;
     let got = meta.tensors();
-    let expected = slot.tensors(cfg);
+    // What each tensor must be: the slot's float tensors in the header's
+    // dtype, or for a quantized block each matrix as packed values + scales.
+    let expected: Vec<(String, safetensors::Dtype, Vec<usize>)> =
+        match (float_dtype, header.dtype.quant()) {
+            (Some(d), _) => slot
+                .tensors(cfg)
+                .into_iter()
+                .map(|t| (t.name, d, t.shape))
+                .collect(),
+            (None, Some(q)) => {
+                let mut v = Vec::new();
+                for t in slot.tensors(cfg) {
+                    for qt in crate::spec::quant::quant_tensors(&t, q).map_err(bad)? {
+                        v.push((qt.name, qt.dtype, qt.shape));
+                    }
+                }
+                v
+            }
+            (None, None) => return Err(bad("no tensor dtype for this block".into())),
+        };
     if got.len() != expected.len() {
-        let names: HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
+        let names: HashSet<&str> = expected.iter().map(|t| t.0.as_str()).collect();
         let mut extra: Vec<&str> = got
             .keys()
             .map(String::as_str)
@@ -319,20 +407,20 @@ pub fn check_tensor_header(
             extra
         )));
     }
-    for spec in &expected {
+    for (name, want_dtype, shape) in &expected {
         let info = got
-            .get(&spec.name)
-            .ok_or_else(|| bad(format!("missing tensor {}", spec.name)))?;
-        if info.shape != spec.shape {
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        if info.shape != *shape {
             return Err(bad(format!(
-                "{}: shape {:?}, config implies {:?}",
-                spec.name, info.shape, spec.shape
+                "{name}: shape {:?}, config implies {shape:?} for {}",
+                info.shape,
+                header.dtype.as_str()
             )));
         }
-        if info.dtype != want_dtype {
+        if info.dtype != *want_dtype {
             return Err(bad(format!(
-                "{}: dtype {:?}, header says {}",
-                spec.name,
+                "{name}: dtype {:?}, header says {} ({want_dtype:?})",
                 info.dtype,
                 header.dtype.as_str()
             )));

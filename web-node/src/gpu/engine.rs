@@ -678,8 +678,9 @@ impl Engine {
         })?;
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let fmt = self.opts.weights;
-        let w13 = fmt.encode(&pack_w13(&w.w1.data, &w.w3.data, i, h), h, 2 * i);
-        let w2 = fmt.encode(&pack_w2(&w.w2.data, i, h), i, h);
+        let (w1, w2m, w3) = (w.w1.to_f32(), w.w2.to_f32(), w.w3.to_f32());
+        let w13 = fmt.encode(&pack_w13(&w1.data, &w3.data, i, h), h, 2 * i);
+        let w2 = fmt.encode(&pack_w2(&w2m.data, i, h), i, h);
         let pinned = self.paused.as_ref().map_or(&[][..], |r| &r.need[..]);
         let (slot, evicted) = self.pool.claim(id, pinned)?;
         let q = &self.ctx.queue;

@@ -36,6 +36,15 @@ fn tensor_err(name: &str, reason: impl Into<String>) -> ModelError {
 }
 
 /// Check dtype and shape of a tensor against its spec and convert its bytes.
+pub(crate) fn convert_view(
+    spec: &TensorSpec,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<Vec<f32>, ModelError> {
+    convert(spec, dtype, shape, data)
+}
+
 fn convert(
     spec: &TensorSpec,
     dtype: Dtype,
@@ -181,9 +190,9 @@ fn expert_from(
     check_layer(cfg, slot)?;
     let specs = slot.tensors(cfg);
     Ok(ExpertWeights {
-        w1: get_mat(src, &specs[0])?,
-        w2: get_mat(src, &specs[1])?,
-        w3: get_mat(src, &specs[2])?,
+        w1: get_mat(src, &specs[0])?.into(),
+        w2: get_mat(src, &specs[1])?.into(),
+        w3: get_mat(src, &specs[2])?.into(),
     })
 }
 
@@ -202,19 +211,39 @@ impl RouterWeights {
 }
 
 impl ExpertWeights {
-    /// Read `layer{layer}.expert{expert}` from a whole checkpoint or its payload.
+    /// Read `layer{layer}.expert{expert}` from a whole checkpoint or its
+    /// payload, float or quantized (a `NAME.scales` tensor beside its first
+    /// matrix marks a quantized payload; its values' dtype says the format).
     pub fn from_safetensors(
         cfg: &Config,
         layer: usize,
         expert: usize,
         bytes: &[u8],
     ) -> Result<Self, ModelError> {
-        expert_from(cfg, layer, expert, &mut BytesTensors::new(bytes)?)
-    }
-
-    /// Bytes these weights take as f32.
-    pub fn f32_bytes(&self) -> usize {
-        4 * (self.w1.data.len() + self.w2.data.len() + self.w3.data.len())
+        let src = BytesTensors::new(bytes)?;
+        let slot = Slot::Expert { layer, expert };
+        check_layer(cfg, slot)?;
+        let first = &slot.tensors(cfg)[0].name;
+        if src
+            .0
+            .tensor(&crate::spec::quant::scales_name(first))
+            .is_ok()
+        {
+            let format = match src.0.tensor(first).map(|v| v.dtype()) {
+                Ok(Dtype::I8) => crate::spec::quant::QuantFormat::Q8_0,
+                Ok(Dtype::U8) => crate::spec::quant::QuantFormat::Q4_0,
+                Ok(d) => {
+                    return Err(tensor_err(
+                        first,
+                        format!("dtype {d:?} beside a scales tensor (q8_0 is I8, q4_0 is U8)"),
+                    ))
+                }
+                Err(_) => return Err(tensor_err(first, "missing")),
+            };
+            return super::quant::expert_from_quantized(cfg, layer, expert, format, bytes);
+        }
+        let mut src = src;
+        expert_from(cfg, layer, expert, &mut src)
     }
 }
 

@@ -5,17 +5,20 @@ pub mod checkpoint;
 pub mod engine;
 pub mod generate;
 pub mod load;
+pub mod quant;
+pub mod quant_chain;
 pub mod random;
 pub mod reference;
 pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
+pub use crate::spec::quant::QuantFormat;
 pub use crate::spec::{config, slots, Config, Slot, SpecError, TensorSpec};
 pub use engine::{run_step, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want};
 pub use weights::{
     check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,
-    SharedWeights,
+    SharedWeights, Weight,
 };
 
 /// Per-request inference options, shared by every engine (CPU reference, GPU).

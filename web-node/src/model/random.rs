@@ -57,6 +57,7 @@ pub fn small_config(
         model_type: Some("mixtral".into()),
         torch_dtype: Some("float32".into()),
         dtype: None,
+        quantization_config: None,
     }
 }
 

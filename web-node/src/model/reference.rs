@@ -28,11 +28,11 @@ use super::load::BytesExpertSource;
 use super::{
     check_expert, check_weights, run_step, Config, Engine, ExpertId, ExpertJob, ExpertSource,
     ExpertWeights, Forward, Mat, ModelError, Output, RouterWeights, RunOptions, SharedWeights,
-    Step, Want,
+    Step, Want, Weight,
 };
 
 /// Products with at least this many multiply-adds are split over threads.
-const PAR_MIN_MACS: usize = 1 << 20;
+pub(crate) const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -403,12 +403,21 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<(usize, f32)> {
 
 /// SwiGLU expert on `t` rows of `x` (`[t, hidden]`): `w2(silu(w1 x) * w3 x)`.
 pub fn expert_forward(w: &ExpertWeights, x: &[f32], t: usize, threads: usize) -> Vec<f32> {
-    let mut a = matmul(x, t, &w.w1, threads);
-    let b = matmul(x, t, &w.w3, threads);
+    let mut a = weight_matmul(x, t, &w.w1, threads);
+    let b = weight_matmul(x, t, &w.w3, threads);
     for (a, b) in a.iter_mut().zip(&b) {
         *a = silu(*a) * b;
     }
-    matmul(&a, t, &w.w2, threads)
+    weight_matmul(&a, t, &w.w2, threads)
+}
+
+/// [`matmul`] for an expert matrix in any format: f32, or quantized (read
+/// packed, one row expanded at a time).
+pub fn weight_matmul(x: &[f32], t: usize, w: &Weight, threads: usize) -> Vec<f32> {
+    match w {
+        Weight::F32(m) => matmul(x, t, m, threads),
+        Weight::Q(q) => super::quant::qmatmul(x, t, q, threads),
+    }
 }
 
 impl CpuEngine {
@@ -554,7 +563,7 @@ impl CpuEngine {
         .check_in_spec(&self.cfg)?;
         check_expert(&self.cfg, &w).map_err(|e| ModelError::Source(format!("{id}: {e}")))?;
         self.stats.experts_loaded += 1;
-        self.stats.expert_bytes_loaded += w.f32_bytes() as u64;
+        self.stats.expert_bytes_loaded += w.stored_bytes() as u64;
         self.experts[id.layer][id.expert] = Some(w);
         Ok(())
     }
@@ -812,7 +821,7 @@ impl CpuEngine {
                 )));
             };
             self.stats.tokens_routed[l][e] += toks.len() as u64;
-            self.stats.expert_bytes_read += w.f32_bytes() as u64;
+            self.stats.expert_bytes_read += w.stored_bytes() as u64;
             let xs = gather(xn, h, toks);
             let out = expert_forward(w, &xs, toks.len(), self.threads);
             accumulate(&mut y, h, toks, &out);

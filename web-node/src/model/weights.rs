@@ -51,15 +51,89 @@ pub struct RouterWeights {
     pub gate: Mat,
 }
 
+/// An expert matrix: f32, or quantized (`q8_0`/`q4_0`, read packed).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weight {
+    F32(Mat),
+    Q(super::quant::QMat),
+}
+
+impl Weight {
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::F32(m) => m.rows,
+            Weight::Q(q) => q.rows,
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::F32(m) => m.cols,
+            Weight::Q(q) => q.cols,
+        }
+    }
+    /// The quantized format (None for f32).
+    pub fn quant(&self) -> Option<crate::spec::quant::QuantFormat> {
+        match self {
+            Weight::F32(_) => None,
+            Weight::Q(q) => Some(q.format),
+        }
+    }
+    /// The f32 matrix, if it is one.
+    pub fn as_f32(&self) -> Option<&Mat> {
+        match self {
+            Weight::F32(m) => Some(m),
+            Weight::Q(_) => None,
+        }
+    }
+    /// Mutable f32 matrix, if it is one.
+    pub fn as_f32_mut(&mut self) -> Option<&mut Mat> {
+        match self {
+            Weight::F32(m) => Some(m),
+            Weight::Q(_) => None,
+        }
+    }
+    /// The matrix as f32 (a copy for quantized weights: export and tests).
+    pub fn to_f32(&self) -> Mat {
+        match self {
+            Weight::F32(m) => m.clone(),
+            Weight::Q(q) => q.dequantize(),
+        }
+    }
+    /// Bytes as held in memory (f32: 4 per weight; quantized: as stored).
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            Weight::F32(m) => 4 * m.data.len(),
+            Weight::Q(q) => q.stored_bytes(),
+        }
+    }
+}
+
+impl From<Mat> for Weight {
+    fn from(m: Mat) -> Self {
+        Weight::F32(m)
+    }
+}
+
 /// A `layerN.expertM` slot: SwiGLU `w2(silu(w1 x) * w3 x)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertWeights {
     /// `[intermediate, hidden]`
-    pub w1: Mat,
+    pub w1: Weight,
     /// `[hidden, intermediate]`
-    pub w2: Mat,
+    pub w2: Weight,
     /// `[intermediate, hidden]`
-    pub w3: Mat,
+    pub w3: Weight,
+}
+
+impl ExpertWeights {
+    /// The quantized format of its matrices (None for f32).
+    pub fn quant(&self) -> Option<crate::spec::quant::QuantFormat> {
+        self.w1.quant()
+    }
+    /// Bytes its matrices take in memory.
+    pub fn stored_bytes(&self) -> usize {
+        self.w1.stored_bytes() + self.w2.stored_bytes() + self.w3.stored_bytes()
+    }
 }
 
 /// Where the engines get an expert the first time the router picks it: a
@@ -92,9 +166,41 @@ fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
 /// Check an expert's shapes against the config (every engine, one rule).
 pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    check_mat("w1", &w.w1, i, h)?;
-    check_mat("w2", &w.w2, h, i)?;
-    check_mat("w3", &w.w3, i, h)
+    let q = w.quant();
+    for (name, m, rows, cols) in [
+        ("w1", &w.w1, i, h),
+        ("w2", &w.w2, h, i),
+        ("w3", &w.w3, i, h),
+    ] {
+        match m {
+            Weight::F32(m) => check_mat(name, m, rows, cols)?,
+            Weight::Q(qm) => {
+                if qm.rows != rows
+                    || qm.cols != cols
+                    || qm.values.len() != rows * qm.format.row_bytes(cols)
+                    || qm.scales.len() * crate::spec::quant::GROUP != rows * cols
+                {
+                    return Err(ModelError::Tensor {
+                        name: name.into(),
+                        reason: format!(
+                            "{} [{}, {}] with {} value bytes, expected [{rows}, {cols}]",
+                            qm.format,
+                            qm.rows,
+                            qm.cols,
+                            qm.values.len()
+                        ),
+                    });
+                }
+            }
+        }
+        if m.quant() != q {
+            return Err(ModelError::Tensor {
+                name: name.into(),
+                reason: "an expert's matrices must share one format".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Check the config and the shapes of the shared weights and routers an

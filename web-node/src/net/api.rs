@@ -347,29 +347,10 @@ pub struct SeedUpload {
 
 /// The dtype of a safetensors payload: every tensor must share it.
 pub fn safetensors_dtype(payload: &[u8]) -> Result<PayloadDtype, ApiError> {
-    let bad = |m: String| ApiError::new(codes::INVALID_BLOCK, m);
     let st = crate::chain::parse_safetensors(payload).map_err(ApiError::from)?;
-    let mut dtype = None;
-    for (name, view) in st.tensors() {
-        let d = crate::chain::payload_dtype_of(view.dtype()).ok_or_else(|| {
-            bad(format!(
-                "tensor {name}: dtype {:?} is not F32/F16/BF16",
-                view.dtype()
-            ))
-        })?;
-        match dtype {
-            None => dtype = Some(d),
-            Some(x) if x != d => {
-                return Err(bad(format!(
-                    "mixed dtypes: {name} is {}, others are {}",
-                    d.as_str(),
-                    x.as_str()
-                )))
-            }
-            _ => {}
-        }
-    }
-    dtype.ok_or_else(|| bad("payload holds no tensors".into()))
+    let tensors = st.tensors();
+    crate::chain::payload_dtype_of_tensors(tensors.iter().map(|(n, v)| (n.as_str(), v.dtype())))
+        .map_err(|m| ApiError::new(codes::INVALID_BLOCK, m))
 }
 
 /// Optional fields of [`SeedUpload::build`].

@@ -70,6 +70,12 @@ pub struct Config {
     pub torch_dtype: Option<String>,
     #[serde(default)]
     pub dtype: Option<String>,
+    /// transformers' field for quantized checkpoints. AI-Block's quantized
+    /// models carry `{"quant_method": "aiblock", "format": "q8_0" | "q4_0",
+    /// "group_size": 32, "source_meta": "<hex>"}`: their expert blocks are in
+    /// that format, everything else stays float. Any other method is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// Upper bounds a config must respect before anything is allocated from it.
@@ -172,7 +178,51 @@ impl Config {
                 return bad(format!("hidden_act {act:?} is not supported (only silu)"));
             }
         }
+        self.expert_quant()?;
         Ok(())
+    }
+
+    /// The format of this model's expert blocks: `None` for float models,
+    /// `Some` for AI-Block quantized ones (see `quantization_config`).
+    pub fn expert_quant(&self) -> Result<Option<super::quant::QuantFormat>, SpecError> {
+        let Some(q) = &self.quantization_config else {
+            return Ok(None);
+        };
+        let bad = |m: String| Err(SpecError::Config(m));
+        let field = |k: &str| q.get(k).and_then(|v| v.as_str());
+        match field("quant_method") {
+            Some("aiblock") => {}
+            other => {
+                return bad(format!(
+                    "quantization_config.quant_method {other:?} is not supported (only \"aiblock\": q8_0 or q4_0 expert blocks)"
+                ))
+            }
+        }
+        let Some(format) = field("format").and_then(super::quant::QuantFormat::parse) else {
+            return bad(format!(
+                "quantization_config.format {:?} is not q8_0 or q4_0",
+                q.get("format")
+            ));
+        };
+        if q.get("group_size").and_then(|v| v.as_u64()) != Some(super::quant::GROUP as u64) {
+            return bad(format!(
+                "quantization_config.group_size {:?} must be {}",
+                q.get("group_size"),
+                super::quant::GROUP
+            ));
+        }
+        for (what, cols) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            if !cols.is_multiple_of(super::quant::GROUP) {
+                return bad(format!(
+                    "{what} {cols} is not a multiple of the quantization group size {}",
+                    super::quant::GROUP
+                ));
+            }
+        }
+        Ok(Some(format))
     }
 
     pub fn num_kv_heads(&self) -> usize {

@@ -4,6 +4,7 @@
 //! engines both read it; it imports nothing above it.
 
 pub mod config;
+pub mod quant;
 pub mod slots;
 
 pub use config::Config;

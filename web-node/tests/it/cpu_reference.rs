@@ -273,9 +273,9 @@ impl ExpertSource for Broken {
         }
         let m = web_node::model::Mat::new(2, 2, vec![0.0; 4]).unwrap();
         Ok(ExpertWeights {
-            w1: m.clone(),
-            w2: m.clone(),
-            w3: m,
+            w1: m.clone().into(),
+            w2: m.clone().into(),
+            w3: m.into(),
         })
     }
 }
@@ -441,7 +441,7 @@ fn single_slot_payloads_and_half_precision_load() {
     ] {
         let p = ser(parts, dt);
         let got = ExpertWeights::from_safetensors(&cfg, 1, 2, &p).unwrap();
-        for (a, b) in got.w2.data.iter().zip(&full.w2.data) {
+        for (a, b) in got.w2.to_f32().data.iter().zip(&full.w2.to_f32().data) {
             assert!(
                 (a - b).abs() <= tol * b.abs().max(1e-2),
                 "{dt:?}: {a} vs {b}"

@@ -496,13 +496,13 @@ fn bad_requests_are_errors_and_leave_the_cache() {
     // Supplying bad experts: wrong shapes, ids outside the spec.
     let good = src.load_expert(0, 0).unwrap();
     let mut short = good.clone();
-    short.w2.data.pop();
+    short.w2.as_f32_mut().unwrap().data.pop();
     assert!(matches!(
         e.supply_expert(ExpertId::new(0, 0), short),
         Err(ModelError::Tensor { .. })
     ));
     let mut wide = good.clone();
-    wide.w1.cols += 1;
+    wide.w1.as_f32_mut().unwrap().cols += 1;
     assert!(matches!(
         e.supply_expert(ExpertId::new(0, 0), wide),
         Err(ModelError::Tensor { .. })
@@ -612,6 +612,7 @@ impl ExpertSource for Rounded {
     fn load_expert(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights, ModelError> {
         let mut w = self.0.load_expert(layer, expert)?;
         for m in [&mut w.w1, &mut w.w2, &mut w.w3] {
+            let m = m.as_f32_mut().expect("f32 checkpoint");
             m.data = round_f16(&m.data);
         }
         Ok(w)
