@@ -44,19 +44,46 @@ fn get_bytes(url: &str) -> Result<Vec<u8>> {
 const BINARY: &str = "application/octet-stream";
 
 /// Upload one block (envelope || payload) with `POST /blocks`.
+/// A relay limits uploads per key and per address (429 with Retry-After):
+/// wait as told, at most this long at a time ...
+const MAX_RETRY_WAIT_S: u64 = 120;
+/// ... and at most this many times for one block.
+const MAX_RATE_RETRIES: usize = 30;
+
 pub fn post_block(relay: &str, body: &[u8]) -> Result<serde_json::Value> {
     let url = format!("{}/blocks", base(relay));
-    match ureq::post(&url)
-        .set("content-type", BINARY)
-        .send_bytes(body)
-    {
-        Ok(resp) => {
-            let text = resp.into_string()?;
-            Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    for _ in 0..MAX_RATE_RETRIES {
+        match ureq::post(&url)
+            .set("content-type", BINARY)
+            .send_bytes(body)
+        {
+            Ok(resp) => {
+                let text = resp.into_string()?;
+                return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)));
+            }
+            Err(ureq::Error::Status(429, resp)) => {
+                let wait = resp
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(5)
+                    .clamp(1, MAX_RETRY_WAIT_S);
+                eprintln!("the relay limits uploads (429); retrying in {wait} s");
+                std::thread::sleep(std::time::Duration::from_secs(wait));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                let e = why_cut_off(&url, body, t);
+                // A rate limit can cut the connection before the answer.
+                if e.to_string().contains("(429)") {
+                    eprintln!("the relay limits uploads (429); retrying in 5 s");
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    continue;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(describe(e)),
         }
-        Err(ureq::Error::Transport(t)) => Err(why_cut_off(&url, body, t)),
-        Err(e) => Err(describe(e)),
     }
+    bail!("the relay kept refusing the upload with 429 after {MAX_RATE_RETRIES} tries")
 }
 
 /// A relay checks a block's envelope before it reads the payload; when it

@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use web_node::gpu::engine::Attached;
 use web_node::model::generate::generate;
 use web_node::model::load::ModelDir;
+use web_node::model::quant::QuantizingSource;
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::{Sampler, SamplerConfig};
-use web_node::model::{Forward, RunOptions};
+use web_node::model::{ExpertSource, Forward, QuantFormat, RunOptions};
 
 /// Which engine runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +55,15 @@ pub struct ChatArgs {
     /// CPU threads for large products (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Quantize the experts as they load (`q8_0` or `q4_0`; the bytes a
+    /// quantized block of each expert would hold).
+    #[arg(long, value_parser = parse_quant)]
+    pub quant: Option<QuantFormat>,
+}
+
+/// Parse `--quant`.
+pub fn parse_quant(s: &str) -> Result<QuantFormat, String> {
+    QuantFormat::parse(s).ok_or_else(|| format!("unknown format {s:?}: use q8_0 or q4_0"))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +83,9 @@ pub struct LogitsArgs {
     /// Engine that runs the model.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Quantize the experts as they load (`q8_0` or `q4_0`).
+    #[arg(long, value_parser = parse_quant)]
+    pub quant: Option<QuantFormat>,
 }
 
 /// Parse `1,2,3` (spaces allowed) into token ids.
@@ -92,10 +105,37 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn engine(dir: &ModelDir, device: Device, threads: Option<usize>) -> Result<Box<dyn Forward>> {
+/// The model directory's experts, quantized as they load when `quant` is set.
+pub fn expert_source(
+    dir: &ModelDir,
+    quant: Option<QuantFormat>,
+) -> Result<Box<dyn ExpertSource + Send>> {
+    let inner = dir.expert_source()?;
+    Ok(match quant {
+        None => Box::new(inner),
+        Some(format) => Box::new(QuantizingSource { inner, format }),
+    })
+}
+
+/// The engine for `device`, experts quantized on load when `quant` is set.
+pub fn engine(
+    dir: &ModelDir,
+    device: Device,
+    threads: Option<usize>,
+    quant: Option<QuantFormat>,
+) -> Result<Box<dyn Forward>> {
+    if let Some(q) = quant {
+        if let Some(e) = dir.config.expert_quant()? {
+            bail!(
+                "{} is already quantized ({e}); drop --quant {q}",
+                dir.path.display()
+            );
+        }
+    }
     match device {
         Device::Cpu => {
             let mut m = CpuModel::from_model_dir(dir)?;
+            m.set_source(expert_source(dir, quant)?);
             if let Some(t) = threads {
                 m.set_threads(t);
             }
@@ -110,7 +150,7 @@ fn engine(dir: &ModelDir, device: Device, threads: Option<usize>) -> Result<Box<
                 &dir.shared,
                 &dir.routers,
             )?;
-            let source = dir.expert_source()?;
+            let source = expert_source(dir, quant)?;
             Ok(Box::new(Attached { engine, source }))
         }
     }
@@ -123,7 +163,7 @@ fn load(path: &std::path::Path) -> Result<ModelDir> {
 /// `aiblock chat`: stream the completion of `--prompt` to stdout, stats to stderr.
 pub fn chat(a: &ChatArgs) -> Result<()> {
     let dir = load(&a.model)?;
-    let mut model = engine(&dir, a.device, a.threads)?;
+    let mut model = engine(&dir, a.device, a.threads, a.quant)?;
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -177,7 +217,7 @@ pub fn chat(a: &ChatArgs) -> Result<()> {
 pub fn logits(a: &LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let dir = load(&a.model)?;
-    let mut model = engine(&dir, a.device, None)?;
+    let mut model = engine(&dir, a.device, None, a.quant)?;
     let opts = RunOptions {
         top_k: a.top_k,
         use_moe: !a.no_moe,

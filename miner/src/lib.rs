@@ -9,5 +9,6 @@ pub mod improve;
 pub mod infer;
 pub mod mixtral;
 pub mod peer;
+pub mod quant;
 pub mod routes;
 pub mod train;

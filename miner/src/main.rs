@@ -57,6 +57,12 @@ enum Cmd {
     Peer(miner::peer::PeerArgs),
     /// Start a relay and three nodes, run a distributed chat, print who computed what.
     Demo(miner::demo::DemoArgs),
+    /// Quantize a model's experts (q8_0 or q4_0) into a new model on the
+    /// chain: its own meta block, every block naming the block it came from.
+    Quantize(miner::quant::QuantizeArgs),
+    /// Re-derive every quantized expert block from its source block and
+    /// report any that differ (by tensor and group).
+    VerifyQuant(miner::quant::VerifyQuantArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -149,6 +155,9 @@ struct EvalArgs {
     /// Also print every wrong held-out answer.
     #[arg(long)]
     show_errors: bool,
+    /// Quantize the experts as they load (`q8_0` or `q4_0`).
+    #[arg(long, value_parser = miner::infer::parse_quant)]
+    quant: Option<web_node::model::QuantFormat>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -166,6 +175,10 @@ struct RoutesArgs {
     /// With --prompt: the most answer tokens to generate.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Quantize the experts as they load (`q8_0` or `q4_0`); the byte
+    /// fractions are then those of the quantized blocks.
+    #[arg(long, value_parser = miner::infer::parse_quant)]
+    quant: Option<web_node::model::QuantFormat>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -332,7 +345,7 @@ fn print_route_header(r: &routes::Router) {
 }
 
 fn cmd_routes(a: &RoutesArgs) -> Result<()> {
-    let mut r = routes::Router::load(&a.model)?;
+    let mut r = routes::Router::load_quant(&a.model, a.quant)?;
     print_route_header(&r);
     if let Some(p) = &a.prompt {
         let route = r.route_text(p, a.max_tokens)?;
@@ -399,6 +412,9 @@ fn cmd_routes(a: &RoutesArgs) -> Result<()> {
 fn cmd_eval(a: &EvalArgs) -> Result<()> {
     let dir = web_node::model::load::ModelDir::load(&a.model)?;
     let mut m = web_node::model::reference::CpuModel::from_model_dir(&dir)?;
+    if a.quant.is_some() {
+        m.set_source(miner::infer::expert_source(&dir, a.quant)?);
+    }
     let tok = dir.tokenizer.inner().clone();
     let corpus = Corpus::default_corpus();
     let public = eval::tokenize(&tok, &corpus.public_eval)?;
@@ -545,6 +561,8 @@ fn main() -> Result<()> {
         Cmd::Train(a) => train::run(a),
         Cmd::Peer(a) => miner::peer::cli(a),
         Cmd::Demo(a) => miner::demo::cli(a),
+        Cmd::Quantize(a) => miner::quant::quantize(a).map(|_| ()),
+        Cmd::VerifyQuant(a) => miner::quant::verify(a),
     }
 }
 

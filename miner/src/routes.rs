@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use tokenizers::Tokenizer;
 use web_node::eval::{self, Corpus, Skill, Tokenized};
 use web_node::model::reference::CpuModel;
-use web_node::model::{Config, Slot};
+use web_node::model::{Config, QuantFormat, Slot};
 
 use crate::blocks::{self, ModelFiles};
 use crate::improve::load_tokenizer;
@@ -33,10 +33,21 @@ pub struct Sizes {
 impl Sizes {
     /// The slot sizes of a checkpoint.
     pub fn of(cfg: &Config, weights: &[u8]) -> Result<Self> {
+        Self::of_quant(cfg, weights, None)
+    }
+
+    /// The slot sizes with every expert block in `quant` (the bytes of the
+    /// quantized blocks; shared and routers stay as they are).
+    pub fn of_quant(cfg: &Config, weights: &[u8], quant: Option<QuantFormat>) -> Result<Self> {
         let mut expert = vec![vec![0u64; cfg.num_local_experts]; cfg.num_hidden_layers];
         let mut always = 0u64;
         for p in blocks::split_checkpoint(cfg, weights)? {
-            let n = p.bytes.len() as u64;
+            let n = match (quant, p.slot) {
+                (Some(q), Slot::Expert { .. }) => {
+                    web_node::model::quant::quantize_payload(cfg, p.slot, &p.bytes, q)?.len() as u64
+                }
+                _ => p.bytes.len() as u64,
+            };
             match p.slot {
                 Slot::Expert { layer, expert: e } => expert[layer][e] = n,
                 Slot::Shared | Slot::Router { .. } => always += n,
@@ -241,10 +252,21 @@ pub struct Router {
 
 impl Router {
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_quant(dir, None)
+    }
+
+    /// [`Router::load`] with the experts quantized as they load (and sized
+    /// as quantized blocks) when `quant` is set.
+    pub fn load_quant(dir: &Path, quant: Option<QuantFormat>) -> Result<Self> {
         let files = ModelFiles::read(dir)?;
-        let sizes = Sizes::of(&files.config, &files.weights)?;
-        let model = CpuModel::from_safetensors(files.config.clone(), files.weights)
+        let sizes = Sizes::of_quant(&files.config, &files.weights, quant)?;
+        let mut model = CpuModel::from_safetensors(files.config.clone(), files.weights.clone())
             .with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(format) = quant {
+            let inner =
+                web_node::model::load::BytesExpertSource::new(files.config.clone(), files.weights)?;
+            model.set_source(web_node::model::quant::QuantizingSource { inner, format });
+        }
         let tok = load_tokenizer(dir)?;
         let eos = eval::eos_id(&tok)?;
         Ok(Self {

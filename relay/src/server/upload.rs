@@ -387,6 +387,51 @@ async fn commit_to_store(
     Ok(())
 }
 
+/// A quantized expert block that names a float block of its slot (in
+/// another model) among its parents claims to be that block's quantization:
+/// the relay re-derives it and refuses one that differs, naming the tensor
+/// and the group. One whose source is unknown goes on like any other block
+/// (a new version passes the quality gate).
+async fn check_quant_source(
+    st: &SharedCore,
+    block: &std::sync::Arc<Block>,
+    path: &std::path::Path,
+    config: Option<Config>,
+) -> ApiResult<()> {
+    let Some(format) = block.header.dtype.quant() else {
+        return Ok(());
+    };
+    let source = {
+        let chain = st.chain.read().await;
+        web_node::model::quant_chain::quant_source(block, |h| chain.dag.header(h))
+    };
+    let Some(source) = source else {
+        return Ok(());
+    };
+    let cfg = config.ok_or_else(|| ApiError::internal("no config for a chain-B block"))?;
+    let slot = web_node::model::Slot::parse(&block.header.name)
+        .map_err(|e| ApiError::new(codes::INVALID_BLOCK, e.to_string()))?;
+    let (store, b2, p) = (st.store.clone(), block.clone(), path.to_path_buf());
+    blocking(move || {
+        let src = store.payload(&source).map_err(store_err)?;
+        let mut payload = std::fs::read(&p)
+            .map_err(|e| ApiError::internal(format!("reading the staged upload: {e}")))?;
+        payload.drain(..b2.encoded_len().min(payload.len()));
+        web_node::model::quant::verify_quantized(&cfg, slot, &src, &payload, format).map_err(|e| {
+            tracing::info!(block = %b2.hash, slot = %b2.header.name, source = %source, reason = %e, "quantized block refused");
+            ApiError::new(
+                codes::REJECTED,
+                format!(
+                    "{} is not the {format} quantization of its source block {source}: {e}",
+                    b2.header.name
+                ),
+            )
+        })
+    })
+    .await
+    .map_err(Into::into)
+}
+
 /// Steps 4 and 5 (see the module docs).
 async fn finish(st: &SharedCore, adm: Admitted, staged: Staged) -> ApiResult<Created> {
     let Staged {
@@ -397,6 +442,7 @@ async fn finish(st: &SharedCore, adm: Admitted, staged: Staged) -> ApiResult<Cre
         writers,
     } = staged;
     let block = std::sync::Arc::new(block);
+    check_quant_source(st, &block, &path, adm.config.clone()).await?;
     if let (Some(ticket), Some(head)) = (adm.gate, adm.head) {
         run_gate(st, &block, &path, ticket, head, adm.config.clone()).await?;
     }

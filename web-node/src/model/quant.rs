@@ -336,6 +336,23 @@ pub fn quantize_expert(
     })
 }
 
+/// An [`ExpertSource`](super::ExpertSource) whose experts are quantized as
+/// they load (`aiblock chat/logits --quant`): the same bytes a quantized
+/// block of the expert would hold.
+#[derive(Debug)]
+pub struct QuantizingSource<S> {
+    pub inner: S,
+    pub format: QuantFormat,
+}
+
+impl<S: super::ExpertSource> super::ExpertSource for QuantizingSource<S> {
+    fn load_expert(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights, ModelError> {
+        let w = self.inner.load_expert(layer, expert)?;
+        quantize_expert(&w, self.format)
+            .map_err(|e| ModelError::Source(format!("layer{layer}.expert{expert}: {e}")))
+    }
+}
+
 /// Read a float tensor of `payload` as f32 (F32, F16 or BF16).
 fn float_tensor(
     st: &safetensors::SafeTensors<'_>,

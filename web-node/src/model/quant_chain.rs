@@ -17,6 +17,9 @@ use super::{Config, ModelError, Slot};
 /// One block with its payload.
 pub type BlockWithPayload = (Block, Vec<u8>);
 
+/// One expert's quantization: its index in the heads and the payload.
+type Quantized = (usize, Result<Vec<u8>, ModelError>);
+
 /// The name of the quantized model of `source_name`.
 pub fn quantized_model_name(source_name: &str, format: QuantFormat) -> String {
     format!("{source_name}-{format}")
@@ -100,7 +103,7 @@ pub fn quantize_model(
         }
     } else {
         let per = jobs.len().div_ceil(threads);
-        let results: Vec<Vec<(usize, Result<Vec<u8>, ModelError>)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<Quantized>> = std::thread::scope(|s| {
             let handles: Vec<_> = jobs
                 .chunks(per)
                 .map(|part| s.spawn(move || part.iter().map(|&i| (i, run(i))).collect::<Vec<_>>()))
