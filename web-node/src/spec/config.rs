@@ -1,7 +1,9 @@
-//! Hugging Face Mixtral `config.json`, read as it is (transformers 4.x and 5.x forms).
+//! Hugging Face MoE `config.json` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE;
+//! see [`super::family`]), read as it is (transformers 4.x and 5.x forms).
 
 use serde::{Deserialize, Serialize};
 
+use super::family::{Family, FamilyFields, FamilyShape};
 use super::SpecError;
 
 fn default_rope_theta() -> f64 {
@@ -52,6 +54,10 @@ pub struct Config {
     pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_top_k")]
     pub num_experts_per_tok: usize,
+    /// Experts per layer. Qwen/OLMoE configs call it `num_experts`
+    /// ([`FamilyFields::num_experts`]); [`Config::from_json`] fills this
+    /// field from either.
+    #[serde(default)]
     pub num_local_experts: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -70,6 +76,9 @@ pub struct Config {
     pub torch_dtype: Option<String>,
     #[serde(default)]
     pub dtype: Option<String>,
+    /// The fields only the non-Mixtral families read (all absent for Mixtral).
+    #[serde(flatten)]
+    pub family_fields: FamilyFields,
 }
 
 /// Upper bounds a config must respect before anything is allocated from it.
@@ -93,15 +102,64 @@ impl Config {
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
         let cfg: Config =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Config(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.normalized()
     }
 
     /// Parse an already decoded JSON value.
     pub fn from_value(v: &serde_json::Value) -> Result<Self, SpecError> {
         let cfg: Config = Config::deserialize(v).map_err(|e| SpecError::Config(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.normalized()
+    }
+
+    /// Fill `num_local_experts` from `num_experts` (Qwen/OLMoE name), then
+    /// validate.
+    fn normalized(mut self) -> Result<Self, SpecError> {
+        let given = (self.num_local_experts != 0).then_some(self.num_local_experts);
+        self.num_local_experts = self.family_fields.expert_count(given)?;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The model family (`model_type`). On a config that failed
+    /// [`Config::validate`] an unknown `model_type` reads as Mixtral.
+    pub fn family(&self) -> Family {
+        Family::from_model_type(self.model_type.as_deref()).unwrap_or(Family::Mixtral)
+    }
+
+    /// The family and the sizes and rules it implies, checked.
+    pub fn family_shape(&self) -> Result<FamilyShape, SpecError> {
+        let family = Family::from_model_type(self.model_type.as_deref())?;
+        self.family_fields.shape(
+            family,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.num_attention_heads,
+            self.head_dim,
+        )
+    }
+
+    /// Intermediate size of one routed expert (`moe_intermediate_size` for
+    /// Qwen, `intermediate_size` otherwise).
+    pub fn expert_intermediate_size(&self) -> usize {
+        self.family_shape()
+            .map_or(self.intermediate_size, |s| s.expert_intermediate)
+    }
+
+    /// Intermediate size of the shared expert (Qwen2-MoE), None otherwise.
+    pub fn shared_expert_intermediate_size(&self) -> Option<usize> {
+        self.family_shape().ok().and_then(|s| s.shared_intermediate)
+    }
+
+    /// Whether q/k/v projections carry biases (Qwen2-MoE).
+    pub fn qkv_bias(&self) -> bool {
+        self.family_shape().is_ok_and(|s| s.qkv_bias)
+    }
+
+    /// Whether the top-k routing weights are renormalised to sum to one
+    /// (always for Mixtral, `norm_topk_prob` for the others).
+    pub fn renormalize_top_k(&self) -> bool {
+        self.family_shape().map_or(true, |s| s.renormalize)
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
@@ -130,9 +188,17 @@ impl Config {
         }
         if self.num_local_experts == 0 || self.num_local_experts > MAX_EXPERTS {
             return bad(format!(
-                "num_local_experts {} out of range",
+                "num_local_experts (or num_experts) {} out of range 1..={MAX_EXPERTS}",
                 self.num_local_experts
             ));
+        }
+        if let Some(n) = self.family_fields.num_experts {
+            if n != self.num_local_experts {
+                return bad(format!(
+                    "num_experts {n} and num_local_experts {} disagree",
+                    self.num_local_experts
+                ));
+            }
         }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return bad(format!(
@@ -172,6 +238,7 @@ impl Config {
                 return bad(format!("hidden_act {act:?} is not supported (only silu)"));
             }
         }
+        self.family_shape()?;
         Ok(())
     }
 
