@@ -224,7 +224,7 @@ pub fn is_unseen_word(w: &str) -> bool {
     let mut z = h;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) % 8 == 0
+    (z ^ (z >> 31)).is_multiple_of(8)
 }
 
 /// Where the words of a word-skill example come from.
