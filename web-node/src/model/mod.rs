@@ -13,8 +13,8 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use crate::spec::{config, slots, Config, Family, QkNorm, Slot, SpecError, TensorSpec};
-pub use family::{AttentionExtras, SharedExpertWeights};
 pub use engine::{run_step, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want};
+pub use family::{AttentionExtras, SharedExpertWeights};
 pub use weights::{
     check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,
     SharedWeights,

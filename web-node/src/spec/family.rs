@@ -200,7 +200,10 @@ impl FamilyFields {
         use super::config::limits::MAX_INTERMEDIATE;
         let in_range = |field: &str, v: usize| {
             if v == 0 || v > MAX_INTERMEDIATE {
-                Err(refuse(field, format!("{v} out of range 1..={MAX_INTERMEDIATE}")))
+                Err(refuse(
+                    field,
+                    format!("{v} out of range 1..={MAX_INTERMEDIATE}"),
+                ))
             } else {
                 Ok(v)
             }
@@ -247,8 +250,7 @@ impl FamilyFields {
                 ));
             }
         }
-        if matches!(family, Family::Olmoe | Family::Qwen3Moe) && self.attention_bias == Some(true)
-        {
+        if matches!(family, Family::Olmoe | Family::Qwen3Moe) && self.attention_bias == Some(true) {
             return Err(refuse(
                 "attention_bias",
                 "true is not supported (only false)".into(),
@@ -351,7 +353,9 @@ mod tests {
             assert_eq!(Family::from_model_type(Some(f.model_type())).unwrap(), f);
         }
         assert_eq!(Family::from_model_type(None).unwrap(), Family::Mixtral);
-        let e = Family::from_model_type(Some("llama")).unwrap_err().to_string();
+        let e = Family::from_model_type(Some("llama"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type") && e.contains("llama"), "{e}");
     }
 }

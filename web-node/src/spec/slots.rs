@@ -65,9 +65,9 @@ impl Slot {
     pub fn layer(&self) -> Option<usize> {
         match *self {
             Slot::Shared => None,
-            Slot::Router { layer }
-            | Slot::Expert { layer, .. }
-            | Slot::SharedExpert { layer } => Some(layer),
+            Slot::Router { layer } | Slot::Expert { layer, .. } | Slot::SharedExpert { layer } => {
+                Some(layer)
+            }
         }
     }
 
@@ -225,8 +225,11 @@ impl Slot {
                 let e = moe.strip_prefix("experts.")?;
                 let (e, w) = e.split_once('.')?;
                 let expert = parse_index(e)?;
-                return matches!(w, "gate_proj.weight" | "up_proj.weight" | "down_proj.weight")
-                    .then_some(Slot::Expert { layer, expert });
+                return matches!(
+                    w,
+                    "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+                )
+                .then_some(Slot::Expert { layer, expert });
             }
             if let Some(moe) = tail.strip_prefix("block_sparse_moe.") {
                 if moe == "gate.weight" {
@@ -333,7 +336,10 @@ mod tests {
             Slot::of_tensor("model.layers.1.self_attn.q_norm.weight"),
             Some(Slot::Shared)
         );
-        assert_eq!(Slot::of_tensor("model.layers.1.mlp.experts.2.w1.weight"), None);
+        assert_eq!(
+            Slot::of_tensor("model.layers.1.mlp.experts.2.w1.weight"),
+            None
+        );
         assert_eq!(Slot::of_tensor("model.layers.1.mlp.shared_expert.x"), None);
         assert_eq!(Slot::of_tensor("something.else"), None);
     }

@@ -28,6 +28,11 @@ use web_node::model::sampler::argmax;
 use web_node::model::{run_step, Config, Family, Forward, Output, RunOptions, Slot, Want};
 use web_node::verify::{verify_chain_dag, FetchedBlock};
 
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+type ConfigEdit = Box<dyn FnOnce(&mut JsonMap)>;
+type Blocks = Vec<(web_node::chain::Block, Vec<u8>)>;
+type Rename<'a> = &'a dyn Fn(&str, &[usize]) -> (String, Vec<usize>);
+
 const PROMPT: &[u32] = &[0, 75, 104, 111, 32, 100, 118, 50, 7, 200, 13, 255, 3];
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -94,7 +99,11 @@ impl Candle {
             Candle::Qwen2(m) => m.forward(&input, offset),
             Candle::Qwen3(m) => m.forward(&input, offset),
         };
-        out.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        out.unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 }
 
@@ -239,7 +248,7 @@ fn norm_topk_prob_changes_the_output() {
     assert!(rel_err(&a, &b) > 1e-3);
 }
 
-fn config_err(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+fn config_err(edit: impl FnOnce(&mut JsonMap)) -> String {
     let m = random_model_bytes(&tiny_family_config(Family::Qwen2Moe), 1).unwrap();
     let mut v: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
     edit(v.as_object_mut().unwrap());
@@ -249,7 +258,7 @@ fn config_err(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)
 #[test]
 fn unsupported_configs_are_refused_naming_the_field() {
     use serde_json::json;
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Map<_, _>)>)> = vec![
+    let cases: Vec<(&str, ConfigEdit)> = vec![
         (
             "model_type",
             Box::new(|m| {
@@ -378,7 +387,9 @@ fn slots_and_tensor_names_per_family() {
         Slot::Shared
             .tensors(c)
             .into_iter()
-            .filter(|t| t.name.starts_with("model.layers.0.self_attn.") && !t.name.ends_with("proj.weight"))
+            .filter(|t| {
+                t.name.starts_with("model.layers.0.self_attn.") && !t.name.ends_with("proj.weight")
+            })
             .map(|t| (t.name, t.shape))
             .collect()
     };
@@ -408,7 +419,7 @@ fn slots_and_tensor_names_per_family() {
 }
 
 /// A Qwen2-MoE random model as signed blocks: (block, payload), meta first.
-fn qwen2_chain(seed: u64) -> (Config, Vec<u8>, Vec<(web_node::chain::Block, Vec<u8>)>) {
+fn qwen2_chain(seed: u64) -> (Config, Vec<u8>, Blocks) {
     let cfg = tiny_family_config(Family::Qwen2Moe);
     let m = random_model_bytes(&cfg, seed).unwrap();
     let key = SigningKey::from_bytes(&[9; 32]);
@@ -419,12 +430,8 @@ fn qwen2_chain(seed: u64) -> (Config, Vec<u8>, Vec<(web_node::chain::Block, Vec<
         chunk_size: limits::MIN_CHUNK_SIZE,
     };
     let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
-    let spec = MetaPayload::new(
-        "qwen2",
-        json(&m.config_json),
-        Some(json(&m.tokenizer_json)),
-    )
-    .unwrap();
+    let spec =
+        MetaPayload::new("qwen2", json(&m.config_json), Some(json(&m.tokenizer_json))).unwrap();
     let meta = signer.meta_block(&spec, None).unwrap();
     let mut blocks = vec![meta.clone()];
     for s in split_checkpoint(&cfg, &[&m.safetensors]).unwrap() {
@@ -444,7 +451,7 @@ fn shared_expert_blocks_are_checked_against_the_family() {
     assert_eq!(block.header.kind.as_str(), "router");
     // Same slot, one tensor wrongly shaped, then one wrongly named.
     let st = safetensors::SafeTensors::deserialize(payload).unwrap();
-    let rebuild = |f: &dyn Fn(&str, &[usize]) -> (String, Vec<usize>)| {
+    let rebuild = |f: Rename<'_>| {
         let mut owned = Vec::new();
         for (n, v) in st.tensors() {
             let (name, shape) = f(&n, v.shape());
@@ -489,13 +496,21 @@ fn shared_expert_blocks_are_checked_against_the_family() {
         )
     });
     for (bytes, what) in [
-        (shaped, "model.layers.1.mlp.shared_expert_gate.weight: shape [1, 31]"),
-        (named, "missing tensor model.layers.1.mlp.shared_expert.up_proj.weight"),
+        (
+            shaped,
+            "model.layers.1.mlp.shared_expert_gate.weight: shape [1, 31]",
+        ),
+        (
+            named,
+            "missing tensor model.layers.1.mlp.shared_expert.up_proj.weight",
+        ),
     ] {
         let mut bad = slot.clone();
         bad.bytes = bytes;
         let (b, p) = signer.slot_block(blocks[0].0.hash, &bad, vec![], None);
-        let e = check_tensor_header(&b.header, &p, &cfg).unwrap_err().to_string();
+        let e = check_tensor_header(&b.header, &p, &cfg)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(what), "{e}");
         // The whole chain check refuses it too.
         let mut listing: Vec<FetchedBlock> = blocks
@@ -556,7 +571,14 @@ fn a_qwen2_chain_runs_with_shared_experts_fetched_with_the_routers() {
     assert!(no_se.is_err());
     let mut src = BytesExpertSource::new(cfg.clone(), checkpoint.clone()).unwrap();
     let opts = RunOptions::default();
-    let got = now(run_step(&mut cm.engine, &mut src, PROMPT, &opts, Want::Logits)).unwrap();
+    let got = now(run_step(
+        &mut cm.engine,
+        &mut src,
+        PROMPT,
+        &opts,
+        Want::Logits,
+    ))
+    .unwrap();
     let want = CpuModel::from_safetensors(cfg, checkpoint)
         .unwrap()
         .forward(PROMPT, &opts)
