@@ -585,3 +585,29 @@ fn a_qwen2_chain_runs_with_shared_experts_fetched_with_the_routers() {
         .unwrap();
     assert_eq!(got, Output::Logits(want));
 }
+
+#[test]
+fn the_gpu_engine_refuses_the_families_it_does_not_run() {
+    let Some(c) = crate::gpu_support::ctx() else {
+        return;
+    };
+    for f in [Family::Olmoe, Family::Qwen2Moe, Family::Qwen3Moe] {
+        let cfg = tiny_family_config(f);
+        let m = random_model_bytes(&cfg, 2).unwrap();
+        let shared =
+            web_node::model::SharedWeights::from_safetensors(&cfg, &m.safetensors).unwrap();
+        let routers =
+            web_node::model::load::routers_from_safetensors(&cfg, &m.safetensors).unwrap();
+        let ctx = std::sync::Arc::new(web_node::gpu::GpuContext {
+            device: c.device.clone(),
+            queue: c.queue.clone(),
+            info: c.info.clone(),
+            limits: c.limits.clone(),
+            workgroup_size: c.workgroup_size,
+        });
+        let e = web_node::gpu::Engine::new(ctx, &cfg, &shared, &routers)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(f.model_type()) && e.contains("GPU"), "{e}");
+    }
+}
