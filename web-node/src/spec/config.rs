@@ -238,7 +238,17 @@ impl Config {
                 return bad(format!("hidden_act {act:?} is not supported (only silu)"));
             }
         }
-        self.family_shape()?;
+        if self.family_shape()?.family != Family::Mixtral {
+            let rope_type = self
+                .rope_parameters
+                .as_ref()
+                .and_then(|p| p.rope_type.as_deref());
+            if let Some(t) = rope_type.filter(|t| *t != "default") {
+                return bad(format!(
+                    "rope_parameters.rope_type {t:?} is not supported (only \"default\")"
+                ));
+            }
+        }
         Ok(())
     }
 

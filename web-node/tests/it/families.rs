@@ -302,6 +302,15 @@ fn unsupported_configs_are_refused_naming_the_field() {
             }),
         ),
         (
+            "rope_type",
+            Box::new(|m| {
+                m.insert(
+                    "rope_parameters".into(),
+                    json!({"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}),
+                );
+            }),
+        ),
+        (
             "use_sliding_window",
             Box::new(|m| {
                 m.insert("use_sliding_window".into(), json!(true));
