@@ -72,6 +72,18 @@ fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
     v
 }
 
+/// Training runs the Mixtral layout only: other families are refused.
+fn check_mixtral(cfg: &Config) -> Result<()> {
+    let f = cfg.family();
+    if f != web_node::model::Family::Mixtral {
+        bail!(
+            "model_type {} is not supported for training (only mixtral); inference (chat, logits) and import/export support it",
+            f.model_type()
+        );
+    }
+    Ok(())
+}
+
 /// All tensor names and shapes of a config, in slot order.
 pub fn all_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     Slot::all(cfg)
@@ -97,6 +109,7 @@ impl Mixtral {
         router_scale: f64,
         device: &Device,
     ) -> Result<Self> {
+        check_mixtral(cfg)?;
         let mut rng = Rng::new(seed);
         let depth_scale = 1.0 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         let mut vars = BTreeMap::new();
@@ -125,6 +138,7 @@ impl Mixtral {
 
     /// Load an HF safetensors checkpoint (any float dtype, kept as F32).
     pub fn load(cfg: &Config, safetensors: &Path, device: &Device) -> Result<Self> {
+        check_mixtral(cfg)?;
         let tensors = candle_core::safetensors::load(safetensors, device)
             .with_context(|| format!("reading {}", safetensors.display()))?;
         let mut vars = BTreeMap::new();

@@ -50,7 +50,7 @@ impl Sizes {
             };
             match p.slot {
                 Slot::Expert { layer, expert: e } => expert[layer][e] = n,
-                Slot::Shared | Slot::Router { .. } => always += n,
+                Slot::Shared | Slot::Router { .. } | Slot::SharedExpert { .. } => always += n,
             }
         }
         let all_experts = expert.iter().flatten().sum();

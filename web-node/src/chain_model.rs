@@ -46,6 +46,23 @@ pub struct ChainModel {
     pub engine: CpuEngine,
     shared_payload: Arc<[u8]>,
     router_payloads: Vec<Arc<[u8]>>,
+    /// Per layer, its `layerN.shared_expert` payload (None for a family
+    /// without one).
+    shared_expert_payloads: Vec<Option<Arc<[u8]>>>,
+}
+
+/// Every layer's router with its shared expert, from their payloads.
+fn routers_from_payloads(
+    cfg: &Config,
+    routers: &[Arc<[u8]>],
+    shared_experts: &[Option<Arc<[u8]>>],
+) -> Result<Vec<RouterWeights>, ModelError> {
+    routers
+        .iter()
+        .zip(shared_experts)
+        .enumerate()
+        .map(|(layer, (r, se))| RouterWeights::from_payloads(cfg, layer, r, se.as_deref()))
+        .collect()
 }
 
 impl std::fmt::Debug for ChainModel {
@@ -59,15 +76,14 @@ impl std::fmt::Debug for ChainModel {
 }
 
 /// The blocks a node needs before it can start: the latest meta block, then
-/// (once its payload gives the config) the shared block and every router.
+/// (once its payload gives the config) the shared block and every router
+/// (with its layer's shared expert, for a family that has one).
 pub fn startup_blocks(dag: &Dag) -> Result<Vec<BlockHash>, NodeError> {
     let meta = dag.latest_meta().ok_or(NodeError::NoModel)?;
     let mut out = vec![meta.hash];
     let heads = dag.slot_heads(&meta.hash);
     if let Some(cfg) = &meta.config {
-        for slot in std::iter::once(Slot::Shared)
-            .chain((0..cfg.num_hidden_layers).map(|layer| Slot::Router { layer }))
-        {
+        for slot in Slot::always_needed(cfg) {
             let name = slot.to_string();
             out.push(*heads.get(&name).ok_or(NodeError::MissingSlot(name))?);
         }
@@ -105,11 +121,14 @@ impl ChainModel {
         let router_payloads = (0..cfg.num_hidden_layers)
             .map(|layer| get(&head(Slot::Router { layer })))
             .collect::<Result<Vec<_>, NodeError>>()?;
-        let routers = router_payloads
-            .iter()
-            .enumerate()
-            .map(|(layer, p)| RouterWeights::from_safetensors(&cfg, layer, p))
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        let shared_expert_payloads = if cfg.family().has_shared_expert() {
+            (0..cfg.num_hidden_layers)
+                .map(|layer| get(&head(Slot::SharedExpert { layer })).map(Some))
+                .collect::<Result<Vec<_>, NodeError>>()?
+        } else {
+            vec![None; cfg.num_hidden_layers]
+        };
+        let routers = routers_from_payloads(&cfg, &router_payloads, &shared_expert_payloads)?;
         let engine = CpuEngine::new(cfg.clone(), shared, routers)?;
         Ok(Self {
             meta: meta.hash,
@@ -120,6 +139,7 @@ impl ChainModel {
             engine,
             shared_payload,
             router_payloads,
+            shared_expert_payloads,
         })
     }
 
@@ -157,12 +177,8 @@ impl ChainModel {
     pub fn engine_parts(&self) -> Result<(Config, SharedWeights, Vec<RouterWeights>), ModelError> {
         let cfg = self.config.clone();
         let shared = SharedWeights::from_safetensors(&cfg, &self.shared_payload)?;
-        let routers = self
-            .router_payloads
-            .iter()
-            .enumerate()
-            .map(|(layer, p)| RouterWeights::from_safetensors(&cfg, layer, p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let routers =
+            routers_from_payloads(&cfg, &self.router_payloads, &self.shared_expert_payloads)?;
         Ok((cfg, shared, routers))
     }
 }

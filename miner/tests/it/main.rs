@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cluster_peers;
+mod families_cli;
 mod infer_cli;
 mod node;
 mod peer_network;

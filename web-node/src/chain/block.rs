@@ -142,11 +142,13 @@ impl BlockKind {
         }
     }
 
-    /// The kind of block that holds a chain-B slot (the one mapping).
+    /// The kind of block that holds a chain-B slot (the one mapping). A
+    /// layer's shared expert (Qwen2-MoE) is held with its router, so its
+    /// block is of the router kind.
     pub fn of_slot(slot: Slot) -> Self {
         match slot {
             Slot::Shared => Self::Shared,
-            Slot::Router { .. } => Self::Router,
+            Slot::Router { .. } | Slot::SharedExpert { .. } => Self::Router,
             Slot::Expert { .. } => Self::Expert,
         }
     }

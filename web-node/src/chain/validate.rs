@@ -118,13 +118,7 @@ pub fn check_standalone(block: &Block) -> Result<(), ChainError> {
     }
     if h.kind != BlockKind::Meta {
         let slot = Slot::parse(&h.name).map_err(|e| ChainError::SlotName(e.to_string()))?;
-        let ok = matches!(
-            (h.kind, slot),
-            (BlockKind::Shared, Slot::Shared)
-                | (BlockKind::Router, Slot::Router { .. })
-                | (BlockKind::Expert, Slot::Expert { .. })
-        );
-        if !ok {
+        if BlockKind::of_slot(slot) != h.kind {
             return Err(ChainError::SlotName(format!(
                 "{} is not a {} slot",
                 h.name,

@@ -346,6 +346,12 @@ impl Engine {
         let fmt = opts.weights;
 
         check_weights(cfg, shared, routers)?;
+        if cfg.family() != crate::model::Family::Mixtral {
+            return Err(ModelError::Gpu(format!(
+                "model_type {} is not supported by the GPU engine yet (only mixtral); use the CPU engine",
+                cfg.family().model_type()
+            )));
+        }
 
         // Every binding must fit the adapter.
         let max_binding = ctx.max_binding();

@@ -1,4 +1,4 @@
-//! safetensors -> f32 weights, with Hugging Face Mixtral tensor names.
+//! safetensors -> f32 weights, with each family's Hugging Face tensor names.
 //!
 //! Every loader takes either a whole checkpoint or a single-slot payload
 //! (only the tensors the slot needs are read), accepts F32, F16 and BF16, and
@@ -16,8 +16,8 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use super::{
-    Config, ExpertSource, ExpertWeights, LayerAttention, Mat, ModelError, RouterWeights,
-    SharedWeights, Slot, TensorSpec,
+    AttentionExtras, Config, ExpertSource, ExpertWeights, LayerAttention, Mat, ModelError,
+    RouterWeights, SharedExpertWeights, SharedWeights, Slot, TensorSpec,
 };
 
 /// Largest safetensors header accepted (the crate's own limit).
@@ -141,6 +141,10 @@ fn shared_from(cfg: &Config, src: &mut dyn TensorGet) -> Result<SharedWeights, M
         let k_proj = get_mat(src, next()?)?;
         let v_proj = get_mat(src, next()?)?;
         let o_proj = get_mat(src, next()?)?;
+        let mut extras = AttentionExtras::default();
+        for (name, _) in crate::spec::family::attention_extras(cfg) {
+            extras.set(name, src.get(next()?)?)?;
+        }
         layers.push(LayerAttention {
             input_layernorm,
             post_attention_layernorm,
@@ -148,6 +152,7 @@ fn shared_from(cfg: &Config, src: &mut dyn TensorGet) -> Result<SharedWeights, M
             k_proj,
             v_proj,
             o_proj,
+            extras,
         });
     }
     let norm = src.get(next()?)?;
@@ -177,7 +182,49 @@ fn router_from(
     check_layer(cfg, slot)?;
     let specs = slot.tensors(cfg);
     let gate = get_mat(src, &specs[0])?;
-    Ok(RouterWeights { gate })
+    Ok(RouterWeights {
+        gate,
+        shared_expert: None,
+    })
+}
+
+/// The `layer{layer}.shared_expert` slot (families with one).
+fn shared_expert_from(
+    cfg: &Config,
+    layer: usize,
+    src: &mut dyn TensorGet,
+) -> Result<SharedExpertWeights, ModelError> {
+    let slot = Slot::SharedExpert { layer };
+    check_layer(cfg, slot)?;
+    let specs = slot.tensors(cfg);
+    let [g, d, u, gate] = specs.as_slice() else {
+        return Err(ModelError::Config(format!(
+            "slot {slot} has {} tensors, expected 4",
+            specs.len()
+        )));
+    };
+    Ok(SharedExpertWeights {
+        expert: ExpertWeights {
+            w1: get_mat(src, g)?.into(),
+            w2: get_mat(src, d)?.into(),
+            w3: get_mat(src, u)?.into(),
+        },
+        gate: src.get(gate)?,
+    })
+}
+
+/// A layer's router with its shared expert (when the family has one), from
+/// a source holding both (a whole checkpoint).
+fn layer_router_from(
+    cfg: &Config,
+    layer: usize,
+    src: &mut dyn TensorGet,
+) -> Result<RouterWeights, ModelError> {
+    let mut r = router_from(cfg, layer, src)?;
+    if cfg.family().has_shared_expert() {
+        r.shared_expert = Some(shared_expert_from(cfg, layer, src)?);
+    }
+    Ok(r)
 }
 
 fn expert_from(
@@ -204,9 +251,47 @@ impl SharedWeights {
 }
 
 impl RouterWeights {
-    /// Read `layer{layer}.router` from a whole checkpoint or its payload.
+    /// Read `layer{layer}.router` from a whole checkpoint or its payload
+    /// (the gate only: a shared expert is in its own slot, see
+    /// [`RouterWeights::from_payloads`]).
     pub fn from_safetensors(cfg: &Config, layer: usize, bytes: &[u8]) -> Result<Self, ModelError> {
         router_from(cfg, layer, &mut BytesTensors::new(bytes)?)
+    }
+
+    /// A layer's router from its `layerN.router` payload and, for a family
+    /// with a shared expert, its `layerN.shared_expert` payload.
+    pub fn from_payloads(
+        cfg: &Config,
+        layer: usize,
+        router: &[u8],
+        shared_expert: Option<&[u8]>,
+    ) -> Result<Self, ModelError> {
+        let mut r = Self::from_safetensors(cfg, layer, router)?;
+        match (cfg.family().has_shared_expert(), shared_expert) {
+            (true, Some(p)) => {
+                r.shared_expert = Some(SharedExpertWeights::from_safetensors(cfg, layer, p)?)
+            }
+            (true, None) => {
+                return Err(ModelError::Source(format!(
+                    "layer{layer}.shared_expert payload is missing"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(ModelError::Source(format!(
+                    "model_type {} has no layer{layer}.shared_expert",
+                    cfg.family().model_type()
+                )))
+            }
+            (false, None) => {}
+        }
+        Ok(r)
+    }
+}
+
+impl SharedExpertWeights {
+    /// Read `layer{layer}.shared_expert` from a whole checkpoint or its payload.
+    pub fn from_safetensors(cfg: &Config, layer: usize, bytes: &[u8]) -> Result<Self, ModelError> {
+        shared_expert_from(cfg, layer, &mut BytesTensors::new(bytes)?)
     }
 }
 
@@ -247,14 +332,15 @@ impl ExpertWeights {
     }
 }
 
-/// Every router of a model, from a whole checkpoint.
+/// Every router (with its shared expert, when the family has one) of a
+/// model, from a whole checkpoint.
 pub fn routers_from_safetensors(
     cfg: &Config,
     bytes: &[u8],
 ) -> Result<Vec<RouterWeights>, ModelError> {
     let mut src = BytesTensors::new(bytes)?;
     (0..cfg.num_hidden_layers)
-        .map(|l| router_from(cfg, l, &mut src))
+        .map(|l| layer_router_from(cfg, l, &mut src))
         .collect()
 }
 
@@ -497,7 +583,7 @@ mod native {
             let mut file = SafetensorsFile::open(&path.join("model.safetensors"))?;
             let shared = shared_from(&config, &mut file)?;
             let routers = (0..config.num_hidden_layers)
-                .map(|l| router_from(&config, l, &mut file))
+                .map(|l| layer_router_from(&config, l, &mut file))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Self {
                 path,

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod engine;
+pub mod family;
 pub mod generate;
 pub mod load;
 pub mod quant;
@@ -14,8 +15,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use crate::spec::quant::QuantFormat;
-pub use crate::spec::{config, slots, Config, Slot, SpecError, TensorSpec};
+pub use crate::spec::{config, slots, Config, Family, QkNorm, Slot, SpecError, TensorSpec};
 pub use engine::{run_step, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want};
+pub use family::{AttentionExtras, SharedExpertWeights};
 pub use weights::{
     check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,
     SharedWeights, Weight,
@@ -115,7 +117,7 @@ pub trait Forward {
 pub enum ModelError {
     #[error("invalid config.json: {0}")]
     Config(String),
-    #[error("invalid slot name {0:?}: expected `shared`, `layerN.router` or `layerN.expertM`")]
+    #[error("invalid slot name {0:?}: expected `shared`, `layerN.router`, `layerN.shared_expert` or `layerN.expertM`")]
     SlotName(String),
     #[error("slot {slot} is outside the spec: {reason}")]
     SlotOutOfRange { slot: String, reason: String },

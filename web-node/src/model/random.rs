@@ -10,7 +10,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
 use super::sampler::SplitMix64;
-use super::{Config, ModelError, Slot};
+use super::{Config, Family, ModelError, Slot};
 
 /// Special tokens of the random tokenizer: ids 0, 1, 2.
 pub const BOS: &str = "<s>";
@@ -58,10 +58,44 @@ pub fn small_config(
         torch_dtype: Some("float32".into()),
         dtype: None,
         quantization_config: None,
+        family_fields: Default::default(),
     }
 }
 
-/// `config.json` bytes in the transformers 4.x Mixtral form.
+/// A tiny config of `family` (Mixtral: [`tiny_config`] with 2 layers):
+/// 2 layers, 8 experts, top-2, hidden 32, 4 heads (2 KV heads), the random
+/// tokenizer's vocabulary. Routed experts are 24 wide for Qwen (48 for
+/// Mixtral/OLMoE), the Qwen2-MoE shared expert 40; Qwen3-MoE has
+/// head_dim 16 (not hidden / heads) and renormalised top-k, the others
+/// `norm_topk_prob: false`.
+pub fn tiny_family_config(family: Family) -> Config {
+    let mut c = small_config(TOKENIZER_VOCAB, 32, 48, 2, 4, 2);
+    c.model_type = Some(family.model_type().into());
+    let f = &mut c.family_fields;
+    match family {
+        Family::Mixtral => {}
+        Family::Olmoe => {
+            f.num_experts = Some(8);
+            f.norm_topk_prob = Some(false);
+        }
+        Family::Qwen2Moe | Family::Qwen3Moe => {
+            f.num_experts = Some(8);
+            f.moe_intermediate_size = Some(24);
+            f.decoder_sparse_step = Some(1);
+            f.mlp_only_layers = Some(Vec::new());
+            if family == Family::Qwen2Moe {
+                f.shared_expert_intermediate_size = Some(40);
+                f.norm_topk_prob = Some(false);
+            } else {
+                f.norm_topk_prob = Some(true);
+                c.head_dim = Some(16);
+            }
+        }
+    }
+    c
+}
+
+/// `config.json` bytes in the transformers 4.x form of the config's family.
 pub fn config_json(cfg: &Config) -> Result<Vec<u8>, ModelError> {
     let mut v = serde_json::to_value(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
     if let Some(m) = v.as_object_mut() {
@@ -69,7 +103,7 @@ pub fn config_json(cfg: &Config) -> Result<Vec<u8>, ModelError> {
         m.retain(|k, v| !v.is_null() || k == "sliding_window");
         m.insert(
             "architectures".into(),
-            serde_json::json!(["MixtralForCausalLM"]),
+            serde_json::json!([cfg.family().architecture()]),
         );
         m.entry("model_type").or_insert_with(|| "mixtral".into());
         m.insert("rope_theta".into(), serde_json::json!(cfg.rope_theta()));
@@ -148,14 +182,16 @@ pub struct RandomModel {
 
 /// Random F32 weights for every tensor of `cfg`, deterministic from `seed`.
 /// Scales keep activations and logits of order one (uniform with variance
-/// `1/fan_in` for projections, 1 ± 0.1 for norms).
+/// `1/fan_in` for projections, 1 ± 0.1 for norms, ± 0.1 for biases).
 pub fn random_tensors(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = SplitMix64::new(seed);
     let mut out = Vec::new();
     for slot in Slot::all(cfg) {
         for spec in slot.tensors(cfg) {
             let n: usize = spec.shape.iter().product();
-            let data: Vec<f32> = if spec.shape.len() == 1 {
+            let data: Vec<f32> = if spec.name.ends_with(".bias") {
+                (0..n).map(|_| 0.1 * rng.uniform_pm1()).collect()
+            } else if spec.shape.len() == 1 {
                 (0..n).map(|_| 1.0 + 0.1 * rng.uniform_pm1()).collect()
             } else {
                 let fan_in = spec.shape[1] as f32;
@@ -279,5 +315,18 @@ mod tests {
         assert_eq!(a.safetensors, b.safetensors);
         assert_ne!(a.safetensors, d.safetensors);
         assert_eq!(Config::from_json(&a.config_json).unwrap(), c);
+    }
+
+    #[test]
+    fn family_configs_round_trip_through_config_json() {
+        for f in Family::ALL {
+            let c = tiny_family_config(f);
+            let m = random_model_bytes(&c, 3).unwrap();
+            let back = Config::from_json(&m.config_json).unwrap();
+            assert_eq!(back, c, "{f:?}");
+            assert_eq!(back.family(), f);
+            let v: serde_json::Value = serde_json::from_slice(&m.config_json).unwrap();
+            assert_eq!(v["architectures"][0], f.architecture());
+        }
     }
 }

@@ -1,7 +1,10 @@
-//! CPU reference forward of a Mixtral model: RMSNorm, RoPE (Hugging Face
-//! `rotate_half` convention), grouped-query attention with a KV cache, router
-//! softmax, top-k with renormalised weights, SwiGLU experts, final norm and
-//! lm_head.
+//! CPU reference forward of an MoE model (Mixtral, OLMoE, Qwen2-MoE,
+//! Qwen3-MoE): RMSNorm, RoPE (Hugging Face `rotate_half` convention),
+//! grouped-query attention with a KV cache (plus the family's q/k/v biases
+//! or q/k norms), router softmax, top-k (renormalised for Mixtral and by
+//! `norm_topk_prob` otherwise), SwiGLU experts, the shared expert with its
+//! sigmoid gate (Qwen2-MoE), final norm and lm_head. The family pieces are
+//! in [`super::family`].
 //!
 //! [`CpuEngine`] implements [`Engine`]: a step that reaches experts it does
 //! not hold pauses and names them; in remote mode
@@ -392,13 +395,10 @@ pub fn softmax(v: &mut [f32]) {
 }
 
 /// The `k` largest of `probs` (ties: lower index first), as `(index, weight)`
-/// with weights renormalised to sum to one (Hugging Face Mixtral).
+/// with weights renormalised to sum to one (Hugging Face Mixtral; the
+/// other families' rule is [`super::family::top_k_weights`]).
 pub fn top_k(probs: &[f32], k: usize) -> Vec<(usize, f32)> {
-    let mut idx: Vec<usize> = (0..probs.len()).collect();
-    idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    idx.truncate(k);
-    let sum: f32 = idx.iter().map(|&i| probs[i]).sum();
-    idx.into_iter().map(|i| (i, probs[i] / sum)).collect()
+    super::family::top_k_weights(probs, k, true)
 }
 
 /// SwiGLU expert on `t` rows of `x` (`[t, hidden]`): `w2(silu(w1 x) * w3 x)`.
@@ -653,7 +653,7 @@ impl CpuEngine {
                 p.xn = rms_norm(&p.x, &self.shared.layers[l].post_attention_layernorm, eps);
                 p.attn_done = true;
             }
-            let y = if p.remote {
+            let mut y = if p.remote {
                 let assigned = match p.assigned.take() {
                     Some(a) => a,
                     None => self.route(l, &p.xn, t, p.k, p.use_moe),
@@ -685,6 +685,9 @@ impl CpuEngine {
                 p.used.push(used_experts(&assigned));
                 self.moe(l, &p.xn, t, &assigned)?
             };
+            if let Some(se) = &self.routers[l].shared_expert {
+                super::family::add_shared_expert(se, &p.xn, t, self.threads, &mut y);
+            }
             for (a, b) in p.x.iter_mut().zip(&y) {
                 *a += b;
             }
@@ -738,7 +741,8 @@ impl CpuEngine {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let mut q = matmul(xn, t, &la.q_proj, self.threads);
         let mut kk = matmul(xn, t, &la.k_proj, self.threads);
-        let vv = matmul(xn, t, &la.v_proj, self.threads);
+        let mut vv = matmul(xn, t, &la.v_proj, self.threads);
+        super::family::prepare_qkv(cfg, &la.extras, &mut q, &mut kk, &mut vv);
         for ti in 0..t {
             let p = self.pos + ti;
             self.rope(&mut q[ti * qd..(ti + 1) * qd], nh, p);
@@ -786,10 +790,11 @@ impl CpuEngine {
         let ne = self.cfg.num_local_experts;
         let mut probs = matmul(xn, t, &self.routers[l].gate, self.threads);
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        let renormalize = self.cfg.renormalize_top_k();
         for (ti, row) in probs.chunks_exact_mut(ne).enumerate() {
             softmax(row);
             if use_moe {
-                for (e, w) in top_k(row, k) {
+                for (e, w) in super::family::top_k_weights(row, k, renormalize) {
                     assigned[e].push((ti, w));
                 }
             } else {

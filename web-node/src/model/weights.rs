@@ -2,7 +2,8 @@
 //! (`Linear` weight is `[out_features, in_features]`), and the
 //! [`ExpertSource`] the engines ask for experts the router picks.
 
-use super::{Config, ModelError};
+use super::family::{check_attention_extras, check_shared_expert};
+use super::{AttentionExtras, Config, ModelError, SharedExpertWeights};
 
 /// A row-major matrix `[rows, cols]` (for a Linear layer: `[out, in]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,8 @@ pub struct LayerAttention {
     pub k_proj: Mat,
     pub v_proj: Mat,
     pub o_proj: Mat,
+    /// The family's q/k norms or q/k/v biases (empty for Mixtral).
+    pub extras: AttentionExtras,
 }
 
 /// The `shared` slot: embeddings, per-layer attention and norms, final norm, lm_head.
@@ -45,10 +48,13 @@ pub struct SharedWeights {
     pub lm_head: Option<Mat>,
 }
 
-/// A `layerN.router` slot: the gate, `[num_experts, hidden]`.
+/// A `layerN.router` slot: the gate, `[num_experts, hidden]`; for a family
+/// with a shared expert also the layer's `layerN.shared_expert` slot, which
+/// is held (and fetched) with the router.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterWeights {
     pub gate: Mat,
+    pub shared_expert: Option<SharedExpertWeights>,
 }
 
 /// An expert matrix: f32, or quantized (`q8_0`/`q4_0`, read packed).
@@ -165,7 +171,7 @@ fn check_vec(name: &str, v: &[f32], n: usize) -> Result<(), ModelError> {
 
 /// Check an expert's shapes against the config (every engine, one rule).
 pub fn check_expert(cfg: &Config, w: &ExpertWeights) -> Result<(), ModelError> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (h, i) = (cfg.hidden_size, cfg.expert_intermediate_size());
     let q = w.quant();
     for (name, m, rows, cols) in [
         ("w1", &w.w1, i, h),
@@ -259,6 +265,7 @@ pub fn check_weights(
             h,
             cfg.q_dim(),
         )?;
+        check_attention_extras(cfg, l, &la.extras)?;
     }
     check_vec("model.norm.weight", &shared.norm, h)?;
     match (&shared.lm_head, cfg.tie_word_embeddings) {
@@ -288,6 +295,7 @@ pub fn check_weights(
             cfg.num_local_experts,
             h,
         )?;
+        check_shared_expert(cfg, l, r.shared_expert.as_ref())?;
     }
     Ok(())
 }

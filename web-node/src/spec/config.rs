@@ -1,7 +1,9 @@
-//! Hugging Face Mixtral `config.json`, read as it is (transformers 4.x and 5.x forms).
+//! Hugging Face MoE `config.json` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE;
+//! see [`super::family`]), read as it is (transformers 4.x and 5.x forms).
 
 use serde::{Deserialize, Serialize};
 
+use super::family::{Family, FamilyFields, FamilyShape};
 use super::SpecError;
 
 fn default_rope_theta() -> f64 {
@@ -52,6 +54,10 @@ pub struct Config {
     pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_top_k")]
     pub num_experts_per_tok: usize,
+    /// Experts per layer. Qwen/OLMoE configs call it `num_experts`
+    /// ([`FamilyFields::num_experts`]); [`Config::from_json`] fills this
+    /// field from either.
+    #[serde(default)]
     pub num_local_experts: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -76,6 +82,9 @@ pub struct Config {
     /// that format, everything else stays float. Any other method is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<serde_json::Value>,
+    /// The fields only the non-Mixtral families read (all absent for Mixtral).
+    #[serde(flatten)]
+    pub family_fields: FamilyFields,
 }
 
 /// Upper bounds a config must respect before anything is allocated from it.
@@ -99,15 +108,64 @@ impl Config {
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
         let cfg: Config =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Config(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.normalized()
     }
 
     /// Parse an already decoded JSON value.
     pub fn from_value(v: &serde_json::Value) -> Result<Self, SpecError> {
         let cfg: Config = Config::deserialize(v).map_err(|e| SpecError::Config(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.normalized()
+    }
+
+    /// Fill `num_local_experts` from `num_experts` (Qwen/OLMoE name), then
+    /// validate.
+    fn normalized(mut self) -> Result<Self, SpecError> {
+        let given = (self.num_local_experts != 0).then_some(self.num_local_experts);
+        self.num_local_experts = self.family_fields.expert_count(given)?;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The model family (`model_type`). On a config that failed
+    /// [`Config::validate`] an unknown `model_type` reads as Mixtral.
+    pub fn family(&self) -> Family {
+        Family::from_model_type(self.model_type.as_deref()).unwrap_or(Family::Mixtral)
+    }
+
+    /// The family and the sizes and rules it implies, checked.
+    pub fn family_shape(&self) -> Result<FamilyShape, SpecError> {
+        let family = Family::from_model_type(self.model_type.as_deref())?;
+        self.family_fields.shape(
+            family,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.num_attention_heads,
+            self.head_dim,
+        )
+    }
+
+    /// Intermediate size of one routed expert (`moe_intermediate_size` for
+    /// Qwen, `intermediate_size` otherwise).
+    pub fn expert_intermediate_size(&self) -> usize {
+        self.family_shape()
+            .map_or(self.intermediate_size, |s| s.expert_intermediate)
+    }
+
+    /// Intermediate size of the shared expert (Qwen2-MoE), None otherwise.
+    pub fn shared_expert_intermediate_size(&self) -> Option<usize> {
+        self.family_shape().ok().and_then(|s| s.shared_intermediate)
+    }
+
+    /// Whether q/k/v projections carry biases (Qwen2-MoE).
+    pub fn qkv_bias(&self) -> bool {
+        self.family_shape().is_ok_and(|s| s.qkv_bias)
+    }
+
+    /// Whether the top-k routing weights are renormalised to sum to one
+    /// (always for Mixtral, `norm_topk_prob` for the others).
+    pub fn renormalize_top_k(&self) -> bool {
+        self.family_shape().map_or(true, |s| s.renormalize)
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
@@ -136,9 +194,17 @@ impl Config {
         }
         if self.num_local_experts == 0 || self.num_local_experts > MAX_EXPERTS {
             return bad(format!(
-                "num_local_experts {} out of range",
+                "num_local_experts (or num_experts) {} out of range 1..={MAX_EXPERTS}",
                 self.num_local_experts
             ));
+        }
+        if let Some(n) = self.family_fields.num_experts {
+            if n != self.num_local_experts {
+                return bad(format!(
+                    "num_experts {n} and num_local_experts {} disagree",
+                    self.num_local_experts
+                ));
+            }
         }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return bad(format!(
@@ -179,6 +245,17 @@ impl Config {
             }
         }
         self.expert_quant()?;
+        if self.family_shape()?.family != Family::Mixtral {
+            let rope_type = self
+                .rope_parameters
+                .as_ref()
+                .and_then(|p| p.rope_type.as_deref());
+            if let Some(t) = rope_type.filter(|t| *t != "default") {
+                return bad(format!(
+                    "rope_parameters.rope_type {t:?} is not supported (only \"default\")"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -213,7 +290,7 @@ impl Config {
         }
         for (what, cols) in [
             ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
+            ("the expert intermediate size", self.expert_intermediate_size()),
         ] {
             if !cols.is_multiple_of(super::quant::GROUP) {
                 return bad(format!(

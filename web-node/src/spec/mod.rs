@@ -4,10 +4,12 @@
 //! engines both read it; it imports nothing above it.
 
 pub mod config;
+pub mod family;
 pub mod quant;
 pub mod slots;
 
 pub use config::Config;
+pub use family::{Family, FamilyFields, QkNorm};
 pub use slots::{Slot, TensorSpec};
 
 /// Why a config or slot name is not acceptable.
@@ -15,7 +17,7 @@ pub use slots::{Slot, TensorSpec};
 pub enum SpecError {
     #[error("invalid config.json: {0}")]
     Config(String),
-    #[error("invalid slot name {0:?}: expected `shared`, `layerN.router` or `layerN.expertM`")]
+    #[error("invalid slot name {0:?}: expected `shared`, `layerN.router`, `layerN.shared_expert` or `layerN.expertM`")]
     SlotName(String),
     #[error("slot {slot} is outside the spec: {reason}")]
     SlotOutOfRange { slot: String, reason: String },

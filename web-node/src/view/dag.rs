@@ -79,13 +79,14 @@ type ColumnKey = (u8, usize, usize, String);
 /// The slot columns: name and blocks, in column order.
 type Columns<'a> = BTreeMap<ColumnKey, (String, Vec<&'a DagNode>)>;
 
-/// Where a slot's column goes: shared first, then per layer the router and
-/// its experts, then names that are no slot.
+/// Where a slot's column goes: shared first, then per layer the router, the
+/// shared expert and the experts, then names that are no slot.
 fn column_key(name: &str) -> ColumnKey {
     match Slot::parse(name) {
         Ok(Slot::Shared) => (0, 0, 0, String::new()),
         Ok(Slot::Router { layer }) => (1, layer, 0, String::new()),
-        Ok(Slot::Expert { layer, expert }) => (1, layer, expert + 1, String::new()),
+        Ok(Slot::SharedExpert { layer }) => (1, layer, 1, String::new()),
+        Ok(Slot::Expert { layer, expert }) => (1, layer, expert + 2, String::new()),
         Err(_) => (2, 0, 0, name.to_string()),
     }
 }
@@ -95,6 +96,7 @@ fn column_label(name: &str) -> String {
     match Slot::parse(name) {
         Ok(Slot::Shared) => "shared".into(),
         Ok(Slot::Router { .. }) => "R".into(),
+        Ok(Slot::SharedExpert { .. }) => "S".into(),
         Ok(Slot::Expert { expert, .. }) => expert.to_string(),
         Err(_) => name.chars().take(8).collect(),
     }

@@ -4,6 +4,7 @@
 
 mod chain_validation;
 mod cpu_reference;
+mod families;
 mod gpu_engine;
 mod gpu_kernels;
 mod gpu_shaders;
