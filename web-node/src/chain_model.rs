@@ -100,7 +100,20 @@ impl ChainModel {
         dag: &Dag,
         payload: impl Fn(&BlockHash) -> Option<Arc<[u8]>>,
     ) -> Result<Self, NodeError> {
-        let meta = dag.latest_meta().ok_or(NodeError::NoModel)?;
+        Self::from_verified_meta(dag, None, payload)
+    }
+
+    /// [`ChainModel::from_verified`] for the model `meta` (a meta block's
+    /// hash); `None` takes the newest model.
+    pub fn from_verified_meta(
+        dag: &Dag,
+        meta: Option<BlockHash>,
+        payload: impl Fn(&BlockHash) -> Option<Arc<[u8]>>,
+    ) -> Result<Self, NodeError> {
+        let meta = match meta {
+            None => dag.latest_meta().ok_or(NodeError::NoModel)?,
+            Some(h) => dag.find_meta(&h.to_hex()).ok_or(NodeError::NoModel)?,
+        };
         let get = |h: &BlockHash| payload(h).ok_or(NodeError::MissingPayload(*h));
         let (spec, cfg): (MetaPayload, Config) =
             MetaPayload::parse(&get(&meta.hash)?).map_err(|e| NodeError::Meta(e.to_string()))?;

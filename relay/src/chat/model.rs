@@ -90,10 +90,14 @@ impl LoadedModel {
     }
 }
 
-/// The model of the current heads, rebuilt when they change.
+/// Models kept built at once (each caches the experts it has read).
+const MODELS_KEPT: usize = 4;
+
+/// The models of the current heads, rebuilt when their heads change; the
+/// least recently used is dropped past [`MODELS_KEPT`].
 #[derive(Default)]
 pub(super) struct ModelCache {
-    current: tokio::sync::Mutex<Option<Arc<LoadedModel>>>,
+    current: tokio::sync::Mutex<Vec<Arc<LoadedModel>>>,
 }
 
 impl ModelCache {
@@ -101,27 +105,45 @@ impl ModelCache {
         &self,
         chain: &Arc<tokio::sync::RwLock<ChainState>>,
         store: &Arc<dyn RelayStore>,
+        model: Option<&str>,
     ) -> Result<Arc<LoadedModel>, HttpError> {
         // Held while building, so concurrent requests build once.
         let mut current = self.current.lock().await;
-        {
+        let meta_hash = {
             let chain = chain.read().await;
-            let meta = chain.dag.latest_meta().ok_or_else(no_model)?;
-            if let Some(m) = current.as_ref() {
-                if m.chain.meta == meta.hash && m.chain.heads == chain.dag.slot_heads(&meta.hash) {
-                    return Ok(m.clone());
-                }
+            let meta = match model {
+                None => chain.dag.latest_meta().ok_or_else(no_model)?,
+                Some(sel) => chain.dag.find_meta(sel).ok_or_else(|| {
+                    HttpError::from(ApiError::new(
+                        codes::NOT_FOUND,
+                        format!(
+                            "the chain has no model {sel:?} (a meta block hash or a model name)"
+                        ),
+                    ))
+                })?,
+            };
+            let heads = chain.dag.slot_heads(&meta.hash);
+            if let Some(i) = current
+                .iter()
+                .position(|m| m.chain.meta == meta.hash && m.chain.heads == heads)
+            {
+                let m = current.remove(i);
+                current.push(m.clone());
+                return Ok(m);
             }
-        }
+            meta.hash
+        };
         let chain = chain.clone();
         let store = store.clone();
         let built = tokio::task::spawn_blocking(move || {
             let chain = chain.blocking_read();
-            ChainModel::from_verified(&chain.dag, |h| match store.payload(h) {
-                Ok(p) => Some(Arc::from(p)),
-                Err(e) => {
-                    tracing::error!(block = %h, error = %e, "chat model: payload unreadable");
-                    None
+            ChainModel::from_verified_meta(&chain.dag, Some(meta_hash), |h| {
+                match store.payload(h) {
+                    Ok(p) => Some(Arc::from(p)),
+                    Err(e) => {
+                        tracing::error!(block = %h, error = %e, "chat model: payload unreadable");
+                        None
+                    }
                 }
             })
         })
@@ -133,7 +155,11 @@ impl ModelCache {
         })?;
         tracing::info!(meta = %built.meta, name = %built.name, "chat model built from the chain's heads");
         let m = Arc::new(LoadedModel::new(built));
-        *current = Some(m.clone());
+        current.retain(|c| c.chain.meta != meta_hash);
+        if current.len() >= MODELS_KEPT {
+            current.remove(0);
+        }
+        current.push(m.clone());
         Ok(m)
     }
 }

@@ -141,11 +141,13 @@ impl ChatRuntime {
     }
 
     /// The model of the chain's current heads (built or rebuilt if needed).
+    /// `model`: a meta block hash or model name (None: the newest model).
     pub async fn model(
         &self,
         chain: &Arc<RwLock<ChainState>>,
         store: &Arc<dyn RelayStore>,
+        model: Option<&str>,
     ) -> Result<Arc<LoadedModel>, HttpError> {
-        self.model.get(chain, store).await
+        self.model.get(chain, store, model).await
     }
 }

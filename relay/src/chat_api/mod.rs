@@ -160,7 +160,11 @@ struct Params {
     max_tokens: usize,
     stream: bool,
     local_fallback: bool,
+    model: Option<String>,
 }
+
+/// Longest `model` selector accepted (a hash is 64 hex digits).
+const MAX_MODEL_SELECTOR: usize = 128;
 
 fn check(req: ChatRequest, o: &ChatOptions, distributed: bool) -> Result<Params, HttpError> {
     if req.prompt.trim().is_empty() {
@@ -190,6 +194,13 @@ fn check(req: ChatRequest, o: &ChatOptions, distributed: bool) -> Result<Params,
     if !distributed && req.local_fallback.is_some() {
         return Err(bad("local_fallback applies to /chat/distributed only"));
     }
+    if let Some(m) = &req.model {
+        if m.is_empty() || m.len() > MAX_MODEL_SELECTOR {
+            return Err(bad(format!(
+                "model must be a meta block hash or a model name of 1..={MAX_MODEL_SELECTOR} bytes"
+            )));
+        }
+    }
     let sampler = SamplerConfig {
         temperature: req.temperature.unwrap_or(0.0),
         top_p: req.top_p.unwrap_or(1.0),
@@ -206,6 +217,7 @@ fn check(req: ChatRequest, o: &ChatOptions, distributed: bool) -> Result<Params,
         max_tokens,
         stream: req.stream.unwrap_or(false),
         local_fallback: req.local_fallback.unwrap_or(true),
+        model: req.model,
     })
 }
 
@@ -255,7 +267,9 @@ async fn handle(state: ChatState, req: Request, distributed: bool) -> Result<Res
         )
     })?;
     let t0 = Instant::now();
-    let model = rt.model(&core.chain, &core.store).await?;
+    let model = rt
+        .model(&core.chain, &core.store, p.model.as_deref())
+        .await?;
     let load_ms = ms(t0.elapsed());
     let per_token = check_model(&p, &model.chain.config)?;
     let remote = if distributed {

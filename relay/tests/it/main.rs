@@ -18,6 +18,7 @@ mod limits;
 mod metrics;
 mod operator;
 mod p2p;
+mod quant;
 mod rewards;
 mod store;
 mod store_backends;

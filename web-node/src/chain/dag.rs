@@ -140,6 +140,21 @@ impl Dag {
 
     /// The latest chain-A meta block (the default model): the most recently
     /// accepted chain-A head.
+    /// The model `sel` names: a chain-A meta block's hash (hex), or a model
+    /// name (its current meta block). `None` when no model matches.
+    pub fn find_meta(&self, sel: &str) -> Option<&DagEntry> {
+        if let Ok(h) = BlockHash::from_hex(sel) {
+            return self
+                .entries
+                .get(&h)
+                .filter(|e| e.header.chain == ChainId::A);
+        }
+        let head = self.heads.get(&(None, sel.to_string()))?;
+        self.entries
+            .get(head)
+            .filter(|e| e.header.chain == ChainId::A)
+    }
+
     pub fn latest_meta(&self) -> Option<&DagEntry> {
         self.order
             .iter()

@@ -54,6 +54,11 @@ pub struct ChatRequest {
     /// answers (default `true`); `false` answers 503 instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_fallback: Option<bool>,
+    /// Which model of the chain answers: a meta block's hash, or a model
+    /// name (its current meta block), e.g. `"default-q8_0"`. Default: the
+    /// newest model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// One expert's use in one layer.
