@@ -90,6 +90,10 @@ struct GenesisArgs {
     /// Where to write the block file (publish it with `publish --dir`).
     #[arg(long, default_value = "blocks")]
     out: PathBuf,
+    /// A quantized model (`q8_0` or `q4_0`): the config gains its
+    /// `quantization_config`, and `import` then quantizes the experts.
+    #[arg(long, value_parser = miner::infer::parse_quant)]
+    quant: Option<web_node::model::QuantFormat>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -122,6 +126,11 @@ struct ImportArgs {
     /// Where to write the block files.
     #[arg(long, default_value = "blocks")]
     out: PathBuf,
+    /// Quantize the experts (`q8_0` or `q4_0`); the meta block must be a
+    /// quantized model of that format (`genesis --quant`). A quantized meta
+    /// block's experts are always quantized in its format.
+    #[arg(long, value_parser = miner::infer::parse_quant)]
+    quant: Option<web_node::model::QuantFormat>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -237,9 +246,13 @@ fn dir_name(p: &Path) -> String {
 }
 
 fn cmd_genesis(a: &GenesisArgs) -> Result<()> {
-    let files = ModelFiles::read(&a.model)?;
+    let mut files = ModelFiles::read(&a.model)?;
     let key = blocks::load_key(&a.key)?;
     let name = a.name.clone().unwrap_or_else(|| dir_name(&a.model));
+    if let Some(q) = a.quant {
+        files.config_json =
+            web_node::model::quant_chain::quantized_config(&files.config_json, q, None)?;
+    }
     let (block, payload) = blocks::meta_block(&name, &files, &blocks::signer(&key, &a.address))?;
     let path = blocks::write_block_file(&a.out, &block, &payload)?;
     println!("{}", block.hash);
@@ -265,13 +278,29 @@ fn cmd_import(a: &ImportArgs) -> Result<()> {
         }
     };
     let files = ModelFiles::read(&a.model)?;
-    let slots = blocks::split_checkpoint(&cfg, &files.weights).with_context(|| {
+    let mut slots = blocks::split_checkpoint(&cfg, &files.weights).with_context(|| {
         format!(
             "importing {} against meta {}",
             a.model.display(),
             meta_hash.short()
         )
     })?;
+    match (cfg.expert_quant()?, a.quant) {
+        (None, Some(q)) => bail!(
+            "meta {} is a float model; a {q} model needs its own meta block (`genesis --quant {q}`, or `aiblock quantize` for a model on a relay)",
+            meta_hash.short()
+        ),
+        (Some(m), Some(q)) if m != q => bail!("meta {} is a {m} model, not {q}", meta_hash.short()),
+        (Some(q), _) => {
+            for sp in slots.iter_mut() {
+                if let web_node::model::Slot::Expert { .. } = sp.slot {
+                    sp.bytes = web_node::model::quant::quantize_payload(&cfg, sp.slot, &sp.bytes, q)?;
+                    sp.dtype = web_node::chain::PayloadDtype::of_quant(q);
+                }
+            }
+        }
+        (None, None) => {}
+    }
     let key = blocks::load_key(&a.key)?;
     let signer = blocks::signer(&key, &a.address);
     let heads = match relay {

@@ -521,9 +521,74 @@ mod native {
         }
     }
 
+    impl SafetensorsFile {
+        /// A tensor's dtype, shape and bytes as stored.
+        pub fn read_raw(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>), ModelError> {
+            let info = self
+                .tensors
+                .get(name)
+                .ok_or_else(|| tensor_err(name, "missing"))?;
+            let (s, e) = info.data_offsets;
+            let (dtype, shape) = (info.dtype, info.shape.clone());
+            let mut buf = vec![0u8; e - s];
+            self.file
+                .seek(SeekFrom::Start(self.data_start + s as u64))
+                .and_then(|_| self.file.read_exact(&mut buf))
+                .map_err(|err| io_err(&self.path, err))?;
+            Ok((dtype, shape, buf))
+        }
+    }
+
     impl TensorGet for SafetensorsFile {
         fn get(&mut self, spec: &TensorSpec) -> Result<Vec<f32>, ModelError> {
             self.read(spec)
+        }
+    }
+
+    /// A quantized expert from a checkpoint whose config is quantized
+    /// (`aiblock export` of a quantized model writes one).
+    fn quantized_expert_from_file(
+        cfg: &Config,
+        format: crate::spec::quant::QuantFormat,
+        layer: usize,
+        expert: usize,
+        file: &mut SafetensorsFile,
+    ) -> Result<ExpertWeights, ModelError> {
+        let slot = Slot::Expert { layer, expert };
+        check_layer(cfg, slot)?;
+        let mut mats = Vec::new();
+        for spec in slot.tensors(cfg) {
+            let [vt, st] = crate::spec::quant::quant_tensors(&spec, format)
+                .map_err(|m| tensor_err(&spec.name, m))?;
+            let mut get = |t: &crate::spec::quant::QuantTensor| {
+                let (d, shape, bytes) = file.read_raw(&t.name)?;
+                if d != t.dtype || shape != t.shape {
+                    return Err(tensor_err(
+                        &t.name,
+                        format!(
+                            "{d:?} {shape:?}, {format} implies {:?} {:?}",
+                            t.dtype, t.shape
+                        ),
+                    ));
+                }
+                Ok(bytes)
+            };
+            let (v, sc) = (get(&vt)?, get(&st)?);
+            mats.push(crate::model::Weight::Q(
+                crate::model::quant::QMat::from_bytes(
+                    &spec.name,
+                    spec.shape[0],
+                    spec.shape[1],
+                    format,
+                    &v,
+                    &sc,
+                )?,
+            ));
+        }
+        let mut it = mats.into_iter();
+        match (it.next(), it.next(), it.next()) {
+            (Some(w1), Some(w2), Some(w3)) => Ok(ExpertWeights { w1, w2, w3 }),
+            _ => Err(ModelError::Input("an expert has three matrices".into())),
         }
     }
 
@@ -550,7 +615,10 @@ mod native {
             layer: usize,
             expert: usize,
         ) -> Result<ExpertWeights, ModelError> {
-            expert_from(&self.cfg, layer, expert, &mut self.file)
+            match self.cfg.expert_quant()? {
+                Some(q) => quantized_expert_from_file(&self.cfg, q, layer, expert, &mut self.file),
+                None => expert_from(&self.cfg, layer, expert, &mut self.file),
+            }
         }
     }
 

@@ -26,11 +26,12 @@ pub fn quantized_model_name(source_name: &str, format: QuantFormat) -> String {
 }
 
 /// The `config.json` of the quantized model: the source's, plus
-/// `quantization_config` naming the format and the source meta block.
+/// `quantization_config` naming the format and the source meta block (when
+/// the source is on the chain).
 pub fn quantized_config(
     source_config: &serde_json::Value,
     format: QuantFormat,
-    source_meta: &BlockHash,
+    source_meta: Option<&BlockHash>,
 ) -> Result<serde_json::Value, ModelError> {
     let mut v = source_config.clone();
     let obj = v
@@ -41,15 +42,15 @@ pub fn quantized_config(
             "the source model is already quantized (quantization_config is set)".into(),
         ));
     }
-    obj.insert(
-        "quantization_config".into(),
-        serde_json::json!({
-            "quant_method": "aiblock",
-            "format": format.as_str(),
-            "group_size": GROUP,
-            "source_meta": source_meta.to_hex(),
-        }),
-    );
+    let mut q = serde_json::json!({
+        "quant_method": "aiblock",
+        "format": format.as_str(),
+        "group_size": GROUP,
+    });
+    if let Some(m) = source_meta {
+        q["source_meta"] = serde_json::Value::String(m.to_hex());
+    }
+    obj.insert("quantization_config".into(), q);
     Ok(v)
 }
 
@@ -67,7 +68,7 @@ pub fn quantize_model(
 ) -> Result<Vec<BlockWithPayload>, ModelError> {
     let (meta_block, meta_payload) = meta;
     let (m, cfg) = MetaPayload::parse(meta_payload).map_err(chain_err)?;
-    let config = quantized_config(&m.config, format, &meta_block.hash)?;
+    let config = quantized_config(&m.config, format, Some(&meta_block.hash))?;
     let qmeta = MetaPayload::new(
         &quantized_model_name(&m.model_name, format),
         config,
