@@ -620,3 +620,40 @@ fn the_gpu_engine_refuses_the_families_it_does_not_run() {
         assert!(e.contains(f.model_type()) && e.contains("GPU"), "{e}");
     }
 }
+
+/// Quantized experts against the f32 transformers logits of every fixture:
+/// q8_0 within 3e-2 of the largest logit with the same argmax, q4_0 within
+/// 1.5e-1; the GPU engine's quantized kernels are checked against this CPU
+/// product in the GPU tests.
+#[test]
+fn quantized_experts_stay_near_transformers() {
+    use web_node::model::quant::QuantizingSource;
+    use web_node::model::QuantFormat;
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+        let want: Vec<f32> = serde_json::from_value(r["last_logits"].clone()).unwrap();
+        let cfg = Config::from_json(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        for (format, bound, same_argmax) in [
+            (QuantFormat::Q8_0, 3e-2, true),
+            (QuantFormat::Q4_0, 1.5e-1, false),
+        ] {
+            let mut m = CpuModel::from_safetensors(cfg.clone(), bytes.clone()).unwrap();
+            m.set_source(QuantizingSource {
+                inner: BytesExpertSource::new(cfg.clone(), bytes.clone()).unwrap(),
+                format,
+            });
+            let got = m.forward(&ids, &RunOptions::default()).unwrap();
+            let e = rel_err(&got, &want);
+            eprintln!("{name} {format} vs transformers f32: max relative error {e:e}");
+            assert!(e <= bound, "{name} {format}: relative error {e} > {bound}");
+            assert!(e > 0.0, "{name} {format}: the experts were not quantized");
+            if same_argmax {
+                assert_eq!(argmax(&got), argmax(&want), "{name} {format}");
+            }
+        }
+    }
+}
