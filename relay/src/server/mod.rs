@@ -325,6 +325,8 @@ pub fn open_relay_with_blobs(
     core.pg = pg;
     if chain.dag.chain(ChainId::A).next().is_none() {
         create_genesis(&state, &mut chain, cfg, &key)?;
+    } else if let Some(m) = cfg.model_dir.as_deref() {
+        check_genesis_matches(&state, &chain, m, &key, &cfg.data_dir)?;
     }
     tracing::info!(
         blocks = chain.len(),
@@ -333,6 +335,80 @@ pub fn open_relay_with_blobs(
     );
     state.set_chain(chain);
     Ok(state)
+}
+
+/// A data dir whose chain already holds a genesis of the `--model`'s name
+/// must hold this very model: same meta payload (config, tokenizer) and the
+/// same genesis `shared` weights. A chain made from an older
+/// `models/default` is refused with what to do, never mixed with the new one.
+fn check_genesis_matches(
+    state: &CoreState,
+    chain: &ChainState,
+    model_dir: &std::path::Path,
+    key: &ed25519_dalek::SigningKey,
+    data_dir: &std::path::Path,
+) -> Result<(), RelayError> {
+    if !model_dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let (want_meta, want_payload) = genesis::meta_block(model_dir, key, 0)?;
+    let name = want_meta.header.name.clone();
+    let genesis = chain
+        .dag
+        .chain(ChainId::A)
+        .find(|e| e.header.name == name && e.header.parents.is_empty());
+    let Some(genesis) = genesis else {
+        tracing::warn!(model = %model_dir.display(), name = %name, "the chain has no genesis of this model; --model is not used (the chain was made from other models)");
+        return Ok(());
+    };
+    let hash = genesis.hash;
+    let refuse = |what: &str| {
+        RelayError::Genesis(format!(
+            "{} holds a chain made from a different `{name}` model than {} (its genesis meta block {} differs in {what}): the data was made by an older model. \
+             Move the data dir away (for example `mv {} {}.old`) to start a fresh chain from {}, or serve it without --model",
+            data_dir.display(),
+            model_dir.display(),
+            hash.short(),
+            data_dir.display(),
+            data_dir.display(),
+            model_dir.display()
+        ))
+    };
+    let have = state
+        .store
+        .payload(&hash)
+        .map_err(|e| RelayError::Genesis(format!("reading genesis meta block {hash}: {e}")))?;
+    if have != want_payload {
+        return Err(refuse("its config or tokenizer"));
+    }
+    // Same config and tokenizer: compare the genesis weights of `shared`.
+    let ckpt = model_dir.join("model.safetensors");
+    let first_shared = chain
+        .dag
+        .chain(ChainId::B)
+        .find(|e| {
+            e.header.meta == Some(hash) && e.header.name == "shared" && e.header.parents.is_empty()
+        })
+        .map(|e| e.hash);
+    if let (true, Some(shared)) = (ckpt.is_file(), first_shared) {
+        let (_, cfg) = web_node::chain::MetaPayload::parse(&want_payload)
+            .map_err(|e| RelayError::Genesis(e.to_string()))?;
+        let bytes = std::fs::read(&ckpt)?;
+        let slots = web_node::model::checkpoint::split_checkpoint(&cfg, &[bytes.as_slice()])
+            .map_err(|e| RelayError::Genesis(format!("{}: {e}", ckpt.display())))?;
+        let want = slots
+            .iter()
+            .find(|s| s.slot == web_node::model::Slot::Shared)
+            .map(|s| &s.bytes);
+        let have = state
+            .store
+            .payload(&shared)
+            .map_err(|e| RelayError::Genesis(format!("reading genesis block {shared}: {e}")))?;
+        if want != Some(&have) {
+            return Err(refuse("its weights"));
+        }
+    }
+    Ok(())
 }
 
 /// The genesis blocks of the model in `cfg.model_dir`, made with the

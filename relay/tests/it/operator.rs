@@ -448,3 +448,68 @@ fn graceful_shutdown_lets_an_upload_in_flight_finish() {
         .iter()
         .any(|b| b.hash == block.hash && b.is_head));
 }
+
+/// A data dir made from an older model of the same name (another
+/// tokenizer, or the same tokenizer with other weights) is refused at start
+/// with what to do; the same model restarts; nothing is written either way.
+#[test]
+fn data_from_an_older_model_is_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path().join("work");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let model = model_dir(tmp.path());
+    let model_s = model.display().to_string();
+    let r = Served::start(&cwd, &["--data", "data", "--model", &model_s]);
+    let first = hashes(&r.url);
+    let (st, _) = r.signal_and_wait("INT");
+    assert!(st.success());
+    // The block files (the index may grow when it is opened, not change).
+    let blocks_of = |d: &Path| -> Vec<(String, u64)> {
+        files(d)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("blocks/") || n == "operator.key")
+            .collect()
+    };
+    let before = blocks_of(&cwd.join("data"));
+    let refused = |why: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .current_dir(&cwd)
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--data",
+                "data",
+                "--model",
+                &model_s,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{why}: started; {err}");
+        assert!(
+            err.contains("older model") && err.contains("mv ") && err.contains(why),
+            "{why}: {err}"
+        );
+        assert_eq!(
+            blocks_of(&cwd.join("data")),
+            before,
+            "{why}: the data dir changed"
+        );
+    };
+    // Retrained with the same tokenizer: other weights.
+    web_node::model::random::write_random_model(&model, &test_config(), 8).unwrap();
+    refused("weights");
+    // Another tokenizer (a retrained default has one).
+    let tok = model.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&tok).unwrap()).unwrap();
+    t["added_tokens"][0]["content"] = serde_json::Value::String("<bos2>".into());
+    std::fs::write(&tok, serde_json::to_vec(&t).unwrap()).unwrap();
+    refused("tokenizer");
+    // The model that made the data starts again, same chain.
+    web_node::model::random::write_random_model(&model, &test_config(), 7).unwrap();
+    let r = Served::start(&cwd, &["--data", "data", "--model", &model_s]);
+    assert_eq!(hashes(&r.url), first);
+    let (st, _) = r.signal_and_wait("INT");
+    assert!(st.success());
+}
