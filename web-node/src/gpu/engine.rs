@@ -50,13 +50,23 @@
 //! changes weights under a running kernel. A pool smaller than a whole
 //! layer's experts limits the chunk to `N / k` tokens, so one layer-step
 //! never needs more experts than the pool holds.
+//!
+//! The pool has one design for every expert format
+//! ([`EngineOptions::pool_format`]): f32 or f16 experts (transposed), or
+//! `q8_0` / `q4_0` experts kept packed (values as `u32` words, f16 scales
+//! two per word, see [`expert::pack_qmat`]) and read directly by the
+//! quantized kernels (`shaders/expert_{up,down}_q{8,4}.wgsl`, no
+//! `shader-f16` needed). Only the bytes per slot and the two expert kernels
+//! differ. The format is fixed when the engine is built
+//! ([`EngineOptions::expert_quant`], from the config for a quantized model)
+//! and a supplied expert in another format is refused.
 
 use std::sync::Arc;
 
 use super::argmax::{self, Argmax};
 use super::attention::{self, Attention};
 use super::context::{GpuContext, GpuError};
-use super::expert::{self, pack_w13, pack_w2, ExpertDown, ExpertUp};
+use super::expert::{self, ExpertDown, ExpertUp, PoolFormat};
 use super::kernel::{f32_bytes, transpose, Kernel, Step as StepUniform, WeightFormat};
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
@@ -67,6 +77,7 @@ use crate::model::{
 };
 #[cfg(not(target_arch = "wasm32"))]
 use crate::model::{run_step, ExpertSource, Forward, Supply};
+use crate::spec::quant::QuantFormat;
 
 /// Sizes the engine allocates for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +90,15 @@ pub struct EngineOptions {
     /// Storage of the large matrices (attention, experts, lm_head); the
     /// router, norms and embedding lookup stay f32.
     pub weights: WeightFormat,
+    /// The experts' format: `None` for float experts (stored in `weights`),
+    /// `Some(q8_0 | q4_0)` for quantized ones, which the pool keeps packed
+    /// and the quantized kernels read directly. It must be the format of
+    /// the experts the caller supplies (a supplied expert in another format
+    /// is refused), and for a model whose config names a quantized format
+    /// (`cfg.expert_quant()`), that one. [`Engine::new`] takes it from the
+    /// config; for float checkpoints quantized on load (`--quant`, a
+    /// [`crate::model::quant::QuantizingSource`]) set it to the source's format.
+    pub expert_quant: Option<QuantFormat>,
     /// GPU memory for the expert pool, in bytes (a whole number of experts
     /// of [`expert_bytes`] each, at least one). `None`: every expert of the
     /// model, or as many as the adapter's binding limit allows.
@@ -91,15 +111,21 @@ impl Default for EngineOptions {
             max_seq: 2048,
             max_batch: 64,
             weights: WeightFormat::F32,
+            expert_quant: None,
             expert_pool_bytes: None,
         }
     }
 }
 
-/// Bytes one expert takes in the pool (`w1/w3` plus `w2`) in `fmt`.
+/// Bytes one float expert takes in the pool (`w1/w3` plus `w2`) in `fmt`.
 pub fn expert_bytes(cfg: &Config, fmt: WeightFormat) -> u64 {
+    pool_expert_bytes(cfg, PoolFormat::Float(fmt))
+}
+
+/// Bytes one expert takes in a pool of `fmt` (float or quantized).
+pub fn pool_expert_bytes(cfg: &Config, fmt: PoolFormat) -> u64 {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    (fmt.matrix_bytes(h, 2 * i) + fmt.matrix_bytes(i, h)) as u64
+    (fmt.w13_bytes(h, i) + fmt.w2_bytes(h, i)) as u64
 }
 
 /// Counters since the engine was built (or [`Engine::reset_stats`]).
@@ -122,6 +148,16 @@ pub struct EngineStats {
     pub expert_bytes_uploaded: u64,
     /// Experts dropped from the pool to make room (least recently used first).
     pub expert_evictions: u64,
+}
+
+impl EngineOptions {
+    /// How the pool stores experts under these options.
+    pub fn pool_format(&self) -> PoolFormat {
+        match self.expert_quant {
+            Some(q) => PoolFormat::Quant(q),
+            None => PoolFormat::Float(self.weights),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -270,6 +306,7 @@ pub struct Engine {
     k: Kernels,
     layers: Vec<Layer>,
     pool: Pool,
+    pool_format: PoolFormat,
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
     route: wgpu::Buffer,
@@ -309,13 +346,21 @@ impl Engine {
     /// Upload the shared weights and routers and allocate the KV cache and
     /// the (empty) expert pool. Experts are supplied when a step asks for
     /// them. Nothing here awaits: the async part is [`GpuContext::new`].
+    /// The pool holds experts in the config's format (`cfg.expert_quant()`:
+    /// float, or the quantized format of a quantized model).
     pub fn new(
         ctx: Arc<GpuContext>,
         cfg: &Config,
         shared: &SharedWeights,
         routers: &[RouterWeights],
     ) -> Result<Self, ModelError> {
-        Self::with_options(ctx, cfg, shared, routers, EngineOptions::default())
+        let opts = EngineOptions {
+            expert_quant: cfg
+                .expert_quant()
+                .map_err(|e| ModelError::Config(e.to_string()))?,
+            ..EngineOptions::default()
+        };
+        Self::with_options(ctx, cfg, shared, routers, opts)
     }
 
     /// [`Engine::new`] with explicit sizes.
@@ -344,8 +389,34 @@ impl Engine {
             ..opts
         };
         let fmt = opts.weights;
+        let pool_format = opts.pool_format();
 
         check_weights(cfg, shared, routers)?;
+        let model_quant = cfg
+            .expert_quant()
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        if let Some(q) = model_quant {
+            if opts.expert_quant != Some(q) {
+                return Err(ModelError::Config(format!(
+                    "the model's experts are {q}; EngineOptions::expert_quant is {} \
+                     (set it to Some({q}), or build the engine with Engine::new)",
+                    opts.expert_quant
+                        .map_or("None (float experts)", |f| f.as_str())
+                )));
+            }
+        }
+        if opts.expert_quant.is_some()
+            && (h == 0
+                || i == 0
+                || !h.is_multiple_of(crate::spec::quant::GROUP)
+                || !i.is_multiple_of(crate::spec::quant::GROUP))
+        {
+            return Err(ModelError::Config(format!(
+                "quantized experts need hidden_size ({h}) and the expert intermediate size \
+                 ({i}) to be multiples of the group size {}",
+                crate::spec::quant::GROUP
+            )));
+        }
         if cfg.family() != crate::model::Family::Mixtral {
             return Err(ModelError::Gpu(format!(
                 "model_type {} is not supported by the GPU engine yet (only mixtral); use the CPU engine",
@@ -355,8 +426,8 @@ impl Engine {
 
         // Every binding must fit the adapter.
         let max_binding = ctx.max_binding();
-        let w13_bytes = fmt.matrix_bytes(h, 2 * i) as u64;
-        let w2_bytes = fmt.matrix_bytes(i, h) as u64;
+        let w13_bytes = pool_format.w13_bytes(h, i) as u64;
+        let w2_bytes = pool_format.w2_bytes(h, i) as u64;
         let big: [(&str, u64); 5] = [
             ("embedding table", (v * h * 4) as u64),
             ("expert w1/w3", w13_bytes),
@@ -404,8 +475,8 @@ impl Engine {
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
             router: Router::new(c),
-            up: ExpertUp::with_format(c, fmt),
-            down: ExpertDown::with_format(c, fmt),
+            up: ExpertUp::for_pool(c, pool_format),
+            down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
         };
 
@@ -591,6 +662,7 @@ impl Engine {
             k,
             layers,
             pool,
+            pool_format,
             step,
             tokens,
             route,
@@ -650,6 +722,16 @@ impl Engine {
         self.paused.is_some()
     }
 
+    /// How the pool stores experts (the format a supplied expert must have).
+    pub fn pool_format(&self) -> PoolFormat {
+        self.pool_format
+    }
+
+    /// Bytes one expert takes in the pool.
+    pub fn expert_bytes(&self) -> u64 {
+        self.pool.w13_bytes + self.pool.w2_bytes
+    }
+
     /// Experts the pool holds at most.
     pub fn pool_slots(&self) -> usize {
         self.pool.slots()
@@ -683,10 +765,19 @@ impl Engine {
             e => e,
         })?;
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        let fmt = self.opts.weights;
-        let (w1, w2m, w3) = (w.w1.to_f32(), w.w2.to_f32(), w.w3.to_f32());
-        let w13 = fmt.encode(&pack_w13(&w1.data, &w3.data, i, h), h, 2 * i);
-        let w2 = fmt.encode(&pack_w2(&w2m.data, i, h), i, h);
+        let (w13, w2) = self
+            .pool_format
+            .encode_expert(&w, h, i)
+            .map_err(|reason| ModelError::Input(format!("{id}: {reason}")))?;
+        if w13.len() as u64 != self.pool.w13_bytes || w2.len() as u64 != self.pool.w2_bytes {
+            return Err(ModelError::Input(format!(
+                "{id}: {} + {} bytes, a pool slot holds {} + {}",
+                w13.len(),
+                w2.len(),
+                self.pool.w13_bytes,
+                self.pool.w2_bytes
+            )));
+        }
         let pinned = self.paused.as_ref().map_or(&[][..], |r| &r.need[..]);
         let (slot, evicted) = self.pool.claim(id, pinned)?;
         let q = &self.ctx.queue;
@@ -720,8 +811,8 @@ impl Engine {
         let attn = f.matrix_bytes(h, c.q_dim() + 2 * c.kv_dim())
             + f.matrix_bytes(c.q_dim(), h)
             + 2 * h * 4;
-        let moe =
-            h * c.num_local_experts * 4 + k * (f.matrix_bytes(h, 2 * i) + f.matrix_bytes(i, h));
+        let e = self.pool_format;
+        let moe = h * c.num_local_experts * 4 + k * (e.w13_bytes(h, i) + e.w2_bytes(h, i));
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 

@@ -23,7 +23,9 @@
 //! let ctx = Arc::new(GpuContext::new().await?);            // or new_blocking() natively
 //! let mut engine = Engine::new(ctx, &cfg, &shared, &routers)?;
 //! // Engine::with_options(.., EngineOptions { max_seq, max_batch, weights,
+//! //     expert_quant,   // None: float experts; Some(q8_0 | q4_0): quantized pool
 //! //     expert_pool_bytes: Some(12 * expert_bytes(&cfg, weights)) }) for a small pool
+//! // (Engine::new takes expert_quant from the config: cfg.expert_quant())
 //! match engine.step(&prompt_ids, &opts, Want::Greedy).await? {
 //!     Step::Done(Output::Token(t)) => { /* next token */ }
 //!     Step::Need(ids) => {
@@ -60,7 +62,8 @@ pub mod router;
 pub use context::{GpuContext, GpuError};
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::Attached;
-pub use engine::{expert_bytes, Engine, EngineOptions, EngineStats};
+pub use engine::{expert_bytes, pool_expert_bytes, Engine, EngineOptions, EngineStats};
+pub use expert::PoolFormat;
 pub use kernel::WeightFormat;
 
 /// Every WGSL file, by name (validated with naga in the tests).
@@ -71,8 +74,12 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("embedding", embedding::SOURCE),
     ("expert_down", expert::SOURCE_DOWN),
     ("expert_down_f16", expert::SOURCE_DOWN_F16),
+    ("expert_down_q4", expert::SOURCE_DOWN_Q4),
+    ("expert_down_q8", expert::SOURCE_DOWN_Q8),
     ("expert_up", expert::SOURCE_UP),
     ("expert_up_f16", expert::SOURCE_UP_F16),
+    ("expert_up_q4", expert::SOURCE_UP_Q4),
+    ("expert_up_q8", expert::SOURCE_UP_Q8),
     ("matvec", matvec::SOURCE),
     ("matvec_f16", matvec::SOURCE_F16),
     ("qkv_rope", qkv_rope::SOURCE),

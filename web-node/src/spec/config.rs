@@ -290,7 +290,10 @@ impl Config {
         }
         for (what, cols) in [
             ("hidden_size", self.hidden_size),
-            ("the expert intermediate size", self.expert_intermediate_size()),
+            (
+                "the expert intermediate size",
+                self.expert_intermediate_size(),
+            ),
         ] {
             if !cols.is_multiple_of(super::quant::GROUP) {
                 return bad(format!(
