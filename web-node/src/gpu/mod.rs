@@ -1,4 +1,5 @@
-//! GPU engine (wgpu): WGSL kernels and the Mixtral forward pass.
+//! GPU engine (wgpu): WGSL kernels and the MoE forward pass (Mixtral, OLMoE,
+//! Qwen2-MoE, Qwen3-MoE; float or quantized experts).
 //!
 //! - [`context`]: device setup apart from the work functions
 //!   ([`GpuContext::new`] async, [`GpuContext::new_blocking`] natively);
@@ -8,7 +9,9 @@
 //!   browser `map_async` awaited through a oneshot channel).
 //! - one module per kernel in `shaders/`, each with its CPU reference and a
 //!   one-shot `run` beside it: [`matvec`], [`rmsnorm`], [`add`], [`embedding`],
-//!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down), [`argmax`].
+//!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down, float
+//!   and quantized), [`argmax`], and [`family`] (q/k/v biases and q/k norms,
+//!   the shared expert's gate: OLMoE, Qwen2-MoE, Qwen3-MoE).
 //!   Weights are stored transposed (`[in][out]`) so neighbouring invocations
 //!   read neighbouring words.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
@@ -53,6 +56,7 @@ pub mod context;
 pub mod embedding;
 pub mod engine;
 pub mod expert;
+pub mod family;
 pub mod kernel;
 pub mod matvec;
 pub mod qkv_rope;
@@ -82,8 +86,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("expert_up_q8", expert::SOURCE_UP_Q8),
     ("matvec", matvec::SOURCE),
     ("matvec_f16", matvec::SOURCE_F16),
+    ("qkv_post", family::SOURCE_QKV_POST),
     ("qkv_rope", qkv_rope::SOURCE),
     ("qkv_rope_f16", qkv_rope::SOURCE_F16),
     ("rmsnorm", rmsnorm::SOURCE),
     ("router", router::SOURCE),
+    ("shared_gate", family::SOURCE_SHARED_GATE),
 ];

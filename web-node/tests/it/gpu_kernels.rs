@@ -10,11 +10,11 @@ use common::{assert_close, ctx};
 use proptest::prelude::*;
 use web_node::gpu::kernel::{rmsnorm_ref, round_f16};
 use web_node::gpu::{
-    add, argmax, attention, embedding, expert, matvec, qkv_rope, rmsnorm, router, GpuContext,
-    PoolFormat, WeightFormat,
+    add, argmax, attention, embedding, expert, family, matvec, qkv_rope, rmsnorm, router,
+    GpuContext, PoolFormat, WeightFormat,
 };
 use web_node::model::quant::{qmatmul, quantize_expert, QMat};
-use web_node::model::{ExpertWeights, Mat, Weight};
+use web_node::model::{ExpertWeights, Mat, QkNorm, Weight};
 use web_node::spec::quant::QuantFormat;
 
 const CASES: u32 = 16;
@@ -446,6 +446,46 @@ fn quantized_pool_layout() {
     assert!(expert::pack_qmat(&[&bad]).is_err());
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    /// The families' attention input after the projection: biases, q/k
+    /// RMSNorm (none, whole projection, per head), RoPE, KV-cache append.
+    #[test]
+    fn qkv_post_matches_reference(mode in 0usize..3, half in 1usize..6, n_kv in 1usize..3, group in 1usize..3, n in 1usize..4, pos0 in 0usize..5, seed: u64) {
+        let Some(c) = ctx() else { return Ok(()) };
+        let norm = [QkNorm::None, QkNorm::Whole, QkNorm::PerHead][mode];
+        let s = family::QkvPostShape { n_heads: n_kv * group, n_kv, head_dim: 2 * half, eps: 1e-6, norm };
+        let (qd, kvd) = (s.n_heads * s.head_dim, n_kv * s.head_dim);
+        let raw = vals(n * (qd + 2 * kvd), seed);
+        let bias = vals(qd + 2 * kvd, seed ^ 1);
+        let (qn, kn) = match norm {
+            QkNorm::None => (0, 0),
+            QkNorm::Whole => (qd, kvd),
+            QkNorm::PerHead => (s.head_dim, s.head_dim),
+        };
+        let q_norm = vals(qn, seed ^ 2);
+        let k_norm = vals(kn, seed ^ 3);
+        let table = qkv_rope::rope_table(s.head_dim, 1e4, pos0 + n);
+        let (q, k, v) = block(family::qkv_post_run(c, &s, &raw, &bias, &q_norm, &k_norm, &table, pos0)).unwrap();
+        let (rq, rk, rv) = family::qkv_post_reference(&s, &raw, &bias, &q_norm, &k_norm, &table, pos0);
+        assert_close(&q, &rq, 1e-5, "q");
+        assert_close(&k, &rk, 1e-5, "k");
+        assert_close(&v, &rv, 1e-5, "v");
+    }
+
+    /// The shared expert's sigmoid gate on the post-attention-normed input.
+    #[test]
+    fn shared_gate_matches_reference(hidden in 1usize..90, n in 1usize..5, seed: u64) {
+        let Some(c) = ctx() else { return Ok(()) };
+        let gate = vals(hidden, seed);
+        let x = vals(n * hidden, seed ^ 1);
+        let g = vals(hidden, seed ^ 2);
+        let gpu = block(family::shared_gate_run(c, &gate, &x, &g, 1e-6)).unwrap();
+        assert_close(&gpu, &family::shared_gate_reference(&gate, &x, &g, 1e-6), 1e-5, "shared gate");
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     let Some(c) = ctx() else { return };
@@ -464,6 +504,28 @@ fn bad_inputs_are_errors_not_panics() {
     .is_err());
     assert!(block(attention::run(
         c, &[1.0; 8], &[1.0; 2], &[1.0; 2], 2, 1, 2, 0
+    ))
+    .is_err());
+    let s = family::QkvPostShape {
+        n_heads: 2,
+        n_kv: 1,
+        head_dim: 4,
+        eps: 1e-6,
+        norm: QkNorm::Whole,
+    };
+    let table = qkv_rope::rope_table(4, 1e4, 2);
+    // q norm of the wrong length, odd head_dim, a gate of the wrong width.
+    assert!(block(family::qkv_post_run(
+        c, &s, &[0.0; 16], &[0.0; 16], &[1.0; 4], &[1.0; 4], &table, 0
+    ))
+    .is_err());
+    let odd = family::QkvPostShape { head_dim: 3, ..s };
+    assert!(block(family::qkv_post_run(
+        c, &odd, &[0.0; 12], &[0.0; 12], &[1.0; 6], &[1.0; 3], &table, 0
+    ))
+    .is_err());
+    assert!(block(family::shared_gate_run(
+        c, &[1.0; 3], &[1.0; 4], &[1.0; 3], 1e-6
     ))
     .is_err());
 }
