@@ -698,6 +698,35 @@ fn the_gpu_engine_runs_every_family_like_the_cpu() {
             );
         }
 
+        // The dense mixture (softmax over every expert) and a top_k override.
+        for o in [
+            RunOptions {
+                top_k: None,
+                use_moe: false,
+            },
+            RunOptions {
+                top_k: Some(1),
+                use_moe: true,
+            },
+        ] {
+            let mut gpu = Engine::with_options(
+                ctx(),
+                &cfg,
+                &shared,
+                &routers,
+                EngineOptions {
+                    max_seq: 128,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let g = gpu.forward(&mut source(), &ids, &o).unwrap();
+            let mut cpu = CpuModel::from_safetensors(cfg.clone(), bytes.clone()).unwrap();
+            let want = cpu.forward(&ids, &o).unwrap();
+            let e = rel_err(&g, &want);
+            assert!(e <= 1e-4, "{name} {o:?}: relative error {e}");
+        }
+
         // q8_0 experts (the shared expert stays float): the CPU's greedy
         // tokens on the same quantized experts.
         let q = QuantFormat::Q8_0;
