@@ -144,11 +144,18 @@ pub fn engine(
         Device::Gpu => {
             let ctx = web_node::gpu::context::GpuContext::new_blocking()
                 .map_err(|e| anyhow::anyhow!("no usable GPU adapter ({e}); use --device cpu"))?;
-            let engine = web_node::gpu::engine::Engine::new(
+            // The pool holds the experts in the format they arrive in: the
+            // model's own (a quantized model), or --quant's (quantized on load).
+            let opts = web_node::gpu::EngineOptions {
+                expert_quant: quant.or(dir.config.expert_quant()?),
+                ..Default::default()
+            };
+            let engine = web_node::gpu::engine::Engine::with_options(
                 std::sync::Arc::new(ctx),
                 &dir.config,
                 &dir.shared,
                 &dir.routers,
+                opts,
             )?;
             let source = expert_source(dir, quant)?;
             Ok(Box::new(Attached { engine, source }))

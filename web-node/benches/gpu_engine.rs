@@ -6,6 +6,11 @@
 //! bandwidth this adapter reaches and its per-dispatch cost (measured here),
 //! and the decode time per token those imply.
 //!
+//! Every expert format side by side on the same model: f32, f16 (attention
+//! and head in f16 too), q8_0 and q4_0 (experts quantized on load as with
+//! `--quant`, read packed by the quantized kernels; attention and head f32),
+//! with bytes per expert, decode ms/token and the bandwidth roofline.
+//!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
 //! Also decode with a small expert pool (`BENCH_POOL` experts per layer's
@@ -20,12 +25,13 @@ use std::time::Instant;
 
 use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
 use web_node::gpu::matvec::{self, Matvec};
-use web_node::gpu::{expert_bytes, Engine, EngineOptions, GpuContext, WeightFormat};
+use web_node::gpu::{Engine, EngineOptions, GpuContext, PoolFormat, WeightFormat};
 use web_node::model::load::ModelDir;
+use web_node::model::quant::QuantizingSource;
 use web_node::model::random::{small_config, write_random_model};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertId, ExpertSource, Forward, RunOptions};
+use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
 
 fn env(name: &str, d: usize) -> usize {
     std::env::var(name)
@@ -161,9 +167,41 @@ fn main() -> anyhow::Result<()> {
         ctx.info.name, ctx.info.backend, ctx.info.device_type, ctx.workgroup_size
     );
     let mut results = Vec::new();
-    let mut src = m.expert_source()?;
     let (nl, ne) = (cfg.num_hidden_layers, cfg.num_local_experts);
-    for fmt in [WeightFormat::F32, WeightFormat::F16] {
+    let formats = [
+        PoolFormat::Float(WeightFormat::F32),
+        PoolFormat::Float(WeightFormat::F16),
+        PoolFormat::Quant(QuantFormat::Q8_0),
+        PoolFormat::Quant(QuantFormat::Q4_0),
+    ];
+    for pool_fmt in formats {
+        let (fmt, quant) = match pool_fmt {
+            PoolFormat::Float(f) => (f, None),
+            PoolFormat::Quant(q) => (WeightFormat::F32, Some(q)),
+        };
+        let source = || -> anyhow::Result<Box<dyn ExpertSource + Send>> {
+            let inner = m.expert_source()?;
+            Ok(match quant {
+                None => Box::new(inner),
+                Some(format) => Box::new(QuantizingSource { inner, format }),
+            })
+        };
+        let mut src = source()?;
+        // The CPU reference with the same experts (quantized ones for q8_0/q4_0).
+        let cpu_tokens = match quant {
+            None => cpu_tokens.clone(),
+            Some(_) => {
+                let mut cq =
+                    CpuModel::new(cfg.clone(), m.shared.clone(), m.routers.clone(), source()?)?;
+                let mut tok = argmax(&cq.forward(&prompt, &opts)?);
+                let mut v = Vec::new();
+                for _ in 0..n_decode {
+                    v.push(tok);
+                    tok = argmax(&cq.forward(&[tok], &opts)?);
+                }
+                v
+            }
+        };
         let engine = |pool: Option<u64>| {
             Engine::with_options(
                 ctx.clone(),
@@ -174,6 +212,7 @@ fn main() -> anyhow::Result<()> {
                     max_seq: 1024,
                     max_batch: 64,
                     weights: fmt,
+                    expert_quant: quant,
                     expert_pool_bytes: pool,
                 },
             )
@@ -198,7 +237,7 @@ fn main() -> anyhow::Result<()> {
         let selective_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
         let sel = gpu.stats().clone();
         println!(
-            "gpu engine {fmt:?}, experts supplied on demand ({} of {} resident): decode {:.1} tok/s, {:.1} submissions and {} readback bytes per token (routed ids read back while a layer has missing experts)",
+            "gpu engine {pool_fmt}, experts supplied on demand ({} of {} resident): decode {:.1} tok/s, {:.1} submissions and {} readback bytes per token (routed ids read back while a layer has missing experts)",
             gpu.resident_experts(),
             nl * ne,
             1.0 / selective_s,
@@ -226,7 +265,7 @@ fn main() -> anyhow::Result<()> {
         let dispatches = s.dispatches as f64 / s.tokens.max(1) as f64;
         let bytes = gpu.weight_bytes_per_token(k);
         println!(
-            "gpu engine {fmt:?}: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens); all experts resident: decode {:.1} tok/s ({:.2} ms/token)",
+            "gpu engine {pool_fmt}: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens); all experts resident: decode {:.1} tok/s ({:.2} ms/token)",
             prefill_stats.dispatches,
             1.0 / decode_s,
             decode_s * 1e3
@@ -241,7 +280,7 @@ fn main() -> anyhow::Result<()> {
             "  greedy tokens equal to the CPU reference: {} (warm-up run: {}){}",
             gpu_tokens == cpu_tokens,
             warm == cpu_tokens,
-            if fmt == WeightFormat::F16 {
+            if pool_fmt == PoolFormat::Float(WeightFormat::F16) {
                 " (f16 weights may legitimately differ)"
             } else {
                 ""
@@ -251,7 +290,8 @@ fn main() -> anyhow::Result<()> {
         // A small pool: `per_layer` experts per layer's worth, evicting.
         let per_layer = env("BENCH_POOL", 3);
         let slots = (per_layer * nl) as u64;
-        let mut small = engine(Some(slots * expert_bytes(&cfg, fmt)))?;
+        let per_expert = gpu.expert_bytes();
+        let mut small = engine(Some(slots * per_expert))?;
         let first = small.next_token(&mut src, &prompt, &opts)?;
         small.reset_stats();
         let t = Instant::now();
@@ -265,10 +305,10 @@ fn main() -> anyhow::Result<()> {
         let ps = small.stats().clone();
         let per_tok = |v: u64| v as f64 / ps.tokens.max(1) as f64;
         println!(
-            "gpu engine {fmt:?}, pool of {} experts ({per_layer} per layer, {:.1} MB of {:.1} MB): decode {:.1} tok/s vs {:.1} all resident ({:.2}x); per token {:.2} uploads, {:.2} evictions, {:.2} pauses, {:.1} submissions; tokens equal to all resident: {}",
+            "gpu engine {pool_fmt}, pool of {} experts ({per_layer} per layer, {:.1} MB of {:.1} MB): decode {:.1} tok/s vs {:.1} all resident ({:.2}x); per token {:.2} uploads, {:.2} evictions, {:.2} pauses, {:.1} submissions; tokens equal to all resident: {}",
             small.pool_slots(),
-            (slots * expert_bytes(&cfg, fmt)) as f64 / 1e6,
-            (nl * ne) as f64 * expert_bytes(&cfg, fmt) as f64 / 1e6,
+            (slots * per_expert) as f64 / 1e6,
+            (nl * ne) as f64 * per_expert as f64 / 1e6,
             1.0 / pool_s,
             1.0 / decode_s,
             decode_s / pool_s,
@@ -278,7 +318,7 @@ fn main() -> anyhow::Result<()> {
             per_tok(ps.submissions),
             pool_tokens == gpu_tokens
         );
-        results.push((fmt, decode_s, dispatches, bytes));
+        results.push((pool_fmt, decode_s, dispatches, bytes, per_expert));
     }
 
     // Plain matvec on this adapter: per-dispatch cost and best bandwidth.
@@ -302,17 +342,34 @@ fn main() -> anyhow::Result<()> {
         best.2,
         tiny * 1e6
     );
-    for (fmt, decode_s, dispatches, bytes) in results {
+    println!(
+        "decode, all experts resident, {} ({:?}):",
+        ctx.info.name, ctx.info.backend
+    );
+    println!(
+        "  {:<6} {:>14} {:>16} {:>16} {:>14} {:>24}",
+        "format",
+        "bytes/expert",
+        "weight MB/token",
+        "measured ms/tok",
+        "ideal ms/tok",
+        "ideal+dispatch ms/tok"
+    );
+    for (fmt, decode_s, dispatches, bytes, per_expert) in results {
         let ideal = bytes as f64 / (best.0 * 1e9);
         println!(
-            "{fmt:?}: implied ideal decode {:.2} ms/token from bandwidth ({:.0} tok/s); + {dispatches:.0} dispatches x {:.0} us = {:.2} ms/token; measured {:.2} ms/token",
+            "  {:<6} {per_expert:>14} {:>16.3} {:>16.2} {:>14.3} {:>24.2}",
+            fmt.to_string(),
+            bytes as f64 / 1e6,
+            decode_s * 1e3,
             ideal * 1e3,
-            1.0 / ideal,
-            tiny * 1e6,
             (ideal + dispatches * tiny) * 1e3,
-            decode_s * 1e3
         );
     }
+    println!(
+        "  (ideal: weight bytes per token / best matvec bandwidth; + dispatches x {:.0} us per dispatch)",
+        tiny * 1e6
+    );
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
 }

@@ -112,3 +112,39 @@ fn logits_on_the_gpu_match_the_cpu() {
     assert_eq!(cpu.len(), gpu.len());
     assert!(err < 1e-4, "relative error {err}");
 }
+
+/// `--quant` on the GPU: the experts are quantized as they load and read
+/// packed by the quantized kernels; logits match the CPU engine with the
+/// same quantized experts (models/default: sizes fit the groups of 32).
+#[test]
+fn quantized_logits_on_the_gpu_match_the_cpu() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    for q in ["q8_0", "q4_0"] {
+        let run = |device: &str| {
+            aiblock()
+                .args(["logits", "--model"])
+                .arg(&model)
+                .args(["--tokens", "0,72,101,108,108,111", "--device", device])
+                .args(["--quant", q])
+                .output()
+                .unwrap()
+        };
+        let gpu = run("gpu");
+        if !gpu.status.success() {
+            let err = String::from_utf8_lossy(&gpu.stderr);
+            assert!(err.contains("no usable GPU adapter"), "{err}");
+            eprintln!("SKIPPED: {err}");
+            return;
+        }
+        let cpu: Vec<f32> = serde_json::from_slice(&run("cpu").stdout).unwrap();
+        let gpu: Vec<f32> = serde_json::from_slice(&gpu.stdout).unwrap();
+        let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = cpu
+            .iter()
+            .zip(&gpu)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert_eq!(cpu.len(), gpu.len());
+        assert!(err < 1e-4, "{q}: relative error {err}");
+    }
+}

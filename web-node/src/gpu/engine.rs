@@ -1,4 +1,5 @@
-//! The Mixtral forward pass on the GPU, as a sans-IO [`crate::model::Engine`].
+//! The MoE forward pass on the GPU (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE),
+//! as a sans-IO [`crate::model::Engine`].
 //!
 //! Weights and the KV cache live in GPU buffers. A chunk of a step (one
 //! decoded token, or up to `max_batch` prompt tokens at once) is one command
@@ -17,6 +18,17 @@
 //!
 //! = `6 * layers + 3` dispatches per token, and the only readback is the
 //! sampled token id (4 bytes), or the logits when asked for them.
+//!
+//! The other families ([`crate::model::Family`]) change a layer as the CPU
+//! engine does ([`crate::model::family`]): OLMoE, Qwen2-MoE and Qwen3-MoE
+//! run the attention input as a projection (matvec, input norm fused) and
+//! `qkv_post` (q/k/v biases, q/k RMSNorm over the whole projection or per
+//! head, RoPE, cache append): one dispatch more per layer. Qwen2-MoE's
+//! shared expert runs for every token on the ordinary expert kernels (its
+//! own buffers and format, a one-expert slot table), scaled by
+//! `shared_gate` (sigmoid of its gate): gate and up after the router, down
+//! after the routed experts, three dispatches more per layer. Top-k without
+//! renormalisation (`norm_topk_prob: false`) is the router's `renorm = 0`.
 //!
 //! # Asking for experts
 //!
@@ -50,13 +62,24 @@
 //! changes weights under a running kernel. A pool smaller than a whole
 //! layer's experts limits the chunk to `N / k` tokens, so one layer-step
 //! never needs more experts than the pool holds.
+//!
+//! The pool has one design for every expert format
+//! ([`EngineOptions::pool_format`]): f32 or f16 experts (transposed), or
+//! `q8_0` / `q4_0` experts kept packed (values as `u32` words, f16 scales
+//! two per word, see [`expert::pack_qmat`]) and read directly by the
+//! quantized kernels (`shaders/expert_{up,down}_q{8,4}.wgsl`, no
+//! `shader-f16` needed). Only the bytes per slot and the two expert kernels
+//! differ. The format is fixed when the engine is built
+//! ([`EngineOptions::expert_quant`], from the config for a quantized model)
+//! and a supplied expert in another format is refused.
 
 use std::sync::Arc;
 
 use super::argmax::{self, Argmax};
 use super::attention::{self, Attention};
 use super::context::{GpuContext, GpuError};
-use super::expert::{self, pack_w13, pack_w2, ExpertDown, ExpertUp};
+use super::expert::{self, ExpertDown, ExpertUp, PoolFormat};
+use super::family::{self as fam, QkvPost, QkvPostParams, SharedGate, SharedGateParams};
 use super::kernel::{f32_bytes, transpose, Kernel, Step as StepUniform, WeightFormat};
 use super::matvec::{self, Matvec};
 use super::qkv_rope::{self, pack_qkv, QkvRope};
@@ -67,6 +90,7 @@ use crate::model::{
 };
 #[cfg(not(target_arch = "wasm32"))]
 use crate::model::{run_step, ExpertSource, Forward, Supply};
+use crate::spec::quant::QuantFormat;
 
 /// Sizes the engine allocates for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +103,15 @@ pub struct EngineOptions {
     /// Storage of the large matrices (attention, experts, lm_head); the
     /// router, norms and embedding lookup stay f32.
     pub weights: WeightFormat,
+    /// The experts' format: `None` for float experts (stored in `weights`),
+    /// `Some(q8_0 | q4_0)` for quantized ones, which the pool keeps packed
+    /// and the quantized kernels read directly. It must be the format of
+    /// the experts the caller supplies (a supplied expert in another format
+    /// is refused), and for a model whose config names a quantized format
+    /// (`cfg.expert_quant()`), that one. [`Engine::new`] takes it from the
+    /// config; for float checkpoints quantized on load (`--quant`, a
+    /// [`crate::model::quant::QuantizingSource`]) set it to the source's format.
+    pub expert_quant: Option<QuantFormat>,
     /// GPU memory for the expert pool, in bytes (a whole number of experts
     /// of [`expert_bytes`] each, at least one). `None`: every expert of the
     /// model, or as many as the adapter's binding limit allows.
@@ -91,15 +124,21 @@ impl Default for EngineOptions {
             max_seq: 2048,
             max_batch: 64,
             weights: WeightFormat::F32,
+            expert_quant: None,
             expert_pool_bytes: None,
         }
     }
 }
 
-/// Bytes one expert takes in the pool (`w1/w3` plus `w2`) in `fmt`.
+/// Bytes one float expert takes in the pool (`w1/w3` plus `w2`) in `fmt`.
 pub fn expert_bytes(cfg: &Config, fmt: WeightFormat) -> u64 {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    (fmt.matrix_bytes(h, 2 * i) + fmt.matrix_bytes(i, h)) as u64
+    pool_expert_bytes(cfg, PoolFormat::Float(fmt))
+}
+
+/// Bytes one expert takes in a pool of `fmt` (float or quantized).
+pub fn pool_expert_bytes(cfg: &Config, fmt: PoolFormat) -> u64 {
+    let (h, i) = (cfg.hidden_size, cfg.expert_intermediate_size());
+    (fmt.w13_bytes(h, i) + fmt.w2_bytes(h, i)) as u64
 }
 
 /// Counters since the engine was built (or [`Engine::reset_stats`]).
@@ -124,10 +163,32 @@ pub struct EngineStats {
     pub expert_evictions: u64,
 }
 
+impl EngineOptions {
+    /// How the pool stores experts under these options.
+    pub fn pool_format(&self) -> PoolFormat {
+        match self.expert_quant {
+            Some(q) => PoolFormat::Quant(q),
+            None => PoolFormat::Float(self.weights),
+        }
+    }
+}
+
+/// The shared expert's kernels (Qwen2-MoE): its gate, and the expert
+/// kernels for its format.
+#[derive(Debug)]
+struct SharedKernels {
+    gate: SharedGate,
+    up: ExpertUp,
+    down: ExpertDown,
+}
+
 #[derive(Debug)]
 struct Kernels {
     embed: Kernel,
     qkv: QkvRope,
+    /// The families with q/k/v extras: biases, q/k norm, RoPE after a matvec.
+    qkv_post: Option<QkvPost>,
+    shared: Option<SharedKernels>,
     attn: Attention,
     mv: Matvec,
     router: Router,
@@ -136,9 +197,32 @@ struct Kernels {
     argmax: Argmax,
 }
 
+/// How a layer's attention input runs.
+#[derive(Debug)]
+enum QkvBind {
+    /// Mixtral: one fused kernel (norm, projection, RoPE, cache append).
+    Fused(wgpu::BindGroup),
+    /// The families with q/k/v extras: the projection (matvec, norm fused),
+    /// then `qkv_post` (biases, q/k norm, RoPE, cache append).
+    Split {
+        raw: wgpu::BindGroup,
+        post: wgpu::BindGroup,
+    },
+}
+
+/// A layer's shared expert (Qwen2-MoE): gate, up (both before the routed
+/// experts, reading the same hidden state) and down (after them).
+#[derive(Debug)]
+struct SharedLayer {
+    bg_gate: wgpu::BindGroup,
+    bg_up: wgpu::BindGroup,
+    bg_down: wgpu::BindGroup,
+}
+
 #[derive(Debug)]
 struct Layer {
-    bg_qkv: wgpu::BindGroup,
+    qkv: QkvBind,
+    shared: Option<SharedLayer>,
     bg_attn: wgpu::BindGroup,
     bg_o: wgpu::BindGroup,
     bg_router: wgpu::BindGroup,
@@ -261,7 +345,7 @@ struct Run {
     all: Vec<Vec<f32>>,
 }
 
-/// Mixtral on wgpu, a [`crate::model::Engine`]. See the module docs for the
+/// The MoE families on wgpu, a [`crate::model::Engine`]. See the module docs for the
 /// per-chunk schedule, pausing and the expert pool.
 pub struct Engine {
     ctx: Arc<GpuContext>,
@@ -270,6 +354,9 @@ pub struct Engine {
     k: Kernels,
     layers: Vec<Layer>,
     pool: Pool,
+    pool_format: PoolFormat,
+    /// The shared expert's format (Qwen2-MoE), if the model has one.
+    shared_format: Option<PoolFormat>,
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
     route: wgpu::Buffer,
@@ -282,6 +369,9 @@ pub struct Engine {
     bg_head_all: wgpu::BindGroup,
     bg_argmax: wgpu::BindGroup,
     p_qkv: qkv_rope::Params,
+    p_qkv_raw: matvec::Params,
+    p_qkv_post: QkvPostParams,
+    p_shared: expert::Params,
     p_attn: attention::Params,
     p_o: matvec::Params,
     p_head_last: matvec::Params,
@@ -309,13 +399,21 @@ impl Engine {
     /// Upload the shared weights and routers and allocate the KV cache and
     /// the (empty) expert pool. Experts are supplied when a step asks for
     /// them. Nothing here awaits: the async part is [`GpuContext::new`].
+    /// The pool holds experts in the config's format (`cfg.expert_quant()`:
+    /// float, or the quantized format of a quantized model).
     pub fn new(
         ctx: Arc<GpuContext>,
         cfg: &Config,
         shared: &SharedWeights,
         routers: &[RouterWeights],
     ) -> Result<Self, ModelError> {
-        Self::with_options(ctx, cfg, shared, routers, EngineOptions::default())
+        let opts = EngineOptions {
+            expert_quant: cfg
+                .expert_quant()
+                .map_err(|e| ModelError::Config(e.to_string()))?,
+            ..EngineOptions::default()
+        };
+        Self::with_options(ctx, cfg, shared, routers, opts)
     }
 
     /// [`Engine::new`] with explicit sizes.
@@ -329,7 +427,7 @@ impl Engine {
         let (h, v, i, ne) = (
             cfg.hidden_size,
             cfg.vocab_size,
-            cfg.intermediate_size,
+            cfg.expert_intermediate_size(),
             cfg.num_local_experts,
         );
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
@@ -344,20 +442,72 @@ impl Engine {
             ..opts
         };
         let fmt = opts.weights;
+        let pool_format = opts.pool_format();
 
         check_weights(cfg, shared, routers)?;
-        if cfg.family() != crate::model::Family::Mixtral {
-            return Err(ModelError::Gpu(format!(
-                "model_type {} is not supported by the GPU engine yet (only mixtral); use the CPU engine",
-                cfg.family().model_type()
+        let model_quant = cfg
+            .expert_quant()
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        if let Some(q) = model_quant {
+            if opts.expert_quant != Some(q) {
+                return Err(ModelError::Config(format!(
+                    "the model's experts are {q}; EngineOptions::expert_quant is {} \
+                     (set it to Some({q}), or build the engine with Engine::new)",
+                    opts.expert_quant
+                        .map_or("None (float experts)", |f| f.as_str())
+                )));
+            }
+        }
+        if opts.expert_quant.is_some()
+            && (h == 0
+                || i == 0
+                || !h.is_multiple_of(crate::spec::quant::GROUP)
+                || !i.is_multiple_of(crate::spec::quant::GROUP))
+        {
+            return Err(ModelError::Config(format!(
+                "quantized experts need hidden_size ({h}) and the expert intermediate size \
+                 ({i}) to be multiples of the group size {}",
+                crate::spec::quant::GROUP
             )));
         }
 
+        // The family's pieces: q/k/v extras (split attention input) and the
+        // shared expert, kept in its own format (float in `weights`, or
+        // quantized as supplied) with its own kernels.
+        let split_qkv = cfg.family() != crate::model::Family::Mixtral;
+        let shared_fmt = match (cfg.shared_expert_intermediate_size(), routers.first()) {
+            (Some(_), Some(r)) => {
+                let f = |se: Option<&crate::model::SharedExpertWeights>| match se
+                    .and_then(|se| se.expert.quant())
+                {
+                    Some(q) => PoolFormat::Quant(q),
+                    None => PoolFormat::Float(fmt),
+                };
+                let first = f(r.shared_expert.as_ref());
+                if let Some(l) = routers
+                    .iter()
+                    .position(|r| f(r.shared_expert.as_ref()) != first)
+                {
+                    return Err(ModelError::Tensor {
+                        name: format!("layer{l}.shared_expert"),
+                        reason: format!("not in the format of layer0's shared expert ({first})"),
+                    });
+                }
+                Some(first)
+            }
+            _ => None,
+        };
+        let sh_i = cfg.shared_expert_intermediate_size().unwrap_or(0);
+
         // Every binding must fit the adapter.
         let max_binding = ctx.max_binding();
-        let w13_bytes = fmt.matrix_bytes(h, 2 * i) as u64;
-        let w2_bytes = fmt.matrix_bytes(i, h) as u64;
-        let big: [(&str, u64); 5] = [
+        let w13_bytes = pool_format.w13_bytes(h, i) as u64;
+        let w2_bytes = pool_format.w2_bytes(h, i) as u64;
+        let sh_w13_bytes = shared_fmt.map_or(0, |f| f.w13_bytes(h, sh_i)) as u64;
+        let big: [(&str, u64); 8] = [
+            ("q/k/v projections", ((qd + 2 * kvd) * h * 4) as u64),
+            ("shared expert w1/w3", sh_w13_bytes),
+            ("shared expert activations", (max_batch * sh_i * 4) as u64),
             ("embedding table", (v * h * 4) as u64),
             ("expert w1/w3", w13_bytes),
             ("attention scores", (max_batch * nh * max_seq * 4) as u64),
@@ -401,11 +551,17 @@ impl Engine {
         let k = Kernels {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
             qkv: QkvRope::with_format(c, fmt),
+            qkv_post: split_qkv.then(|| QkvPost::new(c)),
+            shared: shared_fmt.map(|f| SharedKernels {
+                gate: SharedGate::new(c),
+                up: ExpertUp::for_pool(c, f),
+                down: ExpertDown::for_pool(c, f),
+            }),
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
             router: Router::new(c),
-            up: ExpertUp::with_format(c, fmt),
-            down: ExpertDown::with_format(c, fmt),
+            up: ExpertUp::for_pool(c, pool_format),
+            down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
         };
 
@@ -418,6 +574,37 @@ impl Engine {
             eps,
             _p0: 0,
             _p1: 0,
+        };
+        let p_qkv_raw = matvec::Params {
+            rows: (qd + 2 * kvd) as u32,
+            cols: h as u32,
+            flags: matvec::NORM,
+            eps,
+        };
+        let q_norm_len = shared
+            .layers
+            .first()
+            .and_then(|la| la.extras.q_norm.as_ref())
+            .map_or(0, Vec::len);
+        let p_qkv_post = QkvPostParams {
+            n_heads: nh as u32,
+            n_kv: nkv as u32,
+            head_dim: hd as u32,
+            max_seq: max_seq as u32,
+            eps,
+            norm_mode: fam::norm_mode(cfg.family().qk_norm()),
+            q_norm_len: q_norm_len as u32,
+            _p0: 0,
+        };
+        let p_shared = expert::Params {
+            hidden: h as u32,
+            inter: sh_i as u32,
+            n_experts: 1,
+            eps,
+            n_slots: 1,
+            _p0: 0,
+            _p1: 0,
+            _p2: 0,
         };
         let p_attn = attention::Params {
             n_heads: nh as u32,
@@ -471,6 +658,18 @@ impl Engine {
         let ub_head_all = u("p_head_all", bytemuck::bytes_of(&p_head_all));
         let ub_router = u("p_router", bytemuck::bytes_of(&p_router));
         let ub_exp = u("p_exp", bytemuck::bytes_of(&p_exp));
+        let ub_qkv_raw = u("p_qkv_raw", bytemuck::bytes_of(&p_qkv_raw));
+        let ub_qkv_post = u("p_qkv_post", bytemuck::bytes_of(&p_qkv_post));
+        let ub_shared = u("p_shared", bytemuck::bytes_of(&p_shared));
+        let ub_gate_sh = u(
+            "p_shared_gate",
+            bytemuck::bytes_of(&SharedGateParams {
+                hidden: h as u32,
+                eps,
+                _p0: 0,
+                _p1: 0,
+            }),
+        );
         let ub_embed = u(
             "p_embed",
             bytemuck::bytes_of(&super::embedding::Params {
@@ -510,6 +709,10 @@ impl Engine {
         let probs = c.storage_zeroed("probs", f(b * ne));
         let route = c.storage_zeroed("route", f(b * ne * 2));
         let act = c.storage_zeroed("act", f(b * ne * i));
+        let qkv_raw = split_qkv.then(|| c.storage_zeroed("qkv_raw", f(b * (qd + 2 * kvd))));
+        let route_sh = c.storage_zeroed("route_shared", f(b * 2));
+        let act_sh = c.storage_zeroed("act_shared", f(b * sh_i.max(1)));
+        let table_sh = c.storage_init("shared_slot", bytemuck::bytes_of(&0u32));
         let logits_last = c.storage_zeroed("logits_last", f(v));
         let logits_all = c.storage_zeroed("logits_all", f(b * v));
         let argmax_out = c.storage_zeroed("argmax_out", 4);
@@ -556,10 +759,78 @@ impl Engine {
             let kc = c.storage_zeroed("k_cache", f(max_seq * kvd));
             let vc = c.storage_zeroed("v_cache", f(max_seq * kvd));
             let table = c.storage_init("expert_slots", bytemuck::cast_slice(&vec![NO_SLOT; ne]));
+            let qkv = match (&k.qkv_post, &qkv_raw) {
+                (Some(post), Some(raw)) => {
+                    let ex = &la.extras;
+                    let or_zeros =
+                        |b: &Option<Vec<f32>>, n: usize| b.clone().unwrap_or(vec![0.0; n]);
+                    let mut bias = or_zeros(&ex.q_bias, qd);
+                    bias.extend(or_zeros(&ex.k_bias, kvd));
+                    bias.extend(or_zeros(&ex.v_bias, kvd));
+                    let mut norms = ex.q_norm.clone().unwrap_or_default();
+                    if norms.len() != q_norm_len {
+                        return Err(ModelError::Tensor {
+                            name: format!("model.layers.{l}.self_attn.q_norm.weight"),
+                            reason: format!("{} values, layer 0 has {q_norm_len}", norms.len()),
+                        });
+                    }
+                    norms.extend(ex.k_norm.iter().flatten());
+                    let bias = c.storage_init("qkv_bias", f32_bytes(&bias));
+                    let norms = c.storage_init("qk_norm", f32_bytes(&norms));
+                    QkvBind::Split {
+                        raw: k.mv.bind(c, &step, &ub_qkv_raw, &wqkv, &x, &g_in, raw),
+                        post: post.bind(
+                            c,
+                            [&step, &ub_qkv_post, raw, &bias, &norms, &rope, &q, &kc, &vc],
+                        ),
+                    }
+                }
+                _ => QkvBind::Fused(
+                    k.qkv
+                        .bind(c, [&step, &ub_qkv, &wqkv, &x, &g_in, &rope, &q, &kc, &vc]),
+                ),
+            };
+            let shared_layer = match (&k.shared, shared_fmt, &routers[l].shared_expert) {
+                (Some(sk), Some(sf), Some(se)) => {
+                    let (w13, w2) = sf.encode_expert(&se.expert, h, sh_i).map_err(|reason| {
+                        ModelError::Tensor {
+                            name: format!("layer{l}.shared_expert"),
+                            reason,
+                        }
+                    })?;
+                    let w13 = c.storage_init("shared_w13", &w13);
+                    let w2 = c.storage_init("shared_w2", &w2);
+                    let gate = c.storage_init("shared_gate", f32_bytes(&se.gate));
+                    Some(SharedLayer {
+                        bg_gate: sk
+                            .gate
+                            .bind(c, [&step, &ub_gate_sh, &gate, &x, &g_post, &route_sh]),
+                        bg_up: sk.up.bind(
+                            c,
+                            [
+                                &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh, &table_sh,
+                            ],
+                        ),
+                        bg_down: sk.down.bind(
+                            c,
+                            [&step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh],
+                        ),
+                    })
+                }
+                (None, None, None) => None,
+                _ => {
+                    return Err(ModelError::Tensor {
+                        name: format!("layer{l}.shared_expert"),
+                        reason: format!(
+                            "model_type {} and the supplied routers disagree on the shared expert",
+                            cfg.family().model_type()
+                        ),
+                    })
+                }
+            };
             layers.push(Layer {
-                bg_qkv: k
-                    .qkv
-                    .bind(c, [&step, &ub_qkv, &wqkv, &x, &g_in, &rope, &q, &kc, &vc]),
+                qkv,
+                shared: shared_layer,
                 bg_attn: k
                     .attn
                     .bind(c, [&step, &ub_attn, &q, &kc, &vc, &scores, &attn_out]),
@@ -591,6 +862,8 @@ impl Engine {
             k,
             layers,
             pool,
+            pool_format,
+            shared_format: shared_fmt,
             step,
             tokens,
             route,
@@ -603,6 +876,9 @@ impl Engine {
             bg_head_all,
             bg_argmax,
             p_qkv,
+            p_qkv_raw,
+            p_qkv_post,
+            p_shared,
             p_attn,
             p_o,
             p_head_last,
@@ -650,6 +926,16 @@ impl Engine {
         self.paused.is_some()
     }
 
+    /// How the pool stores experts (the format a supplied expert must have).
+    pub fn pool_format(&self) -> PoolFormat {
+        self.pool_format
+    }
+
+    /// Bytes one expert takes in the pool.
+    pub fn expert_bytes(&self) -> u64 {
+        self.pool.w13_bytes + self.pool.w2_bytes
+    }
+
     /// Experts the pool holds at most.
     pub fn pool_slots(&self) -> usize {
         self.pool.slots()
@@ -682,11 +968,20 @@ impl Engine {
             },
             e => e,
         })?;
-        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        let fmt = self.opts.weights;
-        let (w1, w2m, w3) = (w.w1.to_f32(), w.w2.to_f32(), w.w3.to_f32());
-        let w13 = fmt.encode(&pack_w13(&w1.data, &w3.data, i, h), h, 2 * i);
-        let w2 = fmt.encode(&pack_w2(&w2m.data, i, h), i, h);
+        let (h, i) = (self.cfg.hidden_size, self.cfg.expert_intermediate_size());
+        let (w13, w2) = self
+            .pool_format
+            .encode_expert(&w, h, i)
+            .map_err(|reason| ModelError::Input(format!("{id}: {reason}")))?;
+        if w13.len() as u64 != self.pool.w13_bytes || w2.len() as u64 != self.pool.w2_bytes {
+            return Err(ModelError::Input(format!(
+                "{id}: {} + {} bytes, a pool slot holds {} + {}",
+                w13.len(),
+                w2.len(),
+                self.pool.w13_bytes,
+                self.pool.w2_bytes
+            )));
+        }
         let pinned = self.paused.as_ref().map_or(&[][..], |r| &r.need[..]);
         let (slot, evicted) = self.pool.claim(id, pinned)?;
         let q = &self.ctx.queue;
@@ -715,19 +1010,26 @@ impl Engine {
     /// (attention, router, the `k` experts of every layer, final norm and head).
     pub fn weight_bytes_per_token(&self, k: usize) -> u64 {
         let c = &self.cfg;
-        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (h, i, v) = (c.hidden_size, c.expert_intermediate_size(), c.vocab_size);
         let f = self.opts.weights;
         let attn = f.matrix_bytes(h, c.q_dim() + 2 * c.kv_dim())
             + f.matrix_bytes(c.q_dim(), h)
             + 2 * h * 4;
-        let moe =
-            h * c.num_local_experts * 4 + k * (f.matrix_bytes(h, 2 * i) + f.matrix_bytes(i, h));
+        let e = self.pool_format;
+        let mut moe = h * c.num_local_experts * 4 + k * (e.w13_bytes(h, i) + e.w2_bytes(h, i));
+        if let (Some(si), Some(f)) = (c.shared_expert_intermediate_size(), self.shared_format) {
+            moe += h * 4 + f.w13_bytes(h, si) + f.w2_bytes(h, si);
+        }
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
-    /// Dispatches one chunk issues.
+    /// Dispatches one chunk issues: `6 * layers + 3` for Mixtral, one more
+    /// per layer for the families with q/k/v extras (projection and
+    /// `qkv_post`), three more per layer for a shared expert.
     pub fn dispatches_per_step(&self) -> u64 {
-        6 * self.cfg.num_hidden_layers as u64 + 3
+        let per_layer =
+            6 + u64::from(self.k.qkv_post.is_some()) + 3 * u64::from(self.k.shared.is_some());
+        per_layer * self.cfg.num_hidden_layers as u64 + 3
     }
 
     /// Check a new step and plan its chunks.
@@ -808,7 +1110,10 @@ impl Engine {
             pos0: (self.pos + run.done) as u32,
             n_tok: run.n as u32,
             top_k: run.k as u32,
-            renorm: u32::from(run.use_moe),
+            // Top-k weights renormalised over the chosen experts unless the
+            // family keeps the softmax (`norm_topk_prob: false`); the dense
+            // mixture keeps the softmax over all experts.
+            renorm: u32::from(run.use_moe && self.cfg.renormalize_top_k()),
         };
         self.ctx.queue.write_buffer(&self.step, 0, u.bytes());
     }
@@ -822,6 +1127,40 @@ impl Engine {
             .down
             .encode(pass, &ly.bg_down, &self.p_exp, run.n as u32);
         self.stats.dispatches += 2;
+        // The shared expert's down half (its gate and up half ran with the router).
+        if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
+            sk.down
+                .encode(pass, &sh.bg_down, &self.p_shared, run.n as u32);
+            self.stats.dispatches += 1;
+        }
+    }
+
+    /// Encode a layer's attention block and router (and the shared expert's
+    /// gate and up half, which read the same hidden state as the routed
+    /// experts); returns the dispatch count.
+    fn encode_attention(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32) -> u64 {
+        let ly = &self.layers[l];
+        let mut d = 3;
+        match (&ly.qkv, &self.k.qkv_post) {
+            (QkvBind::Split { raw, post }, Some(k)) => {
+                self.k.mv.encode(pass, raw, &self.p_qkv_raw, n);
+                k.encode(pass, post, &self.p_qkv_post, n);
+                d += 2;
+            }
+            (QkvBind::Fused(bg), _) | (QkvBind::Split { raw: bg, .. }, None) => {
+                self.k.qkv.encode(pass, bg, &self.p_qkv, n);
+                d += 1;
+            }
+        }
+        self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
+        self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
+        self.k.router.encode(pass, &ly.bg_router, n);
+        if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
+            sk.gate.encode(pass, &sh.bg_gate, n);
+            sk.up.encode(pass, &sh.bg_up, &self.p_shared, n, 1);
+            d += 2;
+        }
+        d
     }
 
     fn submit(&mut self, enc: wgpu::CommandEncoder) {
@@ -921,15 +1260,10 @@ impl Engine {
             };
             for l in first..nl {
                 {
-                    let ly = &self.layers[l];
-                    let n = run.n as u32;
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    self.k.qkv.encode(&mut pass, &ly.bg_qkv, &self.p_qkv, n);
-                    self.k.attn.encode(&mut pass, &ly.bg_attn, &self.p_attn, n);
-                    self.k.mv.encode(&mut pass, &ly.bg_o, &self.p_o, n);
-                    self.k.router.encode(&mut pass, &ly.bg_router, n);
+                    let d = self.encode_attention(&mut pass, l, run.n as u32);
+                    self.stats.dispatches += d;
                 }
-                self.stats.dispatches += 4;
                 run.at = At::Experts(l);
                 if self.pool.layer_resident(l) {
                     // Nothing to ask for: no readback (every expert counts as used).

@@ -14,11 +14,180 @@ use super::context::{GpuContext, GpuError};
 use super::kernel::{
     f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
 };
+use crate::model::quant::QMat;
+use crate::model::{ExpertWeights, Weight};
+use crate::spec::quant::{QuantFormat, GROUP};
 
 pub const SOURCE_UP: &str = include_str!("../../../shaders/expert_up.wgsl");
 pub const SOURCE_DOWN: &str = include_str!("../../../shaders/expert_down.wgsl");
 pub const SOURCE_UP_F16: &str = include_str!("../../../shaders/expert_up_f16.wgsl");
 pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16.wgsl");
+pub const SOURCE_UP_Q8: &str = include_str!("../../../shaders/expert_up_q8.wgsl");
+pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
+pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl");
+pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
+
+/// How the expert pool stores its experts. Every format uses the same pool
+/// (slots, per-layer expert -> slot table, bind groups); only the bytes per
+/// expert and the kernels that read them differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolFormat {
+    /// Float experts, stored (transposed) in this format.
+    Float(WeightFormat),
+    /// Quantized experts, read packed (`q8_0`/`q4_0`, see [`pack_qmat`]).
+    Quant(QuantFormat),
+}
+
+impl Default for PoolFormat {
+    fn default() -> Self {
+        PoolFormat::Float(WeightFormat::F32)
+    }
+}
+
+impl std::fmt::Display for PoolFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolFormat::Float(WeightFormat::F32) => f.write_str("f32"),
+            PoolFormat::Float(WeightFormat::F16) => f.write_str("f16"),
+            PoolFormat::Quant(q) => f.write_str(q.as_str()),
+        }
+    }
+}
+
+impl PoolFormat {
+    /// Bytes of one expert's `w1/w3` block.
+    pub fn w13_bytes(self, hidden: usize, inter: usize) -> usize {
+        match self {
+            PoolFormat::Float(f) => f.matrix_bytes(hidden, 2 * inter),
+            PoolFormat::Quant(q) => qmat_pool_bytes(q, 2 * inter, hidden),
+        }
+    }
+
+    /// Bytes of one expert's `w2` block.
+    pub fn w2_bytes(self, hidden: usize, inter: usize) -> usize {
+        match self {
+            PoolFormat::Float(f) => f.matrix_bytes(inter, hidden),
+            PoolFormat::Quant(q) => qmat_pool_bytes(q, hidden, inter),
+        }
+    }
+
+    /// One expert's (`w13`, `w2`) blocks in this format. An expert in
+    /// another format (float into a quantized pool, `q4_0` into a `q8_0`
+    /// one, quantized into a float one) is an error naming both formats.
+    pub fn encode_expert(
+        self,
+        w: &ExpertWeights,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let got = w.quant();
+        let sizes = [
+            ("w1", &w.w1, inter, hidden),
+            ("w3", &w.w3, inter, hidden),
+            ("w2", &w.w2, hidden, inter),
+        ];
+        for (name, m, rows, cols) in sizes {
+            if m.quant() != got {
+                return Err(format!(
+                    "{name}: an expert's matrices must share one format"
+                ));
+            }
+            if m.rows() != rows || m.cols() != cols {
+                return Err(format!(
+                    "{name}: [{}, {}], expected [{rows}, {cols}]",
+                    m.rows(),
+                    m.cols()
+                ));
+            }
+        }
+        match (self, &w.w1, &w.w3, &w.w2) {
+            (PoolFormat::Float(f), Weight::F32(w1), Weight::F32(w3), Weight::F32(w2)) => Ok((
+                f.encode(
+                    &pack_w13(&w1.data, &w3.data, inter, hidden),
+                    hidden,
+                    2 * inter,
+                ),
+                f.encode(&pack_w2(&w2.data, inter, hidden), inter, hidden),
+            )),
+            (PoolFormat::Quant(q), Weight::Q(w1), Weight::Q(w3), Weight::Q(w2))
+                if w1.format == q && w3.format == q && w2.format == q =>
+            {
+                let w13 = pack_qmat(&[w1, w3])?;
+                let w2 = pack_qmat(&[w2])?;
+                Ok((
+                    bytemuck::cast_slice(&w13).to_vec(),
+                    bytemuck::cast_slice(&w2).to_vec(),
+                ))
+            }
+            _ => Err(format!(
+                "the expert is {}, the engine's expert pool holds {self} experts",
+                got.map_or("float (f32)", |q| q.as_str())
+            )),
+        }
+    }
+}
+
+/// Bytes a quantized `[rows, cols]` matrix takes in the pool: the packed
+/// values (`cols` a multiple of 32) and its f16 scales two per word (rows
+/// rounded up to even).
+pub fn qmat_pool_bytes(format: QuantFormat, rows: usize, cols: usize) -> usize {
+    rows * format.row_bytes(cols) + cols / GROUP * rows.div_ceil(2) * 4
+}
+
+/// Quantized matrices stacked row-wise (same format and columns) in the
+/// pool layout the quantized kernels read, as `u32` words:
+/// - values: word `(r, w)` (bytes `4w..4w+3` of row `r`, little-endian, as
+///   stored) at `w * rows + r`, so neighbouring rows are neighbouring words;
+/// - then scales: the f16 scale of group `gi` of row `r` in the low (`r`
+///   even) or high (`r` odd) half of word `gi * ceil(rows / 2) + r / 2`.
+pub fn pack_qmat(mats: &[&QMat]) -> Result<Vec<u32>, String> {
+    let Some(first) = mats.first() else {
+        return Ok(Vec::new());
+    };
+    let (format, cols) = (first.format, first.cols);
+    if cols == 0 || !cols.is_multiple_of(GROUP) {
+        return Err(format!(
+            "{cols} columns are not a multiple of the group size {GROUP}"
+        ));
+    }
+    let rb = format.row_bytes(cols);
+    let gpr = cols / GROUP;
+    for m in mats {
+        if m.format != format || m.cols != cols {
+            return Err("stacked matrices must share format and columns".into());
+        }
+        if m.values.len() != m.rows * rb || m.scale_bits.len() != m.rows * gpr {
+            return Err(format!(
+                "{} [{}, {}]: {} value bytes and {} scales",
+                m.format,
+                m.rows,
+                m.cols,
+                m.values.len(),
+                m.scale_bits.len()
+            ));
+        }
+    }
+    let rows: usize = mats.iter().map(|m| m.rows).sum();
+    let vw = rb / 4;
+    let rh = rows.div_ceil(2);
+    let mut out = vec![0u32; rows * vw + gpr * rh];
+    let (vals, scales) = out.split_at_mut(rows * vw);
+    let mut r = 0;
+    for m in mats {
+        for mr in 0..m.rows {
+            let row = &m.values[mr * rb..(mr + 1) * rb];
+            for (w, b) in row.chunks_exact(4).enumerate() {
+                vals[w * rows + r] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            for gi in 0..gpr {
+                let bits = u32::from(m.scale_bits[mr * gpr + gi]);
+                scales[gi * rh + r / 2] |= bits << (16 * (r % 2));
+            }
+            r += 1;
+        }
+    }
+    Ok(out)
+}
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -46,10 +215,18 @@ impl ExpertUp {
 
     /// The variant reading `w13` in `format`.
     pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        match format {
-            WeightFormat::F32 => Self(Kernel::new(ctx, "expert_up", SOURCE_UP, None)),
-            WeightFormat::F16 => Self(Kernel::new(ctx, "expert_up_f16", SOURCE_UP_F16, None)),
-        }
+        Self::for_pool(ctx, PoolFormat::Float(format))
+    }
+
+    /// The variant reading a pool of `format`.
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
+        let (name, src) = match format {
+            PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4),
+        };
+        Self(Kernel::new(ctx, name, src, None))
     }
     /// Bindings: step, params, w13 (pool), x, g, route, act, slot table.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
@@ -78,10 +255,18 @@ impl ExpertDown {
 
     /// The variant reading `w2` in `format`.
     pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        match format {
-            WeightFormat::F32 => Self(Kernel::new(ctx, "expert_down", SOURCE_DOWN, None)),
-            WeightFormat::F16 => Self(Kernel::new(ctx, "expert_down_f16", SOURCE_DOWN_F16, None)),
-        }
+        Self::for_pool(ctx, PoolFormat::Float(format))
+    }
+
+    /// The variant reading a pool of `format`.
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
+        let (name, src) = match format {
+            PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4),
+        };
+        Self(Kernel::new(ctx, name, src, None))
     }
     /// Bindings: step, params, w2 (pool), act, route, x, slot table.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
@@ -201,8 +386,65 @@ pub async fn run_format(
     eps: f32,
     route: &[Vec<(u32, f32)>],
 ) -> Result<Vec<f32>, GpuError> {
-    let ne = experts.len();
-    let n = x.len() / hidden;
+    let blocks: Vec<(Vec<u8>, Vec<u8>)> = experts
+        .iter()
+        .map(|e| {
+            (
+                format.encode(&pack_w13(e.w1, e.w3, inter, hidden), hidden, 2 * inter),
+                format.encode(&pack_w2(e.w2, inter, hidden), inter, hidden),
+            )
+        })
+        .collect();
+    run_blocks(
+        ctx,
+        PoolFormat::Float(format),
+        &blocks,
+        inter,
+        hidden,
+        x,
+        g,
+        eps,
+        route,
+    )
+    .await
+}
+
+/// [`run`] with whole experts (f32 or quantized) in a pool of `format`
+/// (encoded with [`PoolFormat::encode_expert`], as the engine does).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_pool(
+    ctx: &GpuContext,
+    format: PoolFormat,
+    experts: &[ExpertWeights],
+    inter: usize,
+    hidden: usize,
+    x: &[f32],
+    g: &[f32],
+    eps: f32,
+    route: &[Vec<(u32, f32)>],
+) -> Result<Vec<f32>, GpuError> {
+    let blocks = experts
+        .iter()
+        .map(|e| format.encode_expert(e, hidden, inter))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GpuError::Input)?;
+    run_blocks(ctx, format, &blocks, inter, hidden, x, g, eps, route).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_blocks(
+    ctx: &GpuContext,
+    format: PoolFormat,
+    blocks: &[(Vec<u8>, Vec<u8>)],
+    inter: usize,
+    hidden: usize,
+    x: &[f32],
+    g: &[f32],
+    eps: f32,
+    route: &[Vec<(u32, f32)>],
+) -> Result<Vec<f32>, GpuError> {
+    let ne = blocks.len();
+    let n = x.len() / hidden.max(1);
     let k = route.first().map_or(0, |r| r.len());
     if route.len() != n
         || route
@@ -210,11 +452,14 @@ pub async fn run_format(
             .any(|r| r.len() != k || r.iter().any(|&(e, _)| e as usize >= ne))
         || k == 0
         || k > ne
+        || hidden == 0
+        || x.len() != n * hidden
+        || g.len() != hidden
     {
-        return Err(GpuError::Input("expert: bad route".into()));
+        return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::with_format(ctx, format);
-    let down = ExpertDown::with_format(ctx, format);
+    let up = ExpertUp::for_pool(ctx, format);
+    let down = ExpertDown::for_pool(ctx, format);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,
@@ -239,9 +484,9 @@ pub async fn run_format(
     // maps them back), so the test exercises the indirection.
     let mut w13 = Vec::new();
     let mut w2 = Vec::new();
-    for e in experts.iter().rev() {
-        w13.extend(format.encode(&pack_w13(e.w1, e.w3, inter, hidden), hidden, 2 * inter));
-        w2.extend(format.encode(&pack_w2(e.w2, inter, hidden), inter, hidden));
+    for (a, b) in blocks.iter().rev() {
+        w13.extend_from_slice(a);
+        w2.extend_from_slice(b);
     }
     let mut words = vec![0u32; n * ne * 2];
     for (t, r) in route.iter().enumerate() {

@@ -1,4 +1,5 @@
-//! GPU engine (wgpu): WGSL kernels and the Mixtral forward pass.
+//! GPU engine (wgpu): WGSL kernels and the MoE forward pass (Mixtral, OLMoE,
+//! Qwen2-MoE, Qwen3-MoE; float or quantized experts).
 //!
 //! - [`context`]: device setup apart from the work functions
 //!   ([`GpuContext::new`] async, [`GpuContext::new_blocking`] natively);
@@ -8,7 +9,9 @@
 //!   browser `map_async` awaited through a oneshot channel).
 //! - one module per kernel in `shaders/`, each with its CPU reference and a
 //!   one-shot `run` beside it: [`matvec`], [`rmsnorm`], [`add`], [`embedding`],
-//!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down), [`argmax`].
+//!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down, float
+//!   and quantized), [`argmax`], and [`family`] (q/k/v biases and q/k norms,
+//!   the shared expert's gate: OLMoE, Qwen2-MoE, Qwen3-MoE).
 //!   Weights are stored transposed (`[in][out]`) so neighbouring invocations
 //!   read neighbouring words.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
@@ -23,7 +26,9 @@
 //! let ctx = Arc::new(GpuContext::new().await?);            // or new_blocking() natively
 //! let mut engine = Engine::new(ctx, &cfg, &shared, &routers)?;
 //! // Engine::with_options(.., EngineOptions { max_seq, max_batch, weights,
+//! //     expert_quant,   // None: float experts; Some(q8_0 | q4_0): quantized pool
 //! //     expert_pool_bytes: Some(12 * expert_bytes(&cfg, weights)) }) for a small pool
+//! // (Engine::new takes expert_quant from the config: cfg.expert_quant())
 //! match engine.step(&prompt_ids, &opts, Want::Greedy).await? {
 //!     Step::Done(Output::Token(t)) => { /* next token */ }
 //!     Step::Need(ids) => {
@@ -51,6 +56,7 @@ pub mod context;
 pub mod embedding;
 pub mod engine;
 pub mod expert;
+pub mod family;
 pub mod kernel;
 pub mod matvec;
 pub mod qkv_rope;
@@ -60,7 +66,8 @@ pub mod router;
 pub use context::{GpuContext, GpuError};
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::Attached;
-pub use engine::{expert_bytes, Engine, EngineOptions, EngineStats};
+pub use engine::{expert_bytes, pool_expert_bytes, Engine, EngineOptions, EngineStats};
+pub use expert::PoolFormat;
 pub use kernel::WeightFormat;
 
 /// Every WGSL file, by name (validated with naga in the tests).
@@ -71,12 +78,18 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("embedding", embedding::SOURCE),
     ("expert_down", expert::SOURCE_DOWN),
     ("expert_down_f16", expert::SOURCE_DOWN_F16),
+    ("expert_down_q4", expert::SOURCE_DOWN_Q4),
+    ("expert_down_q8", expert::SOURCE_DOWN_Q8),
     ("expert_up", expert::SOURCE_UP),
     ("expert_up_f16", expert::SOURCE_UP_F16),
+    ("expert_up_q4", expert::SOURCE_UP_Q4),
+    ("expert_up_q8", expert::SOURCE_UP_Q8),
     ("matvec", matvec::SOURCE),
     ("matvec_f16", matvec::SOURCE_F16),
+    ("qkv_post", family::SOURCE_QKV_POST),
     ("qkv_rope", qkv_rope::SOURCE),
     ("qkv_rope_f16", qkv_rope::SOURCE_F16),
     ("rmsnorm", rmsnorm::SOURCE),
     ("router", router::SOURCE),
+    ("shared_gate", family::SOURCE_SHARED_GATE),
 ];

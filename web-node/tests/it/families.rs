@@ -595,30 +595,193 @@ fn a_qwen2_chain_runs_with_shared_experts_fetched_with_the_routers() {
     assert_eq!(got, Output::Logits(want));
 }
 
+/// Per position `max |a - b| <= 1e-4 * max |b|` (f32 on both engines).
+fn assert_positions_close(gpu: &[Vec<f32>], cpu: &[Vec<f32>], what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}");
+    for (i, (a, b)) in gpu.iter().zip(cpu).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-4, "{what} position {i}: relative error {e}");
+    }
+}
+
+/// The GPU engine runs OLMoE (q/k norm over the projection), Qwen2-MoE
+/// (q/k/v biases, shared expert with its sigmoid gate) and Qwen3-MoE (q/k
+/// norm per head), with and without renormalised top-k: on every
+/// transformers fixture, the CPU engine's logits per position and its (and
+/// transformers') 16 greedy tokens, with every expert resident and with a
+/// pool of top_k + 1 experts that evicts (one token per chunk); and with q8_0 experts,
+/// the CPU's greedy tokens on the same quantized experts.
 #[test]
-fn the_gpu_engine_refuses_the_families_it_does_not_run() {
+fn the_gpu_engine_runs_every_family_like_the_cpu() {
+    use web_node::gpu::{pool_expert_bytes, Engine, EngineOptions, GpuContext, PoolFormat};
+    use web_node::model::quant::QuantizingSource;
+    use web_node::model::{ExpertSource, QuantFormat};
     let Some(c) = crate::gpu_support::ctx() else {
         return;
     };
-    for f in [Family::Olmoe, Family::Qwen2Moe, Family::Qwen3Moe] {
-        let cfg = tiny_family_config(f);
-        let m = random_model_bytes(&cfg, 2).unwrap();
-        let shared =
-            web_node::model::SharedWeights::from_safetensors(&cfg, &m.safetensors).unwrap();
-        let routers =
-            web_node::model::load::routers_from_safetensors(&cfg, &m.safetensors).unwrap();
-        let ctx = std::sync::Arc::new(web_node::gpu::GpuContext {
+    let ctx = || {
+        std::sync::Arc::new(GpuContext {
             device: c.device.clone(),
             queue: c.queue.clone(),
             info: c.info.clone(),
             limits: c.limits.clone(),
             workgroup_size: c.workgroup_size,
-        });
-        let e = web_node::gpu::Engine::new(ctx, &cfg, &shared, &routers)
+        })
+    };
+    let opts = RunOptions::default();
+    let mut seen = HashSet::new();
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let cfg = Config::from_json(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        seen.insert(cfg.family());
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+        let greedy: Vec<u32> = serde_json::from_value(r["greedy_tokens"].clone()).unwrap();
+        let shared = web_node::model::SharedWeights::from_safetensors(&cfg, &bytes).unwrap();
+        let routers = web_node::model::load::routers_from_safetensors(&cfg, &bytes).unwrap();
+        let source = || BytesExpertSource::new(cfg.clone(), bytes.clone()).unwrap();
+
+        let mut cpu = CpuModel::from_safetensors(cfg.clone(), bytes.clone()).unwrap();
+        let cpu_all = cpu.forward_all_logits(&ids).unwrap();
+        let mut cpu_tokens = Vec::new();
+        let mut logits = cpu_all.last().unwrap().clone();
+        for _ in 0..16 {
+            let next = argmax(&logits);
+            cpu_tokens.push(next);
+            logits = cpu.forward(&[next], &opts).unwrap();
+        }
+        assert_eq!(cpu_tokens, greedy, "{name}: CPU vs transformers");
+
+        let per = pool_expert_bytes(&cfg, PoolFormat::default());
+        // A pool of top_k + 1 experts (fewer than one layer's).
+        let small = (cfg.num_experts_per_tok as u64 + 1) * per;
+        for pool in [None, Some(small)] {
+            let mut gpu = Engine::with_options(
+                ctx(),
+                &cfg,
+                &shared,
+                &routers,
+                EngineOptions {
+                    max_seq: 128,
+                    expert_pool_bytes: pool,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut src = source();
+            let all = gpu.forward_all_logits(&mut src, &ids, &opts).unwrap();
+            assert_positions_close(&all, &cpu_all, &format!("{name} pool {pool:?}"));
+            let mut tokens = Vec::new();
+            let mut next = argmax(all.last().unwrap());
+            for _ in 0..16 {
+                tokens.push(next);
+                next = gpu.next_token(&mut src, &[next], &opts).unwrap();
+            }
+            assert_eq!(
+                tokens, greedy,
+                "{name}, pool {pool:?}: GPU vs transformers and CPU"
+            );
+            let s = gpu.stats();
+            if pool.is_some() {
+                assert!(s.expert_evictions > 0, "{name}: {s:?}");
+            }
+            // One decoded token: the family's dispatches, nothing else.
+            gpu.reset_stats();
+            gpu.next_token(&mut src, &[next], &opts).unwrap();
+            assert_eq!(
+                gpu.stats().dispatches,
+                gpu.dispatches_per_step(),
+                "{name}: {:?}",
+                gpu.stats()
+            );
+        }
+
+        // The dense mixture (softmax over every expert) and a top_k override.
+        for o in [
+            RunOptions {
+                top_k: None,
+                use_moe: false,
+            },
+            RunOptions {
+                top_k: Some(1),
+                use_moe: true,
+            },
+        ] {
+            let mut gpu = Engine::with_options(
+                ctx(),
+                &cfg,
+                &shared,
+                &routers,
+                EngineOptions {
+                    max_seq: 128,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let g = gpu.forward(&mut source(), &ids, &o).unwrap();
+            let mut cpu = CpuModel::from_safetensors(cfg.clone(), bytes.clone()).unwrap();
+            let want = cpu.forward(&ids, &o).unwrap();
+            let e = rel_err(&g, &want);
+            assert!(e <= 1e-4, "{name} {o:?}: relative error {e}");
+        }
+
+        // q8_0 experts (the shared expert stays float): the CPU's greedy
+        // tokens on the same quantized experts.
+        let q = QuantFormat::Q8_0;
+        let mut cpu_q = CpuModel::new(
+            cfg.clone(),
+            shared.clone(),
+            routers.clone(),
+            QuantizingSource {
+                inner: source(),
+                format: q,
+            },
+        )
+        .unwrap();
+        let mut want = Vec::new();
+        let mut logits = cpu_q.forward(&ids, &opts).unwrap();
+        for _ in 0..16 {
+            let next = argmax(&logits);
+            want.push(next);
+            logits = cpu_q.forward(&[next], &opts).unwrap();
+        }
+        let mut gpu = Engine::with_options(
+            ctx(),
+            &cfg,
+            &shared,
+            &routers,
+            EngineOptions {
+                max_seq: 128,
+                expert_quant: Some(q),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut src = QuantizingSource {
+            inner: source(),
+            format: q,
+        };
+        let got = gpu
+            .generate_greedy(&mut src, &ids, 16, &opts, |_| {})
+            .unwrap();
+        assert_eq!(got, want, "{name} q8_0: GPU vs CPU");
+        // A float expert is refused by the q8_0 pool, naming both formats.
+        let e = gpu
+            .supply_expert(
+                web_node::model::ExpertId::new(0, 0),
+                source().load_expert(0, 0).unwrap(),
+            )
             .unwrap_err()
             .to_string();
-        assert!(e.contains(f.model_type()) && e.contains("GPU"), "{e}");
+        assert!(e.contains("q8_0") && e.contains("f32"), "{e}");
+        eprintln!("{name}: GPU greedy tokens = CPU = transformers; q8_0 GPU = CPU");
     }
+    assert_eq!(
+        seen,
+        HashSet::from([Family::Olmoe, Family::Qwen2Moe, Family::Qwen3Moe])
+    );
 }
 
 /// Quantized experts against the f32 transformers logits of every fixture:

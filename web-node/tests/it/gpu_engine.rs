@@ -12,15 +12,20 @@ use std::sync::Arc;
 
 use common::ctx;
 use web_node::gpu::kernel::round_f16;
-use web_node::gpu::{expert_bytes, Attached, Engine, EngineOptions, GpuContext, WeightFormat};
+use web_node::gpu::{
+    expert_bytes, pool_expert_bytes, Attached, Engine, EngineOptions, GpuContext, PoolFormat,
+    WeightFormat,
+};
 use web_node::model::load::{DirExpertSource, ModelDir};
-use web_node::model::random::{tiny_config, write_random_model};
+use web_node::model::quant::{quantize_expert, QuantizingSource};
+use web_node::model::random::{small_config, tiny_config, write_random_model, TOKENIZER_VOCAB};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
 use web_node::model::{
     Engine as _, ExpertId, ExpertSource, ExpertWeights, Forward, ModelError, Output, RunOptions,
     Step, Want,
 };
+use web_node::spec::quant::QuantFormat;
 
 fn model_dir(seed: u64) -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -683,5 +688,208 @@ fn f16_weights_match_cpu_on_the_same_rounded_weights() {
     assert!(
         gpu.weight_bytes_per_token(2)
             < gpu_engine(c, &m, EngineOptions::default()).weight_bytes_per_token(2)
+    );
+}
+
+/// A random Mixtral whose sizes fit the quantization groups (hidden 64,
+/// expert intermediate 96: a multiple of 32, not of the workgroup).
+fn quant_model_dir(seed: u64) -> (tempfile::TempDir, ModelDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(TOKENIZER_VOCAB, 64, 96, 3, 4, 2);
+    write_random_model(dir.path(), &cfg, seed).unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    (dir, m)
+}
+
+fn quantizing(m: &ModelDir, format: QuantFormat) -> QuantizingSource<DirExpertSource> {
+    QuantizingSource {
+        inner: m.expert_source().unwrap(),
+        format,
+    }
+}
+
+/// CPU reference greedy tokens with the experts quantized as they load.
+fn cpu_greedy_quant(
+    m: &ModelDir,
+    q: QuantFormat,
+    p: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let opts = RunOptions::default();
+    let mut cpu = CpuModel::new(
+        m.config.clone(),
+        m.shared.clone(),
+        m.routers.clone(),
+        quantizing(m, q),
+    )
+    .unwrap();
+    let all = cpu.forward_all_logits_with(p, &opts).unwrap();
+    let mut tok = argmax(&all[all.len() - 1]);
+    let mut want = Vec::new();
+    for _ in 0..steps {
+        want.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+    }
+    (want, all)
+}
+
+/// q8_0 and q4_0 experts read packed by the quantized kernels: the same
+/// greedy tokens (and close logits) as the CPU engine with the same
+/// quantized experts, with every expert resident and with a 5-expert pool
+/// that evicts.
+#[test]
+fn quantized_experts_give_the_cpu_greedy_tokens_full_and_small_pool() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = quant_model_dir(31);
+    let opts = RunOptions::default();
+    let p = prompt(7, 3);
+    let steps = 24;
+    for q in QuantFormat::ALL {
+        let (want, logits) = cpu_greedy_quant(&m, q, &p, steps);
+        let per = pool_expert_bytes(&m.config, PoolFormat::Quant(q));
+        for pool in [None, Some(5 * per + per / 2)] {
+            let mut gpu = gpu_engine(
+                c,
+                &m,
+                EngineOptions {
+                    expert_quant: Some(q),
+                    expert_pool_bytes: pool,
+                    ..Default::default()
+                },
+            );
+            assert_eq!(gpu.pool_format(), PoolFormat::Quant(q));
+            assert_eq!(gpu.expert_bytes(), per);
+            let mut src = quantizing(&m, q);
+            let g = gpu.forward_all_logits(&mut src, &p, &opts).unwrap();
+            for (i, (a, b)) in g.iter().zip(&logits).enumerate() {
+                assert_logits_close(a, b, &format!("{q} pool {pool:?} position {i}"));
+            }
+            let mut tok = argmax(&g[g.len() - 1]);
+            let mut got = Vec::new();
+            for _ in 0..steps {
+                got.push(tok);
+                tok = gpu.next_token(&mut src, &[tok], &opts).unwrap();
+            }
+            assert_eq!(got, want, "{q}, pool {pool:?}: GPU vs CPU greedy tokens");
+            let s = gpu.stats();
+            eprintln!(
+                "{q} pool of {} experts ({per} bytes each): {} uploads, {} evictions",
+                gpu.pool_slots(),
+                s.expert_uploads,
+                s.expert_evictions
+            );
+            assert_eq!(s.expert_bytes_uploaded, s.expert_uploads * per);
+            if pool.is_some() {
+                assert_eq!(gpu.pool_slots(), 5);
+                assert!(s.expert_evictions > 0, "{s:?}");
+            } else {
+                assert_eq!(s.expert_evictions, 0);
+            }
+        }
+    }
+    // Bytes per expert: q4_0 < q8_0 < f16 < f32.
+    let b = |f| pool_expert_bytes(&m.config, f);
+    assert!(b(PoolFormat::Quant(QuantFormat::Q4_0)) < b(PoolFormat::Quant(QuantFormat::Q8_0)));
+    assert!(b(PoolFormat::Quant(QuantFormat::Q8_0)) < b(PoolFormat::Float(WeightFormat::F16)));
+}
+
+/// The committed default model (hidden 128, expert intermediate 256) with
+/// q8_0 experts on the GPU: the CPU's greedy tokens for a few prompts.
+#[test]
+fn default_model_q8_0_on_the_gpu_matches_the_cpu() {
+    let Some(c) = ctx() else { return };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let m = ModelDir::load(&path).unwrap();
+    let q = QuantFormat::Q8_0;
+    let opts = RunOptions::default();
+    let mut gpu = gpu_engine(
+        c,
+        &m,
+        EngineOptions {
+            max_seq: 128,
+            expert_quant: Some(q),
+            ..Default::default()
+        },
+    );
+    let mut src = quantizing(&m, q);
+    let vocab = m.config.vocab_size as u32;
+    for (n, seed) in [(5usize, 1u32), (12, 2), (3, 3)] {
+        let p: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 53 + seed * 101 + 7) % vocab)
+            .collect();
+        let (want, _) = cpu_greedy_quant(&m, q, &p, 12);
+        gpu.reset();
+        let got = gpu
+            .generate_greedy(&mut src, &p, 12, &opts, |_| {})
+            .unwrap();
+        assert_eq!(got, want, "prompt {p:?}");
+    }
+}
+
+/// The pool's format is explicit: a supplied expert in another format is a
+/// clear error (never a panic, never read as the wrong bytes), and a model
+/// whose config says its experts are quantized gets a pool of that format.
+#[test]
+fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = quant_model_dir(5);
+    let id = ExpertId::new(1, 2);
+    let float = m.expert_source().unwrap().load_expert(1, 2).unwrap();
+    let q8 = quantize_expert(&float, QuantFormat::Q8_0).unwrap();
+    let q4 = quantize_expert(&float, QuantFormat::Q4_0).unwrap();
+    let opts = |q| EngineOptions {
+        expert_quant: q,
+        ..Default::default()
+    };
+    let mut e8 = gpu_engine(c, &m, opts(Some(QuantFormat::Q8_0)));
+    for (w, what) in [(float.clone(), "float (f32)"), (q4.clone(), "q4_0")] {
+        match e8.supply_expert(id, w) {
+            Err(ModelError::Input(msg)) => {
+                assert!(
+                    msg.contains(what) && msg.contains("q8_0") && msg.contains("layer1.expert2"),
+                    "{msg}"
+                )
+            }
+            other => panic!("{what} into a q8_0 pool: {other:?}"),
+        }
+    }
+    assert_eq!(e8.resident_experts(), 0);
+    e8.supply_expert(id, q8.clone()).unwrap();
+    assert!(e8.is_expert_resident(1, 2));
+    let mut ef = gpu_engine(c, &m, opts(None));
+    assert!(matches!(
+        ef.supply_expert(id, q8),
+        Err(ModelError::Input(_))
+    ));
+    assert_eq!(ef.resident_experts(), 0);
+
+    // A quantized model on the chain: its config names the format.
+    let mut cfg = m.config.clone();
+    cfg.quantization_config = Some(serde_json::json!({
+        "quant_method": "aiblock", "format": "q4_0", "group_size": 32
+    }));
+    let e = Engine::new(shared_ctx(c), &cfg, &m.shared, &m.routers).unwrap();
+    assert_eq!(e.pool_format(), PoolFormat::Quant(QuantFormat::Q4_0));
+    for q in [None, Some(QuantFormat::Q8_0)] {
+        let err =
+            Engine::with_options(shared_ctx(c), &cfg, &m.shared, &m.routers, opts(q)).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Config(msg) if msg.contains("q4_0")),
+            "{err}"
+        );
+    }
+    // Sizes that do not fit the groups (tiny_config: intermediate 48).
+    let (_d2, t) = model_dir(1);
+    let err = Engine::with_options(
+        shared_ctx(c),
+        &t.config,
+        &t.shared,
+        &t.routers,
+        opts(Some(QuantFormat::Q8_0)),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("multiples of the group size"),
+        "{err}"
     );
 }
