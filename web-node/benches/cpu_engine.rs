@@ -108,10 +108,20 @@ fn child(engine: &str, dir: &Path) {
     };
     let mut extra = String::new();
     let cfg;
-    if let Some(threads) = engine.strip_prefix("ours") {
+    if let Some(rest) = engine.strip_prefix("ours") {
+        let (threads, quant) = match rest.split_once(':') {
+            Some((t, q)) => (t, web_node::model::QuantFormat::parse(q)),
+            None => (rest, None),
+        };
         let d = ModelDir::load(dir).unwrap();
         cfg = d.config.clone();
         let mut m = CpuModel::from_model_dir(&d).unwrap();
+        if let Some(format) = quant {
+            m.set_source(web_node::model::quant::QuantizingSource {
+                inner: d.expert_source().unwrap(),
+                format,
+            });
+        }
         m.set_threads(threads.parse().unwrap_or(1));
         let load_s = t0.elapsed().as_secs_f64();
         let p = prompt(&cfg, np);
@@ -140,9 +150,13 @@ fn child(engine: &str, dir: &Path) {
         let s = first_run.unwrap();
         let per_tok_read = s.expert_bytes_read as f64 / s.tokens as f64;
         // Bytes read per decode token: every routed expert, once per token.
-        let expert_bytes = 4 * 3 * cfg.hidden_size * cfg.intermediate_size;
+        let weights = 3 * cfg.hidden_size * cfg.intermediate_size;
+        let expert_bytes = match quant {
+            None => 4 * weights,
+            Some(q) => q.matrix_bytes(1, weights),
+        };
         extra = format!(
-            " load_s={load_s:.3} experts_loaded={} expert_bytes_loaded={} expert_bytes_loaded_per_token={:.0} expert_bytes_read_per_token_avg={per_tok_read:.0} expert_bytes_read_per_decode_token={}",
+            " load_s={load_s:.3} bytes_per_expert={expert_bytes} experts_loaded={} expert_bytes_loaded={} expert_bytes_loaded_per_token={:.0} expert_bytes_read_per_token_avg={per_tok_read:.0} expert_bytes_read_per_decode_token={}",
             s.experts_loaded,
             s.expert_bytes_loaded,
             s.expert_bytes_loaded as f64 / s.tokens as f64,
@@ -239,7 +253,11 @@ fn main() {
     );
     drop(d);
     let exe = std::env::current_exe().unwrap();
-    let mut engines = vec!["ours1".to_string()];
+    let mut engines = vec![
+        "ours1".to_string(),
+        "ours1:q8_0".to_string(),
+        "ours1:q4_0".to_string(),
+    ];
     if cores > 1 {
         engines.push(format!("ours{cores}"));
     }
@@ -255,6 +273,8 @@ fn main() {
             Some(l) => println!(
                 "{}",
                 l.replace("engine=ours", "engine=cpu-reference threads=")
+                    .replace(":q8_0", " dtype=q8_0")
+                    .replace(":q4_0", " dtype=q4_0")
             ),
             None => println!("{e}: failed: {}", String::from_utf8_lossy(&out.stderr)),
         }

@@ -258,9 +258,74 @@ impl QRowsOp<'_> {
     }
 }
 
+/// One quantized row against one input row, without expanding the row:
+/// per group, 16 accumulators over the 32 products (q8: weights `j` and
+/// `j+16`; q4: the low and the high nibble of byte `j`), times the scale.
+#[inline(always)]
+fn qrow_dot(format: QuantFormat, vals: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    let mut s = 0f32;
+    match format {
+        QuantFormat::Q8_0 => {
+            for ((v, xg), &d) in vals
+                .chunks_exact(GROUP)
+                .zip(x.chunks_exact(GROUP))
+                .zip(scales)
+            {
+                let mut acc = [0f32; 16];
+                for j in 0..16 {
+                    acc[j] = (v[j] as i8) as f32 * xg[j] + (v[j + 16] as i8) as f32 * xg[j + 16];
+                }
+                s += d * reduce16(&acc);
+            }
+        }
+        QuantFormat::Q4_0 => {
+            for ((v, xg), &d) in vals
+                .chunks_exact(GROUP / 2)
+                .zip(x.chunks_exact(GROUP))
+                .zip(scales)
+            {
+                let mut acc = [0f32; 16];
+                for j in 0..16 {
+                    let lo = (v[j] & 0x0f) as i32 - 8;
+                    let hi = (v[j] >> 4) as i32 - 8;
+                    acc[j] = lo as f32 * xg[j] + hi as f32 * xg[j + 16];
+                }
+                s += d * reduce16(&acc);
+            }
+        }
+    }
+    s
+}
+
+#[inline(always)]
+fn reduce16(acc: &[f32; 16]) -> f32 {
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
 #[inline(always)]
 fn qrows_kernel(w: &QMat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
     let inn = w.cols;
+    if t == 1 {
+        // Decode: one input row; read each packed row once, never expanded.
+        let gpr = inn / GROUP;
+        let rb = w.format.row_bytes(inn);
+        for (r, y) in chunk.iter_mut().enumerate() {
+            let o = o0 + r;
+            *y = qrow_dot(
+                w.format,
+                &w.values[o * rb..(o + 1) * rb],
+                &w.scales[o * gpr..(o + 1) * gpr],
+                &x[..inn],
+            );
+        }
+        return;
+    }
+    // Prefill: each row is expanded once and used for every input row.
     let mut row = vec![0f32; inn];
     for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
         w.row_into(o0 + r, &mut row);
