@@ -79,7 +79,24 @@ impl std::fmt::Debug for ChainModel {
 /// (once its payload gives the config) the shared block and every router
 /// (with its layer's shared expert, for a family that has one).
 pub fn startup_blocks(dag: &Dag) -> Result<Vec<BlockHash>, NodeError> {
-    let meta = dag.latest_meta().ok_or(NodeError::NoModel)?;
+    startup_blocks_of(dag, None)
+}
+
+/// The model `sel` names (a meta block hash or a model name, see
+/// [`Dag::find_meta`]); `None`: the newest model.
+pub fn select_meta<'a>(
+    dag: &'a Dag,
+    sel: Option<&str>,
+) -> Result<&'a crate::chain::DagEntry, NodeError> {
+    match sel {
+        None => dag.latest_meta().ok_or(NodeError::NoModel),
+        Some(s) => dag.find_meta(s).ok_or(NodeError::NoModel),
+    }
+}
+
+/// [`startup_blocks`] of the model `sel` names (None: the newest).
+pub fn startup_blocks_of(dag: &Dag, sel: Option<&str>) -> Result<Vec<BlockHash>, NodeError> {
+    let meta = select_meta(dag, sel)?;
     let mut out = vec![meta.hash];
     let heads = dag.slot_heads(&meta.hash);
     if let Some(cfg) = &meta.config {

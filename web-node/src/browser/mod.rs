@@ -27,7 +27,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
 use crate::chain::{BlockHash, ChainId, PayloadStatus};
-use crate::chain_model::{startup_blocks, ChainModel};
+use crate::chain_model::{select_meta, startup_blocks_of, ChainModel};
 use crate::verify::{self, ChainReport, FetchedBlock};
 
 use dom::{next_frame, now_ms, set_html, set_progress};
@@ -149,8 +149,11 @@ async fn load() -> Result<(), String> {
     show_status(&store, &report, 0, "payloads");
     show_details(&store, &report);
 
+    // The model to run: `?model=<name or meta hash>` in the page's address,
+    // else the newest.
+    let selected = model_param();
     // Before downloading the model: what this device can run.
-    let pool = expert_pool_bytes(&store.dag);
+    let pool = expert_pool_bytes(&store.dag, selected.as_deref());
     let device = device::check(pool).await;
     panels::show_device(&device);
     if !device.plan_gpu {
@@ -167,7 +170,7 @@ async fn load() -> Result<(), String> {
     .await;
 
     // The payloads the model needs to start, chunk by chunk.
-    let start = startup_blocks(&store.dag).map_err(|e| e.to_string());
+    let start = startup_blocks_of(&store.dag, selected.as_deref()).map_err(|e| e.to_string());
     if let Ok(list) = &start {
         for h in list {
             let name = store
@@ -184,8 +187,11 @@ async fn load() -> Result<(), String> {
     let t3 = now_ms();
     set_progress("building the model…");
     next_frame().await;
+    let meta_sel = select_meta(&store.dag, selected.as_deref())
+        .map(|e| e.hash)
+        .ok();
     let built = start.and_then(|_| {
-        ChainModel::from_verified(&store.dag, |h| {
+        ChainModel::from_verified_meta(&store.dag, meta_sel, |h| {
             // Only payloads that passed every rule reach the model.
             store
                 .dag
@@ -204,7 +210,7 @@ async fn load() -> Result<(), String> {
     show_cache(&store, "").await;
     let model_bytes = match &built {
         Ok(cm) => {
-            let startup: u64 = startup_blocks(&store.dag)
+            let startup: u64 = startup_blocks_of(&store.dag, selected.as_deref())
                 .unwrap_or_default()
                 .iter()
                 .filter_map(|h| store.dag.get(h))
@@ -272,10 +278,21 @@ async fn meta_payload(
     (fetch::get_payload(&info.hash, stats).await, false)
 }
 
-/// Bytes of every expert payload of the latest model (the pool the engine
-/// may hold).
-fn expert_pool_bytes(dag: &crate::chain::Dag) -> u64 {
-    let Some(meta) = dag.latest_meta() else {
+/// The `model` parameter of the page's address (`/?model=default-q8_0`).
+fn model_param() -> Option<String> {
+    let search = web_sys::window()?.location().search().ok()?;
+    search
+        .trim_start_matches('?')
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .map(|v| js_sys::decode_uri_component(v).map_or_else(|_| v.to_string(), String::from))
+        .filter(|v| !v.is_empty())
+}
+
+/// Bytes of every expert payload of the selected model (the pool the
+/// engine may hold).
+fn expert_pool_bytes(dag: &crate::chain::Dag, sel: Option<&str>) -> u64 {
+    let Ok(meta) = select_meta(dag, sel) else {
         return 0;
     };
     dag.slot_heads(&meta.hash)

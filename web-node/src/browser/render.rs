@@ -392,7 +392,7 @@ fn render_chat_for(model: Result<&ChainModel, &str>, gpu: bool) -> String {
                  An expert's payload is fetched, chunk by chunk, and verified the first time the \
                  router picks it.</p>\
                  <form id=\"chat-form\"><textarea id=\"prompt\" rows=\"2\" cols=\"60\" \
-                 placeholder=\"Q: 38+45=? A:  (the default model answers prompts in this form)\"></textarea>\
+                 placeholder=\"Q: copy bado kuzi fe A:   (any words of your own; also Q: reverse red sun owl A:, Q: sort pen cat owl A:, Q: count mo bavi ke A:, Q: 38+45=? A:, Q: capital of France? A:)\"></textarea>\
                  <div class=\"controls\">\
                  <label>max tokens <input id=\"max-tokens\" type=\"number\" min=\"1\" max=\"512\" value=\"32\"></label>\
                  <label title=\"0: greedy (the most likely token each time)\">temperature \
