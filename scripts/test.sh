@@ -114,6 +114,8 @@ else
         # default ./data (release build of the relay, once), Ctrl-C, restart.
         step "first run: node tests/e2e/first_run.mjs (./scripts/run.sh, default ./data)"
         node tests/e2e/first_run.mjs
+        step "quantized model: node tests/e2e/quant.mjs (aiblock quantize, two browsers on q8_0)"
+        node tests/e2e/quant.mjs
     fi
 fi
 

@@ -564,3 +564,45 @@ export async function startCorruptPeer(base, extraArgs = []) {
 }
 
 export { sleep };
+
+/**
+ * Words of the default model's generated-word grammar (1-3 consonant-vowel
+ * syllables, sometimes a closing consonant) that belong to its held-out set,
+ * i.e. words no training example contained (the same FNV-1a + SplitMix64
+ * rule as web_node::eval::corpus::is_unseen_word), drawn from `seed`.
+ */
+export function unseenWords(n, seed) {
+  const CONS = 'bdfgklmnprstvz';
+  const VOWELS = 'aeiou';
+  let s = seed >>> 0;
+  const rnd = (k) => { // mulberry32
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (((t ^ (t >>> 14)) >>> 0) % k);
+  };
+  const out = [];
+  while (out.length < n) {
+    let w = '';
+    const syl = 1 + rnd(3);
+    for (let i = 0; i < syl; i++) w += CONS[rnd(CONS.length)] + VOWELS[rnd(VOWELS.length)];
+    if (rnd(4) === 0) w += CONS[rnd(CONS.length)];
+    if (isUnseenWord(w) && !out.includes(w)) out.push(w);
+  }
+  return out;
+}
+
+/** web_node::eval::corpus::is_unseen_word for generated words. */
+export function isUnseenWord(w) {
+  const M = (1n << 64n) - 1n;
+  let h = 0xcbf29ce484222325n;
+  for (const b of Buffer.from(w, 'utf8')) {
+    h ^= BigInt(b);
+    h = (h * 0x100000001b3n) & M;
+  }
+  let z = h;
+  z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & M;
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & M;
+  return ((z ^ (z >> 31n)) % 8n) === 0n;
+}

@@ -260,11 +260,22 @@ fn model_rebuilt_from_the_relays_genesis_blocks_answers_as_the_directory_does() 
         assert_eq!(a, b, "{:?}", tok.decode(&ex.prompt, false));
         correct += usize::from(eval::is_correct(&tok, ex, &b, eos).unwrap());
     }
-    // The answers are the committed model's: its held-out accuracy (96.5 %
-    // for the first default model, the floor the current one must keep).
+    // The answers are the committed model's: its held-out accuracy as its
+    // train_report.json records it (measured there with the training code;
+    // the CPU engine may differ on a borderline answer or two).
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(default_model().join("train_report.json")).unwrap(),
+    )
+    .unwrap();
+    let reported: usize = report["held_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["correct"].as_u64().unwrap() as usize)
+        .sum();
     assert!(
-        correct * 1000 >= held.len() * 965,
-        "{correct}/{} held-out answers right",
+        correct + 3 >= reported,
+        "{correct}/{} held-out answers right, the report says {reported}",
         held.len()
     );
 }

@@ -616,4 +616,38 @@ mod tests {
         }
         assert_eq!(Skill::parse("multiply"), None);
     }
+
+    #[test]
+    fn unseen_words_are_a_fixed_eighth_never_trained() {
+        // The same answers as tests/e2e/lib.mjs's isUnseenWord (the browser
+        // test draws its own unseen words with it).
+        for w in ["fokemev", "dapezin", "pido", "mero"] {
+            assert!(is_unseen_word(w), "{w}");
+        }
+        for w in ["bado", "kuzi", "fe", "cat", "lomet"] {
+            assert!(!is_unseen_word(w), "{w}");
+        }
+        let mut rng = Rng::new(9);
+        let n = 20_000;
+        let unseen = (0..n).filter(|_| is_unseen_word(&generated_word(&mut rng))).count();
+        assert!((n / 10..n / 6).contains(&unseen), "{unseen} of {n}");
+        // No training example holds an unseen word.
+        let c = Corpus::default_corpus();
+        let f = FreshSampler::new(&c);
+        for e in c.train.iter().cloned().chain((0..4000).filter_map(|i| {
+            f.sample(Skill::ALL[2 + i % 4], &mut rng)
+        })) {
+            if !FreshSampler::generates(e.skill) {
+                continue;
+            }
+            let body = e.prompt.trim_start_matches("Q: ").trim_end_matches(" A:");
+            for w in body.split(' ').skip(1) {
+                assert!(!is_unseen_word(w), "{w} in training prompt {:?}", e.prompt);
+            }
+        }
+        for e in c.held_out.iter().filter(|e| e.unseen) {
+            let body = e.prompt.trim_start_matches("Q: ").trim_end_matches(" A:");
+            assert!(body.split(' ').skip(1).all(is_unseen_word), "{:?}", e.prompt);
+        }
+    }
 }
