@@ -263,10 +263,9 @@ fn model_rebuilt_from_the_relays_genesis_blocks_answers_as_the_directory_does() 
     // The answers are the committed model's: its held-out accuracy as its
     // train_report.json records it (measured there with the training code;
     // the CPU engine may differ on a borderline answer or two).
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(default_model().join("train_report.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(default_model().join("train_report.json")).unwrap())
+            .unwrap();
     let reported: usize = report["held_out"]
         .as_array()
         .unwrap()

@@ -629,14 +629,19 @@ mod tests {
         }
         let mut rng = Rng::new(9);
         let n = 20_000;
-        let unseen = (0..n).filter(|_| is_unseen_word(&generated_word(&mut rng))).count();
+        let unseen = (0..n)
+            .filter(|_| is_unseen_word(&generated_word(&mut rng)))
+            .count();
         assert!((n / 10..n / 6).contains(&unseen), "{unseen} of {n}");
         // No training example holds an unseen word.
         let c = Corpus::default_corpus();
         let f = FreshSampler::new(&c);
-        for e in c.train.iter().cloned().chain((0..4000).filter_map(|i| {
-            f.sample(Skill::ALL[2 + i % 4], &mut rng)
-        })) {
+        for e in c
+            .train
+            .iter()
+            .cloned()
+            .chain((0..4000).filter_map(|i| f.sample(Skill::ALL[2 + i % 4], &mut rng)))
+        {
             if !FreshSampler::generates(e.skill) {
                 continue;
             }
@@ -647,7 +652,11 @@ mod tests {
         }
         for e in c.held_out.iter().filter(|e| e.unseen) {
             let body = e.prompt.trim_start_matches("Q: ").trim_end_matches(" A:");
-            assert!(body.split(' ').skip(1).all(is_unseen_word), "{:?}", e.prompt);
+            assert!(
+                body.split(' ').skip(1).all(is_unseen_word),
+                "{:?}",
+                e.prompt
+            );
         }
     }
 }
