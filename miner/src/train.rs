@@ -23,7 +23,7 @@ use crate::mixtral::Mixtral;
 pub const DEFAULT_MI_COEF: f64 = 0.1;
 
 /// The sequence-cover term's weight that made the committed default model.
-pub const DEFAULT_COVER_COEF: f64 = 0.1;
+pub const DEFAULT_COVER_COEF: f64 = 1.0;
 
 /// `aiblock train`: where to write the model and the hyper-parameters of
 /// the run (the defaults made the committed default model).
@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = web_node::eval::DEFAULT_SEED)]
     pub seed: u64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 3500)]
+    #[arg(long, default_value_t = 5000)]
     pub steps: usize,
     /// Examples per step.
     #[arg(long, default_value_t = 64)]

@@ -18,9 +18,14 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 import { chromium } from 'playwright-core';
 
+import { spawnSync } from 'node:child_process';
 import {
-  CHROMIUM_ARGS, REPO, ask, chromiumPath, listChain, nativeGreedy, readNode, startRelay, trackWire,
+  CHROMIUM_ARGS, REPO, aiblockBin, ask, chromiumPath, listChain, nativeGreedy, readNode, startRelay, trackWire,
 } from './lib.mjs';
+
+// Quantized models measured beside the float one (aiblock quantize on the
+// same relay, pages opened with ?model=default-<format>); '' skips them.
+const QUANTS = (process.env.BENCH_QUANT ?? 'q8_0,q4_0').split(',').filter(Boolean);
 
 // The default model answers in a few tokens and stops at EOS, so decode
 // speed is measured over several prompts (each answered once to warm up:
@@ -129,6 +134,7 @@ let nosimdTps = null;
 let cold = null;
 let warm = null;
 let adapter = null;
+const quantRows = [];
 try {
   const ctx = await browser.newContext({ viewport: VIEWPORT });
   const { page, wire, loadMs } = await open(ctx, `${relay.base}/`);
@@ -156,6 +162,19 @@ try {
   warm = { loadMs: reloadMs, ttft: again.firstTokenMs, bytes: w2.chunkBytes + w2.restPayloadBytes, cache: (await readNode(page)).cache };
   log(`  cache: reloaded in ${reloadMs} ms, first token ${f1(again.firstTokenMs)} ms, ${warm.bytes} payload bytes downloaded`);
   await ctx.close();
+  for (const fmt of QUANTS) {
+    const bin = aiblockBin();
+    if (!bin) { quantRows.push([fmt, 'aiblock not built', '']); continue; }
+    const q = spawnSync(bin, ['quantize', '--relay', relay.base, '--quant', fmt, '--key', path.join(relay.dataDir, 'operator.key'), '--out', path.join(relay.dataDir, '..', `bench-${fmt}`)], { encoding: 'utf8' });
+    if (q.status !== 0) { quantRows.push([fmt, 'quantize failed', q.stderr.split('\n')[0]]); continue; }
+    const qctx = await browser.newContext({ viewport: VIEWPORT });
+    const o = await open(qctx, `${relay.base}/?model=default-${fmt}`);
+    const firstQ = await ask(o.page, PROMPT, 1, { engine, timeout: 600_000 });
+    const wq = o.wire.since(0);
+    const tps = await decode(o.page, engine);
+    quantRows.push([fmt, rate(tps), `${engine} engine; ${spread(tps)}; ${mib(wq.chunkBytes + wq.restPayloadBytes)} of payloads before the first token (${f1(firstQ.firstTokenMs)} ms)`]);
+    await qctx.close();
+  }
 } finally {
   await relay.stop();
 }
@@ -178,6 +197,7 @@ const nCpu = await nativeDecode('cpu').catch((e) => ({ error: e.message }));
 const nGpu = await nativeDecode('gpu').catch((e) => ({ error: e.message }));
 
 row('decode, browser WebGPU (SwiftShader)', adapter ? rate(gpuTps) : 'no adapter', adapter ? `adapter ${adapter}; ${spread(gpuTps)}` : '');
+for (const [fmt, v, note] of quantRows) row(`decode, browser, ${fmt} experts`, v, note);
 row('decode, native wgpu (lavapipe)', nGpu?.error ? 'failed' : `${f1(nGpu?.decode_tokens_per_s)} tok/s`, nGpu?.error ? nGpu.error.split('\n')[0].slice(0, 80) : 'greedy_ids --device gpu');
 row('decode, browser CPU path, wasm SIMD128', rate(cpuTps), `1 thread; ${spread(cpuTps)}`);
 row('decode, browser CPU path, wasm without SIMD', DIST_NOSIMD ? rate(nosimdTps) : 'not built', DIST_NOSIMD ? `1 thread; ${spread(nosimdTps)}` : 'set AIBLOCK_DIST_NOSIMD');
