@@ -7,6 +7,7 @@ mod families_cli;
 mod infer_cli;
 mod node;
 mod peer_network;
+mod quant_cli;
 mod relay_e2e;
 mod routes;
 mod tokenizer;

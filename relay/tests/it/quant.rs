@@ -78,8 +78,15 @@ fn quantized_models_are_published_rederived_and_served() {
         chunk_size: 64 * 1024,
     };
 
-    // The q8_0 model: accepted block by block, and it re-derives.
+    // The q8_0 model: accepted block by block, and it re-derives. One
+    // thread or two make the same blocks.
     let q8 = quantize_model(&meta, &heads, QuantFormat::Q8_0, &signer, 2).unwrap();
+    let q8_one = quantize_model(&meta, &heads, QuantFormat::Q8_0, &signer, 1).unwrap();
+    assert_eq!(
+        q8.iter().map(|(b, _)| b.hash).collect::<Vec<_>>(),
+        q8_one.iter().map(|(b, _)| b.hash).collect::<Vec<_>>(),
+        "the thread count changed a block hash"
+    );
     publish(&url, &q8);
     let expert_bytes: (usize, usize) = q8
         .iter()
