@@ -162,10 +162,11 @@ try {
   warm = { loadMs: reloadMs, ttft: again.firstTokenMs, bytes: w2.chunkBytes + w2.restPayloadBytes, cache: (await readNode(page)).cache };
   log(`  cache: reloaded in ${reloadMs} ms, first token ${f1(again.firstTokenMs)} ms, ${warm.bytes} payload bytes downloaded`);
   await ctx.close();
+  const source = (await listChain(relay.base, 'A')).find((x) => x.name === 'default')?.hash;
   for (const fmt of QUANTS) {
     const bin = aiblockBin();
     if (!bin) { quantRows.push([fmt, 'aiblock not built', '']); continue; }
-    const q = spawnSync(bin, ['quantize', '--relay', relay.base, '--quant', fmt, '--key', path.join(relay.dataDir, 'operator.key'), '--out', path.join(relay.dataDir, '..', `bench-${fmt}`)], { encoding: 'utf8' });
+    const q = spawnSync(bin, ['quantize', '--relay', relay.base, '--meta-hash', source, '--quant', fmt, '--key', path.join(relay.dataDir, 'operator.key'), '--out', path.join(relay.dataDir, '..', `bench-${fmt}`)], { encoding: 'utf8' });
     if (q.status !== 0) { quantRows.push([fmt, 'quantize failed', q.stderr.split('\n')[0]]); continue; }
     const qctx = await browser.newContext({ viewport: VIEWPORT });
     const o = await open(qctx, `${relay.base}/?model=default-${fmt}`);
