@@ -275,7 +275,7 @@ fn qrow_dot(format: QuantFormat, vals: &[u8], scales: &[f32], x: &[f32]) -> f32 
                 for j in 0..16 {
                     acc[j] = (v[j] as i8) as f32 * xg[j] + (v[j + 16] as i8) as f32 * xg[j + 16];
                 }
-                s += d * reduce16(&acc);
+                s += d * super::reference::reduce16(&acc);
             }
         }
         QuantFormat::Q4_0 => {
@@ -290,21 +290,11 @@ fn qrow_dot(format: QuantFormat, vals: &[u8], scales: &[f32], x: &[f32]) -> f32 
                     let hi = (v[j] >> 4) as i32 - 8;
                     acc[j] = lo as f32 * xg[j] + hi as f32 * xg[j + 16];
                 }
-                s += d * reduce16(&acc);
+                s += d * super::reference::reduce16(&acc);
             }
         }
     }
     s
-}
-
-#[inline(always)]
-fn reduce16(acc: &[f32; 16]) -> f32 {
-    let mut s8 = [0f32; 8];
-    for i in 0..8 {
-        s8[i] = acc[i] + acc[i + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
 #[inline(always)]
@@ -338,42 +328,9 @@ fn qrows_kernel(w: &QMat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
 /// `y[t, o] = sum_i w[o, i] * x[t, i]` with a quantized `w`: each weight row
 /// is expanded once (for all `t` input rows), then multiplied.
 pub fn qmatmul(x: &[f32], t: usize, w: &QMat, threads: usize) -> Vec<f32> {
-    let out = w.rows;
-    let mut yt = vec![0f32; out * t];
-    if out == 0 || t == 0 {
-        return yt;
-    }
-    let body = |o0: usize, chunk: &mut [f32]| QRowsOp { w, x, t, o0, chunk }.run();
-    let n = if out * w.cols * t >= super::reference::PAR_MIN_MACS {
-        threads.clamp(1, out)
-    } else {
-        1
-    };
-    if n <= 1 || cfg!(target_arch = "wasm32") {
-        body(0, &mut yt);
-    } else {
-        let rows_per = out.div_ceil(n);
-        std::thread::scope(|s| {
-            let mut chunks = yt.chunks_mut(rows_per * t).enumerate();
-            let first = chunks.next();
-            for (i, c) in chunks {
-                s.spawn(move || body(i * rows_per, c));
-            }
-            if let Some((_, c)) = first {
-                body(0, c);
-            }
-        });
-    }
-    if t == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; out * t];
-    for o in 0..out {
-        for ti in 0..t {
-            y[ti * out + o] = yt[o * t + ti];
-        }
-    }
-    y
+    super::reference::par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
+        QRowsOp { w, x, t, o0, chunk }.run()
+    })
 }
 
 /// Quantize every matrix of an expert (`Err` if one is already quantized

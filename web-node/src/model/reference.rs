@@ -35,7 +35,7 @@ use super::{
 };
 
 /// Products with at least this many multiply-adds are split over threads.
-pub(crate) const PAR_MIN_MACS: usize = 1 << 20;
+const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -165,7 +165,7 @@ pub(crate) fn default_threads() -> usize {
 }
 
 #[inline(always)]
-fn reduce16(acc: &[f32; 16]) -> f32 {
+pub(crate) fn reduce16(acc: &[f32; 16]) -> f32 {
     let mut s8 = [0f32; 8];
     for i in 0..8 {
         s8[i] = acc[i] + acc[i + 8];
@@ -323,21 +323,38 @@ fn rows_kernel<const FMA: bool>(w: &Mat, x: &[f32], t: usize, o0: usize, chunk: 
 /// `y[t, o] = sum_i w[o, i] * x[t, i]` for `t` rows of `x` (`[t, w.cols]`),
 /// giving `[t, w.rows]`.
 pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
-    let (out, inn) = (w.rows, w.cols);
+    par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
+        RowsOp { w, x, t, o0, chunk }.run()
+    })
+}
+
+/// A product of `out` weight rows (each `inn` wide) against `t` input rows,
+/// giving `[t, out]`: `rows(o0, chunk)` fills rows `o0..` out-major
+/// (`[rows, t]`). Large products are split by rows over `threads` scoped
+/// threads (one thread in wasm); each row's result does not depend on the
+/// split. Every weight format's product ([`matmul`], the quantized one)
+/// runs through it.
+pub(crate) fn par_rows(
+    out: usize,
+    inn: usize,
+    t: usize,
+    threads: usize,
+    rows: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut yt = vec![0f32; out * t];
     if out == 0 || t == 0 {
         return yt;
     }
-    let body = |o0: usize, chunk: &mut [f32]| RowsOp { w, x, t, o0, chunk }.run();
     let n = if out * inn * t >= PAR_MIN_MACS {
         threads.clamp(1, out)
     } else {
         1
     };
     if n <= 1 || cfg!(target_arch = "wasm32") {
-        body(0, &mut yt);
+        rows(0, &mut yt);
     } else {
         let rows_per = out.div_ceil(n);
+        let body = &rows;
         std::thread::scope(|s| {
             let mut chunks = yt.chunks_mut(rows_per * t).enumerate();
             let first = chunks.next();
