@@ -4,8 +4,8 @@
 //! checkpoint through `genesis` (relay) -> `import` -> `publish` -> `export`,
 //! bit-identical, shared-expert blocks included.
 
+use crate::cli::{aiblock, ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use relay::server::ServeConfig;
 use relay::ServeOptions;
@@ -13,25 +13,6 @@ use safetensors::SafeTensors;
 use test_support::relay::TestRelay;
 use web_node::model::random::{tiny_family_config, tokenizer_json, write_random_model};
 use web_node::model::Family;
-
-fn aiblock(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_aiblock"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web-node/tests/fixtures/families");

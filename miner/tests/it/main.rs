@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli;
 mod cluster_peers;
 mod families_cli;
 mod infer_cli;

@@ -7,36 +7,12 @@
 //! model with no source on the chain; `import --quant` of another format is
 //! refused.
 
+use crate::cli::{aiblock, default_model, ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use miner::blocks::{load_key, parse_block_file, write_block_file};
 use web_node::chain::{BlockBuilder, PayloadDtype};
 use web_node::model::Slot;
-
-fn aiblock(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_aiblock"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn default_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default")
-}
 
 fn block_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -6,8 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::cli::{aiblock, default_model, ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use relay::server::ServeConfig;
@@ -19,29 +19,6 @@ use web_node::eval::{self, Corpus, Skill};
 use web_node::model::load::ModelDir;
 use web_node::model::reference::CpuModel;
 use web_node::net::api::BlockInfo;
-
-fn default_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default")
-}
-
-fn aiblock(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_aiblock"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A relay in this process (`test_support`'s, through the production
 /// accept loop) on the embedded store; `customize` runs after the rate

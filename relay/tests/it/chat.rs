@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::*;
@@ -64,17 +63,6 @@ impl Env {
         )
         .unwrap()
     }
-}
-
-/// A copy of models/default (another session may retrain it meanwhile).
-fn copy_default_model(to: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let dst = to.join("model");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 fn env_with(customize: impl FnOnce(relay::AppState) -> relay::AppState) -> Env {

@@ -8,8 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use crate::common::*;
 use web_node::chain::{Block, BlockBuilder, BlockHash, BlockKind, MetaPayload, PayloadDtype};
 use web_node::model::checkpoint::Signer;
@@ -22,16 +20,6 @@ use web_node::model::sampler::Sampler;
 use web_node::model::{QuantFormat, RunOptions, Slot};
 use web_node::net::api::{codes, BlockInfo};
 use web_node::net::chat::ChatResponse;
-
-fn copy_default_model(to: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let dst = to.join("model");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
-}
 
 fn fetch(url: &str, info: &BlockInfo) -> BlockWithPayload {
     let env = get(&format!("{url}/blocks/{}?format=bin", info.hash));

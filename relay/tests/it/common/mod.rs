@@ -250,3 +250,14 @@ pub fn send_streamed(addr: &str, s: &Streamed, pace: std::time::Duration) -> Str
     let _ = c.read_to_string(&mut out);
     out.lines().next().unwrap_or_default().to_string()
 }
+
+/// A copy of models/default (another session may retrain it meanwhile).
+pub fn copy_default_model(to: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let dst = to.join("model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
