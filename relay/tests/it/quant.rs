@@ -137,6 +137,17 @@ fn quantized_models_are_published_rederived_and_served() {
         br#"{"prompt": "x", "model": "no-such-model"}"#,
     );
     assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    let long = "m".repeat(129);
+    let r = post_json(
+        &format!("{url}/chat"),
+        format!(r#"{{"prompt": "x", "model": "{long}"}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.error(400).message.contains("1..=128"),
+        "{}",
+        r.error(400).message
+    );
 
     // q4_0: one expert block with one scale altered, validly re-signed.
     let q4 = quantize_model(&meta, &heads, QuantFormat::Q4_0, &signer, 1).unwrap();
