@@ -93,6 +93,7 @@ pub fn improve(
     let fresh = FreshSampler::new(&corpus);
     let source = Source {
         skills: vec![skill],
+        weights: vec![1],
         by_skill: &data,
         fresh: Some((&fresh, &tok)),
     };

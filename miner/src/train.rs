@@ -79,6 +79,43 @@ pub struct TrainArgs {
     /// Evaluate and write the directory every this many steps.
     #[arg(long, default_value_t = 1000)]
     pub checkpoint_every: usize,
+    /// How often a skill is drawn for a batch, relative to the others, as
+    /// `SKILL=N` (repeatable; every skill not named weighs 1), e.g.
+    /// `--skill-weight sort=3` draws sort three times as often as add.
+    #[arg(long = "skill-weight", value_parser = parse_skill_weight)]
+    pub skill_weight: Vec<(Skill, u32)>,
+}
+
+/// Parse `--skill-weight SKILL=N` (N from 1 to 100).
+pub fn parse_skill_weight(s: &str) -> std::result::Result<(Skill, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected SKILL=N, got {s:?}"))?;
+    let skill = Skill::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Skill::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown skill {name:?} (one of {})", names.join(", "))
+    })?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("weight {n:?} of {name} is not a whole number"))?;
+    if !(1..=100).contains(&n) {
+        return Err(format!("weight {n} of {name} is not between 1 and 100"));
+    }
+    Ok((skill, n))
+}
+
+/// The draw weight of every skill of [`Skill::ALL`], in that order.
+pub fn skill_weights(named: &[(Skill, u32)]) -> Vec<u32> {
+    Skill::ALL
+        .iter()
+        .map(|k| {
+            named
+                .iter()
+                .rev()
+                .find(|(s, _)| s == k)
+                .map_or(1, |(_, n)| *n)
+        })
+        .collect()
 }
 
 /// Train a byte-level BPE tokenizer on the training texts. Digits are always
@@ -208,16 +245,36 @@ pub fn batch_eval_loss(model: &Mixtral, data: &[Tokenized]) -> Result<f64> {
 /// split or fresh examples (never in the eval splits).
 pub struct Source<'a> {
     pub skills: Vec<Skill>,
+    /// Relative draw weight of each of `skills`; all equal draws uniformly
+    /// (the same random stream as before weights existed).
+    pub weights: Vec<u32>,
     pub by_skill: &'a [Vec<Tokenized>],
     pub fresh: Option<(&'a FreshSampler, &'a Tokenizer)>,
 }
 
 impl Source<'_> {
-    /// Sample a batch: skill uniform, then an example of that skill.
+    /// Pick a skill index by weight (uniform when every weight is equal).
+    fn pick(&self, rng: &mut Rng) -> usize {
+        let uniform = self.weights.windows(2).all(|w| w[0] == w[1]);
+        if uniform || self.weights.len() != self.skills.len() {
+            return rng.below(self.skills.len());
+        }
+        let total: u32 = self.weights.iter().sum();
+        let mut r = rng.below(total as usize) as u32;
+        for (i, w) in self.weights.iter().enumerate() {
+            if r < *w {
+                return i;
+            }
+            r -= w;
+        }
+        self.skills.len() - 1
+    }
+
+    /// Sample a batch: a skill by weight, then an example of that skill.
     pub fn batch(&self, batch: usize, rng: &mut Rng) -> Result<Vec<Tokenized>> {
         let mut out = Vec::with_capacity(batch);
         for _ in 0..batch {
-            let i = rng.below(self.skills.len());
+            let i = self.pick(rng);
             let skill = self.skills[i];
             if let Some((f, tok)) = self.fresh {
                 if let Some(e) = f.sample(skill, rng) {
@@ -391,6 +448,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let fresh = FreshSampler::new(&corpus);
     let source = Source {
         skills: Skill::ALL.to_vec(),
+        weights: skill_weights(&args.skill_weight),
         by_skill: &by_skill,
         fresh: Some((&fresh, &tok)),
     };
@@ -426,7 +484,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let report = serde_json::json!({
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
-        "mi_coef": args.mi_coef, "cover_coef": args.cover_coef, "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
+        "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
+        "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
         "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
         "routes": routes.iter().map(|r| r.json()).collect::<Vec<_>>(),
@@ -437,4 +496,43 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     )?;
     let _ = DType::F32;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skill_weights_parse_and_steer_the_draw() {
+        assert_eq!(parse_skill_weight("sort=3"), Ok((Skill::Sort, 3)));
+        for bad in ["sort", "sort=0", "sort=101", "sort=x", "sorting=2"] {
+            assert!(parse_skill_weight(bad).is_err(), "{bad}");
+        }
+        let w = skill_weights(&[(Skill::Sort, 3), (Skill::Reverse, 2)]);
+        assert_eq!(w, vec![1, 1, 1, 2, 3, 1, 1]);
+        let by_skill: Vec<Vec<Tokenized>> = Vec::new();
+        let src = Source {
+            skills: Skill::ALL.to_vec(),
+            weights: w,
+            by_skill: &by_skill,
+            fresh: None,
+        };
+        let mut rng = Rng::new(1);
+        let mut n = [0usize; 7];
+        for _ in 0..10_000 {
+            n[src.pick(&mut rng)] += 1;
+        }
+        // sort (3 of 10) against add (1 of 10): about 3000 and 1000.
+        assert!((2700..3300).contains(&n[4]), "{n:?}");
+        assert!((850..1150).contains(&n[0]), "{n:?}");
+        // Equal weights keep the uniform draw (same stream as before).
+        let uni = Source {
+            weights: vec![1; 7],
+            ..src
+        };
+        let (mut a, mut b) = (Rng::new(5), Rng::new(5));
+        for _ in 0..100 {
+            assert_eq!(uni.pick(&mut a), b.below(7));
+        }
+    }
 }
