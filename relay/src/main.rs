@@ -141,6 +141,11 @@ struct Serve {
     /// Peer (/ws WebSocket) connections in total.
     #[arg(long, default_value_t = web_node::net::peer::limits::MAX_CONNS)]
     max_peer_conns: usize,
+    /// A STUN or TURN server URL (`stun:HOST[:PORT]`, `turn:...`) handed to
+    /// peers for direct browser-to-browser connections; repeatable. None by
+    /// default: peers then use host candidates only (same network).
+    #[arg(long = "ice-server", value_parser = ice_server)]
+    ice_servers: Vec<String>,
     /// Listen backlog (Linux caps it at net.core.somaxconn).
     #[arg(long, default_value_t = limits::LISTEN_BACKLOG)]
     backlog: u32,
@@ -408,7 +413,8 @@ async fn open_state(a: &Serve, data: &std::path::Path) -> anyhow::Result<relay::
     let state = state.with_peer_options(
         relay::peers::PeerOptions::default()
             .max_conns_per_ip(a.max_conns_per_ip.max(1))
-            .max_conns(a.max_peer_conns.max(1)),
+            .max_conns(a.max_peer_conns.max(1))
+            .ice_servers(a.ice_servers.clone()),
     );
     Ok(state)
 }
@@ -484,4 +490,10 @@ fn remove_staged(dir: &std::path::Path) -> usize {
     rd.filter_map(Result::ok)
         .filter(|e| e.path().is_file() && std::fs::remove_file(e.path()).is_ok())
         .count()
+}
+
+/// `--ice-server URL`: one URL as [`web_node::net::direct::check_ice_servers`] accepts.
+fn ice_server(s: &str) -> Result<String, String> {
+    web_node::net::direct::check_ice_servers(&[s.to_string()])?;
+    Ok(s.to_string())
 }

@@ -385,14 +385,24 @@ async fn run(st: PeerState, mut socket: WebSocket, addr: SocketAddr) {
         },
     };
     tracing::debug!(peer = %hex::encode(&key[..8]), %addr, "peer logged in");
-    let end = if write(
-        &mut socket,
-        Message::Binary(welcome.encode().into()),
-        o.write_timeout,
-    )
-    .await
-    .is_err()
-    {
+    let direct = FromRelay::DirectConfig {
+        ice_servers: o.ice_servers.clone(),
+    };
+    let mut greeted = true;
+    for m in [welcome, direct] {
+        if write(
+            &mut socket,
+            Message::Binary(m.encode().into()),
+            o.write_timeout,
+        )
+        .await
+        .is_err()
+        {
+            greeted = false;
+            break;
+        }
+    }
+    let end = if !greeted {
         None
     } else {
         serve(
@@ -559,6 +569,30 @@ async fn dispatch(st: &PeerState, peers: &Arc<Peers>, conn: u64, m: ToRelay) {
         }
         ToRelay::ComputeFailed { req, reason } => {
             peers.call(|core| core.compute_refused(now(), conn, req, reason))
+        }
+        ToRelay::Direct { accept } => {
+            peers.core().direct_accept(now(), conn, accept);
+            Vec::new()
+        }
+        ToRelay::Introduce { req, block } => {
+            peers.call(|core| core.introduce(now(), conn, req, block))
+        }
+        ToRelay::Signal {
+            session,
+            to,
+            kind,
+            body,
+        } => peers.call(|core| core.signal(now(), conn, session, to, kind, body)),
+        ToRelay::Proof { proof } => {
+            let info = peers.chunk_info(proof.body.block).await;
+            peers.call(|core| core.proof(now(), conn, proof, info.as_deref()))
+        }
+        ToRelay::Receipt { receipt } => {
+            let info = peers.chunk_info(receipt.body.block).await;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            peers.call(|core| core.receipt(now(), now_ms, conn, receipt, info.as_deref()))
         }
         ToRelay::Login { .. } => vec![Action::Send {
             conn,

@@ -107,6 +107,10 @@ pub struct PeerOptions {
     pub compute_backoff_base: Duration,
     /// Holders asked for one chunk before the relay's store answers.
     pub max_holder_tries: usize,
+    /// STUN/TURN server URLs handed to peers for direct connections
+    /// (`relay serve --ice-server`; none by default, so peers contact no
+    /// server outside the operator's list).
+    pub ice_servers: Vec<String>,
 }
 
 impl Default for PeerOptions {
@@ -127,6 +131,7 @@ impl Default for PeerOptions {
             ban_base: r.ban_base,
             compute_backoff_base: r.compute_backoff_base,
             max_holder_tries: r.max_holder_tries,
+            ice_servers: Vec::new(),
         }
     }
 }
@@ -146,6 +151,7 @@ crate::limits::option_setters!(PeerOptions {
     ban_base: Duration,
     compute_backoff_base: Duration,
     max_holder_tries: usize,
+    ice_servers: Vec<String>,
 });
 
 impl PeerOptions {

@@ -31,6 +31,16 @@ pub struct PeerCounters {
     pub compute_answered: u64,
     pub compute_failed: u64,
     pub compute_timed_out: u64,
+    /// Bytes the relay delivered to this peer (from its store, a peer or
+    /// another relay), and bytes this peer received directly from other
+    /// peers, as its accepted receipts credit them.
+    #[serde(default)]
+    pub relay_forwarded_bytes: u64,
+    #[serde(default)]
+    pub direct_bytes: u64,
+    /// Bytes this peer served directly, as receivers' receipts credit them.
+    #[serde(default)]
+    pub direct_bytes_served: u64,
 }
 
 /// A copy of every counter.
@@ -94,6 +104,15 @@ pub struct PeerStats {
     /// Presence batches written, and writes that failed (then rewritten whole).
     pub presence_writes: u64,
     pub presence_errors: u64,
+    /// Bytes the relay delivered to peers (store, peers, links), and bytes
+    /// peers exchanged directly as accepted receipts credit them.
+    #[serde(default)]
+    pub relay_forwarded_bytes: u64,
+    #[serde(default)]
+    pub direct_bytes: u64,
+    /// Receipts that credited something.
+    #[serde(default)]
+    pub receipts: u64,
     /// Per peer (hex key).
     pub per_peer: BTreeMap<String, PeerCounters>,
 }
@@ -173,6 +192,9 @@ counters!(
     presence_lookups,
     presence_writes,
     presence_errors,
+    relay_forwarded_bytes,
+    direct_bytes,
+    receipts,
 );
 
 impl Counters {
@@ -279,7 +301,23 @@ impl Counters {
                 Self::inc(&self.chunks_to_relays);
                 Self::add(&self.bytes_to_relays, bytes);
             }
-            UsageEvent::Fetch { peer, block } => self.usage(|u| u.record_fetch(&peer, &block)),
+            UsageEvent::Fetch { peer, block, bytes } => {
+                Self::add(&self.relay_forwarded_bytes, bytes);
+                self.peer(&peer, |c| c.relay_forwarded_bytes += bytes);
+                self.usage(|u| u.record_fetch(&peer, &block));
+            }
+            UsageEvent::DirectServed {
+                server,
+                receiver,
+                block,
+                bytes,
+            } => {
+                Self::inc(&self.receipts);
+                Self::add(&self.direct_bytes, bytes);
+                self.peer(&receiver, |c| c.direct_bytes += bytes);
+                self.peer(&server, |c| c.direct_bytes_served += bytes);
+                self.usage(|u| u.record_direct_served(&server, &block, bytes));
+            }
             UsageEvent::BadChunk {
                 holder,
                 block,

@@ -74,6 +74,9 @@ pub const REPORT_TOKENS_CAP: u64 = 20_000;
 pub const REPORT_CALLS_CAP: u64 = 2_000;
 /// Reports one key may send per period (each one is a database write).
 pub const REPORTS_PER_PERIOD: u64 = 120;
+/// Bytes a peer served directly (credited from receipts) count this
+/// percentage of bytes the relay checked and forwarded itself.
+pub const DIRECT_WEIGHT_PCT: u64 = 50;
 /// How often the relay writes counters to disk (at most this much is lost
 /// in a crash; a graceful stop flushes).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -550,6 +553,20 @@ impl Usage {
             p.chunks += 1;
         });
         count_version(&mut st, block, |v| v.bytes_served += bytes);
+    }
+
+    /// `peer` served `bytes` of `block` directly to another peer, as that
+    /// peer's accepted receipt says: counted at [`DIRECT_WEIGHT_PCT`] % of
+    /// bytes the relay checked itself (the relay saw a signature, not the
+    /// bytes).
+    pub fn record_direct_served(&self, peer: &[u8; 32], block: &BlockHash, bytes: u64) {
+        let weighted = bytes * DIRECT_WEIGHT_PCT / 100;
+        let mut st = self.st();
+        count_peer(&mut st, peer, block, |p| {
+            p.bytes += weighted;
+            p.chunks += 1;
+        });
+        count_version(&mut st, block, |v| v.bytes_served += weighted);
     }
 
     /// The relay delivered a chunk of `block` to `peer` (from its store or

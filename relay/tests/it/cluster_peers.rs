@@ -295,7 +295,21 @@ async fn a_peer_on_one_relay_gets_chunks_only_a_peer_on_another_relay_holds() {
         (u64::from(n), len, 0)
     );
     assert_eq!((s1.chunks_from_peers, s1.links_up), (0, 1));
-    assert!(s1.per_peer.is_empty(), "{:?}", s1.per_peer);
+    // Its only per-peer numbers: what it delivered to its requesting peer.
+    assert!(
+        s1.per_peer
+            .values()
+            .all(|c| c.bytes_served == 0 && c.chunks_served == 0),
+        "{:?}",
+        s1.per_peer
+    );
+    assert_eq!(
+        s1.per_peer
+            .values()
+            .map(|c| c.relay_forwarded_bytes)
+            .sum::<u64>(),
+        len
+    );
     // Relay 2: its peer served them all to relay 1's link; the link is a
     // relay, not a peer.
     assert_eq!(

@@ -12,6 +12,7 @@ mod common;
 mod compute_peer;
 mod concurrency;
 mod crash;
+mod direct;
 mod fuzz;
 mod integrity;
 mod limits;

@@ -1,7 +1,8 @@
 //! Wire types shared with the relay: REST ([`api`]), chat ([`chat`]), the
-//! `/ws` peer protocol ([`peer`]) and usage reports ([`usage`]).
+//! `/ws` peer protocol ([`peer`]), direct transfer ([`direct`]) and usage reports ([`usage`]).
 
 pub mod api;
 pub mod chat;
+pub mod direct;
 pub mod peer;
 pub mod usage;

@@ -27,6 +27,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, Verifying
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{BlockHash, ChainId};
+use crate::net::direct::{self, Receipt, SignalKind, Signed};
 
 /// The WebSocket subprotocol both sides must name.
 pub const SUBPROTOCOL: &str = "aiblock.v1";
@@ -162,6 +163,26 @@ pub enum ToRelay {
     ComputeResult { req: u64, output: Vec<f32> },
     /// This peer cannot answer [`FromRelay::Compute`] `req`.
     ComputeFailed { req: u64, reason: String },
+    /// Whether this peer accepts direct connections (WebRTC data channels)
+    /// and may be introduced to peers that want the blocks it holds.
+    Direct { accept: bool },
+    /// Introduce this peer to a holder of `block` that accepts direct
+    /// connections; answered with [`FromRelay::Introduced`].
+    Introduce { req: u64, block: BlockHash },
+    /// A signalling message for the other key of introduction `session`
+    /// (body at most [`direct::limits::MAX_SIGNAL_BODY`] bytes).
+    Signal {
+        session: u64,
+        to: PeerId,
+        kind: SignalKind,
+        body: String,
+    },
+    /// A proof that `proof.body.server` sent this peer a chunk that is not
+    /// the block's (answered with [`FromRelay::Verdict`]).
+    Proof { proof: direct::Proof },
+    /// A receipt for bytes this peer received directly (answered with
+    /// [`FromRelay::ReceiptTaken`]).
+    Receipt { receipt: Signed<Receipt> },
 }
 
 /// Messages the relay sends to a peer.
@@ -213,6 +234,44 @@ pub enum FromRelay {
         hash: BlockHash,
         chain: ChainId,
         name: String,
+    },
+    /// Sent right after `Welcome`: how to connect directly (the operator's
+    /// STUN/TURN URLs; empty: host candidates only).
+    DirectConfig { ice_servers: Vec<String> },
+    /// The answer to `Introduce` `req`: a holder of `block` that accepts
+    /// direct connections and the session to signal on, or `None` (use the
+    /// relay), with the reason.
+    Introduced {
+        req: u64,
+        block: BlockHash,
+        session: u64,
+        holder: Option<PeerId>,
+        reason: String,
+    },
+    /// A signalling message from `from`, the other key of `session`.
+    Signal {
+        session: u64,
+        from: PeerId,
+        kind: SignalKind,
+        body: String,
+    },
+    /// A `Signal` on `session` was refused (not introduced, expired, the
+    /// other key offline, too large, too many).
+    SignalFailed { session: u64, reason: String },
+    /// The judgement of a `Proof`: `guilty` bans `accused`; otherwise the
+    /// proof proved nothing and counted against its sender.
+    Verdict {
+        accused: PeerId,
+        guilty: bool,
+        reason: String,
+    },
+    /// A `Receipt` was taken: `credited` of its bytes count for `server`
+    /// (0 with the reason when none do).
+    ReceiptTaken {
+        server: PeerId,
+        block: BlockHash,
+        credited: u64,
+        reason: String,
     },
 }
 
@@ -273,6 +332,8 @@ pub mod codes {
     pub const PROTOCOL: &str = "protocol";
     /// The relay is shutting down or at its connection limit.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// A proof of lying that proved nothing (forged, or the chunk was right).
+    pub const FALSE_PROOF: &str = "false_proof";
 }
 
 /// Why a frame could not be decoded.
@@ -418,6 +479,28 @@ mod tests {
                 req: 4,
                 output: vec![1.5, -2.0],
             },
+            ToRelay::Direct { accept: true },
+            ToRelay::Introduce { req: 3, block: h },
+            ToRelay::Signal {
+                session: 8,
+                to: [4; 32],
+                kind: SignalKind::Candidate,
+                body: "candidate:1 1 udp 1 127.0.0.1 5000 typ host".into(),
+            },
+            ToRelay::Proof {
+                proof: direct::ChunkStatement::sign(&key(2), [5; 32], h, 1, b"x", 9),
+            },
+            ToRelay::Receipt {
+                receipt: Receipt {
+                    server: [1; 32],
+                    receiver: key(2).verifying_key().to_bytes(),
+                    block: h,
+                    bytes: 10,
+                    from_ms: 1,
+                    to_ms: 2,
+                }
+                .sign(&key(2)),
+            },
         ];
         for m in to {
             assert_eq!(decode_to_relay(&m.encode()), Ok(m));
@@ -441,6 +524,22 @@ mod tests {
                 input: vec![0.25; 4],
             },
             FromRelay::error(codes::BANNED, "x".repeat(5000)),
+            FromRelay::DirectConfig {
+                ice_servers: vec!["stun:a.example:3478".into()],
+            },
+            FromRelay::Introduced {
+                req: 3,
+                block: h,
+                session: 8,
+                holder: Some([6; 32]),
+                reason: String::new(),
+            },
+            FromRelay::Signal {
+                session: 8,
+                from: [6; 32],
+                kind: SignalKind::Answer,
+                body: "v=0".into(),
+            },
         ];
         for m in from {
             let back = decode_from_relay(&m.encode()).expect("decodes");

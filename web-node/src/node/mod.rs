@@ -540,6 +540,14 @@ impl PeerNode {
                 self.events
                     .push_back(NodeEvent::BlockAdded { hash, chain, name });
             }
+            // Direct transfer is the browser's (WebRTC); this node keeps to
+            // relay forwarding and never asks for an introduction.
+            FromRelay::DirectConfig { .. }
+            | FromRelay::Introduced { .. }
+            | FromRelay::Signal { .. }
+            | FromRelay::SignalFailed { .. }
+            | FromRelay::Verdict { .. }
+            | FromRelay::ReceiptTaken { .. } => {}
         }
         self.pump(now);
     }

@@ -199,10 +199,20 @@ pub enum UsageEvent {
     ChunkToRelay {
         bytes: u64,
     },
-    /// Peer `peer` received a checked chunk of `block`.
+    /// Peer `peer` received a checked chunk of `block` (`bytes` long)
+    /// from the relay (its store, a peer or a link).
     Fetch {
         peer: PeerId,
         block: BlockHash,
+        bytes: u64,
+    },
+    /// A receipt of `receiver` credited `server` with `bytes` of `block`
+    /// it served directly (capped; see the core's `receipt`).
+    DirectServed {
+        server: PeerId,
+        receiver: PeerId,
+        block: BlockHash,
+        bytes: u64,
     },
     /// `holder` (a peer, or a link when `link`) answered bytes that do not
     /// match the chunk list of `block`.

@@ -47,6 +47,7 @@
 
 mod actions;
 mod compute;
+mod direct;
 mod links;
 mod registry;
 mod reputation;
@@ -66,6 +67,7 @@ pub use actions::{
     Action, ChunkConfig, ChunkInfo, ComputeOutcome, ConnId, ConnKind, LinkView, PeerView,
     PresenceChange, Refused, RemoteRelay, UsageEvent,
 };
+pub use direct::{NO_DIRECT_HOLDER, RECEIPT_BYTES_PER_PERIOD, TOO_MANY_SESSIONS};
 pub use links::link_id;
 
 /// Latency assumed for a holder never measured.
@@ -214,6 +216,8 @@ pub struct Core {
     /// Lookups asked and not answered yet (since when).
     lookups: HashMap<BlockHash, Instant>,
     links: HashMap<PeerId, LinkEntry>,
+    /// Introductions, signalling sessions, receipts' credit ([`direct`]).
+    direct: direct::DirectState,
 }
 
 /// `ChunkFailed` reason for a request of another relay that no local
@@ -244,6 +248,7 @@ impl Core {
             remote: HashMap::new(),
             lookups: HashMap::new(),
             links: HashMap::new(),
+            direct: Default::default(),
         }
     }
 

@@ -107,6 +107,7 @@ impl Core {
         };
         if self.peers.get(&id).is_some_and(|p| p.conn == conn) {
             if let Some(p) = self.peers.remove(&id) {
+                self.direct.forget(&id);
                 out.push(Action::Usage(UsageEvent::Logout { kind: p.kind }));
                 if p.kind == ConnKind::Link {
                     self.link_lost(now, &id, conn, out);

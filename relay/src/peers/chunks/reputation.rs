@@ -96,6 +96,11 @@ impl Core {
     }
 
     pub(super) fn ban(&mut self, now: Instant, id: PeerId, out: &mut Vec<Action>) {
+        self.ban_for(now, id, "served chunks that do not match their hashes", out);
+    }
+
+    /// Ban `id` (doubling per ban) and close its connection with `why`.
+    pub(super) fn ban_for(&mut self, now: Instant, id: PeerId, why: &str, out: &mut Vec<Action>) {
         let base = self.cfg.ban_base;
         let r = self.rep(&id, now);
         r.bans += 1;
@@ -105,15 +110,12 @@ impl Core {
             .min(MAX_BAN);
         r.banned_until = Some(now + d);
         out.push(Action::Usage(UsageEvent::Ban));
-        tracing::warn!(peer = %hexid(&id), secs = d.as_secs(), "peer banned for corrupt chunks");
+        tracing::warn!(peer = %hexid(&id), secs = d.as_secs(), why, "peer banned");
         if let Some(conn) = self.peers.get(&id).map(|p| p.conn) {
             out.push(Action::Close {
                 conn,
                 code: codes::BANNED,
-                message: format!(
-                    "banned for {} s: served chunks that do not match their hashes",
-                    d.as_secs()
-                ),
+                message: format!("banned for {} s: {why}", d.as_secs()),
             });
             self.remove_conn(now, conn, out);
         }

@@ -320,10 +320,12 @@ impl Core {
                 out.push(Action::Usage(UsageEvent::ChunkToRelay {
                     bytes: data.len() as u64,
                 }));
-            } else if let Some(id) = self.conns.get(&j.requester) {
+            } else if let Some(id) = self.conns.get(&j.requester).copied() {
+                self.direct.note_fetch(id);
                 out.push(Action::Usage(UsageEvent::Fetch {
-                    peer: *id,
+                    peer: id,
                     block: j.info.block,
+                    bytes: data.len() as u64,
                 }));
             }
             out.push(Action::Send {

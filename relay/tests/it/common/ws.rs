@@ -103,8 +103,14 @@ pub async fn challenge(ws: &mut Ws) -> [u8; 32] {
     }
 }
 
-/// Connect and log in with `key`; the Welcome checked.
+/// Connect and log in with `key`; the Welcome and the `DirectConfig`
+/// after it checked.
 pub async fn login_as(addr: &str, key: &SigningKey) -> Ws {
+    login_with_ice(addr, key).await.0
+}
+
+/// [`login_as`], returning the ICE servers the relay handed out.
+pub async fn login_with_ice(addr: &str, key: &SigningKey) -> (Ws, Vec<String>) {
     let mut ws = connect(addr).await;
     let nonce = challenge(&mut ws).await;
     send(&mut ws, &login(key, &nonce, "test-peer")).await;
@@ -114,7 +120,10 @@ pub async fn login_as(addr: &str, key: &SigningKey) -> Ws {
         }
         other => panic!("expected Welcome, got {other:?}"),
     }
-    ws
+    match recv(&mut ws).await {
+        Some(FromRelay::DirectConfig { ice_servers }) => (ws, ice_servers),
+        other => panic!("expected DirectConfig, got {other:?}"),
+    }
 }
 
 /// Wait (up to [`WAIT`]) for a condition the relay reaches asynchronously.

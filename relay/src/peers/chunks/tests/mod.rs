@@ -18,6 +18,7 @@ use web_node::net::peer::{codes, limits, ChunkSource, FromRelay, PeerId};
 use super::*;
 use crate::peers::stats::Counters;
 
+mod direct;
 mod links;
 
 /// What an entry point returns, with its usage counted and left out.
@@ -577,6 +578,7 @@ fn usage_comes_back_as_actions_before_what_it_counts() {
             Action::Usage(UsageEvent::Fetch {
                 peer: [2; 32],
                 block: i.block,
+                bytes: 2,
             }),
         ]
     );
