@@ -200,6 +200,10 @@ pub fn worked_example_of_the_readme(open: &dyn Fn() -> Usage) {
         u.record_compute(&peer, &v2);
     }
     u.record_bad_chunk(&liar, &v2);
+    // Peer D served 2 MiB of v2 directly to a browser, whose receipts the
+    // relay accepted: counted at 50 %.
+    let direct = [0x0e; 32];
+    u.record_direct_served(&direct, &v2, 2 << 20);
     let c = u.version_counters(&v2);
     let versions = [
         VersionInfo {
@@ -226,6 +230,7 @@ pub fn worked_example_of_the_readme(open: &dyn Fn() -> Usage) {
             (operator, "miner", 1_200_000),
             (miner, "miner", 2_904_000),
             (peer, "peer", 155_000),
+            (direct, "peer", 50_000),
         ]
     );
     assert!(u.rewards_of(&liar).is_empty());
