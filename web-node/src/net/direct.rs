@@ -301,6 +301,184 @@ pub fn check_ice_servers(urls: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A message on a data channel between two peers (postcard, at most
+/// [`limits::MAX_CHANNEL_MESSAGE`] bytes; the channel is reliable and
+/// ordered, so a chunk's parts arrive in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ChannelMsg {
+    /// Receiver → server: send chunk `index` of `block`.
+    Want {
+        req: u32,
+        block: BlockHash,
+        index: u32,
+    },
+    /// Server → receiver: bytes `offset..offset + data.len()` of the chunk
+    /// asked with `req`, `total` bytes in all; the first part carries the
+    /// signed statement over the whole chunk.
+    Part {
+        req: u32,
+        offset: u32,
+        total: u32,
+        statement: Option<Signed<ChunkStatement>>,
+        #[serde(with = "serde_bytes_compat")]
+        data: Vec<u8>,
+    },
+    /// Server → receiver: it does not hold that chunk (any more).
+    NotHeld { req: u32 },
+}
+
+/// Chunk bytes as one byte string (a length and a memcpy).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// Room a `Part`'s envelope and statement take besides its data.
+const PART_OVERHEAD: usize = 512;
+
+impl ChannelMsg {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decode one data-channel message: bounded, no trailing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<ChannelMsg, DirectError> {
+        if bytes.len() > limits::MAX_CHANNEL_MESSAGE {
+            return Err(DirectError::Invalid(format!(
+                "channel message of {} bytes exceeds {}",
+                bytes.len(),
+                limits::MAX_CHANNEL_MESSAGE
+            )));
+        }
+        let (m, rest) = postcard::take_from_bytes(bytes)
+            .map_err(|e| DirectError::Invalid(format!("malformed channel message: {e}")))?;
+        if !rest.is_empty() {
+            return Err(DirectError::Invalid(format!(
+                "{} trailing bytes after a channel message",
+                rest.len()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The parts that carry `data` (one chunk) for `req`, each under
+    /// [`limits::MAX_CHANNEL_MESSAGE`] once encoded.
+    pub fn parts(req: u32, statement: Signed<ChunkStatement>, data: &[u8]) -> Vec<ChannelMsg> {
+        let step = limits::MAX_CHANNEL_MESSAGE - PART_OVERHEAD;
+        let total = data.len() as u32;
+        let mut out = Vec::with_capacity(data.len() / step + 1);
+        let mut statement = Some(statement);
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + step).min(data.len());
+            out.push(ChannelMsg::Part {
+                req,
+                offset: offset as u32,
+                total,
+                statement: statement.take(),
+                data: data[offset..end].to_vec(),
+            });
+            offset = end;
+            if offset >= data.len() {
+                return out;
+            }
+        }
+    }
+}
+
+/// A complete chunk and the statement its server signed over it.
+pub type SignedChunk = (Signed<ChunkStatement>, Vec<u8>);
+
+/// Reassembles one chunk from its parts, checking as it goes: parts in
+/// order, a total within the block's chunk size, the statement first.
+#[derive(Debug)]
+pub struct Reassembly {
+    max_total: u32,
+    statement: Option<Signed<ChunkStatement>>,
+    total: u32,
+    data: Vec<u8>,
+}
+
+impl Reassembly {
+    /// A chunk of at most `max_total` bytes (the block's chunk size).
+    pub fn new(max_total: u32) -> Self {
+        Self {
+            max_total,
+            statement: None,
+            total: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// Add a part. `Ok(Some(..))` once the chunk is complete: the statement
+    /// and the bytes (not yet checked against the statement or the list).
+    pub fn add(
+        &mut self,
+        offset: u32,
+        total: u32,
+        statement: Option<Signed<ChunkStatement>>,
+        data: Vec<u8>,
+    ) -> Result<Option<SignedChunk>, DirectError> {
+        let first = self.statement.is_none();
+        if first {
+            let Some(st) = statement else {
+                return Err(DirectError::Invalid(
+                    "the first part has no statement".into(),
+                ));
+            };
+            if offset != 0 || total == 0 || total > self.max_total {
+                return Err(DirectError::Invalid(format!(
+                    "a first part at {offset} of {total} bytes (chunks are at most {})",
+                    self.max_total
+                )));
+            }
+            self.statement = Some(st);
+            self.total = total;
+            self.data = Vec::with_capacity(total as usize);
+        } else if statement.is_some() || total != self.total {
+            return Err(DirectError::Invalid(
+                "a later part changes the statement or the total".into(),
+            ));
+        }
+        if offset as usize != self.data.len()
+            || self.data.len() + data.len() > self.total as usize
+            || data.is_empty()
+        {
+            return Err(DirectError::Invalid(format!(
+                "part at {offset} of {} bytes does not continue the chunk at {}",
+                data.len(),
+                self.data.len()
+            )));
+        }
+        self.data.extend_from_slice(&data);
+        if self.data.len() == self.total as usize {
+            let st = self.statement.take().ok_or_else(|| {
+                DirectError::Invalid("the chunk completed without a statement".into())
+            })?;
+            return Ok(Some((st, std::mem::take(&mut self.data))));
+        }
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,5 +584,86 @@ mod tests {
         assert!(ok(&[&format!("stun:{}", "a".repeat(300))]).is_err());
         assert!(fresh(1_000_000, 1_000_000 + limits::MAX_CLOCK_SKEW_MS));
         assert!(!fresh(0, limits::MAX_CLOCK_SKEW_MS + 1));
+    }
+
+    #[test]
+    fn chunks_split_into_bounded_parts_and_reassemble_checked() {
+        let k = key(1);
+        let rk = key(2).verifying_key().to_bytes();
+        let block = BlockHash([3; 32]);
+        for len in [
+            1usize,
+            1000,
+            limits::MAX_CHANNEL_MESSAGE,
+            3 * limits::MAX_CHANNEL_MESSAGE + 17,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let st = ChunkStatement::sign(&k, rk, block, 4, &data, 1);
+            let parts = ChannelMsg::parts(9, st.clone(), &data);
+            let mut r = Reassembly::new(8 << 20);
+            let mut done = None;
+            for (n, p) in parts.iter().enumerate() {
+                let bytes = p.encode();
+                assert!(
+                    bytes.len() <= limits::MAX_CHANNEL_MESSAGE,
+                    "{}",
+                    bytes.len()
+                );
+                let ChannelMsg::Part {
+                    req: 9,
+                    offset,
+                    total,
+                    statement,
+                    data,
+                } = ChannelMsg::decode(&bytes).unwrap()
+                else {
+                    panic!("a part");
+                };
+                let got = r.add(offset, total, statement, data).unwrap();
+                assert_eq!(got.is_some(), n + 1 == parts.len());
+                done = got.or(done);
+            }
+            let (st2, back) = done.unwrap();
+            assert_eq!((st2, back.as_slice()), (st, data.as_slice()));
+        }
+    }
+
+    #[test]
+    fn hostile_parts_are_refused() {
+        let k = key(1);
+        let st = ChunkStatement::sign(&k, [2; 32], BlockHash([3; 32]), 0, b"abcd", 1);
+        // No statement first; a total past the chunk size; a gap; overflow.
+        assert!(Reassembly::new(4).add(0, 4, None, b"ab".to_vec()).is_err());
+        assert!(Reassembly::new(4)
+            .add(0, 5, Some(st.clone()), b"ab".to_vec())
+            .is_err());
+        let mut r = Reassembly::new(4);
+        assert_eq!(r.add(0, 4, Some(st.clone()), b"ab".to_vec()), Ok(None));
+        assert!(r.add(3, 4, None, b"c".to_vec()).is_err(), "a gap");
+        let mut r = Reassembly::new(4);
+        r.add(0, 4, Some(st.clone()), b"ab".to_vec()).unwrap();
+        assert!(
+            r.add(2, 4, None, b"cde".to_vec()).is_err(),
+            "past the total"
+        );
+        let mut r = Reassembly::new(4);
+        r.add(0, 4, Some(st.clone()), b"ab".to_vec()).unwrap();
+        assert!(
+            r.add(2, 4, Some(st), b"cd".to_vec()).is_err(),
+            "a second statement"
+        );
+        // Oversized, malformed and trailing messages.
+        assert!(ChannelMsg::decode(&vec![0; limits::MAX_CHANNEL_MESSAGE + 1]).is_err());
+        assert!(ChannelMsg::decode(&[9, 9, 9]).is_err());
+        let mut m = ChannelMsg::NotHeld { req: 1 }.encode();
+        m.push(0);
+        assert!(ChannelMsg::decode(&m).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn channel_decoding_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let _ = ChannelMsg::decode(&bytes);
+        }
     }
 }

@@ -4,5 +4,6 @@
 pub mod api;
 pub mod chat;
 pub mod direct;
+pub mod direct_fetch;
 pub mod peer;
 pub mod usage;
