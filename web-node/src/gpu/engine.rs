@@ -3,21 +3,28 @@
 //!
 //! Weights and the KV cache live in GPU buffers. A chunk of a step (one
 //! decoded token, or up to `max_batch` prompt tokens at once) is one command
-//! encoder:
+//! encoder with one compute pass and one submission (while every expert it
+//! routes to is resident), bind groups made once when the engine is built:
 //!
 //! ```text
-//! embedding                                   1 dispatch
-//! per layer: qkv_rope (norm+q/k/v+RoPE+cache)  1
-//!            attention                        1
-//!            matvec o_proj (+ residual)       1
-//!            router (norm+gate+softmax+top-k) 1
-//!            expert_up (norm+w1/w3+silu*mul)  1
-//!            expert_down (w2+weights+resid.)  1
-//! lm_head (final norm fused), argmax          2
+//! embedding                                        1 dispatch
+//! per layer, decode (one token):
+//!   attn_decode (norm+q/k/v+RoPE+cache+attention)  1
+//! per layer, prompt chunk:
+//!   qkv_rope (norm+q/k/v+RoPE+cache), attention    2
+//! per layer: matvec o_proj (+ residual)            1
+//!   expert_up (router: norm+gate+softmax+top-k;
+//!              norm+w1/w3+silu*mul, all k experts) 1
+//!   expert_down (w2+weighted sum+residual)         1
+//! lm_head (final norm fused), argmax               2
 //! ```
 //!
-//! = `6 * layers + 3` dispatches per token, and the only readback is the
-//! sampled token id (4 bytes), or the logits when asked for them.
+//! = `4 * layers + 3` dispatches per decoded token (`5 * layers + 3` per
+//! prompt chunk), and the only readback is the sampled token id (4 bytes),
+//! or the logits when asked for them. The fused decode attention needs the
+//! shape to fit its workgroup memory ([`super::attn_decode::fits`]), the
+//! fused router at most [`expert::MAX_FUSED_ROUTER_EXPERTS`] experts; past
+//! either, the unfused kernel runs (one dispatch more per layer).
 //!
 //! The other families ([`crate::model::Family`]) change a layer as the CPU
 //! engine does ([`crate::model::family`]): OLMoE, Qwen2-MoE and Qwen3-MoE
@@ -77,6 +84,7 @@ use std::sync::Arc;
 
 use super::argmax::{self, Argmax};
 use super::attention::{self, Attention};
+use super::attn_decode::{self, AttnDecode};
 use super::context::{GpuContext, GpuError};
 use super::expert::{self, ExpertDown, ExpertUp, PoolFormat};
 use super::family::{self as fam, QkvPost, QkvPostParams, SharedGate, SharedGateParams};
@@ -186,6 +194,9 @@ struct SharedKernels {
 struct Kernels {
     embed: Kernel,
     qkv: QkvRope,
+    /// Decode (one-token chunks, Mixtral): q/k/v, RoPE, cache append and
+    /// attention in one kernel, when the shape fits its workgroup memory.
+    attn_dec: Option<AttnDecode>,
     /// The families with q/k/v extras: biases, q/k norm, RoPE after a matvec.
     qkv_post: Option<QkvPost>,
     shared: Option<SharedKernels>,
@@ -195,6 +206,8 @@ struct Kernels {
     up: ExpertUp,
     down: ExpertDown,
     argmax: Argmax,
+    /// The router runs inside `expert_up` (no `router` dispatch).
+    route_fused: bool,
 }
 
 /// How a layer's attention input runs.
@@ -224,6 +237,8 @@ struct Layer {
     qkv: QkvBind,
     shared: Option<SharedLayer>,
     bg_attn: wgpu::BindGroup,
+    /// The fused decode attention (with [`Kernels::attn_dec`]).
+    bg_attn_dec: Option<wgpu::BindGroup>,
     bg_o: wgpu::BindGroup,
     bg_router: wgpu::BindGroup,
     bg_up: wgpu::BindGroup,
@@ -373,6 +388,7 @@ pub struct Engine {
     p_qkv_post: QkvPostParams,
     p_shared: expert::Params,
     p_attn: attention::Params,
+    p_attn_dec: attn_decode::Params,
     p_o: matvec::Params,
     p_head_last: matvec::Params,
     p_head_all: matvec::Params,
@@ -547,10 +563,15 @@ impl Engine {
             );
         }
 
+        // The router runs inside expert_up (one dispatch less per layer)
+        // unless the layer has more experts than its workgroup arrays hold.
+        let route_fused = ne <= expert::MAX_FUSED_ROUTER_EXPERTS;
         let c = &*ctx;
         let k = Kernels {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
             qkv: QkvRope::with_format(c, fmt),
+            attn_dec: (!split_qkv && attn_decode::fits(h, hd, c.workgroup_size))
+                .then(|| AttnDecode::with_format(c, fmt)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
@@ -563,6 +584,7 @@ impl Engine {
             up: ExpertUp::for_pool(c, pool_format),
             down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
+            route_fused,
         };
 
         let p_qkv = qkv_rope::Params {
@@ -602,7 +624,7 @@ impl Engine {
             n_experts: 1,
             eps,
             n_slots: 1,
-            _p0: 0,
+            route_in: 0,
             _p1: 0,
             _p2: 0,
         };
@@ -615,6 +637,16 @@ impl Engine {
             _p0: 0,
             _p1: 0,
             _p2: 0,
+        };
+        let p_attn_dec = attn_decode::Params {
+            hidden: h as u32,
+            n_heads: nh as u32,
+            n_kv: nkv as u32,
+            head_dim: hd as u32,
+            max_seq: max_seq as u32,
+            eps,
+            scale: 1.0 / (hd as f32).sqrt(),
+            _p0: 0,
         };
         let p_o = matvec::Params {
             rows: h as u32,
@@ -646,13 +678,14 @@ impl Engine {
             n_experts: ne as u32,
             eps,
             n_slots: n_slots as u32,
-            _p0: 0,
+            route_in: u32::from(route_fused),
             _p1: 0,
             _p2: 0,
         };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
         let ub_qkv = u("p_qkv", bytemuck::bytes_of(&p_qkv));
         let ub_attn = u("p_attn", bytemuck::bytes_of(&p_attn));
+        let ub_attn_dec = u("p_attn_dec", bytemuck::bytes_of(&p_attn_dec));
         let ub_o = u("p_o", bytemuck::bytes_of(&p_o));
         let ub_head_last = u("p_head_last", bytemuck::bytes_of(&p_head_last));
         let ub_head_all = u("p_head_all", bytemuck::bytes_of(&p_head_all));
@@ -809,6 +842,7 @@ impl Engine {
                             c,
                             [
                                 &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh, &table_sh,
+                                &gate,
                             ],
                         ),
                         bg_down: sk.down.bind(
@@ -834,13 +868,32 @@ impl Engine {
                 bg_attn: k
                     .attn
                     .bind(c, [&step, &ub_attn, &q, &kc, &vc, &scores, &attn_out]),
+                bg_attn_dec: k.attn_dec.as_ref().map(|kd| {
+                    kd.bind(
+                        c,
+                        [
+                            &step,
+                            &ub_attn_dec,
+                            &wqkv,
+                            &x,
+                            &g_in,
+                            &rope,
+                            &kc,
+                            &vc,
+                            &scores,
+                            &attn_out,
+                        ],
+                    )
+                }),
                 bg_o: k.mv.bind(c, &step, &ub_o, &wo, &attn_out, &g_in, &x),
                 bg_router: k
                     .router
                     .bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
                 bg_up: k.up.bind(
                     c,
-                    [&step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table],
+                    [
+                        &step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table, &gate,
+                    ],
                 ),
                 bg_down: k
                     .down
@@ -880,6 +933,7 @@ impl Engine {
             p_qkv_post,
             p_shared,
             p_attn,
+            p_attn_dec,
             p_o,
             p_head_last,
             p_head_all,
@@ -1023,12 +1077,24 @@ impl Engine {
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
-    /// Dispatches one chunk issues: `6 * layers + 3` for Mixtral, one more
-    /// per layer for the families with q/k/v extras (projection and
-    /// `qkv_post`), three more per layer for a shared expert.
+    /// Dispatches one decoded token (a one-token chunk) issues:
+    /// [`Engine::dispatches_per_chunk`]`(1)`.
     pub fn dispatches_per_step(&self) -> u64 {
-        let per_layer =
-            6 + u64::from(self.k.qkv_post.is_some()) + 3 * u64::from(self.k.shared.is_some());
+        self.dispatches_per_chunk(1)
+    }
+
+    /// Dispatches a chunk of `n_tok` tokens issues when it ends with the
+    /// head and argmax (a greedy step's last chunk). Mixtral: `4 * layers + 3`
+    /// for one token (the fused decode attention, when the shape fits it,
+    /// and the router fused into `expert_up`), `5 * layers + 3` for a prompt
+    /// chunk; one more per layer for the
+    /// families with q/k/v extras (projection and `qkv_post`, never fused),
+    /// three more per layer for a shared expert.
+    pub fn dispatches_per_chunk(&self, n_tok: usize) -> u64 {
+        let fused = n_tok == 1 && self.k.attn_dec.is_some();
+        let per_layer = 6 - u64::from(fused) - u64::from(self.k.route_fused)
+            + u64::from(self.k.qkv_post.is_some())
+            + 3 * u64::from(self.k.shared.is_some());
         per_layer * self.cfg.num_hidden_layers as u64 + 3
     }
 
@@ -1119,14 +1185,28 @@ impl Engine {
     }
 
     fn encode_experts(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        self.encode_up(pass, layer, run);
+        self.encode_down(pass, layer, run);
+    }
+
+    /// The routed experts' gate and up halves (and, with the router fused,
+    /// the routing itself).
+    fn encode_up(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
         self.k
             .up
             .encode(pass, &ly.bg_up, &self.p_exp, run.n as u32, run.k as u32);
+        self.stats.dispatches += 1;
+    }
+
+    /// The routed experts' down halves, weighted sum and residual (and the
+    /// shared expert's down half).
+    fn encode_down(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        let ly = &self.layers[layer];
         self.k
             .down
             .encode(pass, &ly.bg_down, &self.p_exp, run.n as u32);
-        self.stats.dispatches += 2;
+        self.stats.dispatches += 1;
         // The shared expert's down half (its gate and up half ran with the router).
         if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
             sk.down
@@ -1141,26 +1221,43 @@ impl Engine {
     fn encode_attention(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32) -> u64 {
         let ly = &self.layers[l];
         let mut d = 3;
-        match (&ly.qkv, &self.k.qkv_post) {
-            (QkvBind::Split { raw, post }, Some(k)) => {
-                self.k.mv.encode(pass, raw, &self.p_qkv_raw, n);
-                k.encode(pass, post, &self.p_qkv_post, n);
-                d += 2;
-            }
-            (QkvBind::Fused(bg), _) | (QkvBind::Split { raw: bg, .. }, None) => {
-                self.k.qkv.encode(pass, bg, &self.p_qkv, n);
-                d += 1;
-            }
+        if let (1, Some(kd), Some(bg)) = (n, &self.k.attn_dec, &ly.bg_attn_dec) {
+            // Decode: q/k/v, RoPE, cache append and attention in one kernel
+            // (counted as the attention).
+            kd.encode(pass, bg, &self.p_attn_dec);
+        } else {
+            self.encode_qkv(pass, l, n, &mut d);
+            self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
         }
-        self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
         self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
-        self.k.router.encode(pass, &ly.bg_router, n);
+        if !self.k.route_fused {
+            self.k.router.encode(pass, &ly.bg_router, n);
+        } else {
+            d -= 1;
+        }
         if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
             sk.gate.encode(pass, &sh.bg_gate, n);
             sk.up.encode(pass, &sh.bg_up, &self.p_shared, n, 1);
             d += 2;
         }
         d
+    }
+
+    /// The attention input of a prompt chunk (or of a family with q/k/v
+    /// extras): the fused `qkv_rope`, or the projection and `qkv_post`.
+    fn encode_qkv(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32, d: &mut u64) {
+        let ly = &self.layers[l];
+        match (&ly.qkv, &self.k.qkv_post) {
+            (QkvBind::Split { raw, post }, Some(k)) => {
+                self.k.mv.encode(pass, raw, &self.p_qkv_raw, n);
+                k.encode(pass, post, &self.p_qkv_post, n);
+                *d += 2;
+            }
+            (QkvBind::Fused(bg), _) | (QkvBind::Split { raw: bg, .. }, None) => {
+                self.k.qkv.encode(pass, bg, &self.p_qkv, n);
+                *d += 1;
+            }
+        }
     }
 
     fn submit(&mut self, enc: wgpu::CommandEncoder) {
@@ -1210,7 +1307,7 @@ impl Engine {
         );
         let mut out = None;
         loop {
-            let (mut enc, first) = match run.at {
+            let (mut enc, pass, first) = match run.at {
                 At::Chunk => {
                     if run.done == run.tokens.len() {
                         break;
@@ -1232,14 +1329,12 @@ impl Engine {
                         bytemuck::cast_slice(&run.tokens[run.done..run.done + run.n]),
                     );
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
-                        self.k
-                            .embed
-                            .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
-                    }
+                    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    self.k
+                        .embed
+                        .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
                     self.stats.dispatches += 1;
-                    (enc, 0)
+                    (enc, pass, 0)
                 }
                 At::Experts(l) => {
                     if run.need.iter().any(|&id| !self.pool.resident(id)) {
@@ -1251,29 +1346,37 @@ impl Engine {
                     // so that resuming never depends on that.
                     self.write_step(run);
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
-                        self.encode_experts(&mut pass, l, run);
-                    }
-                    (enc, l + 1)
+                    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    self.encode_experts(&mut pass, l, run);
+                    (enc, pass, l + 1)
                 }
             };
+            // One compute pass for the whole chunk, ended only where the
+            // routed ids must be read back (a layer with missing experts).
+            let mut pass = pass;
             for l in first..nl {
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    let d = self.encode_attention(&mut pass, l, run.n as u32);
-                    self.stats.dispatches += d;
-                }
+                let d = self.encode_attention(&mut pass, l, run.n as u32);
+                self.stats.dispatches += d;
                 run.at = At::Experts(l);
                 if self.pool.layer_resident(l) {
                     // Nothing to ask for: no readback (every expert counts as used).
                     let ids: Vec<ExpertId> = self.layer_ids(l).collect();
                     self.pool.touch(ids);
                 } else if !run.use_moe {
+                    drop(pass);
                     self.submit(enc);
                     run.need = self.layer_ids(l).collect();
                     return Ok(None);
                 } else {
+                    // The routed ids, read back after the router (with the
+                    // router fused: after expert_up, which ran with whatever
+                    // the table held; when an expert is missing, resuming
+                    // runs expert_up again, routing identically).
+                    let up_done = self.k.route_fused;
+                    if up_done {
+                        self.encode_up(&mut pass, l, run);
+                    }
+                    drop(pass);
                     let ids = self.routed(enc, l, run).await?;
                     if ids.iter().any(|&id| !self.pool.resident(id)) {
                         run.need = ids;
@@ -1281,14 +1384,18 @@ impl Engine {
                     }
                     self.pool.touch(ids);
                     enc = self.ctx.device.create_command_encoder(&Default::default());
+                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    if up_done {
+                        self.encode_down(&mut pass, l, run);
+                        continue;
+                    }
                 }
-                let mut pass = enc.begin_compute_pass(&Default::default());
                 self.encode_experts(&mut pass, l, run);
             }
             let last = run.done + run.n == run.tokens.len();
             let read: Option<(&wgpu::Buffer, u64)> = {
                 let n = run.n as u32;
-                let mut pass = enc.begin_compute_pass(&Default::default());
+                let mut pass = pass;
                 if run.want == Want::AllLogits {
                     self.k
                         .mv

@@ -16,7 +16,7 @@
 //!   read neighbouring words.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
-//!   schedule, `6 * layers + 3` dispatches per token, how a step pauses for
+//!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
 //!   missing experts, and the expert pool).
 //!
 //! # Using the engine (native and browser)
@@ -51,6 +51,7 @@
 
 pub mod add;
 pub mod argmax;
+pub mod attn_decode;
 pub mod attention;
 pub mod context;
 pub mod embedding;
@@ -74,6 +75,8 @@ pub use kernel::WeightFormat;
 pub const SHADERS: &[(&str, &str)] = &[
     ("add", add::SOURCE),
     ("argmax", argmax::SOURCE),
+    ("attn_decode", attn_decode::SOURCE),
+    ("attn_decode_f16", attn_decode::SOURCE_F16),
     ("attention", attention::SOURCE),
     ("embedding", embedding::SOURCE),
     ("expert_down", expert::SOURCE_DOWN),
