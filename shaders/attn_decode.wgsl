@@ -1,19 +1,25 @@
-// One decoded token's whole attention input and attention in one dispatch,
-// one workgroup per query head: RMSNorm(x) -> this head's q and its kv
-// head's k and v (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim])
-// -> RoPE (rotate-half) on q and k -> k and v appended to the KV cache at
-// position pos0 -> causal attention over positions 0..=pos0 -> out[head].
+// One decoded token's attention block in one dispatch, one workgroup per
+// query head: RMSNorm(x) -> this head's q and its kv head's k and v
+// (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
+// (rotate-half) on q and k -> k and v appended to the KV cache at position
+// pos0 -> causal attention over positions 0..=pos0 (online softmax over
+// tiles of WG positions in workgroup memory) -> this head's share of the
+// output projection: part[head][r] = sum_e Wo[r][head * head_dim + e] * o[e]
+// (Wo stored transposed, [q_dim][wo_stride], wo_stride = hidden, or hidden
+// rounded up to even for f16). The next kernels add x + sum over heads of
+// part (expert_up for its input, expert_down for the residual), so the
+// o_proj needs no dispatch of its own.
 // The heads of one kv group each compute (and write) the same k and v row;
 // a workgroup reads the cache only at positions < pos0 (written by earlier
 // dispatches) and its own k/v row from workgroup memory, so the identical
 // writes never race a read. Decode only (n_tok = 1): a batch's later tokens
 // would read cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (12 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
-// [max_seq][kv_dim], scores [n_heads][max_seq] scratch, as the unfused kernels.
+// (about 14 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, n_heads: u32, n_kv: u32, head_dim: u32, max_seq: u32, eps: f32, scale: f32, _p0: u32 }
+struct Params { hidden: u32, n_heads: u32, n_kv: u32, head_dim: u32, max_seq: u32, eps: f32, scale: f32, wo_stride: u32 }
 
 const MAX_HIDDEN: u32 = 2048u;
 const MAX_HEAD_DIM: u32 = 256u;
@@ -27,17 +33,23 @@ override WG: u32 = 64u;
 @group(0) @binding(5) var<storage, read> rope: array<f32>;
 @group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;
-@group(0) @binding(8) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(9) var<storage, read_write> out: array<f32>;
+@group(0) @binding(8) var<storage, read> wo: array<f32>;
+@group(0) @binding(9) var<storage, read_write> part: array<f32>;
 
 var<workgroup> xn: array<f32, MAX_HIDDEN>;
 var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
+var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
 var<workgroup> red: array<f32, 256>;
+var<workgroup> tile: array<f32, 256>;
 
 fn wf(i: u32) -> f32 {
     return w[i];
+}
+
+fn wof(i: u32) -> f32 {
+    return wo[i];
 }
 
 @compute @workgroup_size(WG)
@@ -69,17 +81,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
     // This head's q rows and its kv head's k and v rows.
     for (var u = lid; u < 3u * hd; u += WG) {
-        let part = u / hd;
+        let part_i = u / hd;
         let i = u % hd;
         var r = h * hd + i;
-        if (part == 1u) { r = q_dim + kvh * hd + i; }
-        if (part == 2u) { r = q_dim + kv_dim + kvh * hd + i; }
+        if (part_i == 1u) { r = q_dim + kvh * hd + i; }
+        if (part_i == 2u) { r = q_dim + kv_dim + kvh * hd + i; }
         var a = 0.0;
         for (var c = 0u; c < p.hidden; c++) {
             a += wf(c * rows + r) * xn[c];
         }
         a = a * inv;
-        if (part == 0u) { qs[i] = a; } else if (part == 1u) { ks[i] = a; } else { vs[i] = a; }
+        if (part_i == 0u) { qs[i] = a; } else if (part_i == 1u) { ks[i] = a; } else { vs[i] = a; }
     }
     workgroupBarrier();
 
@@ -104,34 +116,58 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var i = lid; i < hd; i += WG) {
         k_cache[(kb + i) * p.max_seq + pos] = ks[i];
         v_cache[pos * kv_dim + kb + i] = vs[i];
+        acc_s[i] = 0.0;
     }
 
-    // Scores over positions 0..=pos (the new one from workgroup memory).
+    // Attention over positions 0..=pos in tiles of WG scores (the new
+    // position's k and v from workgroup memory), softmax kept online:
+    // running max m and sum l, acc_s rescaled when the max grows.
     let len = pos + 1u;
-    let sb = h * p.max_seq;
-    for (var j = lid; j < len; j += WG) {
-        var d = 0.0;
-        if (j == pos) {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
-        } else {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var base = 0u; base < len; base += WG) {
+        let j = base + lid;
+        if (j < len) {
+            var d = 0.0;
+            if (j == pos) {
+                for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
+            } else {
+                for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
+            }
+            tile[lid] = d * p.scale;
         }
-        scores[sb + j] = d * p.scale;
+        workgroupBarrier();
+        let cnt = min(WG, len - base);
+        var tm = m;
+        for (var i = 0u; i < cnt; i++) { tm = max(tm, tile[i]); }
+        let corr = exp(m - tm);
+        var ts = 0.0;
+        for (var i = 0u; i < cnt; i++) { ts += exp(tile[i] - tm); }
+        l = l * corr + ts;
+        for (var e = lid; e < hd; e += WG) {
+            var a = acc_s[e] * corr;
+            for (var i = 0u; i < cnt; i++) {
+                let jj = base + i;
+                var vv = vs[e];
+                if (jj != pos) { vv = v_cache[jj * kv_dim + kb + e]; }
+                a += exp(tile[i] - tm) * vv;
+            }
+            acc_s[e] = a;
+        }
+        m = tm;
+        workgroupBarrier();
     }
-    storageBarrier();
-
-    // Softmax statistics (each invocation, as attention.wgsl), then the
-    // weighted sum of v, one head dimension per invocation.
-    var m = scores[sb];
-    for (var j = 1u; j < len; j++) { m = max(m, scores[sb + j]); }
-    var sum = 0.0;
-    for (var j = 0u; j < len; j++) { sum += exp(scores[sb + j] - m); }
     for (var e = lid; e < hd; e += WG) {
-        var acc = 0.0;
-        for (var j = 0u; j < pos; j++) {
-            acc += exp(scores[sb + j] - m) * v_cache[j * kv_dim + kb + e];
+        acc_s[e] = acc_s[e] / l;
+    }
+    workgroupBarrier();
+
+    // This head's share of the output projection.
+    for (var r = lid; r < p.hidden; r += WG) {
+        var a = 0.0;
+        for (var e = 0u; e < hd; e++) {
+            a += wof((h * hd + e) * p.wo_stride + r) * acc_s[e];
         }
-        acc += exp(scores[sb + pos] - m) * vs[e];
-        out[h * hd + e] = acc / sum;
+        part[h * p.hidden + r] = a;
     }
 }

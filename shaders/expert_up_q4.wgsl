@@ -16,7 +16,7 @@
 // this layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, _p1: u32, _p2: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, _p2: u32 }
 
 override WG: u32 = 64u;
 
@@ -29,6 +29,31 @@ override WG: u32 = 64u;
 @group(0) @binding(6) var<storage, read_write> act: array<f32>;
 @group(0) @binding(7) var<storage, read> slots: array<u32>;
 @group(0) @binding(8) var<storage, read> gate: array<f32>;
+@group(0) @binding(9) var<storage, read> part: array<f32>;
+
+// The token's input row in workgroup memory (hidden <= MAX_HIDDEN):
+// x[t] plus, after the fused decode attention, its n_part heads' o_proj
+// shares part[head][c] (n_tok = 1); larger rows are read from x directly
+// (n_part = 0 then).
+const MAX_HIDDEN: u32 = 2048u;
+var<workgroup> xs: array<f32, MAX_HIDDEN>;
+
+fn xin(xb: u32, c: u32) -> f32 {
+    if (p.hidden <= MAX_HIDDEN) { return xs[c]; }
+    return x[xb + c];
+}
+
+fn stage_x(t: u32, lid: u32) {
+    if (p.hidden <= MAX_HIDDEN) {
+        for (var c = lid; c < p.hidden; c += WG) {
+            var v = x[t * p.hidden + c];
+            for (var hh = 0u; hh < p.n_part; hh++) { v += part[hh * p.hidden + c]; }
+            xs[c] = v;
+        }
+        workgroupBarrier();
+    }
+}
+
 
 // The router, fused (route_in = 1): each workgroup holds one token's
 // columns and routes that token itself (RMSNorm, gate [hidden][n_experts],
@@ -47,7 +72,7 @@ fn route_token(t: u32, lid: u32, write: bool) {
     let xb = t * p.hidden;
     var ss = 0.0;
     for (var c = lid; c < p.hidden; c += WG) {
-        let xv = x[xb + c];
+        let xv = xin(xb, c);
         ss += xv * xv;
     }
     r_red[lid] = ss;
@@ -57,7 +82,7 @@ fn route_token(t: u32, lid: u32, write: bool) {
         let e = u / parts;
         var acc = 0.0;
         for (var c = u % parts; c < p.hidden; c += parts) {
-            acc += gate[c * ne + e] * (x[xb + c] * g[c]);
+            acc += gate[c * ne + e] * (xin(xb, c) * g[c]);
         }
         r_part[u] = acc;
     }
@@ -123,7 +148,7 @@ fn scale(sb: u32, rh: u32, gi: u32, r: u32) -> f32 {
 }
 
 fn xv4(xb: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(x[xb + c], x[xb + c + 1u], x[xb + c + 2u], x[xb + c + 3u]);
+    return vec4<f32>(xin(xb, c), xin(xb, c + 1u), xin(xb, c + 2u), xin(xb, c + 3u));
 }
 
 fn g4(c: u32) -> vec4<f32> {
@@ -141,6 +166,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let t = grp / per_wg;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
     if (t >= s.n_tok) { return; }
+    stage_x(t, lid);
     if (p.route_in != 0u) { route_token(t, lid, grp % per_wg == 0u); }
     let li = (grp % per_wg) * WG + lid;
     if (li >= per_tok) { return; }

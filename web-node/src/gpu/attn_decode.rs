@@ -1,8 +1,11 @@
 //! `shaders/attn_decode{,_f16}.wgsl`: one decoded token's RMSNorm + q/k/v
-//! projection + RoPE + KV-cache append + attention in one dispatch (one
-//! workgroup per query head). It replaces [`super::qkv_rope`] followed by
-//! [`super::attention`] when a chunk is one token and the shape fits the
-//! kernel's workgroup memory ([`fits`]); prompts keep the two kernels.
+//! projection + RoPE + KV-cache append + attention + each head's share of
+//! the output projection in one dispatch (one workgroup per query head).
+//! It replaces [`super::qkv_rope`], [`super::attention`] and the o_proj
+//! matvec when a chunk is one token and the shape fits the kernel's
+//! workgroup memory ([`fits`]); prompts keep the three kernels. The heads'
+//! shares (`part`, `[n_heads][hidden]`) are summed into the residual by the
+//! expert kernels that follow (`n_part` in [`super::expert::Params`]).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -28,7 +31,17 @@ pub struct Params {
     pub max_seq: u32,
     pub eps: f32,
     pub scale: f32,
-    pub _p0: u32,
+    /// Row stride of Wo (`[q_dim][wo_stride]`): hidden, or hidden rounded
+    /// up to even for f16 (see [`WeightFormat::matrix_bytes`]).
+    pub wo_stride: u32,
+}
+
+/// `wo_stride` for `hidden` columns in `format`.
+pub fn wo_stride(format: WeightFormat, hidden: usize) -> u32 {
+    match format {
+        WeightFormat::F32 => hidden as u32,
+        WeightFormat::F16 => hidden.next_multiple_of(2) as u32,
+    }
 }
 
 /// Whether the fused kernel can run this shape with workgroup size `wg`
@@ -48,11 +61,21 @@ impl AttnDecode {
     /// The variant reading `w` in `format`.
     pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
         match format {
-            WeightFormat::F32 => Self(Kernel::new(ctx, "attn_decode", SOURCE, None)),
-            WeightFormat::F16 => Self(Kernel::new(ctx, "attn_decode_f16", SOURCE_F16, None)),
+            WeightFormat::F32 => Self(Kernel::new_uninit_workgroup(
+                ctx,
+                "attn_decode",
+                SOURCE,
+                None,
+            )),
+            WeightFormat::F16 => Self(Kernel::new_uninit_workgroup(
+                ctx,
+                "attn_decode_f16",
+                SOURCE_F16,
+                None,
+            )),
         }
     }
-    /// Bindings: step, params, w, x, g, rope, k_cache, v_cache, scores, out.
+    /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
@@ -64,7 +87,9 @@ impl AttnDecode {
 
 /// CPU reference, the unfused path: [`qkv_rope::reference`] for the token at
 /// `pos0`, then [`attention::reference`] over `k_prev`/`v_prev`
-/// (`[pos0][kv_dim]`) and the new row. Returns `(out, k, v)`.
+/// (`[pos0][kv_dim]`) and the new row, then each head's share of the
+/// output projection `wo` (`[hidden][q_dim]`, the checkpoint's layout).
+/// Returns `(part [n_heads][hidden], k, v)`.
 #[allow(clippy::too_many_arguments)]
 pub fn reference(
     s: &QkvShape,
@@ -76,6 +101,7 @@ pub fn reference(
     table: &[f32],
     k_prev: &[f32],
     v_prev: &[f32],
+    wo: &[f32],
     pos0: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (q, k, v) = qkv_rope::reference(s, wq, wk, wv, x, g, table, pos0);
@@ -85,7 +111,18 @@ pub fn reference(
     let mut vall = v_prev[..pos0 * kvd].to_vec();
     vall.extend_from_slice(&v);
     let out = attention::reference(&q, &kall, &vall, s.n_heads, s.n_kv, s.head_dim, pos0);
-    (out, k, v)
+    let (qd, hd) = (s.n_heads * s.head_dim, s.head_dim);
+    let mut part = Vec::with_capacity(s.n_heads * s.hidden);
+    for h in 0..s.n_heads {
+        for r in 0..s.hidden {
+            part.push(
+                (0..hd)
+                    .map(|e| wo[r * qd + h * hd + e] * out[h * hd + e])
+                    .sum(),
+            );
+        }
+    }
+    (part, k, v)
 }
 
 /// One-shot GPU run (tests), same arguments as [`reference()`]; k and v are
@@ -103,6 +140,7 @@ pub async fn run(
     table: &[f32],
     k_prev: &[f32],
     v_prev: &[f32],
+    wo: &[f32],
     pos0: usize,
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
     let (qd, kvd, hd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim, s.head_dim);
@@ -114,6 +152,7 @@ pub async fn run(
         || k_prev.len() < pos0 * kvd
         || v_prev.len() < pos0 * kvd
         || table.len() < max_seq * hd
+        || wo.len() != s.hidden * qd
     {
         return Err(GpuError::Input("attn_decode: shape mismatch".into()));
     }
@@ -126,7 +165,7 @@ pub async fn run(
         max_seq: max_seq as u32,
         eps: s.eps,
         scale: 1.0 / (hd as f32).sqrt(),
-        _p0: 0,
+        wo_stride: wo_stride(format, s.hidden),
     };
     let step = step_buffer(
         ctx,
@@ -151,16 +190,19 @@ pub async fn run(
     let mut vc = v_prev[..pos0 * kvd].to_vec();
     vc.extend(std::iter::repeat_n(0.0, kvd));
     let vc = ctx.storage_init("v_cache", f32_bytes(&vc));
-    let sc = ctx.storage_zeroed("scores", (s.n_heads * max_seq * 4) as u64);
-    let ob = ctx.storage_zeroed("out", (qd * 4) as u64);
-    let bg = kern.bind(ctx, [&step, &pb, &wb, &xb, &gb, &rb, &kc, &vc, &sc, &ob]);
+    let wob = ctx.storage_init(
+        "wo",
+        &format.encode(&transpose(s.hidden, qd, wo), qd, s.hidden),
+    );
+    let ob = ctx.storage_zeroed("part", (s.n_heads * s.hidden * 4) as u64);
+    let bg = kern.bind(ctx, [&step, &pb, &wb, &xb, &gb, &rb, &kc, &vc, &wob, &ob]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
         kern.encode(&mut pass, &bg, &p);
     }
     ctx.queue.submit([enc.finish()]);
-    let out = ctx.read_f32(&ob, qd).await?;
+    let out = ctx.read_f32(&ob, s.n_heads * s.hidden).await?;
     let kt = ctx.read_f32(&kc, max_seq * kvd).await?;
     let vall = ctx.read_f32(&vc, max_seq * kvd).await?;
     let k = (0..kvd).map(|c| kt[c * max_seq + pos0]).collect();

@@ -82,7 +82,7 @@
 
 use std::sync::Arc;
 
-use super::argmax::{self, Argmax};
+use super::argmax::{self, Argmax, ArgmaxEmbed};
 use super::attention::{self, Attention};
 use super::attn_decode::{self, AttnDecode};
 use super::context::{GpuContext, GpuError};
@@ -124,6 +124,11 @@ pub struct EngineOptions {
     /// of [`expert_bytes`] each, at least one). `None`: every expert of the
     /// model, or as many as the adapter's binding limit allows.
     pub expert_pool_bytes: Option<u64>,
+    /// The fused kernels (default): decode attention in one dispatch
+    /// ([`super::attn_decode`]) and the router inside `expert_up`. `false`
+    /// runs the unfused schedule (`qkv_rope`, `attention`, `router` apart:
+    /// `6 * layers + 3` dispatches per token), the benchmark's baseline.
+    pub fused: bool,
 }
 
 impl Default for EngineOptions {
@@ -134,6 +139,7 @@ impl Default for EngineOptions {
             weights: WeightFormat::F32,
             expert_quant: None,
             expert_pool_bytes: None,
+            fused: true,
         }
     }
 }
@@ -206,6 +212,9 @@ struct Kernels {
     up: ExpertUp,
     down: ExpertDown,
     argmax: Argmax,
+    /// Greedy sampling that also writes the sampled token's embedding
+    /// (fused engines): the next decode step skips its embedding dispatch.
+    argmax_embed: Option<ArgmaxEmbed>,
     /// The router runs inside `expert_up` (no `router` dispatch).
     route_fused: bool,
 }
@@ -243,6 +252,10 @@ struct Layer {
     bg_router: wgpu::BindGroup,
     bg_up: wgpu::BindGroup,
     bg_down: wgpu::BindGroup,
+    /// Decode with the fused attention: `expert_up`/`expert_down` adding
+    /// the heads' o_proj shares (`n_part = n_heads`).
+    bg_up_dec: Option<wgpu::BindGroup>,
+    bg_down_dec: Option<wgpu::BindGroup>,
     /// `slots[expert]`: the pool slot holding this layer's expert
     /// ([`NO_SLOT`] when it is not resident).
     table: wgpu::Buffer,
@@ -383,6 +396,10 @@ pub struct Engine {
     bg_head_last: wgpu::BindGroup,
     bg_head_all: wgpu::BindGroup,
     bg_argmax: wgpu::BindGroup,
+    bg_argmax_embed: Option<wgpu::BindGroup>,
+    /// The token whose embedding row `x` holds, written by `argmax_embed`
+    /// at the end of the last greedy step (taken by the next chunk).
+    embedded: Option<u32>,
     p_qkv: qkv_rope::Params,
     p_qkv_raw: matvec::Params,
     p_qkv_post: QkvPostParams,
@@ -565,12 +582,15 @@ impl Engine {
 
         // The router runs inside expert_up (one dispatch less per layer)
         // unless the layer has more experts than its workgroup arrays hold.
-        let route_fused = ne <= expert::MAX_FUSED_ROUTER_EXPERTS;
+        let route_fused = opts.fused && ne <= expert::MAX_FUSED_ROUTER_EXPERTS;
         let c = &*ctx;
         let k = Kernels {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
             qkv: QkvRope::with_format(c, fmt),
-            attn_dec: (!split_qkv && attn_decode::fits(h, hd, c.workgroup_size))
+            attn_dec: (route_fused
+                && !split_qkv
+                && h <= expert::MAX_STAGED_HIDDEN
+                && attn_decode::fits(h, hd, c.workgroup_size))
                 .then(|| AttnDecode::with_format(c, fmt)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
@@ -584,6 +604,7 @@ impl Engine {
             up: ExpertUp::for_pool(c, pool_format),
             down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
+            argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),
             route_fused,
         };
 
@@ -625,7 +646,7 @@ impl Engine {
             eps,
             n_slots: 1,
             route_in: 0,
-            _p1: 0,
+            n_part: 0,
             _p2: 0,
         };
         let p_attn = attention::Params {
@@ -646,7 +667,7 @@ impl Engine {
             max_seq: max_seq as u32,
             eps,
             scale: 1.0 / (hd as f32).sqrt(),
-            _p0: 0,
+            wo_stride: attn_decode::wo_stride(fmt, h),
         };
         let p_o = matvec::Params {
             rows: h as u32,
@@ -679,7 +700,7 @@ impl Engine {
             eps,
             n_slots: n_slots as u32,
             route_in: u32::from(route_fused),
-            _p1: 0,
+            n_part: 0,
             _p2: 0,
         };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
@@ -691,6 +712,13 @@ impl Engine {
         let ub_head_all = u("p_head_all", bytemuck::bytes_of(&p_head_all));
         let ub_router = u("p_router", bytemuck::bytes_of(&p_router));
         let ub_exp = u("p_exp", bytemuck::bytes_of(&p_exp));
+        let ub_exp_dec = u(
+            "p_exp_decode",
+            bytemuck::bytes_of(&expert::Params {
+                n_part: nh as u32,
+                ..p_exp
+            }),
+        );
         let ub_qkv_raw = u("p_qkv_raw", bytemuck::bytes_of(&p_qkv_raw));
         let ub_qkv_post = u("p_qkv_post", bytemuck::bytes_of(&p_qkv_post));
         let ub_shared = u("p_shared", bytemuck::bytes_of(&p_shared));
@@ -742,6 +770,8 @@ impl Engine {
         let probs = c.storage_zeroed("probs", f(b * ne));
         let route = c.storage_zeroed("route", f(b * ne * 2));
         let act = c.storage_zeroed("act", f(b * ne * i));
+        // The heads' o_proj shares of a decoded token (fused attention).
+        let part = c.storage_zeroed("o_proj_part", f(nh * h));
         let qkv_raw = split_qkv.then(|| c.storage_zeroed("qkv_raw", f(b * (qd + 2 * kvd))));
         let route_sh = c.storage_zeroed("route_shared", f(b * 2));
         let act_sh = c.storage_zeroed("act_shared", f(b * sh_i.max(1)));
@@ -842,12 +872,12 @@ impl Engine {
                             c,
                             [
                                 &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh, &table_sh,
-                                &gate,
+                                &gate, &part,
                             ],
                         ),
                         bg_down: sk.down.bind(
                             c,
-                            [&step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh],
+                            [&step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh, &part],
                         ),
                     })
                 }
@@ -880,8 +910,8 @@ impl Engine {
                             &rope,
                             &kc,
                             &vc,
-                            &scores,
-                            &attn_out,
+                            &wo,
+                            &part,
                         ],
                     )
                 }),
@@ -892,12 +922,36 @@ impl Engine {
                 bg_up: k.up.bind(
                     c,
                     [
-                        &step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table, &gate,
+                        &step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table, &gate, &part,
                     ],
                 ),
-                bg_down: k
-                    .down
-                    .bind(c, [&step, &ub_exp, &pool.w2, &act, &route, &x, &table]),
+                bg_down: k.down.bind(
+                    c,
+                    [&step, &ub_exp, &pool.w2, &act, &route, &x, &table, &part],
+                ),
+                bg_up_dec: k.attn_dec.as_ref().map(|_| {
+                    k.up.bind(
+                        c,
+                        [
+                            &step,
+                            &ub_exp_dec,
+                            &pool.w13,
+                            &x,
+                            &g_post,
+                            &route,
+                            &act,
+                            &table,
+                            &gate,
+                            &part,
+                        ],
+                    )
+                }),
+                bg_down_dec: k.attn_dec.as_ref().map(|_| {
+                    k.down.bind(
+                        c,
+                        [&step, &ub_exp_dec, &pool.w2, &act, &route, &x, &table, &part],
+                    )
+                }),
                 table,
             });
         }
@@ -907,6 +961,21 @@ impl Engine {
         let bg_head_all =
             k.mv.bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
         let bg_argmax = k.argmax.bind(c, &ub_argmax, &logits_last, &argmax_out);
+        let ub_argmax_embed = u(
+            "p_argmax_embed",
+            bytemuck::bytes_of(&argmax::EmbedParams {
+                n: v as u32,
+                hidden: h as u32,
+                _p1: 0,
+                _p2: 0,
+            }),
+        );
+        let bg_argmax_embed = k.argmax_embed.as_ref().map(|ke| {
+            ke.bind(
+                c,
+                [&ub_argmax_embed, &logits_last, &argmax_out, &embed_t, &x],
+            )
+        });
 
         Ok(Self {
             ctx,
@@ -928,6 +997,8 @@ impl Engine {
             bg_head_last,
             bg_head_all,
             bg_argmax,
+            bg_argmax_embed,
+            embedded: None,
             p_qkv,
             p_qkv_raw,
             p_qkv_post,
@@ -1077,10 +1148,12 @@ impl Engine {
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
-    /// Dispatches one decoded token (a one-token chunk) issues:
-    /// [`Engine::dispatches_per_chunk`]`(1)`.
+    /// Dispatches one greedy decoded token issues in steady state (a
+    /// one-token step whose token the previous greedy step sampled):
+    /// [`Engine::dispatches_per_chunk`]`(1)`, less the embedding when the
+    /// fused argmax wrote that token's row already.
     pub fn dispatches_per_step(&self) -> u64 {
-        self.dispatches_per_chunk(1)
+        self.dispatches_per_chunk(1) - u64::from(self.k.argmax_embed.is_some())
     }
 
     /// Dispatches a chunk of `n_tok` tokens issues when it ends with the
@@ -1092,7 +1165,7 @@ impl Engine {
     /// three more per layer for a shared expert.
     pub fn dispatches_per_chunk(&self, n_tok: usize) -> u64 {
         let fused = n_tok == 1 && self.k.attn_dec.is_some();
-        let per_layer = 6 - u64::from(fused) - u64::from(self.k.route_fused)
+        let per_layer = 6 - 2 * u64::from(fused) - u64::from(self.k.route_fused)
             + u64::from(self.k.qkv_post.is_some())
             + 3 * u64::from(self.k.shared.is_some());
         per_layer * self.cfg.num_hidden_layers as u64 + 3
@@ -1193,9 +1266,13 @@ impl Engine {
     /// the routing itself).
     fn encode_up(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
+        let bg = match (&ly.bg_up_dec, run.n) {
+            (Some(bg), 1) => bg,
+            _ => &ly.bg_up,
+        };
         self.k
             .up
-            .encode(pass, &ly.bg_up, &self.p_exp, run.n as u32, run.k as u32);
+            .encode(pass, bg, &self.p_exp, run.n as u32, run.k as u32);
         self.stats.dispatches += 1;
     }
 
@@ -1203,9 +1280,11 @@ impl Engine {
     /// shared expert's down half).
     fn encode_down(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
-        self.k
-            .down
-            .encode(pass, &ly.bg_down, &self.p_exp, run.n as u32);
+        let bg = match (&ly.bg_down_dec, run.n) {
+            (Some(bg), 1) => bg,
+            _ => &ly.bg_down,
+        };
+        self.k.down.encode(pass, bg, &self.p_exp, run.n as u32);
         self.stats.dispatches += 1;
         // The shared expert's down half (its gate and up half ran with the router).
         if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
@@ -1222,14 +1301,16 @@ impl Engine {
         let ly = &self.layers[l];
         let mut d = 3;
         if let (1, Some(kd), Some(bg)) = (n, &self.k.attn_dec, &ly.bg_attn_dec) {
-            // Decode: q/k/v, RoPE, cache append and attention in one kernel
-            // (counted as the attention).
+            // Decode: q/k/v, RoPE, cache append, attention and the heads'
+            // o_proj shares in one kernel (counted as the attention; the
+            // expert kernels add the shares).
             kd.encode(pass, bg, &self.p_attn_dec);
+            d -= 1;
         } else {
             self.encode_qkv(pass, l, n, &mut d);
             self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
+            self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
         }
-        self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
         if !self.k.route_fused {
             self.k.router.encode(pass, &ly.bg_router, n);
         } else {
@@ -1330,10 +1411,14 @@ impl Engine {
                     );
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
                     let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-                    self.k
-                        .embed
-                        .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
-                    self.stats.dispatches += 1;
+                    // The last greedy step wrote this token's row already.
+                    let ready = self.embedded.take();
+                    if !(run.n == 1 && ready == Some(run.tokens[run.done])) {
+                        self.k
+                            .embed
+                            .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
+                        self.stats.dispatches += 1;
+                    }
                     (enc, pass, 0)
                 }
                 At::Experts(l) => {
@@ -1408,7 +1493,10 @@ impl Engine {
                         .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n);
                     self.stats.dispatches += 1;
                     if run.want == Want::Greedy {
-                        self.k.argmax.encode(&mut pass, &self.bg_argmax);
+                        match (&self.k.argmax_embed, &self.bg_argmax_embed) {
+                            (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
+                            _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
+                        }
                         self.stats.dispatches += 1;
                         Some((&self.argmax_out, 4))
                     } else {
@@ -1430,9 +1518,11 @@ impl Engine {
                 self.stats.readback_bytes += bytes;
                 match run.want {
                     Want::Greedy => {
-                        out = Some(Output::Token(bytemuck::pod_read_unaligned::<u32>(
-                            &data[..4],
-                        )))
+                        let t = bytemuck::pod_read_unaligned::<u32>(&data[..4]);
+                        if self.k.argmax_embed.is_some() {
+                            self.embedded = Some(t);
+                        }
+                        out = Some(Output::Token(t))
                     }
                     Want::Logits => out = Some(Output::Logits(bytemuck::pod_collect_to_vec(&data))),
                     Want::AllLogits => {

@@ -31,6 +31,10 @@ pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.w
 /// workgroup arrays); more, and the engine runs `router.wgsl` before it.
 pub const MAX_FUSED_ROUTER_EXPERTS: usize = 256;
 
+/// Largest hidden size `expert_up` stages in workgroup memory (and so the
+/// largest with o_proj shares, `n_part > 0`).
+pub const MAX_STAGED_HIDDEN: usize = 2048;
+
 /// How the expert pool stores its experts. Every format uses the same pool
 /// (slots, per-layer expert -> slot table, bind groups); only the bytes per
 /// expert and the kernels that read them differ.
@@ -205,7 +209,11 @@ pub struct Params {
     /// 1: `expert_up` routes each token itself (the router fused, reading
     /// the gate it is bound to, writing `route`); 0: it reads `route`.
     pub route_in: u32,
-    pub _p1: u32,
+    /// Heads' o_proj shares (`part`, `[n_part][hidden]`, from the fused
+    /// decode attention) added to the token's input (up) and to the
+    /// residual (down); 0 when the o_proj ran as a matvec. Only for
+    /// one-token steps and `hidden <= ` [`MAX_STAGED_HIDDEN`].
+    pub n_part: u32,
     pub _p2: u32,
 }
 
@@ -232,12 +240,14 @@ impl ExpertUp {
             PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8),
             PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4),
         };
-        Self(Kernel::new(ctx, name, src, None))
+        // Every workgroup array element it reads, it wrote first.
+        Self(Kernel::new_uninit_workgroup(ctx, name, src, None))
     }
     /// Bindings: step, params, w13 (pool), x, g, route, act, slot table,
     /// router gate (`[hidden][n_experts]`, read when `route_in`; any other
-    /// read-only buffer otherwise).
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 9]) -> wgpu::BindGroup {
+    /// read-only buffer otherwise), o_proj shares `part` (read when
+    /// `n_part > 0`; any other read-only buffer otherwise).
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
     /// Workgroups of one token each: `ceil(k * inter / wg)` per token.
@@ -274,8 +284,9 @@ impl ExpertDown {
         };
         Self(Kernel::new(ctx, name, src, None))
     }
-    /// Bindings: step, params, w2 (pool), act, route, x, slot table.
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
+    /// Bindings: step, params, w2 (pool), act, route, x, slot table, o_proj
+    /// shares `part` (as for [`ExpertUp::bind`]).
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
     pub fn encode(
@@ -473,7 +484,7 @@ async fn run_blocks(
         eps,
         n_slots: ne as u32,
         route_in: 0,
-        _p1: 0,
+        n_part: 0,
         _p2: 0,
     };
     let step = step_buffer(
@@ -509,9 +520,12 @@ async fn run_blocks(
     let act = ctx.storage_zeroed("act", (n * ne * inter * 4) as u64);
     let table: Vec<u32> = (0..ne as u32).rev().collect();
     let tb = ctx.storage_init("slots", bytemuck::cast_slice(&table));
-    let dummy = ctx.storage_zeroed("no_gate", 4);
-    let bg_up = up.bind(ctx, [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &dummy]);
-    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb]);
+    let dummy = ctx.storage_zeroed("none", 4);
+    let bg_up = up.bind(
+        ctx,
+        [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &dummy, &dummy],
+    );
+    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &dummy]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
@@ -525,6 +539,8 @@ async fn run_blocks(
 /// One-shot GPU run of the router fused into `expert_up` (tests): every
 /// token routed by the up kernel (RMSNorm, `gate` `[n_experts][hidden]`,
 /// softmax, top-`k`, renormalised when `renorm`), then `expert_down`.
+/// `part` (`[heads][hidden]`, one token only; empty for none): o_proj
+/// shares added to `x` first, as after the fused decode attention.
 /// Returns the new `x` and the route the kernel wrote, as
 /// [`super::router::run`] does.
 #[allow(clippy::too_many_arguments)]
@@ -540,9 +556,16 @@ pub async fn run_routed(
     eps: f32,
     k: usize,
     renorm: bool,
+    part: &[f32],
 ) -> Result<(Vec<f32>, Vec<Vec<(u32, f32)>>), GpuError> {
     let ne = experts.len();
     let n = x.len() / hidden.max(1);
+    let n_part = part.len() / hidden.max(1);
+    if n_part > 0 && (n != 1 || part.len() != n_part * hidden || hidden > MAX_STAGED_HIDDEN) {
+        return Err(GpuError::Input(
+            "expert (routed): o_proj shares need one token and [heads][hidden]".into(),
+        ));
+    }
     if ne == 0
         || ne > MAX_FUSED_ROUTER_EXPERTS
         || k == 0
@@ -568,7 +591,7 @@ pub async fn run_routed(
         eps,
         n_slots: ne as u32,
         route_in: 1,
-        _p1: 0,
+        n_part: n_part as u32,
         _p2: 0,
     };
     let step = step_buffer(
@@ -599,8 +622,16 @@ pub async fn run_routed(
     let table: Vec<u32> = (0..ne as u32).collect();
     let tb = ctx.storage_init("slots", bytemuck::cast_slice(&table));
     let gate_t = ctx.storage_init("gate", f32_bytes(&transpose(ne, hidden, gate)));
-    let bg_up = up.bind(ctx, [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t]);
-    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb]);
+    let part_b = if part.is_empty() {
+        ctx.storage_zeroed("part", 4)
+    } else {
+        ctx.storage_init("part", f32_bytes(part))
+    };
+    let bg_up = up.bind(
+        ctx,
+        [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t, &part_b],
+    );
+    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &part_b]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());

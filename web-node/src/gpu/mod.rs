@@ -75,6 +75,7 @@ pub use kernel::WeightFormat;
 pub const SHADERS: &[(&str, &str)] = &[
     ("add", add::SOURCE),
     ("argmax", argmax::SOURCE),
+    ("argmax_embed", argmax::SOURCE_EMBED),
     ("attn_decode", attn_decode::SOURCE),
     ("attn_decode_f16", attn_decode::SOURCE_F16),
     ("attention", attention::SOURCE),

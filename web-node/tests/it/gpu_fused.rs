@@ -13,7 +13,7 @@ use crate::gpu_kernels::{q_reference, qexperts};
 use web_node::gpu::expert::{self, ExpertRef};
 use web_node::gpu::kernel::{matvec_ref, rmsnorm_ref, round_f16};
 use web_node::gpu::qkv_rope::{rope_table, QkvShape};
-use web_node::gpu::{attn_decode, router, GpuContext, PoolFormat, WeightFormat};
+use web_node::gpu::{argmax, attn_decode, router, GpuContext, PoolFormat, WeightFormat};
 use web_node::model::{ExpertWeights, Mat, Weight};
 use web_node::spec::quant::QuantFormat;
 
@@ -29,7 +29,7 @@ fn vals(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// One fused decode step against qkv_rope + attention on the CPU; f16
+/// One fused decode step against qkv_rope + attention + o_proj on the CPU; f16
 /// weights are rounded through f16 on the CPU side.
 fn check_attn_decode(c: &GpuContext, fmt: WeightFormat, s: &QkvShape, pos0: usize, seed: u64) {
     let (qd, kvd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim);
@@ -50,17 +50,18 @@ fn check_attn_decode(c: &GpuContext, fmt: WeightFormat, s: &QkvShape, pos0: usiz
     let g = vals(s.hidden, seed ^ 4);
     let k_prev = vals(pos0 * kvd, seed ^ 5);
     let v_prev = vals(pos0 * kvd, seed ^ 6);
+    let wo = w(s.hidden * qd, seed ^ 7);
     let table = rope_table(s.head_dim, 10000.0, pos0 + 1);
     let (out, k, v) = pollster::block_on(attn_decode::run(
-        c, fmt, s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, pos0,
+        c, fmt, s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0,
     ))
     .unwrap();
     let (ro, rk, rv) =
-        attn_decode::reference(s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, pos0);
+        attn_decode::reference(s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0);
     let what = format!("{fmt:?} {s:?} pos0 {pos0}");
     assert_close(&k, &rk, 2e-5, &format!("k, {what}"));
     assert_close(&v, &rv, 2e-5, &format!("v, {what}"));
-    assert_close(&out, &ro, 2e-5, &format!("attention out, {what}"));
+    assert_close(&out, &ro, 2e-5, &format!("o_proj shares per head, {what}"));
 }
 
 proptest! {
@@ -112,28 +113,43 @@ fn attn_decode_at_its_limits() {
         &[],
         &[],
         &[],
+        &[],
         0,
     ));
     assert!(err.is_err());
 }
 
-/// Whether every token's top `k` (of the CPU's softmax) is clear of ties by
-/// `gap`, so that both sides must pick the same experts.
+/// Whether every token's top `k` (of the CPU's router logits) is clear of
+/// ties, so that both sides must pick the same experts.
 fn clear_top_k(gate: &[f32], ne: usize, hidden: usize, x: &[f32], g: &[f32], k: usize) -> bool {
     x.chunks(hidden).all(|xt| {
         let xn = rmsnorm_ref(xt, g, 1e-5);
-        let all = router::select(&matvec_ref(gate, ne, hidden, &xn), ne, false);
-        all.windows(2).take(k).all(|w| w[0].1 - w[1].1 > 1e-4)
+        // In logit space (the softmax saturates for large hidden sizes).
+        let mut l = matvec_ref(gate, ne, hidden, &xn);
+        l.sort_by(|a, b| b.total_cmp(a));
+        l.windows(2)
+            .take(k)
+            .all(|w| w[0] - w[1] > 1e-3 * w[0].abs().max(1.0))
     })
 }
 
 /// The router fused into `expert_up` (then `expert_down`) against the
-/// unfused CPU reference: router, then the experts on its route. Returns
-/// false (checking nothing) when the CPU's top k is too close to a tie.
+/// unfused CPU reference: router, then the experts on its route; with
+/// `heads` o_proj shares (one token) added to the input first, as after the
+/// fused decode attention. Returns false (checking nothing) when the CPU's
+/// top k is too close to a tie.
 #[allow(clippy::too_many_arguments)]
-fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden: usize, n: usize, k: usize, renorm: bool, seed: u64) -> bool {
+fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden: usize, n: usize, k: usize, renorm: bool, heads: usize, seed: u64) -> bool {
     let gate = vals(ne * hidden, seed ^ 40);
-    let x = vals(n * hidden, seed ^ 41);
+    let x0 = vals(n * hidden, seed ^ 41);
+    let part = vals(heads * hidden, seed ^ 43);
+    // The unfused input: the residual plus every head's share.
+    let mut x = x0.clone();
+    for h in 0..heads {
+        for (xv, p) in x.iter_mut().zip(&part[h * hidden..(h + 1) * hidden]) {
+            *xv += p;
+        }
+    }
     let g = vals(hidden, seed ^ 42);
     if !clear_top_k(&gate, ne, hidden, &x, &g, k) {
         return false;
@@ -174,10 +190,10 @@ fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden
         }
     };
     let (gpu, got_route) = pollster::block_on(expert::run_routed(
-        c, fmt, &experts, &gate, inter, hidden, &x, &g, 1e-5, k, renorm,
+        c, fmt, &experts, &gate, inter, hidden, &x0, &g, 1e-5, k, renorm, &part,
     ))
     .unwrap();
-    let what = format!("{fmt} ne {ne} inter {inter} hidden {hidden} n {n} k {k} renorm {renorm}");
+    let what = format!("{fmt} ne {ne} inter {inter} hidden {hidden} n {n} k {k} renorm {renorm} heads {heads}");
     for (t, (a, b)) in got_route.iter().zip(&route).enumerate() {
         let ids = |r: &[(u32, f32)]| r.iter().map(|p| p.0).collect::<Vec<_>>();
         assert_eq!(ids(a), ids(b), "token {t} experts, {what}");
@@ -195,18 +211,21 @@ proptest! {
     /// Float pools: any hidden and intermediate size (k * inter past and
     /// short of a workgroup), experts up to past the workgroup size.
     #[test]
-    fn fused_router_expert_up_matches_unfused_reference(f16: bool, ne in 1usize..12, inter in 1usize..150, hidden in 1usize..200, n in 1usize..4, kk in 1usize..4, renorm: bool, seed: u64) {
+    fn fused_router_expert_up_matches_unfused_reference(f16: bool, ne in 1usize..12, inter in 1usize..150, hidden in 1usize..200, n in 1usize..4, kk in 1usize..4, renorm: bool, heads in 0usize..5, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
         let fmt = PoolFormat::Float(if f16 { WeightFormat::F16 } else { WeightFormat::F32 });
-        check_routed(c, fmt, ne, inter, hidden, n, kk.min(ne), renorm, seed);
+        // o_proj shares only with one token (decode).
+        let heads = if n == 1 { heads } else { 0 };
+        check_routed(c, fmt, ne, inter, hidden, n, kk.min(ne), renorm, heads, seed);
     }
 
     /// Quantized pools (sizes multiples of 32).
     #[test]
-    fn fused_router_quantized_matches_unfused_reference(q4: bool, ne in 1usize..9, ig in 1usize..6, hg in 1usize..4, n in 1usize..3, kk in 1usize..3, seed: u64) {
+    fn fused_router_quantized_matches_unfused_reference(q4: bool, ne in 1usize..9, ig in 1usize..6, hg in 1usize..4, n in 1usize..3, kk in 1usize..3, heads in 0usize..3, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
         let q = if q4 { QuantFormat::Q4_0 } else { QuantFormat::Q8_0 };
-        check_routed(c, PoolFormat::Quant(q), ne, 32 * ig, 32 * hg, n, kk.min(ne), true, seed);
+        let heads = if n == 1 { heads } else { 0 };
+        check_routed(c, PoolFormat::Quant(q), ne, 32 * ig, 32 * hg, n, kk.min(ne), true, heads, seed);
     }
 }
 
@@ -218,8 +237,11 @@ fn fused_router_at_its_limits() {
     let Some(c) = ctx() else { return };
     let f32p = PoolFormat::Float(WeightFormat::F32);
     let max = expert::MAX_FUSED_ROUTER_EXPERTS;
-    assert!(check_routed(c, f32p, max, 3, 67, 2, 8, true, 3), "tie: pick another seed");
-    assert!(check_routed(c, f32p, 8, 33, 45, 3, 8, false, 4), "tie: pick another seed");
+    assert!(check_routed(c, f32p, max, 3, 67, 2, 8, true, 0, 3), "tie: pick another seed");
+    assert!(check_routed(c, f32p, 8, 33, 45, 3, 8, false, 0, 4), "tie: pick another seed");
+    // The largest staged hidden size, with o_proj shares.
+    let big = expert::MAX_STAGED_HIDDEN;
+    assert!(check_routed(c, f32p, 8, 5, big, 1, 2, true, 4, 5), "tie: pick another seed");
     let e = ExpertWeights {
         w1: Weight::F32(Mat::new(1, 1, vec![0.0]).unwrap()),
         w2: Weight::F32(Mat::new(1, 1, vec![0.0]).unwrap()),
@@ -228,7 +250,26 @@ fn fused_router_at_its_limits() {
     let many = vec![e; max + 1];
     let gate = vec![0.0; max + 1];
     let r = pollster::block_on(expert::run_routed(
-        c, f32p, &many, &gate, 1, 1, &[1.0], &[1.0], 1e-5, 1, true,
+        c, f32p, &many, &gate, 1, 1, &[1.0], &[1.0], 1e-5, 1, true, &[],
     ));
     assert!(r.is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Greedy sampling fused with the next token's embedding lookup against
+    /// argmax and the table row, vocabularies and hidden sizes past its
+    /// 64-invocation workgroup, with ties (values rounded to a few levels).
+    #[test]
+    fn argmax_embed_matches_argmax_and_the_table_row(vocab in 1usize..300, hidden in 1usize..200, levels in 1u32..50, seed: u64) {
+        let Some(c) = ctx() else { return Ok(()) };
+        let v: Vec<f32> = vals(vocab, seed).iter().map(|x| (x * levels as f32).round()).collect();
+        let table = vals(vocab * hidden, seed ^ 9);
+        let (id, x) = pollster::block_on(argmax::run_embed(c, &v, &table, hidden)).unwrap();
+        let want = argmax::reference(&v);
+        prop_assert_eq!(id, want);
+        let w = want as usize;
+        prop_assert_eq!(&x[..], &table[w * hidden..(w + 1) * hidden]);
+    }
 }
