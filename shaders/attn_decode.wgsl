@@ -15,7 +15,7 @@
 // writes never race a read. Decode only (n_tok = 1): a batch's later tokens
 // would read cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (about 14 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// (about 5 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
 // [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
@@ -36,13 +36,12 @@ override WG: u32 = 64u;
 @group(0) @binding(8) var<storage, read> wo: array<f32>;
 @group(0) @binding(9) var<storage, read_write> part: array<f32>;
 
-var<workgroup> xn: array<f32, MAX_HIDDEN>;
 var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
-var<workgroup> red: array<f32, 256>;
 var<workgroup> tile: array<f32, 256>;
+var<workgroup> tile_e: array<f32, 256>;
 
 fn wf(i: u32) -> f32 {
     return w[i];
@@ -66,48 +65,62 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let rows = q_dim + 2u * kv_dim;
     let pos = s.pos0;
 
-    // RMSNorm: partial sums of squares, then every invocation adds them up.
-    var ss = 0.0;
-    for (var c = lid; c < p.hidden; c += WG) {
-        let v = x[c];
-        ss += v * v;
-        xn[c] = v * g[c];
-    }
-    red[lid] = ss;
-    workgroupBarrier();
-    var tot = 0.0;
-    for (var i = 0u; i < WG; i++) { tot += red[i]; }
-    let inv = 1.0 / sqrt(tot / f32(p.hidden) + p.eps);
-
-    // This head's q rows and its kv head's k and v rows.
-    for (var u = lid; u < 3u * hd; u += WG) {
-        let part_i = u / hd;
-        let i = u % hd;
-        var r = h * hd + i;
-        if (part_i == 1u) { r = q_dim + kvh * hd + i; }
-        if (part_i == 2u) { r = q_dim + kv_dim + kvh * hd + i; }
-        var a = 0.0;
-        for (var c = 0u; c < p.hidden; c++) {
-            a += wf(c * rows + r) * xn[c];
+    // Barriers are few on purpose (slow on software adapters): none for
+    // the norm (each invocation sums the squares itself, as qkv_rope.wgsl),
+    // RoPE applied by the invocation that owns both rows of a pair.
+    // Units: q pairs (half), k pairs (half), v rows (head_dim).
+    for (var u = lid; u < 2u * hd; u += WG) {
+        var r1 = 0u;
+        var pair = true;
+        var i = u;
+        if (u < half) {
+            r1 = h * hd + i;
+        } else if (u < hd) {
+            i = u - half;
+            r1 = q_dim + kvh * hd + i;
+        } else {
+            i = u - hd;
+            r1 = q_dim + kv_dim + kvh * hd + i;
+            pair = false;
         }
+        let r2 = r1 + half;
+        var ss = 0.0;
+        var a = 0.0;
+        var b = 0.0;
+        if (pair) {
+            for (var c = 0u; c < p.hidden; c++) {
+                let xv = x[c];
+                ss += xv * xv;
+                let xg = xv * g[c];
+                a += wf(c * rows + r1) * xg;
+                b += wf(c * rows + r2) * xg;
+            }
+        } else {
+            for (var c = 0u; c < p.hidden; c++) {
+                let xv = x[c];
+                ss += xv * xv;
+                a += wf(c * rows + r1) * (xv * g[c]);
+            }
+        }
+        let inv = 1.0 / sqrt(ss / f32(p.hidden) + p.eps);
         a = a * inv;
-        if (part_i == 0u) { qs[i] = a; } else if (part_i == 1u) { ks[i] = a; } else { vs[i] = a; }
-    }
-    workgroupBarrier();
-
-    // RoPE on q and k, one rotation pair per invocation.
-    for (var i = lid; i < half; i += WG) {
-        let ri = (pos * half + i) * 2u;
-        let cs = rope[ri];
-        let sn = rope[ri + 1u];
-        let qa = qs[i];
-        let qb = qs[i + half];
-        qs[i] = qa * cs - qb * sn;
-        qs[i + half] = qb * cs + qa * sn;
-        let ka = ks[i];
-        let kb = ks[i + half];
-        ks[i] = ka * cs - kb * sn;
-        ks[i + half] = kb * cs + ka * sn;
+        b = b * inv;
+        if (!pair) {
+            vs[i] = a;
+        } else {
+            let ri = (pos * half + i) * 2u;
+            let cs = rope[ri];
+            let sn = rope[ri + 1u];
+            let o1 = a * cs - b * sn;
+            let o2 = b * cs + a * sn;
+            if (u < half) {
+                qs[i] = o1;
+                qs[i + half] = o2;
+            } else {
+                ks[i] = o1;
+                ks[i + half] = o2;
+            }
+        }
     }
     workgroupBarrier();
 
@@ -126,6 +139,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var m = -3.0e38;
     var l = 0.0;
     for (var base = 0u; base < len; base += WG) {
+        // The previous tile's readers are done before it is overwritten.
+        if (base > 0u) { workgroupBarrier(); }
         let j = base + lid;
         if (j < len) {
             var d = 0.0;
@@ -140,9 +155,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let cnt = min(WG, len - base);
         var tm = m;
         for (var i = 0u; i < cnt; i++) { tm = max(tm, tile[i]); }
+        // One exp per position (exps dominate on software adapters).
+        if (lid < cnt) { tile_e[lid] = exp(tile[lid] - tm); }
+        workgroupBarrier();
         let corr = exp(m - tm);
         var ts = 0.0;
-        for (var i = 0u; i < cnt; i++) { ts += exp(tile[i] - tm); }
+        for (var i = 0u; i < cnt; i++) { ts += tile_e[i]; }
         l = l * corr + ts;
         for (var e = lid; e < hd; e += WG) {
             var a = acc_s[e] * corr;
@@ -150,24 +168,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 let jj = base + i;
                 var vv = vs[e];
                 if (jj != pos) { vv = v_cache[jj * kv_dim + kb + e]; }
-                a += exp(tile[i] - tm) * vv;
+                a += tile_e[i] * vv;
             }
             acc_s[e] = a;
         }
         m = tm;
-        workgroupBarrier();
-    }
-    for (var e = lid; e < hd; e += WG) {
-        acc_s[e] = acc_s[e] / l;
     }
     workgroupBarrier();
 
-    // This head's share of the output projection.
+    // This head's share of the output projection (l, the softmax sum, is
+    // the same in every invocation).
+    let inv_l = 1.0 / l;
     for (var r = lid; r < p.hidden; r += WG) {
         var a = 0.0;
         for (var e = 0u; e < hd; e++) {
             a += wof((h * hd + e) * p.wo_stride + r) * acc_s[e];
         }
-        part[h * p.hidden + r] = a;
+        part[h * p.hidden + r] = a * inv_l;
     }
 }

@@ -118,7 +118,9 @@ pub async fn run_embed(
     hidden: usize,
 ) -> Result<(u32, Vec<f32>), GpuError> {
     if v.is_empty() || table.len() != v.len() * hidden {
-        return Err(GpuError::Input("argmax_embed: table is not [vocab][hidden]".into()));
+        return Err(GpuError::Input(
+            "argmax_embed: table is not [vocab][hidden]".into(),
+        ));
     }
     let k = ArgmaxEmbed::new(ctx);
     let pb = ctx.uniform_init(

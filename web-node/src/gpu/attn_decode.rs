@@ -45,11 +45,12 @@ pub fn wo_stride(format: WeightFormat, hidden: usize) -> u32 {
 }
 
 /// Whether the fused kernel can run this shape with workgroup size `wg`
-/// (its arrays hold `hidden`, `head_dim` and one partial sum per invocation).
+/// (its workgroup arrays hold `head_dim` values and one score per
+/// invocation; `hidden` is bounded by the expert kernels that add its
+/// o_proj shares, which stage the row in workgroup memory).
 pub fn fits(hidden: usize, head_dim: usize, wg: u32) -> bool {
     hidden <= MAX_HIDDEN
-        && head_dim <= MAX_HEAD_DIM
-        && head_dim >= 2
+        && (2..=MAX_HEAD_DIM).contains(&head_dim)
         && head_dim.is_multiple_of(2)
         && wg <= 256
 }

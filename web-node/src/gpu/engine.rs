@@ -4,33 +4,39 @@
 //! Weights and the KV cache live in GPU buffers. A chunk of a step (one
 //! decoded token, or up to `max_batch` prompt tokens at once) is one command
 //! encoder with one compute pass and one submission (while every expert it
-//! routes to is resident), bind groups made once when the engine is built:
+//! routes to is resident), bind groups made once when the engine is built.
+//! A decoded token (Mixtral):
 //!
 //! ```text
-//! embedding                                        1 dispatch
-//! per layer, decode (one token):
-//!   attn_decode (norm+q/k/v+RoPE+cache+attention)  1
-//! per layer, prompt chunk:
-//!   qkv_rope (norm+q/k/v+RoPE+cache), attention    2
-//! per layer: matvec o_proj (+ residual)            1
-//!   expert_up (router: norm+gate+softmax+top-k;
-//!              norm+w1/w3+silu*mul, all k experts) 1
-//!   expert_down (w2+weighted sum+residual)         1
-//! lm_head (final norm fused), argmax               2
+//! embedding        (skipped after a greedy step: argmax_embed wrote it)  0
+//! per layer: attn_decode (norm, q/k/v, RoPE, cache append, attention,
+//!                         each head's o_proj share)                    1
+//!            expert_up   (residual + o_proj shares, router: norm, gate,
+//!                         softmax, top-k; norm, w1/w3, silu*mul for
+//!                         all k experts through the pool's slot table)  1
+//!            expert_down (w2, weighted sum of the k, residual + shares) 1
+//! lm_head (final norm fused), argmax_embed (argmax + next embedding)   2
 //! ```
 //!
-//! = `4 * layers + 3` dispatches per decoded token (`5 * layers + 3` per
-//! prompt chunk), and the only readback is the sampled token id (4 bytes),
-//! or the logits when asked for them. The fused decode attention needs the
-//! shape to fit its workgroup memory ([`super::attn_decode::fits`]), the
-//! fused router at most [`expert::MAX_FUSED_ROUTER_EXPERTS`] experts; past
-//! either, the unfused kernel runs (one dispatch more per layer).
+//! = `3 * layers + 2` dispatches per greedily decoded token (`+ 1`, the
+//! embedding, for a step whose token the previous greedy step did not
+//! sample), and the only readback is the sampled token id (4 bytes), or the
+//! logits when asked for them. A prompt chunk runs `embedding`, then per
+//! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
+//! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
+//! Where a shape does not fit the fused kernels' workgroup memory
+//! ([`super::attn_decode::fits`], [`expert::MAX_FUSED_ROUTER_EXPERTS`],
+//! [`expert::MAX_STAGED_HIDDEN`]) the unfused kernels run instead, and
+//! [`EngineOptions::fused`]` = false` runs the whole unfused schedule
+//! (`6 * layers + 3`: the benchmark's baseline).
 //!
 //! The other families ([`crate::model::Family`]) change a layer as the CPU
 //! engine does ([`crate::model::family`]): OLMoE, Qwen2-MoE and Qwen3-MoE
 //! run the attention input as a projection (matvec, input norm fused) and
 //! `qkv_post` (q/k/v biases, q/k RMSNorm over the whole projection or per
-//! head, RoPE, cache append): one dispatch more per layer. Qwen2-MoE's
+//! head, RoPE, cache append), then `attention` and the o_proj matvec (the
+//! fused decode attention does not cover them): `6 * layers + 2` per
+//! decoded token, three dispatches more per layer than Mixtral. Qwen2-MoE's
 //! shared expert runs for every token on the ordinary expert kernels (its
 //! own buffers and format, a one-expert slot table), scaled by
 //! `shared_gate` (sigmoid of its gate): gate and up after the router, down
@@ -591,7 +597,7 @@ impl Engine {
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
                 && attn_decode::fits(h, hd, c.workgroup_size))
-                .then(|| AttnDecode::with_format(c, fmt)),
+            .then(|| AttnDecode::with_format(c, fmt)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
@@ -871,13 +877,15 @@ impl Engine {
                         bg_up: sk.up.bind(
                             c,
                             [
-                                &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh, &table_sh,
-                                &gate, &part,
+                                &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh,
+                                &table_sh, &gate, &part,
                             ],
                         ),
                         bg_down: sk.down.bind(
                             c,
-                            [&step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh, &part],
+                            [
+                                &step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh, &part,
+                            ],
                         ),
                     })
                 }
@@ -949,7 +957,16 @@ impl Engine {
                 bg_down_dec: k.attn_dec.as_ref().map(|_| {
                     k.down.bind(
                         c,
-                        [&step, &ub_exp_dec, &pool.w2, &act, &route, &x, &table, &part],
+                        [
+                            &step,
+                            &ub_exp_dec,
+                            &pool.w2,
+                            &act,
+                            &route,
+                            &x,
+                            &table,
+                            &part,
+                        ],
                     )
                 }),
                 table,
@@ -1157,12 +1174,13 @@ impl Engine {
     }
 
     /// Dispatches a chunk of `n_tok` tokens issues when it ends with the
-    /// head and argmax (a greedy step's last chunk). Mixtral: `4 * layers + 3`
-    /// for one token (the fused decode attention, when the shape fits it,
-    /// and the router fused into `expert_up`), `5 * layers + 3` for a prompt
-    /// chunk; one more per layer for the
-    /// families with q/k/v extras (projection and `qkv_post`, never fused),
-    /// three more per layer for a shared expert.
+    /// head and argmax (a greedy step's last chunk), the embedding
+    /// included. Mixtral: `3 * layers + 3` for one token (the fused decode
+    /// attention with the o_proj shares, when the shape fits it, and the
+    /// router fused into `expert_up`), `5 * layers + 3` for a prompt chunk;
+    /// the families with q/k/v extras `6 * layers + 3` either way
+    /// (projection, `qkv_post`, attention, o_proj: never fused), three more
+    /// per layer for a shared expert; the unfused engine `6 * layers + 3`.
     pub fn dispatches_per_chunk(&self, n_tok: usize) -> u64 {
         let fused = n_tok == 1 && self.k.attn_dec.is_some();
         let per_layer = 6 - 2 * u64::from(fused) - u64::from(self.k.route_fused)
@@ -1273,6 +1291,7 @@ impl Engine {
         self.k
             .up
             .encode(pass, bg, &self.p_exp, run.n as u32, run.k as u32);
+
         self.stats.dispatches += 1;
     }
 
@@ -1410,7 +1429,9 @@ impl Engine {
                         bytemuck::cast_slice(&run.tokens[run.done..run.done + run.n]),
                     );
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
                     // The last greedy step wrote this token's row already.
                     let ready = self.embedded.take();
                     if !(run.n == 1 && ready == Some(run.tokens[run.done])) {
@@ -1431,7 +1452,9 @@ impl Engine {
                     // so that resuming never depends on that.
                     self.write_step(run);
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
                     self.encode_experts(&mut pass, l, run);
                     (enc, pass, l + 1)
                 }
@@ -1469,7 +1492,9 @@ impl Engine {
                     }
                     self.pool.touch(ids);
                     enc = self.ctx.device.create_command_encoder(&Default::default());
-                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
                     if up_done {
                         self.encode_down(&mut pass, l, run);
                         continue;

@@ -604,14 +604,14 @@ pub async fn run_routed(
         },
     );
     let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
-    let (w13, w2): (Vec<u8>, Vec<u8>) = blocks.iter().fold(
-        (Vec::new(), Vec::new()),
-        |(mut a, mut b), (x13, x2)| {
-            a.extend_from_slice(x13);
-            b.extend_from_slice(x2);
-            (a, b)
-        },
-    );
+    let (w13, w2): (Vec<u8>, Vec<u8>) =
+        blocks
+            .iter()
+            .fold((Vec::new(), Vec::new()), |(mut a, mut b), (x13, x2)| {
+                a.extend_from_slice(x13);
+                b.extend_from_slice(x2);
+                (a, b)
+            });
     let w13b = ctx.storage_init("w13", &w13);
     let w2b = ctx.storage_init("w2", &w2);
     let xb = ctx.storage_init("x", f32_bytes(x));
@@ -629,7 +629,9 @@ pub async fn run_routed(
     };
     let bg_up = up.bind(
         ctx,
-        [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t, &part_b],
+        [
+            &step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t, &part_b,
+        ],
     );
     let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &part_b]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());

@@ -51,8 +51,8 @@
 
 pub mod add;
 pub mod argmax;
-pub mod attn_decode;
 pub mod attention;
+pub mod attn_decode;
 pub mod context;
 pub mod embedding;
 pub mod engine;

@@ -7,9 +7,9 @@
 
 use crate::gpu_support as common;
 
+use crate::gpu_kernels::{q_reference, qexperts};
 use common::{assert_close, ctx};
 use proptest::prelude::*;
-use crate::gpu_kernels::{q_reference, qexperts};
 use web_node::gpu::expert::{self, ExpertRef};
 use web_node::gpu::kernel::{matvec_ref, rmsnorm_ref, round_f16};
 use web_node::gpu::qkv_rope::{rope_table, QkvShape};
@@ -56,8 +56,9 @@ fn check_attn_decode(c: &GpuContext, fmt: WeightFormat, s: &QkvShape, pos0: usiz
         c, fmt, s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0,
     ))
     .unwrap();
-    let (ro, rk, rv) =
-        attn_decode::reference(s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0);
+    let (ro, rk, rv) = attn_decode::reference(
+        s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0,
+    );
     let what = format!("{fmt:?} {s:?} pos0 {pos0}");
     assert_close(&k, &rk, 2e-5, &format!("k, {what}"));
     assert_close(&v, &rv, 2e-5, &format!("v, {what}"));
@@ -93,8 +94,16 @@ fn attn_decode_at_its_limits() {
     for fmt in [WeightFormat::F32, WeightFormat::F16] {
         check_attn_decode(c, fmt, &s, 2 * wg + 3, 7);
     }
-    assert!(!attn_decode::fits(attn_decode::MAX_HIDDEN + 1, 64, c.workgroup_size));
-    assert!(!attn_decode::fits(64, attn_decode::MAX_HEAD_DIM + 2, c.workgroup_size));
+    assert!(!attn_decode::fits(
+        attn_decode::MAX_HIDDEN + 1,
+        64,
+        c.workgroup_size
+    ));
+    assert!(!attn_decode::fits(
+        64,
+        attn_decode::MAX_HEAD_DIM + 2,
+        c.workgroup_size
+    ));
     assert!(!attn_decode::fits(64, 7, c.workgroup_size));
     let big = QkvShape {
         hidden: attn_decode::MAX_HIDDEN + 1,
@@ -139,7 +148,18 @@ fn clear_top_k(gate: &[f32], ne: usize, hidden: usize, x: &[f32], g: &[f32], k: 
 /// fused decode attention. Returns false (checking nothing) when the CPU's
 /// top k is too close to a tie.
 #[allow(clippy::too_many_arguments)]
-fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden: usize, n: usize, k: usize, renorm: bool, heads: usize, seed: u64) -> bool {
+fn check_routed(
+    c: &GpuContext,
+    fmt: PoolFormat,
+    ne: usize,
+    inter: usize,
+    hidden: usize,
+    n: usize,
+    k: usize,
+    renorm: bool,
+    heads: usize,
+    seed: u64,
+) -> bool {
     let gate = vals(ne * hidden, seed ^ 40);
     let x0 = vals(n * hidden, seed ^ 41);
     let part = vals(heads * hidden, seed ^ 43);
@@ -157,7 +177,13 @@ fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden
     let route = router::reference(&gate, ne, hidden, &x, &g, 1e-5, k, renorm);
     let (experts, cpu) = match fmt {
         PoolFormat::Float(f) => {
-            let r = |v: Vec<f32>| if f == WeightFormat::F16 { round_f16(&v) } else { v };
+            let r = |v: Vec<f32>| {
+                if f == WeightFormat::F16 {
+                    round_f16(&v)
+                } else {
+                    v
+                }
+            };
             let ws: Vec<[Vec<f32>; 3]> = (0..ne as u64)
                 .map(|e| {
                     [
@@ -172,7 +198,8 @@ fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden
                 .map(|[w1, w3, w2]| ExpertRef { w1, w3, w2 })
                 .collect();
             let cpu = expert::reference(&refs, inter, hidden, &x, &g, 1e-5, &route);
-            let m = |r: usize, c: usize, v: &[f32]| Weight::F32(Mat::new(r, c, v.to_vec()).unwrap());
+            let m =
+                |r: usize, c: usize, v: &[f32]| Weight::F32(Mat::new(r, c, v.to_vec()).unwrap());
             let experts: Vec<ExpertWeights> = ws
                 .iter()
                 .map(|[w1, w3, w2]| ExpertWeights {
@@ -193,7 +220,9 @@ fn check_routed(c: &GpuContext, fmt: PoolFormat, ne: usize, inter: usize, hidden
         c, fmt, &experts, &gate, inter, hidden, &x0, &g, 1e-5, k, renorm, &part,
     ))
     .unwrap();
-    let what = format!("{fmt} ne {ne} inter {inter} hidden {hidden} n {n} k {k} renorm {renorm} heads {heads}");
+    let what = format!(
+        "{fmt} ne {ne} inter {inter} hidden {hidden} n {n} k {k} renorm {renorm} heads {heads}"
+    );
     for (t, (a, b)) in got_route.iter().zip(&route).enumerate() {
         let ids = |r: &[(u32, f32)]| r.iter().map(|p| p.0).collect::<Vec<_>>();
         assert_eq!(ids(a), ids(b), "token {t} experts, {what}");
@@ -237,11 +266,20 @@ fn fused_router_at_its_limits() {
     let Some(c) = ctx() else { return };
     let f32p = PoolFormat::Float(WeightFormat::F32);
     let max = expert::MAX_FUSED_ROUTER_EXPERTS;
-    assert!(check_routed(c, f32p, max, 3, 67, 2, 8, true, 0, 3), "tie: pick another seed");
-    assert!(check_routed(c, f32p, 8, 33, 45, 3, 8, false, 0, 4), "tie: pick another seed");
+    assert!(
+        check_routed(c, f32p, max, 3, 67, 2, 8, true, 0, 3),
+        "tie: pick another seed"
+    );
+    assert!(
+        check_routed(c, f32p, 8, 33, 45, 3, 8, false, 0, 4),
+        "tie: pick another seed"
+    );
     // The largest staged hidden size, with o_proj shares.
     let big = expert::MAX_STAGED_HIDDEN;
-    assert!(check_routed(c, f32p, 8, 5, big, 1, 2, true, 4, 5), "tie: pick another seed");
+    assert!(
+        check_routed(c, f32p, 8, 5, big, 1, 2, true, 4, 5),
+        "tie: pick another seed"
+    );
     let e = ExpertWeights {
         w1: Weight::F32(Mat::new(1, 1, vec![0.0]).unwrap()),
         w2: Weight::F32(Mat::new(1, 1, vec![0.0]).unwrap()),
@@ -250,7 +288,18 @@ fn fused_router_at_its_limits() {
     let many = vec![e; max + 1];
     let gate = vec![0.0; max + 1];
     let r = pollster::block_on(expert::run_routed(
-        c, f32p, &many, &gate, 1, 1, &[1.0], &[1.0], 1e-5, 1, true, &[],
+        c,
+        f32p,
+        &many,
+        &gate,
+        1,
+        1,
+        &[1.0],
+        &[1.0],
+        1e-5,
+        1,
+        true,
+        &[],
     ));
     assert!(r.is_err());
 }
