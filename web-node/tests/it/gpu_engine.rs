@@ -903,3 +903,61 @@ fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
         "{err}"
     );
 }
+
+/// The fused decode (3 dispatches per layer + 2 per greedy token, one
+/// submission) and the unfused schedule (`fused: false`, 6 per layer + 3)
+/// give the CPU's greedy tokens, with every expert resident and with a pool
+/// of 3 experts (chunks of one token, evicting).
+#[test]
+fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(31);
+    let opts = RunOptions::default();
+    let p = prompt(6, 3);
+    let steps = 24;
+    let mut cpu = CpuModel::from_model_dir(&m).unwrap();
+    let mut want = Vec::new();
+    let mut tok = argmax(&cpu.forward(&p, &opts).unwrap());
+    for _ in 0..steps {
+        want.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+    }
+    let nl = m.config.num_hidden_layers as u64;
+    let per = expert_bytes(&m.config, WeightFormat::F32);
+    for fused in [true, false] {
+        for pool in [None, Some(3 * per)] {
+            let mut src = m.expert_source().unwrap();
+            let mut gpu = gpu_engine(
+                c,
+                &m,
+                EngineOptions {
+                    fused,
+                    expert_pool_bytes: pool,
+                    ..Default::default()
+                },
+            );
+            let got = gpu
+                .generate_greedy(&mut src, &p, steps, &opts, |_| {})
+                .unwrap();
+            assert_eq!(got, want, "fused {fused}, pool {pool:?}");
+            if pool.is_none() {
+                // Steady state, every expert resident: one greedy token
+                // after another, one submission, one readback.
+                let ne = m.config.num_local_experts;
+                let all: Vec<ExpertId> = (0..nl as usize)
+                    .flat_map(|l| (0..ne).map(move |e| ExpertId::new(l, e)))
+                    .filter(|id| !gpu.is_expert_resident(id.layer, id.expert))
+                    .collect();
+                supply(&mut gpu, &mut src, &all);
+                gpu.reset_stats();
+                gpu.next_token(&mut src, &[*got.last().unwrap()], &opts)
+                    .unwrap();
+                let s = gpu.stats();
+                let expect = if fused { 3 * nl + 2 } else { 6 * nl + 3 };
+                assert_eq!(s.dispatches, expect, "fused {fused}: {s:?}");
+                assert_eq!(gpu.dispatches_per_step(), expect);
+                assert_eq!((s.submissions, s.readbacks), (1, 1), "{s:?}");
+            }
+        }
+    }
+}
