@@ -11,9 +11,11 @@
 //! Every expert format side by side on the same model: f32, f16 (attention
 //! and head in f16 too), q8_0 and q4_0 (experts quantized on load as with
 //! `--quant`, read packed by the quantized kernels; attention and head f32).
-//! Each format runs twice in the same run: the unfused schedule
+//! Each format runs three times in the same run: the unfused schedule
 //! (`EngineOptions { fused: false }`: `6 * layers + 3` dispatches per token,
-//! the baseline) and the fused one (default), in interleaved rounds
+//! the baseline), the fused one (default: router in `expert_up`, argmax
+//! writing the next embedding, `5 * layers + 2`) and the fused one with the
+//! decode attention fused too (`fused_attention`, `3 * layers + 2`), in interleaved rounds
 //! (`BENCH_ROUNDS`, default 3, the best of each: the machine may be shared).
 //! Both with every expert resident and with a small expert pool
 //! (`BENCH_POOL` experts per layer's worth, default 3, evicting).
@@ -103,6 +105,13 @@ fn matvec_time(ctx: &GpuContext, rows: usize, cols: usize, reps: usize) -> (f64,
     let per = t.elapsed().as_secs_f64() / reps as f64;
     (per, (rows * cols * 4) as f64 / per / 1e9)
 }
+
+/// The engine variants measured: name, (`fused`, `fused_attention`).
+const VARIANTS: [(&str, (bool, bool)); 3] = [
+    ("unfused", (false, false)),
+    ("fused", (true, false)),
+    ("fused_attn", (true, true)),
+];
 
 /// One engine variant's decode measurements.
 struct Measured {
@@ -252,7 +261,7 @@ fn main() -> anyhow::Result<()> {
                 v
             }
         };
-        let engine = |pool: Option<u64>, fused: bool| {
+        let engine = |pool: Option<u64>, (fused, fused_attention): (bool, bool)| {
             Engine::with_options(
                 ctx.clone(),
                 &cfg,
@@ -265,14 +274,16 @@ fn main() -> anyhow::Result<()> {
                     expert_quant: quant,
                     expert_pool_bytes: pool,
                     fused,
+                    fused_attention,
                 },
             )
         };
-        // Per variant (unfused baseline, fused): every expert resident, and
-        // a pool of `per_layer` experts per layer's worth.
+        // Per variant (unfused baseline, fused, fused with the decode
+        // attention): every expert resident, and a pool of `per_layer`
+        // experts per layer's worth.
         let mut full = Vec::new();
         let mut small = Vec::new();
-        for fused in [false, true] {
+        for fused in VARIANTS.map(|v| v.1) {
             let mut gpu = engine(None, fused)?;
             // Warm-up: uploads the routed experts; then every expert.
             let warm = gpu.generate_greedy(&mut src, &prompt, n_decode, &opts, |_| {})?;
@@ -289,14 +300,15 @@ fn main() -> anyhow::Result<()> {
             small.push(pool);
         }
         // Interleaved rounds (the machine is shared): the best of each.
-        let mut best = [[f64::MAX; 2]; 2]; // [variant][all resident, pool]
-        let mut stats = [None, None];
-        let mut pool_stats = [None, None];
-        let mut tokens: [Vec<u32>; 2] = Default::default();
-        let mut pool_tokens: [Vec<u32>; 2] = Default::default();
-        let mut prefill = [0.0f64; 2];
+        let nv = VARIANTS.len();
+        let mut best = vec![[f64::MAX; 2]; nv]; // [variant][all resident, pool]
+        let mut stats = vec![None; nv];
+        let mut pool_stats = vec![None; nv];
+        let mut tokens = vec![Vec::new(); nv];
+        let mut pool_tokens = vec![Vec::new(); nv];
+        let mut prefill = vec![0.0f64; nv];
         for _ in 0..rounds {
-            for v in 0..2 {
+            for v in 0..nv {
                 let (gpu, _) = &mut full[v];
                 let (toks, s_tok, st) = decode_fixed(gpu, &mut src, &prompt, n_decode, &opts)?;
                 if s_tok < best[v][0] {
@@ -312,8 +324,8 @@ fn main() -> anyhow::Result<()> {
                 pool_stats[v] = Some(st.0);
             }
         }
-        for v in 0..2 {
-            let name = ["unfused", "fused"][v];
+        for v in 0..nv {
+            let name = VARIANTS[v].0;
             let s = stats[v].clone().unwrap_or_default();
             let ps = pool_stats[v].clone().unwrap_or_default();
             let per_tok = |x: u64, st: &EngineStats| x as f64 / st.tokens.max(1) as f64;

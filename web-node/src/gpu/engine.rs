@@ -5,7 +5,7 @@
 //! decoded token, or up to `max_batch` prompt tokens at once) is one command
 //! encoder with one compute pass and one submission (while every expert it
 //! routes to is resident), bind groups made once when the engine is built.
-//! A decoded token (Mixtral):
+//! A decoded token (Mixtral, with [`EngineOptions::fused_attention`]):
 //!
 //! ```text
 //! embedding        (skipped after a greedy step: argmax_embed wrote it)  0
@@ -24,6 +24,10 @@
 //! logits when asked for them. A prompt chunk runs `embedding`, then per
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
+//! The fused decode attention runs with [`EngineOptions::fused_attention`]
+//! (off by default: slower than the unfused kernels on lavapipe); without
+//! it a decoded token runs `qkv_rope`, `attention` and the o_proj matvec
+//! instead of `attn_decode`: `5 * layers + 2` per greedy token.
 //! Where a shape does not fit the fused kernels' workgroup memory
 //! ([`super::attn_decode::fits`], [`expert::MAX_FUSED_ROUTER_EXPERTS`],
 //! [`expert::MAX_STAGED_HIDDEN`]) the unfused kernels run instead, and
@@ -130,11 +134,18 @@ pub struct EngineOptions {
     /// of [`expert_bytes`] each, at least one). `None`: every expert of the
     /// model, or as many as the adapter's binding limit allows.
     pub expert_pool_bytes: Option<u64>,
-    /// The fused kernels (default): decode attention in one dispatch
-    /// ([`super::attn_decode`]) and the router inside `expert_up`. `false`
-    /// runs the unfused schedule (`qkv_rope`, `attention`, `router` apart:
-    /// `6 * layers + 3` dispatches per token), the benchmark's baseline.
+    /// The fused kernels (default): the router inside `expert_up`, and
+    /// greedy sampling writing the next token's embedding (`argmax_embed`):
+    /// `5 * layers + 2` dispatches per greedily decoded token. `false` runs
+    /// the unfused schedule (`qkv_rope`, `attention`, o_proj, `router`
+    /// apart: `6 * layers + 3`), the benchmark's baseline.
     pub fused: bool,
+    /// With `fused`: also the decode attention in one dispatch per layer
+    /// ([`super::attn_decode`]: norm, q/k/v, RoPE, cache append, attention
+    /// and the heads' o_proj shares), `3 * layers + 2` dispatches per
+    /// greedily decoded token. Off by default: on lavapipe it measured
+    /// slower than the three kernels it replaces (see the benchmark).
+    pub fused_attention: bool,
 }
 
 impl Default for EngineOptions {
@@ -146,6 +157,7 @@ impl Default for EngineOptions {
             expert_quant: None,
             expert_pool_bytes: None,
             fused: true,
+            fused_attention: false,
         }
     }
 }
@@ -594,6 +606,7 @@ impl Engine {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
             qkv: QkvRope::with_format(c, fmt),
             attn_dec: (route_fused
+                && opts.fused_attention
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
                 && attn_decode::fits(h, hd, c.workgroup_size))
@@ -1175,9 +1188,11 @@ impl Engine {
 
     /// Dispatches a chunk of `n_tok` tokens issues when it ends with the
     /// head and argmax (a greedy step's last chunk), the embedding
-    /// included. Mixtral: `3 * layers + 3` for one token (the fused decode
-    /// attention with the o_proj shares, when the shape fits it, and the
-    /// router fused into `expert_up`), `5 * layers + 3` for a prompt chunk;
+    /// included. Mixtral: `3 * layers + 3` for one token with
+    /// [`EngineOptions::fused_attention`] (the fused decode attention with
+    /// the o_proj shares, when the shape fits it), `5 * layers + 3` for one
+    /// token without it and for a prompt chunk (the router fused into
+    /// `expert_up` either way);
     /// the families with q/k/v extras `6 * layers + 3` either way
     /// (projection, `qkv_post`, attention, o_proj: never fused), three more
     /// per layer for a shared expert; the unfused engine `6 * layers + 3`.

@@ -904,10 +904,11 @@ fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
     );
 }
 
-/// The fused decode (3 dispatches per layer + 2 per greedy token, one
-/// submission) and the unfused schedule (`fused: false`, 6 per layer + 3)
-/// give the CPU's greedy tokens, with every expert resident and with a pool
-/// of 3 experts (chunks of one token, evicting).
+/// The fused decode with the fused attention (3 dispatches per layer + 2
+/// per greedy token, one submission), without it (the default, 5 per layer
+/// + 2) and the unfused schedule (`fused: false`, 6 per layer + 3) give the
+/// CPU's greedy tokens, with every expert resident and with a pool of 3
+/// experts (chunks of one token, evicting).
 #[test]
 fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
     let Some(c) = ctx() else { return };
@@ -924,7 +925,7 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
     }
     let nl = m.config.num_hidden_layers as u64;
     let per = expert_bytes(&m.config, WeightFormat::F32);
-    for fused in [true, false] {
+    for (fused, fused_attention) in [(true, true), (true, false), (false, false)] {
         for pool in [None, Some(3 * per)] {
             let mut src = m.expert_source().unwrap();
             let mut gpu = gpu_engine(
@@ -932,6 +933,7 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
                 &m,
                 EngineOptions {
                     fused,
+                    fused_attention,
                     expert_pool_bytes: pool,
                     ..Default::default()
                 },
@@ -939,7 +941,7 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
             let got = gpu
                 .generate_greedy(&mut src, &p, steps, &opts, |_| {})
                 .unwrap();
-            assert_eq!(got, want, "fused {fused}, pool {pool:?}");
+            assert_eq!(got, want, "fused {fused}/{fused_attention}, pool {pool:?}");
             if pool.is_none() {
                 // Steady state, every expert resident: one greedy token
                 // after another, one submission, one readback.
@@ -953,8 +955,15 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
                 gpu.next_token(&mut src, &[*got.last().unwrap()], &opts)
                     .unwrap();
                 let s = gpu.stats();
-                let expect = if fused { 3 * nl + 2 } else { 6 * nl + 3 };
-                assert_eq!(s.dispatches, expect, "fused {fused}: {s:?}");
+                let expect = match (fused, fused_attention) {
+                    (true, true) => 3 * nl + 2,
+                    (true, false) => 5 * nl + 2,
+                    _ => 6 * nl + 3,
+                };
+                assert_eq!(
+                    s.dispatches, expect,
+                    "fused {fused}/{fused_attention}: {s:?}"
+                );
                 assert_eq!(gpu.dispatches_per_step(), expect);
                 assert_eq!((s.submissions, s.readbacks), (1, 1), "{s:?}");
             }
