@@ -904,11 +904,11 @@ fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
     );
 }
 
-/// The fused decode with the fused attention (3 dispatches per layer + 2
-/// per greedy token, one submission), without it (the default, 5 per layer
-/// + 2) and the unfused schedule (`fused: false`, 6 per layer + 3) give the
-/// CPU's greedy tokens, with every expert resident and with a pool of 3
-/// experts (chunks of one token, evicting).
+/// The fused decode with the fused attention (`3 * layers + 2` dispatches
+/// per greedy token, one submission), without it (the default,
+/// `5 * layers + 2`) and the unfused schedule (`fused: false`,
+/// `6 * layers + 3`) give the CPU's greedy tokens, with every expert
+/// resident and with a pool of 3 experts (chunks of one token, evicting).
 #[test]
 fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
     let Some(c) = ctx() else { return };
