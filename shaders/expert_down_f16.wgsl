@@ -7,7 +7,7 @@
 // layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, _p0: u32, _p1: u32, _p2: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, _p2: u32 }
 
 override WG: u32 = 64u;
 
@@ -18,6 +18,9 @@ override WG: u32 = 64u;
 @group(0) @binding(4) var<storage, read> route: array<u32>;
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;
 @group(0) @binding(6) var<storage, read> slots: array<u32>;
+// After the fused decode attention (n_part > 0, n_tok = 1): its heads'
+// o_proj shares, part[head][i], added to the residual here.
+@group(0) @binding(7) var<storage, read> part: array<f32>;
 
 
 fn wh(i: u32) -> f32 {
@@ -47,5 +50,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         total += wt * acc;
     }
-    x[gid] = x[gid] + total;
+    var o = 0.0;
+    for (var hh = 0u; hh < p.n_part; hh++) { o += part[hh * p.hidden + i]; }
+    x[gid] = x[gid] + o + total;
 }

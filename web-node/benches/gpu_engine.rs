@@ -1,37 +1,46 @@
 //! GPU engine benchmark (`cargo bench -p web-node --bench gpu_engine`).
 //!
 //! In one run, on the adapter the environment picks (lavapipe here) and on
-//! the CPU reference with the same weights: prefill and decode tokens/s,
-//! dispatches and weight bytes per decoded token, the best plain matvec
-//! bandwidth this adapter reaches and its per-dispatch cost (measured here),
-//! and the decode time per token those imply.
+//! the CPU reference with the same weights: prefill tok/s, fixed-length
+//! decode (`BENCH_DECODE` tokens, default 32, one step each, EOS ignored),
+//! dispatches, submissions and weight bytes per decoded token, the best
+//! plain matvec bandwidth this adapter reaches and its per-dispatch cost
+//! (measured here), and the decode time per token those imply (the ideal:
+//! weight bytes / bandwidth + dispatches x per-dispatch cost).
 //!
 //! Every expert format side by side on the same model: f32, f16 (attention
 //! and head in f16 too), q8_0 and q4_0 (experts quantized on load as with
-//! `--quant`, read packed by the quantized kernels; attention and head f32),
-//! with bytes per expert, decode ms/token and the bandwidth roofline.
+//! `--quant`, read packed by the quantized kernels; attention and head f32).
+//! Each format runs three times in the same run: the unfused schedule
+//! (`EngineOptions { fused: false }`: `6 * layers + 3` dispatches per token,
+//! the baseline), the fused one (default: router in `expert_up`, argmax
+//! writing the next embedding, `5 * layers + 2`) and the fused one with the
+//! decode attention fused too (`fused_attention`, `3 * layers + 2`), in interleaved rounds
+//! (`BENCH_ROUNDS`, default 3, the best of each: the machine may be shared).
+//! Both with every expert resident and with a small expert pool
+//! (`BENCH_POOL` experts per layer's worth, default 3, evicting).
+//!
+//! Machine-readable lines, one per engine and format:
+//! `RESULT gpu engine=fused dtype=f16 layers=4 dispatches_per_token=.. submissions_per_token=.. ms_per_token=.. ideal_ms_per_token=.. ratio_to_ideal=..`
+//! and `RESULT gpu_pool engine=.. dtype=.. pool_per_layer=3 ms_per_token=.. all_resident_ms_per_token=.. pool_vs_all_resident=..`.
 //!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
-//! Also decode with a small expert pool (`BENCH_POOL` experts per layer's
-//! worth, default 3, of the model's experts): tokens/s, uploads and
-//! evictions against all experts resident.
-//! Env: `BENCH_DECODE` (default 32), `BENCH_PROMPT` (default 64),
-//! `AIBLOCK_BENCH_MODEL=random` (or `BENCH_MODEL=random`: use the random
-//! model even if `models/default` exists).
+//! Env: `BENCH_PROMPT` (default 64), `AIBLOCK_BENCH_MODEL=random` (or
+//! `BENCH_MODEL=random`: use the random model even if `models/default` exists).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
 use web_node::gpu::matvec::{self, Matvec};
-use web_node::gpu::{Engine, EngineOptions, GpuContext, PoolFormat, WeightFormat};
+use web_node::gpu::{Engine, EngineOptions, EngineStats, GpuContext, PoolFormat, WeightFormat};
 use web_node::model::load::ModelDir;
 use web_node::model::quant::QuantizingSource;
 use web_node::model::random::{small_config, write_random_model};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
+use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions, Supply};
 
 fn env(name: &str, d: usize) -> usize {
     std::env::var(name)
@@ -95,6 +104,54 @@ fn matvec_time(ctx: &GpuContext, rows: usize, cols: usize, reps: usize) -> (f64,
     run(reps);
     let per = t.elapsed().as_secs_f64() / reps as f64;
     (per, (rows * cols * 4) as f64 / per / 1e9)
+}
+
+/// The engine variants measured: name, (`fused`, `fused_attention`).
+const VARIANTS: [(&str, (bool, bool)); 3] = [
+    ("unfused", (false, false)),
+    ("fused", (true, false)),
+    ("fused_attn", (true, true)),
+];
+
+/// One engine variant's decode measurements.
+struct Measured {
+    fmt: PoolFormat,
+    engine: &'static str,
+    /// Seconds per decoded token, every expert resident.
+    decode_s: f64,
+    /// Seconds per decoded token with the small pool.
+    pool_s: f64,
+    dispatches: f64,
+    submissions: f64,
+    pool_submissions: f64,
+    bytes: u64,
+    per_expert: u64,
+    same_tokens: bool,
+}
+
+/// Fixed-length decode: prefill `prompt` (from an empty cache), then `n`
+/// greedy tokens in all, one step each, EOS ignored. Returns the tokens,
+/// seconds per decoded token, and (the decode's counters, prefill tok/s).
+fn decode_fixed<S: Supply + ?Sized>(
+    gpu: &mut Engine,
+    src: &mut S,
+    prompt: &[u32],
+    n: usize,
+    opts: &RunOptions,
+) -> anyhow::Result<(Vec<u32>, f64, (EngineStats, f64))> {
+    gpu.reset();
+    let t = Instant::now();
+    let mut tok = gpu.next_token(src, prompt, opts)?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    gpu.reset_stats();
+    let mut out = vec![tok];
+    let t = Instant::now();
+    while out.len() < n {
+        tok = gpu.next_token(src, &[tok], opts)?;
+        out.push(tok);
+    }
+    let per = t.elapsed().as_secs_f64() / (n - 1).max(1) as f64;
+    Ok((out, per, (gpu.stats().clone(), prefill)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -166,8 +223,10 @@ fn main() -> anyhow::Result<()> {
         "adapter: {} ({:?}, {:?}), workgroup {}",
         ctx.info.name, ctx.info.backend, ctx.info.device_type, ctx.workgroup_size
     );
-    let mut results = Vec::new();
+    let mut results: Vec<Measured> = Vec::new();
     let (nl, ne) = (cfg.num_hidden_layers, cfg.num_local_experts);
+    let rounds = env("BENCH_ROUNDS", 3).max(1);
+    let per_layer = env("BENCH_POOL", 3);
     let formats = [
         PoolFormat::Float(WeightFormat::F32),
         PoolFormat::Float(WeightFormat::F16),
@@ -202,7 +261,7 @@ fn main() -> anyhow::Result<()> {
                 v
             }
         };
-        let engine = |pool: Option<u64>| {
+        let engine = |pool: Option<u64>, (fused, fused_attention): (bool, bool)| {
             Engine::with_options(
                 ctx.clone(),
                 &cfg,
@@ -214,111 +273,103 @@ fn main() -> anyhow::Result<()> {
                     weights: fmt,
                     expert_quant: quant,
                     expert_pool_bytes: pool,
+                    fused,
+                    fused_attention,
                 },
             )
         };
-        let mut gpu = engine(None)?;
-        // Warm-up: uploads every expert the measured run routes to.
-        let warm = gpu.generate_greedy(&mut src, &prompt, n_decode, &opts, |_| {})?;
-        gpu.reset();
-        gpu.reset_stats();
-        let t = Instant::now();
-        let first = gpu.next_token(&mut src, &prompt, &opts)?;
-        let gpu_prefill = n_prompt as f64 / t.elapsed().as_secs_f64();
-        let prefill_stats = gpu.stats().clone();
-        gpu.reset_stats();
-        let t = Instant::now();
-        let mut gpu_tokens = vec![first];
-        let mut tok = first;
-        for _ in 1..n_decode {
-            tok = gpu.next_token(&mut src, &[tok], &opts)?;
-            gpu_tokens.push(tok);
-        }
-        let selective_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
-        let sel = gpu.stats().clone();
-        println!(
-            "gpu engine {pool_fmt}, experts supplied on demand ({} of {} resident): decode {:.1} tok/s, {:.1} submissions and {} readback bytes per token (routed ids read back while a layer has missing experts)",
-            gpu.resident_experts(),
-            nl * ne,
-            1.0 / selective_s,
-            sel.submissions as f64 / sel.tokens.max(1) as f64,
-            sel.readback_bytes / sel.tokens.max(1)
-        );
-        // Steady state: every expert resident, so decoding reads back only the token id.
-        for l in 0..nl {
-            for e in 0..ne {
-                if !gpu.is_expert_resident(l, e) {
-                    gpu.supply_expert(ExpertId::new(l, e), src.load_expert(l, e)?)?;
+        // Per variant (unfused baseline, fused, fused with the decode
+        // attention): every expert resident, and a pool of `per_layer`
+        // experts per layer's worth.
+        let mut full = Vec::new();
+        let mut small = Vec::new();
+        for fused in VARIANTS.map(|v| v.1) {
+            let mut gpu = engine(None, fused)?;
+            // Warm-up: uploads the routed experts; then every expert.
+            let warm = gpu.generate_greedy(&mut src, &prompt, n_decode, &opts, |_| {})?;
+            for l in 0..nl {
+                for e in 0..ne {
+                    if !gpu.is_expert_resident(l, e) {
+                        gpu.supply_expert(ExpertId::new(l, e), src.load_expert(l, e)?)?;
+                    }
                 }
             }
+            let per_expert = gpu.expert_bytes();
+            let pool = engine(Some((per_layer * nl) as u64 * per_expert), fused)?;
+            full.push((gpu, warm == cpu_tokens));
+            small.push(pool);
         }
-        gpu.reset();
-        gpu.next_token(&mut src, &prompt, &opts)?;
-        gpu.reset_stats();
-        let t = Instant::now();
-        let mut tok = first;
-        for _ in 1..n_decode {
-            tok = gpu.next_token(&mut src, &[tok], &opts)?;
-        }
-        let decode_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
-        let s = gpu.stats().clone();
-        let dispatches = s.dispatches as f64 / s.tokens.max(1) as f64;
-        let bytes = gpu.weight_bytes_per_token(k);
-        println!(
-            "gpu engine {pool_fmt}: prefill {gpu_prefill:.1} tok/s ({} dispatches for {n_prompt} tokens); all experts resident: decode {:.1} tok/s ({:.2} ms/token)",
-            prefill_stats.dispatches,
-            1.0 / decode_s,
-            decode_s * 1e3
-        );
-        println!(
-            "  per decoded token: {dispatches:.1} dispatches, {:.1} submissions, {} readback bytes, {:.2} MB weights read ({k} of {ne} experts per layer)",
-            s.submissions as f64 / s.tokens.max(1) as f64,
-            s.readback_bytes / s.tokens.max(1),
-            bytes as f64 / 1e6,
-        );
-        println!(
-            "  greedy tokens equal to the CPU reference: {} (warm-up run: {}){}",
-            gpu_tokens == cpu_tokens,
-            warm == cpu_tokens,
-            if pool_fmt == PoolFormat::Float(WeightFormat::F16) {
-                " (f16 weights may legitimately differ)"
-            } else {
-                ""
+        // Interleaved rounds (the machine is shared): the best of each.
+        let nv = VARIANTS.len();
+        let mut best = vec![[f64::MAX; 2]; nv]; // [variant][all resident, pool]
+        let mut stats = vec![None; nv];
+        let mut pool_stats = vec![None; nv];
+        let mut tokens = vec![Vec::new(); nv];
+        let mut pool_tokens = vec![Vec::new(); nv];
+        let mut prefill = vec![0.0f64; nv];
+        for _ in 0..rounds {
+            for v in 0..nv {
+                let (gpu, _) = &mut full[v];
+                let (toks, s_tok, st) = decode_fixed(gpu, &mut src, &prompt, n_decode, &opts)?;
+                if s_tok < best[v][0] {
+                    best[v][0] = s_tok;
+                    prefill[v] = st.1;
+                }
+                tokens[v] = toks;
+                stats[v] = Some(st.0);
+                let (toks, s_tok, st) =
+                    decode_fixed(&mut small[v], &mut src, &prompt, n_decode, &opts)?;
+                best[v][1] = best[v][1].min(s_tok);
+                pool_tokens[v] = toks;
+                pool_stats[v] = Some(st.0);
             }
-        );
-
-        // A small pool: `per_layer` experts per layer's worth, evicting.
-        let per_layer = env("BENCH_POOL", 3);
-        let slots = (per_layer * nl) as u64;
-        let per_expert = gpu.expert_bytes();
-        let mut small = engine(Some(slots * per_expert))?;
-        let first = small.next_token(&mut src, &prompt, &opts)?;
-        small.reset_stats();
-        let t = Instant::now();
-        let mut pool_tokens = vec![first];
-        let mut tok = first;
-        for _ in 1..n_decode {
-            tok = small.next_token(&mut src, &[tok], &opts)?;
-            pool_tokens.push(tok);
         }
-        let pool_s = t.elapsed().as_secs_f64() / (n_decode - 1).max(1) as f64;
-        let ps = small.stats().clone();
-        let per_tok = |v: u64| v as f64 / ps.tokens.max(1) as f64;
-        println!(
-            "gpu engine {pool_fmt}, pool of {} experts ({per_layer} per layer, {:.1} MB of {:.1} MB): decode {:.1} tok/s vs {:.1} all resident ({:.2}x); per token {:.2} uploads, {:.2} evictions, {:.2} pauses, {:.1} submissions; tokens equal to all resident: {}",
-            small.pool_slots(),
-            (slots * per_expert) as f64 / 1e6,
-            (nl * ne) as f64 * per_expert as f64 / 1e6,
-            1.0 / pool_s,
-            1.0 / decode_s,
-            decode_s / pool_s,
-            per_tok(ps.expert_uploads),
-            per_tok(ps.expert_evictions),
-            per_tok(ps.pauses),
-            per_tok(ps.submissions),
-            pool_tokens == gpu_tokens
-        );
-        results.push((pool_fmt, decode_s, dispatches, bytes, per_expert));
+        for v in 0..nv {
+            let name = VARIANTS[v].0;
+            let s = stats[v].clone().unwrap_or_default();
+            let ps = pool_stats[v].clone().unwrap_or_default();
+            let per_tok = |x: u64, st: &EngineStats| x as f64 / st.tokens.max(1) as f64;
+            let (gpu, warm_ok) = &full[v];
+            let bytes = gpu.weight_bytes_per_token(k);
+            println!(
+                "gpu engine {pool_fmt} {name}: prefill {:.1} tok/s; decode {n_decode} tokens (fixed length, EOS ignored, best of {rounds}): {:.2} ms/token, {:.1} dispatches, {:.1} submissions, {} readback bytes per token; tokens equal to the CPU: {} (warm-up: {warm_ok}){}",
+                prefill[v],
+                best[v][0] * 1e3,
+                per_tok(s.dispatches, &s),
+                per_tok(s.submissions, &s),
+                s.readback_bytes / s.tokens.max(1),
+                tokens[v] == cpu_tokens,
+                if pool_fmt == PoolFormat::Float(WeightFormat::F16) {
+                    " (f16 weights may legitimately differ)"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "  pool of {} experts ({per_layer} per layer): {:.2} ms/token vs {:.2} all resident ({:.2}x); per token {:.2} uploads, {:.2} pauses, {:.2} submissions, {:.1} dispatches; tokens equal to all resident: {}",
+                small[v].pool_slots(),
+                best[v][1] * 1e3,
+                best[v][0] * 1e3,
+                best[v][0] / best[v][1],
+                per_tok(ps.expert_uploads, &ps),
+                per_tok(ps.pauses, &ps),
+                per_tok(ps.submissions, &ps),
+                per_tok(ps.dispatches, &ps),
+                pool_tokens[v] == tokens[v]
+            );
+            results.push(Measured {
+                fmt: pool_fmt,
+                engine: name,
+                decode_s: best[v][0],
+                pool_s: best[v][1],
+                dispatches: per_tok(s.dispatches, &s),
+                submissions: per_tok(s.submissions, &s),
+                pool_submissions: per_tok(ps.submissions, &ps),
+                bytes,
+                per_expert: gpu.expert_bytes(),
+                same_tokens: tokens[v] == cpu_tokens,
+            });
+        }
     }
 
     // Plain matvec on this adapter: per-dispatch cost and best bandwidth.
@@ -347,29 +398,68 @@ fn main() -> anyhow::Result<()> {
         ctx.info.name, ctx.info.backend
     );
     println!(
-        "  {:<6} {:>14} {:>16} {:>16} {:>14} {:>24}",
+        "  {:<6} {:<8} {:>13} {:>15} {:>11} {:>15} {:>12} {:>22} {:>6}",
         "format",
+        "engine",
         "bytes/expert",
         "weight MB/token",
+        "dispatches",
         "measured ms/tok",
         "ideal ms/tok",
-        "ideal+dispatch ms/tok"
+        "ideal+dispatch ms/tok",
+        "ratio"
     );
-    for (fmt, decode_s, dispatches, bytes, per_expert) in results {
-        let ideal = bytes as f64 / (best.0 * 1e9);
+    let ideal = |r: &Measured| {
+        let bw = r.bytes as f64 / (best.0 * 1e9);
+        (bw, bw + r.dispatches * tiny)
+    };
+    for r in &results {
+        let (bw, with_d) = ideal(r);
         println!(
-            "  {:<6} {per_expert:>14} {:>16.3} {:>16.2} {:>14.3} {:>24.2}",
-            fmt.to_string(),
-            bytes as f64 / 1e6,
-            decode_s * 1e3,
-            ideal * 1e3,
-            (ideal + dispatches * tiny) * 1e3,
+            "  {:<6} {:<8} {:>13} {:>15.3} {:>11.1} {:>15.2} {:>12.3} {:>22.2} {:>6.2}",
+            r.fmt.to_string(),
+            r.engine,
+            r.per_expert,
+            r.bytes as f64 / 1e6,
+            r.dispatches,
+            r.decode_s * 1e3,
+            bw * 1e3,
+            with_d * 1e3,
+            r.decode_s / with_d
         );
     }
     println!(
-        "  (ideal: weight bytes per token / best matvec bandwidth; + dispatches x {:.0} us per dispatch)",
+        "  (ideal: weight bytes per token / best matvec bandwidth; + dispatches x {:.0} us per dispatch; ratio = measured / ideal+dispatch)",
         tiny * 1e6
     );
+    for r in &results {
+        let (_, with_d) = ideal(r);
+        println!(
+            "RESULT gpu engine={} dtype={} layers={} dispatches_per_token={:.1} submissions_per_token={:.2} ms_per_token={:.3} ideal_ms_per_token={:.3} ratio_to_ideal={:.2} tokens_equal_cpu={}",
+            r.engine,
+            r.fmt,
+            cfg.num_hidden_layers,
+            r.dispatches,
+            r.submissions,
+            r.decode_s * 1e3,
+            with_d * 1e3,
+            r.decode_s / with_d,
+            r.same_tokens
+        );
+    }
+    for r in &results {
+        println!(
+            "RESULT gpu_pool engine={} dtype={} layers={} pool_per_layer={} ms_per_token={:.3} all_resident_ms_per_token={:.3} pool_vs_all_resident={:.2} submissions_per_token={:.2}",
+            r.engine,
+            r.fmt,
+            cfg.num_hidden_layers,
+            env("BENCH_POOL", 3),
+            r.pool_s * 1e3,
+            r.decode_s * 1e3,
+            r.decode_s / r.pool_s,
+            r.pool_submissions
+        );
+    }
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
 }

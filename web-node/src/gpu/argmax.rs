@@ -77,3 +77,76 @@ pub async fn run(ctx: &GpuContext, v: &[f32]) -> Result<u32, GpuError> {
     ctx.queue.submit([enc.finish()]);
     Ok(ctx.read_u32(&ob, 1).await?[0])
 }
+
+pub const SOURCE_EMBED: &str = include_str!("../../../shaders/argmax_embed.wgsl");
+
+/// `shaders/argmax_embed.wgsl`: [`Argmax`] that also writes the sampled
+/// token's embedding row into `x` (the next decode step's input), so a
+/// greedy decode step needs no embedding dispatch.
+#[derive(Debug)]
+pub struct ArgmaxEmbed(pub Kernel);
+
+/// Parameters of [`ArgmaxEmbed`]: `n` values (the vocabulary), `hidden` columns.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct EmbedParams {
+    pub n: u32,
+    pub hidden: u32,
+    pub _p1: u32,
+    pub _p2: u32,
+}
+
+impl ArgmaxEmbed {
+    pub fn new(ctx: &GpuContext) -> Self {
+        Self(Kernel::new(ctx, "argmax_embed", SOURCE_EMBED, Some(WG)))
+    }
+    /// Bindings: params, values, out (`u32`), table (`[hidden][n]`), x.
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 5]) -> wgpu::BindGroup {
+        self.0.bind(ctx, &b)
+    }
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup) {
+        self.0.dispatch_groups(pass, bg, 1);
+    }
+}
+
+/// One-shot GPU run of [`ArgmaxEmbed`] (tests): the index and the row `x`
+/// it wrote; `table` is `[vocab][hidden]` row-major (as the checkpoint).
+pub async fn run_embed(
+    ctx: &GpuContext,
+    v: &[f32],
+    table: &[f32],
+    hidden: usize,
+) -> Result<(u32, Vec<f32>), GpuError> {
+    if v.is_empty() || table.len() != v.len() * hidden {
+        return Err(GpuError::Input(
+            "argmax_embed: table is not [vocab][hidden]".into(),
+        ));
+    }
+    let k = ArgmaxEmbed::new(ctx);
+    let pb = ctx.uniform_init(
+        "params",
+        bytemuck::bytes_of(&EmbedParams {
+            n: v.len() as u32,
+            hidden: hidden as u32,
+            _p1: 0,
+            _p2: 0,
+        }),
+    );
+    let vb = ctx.storage_init("v", f32_bytes(v));
+    let ob = ctx.storage_zeroed("out", 4);
+    let tb = ctx.storage_init(
+        "table",
+        f32_bytes(&super::kernel::transpose(v.len(), hidden, table)),
+    );
+    let xb = ctx.storage_init("x", f32_bytes(&vec![f32::NAN; hidden.max(1)]));
+    let bg = k.bind(ctx, [&pb, &vb, &ob, &tb, &xb]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        k.encode(&mut pass, &bg);
+    }
+    ctx.queue.submit([enc.finish()]);
+    let id = ctx.read_u32(&ob, 1).await?[0];
+    let x = ctx.read_f32(&xb, hidden).await?;
+    Ok((id, x))
+}

@@ -3,27 +3,44 @@
 //!
 //! Weights and the KV cache live in GPU buffers. A chunk of a step (one
 //! decoded token, or up to `max_batch` prompt tokens at once) is one command
-//! encoder:
+//! encoder with one compute pass and one submission (while every expert it
+//! routes to is resident), bind groups made once when the engine is built.
+//! A decoded token (Mixtral, with [`EngineOptions::fused_attention`]):
 //!
 //! ```text
-//! embedding                                   1 dispatch
-//! per layer: qkv_rope (norm+q/k/v+RoPE+cache)  1
-//!            attention                        1
-//!            matvec o_proj (+ residual)       1
-//!            router (norm+gate+softmax+top-k) 1
-//!            expert_up (norm+w1/w3+silu*mul)  1
-//!            expert_down (w2+weights+resid.)  1
-//! lm_head (final norm fused), argmax          2
+//! embedding        (skipped after a greedy step: argmax_embed wrote it)  0
+//! per layer: attn_decode (norm, q/k/v, RoPE, cache append, attention,
+//!                         each head's o_proj share)                    1
+//!            expert_up   (residual + o_proj shares, router: norm, gate,
+//!                         softmax, top-k; norm, w1/w3, silu*mul for
+//!                         all k experts through the pool's slot table)  1
+//!            expert_down (w2, weighted sum of the k, residual + shares) 1
+//! lm_head (final norm fused), argmax_embed (argmax + next embedding)   2
 //! ```
 //!
-//! = `6 * layers + 3` dispatches per token, and the only readback is the
-//! sampled token id (4 bytes), or the logits when asked for them.
+//! = `3 * layers + 2` dispatches per greedily decoded token (`+ 1`, the
+//! embedding, for a step whose token the previous greedy step did not
+//! sample), and the only readback is the sampled token id (4 bytes), or the
+//! logits when asked for them. A prompt chunk runs `embedding`, then per
+//! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
+//! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
+//! The fused decode attention runs with [`EngineOptions::fused_attention`]
+//! (off by default: slower than the unfused kernels on lavapipe); without
+//! it a decoded token runs `qkv_rope`, `attention` and the o_proj matvec
+//! instead of `attn_decode`: `5 * layers + 2` per greedy token.
+//! Where a shape does not fit the fused kernels' workgroup memory
+//! ([`super::attn_decode::fits`], [`expert::MAX_FUSED_ROUTER_EXPERTS`],
+//! [`expert::MAX_STAGED_HIDDEN`]) the unfused kernels run instead, and
+//! [`EngineOptions::fused`]` = false` runs the whole unfused schedule
+//! (`6 * layers + 3`: the benchmark's baseline).
 //!
 //! The other families ([`crate::model::Family`]) change a layer as the CPU
 //! engine does ([`crate::model::family`]): OLMoE, Qwen2-MoE and Qwen3-MoE
 //! run the attention input as a projection (matvec, input norm fused) and
 //! `qkv_post` (q/k/v biases, q/k RMSNorm over the whole projection or per
-//! head, RoPE, cache append): one dispatch more per layer. Qwen2-MoE's
+//! head, RoPE, cache append), then `attention` and the o_proj matvec (the
+//! fused decode attention does not cover them): `6 * layers + 2` per
+//! decoded token, three dispatches more per layer than Mixtral. Qwen2-MoE's
 //! shared expert runs for every token on the ordinary expert kernels (its
 //! own buffers and format, a one-expert slot table), scaled by
 //! `shared_gate` (sigmoid of its gate): gate and up after the router, down
@@ -75,8 +92,9 @@
 
 use std::sync::Arc;
 
-use super::argmax::{self, Argmax};
+use super::argmax::{self, Argmax, ArgmaxEmbed};
 use super::attention::{self, Attention};
+use super::attn_decode::{self, AttnDecode};
 use super::context::{GpuContext, GpuError};
 use super::expert::{self, ExpertDown, ExpertUp, PoolFormat};
 use super::family::{self as fam, QkvPost, QkvPostParams, SharedGate, SharedGateParams};
@@ -116,6 +134,18 @@ pub struct EngineOptions {
     /// of [`expert_bytes`] each, at least one). `None`: every expert of the
     /// model, or as many as the adapter's binding limit allows.
     pub expert_pool_bytes: Option<u64>,
+    /// The fused kernels (default): the router inside `expert_up`, and
+    /// greedy sampling writing the next token's embedding (`argmax_embed`):
+    /// `5 * layers + 2` dispatches per greedily decoded token. `false` runs
+    /// the unfused schedule (`qkv_rope`, `attention`, o_proj, `router`
+    /// apart: `6 * layers + 3`), the benchmark's baseline.
+    pub fused: bool,
+    /// With `fused`: also the decode attention in one dispatch per layer
+    /// ([`super::attn_decode`]: norm, q/k/v, RoPE, cache append, attention
+    /// and the heads' o_proj shares), `3 * layers + 2` dispatches per
+    /// greedily decoded token. Off by default: on lavapipe it measured
+    /// slower than the three kernels it replaces (see the benchmark).
+    pub fused_attention: bool,
 }
 
 impl Default for EngineOptions {
@@ -126,6 +156,8 @@ impl Default for EngineOptions {
             weights: WeightFormat::F32,
             expert_quant: None,
             expert_pool_bytes: None,
+            fused: true,
+            fused_attention: false,
         }
     }
 }
@@ -186,6 +218,9 @@ struct SharedKernels {
 struct Kernels {
     embed: Kernel,
     qkv: QkvRope,
+    /// Decode (one-token chunks, Mixtral): q/k/v, RoPE, cache append and
+    /// attention in one kernel, when the shape fits its workgroup memory.
+    attn_dec: Option<AttnDecode>,
     /// The families with q/k/v extras: biases, q/k norm, RoPE after a matvec.
     qkv_post: Option<QkvPost>,
     shared: Option<SharedKernels>,
@@ -195,6 +230,11 @@ struct Kernels {
     up: ExpertUp,
     down: ExpertDown,
     argmax: Argmax,
+    /// Greedy sampling that also writes the sampled token's embedding
+    /// (fused engines): the next decode step skips its embedding dispatch.
+    argmax_embed: Option<ArgmaxEmbed>,
+    /// The router runs inside `expert_up` (no `router` dispatch).
+    route_fused: bool,
 }
 
 /// How a layer's attention input runs.
@@ -224,10 +264,16 @@ struct Layer {
     qkv: QkvBind,
     shared: Option<SharedLayer>,
     bg_attn: wgpu::BindGroup,
+    /// The fused decode attention (with [`Kernels::attn_dec`]).
+    bg_attn_dec: Option<wgpu::BindGroup>,
     bg_o: wgpu::BindGroup,
     bg_router: wgpu::BindGroup,
     bg_up: wgpu::BindGroup,
     bg_down: wgpu::BindGroup,
+    /// Decode with the fused attention: `expert_up`/`expert_down` adding
+    /// the heads' o_proj shares (`n_part = n_heads`).
+    bg_up_dec: Option<wgpu::BindGroup>,
+    bg_down_dec: Option<wgpu::BindGroup>,
     /// `slots[expert]`: the pool slot holding this layer's expert
     /// ([`NO_SLOT`] when it is not resident).
     table: wgpu::Buffer,
@@ -368,11 +414,16 @@ pub struct Engine {
     bg_head_last: wgpu::BindGroup,
     bg_head_all: wgpu::BindGroup,
     bg_argmax: wgpu::BindGroup,
+    bg_argmax_embed: Option<wgpu::BindGroup>,
+    /// The token whose embedding row `x` holds, written by `argmax_embed`
+    /// at the end of the last greedy step (taken by the next chunk).
+    embedded: Option<u32>,
     p_qkv: qkv_rope::Params,
     p_qkv_raw: matvec::Params,
     p_qkv_post: QkvPostParams,
     p_shared: expert::Params,
     p_attn: attention::Params,
+    p_attn_dec: attn_decode::Params,
     p_o: matvec::Params,
     p_head_last: matvec::Params,
     p_head_all: matvec::Params,
@@ -547,10 +598,19 @@ impl Engine {
             );
         }
 
+        // The router runs inside expert_up (one dispatch less per layer)
+        // unless the layer has more experts than its workgroup arrays hold.
+        let route_fused = opts.fused && ne <= expert::MAX_FUSED_ROUTER_EXPERTS;
         let c = &*ctx;
         let k = Kernels {
             embed: Kernel::new(c, "embedding", super::embedding::SOURCE, None),
             qkv: QkvRope::with_format(c, fmt),
+            attn_dec: (route_fused
+                && opts.fused_attention
+                && !split_qkv
+                && h <= expert::MAX_STAGED_HIDDEN
+                && attn_decode::fits(h, hd, c.workgroup_size))
+            .then(|| AttnDecode::with_format(c, fmt)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
@@ -563,6 +623,8 @@ impl Engine {
             up: ExpertUp::for_pool(c, pool_format),
             down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
+            argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),
+            route_fused,
         };
 
         let p_qkv = qkv_rope::Params {
@@ -602,8 +664,8 @@ impl Engine {
             n_experts: 1,
             eps,
             n_slots: 1,
-            _p0: 0,
-            _p1: 0,
+            route_in: 0,
+            n_part: 0,
             _p2: 0,
         };
         let p_attn = attention::Params {
@@ -615,6 +677,16 @@ impl Engine {
             _p0: 0,
             _p1: 0,
             _p2: 0,
+        };
+        let p_attn_dec = attn_decode::Params {
+            hidden: h as u32,
+            n_heads: nh as u32,
+            n_kv: nkv as u32,
+            head_dim: hd as u32,
+            max_seq: max_seq as u32,
+            eps,
+            scale: 1.0 / (hd as f32).sqrt(),
+            wo_stride: attn_decode::wo_stride(fmt, h),
         };
         let p_o = matvec::Params {
             rows: h as u32,
@@ -646,18 +718,26 @@ impl Engine {
             n_experts: ne as u32,
             eps,
             n_slots: n_slots as u32,
-            _p0: 0,
-            _p1: 0,
+            route_in: u32::from(route_fused),
+            n_part: 0,
             _p2: 0,
         };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
         let ub_qkv = u("p_qkv", bytemuck::bytes_of(&p_qkv));
         let ub_attn = u("p_attn", bytemuck::bytes_of(&p_attn));
+        let ub_attn_dec = u("p_attn_dec", bytemuck::bytes_of(&p_attn_dec));
         let ub_o = u("p_o", bytemuck::bytes_of(&p_o));
         let ub_head_last = u("p_head_last", bytemuck::bytes_of(&p_head_last));
         let ub_head_all = u("p_head_all", bytemuck::bytes_of(&p_head_all));
         let ub_router = u("p_router", bytemuck::bytes_of(&p_router));
         let ub_exp = u("p_exp", bytemuck::bytes_of(&p_exp));
+        let ub_exp_dec = u(
+            "p_exp_decode",
+            bytemuck::bytes_of(&expert::Params {
+                n_part: nh as u32,
+                ..p_exp
+            }),
+        );
         let ub_qkv_raw = u("p_qkv_raw", bytemuck::bytes_of(&p_qkv_raw));
         let ub_qkv_post = u("p_qkv_post", bytemuck::bytes_of(&p_qkv_post));
         let ub_shared = u("p_shared", bytemuck::bytes_of(&p_shared));
@@ -709,6 +789,8 @@ impl Engine {
         let probs = c.storage_zeroed("probs", f(b * ne));
         let route = c.storage_zeroed("route", f(b * ne * 2));
         let act = c.storage_zeroed("act", f(b * ne * i));
+        // The heads' o_proj shares of a decoded token (fused attention).
+        let part = c.storage_zeroed("o_proj_part", f(nh * h));
         let qkv_raw = split_qkv.then(|| c.storage_zeroed("qkv_raw", f(b * (qd + 2 * kvd))));
         let route_sh = c.storage_zeroed("route_shared", f(b * 2));
         let act_sh = c.storage_zeroed("act_shared", f(b * sh_i.max(1)));
@@ -808,12 +890,15 @@ impl Engine {
                         bg_up: sk.up.bind(
                             c,
                             [
-                                &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh, &table_sh,
+                                &step, &ub_shared, &w13, &x, &g_post, &route_sh, &act_sh,
+                                &table_sh, &gate, &part,
                             ],
                         ),
                         bg_down: sk.down.bind(
                             c,
-                            [&step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh],
+                            [
+                                &step, &ub_shared, &w2, &act_sh, &route_sh, &x, &table_sh, &part,
+                            ],
                         ),
                     })
                 }
@@ -834,17 +919,69 @@ impl Engine {
                 bg_attn: k
                     .attn
                     .bind(c, [&step, &ub_attn, &q, &kc, &vc, &scores, &attn_out]),
+                bg_attn_dec: k.attn_dec.as_ref().map(|kd| {
+                    kd.bind(
+                        c,
+                        [
+                            &step,
+                            &ub_attn_dec,
+                            &wqkv,
+                            &x,
+                            &g_in,
+                            &rope,
+                            &kc,
+                            &vc,
+                            &wo,
+                            &part,
+                        ],
+                    )
+                }),
                 bg_o: k.mv.bind(c, &step, &ub_o, &wo, &attn_out, &g_in, &x),
                 bg_router: k
                     .router
                     .bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
                 bg_up: k.up.bind(
                     c,
-                    [&step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table],
+                    [
+                        &step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table, &gate, &part,
+                    ],
                 ),
-                bg_down: k
-                    .down
-                    .bind(c, [&step, &ub_exp, &pool.w2, &act, &route, &x, &table]),
+                bg_down: k.down.bind(
+                    c,
+                    [&step, &ub_exp, &pool.w2, &act, &route, &x, &table, &part],
+                ),
+                bg_up_dec: k.attn_dec.as_ref().map(|_| {
+                    k.up.bind(
+                        c,
+                        [
+                            &step,
+                            &ub_exp_dec,
+                            &pool.w13,
+                            &x,
+                            &g_post,
+                            &route,
+                            &act,
+                            &table,
+                            &gate,
+                            &part,
+                        ],
+                    )
+                }),
+                bg_down_dec: k.attn_dec.as_ref().map(|_| {
+                    k.down.bind(
+                        c,
+                        [
+                            &step,
+                            &ub_exp_dec,
+                            &pool.w2,
+                            &act,
+                            &route,
+                            &x,
+                            &table,
+                            &part,
+                        ],
+                    )
+                }),
                 table,
             });
         }
@@ -854,6 +991,21 @@ impl Engine {
         let bg_head_all =
             k.mv.bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
         let bg_argmax = k.argmax.bind(c, &ub_argmax, &logits_last, &argmax_out);
+        let ub_argmax_embed = u(
+            "p_argmax_embed",
+            bytemuck::bytes_of(&argmax::EmbedParams {
+                n: v as u32,
+                hidden: h as u32,
+                _p1: 0,
+                _p2: 0,
+            }),
+        );
+        let bg_argmax_embed = k.argmax_embed.as_ref().map(|ke| {
+            ke.bind(
+                c,
+                [&ub_argmax_embed, &logits_last, &argmax_out, &embed_t, &x],
+            )
+        });
 
         Ok(Self {
             ctx,
@@ -875,11 +1027,14 @@ impl Engine {
             bg_head_last,
             bg_head_all,
             bg_argmax,
+            bg_argmax_embed,
+            embedded: None,
             p_qkv,
             p_qkv_raw,
             p_qkv_post,
             p_shared,
             p_attn,
+            p_attn_dec,
             p_o,
             p_head_last,
             p_head_all,
@@ -1023,12 +1178,29 @@ impl Engine {
         (c.num_hidden_layers * (attn + moe) + f.matrix_bytes(h, v) + 2 * h * 4) as u64
     }
 
-    /// Dispatches one chunk issues: `6 * layers + 3` for Mixtral, one more
-    /// per layer for the families with q/k/v extras (projection and
-    /// `qkv_post`), three more per layer for a shared expert.
+    /// Dispatches one greedy decoded token issues in steady state (a
+    /// one-token step whose token the previous greedy step sampled):
+    /// [`Engine::dispatches_per_chunk`]`(1)`, less the embedding when the
+    /// fused argmax wrote that token's row already.
     pub fn dispatches_per_step(&self) -> u64 {
-        let per_layer =
-            6 + u64::from(self.k.qkv_post.is_some()) + 3 * u64::from(self.k.shared.is_some());
+        self.dispatches_per_chunk(1) - u64::from(self.k.argmax_embed.is_some())
+    }
+
+    /// Dispatches a chunk of `n_tok` tokens issues when it ends with the
+    /// head and argmax (a greedy step's last chunk), the embedding
+    /// included. Mixtral: `3 * layers + 3` for one token with
+    /// [`EngineOptions::fused_attention`] (the fused decode attention with
+    /// the o_proj shares, when the shape fits it), `5 * layers + 3` for one
+    /// token without it and for a prompt chunk (the router fused into
+    /// `expert_up` either way);
+    /// the families with q/k/v extras `6 * layers + 3` either way
+    /// (projection, `qkv_post`, attention, o_proj: never fused), three more
+    /// per layer for a shared expert; the unfused engine `6 * layers + 3`.
+    pub fn dispatches_per_chunk(&self, n_tok: usize) -> u64 {
+        let fused = n_tok == 1 && self.k.attn_dec.is_some();
+        let per_layer = 6 - 2 * u64::from(fused) - u64::from(self.k.route_fused)
+            + u64::from(self.k.qkv_post.is_some())
+            + 3 * u64::from(self.k.shared.is_some());
         per_layer * self.cfg.num_hidden_layers as u64 + 3
     }
 
@@ -1119,14 +1291,35 @@ impl Engine {
     }
 
     fn encode_experts(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        self.encode_up(pass, layer, run);
+        self.encode_down(pass, layer, run);
+    }
+
+    /// The routed experts' gate and up halves (and, with the router fused,
+    /// the routing itself).
+    fn encode_up(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
+        let bg = match (&ly.bg_up_dec, run.n) {
+            (Some(bg), 1) => bg,
+            _ => &ly.bg_up,
+        };
         self.k
             .up
-            .encode(pass, &ly.bg_up, &self.p_exp, run.n as u32, run.k as u32);
-        self.k
-            .down
-            .encode(pass, &ly.bg_down, &self.p_exp, run.n as u32);
-        self.stats.dispatches += 2;
+            .encode(pass, bg, &self.p_exp, run.n as u32, run.k as u32);
+
+        self.stats.dispatches += 1;
+    }
+
+    /// The routed experts' down halves, weighted sum and residual (and the
+    /// shared expert's down half).
+    fn encode_down(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        let ly = &self.layers[layer];
+        let bg = match (&ly.bg_down_dec, run.n) {
+            (Some(bg), 1) => bg,
+            _ => &ly.bg_down,
+        };
+        self.k.down.encode(pass, bg, &self.p_exp, run.n as u32);
+        self.stats.dispatches += 1;
         // The shared expert's down half (its gate and up half ran with the router).
         if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
             sk.down
@@ -1141,26 +1334,45 @@ impl Engine {
     fn encode_attention(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32) -> u64 {
         let ly = &self.layers[l];
         let mut d = 3;
-        match (&ly.qkv, &self.k.qkv_post) {
-            (QkvBind::Split { raw, post }, Some(k)) => {
-                self.k.mv.encode(pass, raw, &self.p_qkv_raw, n);
-                k.encode(pass, post, &self.p_qkv_post, n);
-                d += 2;
-            }
-            (QkvBind::Fused(bg), _) | (QkvBind::Split { raw: bg, .. }, None) => {
-                self.k.qkv.encode(pass, bg, &self.p_qkv, n);
-                d += 1;
-            }
+        if let (1, Some(kd), Some(bg)) = (n, &self.k.attn_dec, &ly.bg_attn_dec) {
+            // Decode: q/k/v, RoPE, cache append, attention and the heads'
+            // o_proj shares in one kernel (counted as the attention; the
+            // expert kernels add the shares).
+            kd.encode(pass, bg, &self.p_attn_dec);
+            d -= 1;
+        } else {
+            self.encode_qkv(pass, l, n, &mut d);
+            self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
+            self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
         }
-        self.k.attn.encode(pass, &ly.bg_attn, &self.p_attn, n);
-        self.k.mv.encode(pass, &ly.bg_o, &self.p_o, n);
-        self.k.router.encode(pass, &ly.bg_router, n);
+        if !self.k.route_fused {
+            self.k.router.encode(pass, &ly.bg_router, n);
+        } else {
+            d -= 1;
+        }
         if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
             sk.gate.encode(pass, &sh.bg_gate, n);
             sk.up.encode(pass, &sh.bg_up, &self.p_shared, n, 1);
             d += 2;
         }
         d
+    }
+
+    /// The attention input of a prompt chunk (or of a family with q/k/v
+    /// extras): the fused `qkv_rope`, or the projection and `qkv_post`.
+    fn encode_qkv(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32, d: &mut u64) {
+        let ly = &self.layers[l];
+        match (&ly.qkv, &self.k.qkv_post) {
+            (QkvBind::Split { raw, post }, Some(k)) => {
+                self.k.mv.encode(pass, raw, &self.p_qkv_raw, n);
+                k.encode(pass, post, &self.p_qkv_post, n);
+                *d += 2;
+            }
+            (QkvBind::Fused(bg), _) | (QkvBind::Split { raw: bg, .. }, None) => {
+                self.k.qkv.encode(pass, bg, &self.p_qkv, n);
+                *d += 1;
+            }
+        }
     }
 
     fn submit(&mut self, enc: wgpu::CommandEncoder) {
@@ -1210,7 +1422,7 @@ impl Engine {
         );
         let mut out = None;
         loop {
-            let (mut enc, first) = match run.at {
+            let (mut enc, pass, first) = match run.at {
                 At::Chunk => {
                     if run.done == run.tokens.len() {
                         break;
@@ -1232,14 +1444,18 @@ impl Engine {
                         bytemuck::cast_slice(&run.tokens[run.done..run.done + run.n]),
                     );
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
+                    // The last greedy step wrote this token's row already.
+                    let ready = self.embedded.take();
+                    if !(run.n == 1 && ready == Some(run.tokens[run.done])) {
                         self.k
                             .embed
                             .dispatch(&mut pass, &self.bg_embed, (run.n * h) as u64);
+                        self.stats.dispatches += 1;
                     }
-                    self.stats.dispatches += 1;
-                    (enc, 0)
+                    (enc, pass, 0)
                 }
                 At::Experts(l) => {
                     if run.need.iter().any(|&id| !self.pool.resident(id)) {
@@ -1251,29 +1467,39 @@ impl Engine {
                     // so that resuming never depends on that.
                     self.write_step(run);
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-                    {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
-                        self.encode_experts(&mut pass, l, run);
-                    }
-                    (enc, l + 1)
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
+                    self.encode_experts(&mut pass, l, run);
+                    (enc, pass, l + 1)
                 }
             };
+            // One compute pass for the whole chunk, ended only where the
+            // routed ids must be read back (a layer with missing experts).
+            let mut pass = pass;
             for l in first..nl {
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    let d = self.encode_attention(&mut pass, l, run.n as u32);
-                    self.stats.dispatches += d;
-                }
+                let d = self.encode_attention(&mut pass, l, run.n as u32);
+                self.stats.dispatches += d;
                 run.at = At::Experts(l);
                 if self.pool.layer_resident(l) {
                     // Nothing to ask for: no readback (every expert counts as used).
                     let ids: Vec<ExpertId> = self.layer_ids(l).collect();
                     self.pool.touch(ids);
                 } else if !run.use_moe {
+                    drop(pass);
                     self.submit(enc);
                     run.need = self.layer_ids(l).collect();
                     return Ok(None);
                 } else {
+                    // The routed ids, read back after the router (with the
+                    // router fused: after expert_up, which ran with whatever
+                    // the table held; when an expert is missing, resuming
+                    // runs expert_up again, routing identically).
+                    let up_done = self.k.route_fused;
+                    if up_done {
+                        self.encode_up(&mut pass, l, run);
+                    }
+                    drop(pass);
                     let ids = self.routed(enc, l, run).await?;
                     if ids.iter().any(|&id| !self.pool.resident(id)) {
                         run.need = ids;
@@ -1281,14 +1507,20 @@ impl Engine {
                     }
                     self.pool.touch(ids);
                     enc = self.ctx.device.create_command_encoder(&Default::default());
+                    pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
+                    if up_done {
+                        self.encode_down(&mut pass, l, run);
+                        continue;
+                    }
                 }
-                let mut pass = enc.begin_compute_pass(&Default::default());
                 self.encode_experts(&mut pass, l, run);
             }
             let last = run.done + run.n == run.tokens.len();
             let read: Option<(&wgpu::Buffer, u64)> = {
                 let n = run.n as u32;
-                let mut pass = enc.begin_compute_pass(&Default::default());
+                let mut pass = pass;
                 if run.want == Want::AllLogits {
                     self.k
                         .mv
@@ -1301,7 +1533,10 @@ impl Engine {
                         .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n);
                     self.stats.dispatches += 1;
                     if run.want == Want::Greedy {
-                        self.k.argmax.encode(&mut pass, &self.bg_argmax);
+                        match (&self.k.argmax_embed, &self.bg_argmax_embed) {
+                            (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
+                            _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
+                        }
                         self.stats.dispatches += 1;
                         Some((&self.argmax_out, 4))
                     } else {
@@ -1323,9 +1558,11 @@ impl Engine {
                 self.stats.readback_bytes += bytes;
                 match run.want {
                     Want::Greedy => {
-                        out = Some(Output::Token(bytemuck::pod_read_unaligned::<u32>(
-                            &data[..4],
-                        )))
+                        let t = bytemuck::pod_read_unaligned::<u32>(&data[..4]);
+                        if self.k.argmax_embed.is_some() {
+                            self.embedded = Some(t);
+                        }
+                        out = Some(Output::Token(t))
                     }
                     Want::Logits => out = Some(Output::Logits(bytemuck::pod_collect_to_vec(&data))),
                     Want::AllLogits => {

@@ -27,6 +27,14 @@ pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.w
 pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl");
 pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
 
+/// Most experts per layer the router fused into `expert_up` handles (its
+/// workgroup arrays); more, and the engine runs `router.wgsl` before it.
+pub const MAX_FUSED_ROUTER_EXPERTS: usize = 256;
+
+/// Largest hidden size `expert_up` stages in workgroup memory (and so the
+/// largest with o_proj shares, `n_part > 0`).
+pub const MAX_STAGED_HIDDEN: usize = 2048;
+
 /// How the expert pool stores its experts. Every format uses the same pool
 /// (slots, per-layer expert -> slot table, bind groups); only the bytes per
 /// expert and the kernels that read them differ.
@@ -198,8 +206,14 @@ pub struct Params {
     pub eps: f32,
     /// Experts the pool buffers hold (slot indices are clamped below it).
     pub n_slots: u32,
-    pub _p0: u32,
-    pub _p1: u32,
+    /// 1: `expert_up` routes each token itself (the router fused, reading
+    /// the gate it is bound to, writing `route`); 0: it reads `route`.
+    pub route_in: u32,
+    /// Heads' o_proj shares (`part`, `[n_part][hidden]`, from the fused
+    /// decode attention) added to the token's input (up) and to the
+    /// residual (down); 0 when the o_proj ran as a matvec. Only for
+    /// one-token steps and `hidden <= ` [`MAX_STAGED_HIDDEN`].
+    pub n_part: u32,
     pub _p2: u32,
 }
 
@@ -226,12 +240,17 @@ impl ExpertUp {
             PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8),
             PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4),
         };
-        Self(Kernel::new(ctx, name, src, None))
+        // Every workgroup array element it reads, it wrote first.
+        Self(Kernel::new_uninit_workgroup(ctx, name, src, None))
     }
-    /// Bindings: step, params, w13 (pool), x, g, route, act, slot table.
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
+    /// Bindings: step, params, w13 (pool), x, g, route, act, slot table,
+    /// router gate (`[hidden][n_experts]`, read when `route_in`; any other
+    /// read-only buffer otherwise), o_proj shares `part` (read when
+    /// `n_part > 0`; any other read-only buffer otherwise).
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
+    /// Workgroups of one token each: `ceil(k * inter / wg)` per token.
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -240,11 +259,8 @@ impl ExpertUp {
         n_tok: u32,
         k: u32,
     ) {
-        self.0.dispatch(
-            pass,
-            bg,
-            u64::from(n_tok) * u64::from(k) * u64::from(p.inter),
-        );
+        let per_tok = (u64::from(k) * u64::from(p.inter)).div_ceil(u64::from(self.0.wg));
+        self.0.dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
     }
 }
 
@@ -268,8 +284,9 @@ impl ExpertDown {
         };
         Self(Kernel::new(ctx, name, src, None))
     }
-    /// Bindings: step, params, w2 (pool), act, route, x, slot table.
-    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 7]) -> wgpu::BindGroup {
+    /// Bindings: step, params, w2 (pool), act, route, x, slot table, o_proj
+    /// shares `part` (as for [`ExpertUp::bind`]).
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
         self.0.bind(ctx, &b)
     }
     pub fn encode(
@@ -466,8 +483,8 @@ async fn run_blocks(
         n_experts: ne as u32,
         eps,
         n_slots: ne as u32,
-        _p0: 0,
-        _p1: 0,
+        route_in: 0,
+        n_part: 0,
         _p2: 0,
     };
     let step = step_buffer(
@@ -503,8 +520,12 @@ async fn run_blocks(
     let act = ctx.storage_zeroed("act", (n * ne * inter * 4) as u64);
     let table: Vec<u32> = (0..ne as u32).rev().collect();
     let tb = ctx.storage_init("slots", bytemuck::cast_slice(&table));
-    let bg_up = up.bind(ctx, [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb]);
-    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb]);
+    let dummy = ctx.storage_zeroed("none", 4);
+    let bg_up = up.bind(
+        ctx,
+        [&step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &dummy, &dummy],
+    );
+    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &dummy]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
@@ -513,4 +534,114 @@ async fn run_blocks(
     }
     ctx.queue.submit([enc.finish()]);
     ctx.read_f32(&xb, x.len()).await
+}
+
+/// One-shot GPU run of the router fused into `expert_up` (tests): every
+/// token routed by the up kernel (RMSNorm, `gate` `[n_experts][hidden]`,
+/// softmax, top-`k`, renormalised when `renorm`), then `expert_down`.
+/// `part` (`[heads][hidden]`, one token only; empty for none): o_proj
+/// shares added to `x` first, as after the fused decode attention.
+/// Returns the new `x` and the route the kernel wrote, as
+/// [`super::router::run`] does.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_routed(
+    ctx: &GpuContext,
+    format: PoolFormat,
+    experts: &[ExpertWeights],
+    gate: &[f32],
+    inter: usize,
+    hidden: usize,
+    x: &[f32],
+    g: &[f32],
+    eps: f32,
+    k: usize,
+    renorm: bool,
+    part: &[f32],
+) -> Result<(Vec<f32>, Vec<Vec<(u32, f32)>>), GpuError> {
+    let ne = experts.len();
+    let n = x.len() / hidden.max(1);
+    let n_part = part.len() / hidden.max(1);
+    if n_part > 0 && (n != 1 || part.len() != n_part * hidden || hidden > MAX_STAGED_HIDDEN) {
+        return Err(GpuError::Input(
+            "expert (routed): o_proj shares need one token and [heads][hidden]".into(),
+        ));
+    }
+    if ne == 0
+        || ne > MAX_FUSED_ROUTER_EXPERTS
+        || k == 0
+        || k > ne
+        || hidden == 0
+        || x.len() != n * hidden
+        || g.len() != hidden
+        || gate.len() != ne * hidden
+    {
+        return Err(GpuError::Input("expert (routed): bad sizes".into()));
+    }
+    let blocks = experts
+        .iter()
+        .map(|e| format.encode_expert(e, hidden, inter))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GpuError::Input)?;
+    let up = ExpertUp::for_pool(ctx, format);
+    let down = ExpertDown::for_pool(ctx, format);
+    let p = Params {
+        hidden: hidden as u32,
+        inter: inter as u32,
+        n_experts: ne as u32,
+        eps,
+        n_slots: ne as u32,
+        route_in: 1,
+        n_part: n_part as u32,
+        _p2: 0,
+    };
+    let step = step_buffer(
+        ctx,
+        Step {
+            pos0: 0,
+            n_tok: n as u32,
+            top_k: k as u32,
+            renorm: u32::from(renorm),
+        },
+    );
+    let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
+    let (w13, w2): (Vec<u8>, Vec<u8>) =
+        blocks
+            .iter()
+            .fold((Vec::new(), Vec::new()), |(mut a, mut b), (x13, x2)| {
+                a.extend_from_slice(x13);
+                b.extend_from_slice(x2);
+                (a, b)
+            });
+    let w13b = ctx.storage_init("w13", &w13);
+    let w2b = ctx.storage_init("w2", &w2);
+    let xb = ctx.storage_init("x", f32_bytes(x));
+    let gb = ctx.storage_init("g", f32_bytes(g));
+    // Stale words where the kernel must write (a route it failed to write shows).
+    let rb = ctx.storage_init("route", bytemuck::cast_slice(&vec![u32::MAX; n * ne * 2]));
+    let act = ctx.storage_zeroed("act", (n * ne * inter * 4) as u64);
+    let table: Vec<u32> = (0..ne as u32).collect();
+    let tb = ctx.storage_init("slots", bytemuck::cast_slice(&table));
+    let gate_t = ctx.storage_init("gate", f32_bytes(&transpose(ne, hidden, gate)));
+    let part_b = if part.is_empty() {
+        ctx.storage_zeroed("part", 4)
+    } else {
+        ctx.storage_init("part", f32_bytes(part))
+    };
+    let bg_up = up.bind(
+        ctx,
+        [
+            &step, &pb, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t, &part_b,
+        ],
+    );
+    let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &part_b]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        up.encode(&mut pass, &bg_up, &p, n as u32, k as u32);
+        down.encode(&mut pass, &bg_down, &p, n as u32);
+    }
+    ctx.queue.submit([enc.finish()]);
+    let words = ctx.read_u32(&rb, n * ne * 2).await?;
+    let route = super::router::decode_route(&words, n, ne, k);
+    Ok((ctx.read_f32(&xb, x.len()).await?, route))
 }

@@ -43,6 +43,29 @@ impl Kernel {
     /// Build `source`; `overridable` shaders get `WG` set to the context's
     /// workgroup size, the others keep their fixed size `fixed_wg`.
     pub fn new(ctx: &GpuContext, name: &'static str, source: &str, fixed_wg: Option<u32>) -> Self {
+        Self::build(ctx, name, source, fixed_wg, true)
+    }
+
+    /// [`Kernel::new`] for a shader that writes every element of its
+    /// workgroup memory before reading it: the workgroup memory is not
+    /// zeroed first (natively; WebGPU always zeroes it). Software adapters
+    /// zero large workgroup arrays slowly, per invocation.
+    pub fn new_uninit_workgroup(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        fixed_wg: Option<u32>,
+    ) -> Self {
+        Self::build(ctx, name, source, fixed_wg, false)
+    }
+
+    fn build(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        fixed_wg: Option<u32>,
+        zero_workgroup_memory: bool,
+    ) -> Self {
         let module = ctx
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -64,7 +87,7 @@ impl Kernel {
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &constants,
-                    zero_initialize_workgroup_memory: true,
+                    zero_initialize_workgroup_memory: zero_workgroup_memory,
                 },
                 cache: None,
             });

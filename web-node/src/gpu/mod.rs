@@ -16,7 +16,7 @@
 //!   read neighbouring words.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
-//!   schedule, `6 * layers + 3` dispatches per token, how a step pauses for
+//!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
 //!   missing experts, and the expert pool).
 //!
 //! # Using the engine (native and browser)
@@ -52,6 +52,7 @@
 pub mod add;
 pub mod argmax;
 pub mod attention;
+pub mod attn_decode;
 pub mod context;
 pub mod embedding;
 pub mod engine;
@@ -74,6 +75,9 @@ pub use kernel::WeightFormat;
 pub const SHADERS: &[(&str, &str)] = &[
     ("add", add::SOURCE),
     ("argmax", argmax::SOURCE),
+    ("argmax_embed", argmax::SOURCE_EMBED),
+    ("attn_decode", attn_decode::SOURCE),
+    ("attn_decode_f16", attn_decode::SOURCE_F16),
     ("attention", attention::SOURCE),
     ("embedding", embedding::SOURCE),
     ("expert_down", expert::SOURCE_DOWN),

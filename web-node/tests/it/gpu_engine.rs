@@ -412,10 +412,20 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
         assert!(s.expert_evictions > 0, "pool of {slots}: {s:?}");
         assert_eq!(s.expert_uploads - s.expert_evictions, slots, "{s:?}");
         assert!(small.resident_experts() <= slots as usize);
+        // The prompt in one chunk, or (pool of 3: chunks of one token) in
+        // several, head and argmax only on a step's last chunk; then
+        // one-token decode chunks; and (the router runs inside expert_up)
+        // one expert_up again for each pause.
+        let prompt_chunks = s.steps - (steps as u64 - 1);
+        let prompt_dispatches = if prompt_chunks == 1 {
+            small.dispatches_per_chunk(p.len())
+        } else {
+            prompt_chunks * small.dispatches_per_chunk(1) - 2 * (prompt_chunks - 1)
+        };
         assert_eq!(
             s.dispatches,
-            s.steps * small.dispatches_per_step() - 2 * (s.steps - steps as u64),
-            "dispatches per chunk unchanged (head and argmax only on the last chunk of a step)"
+            prompt_dispatches + (steps as u64 - 1) * small.dispatches_per_step() + s.pauses,
+            "dispatches per chunk unchanged"
         );
     }
 
@@ -892,4 +902,71 @@ fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
         err.to_string().contains("multiples of the group size"),
         "{err}"
     );
+}
+
+/// The fused decode with the fused attention (`3 * layers + 2` dispatches
+/// per greedy token, one submission), without it (the default,
+/// `5 * layers + 2`) and the unfused schedule (`fused: false`,
+/// `6 * layers + 3`) give the CPU's greedy tokens, with every expert
+/// resident and with a pool of 3 experts (chunks of one token, evicting).
+#[test]
+fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(31);
+    let opts = RunOptions::default();
+    let p = prompt(6, 3);
+    let steps = 24;
+    let mut cpu = CpuModel::from_model_dir(&m).unwrap();
+    let mut want = Vec::new();
+    let mut tok = argmax(&cpu.forward(&p, &opts).unwrap());
+    for _ in 0..steps {
+        want.push(tok);
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+    }
+    let nl = m.config.num_hidden_layers as u64;
+    let per = expert_bytes(&m.config, WeightFormat::F32);
+    for (fused, fused_attention) in [(true, true), (true, false), (false, false)] {
+        for pool in [None, Some(3 * per)] {
+            let mut src = m.expert_source().unwrap();
+            let mut gpu = gpu_engine(
+                c,
+                &m,
+                EngineOptions {
+                    fused,
+                    fused_attention,
+                    expert_pool_bytes: pool,
+                    ..Default::default()
+                },
+            );
+            let got = gpu
+                .generate_greedy(&mut src, &p, steps, &opts, |_| {})
+                .unwrap();
+            assert_eq!(got, want, "fused {fused}/{fused_attention}, pool {pool:?}");
+            if pool.is_none() {
+                // Steady state, every expert resident: one greedy token
+                // after another, one submission, one readback.
+                let ne = m.config.num_local_experts;
+                let all: Vec<ExpertId> = (0..nl as usize)
+                    .flat_map(|l| (0..ne).map(move |e| ExpertId::new(l, e)))
+                    .filter(|id| !gpu.is_expert_resident(id.layer, id.expert))
+                    .collect();
+                supply(&mut gpu, &mut src, &all);
+                gpu.reset_stats();
+                gpu.next_token(&mut src, &[*got.last().unwrap()], &opts)
+                    .unwrap();
+                let s = gpu.stats();
+                let expect = match (fused, fused_attention) {
+                    (true, true) => 3 * nl + 2,
+                    (true, false) => 5 * nl + 2,
+                    _ => 6 * nl + 3,
+                };
+                assert_eq!(
+                    s.dispatches, expect,
+                    "fused {fused}/{fused_attention}: {s:?}"
+                );
+                assert_eq!(gpu.dispatches_per_step(), expect);
+                assert_eq!((s.submissions, s.readbacks), (1, 1), "{s:?}");
+            }
+        }
+    }
 }

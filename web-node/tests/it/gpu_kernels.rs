@@ -207,7 +207,7 @@ proptest! {
 }
 
 /// Random experts of `inter x hidden` (multiples of 32), quantized in `q`.
-fn qexperts(
+pub(crate) fn qexperts(
     ne: usize,
     inter: usize,
     hidden: usize,
@@ -236,7 +236,7 @@ fn qmat(w: &Weight) -> &QMat {
 
 /// The MoE block with quantized experts on the CPU, with the CPU engine's
 /// quantized product (`qmatmul`, packed values read directly).
-fn q_reference(
+pub(crate) fn q_reference(
     experts: &[ExpertWeights],
     hidden: usize,
     x: &[f32],

@@ -6,6 +6,7 @@ mod chain_validation;
 mod cpu_reference;
 mod families;
 mod gpu_engine;
+mod gpu_fused;
 mod gpu_kernels;
 mod gpu_shaders;
 mod gpu_support;

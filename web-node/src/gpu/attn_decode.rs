@@ -1,0 +1,211 @@
+//! `shaders/attn_decode{,_f16}.wgsl`: one decoded token's RMSNorm + q/k/v
+//! projection + RoPE + KV-cache append + attention + each head's share of
+//! the output projection in one dispatch (one workgroup per query head).
+//! It replaces [`super::qkv_rope`], [`super::attention`] and the o_proj
+//! matvec when a chunk is one token and the shape fits the kernel's
+//! workgroup memory ([`fits`]); prompts keep the three kernels. The heads'
+//! shares (`part`, `[n_heads][hidden]`) are summed into the residual by the
+//! expert kernels that follow (`n_part` in [`super::expert::Params`]).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::attention;
+use super::context::{GpuContext, GpuError};
+use super::kernel::{f32_bytes, step_buffer, transpose, Kernel, Step, WeightFormat};
+use super::qkv_rope::{self, pack_qkv, QkvShape};
+
+pub const SOURCE: &str = include_str!("../../../shaders/attn_decode.wgsl");
+pub const SOURCE_F16: &str = include_str!("../../../shaders/attn_decode_f16.wgsl");
+
+/// `MAX_HIDDEN` and `MAX_HEAD_DIM` of the shader (its workgroup arrays).
+pub const MAX_HIDDEN: usize = 2048;
+pub const MAX_HEAD_DIM: usize = 256;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Params {
+    pub hidden: u32,
+    pub n_heads: u32,
+    pub n_kv: u32,
+    pub head_dim: u32,
+    pub max_seq: u32,
+    pub eps: f32,
+    pub scale: f32,
+    /// Row stride of Wo (`[q_dim][wo_stride]`): hidden, or hidden rounded
+    /// up to even for f16 (see [`WeightFormat::matrix_bytes`]).
+    pub wo_stride: u32,
+}
+
+/// `wo_stride` for `hidden` columns in `format`.
+pub fn wo_stride(format: WeightFormat, hidden: usize) -> u32 {
+    match format {
+        WeightFormat::F32 => hidden as u32,
+        WeightFormat::F16 => hidden.next_multiple_of(2) as u32,
+    }
+}
+
+/// Whether the fused kernel can run this shape with workgroup size `wg`
+/// (its workgroup arrays hold `head_dim` values and one score per
+/// invocation; `hidden` is bounded by the expert kernels that add its
+/// o_proj shares, which stage the row in workgroup memory).
+pub fn fits(hidden: usize, head_dim: usize, wg: u32) -> bool {
+    hidden <= MAX_HIDDEN
+        && (2..=MAX_HEAD_DIM).contains(&head_dim)
+        && head_dim.is_multiple_of(2)
+        && wg <= 256
+}
+
+#[derive(Debug)]
+pub struct AttnDecode(pub Kernel);
+
+impl AttnDecode {
+    /// The variant reading `w` in `format`.
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::F32 => Self(Kernel::new_uninit_workgroup(
+                ctx,
+                "attn_decode",
+                SOURCE,
+                None,
+            )),
+            WeightFormat::F16 => Self(Kernel::new_uninit_workgroup(
+                ctx,
+                "attn_decode_f16",
+                SOURCE_F16,
+                None,
+            )),
+        }
+    }
+    /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
+    pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
+        self.0.bind(ctx, &b)
+    }
+    /// One workgroup per query head (the step must hold one token).
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup, p: &Params) {
+        self.0.dispatch_groups(pass, bg, u64::from(p.n_heads));
+    }
+}
+
+/// CPU reference, the unfused path: [`qkv_rope::reference`] for the token at
+/// `pos0`, then [`attention::reference`] over `k_prev`/`v_prev`
+/// (`[pos0][kv_dim]`) and the new row, then each head's share of the
+/// output projection `wo` (`[hidden][q_dim]`, the checkpoint's layout).
+/// Returns `(part [n_heads][hidden], k, v)`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    s: &QkvShape,
+    wq: &[f32],
+    wk: &[f32],
+    wv: &[f32],
+    x: &[f32],
+    g: &[f32],
+    table: &[f32],
+    k_prev: &[f32],
+    v_prev: &[f32],
+    wo: &[f32],
+    pos0: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (q, k, v) = qkv_rope::reference(s, wq, wk, wv, x, g, table, pos0);
+    let kvd = s.n_kv * s.head_dim;
+    let mut kall = k_prev[..pos0 * kvd].to_vec();
+    kall.extend_from_slice(&k);
+    let mut vall = v_prev[..pos0 * kvd].to_vec();
+    vall.extend_from_slice(&v);
+    let out = attention::reference(&q, &kall, &vall, s.n_heads, s.n_kv, s.head_dim, pos0);
+    let (qd, hd) = (s.n_heads * s.head_dim, s.head_dim);
+    let mut part = Vec::with_capacity(s.n_heads * s.hidden);
+    for h in 0..s.n_heads {
+        for r in 0..s.hidden {
+            part.push(
+                (0..hd)
+                    .map(|e| wo[r * qd + h * hd + e] * out[h * hd + e])
+                    .sum(),
+            );
+        }
+    }
+    (part, k, v)
+}
+
+/// One-shot GPU run (tests), same arguments as [`reference()`]; k and v are
+/// read back from the cache row the kernel wrote.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    ctx: &GpuContext,
+    format: WeightFormat,
+    s: &QkvShape,
+    wq: &[f32],
+    wk: &[f32],
+    wv: &[f32],
+    x: &[f32],
+    g: &[f32],
+    table: &[f32],
+    k_prev: &[f32],
+    v_prev: &[f32],
+    wo: &[f32],
+    pos0: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
+    let (qd, kvd, hd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim, s.head_dim);
+    let max_seq = pos0 + 1;
+    if !fits(s.hidden, hd, ctx.workgroup_size)
+        || x.len() != s.hidden
+        || s.n_kv == 0
+        || !s.n_heads.is_multiple_of(s.n_kv)
+        || k_prev.len() < pos0 * kvd
+        || v_prev.len() < pos0 * kvd
+        || table.len() < max_seq * hd
+        || wo.len() != s.hidden * qd
+    {
+        return Err(GpuError::Input("attn_decode: shape mismatch".into()));
+    }
+    let kern = AttnDecode::with_format(ctx, format);
+    let p = Params {
+        hidden: s.hidden as u32,
+        n_heads: s.n_heads as u32,
+        n_kv: s.n_kv as u32,
+        head_dim: hd as u32,
+        max_seq: max_seq as u32,
+        eps: s.eps,
+        scale: 1.0 / (hd as f32).sqrt(),
+        wo_stride: wo_stride(format, s.hidden),
+    };
+    let step = step_buffer(
+        ctx,
+        Step {
+            pos0: pos0 as u32,
+            n_tok: 1,
+            top_k: 0,
+            renorm: 0,
+        },
+    );
+    let pb = ctx.uniform_init("params", bytemuck::bytes_of(&p));
+    let wb = ctx.storage_init(
+        "w",
+        &format.encode(&pack_qkv(wq, wk, wv, s.hidden), s.hidden, qd + 2 * kvd),
+    );
+    let xb = ctx.storage_init("x", f32_bytes(x));
+    let gb = ctx.storage_init("g", f32_bytes(g));
+    let rb = ctx.storage_init("rope", f32_bytes(table));
+    let mut kc = k_prev[..pos0 * kvd].to_vec();
+    kc.extend(std::iter::repeat_n(0.0, kvd));
+    let kc = ctx.storage_init("k_cache", f32_bytes(&transpose(max_seq, kvd, &kc)));
+    let mut vc = v_prev[..pos0 * kvd].to_vec();
+    vc.extend(std::iter::repeat_n(0.0, kvd));
+    let vc = ctx.storage_init("v_cache", f32_bytes(&vc));
+    let wob = ctx.storage_init(
+        "wo",
+        &format.encode(&transpose(s.hidden, qd, wo), qd, s.hidden),
+    );
+    let ob = ctx.storage_zeroed("part", (s.n_heads * s.hidden * 4) as u64);
+    let bg = kern.bind(ctx, [&step, &pb, &wb, &xb, &gb, &rb, &kc, &vc, &wob, &ob]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        kern.encode(&mut pass, &bg, &p);
+    }
+    ctx.queue.submit([enc.finish()]);
+    let out = ctx.read_f32(&ob, s.n_heads * s.hidden).await?;
+    let kt = ctx.read_f32(&kc, max_seq * kvd).await?;
+    let vall = ctx.read_f32(&vc, max_seq * kvd).await?;
+    let k = (0..kvd).map(|c| kt[c * max_seq + pos0]).collect();
+    Ok((out, k, vall[pos0 * kvd..].to_vec()))
+}
