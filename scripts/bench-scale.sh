@@ -24,7 +24,8 @@
 # _FAMILY (olmoe|mixtral), _DTYPE (f16|f32). Full size is ~14 GB of f16 on
 # disk and more in memory for the decode step; e.g. AIBLOCK_SCALE_HIDDEN=512
 # AIBLOCK_SCALE_EXPERT_WIDTH=256 fits a small machine.
-# Other env: AIBLOCK_BENCH_PROFILE (release|dev, default release),
+# Other env: AIBLOCK_BENCH_PROFILE (release|dev, default release; dev reuses
+# the test build's dependencies and builds web-node's kernels at opt-level 3),
 # AIBLOCK_BENCH_DIR (work dir, default a new one under target/),
 # AIBLOCK_BENCH_TOKENS (decode tokens, default 16), AIBLOCK_BENCH_THREADS
 # (default 2), AIBLOCK_BENCH_SKIP_BUILD=1.
@@ -36,8 +37,8 @@ cd "$(dirname "$0")/.."
 profile="${AIBLOCK_BENCH_PROFILE:-release}"
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 case "$profile" in
-    release) bin="$target_dir/release" ;;
-    dev) bin="$target_dir/debug" ;;
+    release) bin="$target_dir/release"; build=(--release) ;;
+    dev) bin="$target_dir/debug"; build=(--config 'profile.dev.package.web-node.opt-level=3') ;;
     *) echo "AIBLOCK_BENCH_PROFILE=$profile: release or dev" >&2; exit 2 ;;
 esac
 tokens="${AIBLOCK_BENCH_TOKENS:-16}"
@@ -45,7 +46,7 @@ threads="${AIBLOCK_BENCH_THREADS:-2}"
 
 if [ "${AIBLOCK_BENCH_SKIP_BUILD:-0}" != 1 ]; then
     log "cargo build --profile $profile: relay, aiblock, the bench_scale example"
-    cargo build --profile "$profile" -p relay -p miner --bins --example bench_scale
+    cargo build "${build[@]}" -p relay -p miner --bins --example bench_scale
 fi
 bench="$bin/examples/bench_scale"
 aiblock="$bin/aiblock"

@@ -161,7 +161,7 @@ impl PayloadFetch {
     }
 
     /// The source to ask now.
-    pub fn next(&mut self) -> Next {
+    pub fn next(&self) -> Next {
         if let Some(o) = self.done {
             return Next::Done(o);
         }
