@@ -8,6 +8,9 @@
 //!   `_EXPERTS` (64), `_TOPK` (8), `_HIDDEN` (2048), `_EXPERT_WIDTH`
 //!   (1024), `_VOCAB` (50304), `_FAMILY` (`olmoe` or `mixtral`),
 //!   `_DTYPE` (`f16` or `f32`).
+//! - `bench_scale compare A B`: two safetensors files tensor by tensor
+//!   (the streamed file's layout is not the canonical one `export` writes,
+//!   so the files are not byte-identical).
 //! - `bench_scale sync URL`: the client core's sync of a relay, timed in
 //!   its two phases: listing (both chains, page by page, and the chain-A
 //!   payloads) and header verification (every block, natively).
@@ -243,6 +246,74 @@ fn sync(relay: &str) -> Result<()> {
     Ok(())
 }
 
+/// A safetensors file's header: name -> (dtype, shape, data range), and
+/// where the data starts.
+type Header = (std::collections::BTreeMap<String, (String, Vec<u64>, u64, u64)>, u64);
+
+fn read_header(path: &Path) -> Result<Header> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        bail!("{}: a header of {n} bytes", path.display());
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h)?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h)?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, t) in v {
+        if name == "__metadata__" {
+            continue;
+        }
+        let (Some(dtype), Some(shape), Some(off)) = (
+            t["dtype"].as_str(),
+            t["shape"].as_array(),
+            t["data_offsets"].as_array(),
+        ) else {
+            bail!("{}: bad entry {name}", path.display());
+        };
+        let shape = shape.iter().filter_map(serde_json::Value::as_u64).collect();
+        let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
+        out.insert(name, (dtype.to_string(), shape, a, b));
+    }
+    Ok((out, 8 + n))
+}
+
+/// Compare two safetensors files tensor by tensor (names, dtypes, shapes,
+/// bytes), streaming 1 MiB at a time.
+fn compare(a: &Path, b: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let ((ha, da), (hb, db)) = (read_header(a)?, read_header(b)?);
+    if ha.keys().ne(hb.keys()) {
+        bail!("the tensor names differ");
+    }
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut bytes = 0u64;
+    for (name, (ta, sa, a0, a1)) in &ha {
+        let (tb, sb, b0, b1) = &hb[name];
+        if ta != tb || sa != sb || a1 - a0 != b1 - b0 {
+            bail!("{name}: {ta} {sa:?} vs {tb} {sb:?}");
+        }
+        fa.seek(SeekFrom::Start(da + a0))?;
+        fb.seek(SeekFrom::Start(db + b0))?;
+        let mut left = a1 - a0;
+        while left > 0 {
+            let k = left.min(1 << 20) as usize;
+            fa.read_exact(&mut ba[..k])?;
+            fb.read_exact(&mut bb[..k])?;
+            if ba[..k] != bb[..k] {
+                bail!("{name}: the bytes differ");
+            }
+            left -= k as u64;
+            bytes += k as u64;
+        }
+    }
+    println!("same tensors: {} tensors, {bytes} bytes", ha.len());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -253,6 +324,7 @@ fn main() -> Result<()> {
     {
         ["write", dir] => write(Path::new(dir)),
         ["sync", url] => sync(url),
-        _ => bail!("usage: bench_scale write DIR | bench_scale sync URL"),
+        ["compare", a, b] => compare(Path::new(a), Path::new(b)),
+        _ => bail!("usage: bench_scale write DIR | sync URL | compare A.safetensors B.safetensors"),
     }
 }
