@@ -248,7 +248,10 @@ fn sync(relay: &str) -> Result<()> {
 
 /// A safetensors file's header: name -> (dtype, shape, data range), and
 /// where the data starts.
-type Header = (std::collections::BTreeMap<String, (String, Vec<u64>, u64, u64)>, u64);
+type Header = (
+    std::collections::BTreeMap<String, (String, Vec<u64>, u64, u64)>,
+    u64,
+);
 
 fn read_header(path: &Path) -> Result<Header> {
     let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;

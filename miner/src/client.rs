@@ -15,7 +15,7 @@ use web_node::client::{
     link_has_next, Answer, ChainSync, Model, ModelPick, Next, PayloadFetch, SourceError,
     SourcePolicy, Step, Synced,
 };
-use web_node::net::api::{ApiError, BlockInfo};
+use web_node::net::api::ApiError;
 
 use crate::blocks::{join_payloads, parse_block_file};
 
@@ -242,19 +242,6 @@ impl RelayChain {
         let m = self.synced.model(&ModelPick::hash_or_only(meta))?;
         m.require_clean()?;
         Ok(m)
-    }
-
-    /// The listing entry of a verified block.
-    pub fn info(&self, hash: &BlockHash) -> Option<&BlockInfo> {
-        self.synced
-            .b
-            .iter()
-            .chain(&self.synced.a)
-            .find(|i| &i.hash == hash)
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     /// A verified block and its payload, checked against the header (and
