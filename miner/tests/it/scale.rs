@@ -139,3 +139,71 @@ fn a_chain_of_1041_blocks_exports_improves_and_serves_past_the_first_page() {
     assert_eq!(head.parents, vec![info.hash]);
     assert_eq!(after.len(), b.len() + 1);
 }
+
+/// A relay that ignores the listing cursor (every request gets the same
+/// page and a `Link` to "the next"): the CLI stops with the core's error
+/// instead of looping. Answers at most `max` requests; returns their
+/// request lines.
+fn looping_relay(page: Vec<u8>, max: usize) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let mut served = Vec::new();
+        for conn in listener.incoming().take(max) {
+            let mut conn = conn.unwrap();
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            r.read_line(&mut first).unwrap();
+            served.push(first.trim().to_string());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 link: </chain/B/blocks?after=00&limit=1000>; rel=\"next\"\r\nconnection: close\r\n\r\n",
+                page.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&page);
+        }
+        served
+    });
+    (url, t)
+}
+
+#[test]
+fn a_relay_that_ignores_the_cursor_is_refused_not_followed_forever() {
+    use web_node::chain::{BlockBuilder, BlockHash, BlockKind, PayloadDtype};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let block = BlockBuilder::new(
+        BlockKind::Expert,
+        "layer0.expert0".into(),
+        Some(BlockHash([1; 32])),
+        PayloadDtype::F32,
+    )
+    .sign(b"x", &key);
+    let page = serde_json::to_vec(&vec![BlockInfo::from(&block)]).unwrap();
+    let (url, server) = looping_relay(page, 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let o = aiblock(&["export", "--relay", &url, "--out", "x"], tmp.path());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not advance"), "{err}");
+    // Unblock the server if the CLI asked fewer times than expected.
+    let _ = std::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .and_then(|mut c| std::io::Write::write_all(&mut c, b"GET /none HTTP/1.1\r\n\r\n"));
+    let asked = server.join().unwrap();
+    // Its own cursor (the last block it accepted), not the relay's Link.
+    assert_eq!(
+        asked[..2],
+        [
+            "GET /chain/B/blocks?limit=1000 HTTP/1.1".to_string(),
+            format!(
+                "GET /chain/B/blocks?after={}&limit=1000 HTTP/1.1",
+                block.hash.to_hex()
+            ),
+        ]
+    );
+}
