@@ -1,20 +1,23 @@
-//! Talking to a relay over its REST API: binary upload of blocks, listing
-//! chains and heads, fetching payloads, and exporting the heads as a Hugging
-//! Face directory.
+//! Talking to a relay over its REST API: binary upload of blocks, and
+//! every read (chains listed page by page, headers verified, model and
+//! heads picked, payloads fetched and verified) as a blocking driver of the
+//! sans-IO client core [`web_node::client`]; exporting the heads as a
+//! Hugging Face directory.
 
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use web_node::chain::{check_payload_integrity, Block, BlockHash, BlockKind, ChainId, MetaPayload};
-use web_node::model::{Config, Slot};
-use web_node::net::api::{ApiError, BlockInfo};
+use web_node::chain::{Block, BlockHash, BlockKind};
+use web_node::client::listing::MAX_PAGE;
+use web_node::client::{
+    link_has_next, Answer, ChainSync, Model, ModelPick, Next, PayloadFetch, SourceError,
+    SourcePolicy, Step, Synced,
+};
+use web_node::net::api::ApiError;
 
 use crate::blocks::{join_payloads, parse_block_file};
-
-/// Most bytes read from one response (a payload is at most 2 GiB by the chain limits).
-const MAX_RESPONSE: u64 = 2 * 1024 * 1024 * 1024 + 1024 * 1024;
 
 fn base(relay: &str) -> String {
     relay.trim_end_matches('/').to_string()
@@ -31,13 +34,6 @@ fn describe(e: ureq::Error) -> anyhow::Error {
         }
         other => anyhow!("cannot reach the relay: {other}"),
     }
-}
-
-fn get_bytes(url: &str) -> Result<Vec<u8>> {
-    let resp = ureq::get(url).call().map_err(describe)?;
-    let mut v = Vec::new();
-    resp.into_reader().take(MAX_RESPONSE).read_to_end(&mut v)?;
-    Ok(v)
 }
 
 /// The Content-Type of a binary block upload (the relay refuses others).
@@ -157,157 +153,181 @@ pub fn publish_dir(relay: &str, dir: &Path) -> Result<Vec<BlockHash>> {
     Ok(hashes)
 }
 
-/// Most listing pages followed (1000 blocks each: far past any chain the
-/// relay's limits allow; a relay whose `Link` headers loop stops here).
-const MAX_PAGES: usize = 100_000;
+/// Largest listing page read (1000 headers are ~1 MB of JSON).
+const MAX_LISTING_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest chain-A payload read (the chain's limit).
+const MAX_META_BYTES: u64 = web_node::chain::limits::MAX_META_PAYLOAD_LEN;
 
-/// The target of a `Link: <url>; rel="next"` header, made absolute on `base`.
-fn next_link(base: &str, link: Option<&str>) -> Option<String> {
-    link?.split(',').find_map(|part| {
-        let (target, params) = part.trim().split_once(';')?;
-        let is_next = params
-            .split(';')
-            .any(|p| matches!(p.trim(), "rel=\"next\"" | "rel=next"));
-        let t = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        is_next.then(|| {
-            if t.starts_with("http://") || t.starts_with("https://") {
-                t.to_string()
-            } else {
-                format!("{base}{t}")
-            }
-        })
-    })
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(10))
+        .timeout_read(std::time::Duration::from_secs(300))
+        .build()
 }
 
-/// Every block of a chain: `GET /chain/{A|B}/blocks`, following the relay's
-/// `Link: <...>; rel="next"` pages to the end.
-pub fn list_chain(relay: &str, chain: ChainId) -> Result<Vec<BlockInfo>> {
-    let c = match chain {
-        ChainId::A => "A",
-        ChainId::B => "B",
-    };
-    let base = base(relay);
-    let mut url = format!("{base}/chain/{c}/blocks");
-    let mut out: Vec<BlockInfo> = Vec::new();
-    for _ in 0..MAX_PAGES {
-        let resp = ureq::get(&url).call().map_err(describe)?;
-        let next = next_link(&base, resp.header("link"));
-        let mut bytes = Vec::new();
-        resp.into_reader()
-            .take(MAX_RESPONSE)
-            .read_to_end(&mut bytes)?;
-        let page: Vec<BlockInfo> = serde_json::from_slice(&bytes)
-            .with_context(|| format!("parsing the answer of {url}"))?;
-        let empty = page.is_empty();
-        out.extend(page);
-        match next {
-            Some(n) if !empty && n != url => url = n,
-            _ => return Ok(out),
+/// GET `url`: the body (at most `max` bytes) and the `Link` header.
+fn get_limited(agent: &ureq::Agent, url: &str, max: u64) -> Result<(Vec<u8>, Option<String>)> {
+    let resp = agent.get(url).call().map_err(describe)?;
+    let link = resp.header("link").map(str::to_string);
+    let mut v = Vec::new();
+    resp.into_reader()
+        .take(max.saturating_add(1))
+        .read_to_end(&mut v)
+        .with_context(|| format!("reading the answer of {url}"))?;
+    if v.len() as u64 > max {
+        bail!("{url}: the answer is larger than {max} bytes");
+    }
+    Ok((v, link))
+}
+
+/// A relay's chain, listed and verified once ([`ChainSync`]); payloads are
+/// fetched from it on demand and verified against their headers
+/// ([`PayloadFetch`]).
+pub struct RelayChain {
+    base: String,
+    agent: ureq::Agent,
+    pub synced: Synced,
+}
+
+impl RelayChain {
+    /// List both chains, fetch the chain-A payloads, verify every header.
+    pub fn sync(relay: &str) -> Result<Self> {
+        Self::sync_with(relay, agent())
+    }
+
+    /// [`RelayChain::sync`] with the caller's HTTP agent (its timeouts).
+    pub fn sync_with(relay: &str, agent: ureq::Agent) -> Result<Self> {
+        let base = base(relay);
+        let mut sync = ChainSync::new(MAX_PAGE);
+        loop {
+            match sync.next() {
+                Step::List(req) => {
+                    let url = format!("{base}{}", req.path());
+                    let (body, link) = get_limited(&agent, &url, MAX_LISTING_BYTES)?;
+                    sync.on_page(req.chain, &body, Some(link_has_next(link.as_deref())))?;
+                }
+                Step::MetaPayload(h) => {
+                    let url = format!("{base}/blocks/{h}/payload");
+                    let got = get_limited(&agent, &url, MAX_META_BYTES)
+                        .map(|(b, _)| b)
+                        .map_err(|e| format!("{e:#}"));
+                    sync.on_meta_payload(h, got);
+                }
+                Step::Done => break,
+            }
+        }
+        let synced = sync.finish()?;
+        if synced.report.failed > 0 {
+            let first = synced.report.blocks.iter().find_map(|r| {
+                r.error
+                    .as_ref()
+                    .map(|e| format!("{} ({}): {e}", r.name.as_deref().unwrap_or("?"), r.hash))
+            });
+            tracing::warn!(
+                failed = synced.report.failed,
+                first = ?first,
+                "blocks of the relay failed header verification"
+            );
+        }
+        Ok(Self {
+            base,
+            agent,
+            synced,
+        })
+    }
+
+    /// The model `meta` names, or the relay's only model; every block of it
+    /// must have passed verification.
+    pub fn model(&self, meta: Option<BlockHash>) -> Result<Model> {
+        let m = self.synced.model(&ModelPick::hash_or_only(meta))?;
+        m.require_clean()?;
+        Ok(m)
+    }
+
+    /// A verified block and its payload, checked against the header (and
+    /// its model's config): retried on passing failures.
+    pub fn payload(&self, hash: &BlockHash) -> Result<(Block, Vec<u8>)> {
+        let block = self
+            .synced
+            .block(hash)
+            .ok_or_else(|| anyhow!("block {hash} is not a verified block of the relay"))?
+            .clone();
+        let config = block
+            .header
+            .meta
+            .and_then(|m| self.synced.dag.get(&m))
+            .and_then(|e| e.config.clone());
+        let name = block.header.name.clone();
+        let url = format!("{}/blocks/{hash}/payload", self.base);
+        let max = block.header.payload_len;
+        let mut fetch = PayloadFetch::new(block.clone(), config, SourcePolicy::rest());
+        loop {
+            match fetch.next() {
+                Next::Ask {
+                    origin, delay_ms, ..
+                } => {
+                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                    let got = get_source(&self.agent, &url, max);
+                    if let Answer::Verified(bytes) = fetch.on_answer(origin, got) {
+                        return Ok((block, bytes));
+                    }
+                }
+                Next::Done(_) => bail!("payload of {name} ({hash}): fetched twice"),
+                Next::Failed(why) => bail!("payload of {name} ({hash}): {why}"),
+            }
         }
     }
-    bail!("the listing of chain {c} at {base} has more than {MAX_PAGES} pages")
 }
 
-/// Fetch a block's payload and check it against the (hash-checked) block.
-pub fn fetch_payload(relay: &str, info: &BlockInfo) -> Result<(Block, Vec<u8>)> {
-    let block = info
-        .to_block()
-        .map_err(|e| anyhow!("block {}: {e}", info.hash))?;
-    block.verify_signature()?;
-    let payload = get_bytes(&format!("{}/blocks/{}/payload", base(relay), info.hash))?;
-    check_payload_integrity(&block.header, &payload)
-        .with_context(|| format!("payload of {} ({})", info.name, info.hash))?;
-    Ok((block, payload))
-}
-
-/// The meta block to use: the one given, or the only chain-A head.
-pub fn pick_meta(relay: &str, meta: Option<BlockHash>) -> Result<(Block, MetaPayload, Config)> {
-    let a = list_chain(relay, ChainId::A)?;
-    let info = match meta {
-        Some(h) => a
-            .iter()
-            .find(|i| i.hash == h)
-            .ok_or_else(|| anyhow!("the relay has no meta block {h}"))?,
-        None => {
-            let heads: Vec<&BlockInfo> = a.iter().filter(|i| i.is_head).collect();
-            match heads.as_slice() {
-                [one] => one,
-                [] if a.len() == 1 => &a[0],
-                [] => bail!("the relay lists no chain-A head; pass --meta-hash"),
-                _ => bail!("the relay has {} models; pass --meta-hash", heads.len()),
+/// One GET of a payload as a [`SourceError`]-typed answer: a 404 is a miss,
+/// 429, 5xx and transport errors pass.
+fn get_source(agent: &ureq::Agent, url: &str, max: u64) -> Result<Vec<u8>, SourceError> {
+    match agent.get(url).call() {
+        Ok(resp) => {
+            let mut v = Vec::new();
+            match resp
+                .into_reader()
+                .take(max.saturating_add(1))
+                .read_to_end(&mut v)
+            {
+                Ok(_) => Ok(v),
+                Err(e) => Err(SourceError::Transient(format!("reading: {e}"))),
             }
         }
-    };
-    let (block, payload) = fetch_payload(relay, info)?;
-    let (m, cfg) = MetaPayload::parse(&payload)?;
-    Ok((block, m, cfg))
+        Err(ureq::Error::Status(code, r)) => {
+            let e = describe(ureq::Error::Status(code, r)).to_string();
+            if code == 429 || code >= 500 {
+                Err(SourceError::Transient(e))
+            } else {
+                Err(SourceError::Missing(e))
+            }
+        }
+        Err(e) => Err(SourceError::Transient(describe(e).to_string())),
+    }
 }
 
-/// Current head of every slot of a model (by meta hash).
-pub fn slot_heads(relay: &str, meta: &BlockHash) -> Result<Vec<BlockInfo>> {
-    Ok(list_chain(relay, ChainId::B)?
-        .into_iter()
-        .filter(|i| i.is_head && i.meta.as_ref() == Some(meta))
-        .collect())
-}
-
-/// Current head of one slot, if any.
-pub fn slot_head(relay: &str, meta: &BlockHash, slot: Slot) -> Result<Option<BlockInfo>> {
-    let name = slot.to_string();
-    Ok(slot_heads(relay, meta)?
-        .into_iter()
-        .find(|i| i.name == name))
-}
-
-/// Write the chain's current heads back as a Hugging Face directory.
-/// Returns the meta hash used.
-pub fn export(relay: &str, meta: Option<BlockHash>, out: &Path) -> Result<BlockHash> {
-    let (meta_block, m, cfg) = pick_meta(relay, meta)?;
-    let heads = slot_heads(relay, &meta_block.hash)?;
+/// Write a model's current heads back as a Hugging Face directory. Returns
+/// the model written.
+pub fn export_from(chain: &RelayChain, meta: Option<BlockHash>, out: &Path) -> Result<Model> {
+    let model = chain.model(meta)?;
     let mut payloads = Vec::new();
-    for slot in Slot::all(&cfg) {
-        let name = slot.to_string();
-        let info = heads
-            .iter()
-            .find(|i| i.name == name)
-            .ok_or_else(|| anyhow!("the relay has no head for slot {name}"))?;
-        let (_, payload) = fetch_payload(relay, info)?;
-        payloads.push(payload);
+    for (_, hash) in model.all_heads()? {
+        payloads.push(chain.payload(&hash)?.1);
     }
     let weights = join_payloads(&payloads)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
         out.join("config.json"),
-        serde_json::to_string_pretty(&m.config)? + "\n",
+        serde_json::to_string_pretty(&model.payload.config)? + "\n",
     )?;
-    if let Some(t) = &m.tokenizer {
+    if let Some(t) = &model.payload.tokenizer {
         std::fs::write(out.join("tokenizer.json"), serde_json::to_string(t)?)?;
     }
     std::fs::write(out.join("model.safetensors"), weights)?;
-    Ok(meta_block.hash)
+    Ok(model)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::next_link;
-
-    #[test]
-    fn next_link_of_the_relays_link_header() {
-        let b = "http://127.0.0.1:8080";
-        assert_eq!(
-            next_link(
-                b,
-                Some(r#"</chain/B/blocks?after=ab&limit=10>; rel="next""#)
-            )
-            .as_deref(),
-            Some("http://127.0.0.1:8080/chain/B/blocks?after=ab&limit=10")
-        );
-        assert_eq!(
-            next_link(b, Some("<http://x/y>; rel=next")).as_deref(),
-            Some("http://x/y")
-        );
-        assert_eq!(next_link(b, Some(r#"</a>; rel="prev""#)), None);
-        assert_eq!(next_link(b, Some("garbage")), None);
-        assert_eq!(next_link(b, None), None);
-    }
+/// [`export_from`] a relay. Returns the meta hash used.
+pub fn export(relay: &str, meta: Option<BlockHash>, out: &Path) -> Result<BlockHash> {
+    Ok(export_from(&RelayChain::sync(relay)?, meta, out)?.meta)
 }

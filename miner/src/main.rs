@@ -270,9 +270,10 @@ fn cmd_genesis(a: &GenesisArgs) -> Result<()> {
 fn cmd_import(a: &ImportArgs) -> Result<()> {
     let meta_hash = a.meta_hash;
     let relay = a.relay.as_deref();
-    let cfg = match (relay, &a.meta_file) {
+    let chain = relay.map(client::RelayChain::sync).transpose()?;
+    let cfg = match (&chain, &a.meta_file) {
         (_, Some(f)) => blocks::meta_config_from_file(f, &meta_hash)?.1,
-        (Some(r), None) => client::pick_meta(r, Some(meta_hash))?.2,
+        (Some(c), None) => c.model(Some(meta_hash))?.config,
         (None, None) => {
             bail!("need --relay URL or --meta-file FILE to read the meta config of {meta_hash}")
         }
@@ -303,18 +304,16 @@ fn cmd_import(a: &ImportArgs) -> Result<()> {
     }
     let key = blocks::load_key(&a.key)?;
     let signer = blocks::signer(&key, &a.address);
-    let heads = match relay {
-        Some(r) => client::slot_heads(r, &meta_hash)?,
-        None => Vec::new(),
-    };
+    // The verified head of every slot of this model on the relay (none
+    // for a model it does not have yet).
+    let heads = chain
+        .as_ref()
+        .map(|c| c.synced.dag.slot_heads(&meta_hash))
+        .unwrap_or_default();
     let mut total = 0usize;
     for sp in &slots {
         let name = sp.slot.to_string();
-        let parents = heads
-            .iter()
-            .filter(|h| h.name == name)
-            .map(|h| h.hash)
-            .collect();
+        let parents = heads.get(&name).into_iter().copied().collect();
         let (block, payload) = signer.slot_block(meta_hash, sp, parents, a.candidate_loss);
         total += sp.bytes.len();
         println!(
@@ -493,15 +492,16 @@ fn cmd_improve(a: &ImproveArgs) -> Result<()> {
     let key = blocks::load_key(&a.key)?;
     let tmp;
     let given = a.expert.as_deref().map(Slot::parse).transpose()?;
-    let (dir, meta) = match (a.relay.as_deref(), &a.model) {
+    let (dir, meta, model) = match (a.relay.as_deref(), &a.model) {
         (Some(r), _) => {
             tmp = tempfile::tempdir()?;
-            let meta = client::export(r, a.meta_hash, tmp.path())?;
-            (tmp.path().to_path_buf(), meta)
+            let chain = client::RelayChain::sync(r)?;
+            let model = client::export_from(&chain, a.meta_hash, tmp.path())?;
+            (tmp.path().to_path_buf(), model.meta, Some(model))
         }
         (None, Some(m)) => {
             let meta = a.meta_hash.context("--model needs --meta-hash")?;
-            (m.clone(), meta)
+            (m.clone(), meta, None)
         }
         (None, None) => bail!("give --relay URL or --model DIR"),
     };
@@ -513,11 +513,12 @@ fn cmd_improve(a: &ImproveArgs) -> Result<()> {
             s
         }
     };
-    let parents = match a.relay.as_deref() {
-        Some(r) => {
-            let head = client::slot_head(r, &meta, slot)?
+    let parents = match &model {
+        Some(m) => {
+            let head = m
+                .head(slot)
                 .with_context(|| format!("the relay has no head for {slot}"))?;
-            vec![head.hash]
+            vec![head]
         }
         None => a.parent.into_iter().collect(),
     };

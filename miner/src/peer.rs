@@ -4,8 +4,9 @@
 //!
 //! 1. loads or creates the node's key (mode 0600);
 //! 2. syncs the chain's headers over REST (the http base is derived from the
-//!    ws URL) and verifies them ([`verify_chain_dag`]); the latest model's
-//!    meta payload gives the config;
+//!    ws URL) and verifies them, through the client core
+//!    ([`crate::client::RelayChain`]: paged listing, header verification,
+//!    the latest model and its heads);
 //! 3. picks the slot heads whose names match `--experts` (globs);
 //! 4. loads verified payloads already in `DATA/payloads/` (each re-checked
 //!    against its verified header; corrupt or stale files are deleted);
@@ -15,7 +16,8 @@
 //!    atomically (temp + fsync + rename) and announces it;
 //! 6. serves chunks, and with `--serve-compute` runs `expert_forward` on
 //!    its verified weights for the relay (on a blocking thread);
-//! 7. reconnects with capped exponential backoff when the relay goes away,
+//! 7. reconnects with capped exponential backoff when the relay goes away
+//!    (the core's [`Reconnect`]),
 //!    resyncs, and resumes where it stopped. Given several relays (relays
 //!    sharing one database, `--relay` repeated or comma-separated), it moves
 //!    to the next one on each lost connection, so a relay that dies loses
@@ -39,20 +41,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash, ChainId};
+use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash};
+use web_node::client::backoff::NATIVE_BACKOFF_MS;
+use web_node::client::{relay_error_action, ErrorAction, ModelPick, Reconnect};
 use web_node::model::reference::expert_forward;
 use web_node::model::{Config, ExpertWeights, Slot};
-use web_node::net::api::{BlockInfo, ChunkList};
+use web_node::net::api::ChunkList;
 use web_node::net::peer::{self, decode_from_relay, limits};
 use web_node::node::{ComputeReq, Millis, NodeConfig, NodeEvent, NodeStats, PeerNode, Source};
-use web_node::verify::{verify_chain_dag, FetchedBlock};
 
 use crate::blocks;
 
-/// First reconnection delay; doubles after each failed attempt up to
-/// [`BACKOFF_MAX`], and starts over after a successful login.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often the status line is logged.
 pub const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// A fetch given up (after its bounded retries) is tried again after a
@@ -62,10 +61,6 @@ const RESYNC_AFTER_FAILURE: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// REST calls (listing, chunk lists, meta payload) time out after this.
 const REST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Page size of the chain listings (the relay's maximum page).
-const LIST_PAGE: usize = 1000;
-/// Largest meta payload read over REST (the chain's limit for chain A).
-const MAX_META_BYTES: u64 = web_node::chain::limits::MAX_META_PAYLOAD_LEN;
 /// Threads one expert computation uses (a node serves several at once).
 const COMPUTE_THREADS: usize = 1;
 /// Default `--experts`: every expert slot.
@@ -288,25 +283,6 @@ fn rest_json<T: serde::de::DeserializeOwned>(agent: &ureq::Agent, url: &str) -> 
     serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
 }
 
-fn list_all(agent: &ureq::Agent, base: &str, chain: &str) -> Result<Vec<BlockInfo>> {
-    let mut out: Vec<BlockInfo> = Vec::new();
-    loop {
-        let url = match out.last() {
-            None => format!("{base}/chain/{chain}/blocks?limit={LIST_PAGE}"),
-            Some(last) => format!(
-                "{base}/chain/{chain}/blocks?after={}&limit={LIST_PAGE}",
-                last.hash
-            ),
-        };
-        let page: Vec<BlockInfo> = rest_json(agent, &url)?;
-        let n = page.len();
-        out.extend(page);
-        if n < LIST_PAGE {
-            return Ok(out);
-        }
-    }
-}
-
 /// Verified payloads read from the data dir.
 type Loaded = Vec<(BlockHash, Arc<[u8]>)>;
 
@@ -337,58 +313,22 @@ fn sync(
     held: &BTreeMap<BlockHash, String>,
 ) -> Result<Plan> {
     let agent = agent();
-    let mut fetched = Vec::new();
-    let mut listed: HashMap<BlockHash, Block> = HashMap::new();
-    for (name, chain) in [("A", ChainId::A), ("B", ChainId::B)] {
-        for info in list_all(&agent, base, name)? {
-            if let Ok(b) = info.to_block() {
-                listed.insert(info.hash, b);
-            }
-            let mut f = FetchedBlock::from_listing(&info, chain);
-            // Meta payloads are small and carry the config every chain-B
-            // header is checked against: verified with their headers.
-            if chain == ChainId::A {
-                f.payload = Some(
-                    rest_get(
-                        &agent,
-                        &format!("{base}/blocks/{}/payload", info.hash),
-                        MAX_META_BYTES,
-                    )
-                    .map_err(|e| format!("{e:#}")),
-                );
-            }
-            fetched.push(f);
-        }
-    }
-    let (report, dag) = verify_chain_dag(&fetched);
-    if report.failed > 0 {
-        let first = report.blocks.iter().find_map(|r| r.error.clone());
-        tracing::warn!(
-            failed = report.failed,
-            verified = report.verified,
-            first = ?first,
-            "some listed blocks failed header verification (ignored)"
-        );
-    }
-    let meta = dag
-        .latest_meta()
-        .ok_or_else(|| anyhow!("the relay's chain has no verified model (chain-A meta block)"))?;
-    let meta_hash = meta.hash;
-    let config = meta
-        .config
-        .clone()
-        .ok_or_else(|| anyhow!("meta block {meta_hash} has no verified config"))?;
+    // Both chains listed page by page, every header verified, the newest
+    // model and its heads: the client core (failures are logged there).
+    let chain = crate::client::RelayChain::sync_with(base, agent.clone())?;
+    let model = chain.synced.model(&ModelPick::Latest)?;
+    let config = model.config.clone();
     let mut wanted = Vec::new();
-    for (name, hash) in dag.slot_heads(&meta_hash) {
-        if !globs.iter().any(|g| glob_match(g, &name)) {
+    for (name, hash) in &model.heads {
+        if !globs.iter().any(|g| glob_match(g, name)) {
             continue;
         }
-        let Some(block) = listed.get(&hash) else {
+        let Some(block) = chain.synced.block(hash) else {
             continue;
         };
         wanted.push(Wanted {
             block: block.clone(),
-            name,
+            name: name.clone(),
             chunk_list: None,
         });
     }
@@ -779,15 +719,9 @@ impl Driver {
         let mut fatal = None;
         while let Some(ev) = self.node.poll_event() {
             if let NodeEvent::RelayError { code, message } = &ev {
-                if [
-                    peer::codes::LOGIN_FAILED,
-                    peer::codes::BANNED,
-                    peer::codes::REPLACED,
-                    peer::codes::RATE_LIMITED,
-                    peer::codes::UNAVAILABLE,
-                ]
-                .contains(&code.as_str())
-                {
+                // Refused or told to come back later: this connection ends
+                // either way (the next one may go to another relay).
+                if relay_error_action(code) != ErrorAction::Continue {
                     fatal = Some(format!("{code}: {message}"));
                 }
             }
@@ -948,7 +882,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
     tracing::info!(id = %d.status.id, relay = %d.ws_url, globs = ?d.globs, "starting node");
     d.publish();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::new(d.relays.len(), NATIVE_BACKOFF_MS);
     loop {
         // Headers first (the relay may have changed while we were away).
         let (base, globs, dir, held) = (
@@ -970,7 +904,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
                 let exit = d.session(&mut shutdown).await;
                 d.node.disconnected(d.now());
                 if d.node.stats().logins > logins {
-                    backoff = BACKOFF_MIN;
+                    reconnect.on_login();
                 }
                 exit
             }
@@ -980,20 +914,21 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
         match exit {
             Exit::Shutdown => break,
             Exit::Lost(why) => {
-                if d.relays.len() > 1 {
-                    // Relays of one cluster: the next one serves the same
-                    // chain and takes this node's Have.
-                    d.current = (d.current + 1) % d.relays.len();
+                // Relays of one cluster: the next one serves the same chain
+                // and takes this node's Have.
+                let (next, delay_ms) = reconnect.on_lost();
+                if next != d.current {
+                    d.current = next;
                     (d.base, d.ws_url) = d.relays[d.current].clone();
                     d.status.relay = d.ws_url.clone();
                     d.publish();
                 }
+                let backoff = Duration::from_millis(delay_ms);
                 tracing::warn!(reason = %why, retry_in = ?backoff, next = %d.ws_url, "relay connection lost; reconnecting");
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use web_node::chain::{Block, BlockHash, BlockKind, ChainId, MetaPayload};
+use web_node::chain::{Block, BlockHash, BlockKind, MetaPayload};
 use web_node::model::quant_chain::{quantize_model, verify_quant_block, BlockWithPayload};
 use web_node::model::{Config, QuantFormat};
 
@@ -83,16 +83,13 @@ fn read_dir_blocks(dir: &Path) -> Result<Vec<BlockWithPayload>> {
 /// The source meta block and its slot heads, from a relay or a directory.
 fn source_model(a: &QuantizeArgs) -> Result<(BlockWithPayload, Vec<BlockWithPayload>)> {
     if let Some(relay) = &a.relay {
-        let (meta, _, _) = client::pick_meta(relay, a.meta_hash)?;
-        let a_list = client::list_chain(relay, ChainId::A)?;
-        let info = a_list
-            .iter()
-            .find(|i| i.hash == meta.hash)
-            .ok_or_else(|| anyhow!("meta block {} vanished from the listing", meta.hash))?;
-        let meta = client::fetch_payload(relay, info)?;
-        let heads = client::slot_heads(relay, &meta.0.hash)?
-            .iter()
-            .map(|i| client::fetch_payload(relay, i))
+        let chain = client::RelayChain::sync(relay)?;
+        let model = chain.model(a.meta_hash)?;
+        let meta = chain.payload(&model.meta)?;
+        let heads = model
+            .heads
+            .values()
+            .map(|h| chain.payload(h))
             .collect::<Result<Vec<_>>>()?;
         return Ok((meta, heads));
     }
@@ -227,35 +224,43 @@ fn check_all(
 /// block is not the quantization of its source.
 pub fn verify(a: &VerifyQuantArgs) -> Result<()> {
     let checked = if let Some(relay) = &a.relay {
-        let chain_a = client::list_chain(relay, ChainId::A)?;
-        let chain_b = client::list_chain(relay, ChainId::B)?;
+        let chain = client::RelayChain::sync(relay)?;
         let by_hash: HashMap<BlockHash, &web_node::net::api::BlockInfo> =
-            chain_b.iter().map(|i| (i.hash, i)).collect();
+            chain.synced.b.iter().map(|i| (i.hash, i)).collect();
+        // The model named, or every verified model head of chain A.
+        let metas: Vec<BlockHash> = match a.meta_hash {
+            Some(m) => vec![m],
+            None => chain
+                .synced
+                .dag
+                .heads()
+                .filter(|(k, _)| k.0.is_none())
+                .map(|(_, h)| *h)
+                .collect(),
+        };
         let mut all = Vec::new();
-        for info in &chain_a {
-            if a.meta_hash.is_some_and(|h| h != info.hash) || !info.is_head {
-                continue;
-            }
-            let (_, payload) = client::fetch_payload(relay, info)?;
-            let (_, cfg) = MetaPayload::parse(&payload)?;
+        for meta in metas {
+            let model = chain.model(Some(meta))?;
+            let cfg = &model.config;
             if cfg.expert_quant()?.is_none() {
                 if a.meta_hash.is_some() {
-                    bail!("model {} is not quantized", info.hash);
+                    bail!("model {meta} is not quantized");
                 }
                 continue;
             }
-            let heads: Vec<BlockWithPayload> = client::slot_heads(relay, &info.hash)?
+            let heads: Vec<BlockWithPayload> = model
+                .heads
                 .iter()
-                .filter(|i| i.name.contains(".expert"))
-                .map(|i| client::fetch_payload(relay, i))
+                .filter(|(name, _)| name.contains(".expert"))
+                .map(|(_, h)| chain.payload(h))
                 .collect::<Result<_>>()?;
-            let found = check_all(&cfg, &heads, |b| {
+            let found = check_all(cfg, &heads, |b| {
                 let src = b.header.parents.iter().find_map(|p| {
                     by_hash
                         .get(p)
                         .filter(|i| i.name == b.header.name && i.meta != b.header.meta)
                 });
-                src.map(|i| client::fetch_payload(relay, i)).transpose()
+                src.map(|i| chain.payload(&i.hash)).transpose()
             })?;
             all.extend(found);
         }

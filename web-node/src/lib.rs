@@ -12,12 +12,15 @@
 //! verify       a listed chain verified from headers (+ payloads when fetched)
 //! chain_model  a runnable model from verified blocks, experts fetched lazily
 //! node         the peer state machine (sans-IO): login, fetch, serve, compute
+//! client       the client core (sans-IO): paged listing, header sync, model
+//!              and heads, payload sourcing, reconnect, usage reports
 //! eval         corpus, splits, public-eval loss
 //! browser      (wasm32) the page's glue: fetch, render, events
 //! ```
 
 pub mod chain;
 pub mod chain_model;
+pub mod client;
 pub mod eval;
 pub mod gpu;
 pub mod model;

@@ -11,4 +11,5 @@ mod peer_network;
 mod quant_cli;
 mod relay_e2e;
 mod routes;
+mod scale;
 mod tokenizer;

@@ -6,7 +6,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use web_node::chain::{check_payload_integrity, Block, BlockHash, ChainError};
+use web_node::chain::{check_payload_integrity, Block, BlockHash, ChainError, ChainId};
+use web_node::client::{link_has_next, ListError, Pager};
 use web_node::net::api::{ApiError, BlockInfo};
 
 use super::archive::write_archive;
@@ -35,6 +36,15 @@ impl RelayClient {
 
     /// GET `path`, at most `max` bytes of body.
     fn get(&self, path: &str, max: u64) -> Result<Vec<u8>, BackupError> {
+        self.get_with_link(path, max).map(|(body, _)| body)
+    }
+
+    /// GET `path`: at most `max` bytes of body, and the `Link` header.
+    fn get_with_link(
+        &self,
+        path: &str,
+        max: u64,
+    ) -> Result<(Vec<u8>, Option<String>), BackupError> {
         let url = format!("{}{path}", self.base);
         let fail = |message: String| BackupError::Http {
             url: url.clone(),
@@ -51,6 +61,7 @@ impl RelayClient {
             }
             Err(e) => return Err(fail(e.to_string())),
         };
+        let link = resp.header("link").map(str::to_string);
         let mut body = Vec::new();
         resp.into_reader()
             .take(max.saturating_add(1))
@@ -59,36 +70,21 @@ impl RelayClient {
         if body.len() as u64 > max {
             return Err(fail(format!("the response is larger than {max} bytes")));
         }
-        Ok(body)
+        Ok((body, link))
     }
 
-    /// Every block of a chain, page by page.
-    fn list(&self, chain: &str, page: u16) -> Result<Vec<BlockInfo>, BackupError> {
-        let page = usize::from(page.clamp(1, MAX_PAGE));
-        let mut out: Vec<BlockInfo> = Vec::new();
-        loop {
-            let path = match out.last() {
-                None => format!("/chain/{chain}/blocks?limit={page}"),
-                Some(last) => format!("/chain/{chain}/blocks?after={}&limit={page}", last.hash),
-            };
-            let body = self.get(&path, 64 << 20)?;
-            let infos: Vec<BlockInfo> =
-                serde_json::from_slice(&body).map_err(|e| BackupError::Http {
-                    url: format!("{}{path}", self.base),
-                    message: format!("not a block listing: {e}"),
-                })?;
-            if infos.len() > page {
-                return Err(BackupError::Listing(format!(
-                    "chain {chain}: {} blocks in a page of {page}",
-                    infos.len()
-                )));
-            }
-            let n = infos.len();
-            out.extend(infos);
-            if n < page {
-                return Ok(out);
-            }
+    /// Every block of a chain, page by page: the client core's [`Pager`]
+    /// (its stop rule, bounds and checks against a repeating relay).
+    fn list(&self, chain: ChainId, page: u16) -> Result<Vec<BlockInfo>, BackupError> {
+        let listing = |e: ListError| BackupError::Listing(e.to_string());
+        let mut pager = Pager::new(chain, usize::from(page.clamp(1, MAX_PAGE)));
+        while let Some(req) = pager.next_request() {
+            let (body, link) = self.get_with_link(&req.path(), 64 << 20)?;
+            pager
+                .on_page_body(&body, Some(link_has_next(link.as_deref())))
+                .map_err(listing)?;
         }
+        pager.finish().map_err(listing)
     }
 
     /// One block (its envelope, checked against the listed hash) and its
@@ -161,8 +157,8 @@ pub fn backup_relay(url: &str, page: u16, out: &Path) -> Result<Summary, BackupE
     let client = RelayClient::new(url);
     // B first: every meta block a listed B block links to was accepted
     // before it, so the later A listing holds it.
-    let b = client.list("B", page)?;
-    let a = client.list("A", page)?;
+    let b = client.list(ChainId::B, page)?;
+    let a = client.list(ChainId::A, page)?;
     let order = merge_listings(a, b)?;
     let client = &client;
     write_archive(out, order.iter().map(|i| client.fetch(i)))
