@@ -132,11 +132,25 @@ pub fn raw(addr: &str, request: &[u8]) -> (u16, String) {
     (status, text)
 }
 
-/// The first page of chain `chain`'s listing (`A` or `B`).
+/// Chain `chain`'s whole listing (`A` or `B`), every page, through the
+/// client core's pager (the one every client uses).
 pub fn list(url: &str, chain: &str) -> Vec<BlockInfo> {
-    let r = get(&format!("{url}/chain/{chain}/blocks"));
-    assert_eq!(r.status, 200);
-    r.json()
+    use web_node::client::listing::{link_has_next, Pager, MAX_PAGE};
+    let id = match chain {
+        "A" => web_node::chain::ChainId::A,
+        "B" => web_node::chain::ChainId::B,
+        other => panic!("no chain {other:?}"),
+    };
+    let mut p = Pager::new(id, MAX_PAGE);
+    while let Some(req) = p.next_request() {
+        let r = get(&format!("{url}{}", req.path()));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let more = link_has_next(r.link.as_deref());
+        p.on_page_body(&r.body, Some(more))
+            .unwrap_or_else(|e| panic!("listing {chain}: {e}"));
+    }
+    p.finish()
+        .unwrap_or_else(|e| panic!("listing {chain}: {e}"))
 }
 
 /// The current head of slot `name` on chain B.
