@@ -83,10 +83,11 @@ export async function listChain(base, chain) {
 
 /**
  * Start `relay serve` on a free port with a fresh data dir (or `dataDir`),
- * serving `dist` (default $AIBLOCK_DIST or dist/), and `extraArgs`.
+ * serving `dist` (default $AIBLOCK_DIST or dist/), the genesis model `model`
+ * (default $AIBLOCK_MODEL or models/default), and `extraArgs`.
  * Resolves { base, dataDir, stop(), log() } once the REST API answers.
  */
-export async function startRelay({ dataDir, extraArgs = [], dist = null } = {}) {
+export async function startRelay({ dataDir, extraArgs = [], dist = null, model = null } = {}) {
   const bin = relayBin();
   const port = await freePort();
   dataDir = dataDir || fs.mkdtempSync(path.join(os.tmpdir(), 'aiblock-e2e-'));
@@ -95,7 +96,7 @@ export async function startRelay({ dataDir, extraArgs = [], dist = null } = {}) 
     throw new Error(`${dist}/index.html missing: run \`trunk build --release --offline\` first`);
   }
   const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data', dataDir, '--web', dist];
-  const model = process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
+  model = model || process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
   if (fs.existsSync(path.join(model, 'config.json'))) args.push('--model', model);
   args.push(...extraArgs);
   const logFile = path.join(dataDir, '..', `${path.basename(dataDir)}-relay.log`);

@@ -393,9 +393,34 @@ fn arm_timer(n: &mut Net) {
     });
 }
 
-/// Re-render the network panel.
+thread_local! {
+    /// When the network panel was last drawn, and the state it showed.
+    static DRAWN: RefCell<(f64, Option<NetState>)> = const { RefCell::new((f64::NEG_INFINITY, None)) };
+}
+
+/// Least time between two drawings of the network panel while chunks
+/// stream in (a state change draws at once).
+const REFRESH_MS: f64 = 250.0;
+
+/// Re-render the network panel: at once when the connection's state
+/// changed, else at most every [`REFRESH_MS`] (hundreds of chunk messages a
+/// second must not each rebuild it).
 pub fn refresh() {
-    if let Some(v) = view() {
+    let Some(v) = view() else {
+        return;
+    };
+    let t = now_ms();
+    let draw = DRAWN.with(|d| {
+        let mut d = d.borrow_mut();
+        let changed = d.1.as_ref() != Some(&v.state);
+        if changed || t - d.0 >= REFRESH_MS {
+            *d = (t, Some(v.state.clone()));
+            true
+        } else {
+            false
+        }
+    });
+    if draw {
         panels::show_net(&v);
     }
 }
@@ -424,6 +449,16 @@ pub fn hold(hash: crate::chain::BlockHash, payload: Arc<[u8]>, chunk_size: u32) 
         let _ = n.node.hold(hash, payload, chunk_size);
     });
     pump();
+}
+
+/// Stop serving a payload (the budget has no room for it); false when the
+/// node did not hold it.
+pub fn unhold(hash: &crate::chain::BlockHash) -> bool {
+    let was = with(|n| n.node.unhold(hash)).unwrap_or(false);
+    if was {
+        pump();
+    }
+    was
 }
 
 /// Fetch a header-verified block's payload from peers through the relay
