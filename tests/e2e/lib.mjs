@@ -73,12 +73,22 @@ export async function getJson(url) {
   return JSON.parse(r.body.toString());
 }
 
-/** Hashes of one chain's listing (a JSON array of block infos, or {blocks: [...]}). */
+/** One chain's listing, every page (following `Link: <url>; rel="next"`). */
 export async function listChain(base, chain) {
-  const j = await getJson(`${base}/chain/${chain}/blocks`);
-  const arr = Array.isArray(j) ? j : j.blocks;
-  if (!Array.isArray(arr)) throw new Error(`unexpected listing of chain ${chain}: ${JSON.stringify(j).slice(0, 200)}`);
-  return arr;
+  const out = [];
+  let url = `${base}/chain/${chain}/blocks`;
+  for (let pages = 0; url && pages < 10_000; pages++) {
+    const r = await get(url);
+    if (r.status !== 200) throw new Error(`GET ${url}: HTTP ${r.status}: ${r.body.toString().slice(0, 300)}`);
+    const j = JSON.parse(r.body.toString());
+    const arr = Array.isArray(j) ? j : j.blocks;
+    if (!Array.isArray(arr)) throw new Error(`unexpected listing of chain ${chain}: ${JSON.stringify(j).slice(0, 200)}`);
+    out.push(...arr);
+    const next = (r.headers.link || '').split(',').map((p) => p.trim()).find((p) => /rel="next"/.test(p));
+    const target = next ? next.slice(next.indexOf('<') + 1, next.indexOf('>')) : null;
+    url = target ? new URL(target, base).href : null;
+  }
+  return out;
 }
 
 /**

@@ -27,7 +27,7 @@ const PROMPTS = ['Q: copy bado kuzi fe A:', 'Q: 38+45=? A:'];
 // The budget of test 2, and what may come on top of it: wasm memory grows
 // by the decoded experts and payloads it holds (bounded by the budget) plus
 // transient buffers (responses, safetensors decoding) and allocator slack.
-const BUDGET_MB = 4;
+const BUDGET_MB = 8;
 const WASM_MARGIN = 16 * MIB;
 // Fake quota of test 3: room for the core blocks and a few dozen experts.
 const QUOTA = 3 * MIB;
@@ -58,8 +58,9 @@ async function relayChat(prompt) {
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ prompt, max_tokens: TOKENS }),
   });
-  assert.equal(r.status, 200, `/chat: ${await r.text()}`);
-  return r.json();
+  const body = await r.text();
+  assert.equal(r.status, 200, `/chat: ${body}`);
+  return JSON.parse(body);
 }
 
 /** The memory panel's numbers. */

@@ -133,8 +133,8 @@ pub async fn run_chat() {
                     "{engine}: {np} prompt + {n} generated tokens in {ms:.0} ms ({tps:.1} tokens/s), \
                      stop: {stop:?}. Experts used: {nu} (per layer: {used}); fetched for this \
                      answer: {nf} ({fb}; {ph} prefetched ahead); {ev} decoded experts evicted \
-                     to stay within the budget. This session fetched {held} of {all} experts, \
-                     {pb} of the model's {mb}.",
+                     to stay within the budget. This page holds {held} of {all} experts \
+                     (cache and memory) and fetched {pb} of the model's {mb}.",
                     engine = a.engine,
                     np = a.gen.prompt_tokens.len(),
                     n = a.gen.tokens.len(),
@@ -146,7 +146,7 @@ pub async fn run_chat() {
                     ev = a.evicted,
                     nf = a.fetched.len(),
                     fb = fmt_bytes(a.fetched_bytes),
-                    held = s.experts.len(),
+                    held = node.store.held_experts().len(),
                     all = node.model.config.num_hidden_layers * node.model.config.num_local_experts,
                     pb = fmt_bytes(s.payload_bytes),
                     mb = fmt_bytes(node.model_bytes),
@@ -203,6 +203,7 @@ pub async fn run_chat() {
     show_status(&node.store, &node.report, node.model_bytes, "done");
     show_details(&node.store, &node.report);
     super::show_memory_of(&node.store, &node.decoded);
+    super::net::refresh_now();
     set_progress("");
     NODE.with(|c| *c.borrow_mut() = Some(node));
     set_disabled("send", false);

@@ -262,52 +262,71 @@ async fn fetch_verified(
 ) -> Result<Vec<u8>, String> {
     let hex = block.hash.to_hex();
     let url = format!("/blocks/{hex}/payload");
+    // Pieces of the payload as fetched: (start, end, bytes or why not).
+    type Piece = (u64, u64, Result<Vec<u8>, String>);
+    let pieces: Vec<Piece>;
+    let list;
     if block.header.payload_len <= PIECE_BYTES {
         let (bytes, _) = get(&url, None, stats).await?;
         stats.payload_bytes += bytes.len() as u64;
-        verify_held_payload(block, config, &bytes).map_err(|e| e.to_string())?;
-        return Ok(bytes);
+        if verify_held_payload(block, config, &bytes).is_ok() {
+            return Ok(bytes);
+        }
+        // Refused: chunk by chunk below, so the error names the bad chunk
+        // and that chunk is fetched once more.
+        list = chunk_list(block, stats).await?;
+        pieces = vec![(0, bytes.len() as u64, Ok(bytes))];
+    } else {
+        list = chunk_list(block, stats).await?;
+        let mut asm = PayloadAssembler::new(block);
+        asm.set_chunk_list(list.clone())
+            .map_err(|e| e.to_string())?;
+        let per = (PIECE_BYTES / u64::from(block.header.chunk_size.max(1))).max(1) as usize;
+        let ranges: Vec<(u64, u64)> = asm
+            .missing()
+            .chunks(per)
+            .filter_map(|g| {
+                let first = g.first().and_then(|&i| asm.chunk_range(i))?;
+                let last = g.last().and_then(|&i| asm.chunk_range(i))?;
+                Some((first.start, last.end))
+            })
+            .collect();
+        type Got = (Result<Vec<u8>, String>, FetchStats);
+        let futs: Vec<LocalFuture<'_, Got>> = ranges
+            .iter()
+            .map(|&r| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let mut st = FetchStats::default();
+                    let got = get(&url, Some(r), &mut st).await.map(|(b, _)| b);
+                    (got, st)
+                }) as LocalFuture<'_, Got>
+            })
+            .collect();
+        let got = join_bounded(futs, PARALLEL_PIECES).await;
+        pieces = ranges
+            .iter()
+            .zip(got)
+            .map(|(&(a, b), (r, st))| {
+                stats.add(&st);
+                if let Ok(bytes) = &r {
+                    stats.payload_bytes += bytes.len() as u64;
+                }
+                (a, b, r)
+            })
+            .collect();
     }
     let mut asm = PayloadAssembler::new(block);
-    asm.set_chunk_list(chunk_list(block, stats).await?)
-        .map_err(|e| e.to_string())?;
-    let per = (PIECE_BYTES / u64::from(block.header.chunk_size.max(1))).max(1) as usize;
-    let missing = asm.missing();
-    let groups: Vec<Vec<u64>> = missing.chunks(per).map(<[u64]>::to_vec).collect();
-    let ranges: Vec<Option<(u64, u64)>> = groups
-        .iter()
-        .map(|g| {
-            let first = g.first().and_then(|&i| asm.chunk_range(i))?;
-            let last = g.last().and_then(|&i| asm.chunk_range(i))?;
-            Some((first.start, last.end))
-        })
-        .collect();
-    type Piece = (Result<Vec<u8>, String>, FetchStats);
-    let futs: Vec<LocalFuture<'_, Piece>> = ranges
-        .iter()
-        .map(|r| {
-            let url = url.clone();
-            let r = *r;
-            Box::pin(async move {
-                let mut st = FetchStats::default();
-                let got = match r {
-                    Some(r) => get(&url, Some(r), &mut st).await.map(|(b, _)| b),
-                    None => Err("no chunk range".to_string()),
-                };
-                (got, st)
-            }) as LocalFuture<'_, Piece>
-        })
-        .collect();
-    let pieces = join_bounded(futs, PARALLEL_PIECES).await;
-    for ((group, range), (got, st)) in groups.iter().zip(&ranges).zip(pieces) {
-        stats.add(&st);
+    asm.set_chunk_list(list).map_err(|e| e.to_string())?;
+    for (start, end, got) in pieces {
         let bytes = got?;
-        stats.payload_bytes += bytes.len() as u64;
-        let start = range.map_or(0, |r| r.0);
-        for &i in group {
+        for i in asm.missing() {
             let Some(r) = asm.chunk_range(i) else {
                 continue;
             };
+            if r.start < start || r.end > end {
+                continue;
+            }
             let (s, e) = ((r.start - start) as usize, (r.end - start) as usize);
             let piece = bytes.get(s..e).map(<[u8]>::to_vec).unwrap_or_default();
             match asm.add_chunk(i, piece) {
@@ -398,7 +417,9 @@ pub struct VerifiedChain {
     /// Expert payloads the peer node holds and serves.
     pub served: ByteLru<BlockHash>,
     /// Payload bytes the page may keep of experts: the cache holds at most
-    /// this much, the peer node and the engine's decoded experts half each.
+    /// this much; in memory the engine's decoded experts take half, the
+    /// payloads the peer node serves three eighths, prefetched payloads
+    /// waiting to be asked for an eighth.
     pub budget: u64,
     /// Cache entries evicted (budget or quota) this session.
     pub evicted: u64,
@@ -496,6 +517,26 @@ impl VerifiedChain {
             .collect()
     }
 
+    /// The peer node's share of the budget: three eighths (the engine's
+    /// decoded experts take half, prefetched payloads an eighth).
+    pub fn served_cap(&self) -> u64 {
+        self.budget / 8 * 3
+    }
+
+    /// The experts whose verified payload this page holds: in the cache
+    /// (re-verified when read) or served from memory.
+    pub fn held_experts(&self) -> BTreeSet<ExpertId> {
+        self.cached
+            .keys()
+            .chain(self.served.keys())
+            .filter_map(|h| self.dag.get(h))
+            .filter_map(|e| match Slot::parse(&e.header.name) {
+                Ok(Slot::Expert { layer, expert }) => Some(ExpertId::new(layer, expert)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether a block is an expert (evictable) rather than a block every
     /// answer needs.
     fn is_expert(block: &Block) -> bool {
@@ -520,13 +561,14 @@ impl VerifiedChain {
             self.cached.touch(&block.hash);
         }
         if expert {
-            // The peer node serves what fits half the budget.
+            // The peer node serves what fits its share of the budget.
             let len = p.len() as u64;
-            for h in self.served.evict_for(len, self.budget / 2, &[block.hash]) {
+            let cap = self.served_cap();
+            for h in self.served.evict_for(len, cap, &[block.hash]) {
                 self.served.remove(&h);
                 net::unhold(&h);
             }
-            if self.served.evictable() + len <= self.budget / 2 {
+            if self.served.evictable() + len <= cap {
                 self.served.insert(block.hash, len, false);
                 net::hold(block.hash, p.clone(), block.header.chunk_size);
             } else {
@@ -799,8 +841,14 @@ impl Supply for ChainSupply<'_> {
                     if matches!(origin, Origin::Peers | Origin::Rest) {
                         self.fetched.push(id);
                     }
-                    if k >= wanted && self.ready.len() >= MAX_READY {
-                        continue;
+                    if k >= wanted {
+                        // Prefetched: kept while it fits an eighth of the budget.
+                        let held: u64 = self.ready.values().map(|p| p.len() as u64).sum();
+                        if self.ready.len() >= MAX_READY
+                            || held + p.len() as u64 > self.chain.budget / 8
+                        {
+                            continue;
+                        }
                     }
                     self.ready.insert(id, p);
                 }

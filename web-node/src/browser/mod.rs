@@ -111,13 +111,14 @@ pub fn start() {
 fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, phase: &str) {
     let mut html = page::render_summary(report, &store.dag, phase);
     let s = &store.stats;
+    let held = store.held_experts();
     html.push_str(&page::render_fetch_stats(
         &page::FetchFacts {
             bytes: s.bytes,
             payload_bytes: s.payload_bytes,
             requests: s.requests,
             payloads: s.payloads,
-            experts: Some(&s.experts),
+            experts: Some(&held),
             fetch_ms: s.fetch_ms,
             store_ms: s.store_ms,
         },

@@ -123,6 +123,11 @@ impl<K: Eq + Hash + Copy + Ord> ByteLru<K> {
         }
     }
 
+    /// Every key, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.keys()
+    }
+
     pub fn contains(&self, key: &K) -> bool {
         self.entries.contains_key(key)
     }
