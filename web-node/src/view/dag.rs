@@ -738,8 +738,8 @@ mod tests {
             i += 1;
             let mut n = node(1, ChainId::B, &name, &[], Some(0));
             n.hash.0[..4].copy_from_slice(&i.to_le_bytes());
-            n.held = i % 3 == 0;
-            n.used = i % 7 == 0;
+            n.held = i.is_multiple_of(3);
+            n.used = i.is_multiple_of(7);
             nodes.push(n);
         };
         push("shared".into(), &mut nodes);
