@@ -9,7 +9,6 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::chain::PayloadStatus;
 use crate::gpu::GpuContext;
 use crate::model::generate::{prompt_ids, Generation, Generator, StopReason};
 use crate::model::sampler::{Sampler, SamplerConfig};
@@ -152,13 +151,7 @@ pub async fn run_chat() {
                     mb = fmt_bytes(node.model_bytes),
                 ),
             );
-            let held: BTreeSet<_> = node
-                .store
-                .dag
-                .iter()
-                .filter(|e| e.payload == PayloadStatus::Verified)
-                .map(|e| e.hash)
-                .collect();
+            let held = node.store.held_blocks();
             panels::show_dag(&node.store.dag, &held, &a.used);
             super::show_cache(&node.store, "").await;
             // A signed usage report of this answer (the relay counts it only

@@ -523,6 +523,17 @@ impl VerifiedChain {
         self.budget / 8 * 3
     }
 
+    /// Blocks whose verified payload this page holds: in memory (the
+    /// model's core, or served to peers) or in the cache.
+    pub fn held_blocks(&self) -> BTreeSet<BlockHash> {
+        self.payloads
+            .keys()
+            .chain(self.cached.keys())
+            .chain(self.served.keys())
+            .copied()
+            .collect()
+    }
+
     /// The experts whose verified payload this page holds: in the cache
     /// (re-verified when read) or served from memory.
     pub fn held_experts(&self) -> BTreeSet<ExpertId> {

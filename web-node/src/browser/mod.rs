@@ -62,14 +62,6 @@ fn page_search() -> String {
         .unwrap_or_default()
 }
 
-/// Blocks whose verified payload this page has (in memory or the cache).
-fn held_blocks(dag: &crate::chain::Dag) -> std::collections::BTreeSet<BlockHash> {
-    dag.iter()
-        .filter(|e| e.payload == PayloadStatus::Verified)
-        .map(|e| e.hash)
-        .collect()
-}
-
 /// Bytes of wasm linear memory (it only grows: the peak so far).
 fn wasm_memory_bytes() -> u64 {
     wasm_bindgen::memory()
@@ -292,7 +284,7 @@ async fn load() -> Result<(), String> {
         Err(_) => 0,
     };
     show_status(&store, &report, model_bytes, "done");
-    let held = held_blocks(&store.dag);
+    let held = store.held_blocks();
     panels::show_dag(&store.dag, &held, &Default::default());
     show_memory_of(&store, &ByteLru::new());
     set_progress(&format!(
