@@ -116,6 +116,8 @@ else
         node tests/e2e/first_run.mjs
         step "quantized model: node tests/e2e/quant.mjs (aiblock quantize, two browsers on q8_0)"
         node tests/e2e/quant.mjs
+        step "page at scale: node tests/e2e/scale.mjs (1,042 blocks, memory budget, storage quota)"
+        node tests/e2e/scale.mjs
     fi
 fi
 

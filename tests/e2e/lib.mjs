@@ -73,20 +73,31 @@ export async function getJson(url) {
   return JSON.parse(r.body.toString());
 }
 
-/** Hashes of one chain's listing (a JSON array of block infos, or {blocks: [...]}). */
+/** One chain's listing, every page (following `Link: <url>; rel="next"`). */
 export async function listChain(base, chain) {
-  const j = await getJson(`${base}/chain/${chain}/blocks`);
-  const arr = Array.isArray(j) ? j : j.blocks;
-  if (!Array.isArray(arr)) throw new Error(`unexpected listing of chain ${chain}: ${JSON.stringify(j).slice(0, 200)}`);
-  return arr;
+  const out = [];
+  let url = `${base}/chain/${chain}/blocks`;
+  for (let pages = 0; url && pages < 10_000; pages++) {
+    const r = await get(url);
+    if (r.status !== 200) throw new Error(`GET ${url}: HTTP ${r.status}: ${r.body.toString().slice(0, 300)}`);
+    const j = JSON.parse(r.body.toString());
+    const arr = Array.isArray(j) ? j : j.blocks;
+    if (!Array.isArray(arr)) throw new Error(`unexpected listing of chain ${chain}: ${JSON.stringify(j).slice(0, 200)}`);
+    out.push(...arr);
+    const next = (r.headers.link || '').split(',').map((p) => p.trim()).find((p) => /rel="next"/.test(p));
+    const target = next ? next.slice(next.indexOf('<') + 1, next.indexOf('>')) : null;
+    url = target ? new URL(target, base).href : null;
+  }
+  return out;
 }
 
 /**
  * Start `relay serve` on a free port with a fresh data dir (or `dataDir`),
- * serving `dist` (default $AIBLOCK_DIST or dist/), and `extraArgs`.
+ * serving `dist` (default $AIBLOCK_DIST or dist/), the genesis model `model`
+ * (default $AIBLOCK_MODEL or models/default), and `extraArgs`.
  * Resolves { base, dataDir, stop(), log() } once the REST API answers.
  */
-export async function startRelay({ dataDir, extraArgs = [], dist = null } = {}) {
+export async function startRelay({ dataDir, extraArgs = [], dist = null, model = null } = {}) {
   const bin = relayBin();
   const port = await freePort();
   dataDir = dataDir || fs.mkdtempSync(path.join(os.tmpdir(), 'aiblock-e2e-'));
@@ -95,7 +106,7 @@ export async function startRelay({ dataDir, extraArgs = [], dist = null } = {}) 
     throw new Error(`${dist}/index.html missing: run \`trunk build --release --offline\` first`);
   }
   const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data', dataDir, '--web', dist];
-  const model = process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
+  model = model || process.env.AIBLOCK_MODEL || path.join(REPO, 'models', 'default');
   if (fs.existsSync(path.join(model, 'config.json'))) args.push('--model', model);
   args.push(...extraArgs);
   const logFile = path.join(dataDir, '..', `${path.basename(dataDir)}-relay.log`);

@@ -365,6 +365,48 @@ impl Cache {
         .await
     }
 
+    /// Store several verified payloads in one transaction (one commit for
+    /// all: a batch of experts costs one write, not one each). All or
+    /// nothing: a full quota is an `Err` and none is stored.
+    pub async fn put_many(&self, items: &[(BlockHash, &[u8])]) -> Result<(), String> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let tx = Tx::new(&self.db, IdbTransactionMode::Readwrite)?;
+        let (payloads, sizes) = match (tx.store(PAYLOADS), tx.store(SIZES)) {
+            (Ok(p), Ok(s)) => (p, s),
+            (Err(e), _) | (_, Err(e)) => {
+                tx.abort();
+                return Err(e);
+            }
+        };
+        let mut total = 0usize;
+        for (hash, bytes) in items {
+            let len = bytes.len() as f64;
+            total += bytes.len();
+            let record = js_sys::Object::new();
+            let array = js_sys::Uint8Array::new_from_slice(bytes);
+            let k = key(hash);
+            let wrote = js_sys::Reflect::set(&record, &"len".into(), &len.into())
+                .and_then(|_| js_sys::Reflect::set(&record, &"bytes".into(), &array))
+                .and_then(|_| payloads.put_with_key(&record, &k))
+                .and_then(|_| sizes.put_with_key(&len.into(), &k));
+            if let Err(e) = wrote {
+                tx.abort();
+                return Err(format!(
+                    "could not cache {} bytes: {}",
+                    bytes.len(),
+                    js_err("cache write")(e)
+                ));
+            }
+        }
+        tx.commit(&format!(
+            "the browser refused to cache {total} bytes in {} blocks",
+            items.len()
+        ))
+        .await
+    }
+
     /// Drop the entry for `hash` (no entry is no error).
     pub async fn delete(&self, hash: &BlockHash) -> Result<(), String> {
         self.delete_keys(&[key(hash)]).await
@@ -424,6 +466,25 @@ impl Cache {
             return Err(e);
         }
         tx.commit("cache clear failed").await
+    }
+
+    /// Every entry's block and length, without reading any payload. Keys
+    /// that are not a block hash are skipped.
+    pub async fn sizes(&self) -> Result<Vec<(BlockHash, u64)>, String> {
+        let tx = Tx::new(&self.db, IdbTransactionMode::Readonly)?;
+        let store = tx.store(SIZES)?;
+        let keys = Pending::new(store.get_all_keys(), "cache listing failed")?;
+        let sizes = Pending::new(store.get_all(), "cache listing failed")?;
+        let keys = js_sys::Array::from(&keys.result("cache listing failed").await?);
+        let sizes = js_sys::Array::from(&sizes.result("cache listing failed").await?);
+        Ok(keys
+            .iter()
+            .zip(sizes.iter())
+            .filter_map(|(k, v)| {
+                let h = BlockHash::from_hex(&k.as_string()?).ok()?;
+                Some((h, size_of(&v)))
+            })
+            .collect())
     }
 
     /// (entries, payload bytes) held, without reading any payload.

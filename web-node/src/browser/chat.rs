@@ -9,20 +9,20 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::chain::PayloadStatus;
 use crate::gpu::GpuContext;
 use crate::model::generate::{prompt_ids, Generation, Generator, StopReason};
 use crate::model::sampler::{Sampler, SamplerConfig};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{run_step, Engine, ExpertId, ModelError, RunOptions, Supply};
+use crate::model::{Engine, ExpertId, ModelError, Output, RunOptions, Step, Supply as _, Want};
 use crate::net::usage::ReportEntry;
+use crate::view::budget::ByteLru;
 
 use super::dom::{
     input_value, next_frame, now_ms, on_click, set_attr, set_disabled, set_progress, set_text,
 };
 use super::fetch::ChainSupply;
-use super::render::fmt_bytes;
 use super::{panels, show_details, show_status, Node, NODE};
+use crate::view::fmt_bytes;
 
 thread_local! {
     /// Set by the stop button; read after every token.
@@ -51,6 +51,10 @@ struct Answer {
     used: BTreeSet<ExpertId>,
     fetched: Vec<ExpertId>,
     fetched_bytes: u64,
+    /// Asks answered by a prefetch.
+    prefetch_hits: u64,
+    /// Decoded experts evicted during the answer.
+    evicted: u64,
 }
 
 fn list(ids: impl IntoIterator<Item = ExpertId>) -> String {
@@ -126,31 +130,28 @@ pub async fn run_chat() {
                 "chat-stats",
                 &format!(
                     "{engine}: {np} prompt + {n} generated tokens in {ms:.0} ms ({tps:.1} tokens/s), \
-                     stop: {stop:?}. Experts used: {nu} ({used}); fetched for this answer: {nf} \
-                     ({fb}). This session holds {held} of {all} experts and fetched {pb} of the \
-                     model's {mb}.",
+                     stop: {stop:?}. Experts used: {nu} (per layer: {used}); fetched for this \
+                     answer: {nf} ({fb}; {ph} prefetched ahead); {ev} decoded experts evicted \
+                     to stay within the budget. This page holds {held} of {all} experts \
+                     (cache and memory) and fetched {pb} of the model's {mb}.",
                     engine = a.engine,
                     np = a.gen.prompt_tokens.len(),
                     n = a.gen.tokens.len(),
                     tps = a.gen.tokens.len() as f64 * 1000.0 / ms.max(1.0),
                     stop = a.gen.stop,
                     nu = a.used.len(),
-                    used = join(a.used.iter().copied(), ", "),
+                    used = crate::view::page::per_layer_counts(a.used.iter().copied()),
+                    ph = a.prefetch_hits,
+                    ev = a.evicted,
                     nf = a.fetched.len(),
                     fb = fmt_bytes(a.fetched_bytes),
-                    held = s.experts.len(),
+                    held = node.store.held_experts().len(),
                     all = node.model.config.num_hidden_layers * node.model.config.num_local_experts,
                     pb = fmt_bytes(s.payload_bytes),
                     mb = fmt_bytes(node.model_bytes),
                 ),
             );
-            let held: BTreeSet<_> = node
-                .store
-                .dag
-                .iter()
-                .filter(|e| e.payload == PayloadStatus::Verified)
-                .map(|e| e.hash)
-                .collect();
+            let held = node.store.held_blocks();
             panels::show_dag(&node.store.dag, &held, &a.used);
             super::show_cache(&node.store, "").await;
             // A signed usage report of this answer (the relay counts it only
@@ -194,18 +195,132 @@ pub async fn run_chat() {
     }
     show_status(&node.store, &node.report, node.model_bytes, "done");
     show_details(&node.store, &node.report);
+    super::show_memory_of(&node.store, &node.decoded);
+    super::net::refresh_now();
     set_progress("");
     NODE.with(|c| *c.borrow_mut() = Some(node));
     set_disabled("send", false);
+}
+
+/// An engine whose decoded experts the page bounds: the CPU engine holds
+/// every expert it was given until one is evicted; the GPU engine keeps its
+/// own pool (sized from the budget) and holds no CPU copy.
+pub trait Bounded {
+    /// Drop a held expert; false when the engine keeps no decoded copies.
+    fn evict(&mut self, id: ExpertId) -> bool;
+    /// Whether supplied experts stay in CPU memory.
+    fn holds_decoded(&self) -> bool;
+    /// Per layer, the experts the last finished step routed to.
+    fn last_routed(&self) -> Vec<Vec<usize>>;
+}
+
+impl Bounded for crate::model::reference::CpuEngine {
+    fn evict(&mut self, id: ExpertId) -> bool {
+        self.evict_expert(id)
+    }
+    fn holds_decoded(&self) -> bool {
+        true
+    }
+    fn last_routed(&self) -> Vec<Vec<usize>> {
+        self.last_step_experts().to_vec()
+    }
+}
+
+impl Bounded for crate::gpu::Engine {
+    fn evict(&mut self, _: ExpertId) -> bool {
+        false
+    }
+    fn holds_decoded(&self) -> bool {
+        false
+    }
+    fn last_routed(&self) -> Vec<Vec<usize>> {
+        Vec::new()
+    }
+}
+
+/// The decoded experts an engine holds, within `cap` bytes.
+pub struct Decoded<'a> {
+    pub lru: &'a mut ByteLru<ExpertId>,
+    pub cap: u64,
+    /// Experts dropped to stay within `cap` (this answer).
+    pub evicted: u64,
+}
+
+/// One step to its end (as [`crate::model::run_step`]), with the page's
+/// memory in it: the experts of a layer's need are fetched together, the
+/// experts the last step routed to in the next two layers are prefetched
+/// beside them when the engine no longer holds them, and decoded experts
+/// beyond the budget are evicted, least recently used first (never one of
+/// the layer being computed).
+async fn bounded_step<E: Engine + Bounded + ?Sized>(
+    engine: &mut E,
+    supply: &mut ChainSupply<'_>,
+    decoded: &mut Decoded<'_>,
+    tokens: &[u32],
+    opts: &RunOptions,
+    want: Want,
+) -> Result<Output, ModelError> {
+    let n_exp = engine.config().num_local_experts;
+    let last = engine.last_routed();
+    let mut step = engine.step(tokens, opts, want).await;
+    loop {
+        let ids = match step {
+            Ok(Step::Done(out)) => {
+                for (l, es) in engine.last_routed().iter().enumerate() {
+                    for &e in es {
+                        decoded.lru.touch(&ExpertId::new(l, e));
+                    }
+                }
+                return Ok(out);
+            }
+            Ok(Step::Need(ids)) => ids,
+            Ok(Step::Compute(jobs)) => {
+                engine.cancel();
+                return Err(ModelError::Source(format!(
+                    "the page runs every expert itself (asked to compute {} jobs)",
+                    jobs.len()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let layer = ids.first().map_or(0, |id| id.layer);
+        supply.prefetch = (layer + 1..(layer + 3).min(last.len()))
+            .flat_map(|l| last[l].iter().map(move |&e| ExpertId::new(l, e)))
+            .filter(|id| !decoded.lru.contains(id))
+            .collect();
+        let supplied = async {
+            for (id, w) in supply.experts(&ids).await? {
+                let bytes = w.stored_bytes() as u64;
+                engine.supply_expert(id, w)?;
+                if engine.holds_decoded() {
+                    decoded.lru.insert(id, bytes, false);
+                }
+            }
+            Ok::<(), ModelError>(())
+        }
+        .await;
+        if let Err(e) = supplied {
+            engine.cancel();
+            return Err(e);
+        }
+        let keep: Vec<ExpertId> = (0..n_exp).map(|e| ExpertId::new(layer, e)).collect();
+        for id in decoded.lru.evict_for(0, decoded.cap, &keep) {
+            engine.evict(id);
+            decoded.lru.remove(&id);
+            decoded.evicted += 1;
+        }
+        step = engine.resume().await;
+    }
 }
 
 /// The generation loop of [`crate::model::generate::generate_async`], with
 /// the page in it: each token is shown as it comes, the browser paints, and
 /// the stop button cancels.
 #[allow(clippy::too_many_arguments)]
-async fn stream<E: Engine + ?Sized, S: Supply + ?Sized>(
+async fn stream<E: Engine + Bounded + ?Sized>(
     engine: &mut E,
-    supply: &mut S,
+    supply: &mut ChainSupply<'_>,
+    decoded: &mut Decoded<'_>,
     tok: &Tokenizer,
     prompt_tokens: Vec<u32>,
     max_tokens: usize,
@@ -219,7 +334,7 @@ async fn stream<E: Engine + ?Sized, S: Supply + ?Sized>(
     let mut ids: Vec<u32> = Vec::new();
     while let Some(input) = g.input() {
         let input = input.to_vec();
-        let out = run_step(engine, supply, &input, opts, want).await?;
+        let out = bounded_step(engine, supply, decoded, &input, opts, want).await?;
         if let Some((id, piece)) = g.push(out, sampler, tok)? {
             ids.push(id);
             text.push_str(&piece);
@@ -227,6 +342,7 @@ async fn stream<E: Engine + ?Sized, S: Supply + ?Sized>(
             set_attr("reply", "data-tokens", &ids.len().to_string());
             set_attr("reply", "data-token-ids", &token_list(&ids));
         }
+        super::show_memory_of(supply.chain, decoded.lru);
         // Paint, and let a click on stop run.
         next_frame().await;
         if STOP.with(Cell::get) {
@@ -238,7 +354,11 @@ async fn stream<E: Engine + ?Sized, S: Supply + ?Sized>(
 
 async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
     let Node {
-        store, model, gpu, ..
+        store,
+        model,
+        gpu,
+        decoded,
+        ..
     } = node;
     let cfg = &model.config;
     let experts: HashMap<ExpertId, _> = (0..cfg.num_hidden_layers)
@@ -269,16 +389,37 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         // The engine's API takes an Arc (shared with native threads); wasm has one thread.
         #[allow(clippy::arc_with_non_send_sync)]
         let ctx = Arc::new(ctx);
-        *gpu =
-            Some(crate::gpu::Engine::new(ctx, &c, &shared, &routers).map_err(|e| e.to_string())?);
+        // The GPU pool gets half the budget (at least one layer's experts).
+        let one = model
+            .expert_block(ExpertId::new(0, 0))
+            .and_then(|h| store.dag.get(&h))
+            .map_or(0, |e| e.header.payload_len);
+        let opts = crate::gpu::EngineOptions {
+            expert_quant: c.expert_quant().map_err(|e| e.to_string())?,
+            expert_pool_bytes: Some((store.budget / 2).max(one * c.num_local_experts as u64)),
+            ..Default::default()
+        };
+        *gpu = Some(
+            crate::gpu::Engine::with_options(ctx, &c, &shared, &routers, opts)
+                .map_err(|e| e.to_string())?,
+        );
         set_progress("");
     }
+    let cap = store.budget / 2;
     let mut supply = ChainSupply {
         chain: store,
         config: &model.config,
         experts,
         fetched: Vec::new(),
         asked: Vec::new(),
+        prefetch: Vec::new(),
+        ready: HashMap::new(),
+        prefetch_hits: 0,
+    };
+    let mut decoded = Decoded {
+        lru: decoded,
+        cap,
+        evicted: 0,
     };
     let (gen, engine, used) = match gpu.as_mut().filter(|_| ask.gpu) {
         Some(engine) => {
@@ -291,6 +432,7 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
             let g = stream(
                 engine,
                 &mut supply,
+                &mut decoded,
                 &model.tokenizer,
                 ids,
                 ask.max_tokens,
@@ -305,6 +447,7 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
             let g = stream(
                 &mut model.engine,
                 &mut supply,
+                &mut decoded,
                 &model.tokenizer,
                 ids,
                 ask.max_tokens,
@@ -330,5 +473,7 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         used,
         fetched: supply.fetched,
         fetched_bytes: supply.chain.stats.payload_bytes - bytes_before,
+        prefetch_hits: supply.prefetch_hits,
+        evicted: decoded.evicted,
     })
 }

@@ -7,7 +7,7 @@
 //!
 //! * [`dom`]: elements, text, attributes, events.
 //! * [`fetch`]: REST, payloads chunk by chunk, the engine's supply.
-//! * [`render`]: the page's HTML.
+//! * HTML: [`crate::view`] (plain Rust, native tests).
 //! * [`chat`]: the chat form on [`crate::model::generate::generate_async`].
 
 mod cache;
@@ -17,7 +17,6 @@ mod dom;
 mod fetch;
 mod net;
 mod panels;
-mod render;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -28,7 +27,10 @@ use wasm_bindgen::JsCast;
 
 use crate::chain::{BlockHash, ChainId, PayloadStatus};
 use crate::chain_model::{select_meta, startup_blocks_of, ChainModel};
+use crate::model::{ExpertId, Slot};
 use crate::verify::{self, ChainReport, FetchedBlock};
+use crate::view::budget::{budget_bytes, query_param, ByteLru};
+use crate::view::page;
 
 use dom::{next_frame, now_ms, set_html, set_progress};
 use fetch::{FetchStats, VerifiedChain};
@@ -42,11 +44,48 @@ struct Node {
     gpu: Option<crate::gpu::Engine>,
     /// Payload bytes of the whole model (meta, shared, routers, experts).
     model_bytes: u64,
+    /// The decoded experts the CPU engine holds (within half the budget).
+    decoded: ByteLru<ExpertId>,
 }
 
 thread_local! {
     /// The node once the model is built; taken out while a chat runs.
     static NODE: RefCell<Option<Node>> = const { RefCell::new(None) };
+    /// Where the budget came from, for the memory panel.
+    static BUDGET_WHY: RefCell<&'static str> = const { RefCell::new("") };
+}
+
+/// The page address's query string (`?model=..&budget_mb=..`).
+fn page_search() -> String {
+    web_sys::window()
+        .and_then(|w| w.location().search().ok())
+        .unwrap_or_default()
+}
+
+/// Bytes of wasm linear memory (it only grows: the peak so far).
+fn wasm_memory_bytes() -> u64 {
+    wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        .ok()
+        .and_then(|m| m.buffer().dyn_into::<js_sys::ArrayBuffer>().ok())
+        .map_or(0, |b| b.byte_length() as u64)
+}
+
+/// The memory panel: wasm memory, the budget and what each part of it holds.
+fn show_memory_of(store: &VerifiedChain, decoded: &ByteLru<ExpertId>) {
+    let why = BUDGET_WHY.with(|w| *w.borrow());
+    panels::show_memory(&crate::view::page::MemoryFacts {
+        wasm_bytes: wasm_memory_bytes(),
+        budget: store.budget,
+        budget_why: why,
+        decoded_experts: decoded.len(),
+        decoded_bytes: decoded.total(),
+        served_bytes: store.served.total(),
+        cache_entries: store.cached.len(),
+        cache_bytes: store.cached.total(),
+        cache_evicted: store.evicted,
+        startup_bytes: store.payloads.values().map(|p| p.len() as u64).sum(),
+    });
 }
 
 /// Runs when the module loads.
@@ -55,20 +94,33 @@ pub fn start() {
     console_error_panic_hook::set_once();
     wasm_bindgen_futures::spawn_local(async {
         if let Err(e) = load().await {
-            set_html("status", &render::render_fetch_error(&e));
+            set_html("status", &page::render_fetch_error(&e));
         }
     });
 }
 
 /// Summary and fetch counters (re-rendered as payloads arrive).
 fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, phase: &str) {
-    let mut html = render::render_summary(report, &store.dag, phase);
-    html.push_str(&render::render_fetch_stats(&store.stats, model_bytes));
+    let mut html = page::render_summary(report, &store.dag, phase);
+    let s = &store.stats;
+    let held = store.held_experts();
+    html.push_str(&page::render_fetch_stats(
+        &page::FetchFacts {
+            bytes: s.bytes,
+            payload_bytes: s.payload_bytes,
+            requests: s.requests,
+            payloads: s.payloads,
+            experts: Some(&held),
+            fetch_ms: s.fetch_ms,
+            store_ms: s.store_ms,
+        },
+        model_bytes,
+    ));
     set_html("status", &html);
 }
 
 fn show_details(store: &VerifiedChain, report: &ChainReport) {
-    set_html("details", &render::render_details(report, &store.dag));
+    set_html("details", &page::render_details(report, &store.dag));
 }
 
 async fn load() -> Result<(), String> {
@@ -145,6 +197,10 @@ async fn load() -> Result<(), String> {
         payloads,
         stats,
         cache,
+        cached: ByteLru::new(),
+        served: ByteLru::new(),
+        budget: 0,
+        evicted: 0,
     };
     show_status(&store, &report, 0, "payloads");
     show_details(&store, &report);
@@ -156,6 +212,10 @@ async fn load() -> Result<(), String> {
     let pool = expert_pool_bytes(&store.dag, selected.as_deref());
     let device = device::check(pool).await;
     panels::show_device(&device);
+    let search = page_search();
+    let (budget, why) = budget_bytes(query_param(&search, "budget_mb"), device.memory_gib);
+    store.budget = budget;
+    BUDGET_WHY.with(|w| *w.borrow_mut() = why);
     if !device.plan_gpu {
         panels::alert("no-webgpu", &device.message);
     }
@@ -203,7 +263,10 @@ async fn load() -> Result<(), String> {
     });
     set_html(
         "chat-box",
-        &render::render_chat(built.as_ref().map_err(String::as_str)),
+        &page::render_chat(
+            built.as_ref().map_err(String::as_str),
+            panels::planned_gpu().unwrap_or(false),
+        ),
     );
     set_select("engine", if device.plan_gpu { "gpu" } else { "cpu" });
     show_details(&store, &report);
@@ -221,8 +284,9 @@ async fn load() -> Result<(), String> {
         Err(_) => 0,
     };
     show_status(&store, &report, model_bytes, "done");
-    let held = store.payloads.keys().copied().collect();
+    let held = store.held_blocks();
     panels::show_dag(&store.dag, &held, &Default::default());
+    show_memory_of(&store, &ByteLru::new());
     set_progress(&format!(
         "listed {} blocks and fetched the meta payloads in {:.0} ms, verified the headers in {:.0} ms, \
          fetched and verified the shared and router payloads in {:.0} ms (wasm)",
@@ -250,6 +314,7 @@ async fn load() -> Result<(), String> {
                 model,
                 gpu: None,
                 model_bytes,
+                decoded: ByteLru::new(),
             })
         });
         dom::on_submit("chat-form", || {
@@ -280,11 +345,8 @@ async fn meta_payload(
 
 /// The `model` parameter of the page's address (`/?model=default-q8_0`).
 fn model_param() -> Option<String> {
-    let search = web_sys::window()?.location().search().ok()?;
-    search
-        .trim_start_matches('?')
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("model="))
+    let search = page_search();
+    query_param(&search, "model")
         .map(|v| js_sys::decode_uri_component(v).map_or_else(|_| v.to_string(), String::from))
         .filter(|v| !v.is_empty())
 }
@@ -297,7 +359,7 @@ fn expert_pool_bytes(dag: &crate::chain::Dag, sel: Option<&str>) -> u64 {
     };
     dag.slot_heads(&meta.hash)
         .iter()
-        .filter(|(name, _)| name.contains(".expert"))
+        .filter(|(name, _)| matches!(Slot::parse(name), Ok(Slot::Expert { .. })))
         .filter_map(|(_, h)| dag.get(h))
         .map(|e| e.header.payload_len)
         .sum()

@@ -393,11 +393,65 @@ fn arm_timer(n: &mut Net) {
     });
 }
 
-/// Re-render the network panel.
+thread_local! {
+    /// When the network panel was last drawn, the state it showed, and
+    /// whether a later drawing is already scheduled.
+    static DRAWN: RefCell<(f64, Option<NetState>, bool)> =
+        const { RefCell::new((f64::NEG_INFINITY, None, false)) };
+}
+
+/// Least time between two drawings of the network panel while chunks
+/// stream in (a state change draws at once).
+const REFRESH_MS: f64 = 250.0;
+
+/// Re-render the network panel: at once when the connection's state
+/// changed or [`REFRESH_MS`] passed since the last drawing, else once more
+/// at the end of that interval (hundreds of chunk messages a second must
+/// not each rebuild it, and the panel must end up current).
 pub fn refresh() {
-    if let Some(v) = view() {
+    let Some(v) = view() else {
+        return;
+    };
+    let t = now_ms();
+    let (draw, schedule) = DRAWN.with(|d| {
+        let mut d = d.borrow_mut();
+        let changed = d.1.as_ref() != Some(&v.state);
+        if changed || t - d.0 >= REFRESH_MS {
+            d.0 = t;
+            d.1 = Some(v.state.clone());
+            (true, false)
+        } else if !d.2 {
+            d.2 = true;
+            (false, true)
+        } else {
+            (false, false)
+        }
+    });
+    if draw {
         panels::show_net(&v);
     }
+    if schedule {
+        let cb = Closure::once_into_js(|| {
+            DRAWN.with(|d| {
+                let mut d = d.borrow_mut();
+                d.0 = f64::NEG_INFINITY;
+                d.2 = false;
+            });
+            refresh();
+        });
+        if let Some(w) = web_sys::window() {
+            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(
+                cb.unchecked_ref(),
+                REFRESH_MS as i32,
+            );
+        }
+    }
+}
+
+/// Draw the network panel now (after an answer: its counts final).
+pub fn refresh_now() {
+    DRAWN.with(|d| d.borrow_mut().0 = f64::NEG_INFINITY);
+    refresh();
 }
 
 /// What the network panel shows (`None` before [`start`]).
@@ -424,6 +478,16 @@ pub fn hold(hash: crate::chain::BlockHash, payload: Arc<[u8]>, chunk_size: u32) 
         let _ = n.node.hold(hash, payload, chunk_size);
     });
     pump();
+}
+
+/// Stop serving a payload (the budget has no room for it); false when the
+/// node did not hold it.
+pub fn unhold(hash: &crate::chain::BlockHash) -> bool {
+    let was = with(|n| n.node.unhold(hash)).unwrap_or(false);
+    if was {
+        pump();
+    }
+    was
 }
 
 /// Fetch a header-verified block's payload from peers through the relay

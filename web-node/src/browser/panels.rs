@@ -91,6 +91,16 @@ pub fn show_net(v: &NetView) {
     apply("net", "net", &p);
 }
 
+pub fn show_memory(m: &crate::view::page::MemoryFacts) {
+    let (attrs, html) = crate::view::page::memory_panel(m);
+    if let Some(el) = element("memory") {
+        for (k, v) in &attrs {
+            let _ = el.set_attribute(k, v);
+        }
+    }
+    set_html("memory", &html);
+}
+
 pub fn show_cache(entries: u64, bytes: u64, note: &str) {
     apply(
         "cache",

@@ -118,8 +118,182 @@ fn fmt(x: f64) -> String {
     format!("{x:.1}")
 }
 
-/// The SVG of `nodes` (as [`nodes_from_dag`] gives them).
+/// Slot columns up to which every version is drawn; a larger chain is drawn
+/// by [`render_layers_svg`].
+pub const MAX_DETAILED_COLUMNS: usize = 160;
+
+/// The SVG of `nodes` (as [`nodes_from_dag`] gives them): every version of
+/// every slot, or for a chain of more than [`MAX_DETAILED_COLUMNS`] slots
+/// one square per slot ([`render_layers_svg`]).
 pub fn render_svg(nodes: &[DagNode]) -> String {
+    let slots: BTreeSet<&str> = nodes
+        .iter()
+        .filter(|n| n.chain == ChainId::B)
+        .map(|n| n.name.as_str())
+        .collect();
+    if slots.len() > MAX_DETAILED_COLUMNS {
+        return render_layers_svg(nodes);
+    }
+    render_versions_svg(nodes)
+}
+
+// Geometry of the per-layer picture.
+const SQ: f64 = 11.0;
+const SQ_GAP: f64 = 2.0;
+const L_TOP: f64 = 70.0;
+
+/// A large chain as one row per layer and one square per slot (router,
+/// shared expert, then each expert), the square standing for the slot's
+/// newest version: filled when its payload is held here, ringed when the
+/// last answer used it, red when it was refused, with the number of
+/// versions in its tooltip. Chain A is a row of model blocks on top. Each
+/// square is a `g[data-hash]` of that newest block, so the page contract
+/// (data-held, data-used, data-head) holds as in the detailed picture.
+pub fn render_layers_svg(nodes: &[DagNode]) -> String {
+    let metas: Vec<&DagNode> = nodes
+        .iter()
+        .filter(|n| n.chain == ChainId::A)
+        .take(MAX_META)
+        .collect();
+    // Newest version per slot (acceptance order) and its version count.
+    let mut slots: BTreeMap<ColumnKey, (&DagNode, usize)> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| n.chain == ChainId::B) {
+        let e = slots.entry(column_key(&n.name)).or_insert((n, 0));
+        e.0 = n;
+        e.1 += 1;
+    }
+    let mut rows: BTreeMap<(u8, usize), Vec<(&DagNode, usize)>> = BTreeMap::new();
+    for ((kind, layer, _, _), v) in &slots {
+        rows.entry((*kind, *layer)).or_default().push(*v);
+    }
+    let rows: Vec<_> = rows.into_iter().take(MAX_COLUMNS).collect();
+    let widest = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let width = (LEFT + widest as f64 * (SQ + SQ_GAP) + 20.0)
+        .max(LEFT + metas.len() as f64 * A_STEP)
+        .max(560.0);
+    let legend_y = L_TOP + rows.len() as f64 * (SQ + 4.0) + 12.0;
+    let height = legend_y + 40.0;
+    let blocks_b = nodes.iter().filter(|n| n.chain == ChainId::B).count();
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"dag layers\" viewBox=\"0 0 {w} {h}\" \
+         width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"The DAG by layer: one square per slot\" \
+         data-blocks=\"{n}\" data-slots=\"{ns}\">",
+        w = fmt(width),
+        h = fmt(height),
+        n = metas.len() + slots.len(),
+        ns = slots.len(),
+    );
+    s.push_str(&format!(
+        "<text class=\"row-label\" x=\"4\" y=\"{}\">chain A</text>\
+         <text class=\"note\" x=\"{LEFT}\" y=\"{}\">chain B: {blocks_b} blocks in {ns} slots, one square per slot \
+         (its newest version), one row per layer: R router, S shared expert, then experts 0, 1, …</text>",
+        fmt(A_Y - 12.0),
+        fmt(L_TOP - 12.0),
+        ns = slots.len(),
+    ));
+    for (i, m) in metas.iter().enumerate() {
+        let cx = LEFT + i as f64 * A_STEP;
+        s.push_str(&format!(
+            "<g class=\"{cls}\" data-hash=\"{hex}\" data-chain=\"A\" data-held=\"{held}\" data-used=\"false\" \
+             data-head=\"{head}\"><title>{t}</title><circle cx=\"{x}\" cy=\"{y}\" r=\"{r}\"/>\
+             <text class=\"name\" x=\"{tx}\" y=\"{ty}\">{name}</text></g>",
+            cls = node_class(m),
+            hex = m.hash.to_hex(),
+            held = m.held,
+            head = m.head,
+            t = escape_html(&format!("chain A: {} ({})", m.name, m.hash.short())),
+            x = fmt(cx),
+            y = fmt(A_Y),
+            r = fmt(R),
+            tx = fmt(cx + R + 4.0),
+            ty = fmt(A_Y + 4.0),
+            name = escape_html(&truncate(&m.name, 20)),
+        ));
+    }
+    for (r, ((kind, layer), cells)) in rows.iter().enumerate() {
+        let y = L_TOP + r as f64 * (SQ + 4.0);
+        let label = match kind {
+            0 => "shared".to_string(),
+            1 => format!("layer {layer}"),
+            _ => "other".to_string(),
+        };
+        let held = cells.iter().filter(|(n, _)| n.held).count();
+        s.push_str(&format!(
+            "<text class=\"group-label\" x=\"4\" y=\"{}\"><title>{label}: {held} of {n} held</title>{label}</text>",
+            fmt(y + SQ - 2.0),
+            n = cells.len(),
+        ));
+        for (c, (n, versions)) in cells.iter().enumerate() {
+            let x = LEFT + c as f64 * (SQ + SQ_GAP);
+            s.push_str(&format!(
+                "<g class=\"{cls} sq\" data-hash=\"{hex}\" data-chain=\"B\" data-held=\"{held}\" \
+                 data-used=\"{used}\" data-head=\"{head}\"><title>{t}</title>\
+                 <rect x=\"{x}\" y=\"{y}\" width=\"{SQ}\" height=\"{SQ}\" rx=\"2\"/></g>",
+                cls = node_class(n),
+                hex = n.hash.to_hex(),
+                held = n.held,
+                used = n.used,
+                head = n.head,
+                t = escape_html(&format!(
+                    "{} v{versions} ({}){}{}{}",
+                    n.name,
+                    n.hash.short(),
+                    if n.held {
+                        ", held in this browser"
+                    } else {
+                        ", header only"
+                    },
+                    if n.used {
+                        ", used by the last answer"
+                    } else {
+                        ""
+                    },
+                    if n.failed { ", payload refused" } else { "" },
+                )),
+                x = fmt(x),
+                y = fmt(y),
+            ));
+        }
+    }
+    let ly = fmt(legend_y + 4.0);
+    let lt = fmt(legend_y + 13.0);
+    s.push_str(&format!(
+        "<g class=\"legend\"><g class=\"node held sq\"><rect x=\"{x0}\" y=\"{ly}\" width=\"{SQ}\" height=\"{SQ}\" rx=\"2\"/></g>\
+         <text x=\"{x0t}\" y=\"{lt}\">held here</text>\
+         <g class=\"node sq\"><rect x=\"{x1}\" y=\"{ly}\" width=\"{SQ}\" height=\"{SQ}\" rx=\"2\"/></g>\
+         <text x=\"{x1t}\" y=\"{lt}\">header only</text>\
+         <g class=\"node used sq\"><rect x=\"{x2}\" y=\"{ly}\" width=\"{SQ}\" height=\"{SQ}\" rx=\"2\"/></g>\
+         <text x=\"{x2t}\" y=\"{lt}\">used by the last answer</text></g>",
+        x0 = fmt(LEFT),
+        x0t = fmt(LEFT + 16.0),
+        x1 = fmt(LEFT + 90.0),
+        x1t = fmt(LEFT + 106.0),
+        x2 = fmt(LEFT + 190.0),
+        x2t = fmt(LEFT + 206.0),
+    ));
+    s.push_str("</svg>");
+    s
+}
+
+fn node_class(n: &DagNode) -> String {
+    let mut cls = vec!["node"];
+    if n.held {
+        cls.push("held");
+    }
+    if n.used {
+        cls.push("used");
+    }
+    if n.head {
+        cls.push("head");
+    }
+    if n.failed {
+        cls.push("failed");
+    }
+    cls.join(" ")
+}
+
+/// Every version of every slot, with parent and meta edges.
+fn render_versions_svg(nodes: &[DagNode]) -> String {
     // Chain A: one node per meta block, in the order given.
     let metas: Vec<&DagNode> = nodes
         .iter()
@@ -553,6 +727,50 @@ mod tests {
         assert!(!svg.contains("<b>"));
         assert!(svg.contains("&lt;script&gt;"));
         assert!(svg.contains("x&quot;&gt;&lt;b&gt;&amp;"));
+    }
+
+    #[test]
+    fn a_thousand_slots_are_drawn_per_layer() {
+        // 16 layers × (router + 64 experts) + shared: 1,041 slots.
+        let mut nodes = vec![node(0, ChainId::A, "big", &[], None)];
+        let mut i = 0u32;
+        let mut push = |name: String, nodes: &mut Vec<DagNode>| {
+            i += 1;
+            let mut n = node(1, ChainId::B, &name, &[], Some(0));
+            n.hash.0[..4].copy_from_slice(&i.to_le_bytes());
+            n.held = i.is_multiple_of(3);
+            n.used = i.is_multiple_of(7);
+            nodes.push(n);
+        };
+        push("shared".into(), &mut nodes);
+        for l in 0..16 {
+            push(format!("layer{l}.router"), &mut nodes);
+            for e in 0..64 {
+                push(format!("layer{l}.expert{e}"), &mut nodes);
+            }
+        }
+        // A second version of one slot: still one square, counted in its title.
+        push("layer3.expert5".into(), &mut nodes);
+        let svg = render_svg(&nodes);
+        assert!(svg.contains("class=\"dag layers\""));
+        assert_eq!(count(&svg, "data-chain=\"B\""), 1041);
+        assert_eq!(count(&svg, "data-chain=\"A\""), 1);
+        assert!(svg.contains("layer3.expert5 v2 ("));
+        assert_eq!(count(&svg, "class=\"group-label\""), 17);
+        // Readable width: 65 squares a row, not 1,041 columns.
+        let w: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|w| w.parse().ok())
+            .unwrap();
+        assert!(w < 1000.0, "{w}");
+        let held = nodes
+            .iter()
+            .filter(|n| n.held && n.chain == ChainId::B)
+            .count();
+        // The newest version stands for its slot: one replaced square.
+        assert!(count(&svg, "data-held=\"true\"").abs_diff(held) <= 1);
     }
 
     #[test]

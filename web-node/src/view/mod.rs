@@ -6,9 +6,13 @@
 //! * [`dag`]: the picture of chains A and B as an inline SVG.
 //! * [`device`]: what the device check found and which engine answers.
 //! * [`panels`]: the network, cache, device, peers, leaderboard and alert panels.
+//! * [`page`]: the summary, fetch line, memory panel, chain tables, slot grid and chat form.
+//! * [`budget`]: the memory budget and the byte-sized LRU the page evicts by.
 
+pub mod budget;
 pub mod dag;
 pub mod device;
+pub mod page;
 pub mod panels;
 #[cfg(test)]
 mod preview;

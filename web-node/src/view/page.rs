@@ -1,18 +1,95 @@
-//! The page's HTML, from what the core decided: the [`ChainReport`] of the
-//! header-first verification, each block's payload status in the [`Dag`],
-//! the fetch counters and the model. Text from the chain (names, addresses,
-//! errors) is escaped with [`escape_html`]; no rule is decided here.
+//! The page's main HTML, from what the core decided: the [`ChainReport`] of
+//! the header-first verification, each block's payload status in the
+//! [`Dag`], the fetch counters, the memory budget and the model. Text from
+//! the chain (names, addresses, errors) is escaped with [`escape_html`]; no
+//! rule is decided here. At a thousand blocks and more the page stays
+//! readable: held experts are counted per layer, chain B's table is one
+//! collapsed section per layer, the slot grid is compact.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::chain::{BlockHash, ChainId, Dag, PayloadStatus};
 use crate::chain_model::ChainModel;
-use crate::model::Slot;
+use crate::model::{ExpertId, Slot};
 use crate::verify::{ChainReport, VerifyReport};
 
-use super::fetch::FetchStats;
+use super::{escape_html, fmt_bytes};
 
-pub use crate::view::{escape_html, fmt_bytes};
+/// Chain-B blocks up to which every section of the table starts open.
+pub const OPEN_SECTIONS_UP_TO: usize = 100;
+/// Experts per layer above which the slot grid is drawn compact.
+const COMPACT_GRID_FROM: usize = 17;
+
+/// What the page fetched, as the fetch line shows it.
+#[derive(Debug, Clone, Default)]
+pub struct FetchFacts<'a> {
+    /// Every body byte (listings, chunk lists, payloads).
+    pub bytes: u64,
+    pub payload_bytes: u64,
+    pub requests: u64,
+    pub payloads: u64,
+    /// Experts whose verified payload this session fetched or read.
+    pub experts: Option<&'a BTreeSet<ExpertId>>,
+    /// Milliseconds spent waiting for payload batches, and cache writes.
+    pub fetch_ms: f64,
+    pub store_ms: f64,
+}
+
+/// What the memory panel shows.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryFacts<'a> {
+    /// wasm linear memory (it only grows: the peak so far).
+    pub wasm_bytes: u64,
+    pub budget: u64,
+    pub budget_why: &'a str,
+    pub decoded_experts: usize,
+    pub decoded_bytes: u64,
+    /// Expert payloads the peer node holds to serve.
+    pub served_bytes: u64,
+    pub cache_entries: usize,
+    pub cache_bytes: u64,
+    /// Cache entries evicted this session (budget or quota).
+    pub cache_evicted: u64,
+    /// Meta, shared and router payloads held for the session.
+    pub startup_bytes: u64,
+}
+
+/// The memory panel: `(attributes, inner HTML)` for `#memory`.
+pub fn memory_panel(m: &MemoryFacts) -> (Vec<(&'static str, String)>, String) {
+    let attrs = vec![
+        ("data-wasm-bytes", m.wasm_bytes.to_string()),
+        ("data-budget", m.budget.to_string()),
+        ("data-decoded-experts", m.decoded_experts.to_string()),
+        ("data-decoded-bytes", m.decoded_bytes.to_string()),
+        ("data-served-bytes", m.served_bytes.to_string()),
+        ("data-cache-entries", m.cache_entries.to_string()),
+        ("data-cache-bytes", m.cache_bytes.to_string()),
+        ("data-cache-evicted", m.cache_evicted.to_string()),
+        ("data-startup-bytes", m.startup_bytes.to_string()),
+    ];
+    let html = format!(
+        "<span class=\"label\">Memory</span> budget {b} <span class=\"muted\">({why})</span>\
+         <ul><li>wasm memory: {w}</li>\
+         <li>decoded experts: {de} ({db}); served to peers: {sb}</li>\
+         <li>cache: {ce} blocks, {cb}{ev}</li>\
+         <li>model core (meta, shared, routers): {st}</li></ul>",
+        b = fmt_bytes(m.budget),
+        why = escape_html(m.budget_why),
+        w = fmt_bytes(m.wasm_bytes),
+        de = m.decoded_experts,
+        db = fmt_bytes(m.decoded_bytes),
+        sb = fmt_bytes(m.served_bytes),
+        ce = m.cache_entries,
+        cb = fmt_bytes(m.cache_bytes),
+        ev = if m.cache_evicted > 0 {
+            format!("; {} evicted", m.cache_evicted)
+        } else {
+            String::new()
+        },
+        st = fmt_bytes(m.startup_bytes),
+    );
+    (attrs, html)
+}
 
 /// A block's payload as the page shows it.
 enum Payload<'a> {
@@ -119,10 +196,46 @@ pub fn render_fetch_error(error: &str) -> String {
     )
 }
 
-/// Bytes fetched so far beside the whole model's bytes, and which experts
-/// this session holds.
-pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
-    let experts: Vec<String> = s.experts.iter().map(ToString::to_string).collect();
+/// Experts counted per layer as plain text: `L0 12, L1 9, …` (layers
+/// without one left out).
+pub fn per_layer_counts(ids: impl IntoIterator<Item = ExpertId>) -> String {
+    let mut per: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    for id in ids {
+        per.entry(id.layer).or_default().insert(id.expert);
+    }
+    per.iter()
+        .map(|(l, es)| format!("L{l} {}", es.len()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Held experts per layer, compact: `L0 12 · L1 9 · …` (layers without
+/// one left out), each with its full list as a tooltip.
+fn experts_per_layer(experts: &BTreeSet<ExpertId>) -> String {
+    let mut per: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for id in experts {
+        per.entry(id.layer).or_default().push(id.expert);
+    }
+    per.iter()
+        .map(|(l, es)| {
+            let list: Vec<String> = es.iter().map(ToString::to_string).collect();
+            format!(
+                "<span class=\"layer-held\" data-layer=\"{l}\" data-count=\"{n}\" title=\"layer {l}: experts {t}\">L{l}&nbsp;{n}</span>",
+                n = es.len(),
+                t = list.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+/// Bytes fetched so far beside the whole model's bytes, and how many
+/// experts this session holds per layer (each layer's list as a tooltip;
+/// every name in `data-experts`).
+pub fn render_fetch_stats(s: &FetchFacts, model_bytes: u64) -> String {
+    let empty = BTreeSet::new();
+    let ex_set = s.experts.unwrap_or(&empty);
+    let experts: Vec<String> = ex_set.iter().map(ToString::to_string).collect();
     let of_model = if model_bytes > 0 {
         format!(
             " of the model's {} ({:.0}%)",
@@ -134,7 +247,7 @@ pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
     };
     format!(
         "<div id=\"fetch-stats\" data-bytes=\"{b}\" data-payload-bytes=\"{pb}\" data-model-bytes=\"{mb}\" \
-         data-requests=\"{req}\" data-payloads=\"{np}\" data-experts=\"{ex}\">\
+         data-requests=\"{req}\" data-payloads=\"{np}\" data-fetch-ms=\"{fms:.0}\" data-store-ms=\"{sms:.0}\" data-experts=\"{ex}\">\
          fetched {pbt}{of_model} in {np} payloads; {bt} in {req} requests in all \
          (listings and chunk lists included). Experts held: {nex}{list}</div>",
         b = s.bytes,
@@ -142,6 +255,8 @@ pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
         mb = model_bytes,
         req = s.requests,
         np = s.payloads,
+        fms = s.fetch_ms,
+        sms = s.store_ms,
         ex = escape_html(&experts.join(",")),
         pbt = fmt_bytes(s.payload_bytes),
         bt = fmt_bytes(s.bytes),
@@ -149,7 +264,7 @@ pub fn render_fetch_stats(s: &FetchStats, model_bytes: u64) -> String {
         list = if experts.is_empty() {
             " (none yet: an expert is fetched when the router first picks it)".to_string()
         } else {
-            format!(" ({})", escape_html(&experts.join(", ")))
+            format!(" <span class=\"per-layer\">per layer: {}</span>", experts_per_layer(ex_set))
         },
     )
 }
@@ -247,24 +362,79 @@ fn render_row(r: &VerifyReport, report: &ChainReport, dag: &Dag) -> String {
     )
 }
 
+/// The section a chain-B block's row goes in: shared, layer N, or other.
+fn section_of(name: Option<&str>) -> (u8, usize) {
+    match name.map(Slot::parse) {
+        Some(Ok(Slot::Shared)) => (0, 0),
+        Some(Ok(s)) => (1, s.layer().unwrap_or(0)),
+        _ => (2, 0),
+    }
+}
+
+const TABLE_HEAD: &str =
+    "<thead><tr><th>Slot</th><th>Kind</th><th>Version</th><th>Hash</th><th>Parents</th>\
+     <th>Payload</th><th>Spec / loss</th><th>Miner</th><th>Verification</th></tr></thead>";
+
 fn render_chain(report: &ChainReport, dag: &Dag, chain: ChainId, title: &str) -> String {
-    let rows: Vec<String> = report
-        .blocks
-        .iter()
-        .filter(|r| r.chain == chain)
-        .map(|r| render_row(r, report, dag))
-        .collect();
-    let body = if rows.is_empty() {
-        "<tr><td colspan=\"9\" class=\"muted\">no blocks</td></tr>".to_string()
-    } else {
-        rows.concat()
-    };
-    format!(
-        "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>\
-         <thead><tr><th>Slot</th><th>Kind</th><th>Version</th><th>Hash</th><th>Parents</th>\
-         <th>Payload</th><th>Spec / loss</th><th>Miner</th><th>Verification</th></tr></thead>\
-         <tbody>{body}</tbody></table></section>"
-    )
+    let blocks: Vec<&VerifyReport> = report.blocks.iter().filter(|r| r.chain == chain).collect();
+    if blocks.is_empty() {
+        return format!(
+            "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>{TABLE_HEAD}\
+             <tbody><tr><td colspan=\"9\" class=\"muted\">no blocks</td></tr></tbody></table></section>"
+        );
+    }
+    if chain == ChainId::A {
+        let rows: String = blocks.iter().map(|r| render_row(r, report, dag)).collect();
+        return format!(
+            "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>{TABLE_HEAD}\
+             <tbody>{rows}</tbody></table></section>"
+        );
+    }
+    // Chain B: one collapsible section per layer (shared first), each
+    // summarised in its header; all open for a small chain.
+    let mut sections: BTreeMap<(u8, usize), Vec<&VerifyReport>> = BTreeMap::new();
+    for r in &blocks {
+        sections
+            .entry(section_of(r.name.as_deref()))
+            .or_default()
+            .push(r);
+    }
+    let open = blocks.len() <= OPEN_SECTIONS_UP_TO;
+    let mut s = format!(
+        "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title} <span class=\"muted\">({n} blocks{hint})</span></h2>",
+        n = blocks.len(),
+        hint = if open { "" } else { "; open a layer to see its blocks" },
+    );
+    for ((kind, layer), rs) in &sections {
+        let label = match kind {
+            0 => "shared".to_string(),
+            1 => format!("layer {layer}"),
+            _ => "other names".to_string(),
+        };
+        let failed = rs.iter().filter(|r| row_failed(r, dag)).count();
+        let held = rs
+            .iter()
+            .filter(|r| matches!(payload(r, dag), Payload::Verified))
+            .count();
+        s.push_str(&format!(
+            "<details class=\"layer-rows\" data-section=\"{key}\"{o}><summary>{label}: {n} blocks, \
+             <span class=\"{cls}\">{v} verified{f}</span>, {held} with their payload</summary>\
+             <table>{TABLE_HEAD}<tbody>{rows}</tbody></table></details>",
+            key = escape_html(&label),
+            o = if open { " open" } else { "" },
+            n = rs.len(),
+            cls = if failed > 0 { "bad" } else { "ok-text" },
+            v = rs.len() - failed,
+            f = if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            },
+            rows = rs.iter().map(|r| render_row(r, report, dag)).collect::<String>(),
+        ));
+    }
+    s.push_str("</section>");
+    s
 }
 
 /// One grid cell: latest verified version, failures, whether its payload is held.
@@ -322,13 +492,20 @@ fn render_grid(report: &ChainReport, dag: &Dag) -> String {
             c.version, c.failed
         ),
     };
-    let mut s = String::from(
-        "<section class=\"grid\"><h2>Chain B slots (latest version per slot; \
+    let compact = experts >= COMPACT_GRID_FROM;
+    let mut s = format!(
+        "<section class=\"grid{c}\"><h2>Chain B slots (latest version per slot; \
          <span class=\"cell-key held\">filled</span>: payload fetched and verified, \
-         <span class=\"cell-key\">outlined</span>: header only)</h2><table><thead><tr><th></th><th>router</th>",
+         <span class=\"cell-key\">outlined</span>: header only)</h2><div class=\"grid-scroll\"><table><thead><tr><th></th><th>{r}</th>",
+        c = if compact { " compact" } else { "" },
+        r = if compact { "R" } else { "router" },
     );
     for e in 0..experts {
-        s.push_str(&format!("<th>expert{e}</th>"));
+        if compact {
+            s.push_str(&format!("<th title=\"expert{e}\">{e}</th>"));
+        } else {
+            s.push_str(&format!("<th>expert{e}</th>"));
+        }
     }
     s.push_str("</tr></thead><tbody>");
     for l in 0..layers {
@@ -345,7 +522,7 @@ fn render_grid(report: &ChainReport, dag: &Dag) -> String {
         s.push_str("</tr>");
     }
     s.push_str(&format!(
-        "</tbody></table><div class=\"shared\">shared: <table class=\"inline\"><tr>{}</tr></table></div></section>",
+        "</tbody></table></div><div class=\"shared\">shared: <table class=\"inline\"><tr>{}</tr></table></div></section>",
         cell(cells.get(&None))
     ));
     s
@@ -369,13 +546,9 @@ pub fn render_details(report: &ChainReport, dag: &Dag) -> String {
     s
 }
 
-/// The chat section: the form when the model is built, else why not.
-/// The engine select starts on the device check's plan (CPU before it ran).
-pub fn render_chat(model: Result<&ChainModel, &str>) -> String {
-    render_chat_for(model, super::panels::planned_gpu().unwrap_or(false))
-}
-
-fn render_chat_for(model: Result<&ChainModel, &str>, gpu: bool) -> String {
+/// The chat section: the form when the model is built, else why not. The
+/// engine select starts on `gpu` (the device check's plan; CPU before it ran).
+pub fn render_chat(model: Result<&ChainModel, &str>, gpu: bool) -> String {
     match model {
         Err(e) => format!(
             "<section id=\"chat\" data-state=\"unavailable\"><h2>Chat</h2>\
@@ -416,5 +589,76 @@ fn render_chat_for(model: Result<&ChainModel, &str>, gpu: bool) -> String {
                 gpu_sel = sel(gpu),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_line_counts_experts_per_layer_not_by_name() {
+        let experts: BTreeSet<ExpertId> = (0..16)
+            .flat_map(|l| (0..40).map(move |e| ExpertId::new(l, e)))
+            .collect();
+        let html = render_fetch_stats(
+            &FetchFacts {
+                bytes: 10,
+                payload_bytes: 5 << 20,
+                requests: 3,
+                payloads: 640,
+                experts: Some(&experts),
+                ..Default::default()
+            },
+            10 << 20,
+        );
+        // Every name stays in the attribute; the text counts per layer.
+        assert!(html.contains("layer0.expert0,layer0.expert1,"));
+        assert!(html.contains("layer15.expert39\""));
+        assert_eq!(html.matches("class=\"layer-held\"").count(), 16);
+        assert!(html.contains("data-count=\"40\""));
+        assert!(html.contains("(50%)"));
+        // The visible text (tags and their tooltips left out) stays short.
+        let mut text = String::new();
+        let mut in_tag = false;
+        for c in html.chars() {
+            match c {
+                '<' => in_tag = true,
+                '>' => in_tag = false,
+                _ if !in_tag => text.push(c),
+                _ => {}
+            }
+        }
+        assert!(text.len() < 600, "{} chars: {text}", text.len());
+        assert!(text.contains("L15&nbsp;40"), "{text}");
+        assert_eq!(
+            per_layer_counts([
+                ExpertId::new(2, 1),
+                ExpertId::new(0, 3),
+                ExpertId::new(2, 1)
+            ]),
+            "L0 1, L2 1"
+        );
+    }
+
+    #[test]
+    fn memory_panel_carries_its_numbers() {
+        let (attrs, html) = memory_panel(&MemoryFacts {
+            wasm_bytes: 64 << 20,
+            budget: 4 << 20,
+            budget_why: "set by <param>",
+            decoded_experts: 3,
+            decoded_bytes: 3000,
+            served_bytes: 2000,
+            cache_entries: 7,
+            cache_bytes: 9000,
+            cache_evicted: 2,
+            startup_bytes: 100,
+        });
+        let get = |k: &str| attrs.iter().find(|(a, _)| *a == k).map(|(_, v)| v.clone());
+        assert_eq!(get("data-budget").as_deref(), Some("4194304"));
+        assert_eq!(get("data-cache-evicted").as_deref(), Some("2"));
+        assert!(html.contains("64.0 MiB") && html.contains("2 evicted"));
+        assert!(html.contains("&lt;param&gt;"));
     }
 }
