@@ -16,9 +16,12 @@
 //! expert. Weights are shared (`Arc`): [`CpuEngine::fork`] makes another
 //! engine over the same weights with an empty KV cache, without copying them.
 //!
-//! Matrix products run over weight rows (each row is read once per call and
-//! dotted with every token of the batch) with a 16-lane accumulator that the
-//! compiler vectorises; large products are split by rows over
+//! Matrix products ([`matmul`], and the quantized prefill) are blocked: weight
+//! rows in L2-sized blocks, input rows in L1-sized blocks, and micro-tiles of
+//! 3 input rows × 2 weight rows whose 16-lane accumulators stay in registers
+//! (pulp's vectors for the CPU's level natively, plain arrays in wasm). Every
+//! result is summed in [`dot`]'s order, so a token's row does not depend on
+//! the batch it came in. Large products are split by rows over
 //! `std::thread::scope` threads natively (wasm runs single-threaded).
 //!
 //! `sliding_window` is not applied (attention is full causal); models here
@@ -449,7 +452,15 @@ pub(crate) fn block_product<K: Tiles>(
     let rows = out.len() / t;
     if t == 1 {
         let mut o = 0;
-        while o + TILE_O_ONE <= rows {
+        // Weights past L2 come from memory, where one row at a time (one
+        // stream for the prefetchers) measured up to twice the bandwidth
+        // of four rows at once; weights in cache go four at a time.
+        let tile = if rows * n * 4 > W_BLOCK_BYTES {
+            1
+        } else {
+            TILE_O_ONE
+        };
+        while tile > 1 && o + TILE_O_ONE <= rows {
             let y = k.tile::<1, TILE_O_ONE>(&w[o * n..], x, n);
             out[o..o + TILE_O_ONE].copy_from_slice(&y[0]);
             o += TILE_O_ONE;
