@@ -21,10 +21,10 @@
 //! Output, one line per engine, dtype, model, threads and phase:
 //! `RESULT cpu engine=aiblock dtype=f32 model=default threads=1 phase=prefill
 //! tok_per_s=… baseline_candle_tok_per_s=… ratio=…` (the baseline is candle
-//! f32 with the same threads, measured in the same run); on one thread also
+//! f32 with the same threads, measured in the same run), and
 //! `tok_per_cpu_s=… baseline_candle_tok_per_cpu_s=… ratio_cpu_s=…`, the same
-//! rates per second of CPU time, which other work on a shared machine
-//! disturbs far less than the wall clock. Then `detail` lines (memory,
+//! rates per second of process CPU time, which other work on a shared
+//! machine disturbs far less than the wall clock. Then `detail` lines (memory,
 //! expert bytes loaded and read, token hashes).
 //!
 //! Run: `cargo bench -p web-node --bench cpu_engine`.
@@ -111,24 +111,11 @@ fn candle_step(m: &mut mixtral::Model, toks: &[u32], off: usize) -> Vec<f32> {
         .unwrap()
 }
 
-/// CPU time of this process's live threads, in seconds (the first field
-/// of each `/proc/self/task/*/schedstat`: nanoseconds on a CPU). Threads
-/// that already ended are missing, so it is only read for runs on one
-/// thread (candle's single rayon worker is alive and counted).
+/// CPU time of this process (all its threads, ended ones included), in
+/// seconds.
 fn cpu_s() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return f64::NAN;
-    };
-    let mut ns = 0u64;
-    for e in dir.flatten() {
-        let v = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
-        ns += v
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-    }
-    ns as f64 * 1e-9
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// Wall and CPU seconds of a phase.
@@ -403,13 +390,10 @@ fn main() {
                     let mut line = format!(
                         "RESULT cpu engine={engine} dtype={dtype} model={name} threads={th} phase={phase}"
                     );
-                    // Wall clock; on one thread also CPU time, which a
-                    // machine shared with other work disturbs far less.
-                    let clocks: &[(&str, &str)] = if th == 1 {
-                        &[("s", "s"), ("cpu_s", "cpu_s")]
-                    } else {
-                        &[("s", "s")]
-                    };
+                    // Wall clock, and CPU time, which a machine shared with
+                    // other work disturbs far less (with threads > 1 it
+                    // counts every thread's time, waiting spins included).
+                    let clocks: &[(&str, &str)] = &[("s", "s"), ("cpu_s", "cpu_s")];
                     for &(clock, sfx) in clocks {
                         let ours = rate(f, clock).unwrap_or(0.0);
                         line += &format!(" tok_per_{sfx}={ours:.1}");
