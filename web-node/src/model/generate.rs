@@ -1,7 +1,8 @@
 //! Text generation, once for every engine and caller (CLI, page, eval,
 //! benches): prefill the prompt, then sample one token at a time, streaming
 //! text pieces to a callback, until EOS, `max_tokens`, the context limit or
-//! the callback says stop. [`Generator`] is the state machine;
+//! the callback says stop ([`Generator::ignore_eos`]: a fixed length, for
+//! benchmarks). [`Generator`] is the state machine;
 //! [`generate_async`] drives it over any [`Engine`] and [`Supply`];
 //! [`generate`] is the blocking form for models with a source attached.
 
@@ -69,6 +70,8 @@ pub struct Generator {
     streamer: Streamer,
     max_tokens: usize,
     eos: Option<u32>,
+    /// Fixed-length mode: EOS is an ordinary token.
+    ignore_eos: bool,
     max_pos: usize,
     fed: usize,
     stop: Option<StopReason>,
@@ -97,10 +100,19 @@ impl Generator {
             streamer: Streamer::default(),
             max_tokens,
             eos: cfg.eos_token_id,
+            ignore_eos: false,
             max_pos,
             fed: 0,
             stop: (max_tokens == 0).then_some(StopReason::MaxTokens),
         })
+    }
+
+    /// Fixed-length generation (benchmarks): with `true`, EOS is sampled and
+    /// kept like any other token, so generation runs to `max_tokens` (or
+    /// the context limit, or the callback's stop).
+    pub fn ignore_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
     }
 
     /// The tokens the engine must append next; `None` when generation is over.
@@ -136,7 +148,7 @@ impl Generator {
                 ))
             }
         };
-        if Some(next) == self.eos {
+        if !self.ignore_eos && Some(next) == self.eos {
             self.stop = Some(StopReason::Eos);
             return Ok(None);
         }

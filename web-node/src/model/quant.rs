@@ -237,11 +237,16 @@ struct QRowsOp<'a> {
 impl pulp::WithSimd for QRowsOp<'_> {
     type Output = ();
     // Inlined into pulp's `#[target_feature]` entry point: the row expansion
-    // (i8/nibble -> f32, times the scale) and the dot products below are
-    // vectorised for the dispatched level (AVX2 on x86-64 v3, NEON).
+    // (i8/nibble -> f32, times the scale) and the products below are
+    // vectorised for the dispatched level (AVX2 + FMA on x86-64 v3, NEON).
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        qrows_kernel(self.w, self.x, self.t, self.o0, self.chunk)
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        use super::reference::{fma_level, SimdTiles};
+        if fma_level() {
+            qrows_kernel(SimdTiles::<S, true>(simd), self)
+        } else {
+            qrows_kernel(SimdTiles::<S, false>(simd), self)
+        }
     }
 }
 
@@ -253,10 +258,14 @@ impl QRowsOp<'_> {
         }
         #[cfg(target_arch = "wasm32")]
         {
-            qrows_kernel(self.w, self.x, self.t, self.o0, self.chunk)
+            qrows_kernel(super::reference::PortableTiles::<false>, self)
         }
     }
 }
+
+/// Floats of weight rows a quantized prefill expands at a time (then
+/// multiplies as f32 by the blocked product).
+const EXPAND_FLOATS: usize = 16 << 10;
 
 /// One quantized row against one input row, without expanding the row:
 /// per group, 16 accumulators over the 32 products (q8: weights `j` and
@@ -298,7 +307,8 @@ fn qrow_dot(format: QuantFormat, vals: &[u8], scales: &[f32], x: &[f32]) -> f32 
 }
 
 #[inline(always)]
-fn qrows_kernel(w: &QMat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
+fn qrows_kernel<K: super::reference::Tiles>(k: K, op: QRowsOp<'_>) {
+    let QRowsOp { w, x, t, o0, chunk } = op;
     let inn = w.cols;
     if t == 1 {
         // Decode: one input row; read each packed row once, never expanded.
@@ -315,18 +325,22 @@ fn qrows_kernel(w: &QMat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
         }
         return;
     }
-    // Prefill: each row is expanded once and used for every input row.
-    let mut row = vec![0f32; inn];
-    for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
-        w.row_into(o0 + r, &mut row);
-        for (ti, y) in ys.iter_mut().enumerate() {
-            *y = super::reference::dot(&row, &x[ti * inn..(ti + 1) * inn]);
+    // Prefill: a block of rows is expanded once, then multiplied with
+    // every input row by the blocked f32 product.
+    let block = (EXPAND_FLOATS / inn.max(1)).max(1);
+    let mut rows = vec![0f32; block.min(chunk.len() / t) * inn];
+    for (b, out) in chunk.chunks_mut(block * t).enumerate() {
+        let n = out.len() / t;
+        for (r, row) in rows.chunks_exact_mut(inn).take(n).enumerate() {
+            w.row_into(o0 + b * block + r, row);
         }
+        super::reference::block_product(k, &rows[..n * inn], inn, x, t, out);
     }
 }
 
-/// `y[t, o] = sum_i w[o, i] * x[t, i]` with a quantized `w`: each weight row
-/// is expanded once (for all `t` input rows), then multiplied.
+/// `y[t, o] = sum_i w[o, i] * x[t, i]` with a quantized `w`: one input row
+/// reads the packed rows directly; several expand each weight row once
+/// (for all `t` input rows) and multiply with the blocked f32 product.
 pub fn qmatmul(x: &[f32], t: usize, w: &QMat, threads: usize) -> Vec<f32> {
     super::reference::par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
         QRowsOp { w, x, t, o0, chunk }.run()
@@ -600,14 +614,15 @@ mod tests {
 
     #[test]
     fn product_equals_dequantized_product() {
-        let m = mat(40, 96, 2);
-        let x: Vec<f32> = (0..3 * 96)
+        // 203 rows: past one block of expanded rows (170 of 96) and odd.
+        let m = mat(203, 96, 2);
+        let x: Vec<f32> = (0..7 * 96)
             .map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5)
             .collect();
         for f in QuantFormat::ALL {
             let q = QMat::quantize(&m, f).unwrap();
             let d = q.dequantize();
-            for t in [1usize, 3] {
+            for t in [1usize, 3, 7] {
                 for threads in [1usize, 2] {
                     let a = qmatmul(&x[..t * 96], t, &q, threads);
                     let b = super::super::reference::matmul(&x[..t * 96], t, &d, 1);

@@ -16,9 +16,12 @@
 //! expert. Weights are shared (`Arc`): [`CpuEngine::fork`] makes another
 //! engine over the same weights with an empty KV cache, without copying them.
 //!
-//! Matrix products run over weight rows (each row is read once per call and
-//! dotted with every token of the batch) with a 16-lane accumulator that the
-//! compiler vectorises; large products are split by rows over
+//! Matrix products ([`matmul`], and the quantized prefill) are blocked: weight
+//! rows in L2-sized blocks, input rows in L1-sized blocks, and micro-tiles of
+//! 3 input rows × 2 weight rows whose 16-lane accumulators stay in registers
+//! (pulp's vectors for the CPU's level natively, plain arrays in wasm). Every
+//! result is summed in [`dot`]'s order, so a token's row does not depend on
+//! the batch it came in. Large products are split by rows over
 //! `std::thread::scope` threads natively (wasm runs single-threaded).
 //!
 //! `sliding_window` is not applied (attention is full causal); models here
@@ -211,39 +214,286 @@ fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One weight row against four input rows (each `w.len()` long, back to
-/// back in `x`): the row is loaded once. Bit-identical to four [`dot`]s.
+/// Input rows per micro-tile of a batched product. A tile keeps
+/// `TILE_T × TILE_O` pairs of 16-lane accumulators in registers: natively
+/// 3 × 2 pairs, twelve of the sixteen AVX2 registers; in wasm 4 × 1, the
+/// shape of the product before the tiles.
+#[cfg(not(target_arch = "wasm32"))]
+const TILE_T: usize = 3;
+#[cfg(target_arch = "wasm32")]
+const TILE_T: usize = 4;
+/// Weight rows per micro-tile of a batched product.
+#[cfg(not(target_arch = "wasm32"))]
+const TILE_O: usize = 2;
+#[cfg(target_arch = "wasm32")]
+const TILE_O: usize = 1;
+/// Weight rows per tile of a one-row product (decode): eight independent
+/// accumulators hide the multiply-add latency that one dot product's two
+/// would expose.
+const TILE_O_ONE: usize = 4;
+/// Input rows are taken in blocks of about this many bytes, so a block
+/// stays in L1 while the weight rows stream past it...
+const X_BLOCK_BYTES: usize = 24 << 10;
+/// ...and weight rows in blocks of about this many bytes, which stay in L2
+/// while every input block passes them.
+const W_BLOCK_BYTES: usize = 256 << 10;
+
+/// A micro-kernel of the blocked product: `R` input rows (back to back in
+/// `x`, each `n` wide) against `C` weight rows (back to back in `w`),
+/// giving `[r][c]`. Every pair is summed in [`dot`]'s order (16 lanes over
+/// `k`, [`reduce16`], then the tail), so each result is bit-identical to
+/// `dot_k::<FMA>(w_row, x_row)` whatever the tile: the tile only decides
+/// how often each vector is loaded.
+pub(crate) trait Tiles: Copy {
+    fn tile<const R: usize, const C: usize>(self, w: &[f32], x: &[f32], n: usize) -> [[f32; C]; R];
+}
+
+/// The tiles in plain arrays that the compiler vectorises: the wasm
+/// kernel (simd128), and natively the fallback where pulp offers no
+/// vector level. At most 4 × 4.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PortableTiles<const FMA: bool>;
+
+/// `acc[i] += w[i] * x[i]` over 16 lanes.
 #[inline(always)]
-fn dot4<const FMA: bool>(w: &[f32], x: &[f32]) -> [f32; 4] {
-    let n = w.len();
-    let (x0, rest) = x[..4 * n].split_at(n);
-    let (x1, rest) = rest.split_at(n);
-    let (x2, x3) = rest.split_at(n);
-    let mut acc = [[0f32; 16]; 4];
-    let it = w
-        .chunks_exact(16)
-        .zip(x0.chunks_exact(16))
-        .zip(x1.chunks_exact(16))
-        .zip(x2.chunks_exact(16))
-        .zip(x3.chunks_exact(16));
-    for ((((wv, a0), a1), a2), a3) in it {
-        for i in 0..16 {
-            acc[0][i] = madd::<FMA>(wv[i], a0[i], acc[0][i]);
-            acc[1][i] = madd::<FMA>(wv[i], a1[i], acc[1][i]);
-            acc[2][i] = madd::<FMA>(wv[i], a2[i], acc[2][i]);
-            acc[3][i] = madd::<FMA>(wv[i], a3[i], acc[3][i]);
+fn madd16<const FMA: bool>(acc: &mut [f32; 16], w: &[f32], x: &[f32]) {
+    let (w, x) = (&w[..16], &x[..16]);
+    for i in 0..16 {
+        acc[i] = madd::<FMA>(w[i], x[i], acc[i]);
+    }
+}
+
+impl<const FMA: bool> Tiles for PortableTiles<FMA> {
+    #[inline(always)]
+    fn tile<const R: usize, const C: usize>(self, w: &[f32], x: &[f32], n: usize) -> [[f32; C]; R] {
+        const { assert!(R <= 4 && C <= 4) };
+        let (w, x) = (&w[..C * n], &x[..R * n]);
+        let full = n - n % 16;
+        let mut acc = [[[0f32; 16]; C]; R];
+        let mut k = 0;
+        while k < full {
+            // Literal indices: the compiler keeps every accumulator in
+            // registers (a loop over `r` left `acc` in memory).
+            macro_rules! pair {
+                ($r:literal, $c:literal) => {
+                    if $r < R && $c < C {
+                        madd16::<FMA>(&mut acc[$r][$c], &w[$c * n + k..], &x[$r * n + k..]);
+                    }
+                };
+            }
+            pair!(0, 0);
+            pair!(0, 1);
+            pair!(0, 2);
+            pair!(0, 3);
+            pair!(1, 0);
+            pair!(1, 1);
+            pair!(1, 2);
+            pair!(1, 3);
+            pair!(2, 0);
+            pair!(2, 1);
+            pair!(2, 2);
+            pair!(2, 3);
+            pair!(3, 0);
+            pair!(3, 1);
+            pair!(3, 2);
+            pair!(3, 3);
+            k += 16;
+        }
+        let mut out = [[0f32; C]; R];
+        for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            for (c, (o, a)) in o.iter_mut().zip(a).enumerate() {
+                *o = finish::<FMA>(
+                    reduce16(a),
+                    &w[c * n + full..(c + 1) * n],
+                    &x[r * n + full..],
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A reduced 16-lane sum plus the products of the tail (past the last
+/// full 16), as [`dot`] adds them.
+#[inline(always)]
+fn finish<const FMA: bool>(mut s: f32, w: &[f32], x: &[f32]) -> f32 {
+    for (a, b) in w.iter().zip(x) {
+        s = madd::<FMA>(*a, *b, s);
+    }
+    s
+}
+
+/// The tiles in pulp's vectors for the level it dispatched to (AVX2 +
+/// FMA on x86-64 v3, NEON): explicit vectors, so the accumulators stay
+/// in registers whatever the tile shape.
+#[cfg(not(target_arch = "wasm32"))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SimdTiles<S, const FMA: bool>(pub(crate) S);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<S: pulp::Simd, const FMA: bool> Tiles for SimdTiles<S, FMA> {
+    #[inline(always)]
+    fn tile<const R: usize, const C: usize>(self, w: &[f32], x: &[f32], n: usize) -> [[f32; C]; R] {
+        // `V` vectors of `S::F32_LANES` make the 16 lanes.
+        match S::F32_LANES {
+            16 => simd_tile::<S, FMA, 1, R, C>(self.0, w, x, n),
+            8 => simd_tile::<S, FMA, 2, R, C>(self.0, w, x, n),
+            4 => simd_tile::<S, FMA, 4, R, C>(self.0, w, x, n),
+            _ => PortableTiles::<FMA>.tile::<R, C>(w, x, n),
         }
     }
-    let tail = n - n % 16;
-    let mut out = [0f32; 4];
-    for (k, xs) in [x0, x1, x2, x3].into_iter().enumerate() {
-        let mut s = reduce16(&acc[k]);
-        for (a, b) in w[tail..].iter().zip(&xs[tail..]) {
-            s = madd::<FMA>(*a, *b, s);
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+fn simd_tile<S: pulp::Simd, const FMA: bool, const V: usize, const R: usize, const C: usize>(
+    simd: S,
+    w: &[f32],
+    x: &[f32],
+    n: usize,
+) -> [[f32; C]; R] {
+    let (w, x) = (&w[..C * n], &x[..R * n]);
+    let full = n - n % 16;
+    let mut acc = [[[simd.splat_f32s(0.0); V]; C]; R];
+    let mut k = 0;
+    while k < full {
+        let wv: [&[S::f32s]; C] =
+            std::array::from_fn(|c| S::as_simd_f32s(&w[c * n + k..c * n + k + 16]).0);
+        let xv: [&[S::f32s]; R] =
+            std::array::from_fn(|r| S::as_simd_f32s(&x[r * n + k..r * n + k + 16]).0);
+        for v in 0..V {
+            for r in 0..R {
+                for c in 0..C {
+                    let (a, b) = (wv[c][v], xv[r][v]);
+                    acc[r][c][v] = if FMA {
+                        simd.mul_add_e_f32s(a, b, acc[r][c][v])
+                    } else {
+                        simd.add_f32s(simd.mul_f32s(a, b), acc[r][c][v])
+                    };
+                }
+            }
         }
-        out[k] = s;
+        k += 16;
+    }
+    let mut out = [[0f32; C]; R];
+    for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+        for (c, (o, a)) in o.iter_mut().zip(a).enumerate() {
+            let mut lanes = [0f32; 16];
+            lanes.copy_from_slice(bytemuck::cast_slice(a));
+            *o = finish::<FMA>(
+                reduce16(&lanes),
+                &w[c * n + full..(c + 1) * n],
+                &x[r * n + full..],
+            );
+        }
     }
     out
+}
+
+/// The operands of one blocked product: weight rows `w` (back to back,
+/// each `n` wide) against the `t` rows of `x`, into `out` (`[rows, t]`,
+/// out-major).
+struct Operands<'a, K> {
+    k: K,
+    w: &'a [f32],
+    n: usize,
+    x: &'a [f32],
+    t: usize,
+}
+
+impl<K: Tiles> Operands<'_, K> {
+    /// Weight rows `o..o + C` against input rows `t0..t1`.
+    #[inline(always)]
+    fn columns<const C: usize>(&self, o: usize, t0: usize, t1: usize, out: &mut [f32]) {
+        let (n, t) = (self.n, self.t);
+        let wc = &self.w[o * n..(o + C) * n];
+        let mut ti = t0;
+        while ti + TILE_T <= t1 {
+            let y = self.k.tile::<TILE_T, C>(wc, &self.x[ti * n..], n);
+            for (r, yr) in y.iter().enumerate() {
+                for (c, &v) in yr.iter().enumerate() {
+                    out[(o + c) * t + ti + r] = v;
+                }
+            }
+            ti += TILE_T;
+        }
+        while ti < t1 {
+            let y = self.k.tile::<1, C>(wc, &self.x[ti * n..], n);
+            for (c, &v) in y[0].iter().enumerate() {
+                out[(o + c) * t + ti] = v;
+            }
+            ti += 1;
+        }
+    }
+}
+
+/// The blocked product behind [`matmul`] and the quantized prefill: the
+/// `out.len() / t` weight rows of `w` (each `n` wide, back to back)
+/// against the `t` rows of `x`, into `out` (`[rows, t]`, out-major).
+/// Weight rows go in L2-sized blocks, input rows in L1-sized blocks;
+/// within them micro-tiles of `TILE_T × TILE_O` keep their accumulators in
+/// registers, so each vector loaded feeds several multiply-adds. One input
+/// row (decode) goes through tiles of `TILE_O_ONE` weight rows. Each
+/// result is bit-identical to [`dot`] of its two rows (fused when the
+/// kernel is), so it depends neither on the batch, nor on the blocks, nor
+/// on the thread split.
+#[inline(always)]
+pub(crate) fn block_product<K: Tiles>(
+    k: K,
+    w: &[f32],
+    n: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    if t == 0 || out.is_empty() {
+        return;
+    }
+    let rows = out.len() / t;
+    if t == 1 {
+        let mut o = 0;
+        // Weights past L2 come from memory, where one row at a time (one
+        // stream for the prefetchers) measured up to twice the bandwidth
+        // of four rows at once; weights in cache go four at a time.
+        let tile = if rows * n * 4 > W_BLOCK_BYTES {
+            1
+        } else {
+            TILE_O_ONE
+        };
+        while tile > 1 && o + TILE_O_ONE <= rows {
+            let y = k.tile::<1, TILE_O_ONE>(&w[o * n..], x, n);
+            out[o..o + TILE_O_ONE].copy_from_slice(&y[0]);
+            o += TILE_O_ONE;
+        }
+        while o < rows {
+            out[o] = k.tile::<1, 1>(&w[o * n..], x, n)[0][0];
+            o += 1;
+        }
+        return;
+    }
+    let row_bytes = 4 * n.max(1);
+    let t_block = (X_BLOCK_BYTES / row_bytes).max(TILE_T) / TILE_T * TILE_T;
+    let o_block = (W_BLOCK_BYTES / row_bytes).max(TILE_O) / TILE_O * TILE_O;
+    let ops = Operands { k, w, n, x, t };
+    let mut o0 = 0;
+    while o0 < rows {
+        let o1 = (o0 + o_block).min(rows);
+        let mut t0 = 0;
+        while t0 < t {
+            let t1 = (t0 + t_block).min(t);
+            let mut o = o0;
+            while o + TILE_O <= o1 {
+                ops.columns::<TILE_O>(o, t0, t1, out);
+                o += TILE_O;
+            }
+            while o < o1 {
+                ops.columns::<1>(o, t0, t1, out);
+                o += 1;
+            }
+            t0 = t1;
+        }
+        o0 = o1;
+    }
 }
 
 /// One thread's share of a product: rows `o0..` of `w` into `chunk`.
@@ -255,6 +505,32 @@ struct RowsOp<'a> {
     chunk: &'a mut [f32],
 }
 
+impl RowsOp<'_> {
+    #[inline(always)]
+    fn kernel<K: Tiles>(self, k: K) {
+        let n = self.w.cols;
+        block_product(
+            k,
+            &self.w.data[self.o0 * n..],
+            n,
+            self.x,
+            self.t,
+            self.chunk,
+        )
+    }
+
+    fn run(self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            pulp::Arch::new().dispatch(self)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            self.kernel(PortableTiles::<false>)
+        }
+    }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 impl pulp::WithSimd for RowsOp<'_> {
     type Output = ();
@@ -262,11 +538,11 @@ impl pulp::WithSimd for RowsOp<'_> {
     // below are compiled for the dispatched level (AVX2 + FMA on x86-64
     // v3); `FMA` is on exactly when that level is.
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         if fma_level() {
-            rows_kernel::<true>(self.w, self.x, self.t, self.o0, self.chunk)
+            self.kernel(SimdTiles::<S, true>(simd))
         } else {
-            rows_kernel::<false>(self.w, self.x, self.t, self.o0, self.chunk)
+            self.kernel(SimdTiles::<S, false>(simd))
         }
     }
 }
@@ -276,7 +552,7 @@ impl pulp::WithSimd for RowsOp<'_> {
 /// them (well within the engines' tolerances).
 #[cfg(not(target_arch = "wasm32"))]
 #[inline(always)]
-fn fma_level() -> bool {
+pub(crate) fn fma_level() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         pulp::x86::V3::try_new().is_some()
@@ -287,41 +563,9 @@ fn fma_level() -> bool {
     }
 }
 
-impl RowsOp<'_> {
-    fn run(self) {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            pulp::Arch::new().dispatch(self)
-        }
-        #[cfg(target_arch = "wasm32")]
-        {
-            rows_kernel::<false>(self.w, self.x, self.t, self.o0, self.chunk)
-        }
-    }
-}
-
-/// Rows `o0..` of `w` against the `t` rows of `x`, into `chunk`
-/// (`[rows, t]`, out-major).
-#[inline(always)]
-fn rows_kernel<const FMA: bool>(w: &Mat, x: &[f32], t: usize, o0: usize, chunk: &mut [f32]) {
-    let inn = w.cols;
-    for (r, ys) in chunk.chunks_exact_mut(t).enumerate() {
-        let o = o0 + r;
-        let wr = &w.data[o * inn..(o + 1) * inn];
-        let mut ti = 0;
-        while ti + 4 <= t {
-            ys[ti..ti + 4].copy_from_slice(&dot4::<FMA>(wr, &x[ti * inn..(ti + 4) * inn]));
-            ti += 4;
-        }
-        while ti < t {
-            ys[ti] = dot_k::<FMA>(wr, &x[ti * inn..(ti + 1) * inn]);
-            ti += 1;
-        }
-    }
-}
-
 /// `y[t, o] = sum_i w[o, i] * x[t, i]` for `t` rows of `x` (`[t, w.cols]`),
-/// giving `[t, w.rows]`.
+/// giving `[t, w.rows]`: the blocked product ([`block_product`]) over
+/// [`par_rows`]' thread split.
 pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
     par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
         RowsOp { w, x, t, o0, chunk }.run()
@@ -1131,6 +1375,11 @@ mod tests {
     #[test]
     fn matmul_matches_naive_on_odd_shapes() {
         let mut rng = crate::model::sampler::SplitMix64::new(3);
+        // Sizes around every block of the product: input widths that are
+        // not a multiple of 16 (or shorter), batches that are not a
+        // multiple of the tile's rows (or of the L1 block: 6 rows of 1000),
+        // weight rows that are not a multiple of the tile's (or of the L2
+        // block: 64 rows of 1000), one row either side.
         for &(out, inn, t) in &[
             (1, 1, 1),
             (7, 33, 3),
@@ -1138,6 +1387,13 @@ mod tests {
             (5, 16, 1),
             (9, 40, 9),
             (1100, 1000, 5),
+            (1, 300, 1),
+            (300, 1, 1),
+            (1, 37, 8),
+            (3, 15, 4),
+            (13, 24, 7),
+            (131, 1000, 17),
+            (6, 64, 6),
         ] {
             let w = Mat::new(
                 out,
@@ -1159,6 +1415,44 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_tile_shape_sums_as_dot_does_bitwise() {
+        // The portable kernel (wasm's) without FMA sums each pair exactly
+        // as `dot`; natively the vector kernel must agree with it too when
+        // FMA is off, and within rounding when it is on.
+        let mut rng = crate::model::sampler::SplitMix64::new(9);
+        for &(out, inn, t) in &[(7, 45, 5), (2, 16, 3), (9, 3, 4), (5, 130, 1), (4, 0, 2)] {
+            let w: Vec<f32> = (0..out * inn).map(|_| rng.uniform_pm1()).collect();
+            let x: Vec<f32> = (0..inn * t).map(|_| rng.uniform_pm1()).collect();
+            let mut got = vec![f32::NAN; out * t];
+            block_product(PortableTiles::<false>, &w, inn, &x, t, &mut got);
+            for o in 0..out {
+                for ti in 0..t {
+                    let d = dot(&w[o * inn..(o + 1) * inn], &x[ti * inn..(ti + 1) * inn]);
+                    assert_eq!(got[o * t + ti].to_bits(), d.to_bits(), "{out} {inn} {t}");
+                }
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                struct Both<'a>(&'a [f32], usize, &'a [f32], usize, &'a [f32]);
+                impl pulp::WithSimd for Both<'_> {
+                    type Output = ();
+                    fn with_simd<S: pulp::Simd>(self, simd: S) {
+                        let Both(w, inn, x, t, want) = self;
+                        let mut y = vec![f32::NAN; want.len()];
+                        block_product(SimdTiles::<S, false>(simd), w, inn, x, t, &mut y);
+                        assert_eq!(y, want);
+                        block_product(SimdTiles::<S, true>(simd), w, inn, x, t, &mut y);
+                        for (a, b) in y.iter().zip(want) {
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} {b}");
+                        }
+                    }
+                }
+                pulp::Arch::new().dispatch(Both(&w, inn, &x, t, &got));
             }
         }
     }

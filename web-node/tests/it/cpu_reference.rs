@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::mixtral;
-use web_node::model::generate::{generate, generate_from_ids, StopReason};
+use web_node::model::generate::{generate, generate_from_ids, Generator, StopReason};
 use web_node::model::load::{BytesExpertSource, ModelDir};
 use web_node::model::random::{random_model_bytes, tiny_config, write_random_model};
 use web_node::model::reference::CpuModel;
@@ -617,4 +617,30 @@ fn generate_stops_at_eos() {
     assert_eq!(g.stop, StopReason::Eos);
     assert_eq!(g.tokens, vec![70, 70]);
     assert_eq!(g.text, "CC");
+}
+
+#[test]
+fn fixed_length_generation_keeps_going_past_eos() {
+    let (_tmp, dir) = tiny_dir(1);
+    let mut m = Eosy {
+        cfg: tiny_config(),
+        pos: 0,
+    };
+    let mut s = Sampler::greedy();
+    let mut g = Generator::new(vec![0, 1, 2], 6, &m.cfg)
+        .unwrap()
+        .ignore_eos(true);
+    let mut seen = Vec::new();
+    while let Some(input) = g.input() {
+        let input = input.to_vec();
+        let out = m
+            .run(&input, &RunOptions::default(), Generator::want(&s))
+            .unwrap();
+        seen.extend(g.push(out, &mut s, &dir.tokenizer).unwrap().map(|p| p.0));
+    }
+    let g = g.finish(&dir.tokenizer).unwrap();
+    assert_eq!(g.stop, StopReason::MaxTokens);
+    assert_eq!(g.tokens, vec![70, 70, 1, 1, 1, 1]);
+    assert_eq!(seen, g.tokens);
+    assert_eq!(m.position(), 3 + 5);
 }
