@@ -16,18 +16,16 @@ use crate::chain::{
 };
 use crate::model::{Config, ExpertId, ExpertWeights, ModelError, Slot, Supply};
 use crate::net::api::{BlockInfo, ChunkList};
-use crate::verify;
 
 use super::cache::Cache;
 use super::dom::{js_err, set_progress};
 use super::{net, panels};
+use crate::client::listing::{link_has_next, Pager, MAX_PAGE};
 use crate::view::budget::ByteLru;
 use crate::view::fmt_bytes;
 
 /// Bytes per payload request: whole chunks, each checked on arrival.
 const PIECE_BYTES: u64 = 1024 * 1024;
-/// Most listing pages followed (a relay whose `Link` headers loop stops here).
-const MAX_PAGES: usize = 10_000;
 
 /// What this page fetched from the relay.
 #[derive(Debug, Clone, Default)]
@@ -148,38 +146,23 @@ pub async fn post_json<T: serde::Serialize>(url: &str, body: &T) -> Result<(u16,
     Ok((resp.status(), text))
 }
 
-/// The target of a `Link: <url>; rel="next"` header.
-fn next_link(link: &str) -> Option<String> {
-    link.split(',').find_map(|part| {
-        let (url, params) = part.trim().split_once(';')?;
-        params.contains("rel=\"next\"").then(|| {
-            url.trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_string()
-        })
-    })
-}
-
-/// `GET /chain/{A|B}/blocks`, every page.
+/// `GET /chain/{A|B}/blocks`, every page, through the client core's
+/// [`Pager`] (the one every client lists with: its own cursor, bounded, a
+/// page that does not advance or repeats a block is an error).
 pub async fn list_chain(chain: ChainId, stats: &mut FetchStats) -> Result<Vec<BlockInfo>, String> {
-    let mut url = format!("/chain/{chain:?}/blocks");
-    let mut out = Vec::new();
-    for _ in 0..MAX_PAGES {
+    let mut pager = Pager::new(chain, MAX_PAGE);
+    while let Some(req) = pager.next_request() {
+        let url = req.path();
         let (body, link) = get(&url, None, stats).await?;
-        out.extend(verify::parse_listing(&body).map_err(|e| format!("{url}: {e}"))?);
-        match link.as_deref().and_then(next_link) {
-            Some(next) if next != url => url = next,
-            _ => return Ok(out),
-        }
+        pager
+            .on_page_body(&body, Some(link_has_next(link.as_deref())))
+            .map_err(|e| e.to_string())?;
     }
-    Err(format!(
-        "chain {chain:?}: more than {MAX_PAGES} listing pages"
-    ))
+    pager.finish().map_err(|e| e.to_string())
 }
 
 /// A whole payload in one request (chain-A payloads: small JSON, checked by
-/// [`verify::verify_chain_dag`]).
+/// [`crate::verify::verify_chain_dag`]).
 pub async fn get_payload(hash: &BlockHash, stats: &mut FetchStats) -> Result<Vec<u8>, String> {
     let (body, _) = get(&format!("/blocks/{}/payload", hash.to_hex()), None, stats).await?;
     stats.payload_bytes += body.len() as u64;
