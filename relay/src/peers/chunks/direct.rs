@@ -42,6 +42,10 @@ pub const RECEIPT_BYTES_PER_PERIOD: u64 = 8 << 30;
 /// before its receipts count).
 pub const DIRECT_CAPACITY: usize = 65_536;
 
+/// Expired sessions are swept at most this often (a sweep walks them all;
+/// a session used past its TTL is refused at once anyway).
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `Introduced` reasons.
 pub const NO_DIRECT_HOLDER: &str = "no online holder of the block accepts direct connections";
 pub const TOO_MANY_SESSIONS: &str = "too many open introductions";
@@ -84,6 +88,10 @@ impl<T: std::hash::Hash + Eq + Clone> Bounded<T> {
 pub(super) struct DirectState {
     accepting: HashSet<PeerId>,
     sessions: HashMap<u64, Session>,
+    /// Sessions per key (so a check is O(1), whatever is open).
+    per_key: HashMap<PeerId, usize>,
+    /// Expired sessions are swept at most once per [`SWEEP_EVERY`].
+    last_sweep: Option<Instant>,
     next_session: u64,
     /// Keys this relay delivered a chunk to.
     fetched: Bounded<PeerId>,
@@ -102,22 +110,65 @@ impl DirectState {
     }
 
     fn sessions_of(&self, id: &PeerId) -> usize {
-        self.sessions
-            .values()
-            .filter(|s| &s.a == id || &s.b == id)
-            .count()
+        self.per_key.get(id).copied().unwrap_or(0)
+    }
+
+    fn open(&mut self, id: u64, s: Session) {
+        for k in [s.a, s.b] {
+            *self.per_key.entry(k).or_default() += 1;
+        }
+        self.sessions.insert(id, s);
+    }
+
+    fn end(&mut self, id: u64) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.uncount(&[s.a, s.b]);
+        }
+    }
+
+    fn uncount(&mut self, keys: &[PeerId]) {
+        for k in keys {
+            if let Some(n) = self.per_key.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_key.remove(k);
+                }
+            }
+        }
+    }
+
+    fn end_where(&mut self, dead: impl Fn(&Session) -> bool) {
+        let gone: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| dead(s))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in gone {
+            self.end(id);
+        }
     }
 
     /// The key left: its sessions end, it is no longer introduced.
     pub(super) fn forget(&mut self, id: &PeerId) {
         self.accepting.remove(id);
-        self.sessions.retain(|_, s| &s.a != id && &s.b != id);
+        if self.per_key.contains_key(id) {
+            self.end_where(|s| &s.a == id || &s.b == id);
+        }
         self.period_bytes.remove(id);
     }
 
+    /// Sweep expired sessions (at most once per [`SWEEP_EVERY`]); a session
+    /// used after its TTL is refused by [`Core::signal`] in any case.
     fn expire(&mut self, now: Instant) {
-        self.sessions
-            .retain(|_, s| now.saturating_duration_since(s.last) < limits::SESSION_TTL);
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.end_where(|s| now.saturating_duration_since(s.last) >= limits::SESSION_TTL);
     }
 }
 
@@ -182,7 +233,7 @@ impl Core {
         };
         self.direct.next_session = self.direct.next_session.wrapping_add(1).max(1);
         let session = self.direct.next_session;
-        self.direct.sessions.insert(
+        self.direct.open(
             session,
             Session {
                 a: me,
@@ -230,6 +281,14 @@ impl Core {
                 limits::MAX_SIGNAL_BODY
             ));
         }
+        let expired = self
+            .direct
+            .sessions
+            .get(&session)
+            .is_some_and(|s| now.saturating_duration_since(s.last) >= limits::SESSION_TTL);
+        if expired {
+            self.direct.end(session);
+        }
         let Some(s) = self.direct.sessions.get_mut(&session) else {
             return failed("no such introduction (never made, ended or expired)".into());
         };
@@ -246,11 +305,11 @@ impl Core {
         s.signals += 1;
         s.last = now;
         let Some(to_conn) = self.conn_of(&to) else {
-            self.direct.sessions.remove(&session);
+            self.direct.end(session);
             return failed("the other key is not online".into());
         };
         if kind == SignalKind::Bye {
-            self.direct.sessions.remove(&session);
+            self.direct.end(session);
         }
         vec![Action::Send {
             conn: to_conn,

@@ -139,6 +139,13 @@ fn introductions_per_peer_are_bounded_so_memory_stays_flat() {
         .counted(&t.counters);
     assert!(matches!(&a[..], [Action::Send { conn: 1, .. }]));
     assert_eq!(t.core.direct_sessions(), dl::MAX_SESSIONS_PER_PEER - 1);
+    // Its place is free again, for both keys.
+    assert!(t.intro(2, b).1.is_some());
+    assert_eq!(t.intro(2, b).2, TOO_MANY_SESSIONS);
+    // Expired sessions are swept: both keys can be introduced again.
+    t.now += dl::SESSION_TTL + Duration::from_secs(2);
+    assert!(t.intro(3, b).1.is_some());
+    assert_eq!(t.core.direct_sessions(), 1);
 }
 
 fn closed(a: &[Action], conn: ConnId) -> bool {
