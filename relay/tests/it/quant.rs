@@ -219,13 +219,21 @@ fn quantized_models_are_published_rederived_and_served() {
     .address("operator".to_string())
     .timestamp_ms(1_700_000_000_002)
     .sign(&qp, &key);
-    let r = post_bin(&format!("{url}/blocks"), &envelope_and_payload(&wrong, &qp));
-    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    assert!(
-        r.error(400).message.contains("quantized model"),
-        "{}",
-        r.error(400).message
-    );
+    // Refused from the payload's safetensors header, before the rest is
+    // read: send the envelope and that header only, under the whole upload's
+    // length (a client streaming the rest may see the relay close on it,
+    // EPIPE, before it reads the 400).
+    let st_header = 8 + u64::from_le_bytes(qp[..8].try_into().unwrap()) as usize;
+    let mut req = format!(
+        "POST /blocks HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        envelope_and_payload(&wrong, &qp).len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&envelope_and_payload(&wrong, &qp[..st_header]));
+    let (status, text) = raw(&relay.addr(), &req);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("quantized model"), "{text}");
 
     // After a restart every block still validates from the listing.
     relay.stop();
