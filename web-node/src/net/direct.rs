@@ -321,34 +321,11 @@ pub enum ChannelMsg {
         offset: u32,
         total: u32,
         statement: Option<Signed<ChunkStatement>>,
-        #[serde(with = "serde_bytes_compat")]
+        #[serde(with = "crate::net::peer::raw_bytes")]
         data: Vec<u8>,
     },
     /// Server → receiver: it does not hold that chunk (any more).
     NotHeld { req: u32 },
-}
-
-/// Chunk bytes as one byte string (a length and a memcpy).
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-        }
-        d.deserialize_bytes(V)
-    }
 }
 
 /// Room a `Part`'s envelope and statement take besides its data.
@@ -356,27 +333,14 @@ const PART_OVERHEAD: usize = 512;
 
 impl ChannelMsg {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
+        crate::net::peer::encode(self)
     }
 
-    /// Decode one data-channel message: bounded, no trailing bytes.
+    /// Decode one data-channel message: bounded, no trailing bytes (the
+    /// same rule as a `/ws` frame, with the channel's bound).
     pub fn decode(bytes: &[u8]) -> Result<ChannelMsg, DirectError> {
-        if bytes.len() > limits::MAX_CHANNEL_MESSAGE {
-            return Err(DirectError::Invalid(format!(
-                "channel message of {} bytes exceeds {}",
-                bytes.len(),
-                limits::MAX_CHANNEL_MESSAGE
-            )));
-        }
-        let (m, rest) = postcard::take_from_bytes(bytes)
-            .map_err(|e| DirectError::Invalid(format!("malformed channel message: {e}")))?;
-        if !rest.is_empty() {
-            return Err(DirectError::Invalid(format!(
-                "{} trailing bytes after a channel message",
-                rest.len()
-            )));
-        }
-        Ok(m)
+        crate::net::peer::decode_bounded(bytes, limits::MAX_CHANNEL_MESSAGE)
+            .map_err(|e| DirectError::Invalid(format!("channel message: {e}")))
     }
 
     /// The parts that carry `data` (one chunk) for `req`, each under

@@ -279,7 +279,7 @@ pub enum FromRelay {
 /// rather than serde's element-by-element sequence of `u8`. postcard writes
 /// both the same way (varint length, then the bytes), so the wire format is
 /// unchanged; only the work per chunk is.
-mod raw_bytes {
+pub(crate) mod raw_bytes {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -350,10 +350,19 @@ pub enum WireError {
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
-    if bytes.len() > limits::MAX_MESSAGE {
+    decode_bounded(bytes, limits::MAX_MESSAGE)
+}
+
+/// Decode one postcard message of at most `max` bytes with nothing after
+/// it (the rule of every frame: `/ws` and the data channels).
+pub(crate) fn decode_bounded<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    max: usize,
+) -> Result<T, WireError> {
+    if bytes.len() > max {
         return Err(WireError::TooLarge {
             len: bytes.len(),
-            max: limits::MAX_MESSAGE,
+            max,
         });
     }
     let (msg, rest) =
@@ -364,7 +373,7 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
     Ok(msg)
 }
 
-fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising these plain enums into a Vec cannot fail.
     postcard::to_allocvec(msg).unwrap_or_default()
 }

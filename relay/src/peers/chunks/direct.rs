@@ -58,28 +58,42 @@ struct Session {
     last: Instant,
 }
 
-/// A set with a bound: past it, the oldest entries go first.
-#[derive(Debug, Default)]
-struct Bounded<T: std::hash::Hash + Eq + Clone> {
-    set: HashSet<T>,
-    order: VecDeque<T>,
+/// A map with a bound: past it, the oldest keys go first (a set with
+/// `V = ()`).
+#[derive(Debug)]
+struct Bounded<K: std::hash::Hash + Eq + Clone, V = ()> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
 }
 
-impl<T: std::hash::Hash + Eq + Clone> Bounded<T> {
-    fn insert(&mut self, v: T) -> bool {
-        if !self.set.insert(v.clone()) {
+impl<K: std::hash::Hash + Eq + Clone, V> Default for Bounded<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
+    /// Set `k` to `v`; true when `k` is new (an update keeps its age).
+    fn insert(&mut self, k: K, v: V) -> bool {
+        if self.map.insert(k.clone(), v).is_some() {
             return false;
         }
-        self.order.push_back(v);
+        self.order.push_back(k);
         while self.order.len() > DIRECT_CAPACITY {
             if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
+                self.map.remove(&old);
             }
         }
         true
     }
-    fn contains(&self, v: &T) -> bool {
-        self.set.contains(v)
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k)
+    }
+    fn contains(&self, k: &K) -> bool {
+        self.map.contains_key(k)
     }
 }
 
@@ -96,8 +110,7 @@ pub(super) struct DirectState {
     /// Keys this relay delivered a chunk to.
     fetched: Bounded<PeerId>,
     /// Bytes credited per (server, receiver, block).
-    credited: HashMap<(PeerId, PeerId, BlockHash), u64>,
-    credited_order: VecDeque<(PeerId, PeerId, BlockHash)>,
+    credited: Bounded<(PeerId, PeerId, BlockHash), u64>,
     /// Per receiver: (period, bytes credited in it).
     period_bytes: HashMap<PeerId, (u64, u64)>,
     /// Proofs already judged (server, block, index, time).
@@ -106,7 +119,7 @@ pub(super) struct DirectState {
 
 impl DirectState {
     pub(super) fn note_fetch(&mut self, id: PeerId) {
-        self.fetched.insert(id);
+        self.fetched.insert(id, ());
     }
 
     fn sessions_of(&self, id: &PeerId) -> usize {
@@ -360,7 +373,7 @@ impl Core {
                 if !self
                     .direct
                     .judged
-                    .insert((accused, b.block, b.index, b.time_ms))
+                    .insert((accused, b.block, b.index, b.time_ms), ())
                 {
                     out.push(verdict(true, "already judged".into()));
                     return out;
@@ -457,14 +470,6 @@ impl Core {
             .min(RECEIPT_BYTES_PER_PERIOD.saturating_sub(used));
         if credit == 0 {
             return refused("already credited in full (block size or the period's cap)".into());
-        }
-        if !self.direct.credited.contains_key(&key) {
-            self.direct.credited_order.push_back(key);
-            while self.direct.credited_order.len() > DIRECT_CAPACITY {
-                if let Some(old) = self.direct.credited_order.pop_front() {
-                    self.direct.credited.remove(&old);
-                }
-            }
         }
         self.direct.credited.insert(key, so_far + credit);
         self.direct.period_bytes.insert(me, (p, used + credit));
