@@ -176,6 +176,18 @@ impl Tx {
             .map_err(js_err("cache store missing"))
     }
 
+    /// The payload and size stores of a write; the transaction is aborted
+    /// when either is missing.
+    fn payloads_and_sizes(&self) -> Result<(IdbObjectStore, IdbObjectStore), String> {
+        match (self.store(PAYLOADS), self.store(SIZES)) {
+            (Ok(p), Ok(s)) => Ok((p, s)),
+            (Err(e), _) | (_, Err(e)) => {
+                self.abort();
+                Err(e)
+            }
+        }
+    }
+
     /// Wait until the transaction commits; an abort (a failed request, a
     /// full quota) is an error naming `what`.
     async fn commit(self, what: &str) -> Result<(), String> {
@@ -373,13 +385,7 @@ impl Cache {
             return Ok(());
         }
         let tx = Tx::new(&self.db, IdbTransactionMode::Readwrite)?;
-        let (payloads, sizes) = match (tx.store(PAYLOADS), tx.store(SIZES)) {
-            (Ok(p), Ok(s)) => (p, s),
-            (Err(e), _) | (_, Err(e)) => {
-                tx.abort();
-                return Err(e);
-            }
-        };
+        let (payloads, sizes) = tx.payloads_and_sizes()?;
         let mut total = 0usize;
         for (hash, bytes) in items {
             let len = bytes.len() as f64;
@@ -414,13 +420,7 @@ impl Cache {
 
     async fn delete_keys(&self, keys: &[JsValue]) -> Result<(), String> {
         let tx = Tx::new(&self.db, IdbTransactionMode::Readwrite)?;
-        let (payloads, sizes) = match (tx.store(PAYLOADS), tx.store(SIZES)) {
-            (Ok(p), Ok(s)) => (p, s),
-            (Err(e), _) | (_, Err(e)) => {
-                tx.abort();
-                return Err(e);
-            }
-        };
+        let (payloads, sizes) = tx.payloads_and_sizes()?;
         for k in keys {
             if let Err(e) = payloads.delete(k).and_then(|_| sizes.delete(k)) {
                 tx.abort();

@@ -436,19 +436,6 @@ fn render_versions_svg(nodes: &[DagNode]) -> String {
         let v = version.entry((n.meta, n.name.as_str())).or_insert(0);
         *v += 1;
         let chain = if n.chain == ChainId::A { "A" } else { "B" };
-        let mut cls = vec!["node"];
-        if n.held {
-            cls.push("held");
-        }
-        if n.used {
-            cls.push("used");
-        }
-        if n.head {
-            cls.push("head");
-        }
-        if n.failed {
-            cls.push("failed");
-        }
         let state = format!(
             "{}{}{}{}",
             if n.head { ", head" } else { "" },
@@ -467,7 +454,7 @@ fn render_versions_svg(nodes: &[DagNode]) -> String {
         s.push_str(&format!(
             "<g class=\"{cls}\" data-hash=\"{hex}\" data-chain=\"{chain}\" data-held=\"{held}\" \
              data-used=\"{used}\" data-head=\"{head}\"><title>{title}</title>",
-            cls = cls.join(" "),
+            cls = node_class(n),
             hex = n.hash.to_hex(),
             held = n.held,
             used = n.used,
