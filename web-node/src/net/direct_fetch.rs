@@ -126,6 +126,27 @@ impl DirectFetch {
         }
     }
 
+    /// The block being fetched.
+    pub fn block(&self) -> BlockHash {
+        self.block
+    }
+
+    /// When [`Self::tick`] must next be called (the clock of the calls):
+    /// the open deadline while connecting, the answer deadline while
+    /// chunks are asked.
+    pub fn deadline(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Connecting { since, .. } => {
+                Some(since.saturating_add(limits::OPEN_DEADLINE.as_millis() as u64))
+            }
+            Phase::Open { .. } if !self.asked.is_empty() => Some(
+                self.last_ms
+                    .saturating_add(limits::ANSWER_DEADLINE.as_millis() as u64),
+            ),
+            _ => None,
+        }
+    }
+
     /// Bytes received and checked so far.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -17,6 +17,9 @@ enum Chunk {
     InFlight { attempts: u32 },
     /// Verified and kept by the assembler.
     Done,
+    /// Being fetched directly from a peer (WebRTC); not asked of the relay
+    /// unless [`Fetches::release`] hands it back.
+    Direct,
 }
 
 #[derive(Debug)]
@@ -107,28 +110,33 @@ impl Fetches {
             .collect()
     }
 
-    /// Start fetching `block`: the chunk list is checked against the payload root.
+    /// Start fetching `block`: the chunk list is checked against the payload
+    /// root. With `direct`, every chunk is reserved for a direct fetch
+    /// ([`Self::on_direct`], [`Self::release`]) instead of the relay.
     pub fn start(
         &mut self,
         block: &Block,
         list: Vec<BlockHash>,
         config: Option<Config>,
+        direct: bool,
     ) -> Result<(), ChainError> {
         let mut asm = PayloadAssembler::new(block);
         asm.set_chunk_list(list)?;
         let n = asm.chunk_count() as usize;
+        let first = if direct {
+            Chunk::Direct
+        } else {
+            Chunk::Wanted {
+                not_before: 0,
+                attempts: 0,
+            }
+        };
         self.by_hash.insert(
             block.hash,
             Fetch {
                 asm,
                 config,
-                chunks: vec![
-                    Chunk::Wanted {
-                        not_before: 0,
-                        attempts: 0
-                    };
-                    n
-                ],
+                chunks: vec![first; n],
                 hint: 0,
             },
         );
@@ -277,43 +285,131 @@ impl Fetches {
         let Some(i) = self.inflight.remove(&req) else {
             return ChunkOutcome::Ignored;
         };
-        let Some(f) = self.by_hash.get_mut(&i.block) else {
+        if !self.by_hash.contains_key(&i.block) {
+            return ChunkOutcome::Ignored;
+        }
+        // The relay names what it sends; an answer for another chunk than
+        // the one asked under `req` is as bad as a wrong chunk.
+        if block != i.block || index != i.index {
+            return self.bad(i.block, i.index, from, now, cfg);
+        }
+        self.accept(i.block, i.index, data, from, now, cfg)
+    }
+
+    /// A chunk that arrived directly from a peer (already checked against
+    /// its signed statement and the chunk list by the direct fetch; checked
+    /// again here by the assembler, as every chunk is).
+    pub fn on_direct(
+        &mut self,
+        block: BlockHash,
+        index: u32,
+        data: Vec<u8>,
+        from: Source,
+        now: Millis,
+        cfg: &NodeConfig,
+    ) -> ChunkOutcome {
+        match self
+            .by_hash
+            .get(&block)
+            .and_then(|f| f.chunks.get(index as usize))
+        {
+            Some(Chunk::Direct) => self.accept(block, index, data, from, now, cfg),
+            _ => ChunkOutcome::Ignored,
+        }
+    }
+
+    /// Chunks the direct fetch will not deliver: asked of the relay now.
+    /// Returns how many were handed back.
+    pub fn release(&mut self, block: &BlockHash, indexes: &[u32]) -> usize {
+        let Some(f) = self.by_hash.get_mut(block) else {
+            return 0;
+        };
+        let mut n = 0;
+        for &ix in indexes {
+            if let Some(c @ Chunk::Direct) = f.chunks.get_mut(ix as usize) {
+                *c = Chunk::Wanted {
+                    not_before: 0,
+                    attempts: 0,
+                };
+                f.hint = f.hint.min(ix as usize);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Chunks of `block` still reserved for a direct fetch.
+    pub fn reserved(&self, block: &BlockHash) -> Vec<u32> {
+        self.by_hash.get(block).map_or_else(Vec::new, |f| {
+            (0..f.chunks.len() as u32)
+                .filter(|i| f.chunks[*i as usize] == Chunk::Direct)
+                .collect()
+        })
+    }
+
+    /// A chunk that failed its check: counted, and asked again (of the relay).
+    fn bad(
+        &mut self,
+        block: BlockHash,
+        index: u32,
+        from: Source,
+        now: Millis,
+        cfg: &NodeConfig,
+    ) -> ChunkOutcome {
+        let bad = ChunkOutcome::Bad {
+            hash: block,
+            index,
+            from,
+        };
+        if let Some(c @ Chunk::Direct) = self
+            .by_hash
+            .get_mut(&block)
+            .and_then(|f| f.chunks.get_mut(index as usize))
+        {
+            *c = Chunk::InFlight { attempts: 0 };
+        }
+        let next = self.fail_chunk(block, index, "bad chunk", now, cfg);
+        ChunkOutcome::Many(vec![bad, next])
+    }
+
+    /// Add a chunk to its fetch's assembler: progress, completion (every
+    /// content rule checked) or a bad chunk.
+    fn accept(
+        &mut self,
+        block: BlockHash,
+        index: u32,
+        data: Vec<u8>,
+        from: Source,
+        now: Millis,
+        cfg: &NodeConfig,
+    ) -> ChunkOutcome {
+        let Some(f) = self.by_hash.get_mut(&block) else {
             return ChunkOutcome::Ignored;
         };
         let bytes = data.len() as u64;
-        // The relay names what it sends; an answer for another chunk than
-        // the one asked under `req` is as bad as a wrong chunk.
-        let ok =
-            block == i.block && index == i.index && f.asm.add_chunk(u64::from(index), data).is_ok();
-        if !ok {
-            let bad = ChunkOutcome::Bad {
-                hash: i.block,
-                index: i.index,
-                from,
-            };
-            let next = self.fail_chunk(i.block, i.index, "bad chunk", now, cfg);
-            return ChunkOutcome::Many(vec![bad, next]);
+        if f.asm.add_chunk(u64::from(index), data).is_err() {
+            return self.bad(block, index, from, now, cfg);
         }
-        if let Some(c) = f.chunks.get_mut(i.index as usize) {
+        if let Some(c) = f.chunks.get_mut(index as usize) {
             *c = Chunk::Done;
         }
         let of = f.asm.chunk_count();
         if !f.asm.is_complete() {
             return ChunkOutcome::Progress {
-                hash: i.block,
+                hash: block,
                 received: f.asm.received(),
                 of,
                 from,
                 bytes,
             };
         }
-        let Some(f) = self.take(&i.block) else {
+        let Some(f) = self.take(&block) else {
             return ChunkOutcome::Ignored;
         };
         let chunk_size = f.asm.header().chunk_size;
         match f.asm.finish(f.config.as_ref()) {
             Ok(v) => ChunkOutcome::Complete {
-                hash: i.block,
+                hash: block,
                 payload: v.bytes,
                 chunk_size,
                 from,
@@ -321,7 +417,7 @@ impl Fetches {
                 of,
             },
             Err(e) => ChunkOutcome::Failed {
-                hash: i.block,
+                hash: block,
                 reason: format!("the complete payload fails verification: {e}"),
             },
         }

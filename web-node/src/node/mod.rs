@@ -24,9 +24,14 @@
 //! bad chunk is dropped, counted against its source and asked again, and a
 //! whole payload passes every content rule before it is held and announced.
 
+mod direct;
+#[cfg(test)]
+mod direct_tests;
 mod fetch;
 #[cfg(test)]
 mod tests;
+
+pub use direct::RtcAction;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -80,6 +85,12 @@ pub struct NodeConfig {
     pub chunk_timeout: Millis,
     /// See [`MAX_CHUNK_ATTEMPTS`].
     pub max_attempts: u32,
+    /// Fetch directly from peers and serve them over WebRTC data channels
+    /// (the browser); the driver carries out [`NodeEvent::Rtc`].
+    pub direct: bool,
+    /// Test switch: flip a bit of every chunk served directly (a lying
+    /// peer, to show that it is caught and banned).
+    pub corrupt_direct: bool,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +101,8 @@ impl Default for NodeConfig {
             max_in_flight: limits::CHUNK_CREDITS,
             chunk_timeout: CHUNK_TIMEOUT_MS,
             max_attempts: MAX_CHUNK_ATTEMPTS,
+            direct: false,
+            corrupt_direct: false,
         }
     }
 }
@@ -153,6 +166,17 @@ pub struct NodeStats {
     pub ignored: u64,
     /// Logins completed (1 + reconnections).
     pub logins: u64,
+    /// Verified chunk bytes received directly (WebRTC), also counted per
+    /// source in `bytes_received`.
+    pub direct_bytes_received: u64,
+    /// Chunk bytes served directly.
+    pub direct_bytes_served: u64,
+    /// Direct fetches that handed chunks back to relay forwarding.
+    pub direct_fallbacks: u64,
+    /// Proofs of lying sent to the relay.
+    pub direct_proofs_sent: u64,
+    /// Bytes the relay credited from this node's receipts.
+    pub direct_receipts_credited: u64,
 }
 
 impl NodeStats {
@@ -214,6 +238,20 @@ pub enum NodeEvent {
         chain: ChainId,
         name: String,
     },
+    /// Carry this out on the node's WebRTC connections (direct transfer).
+    Rtc(RtcAction),
+    /// A direct fetch gave `chunks` chunks back to relay forwarding.
+    DirectFallback {
+        hash: BlockHash,
+        chunks: u32,
+        reason: String,
+    },
+    /// The relay judged a proof this node sent.
+    DirectVerdict {
+        accused: PeerId,
+        guilty: bool,
+        reason: String,
+    },
 }
 
 /// A payload this node holds and serves.
@@ -262,6 +300,7 @@ pub struct PeerNode {
     computes: BTreeSet<u64>,
     next_status: Millis,
     stats: NodeStats,
+    direct: direct::Direct,
 }
 
 impl std::fmt::Debug for PeerNode {
@@ -289,6 +328,7 @@ impl PeerNode {
             computes: BTreeSet::new(),
             next_status: 0,
             stats: NodeStats::default(),
+            direct: direct::Direct::default(),
         }
     }
 
@@ -361,6 +401,7 @@ impl PeerNode {
     fn reset_connection(&mut self, now: Millis) {
         self.epoch += 1;
         self.conn = Conn::Down;
+        self.direct_disconnected(now);
         self.outbox.clear();
         self.computes.clear();
         self.fetches.requeue_all(now);
@@ -431,18 +472,25 @@ impl PeerNode {
         if block.header.chain == ChainId::B && config.is_none() {
             return Err(NodeError::NoConfig { block: hash });
         }
+        let direct =
+            self.cfg.direct && self.direct.ready() && self.is_logged_in() && !chunk_list.is_empty();
+        let list = direct.then(|| chunk_list.clone());
         self.fetches
-            .start(block, chunk_list, config)
+            .start(block, chunk_list, config, direct)
             .map_err(|source| NodeError::ChunkList {
                 block: hash,
                 source,
             })?;
+        if let Some(list) = list {
+            self.start_direct(hash, list, block.header.chunk_size, now);
+        }
         self.pump(now);
         Ok(())
     }
 
     /// Give up a fetch (its late answers are then ignored).
     pub fn cancel_fetch(&mut self, hash: &BlockHash) -> bool {
+        self.direct_cancel(hash);
         self.fetches.cancel(hash)
     }
 
@@ -462,7 +510,8 @@ impl PeerNode {
             return None;
         };
         let fetch = self.fetches.next_deadline(self.room());
-        Some(fetch.map_or(self.next_status, |f| f.min(self.next_status)))
+        let t = fetch.map_or(self.next_status, |f| f.min(self.next_status));
+        Some(self.direct_deadline().map_or(t, |d| d.min(t)))
     }
 
     /// Time passed: chunk requests past their deadline are retried, delayed
@@ -474,6 +523,7 @@ impl PeerNode {
         for out in self.fetches.expire(now, &self.cfg) {
             self.outcome(out);
         }
+        self.direct_timeout(now);
         self.pump(now);
     }
 
@@ -505,6 +555,9 @@ impl PeerNode {
                     serve_compute: self.cfg.serve_compute,
                 });
                 self.next_status = now.saturating_add(STATUS_INTERVAL_MS);
+                if self.cfg.direct {
+                    self.outbox.push_back(ToRelay::Direct { accept: true });
+                }
                 self.announce_all();
             }
             FromRelay::Error { code, mut message } => {
@@ -540,14 +593,14 @@ impl PeerNode {
                 self.events
                     .push_back(NodeEvent::BlockAdded { hash, chain, name });
             }
-            // Direct transfer is the browser's (WebRTC); this node keeps to
+            // Direct transfer (WebRTC): a node without `cfg.direct` keeps to
             // relay forwarding and never asks for an introduction.
-            FromRelay::DirectConfig { .. }
+            m @ (FromRelay::DirectConfig { .. }
             | FromRelay::Introduced { .. }
             | FromRelay::Signal { .. }
             | FromRelay::SignalFailed { .. }
             | FromRelay::Verdict { .. }
-            | FromRelay::ReceiptTaken { .. } => {}
+            | FromRelay::ReceiptTaken { .. }) => self.handle_direct(m, now),
         }
         self.pump(now);
     }

@@ -1,0 +1,509 @@
+//! Direct transfer inside the node: the sessions of this node's WebRTC
+//! connections, in both roles, sans-IO.
+//!
+//! * **Fetching.** With [`super::NodeConfig::direct`] and the relay's
+//!   `DirectConfig` received, [`PeerNode::fetch`] reserves every chunk of the
+//!   block for a [`DirectFetch`] and asks the relay for an introduction. The
+//!   driver opens the connection ([`RtcAction::Open`]), passes signals both
+//!   ways and reports the channel's events; chunks that arrive go into the
+//!   same assembler as relay-forwarded ones, and whatever the direct fetch
+//!   gives up ([`Step::Fallback`]) is asked of the relay at once, so nothing
+//!   is fetched twice and a failed channel costs one deadline at most.
+//! * **Serving.** An offer on a session the relay introduced opens an
+//!   answering connection; each `Want` is answered with the held chunk and
+//!   this node's signed statement over it (split under the channel's
+//!   message bound).
+//!
+//! The driver owns the connections and the clock; statements and receipts
+//! carry wall-clock time (`now + wall offset`, see
+//! [`PeerNode::set_wall_offset`]), as the relay judges their freshness.
+
+use std::collections::HashMap;
+
+use crate::chain::BlockHash;
+use crate::net::direct::{limits as dl, ChannelMsg, SignalKind};
+use crate::net::direct_fetch::{serve_want, DirectFetch, Step};
+use crate::net::peer::{FromRelay, PeerId, ToRelay};
+
+use super::{Millis, NodeEvent, PeerNode, Source};
+
+/// What the driver must do with its WebRTC connections.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RtcAction {
+    /// Open a connection for `session` to `peer`. `offer`: this side makes
+    /// the data channel and the SDP offer (the fetching side); otherwise it
+    /// answers the offer that follows as [`RtcAction::Remote`].
+    Open {
+        session: u64,
+        peer: PeerId,
+        offer: bool,
+        ice_servers: Vec<String>,
+    },
+    /// Apply the other side's offer, answer or ICE candidate.
+    Remote {
+        session: u64,
+        kind: SignalKind,
+        body: String,
+    },
+    /// Send on the session's data channel (at most
+    /// [`dl::MAX_CHANNEL_MESSAGE`] bytes; respect `bufferedAmount`).
+    Send { session: u64, data: Vec<u8> },
+    /// Close the session's connection.
+    Close { session: u64 },
+}
+
+#[derive(Debug)]
+enum Session {
+    Fetch {
+        peer: PeerId,
+        fetch: Box<DirectFetch>,
+    },
+    Serve {
+        peer: PeerId,
+    },
+}
+
+impl Session {
+    fn peer(&self) -> PeerId {
+        match self {
+            Self::Fetch { peer, .. } | Self::Serve { peer } => *peer,
+        }
+    }
+}
+
+/// The node's direct-transfer state (empty unless enabled).
+#[derive(Debug, Default)]
+pub(super) struct Direct {
+    /// The operator's ICE servers; `Some` once `DirectConfig` came on this
+    /// connection (only then are introductions asked for).
+    ice: Option<Vec<String>>,
+    /// Direct fetches waiting for their introduction, by request id.
+    pending: HashMap<u64, DirectFetch>,
+    sessions: HashMap<u64, Session>,
+    next_req: u64,
+    /// `now + wall_offset` is the wall clock in Unix milliseconds.
+    pub wall_offset: u64,
+}
+
+impl Direct {
+    pub fn ready(&self) -> bool {
+        self.ice.is_some()
+    }
+}
+
+impl PeerNode {
+    /// Tell the node the wall clock: `now + offset` is Unix time in
+    /// milliseconds. Direct statements and receipts carry it (the relay
+    /// refuses ones more than [`dl::MAX_CLOCK_SKEW_MS`] off its clock).
+    pub fn set_wall_offset(&mut self, offset: Millis) {
+        self.direct.wall_offset = offset;
+    }
+
+    fn wall(&self, now: Millis) -> u64 {
+        now.saturating_add(self.direct.wall_offset)
+    }
+
+    /// Direct sessions open now (both roles) and introductions awaited.
+    pub fn direct_sessions(&self) -> (usize, usize) {
+        (self.direct.sessions.len(), self.direct.pending.len())
+    }
+
+    /// Start a direct fetch of `block`, whose chunks [`super::fetch`] has
+    /// reserved.
+    pub(super) fn start_direct(
+        &mut self,
+        block: BlockHash,
+        list: Vec<BlockHash>,
+        chunk_size: u32,
+        now: Millis,
+    ) {
+        self.direct.next_req = self.direct.next_req.wrapping_add(1).max(1);
+        let req = self.direct.next_req;
+        let n = list.len() as u32;
+        let fetch = DirectFetch::new(self.key.clone(), block, list, chunk_size, 0..n, req);
+        let steps = fetch.start();
+        self.direct.pending.insert(req, fetch);
+        self.steps(None, block, None, steps, now);
+    }
+
+    /// The relay's direct-transfer messages.
+    pub(super) fn handle_direct(&mut self, msg: FromRelay, now: Millis) {
+        let wall = self.wall(now);
+        match msg {
+            FromRelay::DirectConfig { ice_servers } => {
+                if self.cfg.direct {
+                    self.direct.ice = Some(ice_servers);
+                } else {
+                    self.stats.ignored += 1;
+                }
+            }
+            FromRelay::Introduced {
+                req,
+                block,
+                session,
+                holder,
+                reason,
+            } => {
+                let Some(mut fetch) = self.direct.pending.remove(&req) else {
+                    self.stats.ignored += 1;
+                    return;
+                };
+                let steps = fetch.introduced(holder, session, &reason, wall);
+                let connect = steps.iter().find_map(|s| match s {
+                    Step::Connect { holder, session } => Some((*holder, *session)),
+                    _ => None,
+                });
+                match connect {
+                    Some((peer, session)) if !self.direct.sessions.contains_key(&session) => {
+                        self.direct.sessions.insert(
+                            session,
+                            Session::Fetch {
+                                peer,
+                                fetch: Box::new(fetch),
+                            },
+                        );
+                        self.steps(Some(session), block, Some(peer), steps, now);
+                    }
+                    Some(_) => {
+                        // A session id already in use: the relay's mistake;
+                        // the chunks go to the relay instead.
+                        let steps = fetch.closed();
+                        self.steps(None, block, None, steps, now);
+                    }
+                    None => self.steps(None, block, None, steps, now),
+                }
+            }
+            FromRelay::Signal {
+                session,
+                from,
+                kind,
+                body,
+            } => self.remote_signal(session, from, kind, body, now),
+            FromRelay::SignalFailed { session, .. } => {
+                if self.direct.sessions.contains_key(&session) {
+                    self.end_session(session, now, false);
+                } else {
+                    self.stats.ignored += 1;
+                }
+            }
+            FromRelay::Verdict {
+                accused,
+                guilty,
+                reason,
+            } => {
+                self.events.push_back(NodeEvent::DirectVerdict {
+                    accused,
+                    guilty,
+                    reason,
+                });
+            }
+            FromRelay::ReceiptTaken { credited, .. } => {
+                self.stats.direct_receipts_credited += credited;
+            }
+            _ => self.stats.ignored += 1,
+        }
+    }
+
+    fn remote_signal(
+        &mut self,
+        session: u64,
+        from: PeerId,
+        kind: SignalKind,
+        body: String,
+        now: Millis,
+    ) {
+        match self.direct.sessions.get(&session) {
+            Some(s) if s.peer() != from => self.stats.ignored += 1,
+            Some(_) if kind == SignalKind::Bye => self.end_session(session, now, false),
+            Some(Session::Fetch { .. }) if kind == SignalKind::Offer => self.stats.ignored += 1,
+            Some(Session::Serve { .. }) if kind == SignalKind::Answer => self.stats.ignored += 1,
+            Some(_) => self.rtc(RtcAction::Remote {
+                session,
+                kind,
+                body,
+            }),
+            None if kind == SignalKind::Offer && self.cfg.direct && self.direct.ready() => {
+                let serving = self
+                    .direct
+                    .sessions
+                    .values()
+                    .filter(|s| matches!(s, Session::Serve { .. }))
+                    .count();
+                if serving >= dl::MAX_SESSIONS_PER_PEER {
+                    self.outbox.push_back(ToRelay::Signal {
+                        session,
+                        to: from,
+                        kind: SignalKind::Bye,
+                        body: "busy: too many direct connections".into(),
+                    });
+                    return;
+                }
+                self.direct
+                    .sessions
+                    .insert(session, Session::Serve { peer: from });
+                let ice_servers = self.direct.ice.clone().unwrap_or_default();
+                self.rtc(RtcAction::Open {
+                    session,
+                    peer: from,
+                    offer: false,
+                    ice_servers,
+                });
+                self.rtc(RtcAction::Remote {
+                    session,
+                    kind,
+                    body,
+                });
+            }
+            None => self.stats.ignored += 1,
+        }
+    }
+
+    /// The driver's own offer, answer or ICE candidate for `session`, to be
+    /// passed to the other side by the relay.
+    pub fn rtc_signal(&mut self, session: u64, kind: SignalKind, body: String, now: Millis) {
+        let Some(peer) = self.direct.sessions.get(&session).map(Session::peer) else {
+            return;
+        };
+        if body.len() > dl::MAX_SIGNAL_BODY {
+            // The relay would refuse it: give the session up now.
+            self.end_session(session, now, true);
+            return;
+        }
+        if self.is_logged_in() {
+            self.outbox.push_back(ToRelay::Signal {
+                session,
+                to: peer,
+                kind,
+                body,
+            });
+        }
+    }
+
+    /// The data channel of `session` opened.
+    pub fn rtc_opened(&mut self, session: u64, now: Millis) {
+        let wall = self.wall(now);
+        if let Some(Session::Fetch { peer, fetch }) = self.direct.sessions.get_mut(&session) {
+            let (peer, block) = (*peer, fetch.block());
+            let steps = fetch.opened(wall);
+            self.steps(Some(session), block, Some(peer), steps, now);
+        }
+    }
+
+    /// A message on the data channel of `session`.
+    pub fn rtc_message(&mut self, session: u64, data: &[u8], now: Millis) {
+        let wall = self.wall(now);
+        match self.direct.sessions.get_mut(&session) {
+            Some(Session::Fetch { peer, fetch }) => {
+                let (peer, block) = (*peer, fetch.block());
+                let steps = fetch.on_message(data, wall);
+                self.steps(Some(session), block, Some(peer), steps, now);
+            }
+            Some(Session::Serve { peer }) => {
+                let peer = *peer;
+                let want = match ChannelMsg::decode(data) {
+                    Ok(m @ ChannelMsg::Want { .. }) => m,
+                    _ => {
+                        // Only wants come to a server: anything else ends it.
+                        self.stats.ignored += 1;
+                        self.end_session(session, now, true);
+                        return;
+                    }
+                };
+                let corrupt = self.cfg.corrupt_direct;
+                let held = &self.held;
+                let mut sent = 0u64;
+                let msgs = serve_want(
+                    &self.key,
+                    peer,
+                    &want,
+                    |b, i| {
+                        let mut c = held.get(b)?.chunk(i)?.to_vec();
+                        if corrupt {
+                            if let Some(x) = c.first_mut() {
+                                *x ^= 1;
+                            }
+                        }
+                        sent = c.len() as u64;
+                        Some(c)
+                    },
+                    wall,
+                );
+                self.stats.direct_bytes_served += sent;
+                for m in msgs {
+                    self.rtc(RtcAction::Send {
+                        session,
+                        data: m.encode(),
+                    });
+                }
+            }
+            None => self.stats.ignored += 1,
+        }
+    }
+
+    /// The connection or data channel of `session` closed (or failed).
+    pub fn rtc_closed(&mut self, session: u64, now: Millis) {
+        if self.direct.sessions.contains_key(&session) {
+            self.end_session(session, now, false);
+        }
+    }
+
+    /// Direct-fetch deadlines (node clock).
+    pub(super) fn direct_deadline(&self) -> Option<Millis> {
+        let off = self.direct.wall_offset;
+        self.direct
+            .sessions
+            .values()
+            .filter_map(|s| match s {
+                Session::Fetch { fetch, .. } => fetch.deadline(),
+                Session::Serve { .. } => None,
+            })
+            .min()
+            .map(|w| w.saturating_sub(off))
+    }
+
+    pub(super) fn direct_timeout(&mut self, now: Millis) {
+        let wall = self.wall(now);
+        let ids: Vec<u64> = self.direct.sessions.keys().copied().collect();
+        for session in ids {
+            if let Some(Session::Fetch { peer, fetch }) = self.direct.sessions.get_mut(&session) {
+                let (peer, block) = (*peer, fetch.block());
+                let steps = fetch.tick(wall);
+                self.steps(Some(session), block, Some(peer), steps, now);
+            }
+        }
+    }
+
+    /// The relay connection is gone: every direct fetch gives its chunks
+    /// back (asked of the relay after reconnecting), every connection closes.
+    pub(super) fn direct_disconnected(&mut self, now: Millis) {
+        self.direct.ice = None;
+        let pending: Vec<DirectFetch> = self.direct.pending.drain().map(|(_, f)| f).collect();
+        for f in pending {
+            let block = f.block();
+            let rest = self.fetches.reserved(&block);
+            self.fetches.release(&block, &rest);
+        }
+        let ids: Vec<u64> = self.direct.sessions.keys().copied().collect();
+        for session in ids {
+            self.end_session(session, now, true);
+        }
+    }
+
+    /// A fetch was cancelled: its direct session (if any) ends.
+    pub(super) fn direct_cancel(&mut self, block: &BlockHash) {
+        self.direct.pending.retain(|_, f| &f.block() != block);
+        let ids: Vec<u64> = self
+            .direct
+            .sessions
+            .iter()
+            .filter(|(_, s)| matches!(s, Session::Fetch { fetch, .. } if &fetch.block() == block))
+            .map(|(id, _)| *id)
+            .collect();
+        for session in ids {
+            self.direct.sessions.remove(&session);
+            self.rtc(RtcAction::Close { session });
+        }
+    }
+
+    /// End `session`: a fetch hands back what it did not deliver; `close`
+    /// also tells the driver to close the connection.
+    fn end_session(&mut self, session: u64, now: Millis, close: bool) {
+        match self.direct.sessions.remove(&session) {
+            Some(Session::Fetch { peer, mut fetch }) => {
+                let block = fetch.block();
+                let steps = fetch.closed();
+                self.steps(None, block, Some(peer), steps, now);
+            }
+            Some(Session::Serve { .. }) | None => {}
+        }
+        if close {
+            self.rtc(RtcAction::Close { session });
+        }
+    }
+
+    fn rtc(&mut self, a: RtcAction) {
+        self.events.push_back(NodeEvent::Rtc(a));
+    }
+
+    /// Carry out a direct fetch's steps.
+    fn steps(
+        &mut self,
+        session: Option<u64>,
+        block: BlockHash,
+        peer: Option<PeerId>,
+        steps: Vec<Step>,
+        now: Millis,
+    ) {
+        for step in steps {
+            match step {
+                Step::Relay(m) => {
+                    if matches!(m, ToRelay::Proof { .. }) {
+                        self.stats.direct_proofs_sent += 1;
+                    }
+                    if self.is_logged_in() {
+                        self.outbox.push_back(m);
+                    }
+                }
+                Step::Connect { holder, session } => {
+                    let ice_servers = self.direct.ice.clone().unwrap_or_default();
+                    self.rtc(RtcAction::Open {
+                        session,
+                        peer: holder,
+                        offer: true,
+                        ice_servers,
+                    });
+                }
+                Step::Channel(m) => {
+                    if let Some(session) = session {
+                        self.rtc(RtcAction::Send {
+                            session,
+                            data: m.encode(),
+                        });
+                    }
+                }
+                Step::Chunk { index, data } => {
+                    let from = Source::Peer(peer.unwrap_or([0; 32]));
+                    self.stats.direct_bytes_received += data.len() as u64;
+                    let out = self
+                        .fetches
+                        .on_direct(block, index, data, from, now, &self.cfg);
+                    self.outcome(out);
+                }
+                Step::Fallback { indexes, reason } => {
+                    let n = self.fetches.release(&block, &indexes);
+                    if n > 0 {
+                        self.stats.direct_fallbacks += 1;
+                        self.events.push_back(NodeEvent::DirectFallback {
+                            hash: block,
+                            chunks: n as u32,
+                            reason,
+                        });
+                    }
+                }
+                Step::Close => {
+                    if let Some(session) = session {
+                        if self.direct.sessions.remove(&session).is_some() {
+                            if let Some(to) = peer.filter(|_| self.is_logged_in()) {
+                                self.outbox.push_back(ToRelay::Signal {
+                                    session,
+                                    to,
+                                    kind: SignalKind::Bye,
+                                    body: String::new(),
+                                });
+                            }
+                        }
+                        self.rtc(RtcAction::Close { session });
+                    }
+                }
+            }
+        }
+        // A fetch that finished without a Close step (never opened) is gone.
+        if let Some(session) = session {
+            if matches!(self.direct.sessions.get(&session), Some(Session::Fetch { fetch, .. }) if fetch.is_done())
+            {
+                self.direct.sessions.remove(&session);
+            }
+        }
+        self.pump(now);
+    }
+}
