@@ -17,6 +17,7 @@ mod dom;
 mod fetch;
 mod net;
 mod panels;
+mod rtc;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

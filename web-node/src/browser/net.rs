@@ -136,15 +136,26 @@ pub fn start() {
     let Some(url) = relay_ws_url() else {
         return;
     };
+    let search = web_sys::window()
+        .and_then(|w| w.location().search().ok())
+        .unwrap_or_default();
+    let param = |k: &str| crate::view::budget::query_param(&search, k).map(str::to_string);
     let cfg = NodeConfig {
         agent: concat!("aiblock-browser/", env!("CARGO_PKG_VERSION")).to_string(),
         serve_compute: false,
+        // WebRTC data channels to other browsers unless `?direct=0`.
+        direct: param("direct").as_deref() != Some("0"),
+        // Test switch of the direct-transfer tests: serve corrupted chunks.
+        corrupt_direct: param("test_lie_direct").as_deref() == Some("1"),
         ..NodeConfig::default()
     };
     let key = node_key();
+    let mut node = PeerNode::new(key.clone(), cfg);
+    // The node clock starts at 0 now; statements carry wall-clock time.
+    node.set_wall_offset(js_sys::Date::now().max(0.0) as u64);
     NET.with(|n| {
         *n.borrow_mut() = Some(Net {
-            node: PeerNode::new(key.clone(), cfg),
+            node,
             key,
             ws: None,
             state: NetState::Connecting,
@@ -259,7 +270,8 @@ fn lost(why: String) {
             &format!("The relay's peer network is unreachable ({why}); blocks come over HTTP meanwhile, and the page reconnects."),
         );
     }
-    refresh();
+    // The node closed its direct connections: carry that out.
+    pump();
     if let Some(ms) = retry {
         let cb = Closure::once_into_js(connect);
         if let Some(w) = web_sys::window() {
@@ -271,9 +283,19 @@ fn lost(why: String) {
     }
 }
 
+/// Call the node with the current time (a WebRTC event), then pump.
+pub(super) fn drive(f: impl FnOnce(&mut PeerNode, u64)) {
+    with(|n| {
+        let t = now(n);
+        f(&mut n.node, t);
+    });
+    pump();
+}
+
 /// Send what the node wants sent, act on its events, arm its timer.
 fn pump() {
     let mut fatal = None;
+    let mut rtc = Vec::new();
     with(|n| {
         while let Some(m) = n.node.poll_transmit() {
             if let Some(ws) = &n.ws {
@@ -343,6 +365,31 @@ fn pump() {
                         "the relay accepted a new block ({name}): reload to verify and use it"
                     ));
                 }
+                NodeEvent::Rtc(a) => rtc.push(a),
+                NodeEvent::DirectFallback {
+                    hash,
+                    chunks,
+                    reason,
+                } => {
+                    n.last_error = Some(format!(
+                        "direct fetch of {}: {chunks} chunks go through the relay ({reason})",
+                        hash.short()
+                    ));
+                }
+                NodeEvent::DirectVerdict {
+                    accused,
+                    guilty: true,
+                    reason,
+                } => {
+                    panels::alert(
+                        "peer-lied",
+                        &format!(
+                            "Peer {} sent this browser a wrong chunk directly; the relay checked the signed proof and banned it ({reason}).",
+                            &hex::encode(accused)[..12]
+                        ),
+                    );
+                }
+                NodeEvent::DirectVerdict { .. } => {}
             }
         }
         // Answers to the events above (compute refusals).
@@ -353,6 +400,8 @@ fn pump() {
         }
         arm_timer(n);
     });
+    // Outside the node's borrow: the driver's callbacks call back into it.
+    super::rtc::act(rtc);
     if let Some(why) = fatal {
         lost(why);
     } else {

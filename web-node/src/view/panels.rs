@@ -125,7 +125,10 @@ pub fn bytes_by_origin(s: &NodeStats) -> (u64, u64) {
 }
 
 /// `#net`: data-state, data-peer-id, data-bytes-from-peers,
-/// data-bytes-from-relay, data-bytes-served, data-chunks-served, data-bad-chunks.
+/// data-bytes-from-relay, data-bytes-served, data-chunks-served,
+/// data-bad-chunks, data-bytes-direct (received over WebRTC, part of
+/// data-bytes-from-peers), data-bytes-served-direct, data-direct-fallbacks,
+/// data-proofs-sent.
 pub fn net_panel(n: &NetFacts) -> Panel {
     let s = n.stats;
     let (from_peers, from_relay) = bytes_by_origin(s);
@@ -227,11 +230,23 @@ pub fn net_panel(n: &NetFacts) -> Panel {
             ("data-bytes-served", s.bytes_served.to_string()),
             ("data-chunks-served", s.chunks_served.to_string()),
             ("data-bad-chunks", s.total_bad().to_string()),
+            ("data-bytes-direct", s.direct_bytes_received.to_string()),
+            ("data-bytes-served-direct", s.direct_bytes_served.to_string()),
+            ("data-direct-fallbacks", s.direct_fallbacks.to_string()),
+            ("data-proofs-sent", s.direct_proofs_sent.to_string()),
         ],
         html: format!(
             "<span class=\"label\">Network</span> <span class=\"state {attr}\">{state}</span>{me}. \
-             Received {recv} ({fp} from peers, {fr} from the relay); served {served} in {cs} chunks \
-             to other nodes; holds {held} payloads{bad}.{sources}{fetching}{err}",
+             Received {recv} ({fp} from peers, {fr} from the relay){direct}; served {served} in {cs} chunks \
+             to other nodes{direct_served}; holds {held} payloads{bad}.{sources}{fetching}{err}",
+            direct = match s.direct_bytes_received {
+                0 => String::new(),
+                b => format!(", <span class=\"direct\">{} directly from browsers</span>", fmt_bytes(b)),
+            },
+            direct_served = match s.direct_bytes_served {
+                0 => String::new(),
+                b => format!(" ({} directly)", fmt_bytes(b)),
+            },
             attr = n.status.attr(),
             recv = fmt_bytes(s.total_received()),
             fp = fmt_bytes(from_peers),
@@ -575,6 +590,7 @@ mod tests {
         s.bad_chunks.insert(Source::Peer([9; 32]), 2);
         s.bytes_served = 55;
         s.chunks_served = 3;
+        s.direct_bytes_received = 300 << 20;
         let p = net_panel(&NetFacts {
             status: NetStatus::Offline {
                 reason: "<closed>",
@@ -594,6 +610,8 @@ mod tests {
         assert_eq!(p.attr("data-bytes-served"), Some("55"));
         assert_eq!(p.attr("data-chunks-served"), Some("3"));
         assert_eq!(p.attr("data-bad-chunks"), Some("2"));
+        assert_eq!(p.attr("data-bytes-direct"), Some((300u64 << 20).to_string().as_str()));
+        assert!(p.html.contains("300.0 MiB directly from browsers"), "{}", p.html);
         assert!(p.html.contains("&lt;closed&gt;"));
         assert!(p.html.contains("bad &amp; worse"));
         assert!(p.html.contains("2 bad chunks"));
