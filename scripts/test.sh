@@ -118,6 +118,8 @@ else
         node tests/e2e/quant.mjs
         step "page at scale: node tests/e2e/scale.mjs (1,042 blocks, memory budget, storage quota)"
         node tests/e2e/scale.mjs
+        step "direct transfer: node tests/e2e/direct.mjs (WebRTC between pages, failover, a liar banned)"
+        node tests/e2e/direct.mjs
     fi
 fi
 

@@ -228,7 +228,8 @@ try {
     const served0 = stats0.per_peer?.[peer1]?.bytes_served ?? 0;
     const ctx2 = await browser.newContext({ viewport: VIEWPORT });
     try {
-      const { page, wire } = await openNode(ctx2, `${relay.base}/`);
+      // Relay forwarding (direct transfer is tests/e2e/direct.mjs's).
+      const { page, wire } = await openNode(ctx2, `${relay.base}/?direct=0`);
       const reply = await ask(page, PROMPT, MAX_TOKENS, { engine: ENGINE });
       checkAnswer(reply, native, 'browser 2');
       assert.deepEqual(reply.ids, answerIds);

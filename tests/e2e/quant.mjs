@@ -113,7 +113,8 @@ try {
     try {
       const page = await ctx.newPage();
       const wire = trackWire(page);
-      await page.goto(`${relay.base}/?model=default-${FORMAT}`);
+      // Relay forwarding (direct transfer is tests/e2e/direct.mjs's).
+      await page.goto(`${relay.base}/?model=default-${FORMAT}&direct=0`);
       await page.waitForSelector('#summary[data-phase="done"]', { timeout: 180_000 });
       await page.waitForSelector('#net[data-state="online"]', { timeout: 60_000 });
       const reply = await ask(page, PROMPT, MAX_TOKENS);

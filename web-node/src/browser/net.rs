@@ -147,6 +147,8 @@ pub fn start() {
         direct: param("direct").as_deref() != Some("0"),
         // Test switch of the direct-transfer tests: serve corrupted chunks.
         corrupt_direct: param("test_lie_direct").as_deref() == Some("1"),
+        test_direct_serve_max: param("test_direct_serve_max").and_then(|v| v.parse().ok()),
+        test_direct_mute: param("test_direct_mute").as_deref() == Some("1"),
         ..NodeConfig::default()
     };
     let key = node_key();

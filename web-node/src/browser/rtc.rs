@@ -11,9 +11,9 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    RtcConfiguration, RtcDataChannel, RtcDataChannelInit, RtcDataChannelState,
-    RtcDataChannelType, RtcIceCandidateInit, RtcPeerConnection, RtcPeerConnectionState,
-    RtcSdpType, RtcSessionDescriptionInit,
+    RtcConfiguration, RtcDataChannel, RtcDataChannelInit, RtcDataChannelState, RtcDataChannelType,
+    RtcIceCandidateInit, RtcPeerConnection, RtcPeerConnectionState, RtcSdpType,
+    RtcSessionDescriptionInit,
 };
 
 use crate::net::direct::SignalKind;
@@ -26,6 +26,9 @@ use super::net::drive;
 /// `bufferedamountlow` (flow control).
 const HIGH_WATER: u32 = 4 << 20;
 const LOW_WATER: u32 = 1 << 20;
+/// How long a closing channel may take to deliver what is buffered before
+/// its connection is closed anyway.
+const CLOSE_GRACE_MS: i32 = 2_000;
 
 type Callback = Closure<dyn FnMut(JsValue)>;
 
@@ -69,13 +72,11 @@ pub fn act(actions: Vec<RtcAction>) {
                 kind,
                 body,
             } => remote(session, kind, body),
-            RtcAction::Send { session, data } => {
-                with_conn(session, |c| {
-                    c.queue.push_back(data);
-                    flush(c)
-                })
-                .unwrap_or(Ok(()))
-            }
+            RtcAction::Send { session, data } => with_conn(session, |c| {
+                c.queue.push_back(data);
+                flush(c)
+            })
+            .unwrap_or(Ok(())),
             RtcAction::Close { session } => {
                 close(session);
                 Ok(())
@@ -107,17 +108,41 @@ fn close(session: u64) {
     let Some(c) = CONNS.with(|c| c.borrow_mut().remove(&session)) else {
         return;
     };
-    if let Some(dc) = &c.dc {
-        dc.set_onopen(None);
-        dc.set_onmessage(None);
-        dc.set_onclose(None);
-        dc.set_onbufferedamountlow(None);
-        dc.close();
-    }
     c.pc.set_onicecandidate(None);
     c.pc.set_ondatachannel(None);
     c.pc.set_onconnectionstatechange(None);
-    c.pc.close();
+    match &c.dc {
+        Some(dc) if dc.ready_state() == RtcDataChannelState::Open => {
+            // Close the channel gracefully (what is buffered is still
+            // delivered), then the connection when the channel has closed,
+            // or after a grace period.
+            dc.set_onopen(None);
+            dc.set_onmessage(None);
+            dc.set_onbufferedamountlow(None);
+            let pc = c.pc.clone();
+            let done = Closure::once_into_js(move |_: JsValue| pc.close());
+            dc.set_onclose(Some(done.unchecked_ref()));
+            dc.close();
+            let pc = c.pc.clone();
+            let later = Closure::once_into_js(move || pc.close());
+            if let Some(w) = web_sys::window() {
+                let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(
+                    later.unchecked_ref(),
+                    CLOSE_GRACE_MS,
+                );
+            }
+        }
+        dc => {
+            if let Some(dc) = dc {
+                dc.set_onopen(None);
+                dc.set_onmessage(None);
+                dc.set_onclose(None);
+                dc.set_onbufferedamountlow(None);
+                dc.close();
+            }
+            c.pc.close();
+        }
+    }
     // The callbacks are dropped with `c`, after their handlers were unset.
 }
 

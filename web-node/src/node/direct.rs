@@ -81,6 +81,8 @@ pub(super) struct Direct {
     pending: HashMap<u64, DirectFetch>,
     sessions: HashMap<u64, Session>,
     next_req: u64,
+    /// Chunks served directly (for [`super::NodeConfig::test_direct_serve_max`]).
+    chunks_served: u64,
     /// `now + wall_offset` is the wall clock in Unix milliseconds.
     pub wall_offset: u64,
 }
@@ -222,6 +224,9 @@ impl PeerNode {
                 kind,
                 body,
             }),
+            None if kind == SignalKind::Offer && self.cfg.test_direct_mute => {
+                self.stats.ignored += 1;
+            }
             None if kind == SignalKind::Offer && self.cfg.direct && self.direct.ready() => {
                 let serving = self
                     .direct
@@ -309,6 +314,24 @@ impl PeerNode {
                         return;
                     }
                 };
+                if self
+                    .cfg
+                    .test_direct_serve_max
+                    .is_some_and(|max| self.direct.chunks_served >= max)
+                {
+                    // The test's holder goes away mid-transfer.
+                    let serving: Vec<u64> = self
+                        .direct
+                        .sessions
+                        .iter()
+                        .filter(|(_, s)| matches!(s, Session::Serve { .. }))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for s in serving {
+                        self.end_session(s, now, true);
+                    }
+                    return;
+                }
                 let corrupt = self.cfg.corrupt_direct;
                 let held = &self.held;
                 let mut sent = 0u64;
@@ -329,6 +352,7 @@ impl PeerNode {
                     wall,
                 );
                 self.stats.direct_bytes_served += sent;
+                self.direct.chunks_served += u64::from(sent > 0);
                 for m in msgs {
                     self.rtc(RtcAction::Send {
                         session,

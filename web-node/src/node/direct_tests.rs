@@ -492,3 +492,77 @@ fn losing_the_relay_hands_direct_chunks_back_and_closes_connections() {
     assert_eq!(asked.len() as u32, w.chunks());
     assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
 }
+
+#[test]
+fn test_switches_a_holder_that_stops_and_one_that_never_answers() {
+    // Serves one chunk, then closes: the fetcher gets the rest from the relay.
+    let mut w = world(false);
+    w.b = node(
+        24,
+        NodeConfig {
+            direct: true,
+            test_direct_serve_max: Some(1),
+            ..NodeConfig::default()
+        },
+    );
+    w.b.hold(
+        w.block.hash,
+        w.payload.clone().into(),
+        w.block.header.chunk_size,
+    )
+    .unwrap();
+    drain(&mut w.b);
+    w.introduce();
+    w.a.rtc_opened(SESSION, 5);
+    let first = events(&mut w.a);
+    let mut to_b: Vec<Vec<u8>> = first
+        .into_iter()
+        .filter_map(|e| match e {
+            NodeEvent::Rtc(RtcAction::Send { data, .. }) => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert!(to_b.len() >= 2, "pipelined wants");
+    let second = to_b.split_off(1);
+    w.b.rtc_message(SESSION, &to_b[0], 6);
+    for e in events(&mut w.b) {
+        if let NodeEvent::Rtc(RtcAction::Send { data, .. }) = e {
+            w.a.rtc_message(SESSION, &data, 6);
+        }
+    }
+    assert!(w.a.stats().direct_bytes_received > 0);
+    w.b.rtc_message(SESSION, &second[0], 7);
+    assert_eq!(
+        events(&mut w.b),
+        vec![NodeEvent::Rtc(RtcAction::Close { session: SESSION })]
+    );
+    assert_eq!(
+        w.b.stats().direct_bytes_served,
+        w.a.stats().direct_bytes_received
+    );
+    w.a.rtc_closed(SESSION, 8);
+    let sent = drain(&mut w.a);
+    let (asked, ev) = w.relay_rest(sent);
+    assert_eq!(asked.len() as u32, w.chunks() - 1);
+    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+
+    // A mute holder opens nothing for an offer.
+    let mut mute = node(
+        25,
+        NodeConfig {
+            direct: true,
+            test_direct_mute: true,
+            ..NodeConfig::default()
+        },
+    );
+    mute.handle(
+        FromRelay::Signal {
+            session: 3,
+            from: [7; 32],
+            kind: SignalKind::Offer,
+            body: "v=0".into(),
+        },
+        0,
+    );
+    assert!(events(&mut mute).is_empty());
+}

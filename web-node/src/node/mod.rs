@@ -91,6 +91,13 @@ pub struct NodeConfig {
     /// Test switch: flip a bit of every chunk served directly (a lying
     /// peer, to show that it is caught and banned).
     pub corrupt_direct: bool,
+    /// Test switch: after serving this many chunks directly, close every
+    /// direct connection this node serves and refuse further wants (a
+    /// holder that goes away mid-transfer).
+    pub test_direct_serve_max: Option<u64>,
+    /// Test switch: accept introductions but never answer an offer (a
+    /// holder whose channel never opens).
+    pub test_direct_mute: bool,
 }
 
 impl Default for NodeConfig {
@@ -103,6 +110,8 @@ impl Default for NodeConfig {
             max_attempts: MAX_CHUNK_ATTEMPTS,
             direct: false,
             corrupt_direct: false,
+            test_direct_serve_max: None,
+            test_direct_mute: false,
         }
     }
 }

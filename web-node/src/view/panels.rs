@@ -238,14 +238,14 @@ pub fn net_panel(n: &NetFacts) -> Panel {
         html: format!(
             "<span class=\"label\">Network</span> <span class=\"state {attr}\">{state}</span>{me}. \
              Received {recv} ({fp} from peers, {fr} from the relay){direct}; served {served} in {cs} chunks \
-             to other nodes{direct_served}; holds {held} payloads{bad}.{sources}{fetching}{err}",
+             to other nodes through the relay{direct_served}; holds {held} payloads{bad}.{sources}{fetching}{err}",
             direct = match s.direct_bytes_received {
                 0 => String::new(),
                 b => format!(", <span class=\"direct\">{} directly from browsers</span>", fmt_bytes(b)),
             },
             direct_served = match s.direct_bytes_served {
                 0 => String::new(),
-                b => format!(" ({} directly)", fmt_bytes(b)),
+                b => format!(" and {} directly", fmt_bytes(b)),
             },
             attr = n.status.attr(),
             recv = fmt_bytes(s.total_received()),
@@ -293,11 +293,12 @@ pub fn cache_panel(entries: u64, bytes: u64, note: &str) -> Panel {
 }
 
 /// Alert kinds the page knows; anything else shows as `other`.
-pub const ALERT_KINDS: [&str; 6] = [
+pub const ALERT_KINDS: [&str; 7] = [
     "relay-down",
     "no-webgpu",
     "bad-block",
     "peer-banned",
+    "peer-lied",
     "cache-corrupt",
     "other",
 ];
@@ -316,7 +317,7 @@ pub fn alert_kind(kind: &str) -> &'static str {
 pub fn alert_level(kind: &str) -> &'static str {
     match alert_kind(kind) {
         "no-webgpu" => "info",
-        "relay-down" | "peer-banned" | "cache-corrupt" => "warn",
+        "relay-down" | "peer-banned" | "peer-lied" | "cache-corrupt" => "warn",
         _ => "error",
     }
 }
@@ -327,6 +328,7 @@ fn alert_title(kind: &str) -> &'static str {
         "no-webgpu" => "No WebGPU",
         "bad-block" => "Bad block refused",
         "peer-banned" => "Peer banned",
+        "peer-lied" => "Peer caught lying",
         "cache-corrupt" => "Cache entry corrupt",
         _ => "Problem",
     }
@@ -338,6 +340,7 @@ fn alert_hint(kind: &str) -> &'static str {
         "relay-down" => "Blocks already verified stay usable; the page reconnects by itself.",
         "bad-block" => "It was refused and nothing from it is used.",
         "peer-banned" => "Its chunks are not used; other holders and the relay's store serve them.",
+        "peer-lied" => "Its chunk was refused; the block comes through the relay instead.",
         "cache-corrupt" => "The entry was dropped and the block is fetched and verified again.",
         _ => "",
     }
@@ -610,8 +613,15 @@ mod tests {
         assert_eq!(p.attr("data-bytes-served"), Some("55"));
         assert_eq!(p.attr("data-chunks-served"), Some("3"));
         assert_eq!(p.attr("data-bad-chunks"), Some("2"));
-        assert_eq!(p.attr("data-bytes-direct"), Some((300u64 << 20).to_string().as_str()));
-        assert!(p.html.contains("300.0 MiB directly from browsers"), "{}", p.html);
+        assert_eq!(
+            p.attr("data-bytes-direct"),
+            Some((300u64 << 20).to_string().as_str())
+        );
+        assert!(
+            p.html.contains("300.0 MiB directly from browsers"),
+            "{}",
+            p.html
+        );
         assert!(p.html.contains("&lt;closed&gt;"));
         assert!(p.html.contains("bad &amp; worse"));
         assert!(p.html.contains("2 bad chunks"));
