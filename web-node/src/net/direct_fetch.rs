@@ -126,6 +126,19 @@ impl DirectFetch {
         }
     }
 
+    /// Number this fetch's channel requests in `lane` (the high 16 bits of
+    /// every request id), so that fetches sharing one data channel can tell
+    /// their answers apart ([`lane_of`]).
+    pub fn with_lane(mut self, lane: u16) -> Self {
+        self.next_req = (u32::from(lane) << 16) | 1;
+        self
+    }
+
+    /// This fetch's lane of channel request ids.
+    pub fn lane(&self) -> u16 {
+        lane_of(self.next_req)
+    }
+
     /// The block being fetched.
     pub fn block(&self) -> BlockHash {
         self.block
@@ -189,12 +202,20 @@ impl DirectFetch {
 
     /// A message on the data channel.
     pub fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Vec<Step> {
+        if !matches!(self.phase, Phase::Open { .. }) {
+            return Vec::new();
+        }
+        match ChannelMsg::decode(bytes) {
+            Ok(m) => self.on_msg(m, now_ms),
+            Err(e) => self.fail(format!("bad message from the holder: {e}"), true),
+        }
+    }
+
+    /// A decoded message on the data channel (one of this fetch's lane,
+    /// when several fetches share the channel).
+    pub fn on_msg(&mut self, msg: ChannelMsg, now_ms: u64) -> Vec<Step> {
         let Phase::Open { holder } = self.phase else {
             return Vec::new();
-        };
-        let msg = match ChannelMsg::decode(bytes) {
-            Ok(m) => m,
-            Err(e) => return self.fail(format!("bad message from the holder: {e}"), true),
         };
         let (req, offset, total, statement, data) = match msg {
             ChannelMsg::Part {
@@ -282,7 +303,9 @@ impl DirectFetch {
                 break;
             };
             let req = self.next_req;
-            self.next_req = self.next_req.wrapping_add(1).max(1);
+            // Within this fetch's lane (the high 16 bits), never 0.
+            let lane = req & !0xffff;
+            self.next_req = lane | ((req.wrapping_add(1) & 0xffff).max(1));
             self.asked.insert(req, (index, now_ms));
             out.push(Step::Channel(ChannelMsg::Want {
                 req,
@@ -332,6 +355,11 @@ impl DirectFetch {
             Step::Relay(ToRelay::Receipt { receipt: r })
         })
     }
+}
+
+/// The lane of a channel request id (see [`DirectFetch::with_lane`]).
+pub fn lane_of(req: u32) -> u16 {
+    (req >> 16) as u16
 }
 
 /// The serving side: answer a `Want` for a chunk this node holds.

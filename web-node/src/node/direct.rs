@@ -9,6 +9,13 @@
 //!   same assembler as relay-forwarded ones, and whatever the direct fetch
 //!   gives up ([`Step::Fallback`]) is asked of the relay at once, so nothing
 //!   is fetched twice and a failed channel costs one deadline at most.
+//! * **One connection per holder.** A fetch introduced to a holder this node
+//!   already has a connection to rides on it (its own lane of request ids,
+//!   [`DirectFetch::with_lane`]); the new introduction is released with a
+//!   `Bye`. A connection with no fetch left stays open [`IDLE_KEEP_MS`] for
+//!   the next layer's experts. A failure (a lie, a silent holder, a channel
+//!   that never opened) closes the connection and hands every fetch on it
+//!   back to the relay.
 //! * **Serving.** An offer on a session the relay introduced opens an
 //!   answering connection; each `Want` is answered with the held chunk and
 //!   this node's signed statement over it (split under the channel's
@@ -18,14 +25,21 @@
 //! carry wall-clock time (`now + wall offset`, see
 //! [`PeerNode::set_wall_offset`]), as the relay judges their freshness.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::chain::BlockHash;
 use crate::net::direct::{limits as dl, ChannelMsg, SignalKind};
-use crate::net::direct_fetch::{serve_want, DirectFetch, Step};
+use crate::net::direct_fetch::{lane_of, serve_want, DirectFetch, Step};
 use crate::net::peer::{FromRelay, PeerId, ToRelay};
 
 use super::{Millis, NodeEvent, PeerNode, Source};
+
+/// A fetching connection with no fetch left is closed after this long.
+pub const IDLE_KEEP_MS: Millis = 15_000;
+/// A holder whose connection never opened is not connected to again for
+/// this long: its introductions go to relay forwarding at once (a mute or
+/// unreachable holder costs one open deadline, not one per layer).
+pub const SHUN_MS: Millis = 60_000;
 
 /// What the driver must do with its WebRTC connections.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,13 +68,16 @@ pub enum RtcAction {
 
 #[derive(Debug)]
 enum Session {
+    /// This node fetches over the connection: the fetches on it by lane.
     Fetch {
         peer: PeerId,
-        fetch: Box<DirectFetch>,
+        open: bool,
+        fetches: BTreeMap<u16, Box<DirectFetch>>,
+        /// When the last fetch finished (the connection is then idle).
+        idle_since: Option<Millis>,
     },
-    Serve {
-        peer: PeerId,
-    },
+    /// This node serves the other key over the connection.
+    Serve { peer: PeerId },
 }
 
 impl Session {
@@ -80,16 +97,28 @@ pub(super) struct Direct {
     /// Direct fetches waiting for their introduction, by request id.
     pending: HashMap<u64, DirectFetch>,
     sessions: HashMap<u64, Session>,
+    /// The fetching connection to each holder.
+    by_peer: HashMap<PeerId, u64>,
     next_req: u64,
+    next_lane: u16,
     /// Chunks served directly (for [`super::NodeConfig::test_direct_serve_max`]).
     chunks_served: u64,
     /// `now + wall_offset` is the wall clock in Unix milliseconds.
     pub wall_offset: u64,
+    /// The latest time the node was told (for calls that carry none).
+    clock: Millis,
+    /// Holders whose connection never opened, until when they are skipped.
+    shunned: HashMap<PeerId, Millis>,
 }
 
 impl Direct {
     pub fn ready(&self) -> bool {
         self.ice.is_some()
+    }
+
+    fn lane(&mut self) -> u16 {
+        self.next_lane = self.next_lane.wrapping_add(1).max(1);
+        self.next_lane
     }
 }
 
@@ -101,8 +130,14 @@ impl PeerNode {
         self.direct.wall_offset = offset;
     }
 
-    fn wall(&self, now: Millis) -> u64 {
+    fn wall(&mut self, now: Millis) -> u64 {
+        self.direct.clock = self.direct.clock.max(now);
         now.saturating_add(self.direct.wall_offset)
+    }
+
+    /// The latest time the node was told.
+    pub(super) fn direct_clock(&self) -> Millis {
+        self.direct.clock
     }
 
     /// Direct sessions open now (both roles) and introductions awaited.
@@ -122,10 +157,12 @@ impl PeerNode {
         self.direct.next_req = self.direct.next_req.wrapping_add(1).max(1);
         let req = self.direct.next_req;
         let n = list.len() as u32;
-        let fetch = DirectFetch::new(self.key.clone(), block, list, chunk_size, 0..n, req);
+        let lane = self.direct.lane();
+        let fetch =
+            DirectFetch::new(self.key.clone(), block, list, chunk_size, 0..n, req).with_lane(lane);
         let steps = fetch.start();
         self.direct.pending.insert(req, fetch);
-        self.steps(None, block, None, steps, now);
+        self.steps(None, 0, block, None, steps, now);
     }
 
     /// The relay's direct-transfer messages.
@@ -150,29 +187,90 @@ impl PeerNode {
                     self.stats.ignored += 1;
                     return;
                 };
+                let lane = fetch.lane();
+                self.direct.shunned.retain(|_, until| *until > now);
+                if let Some(peer) = holder.filter(|h| self.direct.shunned.contains_key(h)) {
+                    if self.is_logged_in() {
+                        self.outbox.push_back(ToRelay::Signal {
+                            session,
+                            to: peer,
+                            kind: SignalKind::Bye,
+                            body: String::new(),
+                        });
+                    }
+                    let steps = fetch.introduced(
+                        None,
+                        session,
+                        "the holder's connection failed recently",
+                        wall,
+                    );
+                    self.steps(None, lane, block, None, steps, now);
+                    return;
+                }
+                let existing = holder.and_then(|h| self.direct.by_peer.get(&h).copied());
+                if let (Some(peer), Some(conn)) = (holder, existing) {
+                    // Ride on the connection this node already has to the
+                    // holder; release the new introduction.
+                    if self.is_logged_in() && session != 0 {
+                        self.outbox.push_back(ToRelay::Signal {
+                            session,
+                            to: peer,
+                            kind: SignalKind::Bye,
+                            body: String::new(),
+                        });
+                    }
+                    let mut steps = fetch.introduced(holder, conn, &reason, wall);
+                    steps.retain(|s| !matches!(s, Step::Connect { .. }));
+                    let open = match self.direct.sessions.get_mut(&conn) {
+                        Some(Session::Fetch {
+                            open,
+                            fetches,
+                            idle_since,
+                            ..
+                        }) => {
+                            *idle_since = None;
+                            fetches.insert(lane, Box::new(fetch));
+                            *open
+                        }
+                        _ => false,
+                    };
+                    self.steps(Some(conn), lane, block, Some(peer), steps, now);
+                    if open {
+                        let steps = self
+                            .fetch_mut(conn, lane)
+                            .map(|f| f.opened(wall))
+                            .unwrap_or_default();
+                        self.steps(Some(conn), lane, block, Some(peer), steps, now);
+                    }
+                    return;
+                }
                 let steps = fetch.introduced(holder, session, &reason, wall);
-                let connect = steps.iter().find_map(|s| match s {
-                    Step::Connect { holder, session } => Some((*holder, *session)),
-                    _ => None,
-                });
-                match connect {
-                    Some((peer, session)) if !self.direct.sessions.contains_key(&session) => {
+                match holder {
+                    Some(peer)
+                        if fetch.holder().is_some()
+                            && !self.direct.sessions.contains_key(&session) =>
+                    {
+                        let mut fetches = BTreeMap::new();
+                        fetches.insert(lane, Box::new(fetch));
                         self.direct.sessions.insert(
                             session,
                             Session::Fetch {
                                 peer,
-                                fetch: Box::new(fetch),
+                                open: false,
+                                fetches,
+                                idle_since: None,
                             },
                         );
-                        self.steps(Some(session), block, Some(peer), steps, now);
+                        self.direct.by_peer.insert(peer, session);
+                        self.steps(Some(session), lane, block, Some(peer), steps, now);
                     }
-                    Some(_) => {
+                    Some(_) if fetch.holder().is_some() => {
                         // A session id already in use: the relay's mistake;
                         // the chunks go to the relay instead.
                         let steps = fetch.closed();
-                        self.steps(None, block, None, steps, now);
+                        self.steps(None, lane, block, None, steps, now);
                     }
-                    None => self.steps(None, block, None, steps, now),
+                    _ => self.steps(None, lane, block, None, steps, now),
                 }
             }
             FromRelay::Signal {
@@ -284,24 +382,77 @@ impl PeerNode {
         }
     }
 
+    fn fetch_mut(&mut self, session: u64, lane: u16) -> Option<&mut DirectFetch> {
+        match self.direct.sessions.get_mut(&session) {
+            Some(Session::Fetch { fetches, .. }) => fetches.get_mut(&lane).map(|f| &mut **f),
+            _ => None,
+        }
+    }
+
+    /// Run `f` on every fetch of a fetching connection, and carry out the steps.
+    fn each_fetch(
+        &mut self,
+        session: u64,
+        now: Millis,
+        mut f: impl FnMut(&mut DirectFetch) -> Vec<Step>,
+    ) {
+        let (peer, lanes): (PeerId, Vec<u16>) = match self.direct.sessions.get(&session) {
+            Some(Session::Fetch { peer, fetches, .. }) => {
+                (*peer, fetches.keys().copied().collect())
+            }
+            _ => return,
+        };
+        for lane in lanes {
+            let Some(fetch) = self.fetch_mut(session, lane) else {
+                continue;
+            };
+            let block = fetch.block();
+            let steps = f(fetch);
+            self.steps(Some(session), lane, block, Some(peer), steps, now);
+        }
+    }
+
     /// The data channel of `session` opened.
     pub fn rtc_opened(&mut self, session: u64, now: Millis) {
         let wall = self.wall(now);
-        if let Some(Session::Fetch { peer, fetch }) = self.direct.sessions.get_mut(&session) {
-            let (peer, block) = (*peer, fetch.block());
-            let steps = fetch.opened(wall);
-            self.steps(Some(session), block, Some(peer), steps, now);
+        if let Some(Session::Fetch { open, .. }) = self.direct.sessions.get_mut(&session) {
+            *open = true;
+            self.each_fetch(session, now, |f| f.opened(wall));
         }
     }
 
     /// A message on the data channel of `session`.
     pub fn rtc_message(&mut self, session: u64, data: &[u8], now: Millis) {
         let wall = self.wall(now);
-        match self.direct.sessions.get_mut(&session) {
-            Some(Session::Fetch { peer, fetch }) => {
-                let (peer, block) = (*peer, fetch.block());
-                let steps = fetch.on_message(data, wall);
-                self.steps(Some(session), block, Some(peer), steps, now);
+        match self.direct.sessions.get(&session) {
+            Some(Session::Fetch { peer, .. }) => {
+                let peer = *peer;
+                let msg = match ChannelMsg::decode(data) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        self.stats.ignored += 1;
+                        self.end_session(session, now, true);
+                        return;
+                    }
+                };
+                let req = match &msg {
+                    ChannelMsg::Part { req, .. } | ChannelMsg::NotHeld { req } => *req,
+                    ChannelMsg::Want { .. } => {
+                        // A holder does not ask: the channel is misused.
+                        self.stats.ignored += 1;
+                        self.end_session(session, now, true);
+                        return;
+                    }
+                };
+                let lane = lane_of(req);
+                let Some(fetch) = self.fetch_mut(session, lane) else {
+                    // An answer for a fetch that ended (given up, cancelled).
+                    self.stats.ignored += 1;
+                    return;
+                };
+                let block = fetch.block();
+                let steps = fetch.on_msg(msg, wall);
+                self.steps(Some(session), lane, block, Some(peer), steps, now);
             }
             Some(Session::Serve { peer }) => {
                 let peer = *peer;
@@ -371,28 +522,42 @@ impl PeerNode {
         }
     }
 
-    /// Direct-fetch deadlines (node clock).
+    /// Direct deadlines (node clock): fetches' open and answer deadlines,
+    /// idle connections' end.
     pub(super) fn direct_deadline(&self) -> Option<Millis> {
         let off = self.direct.wall_offset;
         self.direct
             .sessions
             .values()
-            .filter_map(|s| match s {
-                Session::Fetch { fetch, .. } => fetch.deadline(),
-                Session::Serve { .. } => None,
+            .flat_map(|s| match s {
+                Session::Fetch {
+                    fetches,
+                    idle_since,
+                    ..
+                } => fetches
+                    .values()
+                    .filter_map(|f| f.deadline().map(|w| w.saturating_sub(off)))
+                    .chain(idle_since.map(|t| t.saturating_add(IDLE_KEEP_MS)))
+                    .collect::<Vec<_>>(),
+                Session::Serve { .. } => Vec::new(),
             })
             .min()
-            .map(|w| w.saturating_sub(off))
     }
 
     pub(super) fn direct_timeout(&mut self, now: Millis) {
         let wall = self.wall(now);
         let ids: Vec<u64> = self.direct.sessions.keys().copied().collect();
         for session in ids {
-            if let Some(Session::Fetch { peer, fetch }) = self.direct.sessions.get_mut(&session) {
-                let (peer, block) = (*peer, fetch.block());
-                let steps = fetch.tick(wall);
-                self.steps(Some(session), block, Some(peer), steps, now);
+            match self.direct.sessions.get(&session) {
+                Some(Session::Fetch {
+                    idle_since: Some(t),
+                    fetches,
+                    ..
+                }) if fetches.is_empty() && now >= t.saturating_add(IDLE_KEEP_MS) => {
+                    self.end_session(session, now, true);
+                }
+                Some(Session::Fetch { .. }) => self.each_fetch(session, now, |f| f.tick(wall)),
+                _ => {}
             }
         }
     }
@@ -413,30 +578,56 @@ impl PeerNode {
         }
     }
 
-    /// A fetch was cancelled: its direct session (if any) ends.
-    pub(super) fn direct_cancel(&mut self, block: &BlockHash) {
+    /// A fetch was cancelled: its direct fetch (if any) ends; the connection
+    /// stays for the others.
+    pub(super) fn direct_cancel(&mut self, block: &BlockHash, now: Millis) {
         self.direct.pending.retain(|_, f| &f.block() != block);
-        let ids: Vec<u64> = self
-            .direct
-            .sessions
-            .iter()
-            .filter(|(_, s)| matches!(s, Session::Fetch { fetch, .. } if &fetch.block() == block))
-            .map(|(id, _)| *id)
-            .collect();
-        for session in ids {
-            self.direct.sessions.remove(&session);
-            self.rtc(RtcAction::Close { session });
+        for s in self.direct.sessions.values_mut() {
+            if let Session::Fetch {
+                fetches,
+                idle_since,
+                ..
+            } = s
+            {
+                fetches.retain(|_, f| &f.block() != block);
+                if fetches.is_empty() && idle_since.is_none() {
+                    *idle_since = Some(now);
+                }
+            }
         }
     }
 
-    /// End `session`: a fetch hands back what it did not deliver; `close`
-    /// also tells the driver to close the connection.
+    /// End `session`: every fetch on it hands back what it did not deliver;
+    /// `close` also tells the driver to close the connection.
     fn end_session(&mut self, session: u64, now: Millis, close: bool) {
         match self.direct.sessions.remove(&session) {
-            Some(Session::Fetch { peer, mut fetch }) => {
-                let block = fetch.block();
-                let steps = fetch.closed();
-                self.steps(None, block, Some(peer), steps, now);
+            Some(Session::Fetch {
+                peer,
+                fetches,
+                open,
+                ..
+            }) => {
+                if self.direct.by_peer.get(&peer) == Some(&session) {
+                    self.direct.by_peer.remove(&peer);
+                }
+                if !open && self.is_logged_in() {
+                    self.direct
+                        .shunned
+                        .insert(peer, now.saturating_add(SHUN_MS));
+                }
+                if self.is_logged_in() {
+                    self.outbox.push_back(ToRelay::Signal {
+                        session,
+                        to: peer,
+                        kind: SignalKind::Bye,
+                        body: String::new(),
+                    });
+                }
+                for (lane, mut fetch) in fetches {
+                    let block = fetch.block();
+                    let steps = fetch.closed();
+                    self.steps(None, lane, block, Some(peer), steps, now);
+                }
             }
             Some(Session::Serve { .. }) | None => {}
         }
@@ -449,15 +640,18 @@ impl PeerNode {
         self.events.push_back(NodeEvent::Rtc(a));
     }
 
-    /// Carry out a direct fetch's steps.
+    /// Carry out the steps of the direct fetch on `lane` of `session`.
     fn steps(
         &mut self,
         session: Option<u64>,
+        lane: u16,
         block: BlockHash,
         peer: Option<PeerId>,
         steps: Vec<Step>,
         now: Millis,
     ) {
+        let failed = steps.iter().any(|s| matches!(s, Step::Fallback { .. }));
+        let mut close = false;
         for step in steps {
             match step {
                 Step::Relay(m) => {
@@ -504,28 +698,31 @@ impl PeerNode {
                         });
                     }
                 }
-                Step::Close => {
-                    if let Some(session) = session {
-                        if self.direct.sessions.remove(&session).is_some() {
-                            if let Some(to) = peer.filter(|_| self.is_logged_in()) {
-                                self.outbox.push_back(ToRelay::Signal {
-                                    session,
-                                    to,
-                                    kind: SignalKind::Bye,
-                                    body: String::new(),
-                                });
-                            }
-                        }
-                        self.rtc(RtcAction::Close { session });
-                    }
-                }
+                Step::Close => close = true,
             }
         }
-        // A fetch that finished without a Close step (never opened) is gone.
-        if let Some(session) = session {
-            if matches!(self.direct.sessions.get(&session), Some(Session::Fetch { fetch, .. }) if fetch.is_done())
-            {
-                self.direct.sessions.remove(&session);
+        let Some(session) = session else {
+            self.pump(now);
+            return;
+        };
+        if close && failed {
+            // A lie, a silent holder, a channel that never opened: the
+            // connection goes, with every fetch on it.
+            if let Some(Session::Fetch { fetches, .. }) = self.direct.sessions.get_mut(&session) {
+                fetches.remove(&lane);
+            }
+            self.end_session(session, now, true);
+        } else if let Some(Session::Fetch {
+            fetches,
+            idle_since,
+            ..
+        }) = self.direct.sessions.get_mut(&session)
+        {
+            if fetches.get(&lane).is_some_and(|f| f.is_done()) {
+                fetches.remove(&lane);
+            }
+            if fetches.is_empty() {
+                idle_since.get_or_insert(now);
             }
         }
         self.pump(now);

@@ -284,17 +284,92 @@ fn a_block_comes_directly_with_a_receipt_and_nothing_from_the_relay() {
         .expect("a receipt for the holder");
     assert_eq!(receipt.body.bytes, w.payload.len() as u64);
     assert_eq!(receipt.body.server, w.b.id());
-    assert!(sent.iter().any(|m| matches!(
+    assert_eq!(w.a.stats().direct_bytes_received, w.payload.len() as u64);
+    assert_eq!(w.b.stats().direct_bytes_served, w.payload.len() as u64);
+    assert!(w.a.is_held(&w.block.hash));
+    // The connection stays for the next fetch, then closes when idle.
+    assert_eq!(w.a.direct_sessions(), (1, 0));
+    let at = w.a.poll_timeout().unwrap();
+    assert!(at >= super::direct::IDLE_KEEP_MS, "{at}");
+    w.a.handle_timeout(super::direct::IDLE_KEEP_MS + 20);
+    assert!(events(&mut w.a).contains(&NodeEvent::Rtc(RtcAction::Close { session: SESSION })));
+    assert!(drain(&mut w.a).iter().any(|m| matches!(
         m,
         ToRelay::Signal {
             kind: SignalKind::Bye,
             ..
         }
     )));
-    assert_eq!(w.a.stats().direct_bytes_received, w.payload.len() as u64);
-    assert_eq!(w.b.stats().direct_bytes_served, w.payload.len() as u64);
-    assert!(w.a.is_held(&w.block.hash));
     assert_eq!(w.a.direct_sessions(), (0, 0));
+}
+
+#[test]
+fn a_second_block_from_the_same_holder_rides_on_the_open_connection() {
+    let chain = TinyChain::new(3);
+    let (block2, payload2) = chain.experts().into_iter().nth(1).unwrap();
+    let mut w = world(false);
+    w.b.hold(
+        block2.hash,
+        payload2.clone().into(),
+        block2.header.chunk_size,
+    )
+    .unwrap();
+    drain(&mut w.b);
+    w.introduce();
+    w.a.rtc_opened(SESSION, 5);
+    let first = events(&mut w.a);
+    let ev = w.pump_channel(first, u64::MAX);
+    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    drain(&mut w.a);
+    // The second block: the relay introduces the same holder on a new session.
+    let list2 = chunk_hashes(&payload2, block2.header.chunk_size);
+    w.a.fetch(&block2, list2, Some(w.config.clone()), 30)
+        .unwrap();
+    let ToRelay::Introduce { req, .. } = drain(&mut w.a).remove(0) else {
+        panic!()
+    };
+    let bk = w.b.id();
+    w.a.handle(
+        FromRelay::Introduced {
+            req,
+            block: block2.hash,
+            session: SESSION + 1,
+            holder: Some(bk),
+            reason: String::new(),
+        },
+        31,
+    );
+    // No new connection: the new introduction is released, wants go on the
+    // open channel.
+    let sent = drain(&mut w.a);
+    assert!(sent.contains(&ToRelay::Signal {
+        session: SESSION + 1,
+        to: bk,
+        kind: SignalKind::Bye,
+        body: String::new()
+    }));
+    let first = events(&mut w.a);
+    assert!(!first
+        .iter()
+        .any(|e| matches!(e, NodeEvent::Rtc(RtcAction::Open { .. }))));
+    assert!(first.iter().all(|e| matches!(
+        e,
+        NodeEvent::Rtc(RtcAction::Send {
+            session: SESSION,
+            ..
+        })
+    )));
+    let before = w.a.stats().direct_bytes_received;
+    let ev = w.pump_channel(first, u64::MAX);
+    assert_eq!(completed(&ev).as_deref(), Some(&payload2[..]));
+    assert_eq!(
+        w.a.stats().direct_bytes_received - before,
+        payload2.len() as u64
+    );
+    assert_eq!(w.a.direct_sessions(), (1, 0));
+    assert!(!drain(&mut w.a)
+        .iter()
+        .any(|m| matches!(m, ToRelay::GetChunk { .. })));
 }
 
 #[test]
@@ -352,6 +427,34 @@ fn a_holder_that_never_opens_is_given_up_at_the_deadline() {
     let (asked, ev) = w.relay_rest(sent);
     assert_eq!(asked.len() as u32, w.chunks());
     assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    // The same holder introduced again soon: no second wait, the relay at once.
+    let chain = TinyChain::new(3);
+    let (block2, payload2) = chain.experts().into_iter().nth(1).unwrap();
+    let list2 = chunk_hashes(&payload2, block2.header.chunk_size);
+    w.a.fetch(&block2, list2, Some(w.config.clone()), at + 10)
+        .unwrap();
+    let ToRelay::Introduce { req, .. } = drain(&mut w.a).remove(0) else {
+        panic!()
+    };
+    w.a.handle(
+        FromRelay::Introduced {
+            req,
+            block: block2.hash,
+            session: SESSION + 1,
+            holder: Some(w.b.id()),
+            reason: String::new(),
+        },
+        at + 11,
+    );
+    let ev = events(&mut w.a);
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e, NodeEvent::Rtc(RtcAction::Open { .. }))));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, NodeEvent::DirectFallback { .. })));
+    let sent = drain(&mut w.a);
+    assert!(sent.iter().any(|m| matches!(m, ToRelay::GetChunk { .. })));
 }
 
 #[test]
@@ -442,9 +545,14 @@ fn hostile_signals_and_channel_messages_are_refused() {
     assert!(ev
         .iter()
         .any(|e| matches!(e, NodeEvent::DirectFallback { .. })));
-    assert!(drain(&mut w.a)
-        .iter()
-        .all(|m| !matches!(m, ToRelay::Signal { .. })));
+    // Not sent: only the session's Bye goes to the relay.
+    assert!(drain(&mut w.a).iter().all(|m| !matches!(
+        m,
+        ToRelay::Signal {
+            kind: SignalKind::Candidate,
+            ..
+        }
+    )));
     // A node without direct transfer opens nothing for an offer.
     let mut plain = node(23, NodeConfig::default());
     plain.handle(

@@ -499,7 +499,7 @@ impl PeerNode {
 
     /// Give up a fetch (its late answers are then ignored).
     pub fn cancel_fetch(&mut self, hash: &BlockHash) -> bool {
-        self.direct_cancel(hash);
+        self.direct_cancel(hash, self.direct_clock());
         self.fetches.cancel(hash)
     }
 
