@@ -207,7 +207,9 @@ impl PeerNode {
                     self.steps(None, lane, block, None, steps, now);
                     return;
                 }
-                let existing = holder.and_then(|h| self.direct.by_peer.get(&h).copied());
+                let existing = holder
+                    .and_then(|h| self.direct.by_peer.get(&h).copied())
+                    .filter(|c| matches!(self.direct.sessions.get(c), Some(Session::Fetch { .. })));
                 if let (Some(peer), Some(conn)) = (holder, existing) {
                     // Ride on the connection this node already has to the
                     // holder; release the new introduction.
@@ -221,19 +223,18 @@ impl PeerNode {
                     }
                     let mut steps = fetch.introduced(holder, conn, &reason, wall);
                     steps.retain(|s| !matches!(s, Step::Connect { .. }));
-                    let open = match self.direct.sessions.get_mut(&conn) {
-                        Some(Session::Fetch {
-                            open,
-                            fetches,
-                            idle_since,
-                            ..
-                        }) => {
-                            *idle_since = None;
-                            fetches.insert(lane, Box::new(fetch));
-                            *open
-                        }
-                        _ => false,
-                    };
+                    let mut open = false;
+                    if let Some(Session::Fetch {
+                        open: o,
+                        fetches,
+                        idle_since,
+                        ..
+                    }) = self.direct.sessions.get_mut(&conn)
+                    {
+                        *idle_since = None;
+                        fetches.insert(lane, Box::new(fetch));
+                        open = *o;
+                    }
                     self.steps(Some(conn), lane, block, Some(peer), steps, now);
                     if open {
                         let steps = self
@@ -314,7 +315,7 @@ impl PeerNode {
     ) {
         match self.direct.sessions.get(&session) {
             Some(s) if s.peer() != from => self.stats.ignored += 1,
-            Some(_) if kind == SignalKind::Bye => self.end_session(session, now, false),
+            Some(_) if kind == SignalKind::Bye => self.end_session(session, now, true),
             Some(Session::Fetch { .. }) if kind == SignalKind::Offer => self.stats.ignored += 1,
             Some(Session::Serve { .. }) if kind == SignalKind::Answer => self.stats.ignored += 1,
             Some(_) => self.rtc(RtcAction::Remote {
