@@ -368,6 +368,9 @@ fn pump() {
                     ));
                 }
                 NodeEvent::Rtc(a) => rtc.push(a),
+                // No direct holder is the common case, not an error.
+                NodeEvent::DirectFallback { reason, .. }
+                    if reason.starts_with("no direct holder") => {}
                 NodeEvent::DirectFallback {
                     hash,
                     chunks,
