@@ -23,8 +23,8 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 import {
-  CHROMIUM_ARGS, ask, chromiumPath, getJson, listChain, nativeGreedy, outDir, readNode, sleep,
-  startRelay, trackWire,
+  CHROMIUM_ARGS, ask, chromiumPath, getJson, listChain, nativeGreedy, numberedTests, outDir, readNode,
+  startRelay, trackWire, until,
 } from './lib.mjs';
 
 // Greedy: " dog cat green blue red".
@@ -34,33 +34,11 @@ const VIEWPORT = { width: 1280, height: 900 };
 // Host candidates as plain addresses (not mDNS names) on this machine.
 const ARGS = [...CHROMIUM_ARGS, '--disable-features=WebRtcHideLocalIpsWithMdns'];
 
-const ONLY = (process.env.AIBLOCK_E2E_ONLY || '').split(',').filter(Boolean).map(Number);
-const results = [];
-async function test(n, name, fn) {
-  if (ONLY.length && !ONLY.includes(n)) return;
-  const t0 = Date.now();
-  try {
-    await fn();
-    results.push({ name, ok: true });
-    console.log(`PASS ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
-  } catch (e) {
-    results.push({ name, ok: false });
-    console.log(`FAIL ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n${e.stack || e}`);
-  }
-}
+const { test, results } = numberedTests();
 
 const num = (v) => Number(v ?? NaN);
 const mib = (n) => `${(n / (1024 * 1024)).toFixed(2)} MiB`;
 
-async function until(what, f, ms = 20_000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 const relay = await startRelay();
 const a = await listChain(relay.base, 'A');

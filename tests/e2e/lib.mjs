@@ -576,6 +576,39 @@ export async function startCorruptPeer(base, extraArgs = []) {
 
 export { sleep };
 
+/** Poll `f` (async) until it returns a truthy value or `ms` pass. */
+export async function until(what, f, ms = 20_000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+/**
+ * Numbered tests that run on when one fails: `test(n, name, fn)` prints
+ * PASS/FAIL with the time; `results` collects { name, ok }. Only the numbers
+ * in `only` run when it is not empty (AIBLOCK_E2E_ONLY).
+ */
+export function numberedTests(only = (process.env.AIBLOCK_E2E_ONLY || '').split(',').filter(Boolean).map(Number)) {
+  const results = [];
+  async function test(n, name, fn) {
+    if (only.length && !only.includes(n)) return;
+    const t0 = Date.now();
+    try {
+      await fn();
+      results.push({ name, ok: true });
+      console.log(`PASS ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+    } catch (e) {
+      results.push({ name, ok: false });
+      console.log(`FAIL ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n${e.stack || e}`);
+    }
+  }
+  return { test, results };
+}
+
 /**
  * Words of the default model's generated-word grammar (1-3 consonant-vowel
  * syllables, sometimes a closing consonant) that belong to its held-out set,

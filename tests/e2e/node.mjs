@@ -35,7 +35,7 @@ import { chromium } from 'playwright-core';
 
 import {
   CHROMIUM_ARGS, ask, chromiumPath, get, getJson, listChain, nativeGreedy, outDir, readNode,
-  sleep, startCorruptPeer, startRelay, trackWire, unseenWords,
+  numberedTests, sleep, startCorruptPeer, startRelay, trackWire, unseenWords, until,
 } from './lib.mjs';
 
 // Greedy: " dog cat green blue red" (5 tokens), 17 of the 32 experts.
@@ -46,19 +46,7 @@ const ONLY = (process.env.AIBLOCK_E2E_ONLY || '').split(',').filter(Boolean).map
 const LOAD_TIMEOUT = 180_000;
 const VIEWPORT = { width: 1280, height: 900 };
 
-const results = [];
-async function test(n, name, fn) {
-  if (ONLY.length && !ONLY.includes(n)) return;
-  const t0 = Date.now();
-  try {
-    await fn();
-    results.push({ name, ok: true });
-    console.log(`PASS ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
-  } catch (e) {
-    results.push({ name, ok: false });
-    console.log(`FAIL ${n}. ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n${e.stack || e}`);
-  }
-}
+const { test, results } = numberedTests(ONLY);
 
 const mib = (n) => `${(n / (1024 * 1024)).toFixed(2)} MiB`;
 const sorted = (it) => [...it].sort();
@@ -119,16 +107,6 @@ async function shot(page, name) {
   console.log(`  screenshot: ${p}`);
 }
 
-/** Poll `f` (async) until it returns a truthy value or `ms` pass. */
-async function until(what, f, ms = 20_000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 /** The answer checks every test shares: done, streamed, greedy ids equal native. */
 function checkAnswer(reply, native, label) {

@@ -190,14 +190,7 @@ impl PeerNode {
                 let lane = fetch.lane();
                 self.direct.shunned.retain(|_, until| *until > now);
                 if let Some(peer) = holder.filter(|h| self.direct.shunned.contains_key(h)) {
-                    if self.is_logged_in() {
-                        self.outbox.push_back(ToRelay::Signal {
-                            session,
-                            to: peer,
-                            kind: SignalKind::Bye,
-                            body: String::new(),
-                        });
-                    }
+                    self.bye(session, peer);
                     let steps = fetch.introduced(
                         None,
                         session,
@@ -213,13 +206,8 @@ impl PeerNode {
                 if let (Some(peer), Some(conn)) = (holder, existing) {
                     // Ride on the connection this node already has to the
                     // holder; release the new introduction.
-                    if self.is_logged_in() && session != 0 {
-                        self.outbox.push_back(ToRelay::Signal {
-                            session,
-                            to: peer,
-                            kind: SignalKind::Bye,
-                            body: String::new(),
-                        });
+                    if session != 0 {
+                        self.bye(session, peer);
                     }
                     let mut steps = fetch.introduced(holder, conn, &reason, wall);
                     steps.retain(|s| !matches!(s, Step::Connect { .. }));
@@ -616,14 +604,7 @@ impl PeerNode {
                         .shunned
                         .insert(peer, now.saturating_add(SHUN_MS));
                 }
-                if self.is_logged_in() {
-                    self.outbox.push_back(ToRelay::Signal {
-                        session,
-                        to: peer,
-                        kind: SignalKind::Bye,
-                        body: String::new(),
-                    });
-                }
+                self.bye(session, peer);
                 for (lane, mut fetch) in fetches {
                     let block = fetch.block();
                     let steps = fetch.closed();
@@ -639,6 +620,18 @@ impl PeerNode {
 
     fn rtc(&mut self, a: RtcAction) {
         self.events.push_back(NodeEvent::Rtc(a));
+    }
+
+    /// End introduction `session` at the relay (frees it for both keys).
+    fn bye(&mut self, session: u64, to: PeerId) {
+        if self.is_logged_in() {
+            self.outbox.push_back(ToRelay::Signal {
+                session,
+                to,
+                kind: SignalKind::Bye,
+                body: String::new(),
+            });
+        }
     }
 
     /// Carry out the steps of the direct fetch on `lane` of `session`.
