@@ -674,3 +674,62 @@ fn test_switches_a_holder_that_stops_and_one_that_never_answers() {
     );
     assert!(events(&mut mute).is_empty());
 }
+
+mod hostile {
+    use super::*;
+    use crate::net::direct::{ChannelMsg, ChunkStatement};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever arrives on a data channel (arbitrary bytes, or parts
+        /// with arbitrary offsets, sizes, data and statements signed by the
+        /// holder or anyone), neither side panics, the fetcher never holds
+        /// bytes that are not the block's, and every chunk ends up either
+        /// delivered or handed back to the relay.
+        #[test]
+        fn arbitrary_channel_messages(
+            frames in proptest::collection::vec(
+                (any::<bool>(), 0u32..6, 0u32..300_000, 0u32..300_000,
+                 proptest::collection::vec(any::<u8>(), 0..64), any::<bool>()),
+                0..24),
+            raw in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..8),
+        ) {
+            let mut w = world(false);
+            w.introduce();
+            w.a.rtc_opened(SESSION, 5);
+            events(&mut w.a);
+            let liar = SigningKey::from_bytes(&[77; 32]);
+            for (t, (signed_by_holder, req, offset, total, data, garbage)) in frames.into_iter().enumerate() {
+                let bytes = if garbage {
+                    data.clone()
+                } else {
+                    let key = if signed_by_holder { SigningKey::from_bytes(&[22; 32]) } else { liar.clone() };
+                    let st = ChunkStatement::sign(&key, w.a.id(), w.block.hash, req % 3, &data, 10);
+                    ChannelMsg::Part { req: (1 << 16) | req, offset, total, statement: Some(st), data }.encode()
+                };
+                w.a.rtc_message(SESSION, &bytes, 10 + t as u64);
+                w.b.rtc_message(SESSION, &bytes, 10 + t as u64);
+                w.a.handle_timeout(10 + t as u64);
+            }
+            for r in raw {
+                w.a.rtc_message(SESSION, &r, 100);
+                w.b.rtc_message(SESSION, &r, 100);
+            }
+            // Past the direct deadlines, before any relay request would time out.
+            w.a.handle_timeout(dl::ANSWER_DEADLINE.as_millis() as u64 + 200);
+            if let Some(p) = w.a.payload(&w.block.hash) {
+                prop_assert_eq!(&*p, &w.payload[..]);
+            }
+            // Whatever happened, the relay finishes the block.
+            let sent = drain(&mut w.a);
+            w.a.rtc_closed(SESSION, dl::ANSWER_DEADLINE.as_millis() as u64 + 300);
+            let mut sent2 = drain(&mut w.a);
+            sent2.extend(sent);
+            let (_, ev) = w.relay_rest(sent2);
+            let done = completed(&ev).is_some() || w.a.is_held(&w.block.hash);
+            prop_assert!(done, "the block never completed");
+        }
+    }
+}
