@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ed25519_dalek::SigningKey;
 use web_node::chain::{limits, Block, MetaPayload};
-use web_node::model::checkpoint::{split_checkpoint, Signer};
+use web_node::model::checkpoint::{plan_checkpoint, Signer};
 
 use crate::RelayError;
 
@@ -109,27 +109,49 @@ pub fn meta_block(
         .map_err(|e| g(e.to_string()))
 }
 
-/// Genesis blocks of a model directory: the meta block, then (if
-/// `model.safetensors` exists) one block per slot, split by
-/// [`web_node::model::checkpoint::split_checkpoint`]. All signed by `key`.
-pub fn genesis_blocks(
+/// Genesis blocks of a model directory, one at a time: the meta block,
+/// then (if `model.safetensors` exists) one block per slot, split by
+/// [`web_node::model::checkpoint::plan_checkpoint`], all signed by `key`.
+/// The whole checkpoint is checked before the first block is handed out, so
+/// a bad one hands out nothing; then each slot's payload is made, handed to
+/// `f` and dropped, so memory holds the checkpoint and one payload, not a
+/// copy of the model. `f` returns false to stop. Returns the blocks handed out.
+pub fn for_each_genesis_block(
     dir: &Path,
     key: &SigningKey,
     timestamp_ms: u64,
-) -> Result<Vec<(Block, Vec<u8>)>, RelayError> {
+    mut f: impl FnMut(Block, Vec<u8>) -> Result<bool, RelayError>,
+) -> Result<usize, RelayError> {
     let (meta, meta_payload) = meta_block(dir, key, timestamp_ms)?;
     let (_, cfg) =
         MetaPayload::parse(&meta_payload).map_err(|e| RelayError::Genesis(e.to_string()))?;
-    let mut out = vec![(meta.clone(), meta_payload)];
     let ckpt = dir.join("model.safetensors");
-    if ckpt.is_file() {
-        let bytes = fs::read(&ckpt)?;
-        let slots = split_checkpoint(&cfg, &[bytes.as_slice()])
+    let bytes = if ckpt.is_file() {
+        Some(fs::read(&ckpt)?)
+    } else {
+        None
+    };
+    let plans = match &bytes {
+        Some(b) => plan_checkpoint(&cfg, &[b.as_slice()])
+            .map_err(|e| RelayError::Genesis(format!("{}: {e}", ckpt.display())))?,
+        None => Vec::new(),
+    };
+    let meta_hash = meta.hash;
+    if !f(meta, meta_payload)? {
+        return Ok(1);
+    }
+    let s = signer(key, timestamp_ms);
+    let mut n = 1;
+    for plan in plans {
+        let slot = plan
+            .payload()
             .map_err(|e| RelayError::Genesis(format!("{}: {e}", ckpt.display())))?;
-        let s = signer(key, timestamp_ms);
-        for slot in &slots {
-            out.push(s.slot_block(meta.hash, slot, Vec::new(), None));
+        let (block, payload) = s.slot_block(meta_hash, &slot, Vec::new(), None);
+        drop(slot);
+        n += 1;
+        if !f(block, payload)? {
+            break;
         }
     }
-    Ok(out)
+    Ok(n)
 }

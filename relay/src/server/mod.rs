@@ -394,17 +394,22 @@ fn check_genesis_matches(
         let (_, cfg) = web_node::chain::MetaPayload::parse(&want_payload)
             .map_err(|e| RelayError::Genesis(e.to_string()))?;
         let bytes = std::fs::read(&ckpt)?;
-        let slots = web_node::model::checkpoint::split_checkpoint(&cfg, &[bytes.as_slice()])
-            .map_err(|e| RelayError::Genesis(format!("{}: {e}", ckpt.display())))?;
-        let want = slots
-            .iter()
+        let bad = |e: web_node::model::ModelError| {
+            RelayError::Genesis(format!("{}: {e}", ckpt.display()))
+        };
+        // Only the shared slot's payload is made (no copy of the model).
+        let want = web_node::model::checkpoint::plan_checkpoint(&cfg, &[bytes.as_slice()])
+            .map_err(bad)?
+            .into_iter()
             .find(|s| s.slot == web_node::model::Slot::Shared)
-            .map(|s| &s.bytes);
+            .map(|s| s.payload().map(|p| p.bytes))
+            .transpose()
+            .map_err(bad)?;
         let have = state
             .store
             .payload(&shared)
             .map_err(|e| RelayError::Genesis(format!("reading genesis block {shared}: {e}")))?;
-        if want != Some(&have) {
+        if want.as_ref() != Some(&have) {
             return Err(refuse("its weights"));
         }
     }
@@ -422,10 +427,10 @@ fn create_genesis(
 ) -> Result<(), RelayError> {
     match &cfg.model_dir {
         Some(m) if m.join("config.json").is_file() => {
-            let blocks = genesis::genesis_blocks(m, key, genesis::now_ms())?;
-            for (b, p) in &blocks {
-                match accept_block(state, chain, b, p) {
-                    Ok(_) => {}
+            let mut failed = None;
+            let n = genesis::for_each_genesis_block(m, key, genesis::now_ms(), |b, p| {
+                match accept_block(state, chain, &b, &p) {
+                    Ok(_) => Ok(true),
                     // Another relay on the same database made the genesis first.
                     Err(e)
                         if cfg.database.is_some()
@@ -433,14 +438,18 @@ fn create_genesis(
                     {
                         tracing::info!("another relay created the genesis: using it");
                         *chain = ChainState::load(state.store.as_ref())?;
-                        break;
+                        Ok(false)
                     }
                     Err(e) => {
-                        return Err(RelayError::Genesis(format!("block {}: {e}", b.header.name)))
+                        failed = Some(RelayError::Genesis(format!("block {}: {e}", b.header.name)));
+                        Ok(false)
                     }
                 }
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
             }
-            tracing::info!(model = %m.display(), blocks = blocks.len(), "genesis created");
+            tracing::info!(model = %m.display(), blocks = n, "genesis created");
         }
         Some(m) => {
             tracing::warn!(model = %m.display(), "no config.json in the model dir: starting without genesis")

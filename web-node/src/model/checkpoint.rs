@@ -37,6 +37,43 @@ fn parse(bytes: &[u8]) -> Result<SafeTensors<'_>, ModelError> {
 /// missing tensors, shapes that differ from what the config implies, and
 /// unsupported or mixed dtypes within a slot.
 pub fn split_checkpoint(cfg: &Config, shards: &[&[u8]]) -> Result<Vec<SlotPayload>, ModelError> {
+    plan_checkpoint(cfg, shards)?
+        .into_iter()
+        .map(SlotPlan::payload)
+        .collect()
+}
+
+/// One slot of a checked checkpoint: its tensors as views into the shards,
+/// not yet copied into a payload.
+#[derive(Debug)]
+pub struct SlotPlan<'a> {
+    pub slot: Slot,
+    dtype: PayloadDtype,
+    tensors: Vec<TensorSpec>,
+    views: Vec<(String, TensorView<'a>)>,
+}
+
+impl SlotPlan<'_> {
+    /// The slot's payload (the only copy of its bytes).
+    pub fn payload(self) -> Result<SlotPayload, ModelError> {
+        let bytes = safetensors::serialize(self.views, &None).map_err(st_err)?;
+        Ok(SlotPayload {
+            slot: self.slot,
+            dtype: self.dtype,
+            tensors: self.tensors,
+            bytes,
+        })
+    }
+}
+
+/// Check checkpoint shards against `cfg` as [`split_checkpoint`] does, every
+/// slot, without copying a tensor: a caller can then make one slot's
+/// payload at a time ([`SlotPlan::payload`]) and hold at most one in memory,
+/// knowing that no slot will fail half-way.
+pub fn plan_checkpoint<'a>(
+    cfg: &Config,
+    shards: &[&'a [u8]],
+) -> Result<Vec<SlotPlan<'a>>, ModelError> {
     let parsed: Vec<SafeTensors<'_>> = shards.iter().map(|b| parse(b)).collect::<Result<_, _>>()?;
     let mut by_slot: BTreeMap<Slot, HashMap<String, TensorView<'_>>> = BTreeMap::new();
     for st in &parsed {
@@ -99,12 +136,11 @@ pub fn split_checkpoint(cfg: &Config, shards: &[&[u8]]) -> Result<Vec<SlotPayloa
                 reason: format!("not a tensor the config implies for slot {slot}"),
             });
         }
-        let bytes = safetensors::serialize(views, &None).map_err(st_err)?;
-        out.push(SlotPayload {
+        out.push(SlotPlan {
             slot,
             dtype: dtype.unwrap_or(PayloadDtype::F32),
             tensors: specs,
-            bytes,
+            views,
         });
     }
     Ok(out)
