@@ -25,9 +25,9 @@
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
-//! (off by default: slower than the unfused kernels on lavapipe); without
-//! it a decoded token runs `qkv_rope`, `attention` and the o_proj matvec
-//! instead of `attn_decode`: `5 * layers + 2` per greedy token.
+//! (the default); without it a decoded token runs `qkv_rope`, `attention`
+//! and the o_proj matvec instead of `attn_decode`: `5 * layers + 2` per
+//! greedy token.
 //! Where a shape does not fit the fused kernels' workgroup memory
 //! ([`super::attn_decode::fits`], [`expert::MAX_FUSED_ROUTER_EXPERTS`],
 //! [`expert::MAX_STAGED_HIDDEN`]) the unfused kernels run instead, and
@@ -148,15 +148,16 @@ pub struct EngineOptions {
     pub expert_pool_bytes: Option<u64>,
     /// The fused kernels (default): the router inside `expert_up`, and
     /// greedy sampling writing the next token's embedding (`argmax_embed`):
-    /// `5 * layers + 2` dispatches per greedily decoded token. `false` runs
+    /// `5 * layers + 2` dispatches per greedily decoded token, or
+    /// `3 * layers + 2` with [`EngineOptions::fused_attention`]. `false` runs
     /// the unfused schedule (`qkv_rope`, `attention`, o_proj, `router`
     /// apart: `6 * layers + 3`), the benchmark's baseline.
     pub fused: bool,
     /// With `fused`: also the decode attention in one dispatch per layer
     /// ([`super::attn_decode`]: norm, q/k/v, RoPE, cache append, attention
     /// and the heads' o_proj shares), `3 * layers + 2` dispatches per
-    /// greedily decoded token. Off by default: on lavapipe it measured
-    /// slower than the three kernels it replaces (see the benchmark).
+    /// greedily decoded token (default; `false`: `5 * layers + 2`, the
+    /// three kernels it replaces, which the benchmark measures beside it).
     pub fused_attention: bool,
 }
 
@@ -169,7 +170,7 @@ impl Default for EngineOptions {
             expert_quant: None,
             expert_pool_bytes: None,
             fused: true,
-            fused_attention: false,
+            fused_attention: true,
         }
     }
 }
@@ -817,7 +818,7 @@ impl Engine {
         let probs = c.storage_zeroed("probs", f(b * ne));
         let act = c.storage_zeroed("act", f(b * ne * i));
         // The heads' o_proj shares of a decoded token (fused attention).
-        let part = c.storage_zeroed("o_proj_part", f(nh * h));
+        let part = c.storage_zeroed("o_proj_part", attn_decode::part_bytes(nh, h, max_seq));
         let qkv_raw = split_qkv.then(|| c.storage_zeroed("qkv_raw", f(b * (qd + 2 * kvd))));
         let route_sh = c.storage_zeroed("route_shared", f(b * 2));
         let act_sh = c.storage_zeroed("act_shared", f(b * sh_i.max(1)));

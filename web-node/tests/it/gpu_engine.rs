@@ -917,9 +917,9 @@ fn expert_pool_format_is_explicit_and_mismatches_are_errors() {
     );
 }
 
-/// The fused decode with the fused attention (`3 * layers + 2` dispatches
-/// per greedy token, one submission), without it (the default,
-/// `5 * layers + 2`) and the unfused schedule (`fused: false`,
+/// The fused decode with the fused attention (the default,
+/// `3 * layers + 2` dispatches per greedy token, one submission), without
+/// it (`5 * layers + 2`) and the unfused schedule (`fused: false`,
 /// `6 * layers + 3`) give the CPU's greedy tokens, with every expert
 /// resident and with a pool of 3 experts (chunks of one token, evicting).
 #[test]
