@@ -5,8 +5,8 @@
 // query head: RMSNorm(x) -> this head's q and its kv head's k and v
 // (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
 // (rotate-half) on q and k -> k and v appended to the KV cache at position
-// pos0 -> causal attention over positions 0..=pos0 (online softmax over
-// tiles of WG positions in workgroup memory) -> this head's share of the
+// pos0 -> causal attention over positions 0..=pos0 (the scores kept in
+// part's tail, part[n_heads * hidden + head * max_seq + j]) -> this head's share of the
 // output projection: part[head][r] = sum_e Wo[r][head * head_dim + e] * o[e]
 // (Wo stored transposed, [q_dim][wo_stride], wo_stride = hidden, or hidden
 // rounded up to even for f16). The next kernels add x + sum over heads of
@@ -18,7 +18,7 @@
 // writes never race a read. Decode only (n_tok = 1): a batch's later tokens
 // would read cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (about 5 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// (6 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
 // [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
@@ -43,8 +43,17 @@ var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
-var<workgroup> tile: array<f32, 256>;
-var<workgroup> tile_e: array<f32, 256>;
+// Per-invocation shares of the softmax sum and of the weighted v (at most
+// max(head_dim, WG) <= 256 of them), and the scores' max as ordered bits.
+var<workgroup> red_l: array<f32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> m_bits: atomic<i32>;
+
+// f32 bits as an i32 that orders like the f32 (for atomicMax).
+fn ordered(v: f32) -> i32 {
+    let b = bitcast<i32>(v);
+    return select(b, b ^ 0x7fffffff, b < 0);
+}
 
 fn wf(i: u32) -> f32 {
     let v = unpack2x16float(w[i >> 1u]);
@@ -127,6 +136,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
         }
     }
+    if (lid == 0u) { atomicStore(&m_bits, ordered(-3.0e38)); }
     workgroupBarrier();
 
     // Append to the cache.
@@ -134,61 +144,71 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var i = lid; i < hd; i += WG) {
         k_cache[(kb + i) * p.max_seq + pos] = ks[i];
         v_cache[pos * kv_dim + kb + i] = vs[i];
-        acc_s[i] = 0.0;
     }
 
-    // Attention over positions 0..=pos in tiles of WG scores (the new
-    // position's k and v from workgroup memory), softmax kept online:
-    // running max m and sum l, acc_s rescaled when the max grows.
+    // Attention over positions 0..=pos (the new position's k and v from
+    // workgroup memory). Written for software adapters, where every
+    // invocation's memory access is costly and a loop costs as much in
+    // every invocation of a vector: no barrier inside a loop, and no
+    // phase where most invocations idle through a long loop. Scores go to
+    // this head's row after the o_proj shares in `part` ([n_heads][max_seq]
+    // from n_heads * hidden on), the max through a workgroup atomic (f32
+    // bits mapped to ordered i32), then every invocation sums exp(score -
+    // max) and its weighted v for one head-dimension entry over a strided
+    // share of the positions; the shares are added after one barrier.
     let len = pos + 1u;
-    var m = -3.0e38;
-    var l = 0.0;
-    for (var base = 0u; base < len; base += WG) {
-        // The previous tile's readers are done before it is overwritten.
-        if (base > 0u) { workgroupBarrier(); }
-        let j = base + lid;
-        if (j < len) {
-            var d = 0.0;
-            if (j == pos) {
-                for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
-            } else {
-                for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
-            }
-            tile[lid] = d * p.scale;
+    let sb = p.n_heads * p.hidden + h * p.max_seq;
+    var mine = -3.0e38;
+    for (var j = lid; j < len; j += WG) {
+        var d = 0.0;
+        if (j == pos) {
+            for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
+        } else {
+            for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
         }
-        workgroupBarrier();
-        let cnt = min(WG, len - base);
-        var tm = m;
-        for (var i = 0u; i < cnt; i++) { tm = max(tm, tile[i]); }
-        // One exp per position (exps dominate on software adapters).
-        if (lid < cnt) { tile_e[lid] = exp(tile[lid] - tm); }
-        workgroupBarrier();
-        let corr = exp(m - tm);
-        var ts = 0.0;
-        for (var i = 0u; i < cnt; i++) { ts += tile_e[i]; }
-        l = l * corr + ts;
-        for (var e = lid; e < hd; e += WG) {
-            var a = acc_s[e] * corr;
-            for (var i = 0u; i < cnt; i++) {
-                let jj = base + i;
-                var vv = vs[e];
-                if (jj != pos) { vv = v_cache[jj * kv_dim + kb + e]; }
-                a += tile_e[i] * vv;
-            }
-            acc_s[e] = a;
+        d = d * p.scale;
+        part[sb + j] = d;
+        mine = max(mine, d);
+    }
+    atomicMax(&m_bits, ordered(mine));
+    storageBarrier();
+    workgroupBarrier();
+    let mb = atomicLoad(&m_bits);
+    let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
+    // `shares` invocations per head-dimension entry.
+    let shares = max(1u, WG / hd);
+    for (var u = lid; u < hd * shares; u += WG) {
+        let e = u % hd;
+        var l = 0.0;
+        var a = 0.0;
+        for (var j = u / hd; j < len; j += shares) {
+            let pe = exp(part[sb + j] - m);
+            var vv = vs[e];
+            if (j != pos) { vv = v_cache[j * kv_dim + kb + e]; }
+            l += pe;
+            a += pe * vv;
         }
-        m = tm;
+        red_l[u] = l;
+        red_a[u] = a;
+    }
+    workgroupBarrier();
+    for (var e = lid; e < hd; e += WG) {
+        var l = 0.0;
+        var a = 0.0;
+        for (var q = 0u; q < shares; q++) {
+            l += red_l[q * hd + e];
+            a += red_a[q * hd + e];
+        }
+        acc_s[e] = a / l;
     }
     workgroupBarrier();
 
-    // This head's share of the output projection (l, the softmax sum, is
-    // the same in every invocation).
-    let inv_l = 1.0 / l;
+    // This head's share of the output projection.
     for (var r = lid; r < p.hidden; r += WG) {
         var a = 0.0;
         for (var e = 0u; e < hd; e++) {
             a += wof((h * hd + e) * p.wo_stride + r) * acc_s[e];
         }
-        part[h * p.hidden + r] = a * inv_l;
+        part[h * p.hidden + r] = a;
     }
 }

@@ -15,7 +15,7 @@
 // this layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, _p2: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, save_x: u32 }
 
 override WG: u32 = 64u;
 

@@ -14,7 +14,7 @@
 // this layer lives (the engine keeps the table; eviction never rebinds).
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
-struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, _p2: u32 }
+struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, save_x: u32 }
 
 override WG: u32 = 64u;
 
@@ -144,6 +144,16 @@ fn scale(sb: u32, rh: u32, gi: u32, r: u32) -> f32 {
     return select(v.x, v.y, (r & 1u) == 1u);
 }
 
+// With the expert pool partly resident (save_x > 0): the token's first
+// workgroup keeps the layer's input row (x plus the o_proj shares) at
+// route[save_x + t * hidden ..], from where the engine restores x when it
+// runs this layer's experts again after a missing one was supplied.
+fn save_row(t: u32, lid: u32) {
+    for (var c = lid; c < p.hidden; c += WG) {
+        route[p.save_x + t * p.hidden + c] = bitcast<u32>(xin(t * p.hidden, c));
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -157,6 +167,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (t >= s.n_tok) { return; }
     stage_x(t, lid);
     if (p.route_in != 0u) { route_token(t, lid, grp % per_wg == 0u); }
+    if (p.save_x != 0u && grp % per_wg == 0u) { save_row(t, lid); }
     let li = (grp % per_wg) * WG + lid;
     if (li >= per_tok) { return; }
     let j = li % p.inter;

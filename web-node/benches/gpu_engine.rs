@@ -13,12 +13,18 @@
 //! `--quant`, read packed by the quantized kernels; attention and head f32).
 //! Each format runs three times in the same run: the unfused schedule
 //! (`EngineOptions { fused: false }`: `6 * layers + 3` dispatches per token,
-//! the baseline), the fused one (default: router in `expert_up`, argmax
-//! writing the next embedding, `5 * layers + 2`) and the fused one with the
-//! decode attention fused too (`fused_attention`, `3 * layers + 2`), in interleaved rounds
+//! the baseline), the fused one without the fused decode attention
+//! (`fused_attention: false`: router in `expert_up`, argmax writing the
+//! next embedding, `5 * layers + 2`) and the default, with the decode
+//! attention fused too (`3 * layers + 2`), in interleaved rounds
 //! (`BENCH_ROUNDS`, default 3, the best of each: the machine may be shared).
 //! Both with every expert resident and with a small expert pool
 //! (`BENCH_POOL` experts per layer's worth, default 3, evicting).
+//!
+//! Wall time and CPU time of the process (best of the rounds each) are both
+//! reported: on lavapipe the GPU is this process's threads, and on a shared
+//! machine the CPU time is the steadier of the two (`cpu_ms_per_token`,
+//! `cpu_ratio_to_ideal`, `cpu_pool_vs_all_resident`).
 //!
 //! Machine-readable lines, one per engine and format:
 //! `RESULT gpu engine=fused dtype=f16 layers=4 dispatches_per_token=.. submissions_per_token=.. ms_per_token=.. ideal_ms_per_token=.. ratio_to_ideal=..`
@@ -26,7 +32,8 @@
 //!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
-//! Env: `BENCH_PROMPT` (default 64), `AIBLOCK_BENCH_MODEL=random` (or
+//! Env: `BENCH_PROMPT` (default 64), `BENCH_FORMATS` (e.g. `f32,f16`: only
+//! these formats), `AIBLOCK_BENCH_MODEL=random` (or
 //! `BENCH_MODEL=random`: use the random model even if `models/default` exists).
 
 use std::sync::Arc;
@@ -47,6 +54,12 @@ fn env(name: &str, d: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(d)
+}
+
+/// CPU time of this process (all its threads, lavapipe's included), in seconds.
+fn cpu_s() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 fn peak_rss_mib() -> f64 {
@@ -113,6 +126,10 @@ const VARIANTS: [(&str, (bool, bool)); 3] = [
     ("fused_attn", (true, true)),
 ];
 
+/// A fixed-length decode: its tokens, (wall, CPU) seconds per decoded
+/// token, and (its counters, prefill tok/s).
+type Decoded = (Vec<u32>, (f64, f64), (EngineStats, f64));
+
 /// One engine variant's decode measurements.
 struct Measured {
     fmt: PoolFormat,
@@ -121,6 +138,11 @@ struct Measured {
     decode_s: f64,
     /// Seconds per decoded token with the small pool.
     pool_s: f64,
+    /// CPU seconds of this process (lavapipe's threads included) per
+    /// decoded token, all resident and with the small pool: on a shared
+    /// machine steadier than the wall clock.
+    decode_cpu_s: f64,
+    pool_cpu_s: f64,
     dispatches: f64,
     submissions: f64,
     pool_submissions: f64,
@@ -131,27 +153,29 @@ struct Measured {
 
 /// Fixed-length decode: prefill `prompt` (from an empty cache), then `n`
 /// greedy tokens in all, one step each, EOS ignored. Returns the tokens,
-/// seconds per decoded token, and (the decode's counters, prefill tok/s).
+/// (wall, CPU) seconds per decoded token, and (the decode's counters,
+/// prefill tok/s).
 fn decode_fixed<S: Supply + ?Sized>(
     gpu: &mut Engine,
     src: &mut S,
     prompt: &[u32],
     n: usize,
     opts: &RunOptions,
-) -> anyhow::Result<(Vec<u32>, f64, (EngineStats, f64))> {
+) -> anyhow::Result<Decoded> {
     gpu.reset();
     let t = Instant::now();
     let mut tok = gpu.next_token(src, prompt, opts)?;
     let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
     gpu.reset_stats();
     let mut out = vec![tok];
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_s());
     while out.len() < n {
         tok = gpu.next_token(src, &[tok], opts)?;
         out.push(tok);
     }
     let per = t.elapsed().as_secs_f64() / (n - 1).max(1) as f64;
-    Ok((out, per, (gpu.stats().clone(), prefill)))
+    let cpu = (cpu_s() - c) / (n - 1).max(1) as f64;
+    Ok((out, (per, cpu), (gpu.stats().clone(), prefill)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -233,6 +257,12 @@ fn main() -> anyhow::Result<()> {
         PoolFormat::Quant(QuantFormat::Q8_0),
         PoolFormat::Quant(QuantFormat::Q4_0),
     ];
+    // `BENCH_FORMATS=f32,q8_0`: only these formats.
+    let only = std::env::var("BENCH_FORMATS").ok();
+    let formats = formats.into_iter().filter(|f| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|w| w.trim() == f.to_string()))
+    });
     for pool_fmt in formats {
         let (fmt, quant) = match pool_fmt {
             PoolFormat::Float(f) => (f, None),
@@ -301,7 +331,8 @@ fn main() -> anyhow::Result<()> {
         }
         // Interleaved rounds (the machine is shared): the best of each.
         let nv = VARIANTS.len();
-        let mut best = vec![[f64::MAX; 2]; nv]; // [variant][all resident, pool]
+        // [variant][all resident, pool, all resident CPU, pool CPU]
+        let mut best = vec![[f64::MAX; 4]; nv];
         let mut stats = vec![None; nv];
         let mut pool_stats = vec![None; nv];
         let mut tokens = vec![Vec::new(); nv];
@@ -311,15 +342,17 @@ fn main() -> anyhow::Result<()> {
             for v in 0..nv {
                 let (gpu, _) = &mut full[v];
                 let (toks, s_tok, st) = decode_fixed(gpu, &mut src, &prompt, n_decode, &opts)?;
-                if s_tok < best[v][0] {
-                    best[v][0] = s_tok;
+                best[v][2] = best[v][2].min(s_tok.1);
+                if s_tok.0 < best[v][0] {
+                    best[v][0] = s_tok.0;
                     prefill[v] = st.1;
                 }
                 tokens[v] = toks;
                 stats[v] = Some(st.0);
                 let (toks, s_tok, st) =
                     decode_fixed(&mut small[v], &mut src, &prompt, n_decode, &opts)?;
-                best[v][1] = best[v][1].min(s_tok);
+                best[v][1] = best[v][1].min(s_tok.0);
+                best[v][3] = best[v][3].min(s_tok.1);
                 pool_tokens[v] = toks;
                 pool_stats[v] = Some(st.0);
             }
@@ -362,6 +395,8 @@ fn main() -> anyhow::Result<()> {
                 engine: name,
                 decode_s: best[v][0],
                 pool_s: best[v][1],
+                decode_cpu_s: best[v][2],
+                pool_cpu_s: best[v][3],
                 dispatches: per_tok(s.dispatches, &s),
                 submissions: per_tok(s.submissions, &s),
                 pool_submissions: per_tok(ps.submissions, &ps),
@@ -435,7 +470,7 @@ fn main() -> anyhow::Result<()> {
     for r in &results {
         let (_, with_d) = ideal(r);
         println!(
-            "RESULT gpu engine={} dtype={} layers={} dispatches_per_token={:.1} submissions_per_token={:.2} ms_per_token={:.3} ideal_ms_per_token={:.3} ratio_to_ideal={:.2} tokens_equal_cpu={}",
+            "RESULT gpu engine={} dtype={} layers={} dispatches_per_token={:.1} submissions_per_token={:.2} ms_per_token={:.3} ideal_ms_per_token={:.3} ratio_to_ideal={:.2} cpu_ms_per_token={:.3} cpu_ratio_to_ideal={:.2} tokens_equal_cpu={}",
             r.engine,
             r.fmt,
             cfg.num_hidden_layers,
@@ -444,12 +479,14 @@ fn main() -> anyhow::Result<()> {
             r.decode_s * 1e3,
             with_d * 1e3,
             r.decode_s / with_d,
+            r.decode_cpu_s * 1e3,
+            r.decode_cpu_s / with_d,
             r.same_tokens
         );
     }
     for r in &results {
         println!(
-            "RESULT gpu_pool engine={} dtype={} layers={} pool_per_layer={} ms_per_token={:.3} all_resident_ms_per_token={:.3} pool_vs_all_resident={:.2} submissions_per_token={:.2}",
+            "RESULT gpu_pool engine={} dtype={} layers={} pool_per_layer={} ms_per_token={:.3} all_resident_ms_per_token={:.3} pool_vs_all_resident={:.2} cpu_ms_per_token={:.3} cpu_pool_vs_all_resident={:.2} submissions_per_token={:.2}",
             r.engine,
             r.fmt,
             cfg.num_hidden_layers,
@@ -457,6 +494,8 @@ fn main() -> anyhow::Result<()> {
             r.pool_s * 1e3,
             r.decode_s * 1e3,
             r.decode_s / r.pool_s,
+            r.pool_cpu_s * 1e3,
+            r.decode_cpu_s / r.pool_cpu_s,
             r.pool_submissions
         );
     }

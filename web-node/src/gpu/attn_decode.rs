@@ -6,6 +6,15 @@
 //! workgroup memory ([`fits`]); prompts keep the three kernels. The heads'
 //! shares (`part`, `[n_heads][hidden]`) are summed into the residual by the
 //! expert kernels that follow (`n_part` in [`super::expert::Params`]).
+//!
+//! On software adapters (lavapipe, SwiftShader) each invocation's memory
+//! access costs tens of instructions, and a loop costs about as much in a
+//! vector whose invocations idle as in a busy one: an attention phase where
+//! only `head_dim` invocations looped over every position (and a barrier
+//! inside the loop over position tiles) made the first version of this
+//! kernel 2-4x slower per token than the three kernels it replaces. The
+//! attention now spreads every phase over the whole workgroup (see the
+//! shader), and the one-dispatch path is the engine's default.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -45,14 +54,21 @@ pub fn wo_stride(format: WeightFormat, hidden: usize) -> u32 {
 }
 
 /// Whether the fused kernel can run this shape with workgroup size `wg`
-/// (its workgroup arrays hold `head_dim` values and one score per
-/// invocation; `hidden` is bounded by the expert kernels that add its
+/// (its workgroup arrays hold `head_dim` values, the scores go to the
+/// tail of `part`, [`part_bytes`]; `hidden` is bounded by the expert kernels that add its
 /// o_proj shares, which stage the row in workgroup memory).
 pub fn fits(hidden: usize, head_dim: usize, wg: u32) -> bool {
     hidden <= MAX_HIDDEN
         && (2..=MAX_HEAD_DIM).contains(&head_dim)
         && head_dim.is_multiple_of(2)
         && wg <= 256
+}
+
+/// Bytes of the kernel's `part` buffer: the heads' o_proj shares
+/// (`[n_heads][hidden]`), then each head's attention scores
+/// (`[n_heads][max_seq]`, scratch).
+pub fn part_bytes(n_heads: usize, hidden: usize, max_seq: usize) -> u64 {
+    (n_heads * (hidden + max_seq) * 4) as u64
 }
 
 #[derive(Debug)]
@@ -195,7 +211,7 @@ pub async fn run(
         "wo",
         &format.encode(&transpose(s.hidden, qd, wo), qd, s.hidden),
     );
-    let ob = ctx.storage_zeroed("part", (s.n_heads * s.hidden * 4) as u64);
+    let ob = ctx.storage_zeroed("part", part_bytes(s.n_heads, s.hidden, max_seq));
     let bg = kern.bind(ctx, [&step, &pb, &wb, &xb, &gb, &rb, &kc, &vc, &wob, &ob]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {

@@ -25,9 +25,9 @@
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
-//! (off by default: slower than the unfused kernels on lavapipe); without
-//! it a decoded token runs `qkv_rope`, `attention` and the o_proj matvec
-//! instead of `attn_decode`: `5 * layers + 2` per greedy token.
+//! (the default); without it a decoded token runs `qkv_rope`, `attention`
+//! and the o_proj matvec instead of `attn_decode`: `5 * layers + 2` per
+//! greedy token.
 //! Where a shape does not fit the fused kernels' workgroup memory
 //! ([`super::attn_decode::fits`], [`expert::MAX_FUSED_ROUTER_EXPERTS`],
 //! [`expert::MAX_STAGED_HIDDEN`]) the unfused kernels run instead, and
@@ -49,15 +49,27 @@
 //!
 //! # Asking for experts
 //!
-//! The engine never fetches weights. While a layer has experts that are not
-//! in the pool, the encoder is submitted after that layer's router and the
-//! routed ids are read back; if any of them is missing, [`step`](crate::model::Engine::step)
+//! The engine never fetches weights. A layer that lacks experts does not
+//! stop the chunk (with the router fused into `expert_up`): it runs with
+//! whatever its slot table holds, `expert_up` keeps the layer's input row
+//! beside its routes, and the routes of every such layer are read back with
+//! the chunk's output, in the chunk's one submission. While every routed
+//! expert is resident that is all a pool step costs: a few hundred bytes
+//! more in the one readback. When the first checked layer routed to a
+//! missing expert, [`step`](crate::model::Engine::step)
 //! (or [`resume`](crate::model::Engine::resume)) returns [`Step::Need`] with the missing ids
 //! (sorted, deduplicated) and keeps its place: the token chunk, the layer,
-//! the hidden state (still in GPU buffers) and the position (not yet
-//! advanced). The caller hands the experts over with
-//! [`Engine::supply_expert`] and calls [`resume`](crate::model::Engine::resume), which continues
-//! with that layer's experts; [`cancel`](crate::model::Engine::cancel) drops the step instead.
+//! its saved input row (in GPU buffers) and the position (not yet
+//! advanced); the chunk's output and its later layers are discarded. The
+//! caller hands the experts over with
+//! [`Engine::supply_expert`] and calls [`resume`](crate::model::Engine::resume), which restores
+//! that layer's input and runs on from its experts (one more submission:
+//! the later layers' cache rows are written again); [`cancel`](crate::model::Engine::cancel)
+//! drops the step instead. A layer with fewer resident experts than
+//! `top_k` misses for certain, so the chunk stops after its `expert_up`.
+//! The unfused engine (`fused: false`, a separate router kernel) reads a
+//! lacking layer's routes back before its experts run instead (one
+//! submission and readback per such layer).
 //! [`crate::model::run_step`] is that loop. With `use_moe = false` (dense mixture) every
 //! expert runs, so a step asks for all missing experts of all layers up
 //! front (or, when the pool cannot hold them all, for all of one layer at a
@@ -136,15 +148,16 @@ pub struct EngineOptions {
     pub expert_pool_bytes: Option<u64>,
     /// The fused kernels (default): the router inside `expert_up`, and
     /// greedy sampling writing the next token's embedding (`argmax_embed`):
-    /// `5 * layers + 2` dispatches per greedily decoded token. `false` runs
+    /// `5 * layers + 2` dispatches per greedily decoded token, or
+    /// `3 * layers + 2` with [`EngineOptions::fused_attention`]. `false` runs
     /// the unfused schedule (`qkv_rope`, `attention`, o_proj, `router`
     /// apart: `6 * layers + 3`), the benchmark's baseline.
     pub fused: bool,
     /// With `fused`: also the decode attention in one dispatch per layer
     /// ([`super::attn_decode`]: norm, q/k/v, RoPE, cache append, attention
     /// and the heads' o_proj shares), `3 * layers + 2` dispatches per
-    /// greedily decoded token. Off by default: on lavapipe it measured
-    /// slower than the three kernels it replaces (see the benchmark).
+    /// greedily decoded token (default; `false`: `5 * layers + 2`, the
+    /// three kernels it replaces, which the benchmark measures beside it).
     pub fused_attention: bool,
 }
 
@@ -157,7 +170,7 @@ impl Default for EngineOptions {
             expert_quant: None,
             expert_pool_bytes: None,
             fused: true,
-            fused_attention: false,
+            fused_attention: true,
         }
     }
 }
@@ -277,6 +290,11 @@ struct Layer {
     /// `slots[expert]`: the pool slot holding this layer's expert
     /// ([`NO_SLOT`] when it is not resident).
     table: wgpu::Buffer,
+    /// The layer's routes (`[max_batch][experts][2]`: id, weight bits),
+    /// read back after a chunk while the pool lacks experts, followed by
+    /// the input rows `expert_up` saves (`[max_batch][hidden]`, f32 bits)
+    /// to run the layer's experts again after a miss.
+    route: wgpu::Buffer,
 }
 
 /// Table word of an expert that is not in the pool (clamped by the kernels).
@@ -369,6 +387,10 @@ enum At {
     Chunk,
     /// Layer `l`'s router ran; its experts come next.
     Experts(usize),
+    /// Layer `l` routed to an expert that was missing (found after the
+    /// chunk ran on): its saved input row is restored and its experts
+    /// (the shared expert's too) run again, then the later layers.
+    Redo(usize),
 }
 
 /// A step in progress (paused while it is stored in `Engine::paused`).
@@ -405,7 +427,10 @@ pub struct Engine {
     shared_format: Option<PoolFormat>,
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
-    route: wgpu::Buffer,
+    /// The hidden state (`[max_batch][hidden]`).
+    x: wgpu::Buffer,
+    /// The heads' o_proj shares of a decoded token (fused attention).
+    part: wgpu::Buffer,
     logits_last: wgpu::Buffer,
     logits_all: wgpu::Buffer,
     argmax_out: wgpu::Buffer,
@@ -666,7 +691,7 @@ impl Engine {
             n_slots: 1,
             route_in: 0,
             n_part: 0,
-            _p2: 0,
+            save_x: 0,
         };
         let p_attn = attention::Params {
             n_heads: nh as u32,
@@ -712,6 +737,9 @@ impl Engine {
             eps,
             _p0: 0,
         };
+        // Words of routes at the start of a layer's route buffer (the rows
+        // `expert_up` saves for a pool miss follow them).
+        let route_words = (max_batch * ne * 2) as u32;
         let p_exp = expert::Params {
             hidden: h as u32,
             inter: i as u32,
@@ -720,7 +748,8 @@ impl Engine {
             n_slots: n_slots as u32,
             route_in: u32::from(route_fused),
             n_part: 0,
-            _p2: 0,
+            // Each layer's route buffer: the routes, then the saved rows.
+            save_x: if route_fused { route_words } else { 0 },
         };
         let u = |name: &str, b: &[u8]| c.uniform_init(name, b);
         let ub_qkv = u("p_qkv", bytemuck::bytes_of(&p_qkv));
@@ -787,10 +816,9 @@ impl Engine {
         let attn_out = c.storage_zeroed("attn_out", f(b * qd));
         let scores = c.storage_zeroed("scores", f(b * nh * max_seq));
         let probs = c.storage_zeroed("probs", f(b * ne));
-        let route = c.storage_zeroed("route", f(b * ne * 2));
         let act = c.storage_zeroed("act", f(b * ne * i));
         // The heads' o_proj shares of a decoded token (fused attention).
-        let part = c.storage_zeroed("o_proj_part", f(nh * h));
+        let part = c.storage_zeroed("o_proj_part", attn_decode::part_bytes(nh, h, max_seq));
         let qkv_raw = split_qkv.then(|| c.storage_zeroed("qkv_raw", f(b * (qd + 2 * kvd))));
         let route_sh = c.storage_zeroed("route_shared", f(b * 2));
         let act_sh = c.storage_zeroed("act_shared", f(b * sh_i.max(1)));
@@ -798,7 +826,8 @@ impl Engine {
         let logits_last = c.storage_zeroed("logits_last", f(v));
         let logits_all = c.storage_zeroed("logits_all", f(b * v));
         let argmax_out = c.storage_zeroed("argmax_out", 4);
-        let readback = c.readback_buffer("readback", f((b * v).max(b * ne * 2)));
+        // The output (logits or the token), then every layer's routes.
+        let readback = c.readback_buffer("readback", f((b * v).max(1) + nl * b * ne * 2));
         let rope = c.storage_init("rope", f32_bytes(&rope_table(cfg, max_seq)));
         let embed_t = c.storage_init(
             "embed_t",
@@ -841,6 +870,8 @@ impl Engine {
             let kc = c.storage_zeroed("k_cache", f(max_seq * kvd));
             let vc = c.storage_zeroed("v_cache", f(max_seq * kvd));
             let table = c.storage_init("expert_slots", bytemuck::cast_slice(&vec![NO_SLOT; ne]));
+            // `[b][ne][2]` routes (id, weight bits), then `[b][h]` saved input rows.
+            let route = c.storage_zeroed("route", f(b * ne * 2 + b * h));
             let qkv = match (&k.qkv_post, &qkv_raw) {
                 (Some(post), Some(raw)) => {
                     let ex = &la.extras;
@@ -983,6 +1014,7 @@ impl Engine {
                     )
                 }),
                 table,
+                route,
             });
         }
         let bg_embed = k.embed.bind(c, &[&step, &ub_embed, &embed_t, &tokens, &x]);
@@ -1018,7 +1050,8 @@ impl Engine {
             shared_format: shared_fmt,
             step,
             tokens,
-            route,
+            x,
+            part,
             logits_last,
             logits_all,
             argmax_out,
@@ -1350,12 +1383,20 @@ impl Engine {
         } else {
             d -= 1;
         }
-        if let (Some(sk), Some(sh)) = (&self.k.shared, &ly.shared) {
-            sk.gate.encode(pass, &sh.bg_gate, n);
-            sk.up.encode(pass, &sh.bg_up, &self.p_shared, n, 1);
-            d += 2;
+        d + self.encode_shared_up(pass, l, n)
+    }
+
+    /// The shared expert's gate and up half (Qwen2-MoE), reading the same
+    /// hidden state as the routed experts; returns the dispatch count.
+    fn encode_shared_up(&self, pass: &mut wgpu::ComputePass<'_>, l: usize, n: u32) -> u64 {
+        match (&self.k.shared, &self.layers[l].shared) {
+            (Some(sk), Some(sh)) => {
+                sk.gate.encode(pass, &sh.bg_gate, n);
+                sk.up.encode(pass, &sh.bg_up, &self.p_shared, n, 1);
+                2
+            }
+            _ => 0,
         }
-        d
     }
 
     /// The attention input of a prompt chunk (or of a family with q/k/v
@@ -1380,22 +1421,15 @@ impl Engine {
         self.stats.submissions += 1;
     }
 
-    /// Read back the experts layer `layer` routed the chunk's tokens to
-    /// (sorted, deduplicated); submits `enc`.
-    async fn routed(
-        &mut self,
-        mut enc: wgpu::CommandEncoder,
+    /// The experts `words` (a layer's routes as read back) route the chunk's
+    /// tokens to (sorted, deduplicated).
+    fn route_ids(
+        &self,
+        words: &[u32],
         layer: usize,
         run: &Run,
     ) -> Result<Vec<ExpertId>, ModelError> {
         let ne = self.cfg.num_local_experts;
-        let bytes = (run.n * ne * 2 * 4) as u64;
-        enc.copy_buffer_to_buffer(&self.route, 0, &self.readback, 0, bytes);
-        self.submit(enc);
-        let words: Vec<u32> =
-            bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(&self.readback, bytes).await?);
-        self.stats.readbacks += 1;
-        self.stats.readback_bytes += bytes;
         let mut ids = Vec::with_capacity(run.n * run.k);
         for t in 0..run.n {
             for s in 0..run.k {
@@ -1411,8 +1445,39 @@ impl Engine {
         Ok(ids.into_iter().map(|e| ExpertId::new(layer, e)).collect())
     }
 
+    /// Read back the experts layer `layer` routed the chunk's tokens to
+    /// (sorted, deduplicated); submits `enc`.
+    async fn routed(
+        &mut self,
+        mut enc: wgpu::CommandEncoder,
+        layer: usize,
+        run: &Run,
+    ) -> Result<Vec<ExpertId>, ModelError> {
+        let ne = self.cfg.num_local_experts;
+        let bytes = (run.n * ne * 2 * 4) as u64;
+        enc.copy_buffer_to_buffer(&self.layers[layer].route, 0, &self.readback, 0, bytes);
+        self.submit(enc);
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(&self.readback, bytes).await?);
+        self.stats.readbacks += 1;
+        self.stats.readback_bytes += bytes;
+        self.route_ids(&words, layer, run)
+    }
+
     /// Encode and submit from `run.at` on. `Ok(None)`: paused, `run.need`
     /// says which experts the awaited layer-step needs.
+    ///
+    /// With the router fused into `expert_up`, a layer that lacks experts
+    /// does not stop the chunk: it runs with whatever its slot table holds
+    /// (`expert_up` saves its input row), and every such layer's routes are
+    /// read back with the chunk's output, in the same submission. The first
+    /// layer whose routes name a missing expert is where the step pauses
+    /// ([`At::Redo`]): the layers before it ran on resident experts, so its
+    /// input and routes are right, and what came after it is discarded
+    /// (resuming restores its input row, runs its experts again and
+    /// overwrites the later layers' cache rows). A layer with fewer
+    /// resident experts than `top_k` misses for certain, so the chunk stops
+    /// after its `expert_up`.
     async fn advance(&mut self, run: &mut Run) -> Result<Option<Output>, ModelError> {
         let (ne, nl, h, v) = (
             self.cfg.num_local_experts,
@@ -1422,6 +1487,8 @@ impl Engine {
         );
         let mut out = None;
         loop {
+            // The first layer whose routes are checked after the chunk.
+            let mut check: Option<usize> = None;
             let (mut enc, pass, first) = match run.at {
                 At::Chunk => {
                     if run.done == run.tokens.len() {
@@ -1457,7 +1524,7 @@ impl Engine {
                     }
                     (enc, pass, 0)
                 }
-                At::Experts(l) => {
+                At::Experts(l) | At::Redo(l) => {
                     if run.need.iter().any(|&id| !self.pool.resident(id)) {
                         return Ok(None);
                     }
@@ -1467,16 +1534,34 @@ impl Engine {
                     // so that resuming never depends on that.
                     self.write_step(run);
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                    if run.at == At::Redo(l) {
+                        // The layer's input row as its expert_up saw it (the
+                        // o_proj shares included, so those are cleared).
+                        enc.copy_buffer_to_buffer(
+                            &self.layers[l].route,
+                            u64::from(self.p_exp.save_x) * 4,
+                            &self.x,
+                            0,
+                            (run.n * h * 4) as u64,
+                        );
+                        enc.clear_buffer(&self.part, 0, None);
+                        check = Some(l);
+                    }
                     let mut pass = enc
                         .begin_compute_pass(&Default::default())
                         .forget_lifetime();
+                    if run.at == At::Redo(l) {
+                        self.stats.dispatches += self.encode_shared_up(&mut pass, l, run.n as u32);
+                    }
                     self.encode_experts(&mut pass, l, run);
                     (enc, pass, l + 1)
                 }
             };
-            // One compute pass for the whole chunk, ended only where the
-            // routed ids must be read back (a layer with missing experts).
+            // One compute pass for the whole chunk, ended early only where
+            // the unfused router's ids must be read back, or where a layer
+            // misses for certain.
             let mut pass = pass;
+            let mut stop = None;
             for l in first..nl {
                 let d = self.encode_attention(&mut pass, l, run.n as u32);
                 self.stats.dispatches += d;
@@ -1490,15 +1575,18 @@ impl Engine {
                     self.submit(enc);
                     run.need = self.layer_ids(l).collect();
                     return Ok(None);
-                } else {
-                    // The routed ids, read back after the router (with the
-                    // router fused: after expert_up, which ran with whatever
-                    // the table held; when an expert is missing, resuming
-                    // runs expert_up again, routing identically).
-                    let up_done = self.k.route_fused;
-                    if up_done {
+                } else if self.k.route_fused {
+                    // Run on; the routes are checked after the chunk.
+                    check.get_or_insert(l);
+                    let resident = self.pool.slot_of[l].iter().flatten().count();
+                    if resident < run.k.min(ne) {
                         self.encode_up(&mut pass, l, run);
+                        stop = Some(l);
+                        break;
                     }
+                } else {
+                    // The unfused router: its ids, read back before the
+                    // experts run.
                     drop(pass);
                     let ids = self.routed(enc, l, run).await?;
                     if ids.iter().any(|&id| !self.pool.resident(id)) {
@@ -1510,10 +1598,6 @@ impl Engine {
                     pass = enc
                         .begin_compute_pass(&Default::default())
                         .forget_lifetime();
-                    if up_done {
-                        self.encode_down(&mut pass, l, run);
-                        continue;
-                    }
                 }
                 self.encode_experts(&mut pass, l, run);
             }
@@ -1521,7 +1605,9 @@ impl Engine {
             let read: Option<(&wgpu::Buffer, u64)> = {
                 let n = run.n as u32;
                 let mut pass = pass;
-                if run.want == Want::AllLogits {
+                if stop.is_some() {
+                    None
+                } else if run.want == Want::AllLogits {
                     self.k
                         .mv
                         .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n);
@@ -1546,31 +1632,68 @@ impl Engine {
                     None
                 }
             };
-            let read = read.map(|(src, bytes)| {
+            let has_out = read.is_some();
+            let out_bytes = read.map_or(0, |(src, bytes)| {
                 enc.copy_buffer_to_buffer(src, 0, &self.readback, 0, bytes);
                 bytes
             });
+            // The checked layers' routes, after the output.
+            let route_bytes = (run.n * ne * 2 * 4) as u64;
+            let checked = check.map_or(0..0, |c| c..stop.map_or(nl, |s| s + 1));
+            for (i, l) in checked.clone().enumerate() {
+                enc.copy_buffer_to_buffer(
+                    &self.layers[l].route,
+                    0,
+                    &self.readback,
+                    out_bytes + i as u64 * route_bytes,
+                    route_bytes,
+                );
+            }
+            let bytes = out_bytes + checked.len() as u64 * route_bytes;
             self.submit(enc);
-            self.stats.steps += 1;
-            if let Some(bytes) = read {
+            if bytes > 0 {
                 let data = self.ctx.read_mapped(&self.readback, bytes).await?;
                 self.stats.readbacks += 1;
                 self.stats.readback_bytes += bytes;
-                match run.want {
-                    Want::Greedy => {
+                // The first checked layer routed to a missing expert: pause there.
+                let words: Vec<u32> = bytemuck::pod_collect_to_vec(&data[out_bytes as usize..]);
+                for (i, l) in checked.enumerate() {
+                    let w = &words[i * run.n * ne * 2..(i + 1) * run.n * ne * 2];
+                    let ids = self.route_ids(w, l, run)?;
+                    if ids.iter().any(|&id| !self.pool.resident(id)) {
+                        run.need = ids;
+                        run.at = At::Redo(l);
+                        return Ok(None);
+                    }
+                    self.pool.touch(ids);
+                }
+                if stop.is_some() {
+                    return Err(GpuError::Readback(
+                        "a layer with fewer resident experts than top_k routed to resident ones"
+                            .into(),
+                    )
+                    .into());
+                }
+                let data = &data[..out_bytes as usize];
+                match (has_out, run.want) {
+                    (false, _) => {}
+                    (true, Want::Greedy) => {
                         let t = bytemuck::pod_read_unaligned::<u32>(&data[..4]);
                         if self.k.argmax_embed.is_some() {
                             self.embedded = Some(t);
                         }
                         out = Some(Output::Token(t))
                     }
-                    Want::Logits => out = Some(Output::Logits(bytemuck::pod_collect_to_vec(&data))),
-                    Want::AllLogits => {
-                        let f: Vec<f32> = bytemuck::pod_collect_to_vec(&data);
+                    (true, Want::Logits) => {
+                        out = Some(Output::Logits(bytemuck::pod_collect_to_vec(data)))
+                    }
+                    (true, Want::AllLogits) => {
+                        let f: Vec<f32> = bytemuck::pod_collect_to_vec(data);
                         run.all.extend(f.chunks_exact(v).map(<[f32]>::to_vec));
                     }
                 }
             }
+            self.stats.steps += 1;
             run.done += run.n;
             self.stats.tokens += run.n as u64;
             run.at = At::Chunk;

@@ -214,7 +214,11 @@ pub struct Params {
     /// residual (down); 0 when the o_proj ran as a matvec. Only for
     /// one-token steps and `hidden <= ` [`MAX_STAGED_HIDDEN`].
     pub n_part: u32,
-    pub _p2: u32,
+    /// Non-zero: `expert_up` also writes each token's input row (x plus
+    /// the o_proj shares) into `route` from this word on (`[n_tok][hidden]`),
+    /// so that the engine can run the layer's experts again from there
+    /// after a pool miss; 0: not kept.
+    pub save_x: u32,
 }
 
 #[derive(Debug)]
@@ -485,7 +489,7 @@ async fn run_blocks(
         n_slots: ne as u32,
         route_in: 0,
         n_part: 0,
-        _p2: 0,
+        save_x: 0,
     };
     let step = step_buffer(
         ctx,
@@ -592,7 +596,7 @@ pub async fn run_routed(
         n_slots: ne as u32,
         route_in: 1,
         n_part: n_part as u32,
-        _p2: 0,
+        save_x: 0,
     };
     let step = step_buffer(
         ctx,

@@ -687,17 +687,18 @@ fn the_gpu_engine_runs_every_family_like_the_cpu() {
             if pool.is_some() {
                 assert!(s.expert_evictions > 0, "{name}: {s:?}");
             }
-            // One decoded token: the family's dispatches, nothing else (and,
-            // the router running inside expert_up, that kernel once more
-            // for each pause).
+            // One decoded token: the family's dispatches, nothing else; for
+            // each pause (a layer routed to a missing expert) one more
+            // submission that runs the token again from that layer.
             gpu.reset_stats();
             gpu.next_token(&mut src, &[next], &opts).unwrap();
-            assert_eq!(
-                gpu.stats().dispatches,
-                gpu.dispatches_per_step() + gpu.stats().pauses,
-                "{name}: {:?}",
-                gpu.stats()
+            let s = gpu.stats();
+            let per = gpu.dispatches_per_step();
+            assert!(
+                (per..=per * (1 + s.pauses)).contains(&s.dispatches),
+                "{name}: {s:?}"
             );
+            assert_eq!(s.submissions, 1 + s.pauses, "{name}: {s:?}");
         }
 
         // The dense mixture (softmax over every expert) and a top_k override.
