@@ -46,6 +46,8 @@ struct Node {
     model_bytes: u64,
     /// The decoded experts the CPU engine holds (within half the budget).
     decoded: ByteLru<ExpertId>,
+    /// Usage not reported yet.
+    usage: crate::client::UsageBatch,
 }
 
 thread_local! {
@@ -101,7 +103,7 @@ pub fn start() {
 
 /// Summary and fetch counters (re-rendered as payloads arrive).
 fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, phase: &str) {
-    let mut html = page::render_summary(report, &store.dag, phase);
+    let mut html = page::render_summary(report, &store.dag, &store.held_blocks(), phase);
     let s = &store.stats;
     let held = store.held_experts();
     html.push_str(&page::render_fetch_stats(
@@ -120,7 +122,10 @@ fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, ph
 }
 
 fn show_details(store: &VerifiedChain, report: &ChainReport) {
-    set_html("details", &page::render_details(report, &store.dag));
+    set_html(
+        "details",
+        &page::render_details(report, &store.dag, &store.held_blocks()),
+    );
 }
 
 async fn load() -> Result<(), String> {
@@ -196,11 +201,13 @@ async fn load() -> Result<(), String> {
         dag,
         payloads,
         stats,
-        cache,
+        cache: cache.map(std::rc::Rc::new),
         cached: ByteLru::new(),
         served: ByteLru::new(),
         budget: 0,
         evicted: 0,
+        ahead: Default::default(),
+        unwritten: Vec::new(),
     };
     show_status(&store, &report, 0, "payloads");
     show_details(&store, &report);
@@ -244,6 +251,7 @@ async fn load() -> Result<(), String> {
             show_status(&store, &report, 0, "payloads");
         }
     }
+    store.flush_cache().await;
     let t3 = now_ms();
     set_progress("building the model…");
     next_frame().await;
@@ -315,6 +323,7 @@ async fn load() -> Result<(), String> {
                 gpu: None,
                 model_bytes,
                 decoded: ByteLru::new(),
+                usage: Default::default(),
             })
         });
         dom::on_submit("chat-form", || {

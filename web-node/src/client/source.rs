@@ -236,6 +236,21 @@ impl PayloadFetch {
         }
     }
 
+    /// The answer of a source that already ran the same checks against
+    /// this block's verified header (the peer node: its chunk list against
+    /// the payload root, each chunk against its hash, then the content
+    /// rules), so the payload is not verified a second time. Only the
+    /// source asked last can answer this way; anything else is refused
+    /// ([`Answer::Failover`], nothing recorded).
+    pub fn on_checked(&mut self, origin: Origin, bytes: Vec<u8>) -> Answer {
+        if self.done.is_some() || self.policy.order.get(self.pos) != Some(&origin) {
+            return Answer::Failover;
+        }
+        self.attempt += 1;
+        self.done = Some(origin);
+        Answer::Verified(bytes)
+    }
+
     /// Skip a source that cannot be asked now (no cache, peers offline).
     pub fn skip(&mut self, origin: Origin, why: &str) {
         if self.done.is_none() && self.policy.order.get(self.pos) == Some(&origin) {
@@ -322,6 +337,28 @@ mod tests {
             Answer::Verified(payload)
         );
         assert_eq!(f.next(), Next::Done(Origin::Rest));
+    }
+
+    #[test]
+    fn a_checked_answer_is_taken_only_from_the_source_asked() {
+        let t = TinyChain::new(3);
+        let (mut f, payload) = fetch(&t, SourcePolicy::node());
+        f.skip(Origin::Memory, "not held");
+        assert_eq!(ask(&mut f).0, Origin::Cache);
+        // Not asked: refused, and the cache is still the one to ask.
+        assert_eq!(
+            f.on_checked(Origin::Peers, payload.clone()),
+            Answer::Failover
+        );
+        assert_eq!(ask(&mut f).0, Origin::Cache);
+        f.skip(Origin::Cache, "not cached");
+        assert_eq!(
+            f.on_checked(Origin::Peers, payload.clone()),
+            Answer::Verified(payload.clone())
+        );
+        assert_eq!(f.next(), Next::Done(Origin::Peers));
+        // Over: a second answer is not taken.
+        assert_eq!(f.on_checked(Origin::Peers, payload), Answer::Failover);
     }
 
     #[test]
