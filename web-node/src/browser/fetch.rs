@@ -451,6 +451,13 @@ async fn source(block: Block, config: Option<Config>, reach: Reach) -> (Sourced,
             }
             Answer::Corrupt(o, e) => {
                 stats.refused_payloads += 1;
+                // Checked chunk by chunk from now on, so that a refusal
+                // names the bad chunk (one more request, on failure only).
+                if !f.has_chunk_list() {
+                    if let Ok(list) = chunk_list(&block, &mut stats).await {
+                        let _ = f.set_chunk_list(list);
+                    }
+                }
                 panels::alert(
                     "bad-block",
                     &format!(
