@@ -379,8 +379,11 @@ async fn source(block: Block, config: Option<Config>, reach: Reach) -> (Sourced,
         }
         let got = match origin {
             Origin::Memory => match &reach.memory {
-                Some(p) => Ok(p.to_vec()),
-                None => Err(SourceError::Missing("not held".into())),
+                // Verified when it came in this session: not again.
+                Some(p) if f.on_checked(Origin::Memory) => {
+                    return (Ok((p.clone(), Origin::Memory)), stats)
+                }
+                _ => Err(SourceError::Missing("not held".into())),
             },
             Origin::Cache => match &reach.cache {
                 None => Err(SourceError::Missing("not cached".into())),
@@ -416,9 +419,8 @@ async fn source(block: Block, config: Option<Config>, reach: Reach) -> (Sourced,
                     Ok(p) => {
                         stats.ws_payload_bytes += p.len() as u64;
                         stats.payload_bytes += p.len() as u64;
-                        let answer = f.on_checked(Origin::Peers, p.to_vec());
-                        if let Answer::Verified(bytes) = answer {
-                            return (Ok((bytes.into(), Origin::Peers)), stats);
+                        if f.on_checked(Origin::Peers) {
+                            return (Ok((p, Origin::Peers)), stats);
                         }
                         continue;
                     }

@@ -271,16 +271,17 @@ impl PayloadFetch {
     /// The answer of a source that already ran the same checks against
     /// this block's verified header (the peer node: its chunk list against
     /// the payload root, each chunk against its hash, then the content
-    /// rules), so the payload is not verified a second time. Only the
-    /// source asked last can answer this way; anything else is refused
-    /// ([`Answer::Failover`], nothing recorded).
-    pub fn on_checked(&mut self, origin: Origin, bytes: Vec<u8>) -> Answer {
+    /// rules), so the payload is not verified (or copied) a second time:
+    /// the fetch is over when this returns true. Only the source asked
+    /// last can answer this way; anything else is refused (false, nothing
+    /// recorded).
+    pub fn on_checked(&mut self, origin: Origin) -> bool {
         if self.done.is_some() || self.policy.order.get(self.pos) != Some(&origin) {
-            return Answer::Failover;
+            return false;
         }
         self.attempt += 1;
         self.done = Some(origin);
-        Answer::Verified(bytes)
+        true
     }
 
     /// Skip a source that cannot be asked now (no cache, peers offline).
@@ -380,23 +381,17 @@ mod tests {
     #[test]
     fn a_checked_answer_is_taken_only_from_the_source_asked() {
         let t = TinyChain::new(3);
-        let (mut f, payload) = fetch(&t, SourcePolicy::node());
+        let (mut f, _) = fetch(&t, SourcePolicy::node());
         f.skip(Origin::Memory, "not held");
         assert_eq!(ask(&mut f).0, Origin::Cache);
         // Not asked: refused, and the cache is still the one to ask.
-        assert_eq!(
-            f.on_checked(Origin::Peers, payload.clone()),
-            Answer::Failover
-        );
+        assert!(!f.on_checked(Origin::Peers));
         assert_eq!(ask(&mut f).0, Origin::Cache);
         f.skip(Origin::Cache, "not cached");
-        assert_eq!(
-            f.on_checked(Origin::Peers, payload.clone()),
-            Answer::Verified(payload.clone())
-        );
+        assert!(f.on_checked(Origin::Peers));
         assert_eq!(f.next(), Next::Done(Origin::Peers));
         // Over: a second answer is not taken.
-        assert_eq!(f.on_checked(Origin::Peers, payload), Answer::Failover);
+        assert!(!f.on_checked(Origin::Peers));
     }
 
     #[test]
