@@ -673,24 +673,31 @@ impl VerifiedChain {
                 }
             };
             let from_ahead = waiting.is_some();
+            let config = self.config_of(&b);
+            let reach = self.reach(&b);
             let fut: LocalFuture<'static, Got> = match waiting {
                 Some(rx) => {
                     self.stats.prefetch_hits += 1;
                     let ahead = self.ahead.clone();
-                    let hash = *h;
+                    let (hash, block) = (*h, b.clone());
                     Box::pin(async move {
                         if let Some(rx) = rx {
                             let _ = rx.await;
                         }
-                        ahead.borrow_mut().landed.remove(&hash).unwrap_or_else(|| {
-                            (Err("the prefetch was lost".into()), FetchStats::default())
-                        })
+                        let landed = ahead.borrow_mut().landed.remove(&hash);
+                        match landed {
+                            Some((Ok(p), st)) => (Ok(p), st),
+                            // A prefetch that failed is sourced again now.
+                            other => {
+                                let mut st = other.map(|(_, st)| st).unwrap_or_default();
+                                let (r, again) = source(block, config, reach).await;
+                                st.add(&again);
+                                (r, st)
+                            }
+                        }
                     })
                 }
-                None => {
-                    let config = self.config_of(&b);
-                    Box::pin(source(b.clone(), config, self.reach(&b)))
-                }
+                None => Box::pin(source(b.clone(), config, reach)),
             };
             futs.push(fut);
             todo.push((i, b, from_ahead));
@@ -733,8 +740,10 @@ impl VerifiedChain {
             .collect()
     }
 
-    /// Write the downloads waiting for it to the cache, in one transaction.
+    /// Write the downloads waiting for it to the cache, in one transaction
+    /// (prefetches that landed and were not asked for among them).
     pub async fn flush_cache(&mut self) {
+        self.settle_landed(&[]);
         let items = std::mem::take(&mut self.unwritten);
         if items.is_empty() {
             return;
