@@ -49,6 +49,7 @@ use web_node::model::{Config, ExpertWeights, Slot};
 use web_node::net::api::ChunkList;
 use web_node::net::peer::{self, decode_from_relay, limits};
 use web_node::node::{ComputeReq, Millis, NodeConfig, NodeEvent, NodeStats, PeerNode, Source};
+use web_node::view::budget::ByteLru;
 
 use crate::blocks;
 
@@ -91,7 +92,15 @@ pub struct PeerArgs {
     /// The node's key file (created, mode 0600, if missing; default DATA/peer.key).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// MiB of decoded expert weights kept for `--serve-compute` (least
+    /// recently used dropped beyond it, decoded again from the verified
+    /// payload when asked).
+    #[arg(long, default_value_t = DEFAULT_DECODED_MB)]
+    pub decoded_mb: u64,
 }
+
+/// Default `--decoded-mb`.
+pub const DEFAULT_DECODED_MB: u64 = 512;
 
 /// A node's status as it runs (published on [`PeerConfig::status`]).
 #[derive(Debug, Clone, Default)]
@@ -139,6 +148,8 @@ pub struct PeerConfig {
     pub key: Option<PathBuf>,
     /// Chunk requests in flight at most (the relay's credits bound it too).
     pub max_in_flight: u32,
+    /// Bytes of decoded expert weights kept for computations.
+    pub decoded_bytes: u64,
     /// Receives the status after every change.
     pub status: Option<watch::Sender<PeerStatus>>,
     pub on_event: Option<EventHook>,
@@ -153,6 +164,7 @@ impl PeerConfig {
             serve_compute: false,
             key: None,
             max_in_flight: limits::CHUNK_CREDITS,
+            decoded_bytes: DEFAULT_DECODED_MB << 20,
             status: None,
             on_event: None,
         }
@@ -417,6 +429,55 @@ fn store_payload(dir: &Path, hash: &BlockHash, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------- decoded weights
+
+/// Values by block within a byte budget, the least recently used dropped
+/// first (the decoded expert weights a node computes with: several times
+/// its payload's size in f32, so a node that serves many experts must not
+/// keep every one it ever decoded).
+struct Decoded<V> {
+    values: HashMap<BlockHash, V>,
+    lru: ByteLru<BlockHash>,
+    cap: u64,
+}
+
+impl<V: Clone> Decoded<V> {
+    fn new(cap: u64) -> Self {
+        Self {
+            values: HashMap::new(),
+            lru: ByteLru::new(),
+            cap,
+        }
+    }
+
+    fn get(&mut self, h: &BlockHash) -> Option<V> {
+        let v = self.values.get(h).cloned();
+        if v.is_some() {
+            self.lru.touch(h);
+        }
+        v
+    }
+
+    /// Keep `v` (`bytes` big), dropping the least recently used beyond the
+    /// budget; a value larger than the whole budget is not kept.
+    fn insert(&mut self, h: BlockHash, v: V, bytes: u64) {
+        if bytes > self.cap {
+            return;
+        }
+        self.remove(&h);
+        for old in self.lru.evict_for(bytes, self.cap, &[]) {
+            self.remove(&old);
+        }
+        self.lru.insert(h, bytes, false);
+        self.values.insert(h, v);
+    }
+
+    fn remove(&mut self, h: &BlockHash) {
+        self.lru.remove(h);
+        self.values.remove(h);
+    }
+}
+
 // ------------------------------------------------------------------- driver
 
 /// Why a session ended.
@@ -441,7 +502,8 @@ struct Driver {
     slots: HashMap<BlockHash, Slot>,
     /// Chunk lists of wanted blocks not held yet (for fetches after a resync).
     pending: HashMap<BlockHash, (Block, Vec<BlockHash>)>,
-    weights: Arc<Mutex<HashMap<BlockHash, Arc<ExpertWeights>>>>,
+    /// Decoded weights of computed experts, within `decoded_bytes`.
+    weights: Arc<Mutex<Decoded<Arc<ExpertWeights>>>>,
     compute_tx: mpsc::UnboundedSender<(ComputeReq, Result<Vec<f32>, String>)>,
     compute_rx: mpsc::UnboundedReceiver<(ComputeReq, Result<Vec<f32>, String>)>,
     plan_tx: mpsc::UnboundedSender<Result<Plan>>,
@@ -674,7 +736,7 @@ impl Driver {
                         input.len()
                     ));
                 }
-                let cached = cache.lock().ok().and_then(|c| c.get(&block).cloned());
+                let cached = cache.lock().ok().and_then(|mut c| c.get(&block));
                 let w = match cached {
                     Some(w) => w,
                     None => {
@@ -683,7 +745,7 @@ impl Driver {
                                 .map_err(|e| e.to_string())?,
                         );
                         if let Ok(mut c) = cache.lock() {
-                            c.insert(block, w.clone());
+                            c.insert(block, w.clone(), w.stored_bytes() as u64);
                         }
                         w
                     }
@@ -850,6 +912,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
             ..NodeConfig::default()
         },
     );
+    let decoded_bytes = cfg.decoded_bytes;
     let (compute_tx, compute_rx) = mpsc::unbounded_channel();
     let (plan_tx, plan_rx) = mpsc::unbounded_channel();
     let (stored_tx, stored_rx) = mpsc::unbounded_channel();
@@ -870,7 +933,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
         config: None,
         slots: HashMap::new(),
         pending: HashMap::new(),
-        weights: Arc::default(),
+        weights: Arc::new(Mutex::new(Decoded::new(decoded_bytes))),
         compute_tx,
         compute_rx,
         plan_tx,
@@ -944,6 +1007,7 @@ pub fn cli(a: &PeerArgs) -> Result<()> {
     cfg.experts = a.experts.as_deref().map(parse_globs).unwrap_or_default();
     cfg.serve_compute = a.serve_compute;
     cfg.key = a.key.clone();
+    cfg.decoded_bytes = a.decoded_mb.saturating_mul(1 << 20);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -1022,6 +1086,31 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn decoded_weights_stay_within_their_budget() {
+        let h = |i: u8| BlockHash([i; 32]);
+        let mut d: Decoded<u8> = Decoded::new(100);
+        d.insert(h(1), 1, 40);
+        d.insert(h(2), 2, 40);
+        assert_eq!(d.get(&h(1)), Some(1)); // 1 is now the most recent
+        d.insert(h(3), 3, 40);
+        // 2 was the least recently used: dropped to make room.
+        assert_eq!(
+            (d.get(&h(1)), d.get(&h(2)), d.get(&h(3))),
+            (Some(1), None, Some(3))
+        );
+        assert!(d.lru.total() <= 100);
+        // Larger than the whole budget: not kept, nothing dropped for it.
+        d.insert(h(4), 4, 101);
+        assert_eq!(d.get(&h(4)), None);
+        assert_eq!(d.values.len(), 2);
+        // Replacing a value does not count it twice.
+        d.insert(h(3), 5, 40);
+        assert_eq!((d.get(&h(3)), d.lru.total()), (Some(5), 80));
+        d.remove(&h(1));
+        assert_eq!((d.get(&h(1)), d.lru.total()), (None, 40));
     }
 
     #[test]

@@ -66,12 +66,22 @@ try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
     const wire = trackWire(page);
+    // Main-thread tasks over 50 ms (Long Tasks API): how long the page
+    // stops answering input, e.g. while it verifies 1,000+ headers.
+    await page.addInitScript(() => {
+      window.__longTasks = [];
+      new PerformanceObserver((l) => {
+        for (const e of l.getEntries()) window.__longTasks.push({ start: e.startTime, ms: e.duration });
+      }).observe({ type: 'longtask', buffered: true });
+    });
     const tl = Date.now();
     await page.goto(`${relay.base}/${query}`);
     await page.waitForSelector('#summary[data-phase="done"]', { timeout: 600_000 });
     await page.waitForSelector('#net[data-state="online"]', { timeout: 30_000 }).catch(() => {});
     const loadMs = Date.now() - tl;
     const progress = await page.evaluate(() => document.getElementById('progress')?.textContent ?? '');
+    const loadTasks = await page.evaluate(() => window.__longTasks.splice(0));
+    const longestLoadTaskMs = Math.max(0, ...loadTasks.map((t) => t.ms));
     const mark = wire.mark();
     const before = await page.evaluate(() => Number(document.getElementById('fetch-stats')?.dataset.payloadBytes ?? 0));
     const reqBefore = await page.evaluate(() => Number(document.getElementById('fetch-stats')?.dataset.requests ?? 0));
@@ -88,7 +98,8 @@ try {
       fetched: after - before, requests: reqAfter - reqBefore,
       wsChunkBytes: w.chunkBytes, restRequests: w.rest.length,
       mbps: (after - before) / 1e6 / (answerMs / 1000),
-      experts: a.fetched.length, progress, ...waits, mem, chatStats: node.reply ? (await page.textContent('#chat-stats')) : '',
+      experts: a.fetched.length, progress, ...waits, mem,
+      longestLoadTaskMs, loadLongTasks: loadTasks.length, chatStats: node.reply ? (await page.textContent('#chat-stats')) : '',
     };
     results.push(r);
     log(`${label}: ${JSON.stringify(r, null, 1)}`);
@@ -105,6 +116,7 @@ if (forwarding != null) console.log(`relay native forwarding (peer_bench, node â
 for (const r of results) {
   console.log(`${r.label.padEnd(10)} load+verify ${(r.loadMs / 1000).toFixed(1)} s; first answer ${(r.answerMs / 1000).toFixed(1)} s (${r.state}, ${r.tokens} tokens); ` +
     `fetched ${(r.fetched / 2 ** 20).toFixed(1)} MiB for ${r.experts} experts in ${r.requests} requests: ${r.mbps.toFixed(1)} MB/s over the answer` +
-    (forwarding ? ` (${(100 * r.mbps / forwarding).toFixed(0)}% of forwarding)` : ''));
+    (forwarding ? ` (${(100 * r.mbps / forwarding).toFixed(0)}% of forwarding)` : '') +
+    `; longest main-thread task while loading ${r.longestLoadTaskMs.toFixed(0)} ms (${r.loadLongTasks} over 50 ms)`);
 }
 fs.rmSync(tmp, { recursive: true, force: true });

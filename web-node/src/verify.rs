@@ -172,32 +172,80 @@ pub fn verify_chain(fetched: &[FetchedBlock]) -> ChainReport {
 
 /// [`verify_chain`], also returning the DAG of the verified blocks.
 pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
-    let mut failed: Vec<(usize, VerifyReport)> = Vec::new();
-    let mut pending: Vec<(usize, Candidate<'_>)> = Vec::new();
-    for (i, f) in fetched.iter().enumerate() {
-        match first_checks(f) {
-            Ok(c) => pending.push((i, c)),
-            Err(r) => failed.push((i, *r)),
+    ChainVerifier::new(fetched).finish()
+}
+
+/// [`verify_chain_dag`] in steps, for a caller that must not block for the
+/// whole chain at once (the page yields to its event loop between steps):
+/// the same checks in the same order, so the same report.
+pub struct ChainVerifier<'a> {
+    fetched: &'a [FetchedBlock],
+    failed: Vec<(usize, VerifyReport)>,
+    /// This pass's blocks still to look at, in listing order.
+    pending: std::collections::VecDeque<(usize, Candidate<'a>)>,
+    /// Blocks waiting on a dependency: the next pass.
+    still: Vec<(usize, Candidate<'a>)>,
+    /// Whether this pass verified or failed a block.
+    progressed: bool,
+    done: bool,
+    dag: Dag,
+    accepted: Vec<(BlockHash, Option<String>, Option<bool>)>,
+    versions: HashMap<BlockHash, u32>,
+    failed_hashes: HashSet<BlockHash>,
+}
+
+impl<'a> ChainVerifier<'a> {
+    /// Decode every block and check its hash against the listing (cheap);
+    /// the signatures and the rules run in [`ChainVerifier::step`].
+    pub fn new(fetched: &'a [FetchedBlock]) -> Self {
+        let mut failed: Vec<(usize, VerifyReport)> = Vec::new();
+        let mut pending = std::collections::VecDeque::new();
+        for (i, f) in fetched.iter().enumerate() {
+            match first_checks(f) {
+                Ok(c) => pending.push_back((i, c)),
+                Err(r) => failed.push((i, *r)),
+            }
+        }
+        let failed_hashes = failed.iter().map(|(_, r)| r.hash).collect();
+        Self {
+            fetched,
+            failed,
+            pending,
+            still: Vec::new(),
+            progressed: false,
+            done: false,
+            dag: Dag::new(),
+            accepted: Vec::new(),
+            versions: HashMap::new(),
+            failed_hashes,
         }
     }
 
-    let mut dag = Dag::new();
-    let mut accepted: Vec<(BlockHash, Option<String>, Option<bool>)> = Vec::new();
-    let mut versions: HashMap<BlockHash, u32> = HashMap::new();
-    let mut failed_hashes: HashSet<BlockHash> = failed.iter().map(|(_, r)| r.hash).collect();
-
-    // Kahn-style passes in listing order: validate every block whose meta
-    // block and parents are all verified; stop when a pass makes no progress.
-    loop {
-        let mut progressed = false;
-        let mut still = Vec::with_capacity(pending.len());
-        for (i, c) in pending {
-            if !c.deps().all(|d| dag.header(&d).is_some()) {
-                still.push((i, c));
+    /// Look at up to `max` more blocks (Kahn-style passes in listing order:
+    /// a block is validated once its meta block and parents are verified;
+    /// the passes stop when one makes no progress). True when every block
+    /// has its verdict.
+    pub fn step(&mut self, max: usize) -> bool {
+        let mut looked = 0;
+        while !self.done && looked < max.max(1) {
+            let Some((i, c)) = self.pending.pop_front() else {
+                // The end of a pass.
+                if !self.progressed || self.still.is_empty() {
+                    self.done = true;
+                } else {
+                    self.pending = std::mem::take(&mut self.still).into();
+                    self.progressed = false;
+                }
+                continue;
+            };
+            looked += 1;
+            if !c.deps().all(|d| self.dag.header(&d).is_some()) {
+                self.still.push((i, c));
                 continue;
             }
-            progressed = true;
-            match verify_one(&c, &mut dag) {
+            self.progressed = true;
+            let dag = &mut self.dag;
+            match verify_one(&c, dag) {
                 Ok(meta) => {
                     let h = &c.block.header;
                     let version = h
@@ -207,81 +255,100 @@ pub fn verify_chain_dag(fetched: &[FetchedBlock]) -> (ChainReport, Dag) {
                             dag.get(p)
                                 .filter(|e| e.header.name == h.name && e.header.meta == h.meta)
                         })
-                        .filter_map(|e| versions.get(&e.hash))
+                        .filter_map(|e| self.versions.get(&e.hash))
                         .max()
                         .map_or(1, |v| v + 1);
-                    versions.insert(c.block.hash, version);
+                    self.versions.insert(c.block.hash, version);
                     let spec = meta.as_ref().map(|m| {
                         format!(
                             "{} layers × {} experts, {}",
                             m.num_layers, m.num_experts, m.routing_strategy
                         )
                     });
-                    accepted.push((c.block.hash, spec, c.fetched.listed_head));
+                    self.accepted
+                        .push((c.block.hash, spec, c.fetched.listed_head));
                 }
                 Err(e) => {
-                    failed_hashes.insert(c.block.hash);
-                    failed.push((
+                    self.failed_hashes.insert(c.block.hash);
+                    self.failed.push((
                         i,
                         VerifyReport::failed(c.fetched, Some(&c.block), e.to_string()),
                     ));
                 }
             }
         }
-        pending = still;
-        if !progressed || pending.is_empty() {
-            break;
+        self.done
+    }
+
+    /// Blocks handed in.
+    pub fn total(&self) -> usize {
+        self.fetched.len()
+    }
+
+    /// Run what is left and build the report.
+    pub fn finish(mut self) -> (ChainReport, Dag) {
+        while !self.step(usize::MAX) {}
+        let Self {
+            fetched,
+            mut failed,
+            pending,
+            still,
+            dag,
+            accepted,
+            versions,
+            failed_hashes,
+            ..
+        } = self;
+        let pending: Vec<(usize, Candidate<'_>)> = still.into_iter().chain(pending).collect();
+        // What is left waits on a block that failed or that the relay did not list.
+        for (i, c) in pending {
+            let error = match c.deps().find(|d| failed_hashes.contains(d)) {
+                Some(d) => format!("depends on block {} which failed verification", d.short()),
+                None => match validate_header(&c.block, &dag) {
+                    Err(e) => e.to_string(),
+                    // Unreachable in practice (a missing dependency fails validation).
+                    Ok(_) => "its dependencies were not verified".to_string(),
+                },
+            };
+            failed.push((i, VerifyReport::failed(c.fetched, Some(&c.block), error)));
         }
-    }
+        failed.sort_by_key(|(i, _)| *i);
 
-    // What is left waits on a block that failed or that the relay did not list.
-    for (i, c) in pending {
-        let error = match c.deps().find(|d| failed_hashes.contains(d)) {
-            Some(d) => format!("depends on block {} which failed verification", d.short()),
-            None => match validate_header(&c.block, &dag) {
-                Err(e) => e.to_string(),
-                // Unreachable in practice (a missing dependency fails validation).
-                Ok(_) => "its dependencies were not verified".to_string(),
-            },
+        let mut blocks = Vec::with_capacity(fetched.len());
+        for (hash, spec, listed_head) in accepted {
+            let Some(e) = dag.get(&hash) else { continue };
+            let h = &e.header;
+            let head = dag.head(h.meta.as_ref(), &h.name) == Some(hash);
+            blocks.push(VerifyReport {
+                hash,
+                chain: h.chain,
+                kind: Some(h.kind),
+                name: Some(h.name.clone()),
+                version: versions.get(&hash).copied(),
+                parents: h.parents.clone(),
+                meta: h.meta,
+                payload_len: Some(h.payload_len),
+                candidate_loss: h.candidate_loss,
+                miner: Some(h.miner_hex()),
+                address: Some(h.address.clone()),
+                timestamp_ms: Some(h.timestamp_ms),
+                head,
+                relay_head_disagrees: listed_head.filter(|l| *l != head),
+                spec,
+                payload_verified: e.payload.is_verified(),
+                error: None,
+            });
+        }
+        let verified = blocks.len();
+        let nfailed = failed.len();
+        blocks.extend(failed.into_iter().map(|(_, r)| r));
+        let report = ChainReport {
+            blocks,
+            verified,
+            failed: nfailed,
         };
-        failed.push((i, VerifyReport::failed(c.fetched, Some(&c.block), error)));
+        (report, dag)
     }
-    failed.sort_by_key(|(i, _)| *i);
-
-    let mut blocks = Vec::with_capacity(fetched.len());
-    for (hash, spec, listed_head) in accepted {
-        let Some(e) = dag.get(&hash) else { continue };
-        let h = &e.header;
-        let head = dag.head(h.meta.as_ref(), &h.name) == Some(hash);
-        blocks.push(VerifyReport {
-            hash,
-            chain: h.chain,
-            kind: Some(h.kind),
-            name: Some(h.name.clone()),
-            version: versions.get(&hash).copied(),
-            parents: h.parents.clone(),
-            meta: h.meta,
-            payload_len: Some(h.payload_len),
-            candidate_loss: h.candidate_loss,
-            miner: Some(h.miner_hex()),
-            address: Some(h.address.clone()),
-            timestamp_ms: Some(h.timestamp_ms),
-            head,
-            relay_head_disagrees: listed_head.filter(|l| *l != head),
-            spec,
-            payload_verified: e.payload.is_verified(),
-            error: None,
-        });
-    }
-    let verified = blocks.len();
-    let nfailed = failed.len();
-    blocks.extend(failed.into_iter().map(|(_, r)| r));
-    let report = ChainReport {
-        blocks,
-        verified,
-        failed: nfailed,
-    };
-    (report, dag)
 }
 
 /// Phase one on the header and, when the payload was fetched, phase two;
@@ -654,6 +721,55 @@ mod tests {
         assert!(status(&r, &e2)
             .unwrap()
             .contains(&format!("depends on block {}", e.short())));
+    }
+
+    #[test]
+    fn verifying_in_small_steps_gives_the_same_report() {
+        let mut c = Chain::genesis();
+        let e = c.hash_of("layer0.expert0");
+        let e2 = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 0,
+                expert: 0,
+            },
+            vec![e],
+            0.1,
+        );
+        let mut fetched = c.fetched();
+        // Children listed before their parents (several passes), one
+        // broken block and its dependent, one block whose parent is not listed.
+        fetched.reverse();
+        let f = fetched.iter_mut().find(|f| f.listed_hash == e).unwrap();
+        f.payload = Some(Ok(vec![0; 8]));
+        let lone = c.push_slot(
+            c.meta(),
+            Slot::Expert {
+                layer: 1,
+                expert: 1,
+            },
+            vec![BlockHash([9; 32])],
+            0.2,
+        );
+        fetched.push(FetchedBlock::of(
+            &c.blocks.last().unwrap().0,
+            Some(c.blocks.last().unwrap().1.clone()),
+        ));
+        let (whole, dag) = verify_chain_dag(&fetched);
+        assert!(whole.failed >= 3 && whole.verified > 0, "{whole:?}");
+        assert!(status(&whole, &e2).unwrap().contains("depends on block"));
+        assert!(status(&whole, &lone).is_some());
+        for max in [1, 2, 5] {
+            let mut v = ChainVerifier::new(&fetched);
+            let mut steps = 1;
+            while !v.step(max) {
+                steps += 1;
+            }
+            assert!(steps >= fetched.len() / max, "{steps} steps of {max}");
+            let (stepped, dag2) = v.finish();
+            assert_eq!(stepped, whole);
+            assert_eq!(dag2.len(), dag.len());
+        }
     }
 
     #[test]

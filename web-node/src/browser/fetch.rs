@@ -1,21 +1,26 @@
-//! REST glue: listings, payloads by HTTP Range, and the [`Supply`] that
-//! hands the engine an expert's weights. Every byte goes through the core's
-//! checks: a payload is assembled by [`PayloadAssembler`] (chunk list
-//! against the header's payload root, each chunk against its hash, tensors
-//! when the last chunk is in) before anything uses it.
+//! REST glue and the page's driver of the client core's payload sourcing:
+//! listings, payloads over HTTP, the peer network through [`net::fetch`],
+//! the cache, and the [`Supply`] that hands the engine an expert's weights.
+//! Where a payload comes from (memory → cache → peers → REST), how often a
+//! source is tried again and when it fails over are the core's
+//! ([`PayloadFetch`]); so is the check of every answer against the block's
+//! verified header. This file only moves the bytes.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
 use std::sync::Arc;
 
+use futures_channel::oneshot;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::chain::{
-    verify_held_payload, Block, BlockHash, ChainError, ChainId, Dag, PayloadAssembler,
-    PayloadStatus,
-};
+use crate::chain::{verify_held_payload, Block, BlockHash, ChainId, Dag, PayloadStatus};
+use crate::client::source::{Answer, Next, PayloadFetch, SourceError, SourcePolicy};
 use crate::model::{Config, ExpertId, ExpertWeights, ModelError, Slot, Supply};
 use crate::net::api::{BlockInfo, ChunkList};
+
+pub use crate::client::source::Origin;
 
 use super::cache::Cache;
 use super::dom::{js_err, set_progress};
@@ -24,7 +29,8 @@ use crate::client::listing::{link_has_next, Pager, MAX_PAGE};
 use crate::view::budget::ByteLru;
 use crate::view::fmt_bytes;
 
-/// Bytes per payload request: whole chunks, each checked on arrival.
+/// Bytes per payload request: a payload up to this size comes in one
+/// request, a larger one as range requests of this size in flight together.
 const PIECE_BYTES: u64 = 1024 * 1024;
 
 /// What this page fetched from the relay.
@@ -32,13 +38,13 @@ const PIECE_BYTES: u64 = 1024 * 1024;
 pub struct FetchStats {
     /// Every body byte (listings, chunk lists, payloads).
     pub bytes: u64,
-    /// Payload bytes (chunks), including chunks fetched again after a refusal.
+    /// Payload bytes (chunks), including payloads fetched again after a refusal.
     pub payload_bytes: u64,
     pub requests: u64,
     /// Payloads fetched and verified.
     pub payloads: u64,
-    /// Chunks refused (bad hash) and fetched again.
-    pub refused_chunks: u64,
+    /// Downloaded payloads refused by the checks (and fetched again).
+    pub refused_payloads: u64,
     /// Experts whose verified payload this session holds (downloaded or
     /// taken from the cache).
     pub experts: BTreeSet<ExpertId>,
@@ -50,8 +56,12 @@ pub struct FetchStats {
     /// Cache entries dropped: corrupt (failed re-verification) or stale
     /// (no longer a verified block of the chain).
     pub cache_dropped: u64,
+    /// Cache entries found corrupt (and deleted) while sourcing.
+    pub corrupt_cached: Vec<BlockHash>,
     /// Payloads the peer network could not deliver, fetched over REST instead.
     pub ws_fallbacks: u64,
+    /// Asks for a payload that a prefetch had already started or finished.
+    pub prefetch_hits: u64,
     /// Milliseconds the page waited for payload batches (network and
     /// verification), and for cache writes.
     pub fetch_ms: f64,
@@ -65,14 +75,53 @@ impl FetchStats {
         self.payload_bytes += o.payload_bytes;
         self.requests += o.requests;
         self.payloads += o.payloads;
-        self.refused_chunks += o.refused_chunks;
+        self.refused_payloads += o.refused_payloads;
         self.experts.extend(o.experts.iter().copied());
         self.ws_payload_bytes += o.ws_payload_bytes;
         self.cache_hits += o.cache_hits;
         self.cache_dropped += o.cache_dropped;
+        self.corrupt_cached.extend(o.corrupt_cached.iter().copied());
         self.ws_fallbacks += o.ws_fallbacks;
+        self.prefetch_hits += o.prefetch_hits;
         self.fetch_ms += o.fetch_ms;
         self.store_ms += o.store_ms;
+    }
+}
+
+/// A failed request: the HTTP status when the relay answered.
+#[derive(Debug, Clone)]
+struct HttpError {
+    status: Option<u16>,
+    text: String,
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl From<String> for HttpError {
+    fn from(text: String) -> Self {
+        Self { status: None, text }
+    }
+}
+
+impl From<HttpError> for String {
+    fn from(e: HttpError) -> Self {
+        e.text
+    }
+}
+
+impl HttpError {
+    /// For the core: a missing block or a refused request moves on to the
+    /// next source; a lost connection, a timeout or a 5xx is tried again.
+    fn source_error(self) -> SourceError {
+        match self.status {
+            None | Some(408 | 429) => SourceError::Transient(self.text),
+            Some(s) if s >= 500 => SourceError::Transient(self.text),
+            Some(_) => SourceError::Missing(self.text),
+        }
     }
 }
 
@@ -95,7 +144,7 @@ async fn get(
     url: &str,
     range: Option<(u64, u64)>,
     stats: &mut FetchStats,
-) -> Result<(Vec<u8>, Option<String>), String> {
+) -> Result<(Vec<u8>, Option<String>), HttpError> {
     let init = web_sys::RequestInit::new();
     init.set_method("GET");
     if let Some((start, end)) = range {
@@ -114,7 +163,10 @@ async fn get(
     stats.bytes += body.len() as u64;
     if !resp.ok() {
         let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
-        return Err(format!("HTTP {} for {url}: {text}", resp.status()));
+        return Err(HttpError {
+            status: Some(resp.status()),
+            text: format!("HTTP {} for {url}: {text}", resp.status()),
+        });
     }
     let link = resp.headers().get("link").ok().flatten();
     Ok((body, link))
@@ -171,26 +223,27 @@ pub async fn get_payload(hash: &BlockHash, stats: &mut FetchStats) -> Result<Vec
 }
 
 /// `GET /blocks/{hash}/chunks`: the chunk hashes the payload root commits
-/// to (checked by whoever assembles the payload).
-async fn chunk_list(block: &Block, stats: &mut FetchStats) -> Result<Vec<BlockHash>, String> {
+/// to (the peer node checks them against the root before it asks peers).
+async fn chunk_list(block: &Block, stats: &mut FetchStats) -> Result<Vec<BlockHash>, HttpError> {
     let (body, _) = get(
         &format!("/blocks/{}/chunks", block.hash.to_hex()),
         None,
         stats,
     )
     .await?;
-    let list: ChunkList =
-        serde_json::from_slice(&body).map_err(|e| format!("bad chunk list: {e}"))?;
+    let list: ChunkList = serde_json::from_slice(&body)
+        .map_err(|e| HttpError::from(format!("bad chunk list: {e}")))?;
     Ok(list.chunks)
 }
 
-/// Payloads fetched at once for one batch (the engine's need for a layer,
-/// and what is prefetched beside it): the peer node's chunk credits bound
-/// what is in flight on `/ws`, the browser's six connections per host what
-/// is in flight over HTTP.
+/// Payloads fetched at once for one batch (the engine's need for a layer):
+/// the peer node's chunk credits bound what is in flight on `/ws`, the
+/// browser's six connections per host what is in flight over HTTP.
 pub const PARALLEL_PAYLOADS: usize = 16;
 /// Range requests in flight for one large payload.
 const PARALLEL_PIECES: usize = 4;
+/// Prefetches running in the background at most.
+const MAX_AHEAD: usize = 16;
 
 /// A boxed future of the page's single thread.
 pub type LocalFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
@@ -231,102 +284,51 @@ pub async fn join_bounded<'a, T>(futs: Vec<LocalFuture<'a, T>>, n: usize) -> Vec
     out.into_iter().flatten().collect()
 }
 
-/// Fetch a header-verified block's payload over HTTP and verify it. A
-/// payload of one piece comes in one request and is checked as strictly as
-/// a chunked download ([`verify_held_payload`]: every chunk hash against
-/// the header's payload root, then the tensors); a larger one comes as
-/// range requests in flight together, each chunk checked on arrival by the
-/// [`PayloadAssembler`], a refused chunk fetched once more before the
-/// payload fails.
-async fn fetch_verified(
-    block: &Block,
-    config: Option<&Config>,
-    stats: &mut FetchStats,
-) -> Result<Vec<u8>, String> {
-    let hex = block.hash.to_hex();
-    let url = format!("/blocks/{hex}/payload");
-    // Pieces of the payload as fetched: (start, end, bytes or why not).
-    type Piece = (u64, u64, Result<Vec<u8>, String>);
-    let pieces: Vec<Piece>;
-    let list;
-    if block.header.payload_len <= PIECE_BYTES {
-        let (bytes, _) = get(&url, None, stats).await?;
+/// A payload over HTTP: one request up to [`PIECE_BYTES`], else range
+/// requests in flight together, put back in order. Unchecked here: the
+/// core verifies the whole payload against the header (every chunk hash
+/// against the payload root, then the tensors), so no chunk list is asked
+/// for.
+async fn rest_payload(block: &Block, stats: &mut FetchStats) -> Result<Vec<u8>, SourceError> {
+    let url = format!("/blocks/{}/payload", block.hash.to_hex());
+    let len = block.header.payload_len;
+    if len <= PIECE_BYTES {
+        let (bytes, _) = get(&url, None, stats)
+            .await
+            .map_err(HttpError::source_error)?;
         stats.payload_bytes += bytes.len() as u64;
-        if verify_held_payload(block, config, &bytes).is_ok() {
-            return Ok(bytes);
-        }
-        // Refused: chunk by chunk below, so the error names the bad chunk
-        // and that chunk is fetched once more.
-        list = chunk_list(block, stats).await?;
-        pieces = vec![(0, bytes.len() as u64, Ok(bytes))];
-    } else {
-        list = chunk_list(block, stats).await?;
-        let mut asm = PayloadAssembler::new(block);
-        asm.set_chunk_list(list.clone())
-            .map_err(|e| e.to_string())?;
-        let per = (PIECE_BYTES / u64::from(block.header.chunk_size.max(1))).max(1) as usize;
-        let ranges: Vec<(u64, u64)> = asm
-            .missing()
-            .chunks(per)
-            .filter_map(|g| {
-                let first = g.first().and_then(|&i| asm.chunk_range(i))?;
-                let last = g.last().and_then(|&i| asm.chunk_range(i))?;
-                Some((first.start, last.end))
-            })
-            .collect();
-        type Got = (Result<Vec<u8>, String>, FetchStats);
-        let futs: Vec<LocalFuture<'_, Got>> = ranges
-            .iter()
-            .map(|&r| {
-                let url = url.clone();
-                Box::pin(async move {
-                    let mut st = FetchStats::default();
-                    let got = get(&url, Some(r), &mut st).await.map(|(b, _)| b);
-                    (got, st)
-                }) as LocalFuture<'_, Got>
-            })
-            .collect();
-        let got = join_bounded(futs, PARALLEL_PIECES).await;
-        pieces = ranges
-            .iter()
-            .zip(got)
-            .map(|(&(a, b), (r, st))| {
-                stats.add(&st);
-                if let Ok(bytes) = &r {
-                    stats.payload_bytes += bytes.len() as u64;
-                }
-                (a, b, r)
-            })
-            .collect();
+        return Ok(bytes);
     }
-    let mut asm = PayloadAssembler::new(block);
-    asm.set_chunk_list(list).map_err(|e| e.to_string())?;
-    for (start, end, got) in pieces {
-        let bytes = got?;
-        for i in asm.missing() {
-            let Some(r) = asm.chunk_range(i) else {
-                continue;
-            };
-            if r.start < start || r.end > end {
-                continue;
-            }
-            let (s, e) = ((r.start - start) as usize, (r.end - start) as usize);
-            let piece = bytes.get(s..e).map(<[u8]>::to_vec).unwrap_or_default();
-            match asm.add_chunk(i, piece) {
-                Ok(_) => {}
-                Err(ChainError::ChunkHash { .. }) => {
-                    stats.refused_chunks += 1;
-                    let (again, _) = get(&url, Some((r.start, r.end)), stats).await?;
-                    stats.payload_bytes += again.len() as u64;
-                    asm.add_chunk(i, again).map_err(|e| e.to_string())?;
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+    let ranges: Vec<(u64, u64)> = (0..len.div_ceil(PIECE_BYTES))
+        .map(|i| (i * PIECE_BYTES, ((i + 1) * PIECE_BYTES).min(len)))
+        .collect();
+    type Got = (Result<Vec<u8>, HttpError>, FetchStats);
+    let futs: Vec<LocalFuture<'_, Got>> = ranges
+        .iter()
+        .map(|&r| {
+            let url = url.clone();
+            Box::pin(async move {
+                let mut st = FetchStats::default();
+                let got = get(&url, Some(r), &mut st).await.map(|(b, _)| b);
+                (got, st)
+            }) as LocalFuture<'_, Got>
+        })
+        .collect();
+    let mut out = Vec::with_capacity(len as usize);
+    for ((start, end), (got, st)) in ranges.iter().zip(join_bounded(futs, PARALLEL_PIECES).await) {
+        stats.add(&st);
+        let bytes = got.map_err(HttpError::source_error)?;
+        stats.payload_bytes += bytes.len() as u64;
+        if bytes.len() as u64 != end - start {
+            // A relay that ignores Range sends the whole payload: wrong here.
+            return Err(SourceError::Transient(format!(
+                "bytes {start}-{end} of {url}: {} bytes came",
+                bytes.len()
+            )));
         }
+        out.extend_from_slice(&bytes);
     }
-    asm.finish(config)
-        .map(|v| v.bytes)
-        .map_err(|e| e.to_string())
+    Ok(out)
 }
 
 /// `?via=rest` in the page's address: payloads over HTTP only, never the
@@ -340,43 +342,155 @@ fn rest_only() -> bool {
     REST.with(|r| *r)
 }
 
-/// One payload from wherever it is: the cache (re-verified), the peer
-/// network (when online), else HTTP. Borrows nothing mutable, so a batch of
-/// them runs at once; the counters come back with it.
-async fn source(
-    block: Block,
-    config: Option<Config>,
-    cache: Option<&Cache>,
-) -> (Sourced, FetchStats) {
+/// The page's source order: the core's node order (memory, cache, peers,
+/// REST), without the peers under `?via=rest`.
+fn policy() -> SourcePolicy {
+    let mut p = SourcePolicy::node();
+    if rest_only() {
+        p.order.retain(|o| *o != Origin::Peers);
+    }
+    p
+}
+
+/// What one payload can be sourced from, owned so that a prefetch runs on
+/// its own: this session's verified copy, the cache (when it holds the block).
+struct Reach {
+    memory: Option<Arc<[u8]>>,
+    cache: Option<Rc<Cache>>,
+}
+
+/// One payload, driven through the core's [`PayloadFetch`]: each source it
+/// names is asked (after the delay it names), each answer handed back, a
+/// corrupt cache entry deleted, until the core has a verified payload or
+/// every source failed. The counters come back with it.
+async fn source(block: Block, config: Option<Config>, reach: Reach) -> (Sourced, FetchStats) {
     let mut stats = FetchStats::default();
-    // `cache` is given only when it holds this block.
-    if let Some(c) = cache {
-        if let Some(p) = cached_payload(c, &block, config.as_ref(), &mut stats).await {
-            return (Ok((p.into(), Origin::Cache)), stats);
-        }
-    }
-    if net::online() && !rest_only() {
-        let got = match chunk_list(&block, &mut stats).await {
-            Ok(list) => net::fetch(&block, list, config.clone()).await,
-            Err(e) => Err(e),
+    let mut f = PayloadFetch::new(block.clone(), config.clone(), policy());
+    loop {
+        let (origin, delay_ms) = match f.next() {
+            Next::Ask {
+                origin, delay_ms, ..
+            } => (origin, delay_ms),
+            Next::Done(o) => return (Err(format!("{o}: answered twice")), stats),
+            Next::Failed(why) => return (Err(why), stats),
         };
-        match got {
-            Ok(p) => {
-                stats.ws_payload_bytes += p.len() as u64;
-                stats.payload_bytes += p.len() as u64;
-                return (Ok((p, Origin::Peers)), stats);
+        if delay_ms > 0 {
+            super::sleep_ms(delay_ms.min(i32::MAX as u64) as i32).await;
+        }
+        let got = match origin {
+            Origin::Memory => match &reach.memory {
+                // Verified when it came in this session: not again.
+                Some(p) if f.on_checked(Origin::Memory) => {
+                    return (Ok((p.clone(), Origin::Memory)), stats)
+                }
+                _ => Err(SourceError::Missing("not held".into())),
+            },
+            Origin::Cache => match &reach.cache {
+                None => Err(SourceError::Missing("not cached".into())),
+                Some(c) => match c.get(&block.hash).await {
+                    Ok(Some(b)) => Ok(b),
+                    Ok(None) => Err(SourceError::Missing("not cached".into())),
+                    Err(e) => {
+                        panels::alert(
+                            "cache-corrupt",
+                            &format!("The block cache could not be read: {e}"),
+                        );
+                        Err(SourceError::Unavailable(e))
+                    }
+                },
+            },
+            Origin::Peers => {
+                if !net::online() {
+                    f.skip(Origin::Peers, "not connected to the peer network");
+                    continue;
+                }
+                let got = match chunk_list(&block, &mut stats).await {
+                    // The node fails over to the relay's store itself: a
+                    // failure here is final for this source.
+                    Ok(list) => net::fetch(&block, list, config.clone())
+                        .await
+                        .map_err(SourceError::Missing),
+                    Err(e) => Err(e.source_error()),
+                };
+                match got {
+                    // The node checked the chunk list against the root,
+                    // every chunk against it and the content rules: the
+                    // core takes it without a second pass.
+                    Ok(p) => {
+                        stats.ws_payload_bytes += p.len() as u64;
+                        stats.payload_bytes += p.len() as u64;
+                        if f.on_checked(Origin::Peers) {
+                            return (Ok((p, Origin::Peers)), stats);
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            Err(e) => {
-                stats.ws_fallbacks += 1;
-                set_progress(&format!(
-                    "{}: the peer network could not deliver it ({e}); fetching over HTTP…",
-                    block.header.name
-                ));
+            Origin::Rest => rest_payload(&block, &mut stats).await,
+        };
+        match f.on_answer(origin, got) {
+            Answer::Verified(bytes) => {
+                if origin == Origin::Cache {
+                    stats.cache_hits += 1;
+                }
+                return (Ok((bytes.into(), origin)), stats);
+            }
+            Answer::Corrupt(Origin::Cache, e) => {
+                if let Some(c) = &reach.cache {
+                    let _ = c.delete(&block.hash).await;
+                }
+                stats.cache_dropped += 1;
+                stats.corrupt_cached.push(block.hash);
+                panels::alert(
+                    "cache-corrupt",
+                    &format!(
+                        "The cached payload of {} ({}) failed verification ({e}).",
+                        block.header.name,
+                        block.hash.short()
+                    ),
+                );
+            }
+            Answer::Corrupt(o, e) => {
+                stats.refused_payloads += 1;
+                // Checked chunk by chunk from now on, so that a refusal
+                // names the bad chunk (one more request, on failure only).
+                if !f.has_chunk_list() {
+                    if let Ok(list) = chunk_list(&block, &mut stats).await {
+                        let _ = f.set_chunk_list(list);
+                    }
+                }
+                panels::alert(
+                    "bad-block",
+                    &format!(
+                        "The payload of {} from {o} failed verification ({e}); fetching it again.",
+                        block.header.name
+                    ),
+                );
+            }
+            Answer::Retry => {}
+            Answer::Failover => {
+                if origin == Origin::Peers {
+                    stats.ws_fallbacks += 1;
+                    set_progress(&format!(
+                        "{}: the peer network could not deliver it; fetching over HTTP…",
+                        block.header.name
+                    ));
+                }
             }
         }
     }
-    let got = fetch_verified(&block, config.as_ref(), &mut stats).await;
-    (got.map(|b| (b.into(), Origin::Rest)), stats)
+}
+
+/// Payloads being fetched ahead of the engine's asks (prefetched), and
+/// those fetched and not taken yet.
+#[derive(Default)]
+pub struct Ahead {
+    /// Running: who waits for each.
+    running: HashMap<BlockHash, Vec<oneshot::Sender<()>>>,
+    landed: HashMap<BlockHash, (Sourced, FetchStats)>,
+    /// Header payload bytes of what runs or landed.
+    bytes: u64,
 }
 
 /// The page's verified chain: the blocks whose headers it verified, the DAG
@@ -393,7 +507,7 @@ pub struct VerifiedChain {
     pub payloads: HashMap<BlockHash, Arc<[u8]>>,
     pub stats: FetchStats,
     /// The persistent cache (`None` when IndexedDB is unavailable).
-    pub cache: Option<Cache>,
+    pub cache: Option<Rc<Cache>>,
     /// What the cache holds, by block: bytes and last use (startup blocks
     /// protected).
     pub cached: ByteLru<BlockHash>,
@@ -402,19 +516,15 @@ pub struct VerifiedChain {
     /// Payload bytes the page may keep of experts: the cache holds at most
     /// this much; in memory the engine's decoded experts take half, the
     /// payloads the peer node serves three eighths, prefetched payloads
-    /// waiting to be asked for an eighth.
+    /// and cache writes waiting for their batch an eighth each.
     pub budget: u64,
     /// Cache entries evicted (budget or quota) this session.
     pub evicted: u64,
-}
-
-/// Where a payload came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Memory,
-    Cache,
-    Peers,
-    Rest,
+    /// Prefetches.
+    pub ahead: Rc<RefCell<Ahead>>,
+    /// Downloaded payloads waiting to be written to the cache in one
+    /// transaction ([`VerifiedChain::flush_cache`]).
+    pub unwritten: Vec<(Block, Arc<[u8]>)>,
 }
 
 impl VerifiedChain {
@@ -425,6 +535,17 @@ impl VerifiedChain {
             .meta
             .and_then(|m| self.dag.get(&m))
             .and_then(|e| e.config.clone())
+    }
+
+    /// Where `block`'s payload can be sourced from now.
+    fn reach(&self, block: &Block) -> Reach {
+        Reach {
+            memory: self.payloads.get(&block.hash).cloned(),
+            cache: self
+                .cache
+                .clone()
+                .filter(|_| self.cached.contains(&block.hash)),
+        }
     }
 
     /// The verified payload of a header-verified block: held, or fetched
@@ -438,48 +559,166 @@ impl VerifiedChain {
             .map(|(p, _)| p)
     }
 
+    /// Start fetching `hashes` in the background (the experts the engine
+    /// is likely to ask for next), within [`MAX_AHEAD`] running and an
+    /// eighth of the budget in flight or waiting; skipped: what is held in
+    /// memory or already running. [`VerifiedChain::payloads_many`] takes
+    /// them when they are asked for.
+    pub fn prefetch(&mut self, hashes: &[BlockHash]) {
+        let cap = self.budget / 8;
+        for h in hashes {
+            let Some(block) = self.blocks.get(h).cloned() else {
+                continue;
+            };
+            let len = block.header.payload_len;
+            {
+                let a = self.ahead.borrow();
+                if a.running.len() >= MAX_AHEAD || a.bytes + len > cap {
+                    return;
+                }
+                if a.running.contains_key(h) || a.landed.contains_key(h) {
+                    continue;
+                }
+            }
+            if self.payloads.contains_key(h) || self.cached.contains(h) {
+                // In memory or one IndexedDB read away: nothing to win.
+                continue;
+            }
+            let config = self.config_of(&block);
+            let reach = self.reach(&block);
+            {
+                let mut a = self.ahead.borrow_mut();
+                a.running.insert(*h, Vec::new());
+                a.bytes += len;
+            }
+            let ahead = self.ahead.clone();
+            let hash = *h;
+            wasm_bindgen_futures::spawn_local(async move {
+                let got = source(block, config, reach).await;
+                let mut a = ahead.borrow_mut();
+                for w in a.running.remove(&hash).unwrap_or_default() {
+                    let _ = w.send(());
+                }
+                a.landed.insert(hash, got);
+            });
+        }
+    }
+
+    /// Prefetched payloads nobody asked for: verified ones kept (cache,
+    /// peer node) like any download, so they leave memory.
+    fn settle_landed(&mut self, except: &[BlockHash]) {
+        let landed: Vec<(BlockHash, (Sourced, FetchStats))> = {
+            let mut a = self.ahead.borrow_mut();
+            let keys: Vec<BlockHash> = a
+                .landed
+                .keys()
+                .filter(|h| !except.contains(h))
+                .copied()
+                .collect();
+            keys.into_iter()
+                .filter_map(|h| a.landed.remove(&h).map(|v| (h, v)))
+                .collect()
+        };
+        for (h, (r, st)) in landed {
+            self.release_ahead(&h);
+            self.stats.add(&st);
+            if let (Ok((p, origin)), Some(block)) = (r, self.blocks.get(&h).cloned()) {
+                let p = self.keep(&block, p, origin);
+                if matches!(origin, Origin::Peers | Origin::Rest) {
+                    self.unwritten.push((block, p));
+                }
+            }
+        }
+    }
+
+    /// A prefetch's bytes leave the prefetch share.
+    fn release_ahead(&mut self, h: &BlockHash) {
+        let len = self.blocks.get(h).map_or(0, |b| b.header.payload_len);
+        let mut a = self.ahead.borrow_mut();
+        a.bytes = a.bytes.saturating_sub(len);
+    }
+
     /// Several payloads at once ([`PARALLEL_PAYLOADS`] in flight), each
-    /// from this session's memory, the cache (re-verified against the
-    /// header), the peer network through the relay's `/ws`, or the relay's
-    /// REST API (when the peer network is down or could not deliver). One
-    /// result per hash, in order; failures are recorded in the DAG.
+    /// sourced by the core ([`source`]): this session's memory, the cache
+    /// (re-verified against the header), the peer network through the
+    /// relay's `/ws`, or the relay's REST API; one a prefetch started is
+    /// waited for. One result per hash, in order; failures are recorded in
+    /// the DAG. Downloads are written to the cache in batches
+    /// ([`VerifiedChain::flush_cache`]) once an eighth of the budget waits.
     pub async fn payloads_many(&mut self, hashes: &[BlockHash]) -> Vec<Sourced> {
+        self.settle_landed(hashes);
         let mut out: Vec<Option<Sourced>> = Vec::new();
-        let mut todo = Vec::new();
+        type Got = (Sourced, FetchStats);
+        let mut futs: Vec<LocalFuture<'static, Got>> = Vec::new();
+        let mut todo: Vec<(usize, Block, bool)> = Vec::new();
         for (i, h) in hashes.iter().enumerate() {
-            if let Some(p) = self.payloads.get(h) {
-                out.push(Some(Ok((p.clone(), Origin::Memory))));
-            } else if let Some(b) = self.blocks.get(h) {
-                out.push(None);
-                todo.push((i, b.clone(), self.config_of(b)));
-            } else {
+            let Some(b) = self.blocks.get(h).cloned() else {
                 out.push(Some(Err(format!(
                     "block {} has no verified header",
                     h.short()
                 ))));
-            }
+                continue;
+            };
+            out.push(None);
+            let waiting = {
+                let mut a = self.ahead.borrow_mut();
+                if a.landed.contains_key(h) {
+                    Some(None)
+                } else if let Some(ws) = a.running.get_mut(h) {
+                    let (tx, rx) = oneshot::channel();
+                    ws.push(tx);
+                    Some(Some(rx))
+                } else {
+                    None
+                }
+            };
+            let from_ahead = waiting.is_some();
+            let config = self.config_of(&b);
+            let reach = self.reach(&b);
+            let fut: LocalFuture<'static, Got> = match waiting {
+                Some(rx) => {
+                    self.stats.prefetch_hits += 1;
+                    let ahead = self.ahead.clone();
+                    let (hash, block) = (*h, b.clone());
+                    Box::pin(async move {
+                        if let Some(rx) = rx {
+                            let _ = rx.await;
+                        }
+                        let landed = ahead.borrow_mut().landed.remove(&hash);
+                        match landed {
+                            Some((Ok(p), st)) => (Ok(p), st),
+                            // A prefetch that failed is sourced again now.
+                            other => {
+                                let mut st = other.map(|(_, st)| st).unwrap_or_default();
+                                let (r, again) = source(block, config, reach).await;
+                                st.add(&again);
+                                (r, st)
+                            }
+                        }
+                    })
+                }
+                None => Box::pin(source(b.clone(), config, reach)),
+            };
+            futs.push(fut);
+            todo.push((i, b, from_ahead));
         }
         if !todo.is_empty() {
-            let cache = self.cache.as_ref();
-            let futs: Vec<LocalFuture<'_, (Sourced, FetchStats)>> = todo
-                .iter()
-                .map(|(_, b, c)| {
-                    let cache = cache.filter(|_| self.cached.contains(&b.hash));
-                    Box::pin(source(b.clone(), c.clone(), cache))
-                        as LocalFuture<'_, (Sourced, FetchStats)>
-                })
-                .collect();
             let t0 = super::dom::now_ms();
             let got = join_bounded(futs, PARALLEL_PAYLOADS).await;
             self.stats.fetch_ms += super::dom::now_ms() - t0;
-            let mut downloaded: Vec<(Block, Arc<[u8]>)> = Vec::new();
-            for ((i, block, _), (r, st)) in todo.into_iter().zip(got) {
+            for ((i, block, from_ahead), (r, st)) in todo.into_iter().zip(got) {
+                if from_ahead {
+                    self.release_ahead(&block.hash);
+                }
                 self.stats.add(&st);
+                for h in &st.corrupt_cached {
+                    self.cached.remove(h);
+                }
                 let r = match r {
                     Ok((p, origin)) => {
                         let p = self.keep(&block, p, origin);
                         if matches!(origin, Origin::Peers | Origin::Rest) {
-                            downloaded.push((block, p.clone()));
+                            self.unwritten.push((block, p.clone()));
                         }
                         Ok((p, origin))
                     }
@@ -491,13 +730,27 @@ impl VerifiedChain {
                 };
                 out[i] = Some(r);
             }
-            let t1 = super::dom::now_ms();
-            self.cache_put_many(downloaded).await;
-            self.stats.store_ms += super::dom::now_ms() - t1;
+            let waiting: u64 = self.unwritten.iter().map(|(_, p)| p.len() as u64).sum();
+            if waiting > self.budget / 8 {
+                self.flush_cache().await;
+            }
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err("not fetched".into())))
             .collect()
+    }
+
+    /// Write the downloads waiting for it to the cache, in one transaction
+    /// (prefetches that landed and were not asked for among them).
+    pub async fn flush_cache(&mut self) {
+        self.settle_landed(&[]);
+        let items = std::mem::take(&mut self.unwritten);
+        if items.is_empty() {
+            return;
+        }
+        let t1 = super::dom::now_ms();
+        self.cache_put_many(items).await;
+        self.stats.store_ms += super::dom::now_ms() - t1;
     }
 
     /// The peer node's share of the budget: three eighths (the engine's
@@ -761,29 +1014,23 @@ pub async fn cached_payload(
     }
 }
 
-/// Prefetched expert payloads kept for the next asks at most.
-const MAX_READY: usize = 64;
-
 /// The engine's [`Supply`] from the verified chain: an expert slot's head
 /// payload through [`VerifiedChain::payloads_many`] (memory, cache, peers or
-/// REST, verified the first time), decoded to weights. The experts of one
-/// ask are fetched together, and so are those in `prefetch` (likely next:
-/// the caller sets them), kept in `ready` until asked for.
+/// REST, verified by the core), decoded to weights. The experts of one ask
+/// are fetched together; those in `prefetch` (likely next: the caller sets
+/// them) start in the background at the same time
+/// ([`VerifiedChain::prefetch`]) and are taken when asked for.
 pub struct ChainSupply<'a> {
     pub chain: &'a mut VerifiedChain,
     pub config: &'a Config,
     /// The head block of every expert slot of the model.
     pub experts: HashMap<ExpertId, BlockHash>,
-    /// Experts whose payload was fetched for this answer.
+    /// Experts whose payload was downloaded for this answer.
     pub fetched: Vec<ExpertId>,
     /// Experts the engine asked for during this answer.
     pub asked: Vec<ExpertId>,
-    /// Experts likely asked for next, fetched beside the next ask.
+    /// Experts likely asked for next, prefetched beside the next ask.
     pub prefetch: Vec<ExpertId>,
-    /// Prefetched payloads not asked for yet.
-    pub ready: HashMap<ExpertId, Arc<[u8]>>,
-    /// Experts prefetched that were then asked for.
-    pub prefetch_hits: u64,
 }
 
 impl ChainSupply<'_> {
@@ -800,78 +1047,34 @@ impl Supply for ChainSupply<'_> {
         &mut self,
         need: &[ExpertId],
     ) -> Result<Vec<(ExpertId, ExpertWeights)>, ModelError> {
-        let mut ids: Vec<ExpertId> = Vec::new();
-        for &id in need {
-            self.asked.push(id);
-            if !self.ready.contains_key(&id) {
-                ids.push(id);
-            } else {
-                self.prefetch_hits += 1;
-            }
-        }
-        let wanted = ids.len();
-        let mut extra: Vec<ExpertId> = std::mem::take(&mut self.prefetch)
-            .into_iter()
-            .filter(|id| !need.contains(id) && !self.ready.contains_key(id))
-            .filter(|id| self.experts.contains_key(id))
-            .collect();
-        extra.dedup();
-        extra.truncate(PARALLEL_PAYLOADS.saturating_sub(wanted % PARALLEL_PAYLOADS));
-        ids.extend(extra);
-        let hashes = ids
+        self.asked.extend_from_slice(need);
+        let hashes = need
             .iter()
             .map(|&id| self.head(id))
             .collect::<Result<Vec<_>, _>>()?;
+        let ahead: Vec<BlockHash> = std::mem::take(&mut self.prefetch)
+            .into_iter()
+            .filter(|id| !need.contains(id))
+            .filter_map(|id| self.experts.get(&id).copied())
+            .collect();
         if !hashes.is_empty() {
             set_progress(&format!(
-                "fetching {wanted} experts ({} prefetched beside them)…",
-                hashes.len() - wanted
+                "fetching {} experts ({} more ahead)…",
+                hashes.len(),
+                ahead.len()
             ));
         }
+        self.chain.prefetch(&ahead);
         let got = self.chain.payloads_many(&hashes).await;
-        for (k, ((&id, hash), r)) in ids.iter().zip(&hashes).zip(got).enumerate() {
-            match r {
-                Ok((p, origin)) => {
-                    if matches!(origin, Origin::Peers | Origin::Rest) {
-                        self.fetched.push(id);
-                    }
-                    if k >= wanted {
-                        // Prefetched: kept while it fits an eighth of the budget.
-                        let held: u64 = self.ready.values().map(|p| p.len() as u64).sum();
-                        if self.ready.len() >= MAX_READY
-                            || held + p.len() as u64 > self.chain.budget / 8
-                        {
-                            continue;
-                        }
-                    }
-                    self.ready.insert(id, p);
-                }
-                // A prefetch that failed is asked for again when needed.
-                Err(_) if k >= wanted => {}
-                Err(e) => {
-                    return Err(ModelError::Source(format!(
-                        "{id} (block {}): {e}",
-                        hash.short()
-                    )))
-                }
-            }
-        }
         let mut out = Vec::with_capacity(need.len());
-        for &id in need {
-            let payload = match self.ready.remove(&id) {
-                Some(p) => p,
-                None => {
-                    let h = self.head(id)?;
-                    self.chain
-                        .payload(&h, &id.to_string())
-                        .await
-                        .map_err(|e| ModelError::Source(format!("{id}: {e}")))?
-                }
-            };
-            if let Some(h) = self.experts.get(&id) {
-                self.chain.cached.touch(h);
-                self.chain.served.touch(h);
+        for ((&id, hash), r) in need.iter().zip(&hashes).zip(got) {
+            let (payload, origin) =
+                r.map_err(|e| ModelError::Source(format!("{id} (block {}): {e}", hash.short())))?;
+            if matches!(origin, Origin::Peers | Origin::Rest) {
+                self.fetched.push(id);
             }
+            self.chain.cached.touch(hash);
+            self.chain.served.touch(hash);
             let w = ExpertWeights::from_safetensors(self.config, id.layer, id.expert, &payload)?;
             out.push((id, w));
         }

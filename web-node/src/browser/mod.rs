@@ -47,6 +47,8 @@ struct Node {
     model_bytes: u64,
     /// The decoded experts the CPU engine holds (within half the budget).
     decoded: ByteLru<ExpertId>,
+    /// Usage not reported yet.
+    usage: crate::client::UsageBatch,
 }
 
 thread_local! {
@@ -102,7 +104,7 @@ pub fn start() {
 
 /// Summary and fetch counters (re-rendered as payloads arrive).
 fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, phase: &str) {
-    let mut html = page::render_summary(report, &store.dag, phase);
+    let mut html = page::render_summary(report, &store.dag, &store.held_blocks(), phase);
     let s = &store.stats;
     let held = store.held_experts();
     html.push_str(&page::render_fetch_stats(
@@ -121,7 +123,10 @@ fn show_status(store: &VerifiedChain, report: &ChainReport, model_bytes: u64, ph
 }
 
 fn show_details(store: &VerifiedChain, report: &ChainReport) {
-    set_html("details", &page::render_details(report, &store.dag));
+    set_html(
+        "details",
+        &page::render_details(report, &store.dag, &store.held_blocks()),
+    );
 }
 
 async fn load() -> Result<(), String> {
@@ -163,7 +168,20 @@ async fn load() -> Result<(), String> {
     set_progress(&format!("verifying {} headers…", fetched.len()));
     next_frame().await;
     let t1 = now_ms();
-    let (report, dag) = verify::verify_chain_dag(&fetched);
+    // In steps, the event loop running between them: at 1,000+ blocks one
+    // call blocked the page for about 0.2 s.
+    let mut verifier = verify::ChainVerifier::new(&fetched);
+    let mut looked = 0;
+    while !verifier.step(VERIFY_STEP) {
+        looked += VERIFY_STEP;
+        set_progress(&format!(
+            "verifying {} headers… ({} checked)",
+            verifier.total(),
+            looked.min(verifier.total())
+        ));
+        sleep_ms(0).await;
+    }
+    let (report, dag) = verifier.finish();
     let t2 = now_ms();
     let verified = |h: &BlockHash| report.get(h).is_some_and(|r| r.verified());
     let blocks: HashMap<_, _> = infos
@@ -197,11 +215,13 @@ async fn load() -> Result<(), String> {
         dag,
         payloads,
         stats,
-        cache,
+        cache: cache.map(std::rc::Rc::new),
         cached: ByteLru::new(),
         served: ByteLru::new(),
         budget: 0,
         evicted: 0,
+        ahead: Default::default(),
+        unwritten: Vec::new(),
     };
     show_status(&store, &report, 0, "payloads");
     show_details(&store, &report);
@@ -245,6 +265,7 @@ async fn load() -> Result<(), String> {
             show_status(&store, &report, 0, "payloads");
         }
     }
+    store.flush_cache().await;
     let t3 = now_ms();
     set_progress("building the model…");
     next_frame().await;
@@ -316,6 +337,7 @@ async fn load() -> Result<(), String> {
                 gpu: None,
                 model_bytes,
                 decoded: ByteLru::new(),
+                usage: Default::default(),
             })
         });
         dom::on_submit("chat-form", || {
@@ -324,6 +346,10 @@ async fn load() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Blocks verified between two yields to the event loop (about 20 ms of
+/// signature checks in wasm).
+const VERIFY_STEP: usize = 96;
 
 /// How often the peers and leaderboard panels are refreshed.
 const NETWORK_REFRESH_MS: i32 = 10_000;

@@ -14,7 +14,9 @@
 //!   next()                         ──►  ... | Next::Failed(why, per source)
 //! ```
 
-use crate::chain::{verify_held_payload, Block};
+use crate::chain::{
+    chunk_count, payload_root, verify_chunk, verify_held_payload, Block, BlockHash,
+};
 use crate::model::Config;
 use crate::node::Millis;
 
@@ -137,6 +139,9 @@ pub struct PayloadFetch {
     /// Last failure per source tried.
     errors: Vec<(Origin, String)>,
     done: Option<Origin>,
+    /// The block's chunk list, checked against the payload root
+    /// ([`PayloadFetch::set_chunk_list`]).
+    chunks: Option<Vec<BlockHash>>,
 }
 
 impl PayloadFetch {
@@ -153,7 +158,34 @@ impl PayloadFetch {
             backoff,
             errors: Vec::new(),
             done: None,
+            chunks: None,
         }
+    }
+
+    /// The block's chunk list (`GET /blocks/{hash}/chunks`), for a payload
+    /// that failed verification: checked against the header's payload
+    /// root, then every later answer is checked chunk by chunk first, so a
+    /// refusal names the bad chunk. A list that does not commit to the
+    /// root is refused.
+    pub fn set_chunk_list(&mut self, list: Vec<BlockHash>) -> Result<(), String> {
+        let h = &self.block.header;
+        let want = chunk_count(h.payload_len, h.chunk_size);
+        if list.len() as u64 != want {
+            return Err(format!(
+                "chunk list of {} hashes, the payload has {want} chunks",
+                list.len()
+            ));
+        }
+        if payload_root(&list) != h.payload_root {
+            return Err("the chunk list does not hash to the header's payload root".into());
+        }
+        self.chunks = Some(list);
+        Ok(())
+    }
+
+    /// Whether a chunk list was set.
+    pub fn has_chunk_list(&self) -> bool {
+        self.chunks.is_some()
     }
 
     pub fn block(&self) -> &Block {
@@ -236,6 +268,22 @@ impl PayloadFetch {
         }
     }
 
+    /// The answer of a source that already ran the same checks against
+    /// this block's verified header (the peer node: its chunk list against
+    /// the payload root, each chunk against its hash, then the content
+    /// rules), so the payload is not verified (or copied) a second time:
+    /// the fetch is over when this returns true. Only the source asked
+    /// last can answer this way; anything else is refused (false, nothing
+    /// recorded).
+    pub fn on_checked(&mut self, origin: Origin) -> bool {
+        if self.done.is_some() || self.policy.order.get(self.pos) != Some(&origin) {
+            return false;
+        }
+        self.attempt += 1;
+        self.done = Some(origin);
+        true
+    }
+
     /// Skip a source that cannot be asked now (no cache, peers offline).
     pub fn skip(&mut self, origin: Origin, why: &str) {
         if self.done.is_none() && self.policy.order.get(self.pos) == Some(&origin) {
@@ -245,6 +293,12 @@ impl PayloadFetch {
     }
 
     fn verify(&self, bytes: &[u8]) -> Result<(), String> {
+        if let Some(list) = &self.chunks {
+            let size = self.block.header.chunk_size.max(1) as usize;
+            for (i, c) in bytes.chunks(size).enumerate() {
+                verify_chunk(&self.block.hash, list, i as u64, c).map_err(|e| e.to_string())?;
+            }
+        }
         verify_held_payload(&self.block, self.config.as_ref(), bytes).map_err(|e| e.to_string())
     }
 
@@ -322,6 +376,56 @@ mod tests {
             Answer::Verified(payload)
         );
         assert_eq!(f.next(), Next::Done(Origin::Rest));
+    }
+
+    #[test]
+    fn a_checked_answer_is_taken_only_from_the_source_asked() {
+        let t = TinyChain::new(3);
+        let (mut f, _) = fetch(&t, SourcePolicy::node());
+        f.skip(Origin::Memory, "not held");
+        assert_eq!(ask(&mut f).0, Origin::Cache);
+        // Not asked: refused, and the cache is still the one to ask.
+        assert!(!f.on_checked(Origin::Peers));
+        assert_eq!(ask(&mut f).0, Origin::Cache);
+        f.skip(Origin::Cache, "not cached");
+        assert!(f.on_checked(Origin::Peers));
+        assert_eq!(f.next(), Next::Done(Origin::Peers));
+        // Over: a second answer is not taken.
+        assert!(!f.on_checked(Origin::Peers));
+    }
+
+    #[test]
+    fn with_the_chunk_list_a_refusal_names_the_bad_chunk() {
+        let t = TinyChain::new(5);
+        let policy = SourcePolicy {
+            order: vec![Origin::Rest],
+            ..SourcePolicy::node()
+        };
+        let (mut f, payload) = fetch(&t, policy);
+        let size = f.block().header.chunk_size as usize;
+        let list = crate::chain::chunk_hashes(&payload, size as u32);
+        assert!(list.len() > 2, "the fixture spans several chunks");
+        let mut bad = payload.clone();
+        bad[size * 2 + 1] ^= 1;
+        let Answer::Corrupt(_, why) = f.on_answer(Origin::Rest, Ok(bad.clone())) else {
+            panic!("refused");
+        };
+        assert!(why.contains("payload root"), "{why}");
+        // A list that does not commit to the root is refused.
+        let mut wrong = list.clone();
+        wrong.swap(0, 1);
+        assert!(f.set_chunk_list(wrong).is_err());
+        assert!(f.set_chunk_list(list[1..].to_vec()).is_err());
+        assert!(!f.has_chunk_list());
+        f.set_chunk_list(list).expect("the honest list");
+        let Answer::Corrupt(_, why) = f.on_answer(Origin::Rest, Ok(bad)) else {
+            panic!("refused");
+        };
+        assert!(why.contains("chunk 2 of block"), "{why}");
+        assert_eq!(
+            f.on_answer(Origin::Rest, Ok(payload.clone())),
+            Answer::Verified(payload)
+        );
     }
 
     #[test]

@@ -70,6 +70,26 @@ impl UsageBatch {
             .collect()
     }
 
+    /// At most `max` pending entries (the blocks with the most calls
+    /// first), for a driver that signs its report itself; the rest stay
+    /// pending for the next report.
+    pub fn take_entries(&mut self, max: usize) -> Vec<ReportEntry> {
+        let mut all: Vec<ReportEntry> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(block, (calls, tokens))| ReportEntry {
+                block,
+                calls,
+                tokens,
+            })
+            .collect();
+        // Stable: equal calls keep block order.
+        all.sort_by_key(|e| std::cmp::Reverse(e.calls));
+        for e in all.split_off(max.min(all.len())) {
+            self.record(e.block, e.calls, e.tokens);
+        }
+        all
+    }
+
     /// Put back the entries of a report that was not delivered.
     pub fn restore(&mut self, report: &UsageReport) {
         for e in &report.entries {
@@ -81,6 +101,43 @@ impl UsageBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_are_taken_up_to_a_bound_and_the_rest_kept() {
+        let b = |i: u8| BlockHash([i; 32]);
+        let mut u = UsageBatch::new();
+        u.record_answer([(b(1), 4), (b(2), 1), (b(3), 0)]);
+        u.record_answer([(b(2), 2)]);
+        let first = u.take_entries(2);
+        // Block 2 was used twice: first; then block 1 (block order).
+        assert_eq!(
+            first,
+            vec![
+                ReportEntry {
+                    block: b(2),
+                    calls: 2,
+                    tokens: 3
+                },
+                ReportEntry {
+                    block: b(1),
+                    calls: 1,
+                    tokens: 4
+                },
+            ]
+        );
+        assert_eq!(u.len(), 1);
+        u.record_answer([(b(3), 5)]);
+        let rest = u.take_entries(REPORT_MAX_ENTRIES);
+        assert_eq!(
+            rest,
+            vec![ReportEntry {
+                block: b(3),
+                calls: 2,
+                tokens: 5
+            }]
+        );
+        assert!(u.is_empty() && u.take_entries(4).is_empty());
+    }
 
     #[test]
     fn usage_is_summed_split_and_signed_with_distinct_seqs() {

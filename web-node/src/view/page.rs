@@ -137,13 +137,24 @@ pub struct Counts {
     pub verified: usize,
     pub failed: usize,
     pub total: usize,
-    /// Verified blocks whose payload is held and verified too.
+    /// Verified blocks whose verified payload the page holds now (in
+    /// memory or in its cache).
     pub held: usize,
-    /// Verified blocks known from their header only.
+    /// Verified blocks known from their header only (their payload not
+    /// fetched yet, or evicted since).
     pub header_only: usize,
 }
 
-pub fn counts(report: &ChainReport, dag: &Dag) -> Counts {
+/// Whether the page holds a verified block's verified payload now: the
+/// DAG says the payload passed its checks, `held` that it was not evicted
+/// since.
+fn holds(r: &VerifyReport, dag: &Dag, held: &BTreeSet<BlockHash>) -> bool {
+    matches!(payload(r, dag), Payload::Verified) && held.contains(&r.hash)
+}
+
+/// The summary's numbers; `held` is the blocks whose payload the page
+/// holds now (a payload verified and then evicted counts as header only).
+pub fn counts(report: &ChainReport, dag: &Dag, held: &BTreeSet<BlockHash>) -> Counts {
     let mut c = Counts {
         total: report.total(),
         ..Counts::default()
@@ -154,9 +165,10 @@ pub fn counts(report: &ChainReport, dag: &Dag) -> Counts {
             continue;
         }
         c.verified += 1;
-        match payload(r, dag) {
-            Payload::Verified => c.held += 1,
-            _ => c.header_only += 1,
+        if holds(r, dag, held) {
+            c.held += 1;
+        } else {
+            c.header_only += 1;
         }
     }
     c
@@ -164,8 +176,13 @@ pub fn counts(report: &ChainReport, dag: &Dag) -> Counts {
 
 /// The summary element the page shows and the browser tests wait for
 /// (`data-phase="done"` once the startup payloads are in).
-pub fn render_summary(report: &ChainReport, dag: &Dag, phase: &str) -> String {
-    let c = counts(report, dag);
+pub fn render_summary(
+    report: &ChainReport,
+    dag: &Dag,
+    held: &BTreeSet<BlockHash>,
+    phase: &str,
+) -> String {
+    let c = counts(report, dag, held);
     let all_ok = c.failed == 0 && c.total > 0;
     format!(
         "<div id=\"summary\" class=\"summary {cls}\" data-verified=\"{v}\" data-failed=\"{f}\" \
@@ -310,7 +327,12 @@ fn head_tags(r: &VerifyReport) -> String {
     s
 }
 
-fn render_row(r: &VerifyReport, report: &ChainReport, dag: &Dag) -> String {
+fn render_row(
+    r: &VerifyReport,
+    report: &ChainReport,
+    dag: &Dag,
+    held_now: &BTreeSet<BlockHash>,
+) -> String {
     let p = payload(r, dag);
     let status = if row_failed(r, dag) {
         "failed"
@@ -335,9 +357,10 @@ fn render_row(r: &VerifyReport, report: &ChainReport, dag: &Dag) -> String {
         (None, None) => String::new(),
     };
     let size = r.payload_len.map_or("?".into(), fmt_bytes);
-    let held = match p {
-        Payload::Verified => " <span class=\"tag held\">held</span>",
-        _ => "",
+    let held = if holds(r, dag, held_now) {
+        " <span class=\"tag held\">held</span>"
+    } else {
+        ""
     };
     format!(
         "<tr id=\"b-{hex}\" class=\"block {status} payload-{pa}\" data-hash=\"{hex}\" data-chain=\"{chain:?}\" data-slot=\"{slot}\" \
@@ -375,7 +398,13 @@ const TABLE_HEAD: &str =
     "<thead><tr><th>Slot</th><th>Kind</th><th>Version</th><th>Hash</th><th>Parents</th>\
      <th>Payload</th><th>Spec / loss</th><th>Miner</th><th>Verification</th></tr></thead>";
 
-fn render_chain(report: &ChainReport, dag: &Dag, chain: ChainId, title: &str) -> String {
+fn render_chain(
+    report: &ChainReport,
+    dag: &Dag,
+    held_now: &BTreeSet<BlockHash>,
+    chain: ChainId,
+    title: &str,
+) -> String {
     let blocks: Vec<&VerifyReport> = report.blocks.iter().filter(|r| r.chain == chain).collect();
     if blocks.is_empty() {
         return format!(
@@ -384,7 +413,10 @@ fn render_chain(report: &ChainReport, dag: &Dag, chain: ChainId, title: &str) ->
         );
     }
     if chain == ChainId::A {
-        let rows: String = blocks.iter().map(|r| render_row(r, report, dag)).collect();
+        let rows: String = blocks
+            .iter()
+            .map(|r| render_row(r, report, dag, held_now))
+            .collect();
         return format!(
             "<section class=\"chain\" id=\"chain-{chain:?}\"><h2>{title}</h2><table>{TABLE_HEAD}\
              <tbody>{rows}</tbody></table></section>"
@@ -412,10 +444,7 @@ fn render_chain(report: &ChainReport, dag: &Dag, chain: ChainId, title: &str) ->
             _ => "other names".to_string(),
         };
         let failed = rs.iter().filter(|r| row_failed(r, dag)).count();
-        let held = rs
-            .iter()
-            .filter(|r| matches!(payload(r, dag), Payload::Verified))
-            .count();
+        let held = rs.iter().filter(|r| holds(r, dag, held_now)).count();
         s.push_str(&format!(
             "<details class=\"layer-rows\" data-section=\"{key}\"{o}><summary>{label}: {n} blocks, \
              <span class=\"{cls}\">{v} verified{f}</span>, {held} with their payload</summary>\
@@ -430,7 +459,7 @@ fn render_chain(report: &ChainReport, dag: &Dag, chain: ChainId, title: &str) ->
             } else {
                 String::new()
             },
-            rows = rs.iter().map(|r| render_row(r, report, dag)).collect::<String>(),
+            rows = rs.iter().map(|r| render_row(r, report, dag, held_now)).collect::<String>(),
         ));
     }
     s.push_str("</section>");
@@ -448,7 +477,7 @@ struct Cell {
 /// A grid of chain-B slot heads: one row per layer, router and experts as
 /// columns, each cell the slot's latest verified version, green when its
 /// payload is held.
-fn render_grid(report: &ChainReport, dag: &Dag) -> String {
+fn render_grid(report: &ChainReport, dag: &Dag, held_now: &BTreeSet<BlockHash>) -> String {
     let mut cells: HashMap<Option<Slot>, Cell> = HashMap::new();
     let (mut layers, mut experts) = (0usize, 0usize);
     for r in report.blocks.iter().filter(|r| r.chain == ChainId::B) {
@@ -467,7 +496,7 @@ fn render_grid(report: &ChainReport, dag: &Dag) -> String {
             Some(v) if !row_failed(r, dag) => {
                 if v >= c.version {
                     c.version = v;
-                    c.held = matches!(payload(r, dag), Payload::Verified);
+                    c.held = holds(r, dag, held_now);
                 }
             }
             _ => c.failed += 1,
@@ -529,17 +558,20 @@ fn render_grid(report: &ChainReport, dag: &Dag) -> String {
 }
 
 /// Everything below the chat: slot grid and both chains as tables.
-pub fn render_details(report: &ChainReport, dag: &Dag) -> String {
-    let mut s = render_grid(report, dag);
+/// `held` is the blocks whose payload the page holds now.
+pub fn render_details(report: &ChainReport, dag: &Dag, held: &BTreeSet<BlockHash>) -> String {
+    let mut s = render_grid(report, dag, held);
     s.push_str(&render_chain(
         report,
         dag,
+        held,
         ChainId::A,
         "Chain A — model (meta) blocks",
     ));
     s.push_str(&render_chain(
         report,
         dag,
+        held,
         ChainId::B,
         "Chain B — parameter blocks",
     ));
@@ -638,6 +670,45 @@ mod tests {
                 ExpertId::new(2, 1)
             ]),
             "L0 1, L2 1"
+        );
+    }
+
+    #[test]
+    fn evicted_payloads_are_not_counted_as_held() {
+        use crate::test_chain::TinyChain;
+        use crate::verify::{verify_chain_dag, FetchedBlock};
+        let t = TinyChain::new(4);
+        // Every payload fetched and verified once.
+        let fetched: Vec<FetchedBlock> = t
+            .blocks()
+            .iter()
+            .map(|(b, p)| FetchedBlock::of(b, Some(p.clone())))
+            .collect();
+        let (report, dag) = verify_chain_dag(&fetched);
+        let all: BTreeSet<BlockHash> = t.blocks().iter().map(|(b, _)| b.hash).collect();
+        let c = counts(&report, &dag, &all);
+        assert_eq!(
+            (c.verified, c.held, c.header_only),
+            (all.len(), all.len(), 0)
+        );
+        // Then the experts were evicted: the page holds the rest only.
+        let experts: BTreeSet<BlockHash> = t.experts().iter().map(|(b, _)| b.hash).collect();
+        let held: BTreeSet<BlockHash> = all.difference(&experts).copied().collect();
+        let c = counts(&report, &dag, &held);
+        assert_eq!(c.verified, all.len());
+        assert_eq!((c.held, c.header_only), (held.len(), experts.len()));
+        let summary = render_summary(&report, &dag, &held, "done");
+        assert!(
+            summary.contains(&format!("data-held=\"{}\"", held.len())),
+            "{summary}"
+        );
+        assert!(summary.contains(&format!("({} with their payload", held.len())));
+        let details = render_details(&report, &dag, &held);
+        assert_eq!(details.matches("tag held").count(), held.len());
+        // Each layer's section holds its router only, the shared one its block.
+        assert_eq!(
+            details.matches(", 1 with their payload</summary>").count(),
+            t.config.num_hidden_layers + 1
         );
     }
 
