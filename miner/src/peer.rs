@@ -8,14 +8,20 @@
 //!    ([`crate::client::RelayChain`]: paged listing, header verification,
 //!    the latest model and its heads);
 //! 3. picks the slot heads whose names match `--experts` (globs);
-//! 4. loads verified payloads already in `DATA/payloads/` (each re-checked
-//!    against its verified header; corrupt or stale files are deleted);
+//! 4. checks the verified payloads already in `DATA/payloads/` (each read
+//!    once and re-checked against its verified header, one at a time;
+//!    corrupt or stale files are deleted) and holds them *on disk*: the
+//!    node keeps no payload in memory, it reads each chunk it serves from
+//!    its file when asked ([`PayloadFile`], [`PeerNode::hold_stored`]);
 //! 5. connects to `/ws` (subprotocol `aiblock.v1`), logs in, announces what
 //!    it holds, fetches the rest chunk by chunk through the relay (from other
 //!    peers, the relay's store as fallback), stores each verified payload
-//!    atomically (temp + fsync + rename) and announces it;
+//!    atomically (temp + fsync + rename), announces it and, once it is on
+//!    disk, drops it from memory and serves it from its file;
 //! 6. serves chunks, and with `--serve-compute` runs `expert_forward` on
-//!    its verified weights for the relay (on a blocking thread);
+//!    its verified weights for the relay (on a blocking thread; the payload
+//!    is read from disk and checked against its header again when its
+//!    decoded weights are not in the `--decoded-mb` LRU);
 //! 7. reconnects with capped exponential backoff when the relay goes away
 //!    (the core's [`Reconnect`]),
 //!    resyncs, and resumes where it stopped. Given several relays (relays
@@ -41,14 +47,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash};
+use web_node::chain::{check_payload_integrity, validate_payload, Block, BlockHash, BlockHeader};
 use web_node::client::backoff::NATIVE_BACKOFF_MS;
 use web_node::client::{relay_error_action, ErrorAction, ModelPick, Reconnect};
 use web_node::model::reference::expert_forward;
 use web_node::model::{Config, ExpertWeights, Slot};
 use web_node::net::api::ChunkList;
 use web_node::net::peer::{self, decode_from_relay, limits};
-use web_node::node::{ComputeReq, Millis, NodeConfig, NodeEvent, NodeStats, PeerNode, Source};
+use web_node::node::{
+    ComputeReq, Millis, NodeConfig, NodeEvent, NodeStats, PayloadReader, PeerNode, Source,
+};
 use web_node::view::budget::ByteLru;
 
 use crate::blocks;
@@ -118,6 +126,9 @@ pub struct PeerStatus {
     pub loaded_from_disk: u64,
     /// Files in the data dir deleted as corrupt or stale.
     pub dropped_files: u64,
+    /// Held blocks kept in memory (fetched, not yet on disk, or a write
+    /// that failed); every other held block is read from its file.
+    pub held_in_memory: u64,
     pub stats: NodeStats,
 }
 
@@ -295,8 +306,8 @@ fn rest_json<T: serde::de::DeserializeOwned>(agent: &ureq::Agent, url: &str) -> 
     serde_json::from_slice(&bytes).with_context(|| format!("parsing the answer of {url}"))
 }
 
-/// Verified payloads read from the data dir.
-type Loaded = Vec<(BlockHash, Arc<[u8]>)>;
+/// Verified payloads in the data dir, with their lengths.
+type Loaded = Vec<(BlockHash, u64)>;
 
 /// A block this node should hold.
 #[derive(Debug, Clone)]
@@ -312,7 +323,7 @@ struct Wanted {
 struct Plan {
     config: Config,
     wanted: Vec<Wanted>,
-    /// Verified payloads loaded from the data dir.
+    /// Verified payloads in the data dir (held from there, not in memory).
     loaded: Loaded,
     dropped_files: u64,
 }
@@ -366,9 +377,10 @@ fn payload_path(dir: &Path, hash: &BlockHash) -> PathBuf {
     dir.join(PAYLOAD_DIR).join(format!("{}.bin", hash.to_hex()))
 }
 
-/// Check the payload files: keep (and return) those of wanted blocks that
-/// pass every rule against their verified header, delete the rest
-/// (corrupt, stale, temp). Blocks already held are not read again.
+/// Check the payload files: keep (and return, with their lengths) those of
+/// wanted blocks that pass every rule against their verified header, delete
+/// the rest (corrupt, stale, temp). Each file is read whole once and dropped
+/// before the next. Blocks already held are not read again.
 fn load_dir(
     dir: &Path,
     wanted: &[Wanted],
@@ -394,12 +406,12 @@ fn load_dir(
                 Err(e) => Err(format!("unreadable: {e}")),
                 Ok(bytes) => check_payload_integrity(&w.block.header, &bytes)
                     .and_then(|_| validate_payload(&w.block.header, &bytes, Some(config)))
-                    .map(|_| (h, bytes))
+                    .map(|_| (h, bytes.len() as u64))
                     .map_err(|e| format!("fails verification: {e}")),
             },
         };
         match keep {
-            Ok((h, bytes)) => loaded.push((h, Arc::<[u8]>::from(bytes))),
+            Ok(loaded_one) => loaded.push(loaded_one),
             Err(why) => {
                 tracing::warn!(file = %path.display(), reason = %why, "dropping payload file");
                 std::fs::remove_file(&path)
@@ -427,6 +439,35 @@ fn store_payload(dir: &Path, hash: &BlockHash, bytes: &[u8]) -> Result<()> {
     #[cfg(unix)]
     std::fs::File::open(&pdir)?.sync_all()?;
     Ok(())
+}
+
+/// A verified payload file in the data dir, read when a chunk of it is
+/// served (opened on every read: a node holding thousands of blocks keeps
+/// no file descriptors, and a file removed or cut short gives an error,
+/// which the node answers `NoChunk`).
+#[derive(Debug, Clone)]
+pub struct PayloadFile {
+    path: PathBuf,
+}
+
+impl PayloadFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+}
+
+impl PayloadReader for PayloadFile {
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        use std::io::{Seek, SeekFrom};
+        let fail = |e: std::io::Error| format!("reading {}: {e}", self.path.display());
+        let mut f = std::fs::File::open(&self.path).map_err(fail)?;
+        f.seek(SeekFrom::Start(offset)).map_err(fail)?;
+        let mut buf = Vec::with_capacity(len);
+        // Fewer bytes than asked at the end of a short file: the node
+        // refuses the chunk.
+        f.take(len as u64).read_to_end(&mut buf).map_err(fail)?;
+        Ok(buf)
+    }
 }
 
 // ---------------------------------------------------------- decoded weights
@@ -500,6 +541,9 @@ struct Driver {
     config: Option<Config>,
     /// Slot of every wanted block (for compute).
     slots: HashMap<BlockHash, Slot>,
+    /// Verified header of every wanted block (a payload read from disk for
+    /// compute is checked against it).
+    headers: HashMap<BlockHash, BlockHeader>,
     /// Chunk lists of wanted blocks not held yet (for fetches after a resync).
     pending: HashMap<BlockHash, (Block, Vec<BlockHash>)>,
     /// Decoded weights of computed experts, within `decoded_bytes`.
@@ -509,8 +553,8 @@ struct Driver {
     plan_tx: mpsc::UnboundedSender<Result<Plan>>,
     plan_rx: mpsc::UnboundedReceiver<Result<Plan>>,
     /// Payloads written to the data dir (or why not).
-    stored_tx: mpsc::UnboundedSender<(BlockHash, String, Result<()>)>,
-    stored_rx: mpsc::UnboundedReceiver<(BlockHash, String, Result<()>)>,
+    stored_tx: mpsc::UnboundedSender<(BlockHash, String, Result<u64>)>,
+    stored_rx: mpsc::UnboundedReceiver<(BlockHash, String, Result<u64>)>,
     syncing: bool,
 }
 
@@ -521,6 +565,11 @@ impl Driver {
 
     fn publish(&mut self) {
         self.status.logged_in = self.node.is_logged_in();
+        self.status.held_in_memory = self
+            .node
+            .held()
+            .filter(|h| self.node.is_held_in_memory(h))
+            .count() as u64;
         self.status.stats = self.node.stats().clone();
         if let Some(tx) = &self.cfg.status {
             tx.send_replace(self.status.clone());
@@ -586,9 +635,13 @@ impl Driver {
         }
         let names: HashMap<BlockHash, &Wanted> =
             plan.wanted.iter().map(|w| (w.block.hash, w)).collect();
-        for (hash, payload) in plan.loaded {
+        for (hash, len) in plan.loaded {
             let Some(w) = names.get(&hash) else { continue };
-            match self.node.hold(hash, payload, w.block.header.chunk_size) {
+            let file = Arc::new(PayloadFile::new(payload_path(&self.cfg.data, &hash)));
+            match self
+                .node
+                .hold_stored(hash, len, w.block.header.chunk_size, file)
+            {
                 Ok(()) => {
                     self.status.held.insert(hash, w.name.clone());
                     tracing::info!(slot = %w.name, block = %hash, "loaded a verified payload from disk");
@@ -600,6 +653,11 @@ impl Driver {
             .wanted
             .iter()
             .filter_map(|w| Slot::parse(&w.name).ok().map(|s| (w.block.hash, s)))
+            .collect();
+        self.headers = plan
+            .wanted
+            .iter()
+            .map(|w| (w.block.hash, w.block.header.clone()))
             .collect();
         self.pending.clear();
         for w in plan.wanted {
@@ -681,7 +739,7 @@ impl Driver {
                 let dir = self.cfg.data.clone();
                 let tx = self.stored_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let r = store_payload(&dir, &hash, &payload);
+                    let r = store_payload(&dir, &hash, &payload).map(|()| payload.len() as u64);
                     let _ = tx.send((hash, name, r));
                 });
             }
@@ -718,7 +776,10 @@ impl Driver {
             ));
             return;
         };
-        let Some(payload) = self.node.payload(&block) else {
+        let (Some(payload), Some(header)) = (
+            self.node.held_payload(&block),
+            self.headers.get(&block).cloned(),
+        ) else {
             let _ = tx.send((
                 req,
                 Err(format!("block {} is not held here", block.short())),
@@ -740,10 +801,16 @@ impl Driver {
                 let w = match cached {
                     Some(w) => w,
                     None => {
+                        // Verified before it was stored; checked again, as
+                        // the file may have changed since.
+                        let bytes = payload.read_all()?;
+                        check_payload_integrity(&header, &bytes)
+                            .map_err(|e| format!("the stored payload of {}: {e}", block.short()))?;
                         let w = Arc::new(
-                            ExpertWeights::from_safetensors(&cfg, layer, expert, &payload)
+                            ExpertWeights::from_safetensors(&cfg, layer, expert, &bytes)
                                 .map_err(|e| e.to_string())?,
                         );
+                        drop(bytes);
                         if let Ok(mut c) = cache.lock() {
                             c.insert(block, w.clone(), w.stored_bytes() as u64);
                         }
@@ -862,7 +929,17 @@ impl Driver {
                 }
                 Some((hash, name, r)) = self.stored_rx.recv() => {
                     match r {
-                        Ok(()) => tracing::info!(slot = %name, block = %hash, "payload stored"),
+                        Ok(len) => {
+                            // On disk now: served from its file, not memory.
+                            let file = Arc::new(PayloadFile::new(payload_path(&self.cfg.data, &hash)));
+                            let cs = self.headers.get(&hash).map(|h| h.chunk_size);
+                            if let (true, Some(cs)) = (self.node.is_held(&hash), cs) {
+                                if let Err(e) = self.node.hold_stored(hash, len, cs, file) {
+                                    tracing::warn!(block = %hash, error = %e, "kept in memory");
+                                }
+                            }
+                            tracing::info!(slot = %name, block = %hash, "payload stored");
+                        }
                         Err(e) => tracing::error!(block = %hash, error = %e, "storing the payload failed (held in memory)"),
                     }
                     // Held once it is also on disk (or could not be put there).
@@ -932,6 +1009,7 @@ pub async fn run(cfg: PeerConfig, shutdown: impl Future<Output = ()>) -> Result<
         start: Instant::now(),
         config: None,
         slots: HashMap::new(),
+        headers: HashMap::new(),
         pending: HashMap::new(),
         weights: Arc::new(Mutex::new(Decoded::new(decoded_bytes))),
         compute_tx,
@@ -1124,5 +1202,26 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temp file left: {names:?}");
+    }
+
+    #[test]
+    fn payload_files_are_read_at_an_offset_and_a_short_or_missing_file_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = BlockHash([6; 32]);
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        store_payload(tmp.path(), &h, &bytes).unwrap();
+        let file = PayloadFile::new(payload_path(tmp.path(), &h));
+        assert_eq!(file.read_at(4096, 4096).unwrap(), &bytes[4096..8192]);
+        // Past the end: what there is (the node refuses the short chunk).
+        assert_eq!(file.read_at(8192, 4096).unwrap(), &bytes[8192..]);
+        let held = web_node::node::HeldPayload::Stored {
+            len: 12_000,
+            reader: Arc::new(file.clone()),
+        };
+        assert!(held.read(8192, 3808).unwrap_err().contains("short"));
+        assert_eq!(&held.read(0, 100).unwrap()[..], &bytes[..100]);
+        std::fs::remove_file(payload_path(tmp.path(), &h)).unwrap();
+        let e = file.read_at(0, 10).unwrap_err();
+        assert!(e.contains(&h.to_hex()), "{e}");
     }
 }

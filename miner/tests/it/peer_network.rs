@@ -97,6 +97,10 @@ fn a_node_gets_an_expert_that_only_another_node_holds() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Once stored, A serves it from its file, not from memory.
+    a.wait("A to keep the payload only on disk", |s| {
+        s.held.len() == 1 && s.held_in_memory == 0
+    });
     let before = relay_stats(&relay);
 
     // B gets it from A, through the relay, and verifies it.
@@ -134,6 +138,65 @@ fn a_node_gets_an_expert_that_only_another_node_holds() {
     assert_eq!(ra.stats.bytes_served, info.payload_len);
     assert_eq!(ra.stats.chunks_served, chunks);
     b.stop();
+}
+
+#[test]
+fn a_node_serves_from_its_data_dir_and_a_removed_file_is_refused_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let relay = start_relay(&tmp.path().join("relay"), &model, 0);
+    let slot = "layer0.expert2";
+    let info = head(&relay, slot);
+    let chunks = info.payload_len.div_ceil(u64::from(info.chunk_size));
+    let adir = tmp.path().join("a");
+    // A's data dir holds the payload already: A loads it from disk and
+    // holds it there, nothing in memory, nothing downloaded.
+    std::fs::create_dir_all(adir.join("payloads")).unwrap();
+    let want = get_bytes(&format!("{}/blocks/{}/payload", relay.http(), info.hash));
+    std::fs::write(payload_file(&adir, &info.hash), &want).unwrap();
+    let a = Node::start(node_cfg(&[&relay], &adir, &[slot]));
+    let sa = a.wait_complete();
+    assert_eq!((sa.loaded_from_disk, sa.held_in_memory), (1, 0));
+    let a_id = sa.id.clone();
+    let t0 = Instant::now();
+    while !get_json::<serde_json::Value>(&format!("{}/p2p/nodes", relay.http()))
+        .to_string()
+        .contains(&info.hash.to_hex())
+    {
+        assert!(t0.elapsed() < WAIT, "the relay never listed A's block");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // B gets every chunk from A's file, byte for byte.
+    let b = Node::start(node_cfg(&[&relay], &tmp.path().join("b"), &[slot]));
+    b.wait_complete();
+    let rb = b.stop();
+    let mut a_key = [0u8; 32];
+    hex::decode_to_slice(&a_id, &mut a_key).unwrap();
+    assert_eq!(
+        rb.stats.bytes_received.get(&Source::Peer(a_key)),
+        Some(&info.payload_len)
+    );
+    assert_eq!(
+        std::fs::read(payload_file(&tmp.path().join("b"), &info.hash)).unwrap(),
+        want
+    );
+
+    // A's file goes away: C still gets the block (A refuses, the relay
+    // fails over to its store) and A stays up.
+    std::fs::remove_file(payload_file(&adir, &info.hash)).unwrap();
+    let c = Node::start(node_cfg(&[&relay], &tmp.path().join("c"), &[slot]));
+    c.wait_complete();
+    c.stop();
+    assert_eq!(
+        std::fs::read(payload_file(&tmp.path().join("c"), &info.hash)).unwrap(),
+        want
+    );
+    let sa = a.status();
+    assert!(sa.logged_in);
+    let ra = a.stop();
+    assert_eq!(ra.stats.chunks_served, chunks);
+    assert!(ra.stats.chunks_refused >= 1, "{:?}", ra.stats);
 }
 
 #[test]

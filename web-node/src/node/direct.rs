@@ -480,7 +480,7 @@ impl PeerNode {
                     peer,
                     &want,
                     |b, i| {
-                        let mut c = held.get(b)?.chunk(i)?.to_vec();
+                        let mut c = held.get(b)?.chunk(b, i).ok()?;
                         if corrupt {
                             if let Some(x) = c.first_mut() {
                                 *x ^= 1;

@@ -303,6 +303,41 @@ fn a_block_comes_directly_with_a_receipt_and_nothing_from_the_relay() {
     assert_eq!(w.a.direct_sessions(), (0, 0));
 }
 
+/// Stored payload bytes, read on demand.
+struct Stored(Vec<u8>, std::sync::atomic::AtomicU32);
+
+impl PayloadReader for Stored {
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let s = (offset as usize).min(self.0.len());
+        Ok(self.0[s..(s + len).min(self.0.len())].to_vec())
+    }
+}
+
+#[test]
+fn a_holder_that_keeps_the_block_stored_serves_it_directly_from_its_reader() {
+    let mut w = world(false);
+    let stored = Arc::new(Stored(w.payload.clone(), Default::default()));
+    w.b.hold_stored(
+        w.block.hash,
+        w.payload.len() as u64,
+        w.block.header.chunk_size,
+        stored.clone(),
+    )
+    .unwrap();
+    assert!(!w.b.is_held_in_memory(&w.block.hash));
+    w.introduce();
+    w.a.rtc_opened(SESSION, 5);
+    let first = events(&mut w.a);
+    let ev = w.pump_channel(first, u64::MAX);
+    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    assert_eq!(w.b.stats().direct_bytes_served, w.payload.len() as u64);
+    assert_eq!(
+        stored.1.load(std::sync::atomic::Ordering::Relaxed),
+        w.chunks()
+    );
+}
+
 #[test]
 fn a_second_block_from_the_same_holder_rides_on_the_open_connection() {
     let chain = TinyChain::new(3);

@@ -263,22 +263,111 @@ pub enum NodeEvent {
     },
 }
 
+/// Reads the bytes of a payload a node holds but does not keep in memory
+/// (a native node's verified file in its data dir): the node serves chunks
+/// of it by reading them when asked. Implementations must never panic.
+pub trait PayloadReader: Send + Sync {
+    /// `len` bytes at `offset`, or why not (a missing or unreadable file).
+    /// Fewer bytes than asked (a short file) are refused by the node.
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+}
+
+/// Where a held payload's bytes are.
+#[derive(Clone)]
+pub enum HeldPayload {
+    /// Kept whole in memory ([`PeerNode::hold`]).
+    Memory(Arc<[u8]>),
+    /// Read when needed ([`PeerNode::hold_stored`]).
+    Stored {
+        len: u64,
+        reader: Arc<dyn PayloadReader>,
+    },
+}
+
+impl std::fmt::Debug for HeldPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory(p) => write!(f, "Memory({} bytes)", p.len()),
+            Self::Stored { len, .. } => write!(f, "Stored({len} bytes)"),
+        }
+    }
+}
+
+impl HeldPayload {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Memory(p) => p.len() as u64,
+            Self::Stored { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Exactly the `len` bytes at `offset` (within the payload), or why not.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|e| *e <= self.len())
+            .ok_or_else(|| {
+                format!(
+                    "bytes {offset}+{len} are outside the payload of {} bytes",
+                    self.len()
+                )
+            })?;
+        match self {
+            Self::Memory(p) => Ok(p[offset as usize..end as usize].to_vec()),
+            Self::Stored { reader, .. } => {
+                let data = reader.read_at(offset, len)?;
+                if data.len() != len {
+                    return Err(format!(
+                        "read {} of {len} bytes at offset {offset}: the stored payload is short",
+                        data.len()
+                    ));
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// The whole payload (read from its reader when it is stored).
+    pub fn read_all(&self) -> Result<Arc<[u8]>, String> {
+        match self {
+            Self::Memory(p) => Ok(p.clone()),
+            Self::Stored { len, .. } => {
+                let len = usize::try_from(*len).map_err(|_| "payload too large".to_string())?;
+                self.read(0, len).map(Into::into)
+            }
+        }
+    }
+}
+
 /// A payload this node holds and serves.
 #[derive(Debug, Clone)]
 struct Held {
-    payload: Arc<[u8]>,
+    payload: HeldPayload,
     chunk_size: u32,
 }
 
 impl Held {
-    fn chunk(&self, index: u32) -> Option<&[u8]> {
-        let cs = self.chunk_size as usize;
-        let start = (index as usize).checked_mul(cs)?;
-        if start >= self.payload.len() {
-            return None;
+    /// Chunk `index` of `block`: exactly its bytes, or why not.
+    fn chunk(&self, block: &BlockHash, index: u32) -> Result<Vec<u8>, String> {
+        let cs = u64::from(self.chunk_size);
+        let len = self.payload.len();
+        let start = u64::from(index).saturating_mul(cs);
+        if start >= len {
+            return Err(format!(
+                "chunk {index} is past the {} chunks of {}",
+                chunk_count(len, self.chunk_size),
+                block.short()
+            ));
         }
-        let end = start.saturating_add(cs).min(self.payload.len());
-        self.payload.get(start..end)
+        let n = cs.min(len - start) as usize;
+        self.payload
+            .read(start, n)
+            .map_err(|e| format!("chunk {index} of {}: {e}", block.short()))
     }
 }
 
@@ -375,9 +464,24 @@ impl PeerNode {
         self.held.contains_key(hash)
     }
 
-    /// A held payload.
+    /// A held payload, whole (read from its reader when it is held stored;
+    /// `None` when that read fails).
     pub fn payload(&self, hash: &BlockHash) -> Option<Arc<[u8]>> {
+        self.held.get(hash).and_then(|h| h.payload.read_all().ok())
+    }
+
+    /// Where a held payload's bytes are (cheap to clone: read them elsewhere,
+    /// on a blocking thread, say).
+    pub fn held_payload(&self, hash: &BlockHash) -> Option<HeldPayload> {
         self.held.get(hash).map(|h| h.payload.clone())
+    }
+
+    /// Whether a held payload is kept in memory (rather than read when needed).
+    pub fn is_held_in_memory(&self, hash: &BlockHash) -> bool {
+        matches!(
+            self.held.get(hash).map(|h| &h.payload),
+            Some(HeldPayload::Memory(_))
+        )
     }
 
     /// Blocks being fetched, with (chunks verified, chunks in all).
@@ -416,12 +520,43 @@ impl PeerNode {
         self.fetches.requeue_all(now);
     }
 
-    /// Take a payload this node already verified (loaded from disk, say)
-    /// and serve it. Announced at once when logged in, else after `Welcome`.
+    /// Take a payload this node already verified and serve it from memory.
+    /// Announced at once when logged in, else after `Welcome`.
     pub fn hold(
         &mut self,
         hash: BlockHash,
         payload: Arc<[u8]>,
+        chunk_size: u32,
+    ) -> Result<(), NodeError> {
+        self.hold_as(hash, HeldPayload::Memory(payload), chunk_size)
+    }
+
+    /// Take a payload this node already verified and stored (a native
+    /// node's data dir) without keeping it in memory: every chunk served is
+    /// read through `reader` when asked (a read that fails or comes back
+    /// short is answered `NoChunk` with the reason). Replaces an in-memory
+    /// hold of the same block without announcing it again.
+    pub fn hold_stored(
+        &mut self,
+        hash: BlockHash,
+        payload_len: u64,
+        chunk_size: u32,
+        reader: Arc<dyn PayloadReader>,
+    ) -> Result<(), NodeError> {
+        self.hold_as(
+            hash,
+            HeldPayload::Stored {
+                len: payload_len,
+                reader,
+            },
+            chunk_size,
+        )
+    }
+
+    fn hold_as(
+        &mut self,
+        hash: BlockHash,
+        payload: HeldPayload,
         chunk_size: u32,
     ) -> Result<(), NodeError> {
         if !(chain_limits::MIN_CHUNK_SIZE..=chain_limits::MAX_CHUNK_SIZE).contains(&chunk_size) {
@@ -704,25 +839,19 @@ impl PeerNode {
             self.stats.ignored += 1;
             return;
         }
-        match self.held.get(&block).and_then(|h| h.chunk(index)) {
-            Some(data) => {
+        let chunk = match self.held.get(&block) {
+            Some(h) => h.chunk(&block, index),
+            None => Err(format!("block {} is not held here", block.short())),
+        };
+        match chunk {
+            Ok(data) => {
                 self.stats.chunks_served += 1;
                 self.stats.bytes_served += data.len() as u64;
-                self.outbox.push_back(ToRelay::Chunk {
-                    req,
-                    data: data.to_vec(),
-                });
+                self.outbox.push_back(ToRelay::Chunk { req, data });
             }
-            None => {
+            Err(mut reason) => {
                 self.stats.chunks_refused += 1;
-                let reason = match self.held.get(&block) {
-                    Some(h) => format!(
-                        "chunk {index} is past the {} chunks of {}",
-                        chunk_count(h.payload.len() as u64, h.chunk_size),
-                        block.short()
-                    ),
-                    None => format!("block {} is not held here", block.short()),
-                };
+                truncate_text(&mut reason);
                 self.outbox.push_back(ToRelay::NoChunk { req, reason });
             }
         }

@@ -619,6 +619,140 @@ fn serving_answers_exact_bytes_and_refuses_the_rest() {
     );
 }
 
+/// Payload bytes "on disk": they can be cut short or removed after the hold;
+/// every read is counted.
+struct FakeFile {
+    bytes: std::sync::Mutex<Option<Vec<u8>>>,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+impl PayloadReader for FakeFile {
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let guard = self.bytes.lock().unwrap();
+        let bytes = guard.as_ref().ok_or("no such file")?;
+        let start = (offset as usize).min(bytes.len());
+        Ok(bytes[start..(start + len).min(bytes.len())].to_vec())
+    }
+}
+
+fn serve_one(n: &mut PeerNode, block: BlockHash, index: u32) -> ToRelay {
+    n.handle(
+        FromRelay::ServeChunk {
+            req: 9,
+            block,
+            index,
+        },
+        0,
+    );
+    let mut out = drain(n);
+    assert_eq!(out.len(), 1, "{out:?}");
+    out.remove(0)
+}
+
+#[test]
+fn a_payload_held_stored_is_read_when_served_and_a_short_or_missing_file_is_refused() {
+    let f = fixture();
+    let file = Arc::new(FakeFile {
+        bytes: std::sync::Mutex::new(Some(f.payload.clone())),
+        reads: Default::default(),
+    });
+    let mut n = logged_in(NodeConfig::default(), 16);
+    n.hold_stored(f.expert.hash, f.payload.len() as u64, 4096, file.clone())
+        .unwrap();
+    assert_eq!(
+        drain(&mut n),
+        vec![ToRelay::Have {
+            add: vec![f.expert.hash],
+            remove: vec![]
+        }]
+    );
+    assert!(n.is_held(&f.expert.hash) && !n.is_held_in_memory(&f.expert.hash));
+    // Nothing is read until a chunk is asked for.
+    assert_eq!(file.reads.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let chunks = f.payload.len().div_ceil(4096) as u32;
+    for index in 0..chunks {
+        assert_eq!(
+            serve_one(&mut n, f.expert.hash, index),
+            ToRelay::Chunk {
+                req: 9,
+                data: chunk_of(&f.payload, index)
+            }
+        );
+    }
+    assert_eq!(
+        file.reads.load(std::sync::atomic::Ordering::Relaxed),
+        chunks
+    );
+    assert_eq!(n.stats().bytes_served, f.payload.len() as u64);
+    assert_eq!(n.payload(&f.expert.hash).as_deref(), Some(&f.payload[..]));
+    // Past the end: refused without a read (the one read was the whole payload).
+    assert!(matches!(
+        serve_one(&mut n, f.expert.hash, chunks),
+        ToRelay::NoChunk { ref reason, .. } if reason.contains("past the")
+    ));
+    assert_eq!(
+        file.reads.load(std::sync::atomic::Ordering::Relaxed),
+        chunks + 1
+    );
+    // The file is cut short: its first chunk is still exact, the last is refused.
+    file.bytes
+        .lock()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .truncate(f.payload.len() - 10);
+    assert_eq!(
+        serve_one(&mut n, f.expert.hash, 0),
+        ToRelay::Chunk {
+            req: 9,
+            data: chunk_of(&f.payload, 0)
+        }
+    );
+    assert!(matches!(
+        serve_one(&mut n, f.expert.hash, chunks - 1),
+        ToRelay::NoChunk { ref reason, .. } if reason.contains("short")
+    ));
+    assert_eq!(n.payload(&f.expert.hash), None);
+    // The file is gone: refused with the reader's reason.
+    *file.bytes.lock().unwrap() = None;
+    assert!(matches!(
+        serve_one(&mut n, f.expert.hash, 0),
+        ToRelay::NoChunk { ref reason, .. } if reason.contains("no such file")
+    ));
+    assert_eq!(n.stats().chunks_refused, 3);
+    assert_eq!(n.stats().chunks_served, u64::from(chunks) + 1);
+}
+
+#[test]
+fn a_payload_held_in_memory_then_stored_is_not_announced_again() {
+    let f = fixture();
+    let mut n = logged_in(NodeConfig::default(), 16);
+    n.hold(f.expert.hash, f.payload.clone().into(), 4096)
+        .unwrap();
+    assert_eq!(drain(&mut n).len(), 1);
+    assert!(n.is_held_in_memory(&f.expert.hash));
+    let file = Arc::new(FakeFile {
+        bytes: std::sync::Mutex::new(Some(f.payload.clone())),
+        reads: Default::default(),
+    });
+    n.hold_stored(f.expert.hash, f.payload.len() as u64, 4096, file.clone())
+        .unwrap();
+    assert_eq!(drain(&mut n), vec![]);
+    assert!(!n.is_held_in_memory(&f.expert.hash));
+    assert_eq!(
+        serve_one(&mut n, f.expert.hash, 1),
+        ToRelay::Chunk {
+            req: 9,
+            data: chunk_of(&f.payload, 1)
+        }
+    );
+    assert_eq!(file.reads.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A bad chunk size is refused for a stored hold too.
+    assert!(n.hold_stored(f.other.hash, 10, 1, file).is_err());
+}
+
 #[test]
 fn compute_goes_to_the_driver_and_back() {
     let f = fixture();
