@@ -438,18 +438,9 @@ async fn source(block: Block, config: Option<Config>, reach: Reach) -> (Sourced,
             }
             Answer::Corrupt(Origin::Cache, e) => {
                 if let Some(c) = &reach.cache {
-                    let _ = c.delete(&block.hash).await;
+                    drop_corrupt(c, &block, &e, &mut stats).await;
                 }
-                stats.cache_dropped += 1;
                 stats.corrupt_cached.push(block.hash);
-                panels::alert(
-                    "cache-corrupt",
-                    &format!(
-                        "The cached payload of {} ({}) failed verification ({e}).",
-                        block.header.name,
-                        block.hash.short()
-                    ),
-                );
             }
             Answer::Corrupt(o, e) => {
                 stats.refused_payloads += 1;
@@ -999,19 +990,30 @@ pub async fn cached_payload(
             Some(bytes)
         }
         Err(e) => {
-            let _ = cache.delete(&block.hash).await;
-            stats.cache_dropped += 1;
-            panels::alert(
-                "cache-corrupt",
-                &format!(
-                    "The cached payload of {} ({}) failed verification ({e}).",
-                    block.header.name,
-                    block.hash.short()
-                ),
-            );
+            drop_corrupt(cache, block, &e, stats).await;
             None
         }
     }
+}
+
+/// A cached payload failed verification: delete it (the caller fetches the
+/// block again), count it and say so.
+async fn drop_corrupt(
+    cache: &Cache,
+    block: &Block,
+    e: &dyn std::fmt::Display,
+    stats: &mut FetchStats,
+) {
+    let _ = cache.delete(&block.hash).await;
+    stats.cache_dropped += 1;
+    panels::alert(
+        "cache-corrupt",
+        &format!(
+            "The cached payload of {} ({}) failed verification ({e}).",
+            block.header.name,
+            block.hash.short()
+        ),
+    );
 }
 
 /// The engine's [`Supply`] from the verified chain: an expert slot's head

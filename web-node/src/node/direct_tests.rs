@@ -220,6 +220,13 @@ impl World {
         }
     }
 
+    /// The relay is asked for every chunk of the block, and it completes.
+    fn relay_completes_all(&mut self, sent: Vec<ToRelay>) {
+        let (asked, ev) = self.relay_rest(sent);
+        assert_eq!(asked.len() as u32, self.chunks());
+        assert_eq!(completed(&ev).as_deref(), Some(&self.payload[..]));
+    }
+
     /// Answer A's relay requests honestly until the block completes.
     fn relay_rest(&mut self, mut sent: Vec<ToRelay>) -> (Vec<u32>, Vec<NodeEvent>) {
         let cs = self.block.header.chunk_size as usize;
@@ -459,9 +466,7 @@ fn a_holder_that_never_opens_is_given_up_at_the_deadline() {
         .any(|e| matches!(e, NodeEvent::DirectFallback { chunks, .. } if *chunks == w.chunks())));
     assert!(ev.contains(&NodeEvent::Rtc(RtcAction::Close { session: SESSION })));
     let sent = drain(&mut w.a);
-    let (asked, ev) = w.relay_rest(sent);
-    assert_eq!(asked.len() as u32, w.chunks());
-    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    w.relay_completes_all(sent);
     // The same holder introduced again soon: no second wait, the relay at once.
     let chain = TinyChain::new(3);
     let (block2, payload2) = chain.experts().into_iter().nth(1).unwrap();
@@ -537,9 +542,7 @@ fn no_direct_holder_means_the_relay_at_once() {
         1,
     );
     let sent = drain(&mut w.a);
-    let (asked, ev) = w.relay_rest(sent);
-    assert_eq!(asked.len() as u32, w.chunks());
-    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    w.relay_completes_all(sent);
 }
 
 #[test]
@@ -631,9 +634,7 @@ fn losing_the_relay_hands_direct_chunks_back_and_closes_connections() {
         60,
     );
     let sent = drain(&mut w.a);
-    let (asked, ev) = w.relay_rest(sent);
-    assert_eq!(asked.len() as u32, w.chunks());
-    assert_eq!(completed(&ev).as_deref(), Some(&w.payload[..]));
+    w.relay_completes_all(sent);
 }
 
 #[test]
