@@ -16,6 +16,8 @@
 // 4. a lying browser (?test_lie_direct=1 flips a bit of every chunk it serves
 //    directly) is proven by its signed chunk, banned by the relay, credited
 //    nothing, and the receiver still answers.
+// 5. a page that sends a forged proof (?test_forge_proof=KEY: a statement
+//    naming KEY, signed by itself) is banned; KEY stays online, unbanned.
 // Screenshots go to target/e2e/direct-*.png.
 
 import assert from 'node:assert/strict';
@@ -24,7 +26,7 @@ import { chromium } from 'playwright-core';
 
 import {
   CHROMIUM_ARGS, ask, chromiumPath, getJson, listChain, nativeGreedy, numberedTests, outDir, readNode,
-  startRelay, trackWire, until,
+  sleep, startRelay, trackWire, until,
 } from './lib.mjs';
 
 // Greedy: " dog cat green blue red".
@@ -74,15 +76,24 @@ async function peerStats(peer) {
   return s.per_peer?.[peer] ?? {};
 }
 
+/** #net once its counters stop moving (the panel redraws at most every 250 ms). */
+async function settledNet(page) {
+  let a = (await readNode(page)).net;
+  for (let i = 0; i < 50; i++) {
+    await sleep(400);
+    const b = (await readNode(page)).net;
+    if (b.bytesDirect === a.bytesDirect && b.bytesFromPeers === a.bytesFromPeers && b.bytesFromRelay === a.bytesFromRelay) return b;
+    a = b;
+  }
+  return a;
+}
+
 /** Ask, and account for every byte of the answer's downloads. */
 async function answerAccounted(node, label) {
-  const n0 = (await readNode(node.page)).net;
+  const n0 = await settledNet(node.page);
   const mark = node.wire.mark();
   const reply = await ask(node.page, PROMPT, MAX_TOKENS);
-  const n1 = await until(`${label}: the network panel's final counts`, async () => {
-    const n = (await readNode(node.page)).net;
-    return n.state === 'online' ? n : null;
-  });
+  const n1 = await settledNet(node.page);
   const w = node.wire.since(mark);
   const direct = num(n1.bytesDirect) - num(n0.bytesDirect);
   const restPayload = w.events.filter((e) => e.kind === 'http-bytes' && e.payload && /\/payload/.test(e.path)).reduce((n, e) => n + e.bytes, 0);
@@ -188,6 +199,35 @@ try {
     });
     assert.ok(banned);
     await r.page.screenshot({ path: path.join(outDir(), 'direct-liar.png'), fullPage: true });
+  });
+
+  await test(5, 'a forged proof bans its sender, not the accused', async () => {
+    await closeAll();
+    const honest = await openNode();
+    open.push(honest);
+    await ask(honest.page, PROMPT, MAX_TOKENS);
+    // The forger accuses the honest page as soon as it holds a block (at
+    // load), so it is banned before it is ever online: no openNode().
+    const context = await browser.newContext({ viewport: VIEWPORT });
+    const forger = { page: await context.newPage(), close: () => context.close() };
+    open.push(forger);
+    await forger.page.goto(`${relay.base}/?test_forge_proof=${honest.peer}`);
+    const f = await until('the forger to see its ban', async () => {
+      const n = await readNode(forger.page);
+      return n.alerts.some((x) => x.kind === 'peer-banned') ? n : null;
+    });
+    console.log(`  forger alerts: ${JSON.stringify(f.alerts.map((x) => x.text.slice(0, 160)))}`);
+    const h = await readNode(honest.page);
+    assert.equal(h.net.state, 'online', 'the accused is not online any more');
+    assert.ok(!h.alerts.some((x) => x.kind === 'peer-banned'), 'the accused was banned');
+    assert.equal(f.net.state, 'refused', `the forger's node is ${f.net.state}, not refused`);
+    // The accused still serves: a fresh page gets blocks from it directly.
+    const r = await openNode();
+    open.push(r);
+    const reply = await ask(r.page, PROMPT, MAX_TOKENS);
+    if (native) assert.deepEqual(reply.ids, native.ids);
+    const n = (await readNode(r.page)).net;
+    assert.ok(num(n.bytesDirect) > 0, 'nothing came directly from the accused');
   });
 } finally {
   while (open.length) await open.pop().close().catch(() => {});

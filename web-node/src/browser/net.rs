@@ -82,6 +82,8 @@ struct Net {
     timer: Option<i32>,
     retry_ms: u64,
     last_error: Option<String>,
+    /// `?test_forge_proof=KEY`: the key to accuse falsely, once.
+    forge_against: Option<crate::net::peer::PeerId>,
 }
 
 thread_local! {
@@ -151,6 +153,9 @@ pub fn start() {
         test_direct_mute: param("test_direct_mute").as_deref() == Some("1"),
         ..NodeConfig::default()
     };
+    let forge_against = param("test_forge_proof")
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok());
     let key = node_key();
     let mut node = PeerNode::new(key.clone(), cfg);
     // The node clock starts at 0 now; statements carry wall-clock time.
@@ -167,6 +172,7 @@ pub fn start() {
             timer: None,
             retry_ms: RETRY_MS,
             last_error: None,
+            forge_against,
         })
     });
     connect();
@@ -530,6 +536,14 @@ pub fn online() -> bool {
 pub fn hold(hash: crate::chain::BlockHash, payload: Arc<[u8]>, chunk_size: u32) {
     with(|n| {
         let _ = n.node.hold(hash, payload, chunk_size);
+        // Test switch of the direct-transfer tests (`?test_forge_proof=KEY`):
+        // accuse KEY of lying about this block with a proof it never signed.
+        if let Some(accused) = n.forge_against.take() {
+            let t = now(n);
+            if !n.node.test_forge_proof(accused, hash, t) {
+                n.forge_against = Some(accused);
+            }
+        }
     });
     pump();
 }

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::chain::BlockHash;
-use crate::net::direct::{limits as dl, ChannelMsg, SignalKind};
+use crate::net::direct::{limits as dl, ChannelMsg, ChunkStatement, SignalKind};
 use crate::net::direct_fetch::{lane_of, serve_want, DirectFetch, Step};
 use crate::net::peer::{FromRelay, PeerId, ToRelay};
 
@@ -138,6 +138,21 @@ impl PeerNode {
     /// The latest time the node was told.
     pub(super) fn direct_clock(&self) -> Millis {
         self.direct.clock
+    }
+
+    /// Test switch: send the relay a forged proof, a statement about chunk 0
+    /// of `block` that names `accused` as its server but is signed by this
+    /// node. The relay must ban this node (the sender), not the accused.
+    /// Returns false when not logged in (nothing sent).
+    pub fn test_forge_proof(&mut self, accused: PeerId, block: BlockHash, now: Millis) -> bool {
+        if !self.is_logged_in() {
+            return false;
+        }
+        let wall = self.wall(now);
+        let mut proof = ChunkStatement::sign(&self.key, self.id(), block, 0, b"forged", wall);
+        proof.body.server = accused;
+        self.outbox.push_back(ToRelay::Proof { proof });
+        true
     }
 
     /// Direct sessions open now (both roles) and introductions awaited.

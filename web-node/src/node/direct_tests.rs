@@ -711,6 +711,28 @@ fn test_switches_a_holder_that_stops_and_one_that_never_answers() {
     assert!(events(&mut mute).is_empty());
 }
 
+#[test]
+fn a_forged_proof_names_the_accused_but_is_not_its_signature() {
+    let mut w = world(false);
+    let accused = w.b.id();
+    assert!(w.a.test_forge_proof(accused, w.block.hash, 5));
+    let proof = drain(&mut w.a)
+        .into_iter()
+        .find_map(|m| match m {
+            ToRelay::Proof { proof } => Some(proof),
+            _ => None,
+        })
+        .expect("a proof");
+    assert_eq!(proof.body.server, accused);
+    assert_eq!(proof.body.receiver, w.a.id());
+    // What the relay checks: the accused never signed it.
+    let list = chunk_hashes(&w.payload, w.block.header.chunk_size);
+    assert!(proof.judge(&list).is_err());
+    let mut off = node(26, NodeConfig::default());
+    off.disconnected(1);
+    assert!(!off.test_forge_proof(accused, w.block.hash, 2));
+}
+
 mod hostile {
     use super::*;
     use crate::net::direct::{ChannelMsg, ChunkStatement};
