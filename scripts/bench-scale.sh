@@ -10,13 +10,22 @@
 # 3. the client core's sync of the relay (bench_scale sync): listing time
 #    (both chains page by page, the chain-A payloads) and native header
 #    verification time;
+#    then the page (tests/e2e/scale_page.mjs, headless Chromium, served by
+#    the relay from dist/): its listing and header verification time, load
+#    time, first answer (CPU engine) and the bytes fetched for it, its
+#    wasm memory, JS heap and Chromium's peak RSS; skipped with a message
+#    when node, Chromium, playwright-core or the built page is missing, or
+#    AIBLOCK_BENCH_PAGE=0;
 # 4. `aiblock export --relay` (every head through the core, payloads verified);
 # 5. `aiblock quantize --relay --quant q8_0` (a q8_0 model on the relay beside
 #    the f16 one), unless AIBLOCK_BENCH_QUANT=0;
 # 6. `aiblock peer` holding every block of layer 0: time until it holds them,
 #    its peak RSS;
 # 7. native CPU decode tokens/s (`aiblock chat`, f32 and q8_0 experts) and
-#    its peak RSS;
+#    its peak RSS, beside Hugging Face transformers (PyTorch, float32, same
+#    threads) on the same checkpoint (scripts/bench_transformers.py; skipped
+#    with a message when python3 cannot import torch and transformers, or
+#    AIBLOCK_BENCH_TRANSFORMERS=0);
 # 8. the relay's peak RSS (VmHWM); the work directory is deleted at the end
 #    (AIBLOCK_BENCH_KEEP=1 keeps it).
 #
@@ -28,8 +37,10 @@
 # the test build's dependencies and builds web-node's kernels at opt-level 3),
 # AIBLOCK_BENCH_DIR (work dir, default a new one under target/),
 # AIBLOCK_BENCH_TOKENS (decode tokens, default 16), AIBLOCK_BENCH_THREADS
-# (default 2), AIBLOCK_BENCH_SKIP_BUILD=1.
-# PyTorch/transformers is not compared here (see the issue's note).
+# (default 2), AIBLOCK_BENCH_SKIP_BUILD=1, AIBLOCK_DIST (the built page the
+# relay serves, default dist/: `source scripts/lib.sh && build_web`),
+# AIBLOCK_CHROMIUM (default /usr/bin/chromium), AIBLOCK_BENCH_PAGE=0,
+# AIBLOCK_BENCH_TRANSFORMERS=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -53,6 +64,20 @@ aiblock="$bin/aiblock"
 relay_bin="$bin/relay"
 
 work="${AIBLOCK_BENCH_DIR:-$target_dir/bench-scale}"
+dist="${AIBLOCK_DIST:-$PWD/dist}"
+# The page step's needs: the reason it is skipped, or empty.
+page_skip=""
+if [ "${AIBLOCK_BENCH_PAGE:-1}" != 1 ]; then
+    page_skip="AIBLOCK_BENCH_PAGE=0"
+elif ! command -v node > /dev/null; then
+    page_skip="node not found"
+elif [ ! -x "${AIBLOCK_CHROMIUM:-/usr/bin/chromium}" ]; then
+    page_skip="no Chromium at ${AIBLOCK_CHROMIUM:-/usr/bin/chromium} (set AIBLOCK_CHROMIUM)"
+elif [ ! -d tests/e2e/node_modules/playwright-core ]; then
+    page_skip="playwright-core not installed (cd tests/e2e && npm ci)"
+elif [ ! -f "$dist/index.html" ]; then
+    page_skip="no built page at $dist (source scripts/lib.sh && build_web)"
+fi
 rm -rf "$work"
 mkdir -p "$work"
 relay_pid=""
@@ -80,7 +105,9 @@ report "machine" "$(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 log "2. relay serve with it as the genesis model"
 t0=$(now)
-RUST_LOG=warn "$relay_bin" serve --addr 127.0.0.1:0 --data "$work/data" --web "$work/none" \
+web="$work/none"
+[ -z "$page_skip" ] && web="$dist"
+RUST_LOG=warn "$relay_bin" serve --addr 127.0.0.1:0 --data "$work/data" --web "$web" \
     --model "$work/model" --gate accept-all --key-burst 1000000 --key-per-minute 1000000 \
     --ip-burst 1000000 --ip-per-minute 1000000 > "$work/relay.out" 2> "$work/relay.err" &
 relay_pid=$!
@@ -98,6 +125,24 @@ log "3. client core: listing and native header verification"
 "$bench" sync "$url" | tee "$work/sync.txt"
 report "listing" "$(sed -n 's/^listing: //p' "$work/sync.txt")"
 report "header verification (native)" "$(sed -n 's/^header verification (native): //p' "$work/sync.txt")"
+
+log "3b. the page (headless Chromium, CPU engine): load, verification, first answer"
+mib() { awk -v b="$1" 'BEGIN { if (b == "" || b == "null") print "?"; else printf "%.1f", b / 1048576 }'; }
+if [ -n "$page_skip" ]; then
+    report "page" "skipped: $page_skip"
+elif SCALE_TOKENS="${AIBLOCK_BENCH_PAGE_TOKENS:-8}" node tests/e2e/scale_page.mjs "$url" \
+        > "$work/page.json" 2> "$work/page.err"; then
+    # One JSON object; a field by name (numbers, strings, null).
+    pj() { node -e 'const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); const v = j[process.argv[2]]; console.log(v == null ? "?" : typeof v === "number" ? String(Math.round(v * 10) / 10) : v)' "$work/page.json" "$1"; }
+    report "page: listing + meta payloads" "$(pj listMs) ms (wasm, page clock)"
+    report "header verification (page)" "$(pj verifyMs) ms for $(pj blocks) blocks ($(pj verified) verified, $(pj failed) failed)"
+    report "page: startup payloads" "$(pj startupMs) ms; load until online $(pj loadMs) ms, $(mib "$(pj loadPayloadBytes)") MiB of payloads, $(mib "$(pj loadRestBytes)") MiB REST bodies"
+    report "page: first answer (CPU engine)" "$(pj answerMs) ms ($(pj answerState), $(pj answerTokens) tokens, first token $(pj firstTokenMs) ms)"
+    report "page: bytes for the first answer" "$(mib "$(pj answerPayloadBytes)") MiB of payloads in $(pj answerRequests) requests, $(pj answerMBps) MB/s over the answer; session: $(mib "$(pj totalPayloadBytes)") MiB of payloads ($(mib "$(pj wsBytesFromRelay)") MiB over /ws from the relay, $(mib "$(pj wsBytesFromPeers)") from peers), $(mib "$(pj totalRestBytes)") MiB REST bodies"
+    report "page: peak memory" "wasm $(mib "$(pj wasmBytes)") MiB (budget $(mib "$(pj budget)") MiB), JS heap $(mib "$(pj jsHeapPeak)") MiB, Chromium RSS $(mib "$(pj chromiumPeakRss)") MiB"
+else
+    report "page" "FAILED: $(tail -3 "$work/page.err" | tr '\n' ' ')"
+fi
 
 log "4. aiblock export --relay (every head, verified)"
 t0=$(now)
@@ -156,6 +201,19 @@ for q in none q8_0; do
         report "CPU decode, experts $q" "FAILED: $(tail -1 "$work/chat.err")"
     fi
 done
+
+if [ "${AIBLOCK_BENCH_TRANSFORMERS:-1}" != 1 ]; then
+    report "transformers CPU decode" "skipped: AIBLOCK_BENCH_TRANSFORMERS=0"
+elif ! python3 -c 'import torch, transformers' 2> /dev/null; then
+    report "transformers CPU decode" "skipped: python3 cannot import torch and transformers"
+elif /usr/bin/time -v -o "$work/tf.time" python3 scripts/bench_transformers.py "$work/model" \
+        --tokens "$tokens" --threads "$threads" --prompt "The chain" > "$work/tf.out" 2> "$work/tf.err"; then
+    line=$(grep '^RESULT transformers' "$work/tf.out")
+    tf() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<< "$line"; }
+    report "transformers CPU decode (float32)" "$(tf decode_tok_per_s) tok/s (prefill $(tf prefill_ms) ms, load $(tf load_s) s, torch $(tf torch)), peak RSS $(maxrss "$work/tf.time") MB"
+else
+    report "transformers CPU decode" "FAILED: $(tail -1 "$work/tf.err")"
+fi
 
 relay_rss=$(awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$relay_pid/status")
 report "relay peak RSS (VmHWM)" "$relay_rss MB"

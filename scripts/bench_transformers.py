@@ -3,11 +3,12 @@
 benchmark (issue 22) to print beside `aiblock chat`'s. Not part of any test.
 
     python3 scripts/bench_transformers.py MODEL_DIR [--tokens 16] [--threads 2]
-        [--prompt "The chain"] [--dtype float32]
+        [--warmup 4] [--prompt "The chain"] [--dtype float32]
 
 Loads the directory with AutoModelForCausalLM (Mixtral or OLMoE layout),
-sets torch's thread count, runs one warm-up token, then greedy-decodes
-exactly --tokens new tokens (EOS ignored) and prints one line:
+sets torch's thread count, prefills the prompt, runs --warmup (default 4)
+untimed decode steps, then greedy-decodes exactly --tokens more tokens
+(EOS ignored) and prints one line:
 
     RESULT transformers decode_tok_per_s=... prefill_ms=... tokens=N threads=T dtype=...
 """
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
     ap.add_argument("--prompt", default="The chain")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     a = ap.parse_args()
@@ -46,6 +48,13 @@ def main() -> int:
         prefill_ms = (time.perf_counter() - t1) * 1000
         past = out.past_key_values
         nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        # Warm-up decode steps, untimed: torch's first single-token calls
+        # (the experts' grouped matmuls among them) are several times
+        # slower than the steady state and would dominate a short run.
+        for _ in range(a.warmup):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
         for _ in range(a.tokens):
             out = model(nxt, past_key_values=past, use_cache=True)
@@ -54,7 +63,7 @@ def main() -> int:
         dt = time.perf_counter() - t2
     print(
         f"RESULT transformers decode_tok_per_s={a.tokens / dt:.2f} prefill_ms={prefill_ms:.1f} "
-        f"tokens={a.tokens} threads={a.threads} dtype={a.dtype} load_s={load_s:.1f} "
+        f"tokens={a.tokens} warmup={a.warmup} threads={a.threads} dtype={a.dtype} load_s={load_s:.1f} "
         f"torch={torch.__version__}"
     )
     return 0

@@ -14,7 +14,6 @@ use crate::model::generate::{prompt_ids, Generation, Generator, StopReason};
 use crate::model::sampler::{Sampler, SamplerConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Engine, ExpertId, ModelError, Output, RunOptions, Step, Supply as _, Want};
-use crate::net::usage::REPORT_MAX_ENTRIES;
 use crate::view::budget::ByteLru;
 
 use super::dom::{
@@ -170,18 +169,14 @@ pub async fn run_chat() {
             } else {
                 a.used.iter().map(|&id| (id, 0)).collect()
             };
-            // Summed with what earlier answers left pending by the core's
-            // batcher; one report per answer, the rest kept for the next.
+            // Summed with what earlier reports left pending in the core's
+            // batcher, which signs, splits and numbers the reports.
             let model = &node.model;
-            node.usage.record_answer(
+            super::net::report_usage(
                 routed
                     .into_iter()
                     .filter_map(|(id, tokens)| model.expert_block(id).map(|b| (b, tokens))),
             );
-            let entries = node.usage.take_entries(REPORT_MAX_ENTRIES);
-            if !entries.is_empty() {
-                super::net::spawn_usage_report(entries);
-            }
         }
         Err(e) => {
             // Keep what streamed so far; say what went wrong below it.

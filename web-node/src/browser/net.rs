@@ -48,6 +48,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
 use crate::chain::Block;
+use crate::client::UsageBatch;
 use crate::net::peer::{codes, decode_from_relay, SUBPROTOCOL};
 use crate::node::{NodeConfig, NodeEvent, PeerNode, Source};
 use crate::spec::Config;
@@ -84,6 +85,8 @@ struct Net {
     last_error: Option<String>,
     /// `?test_forge_proof=KEY`: the key to accuse falsely, once.
     forge_against: Option<crate::net::peer::PeerId>,
+    /// Usage not reported yet (the client core's batcher).
+    usage: UsageBatch,
 }
 
 thread_local! {
@@ -173,6 +176,7 @@ pub fn start() {
             retry_ms: RETRY_MS,
             last_error: None,
             forge_against,
+            usage: UsageBatch::new(),
         })
     });
     connect();
@@ -595,40 +599,52 @@ pub fn peer_id() -> Option<String> {
     with(|n| hex::encode(n.node.id()))
 }
 
-/// [`report_usage`] in the background; the outcome goes to the network
-/// panel's last-error line only when it fails.
-pub fn spawn_usage_report(entries: Vec<crate::net::usage::ReportEntry>) {
-    wasm_bindgen_futures::spawn_local(async move {
-        if let Err(e) = report_usage(entries).await {
-            with(|n| n.last_error = Some(format!("usage report refused: {e}")));
+/// Record one answer's usage (each block it used, with the tokens routed
+/// to it) in the client core's [`UsageBatch`] and report what is pending
+/// in the background ([`send_usage`]); a failure goes to the network
+/// panel's last-error line.
+pub fn report_usage(used: impl IntoIterator<Item = (BlockHash, u64)>) {
+    if with(|n| n.usage.record_answer(used)).is_none() {
+        return;
+    }
+    wasm_bindgen_futures::spawn_local(async {
+        if let Err(e) = send_usage().await {
+            with(|n| n.last_error = Some(format!("usage report: {e}")));
             refresh();
         }
     });
 }
 
-/// Report inference this browser ran itself (`POST /usage/report`), signed
-/// by the node key. The relay counts it only for blocks it served this key,
-/// once per (key, period, seq), within per-key caps. Returns the relay's
-/// answer, for the page to show.
-async fn report_usage(entries: Vec<crate::net::usage::ReportEntry>) -> Result<String, String> {
-    use crate::net::usage::{UsageReport, REPORT_MAX_ENTRIES, REPORT_PERIOD_MS};
-    if entries.is_empty() {
-        return Ok("nothing to report".into());
-    }
-    let key = with(|n| n.key.clone()).ok_or("the peer node is not started")?;
+/// Post the pending usage (`POST /usage/report`): the core signs it with
+/// the node key, splits it into reports and numbers them; here each is
+/// only posted and its outcome handed back to the core, which puts a
+/// report that did not arrive back for the next answer. The relay counts
+/// a report only for blocks it served this key, once per (key, period,
+/// seq), within per-key caps.
+async fn send_usage() -> Result<(), String> {
     let wall = js_sys::Date::now().max(0.0) as u64;
-    // Wall-clock milliseconds: distinct for every report of this key.
-    let seq = wall;
-    let mut entries = entries;
-    entries.truncate(REPORT_MAX_ENTRIES);
-    let report = UsageReport::sign(&key, wall / REPORT_PERIOD_MS, seq, entries);
-    let (status, body) = super::fetch::post_json("/usage/report", &report).await?;
-    if (200..300).contains(&status) {
-        Ok(body)
-    } else {
-        Err(format!(
-            "HTTP {status}: {}",
-            body.chars().take(300).collect::<String>()
-        ))
+    let reports = with(|n| n.usage.take_reports(&n.key, wall)).unwrap_or_default();
+    let mut failed = None;
+    for report in &reports {
+        let (status, why) = match super::fetch::post_json("/usage/report", report).await {
+            Ok((s, _)) if (200..300).contains(&s) => (Some(s), None),
+            Ok((s, body)) => (
+                Some(s),
+                Some(format!(
+                    "HTTP {s}: {}",
+                    body.chars().take(300).collect::<String>()
+                )),
+            ),
+            Err(e) => (None, Some(e)),
+        };
+        let kept = with(|n| n.usage.settle(report, status)).unwrap_or(false);
+        if let Some(why) = why {
+            failed = Some(if kept {
+                format!("{why} (kept for the next report)")
+            } else {
+                format!("refused: {why}")
+            });
+        }
     }
+    failed.map_or(Ok(()), Err)
 }

@@ -70,74 +70,35 @@ impl UsageBatch {
             .collect()
     }
 
-    /// At most `max` pending entries (the blocks with the most calls
-    /// first), for a driver that signs its report itself; the rest stay
-    /// pending for the next report.
-    pub fn take_entries(&mut self, max: usize) -> Vec<ReportEntry> {
-        let mut all: Vec<ReportEntry> = std::mem::take(&mut self.pending)
-            .into_iter()
-            .map(|(block, (calls, tokens))| ReportEntry {
-                block,
-                calls,
-                tokens,
-            })
-            .collect();
-        // Stable: equal calls keep block order.
-        all.sort_by_key(|e| std::cmp::Reverse(e.calls));
-        for e in all.split_off(max.min(all.len())) {
-            self.record(e.block, e.calls, e.tokens);
-        }
-        all
-    }
-
     /// Put back the entries of a report that was not delivered.
     pub fn restore(&mut self, report: &UsageReport) {
         for e in &report.entries {
             self.record(e.block, e.calls, e.tokens);
         }
     }
+
+    /// What to do with a report the driver posted: `status` is the HTTP
+    /// status, `None` when it was not delivered at all. Delivered (2xx):
+    /// done. Not delivered, timed out, rate-limited (429) or a server
+    /// error (5xx): its entries are put back, to be signed again with a
+    /// new sequence number in the next report. Any other refusal (a bad
+    /// signature, a replay, a cap: 4xx) is final, since the same usage
+    /// would be refused again: dropped. Returns whether it was put back.
+    pub fn settle(&mut self, report: &UsageReport, status: Option<u16>) -> bool {
+        let again = match status {
+            None => true,
+            Some(s) => s == 408 || s == 429 || s >= 500,
+        };
+        if again {
+            self.restore(report);
+        }
+        again
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entries_are_taken_up_to_a_bound_and_the_rest_kept() {
-        let b = |i: u8| BlockHash([i; 32]);
-        let mut u = UsageBatch::new();
-        u.record_answer([(b(1), 4), (b(2), 1), (b(3), 0)]);
-        u.record_answer([(b(2), 2)]);
-        let first = u.take_entries(2);
-        // Block 2 was used twice: first; then block 1 (block order).
-        assert_eq!(
-            first,
-            vec![
-                ReportEntry {
-                    block: b(2),
-                    calls: 2,
-                    tokens: 3
-                },
-                ReportEntry {
-                    block: b(1),
-                    calls: 1,
-                    tokens: 4
-                },
-            ]
-        );
-        assert_eq!(u.len(), 1);
-        u.record_answer([(b(3), 5)]);
-        let rest = u.take_entries(REPORT_MAX_ENTRIES);
-        assert_eq!(
-            rest,
-            vec![ReportEntry {
-                block: b(3),
-                calls: 2,
-                tokens: 5
-            }]
-        );
-        assert!(u.is_empty() && u.take_entries(4).is_empty());
-    }
 
     #[test]
     fn usage_is_summed_split_and_signed_with_distinct_seqs() {
@@ -180,5 +141,33 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].seq, wall + 2);
         assert_eq!(again[0].entries, reports[1].entries);
+    }
+
+    #[test]
+    fn a_failed_report_is_put_back_unless_refused_for_good() {
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let b = BlockHash([9; 32]);
+        let mut u = UsageBatch::new();
+        u.record_answer([(b, 3)]);
+        let wall = 5 * REPORT_PERIOD_MS;
+        let r = u.take_reports(&key, wall).remove(0);
+        // Delivered: nothing comes back.
+        assert!(!u.settle(&r, Some(200)) && u.is_empty());
+        // Not delivered, or the relay busy: back, summed with new usage,
+        // and signed again with a later seq.
+        for status in [None, Some(429), Some(503)] {
+            assert!(u.settle(&r, status));
+        }
+        u.record_answer([(b, 1)]);
+        let again = u.take_reports(&key, wall);
+        assert_eq!(again.len(), 1);
+        assert!(again[0].seq > r.seq);
+        assert_eq!(
+            (again[0].entries[0].calls, again[0].entries[0].tokens),
+            (4, 10)
+        );
+        // Refused (a replay, a cap, a bad signature): dropped.
+        assert!(!u.settle(&again[0], Some(403)) && !u.settle(&again[0], Some(400)));
+        assert!(u.is_empty());
     }
 }
