@@ -464,6 +464,8 @@ async fn serve(
                 let bytes = m.encode();
                 // The write races the kill switch: a peer that stopped
                 // reading is cut as soon as the registry gives up on it.
+                // A kill that lands during a write still says why (a ban
+                // right after a verdict must reach the banned peer).
                 tokio::select! {
                     r = write(socket, Message::Binary(bytes.into()), o.write_timeout) => {
                         if let Err(why) = r {
@@ -474,7 +476,10 @@ async fn serve(
                             return None;
                         }
                     }
-                    _ = kill.notify.notified() => return None,
+                    _ = kill.notify.notified() => {
+                        let (code, message) = kill.take().unwrap_or((codes::UNAVAILABLE, "closed by the relay".into()));
+                        return Some((code, message, CLOSE_POLICY));
+                    }
                 }
             }
             f = socket.recv() => {
