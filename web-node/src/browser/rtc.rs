@@ -247,16 +247,21 @@ async fn make_local(pc: &RtcPeerConnection, offer: bool) -> Result<String, Strin
         .ok()
         .and_then(|s| s.as_string())
         .ok_or("no SDP in the description")?;
+    JsFuture::from(pc.set_local_description(&description(offer, &sdp)))
+        .await
+        .map_err(js_err)?;
+    Ok(sdp)
+}
+
+/// An offer's or answer's session description.
+fn description(offer: bool, sdp: &str) -> RtcSessionDescriptionInit {
     let init = RtcSessionDescriptionInit::new(if offer {
         RtcSdpType::Offer
     } else {
         RtcSdpType::Answer
     });
-    init.set_sdp(&sdp);
-    JsFuture::from(pc.set_local_description(&init))
-        .await
-        .map_err(js_err)?;
-    Ok(sdp)
+    init.set_sdp(sdp);
+    init
 }
 
 fn channel_callbacks(session: u64, dc: &RtcDataChannel) -> Vec<Callback> {
@@ -321,13 +326,7 @@ fn remote(session: u64, kind: SignalKind, body: String) -> Result<(), String> {
             let offer = kind == SignalKind::Offer;
             wasm_bindgen_futures::spawn_local(async move {
                 let r = async {
-                    let init = RtcSessionDescriptionInit::new(if offer {
-                        RtcSdpType::Offer
-                    } else {
-                        RtcSdpType::Answer
-                    });
-                    init.set_sdp(&body);
-                    JsFuture::from(pc.set_remote_description(&init))
+                    JsFuture::from(pc.set_remote_description(&description(offer, &body)))
                         .await
                         .map_err(js_err)?;
                     let early = with_conn(session, |c| {
