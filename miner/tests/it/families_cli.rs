@@ -192,3 +192,73 @@ fn qwen2_moe_import_publish_export_round_trip() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("does not match the meta config"), "{err}");
 }
+
+/// The committed default model through Hugging Face transformers'
+/// `MixtralForCausalLM` (fixture made by `scripts/make_default_fixture.py`):
+/// the tokenizer gives transformers' ids, `aiblock logits` gives its last
+/// logits within 1e-5 of the largest, and `aiblock chat` its greedy answer.
+#[test]
+fn default_model_logits_match_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = crate::cli::default_model();
+    let r: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("tests/fixtures/default_transformers.json")).unwrap(),
+    )
+    .unwrap();
+    let sha =
+        web_node::chain::BlockHash::of(&std::fs::read(model.join("model.safetensors")).unwrap())
+            .to_hex();
+    assert_eq!(
+        r["model_sha256"].as_str().unwrap(),
+        sha,
+        "miner/tests/fixtures/default_transformers.json was made from another model: \
+         run `python3 scripts/make_default_fixture.py` after changing models/default"
+    );
+    let tok =
+        web_node::model::tokenizer::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let prompts = r["prompts"].as_array().unwrap();
+    assert!(prompts.len() >= 5);
+    let max_new = r["max_new_tokens"].as_u64().unwrap().to_string();
+    for p in prompts {
+        let text = p["text"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(p["input_ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode_with(text, false).unwrap(),
+            ids,
+            "{text}: token ids"
+        );
+        let want: Vec<f32> = serde_json::from_value(p["last_logits"].clone()).unwrap();
+        let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let m = model.to_str().unwrap();
+        let got: Vec<f32> = serde_json::from_str(&ok(&aiblock(
+            &["logits", "--model", m, "--tokens", &list],
+            root,
+        )))
+        .unwrap();
+        assert_eq!(got.len(), want.len(), "{text}: vocabulary");
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
+            / scale;
+        assert!(err <= 1e-5, "{text}: logits relative error {err} > 1e-5");
+        let answer = ok(&aiblock(
+            &[
+                "chat",
+                "--model",
+                m,
+                "--prompt",
+                text,
+                "--max-tokens",
+                &max_new,
+            ],
+            root,
+        ));
+        assert_eq!(
+            answer.trim_end_matches('\n'),
+            p["greedy_text"].as_str().unwrap(),
+            "{text}: greedy answer"
+        );
+    }
+}
