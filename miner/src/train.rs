@@ -20,7 +20,7 @@ use web_node::model::Config;
 use crate::mixtral::Mixtral;
 
 /// The routing objective's weight that made the committed default model.
-pub const DEFAULT_MI_COEF: f64 = 0.1;
+pub const DEFAULT_MI_COEF: f64 = 0.15;
 
 /// The sequence-cover term's weight that made the committed default model.
 pub const DEFAULT_COVER_COEF: f64 = 1.0;
@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = web_node::eval::DEFAULT_SEED)]
     pub seed: u64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 8000)]
     pub steps: usize,
     /// Examples per step.
     #[arg(long, default_value_t = 64)]
@@ -55,7 +55,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 512)]
     pub vocab: usize,
     /// Router load-balancing loss coefficient.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.02)]
     pub aux_coef: f64,
     /// Weight of the routing objective: the loss subtracts this times the
     /// mutual information between sequence and expert (Mod-Squad), so that
@@ -80,8 +80,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1000)]
     pub checkpoint_every: usize,
     /// How often a skill is drawn for a batch, relative to the others, as
-    /// `SKILL=N` (repeatable; every skill not named weighs 1), e.g.
-    /// `--skill-weight sort=3` draws sort three times as often as add.
+    /// `SKILL=N` (repeatable; every skill not named keeps its default:
+    /// reverse and sort 3, every other skill 2, so that each is at least 2/16
+    /// of a batch), e.g. `--skill-weight sort=6` draws sort three times as
+    /// often as add.
     #[arg(long = "skill-weight", value_parser = parse_skill_weight)]
     pub skill_weight: Vec<(Skill, u32)>,
 }
@@ -104,6 +106,16 @@ pub fn parse_skill_weight(s: &str) -> std::result::Result<(Skill, u32), String> 
     Ok((skill, n))
 }
 
+/// The draw weight of a skill that `--skill-weight` does not name: the
+/// word skills that learn slowest on new words (reverse, sort) 3, every other
+/// skill 2 (the setting of the committed default model).
+pub fn default_skill_weight(skill: Skill) -> u32 {
+    match skill {
+        Skill::Reverse | Skill::Sort => 3,
+        _ => 2,
+    }
+}
+
 /// The draw weight of every skill of [`Skill::ALL`], in that order.
 pub fn skill_weights(named: &[(Skill, u32)]) -> Vec<u32> {
     Skill::ALL
@@ -113,7 +125,7 @@ pub fn skill_weights(named: &[(Skill, u32)]) -> Vec<u32> {
                 .iter()
                 .rev()
                 .find(|(s, _)| s == k)
-                .map_or(1, |(_, n)| *n)
+                .map_or(default_skill_weight(*k), |(_, n)| *n)
         })
         .collect()
 }
@@ -508,7 +520,17 @@ mod tests {
         for bad in ["sort", "sort=0", "sort=101", "sort=x", "sorting=2"] {
             assert!(parse_skill_weight(bad).is_err(), "{bad}");
         }
-        let w = skill_weights(&[(Skill::Sort, 3), (Skill::Reverse, 2)]);
+        // The defaults: reverse and sort 3, the rest 2.
+        assert_eq!(skill_weights(&[]), vec![2, 2, 2, 3, 3, 2, 2]);
+        let w = skill_weights(&[
+            (Skill::Add, 1),
+            (Skill::Sub, 1),
+            (Skill::Copy, 1),
+            (Skill::Count, 1),
+            (Skill::Capital, 1),
+            (Skill::Sort, 3),
+            (Skill::Reverse, 2),
+        ]);
         assert_eq!(w, vec![1, 1, 1, 2, 3, 1, 1]);
         let by_skill: Vec<Vec<Tokenized>> = Vec::new();
         let src = Source {

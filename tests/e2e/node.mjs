@@ -38,7 +38,7 @@ import {
   numberedTests, sleep, startCorruptPeer, startRelay, trackWire, unseenWords, until,
 } from './lib.mjs';
 
-// Greedy: " dog cat green blue red" (5 tokens), 17 of the 32 experts.
+// Greedy: " dog cat green blue red" (5 tokens), 11 of the 32 experts.
 const PROMPT = process.env.AIBLOCK_E2E_PROMPT || 'Q: reverse red blue green cat dog A:';
 const MAX_TOKENS = Number(process.env.AIBLOCK_E2E_MAX_TOKENS || 8);
 const ENGINE = process.env.AIBLOCK_E2E_ENGINE || null;
