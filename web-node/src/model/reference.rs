@@ -37,6 +37,11 @@ use super::{
     Step, Want, Weight,
 };
 
+#[cfg(not(target_arch = "wasm32"))]
+mod lanes;
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use lanes::{packed_input, PackedRows};
+
 /// Products with at least this many multiply-adds are split over threads.
 const PAR_MIN_MACS: usize = 1 << 20;
 
@@ -195,7 +200,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let ca = a.chunks_exact(16);
@@ -246,6 +251,16 @@ const W_BLOCK_BYTES: usize = 256 << 10;
 /// how often each vector is loaded.
 pub(crate) trait Tiles: Copy {
     fn tile<const R: usize, const C: usize>(self, w: &[f32], x: &[f32], n: usize) -> [[f32; C]; R];
+
+    /// The weight rows of `w` (each `n` wide, back to back) against packed
+    /// input rows, into `out` (`[rows, t]`, out-major), each result as
+    /// [`dot`] sums it: the lane product where the kernel has one
+    /// (`lanes`), else the blocked product over the rows as given.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[inline(always)]
+    fn packed(self, w: &[f32], n: usize, px: &PackedRows<'_>, out: &mut [f32]) {
+        block_product(self, w, n, px.x, px.t, out)
+    }
 }
 
 /// The tiles in plain arrays that the compiler vectorises: the wasm
@@ -341,6 +356,11 @@ impl<S: pulp::Simd, const FMA: bool> Tiles for SimdTiles<S, FMA> {
             4 => simd_tile::<S, FMA, 4, R, C>(self.0, w, x, n),
             _ => PortableTiles::<FMA>.tile::<R, C>(w, x, n),
         }
+    }
+
+    #[inline(always)]
+    fn packed(self, w: &[f32], n: usize, px: &PackedRows<'_>, out: &mut [f32]) {
+        lanes::lanes_product::<S, FMA>(self.0, w, n, px, out)
     }
 }
 
@@ -500,6 +520,9 @@ pub(crate) fn block_product<K: Tiles>(
 struct RowsOp<'a> {
     w: &'a Mat,
     x: &'a [f32],
+    /// `x` packed for the lane product (several rows, natively).
+    #[cfg(not(target_arch = "wasm32"))]
+    packed: Option<&'a PackedRows<'a>>,
     t: usize,
     o0: usize,
     chunk: &'a mut [f32],
@@ -509,6 +532,10 @@ impl RowsOp<'_> {
     #[inline(always)]
     fn kernel<K: Tiles>(self, k: K) {
         let n = self.w.cols;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(px) = self.packed {
+            return k.packed(&self.w.data[self.o0 * n..], n, px, self.chunk);
+        }
         block_product(
             k,
             &self.w.data[self.o0 * n..],
@@ -567,8 +594,19 @@ pub(crate) fn fma_level() -> bool {
 /// giving `[t, w.rows]`: the blocked product ([`block_product`]) over
 /// [`par_rows`]' thread split.
 pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let packed = packed_input(x, t, w.cols);
     par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
-        RowsOp { w, x, t, o0, chunk }.run()
+        RowsOp {
+            w,
+            x,
+            #[cfg(not(target_arch = "wasm32"))]
+            packed: packed.as_ref(),
+            t,
+            o0,
+            chunk,
+        }
+        .run()
     })
 }
 
@@ -613,10 +651,17 @@ pub(crate) fn par_rows(
     if t == 1 {
         return yt;
     }
+    // `[out, t]` to `[t, out]` in blocks of 16 outputs: each input row's
+    // 16 results go to one cache line (a loop over every output would
+    // write with a stride of a whole row, which for rows of a power of two
+    // bytes lands every store in the same L1 set).
     let mut y = vec![0f32; out * t];
-    for o in 0..out {
+    for o0 in (0..out).step_by(16) {
+        let o1 = (o0 + 16).min(out);
         for ti in 0..t {
-            y[ti * out + o] = yt[o * t + ti];
+            for (o, v) in (o0..o1).zip(&mut y[ti * out + o0..ti * out + o1]) {
+                *v = yt[o * t + ti];
+            }
         }
     }
     y
