@@ -43,6 +43,7 @@ mod lanes;
 pub(crate) use lanes::{packed_input, PackedRows};
 
 /// Products with at least this many multiply-adds are split over threads.
+#[cfg(not(target_arch = "wasm32"))]
 const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
@@ -612,10 +613,12 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
 
 /// A product of `out` weight rows (each `inn` wide) against `t` input rows,
 /// giving `[t, out]`: `rows(o0, chunk)` fills rows `o0..` out-major
-/// (`[rows, t]`). Large products are split by rows over `threads` scoped
-/// threads (one thread in wasm); each row's result does not depend on the
-/// split. Every weight format's product ([`matmul`], the quantized one)
-/// runs through it.
+/// (`[rows, t]`). Large products are split by rows into pieces (about four
+/// per thread, multiples of 24 rows: every lane tile's) that a rayon pool
+/// of `threads` threads runs ([`pool`]; one thread in wasm): a thread
+/// that other work on the machine holds up delays one piece, not a fixed
+/// share. Each row's result does not depend on the split. Every weight
+/// format's product ([`matmul`], the quantized one) runs through it.
 pub(crate) fn par_rows(
     out: usize,
     inn: usize,
@@ -627,26 +630,12 @@ pub(crate) fn par_rows(
     if out == 0 || t == 0 {
         return yt;
     }
-    let n = if out * inn * t >= PAR_MIN_MACS {
-        threads.clamp(1, out)
-    } else {
-        1
-    };
-    if n <= 1 || cfg!(target_arch = "wasm32") {
+    #[cfg(not(target_arch = "wasm32"))]
+    split_rows(out, inn, t, threads, &mut yt, &rows);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (inn, threads);
         rows(0, &mut yt);
-    } else {
-        let rows_per = out.div_ceil(n);
-        let body = &rows;
-        std::thread::scope(|s| {
-            let mut chunks = yt.chunks_mut(rows_per * t).enumerate();
-            let first = chunks.next();
-            for (i, c) in chunks {
-                s.spawn(move || body(i * rows_per, c));
-            }
-            if let Some((_, c)) = first {
-                body(0, c);
-            }
-        });
     }
     if t == 1 {
         return yt;
@@ -665,6 +654,60 @@ pub(crate) fn par_rows(
         }
     }
     y
+}
+
+/// [`par_rows`]' split: pieces of rows (about four per thread, multiples
+/// of 24 rows) in the pool of `threads` threads, or all on this thread
+/// for a small product.
+#[cfg(not(target_arch = "wasm32"))]
+fn split_rows(
+    out: usize,
+    inn: usize,
+    t: usize,
+    threads: usize,
+    yt: &mut [f32],
+    rows: &(impl Fn(usize, &mut [f32]) + Sync),
+) {
+    let n = threads.min(out);
+    let pool = if n > 1 && out * inn * t >= PAR_MIN_MACS {
+        pool(n)
+    } else {
+        None
+    };
+    let Some(pool) = pool else {
+        return rows(0, yt);
+    };
+    use rayon::prelude::*;
+    let rows_per = out
+        .div_ceil(4 * n)
+        .next_multiple_of(24)
+        .min(out.div_ceil(n));
+    pool.install(|| {
+        yt.par_chunks_mut(rows_per * t)
+            .enumerate()
+            .for_each(|(i, c)| rows(i * rows_per, c))
+    });
+}
+
+/// The rayon pool of `threads` threads for products (one per thread count
+/// asked for, built on first use and kept); `None` if it cannot be built
+/// (the product then runs on the calling thread).
+#[cfg(not(target_arch = "wasm32"))]
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    use std::sync::{Mutex, PoisonError};
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Some(Arc::clone(p));
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cpu-product-{i}"))
+        .build()
+        .ok()?;
+    let p = Arc::new(p);
+    pools.push((threads, Arc::clone(&p)));
+    Some(p)
 }
 
 /// RMSNorm of each `w.len()`-wide row of `x`.
@@ -935,11 +978,27 @@ impl CpuEngine {
     }
 
     fn advance(&mut self) -> Result<Step, ModelError> {
-        let r = self.advance_inner();
+        let r = self.advance_pooled();
         if r.is_err() {
             self.cancel_step();
         }
         r
+    }
+
+    /// [`CpuEngine::advance_inner`]; natively, a step of several tokens
+    /// with several threads runs inside the products' pool, so the
+    /// thread that runs it takes part in every product (rayon's work
+    /// stealing): a pool thread that other work on the machine holds up
+    /// delays at most the piece it took, and the step's thread is not
+    /// woken after every product. Decode steps stay on the calling thread.
+    fn advance_pooled(&mut self) -> Result<Step, ModelError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.threads > 1 && self.pending.as_ref().is_some_and(|p| p.tokens.len() > 1) {
+            if let Some(pool) = pool(self.threads) {
+                return pool.install(|| self.advance_inner());
+            }
+        }
+        self.advance_inner()
     }
 
     fn advance_inner(&mut self) -> Result<Step, ModelError> {
