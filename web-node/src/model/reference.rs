@@ -19,10 +19,12 @@
 //! Matrix products ([`matmul`], and the quantized prefill) are blocked: weight
 //! rows in L2-sized blocks, input rows in L1-sized blocks, and micro-tiles of
 //! 3 input rows × 2 weight rows whose 16-lane accumulators stay in registers
-//! (pulp's vectors for the CPU's level natively, plain arrays in wasm). Every
-//! result is summed in [`dot`]'s order, so a token's row does not depend on
-//! the batch it came in. Large products are split by rows over
-//! `std::thread::scope` threads natively (wasm runs single-threaded).
+//! (pulp's vectors for the CPU's level natively, plain arrays in wasm).
+//! Natively, products of `lanes::PACK_MIN_T` (4) rows or more take the lane
+//! kernel instead (`lanes`: vectors across input rows, weights broadcast).
+//! Every result is summed in [`dot`]'s order, so a token's row does not
+//! depend on the batch it came in. Large products are split by rows into
+//! pieces on a rayon pool natively (wasm runs single-threaded).
 //!
 //! `sliding_window` is not applied (attention is full causal); models here
 //! are far shorter than any window.
