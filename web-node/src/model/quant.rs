@@ -228,6 +228,9 @@ impl QMat {
 struct QRowsOp<'a> {
     w: &'a QMat,
     x: &'a [f32],
+    /// `x` packed for the lane product (several rows, natively).
+    #[cfg(not(target_arch = "wasm32"))]
+    packed: Option<&'a super::reference::PackedRows<'a>>,
     t: usize,
     o0: usize,
     chunk: &'a mut [f32],
@@ -308,7 +311,15 @@ fn qrow_dot(format: QuantFormat, vals: &[u8], scales: &[f32], x: &[f32]) -> f32 
 
 #[inline(always)]
 fn qrows_kernel<K: super::reference::Tiles>(k: K, op: QRowsOp<'_>) {
-    let QRowsOp { w, x, t, o0, chunk } = op;
+    let QRowsOp {
+        w,
+        x,
+        #[cfg(not(target_arch = "wasm32"))]
+        packed,
+        t,
+        o0,
+        chunk,
+    } = op;
     let inn = w.cols;
     if t == 1 {
         // Decode: one input row; read each packed row once, never expanded.
@@ -326,13 +337,21 @@ fn qrows_kernel<K: super::reference::Tiles>(k: K, op: QRowsOp<'_>) {
         return;
     }
     // Prefill: a block of rows is expanded once, then multiplied with
-    // every input row by the blocked f32 product.
+    // every input row by the blocked f32 product (natively the lane
+    // product, over the input packed once; a multiple of 24 rows, so of
+    // every lane tile).
     let block = (EXPAND_FLOATS / inn.max(1)).max(1);
+    let block = if block >= 24 { block / 24 * 24 } else { block };
     let mut rows = vec![0f32; block.min(chunk.len() / t) * inn];
     for (b, out) in chunk.chunks_mut(block * t).enumerate() {
         let n = out.len() / t;
         for (r, row) in rows.chunks_exact_mut(inn).take(n).enumerate() {
             w.row_into(o0 + b * block + r, row);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(px) = packed {
+            k.packed(&rows[..n * inn], inn, px, out);
+            continue;
         }
         super::reference::block_product(k, &rows[..n * inn], inn, x, t, out);
     }
@@ -342,8 +361,19 @@ fn qrows_kernel<K: super::reference::Tiles>(k: K, op: QRowsOp<'_>) {
 /// reads the packed rows directly; several expand each weight row once
 /// (for all `t` input rows) and multiply with the blocked f32 product.
 pub fn qmatmul(x: &[f32], t: usize, w: &QMat, threads: usize) -> Vec<f32> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let packed = super::reference::packed_input(x, t, w.cols);
     super::reference::par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
-        QRowsOp { w, x, t, o0, chunk }.run()
+        QRowsOp {
+            w,
+            x,
+            #[cfg(not(target_arch = "wasm32"))]
+            packed: packed.as_ref(),
+            t,
+            o0,
+            chunk,
+        }
+        .run()
     })
 }
 

@@ -19,10 +19,12 @@
 //! Matrix products ([`matmul`], and the quantized prefill) are blocked: weight
 //! rows in L2-sized blocks, input rows in L1-sized blocks, and micro-tiles of
 //! 3 input rows × 2 weight rows whose 16-lane accumulators stay in registers
-//! (pulp's vectors for the CPU's level natively, plain arrays in wasm). Every
-//! result is summed in [`dot`]'s order, so a token's row does not depend on
-//! the batch it came in. Large products are split by rows over
-//! `std::thread::scope` threads natively (wasm runs single-threaded).
+//! (pulp's vectors for the CPU's level natively, plain arrays in wasm).
+//! Natively, products of `lanes::PACK_MIN_T` (4) rows or more take the lane
+//! kernel instead (`lanes`: vectors across input rows, weights broadcast).
+//! Every result is summed in [`dot`]'s order, so a token's row does not
+//! depend on the batch it came in. Large products are split by rows into
+//! pieces on a rayon pool natively (wasm runs single-threaded).
 //!
 //! `sliding_window` is not applied (attention is full causal); models here
 //! are far shorter than any window.
@@ -37,7 +39,13 @@ use super::{
     Step, Want, Weight,
 };
 
+#[cfg(not(target_arch = "wasm32"))]
+mod lanes;
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use lanes::{packed_input, PackedRows};
+
 /// Products with at least this many multiply-adds are split over threads.
+#[cfg(not(target_arch = "wasm32"))]
 const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Usage of the experts since the model was built (or [`CpuModel::reset_stats`]).
@@ -195,7 +203,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_k<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let ca = a.chunks_exact(16);
@@ -246,6 +254,16 @@ const W_BLOCK_BYTES: usize = 256 << 10;
 /// how often each vector is loaded.
 pub(crate) trait Tiles: Copy {
     fn tile<const R: usize, const C: usize>(self, w: &[f32], x: &[f32], n: usize) -> [[f32; C]; R];
+
+    /// The weight rows of `w` (each `n` wide, back to back) against packed
+    /// input rows, into `out` (`[rows, t]`, out-major), each result as
+    /// [`dot`] sums it: the lane product where the kernel has one
+    /// (`lanes`), else the blocked product over the rows as given.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[inline(always)]
+    fn packed(self, w: &[f32], n: usize, px: &PackedRows<'_>, out: &mut [f32]) {
+        block_product(self, w, n, px.x, px.t, out)
+    }
 }
 
 /// The tiles in plain arrays that the compiler vectorises: the wasm
@@ -341,6 +359,11 @@ impl<S: pulp::Simd, const FMA: bool> Tiles for SimdTiles<S, FMA> {
             4 => simd_tile::<S, FMA, 4, R, C>(self.0, w, x, n),
             _ => PortableTiles::<FMA>.tile::<R, C>(w, x, n),
         }
+    }
+
+    #[inline(always)]
+    fn packed(self, w: &[f32], n: usize, px: &PackedRows<'_>, out: &mut [f32]) {
+        lanes::lanes_product::<S, FMA>(self.0, w, n, px, out)
     }
 }
 
@@ -500,6 +523,9 @@ pub(crate) fn block_product<K: Tiles>(
 struct RowsOp<'a> {
     w: &'a Mat,
     x: &'a [f32],
+    /// `x` packed for the lane product (several rows, natively).
+    #[cfg(not(target_arch = "wasm32"))]
+    packed: Option<&'a PackedRows<'a>>,
     t: usize,
     o0: usize,
     chunk: &'a mut [f32],
@@ -509,6 +535,10 @@ impl RowsOp<'_> {
     #[inline(always)]
     fn kernel<K: Tiles>(self, k: K) {
         let n = self.w.cols;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(px) = self.packed {
+            return k.packed(&self.w.data[self.o0 * n..], n, px, self.chunk);
+        }
         block_product(
             k,
             &self.w.data[self.o0 * n..],
@@ -567,17 +597,30 @@ pub(crate) fn fma_level() -> bool {
 /// giving `[t, w.rows]`: the blocked product ([`block_product`]) over
 /// [`par_rows`]' thread split.
 pub fn matmul(x: &[f32], t: usize, w: &Mat, threads: usize) -> Vec<f32> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let packed = packed_input(x, t, w.cols);
     par_rows(w.rows, w.cols, t, threads, |o0, chunk| {
-        RowsOp { w, x, t, o0, chunk }.run()
+        RowsOp {
+            w,
+            x,
+            #[cfg(not(target_arch = "wasm32"))]
+            packed: packed.as_ref(),
+            t,
+            o0,
+            chunk,
+        }
+        .run()
     })
 }
 
 /// A product of `out` weight rows (each `inn` wide) against `t` input rows,
 /// giving `[t, out]`: `rows(o0, chunk)` fills rows `o0..` out-major
-/// (`[rows, t]`). Large products are split by rows over `threads` scoped
-/// threads (one thread in wasm); each row's result does not depend on the
-/// split. Every weight format's product ([`matmul`], the quantized one)
-/// runs through it.
+/// (`[rows, t]`). Large products are split by rows into pieces (about four
+/// per thread, multiples of 24 rows: every lane tile's) that a rayon pool
+/// of `threads` threads runs ([`pool`]; one thread in wasm): a thread
+/// that other work on the machine holds up delays one piece, not a fixed
+/// share. Each row's result does not depend on the split. Every weight
+/// format's product ([`matmul`], the quantized one) runs through it.
 pub(crate) fn par_rows(
     out: usize,
     inn: usize,
@@ -589,37 +632,84 @@ pub(crate) fn par_rows(
     if out == 0 || t == 0 {
         return yt;
     }
-    let n = if out * inn * t >= PAR_MIN_MACS {
-        threads.clamp(1, out)
-    } else {
-        1
-    };
-    if n <= 1 || cfg!(target_arch = "wasm32") {
+    #[cfg(not(target_arch = "wasm32"))]
+    split_rows(out, inn, t, threads, &mut yt, &rows);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (inn, threads);
         rows(0, &mut yt);
-    } else {
-        let rows_per = out.div_ceil(n);
-        let body = &rows;
-        std::thread::scope(|s| {
-            let mut chunks = yt.chunks_mut(rows_per * t).enumerate();
-            let first = chunks.next();
-            for (i, c) in chunks {
-                s.spawn(move || body(i * rows_per, c));
-            }
-            if let Some((_, c)) = first {
-                body(0, c);
-            }
-        });
     }
     if t == 1 {
         return yt;
     }
+    // `[out, t]` to `[t, out]` in blocks of 16 outputs: each input row's
+    // 16 results go to one cache line (a loop over every output would
+    // write with a stride of a whole row, which for rows of a power of two
+    // bytes lands every store in the same L1 set).
     let mut y = vec![0f32; out * t];
-    for o in 0..out {
+    for o0 in (0..out).step_by(16) {
+        let o1 = (o0 + 16).min(out);
         for ti in 0..t {
-            y[ti * out + o] = yt[o * t + ti];
+            for (o, v) in (o0..o1).zip(&mut y[ti * out + o0..ti * out + o1]) {
+                *v = yt[o * t + ti];
+            }
         }
     }
     y
+}
+
+/// [`par_rows`]' split: pieces of rows (about four per thread, multiples
+/// of 24 rows) in the pool of `threads` threads, or all on this thread
+/// for a small product.
+#[cfg(not(target_arch = "wasm32"))]
+fn split_rows(
+    out: usize,
+    inn: usize,
+    t: usize,
+    threads: usize,
+    yt: &mut [f32],
+    rows: &(impl Fn(usize, &mut [f32]) + Sync),
+) {
+    let n = threads.min(out);
+    let pool = if n > 1 && out * inn * t >= PAR_MIN_MACS {
+        pool(n)
+    } else {
+        None
+    };
+    let Some(pool) = pool else {
+        return rows(0, yt);
+    };
+    use rayon::prelude::*;
+    let rows_per = out
+        .div_ceil(4 * n)
+        .next_multiple_of(24)
+        .min(out.div_ceil(n));
+    pool.install(|| {
+        yt.par_chunks_mut(rows_per * t)
+            .enumerate()
+            .for_each(|(i, c)| rows(i * rows_per, c))
+    });
+}
+
+/// The rayon pool of `threads` threads for products (one per thread count
+/// asked for, built on first use and kept); `None` if it cannot be built
+/// (the product then runs on the calling thread).
+#[cfg(not(target_arch = "wasm32"))]
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    use std::sync::{Mutex, PoisonError};
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Some(Arc::clone(p));
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cpu-product-{i}"))
+        .build()
+        .ok()?;
+    let p = Arc::new(p);
+    pools.push((threads, Arc::clone(&p)));
+    Some(p)
 }
 
 /// RMSNorm of each `w.len()`-wide row of `x`.
@@ -890,11 +980,27 @@ impl CpuEngine {
     }
 
     fn advance(&mut self) -> Result<Step, ModelError> {
-        let r = self.advance_inner();
+        let r = self.advance_pooled();
         if r.is_err() {
             self.cancel_step();
         }
         r
+    }
+
+    /// [`CpuEngine::advance_inner`]; natively, a step of several tokens
+    /// with several threads runs inside the products' pool, so the
+    /// thread that runs it takes part in every product (rayon's work
+    /// stealing): a pool thread that other work on the machine holds up
+    /// delays at most the piece it took, and the step's thread is not
+    /// woken after every product. Decode steps stay on the calling thread.
+    fn advance_pooled(&mut self) -> Result<Step, ModelError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.threads > 1 && self.pending.as_ref().is_some_and(|p| p.tokens.len() > 1) {
+            if let Some(pool) = pool(self.threads) {
+                return pool.install(|| self.advance_inner());
+            }
+        }
+        self.advance_inner()
     }
 
     fn advance_inner(&mut self) -> Result<Step, ModelError> {
