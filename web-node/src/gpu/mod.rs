@@ -18,6 +18,8 @@
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
 //!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
 //!   missing experts, and the expert pool).
+//! - [`bench`]: the fixed-length greedy decode the benchmarks time (native
+//!   `gpu_engine`, `greedy_ids --fixed`, the page's `bench_decode`).
 //!
 //! # Using the engine (native and browser)
 //!
@@ -53,6 +55,7 @@ pub mod add;
 pub mod argmax;
 pub mod attention;
 pub mod attn_decode;
+pub mod bench;
 pub mod context;
 pub mod embedding;
 pub mod engine;

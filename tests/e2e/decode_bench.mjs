@@ -1,0 +1,111 @@
+// Fixed-length decode benchmark, browser beside native (issue 21): run by
+// scripts/bench-browser.sh (first, before bench.mjs; BENCH_ONLY=decode runs
+// only this), or by hand once the relay, greedy_ids and dist/ are built:
+//   node tests/e2e/decode_bench.mjs
+// In one run, per weight format (f32, f16, q8_0, q4_0): N greedy tokens
+// after a fixed prompt, EOS ignored, every expert resident, one warm-up and
+// the best of BENCH_ROUNDS timed runs, by the same loop
+// (web_node::gpu::bench::bench_decode) in two places:
+//   - the page in headless Chromium (WebGPU on SwiftShader):
+//     window.wasmBindings.bench_decode(prompt, N, dtype, rounds);
+//   - natively on lavapipe: greedy_ids --device gpu --fixed N --dtype ..
+// alternating browser and native per format (the machine may be shared).
+// Prints one line per format:
+//   RESULT browser dtype=f16 layers=4 tokens=N dispatches_per_token=..
+//     submissions_per_token=.. ms_per_token=.. native_lavapipe_ms_per_token=..
+//     ratio=.. tokens_equal=..
+// (ratio = native ms / browser ms: the browser's speed as a share of
+// native; tokens_equal: the browser's token ids equal native's), and one
+// `RESULT native_lavapipe ...` line per format with native's counters.
+//
+// Env: BENCH_DECODE (N, default 64), BENCH_DECODE_PROMPT, BENCH_DTYPES
+// (default f32,f16,q8_0,q4_0), BENCH_ROUNDS (default 3),
+// AIBLOCK_REQUIRE_GPU=1 (fail without a WebGPU adapter), plus lib.mjs's
+// (AIBLOCK_DIST, AIBLOCK_RELAY_BIN, AIBLOCK_GREEDY_IDS_BIN; the native
+// adapter: WGPU_ADAPTER_NAME, default llvmpipe).
+
+import fs from 'node:fs';
+import { chromium } from 'playwright-core';
+
+import { CHROMIUM_ARGS, chromiumPath, nativeGreedy, startRelay } from './lib.mjs';
+
+const N = Number(process.env.BENCH_DECODE || 64);
+const PROMPT = process.env.BENCH_DECODE_PROMPT || 'Q: reverse red blue green cat dog A:';
+const DTYPES = (process.env.BENCH_DTYPES || 'f32,f16,q8_0,q4_0').split(',').map((s) => s.trim()).filter(Boolean);
+const ROUNDS = Number(process.env.BENCH_ROUNDS || 3);
+process.env.WGPU_ADAPTER_NAME ??= 'llvmpipe';
+
+const log = (s) => console.error(s);
+const f3 = (x) => (typeof x === 'number' && Number.isFinite(x) ? x.toFixed(3) : 'n/a');
+const f2 = (x) => (typeof x === 'number' && Number.isFinite(x) ? x.toFixed(2) : 'n/a');
+const loadavg = () => fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+
+/** The page's fixed-length decode (rejects with the page's reason). */
+async function browserDecode(page, dtype) {
+  const json = await page.evaluate(
+    ([p, n, d, r]) => window.wasmBindings.bench_decode(p, n, d, r),
+    [PROMPT, N, dtype, ROUNDS],
+  );
+  return JSON.parse(json);
+}
+
+const load0 = loadavg();
+const relay = await startRelay();
+const browser = await chromium.launch({ executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
+log(`chromium ${browser.version()}, relay ${relay.base}; ${N} tokens after ${JSON.stringify(PROMPT)}, best of ${ROUNDS} after a warm-up; load average ${load0}`);
+const rows = [];
+let failed = false;
+try {
+  const page = await (await browser.newContext()).newPage();
+  const lines = [];
+  page.on('console', (m) => lines.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => lines.push(`[pageerror] ${e.message}`));
+  await page.goto(`${relay.base}/`);
+  await page.waitForSelector('#summary[data-phase="done"]', { timeout: 300_000 });
+  await page.waitForFunction(() => typeof window.wasmBindings?.bench_decode === 'function', null, { timeout: 30_000 });
+  const adapter = await page.evaluate(async () => {
+    const a = navigator.gpu && await navigator.gpu.requestAdapter();
+    return a ? (a.info?.description || a.info?.vendor || 'yes') : null;
+  });
+  if (!adapter) {
+    if (process.env.AIBLOCK_REQUIRE_GPU === '1') throw new Error('no WebGPU adapter in this Chromium');
+    log('no WebGPU adapter in this Chromium: SKIPPED');
+  } else {
+    for (const dtype of DTYPES) {
+      let b = null;
+      let nat = null;
+      try {
+        b = await browserDecode(page, dtype);
+        log(`  browser ${dtype} (${b.adapter}): ${f3(b.ms_per_token)} ms/token, ${f2(b.dispatches_per_token)} dispatches, ${f2(b.submissions_per_token)} submissions per token; prefill ${f2(b.prefill_ms)} ms; ids [${b.tokens}]`);
+      } catch (e) {
+        failed = true;
+        log(`  browser ${dtype}: FAILED ${e.message.split('\n')[0]}\n${lines.slice(-10).join('\n')}`);
+      }
+      try {
+        nat = await nativeGreedy(PROMPT, N, { device: 'gpu', fixed: true, dtype, runs: ROUNDS });
+        if (!nat) throw new Error('greedy_ids not built (cargo build --release -p miner --example greedy_ids)');
+        log(`  native  ${dtype} (${nat.adapter}): ${f3(nat.ms_per_token)} ms/token, ${f2(nat.dispatches_per_token)} dispatches, ${f2(nat.submissions_per_token)} submissions per token; prefill ${f2(nat.prefill_ms)} ms; ids [${nat.ids}]`);
+      } catch (e) {
+        failed = true;
+        log(`  native  ${dtype}: FAILED ${e.message.split('\n')[0]}`);
+      }
+      rows.push({ dtype, b, nat });
+    }
+  }
+} finally {
+  await browser.close();
+  await relay.stop();
+}
+
+const load1 = loadavg();
+console.log(`\nfixed-length decode: ${N} tokens after ${JSON.stringify(PROMPT)}, EOS ignored, every expert resident, best of ${ROUNDS} after a warm-up; load average ${load0} at the start, ${load1} at the end`);
+for (const { dtype, b, nat } of rows) {
+  const layers = b?.layers ?? 'n/a';
+  const ratio = b && nat ? nat.ms_per_token / b.ms_per_token : NaN;
+  const equal = b && nat ? JSON.stringify(b.tokens) === JSON.stringify(nat.ids) : false;
+  console.log(`RESULT browser dtype=${dtype} layers=${layers} tokens=${N} dispatches_per_token=${f2(b?.dispatches_per_token)} submissions_per_token=${f2(b?.submissions_per_token)} ms_per_token=${f3(b?.ms_per_token)} native_lavapipe_ms_per_token=${f3(nat?.ms_per_token)} ratio=${f2(ratio)} tokens_equal=${equal}`);
+}
+for (const { dtype, b, nat } of rows) {
+  console.log(`RESULT native_lavapipe dtype=${dtype} layers=${b?.layers ?? 'n/a'} tokens=${N} dispatches_per_token=${f2(nat?.dispatches_per_token)} submissions_per_token=${f2(nat?.submissions_per_token)} ms_per_token=${f3(nat?.ms_per_token)}`);
+}
+if (failed) process.exit(1);
