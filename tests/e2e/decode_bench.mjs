@@ -76,7 +76,7 @@ try {
       let nat = null;
       try {
         b = await browserDecode(page, dtype);
-        log(`  browser ${dtype} (${b.adapter}): ${f3(b.ms_per_token)} ms/token, ${f2(b.dispatches_per_token)} dispatches, ${f2(b.submissions_per_token)} submissions per token; prefill ${f2(b.prefill_ms)} ms; ids [${b.tokens}]`);
+        log(`  browser ${dtype} (${adapter}, ${b.adapter}): ${f3(b.ms_per_token)} ms/token, ${f2(b.dispatches_per_token)} dispatches, ${f2(b.submissions_per_token)} submissions per token; prefill ${f2(b.prefill_ms)} ms; ids [${b.tokens}]`);
       } catch (e) {
         failed = true;
         log(`  browser ${dtype}: FAILED ${e.message.split('\n')[0]}\n${lines.slice(-10).join('\n')}`);

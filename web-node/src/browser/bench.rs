@@ -102,7 +102,11 @@ async fn run(
     set_progress(&format!("benchmark: fetching all {} experts…", all.len()));
     let weights = supply.experts(&all).await.map_err(|e| e.to_string())?;
     let ctx = context().await?;
-    let adapter = format!("{} ({})", ctx.info.name, ctx.info.backend);
+    // Browsers often hide the adapter's name.
+    let adapter = match ctx.info.name.as_str() {
+        "" => format!("unnamed adapter ({})", ctx.info.backend),
+        name => format!("{name} ({})", ctx.info.backend),
+    };
     let mut engine =
         crate::gpu::Engine::with_options(ctx, &cfg, &shared, &routers, all_resident_options(fmt))
             .map_err(|e| e.to_string())?;
