@@ -25,7 +25,8 @@
 # Env: BENCH_TOKENS (default 16), BENCH_PROMPTS, BENCH_SKIP_BUILD=1 (use the
 # builds as they are), WGPU_ADAPTER_NAME (native adapter; default llvmpipe),
 # BENCH_ONLY=decode (the fixed-length decode only; skips the SIMD-less
-# build), BENCH_DECODE, BENCH_DTYPES, BENCH_ROUNDS (decode_bench.mjs).
+# build), BENCH_DECODE, BENCH_DTYPES, BENCH_ROUNDS, BENCH_VARIANTS
+# (decode_bench.mjs; e.g. BENCH_VARIANTS=fused_attn,fused,unfused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh

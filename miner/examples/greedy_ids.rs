@@ -16,12 +16,13 @@
 //! generates exactly N greedy tokens, EOS ignored. On `--device gpu` it runs
 //! `web_node::gpu::bench::bench_decode` (every expert resident in `dtype`,
 //! one warm-up, the best of `--runs`), the loop the page's `bench_decode`
-//! runs: `{"ids":[..],"prompt_tokens":N,"prefill_ms":F,"ms_per_token":F,
+//! runs (`--variant fused|unfused`: another engine schedule):
+//! `{"ids":[..],"prompt_tokens":N,"prefill_ms":F,"ms_per_token":F,
 //! "dispatches_per_token":F,"submissions_per_token":F,"rounds":R,
-//! "device":"gpu","dtype":"..","adapter":".."}`. On `--device cpu` the CPU
-//! reference (`f32`, or experts quantized on load) with
-//! `Generator::ignore_eos`: `{"ids":[..],"prompt_tokens":N,"ms_per_token":F,
-//! "device":"cpu","dtype":".."}`.
+//! "device":"gpu","dtype":"..","variant":"..","adapter":".."}`.
+//! On `--device cpu` the CPU reference (`f32`, or experts quantized on
+//! load) with `Generator::ignore_eos`: `{"ids":[..],"prompt_tokens":N,
+//! "ms_per_token":F,"device":"cpu","dtype":".."}`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,6 +66,10 @@ struct Args {
     /// (experts quantized on load).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// With --fixed --device gpu: the engine's schedule, fused_attn (the
+    /// default), fused or unfused (as the gpu_engine bench names them).
+    #[arg(long, default_value = "fused_attn")]
+    variant: String,
 }
 
 fn main() -> Result<()> {
@@ -157,12 +162,14 @@ fn fixed(a: &Args, dir: &ModelDir, n: usize) -> Result<serde_json::Value> {
         let ctx = web_node::gpu::context::GpuContext::new_blocking()
             .map_err(|e| anyhow!("no usable GPU adapter: {e}"))?;
         let adapter = format!("{} ({})", ctx.info.name, ctx.info.backend);
+        let mut options = bench::all_resident_options(fmt);
+        bench::apply_variant(&mut options, &a.variant)?;
         let mut engine = Engine::with_options(
             Arc::new(ctx),
             &dir.config,
             &dir.shared,
             &dir.routers,
-            bench::all_resident_options(fmt),
+            options,
         )?;
         let mut src = dir.expert_source()?;
         let cfg = &dir.config;
@@ -187,6 +194,7 @@ fn fixed(a: &Args, dir: &ModelDir, n: usize) -> Result<serde_json::Value> {
             o.insert("ids".into(), ids);
             o.insert("device".into(), "gpu".into());
             o.insert("dtype".into(), fmt.to_string().into());
+            o.insert("variant".into(), a.variant.clone().into());
             o.insert("adapter".into(), adapter.into());
         }
         return Ok(v);

@@ -19,7 +19,9 @@
 // `RESULT native_lavapipe ...` line per format with native's counters.
 //
 // Env: BENCH_DECODE (N, default 64), BENCH_DECODE_PROMPT, BENCH_DTYPES
-// (default f32,f16,q8_0,q4_0), BENCH_ROUNDS (default 3),
+// (default f32,f16,q8_0,q4_0), BENCH_ROUNDS (default 3), BENCH_VARIANTS
+// (engine schedules, default fused_attn, the page's; e.g.
+// fused_attn,fused,unfused: the others get `engine=..` in their lines),
 // AIBLOCK_REQUIRE_GPU=1 (fail without a WebGPU adapter), plus lib.mjs's
 // (AIBLOCK_DIST, AIBLOCK_RELAY_BIN, AIBLOCK_GREEDY_IDS_BIN; the native
 // adapter: WGPU_ADAPTER_NAME, default llvmpipe).
@@ -33,6 +35,9 @@ const N = Number(process.env.BENCH_DECODE || 64);
 const PROMPT = process.env.BENCH_DECODE_PROMPT || 'Q: reverse red blue green cat dog A:';
 const DTYPES = (process.env.BENCH_DTYPES || 'f32,f16,q8_0,q4_0').split(',').map((s) => s.trim()).filter(Boolean);
 const ROUNDS = Number(process.env.BENCH_ROUNDS || 3);
+// Engine schedules (as the native gpu_engine bench names them): the page's
+// default fused_attn, and optionally fused and unfused beside it.
+const VARIANTS = (process.env.BENCH_VARIANTS || 'fused_attn').split(',').map((s) => s.trim()).filter(Boolean);
 process.env.WGPU_ADAPTER_NAME ??= 'llvmpipe';
 
 const log = (s) => console.error(s);
@@ -41,10 +46,10 @@ const f2 = (x) => (typeof x === 'number' && Number.isFinite(x) ? x.toFixed(2) : 
 const loadavg = () => fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 
 /** The page's fixed-length decode (rejects with the page's reason). */
-async function browserDecode(page, dtype) {
+async function browserDecode(page, dtype, variant) {
   const json = await page.evaluate(
-    ([p, n, d, r]) => window.wasmBindings.bench_decode(p, n, d, r),
-    [PROMPT, N, dtype, ROUNDS],
+    ([p, n, d, r, v]) => window.wasmBindings.bench_decode(p, n, d, r, v),
+    [PROMPT, N, dtype, ROUNDS, variant],
   );
   return JSON.parse(json);
 }
@@ -71,25 +76,26 @@ try {
     if (process.env.AIBLOCK_REQUIRE_GPU === '1') throw new Error('no WebGPU adapter in this Chromium');
     log('no WebGPU adapter in this Chromium: SKIPPED');
   } else {
-    for (const dtype of DTYPES) {
+    for (const variant of VARIANTS) for (const dtype of DTYPES) {
+      const what = variant === 'fused_attn' ? dtype : `${dtype} ${variant}`;
       let b = null;
       let nat = null;
       try {
-        b = await browserDecode(page, dtype);
-        log(`  browser ${dtype} (${adapter}, ${b.adapter}): ${f3(b.ms_per_token)} ms/token, ${f2(b.dispatches_per_token)} dispatches, ${f2(b.submissions_per_token)} submissions per token; prefill ${f2(b.prefill_ms)} ms; ids [${b.tokens}]`);
+        b = await browserDecode(page, dtype, variant);
+        log(`  browser ${what} (${adapter}, ${b.adapter}): ${f3(b.ms_per_token)} ms/token, ${f2(b.dispatches_per_token)} dispatches, ${f2(b.submissions_per_token)} submissions per token; prefill ${f2(b.prefill_ms)} ms; ids [${b.tokens}]`);
       } catch (e) {
         failed = true;
-        log(`  browser ${dtype}: FAILED ${e.message.split('\n')[0]}\n${lines.slice(-10).join('\n')}`);
+        log(`  browser ${what}: FAILED ${e.message.split('\n')[0]}\n${lines.slice(-10).join('\n')}`);
       }
       try {
-        nat = await nativeGreedy(PROMPT, N, { device: 'gpu', fixed: true, dtype, runs: ROUNDS });
+        nat = await nativeGreedy(PROMPT, N, { device: 'gpu', fixed: true, dtype, variant, runs: ROUNDS });
         if (!nat) throw new Error('greedy_ids not built (cargo build --release -p miner --example greedy_ids)');
-        log(`  native  ${dtype} (${nat.adapter}): ${f3(nat.ms_per_token)} ms/token, ${f2(nat.dispatches_per_token)} dispatches, ${f2(nat.submissions_per_token)} submissions per token; prefill ${f2(nat.prefill_ms)} ms; ids [${nat.ids}]`);
+        log(`  native  ${what} (${nat.adapter}): ${f3(nat.ms_per_token)} ms/token, ${f2(nat.dispatches_per_token)} dispatches, ${f2(nat.submissions_per_token)} submissions per token; prefill ${f2(nat.prefill_ms)} ms; ids [${nat.ids}]`);
       } catch (e) {
         failed = true;
-        log(`  native  ${dtype}: FAILED ${e.message.split('\n')[0]}`);
+        log(`  native  ${what}: FAILED ${e.message.split('\n')[0]}`);
       }
-      rows.push({ dtype, b, nat });
+      rows.push({ dtype, variant, b, nat });
     }
   }
 } finally {
@@ -99,13 +105,14 @@ try {
 
 const load1 = loadavg();
 console.log(`\nfixed-length decode: ${N} tokens after ${JSON.stringify(PROMPT)}, EOS ignored, every expert resident, best of ${ROUNDS} after a warm-up; load average ${load0} at the start, ${load1} at the end`);
-for (const { dtype, b, nat } of rows) {
+const eng = (v) => (v === 'fused_attn' ? '' : ` engine=${v}`);
+for (const { dtype, variant, b, nat } of rows) {
   const layers = b?.layers ?? 'n/a';
   const ratio = b && nat ? nat.ms_per_token / b.ms_per_token : NaN;
   const equal = b && nat ? JSON.stringify(b.tokens) === JSON.stringify(nat.ids) : false;
-  console.log(`RESULT browser dtype=${dtype} layers=${layers} tokens=${N} dispatches_per_token=${f2(b?.dispatches_per_token)} submissions_per_token=${f2(b?.submissions_per_token)} ms_per_token=${f3(b?.ms_per_token)} native_lavapipe_ms_per_token=${f3(nat?.ms_per_token)} ratio=${f2(ratio)} tokens_equal=${equal}`);
+  console.log(`RESULT browser${eng(variant)} dtype=${dtype} layers=${layers} tokens=${N} dispatches_per_token=${f2(b?.dispatches_per_token)} submissions_per_token=${f2(b?.submissions_per_token)} ms_per_token=${f3(b?.ms_per_token)} native_lavapipe_ms_per_token=${f3(nat?.ms_per_token)} ratio=${f2(ratio)} tokens_equal=${equal}`);
 }
-for (const { dtype, b, nat } of rows) {
-  console.log(`RESULT native_lavapipe dtype=${dtype} layers=${b?.layers ?? 'n/a'} tokens=${N} dispatches_per_token=${f2(nat?.dispatches_per_token)} submissions_per_token=${f2(nat?.submissions_per_token)} ms_per_token=${f3(nat?.ms_per_token)}`);
+for (const { dtype, variant, b, nat } of rows) {
+  console.log(`RESULT native_lavapipe${eng(variant)} dtype=${dtype} layers=${b?.layers ?? 'n/a'} tokens=${N} dispatches_per_token=${f2(nat?.dispatches_per_token)} submissions_per_token=${f2(nat?.submissions_per_token)} ms_per_token=${f3(nat?.ms_per_token)}`);
 }
 if (failed) process.exit(1);

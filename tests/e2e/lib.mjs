@@ -513,7 +513,7 @@ export function modelDir() {
  * Native greedy decoding (miner example greedy_ids): resolves { ids, text,
  * decode_tokens_per_s, first_token_ms, ... }, or null without the binary.
  */
-export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, runs = 1, fixed = false, dtype = null } = {}) {
+export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, runs = 1, fixed = false, dtype = null, variant = null } = {}) {
   const bin = exampleBin('greedy_ids');
   if (!bin || !fs.existsSync(path.join(modelDir(), 'config.json'))) return Promise.resolve(null);
   const args = ['--model', modelDir(), '--prompt', prompt, '--max-tokens', String(maxTokens), '--device', device, '--runs', String(runs)];
@@ -522,6 +522,7 @@ export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, r
   // page's bench_decode loop, every expert resident in dtype).
   if (fixed) args.push('--fixed', String(maxTokens));
   if (dtype) args.push('--dtype', dtype);
+  if (variant) args.push('--variant', variant);
   return new Promise((resolve, reject) => {
     const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';

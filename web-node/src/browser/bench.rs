@@ -1,5 +1,5 @@
 //! The page's fixed-length decode benchmark (issue 21), glue only:
-//! `await window.wasmBindings.bench_decode(prompt, n, dtype, rounds)` (trunk
+//! `await window.wasmBindings.bench_decode(prompt, n, dtype, rounds[, variant])` (trunk
 //! exposes the module's exports as `window.wasmBindings`) once the page is
 //! loaded. It fetches every expert of the model through the page's own
 //! supply (verified chunk by chunk, from the cache, peers or the relay),
@@ -7,8 +7,10 @@
 //! `q8_0`/`q4_0`: quantized on load; a quantized model only in its own
 //! format), and runs [`crate::gpu::bench::bench_decode`]: `n` greedy tokens
 //! after `prompt`, EOS ignored, one warm-up then the best of `rounds`, timed
-//! with `performance.now()`. Resolves to the JSON of
-//! [`crate::gpu::bench::FixedRun`] plus `dtype`, `layers` and `adapter`;
+//! with `performance.now()`. `variant` picks the engine's schedule
+//! (`fused_attn`, the default, `fused` or `unfused`, as the native
+//! benchmark names them). Resolves to the JSON of
+//! [`crate::gpu::bench::FixedRun`] plus `dtype`, `variant`, `layers` and `adapter`;
 //! rejects with the reason (no adapter, busy, a context too short, …).
 //! Driven by tests/e2e/decode_bench.mjs and node.mjs's fixed-length case.
 
@@ -19,7 +21,8 @@ use std::sync::Arc;
 use wasm_bindgen::prelude::*;
 
 use crate::gpu::bench::{
-    all_resident_options, bench_decode as run_bench, parse_format, supply_all, Resident,
+    all_resident_options, apply_variant, bench_decode as run_bench, parse_format, supply_all,
+    Resident,
 };
 use crate::gpu::{GpuContext, PoolFormat};
 use crate::model::generate::prompt_ids;
@@ -43,13 +46,15 @@ pub async fn bench_decode(
     n: usize,
     dtype: String,
     rounds: usize,
+    variant: Option<String>,
 ) -> Result<String, JsError> {
     let Some(mut node) = NODE.with(|c| c.borrow_mut().take()) else {
         return Err(JsError::new(
             "busy: the model is not loaded yet, or an answer is being generated",
         ));
     };
-    let r = run(&mut node, &prompt, n, &dtype, rounds).await;
+    let variant = variant.unwrap_or_default();
+    let r = run(&mut node, &prompt, n, &dtype, rounds, &variant).await;
     set_progress("");
     NODE.with(|c| *c.borrow_mut() = Some(node));
     r.map_err(|e| JsError::new(&e))
@@ -72,8 +77,11 @@ async fn run(
     n: usize,
     dtype: &str,
     rounds: usize,
+    variant: &str,
 ) -> Result<String, String> {
     let fmt = parse_format(dtype).map_err(|e| e.to_string())?;
+    let mut options = all_resident_options(fmt);
+    apply_variant(&mut options, variant).map_err(|e| e.to_string())?;
     let Node { store, model, .. } = node;
     let (cfg, shared, routers) = model.engine_parts().map_err(|e| e.to_string())?;
     if let Some(q) = cfg.expert_quant().map_err(|e| e.to_string())? {
@@ -107,9 +115,8 @@ async fn run(
         "" => format!("unnamed adapter ({})", ctx.info.backend),
         name => format!("{name} ({})", ctx.info.backend),
     };
-    let mut engine =
-        crate::gpu::Engine::with_options(ctx, &cfg, &shared, &routers, all_resident_options(fmt))
-            .map_err(|e| e.to_string())?;
+    let mut engine = crate::gpu::Engine::with_options(ctx, &cfg, &shared, &routers, options)
+        .map_err(|e| e.to_string())?;
     supply_all(&mut engine, weights).map_err(|e| e.to_string())?;
     set_progress(&format!("benchmark: decoding {n} tokens ({fmt})…"));
     let opts = RunOptions {
@@ -122,6 +129,15 @@ async fn run(
     let mut v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
     if let Some(o) = v.as_object_mut() {
         o.insert("dtype".into(), fmt.to_string().into());
+        o.insert(
+            "variant".into(),
+            if variant.is_empty() {
+                "fused_attn"
+            } else {
+                variant
+            }
+            .into(),
+        );
         o.insert("layers".into(), cfg.num_hidden_layers.into());
         o.insert("adapter".into(), adapter.into());
     }

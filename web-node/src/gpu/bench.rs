@@ -40,6 +40,23 @@ pub fn parse_format(s: &str) -> Result<PoolFormat, ModelError> {
     }
 }
 
+/// An engine schedule by the name the native benchmark prints: `fused_attn`
+/// (the default: `fused` and `fused_attention`), `fused` (the fused router
+/// and argmax, the decode attention in three kernels) or `unfused`.
+pub fn apply_variant(opts: &mut EngineOptions, variant: &str) -> Result<(), ModelError> {
+    (opts.fused, opts.fused_attention) = match variant.trim() {
+        "" | "fused_attn" => (true, true),
+        "fused" => (true, false),
+        "unfused" => (false, false),
+        other => {
+            return Err(ModelError::Input(format!(
+                "unknown engine variant {other:?} (fused_attn, fused or unfused)"
+            )))
+        }
+    };
+    Ok(())
+}
+
 /// The page's engine options (the default, fused schedule) with every
 /// expert resident, in `fmt`: float experts stored as `fmt`'s float
 /// format, or quantized experts with f32 attention and head.

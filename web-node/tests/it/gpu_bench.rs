@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use crate::gpu_support::ctx;
 use web_node::gpu::bench::{
-    all_resident_options, bench_decode_blocking, check_length, parse_format, supply_all, Resident,
+    all_resident_options, apply_variant, bench_decode_blocking, check_length, parse_format,
+    supply_all, Resident,
 };
 use web_node::gpu::{Engine, EngineOptions, GpuContext, PoolFormat, WeightFormat};
 use web_node::model::load::ModelDir;
@@ -120,6 +121,12 @@ fn bad_fixed_decodes_are_errors() {
         .unwrap_err()
         .to_string()
         .contains("unknown weight format"));
+    let mut o = EngineOptions::default();
+    apply_variant(&mut o, "unfused").unwrap();
+    assert_eq!((o.fused, o.fused_attention), (false, false));
+    apply_variant(&mut o, "fused").unwrap();
+    assert_eq!((o.fused, o.fused_attention), (true, false));
+    assert!(apply_variant(&mut o, "fast").is_err());
     let cfg = tiny_config();
     let room = cfg.max_position_embeddings;
     assert!(check_length(&cfg, 4096, 1, room).is_ok());
