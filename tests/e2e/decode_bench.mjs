@@ -16,7 +16,9 @@
 //     ratio=.. tokens_equal=..
 // (ratio = native ms / browser ms: the browser's speed as a share of
 // native; tokens_equal: the browser's token ids equal native's), and one
-// `RESULT native_lavapipe ...` line per format with native's counters.
+// `RESULT native_lavapipe ...` line per format with native's counters, and
+// `RESULT browser_probe ...`: the WebGPU adapter's own cost per dispatch and
+// matvec bandwidth without and with workgroup barriers (see probe()).
 //
 // Env: BENCH_DECODE (N, default 64), BENCH_DECODE_PROMPT, BENCH_DTYPES
 // (default f32,f16,q8_0,q4_0), BENCH_ROUNDS (default 3), BENCH_VARIANTS
@@ -54,6 +56,63 @@ async function browserDecode(page, dtype, variant) {
   return JSON.parse(json);
 }
 
+/**
+ * What this WebGPU adapter costs, outside the engine (as the native bench
+ * measures lavapipe's): the time per dispatch of a 1x1 kernel, and the
+ * bandwidth of a [512 x 128] f32 matvec (the model's expert shape) written
+ * two ways: one invocation per row (no barriers) and one workgroup per row
+ * with a tree reduction (workgroupBarrier, as the engine's kernels reduce).
+ * 100 dispatches in one pass each, after a warm-up.
+ */
+async function probe(page) {
+  return page.evaluate(async () => {
+    const a = await navigator.gpu.requestAdapter();
+    const d = await a.requestDevice();
+    const head = `@group(0) @binding(0) var<storage, read> w: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;`;
+    const kernels = {
+      tiny: [1, 1, 1, `${head}
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { if (g.x == 0u) { y[0] = w[0]; } }`],
+      rows: [512, 128, 8, `${head}
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+  let r = g.x; if (r >= 512u) { return; }
+  var s = 0.0; for (var i = 0u; i < 128u; i++) { s += w[i * 512u + r]; } y[r] = s; }`],
+      barrier: [512, 128, 512, `${head}
+var<workgroup> part: array<f32, 64>;
+@compute @workgroup_size(64) fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l: u32) {
+  let r = wg.x; var s = 0.0;
+  for (var i = l; i < 128u; i += 64u) { s += w[r * 128u + i]; }
+  part[l] = s; workgroupBarrier();
+  for (var k = 32u; k > 0u; k >>= 1u) { if (l < k) { part[l] += part[l + k]; } workgroupBarrier(); }
+  if (l == 0u) { y[r] = part[0]; } }`],
+    };
+    const out = {};
+    for (const [name, [rows, cols, groups, code]] of Object.entries(kernels)) {
+      const pl = d.createComputePipeline({ layout: 'auto', compute: { module: d.createShaderModule({ code }), entryPoint: 'main' } });
+      const w = d.createBuffer({ size: rows * cols * 4, usage: GPUBufferUsage.STORAGE });
+      const y = d.createBuffer({ size: Math.max(16, rows * 4), usage: GPUBufferUsage.STORAGE });
+      const bg = d.createBindGroup({ layout: pl.getBindGroupLayout(0), entries: [{ binding: 0, resource: { buffer: w } }, { binding: 1, resource: { buffer: y } }] });
+      const run = async (n) => {
+        const e = d.createCommandEncoder();
+        const pass = e.beginComputePass();
+        pass.setPipeline(pl);
+        pass.setBindGroup(0, bg);
+        for (let i = 0; i < n; i++) pass.dispatchWorkgroups(groups);
+        pass.end();
+        d.queue.submit([e.finish()]);
+        await d.queue.onSubmittedWorkDone();
+      };
+      await run(4);
+      const t = performance.now();
+      await run(100);
+      const s = (performance.now() - t) / 100 / 1000;
+      out[name] = { us: s * 1e6, gbps: (rows * cols * 4) / s / 1e9 };
+    }
+    d.destroy();
+    return out;
+  });
+}
+
 const load0 = loadavg();
 const relay = await startRelay();
 const browser = await chromium.launch({ executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
@@ -76,6 +135,14 @@ try {
     if (process.env.AIBLOCK_REQUIRE_GPU === '1') throw new Error('no WebGPU adapter in this Chromium');
     log('no WebGPU adapter in this Chromium: SKIPPED');
   } else {
+    let pr = null;
+    try {
+      pr = await probe(page);
+      log(`  adapter probe: ${pr.tiny.us.toFixed(0)} us per dispatch; [512 x 128] matvec ${pr.rows.gbps.toFixed(2)} GB/s one row per invocation, ${pr.barrier.gbps.toFixed(2)} GB/s one row per workgroup with barriers (${pr.barrier.us.toFixed(0)} us)`);
+      rows.probe = pr;
+    } catch (e) {
+      log(`  adapter probe failed: ${e.message.split('\n')[0]}`);
+    }
     for (const variant of VARIANTS) for (const dtype of DTYPES) {
       const what = variant === 'fused_attn' ? dtype : `${dtype} ${variant}`;
       let b = null;
@@ -114,5 +181,9 @@ for (const { dtype, variant, b, nat } of rows) {
 }
 for (const { dtype, variant, b, nat } of rows) {
   console.log(`RESULT native_lavapipe${eng(variant)} dtype=${dtype} layers=${b?.layers ?? 'n/a'} tokens=${N} dispatches_per_token=${f2(nat?.dispatches_per_token)} submissions_per_token=${f2(nat?.submissions_per_token)} ms_per_token=${f3(nat?.ms_per_token)}`);
+}
+if (rows.probe) {
+  const p = rows.probe;
+  console.log(`RESULT browser_probe dispatch_us=${p.tiny.us.toFixed(0)} matvec_512x128_gbps=${p.rows.gbps.toFixed(2)} matvec_512x128_barrier_gbps=${p.barrier.gbps.toFixed(2)}`);
 }
 if (failed) process.exit(1);
