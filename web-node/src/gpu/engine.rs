@@ -635,17 +635,17 @@ impl Engine {
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
                 && attn_decode::fits(h, hd, c.workgroup_size))
-            .then(|| AttnDecode::with_format(c, fmt)),
+            .then(|| AttnDecode::with_format(c, fmt, h, hd)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
-                up: ExpertUp::for_pool(c, f),
+                up: ExpertUp::for_pool(c, f, sh_i),
                 down: ExpertDown::for_pool(c, f),
             }),
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
             router: Router::new(c),
-            up: ExpertUp::for_pool(c, pool_format),
+            up: ExpertUp::for_pool(c, pool_format, i),
             down: ExpertDown::for_pool(c, pool_format),
             argmax: Argmax::new(c),
             argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),

@@ -25,6 +25,11 @@ pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16
 pub const SOURCE_UP_Q8: &str = include_str!("../../../shaders/expert_up_q8.wgsl");
 pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
 pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl");
+/// `expert_up` with four intermediate rows per invocation (f32 weights read
+/// as vec4s), for `inter % 4 == 0`.
+pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
+/// `expert_up_f16` with four intermediate rows per invocation.
+pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
 pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
 
 /// Most experts per layer the router fused into `expert_up` handles (its
@@ -221,40 +226,55 @@ pub struct Params {
     pub save_x: u32,
 }
 
+/// `expert_up`: `lanes` intermediate rows per invocation (4: the vec4
+/// variant, for float pools when `inter % 4 == 0`; 1 otherwise).
 #[derive(Debug)]
-pub struct ExpertUp(pub Kernel);
+pub struct ExpertUp {
+    pub kernel: Kernel,
+    pub lanes: u32,
+}
 #[derive(Debug)]
 pub struct ExpertDown(pub Kernel);
 
 impl ExpertUp {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self::with_format(ctx, WeightFormat::F32)
+    /// The variant reading f32 `w13` with `inter` intermediate rows.
+    pub fn new(ctx: &GpuContext, inter: usize) -> Self {
+        Self::with_format(ctx, WeightFormat::F32, inter)
     }
 
     /// The variant reading `w13` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format))
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat, inter: usize) -> Self {
+        Self::for_pool(ctx, PoolFormat::Float(format), inter)
     }
 
-    /// The variant reading a pool of `format`.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
-        let (name, src) = match format {
-            PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP),
-            PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4),
+    /// The variant reading a pool of `format` with `inter` intermediate rows
+    /// per expert: four rows per invocation (vec4 loads) for float pools
+    /// when `inter % 4 == 0`, one otherwise. Software adapters pay per load
+    /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, inter: usize) -> Self {
+        let v4 = inter.is_multiple_of(4);
+        let (name, src, lanes) = match format {
+            PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
+            PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
+            PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8, 1),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4, 1),
         };
         // Every workgroup array element it reads, it wrote first.
-        Self(Kernel::new_uninit_workgroup(ctx, name, src, None))
+        Self {
+            kernel: Kernel::new_uninit_workgroup(ctx, name, src, None),
+            lanes,
+        }
     }
     /// Bindings: step, params, w13 (pool), x, g, route, act, slot table,
     /// router gate (`[hidden][n_experts]`, read when `route_in`; any other
     /// read-only buffer otherwise), o_proj shares `part` (read when
     /// `n_part > 0`; any other read-only buffer otherwise).
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
-        self.0.bind(ctx, &b)
+        self.kernel.bind(ctx, &b)
     }
-    /// Workgroups of one token each: `ceil(k * inter / wg)` per token.
+    /// Workgroups of one token each: `ceil(k * inter / lanes / wg)` per token.
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -263,8 +283,10 @@ impl ExpertUp {
         n_tok: u32,
         k: u32,
     ) {
-        let per_tok = (u64::from(k) * u64::from(p.inter)).div_ceil(u64::from(self.0.wg));
-        self.0.dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
+        let per_tok =
+            (u64::from(k) * u64::from(p.inter / self.lanes)).div_ceil(u64::from(self.kernel.wg));
+        self.kernel
+            .dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
     }
 }
 
@@ -479,7 +501,7 @@ async fn run_blocks(
     {
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::for_pool(ctx, format);
+    let up = ExpertUp::for_pool(ctx, format, inter);
     let down = ExpertDown::for_pool(ctx, format);
     let p = Params {
         hidden: hidden as u32,
@@ -586,7 +608,7 @@ pub async fn run_routed(
         .map(|e| format.encode_expert(e, hidden, inter))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
-    let up = ExpertUp::for_pool(ctx, format);
+    let up = ExpertUp::for_pool(ctx, format, inter);
     let down = ExpertDown::for_pool(ctx, format);
     let p = Params {
         hidden: hidden as u32,
