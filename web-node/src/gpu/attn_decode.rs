@@ -102,7 +102,7 @@ impl AttnDecode {
             (WeightFormat::F32, true) => ("attn_decode_v4", SOURCE_V4),
             (WeightFormat::F16, true) => ("attn_decode_f16_v4", SOURCE_F16_V4),
         };
-        Self(Kernel::new_uninit_workgroup(ctx, name, src, None))
+        Self(Kernel::new_barrier(ctx, name, src))
     }
     /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
@@ -174,7 +174,7 @@ pub async fn run(
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
     let (qd, kvd, hd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim, s.head_dim);
     let max_seq = pos0 + 1;
-    if !fits(s.hidden, hd, ctx.workgroup_size)
+    if !fits(s.hidden, hd, ctx.barrier_workgroup_size)
         || x.len() != s.hidden
         || s.n_kv == 0
         || !s.n_heads.is_multiple_of(s.n_kv)

@@ -634,19 +634,19 @@ impl Engine {
                 && opts.fused_attention
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
-                && attn_decode::fits(h, hd, c.workgroup_size))
+                && attn_decode::fits(h, hd, c.barrier_workgroup_size))
             .then(|| AttnDecode::with_format(c, fmt, h, hd)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
                 up: ExpertUp::for_pool(c, f, sh_i),
-                down: ExpertDown::for_pool(c, f),
+                down: ExpertDown::for_pool(c, f, h),
             }),
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
             router: Router::new(c),
             up: ExpertUp::for_pool(c, pool_format, i),
-            down: ExpertDown::for_pool(c, pool_format),
+            down: ExpertDown::for_pool(c, pool_format, h),
             argmax: Argmax::new(c),
             argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),
             route_fused,

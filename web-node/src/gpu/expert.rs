@@ -28,6 +28,11 @@ pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl"
 /// `expert_up` with four intermediate rows per invocation (f32 weights read
 /// as vec4s), for `inter % 4 == 0`.
 pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
+/// `expert_down` with four outputs per invocation (f32 weights read as
+/// vec4s), for `hidden % 4 == 0`.
+pub const SOURCE_DOWN_V4: &str = include_str!("../../../shaders/expert_down_v4.wgsl");
+/// `expert_down_f16` with four outputs per invocation.
+pub const SOURCE_DOWN_F16_V4: &str = include_str!("../../../shaders/expert_down_f16_v4.wgsl");
 /// `expert_up_f16` with four intermediate rows per invocation.
 pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
 pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
@@ -233,8 +238,13 @@ pub struct ExpertUp {
     pub kernel: Kernel,
     pub lanes: u32,
 }
+/// `expert_down`: `lanes` outputs per invocation (4: the vec4 variant, for
+/// float pools when `hidden % 4 == 0`; 1 otherwise).
 #[derive(Debug)]
-pub struct ExpertDown(pub Kernel);
+pub struct ExpertDown {
+    pub kernel: Kernel,
+    pub lanes: u32,
+}
 
 impl ExpertUp {
     /// The variant reading f32 `w13` with `inter` intermediate rows.
@@ -263,7 +273,7 @@ impl ExpertUp {
         };
         // Every workgroup array element it reads, it wrote first.
         Self {
-            kernel: Kernel::new_uninit_workgroup(ctx, name, src, None),
+            kernel: Kernel::new_barrier(ctx, name, src),
             lanes,
         }
     }
@@ -291,30 +301,42 @@ impl ExpertUp {
 }
 
 impl ExpertDown {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self::with_format(ctx, WeightFormat::F32)
+    /// The variant reading f32 `w2` for `hidden` outputs.
+    pub fn new(ctx: &GpuContext, hidden: usize) -> Self {
+        Self::with_format(ctx, WeightFormat::F32, hidden)
     }
 
     /// The variant reading `w2` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format))
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat, hidden: usize) -> Self {
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden)
     }
 
-    /// The variant reading a pool of `format`.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
-        let (name, src) = match format {
-            PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN),
-            PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4),
+    /// The variant reading a pool of `format` for `hidden` outputs: four
+    /// outputs per invocation (vec4 loads) for float pools when
+    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]).
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize) -> Self {
+        let v4 = hidden.is_multiple_of(4);
+        let (name, src, lanes) = match format {
+            PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_down_v4", SOURCE_DOWN_V4, 4),
+            PoolFormat::Float(WeightFormat::F16) if v4 => {
+                ("expert_down_f16_v4", SOURCE_DOWN_F16_V4, 4)
+            }
+            PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN, 1),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8, 1),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4, 1),
         };
-        Self(Kernel::new(ctx, name, src, None))
+        Self {
+            kernel: Kernel::new(ctx, name, src, None),
+            lanes,
+        }
     }
     /// Bindings: step, params, w2 (pool), act, route, x, slot table, o_proj
     /// shares `part` (as for [`ExpertUp::bind`]).
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
-        self.0.bind(ctx, &b)
+        self.kernel.bind(ctx, &b)
     }
+    /// `n_tok * hidden / lanes` invocations.
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -322,8 +344,11 @@ impl ExpertDown {
         p: &Params,
         n_tok: u32,
     ) {
-        self.0
-            .dispatch(pass, bg, u64::from(n_tok) * u64::from(p.hidden));
+        self.kernel.dispatch(
+            pass,
+            bg,
+            u64::from(n_tok) * u64::from(p.hidden / self.lanes),
+        );
     }
 }
 
@@ -502,7 +527,7 @@ async fn run_blocks(
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
     let up = ExpertUp::for_pool(ctx, format, inter);
-    let down = ExpertDown::for_pool(ctx, format);
+    let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,
@@ -609,7 +634,7 @@ pub async fn run_routed(
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
     let up = ExpertUp::for_pool(ctx, format, inter);
-    let down = ExpertDown::for_pool(ctx, format);
+    let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,

@@ -25,6 +25,7 @@ fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
         info: c.info.clone(),
         limits: c.limits.clone(),
         workgroup_size: c.workgroup_size,
+        barrier_workgroup_size: c.barrier_workgroup_size,
     })
 }
 
