@@ -1,8 +1,10 @@
 // expert_up_f16.wgsl with four intermediate rows per invocation
-// (inter % 4 == 0): w13 read four halves at a time (two u32s per read), a
+// (inter % 4 == 0,
+// hidden % 4 == 0): w13 read four halves at a time (two u32s per read), a
 // quarter of the loads and of the invocations. Software adapters
 // (SwiftShader: ~3.5x faster than one row per invocation) pay per load, not
-// per byte. The engine picks it when inter % 4 == 0.
+// per byte. The token's row and the norm weight are read
+// as vec4s too. The engine picks it when inter % 4 == 0 and hidden % 4 == 0.
 // SwiGLU expert, first half, for every (token, routed slot, intermediate row):
 // act[t][slot][j] = silu(w1_e[j] . xn) * (w3_e[j] . xn), xn = RMSNorm(x[t])
 // (post-attention norm fused), e = route[t][slot].id. Per expert, w1 and w3
@@ -19,7 +21,7 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w13: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> g: array<f32>;
+@group(0) @binding(4) var<storage, read> g: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> route: array<u32>;
 @group(0) @binding(6) var<storage, read_write> act: array<f32>;
 @group(0) @binding(7) var<storage, read> slots: array<u32>;
@@ -31,19 +33,34 @@ override WG: u32 = 64u;
 // shares part[head][c] (n_tok = 1); larger rows are read from x directly
 // (n_part = 0 then).
 const MAX_HIDDEN: u32 = 2048u;
-var<workgroup> xs: array<f32, MAX_HIDDEN>;
+var<workgroup> xs: array<vec4<f32>, 512>;
 
 fn xin(xb: u32, c: u32) -> f32 {
-    if (p.hidden <= MAX_HIDDEN) { return xs[c]; }
+    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u][c & 3u]; }
     return x[xb + c];
+}
+
+// Columns c..c+3 (c % 4 == 0) of the token's input row.
+fn xin4(xb: u32, c: u32) -> vec4<f32> {
+    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u]; }
+    return vec4<f32>(x[xb + c], x[xb + c + 1u], x[xb + c + 2u], x[xb + c + 3u]);
+}
+
+fn gw(c: u32) -> f32 {
+    return g[c >> 2u][c & 3u];
 }
 
 fn stage_x(t: u32, lid: u32) {
     if (p.hidden <= MAX_HIDDEN) {
-        for (var c = lid; c < p.hidden; c += WG) {
-            var v = x[t * p.hidden + c];
-            for (var hh = 0u; hh < p.n_part; hh++) { v += part[hh * p.hidden + c]; }
-            xs[c] = v;
+        for (var c4 = lid; c4 < p.hidden / 4u; c4 += WG) {
+            let c = 4u * c4;
+            let b = t * p.hidden + c;
+            var v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+            for (var hh = 0u; hh < p.n_part; hh++) {
+                let pb = hh * p.hidden + c;
+                v += vec4<f32>(part[pb], part[pb + 1u], part[pb + 2u], part[pb + 3u]);
+            }
+            xs[c4] = v;
         }
         workgroupBarrier();
     }
@@ -77,7 +94,7 @@ fn route_token(t: u32, lid: u32, write: bool) {
         let e = u / parts;
         var acc = 0.0;
         for (var c = u % parts; c < p.hidden; c += parts) {
-            acc += gate[c * ne + e] * (xin(xb, c) * g[c]);
+            acc += gate[c * ne + e] * (xin(xb, c) * gw(c));
         }
         r_part[u] = acc;
     }
@@ -175,13 +192,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var ss = 0.0;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    for (var c = 0u; c < p.hidden; c++) {
-        let xv = xin(xb, c);
-        ss += xv * xv;
-        let xn = xv * g[c];
-        let row = wb + c * two_q;
-        a += w4(row + j4) * xn;
-        b += w4(row + q4 + j4) * xn;
+    for (var c = 0u; c < p.hidden; c += 4u) {
+        let xv = xin4(xb, c);
+        ss += dot(xv, xv);
+        let xn = xv * g[c >> 2u];
+        let row = wb + c * two_q + j4;
+        a += w4(row) * xn.x + w4(row + two_q) * xn.y + w4(row + 2u * two_q) * xn.z
+            + w4(row + 3u * two_q) * xn.w;
+        let row3 = row + q4;
+        b += w4(row3) * xn.x + w4(row3 + two_q) * xn.y + w4(row3 + 2u * two_q) * xn.z
+            + w4(row3 + 3u * two_q) * xn.w;
     }
     let inv = 1.0 / sqrt(ss / f32(p.hidden) + p.eps);
     a = a * inv;

@@ -248,21 +248,27 @@ pub struct ExpertDown {
 
 impl ExpertUp {
     /// The variant reading f32 `w13` with `inter` intermediate rows.
-    pub fn new(ctx: &GpuContext, inter: usize) -> Self {
-        Self::with_format(ctx, WeightFormat::F32, inter)
+    pub fn new(ctx: &GpuContext, hidden: usize, inter: usize) -> Self {
+        Self::with_format(ctx, WeightFormat::F32, hidden, inter)
     }
 
     /// The variant reading `w13` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat, inter: usize) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format), inter)
+    pub fn with_format(
+        ctx: &GpuContext,
+        format: WeightFormat,
+        hidden: usize,
+        inter: usize,
+    ) -> Self {
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter)
     }
 
     /// The variant reading a pool of `format` with `inter` intermediate rows
-    /// per expert: four rows per invocation (vec4 loads) for float pools
-    /// when `inter % 4 == 0`, one otherwise. Software adapters pay per load
+    /// per expert of `hidden` columns: four rows per invocation (vec4 loads)
+    /// for float pools when `inter % 4 == 0` and `hidden % 4 == 0`, one
+    /// otherwise. Software adapters pay per load
     /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, inter: usize) -> Self {
-        let v4 = inter.is_multiple_of(4);
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
+        let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
             PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
@@ -526,7 +532,7 @@ async fn run_blocks(
     {
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::for_pool(ctx, format, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
@@ -633,7 +639,7 @@ pub async fn run_routed(
         .map(|e| format.encode_expert(e, hidden, inter))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
-    let up = ExpertUp::for_pool(ctx, format, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
