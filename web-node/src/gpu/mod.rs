@@ -99,6 +99,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("expert_up_f16_v4", expert::SOURCE_UP_F16_V4),
     ("matvec", matvec::SOURCE),
     ("matvec_f16", matvec::SOURCE_F16),
+    ("matvec_v4", matvec::SOURCE_V4),
+    ("matvec_f16_v4", matvec::SOURCE_F16_V4),
     ("qkv_post", family::SOURCE_QKV_POST),
     ("qkv_rope", qkv_rope::SOURCE),
     ("qkv_rope_f16", qkv_rope::SOURCE_F16),
