@@ -37,13 +37,19 @@ pub struct GpuContext {
     /// Invocations per workgroup of the decode kernels that synchronise a
     /// workgroup (`attn_decode`, `expert_up`: workgroup barriers, one
     /// workgroup per head or per token). [`barrier_workgroup_size`] of the
-    /// adapter; `AIBLOCK_GPU_BARRIER_WG` overrides natively.
+    /// adapter; `AIBLOCK_GPU_BARRIER_WG` overrides natively. In the browser
+    /// `expert_up` has its own ([`GpuContext::expert_up_workgroup_size`]).
     pub barrier_workgroup_size: u32,
 }
 
 /// Workgroup size of the barrier kernels on the browser's WebGPU, whose
 /// adapter may be SwiftShader (Chromium's CPU fallback, unnamed to the page).
 pub const BROWSER_BARRIER_WORKGROUP: u32 = 16;
+
+/// `expert_up`'s workgroup size on the browser's WebGPU: on SwiftShader its
+/// vec4 kernel took 1.20 ms per dispatch at 16, 0.70 at 32, 0.58 at 64, 1.01
+/// at 128 invocations (the model's shape, 2 of 8 experts routed in-kernel).
+pub const BROWSER_EXPERT_UP_WORKGROUP: u32 = 64;
 
 /// The barrier kernels' workgroup size for `backend` given the kernels'
 /// `workgroup_size`. SwiftShader runs each group of 4 invocations of a
@@ -54,6 +60,10 @@ pub const BROWSER_BARRIER_WORKGROUP: u32 = 16;
 /// tell SwiftShader from a GPU, so in the browser these kernels use
 /// [`BROWSER_BARRIER_WORKGROUP`] (one workgroup per head or token does little
 /// work either way); native adapters keep `workgroup_size`.
+///
+/// `expert_up` (one token's rows over several workgroups, each routing the
+/// token itself) is cheapest at [`BROWSER_EXPERT_UP_WORKGROUP`] there
+/// instead: fewer workgroups repeat the router ([`GpuContext::expert_up_workgroup_size`]).
 pub fn barrier_workgroup_size(backend: wgpu::Backend, workgroup_size: u32) -> u32 {
     match backend {
         wgpu::Backend::BrowserWebGpu => BROWSER_BARRIER_WORKGROUP.min(workgroup_size),
@@ -135,6 +145,16 @@ impl GpuContext {
             workgroup_size,
             barrier_workgroup_size: barrier_wg,
         })
+    }
+
+    /// `expert_up`'s workgroup size: [`BROWSER_EXPERT_UP_WORKGROUP`] on the
+    /// browser's WebGPU (unless the barrier kernels' size was set smaller),
+    /// else [`GpuContext::barrier_workgroup_size`].
+    pub fn expert_up_workgroup_size(&self) -> u32 {
+        match self.info.backend {
+            wgpu::Backend::BrowserWebGpu => BROWSER_EXPERT_UP_WORKGROUP.min(self.workgroup_size),
+            _ => self.barrier_workgroup_size,
+        }
     }
 
     /// True for CPU implementations (lavapipe/llvmpipe, SwiftShader, WARP).

@@ -279,7 +279,7 @@ impl ExpertUp {
         };
         // Every workgroup array element it reads, it wrote first.
         Self {
-            kernel: Kernel::new_barrier(ctx, name, src),
+            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, ctx.expert_up_workgroup_size()),
             lanes,
         }
     }

@@ -62,7 +62,17 @@ impl Kernel {
     /// [`Kernel::new_uninit_workgroup`] with `WG` set to
     /// [`GpuContext::barrier_workgroup_size`] (the barrier kernels).
     pub fn new_barrier(ctx: &GpuContext, name: &'static str, source: &str) -> Self {
-        Self::build_wg(ctx, name, source, None, false, ctx.barrier_workgroup_size)
+        Self::new_uninit_workgroup_wg(ctx, name, source, ctx.barrier_workgroup_size)
+    }
+
+    /// [`Kernel::new_uninit_workgroup`] with `WG` set to `wg`.
+    pub fn new_uninit_workgroup_wg(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        wg: u32,
+    ) -> Self {
+        Self::build_wg(ctx, name, source, None, false, wg)
     }
 
     fn build(
