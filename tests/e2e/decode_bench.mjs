@@ -18,9 +18,12 @@
 // native; tokens_equal: the browser's token ids equal native's), and one
 // `RESULT native_lavapipe ...` line per format with native's counters, and
 // `RESULT browser_probe ...`: the WebGPU adapter's own cost per dispatch and
-// matvec bandwidth without and with workgroup barriers (see probe()).
+// matvec bandwidth without and with workgroup barriers (see probe()), and
+// per format `RESULT browser_kernels dtype=.. token_ms=.. NAME=ms ...`: where
+// a browser token's time goes (see kernelProfile()).
 //
-// Env: BENCH_DECODE (N, default 64), BENCH_DECODE_PROMPT, BENCH_DTYPES
+// Env: BENCH_KERNELS=0 (no kernel profile), BENCH_DECODE (N, default 64),
+// BENCH_DECODE_PROMPT, BENCH_DTYPES
 // (default f32,f16,q8_0,q4_0), BENCH_ROUNDS (default 3), BENCH_VARIANTS
 // (engine schedules, default fused_attn, the page's; e.g.
 // fused_attn,fused,unfused: the others get `engine=..` in their lines),
@@ -116,6 +119,83 @@ var<workgroup> part: array<f32, 64>;
   });
 }
 
+/**
+ * Where a decoded token's time goes in the page: record the WebGPU calls of
+ * a short bench_decode (the compute passes' pipelines, bind groups and
+ * dispatches, by wrapping the prototypes' methods), then replay the last
+ * token's dispatches (its one submission) outside the engine: each
+ * dispatch 10 times in one pass, and the whole token 5 times, the best of 3
+ * after a warm-up, awaiting onSubmittedWorkDone. Returns ms per dispatch
+ * summed by pipeline label, the whole token replayed (GPU work only) and the
+ * page's own ms/token for the short run (the rest is encoding, submission,
+ * readback and the wasm/JS loop).
+ */
+async function kernelProfile(page, dtype, variant) {
+  return page.evaluate(async ([p, d, v]) => {
+    const R = { on: false, disp: [], submits: 0, dev: null, queue: null };
+    const P = GPUComputePassEncoder.prototype;
+    const orig = {
+      sp: P.setPipeline, sb: P.setBindGroup, dw: P.dispatchWorkgroups,
+      qs: GPUQueue.prototype.submit, ce: GPUDevice.prototype.createCommandEncoder,
+    };
+    P.setPipeline = function (pl) { this.__p = pl; return orig.sp.call(this, pl); };
+    P.setBindGroup = function (i, g, ...rest) {
+      (this.__b ??= [])[i] = [g, ...rest.map((r) => (r && r.length !== undefined ? Array.from(r) : r))];
+      return orig.sb.call(this, i, g, ...rest);
+    };
+    P.dispatchWorkgroups = function (x, y = 1, z = 1) {
+      if (R.on) R.disp.push({ p: this.__p, b: (this.__b || []).slice(), x, y, z, sub: R.submits });
+      return orig.dw.call(this, x, y, z);
+    };
+    GPUQueue.prototype.submit = function (c) { if (R.on) { R.submits++; R.queue = this; } return orig.qs.call(this, c); };
+    GPUDevice.prototype.createCommandEncoder = function (desc) { if (R.on) R.dev = this; return orig.ce.call(this, desc); };
+    let run;
+    try {
+      R.on = true;
+      run = JSON.parse(await window.wasmBindings.bench_decode(p, 9, d, 1, v));
+    } finally {
+      R.on = false;
+      P.setPipeline = orig.sp; P.setBindGroup = orig.sb; P.dispatchWorkgroups = orig.dw;
+      GPUQueue.prototype.submit = orig.qs; GPUDevice.prototype.createCommandEncoder = orig.ce;
+    }
+    const last = R.disp[R.disp.length - 1].sub;
+    const tok = R.disp.filter((x) => x.sub === last);
+    const dev = R.dev;
+    const q = R.queue;
+    const enc = (list, reps) => {
+      const e = dev.createCommandEncoder();
+      const pass = e.beginComputePass();
+      for (let r = 0; r < reps; r++) {
+        for (const x of list) {
+          pass.setPipeline(x.p);
+          x.b.forEach((b, i) => b && pass.setBindGroup(i, b[0], ...b.slice(1)));
+          pass.dispatchWorkgroups(x.x, x.y, x.z);
+        }
+      }
+      pass.end();
+      q.submit([e.finish()]);
+    };
+    const time = async (list, reps) => {
+      enc(list, 1);
+      await q.onSubmittedWorkDone();
+      let best = Infinity;
+      for (let k = 0; k < 3; k++) {
+        const t = performance.now();
+        enc(list, reps);
+        await q.onSubmittedWorkDone();
+        best = Math.min(best, (performance.now() - t) / reps);
+      }
+      return best;
+    };
+    const by = {};
+    for (const x of tok) {
+      const name = x.p.label || 'unnamed';
+      by[name] = (by[name] || 0) + await time([x], 10);
+    }
+    return { by, token: await time(tok, 5), dispatches: tok.length, ms_per_token: run.ms_per_token };
+  }, [PROMPT, dtype, variant]);
+}
+
 const load0 = loadavg();
 const relay = await startRelay();
 const browser = await chromium.launch({ executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
@@ -165,7 +245,16 @@ try {
         failed = true;
         log(`  native  ${what}: FAILED ${e.message.split('\n')[0]}`);
       }
-      rows.push({ dtype, variant, b, nat });
+      let prof = null;
+      if (b && process.env.BENCH_KERNELS !== '0') {
+        try {
+          prof = await kernelProfile(page, dtype, variant);
+          log(`  browser ${what} kernels: token replayed ${f3(prof.token)} ms (${prof.dispatches} dispatches; the short run ${f3(prof.ms_per_token)} ms/token); ${Object.entries(prof.by).map(([k, v]) => `${k} ${f3(v)}`).join(', ')} ms`);
+        } catch (e) {
+          log(`  browser ${what} kernel profile failed: ${e.message.split('\n')[0]}`);
+        }
+      }
+      rows.push({ dtype, variant, b, nat, prof });
     }
   }
 } finally {
@@ -184,6 +273,11 @@ for (const { dtype, variant, b, nat } of rows) {
 }
 for (const { dtype, variant, b, nat } of rows) {
   console.log(`RESULT native_lavapipe${eng(variant)} dtype=${dtype} layers=${b?.layers ?? 'n/a'} tokens=${N} dispatches_per_token=${f2(nat?.dispatches_per_token)} submissions_per_token=${f2(nat?.submissions_per_token)} ms_per_token=${f3(nat?.ms_per_token)}`);
+}
+for (const { dtype, variant, prof } of rows) {
+  if (!prof) continue;
+  const parts = Object.entries(prof.by).map(([k, v]) => `${k}=${f3(v)}`).join(' ');
+  console.log(`RESULT browser_kernels${eng(variant)} dtype=${dtype} token_replay_ms=${f3(prof.token)} short_run_ms_per_token=${f3(prof.ms_per_token)} dispatches=${prof.dispatches} ${parts}`);
 }
 if (rows.probe) {
   const p = rows.probe;
