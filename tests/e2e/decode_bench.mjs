@@ -18,7 +18,8 @@
 // native; tokens_equal: the browser's token ids equal native's), and one
 // `RESULT native_lavapipe ...` line per format with native's counters, and
 // `RESULT browser_probe ...`: the WebGPU adapter's own cost per dispatch and
-// matvec bandwidth without and with workgroup barriers (see probe()), and
+// matvec bandwidth without and with workgroup barriers, and the round trip
+// of one submission read back with mapAsync (a token's floor; see probe()), and
 // per format `RESULT browser_kernels dtype=.. token_ms=.. NAME=ms ...`: where
 // a browser token's time goes (see kernelProfile()).
 //
@@ -113,6 +114,38 @@ var<workgroup> part: array<f32, 64>;
         s = Math.min(s, (performance.now() - t) / 100 / 1000);
       }
       out[name] = { us: s * 1e6, gbps: (rows * cols * 4) / s / 1e9 };
+    }
+    // A decoded token's floor: one submission of one tiny dispatch and a
+    // 16-byte copy, then mapAsync of the copy (as the engine reads a token
+    // back), against the copy alone; the mean of 20 after a warm-up (the
+    // fastest trips are far below the mean: the page waits on polling).
+    {
+      const code = `@group(0) @binding(0) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { if (g.x == 0u) { y[0] = y[0] + 1.0; } }`;
+      const pl = d.createComputePipeline({ layout: 'auto', compute: { module: d.createShaderModule({ code }), entryPoint: 'main' } });
+      const y = d.createBuffer({ size: 256, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+      const rb = d.createBuffer({ size: 256, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+      const bg = d.createBindGroup({ layout: pl.getBindGroupLayout(0), entries: [{ binding: 0, resource: { buffer: y } }] });
+      const trip = async (dispatch) => {
+        const e = d.createCommandEncoder();
+        if (dispatch) {
+          const pass = e.beginComputePass();
+          pass.setPipeline(pl);
+          pass.setBindGroup(0, bg);
+          pass.dispatchWorkgroups(1);
+          pass.end();
+        }
+        e.copyBufferToBuffer(y, 0, rb, 0, 16);
+        d.queue.submit([e.finish()]);
+        await rb.mapAsync(GPUMapMode.READ);
+        rb.unmap();
+      };
+      for (const [name, dispatch] of [['roundtrip', true], ['roundtrip_copy', false]]) {
+        await trip(dispatch);
+        const t = performance.now();
+        for (let k = 0; k < 20; k++) await trip(dispatch);
+        out[name] = { ms: (performance.now() - t) / 20 };
+      }
     }
     d.destroy();
     return out;
@@ -221,7 +254,7 @@ try {
     let pr = null;
     try {
       pr = await probe(page);
-      log(`  adapter probe: ${pr.tiny.us.toFixed(0)} us per dispatch; [512 x 128] matvec ${pr.rows.gbps.toFixed(2)} GB/s one row per invocation, ${pr.barrier.gbps.toFixed(2)} GB/s one row per workgroup with barriers (${pr.barrier.us.toFixed(0)} us)`);
+      log(`  adapter probe: ${pr.tiny.us.toFixed(0)} us per dispatch; [512 x 128] matvec ${pr.rows.gbps.toFixed(2)} GB/s one row per invocation, ${pr.barrier.gbps.toFixed(2)} GB/s one row per workgroup with barriers (${pr.barrier.us.toFixed(0)} us); submit + mapAsync ${f3(pr.roundtrip?.ms)} ms with one dispatch, ${f3(pr.roundtrip_copy?.ms)} ms a copy alone`);
       rows.probe = pr;
     } catch (e) {
       log(`  adapter probe failed: ${e.message.split('\n')[0]}`);
@@ -281,6 +314,6 @@ for (const { dtype, variant, prof } of rows) {
 }
 if (rows.probe) {
   const p = rows.probe;
-  console.log(`RESULT browser_probe dispatch_us=${p.tiny.us.toFixed(0)} matvec_512x128_us=${p.rows.us.toFixed(0)} matvec_512x128_gbps=${p.rows.gbps.toFixed(3)} matvec_512x128_barrier_us=${p.barrier.us.toFixed(0)} matvec_512x128_barrier_gbps=${p.barrier.gbps.toFixed(3)}`);
+  console.log(`RESULT browser_probe dispatch_us=${p.tiny.us.toFixed(0)} matvec_512x128_us=${p.rows.us.toFixed(0)} matvec_512x128_gbps=${p.rows.gbps.toFixed(3)} matvec_512x128_barrier_us=${p.barrier.us.toFixed(0)} matvec_512x128_barrier_gbps=${p.barrier.gbps.toFixed(3)} roundtrip_dispatch_map_ms=${f3(p.roundtrip?.ms)} roundtrip_copy_map_ms=${f3(p.roundtrip_copy?.ms)}`);
 }
 if (failed) process.exit(1);
