@@ -5,15 +5,20 @@
 //!   ([`GpuContext::new`] async, [`GpuContext::new_blocking`] natively);
 //!   adapter from `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` (/ `WGPU_POWER_PREF`),
 //!   the adapter's own limits, workgroup size `min(128, adapter limit)`
-//!   (`AIBLOCK_GPU_WG` overrides natively), readback (native `device.poll`,
-//!   browser `map_async` awaited through a oneshot channel).
+//!   (`AIBLOCK_GPU_WG` overrides natively), the barrier kernels' own size
+//!   (`attn_decode`, `expert_up`: 16 and 64 on the browser's WebGPU, where
+//!   SwiftShader's cost grows with the workgroup; `AIBLOCK_GPU_BARRIER_WG`
+//!   natively), readback (native `device.poll`, browser `map_async` awaited
+//!   through a oneshot channel).
 //! - one module per kernel in `shaders/`, each with its CPU reference and a
 //!   one-shot `run` beside it: [`matvec`], [`rmsnorm`], [`add`], [`embedding`],
 //!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down, float
 //!   and quantized), [`argmax`], and [`family`] (q/k/v biases and q/k norms,
 //!   the shared expert's gate: OLMoE, Qwen2-MoE, Qwen3-MoE).
 //!   Weights are stored transposed (`[in][out]`) so neighbouring invocations
-//!   read neighbouring words.
+//!   read neighbouring words. The decode kernels have `_v4` variants (four
+//!   outputs per invocation, weights read as vec4s, chosen where the shape
+//!   divides by 4): software adapters (SwiftShader, lavapipe) pay per load.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
 //!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
