@@ -23,7 +23,7 @@
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
 //!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
 //!   missing experts, and the expert pool).
-//! - [`bench`]: the fixed-length greedy decode the benchmarks time (native
+//! - [`bench`](mod@bench): the fixed-length greedy decode the benchmarks time (native
 //!   `gpu_engine`, `greedy_ids --fixed`, the page's `bench_decode`).
 //!
 //! # Using the engine (native and browser)
