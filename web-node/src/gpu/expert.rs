@@ -35,6 +35,8 @@ pub const SOURCE_DOWN_V4: &str = include_str!("../../../shaders/expert_down_v4.w
 pub const SOURCE_DOWN_F16_V4: &str = include_str!("../../../shaders/expert_down_f16_v4.wgsl");
 /// `expert_up_q8` with four intermediate rows per invocation.
 pub const SOURCE_UP_Q8_V4: &str = include_str!("../../../shaders/expert_up_q8_v4.wgsl");
+/// `expert_up_q4` with four intermediate rows per invocation.
+pub const SOURCE_UP_Q4_V4: &str = include_str!("../../../shaders/expert_up_q4_v4.wgsl");
 /// `expert_up_f16` with four intermediate rows per invocation.
 pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
 pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
@@ -267,7 +269,8 @@ impl ExpertUp {
     /// The variant reading a pool of `format` with `inter` intermediate rows
     /// per expert of `hidden` columns: four rows per invocation (vec4 loads)
     /// for float pools when `inter % 4 == 0` and `hidden % 4 == 0` and for
-    /// `q8_0` pools when `inter % 4 == 0`, one otherwise. Software adapters pay per load
+    /// quantized pools when `inter % 4 == 0` (always: `inter % 32 == 0`),
+    /// one otherwise. Software adapters pay per load
     /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
     pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
         let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
@@ -276,6 +279,9 @@ impl ExpertUp {
             PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
             PoolFormat::Quant(QuantFormat::Q8_0) if inter.is_multiple_of(4) => {
                 ("expert_up_q8_v4", SOURCE_UP_Q8_V4, 4)
+            }
+            PoolFormat::Quant(QuantFormat::Q4_0) if inter.is_multiple_of(4) => {
+                ("expert_up_q4_v4", SOURCE_UP_Q4_V4, 4)
             }
             PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16, 1),

@@ -100,6 +100,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("expert_up_q8", expert::SOURCE_UP_Q8),
     ("expert_up_v4", expert::SOURCE_UP_V4),
     ("expert_up_q8_v4", expert::SOURCE_UP_Q8_V4),
+    ("expert_up_q4_v4", expert::SOURCE_UP_Q4_V4),
     ("expert_down_v4", expert::SOURCE_DOWN_V4),
     ("expert_down_f16_v4", expert::SOURCE_DOWN_F16_V4),
     ("expert_up_f16_v4", expert::SOURCE_UP_F16_V4),
