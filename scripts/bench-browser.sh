@@ -7,6 +7,14 @@
 # bundle's size raw and compressed, and the block bytes downloaded before the
 # first token beside the whole model's.
 #
+# First, the fixed-length decode (issue 21, tests/e2e/decode_bench.mjs): N
+# tokens (BENCH_DECODE, default 64) after one prompt, EOS ignored, every
+# expert resident, f32/f16/q8_0/q4_0 (BENCH_DTYPES), in the page (WebGPU on
+# SwiftShader, window.wasmBindings.bench_decode) beside native lavapipe
+# (greedy_ids --fixed N), one `RESULT browser dtype=.. ms_per_token=..
+# native_lavapipe_ms_per_token=.. ratio=.. tokens_equal=..` line per format:
+#   BENCH_ONLY=decode ./scripts/bench-browser.sh     # only that part
+#
 # Builds: the relay (debug, as the tests), the native greedy_ids example
 # (release, for the native tokens/s), the web app
 # into dist/ (SIMD128, .cargo/config.toml) and, unless BENCH_NO_NOSIMD=1, a
@@ -15,7 +23,10 @@
 # compiles the wasm crates once more, a few minutes).
 #
 # Env: BENCH_TOKENS (default 16), BENCH_PROMPTS, BENCH_SKIP_BUILD=1 (use the
-# builds as they are), WGPU_ADAPTER_NAME (native adapter; default llvmpipe).
+# builds as they are), WGPU_ADAPTER_NAME (native adapter; default llvmpipe),
+# BENCH_ONLY=decode (the fixed-length decode only; skips the SIMD-less
+# build), BENCH_DECODE, BENCH_DTYPES, BENCH_ROUNDS, BENCH_VARIANTS
+# (decode_bench.mjs; e.g. BENCH_VARIANTS=fused_attn,fused,unfused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -30,7 +41,7 @@ if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     cargo build -p relay
     cargo build --release -p miner --example greedy_ids
     build_web
-    if [ "${BENCH_NO_NOSIMD:-0}" != 1 ]; then
+    if [ "${BENCH_NO_NOSIMD:-0}" != 1 ] && [ "${BENCH_ONLY:-}" != decode ]; then
         log "web app without SIMD128 -> $nosimd_dist"
         mkdir -p "$nosimd_dist"
         # RUSTFLAGS replaces .cargo/config.toml's target rustflags (+simd128).
@@ -51,4 +62,7 @@ export WGPU_ADAPTER_NAME="${WGPU_ADAPTER_NAME:-llvmpipe}"
 export AIBLOCK_RELAY_BIN="$target_dir/debug/relay"
 export AIBLOCK_GREEDY_IDS_BIN="$target_dir/release/examples/greedy_ids"
 export AIBLOCK_DIST="$PWD/dist"
-exec node tests/e2e/bench.mjs
+node tests/e2e/decode_bench.mjs
+if [ "${BENCH_ONLY:-}" != decode ]; then
+    exec node tests/e2e/bench.mjs
+fi

@@ -24,7 +24,8 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w13: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> g: array<f32>;
+// The norm weight as vec4s (hidden % 32 == 0 for quantized experts).
+@group(0) @binding(4) var<storage, read> g: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> route: array<u32>;
 @group(0) @binding(6) var<storage, read_write> act: array<f32>;
 @group(0) @binding(7) var<storage, read> slots: array<u32>;
@@ -36,19 +37,36 @@ override WG: u32 = 64u;
 // shares part[head][c] (n_tok = 1); larger rows are read from x directly
 // (n_part = 0 then).
 const MAX_HIDDEN: u32 = 2048u;
-var<workgroup> xs: array<f32, MAX_HIDDEN>;
+// As vec4s: the main loop reads four columns per load (software adapters
+// pay per load).
+var<workgroup> xs: array<vec4<f32>, 512>;
 
 fn xin(xb: u32, c: u32) -> f32 {
-    if (p.hidden <= MAX_HIDDEN) { return xs[c]; }
+    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u][c & 3u]; }
     return x[xb + c];
+}
+
+// Columns c..c+3 (c % 4 == 0) of the token's input row.
+fn xin4(xb: u32, c: u32) -> vec4<f32> {
+    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u]; }
+    return vec4<f32>(x[xb + c], x[xb + c + 1u], x[xb + c + 2u], x[xb + c + 3u]);
+}
+
+fn gw(c: u32) -> f32 {
+    return g[c >> 2u][c & 3u];
 }
 
 fn stage_x(t: u32, lid: u32) {
     if (p.hidden <= MAX_HIDDEN) {
-        for (var c = lid; c < p.hidden; c += WG) {
-            var v = x[t * p.hidden + c];
-            for (var hh = 0u; hh < p.n_part; hh++) { v += part[hh * p.hidden + c]; }
-            xs[c] = v;
+        for (var c4 = lid; c4 < p.hidden / 4u; c4 += WG) {
+            let c = 4u * c4;
+            let b = t * p.hidden + c;
+            var v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+            for (var hh = 0u; hh < p.n_part; hh++) {
+                let pb = hh * p.hidden + c;
+                v += vec4<f32>(part[pb], part[pb + 1u], part[pb + 2u], part[pb + 3u]);
+            }
+            xs[c4] = v;
         }
         workgroupBarrier();
     }
@@ -82,7 +100,7 @@ fn route_token(t: u32, lid: u32, write: bool) {
         let e = u / parts;
         var acc = 0.0;
         for (var c = u % parts; c < p.hidden; c += parts) {
-            acc += gate[c * ne + e] * (xin(xb, c) * g[c]);
+            acc += gate[c * ne + e] * (xin(xb, c) * gw(c));
         }
         r_part[u] = acc;
     }
@@ -148,11 +166,11 @@ fn scale(sb: u32, rh: u32, gi: u32, r: u32) -> f32 {
 }
 
 fn xv4(xb: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(xin(xb, c), xin(xb, c + 1u), xin(xb, c + 2u), xin(xb, c + 3u));
+    return xin4(xb, c);
 }
 
 fn g4(c: u32) -> vec4<f32> {
-    return vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+    return g[c >> 2u];
 }
 
 // With the expert pool partly resident (save_x > 0): the token's first

@@ -513,11 +513,16 @@ export function modelDir() {
  * Native greedy decoding (miner example greedy_ids): resolves { ids, text,
  * decode_tokens_per_s, first_token_ms, ... }, or null without the binary.
  */
-export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, runs = 1 } = {}) {
+export function nativeGreedy(prompt, maxTokens, { device = 'cpu', threads = 1, runs = 1, fixed = false, dtype = null, variant = null } = {}) {
   const bin = exampleBin('greedy_ids');
   if (!bin || !fs.existsSync(path.join(modelDir(), 'config.json'))) return Promise.resolve(null);
   const args = ['--model', modelDir(), '--prompt', prompt, '--max-tokens', String(maxTokens), '--device', device, '--runs', String(runs)];
   if (device === 'cpu' && threads) args.push('--threads', String(threads));
+  // Fixed length: exactly maxTokens tokens, EOS ignored (on the GPU: the
+  // page's bench_decode loop, every expert resident in dtype).
+  if (fixed) args.push('--fixed', String(maxTokens));
+  if (dtype) args.push('--dtype', dtype);
+  if (variant) args.push('--variant', variant);
   return new Promise((resolve, reject) => {
     const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';

@@ -21,6 +21,10 @@
 //    button stops an answer.
 // 6. the page's own counts (cache panel, experts held, the chat's summary)
 //    agree with what it holds, after an answer and after a reload.
+// 7. a fresh browser copies words no training example contained.
+// 8. the page's fixed-length decode (window.wasmBindings.bench_decode, the
+//    browser decode benchmark's entry point) gives N tokens, EOS ignored,
+//    equal to the native CPU reference's; bad input is refused.
 // Screenshots go to target/e2e/node-*.png.
 //
 // Env: as verify.mjs, plus AIBLOCK_E2E_ENGINE (gpu|cpu: the engine browser
@@ -34,7 +38,7 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 import {
-  CHROMIUM_ARGS, ask, chromiumPath, get, getJson, listChain, nativeGreedy, outDir, readNode,
+  CHROMIUM_ARGS, ask, chromiumPath, get, getJson, listChain, modelDir, nativeGreedy, outDir, readNode,
   numberedTests, sleep, startCorruptPeer, startRelay, trackWire, unseenWords, until,
 } from './lib.mjs';
 
@@ -446,6 +450,44 @@ try {
       await shot(page, 'node-new-words.png');
     } finally {
       await ctx.close();
+    }
+  });
+  await test(8, "the page's fixed-length decode (bench_decode, WebGPU, EOS ignored) gives the native CPU reference's tokens", async () => {
+    // The entry point of the browser decode benchmark (tests/e2e/decode_bench.mjs):
+    // every expert fetched and resident, a warm-up and a timed run whose
+    // tokens must agree, here checked against the CPU reference.
+    const n = Number(process.env.AIBLOCK_E2E_FIXED_TOKENS || 32);
+    const want = await nativeGreedy(PROMPT, n, { fixed: true });
+    let ctx = null;
+    try {
+      let page = b1?.page;
+      if (!page) {
+        ctx = await browser.newContext({ viewport: VIEWPORT });
+        page = (await openNode(ctx, `${relay.base}/`)).page;
+      }
+      const gpu = await page.evaluate(async () => !!(navigator.gpu && await navigator.gpu.requestAdapter()));
+      if (!gpu) {
+        assert.notEqual(process.env.AIBLOCK_REQUIRE_GPU, '1', 'no WebGPU adapter in this Chromium');
+        console.log('  SKIPPED: no WebGPU adapter in this Chromium');
+        return;
+      }
+      const r = JSON.parse(await page.evaluate(([p, k]) => window.wasmBindings.bench_decode(p, k, 'f32', 1), [PROMPT, n]));
+      console.log(`  ${n} tokens on ${r.adapter}: [${r.tokens}] (${r.ms_per_token.toFixed(2)} ms/token, ${r.dispatches_per_token} dispatches per token; native CPU [${want?.ids}])`);
+      assert.equal(r.tokens.length, n, 'not exactly n tokens');
+      assert.equal(r.dispatches_per_token > 0 && r.submissions_per_token > 0, true, 'no engine counters');
+      if (want) assert.deepEqual(r.tokens, want.ids, 'fixed-length tokens differ from the native CPU reference');
+      // EOS ignored: the answer (test 1's, which stops at EOS) goes on past it.
+      const eos = JSON.parse(fs.readFileSync(path.join(modelDir(), 'config.json'), 'utf8')).eos_token_id;
+      if (native?.stop === 'Eos') {
+        assert.deepEqual(r.tokens.slice(0, native.ids.length + 1), [...native.ids, eos], 'the fixed-length decode does not continue past the answer\'s EOS');
+      }
+      // Bad input is refused with a reason, and the page stays usable.
+      const bad = await page.evaluate(([p]) => window.wasmBindings.bench_decode(p, 4, 'f64', 1).then(() => 'resolved', (e) => String(e.message ?? e)), [PROMPT]);
+      assert.match(bad, /unknown weight format/, 'a bad dtype is not refused');
+      const long = await page.evaluate(([p]) => window.wasmBindings.bench_decode(p, 100000, 'f32', 1).then(() => 'resolved', (e) => String(e.message ?? e)), [PROMPT]);
+      assert.match(long, /do not fit the context/, 'a decode past the context is not refused');
+    } finally {
+      if (ctx) await ctx.close();
     }
   });
 } finally {

@@ -39,6 +39,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use web_node::gpu::bench;
 use web_node::gpu::kernel::{f32_bytes, step_buffer, Step};
 use web_node::gpu::matvec::{self, Matvec};
 use web_node::gpu::{Engine, EngineOptions, EngineStats, GpuContext, PoolFormat, WeightFormat};
@@ -152,9 +153,10 @@ struct Measured {
 }
 
 /// Fixed-length decode: prefill `prompt` (from an empty cache), then `n`
-/// greedy tokens in all, one step each, EOS ignored. Returns the tokens,
-/// (wall, CPU) seconds per decoded token, and (the decode's counters,
-/// prefill tok/s).
+/// greedy tokens in all, one step each, EOS ignored (the loop the page's
+/// `bench_decode` and `greedy_ids --fixed` run too:
+/// `web_node::gpu::bench::decode_fixed`). Returns the tokens, (wall, CPU)
+/// seconds per decoded token, and (the decode's counters, prefill tok/s).
 fn decode_fixed<S: Supply + ?Sized>(
     gpu: &mut Engine,
     src: &mut S,
@@ -162,20 +164,14 @@ fn decode_fixed<S: Supply + ?Sized>(
     n: usize,
     opts: &RunOptions,
 ) -> anyhow::Result<Decoded> {
-    gpu.reset();
-    let t = Instant::now();
-    let mut tok = gpu.next_token(src, prompt, opts)?;
-    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-    gpu.reset_stats();
-    let mut out = vec![tok];
-    let (t, c) = (Instant::now(), cpu_s());
-    while out.len() < n {
-        tok = gpu.next_token(src, &[tok], opts)?;
-        out.push(tok);
-    }
-    let per = t.elapsed().as_secs_f64() / (n - 1).max(1) as f64;
-    let cpu = (cpu_s() - c) / (n - 1).max(1) as f64;
-    Ok((out, (per, cpu), (gpu.stats().clone(), prefill)))
+    let m = pollster::block_on(bench::decode_fixed(gpu, src, prompt, n, opts, || {
+        (Instant::now(), cpu_s())
+    }))?;
+    let steps = (n - 1).max(1) as f64;
+    let prefill = prompt.len() as f64 / (m.prefilled.0 - m.start.0).as_secs_f64();
+    let per = (m.end.0 - m.prefilled.0).as_secs_f64() / steps;
+    let cpu = (m.end.1 - m.prefilled.1) / steps;
+    Ok((m.tokens, (per, cpu), (m.stats, prefill)))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -9,7 +9,9 @@
 //! * [`fetch`]: REST, payloads chunk by chunk, the engine's supply.
 //! * HTML: [`crate::view`] (plain Rust, native tests).
 //! * [`chat`]: the chat form on [`crate::model::generate::generate_async`].
+//! * [`bench`]: `bench_decode`, the fixed-length decode benchmark's entry point.
 
+mod bench;
 mod cache;
 mod chat;
 mod device;

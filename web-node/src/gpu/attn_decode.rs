@@ -25,6 +25,9 @@ use super::qkv_rope::{self, pack_qkv, QkvShape};
 
 pub const SOURCE: &str = include_str!("../../../shaders/attn_decode.wgsl");
 pub const SOURCE_F16: &str = include_str!("../../../shaders/attn_decode_f16.wgsl");
+/// The kernels with weight loads four at a time ([`vec4_fits`]).
+pub const SOURCE_V4: &str = include_str!("../../../shaders/attn_decode_v4.wgsl");
+pub const SOURCE_F16_V4: &str = include_str!("../../../shaders/attn_decode_f16_v4.wgsl");
 
 /// `MAX_HIDDEN` and `MAX_HEAD_DIM` of the shader (its workgroup arrays).
 pub const MAX_HIDDEN: usize = 2048;
@@ -74,23 +77,32 @@ pub fn part_bytes(n_heads: usize, hidden: usize, max_seq: usize) -> u64 {
 #[derive(Debug)]
 pub struct AttnDecode(pub Kernel);
 
+/// Whether the shape takes the `_v4` kernels (weights read four at a time:
+/// four projection rows and four o_proj outputs per invocation), which need
+/// `head_dim % 8 == 0` (four RoPE pairs) and `hidden % 4 == 0` (Wo's rows
+/// in whole vec4s). Software adapters pay per load (SwiftShader: a quarter
+/// of the loads, several times faster); hardware ones lose nothing.
+pub fn vec4_fits(hidden: usize, head_dim: usize) -> bool {
+    head_dim.is_multiple_of(8) && hidden.is_multiple_of(4)
+}
+
 impl AttnDecode {
-    /// The variant reading `w` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        match format {
-            WeightFormat::F32 => Self(Kernel::new_uninit_workgroup(
-                ctx,
-                "attn_decode",
-                SOURCE,
-                None,
-            )),
-            WeightFormat::F16 => Self(Kernel::new_uninit_workgroup(
-                ctx,
-                "attn_decode_f16",
-                SOURCE_F16,
-                None,
-            )),
-        }
+    /// The variant reading `w` in `format` for a `hidden` x `head_dim`
+    /// shape: the `_v4` kernels when [`vec4_fits`].
+    pub fn with_format(
+        ctx: &GpuContext,
+        format: WeightFormat,
+        hidden: usize,
+        head_dim: usize,
+    ) -> Self {
+        let v4 = vec4_fits(hidden, head_dim);
+        let (name, src) = match (format, v4) {
+            (WeightFormat::F32, false) => ("attn_decode", SOURCE),
+            (WeightFormat::F16, false) => ("attn_decode_f16", SOURCE_F16),
+            (WeightFormat::F32, true) => ("attn_decode_v4", SOURCE_V4),
+            (WeightFormat::F16, true) => ("attn_decode_f16_v4", SOURCE_F16_V4),
+        };
+        Self(Kernel::new_barrier(ctx, name, src))
     }
     /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
@@ -162,7 +174,7 @@ pub async fn run(
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), GpuError> {
     let (qd, kvd, hd) = (s.n_heads * s.head_dim, s.n_kv * s.head_dim, s.head_dim);
     let max_seq = pos0 + 1;
-    if !fits(s.hidden, hd, ctx.workgroup_size)
+    if !fits(s.hidden, hd, ctx.barrier_workgroup_size)
         || x.len() != s.hidden
         || s.n_kv == 0
         || !s.n_heads.is_multiple_of(s.n_kv)
@@ -173,7 +185,7 @@ pub async fn run(
     {
         return Err(GpuError::Input("attn_decode: shape mismatch".into()));
     }
-    let kern = AttnDecode::with_format(ctx, format);
+    let kern = AttnDecode::with_format(ctx, format, s.hidden, hd);
     let p = Params {
         hidden: s.hidden as u32,
         n_heads: s.n_heads as u32,

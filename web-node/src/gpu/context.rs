@@ -34,6 +34,41 @@ pub struct GpuContext {
     /// Invocations per workgroup used by the kernels (passed as the `WG`
     /// pipeline-overridable constant).
     pub workgroup_size: u32,
+    /// Invocations per workgroup of the decode kernels that synchronise a
+    /// workgroup (`attn_decode`, `expert_up`: workgroup barriers, one
+    /// workgroup per head or per token). [`barrier_workgroup_size`] of the
+    /// adapter; `AIBLOCK_GPU_BARRIER_WG` overrides natively. In the browser
+    /// `expert_up` has its own ([`GpuContext::expert_up_workgroup_size`]).
+    pub barrier_workgroup_size: u32,
+}
+
+/// Workgroup size of the barrier kernels on the browser's WebGPU, whose
+/// adapter may be SwiftShader (Chromium's CPU fallback, unnamed to the page).
+pub const BROWSER_BARRIER_WORKGROUP: u32 = 16;
+
+/// `expert_up`'s workgroup size on the browser's WebGPU: on SwiftShader its
+/// vec4 kernel took 1.20 ms per dispatch at 16, 0.70 at 32, 0.58 at 64, 1.01
+/// at 128 invocations (the model's shape, 2 of 8 experts routed in-kernel).
+pub const BROWSER_EXPERT_UP_WORKGROUP: u32 = 64;
+
+/// The barrier kernels' workgroup size for `backend` given the kernels'
+/// `workgroup_size`. SwiftShader runs each group of 4 invocations of a
+/// workgroup with barriers as a coroutine, and its cost grows with the
+/// workgroup size, not the work: attn_decode at the model's shape (hidden
+/// 128, 4 heads of 32) took 1.70 ms per dispatch with 128 invocations, 1.05
+/// ms with 64, 0.77 ms with 32, 0.38 ms with 16 (same work). The page cannot
+/// tell SwiftShader from a GPU, so in the browser these kernels use
+/// [`BROWSER_BARRIER_WORKGROUP`] (one workgroup per head or token does little
+/// work either way); native adapters keep `workgroup_size`.
+///
+/// `expert_up` (one token's rows over several workgroups, each routing the
+/// token itself) is cheapest at [`BROWSER_EXPERT_UP_WORKGROUP`] there
+/// instead: fewer workgroups repeat the router ([`GpuContext::expert_up_workgroup_size`]).
+pub fn barrier_workgroup_size(backend: wgpu::Backend, workgroup_size: u32) -> u32 {
+    match backend {
+        wgpu::Backend::BrowserWebGpu => BROWSER_BARRIER_WORKGROUP.min(workgroup_size),
+        _ => workgroup_size,
+    }
 }
 
 impl GpuContext {
@@ -83,10 +118,22 @@ impl GpuContext {
                 .min(limits.max_compute_workgroup_size_x);
         }
         workgroup_size = workgroup_size.max(1);
+        #[allow(unused_mut)]
+        let mut barrier_wg = barrier_workgroup_size(info.backend, workgroup_size);
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(wg) = std::env::var("AIBLOCK_GPU_BARRIER_WG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            barrier_wg = wg
+                .clamp(1, limits.max_compute_invocations_per_workgroup)
+                .min(limits.max_compute_workgroup_size_x);
+        }
         tracing::info!(
             adapter = %info.name,
             backend = ?info.backend,
             workgroup_size,
+            barrier_wg,
             max_storage_binding = limits.max_storage_buffer_binding_size,
             "gpu context ready"
         );
@@ -96,7 +143,18 @@ impl GpuContext {
             info,
             limits,
             workgroup_size,
+            barrier_workgroup_size: barrier_wg,
         })
+    }
+
+    /// `expert_up`'s workgroup size: [`BROWSER_EXPERT_UP_WORKGROUP`] on the
+    /// browser's WebGPU (unless the barrier kernels' size was set smaller),
+    /// else [`GpuContext::barrier_workgroup_size`].
+    pub fn expert_up_workgroup_size(&self) -> u32 {
+        match self.info.backend {
+            wgpu::Backend::BrowserWebGpu => BROWSER_EXPERT_UP_WORKGROUP.min(self.workgroup_size),
+            _ => self.barrier_workgroup_size,
+        }
     }
 
     /// True for CPU implementations (lavapipe/llvmpipe, SwiftShader, WARP).

@@ -239,6 +239,9 @@ struct Kernels {
     shared: Option<SharedKernels>,
     attn: Attention,
     mv: Matvec,
+    /// The lm_head ([`Matvec::for_rows`]: four rows per invocation when
+    /// `vocab % 4 == 0`).
+    head: Matvec,
     router: Router,
     up: ExpertUp,
     down: ExpertDown,
@@ -634,19 +637,20 @@ impl Engine {
                 && opts.fused_attention
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
-                && attn_decode::fits(h, hd, c.workgroup_size))
-            .then(|| AttnDecode::with_format(c, fmt)),
+                && attn_decode::fits(h, hd, c.barrier_workgroup_size))
+            .then(|| AttnDecode::with_format(c, fmt, h, hd)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
-                up: ExpertUp::for_pool(c, f),
-                down: ExpertDown::for_pool(c, f),
+                up: ExpertUp::for_pool(c, f, h, sh_i),
+                down: ExpertDown::for_pool(c, f, h),
             }),
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
+            head: Matvec::for_rows(c, fmt, v),
             router: Router::new(c),
-            up: ExpertUp::for_pool(c, pool_format),
-            down: ExpertDown::for_pool(c, pool_format),
+            up: ExpertUp::for_pool(c, pool_format, h, i),
+            down: ExpertDown::for_pool(c, pool_format, h),
             argmax: Argmax::new(c),
             argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),
             route_fused,
@@ -1018,10 +1022,12 @@ impl Engine {
             });
         }
         let bg_embed = k.embed.bind(c, &[&step, &ub_embed, &embed_t, &tokens, &x]);
-        let bg_head_last =
-            k.mv.bind(c, &step, &ub_head_last, &head_t, &x, &norm, &logits_last);
-        let bg_head_all =
-            k.mv.bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
+        let bg_head_last = k
+            .head
+            .bind(c, &step, &ub_head_last, &head_t, &x, &norm, &logits_last);
+        let bg_head_all = k
+            .head
+            .bind(c, &step, &ub_head_all, &head_t, &x, &norm, &logits_all);
         let bg_argmax = k.argmax.bind(c, &ub_argmax, &logits_last, &argmax_out);
         let ub_argmax_embed = u(
             "p_argmax_embed",
@@ -1609,13 +1615,13 @@ impl Engine {
                     None
                 } else if run.want == Want::AllLogits {
                     self.k
-                        .mv
+                        .head
                         .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n);
                     self.stats.dispatches += 1;
                     Some((&self.logits_all, (run.n * v * 4) as u64))
                 } else if last {
                     self.k
-                        .mv
+                        .head
                         .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n);
                     self.stats.dispatches += 1;
                     if run.want == Want::Greedy {

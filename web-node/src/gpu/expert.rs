@@ -25,6 +25,20 @@ pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16
 pub const SOURCE_UP_Q8: &str = include_str!("../../../shaders/expert_up_q8.wgsl");
 pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
 pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl");
+/// `expert_up` with four intermediate rows per invocation (f32 weights read
+/// as vec4s), for `inter % 4 == 0`.
+pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
+/// `expert_down` with four outputs per invocation (f32 weights read as
+/// vec4s), for `hidden % 4 == 0`.
+pub const SOURCE_DOWN_V4: &str = include_str!("../../../shaders/expert_down_v4.wgsl");
+/// `expert_down_f16` with four outputs per invocation.
+pub const SOURCE_DOWN_F16_V4: &str = include_str!("../../../shaders/expert_down_f16_v4.wgsl");
+/// `expert_up_q8` with four intermediate rows per invocation.
+pub const SOURCE_UP_Q8_V4: &str = include_str!("../../../shaders/expert_up_q8_v4.wgsl");
+/// `expert_up_q4` with four intermediate rows per invocation.
+pub const SOURCE_UP_Q4_V4: &str = include_str!("../../../shaders/expert_up_q4_v4.wgsl");
+/// `expert_up_f16` with four intermediate rows per invocation.
+pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
 pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
 
 /// Most experts per layer the router fused into `expert_up` handles (its
@@ -221,40 +235,73 @@ pub struct Params {
     pub save_x: u32,
 }
 
+/// `expert_up`: `lanes` intermediate rows per invocation (4: the vec4
+/// variant, for float pools when `inter % 4 == 0`; 1 otherwise).
 #[derive(Debug)]
-pub struct ExpertUp(pub Kernel);
+pub struct ExpertUp {
+    pub kernel: Kernel,
+    pub lanes: u32,
+}
+/// `expert_down`: `lanes` outputs per invocation (4: the vec4 variant, for
+/// float pools when `hidden % 4 == 0`; 1 otherwise).
 #[derive(Debug)]
-pub struct ExpertDown(pub Kernel);
+pub struct ExpertDown {
+    pub kernel: Kernel,
+    pub lanes: u32,
+}
 
 impl ExpertUp {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self::with_format(ctx, WeightFormat::F32)
+    /// The variant reading f32 `w13` with `inter` intermediate rows.
+    pub fn new(ctx: &GpuContext, hidden: usize, inter: usize) -> Self {
+        Self::with_format(ctx, WeightFormat::F32, hidden, inter)
     }
 
     /// The variant reading `w13` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format))
+    pub fn with_format(
+        ctx: &GpuContext,
+        format: WeightFormat,
+        hidden: usize,
+        inter: usize,
+    ) -> Self {
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter)
     }
 
-    /// The variant reading a pool of `format`.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
-        let (name, src) = match format {
-            PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP),
-            PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4),
+    /// The variant reading a pool of `format` with `inter` intermediate rows
+    /// per expert of `hidden` columns: four rows per invocation (vec4 loads)
+    /// for float pools when `inter % 4 == 0` and `hidden % 4 == 0` and for
+    /// quantized pools when `inter % 4 == 0` (always: `inter % 32 == 0`),
+    /// one otherwise. Software adapters pay per load
+    /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
+        let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
+        let (name, src, lanes) = match format {
+            PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
+            PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
+            PoolFormat::Quant(QuantFormat::Q8_0) if inter.is_multiple_of(4) => {
+                ("expert_up_q8_v4", SOURCE_UP_Q8_V4, 4)
+            }
+            PoolFormat::Quant(QuantFormat::Q4_0) if inter.is_multiple_of(4) => {
+                ("expert_up_q4_v4", SOURCE_UP_Q4_V4, 4)
+            }
+            PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8, 1),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4, 1),
         };
         // Every workgroup array element it reads, it wrote first.
-        Self(Kernel::new_uninit_workgroup(ctx, name, src, None))
+        Self {
+            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, ctx.expert_up_workgroup_size()),
+            lanes,
+        }
     }
     /// Bindings: step, params, w13 (pool), x, g, route, act, slot table,
     /// router gate (`[hidden][n_experts]`, read when `route_in`; any other
     /// read-only buffer otherwise), o_proj shares `part` (read when
     /// `n_part > 0`; any other read-only buffer otherwise).
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
-        self.0.bind(ctx, &b)
+        self.kernel.bind(ctx, &b)
     }
-    /// Workgroups of one token each: `ceil(k * inter / wg)` per token.
+    /// Workgroups of one token each: `ceil(k * inter / lanes / wg)` per token.
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -263,36 +310,50 @@ impl ExpertUp {
         n_tok: u32,
         k: u32,
     ) {
-        let per_tok = (u64::from(k) * u64::from(p.inter)).div_ceil(u64::from(self.0.wg));
-        self.0.dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
+        let per_tok =
+            (u64::from(k) * u64::from(p.inter / self.lanes)).div_ceil(u64::from(self.kernel.wg));
+        self.kernel
+            .dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
     }
 }
 
 impl ExpertDown {
-    pub fn new(ctx: &GpuContext) -> Self {
-        Self::with_format(ctx, WeightFormat::F32)
+    /// The variant reading f32 `w2` for `hidden` outputs.
+    pub fn new(ctx: &GpuContext, hidden: usize) -> Self {
+        Self::with_format(ctx, WeightFormat::F32, hidden)
     }
 
     /// The variant reading `w2` in `format`.
-    pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format))
+    pub fn with_format(ctx: &GpuContext, format: WeightFormat, hidden: usize) -> Self {
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden)
     }
 
-    /// The variant reading a pool of `format`.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat) -> Self {
-        let (name, src) = match format {
-            PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN),
-            PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4),
+    /// The variant reading a pool of `format` for `hidden` outputs: four
+    /// outputs per invocation (vec4 loads) for float pools when
+    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]).
+    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize) -> Self {
+        let v4 = hidden.is_multiple_of(4);
+        let (name, src, lanes) = match format {
+            PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_down_v4", SOURCE_DOWN_V4, 4),
+            PoolFormat::Float(WeightFormat::F16) if v4 => {
+                ("expert_down_f16_v4", SOURCE_DOWN_F16_V4, 4)
+            }
+            PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN, 1),
+            PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8, 1),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4, 1),
         };
-        Self(Kernel::new(ctx, name, src, None))
+        Self {
+            kernel: Kernel::new(ctx, name, src, None),
+            lanes,
+        }
     }
     /// Bindings: step, params, w2 (pool), act, route, x, slot table, o_proj
     /// shares `part` (as for [`ExpertUp::bind`]).
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 8]) -> wgpu::BindGroup {
-        self.0.bind(ctx, &b)
+        self.kernel.bind(ctx, &b)
     }
+    /// `n_tok * hidden / lanes` invocations.
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -300,8 +361,11 @@ impl ExpertDown {
         p: &Params,
         n_tok: u32,
     ) {
-        self.0
-            .dispatch(pass, bg, u64::from(n_tok) * u64::from(p.hidden));
+        self.kernel.dispatch(
+            pass,
+            bg,
+            u64::from(n_tok) * u64::from(p.hidden / self.lanes),
+        );
     }
 }
 
@@ -479,8 +543,8 @@ async fn run_blocks(
     {
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::for_pool(ctx, format);
-    let down = ExpertDown::for_pool(ctx, format);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,
@@ -586,8 +650,8 @@ pub async fn run_routed(
         .map(|e| format.encode_expert(e, hidden, inter))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
-    let up = ExpertUp::for_pool(ctx, format);
-    let down = ExpertDown::for_pool(ctx, format);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
         inter: inter as u32,

@@ -59,6 +59,22 @@ impl Kernel {
         Self::build(ctx, name, source, fixed_wg, false)
     }
 
+    /// [`Kernel::new_uninit_workgroup`] with `WG` set to
+    /// [`GpuContext::barrier_workgroup_size`] (the barrier kernels).
+    pub fn new_barrier(ctx: &GpuContext, name: &'static str, source: &str) -> Self {
+        Self::new_uninit_workgroup_wg(ctx, name, source, ctx.barrier_workgroup_size)
+    }
+
+    /// [`Kernel::new_uninit_workgroup`] with `WG` set to `wg`.
+    pub fn new_uninit_workgroup_wg(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        wg: u32,
+    ) -> Self {
+        Self::build_wg(ctx, name, source, None, false, wg)
+    }
+
     fn build(
         ctx: &GpuContext,
         name: &'static str,
@@ -66,13 +82,31 @@ impl Kernel {
         fixed_wg: Option<u32>,
         zero_workgroup_memory: bool,
     ) -> Self {
+        Self::build_wg(
+            ctx,
+            name,
+            source,
+            fixed_wg,
+            zero_workgroup_memory,
+            ctx.workgroup_size,
+        )
+    }
+
+    fn build_wg(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        fixed_wg: Option<u32>,
+        zero_workgroup_memory: bool,
+        overridable_wg: u32,
+    ) -> Self {
         let module = ctx
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(name),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             });
-        let wg = fixed_wg.unwrap_or(ctx.workgroup_size);
+        let wg = fixed_wg.unwrap_or(overridable_wg);
         let constants: Vec<(&str, f64)> = if fixed_wg.is_none() {
             vec![("WG", f64::from(wg))]
         } else {

@@ -10,6 +10,9 @@ use super::kernel::{
 
 pub const SOURCE: &str = include_str!("../../../shaders/matvec.wgsl");
 pub const SOURCE_F16: &str = include_str!("../../../shaders/matvec_f16.wgsl");
+/// Four output rows per invocation, W read as vec4s (`rows % 4 == 0`).
+pub const SOURCE_V4: &str = include_str!("../../../shaders/matvec_v4.wgsl");
+pub const SOURCE_F16_V4: &str = include_str!("../../../shaders/matvec_f16_v4.wgsl");
 
 /// Accumulate into `y` (residual add).
 pub const ACCUMULATE: u32 = 1;
@@ -27,8 +30,10 @@ pub struct Params {
     pub eps: f32,
 }
 
+/// `lanes` output rows per invocation: 4 for the `_v4` kernels
+/// ([`Matvec::for_rows`]), 1 otherwise.
 #[derive(Debug)]
-pub struct Matvec(pub Kernel);
+pub struct Matvec(pub Kernel, pub u32);
 
 impl Matvec {
     pub fn new(ctx: &GpuContext) -> Self {
@@ -38,8 +43,21 @@ impl Matvec {
     /// The variant reading `w` in `format` (see [`WeightFormat::encode`]).
     pub fn with_format(ctx: &GpuContext, format: WeightFormat) -> Self {
         match format {
-            WeightFormat::F32 => Self(Kernel::new(ctx, "matvec", SOURCE, None)),
-            WeightFormat::F16 => Self(Kernel::new(ctx, "matvec_f16", SOURCE_F16, None)),
+            WeightFormat::F32 => Self(Kernel::new(ctx, "matvec", SOURCE, None), 1),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "matvec_f16", SOURCE_F16, None), 1),
+        }
+    }
+
+    /// The variant for a matrix of `rows` outputs only: the `_v4` kernels
+    /// (four rows per invocation, a quarter of the loads; software adapters
+    /// pay per load) when `rows % 4 == 0`, else [`Matvec::with_format`].
+    pub fn for_rows(ctx: &GpuContext, format: WeightFormat, rows: usize) -> Self {
+        if !rows.is_multiple_of(4) {
+            return Self::with_format(ctx, format);
+        }
+        match format {
+            WeightFormat::F32 => Self(Kernel::new(ctx, "matvec_v4", SOURCE_V4, None), 4),
+            WeightFormat::F16 => Self(Kernel::new(ctx, "matvec_f16_v4", SOURCE_F16_V4, None), 4),
         }
     }
 
@@ -66,7 +84,8 @@ impl Matvec {
         n_tok: u32,
     ) {
         let n = if p.flags & LAST_ONLY != 0 { 1 } else { n_tok };
-        self.0.dispatch(pass, bg, u64::from(n) * u64::from(p.rows));
+        self.0
+            .dispatch(pass, bg, u64::from(n) * u64::from(p.rows / self.1));
     }
 }
 
@@ -133,7 +152,7 @@ pub async fn run_format(
     if w.len() != rows * cols || x.len() != n * cols {
         return Err(GpuError::Input("matvec: shape mismatch".into()));
     }
-    let k = Matvec::with_format(ctx, format);
+    let k = Matvec::for_rows(ctx, format, rows);
     let flags = if g.is_some() { NORM } else { 0 } | if y0.is_some() { ACCUMULATE } else { 0 };
     let p = Params {
         rows: rows as u32,

@@ -5,19 +5,26 @@
 //!   ([`GpuContext::new`] async, [`GpuContext::new_blocking`] natively);
 //!   adapter from `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` (/ `WGPU_POWER_PREF`),
 //!   the adapter's own limits, workgroup size `min(128, adapter limit)`
-//!   (`AIBLOCK_GPU_WG` overrides natively), readback (native `device.poll`,
-//!   browser `map_async` awaited through a oneshot channel).
+//!   (`AIBLOCK_GPU_WG` overrides natively), the barrier kernels' own size
+//!   (`attn_decode`, `expert_up`: 16 and 64 on the browser's WebGPU, where
+//!   SwiftShader's cost grows with the workgroup; `AIBLOCK_GPU_BARRIER_WG`
+//!   natively), readback (native `device.poll`, browser `map_async` awaited
+//!   through a oneshot channel).
 //! - one module per kernel in `shaders/`, each with its CPU reference and a
 //!   one-shot `run` beside it: [`matvec`], [`rmsnorm`], [`add`], [`embedding`],
 //!   [`qkv_rope`], [`attention`], [`router`], [`expert`] (up + down, float
 //!   and quantized), [`argmax`], and [`family`] (q/k/v biases and q/k norms,
 //!   the shared expert's gate: OLMoE, Qwen2-MoE, Qwen3-MoE).
 //!   Weights are stored transposed (`[in][out]`) so neighbouring invocations
-//!   read neighbouring words.
+//!   read neighbouring words. The decode kernels have `_v4` variants (four
+//!   outputs per invocation, weights read as vec4s, chosen where the shape
+//!   divides by 4): software adapters (SwiftShader, lavapipe) pay per load.
 //! - [`engine`]: [`Engine`], the forward pass as a sans-IO
 //!   [`crate::model::Engine`] (see its module docs for the per-chunk
 //!   schedule, `4 * layers + 3` dispatches per decoded token, how a step pauses for
 //!   missing experts, and the expert pool).
+//! - [`bench`](mod@bench): the fixed-length greedy decode the benchmarks time (native
+//!   `gpu_engine`, `greedy_ids --fixed`, the page's `bench_decode`).
 //!
 //! # Using the engine (native and browser)
 //!
@@ -53,6 +60,7 @@ pub mod add;
 pub mod argmax;
 pub mod attention;
 pub mod attn_decode;
+pub mod bench;
 pub mod context;
 pub mod embedding;
 pub mod engine;
@@ -78,6 +86,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("argmax_embed", argmax::SOURCE_EMBED),
     ("attn_decode", attn_decode::SOURCE),
     ("attn_decode_f16", attn_decode::SOURCE_F16),
+    ("attn_decode_v4", attn_decode::SOURCE_V4),
+    ("attn_decode_f16_v4", attn_decode::SOURCE_F16_V4),
     ("attention", attention::SOURCE),
     ("embedding", embedding::SOURCE),
     ("expert_down", expert::SOURCE_DOWN),
@@ -88,8 +98,16 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("expert_up_f16", expert::SOURCE_UP_F16),
     ("expert_up_q4", expert::SOURCE_UP_Q4),
     ("expert_up_q8", expert::SOURCE_UP_Q8),
+    ("expert_up_v4", expert::SOURCE_UP_V4),
+    ("expert_up_q8_v4", expert::SOURCE_UP_Q8_V4),
+    ("expert_up_q4_v4", expert::SOURCE_UP_Q4_V4),
+    ("expert_down_v4", expert::SOURCE_DOWN_V4),
+    ("expert_down_f16_v4", expert::SOURCE_DOWN_F16_V4),
+    ("expert_up_f16_v4", expert::SOURCE_UP_F16_V4),
     ("matvec", matvec::SOURCE),
     ("matvec_f16", matvec::SOURCE_F16),
+    ("matvec_v4", matvec::SOURCE_V4),
+    ("matvec_f16_v4", matvec::SOURCE_F16_V4),
     ("qkv_post", family::SOURCE_QKV_POST),
     ("qkv_rope", qkv_rope::SOURCE),
     ("qkv_rope_f16", qkv_rope::SOURCE_F16),

@@ -626,6 +626,7 @@ fn the_gpu_engine_runs_every_family_like_the_cpu() {
             info: c.info.clone(),
             limits: c.limits.clone(),
             workgroup_size: c.workgroup_size,
+            barrier_workgroup_size: c.barrier_workgroup_size,
         })
     };
     let opts = RunOptions::default();

@@ -42,6 +42,7 @@ fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
         info: c.info.clone(),
         limits: c.limits.clone(),
         workgroup_size: c.workgroup_size,
+        barrier_workgroup_size: c.barrier_workgroup_size,
     })
 }
 
@@ -980,6 +981,37 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
                 assert_eq!(gpu.dispatches_per_step(), expect);
                 assert_eq!((s.submissions, s.readbacks), (1, 1), "{s:?}");
             }
+        }
+    }
+    // The barrier kernels (attn_decode, expert_up; their vec4 variants at
+    // this shape) at the browser's small workgroup size and at an odd one,
+    // whole pool and a small one.
+    for bwg in [web_node::gpu::context::BROWSER_BARRIER_WORKGROUP, 3] {
+        let cx = Arc::new(GpuContext {
+            device: c.device.clone(),
+            queue: c.queue.clone(),
+            info: c.info.clone(),
+            limits: c.limits.clone(),
+            workgroup_size: c.workgroup_size,
+            barrier_workgroup_size: bwg,
+        });
+        for pool in [None, Some(3 * per)] {
+            let mut src = m.expert_source().unwrap();
+            let mut gpu = Engine::with_options(
+                cx.clone(),
+                &m.config,
+                &m.shared,
+                &m.routers,
+                EngineOptions {
+                    expert_pool_bytes: pool,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let got = gpu
+                .generate_greedy(&mut src, &p, steps, &opts, |_| {})
+                .unwrap();
+            assert_eq!(got, want, "barrier workgroup {bwg}, pool {pool:?}");
         }
     }
 }

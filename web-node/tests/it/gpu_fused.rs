@@ -75,6 +75,17 @@ proptest! {
         let fmt = if f16 { WeightFormat::F16 } else { WeightFormat::F32 };
         check_attn_decode(c, fmt, &s, pos0, seed);
     }
+
+    /// Shapes that take the `_v4` kernels (hidden % 4, head_dim % 8), which
+    /// the random shapes above rarely hit.
+    #[test]
+    fn attn_decode_v4_matches_unfused_reference(hidden4 in 1usize..75, hd8 in 1usize..20, n_kv in 1usize..3, group in 1usize..4, pos0 in 0usize..160, f16: bool, seed: u64) {
+        let Some(c) = ctx() else { return Ok(()) };
+        let s = QkvShape { hidden: 4 * hidden4, n_heads: n_kv * group, n_kv, head_dim: 8 * hd8, eps: 1e-5 };
+        prop_assert!(attn_decode::vec4_fits(s.hidden, s.head_dim));
+        let fmt = if f16 { WeightFormat::F16 } else { WeightFormat::F32 };
+        check_attn_decode(c, fmt, &s, pos0, seed);
+    }
 }
 
 /// The kernel's limits: the largest hidden size and head dimension its

@@ -329,6 +329,7 @@ fn quantized_experts_at_the_adapter_limits() {
                 info: c.info.clone(),
                 limits,
                 workgroup_size: wg,
+                barrier_workgroup_size: wg,
             };
             let gpu = block(expert::run_pool(
                 &cx,

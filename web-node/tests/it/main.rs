@@ -5,6 +5,7 @@
 mod chain_validation;
 mod cpu_reference;
 mod families;
+mod gpu_bench;
 mod gpu_engine;
 mod gpu_fused;
 mod gpu_kernels;

@@ -1,0 +1,171 @@
+//! The fixed-length decode the benchmarks time (`web_node::gpu::bench`: the
+//! native `gpu_engine` bench, `greedy_ids --fixed`, the page's
+//! `bench_decode`): exactly `n` tokens past EOS, the CPU reference's greedy
+//! tokens, counters of the decode only, and clear errors for bad input.
+
+use std::sync::Arc;
+
+use crate::gpu_support::ctx;
+use web_node::gpu::bench::{
+    all_resident_options, apply_variant, bench_decode_blocking, check_length, parse_format,
+    supply_all, Resident,
+};
+use web_node::gpu::{Engine, EngineOptions, GpuContext, PoolFormat, WeightFormat};
+use web_node::model::load::ModelDir;
+use web_node::model::quant::QuantizingSource;
+use web_node::model::random::{small_config, tiny_config, write_random_model, TOKENIZER_VOCAB};
+use web_node::model::reference::CpuModel;
+use web_node::model::sampler::argmax;
+use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
+
+fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
+    Arc::new(GpuContext {
+        device: c.device.clone(),
+        queue: c.queue.clone(),
+        info: c.info.clone(),
+        limits: c.limits.clone(),
+        workgroup_size: c.workgroup_size,
+        barrier_workgroup_size: c.barrier_workgroup_size,
+    })
+}
+
+fn all_experts(m: &ModelDir) -> Vec<(ExpertId, web_node::model::ExpertWeights)> {
+    let mut src = m.expert_source().unwrap();
+    let cfg = &m.config;
+    (0..cfg.num_hidden_layers)
+        .flat_map(|l| (0..cfg.num_local_experts).map(move |e| (l, e)))
+        .map(|(l, e)| (ExpertId::new(l, e), src.load_expert(l, e).unwrap()))
+        .collect()
+}
+
+/// `n` greedy tokens of the CPU reference, EOS never checked.
+fn cpu_fixed(cpu: &mut CpuModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = RunOptions::default();
+    let mut tok = argmax(&cpu.forward(prompt, &opts).unwrap());
+    let mut out = vec![tok];
+    while out.len() < n {
+        tok = argmax(&cpu.forward(&[tok], &opts).unwrap());
+        out.push(tok);
+    }
+    out
+}
+
+#[test]
+fn fixed_decode_gives_the_cpu_tokens_and_decode_counters() {
+    let Some(c) = ctx() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Sizes that are multiples of the quantization group (32).
+    write_random_model(
+        dir.path(),
+        &small_config(TOKENIZER_VOCAB, 64, 96, 3, 4, 2),
+        5,
+    )
+    .unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    let cfg = &m.config;
+    let prompt: Vec<u32> = (0..7u32).map(|i| (i * 31 + 3) % 250).collect();
+    let n = 40;
+    let opts = RunOptions::default();
+    for fmt in [
+        PoolFormat::Float(WeightFormat::F32),
+        PoolFormat::Quant(QuantFormat::Q8_0),
+    ] {
+        let mut gpu = Engine::with_options(
+            shared_ctx(c),
+            cfg,
+            &m.shared,
+            &m.routers,
+            all_resident_options(fmt),
+        )
+        .unwrap();
+        supply_all(&mut gpu, all_experts(&m)).unwrap();
+        assert_eq!(
+            gpu.resident_experts(),
+            cfg.num_hidden_layers * cfg.num_local_experts
+        );
+        let r = bench_decode_blocking(&mut gpu, &mut Resident, &prompt, n, &opts, 2).unwrap();
+        let mut cpu = match fmt {
+            PoolFormat::Quant(format) => CpuModel::new(
+                cfg.clone(),
+                m.shared.clone(),
+                m.routers.clone(),
+                QuantizingSource {
+                    inner: m.expert_source().unwrap(),
+                    format,
+                },
+            )
+            .unwrap(),
+            PoolFormat::Float(_) => CpuModel::from_model_dir(&m).unwrap(),
+        };
+        assert_eq!(r.tokens, cpu_fixed(&mut cpu, &prompt, n), "{fmt}");
+        assert_eq!((r.prompt_tokens, r.rounds), (prompt.len(), 2));
+        // The decode's counters only (the prefill's reset): the engine's
+        // own count of a greedy decode step, once per token.
+        let per_step = gpu.dispatches_per_step() as f64;
+        assert_eq!(r.dispatches_per_token, per_step, "{fmt}");
+        assert_eq!(r.submissions_per_token, 1.0, "{fmt}: all resident");
+        assert!(r.ms_per_token > 0.0 && r.prefill_ms > 0.0, "{r:?}");
+    }
+}
+
+#[test]
+fn bad_fixed_decodes_are_errors() {
+    assert_eq!(
+        parse_format("f16").unwrap(),
+        PoolFormat::Float(WeightFormat::F16)
+    );
+    assert_eq!(
+        parse_format("q4_0").unwrap(),
+        PoolFormat::Quant(QuantFormat::Q4_0)
+    );
+    assert!(parse_format("f64")
+        .unwrap_err()
+        .to_string()
+        .contains("unknown weight format"));
+    let mut o = EngineOptions::default();
+    apply_variant(&mut o, "unfused").unwrap();
+    assert_eq!((o.fused, o.fused_attention), (false, false));
+    apply_variant(&mut o, "fused").unwrap();
+    assert_eq!((o.fused, o.fused_attention), (true, false));
+    assert!(apply_variant(&mut o, "fast").is_err());
+    let cfg = tiny_config();
+    let room = cfg.max_position_embeddings;
+    assert!(check_length(&cfg, 4096, 1, room).is_ok());
+    for (prompt, n) in [(0, 4), (3, 0), (2, room)] {
+        assert!(check_length(&cfg, 4096, prompt, n).is_err(), "{prompt} {n}");
+    }
+    assert!(check_length(&cfg, 8, 4, 6).is_err(), "the engine's max_seq");
+
+    let Some(c) = ctx() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &cfg, 6).unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    let engine = |opts| Engine::with_options(shared_ctx(c), &cfg, &m.shared, &m.routers, opts);
+    // No expert supplied: the decode would fetch, so it is refused.
+    let mut gpu = engine(EngineOptions::default()).unwrap();
+    let e = bench_decode_blocking(&mut gpu, &mut Resident, &[1, 2], 3, &Default::default(), 1)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not every expert is resident"),
+        "{e}"
+    );
+    // A pool smaller than the model cannot hold them all.
+    let mut small = engine(EngineOptions {
+        expert_pool_bytes: Some(2 * gpu.expert_bytes()),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = supply_all(&mut small, all_experts(&m)).unwrap_err();
+    assert!(e.to_string().contains("needs them all"), "{e}");
+    // Too long for the context.
+    let e = bench_decode_blocking(
+        &mut gpu,
+        &mut Resident,
+        &[1],
+        room + 1,
+        &Default::default(),
+        1,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("do not fit the context"), "{e}");
+}
