@@ -182,6 +182,14 @@ impl ChainModel {
         self.heads.get(&slot.to_string()).copied()
     }
 
+    /// The head block of every expert slot that has one.
+    pub fn expert_heads(&self) -> std::collections::HashMap<ExpertId, BlockHash> {
+        (0..self.config.num_hidden_layers)
+            .flat_map(|l| (0..self.config.num_local_experts).map(move |e| ExpertId::new(l, e)))
+            .filter_map(|id| self.expert_block(id).map(|h| (id, h)))
+            .collect()
+    }
+
     /// Bytes of every expert payload (from the verified headers).
     pub fn all_expert_bytes(&self, dag: &Dag) -> u64 {
         Slot::all(&self.config)

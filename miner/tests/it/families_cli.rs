@@ -4,7 +4,7 @@
 //! checkpoint through `genesis` (relay) -> `import` -> `publish` -> `export`,
 //! bit-identical, shared-expert blocks included.
 
-use crate::cli::{aiblock, ok};
+use crate::cli::{aiblock, max_rel_err, ok};
 use std::path::{Path, PathBuf};
 
 use relay::server::ServeConfig;
@@ -54,12 +54,7 @@ fn logits_cli_matches_transformers_for_every_family() {
         ));
         let got: Vec<f32> = serde_json::from_str(&out).unwrap();
         assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
+        let err = max_rel_err(&got, &want);
         assert!(err <= 1e-3, "{}: relative error {err}", fixture.display());
     }
 }
@@ -236,12 +231,7 @@ fn default_model_logits_match_transformers() {
         )))
         .unwrap();
         assert_eq!(got.len(), want.len(), "{text}: vocabulary");
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
-            / scale;
+        let err = max_rel_err(&got, &want);
         assert!(err <= 1e-5, "{text}: logits relative error {err} > 1e-5");
         let answer = ok(&aiblock(
             &[

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use crate::cli::max_rel_err;
 use web_node::model::load::ModelDir;
 use web_node::model::random::{tiny_config, write_random_model};
 use web_node::model::reference::CpuModel;
@@ -103,12 +104,7 @@ fn logits_on_the_gpu_match_the_cpu() {
     }
     let cpu: Vec<f32> = serde_json::from_slice(&run("cpu").stdout).unwrap();
     let gpu: Vec<f32> = serde_json::from_slice(&gpu.stdout).unwrap();
-    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = cpu
-        .iter()
-        .zip(&gpu)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale;
+    let err = max_rel_err(&gpu, &cpu);
     assert_eq!(cpu.len(), gpu.len());
     assert!(err < 1e-4, "relative error {err}");
 }

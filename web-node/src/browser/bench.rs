@@ -15,7 +15,6 @@
 //! Driven by tests/e2e/decode_bench.mjs and node.mjs's fixed-length case.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use wasm_bindgen::prelude::*;
@@ -95,18 +94,7 @@ async fn run(
     let all: Vec<ExpertId> = (0..cfg.num_hidden_layers)
         .flat_map(|l| (0..cfg.num_local_experts).map(move |e| ExpertId::new(l, e)))
         .collect();
-    let experts: HashMap<ExpertId, _> = all
-        .iter()
-        .filter_map(|&id| model.expert_block(id).map(|h| (id, h)))
-        .collect();
-    let mut supply = ChainSupply {
-        chain: store,
-        config: &model.config,
-        experts,
-        fetched: Vec::new(),
-        asked: Vec::new(),
-        prefetch: Vec::new(),
-    };
+    let mut supply = ChainSupply::new(store, &model.config, model.expert_heads());
     set_progress(&format!("benchmark: fetching all {} experts…", all.len()));
     let weights = supply.experts(&all).await.map_err(|e| e.to_string())?;
     let ctx = context().await?;

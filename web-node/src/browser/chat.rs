@@ -6,7 +6,7 @@
 //! button's click can run.
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::gpu::GpuContext;
@@ -373,10 +373,7 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         ..
     } = node;
     let cfg = &model.config;
-    let experts: HashMap<ExpertId, _> = (0..cfg.num_hidden_layers)
-        .flat_map(|l| (0..cfg.num_local_experts).map(move |e| ExpertId::new(l, e)))
-        .filter_map(|id| model.expert_block(id).map(|h| (id, h)))
-        .collect();
+    let experts = model.expert_heads();
     let ids = prompt_ids(&model.tokenizer, cfg, &ask.prompt).map_err(|e| e.to_string())?;
     let seed = if ask.temperature > 0.0 {
         (js_sys::Math::random() * u32::MAX as f64) as u64
@@ -419,14 +416,7 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         set_progress("");
     }
     let cap = store.budget / 2;
-    let mut supply = ChainSupply {
-        chain: store,
-        config: &model.config,
-        experts,
-        fetched: Vec::new(),
-        asked: Vec::new(),
-        prefetch: Vec::new(),
-    };
+    let mut supply = ChainSupply::new(store, &model.config, experts);
     let mut decoded = Decoded {
         lru: decoded,
         cap,

@@ -1035,7 +1035,24 @@ pub struct ChainSupply<'a> {
     pub prefetch: Vec<ExpertId>,
 }
 
-impl ChainSupply<'_> {
+impl<'a> ChainSupply<'a> {
+    /// A supply for one answer (or benchmark) over `experts`' head blocks,
+    /// nothing fetched or asked yet.
+    pub fn new(
+        chain: &'a mut VerifiedChain,
+        config: &'a Config,
+        experts: HashMap<ExpertId, BlockHash>,
+    ) -> Self {
+        Self {
+            chain,
+            config,
+            experts,
+            fetched: Vec::new(),
+            asked: Vec::new(),
+            prefetch: Vec::new(),
+        }
+    }
+
     fn head(&self, id: ExpertId) -> Result<BlockHash, ModelError> {
         self.experts
             .get(&id)
