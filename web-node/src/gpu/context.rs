@@ -25,7 +25,9 @@ pub enum GpuError {
 }
 
 /// A wgpu device and queue plus what the kernels need to know about the adapter.
-#[derive(Debug)]
+/// A clone shares the device and queue (wgpu handles), so tests can run
+/// engines with other workgroup sizes or limits on one device.
+#[derive(Debug, Clone)]
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,

@@ -613,22 +613,13 @@ fn assert_positions_close(gpu: &[Vec<f32>], cpu: &[Vec<f32>], what: &str) {
 /// the CPU's greedy tokens on the same quantized experts.
 #[test]
 fn the_gpu_engine_runs_every_family_like_the_cpu() {
-    use web_node::gpu::{pool_expert_bytes, Engine, EngineOptions, GpuContext, PoolFormat};
+    use web_node::gpu::{pool_expert_bytes, Engine, EngineOptions, PoolFormat};
     use web_node::model::quant::QuantizingSource;
     use web_node::model::{ExpertSource, QuantFormat};
     let Some(c) = crate::gpu_support::ctx() else {
         return;
     };
-    let ctx = || {
-        std::sync::Arc::new(GpuContext {
-            device: c.device.clone(),
-            queue: c.queue.clone(),
-            info: c.info.clone(),
-            limits: c.limits.clone(),
-            workgroup_size: c.workgroup_size,
-            barrier_workgroup_size: c.barrier_workgroup_size,
-        })
-    };
+    let ctx = || crate::gpu_support::shared_ctx(c);
     let opts = RunOptions::default();
     let mut seen = HashSet::new();
     for dir in fixtures() {

@@ -3,31 +3,18 @@
 //! `bench_decode`): exactly `n` tokens past EOS, the CPU reference's greedy
 //! tokens, counters of the decode only, and clear errors for bad input.
 
-use std::sync::Arc;
-
-use crate::gpu_support::ctx;
+use crate::gpu_support::{ctx, shared_ctx};
 use web_node::gpu::bench::{
     all_resident_options, apply_variant, bench_decode_blocking, check_length, parse_format,
     supply_all, Resident,
 };
-use web_node::gpu::{Engine, EngineOptions, GpuContext, PoolFormat, WeightFormat};
+use web_node::gpu::{Engine, EngineOptions, PoolFormat, WeightFormat};
 use web_node::model::load::ModelDir;
 use web_node::model::quant::QuantizingSource;
 use web_node::model::random::{small_config, tiny_config, write_random_model, TOKENIZER_VOCAB};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
 use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
-
-fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
-    Arc::new(GpuContext {
-        device: c.device.clone(),
-        queue: c.queue.clone(),
-        info: c.info.clone(),
-        limits: c.limits.clone(),
-        workgroup_size: c.workgroup_size,
-        barrier_workgroup_size: c.barrier_workgroup_size,
-    })
-}
 
 fn all_experts(m: &ModelDir) -> Vec<(ExpertId, web_node::model::ExpertWeights)> {
     let mut src = m.expert_source().unwrap();

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::gpu_support as common;
+use crate::gpu_support::shared_ctx;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,18 +33,6 @@ fn model_dir(seed: u64) -> (tempfile::TempDir, ModelDir) {
     write_random_model(dir.path(), &tiny_config(), seed).unwrap();
     let m = ModelDir::load(dir.path()).unwrap();
     (dir, m)
-}
-
-fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
-    // The tests share one device; wrap a second context handle around it.
-    Arc::new(GpuContext {
-        device: c.device.clone(),
-        queue: c.queue.clone(),
-        info: c.info.clone(),
-        limits: c.limits.clone(),
-        workgroup_size: c.workgroup_size,
-        barrier_workgroup_size: c.barrier_workgroup_size,
-    })
 }
 
 fn gpu_engine(c: &GpuContext, m: &ModelDir, opts: EngineOptions) -> Engine {
@@ -988,12 +977,8 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
     // whole pool and a small one.
     for bwg in [web_node::gpu::context::BROWSER_BARRIER_WORKGROUP, 3] {
         let cx = Arc::new(GpuContext {
-            device: c.device.clone(),
-            queue: c.queue.clone(),
-            info: c.info.clone(),
-            limits: c.limits.clone(),
-            workgroup_size: c.workgroup_size,
             barrier_workgroup_size: bwg,
+            ..c.clone()
         });
         for pool in [None, Some(3 * per)] {
             let mut src = m.expert_source().unwrap();

@@ -324,12 +324,10 @@ fn quantized_experts_at_the_adapter_limits() {
             let mut limits = c.limits.clone();
             limits.max_compute_workgroups_per_dimension = max_groups;
             let cx = GpuContext {
-                device: c.device.clone(),
-                queue: c.queue.clone(),
-                info: c.info.clone(),
                 limits,
                 workgroup_size: wg,
                 barrier_workgroup_size: wg,
+                ..c.clone()
             };
             let gpu = block(expert::run_pool(
                 &cx,

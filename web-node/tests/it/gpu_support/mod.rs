@@ -2,7 +2,7 @@
 //! Shared by the GPU test binaries: one context per binary, skip (or fail
 //! under `AIBLOCK_REQUIRE_GPU=1` / feature `require-gpu`) without an adapter.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use web_node::gpu::GpuContext;
 
@@ -32,6 +32,12 @@ pub fn ctx() -> Option<&'static GpuContext> {
         panic!("AIBLOCK_REQUIRE_GPU=1 but no GPU adapter is available");
     }
     c
+}
+
+/// A second handle on the shared context's device, for an engine (which
+/// takes an `Arc`).
+pub fn shared_ctx(c: &GpuContext) -> Arc<GpuContext> {
+    Arc::new(c.clone())
 }
 
 /// `max |a - b| <= tol * max(1, max |b|)` with a message naming the worst index.
