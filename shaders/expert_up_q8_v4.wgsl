@@ -1,8 +1,8 @@
-// expert_up_q8.wgsl with four intermediate rows per invocation
-// (inter % 4 == 0): the four rows' words of a column quad are consecutive,
+// expert_up for q8_0 pools, four intermediate rows per invocation
+// (inter % 4 == 0, always for a quantized pool): the four rows' words of a column quad are consecutive,
 // read as one vec4<u32> (and their f16 scales as one pair of words), a
 // quarter of the weight loads, which is what software adapters pay for
-// (SwiftShader). The engine picks it when inter % 4 == 0.
+// (SwiftShader). The engine picks it for every pool of this format.
 // q8_0 experts (no shader-f16 needed): the weights are read packed, four i8
 // per u32, sign-extended with shifts; one f16 scale per group of 32 weights
 // along a row, two per u32, read with unpack2x16float.

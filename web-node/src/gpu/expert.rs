@@ -22,9 +22,7 @@ pub const SOURCE_UP: &str = include_str!("../../../shaders/expert_up.wgsl");
 pub const SOURCE_DOWN: &str = include_str!("../../../shaders/expert_down.wgsl");
 pub const SOURCE_UP_F16: &str = include_str!("../../../shaders/expert_up_f16.wgsl");
 pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16.wgsl");
-pub const SOURCE_UP_Q8: &str = include_str!("../../../shaders/expert_up_q8.wgsl");
 pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
-pub const SOURCE_UP_Q4: &str = include_str!("../../../shaders/expert_up_q4.wgsl");
 /// `expert_up` with four intermediate rows per invocation (f32 weights read
 /// as vec4s), for `inter % 4 == 0`.
 pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
@@ -33,9 +31,10 @@ pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl"
 pub const SOURCE_DOWN_V4: &str = include_str!("../../../shaders/expert_down_v4.wgsl");
 /// `expert_down_f16` with four outputs per invocation.
 pub const SOURCE_DOWN_F16_V4: &str = include_str!("../../../shaders/expert_down_f16_v4.wgsl");
-/// `expert_up_q8` with four intermediate rows per invocation.
+/// `expert_up` for q8_0 pools, four intermediate rows per invocation
+/// (quantized pools always have `inter % 32 == 0`, so no one-row variant).
 pub const SOURCE_UP_Q8_V4: &str = include_str!("../../../shaders/expert_up_q8_v4.wgsl");
-/// `expert_up_q4` with four intermediate rows per invocation.
+/// `expert_up` for q4_0 pools, four intermediate rows per invocation.
 pub const SOURCE_UP_Q4_V4: &str = include_str!("../../../shaders/expert_up_q4_v4.wgsl");
 /// `expert_up_f16` with four intermediate rows per invocation.
 pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
@@ -268,25 +267,19 @@ impl ExpertUp {
 
     /// The variant reading a pool of `format` with `inter` intermediate rows
     /// per expert of `hidden` columns: four rows per invocation (vec4 loads)
-    /// for float pools when `inter % 4 == 0` and `hidden % 4 == 0` and for
-    /// quantized pools when `inter % 4 == 0` (always: `inter % 32 == 0`),
-    /// one otherwise. Software adapters pay per load
+    /// for float pools when `inter % 4 == 0` and `hidden % 4 == 0`, one
+    /// otherwise; always for quantized pools (their `w2` rows are `inter`
+    /// wide, a multiple of the 32-weight group, so `inter % 4 == 0`). Software adapters pay per load
     /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
     pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
         let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
             PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
-            PoolFormat::Quant(QuantFormat::Q8_0) if inter.is_multiple_of(4) => {
-                ("expert_up_q8_v4", SOURCE_UP_Q8_V4, 4)
-            }
-            PoolFormat::Quant(QuantFormat::Q4_0) if inter.is_multiple_of(4) => {
-                ("expert_up_q4_v4", SOURCE_UP_Q4_V4, 4)
-            }
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8_v4", SOURCE_UP_Q8_V4, 4),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4_v4", SOURCE_UP_Q4_V4, 4),
             PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16, 1),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8", SOURCE_UP_Q8, 1),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4", SOURCE_UP_Q4, 1),
         };
         // Every workgroup array element it reads, it wrote first.
         Self {

@@ -96,8 +96,6 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("expert_down_q8", expert::SOURCE_DOWN_Q8),
     ("expert_up", expert::SOURCE_UP),
     ("expert_up_f16", expert::SOURCE_UP_F16),
-    ("expert_up_q4", expert::SOURCE_UP_Q4),
-    ("expert_up_q8", expert::SOURCE_UP_Q8),
     ("expert_up_v4", expert::SOURCE_UP_V4),
     ("expert_up_q8_v4", expert::SOURCE_UP_Q8_V4),
     ("expert_up_q4_v4", expert::SOURCE_UP_Q4_V4),
