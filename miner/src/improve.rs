@@ -11,7 +11,7 @@ use web_node::model::Slot;
 
 use crate::blocks::{self, ModelFiles};
 use crate::mixtral::Mixtral;
-use crate::train::{tokenized_splits, train_loop, Source};
+use crate::train::{tokenized_splits, train_loop, RoutingWeights, Source};
 use web_node::eval::corpus::FreshSampler;
 use web_node::model::checkpoint::SlotPayload;
 
@@ -109,9 +109,7 @@ pub fn improve(
         steps,
         32,
         lr,
-        0.0,
-        0.0,
-        0.0,
+        &RoutingWeights::default(),
         0.0,
         seed,
         |_, pl| {

@@ -41,6 +41,19 @@ pub struct Routed {
     /// `p(e|seq)` on one expert and leaves each token's second pick to
     /// chance.
     pub cover: Tensor,
+    /// The same three terms of each layer, in layer order (their means are
+    /// `aux`, `mi` and `cover`), for weights that differ by layer.
+    pub layers: Vec<LayerTerms>,
+    /// `picks[layer][expert]`: how many real tokens picked the expert
+    /// (among their top-k) in each layer.
+    pub picks: Vec<Vec<usize>>,
+}
+
+/// One layer's routing terms (see [`Routed`]).
+pub struct LayerTerms {
+    pub aux: Tensor,
+    pub mi: Tensor,
+    pub cover: Tensor,
 }
 
 /// Entropy in nats of probability rows along the last dimension.
@@ -259,6 +272,8 @@ impl Mixtral {
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;
         let mut mi = Tensor::zeros((), DType::F32, &self.device)?;
         let mut cover = Tensor::zeros((), DType::F32, &self.device)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut picks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let hs = self.rms(&x, &format!("{p}.input_layernorm.weight"))?;
@@ -289,10 +304,12 @@ impl Mixtral {
             x = (x + o)?;
 
             let hs = self.rms(&x, &format!("{p}.post_attention_layernorm.weight"))?;
-            let (moe, layer_aux, layer_mi, layer_cover) = self.moe(&hs, l, &routing)?;
-            cover = (cover + layer_cover)?;
-            aux = (aux + layer_aux)?;
-            mi = (mi + layer_mi)?;
+            let (moe, terms, layer_picks) = self.moe(&hs, l, &routing)?;
+            cover = (cover + &terms.cover)?;
+            aux = (aux + &terms.aux)?;
+            mi = (mi + &terms.mi)?;
+            layers.push(terms);
+            picks.push(layer_picks);
             x = (x + moe)?;
         }
         let x = self.rms(&x, "model.norm.weight")?;
@@ -303,23 +320,25 @@ impl Mixtral {
         };
         let logits = self.linear(&x, head)?.reshape((b, t, cfg.vocab_size))?;
         let _ = h;
-        let layers = cfg.num_hidden_layers as f64;
+        let n_layers = cfg.num_hidden_layers as f64;
         Ok(Routed {
             logits,
-            aux: (aux / layers)?,
-            mi: (mi / layers)?,
-            cover: (cover / layers)?,
+            aux: (aux / n_layers)?,
+            mi: (mi / n_layers)?,
+            cover: (cover / n_layers)?,
+            layers,
+            picks,
         })
     }
 
-    /// The sparse MoE block on `(N, H)` states: output, load-balancing loss
-    /// and sequence-expert mutual information.
+    /// The sparse MoE block on `(N, H)` states: output, the layer's routing
+    /// terms and how many real tokens picked each expert.
     fn moe(
         &self,
         hs: &Tensor,
         l: usize,
         r: &RoutingMask,
-    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, LayerTerms, Vec<usize>)> {
         let cfg = &self.cfg;
         let e = cfg.num_local_experts;
         let k = cfg.num_experts_per_tok;
@@ -330,12 +349,16 @@ impl Mixtral {
         let n = host.len();
         let mut mask = vec![0f32; n * e];
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e];
+        let mut picks = vec![0usize; e];
         for (i, row) in host.iter().enumerate() {
             let mut idx: Vec<usize> = (0..e).collect();
             idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             for &j in idx.iter().take(k) {
                 mask[i * e + j] = 1.0;
                 rows[j].push(i as u32);
+                if r.valid_host[i] {
+                    picks[j] += 1;
+                }
             }
         }
         let mask = Tensor::from_vec(mask, (n, e), &self.device)?;
@@ -364,7 +387,50 @@ impl Mixtral {
             let w = weights.index_select(&idx, 0)?.narrow(1, j, 1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
-        Ok((out, aux, mi, cover))
+        Ok((out, LayerTerms { aux, mi, cover }, picks))
+    }
+
+    /// Make expert `to` of layer `l` a copy of expert `from` (w1, w2, w3)
+    /// and give it `from`'s router row plus Gaussian noise of `noise` times
+    /// that row's RMS, so the two start as one expert split in two and the
+    /// routing objective can send different sequences to each (used to
+    /// revive an expert that no token picks any more).
+    pub fn split_expert(
+        &self,
+        l: usize,
+        from: usize,
+        to: usize,
+        noise: f64,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let e = self.cfg.num_local_experts;
+        if from >= e || to >= e || from == to {
+            bail!("cannot split expert {from} into {to} of a layer with {e} experts");
+        }
+        let p = format!("model.layers.{l}.block_sparse_moe");
+        for w in ["w1", "w2", "w3"] {
+            let src = self.w(&format!("{p}.experts.{from}.{w}.weight"))?.copy()?;
+            let dst = self
+                .vars
+                .get(&format!("{p}.experts.{to}.{w}.weight"))
+                .with_context(|| format!("no tensor {p}.experts.{to}.{w}.weight"))?;
+            dst.set(&src)?;
+        }
+        let gate_name = format!("{p}.gate.weight");
+        let gate = self
+            .vars
+            .get(&gate_name)
+            .with_context(|| format!("no tensor {gate_name}"))?;
+        let mut rows = gate.as_tensor().to_vec2::<f32>()?;
+        let src = rows[from].clone();
+        let rms =
+            (src.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / src.len().max(1) as f64).sqrt();
+        let eps = randn(rng, src.len(), noise * rms);
+        rows[to] = src.iter().zip(&eps).map(|(a, b)| a + b).collect();
+        let h = rows[0].len();
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        gate.set(&Tensor::from_vec(flat, (e, h), &self.device)?)?;
+        Ok(())
     }
 
     /// Write all tensors as one F32 safetensors file.
@@ -420,6 +486,8 @@ fn sequence_cover(probs: &Tensor, vprobs: &Tensor, r: &RoutingMask, k: usize) ->
 struct RoutingMask {
     /// `(B * T, 1)`, 1 on real tokens.
     valid: Tensor,
+    /// The same on the host.
+    valid_host: Vec<bool>,
     /// Real tokens per sequence, `(B, 1)`, at least 1.
     per_seq: Tensor,
     /// Real tokens in the batch, at least 1.
@@ -432,6 +500,7 @@ impl RoutingMask {
     /// From `valid` `(B * T,)`.
     fn new(valid: &Tensor, b: usize, t: usize) -> Result<Self> {
         Ok(Self {
+            valid_host: valid.to_vec1::<f32>()?.iter().map(|v| *v > 0.0).collect(),
             valid: valid.unsqueeze(1)?,
             per_seq: valid
                 .reshape((b, t))?

@@ -17,7 +17,7 @@ use web_node::eval::corpus::{FreshSampler, Rng};
 use web_node::eval::{self, Corpus, Skill, Tokenized, BOS, EOS};
 use web_node::model::Config;
 
-use crate::mixtral::Mixtral;
+use crate::mixtral::{Mixtral, Routed};
 
 /// The routing objective's weight that made the committed default model.
 pub const DEFAULT_MI_COEF: f64 = 0.15;
@@ -86,6 +86,124 @@ pub struct TrainArgs {
     /// often as add.
     #[arg(long = "skill-weight", value_parser = parse_skill_weight)]
     pub skill_weight: Vec<(Skill, u32)>,
+    /// Start from the model in this directory (config.json, tokenizer.json,
+    /// model.safetensors) instead of fresh weights and a new tokenizer: a
+    /// second stage of training. Its shape and tokenizer are kept (--hidden,
+    /// --intermediate, --vocab and --router-init are ignored), and --seed
+    /// must be the seed it was trained with (checked against its
+    /// train_report.json), so the held-out split stays unseen.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Before training (with --init), give every expert that no token of 16
+    /// training batches picks a copy of a busy expert of the same layer (at
+    /// least half an even share of the picks; weights, and its router row
+    /// plus 10 % noise), busiest first, so the two split the busy one's
+    /// sequences between them.
+    #[arg(long, requires = "init")]
+    pub revive: bool,
+    /// The routing objective's weight in one layer, as `LAYER=W`
+    /// (repeatable; other layers keep --mi-coef), e.g. `--layer-mi 0=0.6`.
+    #[arg(long = "layer-mi", value_parser = parse_layer_coef)]
+    pub layer_mi: Vec<(usize, f64)>,
+    /// The load-balancing weight in one layer, as `LAYER=W` (repeatable;
+    /// other layers keep --aux-coef).
+    #[arg(long = "layer-aux", value_parser = parse_layer_coef)]
+    pub layer_aux: Vec<(usize, f64)>,
+}
+
+/// Parse `LAYER=W` (a layer index and a finite weight of at most 100).
+pub fn parse_layer_coef(s: &str) -> std::result::Result<(usize, f64), String> {
+    let (l, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LAYER=W, got {s:?}"))?;
+    let l: usize = l
+        .trim()
+        .parse()
+        .map_err(|_| format!("layer {l:?} is not a layer index"))?;
+    let w: f64 = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("weight {w:?} is not a number"))?;
+    if !w.is_finite() || w.abs() > 100.0 {
+        return Err(format!(
+            "weight {w} of layer {l} is not a number within ±100"
+        ));
+    }
+    Ok((l, w))
+}
+
+/// The routing terms' weights: one per term, and per-layer overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingWeights {
+    pub aux: f64,
+    pub mi: f64,
+    pub cover: f64,
+    /// `(layer, weight)` of the load-balancing term, overriding `aux`.
+    pub layer_aux: Vec<(usize, f64)>,
+    /// `(layer, weight)` of the routing objective, overriding `mi`.
+    pub layer_mi: Vec<(usize, f64)>,
+}
+
+impl RoutingWeights {
+    /// The same weight in every layer.
+    pub fn uniform(aux: f64, mi: f64, cover: f64) -> Self {
+        Self {
+            aux,
+            mi,
+            cover,
+            ..Self::default()
+        }
+    }
+
+    /// Refuse an override of a layer the model does not have.
+    pub fn check(&self, layers: usize) -> Result<()> {
+        for (l, _) in self.layer_aux.iter().chain(&self.layer_mi) {
+            if *l >= layers {
+                anyhow::bail!(
+                    "layer {l} in a per-layer weight, but the model has {layers} layers (0..{})",
+                    layers - 1
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn at(over: &[(usize, f64)], l: usize, default: f64) -> f64 {
+        over.iter()
+            .rev()
+            .find(|(i, _)| *i == l)
+            .map_or(default, |(_, w)| *w)
+    }
+
+    /// `ce` plus the weighted routing terms of `r`. With no per-layer
+    /// override this is the formula the committed default model was trained
+    /// with (weights on the means over layers), bit for bit.
+    pub fn loss(&self, ce: &Tensor, r: &Routed) -> Result<Tensor> {
+        if self.layer_aux.is_empty() && self.layer_mi.is_empty() {
+            let mut loss = (ce + (&r.aux * self.aux)?)?;
+            if self.mi != 0.0 {
+                loss = (loss - (&r.mi * self.mi)?)?;
+            }
+            if self.cover != 0.0 {
+                loss = (loss - (&r.cover * self.cover)?)?;
+            }
+            return Ok(loss);
+        }
+        let n = r.layers.len().max(1) as f64;
+        let mut loss = ce.clone();
+        for (l, t) in r.layers.iter().enumerate() {
+            let aux = Self::at(&self.layer_aux, l, self.aux);
+            let mi = Self::at(&self.layer_mi, l, self.mi);
+            loss = (loss + (&t.aux * (aux / n))?)?;
+            if mi != 0.0 {
+                loss = (loss - (&t.mi * (mi / n))?)?;
+            }
+            if self.cover != 0.0 {
+                loss = (loss - (&t.cover * (self.cover / n))?)?;
+            }
+        }
+        Ok(loss)
+    }
 }
 
 /// Parse `--skill-weight SKILL=N` (N from 1 to 100).
@@ -349,9 +467,7 @@ pub fn train_loop(
     steps: usize,
     batch: usize,
     lr: f64,
-    aux_coef: f64,
-    mi_coef: f64,
-    cover_coef: f64,
+    weights: &RoutingWeights,
     weight_decay: f64,
     seed: u64,
     mut on_checkpoint: impl FnMut(usize, f64) -> Result<()>,
@@ -377,13 +493,7 @@ pub fn train_loop(
         let bt = make_batch(&items, model.device())?;
         let r = model.forward_routed(&bt.inp, Some(&bt.valid))?;
         let ce = masked_ce(&r.logits, &bt.tgt, &bt.mask)?;
-        let mut loss = (&ce + (r.aux * aux_coef)?)?;
-        if mi_coef != 0.0 {
-            loss = (loss - (&r.mi * mi_coef)?)?;
-        }
-        if cover_coef != 0.0 {
-            loss = (loss - (&r.cover * cover_coef)?)?;
-        }
+        let loss = weights.loss(&ce, &r)?;
         opt.backward_step(&loss)?;
         let l = ce.to_scalar::<f32>()? as f64;
         let mi = r.mi.to_scalar::<f32>()? as f64;
@@ -435,24 +545,129 @@ pub fn write_dir(
     Ok(())
 }
 
+/// The tokenizer and config.json of a model to train further, refusing one
+/// whose train_report.json names another seed (its held-out split would
+/// differ from this run's, so training could see held-out examples).
+pub fn init_files(dir: &Path, seed: u64) -> Result<(Tokenizer, serde_json::Value)> {
+    let tok = crate::improve::load_tokenizer(dir)?;
+    let cp = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cp).with_context(|| format!("reading {}", cp.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", cp.display()))?;
+    let rp = dir.join("train_report.json");
+    if let Ok(bytes) = std::fs::read(&rp) {
+        let report: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not JSON", rp.display()))?;
+        if let Some(s) = report.get("seed").and_then(|s| s.as_u64()) {
+            if s != seed {
+                anyhow::bail!(
+                    "{} was trained with --seed {s}, this run has --seed {seed}: give --seed {s} so the held-out split stays unseen",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok((tok, config))
+}
+
+/// Tokens of 16 training batches (drawn apart from the training stream)
+/// that pick each expert, per layer.
+pub fn pick_counts(
+    model: &Mixtral,
+    source: &Source<'_>,
+    batch: usize,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>> {
+    let mut rng = Rng::new(seed ^ 0xC0_0A75);
+    let mut counts: Vec<Vec<usize>> = Vec::new();
+    for _ in 0..16 {
+        let items = source.batch(batch, &mut rng)?;
+        let items: Vec<&Tokenized> = items.iter().collect();
+        let bt = make_batch(&items, model.device())?;
+        let r = model.forward_routed(&bt.inp, Some(&bt.valid))?;
+        counts.resize(r.picks.len(), Vec::new());
+        for (c, p) in counts.iter_mut().zip(&r.picks) {
+            c.resize(p.len(), 0);
+            for (a, b) in c.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Give every expert that no token of [`pick_counts`]' batches picks a copy
+/// of a busy expert of its layer (one with at least half an even share of
+/// the picks; busiest first, each busy one once before any twice): returns
+/// `(layer, from, to)` of each copy.
+pub fn revive_unpicked(
+    model: &Mixtral,
+    source: &Source<'_>,
+    batch: usize,
+    seed: u64,
+) -> Result<Vec<(usize, usize, usize)>> {
+    let counts = pick_counts(model, source, batch, seed)?;
+    let mut rng = Rng::new(seed ^ 0x5_9117);
+    let mut done = Vec::new();
+    for (l, c) in counts.iter().enumerate() {
+        // Donors: experts with at least half an even share of the picks
+        // (a rarely picked expert has little to split).
+        let total: usize = c.iter().sum();
+        let mut live: Vec<usize> = (0..c.len())
+            .filter(|&j| c[j] > 0 && c[j] * 2 * c.len() >= total)
+            .collect();
+        live.sort_by(|&a, &b| c[b].cmp(&c[a]).then(a.cmp(&b)));
+        let dead: Vec<usize> = (0..c.len()).filter(|&j| c[j] == 0).collect();
+        tracing::info!("layer {l}: tokens per expert {c:?}");
+        if live.is_empty() {
+            continue;
+        }
+        for (i, &to) in dead.iter().enumerate() {
+            let from = live[i % live.len()];
+            model.split_expert(l, from, to, 0.1, &mut rng)?;
+            tracing::info!("layer {l}: expert {to} (never picked) starts as a copy of expert {from} ({} picks)", c[from]);
+            done.push((l, from, to));
+        }
+    }
+    Ok(done)
+}
+
 /// The whole run: tokenizer, model, training, directory with a README section.
 pub fn run(args: &TrainArgs) -> Result<()> {
     let out = args.out.as_path();
     let device = Device::Cpu;
     let corpus = Corpus::generate(args.seed);
-    let tok = train_tokenizer(&corpus, args.vocab)?;
+    let (tok, config) = match &args.init {
+        Some(dir) => init_files(dir, args.seed)?,
+        None => {
+            let tok = train_tokenizer(&corpus, args.vocab)?;
+            let bos = tok.token_to_id(BOS).context("no <s>")?;
+            let eos = tok.token_to_id(EOS).context("no </s>")?;
+            let config = config_json(args, tok.get_vocab_size(true), bos, eos);
+            (tok, config)
+        }
+    };
     let vocab_size = tok.get_vocab_size(true);
-    let bos = tok.token_to_id(BOS).context("no <s>")?;
-    let eos = tok.token_to_id(EOS).context("no </s>")?;
-    let config = config_json(args, vocab_size, bos, eos);
     let cfg = Config::from_value(&config)?;
     tracing::info!("tokenizer: {vocab_size} tokens; config {}", config);
+    let weights = RoutingWeights {
+        aux: args.aux_coef,
+        mi: args.mi_coef,
+        cover: args.cover_coef,
+        layer_aux: args.layer_aux.clone(),
+        layer_mi: args.layer_mi.clone(),
+    };
+    weights.check(cfg.num_hidden_layers)?;
     let Splits {
         by_skill,
         public,
         held,
     } = tokenized_splits(&tok, &corpus)?;
-    let mut model = Mixtral::init_with_router_scale(&cfg, args.seed, args.router_init, &device)?;
+    let mut model = match &args.init {
+        Some(dir) => Mixtral::load(&cfg, &dir.join("model.safetensors"), &device)?,
+        None => Mixtral::init_with_router_scale(&cfg, args.seed, args.router_init, &device)?,
+    };
     let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
     tracing::info!("{params} parameters");
     let start = Instant::now();
@@ -464,6 +679,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         by_skill: &by_skill,
         fresh: Some((&fresh, &tok)),
     };
+    let revived = if args.revive {
+        revive_unpicked(&model, &source, args.batch, args.seed)?
+    } else {
+        Vec::new()
+    };
+    // A second stage draws other batches than the first stage did.
+    let batch_seed = match args.init {
+        Some(_) => args.seed ^ 0x5EC0_0000_0000,
+        None => args.seed,
+    };
     train_loop(
         &model,
         vars,
@@ -472,11 +697,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args.steps,
         args.batch,
         args.lr,
-        args.aux_coef,
-        args.mi_coef,
-        args.cover_coef,
+        &weights,
         args.weight_decay,
-        args.seed,
+        batch_seed,
         |step, _| {
             write_dir(out, &config, &model, &tok)?;
             tracing::info!("wrote {} at step {step}", out.display());
@@ -497,6 +720,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
+        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux,
+        "init": args.init.as_ref().map(|p| p.display().to_string()),
+        "revived": revived.iter().map(|(l, from, to)| serde_json::json!({"layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
         "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
@@ -556,5 +782,161 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(uni.pick(&mut a), b.below(7));
         }
+    }
+
+    fn tiny_model(layers: usize) -> Mixtral {
+        let cfg = Config::from_value(&serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 16, "rms_norm_eps": 1e-5, "num_experts_per_tok": 2,
+            "num_local_experts": 4,
+        }))
+        .unwrap();
+        Mixtral::init_with_router_scale(&cfg, 3, 1.0, &Device::Cpu).unwrap()
+    }
+
+    fn tiny_items() -> Vec<Tokenized> {
+        (0..8u32)
+            .map(|i| Tokenized {
+                skill: Skill::Copy,
+                unseen: false,
+                prompt: vec![0, 2 + i % 5, 3 + (i * 7) % 11, 4],
+                answer: vec![5 + i % 9, 1],
+                answer_text: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layer_weights_parse_check_and_weigh_one_layer() {
+        assert_eq!(parse_layer_coef("0=0.6"), Ok((0, 0.6)));
+        assert_eq!(parse_layer_coef(" 3 = -1"), Ok((3, -1.0)));
+        for bad in ["0", "x=1", "-1=0.5", "0=y", "0=NaN", "0=inf", "0=1000"] {
+            assert!(parse_layer_coef(bad).is_err(), "{bad}");
+        }
+        let mut w = RoutingWeights::uniform(0.02, 0.15, 1.0);
+        w.layer_mi.push((2, 0.6));
+        assert!(w.check(3).is_ok());
+        let err = w.check(2).unwrap_err().to_string();
+        assert!(err.contains("layer 2") && err.contains("2 layers"), "{err}");
+
+        // Per-layer weights equal to the uniform ones give the same loss; an
+        // override of layer 0's MI weight by d moves it by exactly -d/L times
+        // that layer's MI.
+        let m = tiny_model(2);
+        let items = tiny_items();
+        let refs: Vec<&Tokenized> = items.iter().collect();
+        let bt = make_batch(&refs, m.device()).unwrap();
+        let r = m.forward_routed(&bt.inp, Some(&bt.valid)).unwrap();
+        let ce = masked_ce(&r.logits, &bt.tgt, &bt.mask).unwrap();
+        let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap() as f64;
+        let base = RoutingWeights::uniform(0.02, 0.15, 1.0);
+        let same = RoutingWeights {
+            layer_mi: vec![(0, 0.15), (1, 0.15)],
+            layer_aux: vec![(1, 0.02)],
+            ..base.clone()
+        };
+        let a = scalar(base.loss(&ce, &r).unwrap());
+        assert!((a - scalar(same.loss(&ce, &r).unwrap())).abs() < 1e-5);
+        let more = RoutingWeights {
+            layer_mi: vec![(0, 0.15 + 2.0)],
+            ..base.clone()
+        };
+        let mi0 = scalar(r.layers[0].mi.clone());
+        assert!(mi0 > 1e-4, "layer 0 MI {mi0}");
+        let b = scalar(more.loss(&ce, &r).unwrap());
+        assert!(
+            (b - (a - 2.0 / 2.0 * mi0)).abs() < 1e-5,
+            "{b} vs {a} - {mi0}"
+        );
+        // Pick counts cover every real token k times per layer.
+        let real = bt.valid.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
+        for p in &r.picks {
+            assert_eq!(p.iter().sum::<usize>(), 2 * real);
+        }
+    }
+
+    #[test]
+    fn revive_gives_an_unpicked_expert_a_busy_ones_place() {
+        let m = tiny_model(1);
+        // With the router's input norm at zero every logit is 0 and the
+        // ties go to the lowest index: experts 0 and 1 take every token,
+        // 2 and 3 none.
+        let norm = &m.vars["model.layers.0.post_attention_layernorm.weight"];
+        let norm_w = norm.as_tensor().copy().unwrap();
+        norm.set(&norm_w.zeros_like().unwrap()).unwrap();
+        let items = tiny_items();
+        let by_skill = vec![Vec::new(), Vec::new(), items];
+        let src = Source {
+            skills: vec![Skill::Add, Skill::Sub, Skill::Copy],
+            weights: vec![0, 0, 1],
+            by_skill: &by_skill,
+            fresh: None,
+        };
+        let before = pick_counts(&m, &src, 8, 5).unwrap();
+        assert_eq!(before[0][2..], [0, 0]);
+        assert!(before[0][0] > 0 && before[0][0] == before[0][1]);
+        let gate = &m.vars["model.layers.0.block_sparse_moe.gate.weight"];
+        let w1_of = |j: usize| {
+            m.vars[&format!("model.layers.0.block_sparse_moe.experts.{j}.w1.weight")]
+                .as_tensor()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let w1_before = w1_of(1);
+        let done = revive_unpicked(&m, &src, 8, 5).unwrap();
+        // Busiest first, equal counts by index.
+        assert_eq!(done, vec![(0, 0, 2), (0, 1, 3)]);
+        for (_, from, to) in &done {
+            for w in ["w1", "w2", "w3"] {
+                let get = |j: usize| {
+                    m.vars[&format!("model.layers.0.block_sparse_moe.experts.{j}.{w}.weight")]
+                        .as_tensor()
+                        .to_vec2::<f32>()
+                        .unwrap()
+                };
+                assert_eq!(get(*to), get(*from), "{w}");
+            }
+            let rows = gate.as_tensor().to_vec2::<f32>().unwrap();
+            let diff: f32 = rows[*to]
+                .iter()
+                .zip(&rows[*from])
+                .map(|(a, b)| (a - b).abs())
+                .sum();
+            let size: f32 = rows[*from].iter().map(|v| v.abs()).sum();
+            assert!(diff > 0.0 && diff < 0.5 * size, "{diff} of {size}");
+        }
+        // The donors keep their weights.
+        assert_eq!(w1_of(1), w1_before);
+        // With the router's input back, the copies are picked.
+        norm.set(&norm_w).unwrap();
+        let after = pick_counts(&m, &src, 8, 5).unwrap();
+        assert!(after[0][2] > 0 && after[0][3] > 0, "{:?}", after[0]);
+        // Bad indices are refused.
+        let mut rng = Rng::new(1);
+        assert!(m.split_expert(0, 1, 1, 0.1, &mut rng).is_err());
+        assert!(m.split_expert(0, 1, 4, 0.1, &mut rng).is_err());
+        assert!(m.split_expert(5, 1, 2, 0.1, &mut rng).is_err());
+    }
+
+    #[test]
+    fn a_second_stage_refuses_another_seed() {
+        let dir = std::env::temp_dir().join(format!("aiblock-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = Tokenizer::new(BPE::default());
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string(false).unwrap()).unwrap();
+        std::fs::write(dir.join("config.json"), "{\"hidden_size\": 8}").unwrap();
+        std::fs::write(dir.join("train_report.json"), "{\"seed\": 7}").unwrap();
+        let err = init_files(&dir, 20260126).unwrap_err().to_string();
+        assert!(err.contains("--seed 7"), "{err}");
+        let (_, cfg) = init_files(&dir, 7).unwrap();
+        assert_eq!(cfg["hidden_size"], 8);
+        std::fs::write(dir.join("config.json"), "{not json").unwrap();
+        assert!(init_files(&dir, 7)
+            .unwrap_err()
+            .to_string()
+            .contains("not JSON"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
