@@ -109,6 +109,10 @@ pub struct TrainArgs {
     /// other layers keep --aux-coef).
     #[arg(long = "layer-aux", value_parser = parse_layer_coef)]
     pub layer_aux: Vec<(usize, f64)>,
+    /// The sequence-cover weight in one layer, as `LAYER=W` (repeatable;
+    /// other layers keep --cover-coef).
+    #[arg(long = "layer-cover", value_parser = parse_layer_coef)]
+    pub layer_cover: Vec<(usize, f64)>,
 }
 
 /// Parse `LAYER=W` (a layer index and a finite weight of at most 100).
@@ -142,6 +146,8 @@ pub struct RoutingWeights {
     pub layer_aux: Vec<(usize, f64)>,
     /// `(layer, weight)` of the routing objective, overriding `mi`.
     pub layer_mi: Vec<(usize, f64)>,
+    /// `(layer, weight)` of the sequence cover, overriding `cover`.
+    pub layer_cover: Vec<(usize, f64)>,
 }
 
 impl RoutingWeights {
@@ -157,7 +163,12 @@ impl RoutingWeights {
 
     /// Refuse an override of a layer the model does not have.
     pub fn check(&self, layers: usize) -> Result<()> {
-        for (l, _) in self.layer_aux.iter().chain(&self.layer_mi) {
+        for (l, _) in self
+            .layer_aux
+            .iter()
+            .chain(&self.layer_mi)
+            .chain(&self.layer_cover)
+        {
             if *l >= layers {
                 anyhow::bail!(
                     "layer {l} in a per-layer weight, but the model has {layers} layers (0..{})",
@@ -179,7 +190,7 @@ impl RoutingWeights {
     /// override this is the formula the committed default model was trained
     /// with (weights on the means over layers), bit for bit.
     pub fn loss(&self, ce: &Tensor, r: &Routed) -> Result<Tensor> {
-        if self.layer_aux.is_empty() && self.layer_mi.is_empty() {
+        if self.layer_aux.is_empty() && self.layer_mi.is_empty() && self.layer_cover.is_empty() {
             let mut loss = (ce + (&r.aux * self.aux)?)?;
             if self.mi != 0.0 {
                 loss = (loss - (&r.mi * self.mi)?)?;
@@ -194,12 +205,13 @@ impl RoutingWeights {
         for (l, t) in r.layers.iter().enumerate() {
             let aux = Self::at(&self.layer_aux, l, self.aux);
             let mi = Self::at(&self.layer_mi, l, self.mi);
+            let cover = Self::at(&self.layer_cover, l, self.cover);
             loss = (loss + (&t.aux * (aux / n))?)?;
             if mi != 0.0 {
                 loss = (loss - (&t.mi * (mi / n))?)?;
             }
-            if self.cover != 0.0 {
-                loss = (loss - (&t.cover * (self.cover / n))?)?;
+            if cover != 0.0 {
+                loss = (loss - (&t.cover * (cover / n))?)?;
             }
         }
         Ok(loss)
@@ -657,6 +669,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         cover: args.cover_coef,
         layer_aux: args.layer_aux.clone(),
         layer_mi: args.layer_mi.clone(),
+        layer_cover: args.layer_cover.clone(),
     };
     weights.check(cfg.num_hidden_layers)?;
     let Splits {
@@ -720,7 +733,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
-        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux,
+        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover,
         "init": args.init.as_ref().map(|p| p.display().to_string()),
         "revived": revived.iter().map(|(l, from, to)| serde_json::json!({"layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
@@ -835,6 +848,7 @@ mod tests {
         let same = RoutingWeights {
             layer_mi: vec![(0, 0.15), (1, 0.15)],
             layer_aux: vec![(1, 0.02)],
+            layer_cover: vec![(0, 1.0)],
             ..base.clone()
         };
         let a = scalar(base.loss(&ce, &r).unwrap());
