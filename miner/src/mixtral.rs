@@ -65,6 +65,10 @@ fn entropy(p: &Tensor) -> Result<Tensor> {
 pub struct Mixtral {
     pub cfg: Config,
     pub vars: BTreeMap<String, Var>,
+    /// Layers whose sequence cover aims at a balanced assignment of the
+    /// batch's sequences to experts ([`balanced_experts`]) instead of each
+    /// sequence's own likeliest `k` (training only; empty by default).
+    pub balanced_cover: Vec<usize>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -188,6 +192,7 @@ impl Mixtral {
         Ok(Self {
             cfg,
             vars,
+            balanced_cover: Vec::new(),
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             device: device.clone(),
@@ -371,7 +376,7 @@ impl Mixtral {
         let pm = (vprobs.sum(0)? / r.n_valid)?;
         let aux = ((f * pm)?.sum_all()? * e as f64)?;
         let mi = sequence_expert_mi(&vprobs, r)?;
-        let cover = sequence_cover(&probs, &vprobs, r, k)?;
+        let cover = sequence_cover(&probs, &vprobs, r, k, self.balanced_cover.contains(&l))?;
 
         let mut out = hs.zeros_like()?;
         for (j, r) in rows.iter().enumerate() {
@@ -463,14 +468,31 @@ fn sequence_expert_mi(vprobs: &Tensor, r: &RoutingMask) -> Result<Tensor> {
 /// puts on the `k` experts its sequence routes to most (by `vprobs`, the
 /// same zeroed on padding; the choice is a constant, the gradient goes
 /// through the probabilities).
-fn sequence_cover(probs: &Tensor, vprobs: &Tensor, r: &RoutingMask, k: usize) -> Result<Tensor> {
+fn sequence_cover(
+    probs: &Tensor,
+    vprobs: &Tensor,
+    r: &RoutingMask,
+    k: usize,
+    balanced: bool,
+) -> Result<Tensor> {
     let e = probs.dim(1)?;
     let per_seq = vprobs.reshape((r.b, r.t, e))?.sum(1)?.to_vec2::<f32>()?;
+    let chosen = if balanced {
+        balanced_experts(&per_seq, k)
+    } else {
+        per_seq
+            .iter()
+            .map(|row| {
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
+                idx.truncate(k);
+                idx
+            })
+            .collect()
+    };
     let mut mask = vec![0f32; r.b * r.t * e];
-    for (b, row) in per_seq.iter().enumerate() {
-        let mut idx: Vec<usize> = (0..e).collect();
-        idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
-        for &j in idx.iter().take(k) {
+    for (b, experts) in chosen.iter().enumerate() {
+        for &j in experts {
             for t in 0..r.t {
                 mask[(b * r.t + t) * e + j] = 1.0;
             }
@@ -480,6 +502,45 @@ fn sequence_cover(probs: &Tensor, vprobs: &Tensor, r: &RoutingMask, k: usize) ->
     let covered = (probs * mask)?.sum_keepdim(1)?;
     let logc = (covered + 1e-6)?.log()?;
     Ok((logc.broadcast_mul(&r.valid)?.sum_all()? / r.n_valid)?)
+}
+
+/// `k` experts for each sequence (rows: its summed router probabilities)
+/// such that no expert serves more than `ceil(B * k / E)` sequences: pairs
+/// are taken greedily, likeliest first (BASE layers' balanced assignment, at
+/// the level of sequences), and a sequence left short takes its likeliest
+/// experts not yet its own. Every expert then has sequences to learn from,
+/// while each sequence still keeps to `k` experts.
+pub fn balanced_experts(per_seq: &[Vec<f32>], k: usize) -> Vec<Vec<usize>> {
+    let b = per_seq.len();
+    let e = per_seq.first().map_or(0, |r| r.len());
+    let k = k.min(e);
+    if e == 0 {
+        return vec![Vec::new(); b];
+    }
+    let cap = (b * k).div_ceil(e);
+    let mut pairs: Vec<(usize, usize)> = (0..b).flat_map(|s| (0..e).map(move |j| (s, j))).collect();
+    pairs.sort_by(|&(s1, j1), &(s2, j2)| {
+        per_seq[s2][j2]
+            .total_cmp(&per_seq[s1][j1])
+            .then(s1.cmp(&s2))
+            .then(j1.cmp(&j2))
+    });
+    let mut load = vec![0usize; e];
+    let mut out: Vec<Vec<usize>> = vec![Vec::with_capacity(k); b];
+    for (s, j) in pairs {
+        if out[s].len() < k && load[j] < cap {
+            out[s].push(j);
+            load[j] += 1;
+        }
+    }
+    for (s, experts) in out.iter_mut().enumerate() {
+        if experts.len() < k {
+            let mut idx: Vec<usize> = (0..e).filter(|j| !experts.contains(j)).collect();
+            idx.sort_by(|&x, &y| per_seq[s][y].total_cmp(&per_seq[s][x]).then(x.cmp(&y)));
+            experts.extend(idx.into_iter().take(k - experts.len()));
+        }
+    }
+    out
 }
 
 /// Which positions of a `(B, T)` batch are real tokens, for the routing terms.
@@ -606,7 +667,7 @@ mod tests {
             let p = Tensor::from_vec(flat, (rows.len(), 4), &d).unwrap();
             let r = RoutingMask::new(&Tensor::new(&[1f32; 4], &d).unwrap(), 2, 2).unwrap();
             let vp = p.broadcast_mul(&r.valid).unwrap();
-            sequence_cover(&p, &vp, &r, 2)
+            sequence_cover(&p, &vp, &r, 2, false)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap() as f64
@@ -628,5 +689,31 @@ mod tests {
         let rows = [ONE0, FLAT, ONE1, ONE1];
         assert!((mi(&rows, &[1.0, 0.0, 1.0, 1.0], 2) - ln2).abs() < 1e-4);
         assert!(mi(&rows, &[1.0; 4], 2) < ln2 - 0.1);
+    }
+
+    #[test]
+    fn balanced_experts_spread_sequences_and_keep_k_each() {
+        // Six sequences that all prefer experts 0 and 1: with 4 experts and
+        // k = 2 each expert may serve ceil(12 / 4) = 3 of them.
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|s| vec![0.5 - 0.01 * s as f32, 0.4, 0.05 + 0.001 * s as f32, 0.05])
+            .collect();
+        let out = balanced_experts(&rows, 2);
+        let mut load = [0usize; 4];
+        for (s, ex) in out.iter().enumerate() {
+            assert_eq!(ex.len(), 2, "sequence {s}: {ex:?}");
+            assert_ne!(ex[0], ex[1]);
+            for &j in ex {
+                load[j] += 1;
+            }
+        }
+        assert_eq!(load, [3, 3, 3, 3]);
+        // The likeliest sequences keep their own choice.
+        assert_eq!(out[0], vec![0, 1]);
+        // Unbalanced input that fits the capacity is left as it is.
+        let rows = vec![vec![0.6, 0.3, 0.05, 0.05], vec![0.05, 0.05, 0.3, 0.6]];
+        let out = balanced_experts(&rows, 2);
+        assert_eq!(out, vec![vec![0, 1], vec![3, 2]]);
+        assert_eq!(balanced_experts(&[], 2), Vec::<Vec<usize>>::new());
     }
 }

@@ -113,6 +113,13 @@ pub struct TrainArgs {
     /// other layers keep --cover-coef).
     #[arg(long = "layer-cover", value_parser = parse_layer_coef)]
     pub layer_cover: Vec<(usize, f64)>,
+    /// In this layer (repeatable), the sequence cover aims at a balanced
+    /// assignment of the batch's sequences to experts (each expert at most
+    /// an even share of the sequences, likeliest pairs first) instead of
+    /// each sequence's own likeliest two, so that every expert keeps
+    /// sequences of its own.
+    #[arg(long = "balanced-cover")]
+    pub balanced_cover: Vec<usize>,
 }
 
 /// Parse `LAYER=W` (a layer index and a finite weight of at most 100).
@@ -672,6 +679,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         layer_cover: args.layer_cover.clone(),
     };
     weights.check(cfg.num_hidden_layers)?;
+    if let Some(l) = args
+        .balanced_cover
+        .iter()
+        .find(|l| **l >= cfg.num_hidden_layers)
+    {
+        anyhow::bail!(
+            "--balanced-cover {l}: the model has {} layers",
+            cfg.num_hidden_layers
+        );
+    }
     let Splits {
         by_skill,
         public,
@@ -681,6 +698,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         Some(dir) => Mixtral::load(&cfg, &dir.join("model.safetensors"), &device)?,
         None => Mixtral::init_with_router_scale(&cfg, args.seed, args.router_init, &device)?,
     };
+    model.balanced_cover = args.balanced_cover.clone();
     let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
     tracing::info!("{params} parameters");
     let start = Instant::now();
@@ -733,7 +751,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
-        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover,
+        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover,
         "init": args.init.as_ref().map(|p| p.display().to_string()),
         "revived": revived.iter().map(|(l, from, to)| serde_json::json!({"layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
