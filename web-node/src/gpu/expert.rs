@@ -12,7 +12,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, GpuError};
 use super::kernel::{
-    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
+    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Shape, Step, WeightFormat,
 };
 use crate::model::quant::QMat;
 use crate::model::{ExpertWeights, Weight};
@@ -262,7 +262,7 @@ impl ExpertUp {
         hidden: usize,
         inter: usize,
     ) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter)
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter, 0)
     }
 
     /// The variant reading a pool of `format` with `inter` intermediate rows
@@ -271,7 +271,17 @@ impl ExpertUp {
     /// otherwise; always for quantized pools (their `w2` rows are `inter`
     /// wide, a multiple of the 32-weight group, so `inter % 4 == 0`). Software adapters pay per load
     /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
+    ///
+    /// `n_experts`: the experts the fused router picks from (the layer's;
+    /// 1 for a shared expert): with `hidden`, what the workgroup arrays are
+    /// sized for ([`super::kernel::sized_source`]).
+    pub fn for_pool(
+        ctx: &GpuContext,
+        format: PoolFormat,
+        hidden: usize,
+        inter: usize,
+        n_experts: usize,
+    ) -> Self {
         let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
@@ -283,7 +293,17 @@ impl ExpertUp {
         };
         // Every workgroup array element it reads, it wrote first.
         Self {
-            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, ctx.expert_up_workgroup_size()),
+            kernel: Kernel::new_sized(
+                ctx,
+                name,
+                src,
+                ctx.expert_up_workgroup_size(),
+                &Shape {
+                    hidden,
+                    n_experts,
+                    head_dim: 0,
+                },
+            ),
             lanes,
         }
     }
@@ -536,7 +556,7 @@ async fn run_blocks(
     {
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter, ne);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
@@ -643,7 +663,7 @@ pub async fn run_routed(
         .map(|e| format.encode_expert(e, hidden, inter))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
-    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter, ne);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
