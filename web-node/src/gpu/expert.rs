@@ -22,7 +22,10 @@ pub const SOURCE_UP: &str = include_str!("../../../shaders/expert_up.wgsl");
 pub const SOURCE_DOWN: &str = include_str!("../../../shaders/expert_down.wgsl");
 pub const SOURCE_UP_F16: &str = include_str!("../../../shaders/expert_up_f16.wgsl");
 pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16.wgsl");
-pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
+/// `expert_down` for q8_0 pools, four outputs per invocation (quantized
+/// pools always have `hidden % 32 == 0`: `w13`'s rows are `hidden` wide, a
+/// multiple of the 32-weight group; so no one-output variant).
+pub const SOURCE_DOWN_Q8_V4: &str = include_str!("../../../shaders/expert_down_q8_v4.wgsl");
 /// `expert_up` with four intermediate rows per invocation (f32 weights read
 /// as vec4s), for `inter % 4 == 0`.
 pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
@@ -38,7 +41,8 @@ pub const SOURCE_UP_Q8_V4: &str = include_str!("../../../shaders/expert_up_q8_v4
 pub const SOURCE_UP_Q4_V4: &str = include_str!("../../../shaders/expert_up_q4_v4.wgsl");
 /// `expert_up_f16` with four intermediate rows per invocation.
 pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
-pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
+/// `expert_down` for q4_0 pools, four outputs per invocation.
+pub const SOURCE_DOWN_Q4_V4: &str = include_str!("../../../shaders/expert_down_q4_v4.wgsl");
 
 /// Most experts per layer the router fused into `expert_up` handles (its
 /// workgroup arrays); more, and the engine runs `router.wgsl` before it.
@@ -343,7 +347,9 @@ impl ExpertDown {
 
     /// The variant reading a pool of `format` for `hidden` outputs: four
     /// outputs per invocation (vec4 loads) for float pools when
-    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]).
+    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]); always
+    /// for quantized pools (`hidden % 32 == 0`: four rows' words as one
+    /// `vec4<u32>`, the token's `act` as vec4s; SwiftShader pays per load).
     pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize) -> Self {
         let v4 = hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
@@ -353,8 +359,8 @@ impl ExpertDown {
             }
             PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16, 1),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8, 1),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8_v4", SOURCE_DOWN_Q8_V4, 4),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4_v4", SOURCE_DOWN_Q4_V4, 4),
         };
         Self {
             kernel: Kernel::new(ctx, name, src, None),
