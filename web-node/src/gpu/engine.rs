@@ -21,7 +21,10 @@
 //! = `3 * layers + 2` dispatches per greedily decoded token (`+ 1`, the
 //! embedding, for a step whose token the previous greedy step did not
 //! sample), and the only readback is the sampled token id (4 bytes), or the
-//! logits when asked for them. A prompt chunk runs `embedding`, then per
+//! logits when asked for them. [`Engine::decode_greedy`] pipelines greedy
+//! decoding while every expert is resident: token `t + 1`'s chunk needs
+//! nothing from the CPU but its position, so it is submitted before token
+//! `t` is read back (two in flight). A prompt chunk runs `embedding`, then per
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
