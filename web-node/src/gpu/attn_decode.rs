@@ -20,7 +20,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::attention;
 use super::context::{GpuContext, GpuError};
-use super::kernel::{f32_bytes, step_buffer, transpose, Kernel, Step, WeightFormat};
+use super::kernel::{f32_bytes, step_buffer, transpose, Kernel, Shape, Step, WeightFormat};
 use super::qkv_rope::{self, pack_qkv, QkvShape};
 
 pub const SOURCE: &str = include_str!("../../../shaders/attn_decode.wgsl");
@@ -102,7 +102,17 @@ impl AttnDecode {
             (WeightFormat::F32, true) => ("attn_decode_v4", SOURCE_V4),
             (WeightFormat::F16, true) => ("attn_decode_f16_v4", SOURCE_F16_V4),
         };
-        Self(Kernel::new_barrier(ctx, name, src))
+        Self(Kernel::new_sized(
+            ctx,
+            name,
+            src,
+            ctx.barrier_workgroup_size,
+            &Shape {
+                hidden,
+                n_experts: 0,
+                head_dim,
+            },
+        ))
     }
     /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {

@@ -48,10 +48,12 @@ pub struct GpuContext {
 /// adapter may be SwiftShader (Chromium's CPU fallback, unnamed to the page).
 pub const BROWSER_BARRIER_WORKGROUP: u32 = 16;
 
-/// `expert_up`'s workgroup size on the browser's WebGPU: on SwiftShader its
-/// vec4 kernel took 1.20 ms per dispatch at 16, 0.70 at 32, 0.58 at 64, 1.01
-/// at 128 invocations (the model's shape, 2 of 8 experts routed in-kernel).
-pub const BROWSER_EXPERT_UP_WORKGROUP: u32 = 64;
+/// `expert_up`'s workgroup size on the browser's WebGPU. With its workgroup
+/// arrays sized for the model ([`super::kernel::sized_source`]), its vec4
+/// kernel on SwiftShader took 0.34 ms per dispatch at 16, 0.46 at 32, 0.58
+/// at 64 invocations (the default model's shape, 2 of 8 experts routed
+/// in-kernel; with the arrays at their largest: 1.20 ms at 16, 0.58 at 64).
+pub const BROWSER_EXPERT_UP_WORKGROUP: u32 = 16;
 
 /// The barrier kernels' workgroup size for `backend` given the kernels'
 /// `workgroup_size`. SwiftShader runs each group of 4 invocations of a
@@ -64,8 +66,9 @@ pub const BROWSER_EXPERT_UP_WORKGROUP: u32 = 64;
 /// work either way); native adapters keep `workgroup_size`.
 ///
 /// `expert_up` (one token's rows over several workgroups, each routing the
-/// token itself) is cheapest at [`BROWSER_EXPERT_UP_WORKGROUP`] there
-/// instead: fewer workgroups repeat the router ([`GpuContext::expert_up_workgroup_size`]).
+/// token itself) has its own, [`BROWSER_EXPERT_UP_WORKGROUP`]
+/// ([`GpuContext::expert_up_workgroup_size`]): with its workgroup arrays
+/// sized for the model it is the same size now.
 pub fn barrier_workgroup_size(backend: wgpu::Backend, workgroup_size: u32) -> u32 {
     match backend {
         wgpu::Backend::BrowserWebGpu => BROWSER_BARRIER_WORKGROUP.min(workgroup_size),
@@ -232,27 +235,67 @@ impl GpuContext {
         buffer: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<Vec<u8>, GpuError> {
+        let m = self.begin_map(buffer, bytes, None);
+        self.finish_map(buffer, m).await
+    }
+
+    /// Start mapping `bytes` of a `MAP_READ` buffer, written by work already
+    /// submitted (`after`: that submission, which a native wait stops at, so
+    /// that later submissions keep running; `None`: every submission so
+    /// far). Work submitted after this runs on while the mapping waits;
+    /// [`GpuContext::finish_map`] reads the bytes and unmaps. The buffer
+    /// must not be used by a submission until then.
+    pub fn begin_map(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Mapping {
         let size = bytes.div_ceil(4).max(1) * 4;
-        let slice = buffer.slice(..size);
         let (tx, rx) = futures_channel::oneshot::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        buffer
+            .slice(..size)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        // The browser resolves the mapping on its own; only a native wait
+        // needs the submission.
+        #[cfg(target_arch = "wasm32")]
+        let _ = after;
+        Mapping {
+            rx,
+            bytes,
+            #[cfg(not(target_arch = "wasm32"))]
+            after,
+        }
+    }
+
+    /// Wait for a [`GpuContext::begin_map`] of `buffer`, copy its bytes out
+    /// and unmap it.
+    pub async fn finish_map(&self, buffer: &wgpu::Buffer, m: Mapping) -> Result<Vec<u8>, GpuError> {
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: m.after,
+                timeout: None,
+            })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        rx.await
-            .map_err(|_| GpuError::Readback("map callback dropped".into()))?
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let mapped =
+            m.rx.await
+                .map_err(|_| GpuError::Readback("map callback dropped".into()))
+                .and_then(|r| r.map_err(|e| GpuError::Readback(e.to_string())));
+        // Not mapped (a failed mapping leaves the buffer unmapped).
+        mapped?;
+        let size = m.bytes.div_ceil(4).max(1) * 4;
         let out = {
-            let view = slice
+            let view = buffer
+                .slice(..size)
                 .get_mapped_range()
-                .map_err(|e| GpuError::Readback(e.to_string()))?;
-            view[..bytes as usize].to_vec()
+                .map_err(|e| GpuError::Readback(e.to_string()));
+            view.map(|v| v[..m.bytes as usize].to_vec())
         };
         buffer.unmap();
-        Ok(out)
+        out
     }
 
     /// Copy `bytes` of a storage buffer into a fresh readback buffer, submit,
@@ -277,6 +320,15 @@ impl GpuContext {
         let bytes = self.read_buffer(src, (count * 4) as u64).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
+}
+
+/// A mapping in flight ([`GpuContext::begin_map`]).
+#[derive(Debug)]
+pub struct Mapping {
+    rx: futures_channel::oneshot::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    bytes: u64,
+    #[cfg(not(target_arch = "wasm32"))]
+    after: Option<wgpu::SubmissionIndex>,
 }
 
 async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter, GpuError> {

@@ -21,7 +21,10 @@
 //! = `3 * layers + 2` dispatches per greedily decoded token (`+ 1`, the
 //! embedding, for a step whose token the previous greedy step did not
 //! sample), and the only readback is the sampled token id (4 bytes), or the
-//! logits when asked for them. A prompt chunk runs `embedding`, then per
+//! logits when asked for them. [`Engine::decode_greedy`] pipelines greedy
+//! decoding while every expert is resident: token `t + 1`'s chunk needs
+//! nothing from the CPU but its position, so it is submitted before token
+//! `t` is read back (two in flight). A prompt chunk runs `embedding`, then per
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
@@ -107,7 +110,7 @@ use std::sync::Arc;
 use super::argmax::{self, Argmax, ArgmaxEmbed};
 use super::attention::{self, Attention};
 use super::attn_decode::{self, AttnDecode};
-use super::context::{GpuContext, GpuError};
+use super::context::{GpuContext, GpuError, Mapping};
 use super::expert::{self, ExpertDown, ExpertUp, PoolFormat};
 use super::family::{self as fam, QkvPost, QkvPostParams, SharedGate, SharedGateParams};
 use super::kernel::{f32_bytes, transpose, Kernel, Step as StepUniform, WeightFormat};
@@ -438,6 +441,9 @@ pub struct Engine {
     logits_all: wgpu::Buffer,
     argmax_out: wgpu::Buffer,
     readback: wgpu::Buffer,
+    /// The sampled ids of the two decoded tokens in flight in
+    /// [`Engine::decode_greedy`] (4 bytes each).
+    pipe_rb: [wgpu::Buffer; 2],
     bg_embed: wgpu::BindGroup,
     bg_head_last: wgpu::BindGroup,
     bg_head_all: wgpu::BindGroup,
@@ -642,14 +648,14 @@ impl Engine {
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),
-                up: ExpertUp::for_pool(c, f, h, sh_i),
+                up: ExpertUp::for_pool(c, f, h, sh_i, 1),
                 down: ExpertDown::for_pool(c, f, h),
             }),
             attn: Attention::new(c),
             mv: Matvec::with_format(c, fmt),
             head: Matvec::for_rows(c, fmt, v),
             router: Router::new(c),
-            up: ExpertUp::for_pool(c, pool_format, h, i),
+            up: ExpertUp::for_pool(c, pool_format, h, i, ne),
             down: ExpertDown::for_pool(c, pool_format, h),
             argmax: Argmax::new(c),
             argmax_embed: opts.fused.then(|| ArgmaxEmbed::new(c)),
@@ -832,6 +838,10 @@ impl Engine {
         let argmax_out = c.storage_zeroed("argmax_out", 4);
         // The output (logits or the token), then every layer's routes.
         let readback = c.readback_buffer("readback", f((b * v).max(1) + nl * b * ne * 2));
+        let pipe_rb = [
+            c.readback_buffer("token_readback_0", 4),
+            c.readback_buffer("token_readback_1", 4),
+        ];
         let rope = c.storage_init("rope", f32_bytes(&rope_table(cfg, max_seq)));
         let embed_t = c.storage_init(
             "embed_t",
@@ -1062,6 +1072,7 @@ impl Engine {
             logits_all,
             argmax_out,
             readback,
+            pipe_rb,
             bg_embed,
             bg_head_last,
             bg_head_all,
@@ -1709,6 +1720,177 @@ impl Engine {
         }
         out.map(Some)
             .ok_or_else(|| GpuError::Readback("no output".into()).into())
+    }
+}
+
+/// Decoded tokens [`Engine::decode_greedy`] keeps in flight: token `t + 1`'s
+/// chunk is submitted before token `t` is read back.
+const PIPELINE_DEPTH: usize = 2;
+
+impl Engine {
+    /// Whether [`Engine::decode_greedy`] can pipeline the step that feeds
+    /// `token`: the last step sampled it greedily with `argmax_embed` (its
+    /// embedding is in `x`, so the next chunk needs nothing from the CPU but
+    /// its position), every expert of every layer is resident (no step
+    /// can pause for one) and no step is paused.
+    pub fn can_pipeline(&self, token: u32) -> bool {
+        self.paused.is_none()
+            && self.k.argmax_embed.is_some()
+            && self.embedded == Some(token)
+            && (0..self.layers.len()).all(|l| self.pool.layer_resident(l))
+    }
+
+    /// Greedy decoding from `first`, the token the last greedy step
+    /// returned (not yet in the KV cache): feed it, then each sampled token,
+    /// until `n` tokens are sampled or `keep` (shown each sampled token in
+    /// order) returns false. Returns the sampled tokens (the last one is not
+    /// fed, as after [`crate::model::run_step`]); the KV cache holds `first`
+    /// and every returned token but the last.
+    ///
+    /// Where [`Engine::can_pipeline`], token `t + 1`'s chunk is encoded and
+    /// submitted before token `t` is read back (`argmax_embed` writes its
+    /// embedding on the GPU), so the GPU (or SwiftShader's threads) runs it
+    /// while the readback of `t` comes back: [`PIPELINE_DEPTH`] chunks in
+    /// flight, each reading back into its own buffer. When `keep` stops
+    /// early, the chunk already submitted after it is discarded (its cache
+    /// row lies past the position and is overwritten later). Otherwise each
+    /// token is one [`crate::model::run_step`] (a pool that misses experts
+    /// asks `supply`), until the engine can pipeline. The tokens are those
+    /// of one `run_step` per token either way: the same kernels run in the
+    /// same order.
+    pub async fn decode_greedy<S: crate::model::Supply + ?Sized>(
+        &mut self,
+        supply: &mut S,
+        first: u32,
+        n: usize,
+        opts: &RunOptions,
+        mut keep: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut out = Vec::with_capacity(n);
+        let mut tok = first;
+        while out.len() < n {
+            if self.can_pipeline(tok) {
+                self.pipelined(&mut out, n, opts, &mut keep).await?;
+                break;
+            }
+            tok = match crate::model::run_step(self, supply, &[tok], opts, Want::Greedy).await? {
+                Output::Token(t) => t,
+                _ => return Err(GpuError::Readback("unexpected output".into()).into()),
+            };
+            out.push(tok);
+            if !keep(tok) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Engine::decode_greedy`]'s pipelined part (the engine
+    /// [`can_pipeline`](Engine::can_pipeline) the token `x` holds).
+    async fn pipelined(
+        &mut self,
+        out: &mut Vec<u32>,
+        n: usize,
+        opts: &RunOptions,
+        keep: &mut impl FnMut(u32) -> bool,
+    ) -> Result<(), ModelError> {
+        let first = self.embedded.take().ok_or_else(|| {
+            ModelError::Input("pipelined decode: no sampled token embedded".into())
+        })?;
+        let mut flight: std::collections::VecDeque<(usize, Mapping)> = Default::default();
+        let mut to_submit = n - out.len();
+        let mut free = [true; PIPELINE_DEPTH];
+        // Set once the loop only drains: `keep` stopped, or an error.
+        let mut stopped = false;
+        let mut err: Option<ModelError> = None;
+        let mut discarded = 0usize;
+        let mut last = first;
+        loop {
+            while to_submit > 0 && flight.len() < PIPELINE_DEPTH && !stopped {
+                let Some(slot) = free.iter().position(|&f| f) else {
+                    break;
+                };
+                match self.start(&[first], opts, Want::Greedy) {
+                    Ok(mut run) => {
+                        run.n = 1;
+                        let m = self.submit_decoded(&run, slot);
+                        free[slot] = false;
+                        flight.push_back((slot, m));
+                        to_submit -= 1;
+                    }
+                    Err(e) => {
+                        err = Some(e);
+                        stopped = true;
+                    }
+                }
+            }
+            let Some((slot, m)) = flight.pop_front() else {
+                break;
+            };
+            let read = self.ctx.finish_map(&self.pipe_rb[slot], m).await;
+            free[slot] = true;
+            if stopped {
+                // A speculative chunk (or one after an error): discarded.
+                self.pos -= 1;
+                discarded += 1;
+                continue;
+            }
+            match read {
+                Ok(b) => {
+                    let t = bytemuck::pod_read_unaligned::<u32>(&b[..4]);
+                    self.stats.readbacks += 1;
+                    self.stats.readback_bytes += 4;
+                    out.push(t);
+                    last = t;
+                    stopped = !keep(t);
+                }
+                Err(e) => {
+                    self.pos -= 1;
+                    err = Some(e.into());
+                    stopped = true;
+                }
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+        // `x` holds the embedding of the last token sampled, unless a
+        // discarded chunk overwrote it.
+        self.embedded = (discarded == 0).then_some(last);
+        Ok(())
+    }
+
+    /// Encode and submit one decoded token's chunk at `self.pos` (every
+    /// expert resident, its embedding already in `x`), its sampled id copied
+    /// into `pipe_rb[slot]`, whose mapping starts; advances the position.
+    fn submit_decoded(&mut self, run: &Run, slot: usize) -> Mapping {
+        self.write_step(run);
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc
+                .begin_compute_pass(&Default::default())
+                .forget_lifetime();
+            for l in 0..self.layers.len() {
+                self.stats.dispatches += self.encode_attention(&mut pass, l, 1);
+                let ids: Vec<ExpertId> = self.layer_ids(l).collect();
+                self.pool.touch(ids);
+                self.encode_experts(&mut pass, l, run);
+            }
+            self.k
+                .head
+                .encode(&mut pass, &self.bg_head_last, &self.p_head_last, 1);
+            if let (Some(ke), Some(bg)) = (&self.k.argmax_embed, &self.bg_argmax_embed) {
+                ke.encode(&mut pass, bg);
+            }
+            self.stats.dispatches += 2;
+        }
+        enc.copy_buffer_to_buffer(&self.argmax_out, 0, &self.pipe_rb[slot], 0, 4);
+        let index = self.ctx.queue.submit([enc.finish()]);
+        self.stats.submissions += 1;
+        self.stats.steps += 1;
+        self.stats.tokens += 1;
+        self.pos += 1;
+        self.ctx.begin_map(&self.pipe_rb[slot], 4, Some(index))
     }
 }
 

@@ -12,7 +12,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, GpuError};
 use super::kernel::{
-    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Step, WeightFormat,
+    f32_bytes, matvec_ref, rmsnorm_ref, step_buffer, transpose, Kernel, Shape, Step, WeightFormat,
 };
 use crate::model::quant::QMat;
 use crate::model::{ExpertWeights, Weight};
@@ -22,7 +22,10 @@ pub const SOURCE_UP: &str = include_str!("../../../shaders/expert_up.wgsl");
 pub const SOURCE_DOWN: &str = include_str!("../../../shaders/expert_down.wgsl");
 pub const SOURCE_UP_F16: &str = include_str!("../../../shaders/expert_up_f16.wgsl");
 pub const SOURCE_DOWN_F16: &str = include_str!("../../../shaders/expert_down_f16.wgsl");
-pub const SOURCE_DOWN_Q8: &str = include_str!("../../../shaders/expert_down_q8.wgsl");
+/// `expert_down` for q8_0 pools, four outputs per invocation (quantized
+/// pools always have `hidden % 32 == 0`: `w13`'s rows are `hidden` wide, a
+/// multiple of the 32-weight group; so no one-output variant).
+pub const SOURCE_DOWN_Q8_V4: &str = include_str!("../../../shaders/expert_down_q8_v4.wgsl");
 /// `expert_up` with four intermediate rows per invocation (f32 weights read
 /// as vec4s), for `inter % 4 == 0`.
 pub const SOURCE_UP_V4: &str = include_str!("../../../shaders/expert_up_v4.wgsl");
@@ -38,7 +41,8 @@ pub const SOURCE_UP_Q8_V4: &str = include_str!("../../../shaders/expert_up_q8_v4
 pub const SOURCE_UP_Q4_V4: &str = include_str!("../../../shaders/expert_up_q4_v4.wgsl");
 /// `expert_up_f16` with four intermediate rows per invocation.
 pub const SOURCE_UP_F16_V4: &str = include_str!("../../../shaders/expert_up_f16_v4.wgsl");
-pub const SOURCE_DOWN_Q4: &str = include_str!("../../../shaders/expert_down_q4.wgsl");
+/// `expert_down` for q4_0 pools, four outputs per invocation.
+pub const SOURCE_DOWN_Q4_V4: &str = include_str!("../../../shaders/expert_down_q4_v4.wgsl");
 
 /// Most experts per layer the router fused into `expert_up` handles (its
 /// workgroup arrays); more, and the engine runs `router.wgsl` before it.
@@ -262,7 +266,7 @@ impl ExpertUp {
         hidden: usize,
         inter: usize,
     ) -> Self {
-        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter)
+        Self::for_pool(ctx, PoolFormat::Float(format), hidden, inter, 0)
     }
 
     /// The variant reading a pool of `format` with `inter` intermediate rows
@@ -271,7 +275,17 @@ impl ExpertUp {
     /// otherwise; always for quantized pools (their `w2` rows are `inter`
     /// wide, a multiple of the 32-weight group, so `inter % 4 == 0`). Software adapters pay per load
     /// (SwiftShader ~3.5x faster with vec4s), hardware ones lose nothing.
-    pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize, inter: usize) -> Self {
+    ///
+    /// `n_experts`: the experts the fused router picks from (the layer's;
+    /// 1 for a shared expert): with `hidden`, what the workgroup arrays are
+    /// sized for ([`super::kernel::sized_source`]).
+    pub fn for_pool(
+        ctx: &GpuContext,
+        format: PoolFormat,
+        hidden: usize,
+        inter: usize,
+        n_experts: usize,
+    ) -> Self {
         let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
@@ -283,7 +297,17 @@ impl ExpertUp {
         };
         // Every workgroup array element it reads, it wrote first.
         Self {
-            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, ctx.expert_up_workgroup_size()),
+            kernel: Kernel::new_sized(
+                ctx,
+                name,
+                src,
+                ctx.expert_up_workgroup_size(),
+                &Shape {
+                    hidden,
+                    n_experts,
+                    head_dim: 0,
+                },
+            ),
             lanes,
         }
     }
@@ -323,7 +347,9 @@ impl ExpertDown {
 
     /// The variant reading a pool of `format` for `hidden` outputs: four
     /// outputs per invocation (vec4 loads) for float pools when
-    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]).
+    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]); always
+    /// for quantized pools (`hidden % 32 == 0`: four rows' words as one
+    /// `vec4<u32>`, the token's `act` as vec4s; SwiftShader pays per load).
     pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize) -> Self {
         let v4 = hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
@@ -333,8 +359,8 @@ impl ExpertDown {
             }
             PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16, 1),
-            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8", SOURCE_DOWN_Q8, 1),
-            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4", SOURCE_DOWN_Q4, 1),
+            PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8_v4", SOURCE_DOWN_Q8_V4, 4),
+            PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4_v4", SOURCE_DOWN_Q4_V4, 4),
         };
         Self {
             kernel: Kernel::new(ctx, name, src, None),
@@ -536,7 +562,7 @@ async fn run_blocks(
     {
         return Err(GpuError::Input("expert: bad route or sizes".into()));
     }
-    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter, ne);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,
@@ -643,7 +669,7 @@ pub async fn run_routed(
         .map(|e| format.encode_expert(e, hidden, inter))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GpuError::Input)?;
-    let up = ExpertUp::for_pool(ctx, format, hidden, inter);
+    let up = ExpertUp::for_pool(ctx, format, hidden, inter, ne);
     let down = ExpertDown::for_pool(ctx, format, hidden);
     let p = Params {
         hidden: hidden as u32,

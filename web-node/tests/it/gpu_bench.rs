@@ -15,6 +15,7 @@ use web_node::model::random::{small_config, tiny_config, write_random_model, TOK
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
 use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
+use web_node::model::{Output, Want};
 
 fn all_experts(m: &ModelDir) -> Vec<(ExpertId, web_node::model::ExpertWeights)> {
     let mut src = m.expert_source().unwrap();
@@ -155,4 +156,109 @@ fn bad_fixed_decodes_are_errors() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("do not fit the context"), "{e}");
+}
+
+/// `Engine::decode_greedy`, pipelined (every expert resident: token t + 1
+/// submitted before t is read back) and not (a pool that misses, one step
+/// per token): the CPU reference's tokens, one submission per token, and a
+/// stop that leaves the cache where single steps would (the speculative
+/// chunk after the stop discarded, the next step embedding its own token).
+#[test]
+fn pipelined_decode_matches_single_steps_and_stops_cleanly() {
+    let Some(c) = ctx() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    write_random_model(dir.path(), &cfg, 11).unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 17 + 2) % 200).collect();
+    let n = 24;
+    let opts = RunOptions::default();
+    let want = cpu_fixed(&mut CpuModel::from_model_dir(&m).unwrap(), &prompt, n);
+    let engine = |pool: Option<u64>| {
+        Engine::with_options(
+            shared_ctx(c),
+            &cfg,
+            &m.shared,
+            &m.routers,
+            EngineOptions {
+                expert_pool_bytes: pool,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let first = |gpu: &mut Engine| match gpu
+        .run_blocking(&mut Resident, &prompt, &opts, Want::Greedy)
+        .unwrap()
+    {
+        Output::Token(t) => t,
+        o => panic!("{o:?}"),
+    };
+
+    let mut gpu = engine(None);
+    supply_all(&mut gpu, all_experts(&m)).unwrap();
+    let t0 = first(&mut gpu);
+    assert!(gpu.can_pipeline(t0));
+    assert!(!gpu.can_pipeline(t0 + 1), "x holds t0's row only");
+    gpu.reset_stats();
+    let rest =
+        pollster::block_on(gpu.decode_greedy(&mut Resident, t0, n - 1, &opts, |_| true)).unwrap();
+    let got: Vec<u32> = std::iter::once(t0).chain(rest).collect();
+    assert_eq!(got, want, "pipelined vs CPU");
+    let s = gpu.stats().clone();
+    assert_eq!(
+        (s.tokens, s.submissions),
+        ((n - 1) as u64, (n - 1) as u64),
+        "{s:?}"
+    );
+    assert_eq!(gpu.position(), prompt.len() + n - 1);
+
+    // Stop after the 6th sampled token (its successor already in flight):
+    // the cache holds t0 and the first five, and single steps from there
+    // give the rest of the CPU's tokens.
+    gpu.reset();
+    let t0 = first(&mut gpu);
+    let mut seen = 0;
+    let six = pollster::block_on(gpu.decode_greedy(&mut Resident, t0, n, &opts, |_| {
+        seen += 1;
+        seen < 6
+    }))
+    .unwrap();
+    assert_eq!(six, want[1..7], "stopped at the 6th");
+    assert_eq!(
+        gpu.position(),
+        prompt.len() + 6,
+        "speculative chunk discarded"
+    );
+    assert!(!gpu.can_pipeline(six[5]), "a discarded chunk overwrote x");
+    let mut tok = six[5];
+    let mut tail = Vec::new();
+    while 7 + tail.len() < n {
+        tok = gpu.next_token(&mut Resident, &[tok], &opts).unwrap();
+        tail.push(tok);
+    }
+    assert_eq!(tail, want[7..], "single steps after the stop");
+    // Stopping on the last token of `n` leaves nothing in flight: x holds its row.
+    gpu.reset();
+    let t0 = first(&mut gpu);
+    let two = pollster::block_on(gpu.decode_greedy(&mut Resident, t0, 2, &opts, |_| true)).unwrap();
+    assert_eq!(two, want[1..3]);
+    assert!(gpu.can_pipeline(two[1]));
+
+    // A pool of 3 experts (fewer than a layer's): no pipelining, each token
+    // one step asking the source for what it misses; same tokens.
+    let mut src = m.expert_source().unwrap();
+    let mut small = engine(Some(3 * gpu.expert_bytes()));
+    let t0 = match small
+        .run_blocking(&mut src, &prompt, &opts, Want::Greedy)
+        .unwrap()
+    {
+        Output::Token(t) => t,
+        o => panic!("{o:?}"),
+    };
+    assert!(!small.can_pipeline(t0));
+    let rest =
+        pollster::block_on(small.decode_greedy(&mut src, t0, n - 1, &opts, |_| true)).unwrap();
+    assert_eq!(rest, want[1..], "small pool vs CPU");
+    assert!(small.stats().pauses > 0, "{:?}", small.stats());
 }

@@ -39,3 +39,81 @@ fn every_shader_validates_with_naga() {
         "every included shader is a file in shaders/"
     );
 }
+
+/// The barrier kernels' sources with their workgroup arrays sized for a
+/// model (`kernel::sized_source`): every group of declarations is found in
+/// each of them (a renamed array would silently stay at its largest size),
+/// the sized source is smaller, and it still validates, at the default
+/// model's shape and at odd small ones.
+#[test]
+fn sized_workgroup_arrays_apply_to_every_barrier_kernel() {
+    use web_node::gpu::kernel::{sized_source, Shape};
+    let validate = |name: &str, src: &str| {
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+    };
+    let mut sized = 0;
+    for &(name, src) in web_node::gpu::SHADERS {
+        let (expert, attn) = (
+            name.starts_with("expert_up"),
+            name.starts_with("attn_decode"),
+        );
+        if !(expert || attn) {
+            let same = sized_source(
+                src,
+                &Shape {
+                    hidden: 128,
+                    n_experts: 8,
+                    head_dim: 32,
+                },
+                16,
+            );
+            assert_eq!(same, src, "{name}: nothing to size");
+            continue;
+        }
+        for (hidden, n_experts, head_dim, wg) in [(128, 8, 32, 16), (96, 3, 2, 1), (36, 5, 6, 7)] {
+            let shape = Shape {
+                hidden,
+                n_experts: if expert { n_experts } else { 0 },
+                head_dim: if attn { head_dim } else { 0 },
+            };
+            let s = sized_source(src, &shape, wg);
+            assert!(
+                s.contains(&format!(
+                    "const MAX_HIDDEN: u32 = {}u;",
+                    hidden.div_ceil(4) * 4
+                )),
+                "{name}: MAX_HIDDEN not sized"
+            );
+            if expert {
+                assert!(
+                    s.contains(&format!("const MAX_EXPERTS: u32 = {n_experts}u;")),
+                    "{name}"
+                );
+                assert!(s.contains(&format!("r_red: array<f32, {wg}>")), "{name}");
+            } else {
+                assert!(
+                    s.contains(&format!("const MAX_HEAD_DIM: u32 = {head_dim}u;")),
+                    "{name}"
+                );
+                assert!(!s.contains("red_l: array<f32, 256>"), "{name}");
+            }
+            validate(name, &s);
+        }
+        // Larger than the kernels' defaults: left as written.
+        let big = Shape {
+            hidden: 4096,
+            n_experts: 300,
+            head_dim: 512,
+        };
+        assert_eq!(sized_source(src, &big, 64), src, "{name}");
+        sized += 1;
+    }
+    assert_eq!(sized, 10, "the expert_up and attn_decode kernels");
+}
