@@ -2,10 +2,11 @@
 // (head_dim % 8 == 0, hidden % 4 == 0): W and Wo read four halves at a time
 // (two u32s), the v rows four entries at a time. The q/k/v projection gives
 // each invocation four consecutive rows (four RoPE pairs of q or k, or four
-// v rows), the o_proj share four consecutive outputs, and each score's exp
-// is taken once: software adapters (lavapipe, SwiftShader) pay per load and
-// per operation of every invocation of a vector, active or not, much more
-// than per byte. The engine picks it when the shape allows.
+// v rows), the o_proj share four consecutive outputs, and the attention
+// weights each score's v row four entries at a time: software adapters
+// (lavapipe, SwiftShader) pay per load and per operation of every
+// invocation of a vector, active or not, much more than per byte. The
+// engine picks it when the shape allows.
 // One decoded token's attention block in one dispatch, one workgroup per
 // query head: RMSNorm(x) -> this head's q and its kv head's k and v
 // (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
@@ -175,10 +176,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // every invocation of a vector: no barrier inside a loop. Scores go to
     // this head's row after the o_proj shares in `part` ([n_heads][max_seq]
     // from n_heads * hidden on), the max through a workgroup atomic (f32
-    // bits mapped to ordered i32); then each score becomes exp(score - max)
-    // once, and every invocation sums those and the v rows they weight,
-    // four head-dimension entries at a time, over a strided share of the
-    // positions; the shares are added after one barrier.
+    // bits mapped to ordered i32); then every invocation sums exp(score -
+    // max) and the v rows they weight, four head-dimension entries at a
+    // time (a quarter of the exps and loads of one entry at a time), over
+    // a strided share of the positions; the shares are added after one
+    // barrier.
     let len = pos + 1u;
     let sb = p.n_heads * p.hidden + h * p.max_seq;
     var mine = -3.0e38;
@@ -198,12 +200,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
     let mb = atomicLoad(&m_bits);
     let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
-    // The invocation that wrote a score turns it into its weight.
-    for (var j = lid; j < len; j += WG) {
-        part[sb + j] = exp(part[sb + j] - m);
-    }
-    storageBarrier();
-    workgroupBarrier();
     // `shares` invocations per four head-dimension entries.
     let shares = max(1u, min(WG, RED) / hd4);
     for (var u = lid; u < hd4 * shares; u += WG) {
@@ -212,12 +208,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var l = 0.0;
         var a = vec4<f32>(0.0);
         for (var j = sh; j < pos; j += shares) {
-            let pe = part[sb + j];
+            let pe = exp(part[sb + j] - m);
             l += pe;
             a += pe * v_cache[j * kv4 + kb4 + e4];
         }
         if (sh == 0u) {
-            let pe = part[sb + pos];
+            let pe = exp(part[sb + pos] - m);
             let e = 4u * e4;
             l += pe;
             a += pe * vec4<f32>(vs[e], vs[e + 1u], vs[e + 2u], vs[e + 3u]);

@@ -235,8 +235,7 @@ pub struct Params {
 }
 
 /// `expert_up`: `lanes` intermediate rows per invocation (4: the vec4
-/// variant, for float pools when `inter % 4 == 0`, 8 for f16 ones when
-/// `inter % 8 == 0`; 1 otherwise).
+/// variant, for float pools when `inter % 4 == 0`; 1 otherwise).
 #[derive(Debug)]
 pub struct ExpertUp {
     pub kernel: Kernel,
@@ -277,12 +276,7 @@ impl ExpertUp {
         let v4 = inter.is_multiple_of(4) && hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_up_v4", SOURCE_UP_V4, 4),
-            // Eight rows per invocation where inter % 8 == 0 (one vec4<u32> of halves per load).
-            PoolFormat::Float(WeightFormat::F16) if v4 => (
-                "expert_up_f16_v4",
-                SOURCE_UP_F16_V4,
-                if inter.is_multiple_of(8) { 8 } else { 4 },
-            ),
+            PoolFormat::Float(WeightFormat::F16) if v4 => ("expert_up_f16_v4", SOURCE_UP_F16_V4, 4),
             PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_up_q8_v4", SOURCE_UP_Q8_V4, 4),
             PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_up_q4_v4", SOURCE_UP_Q4_V4, 4),
             PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
