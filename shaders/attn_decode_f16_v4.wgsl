@@ -1,10 +1,12 @@
-// attn_decode_f16.wgsl (f16 weights) with the weight loads four at a time
+// attn_decode_f16.wgsl (f16 weights) with the loads four at a time
 // (head_dim % 8 == 0, hidden % 4 == 0): W and Wo read four halves at a time
-// (two u32s). The q/k/v projection gives each invocation four consecutive
-// rows (four RoPE pairs of q or k, or four v rows), the
-// o_proj share four consecutive outputs: a quarter of the loads, which is
-// what software adapters pay for (SwiftShader). The engine picks it when
-// the shape allows.
+// (two u32s), the v rows four entries at a time. The q/k/v projection gives
+// each invocation four consecutive rows (four RoPE pairs of q or k, or four
+// v rows), the o_proj share four consecutive outputs, and the attention
+// weights each score's v row four entries at a time: software adapters
+// (lavapipe, SwiftShader) pay per load and per operation of every
+// invocation of a vector, active or not, much more than per byte. The
+// engine picks it when the shape allows.
 // One decoded token's attention block in one dispatch, one workgroup per
 // query head: RMSNorm(x) -> this head's q and its kv head's k and v
 // (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
@@ -22,7 +24,7 @@
 // writes never race a read. Decode only (n_tok = 1): a batch's later tokens
 // would read cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (6 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// (about 5 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
 // [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
@@ -39,7 +41,8 @@ override WG: u32 = 64u;
 @group(0) @binding(4) var<storage, read> g: array<f32>;
 @group(0) @binding(5) var<storage, read> rope: array<f32>;
 @group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;
-@group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;
+// Four entries of a row at a time (kv_dim % 4 == 0).
+@group(0) @binding(7) var<storage, read_write> v_cache: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> wo: array<vec2<u32>>;
 @group(0) @binding(9) var<storage, read_write> part: array<f32>;
 
@@ -47,10 +50,12 @@ var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
-// Per-invocation shares of the softmax sum and of the weighted v (at most
-// max(head_dim, WG) <= 256 of them), and the scores' max as ordered bits.
-var<workgroup> red_l: array<f32, 256>;
-var<workgroup> red_a: array<f32, 256>;
+// Per-invocation shares of the softmax sum and of the weighted v rows (at
+// most RED of them, each four head-dimension entries), and the scores' max
+// as ordered bits.
+const RED: u32 = 64u;
+var<workgroup> red_l: array<f32, RED>;
+var<workgroup> red_a: array<vec4<f32>, RED>;
 var<workgroup> m_bits: atomic<i32>;
 
 // f32 bits as an i32 that orders like the f32 (for atomicMax).
@@ -152,23 +157,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (lid == 0u) { atomicStore(&m_bits, ordered(-3.0e38)); }
     workgroupBarrier();
 
-    // Append to the cache.
+    // Append to the cache (v rows four entries at a time).
     let kb = kvh * hd;
     for (var i = lid; i < hd; i += WG) {
         k_cache[(kb + i) * p.max_seq + pos] = ks[i];
-        v_cache[pos * kv_dim + kb + i] = vs[i];
+    }
+    let hd4 = hd / 4u;
+    let kv4 = kv_dim / 4u;
+    let kb4 = kb / 4u;
+    for (var e4 = lid; e4 < hd4; e4 += WG) {
+        let e = 4u * e4;
+        v_cache[pos * kv4 + kb4 + e4] = vec4<f32>(vs[e], vs[e + 1u], vs[e + 2u], vs[e + 3u]);
     }
 
     // Attention over positions 0..=pos (the new position's k and v from
     // workgroup memory). Written for software adapters, where every
     // invocation's memory access is costly and a loop costs as much in
-    // every invocation of a vector: no barrier inside a loop, and no
-    // phase where most invocations idle through a long loop. Scores go to
+    // every invocation of a vector: no barrier inside a loop. Scores go to
     // this head's row after the o_proj shares in `part` ([n_heads][max_seq]
     // from n_heads * hidden on), the max through a workgroup atomic (f32
-    // bits mapped to ordered i32), then every invocation sums exp(score -
-    // max) and its weighted v for one head-dimension entry over a strided
-    // share of the positions; the shares are added after one barrier.
+    // bits mapped to ordered i32); then every invocation sums exp(score -
+    // max) and the v rows they weight, four head-dimension entries at a
+    // time (a quarter of the exps and loads of one entry at a time), over
+    // a strided share of the positions; the shares are added after one
+    // barrier.
     let len = pos + 1u;
     let sb = p.n_heads * p.hidden + h * p.max_seq;
     var mine = -3.0e38;
@@ -188,36 +200,46 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
     let mb = atomicLoad(&m_bits);
     let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
-    // `shares` invocations per head-dimension entry.
-    let shares = max(1u, WG / hd);
-    for (var u = lid; u < hd * shares; u += WG) {
-        let e = u % hd;
+    // `shares` invocations per four head-dimension entries.
+    let shares = max(1u, min(WG, RED) / hd4);
+    for (var u = lid; u < hd4 * shares; u += WG) {
+        let e4 = u % hd4;
+        let sh = u / hd4;
         var l = 0.0;
-        var a = 0.0;
-        for (var j = u / hd; j < len; j += shares) {
+        var a = vec4<f32>(0.0);
+        for (var j = sh; j < pos; j += shares) {
             let pe = exp(part[sb + j] - m);
-            var vv = vs[e];
-            if (j != pos) { vv = v_cache[j * kv_dim + kb + e]; }
             l += pe;
-            a += pe * vv;
+            a += pe * v_cache[j * kv4 + kb4 + e4];
+        }
+        if (sh == 0u) {
+            let pe = exp(part[sb + pos] - m);
+            let e = 4u * e4;
+            l += pe;
+            a += pe * vec4<f32>(vs[e], vs[e + 1u], vs[e + 2u], vs[e + 3u]);
         }
         red_l[u] = l;
         red_a[u] = a;
     }
     workgroupBarrier();
-    for (var e = lid; e < hd; e += WG) {
+    for (var e4 = lid; e4 < hd4; e4 += WG) {
         var l = 0.0;
-        var a = 0.0;
+        var a = vec4<f32>(0.0);
         for (var q = 0u; q < shares; q++) {
-            l += red_l[q * hd + e];
-            a += red_a[q * hd + e];
+            l += red_l[q * hd4 + e4];
+            a += red_a[q * hd4 + e4];
         }
-        acc_s[e] = a / l;
+        let o = a / l;
+        let e = 4u * e4;
+        acc_s[e] = o.x;
+        acc_s[e + 1u] = o.y;
+        acc_s[e + 2u] = o.z;
+        acc_s[e + 3u] = o.w;
     }
     workgroupBarrier();
 
     // This head's share of the output projection, four outputs per
-    // invocation (wo_stride % 4 == 0; indices in vec4s).
+    // invocation (wo_stride % 4 == 0; indices in fours).
     let st4 = p.wo_stride / 4u;
     for (var r4 = lid; r4 < p.hidden / 4u; r4 += WG) {
         var a = vec4<f32>(0.0);

@@ -69,7 +69,15 @@
 //! that layer's input and runs on from its experts (one more submission:
 //! the later layers' cache rows are written again); [`cancel`](crate::model::Engine::cancel)
 //! drops the step instead. A layer with fewer resident experts than
-//! `top_k` misses for certain, so the chunk stops after its `expert_up`.
+//! `top_k` misses for certain, so the chunk stops after its `expert_up`,
+//! except in a pool smaller than the model (one that evicts): there the
+//! chunk runs on, and a pause asks, after the paused layer's missing
+//! experts, for the missing ones the later layers of that run routed to
+//! (guesses, since a missing expert ran as another, but mostly right; as
+//! many as the pool holds beside the paused layer's, never pinned), so
+//! that a token whose experts were evicted (after a prompt, say) pauses
+//! about once instead of once per layer. A pool that holds the whole
+//! model asks for exactly the routed experts.
 //! The unfused engine (`fused: false`, a separate router kernel) reads a
 //! lacking layer's routes back before its experts run instead (one
 //! submission and readback per such layer).
@@ -338,6 +346,12 @@ impl Pool {
         self.slot(id).is_some()
     }
 
+    /// Whether the pool holds fewer experts than the model has (so that
+    /// supplying one may evict another).
+    fn evicting(&self) -> bool {
+        self.slots() < self.slot_of.iter().map(Vec::len).sum::<usize>()
+    }
+
     fn layer_resident(&self, layer: usize) -> bool {
         self.slot_of[layer].iter().all(Option::is_some)
     }
@@ -416,6 +430,10 @@ struct Run {
     /// Every expert the awaited layer-step (or the dense step) needs:
     /// pinned in the pool until it ran.
     need: Vec<ExpertId>,
+    /// Missing experts the layers after the paused one routed to in the
+    /// same run (from an input that a missing expert made inexact): asked
+    /// for with `need` so that the step seldom pauses again, never pinned.
+    ahead: Vec<ExpertId>,
     all: Vec<Vec<f32>>,
 }
 
@@ -1294,6 +1312,7 @@ impl Engine {
             n: 0,
             at: At::Chunk,
             need: Vec::new(),
+            ahead: Vec::new(),
             all: Vec::new(),
         })
     }
@@ -1306,7 +1325,9 @@ impl Engine {
                 Ok(Step::Done(out))
             }
             Ok(None) => {
-                let missing = self.missing(&run.need);
+                let mut missing = self.missing(&run.need);
+                // The guesses for later layers (sorted after the paused layer's).
+                missing.extend(self.missing(&std::mem::take(&mut run.ahead)));
                 self.stats.pauses += 1;
                 self.paused = Some(run);
                 Ok(Step::Need(missing))
@@ -1481,6 +1502,33 @@ impl Engine {
         self.route_ids(&words, layer, run)
     }
 
+    /// The experts worth asking for beside a paused layer's: those the
+    /// later layers of the same run routed to (`layers`: each one's routes
+    /// as read back). Their input was inexact (a missing expert ran as
+    /// another), so they are guesses, though usually right: the step would
+    /// otherwise pause again at each of those layers. The resident ones
+    /// are marked used (so that supplying the guesses does not evict them);
+    /// the missing ones are returned, as many as the pool holds beside the
+    /// paused layer's experts and the resident guesses.
+    fn ahead<'w>(
+        &mut self,
+        layers: impl Iterator<Item = (usize, &'w [u32])>,
+        run: &Run,
+    ) -> Result<Vec<ExpertId>, ModelError> {
+        let mut guess = Vec::new();
+        for (l, w) in layers {
+            guess.extend(self.route_ids(w, l, run)?);
+        }
+        let (resident, missing): (Vec<ExpertId>, Vec<ExpertId>) =
+            guess.into_iter().partition(|&id| self.pool.resident(id));
+        let room = self
+            .pool
+            .slots()
+            .saturating_sub(run.need.len() + resident.len());
+        self.pool.touch(resident);
+        Ok(missing.into_iter().take(room).collect())
+    }
+
     /// Encode and submit from `run.at` on. `Ok(None)`: paused, `run.need`
     /// says which experts the awaited layer-step needs.
     ///
@@ -1596,7 +1644,7 @@ impl Engine {
                     // Run on; the routes are checked after the chunk.
                     check.get_or_insert(l);
                     let resident = self.pool.slot_of[l].iter().flatten().count();
-                    if resident < run.k.min(ne) {
+                    if resident < run.k.min(ne) && !self.pool.evicting() {
                         self.encode_up(&mut pass, l, run);
                         stop = Some(l);
                         break;
@@ -1674,12 +1722,17 @@ impl Engine {
                 self.stats.readback_bytes += bytes;
                 // The first checked layer routed to a missing expert: pause there.
                 let words: Vec<u32> = bytemuck::pod_collect_to_vec(&data[out_bytes as usize..]);
-                for (i, l) in checked.enumerate() {
-                    let w = &words[i * run.n * ne * 2..(i + 1) * run.n * ne * 2];
-                    let ids = self.route_ids(w, l, run)?;
+                let per = run.n * ne * 2;
+                for (i, l) in checked.clone().enumerate() {
+                    let ids = self.route_ids(&words[i * per..(i + 1) * per], l, run)?;
                     if ids.iter().any(|&id| !self.pool.resident(id)) {
                         run.need = ids;
                         run.at = At::Redo(l);
+                        if self.pool.evicting() {
+                            let later = checked.clone().enumerate().skip(i + 1);
+                            let later = later.map(|(j, l)| (l, &words[j * per..(j + 1) * per]));
+                            run.ahead = self.ahead(later, run)?;
+                        }
                         return Ok(None);
                     }
                     self.pool.touch(ids);

@@ -246,7 +246,8 @@ pub struct ExpertUp {
     pub lanes: u32,
 }
 /// `expert_down`: `lanes` outputs per invocation (4: the vec4 variant, for
-/// float pools when `hidden % 4 == 0`; 1 otherwise).
+/// f32 pools when `hidden % 4 == 0`; 8 for f16 ones when `hidden % 8 == 0`;
+/// 1 otherwise).
 #[derive(Debug)]
 pub struct ExpertDown {
     pub kernel: Kernel,
@@ -346,16 +347,19 @@ impl ExpertDown {
     }
 
     /// The variant reading a pool of `format` for `hidden` outputs: four
-    /// outputs per invocation (vec4 loads) for float pools when
-    /// `hidden % 4 == 0`, one otherwise (as [`ExpertUp::for_pool`]); always
-    /// for quantized pools (`hidden % 32 == 0`: four rows' words as one
-    /// `vec4<u32>`, the token's `act` as vec4s; SwiftShader pays per load).
+    /// outputs per invocation (vec4 loads) for f32 pools when
+    /// `hidden % 4 == 0`, eight (a vec4<u32> of halves per load) for f16
+    /// ones when `hidden % 8 == 0`, one otherwise (as [`ExpertUp::for_pool`]);
+    /// always four for quantized pools (`hidden % 32 == 0`: four rows' words
+    /// as one `vec4<u32>`, the token's `act` as vec4s; SwiftShader pays per
+    /// load).
     pub fn for_pool(ctx: &GpuContext, format: PoolFormat, hidden: usize) -> Self {
         let v4 = hidden.is_multiple_of(4);
         let (name, src, lanes) = match format {
             PoolFormat::Float(WeightFormat::F32) if v4 => ("expert_down_v4", SOURCE_DOWN_V4, 4),
-            PoolFormat::Float(WeightFormat::F16) if v4 => {
-                ("expert_down_f16_v4", SOURCE_DOWN_F16_V4, 4)
+            // Eight outputs per invocation (one vec4<u32> of halves per load).
+            PoolFormat::Float(WeightFormat::F16) if hidden.is_multiple_of(8) => {
+                ("expert_down_f16_v4", SOURCE_DOWN_F16_V4, 8)
             }
             PoolFormat::Float(WeightFormat::F32) => ("expert_down", SOURCE_DOWN, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_down_f16", SOURCE_DOWN_F16, 1),
