@@ -395,6 +395,25 @@ pub fn sized_source(source: &str, shape: &Shape, wg: u32) -> String {
                 ),
             ],
         );
+        // attn_decode_f16_v4: its reductions use max(1, min(WG, RED) /
+        // (hd / 4)) shares of hd / 4 entries (RED = 64 as written), so RED
+        // = max(hd / 4, min(wg, 64) rounded down to a multiple of hd / 4)
+        // holds them all and keeps the kernel's share count.
+        let hd4 = hd.div_ceil(4);
+        let red4 = hd4.max(hd4 * (wg.min(64) / hd4));
+        group(
+            &mut s,
+            &[
+                (
+                    &format!("const MAX_HEAD_DIM: u32 = {DEFAULT_HEAD_DIM}u;"),
+                    format!("const MAX_HEAD_DIM: u32 = {hd}u;"),
+                ),
+                (
+                    "const RED: u32 = 64u;",
+                    format!("const RED: u32 = {red4}u;"),
+                ),
+            ],
+        );
     }
     s
 }
