@@ -54,6 +54,10 @@ pub struct LayerTerms {
     pub aux: Tensor,
     pub mi: Tensor,
     pub cover: Tensor,
+    /// Mean over sequences of `sum_e max_t p(e|x_t)` over the sequence's
+    /// real tokens: a soft count of the experts a sequence needs (1 when
+    /// every token puts all its weight on one and the same expert).
+    pub union: Tensor,
 }
 
 /// Entropy in nats of probability rows along the last dimension.
@@ -376,6 +380,7 @@ impl Mixtral {
         let pm = (vprobs.sum(0)? / r.n_valid)?;
         let aux = ((f * pm)?.sum_all()? * e as f64)?;
         let mi = sequence_expert_mi(&vprobs, r)?;
+        let union = vprobs.reshape((r.b, r.t, e))?.max(1)?.sum(1)?.mean_all()?;
         let cover = sequence_cover(&probs, &vprobs, r, k, self.balanced_cover.contains(&l))?;
 
         let mut out = hs.zeros_like()?;
@@ -392,7 +397,16 @@ impl Mixtral {
             let w = weights.index_select(&idx, 0)?.narrow(1, j, 1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
-        Ok((out, LayerTerms { aux, mi, cover }, picks))
+        Ok((
+            out,
+            LayerTerms {
+                aux,
+                mi,
+                cover,
+                union,
+            },
+            picks,
+        ))
     }
 
     /// Make expert `to` of layer `l` a copy of expert `from` (w1, w2, w3)

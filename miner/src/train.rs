@@ -120,6 +120,12 @@ pub struct TrainArgs {
     /// sequences of its own.
     #[arg(long = "balanced-cover")]
     pub balanced_cover: Vec<usize>,
+    /// The soft expert count's weight in one layer, as `LAYER=W`
+    /// (repeatable): the loss adds W times the mean over sequences of
+    /// `sum_e max_t p(e|x_t)`, which is low when a sequence's tokens keep
+    /// to few experts (what a prompt must download).
+    #[arg(long = "layer-union", value_parser = parse_layer_coef)]
+    pub layer_union: Vec<(usize, f64)>,
 }
 
 /// Parse `LAYER=W` (a layer index and a finite weight of at most 100).
@@ -155,6 +161,9 @@ pub struct RoutingWeights {
     pub layer_mi: Vec<(usize, f64)>,
     /// `(layer, weight)` of the sequence cover, overriding `cover`.
     pub layer_cover: Vec<(usize, f64)>,
+    /// `(layer, weight)` of the soft expert count ([`crate::mixtral::LayerTerms::union`];
+    /// 0 in every other layer).
+    pub layer_union: Vec<(usize, f64)>,
 }
 
 impl RoutingWeights {
@@ -197,7 +206,11 @@ impl RoutingWeights {
     /// override this is the formula the committed default model was trained
     /// with (weights on the means over layers), bit for bit.
     pub fn loss(&self, ce: &Tensor, r: &Routed) -> Result<Tensor> {
-        if self.layer_aux.is_empty() && self.layer_mi.is_empty() && self.layer_cover.is_empty() {
+        if self.layer_aux.is_empty()
+            && self.layer_mi.is_empty()
+            && self.layer_cover.is_empty()
+            && self.layer_union.is_empty()
+        {
             let mut loss = (ce + (&r.aux * self.aux)?)?;
             if self.mi != 0.0 {
                 loss = (loss - (&r.mi * self.mi)?)?;
@@ -219,6 +232,10 @@ impl RoutingWeights {
             }
             if cover != 0.0 {
                 loss = (loss - (&t.cover * (cover / n))?)?;
+            }
+            let union = Self::at(&self.layer_union, l, 0.0);
+            if union != 0.0 {
+                loss = (loss + (&t.union * (union / n))?)?;
             }
         }
         Ok(loss)
@@ -677,6 +694,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         layer_aux: args.layer_aux.clone(),
         layer_mi: args.layer_mi.clone(),
         layer_cover: args.layer_cover.clone(),
+        layer_union: args.layer_union.clone(),
     };
     weights.check(cfg.num_hidden_layers)?;
     if let Some(l) = args
@@ -751,7 +769,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
-        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover,
+        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover, "layer_union": args.layer_union,
         "init": args.init.as_ref().map(|p| p.display().to_string()),
         "revived": revived.iter().map(|(l, from, to)| serde_json::json!({"layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
@@ -882,6 +900,16 @@ mod tests {
             (b - (a - 2.0 / 2.0 * mi0)).abs() < 1e-5,
             "{b} vs {a} - {mi0}"
         );
+        // The soft expert count: between 1 (one expert for every token)
+        // and E, and its weight moves the loss by exactly its share.
+        let u0 = scalar(r.layers[0].union.clone());
+        assert!((1.0..=4.0).contains(&u0), "union {u0}");
+        let with_union = RoutingWeights {
+            layer_union: vec![(0, 0.5)],
+            ..base.clone()
+        };
+        let c = scalar(with_union.loss(&ce, &r).unwrap());
+        assert!((c - (a + 0.5 / 2.0 * u0)).abs() < 1e-5, "{c} vs {a} + {u0}");
         // Pick counts cover every real token k times per layer.
         let real = bt.valid.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
         for p in &r.picks {
