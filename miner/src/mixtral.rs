@@ -360,9 +360,7 @@ impl Mixtral {
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e];
         let mut picks = vec![0usize; e];
         for (i, row) in host.iter().enumerate() {
-            let mut idx: Vec<usize> = (0..e).collect();
-            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-            for &j in idx.iter().take(k) {
+            for j in likeliest(row, k) {
                 mask[i * e + j] = 1.0;
                 rows[j].push(i as u32);
                 if r.valid_host[i] {
@@ -494,15 +492,7 @@ fn sequence_cover(
     let chosen = if balanced {
         balanced_experts(&per_seq, k)
     } else {
-        per_seq
-            .iter()
-            .map(|row| {
-                let mut idx: Vec<usize> = (0..e).collect();
-                idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
-                idx.truncate(k);
-                idx
-            })
-            .collect()
+        per_seq.iter().map(|row| likeliest(row, k)).collect()
     };
     let mut mask = vec![0f32; r.b * r.t * e];
     for (b, experts) in chosen.iter().enumerate() {
@@ -516,6 +506,15 @@ fn sequence_cover(
     let covered = (probs * mask)?.sum_keepdim(1)?;
     let logc = (covered + 1e-6)?.log()?;
     Ok((logc.broadcast_mul(&r.valid)?.sum_all()? / r.n_valid)?)
+}
+
+/// The indices of the `k` largest entries of `row`, largest first (ties to
+/// the lower index): the top-k of routing.
+fn likeliest(row: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
 }
 
 /// `k` experts for each sequence (rows: its summed router probabilities)
@@ -549,9 +548,12 @@ pub fn balanced_experts(per_seq: &[Vec<f32>], k: usize) -> Vec<Vec<usize>> {
     }
     for (s, experts) in out.iter_mut().enumerate() {
         if experts.len() < k {
-            let mut idx: Vec<usize> = (0..e).filter(|j| !experts.contains(j)).collect();
-            idx.sort_by(|&x, &y| per_seq[s][y].total_cmp(&per_seq[s][x]).then(x.cmp(&y)));
-            experts.extend(idx.into_iter().take(k - experts.len()));
+            let more: Vec<usize> = likeliest(&per_seq[s], e)
+                .into_iter()
+                .filter(|j| !experts.contains(j))
+                .take(k - experts.len())
+                .collect();
+            experts.extend(more);
         }
     }
     out
