@@ -377,43 +377,36 @@ pub fn sized_source(source: &str, shape: &Shape, wg: u32) -> String {
     }
     let hd = shape.head_dim;
     if (1..=DEFAULT_HEAD_DIM).contains(&hd) {
+        let max_hd = format!("const MAX_HEAD_DIM: u32 = {DEFAULT_HEAD_DIM}u;");
+        let mut reps = vec![(max_hd.as_str(), format!("const MAX_HEAD_DIM: u32 = {hd}u;"))];
+        // The reductions' shares: one f32 per invocation in the attention
+        // kernels (as many as a whole number of heads' rows within wg)...
         let red = hd.max(hd * (wg / hd));
-        group(
-            &mut s,
-            &[
-                (
-                    &format!("const MAX_HEAD_DIM: u32 = {DEFAULT_HEAD_DIM}u;"),
-                    format!("const MAX_HEAD_DIM: u32 = {hd}u;"),
-                ),
-                (
-                    &format!("var<workgroup> red_l: array<f32, {DEFAULT_WG}>;"),
-                    format!("var<workgroup> red_l: array<f32, {red}>;"),
-                ),
-                (
-                    &format!("var<workgroup> red_a: array<f32, {DEFAULT_WG}>;"),
-                    format!("var<workgroup> red_a: array<f32, {red}>;"),
-                ),
-            ],
-        );
-        // attn_decode_f16_v4: its reductions use max(1, min(WG, RED) /
-        // (hd / 4)) shares of hd / 4 entries (RED = 64 as written), so RED
-        // = max(hd / 4, min(wg, 64) rounded down to a multiple of hd / 4)
-        // holds them all and keeps the kernel's share count.
-        let hd4 = hd.div_ceil(4);
-        let red4 = hd4.max(hd4 * (wg.min(64) / hd4));
-        group(
-            &mut s,
-            &[
-                (
-                    &format!("const MAX_HEAD_DIM: u32 = {DEFAULT_HEAD_DIM}u;"),
-                    format!("const MAX_HEAD_DIM: u32 = {hd}u;"),
-                ),
-                (
-                    "const RED: u32 = 64u;",
-                    format!("const RED: u32 = {red4}u;"),
-                ),
-            ],
-        );
+        let red_l = format!("var<workgroup> red_l: array<f32, {DEFAULT_WG}>;");
+        let red_a = format!("var<workgroup> red_a: array<f32, {DEFAULT_WG}>;");
+        // ...or, in attn_decode_f16_v4, max(1, min(WG, RED) / (hd / 4))
+        // shares of hd / 4 entries (RED = 64 as written), so RED = max(hd /
+        // 4, min(wg, 64) rounded down to a multiple of hd / 4) holds them
+        // all and keeps the kernel's share count.
+        let red_const = "const RED: u32 = 64u;";
+        if s.contains(&red_l) {
+            reps.push((
+                red_l.as_str(),
+                format!("var<workgroup> red_l: array<f32, {red}>;"),
+            ));
+            reps.push((
+                red_a.as_str(),
+                format!("var<workgroup> red_a: array<f32, {red}>;"),
+            ));
+        } else if s.contains(red_const) {
+            let hd4 = hd.div_ceil(4);
+            let red4 = hd4.max(hd4 * (wg.min(64) / hd4));
+            reps.push((red_const, format!("const RED: u32 = {red4}u;")));
+        } else {
+            // No reduction arrays: not a kernel this sizes.
+            reps.clear();
+        }
+        group(&mut s, &reps);
     }
     s
 }
