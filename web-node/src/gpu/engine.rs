@@ -1678,21 +1678,16 @@ impl Engine {
                         .encode(&mut pass, &self.bg_head_all, &self.p_head_all, n);
                     self.stats.dispatches += 1;
                     Some((&self.logits_all, (run.n * v * 4) as u64))
+                } else if last && run.want == Want::Greedy {
+                    self.encode_greedy_head(&mut pass, n);
+                    self.stats.dispatches += 2;
+                    Some((&self.argmax_out, 4))
                 } else if last {
                     self.k
                         .head
                         .encode(&mut pass, &self.bg_head_last, &self.p_head_last, n);
                     self.stats.dispatches += 1;
-                    if run.want == Want::Greedy {
-                        match (&self.k.argmax_embed, &self.bg_argmax_embed) {
-                            (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
-                            _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
-                        }
-                        self.stats.dispatches += 1;
-                        Some((&self.argmax_out, 4))
-                    } else {
-                        Some((&self.logits_last, (v * 4) as u64))
-                    }
+                    Some((&self.logits_last, (v * 4) as u64))
                 } else {
                     None
                 }
@@ -1913,6 +1908,19 @@ impl Engine {
         Ok(())
     }
 
+    /// The last token's logits and its greedy pick into `argmax_out` (two
+    /// dispatches): `argmax_embed` where the engine has it (it also writes
+    /// the picked token's embedding for the next step), `argmax` otherwise.
+    fn encode_greedy_head(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        self.k
+            .head
+            .encode(pass, &self.bg_head_last, &self.p_head_last, n);
+        match (&self.k.argmax_embed, &self.bg_argmax_embed) {
+            (Some(ke), Some(bg)) => ke.encode(pass, bg),
+            _ => self.k.argmax.encode(pass, &self.bg_argmax),
+        }
+    }
+
     /// Encode and submit one decoded token's chunk at `self.pos` (every
     /// expert resident, its embedding already in `x`), its sampled id copied
     /// into `pipe_rb[slot]`, whose mapping starts; advances the position.
@@ -1929,12 +1937,7 @@ impl Engine {
                 self.pool.touch(ids);
                 self.encode_experts(&mut pass, l, run);
             }
-            self.k
-                .head
-                .encode(&mut pass, &self.bg_head_last, &self.p_head_last, 1);
-            if let (Some(ke), Some(bg)) = (&self.k.argmax_embed, &self.bg_argmax_embed) {
-                ke.encode(&mut pass, bg);
-            }
+            self.encode_greedy_head(&mut pass, 1);
             self.stats.dispatches += 2;
         }
         enc.copy_buffer_to_buffer(&self.argmax_out, 0, &self.pipe_rb[slot], 0, 4);
