@@ -123,6 +123,7 @@ pub fn improve(
             Ok(())
         },
         (steps / 10).max(1),
+        |_| Ok(()),
     )?;
     if let Some((pl, tensors)) = &best {
         tracing::info!("best public-eval loss during fine-tuning: {pl:.5}");

@@ -73,6 +73,10 @@ pub struct Mixtral {
     /// batch's sequences to experts ([`balanced_experts`]) instead of each
     /// sequence's own likeliest `k` (training only; empty by default).
     pub balanced_cover: Vec<usize>,
+    /// `(layer, m)`: in that layer the sequence cover first gives every
+    /// expert the `m` sequences of the batch that lean to it most
+    /// ([`floored_experts`]); training only, empty by default.
+    pub cover_floor: Vec<(usize, usize)>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -197,6 +201,7 @@ impl Mixtral {
             cfg,
             vars,
             balanced_cover: Vec::new(),
+            cover_floor: Vec::new(),
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             device: device.clone(),
@@ -379,7 +384,21 @@ impl Mixtral {
         let aux = ((f * pm)?.sum_all()? * e as f64)?;
         let mi = sequence_expert_mi(&vprobs, r)?;
         let union = vprobs.reshape((r.b, r.t, e))?.max(1)?.sum(1)?.mean_all()?;
-        let cover = sequence_cover(&probs, &vprobs, r, k, self.balanced_cover.contains(&l))?;
+        let floor = self
+            .cover_floor
+            .iter()
+            .filter(|(fl, _)| *fl == l)
+            .map(|(_, m)| *m)
+            .max()
+            .unwrap_or(0);
+        let cover = sequence_cover(
+            &probs,
+            &vprobs,
+            r,
+            k,
+            self.balanced_cover.contains(&l),
+            floor,
+        )?;
 
         let mut out = hs.zeros_like()?;
         for (j, r) in rows.iter().enumerate() {
@@ -486,11 +505,14 @@ fn sequence_cover(
     r: &RoutingMask,
     k: usize,
     balanced: bool,
+    floor: usize,
 ) -> Result<Tensor> {
     let e = probs.dim(1)?;
     let per_seq = vprobs.reshape((r.b, r.t, e))?.sum(1)?.to_vec2::<f32>()?;
     let chosen = if balanced {
         balanced_experts(&per_seq, k)
+    } else if floor > 0 {
+        floored_experts(&per_seq, k, floor)
     } else {
         per_seq.iter().map(|row| likeliest(row, k)).collect()
     };
@@ -555,6 +577,49 @@ pub fn balanced_experts(per_seq: &[Vec<f32>], k: usize) -> Vec<Vec<usize>> {
                 .collect();
             experts.extend(more);
         }
+    }
+    out
+}
+
+/// `k` experts for each sequence (rows: its summed router probabilities)
+/// such that every expert has at least `m` sequences (when the batch has
+/// room): in `m` rounds each expert in turn takes the sequence with room
+/// left that gives it the largest share of its probability, and then every
+/// sequence fills up with its own likeliest experts. Unlike
+/// [`balanced_experts`] a busy expert keeps every sequence that wants it;
+/// a rarely picked one gets the few sequences closest to it, so it keeps
+/// learning without spreading every prompt over more experts.
+pub fn floored_experts(per_seq: &[Vec<f32>], k: usize, m: usize) -> Vec<Vec<usize>> {
+    let b = per_seq.len();
+    let e = per_seq.first().map_or(0, |r| r.len());
+    let k = k.min(e);
+    let share: Vec<Vec<f32>> = per_seq
+        .iter()
+        .map(|row| {
+            let t: f32 = row.iter().sum();
+            row.iter()
+                .map(|p| if t > 0.0 { p / t } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let mut out: Vec<Vec<usize>> = vec![Vec::with_capacity(k); b];
+    for _ in 0..m {
+        for j in 0..e {
+            let best = (0..b)
+                .filter(|&s| out[s].len() < k && !out[s].contains(&j))
+                .max_by(|&s1, &s2| share[s1][j].total_cmp(&share[s2][j]).then(s2.cmp(&s1)));
+            if let Some(s) = best {
+                out[s].push(j);
+            }
+        }
+    }
+    for (s, experts) in out.iter_mut().enumerate() {
+        let more: Vec<usize> = likeliest(&per_seq[s], e)
+            .into_iter()
+            .filter(|j| !experts.contains(j))
+            .take(k - experts.len())
+            .collect();
+        experts.extend(more);
     }
     out
 }
@@ -683,7 +748,7 @@ mod tests {
             let p = Tensor::from_vec(flat, (rows.len(), 4), &d).unwrap();
             let r = RoutingMask::new(&Tensor::new(&[1f32; 4], &d).unwrap(), 2, 2).unwrap();
             let vp = p.broadcast_mul(&r.valid).unwrap();
-            sequence_cover(&p, &vp, &r, 2, false)
+            sequence_cover(&p, &vp, &r, 2, false, 0)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap() as f64
@@ -705,6 +770,38 @@ mod tests {
         let rows = [ONE0, FLAT, ONE1, ONE1];
         assert!((mi(&rows, &[1.0, 0.0, 1.0, 1.0], 2) - ln2).abs() < 1e-4);
         assert!(mi(&rows, &[1.0; 4], 2) < ln2 - 0.1);
+    }
+
+    #[test]
+    fn floored_experts_give_every_expert_its_closest_sequences() {
+        // Six sequences that all lean to experts 0 and 1; expert 2 is
+        // nobody's choice but sequence 4 leans to it a little more.
+        let mut rows = vec![vec![0.6, 0.35, 0.05]; 6];
+        rows[4] = vec![0.5, 0.3, 0.2];
+        let out = floored_experts(&rows, 2, 1);
+        assert_eq!(out.len(), 6);
+        for (s, ex) in out.iter().enumerate() {
+            assert_eq!(ex.len(), 2, "sequence {s}: {ex:?}");
+            let mut d = ex.clone();
+            d.dedup();
+            assert_eq!(d.len(), 2);
+        }
+        // Expert 2 got exactly the sequence closest to it, which keeps its
+        // likeliest expert; every other sequence keeps its own two.
+        let with2: Vec<usize> = (0..6).filter(|&s| out[s].contains(&2)).collect();
+        assert_eq!(with2, vec![4]);
+        assert!(out[4].contains(&0));
+        for s in [0, 1, 2, 3, 5] {
+            assert!(
+                out[s].contains(&0) && out[s].contains(&1),
+                "{s}: {:?}",
+                out[s]
+            );
+        }
+        // No floor is the plain top-k; an empty batch is fine.
+        let plain = floored_experts(&rows, 2, 0);
+        assert!(plain.iter().zip(&rows).all(|(o, r)| *o == likeliest(r, 2)));
+        assert_eq!(floored_experts(&[], 2, 3), Vec::<Vec<usize>>::new());
     }
 
     #[test]

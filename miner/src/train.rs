@@ -101,6 +101,12 @@ pub struct TrainArgs {
     /// sequences between them.
     #[arg(long, requires = "init")]
     pub revive: bool,
+    /// With --revive, revive again every this many steps (experts that the
+    /// training pushed out since), as long as a quarter of the run is left
+    /// after the revival, so that the copies have time to find sequences of
+    /// their own. 0: only before training.
+    #[arg(long, default_value_t = 0, requires = "revive")]
+    pub revive_every: usize,
     /// The routing objective's weight in one layer, as `LAYER=W`
     /// (repeatable; other layers keep --mi-coef), e.g. `--layer-mi 0=0.6`.
     #[arg(long = "layer-mi", value_parser = parse_layer_coef)]
@@ -120,6 +126,12 @@ pub struct TrainArgs {
     /// sequences of its own.
     #[arg(long = "balanced-cover")]
     pub balanced_cover: Vec<usize>,
+    /// In one layer, as `LAYER=M` (repeatable): before each sequence's
+    /// cover takes its own likeliest experts, every expert claims the `M`
+    /// sequences of the batch that lean to it most, so that no expert
+    /// stops learning while busy experts keep their sequences.
+    #[arg(long = "cover-floor", value_parser = parse_layer_count)]
+    pub cover_floor: Vec<(usize, usize)>,
     /// The soft expert count's weight in one layer, as `LAYER=W`
     /// (repeatable): the loss adds W times the mean over sequences of
     /// `sum_e max_t p(e|x_t)`, which is low when a sequence's tokens keep
@@ -147,6 +159,24 @@ pub fn parse_layer_coef(s: &str) -> std::result::Result<(usize, f64), String> {
         ));
     }
     Ok((l, w))
+}
+
+/// `LAYER=M` with a whole number `M` (at most 1 000), for `--cover-floor`.
+pub fn parse_layer_count(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (l, m) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LAYER=M, got {s:?}"))?;
+    let l: usize = l
+        .trim()
+        .parse()
+        .map_err(|_| format!("layer {l:?} is not a layer index"))?;
+    let m: usize = m
+        .trim()
+        .parse()
+        .ok()
+        .filter(|m| *m <= 1000)
+        .ok_or_else(|| format!("count {m:?} of layer {l} is not a whole number up to 1000"))?;
+    Ok((l, m))
 }
 
 /// The routing terms' weights: one per term, and per-layer overrides.
@@ -508,6 +538,7 @@ pub fn train_loop(
     seed: u64,
     mut on_checkpoint: impl FnMut(usize, f64) -> Result<()>,
     checkpoint_every: usize,
+    mut before_step: impl FnMut(usize) -> Result<()>,
 ) -> Result<()> {
     let mut opt = AdamW::new(
         vars,
@@ -523,6 +554,7 @@ pub fn train_loop(
     let start = Instant::now();
     let (mut avg, mut avg_mi, mut avg_cover) = (0f64, 0f64, 0f64);
     for step in 0..steps {
+        before_step(step)?;
         opt.set_learning_rate(lr_at(step, steps, lr));
         let items = source.batch(batch, &mut rng)?;
         let items: Vec<&Tokenized> = items.iter().collect();
@@ -669,6 +701,12 @@ pub fn revive_unpicked(
     Ok(done)
 }
 
+/// Whether `--revive-every every` revives before `step` (not at step 0,
+/// which `--revive` covers, and only while a quarter of `steps` remains).
+pub fn revive_due(step: usize, every: usize, steps: usize) -> bool {
+    every > 0 && step > 0 && step % every == 0 && 4 * (steps - step) >= steps
+}
+
 /// The whole run: tokenizer, model, training, directory with a README section.
 pub fn run(args: &TrainArgs) -> Result<()> {
     let out = args.out.as_path();
@@ -707,6 +745,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             cfg.num_hidden_layers
         );
     }
+    if let Some((l, _)) = args
+        .cover_floor
+        .iter()
+        .find(|(l, _)| *l >= cfg.num_hidden_layers)
+    {
+        anyhow::bail!(
+            "--cover-floor {l}=..: the model has {} layers",
+            cfg.num_hidden_layers
+        );
+    }
     let Splits {
         by_skill,
         public,
@@ -717,6 +765,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None => Mixtral::init_with_router_scale(&cfg, args.seed, args.router_init, &device)?,
     };
     model.balanced_cover = args.balanced_cover.clone();
+    model.cover_floor = args.cover_floor.clone();
     let params: usize = model.all_vars().iter().map(|v| v.elem_count()).sum();
     tracing::info!("{params} parameters");
     let start = Instant::now();
@@ -728,8 +777,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         by_skill: &by_skill,
         fresh: Some((&fresh, &tok)),
     };
-    let revived = if args.revive {
+    let mut revived: Vec<(usize, usize, usize, usize)> = if args.revive {
         revive_unpicked(&model, &source, args.batch, args.seed)?
+            .into_iter()
+            .map(|(l, from, to)| (0, l, from, to))
+            .collect()
     } else {
         Vec::new()
     };
@@ -755,6 +807,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             Ok(())
         },
         args.checkpoint_every,
+        |step| {
+            if revive_due(step, args.revive_every, args.steps) {
+                let again = revive_unpicked(&model, &source, args.batch, args.seed ^ step as u64)?;
+                revived.extend(again.into_iter().map(|(l, from, to)| (step, l, from, to)));
+            }
+            Ok(())
+        },
     )?;
     let secs = start.elapsed().as_secs_f64();
     let public_loss = batch_eval_loss(&model, &public)?;
@@ -769,9 +828,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "hidden": args.hidden, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
-        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover, "layer_union": args.layer_union,
+        "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover, "cover_floor": args.cover_floor, "layer_union": args.layer_union,
         "init": args.init.as_ref().map(|p| p.display().to_string()),
-        "revived": revived.iter().map(|(l, from, to)| serde_json::json!({"layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
+        "revive_every": args.revive_every,
+        "revived": revived.iter().map(|(step, l, from, to)| serde_json::json!({"step": step, "layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
         "held_out": acc.iter().map(|a| serde_json::json!({"skill": a.name(), "correct": a.correct, "total": a.total})).collect::<Vec<_>>(),
@@ -864,6 +924,10 @@ mod tests {
         for bad in ["0", "x=1", "-1=0.5", "0=y", "0=NaN", "0=inf", "0=1000"] {
             assert!(parse_layer_coef(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_layer_count("1=2"), Ok((1, 2)));
+        for bad in ["1", "1=0.5", "1=-2", "1=1001", "a=2"] {
+            assert!(parse_layer_count(bad).is_err(), "{bad}");
+        }
         let mut w = RoutingWeights::uniform(0.02, 0.15, 1.0);
         w.layer_mi.push((2, 0.6));
         assert!(w.check(3).is_ok());
@@ -915,6 +979,14 @@ mod tests {
         for p in &r.picks {
             assert_eq!(p.iter().sum::<usize>(), 2 * real);
         }
+    }
+
+    #[test]
+    fn revive_every_stops_a_quarter_before_the_end() {
+        let due: Vec<usize> = (0..1000).filter(|&s| revive_due(s, 200, 1000)).collect();
+        assert_eq!(due, vec![200, 400, 600]);
+        assert!(!(0..1000).any(|s| revive_due(s, 0, 1000)));
+        assert_eq!((0..10).filter(|&s| revive_due(s, 1, 10)).count(), 7);
     }
 
     #[test]
