@@ -107,6 +107,12 @@ pub struct TrainArgs {
     /// their own. 0: only before training.
     #[arg(long, default_value_t = 0, requires = "revive")]
     pub revive_every: usize,
+    /// With --init: another stream of batches (and revival noise) for this
+    /// stage, so that a chained stage or a second sample of the same stage
+    /// does not repeat the draws of the first; the corpus and its held-out
+    /// split stay those of --seed. 0 is the stream stages have always had.
+    #[arg(long, default_value_t = 0, requires = "init")]
+    pub stage_seed: u64,
     /// The routing objective's weight in one layer, as `LAYER=W`
     /// (repeatable; other layers keep --mi-coef), e.g. `--layer-mi 0=0.6`.
     #[arg(long = "layer-mi", value_parser = parse_layer_coef)]
@@ -777,8 +783,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         by_skill: &by_skill,
         fresh: Some((&fresh, &tok)),
     };
+    let stage = args.stage_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut revived: Vec<(usize, usize, usize, usize)> = if args.revive {
-        revive_unpicked(&model, &source, args.batch, args.seed)?
+        revive_unpicked(&model, &source, args.batch, args.seed ^ stage)?
             .into_iter()
             .map(|(l, from, to)| (0, l, from, to))
             .collect()
@@ -787,7 +794,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     // A second stage draws other batches than the first stage did.
     let batch_seed = match args.init {
-        Some(_) => args.seed ^ 0x5EC0_0000_0000,
+        Some(_) => args.seed ^ 0x5EC0_0000_0000 ^ stage,
         None => args.seed,
     };
     train_loop(
@@ -809,7 +816,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args.checkpoint_every,
         |step| {
             if revive_due(step, args.revive_every, args.steps) {
-                let again = revive_unpicked(&model, &source, args.batch, args.seed ^ step as u64)?;
+                let again =
+                    revive_unpicked(&model, &source, args.batch, args.seed ^ stage ^ step as u64)?;
                 revived.extend(again.into_iter().map(|(l, from, to)| (step, l, from, to)));
             }
             Ok(())
@@ -830,7 +838,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "mi_coef": args.mi_coef, "cover_coef": args.cover_coef,
         "layer_mi": args.layer_mi, "layer_aux": args.layer_aux, "layer_cover": args.layer_cover, "balanced_cover": args.balanced_cover, "cover_floor": args.cover_floor, "layer_union": args.layer_union,
         "init": args.init.as_ref().map(|p| p.display().to_string()),
-        "revive_every": args.revive_every,
+        "revive_every": args.revive_every, "stage_seed": args.stage_seed,
         "revived": revived.iter().map(|(step, l, from, to)| serde_json::json!({"step": step, "layer": l, "from": from, "to": to})).collect::<Vec<_>>(),
         "skill_weights": Skill::ALL.iter().zip(skill_weights(&args.skill_weight)).map(|(k, w)| (k.name().to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(), "router_init": args.router_init, "intermediate": args.intermediate, "vocab": vocab_size,
         "parameters": params, "train_seconds": secs, "public_eval_loss": public_loss,
