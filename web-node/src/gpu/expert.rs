@@ -384,8 +384,11 @@ impl ExpertDown {
             PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8_v4", SOURCE_DOWN_Q8_V4, 4),
             PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4_v4", SOURCE_DOWN_Q4_V4, 4),
         };
+        // A decoded token's outputs over the CPU threads of a software adapter.
+        let wg = ctx.spread_workgroup((hidden as u64).div_ceil(u64::from(lanes)));
         Self {
-            kernel: Kernel::new(ctx, name, src, None),
+            // No workgroup memory.
+            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, wg),
             lanes,
         }
     }
