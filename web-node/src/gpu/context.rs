@@ -70,7 +70,7 @@ fn cpu_threads() -> u32 {
 /// ~0.8x the time); no limit elsewhere (0).
 pub fn expert_up_groups(device_type: wgpu::DeviceType, threads: u32) -> u32 {
     match device_type {
-        wgpu::DeviceType::Cpu => threads.max(1),
+        wgpu::DeviceType::Cpu => threads,
         _ => 0,
     }
 }
@@ -165,10 +165,20 @@ impl GpuContext {
                 .clamp(1, limits.max_compute_invocations_per_workgroup)
                 .min(limits.max_compute_workgroup_size_x);
         }
-        let threads = match info.device_type {
+        #[allow(unused_mut)]
+        let mut threads = match info.device_type {
             wgpu::DeviceType::Cpu => cpu_threads(),
             _ => 0,
         };
+        // Natively, `AIBLOCK_GPU_CPU_THREADS` sets them (0: a GPU's schedule
+        // on any adapter; benchmarks compare the two).
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(t) = std::env::var("AIBLOCK_GPU_CPU_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            threads = t.min(256);
+        }
         #[allow(unused_mut)]
         let mut up_groups = expert_up_groups(info.device_type, threads);
         #[cfg(not(target_arch = "wasm32"))]

@@ -245,7 +245,7 @@ fn check_routed(
     true
 }
 
-/// `expert_up`'s schedules: the adapter's own, and small workgroups (so
+/// The barrier kernels' schedules: the adapter's own, and small workgroups (so
 /// that a token spans several) with one per unit of rows (a GPU's, groups
 /// 0) or a few looping ones per token (a software adapter's, 1 or 2).
 fn schedule(c: &GpuContext, which: usize) -> GpuContext {
@@ -341,8 +341,10 @@ proptest! {
     /// argmax and the table row, vocabularies and hidden sizes past its
     /// 64-invocation workgroup, with ties (values rounded to a few levels).
     #[test]
-    fn argmax_embed_matches_argmax_and_the_table_row(vocab in 1usize..300, hidden in 1usize..200, levels in 1u32..50, seed: u64) {
+    fn argmax_embed_matches_argmax_and_the_table_row(vocab in 1usize..300, hidden in 1usize..200, levels in 1u32..50, sched in 0usize..4, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        // Its workgroup follows the barrier kernels' (64, 16, 4 here).
+        let c = &schedule(c, sched);
         let v: Vec<f32> = vals(vocab, seed).iter().map(|x| (x * levels as f32).round()).collect();
         let table = vals(vocab * hidden, seed ^ 9);
         let (id, x) = pollster::block_on(argmax::run_embed(c, &v, &table, hidden)).unwrap();
