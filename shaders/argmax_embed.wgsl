@@ -1,13 +1,16 @@
 // Greedy sampling fused with the next step's embedding lookup: as
 // argmax.wgsl (out[0] = index of the largest of v[0..n], lowest index on
-// ties, NaN never wins; one workgroup of 64 invocations), then
+// ties, NaN never wins; one workgroup of WG invocations), then
 // x[c] = table[c][out[0]] for c < hidden, the embedding row of the sampled
 // token (table stored transposed, [hidden][n = vocab], as embedding.wgsl),
 // so that decoding that token next needs no embedding dispatch.
 
 struct Params { n: u32, hidden: u32, _p1: u32, _p2: u32 }
 
-const WG: u32 = 64u;
+// Invocations: a power of two up to 64 (the engine sets it from the
+// adapter's barrier workgroup size: each barrier costs software adapters
+// per invocation, SwiftShader 16).
+override WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> v: array<f32>;
@@ -15,8 +18,8 @@ const WG: u32 = 64u;
 @group(0) @binding(3) var<storage, read> table: array<f32>;
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;
 
-var<workgroup> best_v: array<f32, WG>;
-var<workgroup> best_i: array<u32, WG>;
+var<workgroup> best_v: array<f32, 64>;
+var<workgroup> best_i: array<u32, 64>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32) {

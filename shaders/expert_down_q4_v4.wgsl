@@ -37,13 +37,12 @@ override WG: u32 = 64u;
 @group(0) @binding(7) var<storage, read> part: array<f32>;
 
 // The low nibbles of a word's four bytes (byte 0 first), minus 8, as f32
-// (the high nibbles: q4(w >> 4u)).
+// (the high nibbles: q4(w >> 4u)). Converted as i32 (the same values):
+// a software adapter on x86 converts signed integers in one instruction,
+// unsigned ones in several (SwiftShader: expert_up_q4_v4 ~0.88x the time).
 fn q4(w: u32) -> vec4<f32> {
-    return vec4<f32>(
-        f32(w & 15u),
-        f32((w >> 8u) & 15u),
-        f32((w >> 16u) & 15u),
-        f32((w >> 24u) & 15u)) - vec4<f32>(8.0);
+    let v = bitcast<vec4<i32>>(vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(15u));
+    return vec4<f32>(v) - vec4<f32>(8.0);
 }
 
 @compute @workgroup_size(WG)

@@ -16,6 +16,9 @@ struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
 struct Params { hidden: u32, inter: u32, n_experts: u32, eps: f32, n_slots: u32, route_in: u32, n_part: u32, save_x: u32 }
 
 override WG: u32 = 64u;
+// At most this many workgroups per token (0: one per WG units of four
+// rows); the engine sets it for software adapters (see main).
+override GROUPS: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> s: Step;
 @group(0) @binding(1) var<uniform> p: Params;
@@ -40,17 +43,12 @@ fn xin(xb: u32, c: u32) -> f32 {
     return x[xb + c];
 }
 
-// Columns c..c+3 (c % 4 == 0) of the token's input row.
-fn xin4(xb: u32, c: u32) -> vec4<f32> {
-    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u]; }
-    return vec4<f32>(x[xb + c], x[xb + c + 1u], x[xb + c + 2u], x[xb + c + 3u]);
-}
-
 fn gw(c: u32) -> f32 {
     return g[c >> 2u][c & 3u];
 }
 
 fn stage_x(t: u32, lid: u32) {
+    var ss = 0.0;
     if (p.hidden <= MAX_HIDDEN) {
         for (var c4 = lid; c4 < p.hidden / 4u; c4 += WG) {
             let c = 4u * c4;
@@ -61,11 +59,49 @@ fn stage_x(t: u32, lid: u32) {
                 v += vec4<f32>(part[pb], part[pb + 1u], part[pb + 2u], part[pb + 3u]);
             }
             xs[c4] = v;
+            ss += dot(v, v);
         }
-        workgroupBarrier();
+    } else {
+        for (var c = lid; c < p.hidden; c += WG) {
+            let v = x[t * p.hidden + c];
+            ss += v * v;
+        }
+    }
+    // Each invocation's share of the squares (the RMSNorm), summed by norm_inv.
+    r_red[lid] = ss;
+    workgroupBarrier();
+}
+
+// Invocation 0: the token's RMSNorm factor into r_inv (after stage_x's
+// barrier; the caller's next barrier publishes it).
+fn norm_inv(lid: u32) {
+    if (lid == 0u) {
+        var tot = 0.0;
+        for (var i = 0u; i < WG; i++) { tot += r_red[i]; }
+        r_inv = 1.0 / sqrt(tot / f32(p.hidden) + p.eps);
     }
 }
 
+// The staged row normalised in place, xs = x * g * inv (each invocation
+// the entries it staged, so no barrier before), then one barrier: the
+// rows below read xs as the normalised input, once per workgroup instead
+// of once per row.
+fn normalize_x(lid: u32) {
+    if (p.hidden <= MAX_HIDDEN) {
+        let inv = r_inv * XS_SCALE;
+        for (var c4 = lid; c4 < p.hidden / 4u; c4 += WG) {
+            xs[c4] = xs[c4] * g[c4] * inv;
+        }
+    }
+    workgroupBarrier();
+}
+
+// Columns c..c+3 (c % 4 == 0) of the token's normalised input row.
+fn xn4(xb: u32, c: u32) -> vec4<f32> {
+    if (p.hidden <= MAX_HIDDEN) { return xs[c >> 2u]; }
+    let v = vec4<f32>(x[xb + c], x[xb + c + 1u], x[xb + c + 2u], x[xb + c + 3u]);
+    return v * g[c >> 2u] * (r_inv * XS_SCALE);
+}
 
 // The router, fused (route_in = 1): each workgroup holds one token's
 // columns and routes that token itself (RMSNorm, gate [hidden][n_experts],
@@ -78,16 +114,11 @@ var<workgroup> r_part: array<f32, MAX_EXPERTS>;
 var<workgroup> r_prob: array<f32, MAX_EXPERTS>;
 var<workgroup> r_id: array<u32, MAX_EXPERTS>;
 var<workgroup> r_wt: array<f32, MAX_EXPERTS>;
+var<workgroup> r_inv: f32;
 
 fn route_token(t: u32, lid: u32, write: bool) {
     let ne = p.n_experts;
     let xb = t * p.hidden;
-    var ss = 0.0;
-    for (var c = lid; c < p.hidden; c += WG) {
-        let xv = xin(xb, c);
-        ss += xv * xv;
-    }
-    r_red[lid] = ss;
     // Gate logits: `parts` invocations per expert, each a strided share of the columns.
     let parts = max(1u, WG / ne);
     for (var u = lid; u < ne * parts; u += WG) {
@@ -99,10 +130,9 @@ fn route_token(t: u32, lid: u32, write: bool) {
         r_part[u] = acc;
     }
     workgroupBarrier();
+    norm_inv(lid);
     if (lid == 0u) {
-        var tot = 0.0;
-        for (var i = 0u; i < WG; i++) { tot += r_red[i]; }
-        let inv = 1.0 / sqrt(tot / f32(p.hidden) + p.eps);
+        let inv = r_inv;
         var m = -3.0e38;
         for (var e = 0u; e < ne; e++) {
             var acc = 0.0;
@@ -148,68 +178,86 @@ fn route_token(t: u32, lid: u32, write: bool) {
 // route[save_x + t * hidden ..], from where the engine restores x when it
 // runs this layer's experts again after a missing one was supplied.
 fn save_row(t: u32, lid: u32) {
-    for (var c = lid; c < p.hidden; c += WG) {
-        route[p.save_x + t * p.hidden + c] = bitcast<u32>(xin(t * p.hidden, c));
+    // The entries this invocation staged (normalize_x rewrites them next).
+    for (var c4 = lid; c4 < (p.hidden + 3u) / 4u; c4 += WG) {
+        for (var c = 4u * c4; c < min(4u * c4 + 4u, p.hidden); c++) {
+            route[p.save_x + t * p.hidden + c] = bitcast<u32>(xin(t * p.hidden, c));
+        }
     }
 }
 
-// Four halves (two u32s, unpack2x16float: no shader-f16 needed).
+// Four halves (two u32s; no shader-f16 needed), each as the f32 with the
+// half's sign, exponent and mantissa bits in place (an arithmetic shift
+// right by 3 of the half in the top 16 bits; the exponent's bits 30..28,
+// copies of the sign, masked off): the half's value times 2^-112, exact
+// for every normal half and zero, which is all the engine stores (f16
+// weights are encoded with subnormals flushed to zero and saturated to
+// finite, kernel::pack_f16). The staged row is scaled by XS_SCALE = 2^112
+// instead, so the products are the same as with unpack2x16float, which
+// software adapters (SwiftShader) emulate in about 17 operations a half
+// against 2 or 3 here: ~1.4x this kernel there.
+const XS_SCALE: f32 = 5.192296858534828e33;
 fn w4(i: u32) -> vec4<f32> {
     let v = w13[i];
-    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+    let u = vec4<u32>(v.x << 16u, v.x, v.y << 16u, v.y);
+    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(bitcast<vec4<i32>>(u) >> vec4<u32>(3u)) & vec4<u32>(0x8fffe000u));
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     // One token per workgroup: `per_wg` workgroups cover its k * inter / 4
-    // invocations (four rows each).
+    // units of four rows, one unit per invocation, or at most GROUPS
+    // workgroups (GROUPS > 0), each invocation looping over units: fewer
+    // workgroups route the token and stage its row fewer times (software
+    // adapters run a workgroup per CPU thread; more only repeat that work).
     let k = min(s.top_k, p.n_experts);
     let q4 = p.inter / 4u;
     let per_tok = k * q4;
-    let per_wg = (per_tok + WG - 1u) / WG;
+    var per_wg = (per_tok + WG - 1u) / WG;
+    if (GROUPS > 0u) { per_wg = min(per_wg, GROUPS); }
     let grp = wid.y * nwg.x + wid.x;
     let t = grp / per_wg;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
     if (t >= s.n_tok) { return; }
     stage_x(t, lid);
-    if (p.route_in != 0u) { route_token(t, lid, grp % per_wg == 0u); }
-    if (p.save_x != 0u && grp % per_wg == 0u) { save_row(t, lid); }
-    let li = (grp % per_wg) * WG + lid;
-    if (li >= per_tok) { return; }
-    let j4 = li % q4;
-    let slot = li / q4;
-    var e = 0u;
     if (p.route_in != 0u) {
-        e = r_id[slot];
+        route_token(t, lid, grp % per_wg == 0u);
     } else {
-        e = min(route[(t * p.n_experts + slot) * 2u], p.n_experts - 1u);
+        norm_inv(lid);
+        workgroupBarrier();
     }
-    // In vec4s: a row of w13 is 2 * inter / 4 of them.
-    let two_q = 2u * q4;
-    let wb = min(slots[e], p.n_slots - 1u) * p.hidden * two_q;
-    let xb = t * p.hidden;
-    var ss = 0.0;
-    var a = vec4<f32>(0.0);
-    var b = vec4<f32>(0.0);
-    for (var c = 0u; c < p.hidden; c += 4u) {
-        let xv = xin4(xb, c);
-        ss += dot(xv, xv);
-        let xn = xv * g[c >> 2u];
-        let row = wb + c * two_q + j4;
-        a += w4(row) * xn.x + w4(row + two_q) * xn.y + w4(row + 2u * two_q) * xn.z
-            + w4(row + 3u * two_q) * xn.w;
-        let row3 = row + q4;
-        b += w4(row3) * xn.x + w4(row3 + two_q) * xn.y + w4(row3 + 2u * two_q) * xn.z
-            + w4(row3 + 3u * two_q) * xn.w;
+    if (p.save_x != 0u && grp % per_wg == 0u) { save_row(t, lid); }
+    normalize_x(lid);
+    for (var li = (grp % per_wg) * WG + lid; li < per_tok; li += per_wg * WG) {
+        let j4 = li % q4;
+        let slot = li / q4;
+        var e = 0u;
+        if (p.route_in != 0u) {
+            e = r_id[slot];
+        } else {
+            e = min(route[(t * p.n_experts + slot) * 2u], p.n_experts - 1u);
+        }
+        // In vec4s: a row of w13 is 2 * inter / 4 of them.
+        let two_q = 2u * q4;
+        let wb = min(slots[e], p.n_slots - 1u) * p.hidden * two_q;
+        let xb = t * p.hidden;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        for (var c = 0u; c < p.hidden; c += 4u) {
+            let xn = xn4(xb, c);
+            let row = wb + c * two_q + j4;
+            a += w4(row) * xn.x + w4(row + two_q) * xn.y + w4(row + 2u * two_q) * xn.z
+                + w4(row + 3u * two_q) * xn.w;
+            let row3 = row + q4;
+            b += w4(row3) * xn.x + w4(row3 + two_q) * xn.y + w4(row3 + 2u * two_q) * xn.z
+                + w4(row3 + 3u * two_q) * xn.w;
+        }
+        let o = a / (1.0 + exp(-a)) * b;
+        let ob = (t * p.n_experts + slot) * p.inter + 4u * j4;
+        act[ob] = o.x;
+        act[ob + 1u] = o.y;
+        act[ob + 2u] = o.z;
+        act[ob + 3u] = o.w;
     }
-    let inv = 1.0 / sqrt(ss / f32(p.hidden) + p.eps);
-    a = a * inv;
-    b = b * inv;
-    let o = a / (1.0 + exp(-a)) * b;
-    let ob = (t * p.n_experts + slot) * p.inter + 4u * j4;
-    act[ob] = o.x;
-    act[ob + 1u] = o.y;
-    act[ob + 2u] = o.z;
-    act[ob + 3u] = o.w;
 }

@@ -98,7 +98,17 @@ pub struct EmbedParams {
 
 impl ArgmaxEmbed {
     pub fn new(ctx: &GpuContext) -> Self {
-        Self(Kernel::new(ctx, "argmax_embed", SOURCE_EMBED, Some(WG)))
+        // A power of two up to 64 (its tree reduction): the barrier
+        // kernels' size rounded down (SwiftShader: 16, 4 barriers instead of 6).
+        let wg = ctx.barrier_workgroup_size.clamp(1, WG);
+        let wg = 1 << (31 - wg.leading_zeros());
+        // It writes every workgroup array element it reads first.
+        Self(Kernel::new_uninit_workgroup_wg(
+            ctx,
+            "argmax_embed",
+            SOURCE_EMBED,
+            wg,
+        ))
     }
     /// Bindings: params, values, out (`u32`), table (`[hidden][n]`), x.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 5]) -> wgpu::BindGroup {

@@ -42,6 +42,37 @@ pub struct GpuContext {
     /// adapter; `AIBLOCK_GPU_BARRIER_WG` overrides natively. In the browser
     /// `expert_up` has its own ([`GpuContext::expert_up_workgroup_size`]).
     pub barrier_workgroup_size: u32,
+    /// At most this many workgroups per token in `expert_up`
+    /// ([`expert_up_groups`]); 0: no limit.
+    pub expert_up_groups: u32,
+    /// The CPU threads a software adapter ([`wgpu::DeviceType::Cpu`]) runs
+    /// workgroups on; 0 for other adapters ([`GpuContext::spread_workgroup`]).
+    pub cpu_threads: u32,
+}
+
+/// The CPU threads a software adapter runs workgroups on: the machine's
+/// (natively), or the page's `navigator.hardwareConcurrency`; at least 1.
+fn cpu_threads() -> u32 {
+    #[cfg(not(target_arch = "wasm32"))]
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[cfg(target_arch = "wasm32")]
+    let n = web_sys::window().map_or(1.0, |w| w.navigator().hardware_concurrency()) as usize;
+    n.clamp(1, 256) as u32
+}
+
+/// `expert_up`'s workgroups per token for an adapter of `device_type`.
+/// Each workgroup of a token routes it (norm, gate, softmax, top-k) and
+/// stages its row again; a GPU hides that behind its parallelism, but a CPU
+/// implementation (SwiftShader, lavapipe: [`wgpu::DeviceType::Cpu`]) runs a
+/// workgroup at a time per thread, so more workgroups than threads only
+/// repeat that work: at most one per CPU thread there (SwiftShader, 2
+/// threads, the default model's shape: 2 workgroups of 16 for 8 took
+/// ~0.8x the time); no limit elsewhere (0).
+pub fn expert_up_groups(device_type: wgpu::DeviceType, threads: u32) -> u32 {
+    match device_type {
+        wgpu::DeviceType::Cpu => threads,
+        _ => 0,
+    }
 }
 
 /// Workgroup size of the barrier kernels on the browser's WebGPU, whose
@@ -134,8 +165,33 @@ impl GpuContext {
                 .clamp(1, limits.max_compute_invocations_per_workgroup)
                 .min(limits.max_compute_workgroup_size_x);
         }
+        #[allow(unused_mut)]
+        let mut threads = match info.device_type {
+            wgpu::DeviceType::Cpu => cpu_threads(),
+            _ => 0,
+        };
+        // Natively, `AIBLOCK_GPU_CPU_THREADS` sets them (0: a GPU's schedule
+        // on any adapter; benchmarks compare the two).
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(t) = std::env::var("AIBLOCK_GPU_CPU_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            threads = t.min(256);
+        }
+        #[allow(unused_mut)]
+        let mut up_groups = expert_up_groups(info.device_type, threads);
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(g) = std::env::var("AIBLOCK_GPU_EXPERT_GROUPS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            up_groups = g;
+        }
         tracing::info!(
             adapter = %info.name,
+            device_type = ?info.device_type,
+            up_groups,
             backend = ?info.backend,
             workgroup_size,
             barrier_wg,
@@ -149,6 +205,8 @@ impl GpuContext {
             limits,
             workgroup_size,
             barrier_workgroup_size: barrier_wg,
+            expert_up_groups: up_groups,
+            cpu_threads: threads,
         })
     }
 
@@ -160,6 +218,25 @@ impl GpuContext {
             wgpu::Backend::BrowserWebGpu => BROWSER_EXPERT_UP_WORKGROUP.min(self.workgroup_size),
             _ => self.barrier_workgroup_size,
         }
+    }
+
+    /// The workgroup size for a kernel without barriers that runs
+    /// `invocations` per token: [`GpuContext::workgroup_size`], except on a
+    /// software adapter, where a workgroup runs on one CPU thread: there
+    /// the invocations are spread over one workgroup per thread (a
+    /// multiple of 4, the SIMD width SwiftShader runs invocations in).
+    /// `expert_down` at the default model's shape (16 invocations) on
+    /// SwiftShader, 2 threads: 0.19 ms per dispatch in 2 workgroups of 8
+    /// against 0.24 in one of 128.
+    pub fn spread_workgroup(&self, invocations: u64) -> u32 {
+        if self.cpu_threads == 0 {
+            return self.workgroup_size;
+        }
+        let per = invocations
+            .div_ceil(u64::from(self.cpu_threads))
+            .div_ceil(4)
+            * 4;
+        per.clamp(1, u64::from(self.workgroup_size)) as u32
     }
 
     /// True for CPU implementations (lavapipe/llvmpipe, SwiftShader, WARP).

@@ -244,6 +244,10 @@ pub struct Params {
 pub struct ExpertUp {
     pub kernel: Kernel,
     pub lanes: u32,
+    /// At most this many workgroups per token (the vec4 kernels' `GROUPS`;
+    /// [`GpuContext::expert_up_groups`]), each invocation looping over
+    /// units of `lanes` rows; 0: one unit per invocation.
+    pub groups: u32,
 }
 /// `expert_down`: `lanes` outputs per invocation (4: the vec4 variant, for
 /// f32 pools when `hidden % 4 == 0`; 8 for f16 ones when `hidden % 8 == 0`;
@@ -296,9 +300,17 @@ impl ExpertUp {
             PoolFormat::Float(WeightFormat::F32) => ("expert_up", SOURCE_UP, 1),
             PoolFormat::Float(WeightFormat::F16) => ("expert_up_f16", SOURCE_UP_F16, 1),
         };
+        // The vec4 kernels loop over their units, at most `groups`
+        // workgroups per token (the one-row ones keep one row per invocation).
+        let groups = if lanes == 4 { ctx.expert_up_groups } else { 0 };
+        let constants: &[(&str, f64)] = if lanes == 4 {
+            &[("GROUPS", f64::from(groups))]
+        } else {
+            &[]
+        };
         // Every workgroup array element it reads, it wrote first.
         Self {
-            kernel: Kernel::new_sized(
+            kernel: Kernel::new_sized_with(
                 ctx,
                 name,
                 src,
@@ -308,8 +320,10 @@ impl ExpertUp {
                     n_experts,
                     head_dim: 0,
                 },
+                constants,
             ),
             lanes,
+            groups,
         }
     }
     /// Bindings: step, params, w13 (pool), x, g, route, act, slot table,
@@ -319,7 +333,8 @@ impl ExpertUp {
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
         self.kernel.bind(ctx, &b)
     }
-    /// Workgroups of one token each: `ceil(k * inter / lanes / wg)` per token.
+    /// Workgroups of one token each: `ceil(k * inter / lanes / wg)` per
+    /// token, at most [`ExpertUp::groups`] (when not 0).
     pub fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -328,8 +343,11 @@ impl ExpertUp {
         n_tok: u32,
         k: u32,
     ) {
-        let per_tok =
+        let mut per_tok =
             (u64::from(k) * u64::from(p.inter / self.lanes)).div_ceil(u64::from(self.kernel.wg));
+        if self.groups > 0 {
+            per_tok = per_tok.min(u64::from(self.groups));
+        }
         self.kernel
             .dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
     }
@@ -366,8 +384,11 @@ impl ExpertDown {
             PoolFormat::Quant(QuantFormat::Q8_0) => ("expert_down_q8_v4", SOURCE_DOWN_Q8_V4, 4),
             PoolFormat::Quant(QuantFormat::Q4_0) => ("expert_down_q4_v4", SOURCE_DOWN_Q4_V4, 4),
         };
+        // A decoded token's outputs over the CPU threads of a software adapter.
+        let wg = ctx.spread_workgroup((hidden as u64).div_ceil(u64::from(lanes)));
         Self {
-            kernel: Kernel::new(ctx, name, src, None),
+            // No workgroup memory.
+            kernel: Kernel::new_uninit_workgroup_wg(ctx, name, src, wg),
             lanes,
         }
     }

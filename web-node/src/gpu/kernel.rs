@@ -84,7 +84,28 @@ impl Kernel {
         wg: u32,
         shape: &Shape,
     ) -> Self {
-        Self::build_wg(ctx, name, &sized_source(source, shape, wg), None, false, wg)
+        Self::new_sized_with(ctx, name, source, wg, shape, &[])
+    }
+
+    /// [`Kernel::new_sized`] with more pipeline-overridable constants
+    /// (`constants`, beside `WG`), each one the source declares.
+    pub fn new_sized_with(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        wg: u32,
+        shape: &Shape,
+        constants: &[(&str, f64)],
+    ) -> Self {
+        Self::build_with(
+            ctx,
+            name,
+            &sized_source(source, shape, wg),
+            None,
+            false,
+            wg,
+            constants,
+        )
     }
 
     fn build(
@@ -112,6 +133,26 @@ impl Kernel {
         zero_workgroup_memory: bool,
         overridable_wg: u32,
     ) -> Self {
+        Self::build_with(
+            ctx,
+            name,
+            source,
+            fixed_wg,
+            zero_workgroup_memory,
+            overridable_wg,
+            &[],
+        )
+    }
+
+    fn build_with(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        fixed_wg: Option<u32>,
+        zero_workgroup_memory: bool,
+        overridable_wg: u32,
+        extra: &[(&str, f64)],
+    ) -> Self {
         let module = ctx
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -119,11 +160,12 @@ impl Kernel {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             });
         let wg = fixed_wg.unwrap_or(overridable_wg);
-        let constants: Vec<(&str, f64)> = if fixed_wg.is_none() {
+        let mut constants: Vec<(&str, f64)> = if fixed_wg.is_none() {
             vec![("WG", f64::from(wg))]
         } else {
             Vec::new()
         };
+        constants.extend_from_slice(extra);
         let pipeline = ctx
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -277,23 +319,44 @@ impl WeightFormat {
     }
 }
 
+/// `v` as the engine stores an f16 weight: rounded to the nearest half,
+/// a subnormal result flushed to zero (sign kept) and an infinite one
+/// saturated to the largest finite half (NaN stays NaN). Every stored
+/// half is then zero or normal, which the software adapters' f16 decode
+/// (`expert_up_f16_v4.wgsl`: the half's bits moved into an f32, no
+/// rebias) needs to be exact; `|v| < 2^-14` is far below what a weight's
+/// rounding to f16 moves it by anyway.
+pub fn f16_weight(v: f32) -> half::f16 {
+    let h = half::f16::from_f32(v);
+    let sign = h.to_bits() & 0x8000;
+    // Exponent bits 0 and a mantissa: subnormal.
+    if h.to_bits() & 0x7c00 == 0 {
+        half::f16::from_bits(sign)
+    } else if h.is_infinite() {
+        half::f16::from_bits(sign | half::f16::MAX.to_bits())
+    } else {
+        h
+    }
+}
+
 /// Pack a `[outer][rows]` matrix as f16 pairs per `u32` (low half = even
-/// row), each outer row padded to an even length.
+/// row), each outer row padded to an even length; values as [`f16_weight`].
 pub fn pack_f16(data: &[f32], outer: usize, rows: usize) -> Vec<u32> {
     let rp = rows.div_ceil(2);
     let mut out = vec![0u32; outer * rp];
     for o in 0..outer {
         for r in 0..rows {
-            let bits = u32::from(half::f16::from_f32(data[o * rows + r]).to_bits());
+            let bits = u32::from(f16_weight(data[o * rows + r]).to_bits());
             out[o * rp + r / 2] |= bits << (16 * (r % 2));
         }
     }
     out
 }
 
-/// Values rounded through f16 (the CPU side of f16 comparisons).
+/// Values rounded through f16 as the engine stores them ([`f16_weight`];
+/// the CPU side of f16 comparisons).
 pub fn round_f16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+    v.iter().map(|x| f16_weight(*x).to_f32()).collect()
 }
 
 /// The model's sizes that bound the barrier kernels' workgroup arrays
@@ -409,4 +472,26 @@ pub fn sized_source(source: &str, shape: &Shape, wg: u32) -> String {
         group(&mut s, &reps);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_weights_are_zero_or_normal_and_finite() {
+        let tiny = 2f32.powi(-20);
+        assert_eq!(f16_weight(tiny).to_bits(), 0);
+        assert_eq!(f16_weight(-tiny).to_bits(), 0x8000);
+        assert_eq!(f16_weight(1e9), half::f16::MAX);
+        assert_eq!(f16_weight(-1e9), -half::f16::MAX);
+        assert!(f16_weight(f32::NAN).is_nan());
+        // Normal halves and zero are kept as rounded.
+        for v in [0.0, 1.0, -0.3, 2f32.powi(-14), 65504.0, 0.0123] {
+            assert_eq!(f16_weight(v), half::f16::from_f32(v));
+        }
+        assert_eq!(round_f16(&[tiny, 0.5]), vec![0.0, 0.5]);
+        let packed = pack_f16(&[tiny, 1e9, 1.0], 1, 3);
+        assert_eq!(packed, vec![0x7bff << 16, 0x3c00]);
+    }
 }

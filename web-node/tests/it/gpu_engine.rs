@@ -974,10 +974,14 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
     }
     // The barrier kernels (attn_decode, expert_up; their vec4 variants at
     // this shape) at the browser's small workgroup size and at an odd one,
-    // whole pool and a small one.
-    for bwg in [web_node::gpu::context::BROWSER_BARRIER_WORKGROUP, 3] {
+    // whole pool and a small one; expert_up with a workgroup per unit of
+    // rows (groups 0, a GPU's schedule) and with a few looping workgroups
+    // per token (a software adapter's).
+    let bwg16 = web_node::gpu::context::BROWSER_BARRIER_WORKGROUP;
+    for (bwg, groups) in [(bwg16, 0), (bwg16, 2), (3, 1)] {
         let cx = Arc::new(GpuContext {
             barrier_workgroup_size: bwg,
+            expert_up_groups: groups,
             ..c.clone()
         });
         for pool in [None, Some(3 * per)] {
@@ -996,7 +1000,10 @@ fn fused_and_unfused_decode_give_the_cpu_greedy_tokens() {
             let got = gpu
                 .generate_greedy(&mut src, &p, steps, &opts, |_| {})
                 .unwrap();
-            assert_eq!(got, want, "barrier workgroup {bwg}, pool {pool:?}");
+            assert_eq!(
+                got, want,
+                "barrier workgroup {bwg}, expert_up groups {groups}, pool {pool:?}"
+            );
         }
     }
 }

@@ -245,14 +245,32 @@ fn check_routed(
     true
 }
 
+/// The barrier kernels' schedules: the adapter's own, and small workgroups (so
+/// that a token spans several) with one per unit of rows (a GPU's, groups
+/// 0) or a few looping ones per token (a software adapter's, 1 or 2).
+fn schedule(c: &GpuContext, which: usize) -> GpuContext {
+    let (bwg, groups) = match which {
+        0 => return c.clone(),
+        1 => (16, 0),
+        2 => (16, 2),
+        _ => (5, 1),
+    };
+    GpuContext {
+        barrier_workgroup_size: bwg,
+        expert_up_groups: groups,
+        ..c.clone()
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     /// Float pools: any hidden and intermediate size (k * inter past and
     /// short of a workgroup), experts up to past the workgroup size.
     #[test]
-    fn fused_router_expert_up_matches_unfused_reference(f16: bool, ne in 1usize..12, inter in 1usize..150, hidden in 1usize..200, n in 1usize..4, kk in 1usize..4, renorm: bool, heads in 0usize..5, seed: u64) {
+    fn fused_router_expert_up_matches_unfused_reference(f16: bool, ne in 1usize..12, inter in 1usize..150, hidden in 1usize..200, n in 1usize..4, kk in 1usize..4, renorm: bool, heads in 0usize..5, sched in 0usize..4, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        let c = &schedule(c, sched);
         let fmt = PoolFormat::Float(if f16 { WeightFormat::F16 } else { WeightFormat::F32 });
         // o_proj shares only with one token (decode).
         let heads = if n == 1 { heads } else { 0 };
@@ -261,8 +279,9 @@ proptest! {
 
     /// Quantized pools (sizes multiples of 32).
     #[test]
-    fn fused_router_quantized_matches_unfused_reference(q4: bool, ne in 1usize..9, ig in 1usize..6, hg in 1usize..4, n in 1usize..3, kk in 1usize..3, heads in 0usize..3, seed: u64) {
+    fn fused_router_quantized_matches_unfused_reference(q4: bool, ne in 1usize..9, ig in 1usize..6, hg in 1usize..4, n in 1usize..3, kk in 1usize..3, heads in 0usize..3, sched in 0usize..4, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        let c = &schedule(c, sched);
         let q = if q4 { QuantFormat::Q4_0 } else { QuantFormat::Q8_0 };
         let heads = if n == 1 { heads } else { 0 };
         check_routed(c, PoolFormat::Quant(q), ne, 32 * ig, 32 * hg, n, kk.min(ne), true, heads, seed);
@@ -322,8 +341,10 @@ proptest! {
     /// argmax and the table row, vocabularies and hidden sizes past its
     /// 64-invocation workgroup, with ties (values rounded to a few levels).
     #[test]
-    fn argmax_embed_matches_argmax_and_the_table_row(vocab in 1usize..300, hidden in 1usize..200, levels in 1u32..50, seed: u64) {
+    fn argmax_embed_matches_argmax_and_the_table_row(vocab in 1usize..300, hidden in 1usize..200, levels in 1u32..50, sched in 0usize..4, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        // Its workgroup follows the barrier kernels' (64, 16, 4 here).
+        let c = &schedule(c, sched);
         let v: Vec<f32> = vals(vocab, seed).iter().map(|x| (x * levels as f32).round()).collect();
         let table = vals(vocab * hidden, seed ^ 9);
         let (id, x) = pollster::block_on(argmax::run_embed(c, &v, &table, hidden)).unwrap();
