@@ -32,6 +32,12 @@
 //!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
+//! Per engine and format, each kernel of an all-resident decoded token
+//! timed on its own (`Engine::kernel_times`: layer 0's attention,
+//! `expert_up`, `expert_down`, the head and the argmax, `BENCH_KERNEL_REPS`
+//! dispatches each in one pass, default 100; `BENCH_KERNELS=0` skips):
+//! `RESULT gpu_kernels engine=.. dtype=.. attention_ms=.. .. kernels_ms_per_token=..`.
+//!
 //! Env: `BENCH_PROMPT` (default 64), `BENCH_FORMATS` (e.g. `f32,f16`: only
 //! these formats), `AIBLOCK_BENCH_MODEL=random` (or
 //! `BENCH_MODEL=random`: use the random model even if `models/default` exists).
@@ -400,6 +406,39 @@ fn main() -> anyhow::Result<()> {
                 per_expert: gpu.expert_bytes(),
                 same_tokens: tokens[v] == cpu_tokens,
             });
+            // Where an all-resident decoded token's time goes, kernel by
+            // kernel (`BENCH_KERNELS=0` skips).
+            if env("BENCH_KERNELS", 1) != 0 {
+                let (gpu, _) = &mut full[v];
+                decode_fixed(gpu, &mut src, &prompt, n_decode, &opts)?;
+                let times = gpu.kernel_times(env("BENCH_KERNEL_REPS", 100));
+                let ms = |name: &str| {
+                    times
+                        .iter()
+                        .find(|t| t.0 == name)
+                        .map_or(0.0, |t| t.1 * 1e3)
+                };
+                let sum = nl as f64 * (ms("attention") + ms("expert_up") + ms("expert_down"))
+                    + ms("lm_head")
+                    + ms("argmax");
+                let each: Vec<String> = times
+                    .iter()
+                    .map(|(n, t)| format!("{n}={:.4}", t * 1e3))
+                    .collect();
+                println!(
+                    "  kernels, ms per dispatch (layer 0, {} reps in one pass): {}; {nl} layers + head = {sum:.3} ms/token",
+                    env("BENCH_KERNEL_REPS", 100),
+                    each.join(" ")
+                );
+                println!(
+                    "RESULT gpu_kernels engine={name} dtype={pool_fmt} {} kernels_ms_per_token={sum:.4}",
+                    times
+                        .iter()
+                        .map(|(n, t)| format!("{n}_ms={:.4}", t * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
         }
     }
 

@@ -2204,6 +2204,87 @@ impl Engine {
     }
 }
 
+/// The kernels of a greedily decoded token, timed one at a time
+/// ([`Engine::kernel_times`]): layer 0's attention (the fused decode
+/// attention, or its kernels and the router when unfused), `expert_up`,
+/// `expert_down` (with the shared expert's), then the head and the argmax.
+#[cfg(not(target_arch = "wasm32"))]
+pub const DECODE_KERNELS: [&str; 5] =
+    ["attention", "expert_up", "expert_down", "lm_head", "argmax"];
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Engine {
+    /// Wall seconds per dispatch of each of [`DECODE_KERNELS`], each
+    /// dispatched `reps` times in one pass and one submission (after two
+    /// warm-up dispatches), on whatever the buffers hold (run it after a
+    /// decode, with every expert resident, so that they hold a token's data:
+    /// layer 0's expert_down adds into the hidden state each time, so the
+    /// engine is [`Engine::reset`] afterwards). Where a decoded token's time
+    /// goes, kernel by kernel (`layers x` the first three, plus the last two,
+    /// plus what a submission and its readback cost).
+    pub fn kernel_times(&mut self, reps: usize) -> Vec<(&'static str, f64)> {
+        let k = self.cfg.num_experts_per_tok.min(self.cfg.num_local_experts);
+        let run = Run {
+            tokens: vec![0],
+            k,
+            use_moe: true,
+            want: Want::Greedy,
+            cap: 1,
+            done: 0,
+            n: 1,
+            at: At::Chunk,
+            need: Vec::new(),
+            ahead: Vec::new(),
+            all: Vec::new(),
+            set: 0,
+        };
+        let pos = self.pos.min(self.opts.max_seq - 1);
+        self.pos = pos;
+        self.write_step(&run);
+        let saved = self.stats.clone();
+        let mut out = Vec::new();
+        for (i, name) in DECODE_KERNELS.into_iter().enumerate() {
+            let mut time = |n: usize| {
+                let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
+                    for _ in 0..n {
+                        match i {
+                            0 => {
+                                self.encode_attention(&mut pass, 0, 1);
+                            }
+                            1 => self.encode_up(&mut pass, 0, &run),
+                            2 => self.encode_down(&mut pass, 0, &run),
+                            3 => self.k.head.encode(
+                                &mut pass,
+                                &self.bg_head_last,
+                                &self.p_head_last,
+                                1,
+                            ),
+                            _ => match (&self.k.argmax_embed, &self.bg_argmax_embed) {
+                                (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
+                                _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
+                            },
+                        }
+                    }
+                }
+                let t = std::time::Instant::now();
+                self.ctx.queue.submit([enc.finish()]);
+                let _ = self.ctx.device.poll(wgpu::PollType::wait_indefinitely());
+                t.elapsed().as_secs_f64()
+            };
+            time(2);
+            let reps = reps.max(1);
+            out.push((name, time(reps) / reps as f64));
+        }
+        self.stats = saved;
+        self.reset();
+        out
+    }
+}
+
 /// The engine with an attached expert source, as a blocking
 /// [`crate::model::Forward`] (native; e.g. the CLI's `--device gpu`).
 #[cfg(not(target_arch = "wasm32"))]
