@@ -1865,11 +1865,13 @@ impl Engine {
     /// flight use the two route buffers of each layer ([`Layer::route`]).
     /// When token `t` routed to a missing expert, the chunk after it is
     /// discarded (its cache rows lie past the position and are overwritten
-    /// later), and `t`'s step pauses at that layer as a single step would:
-    /// `supply` is asked for the experts, the step resumes from the layer's
-    /// saved input row (in `t`'s route buffer, which the discarded chunk did
-    /// not touch), and pipelining starts again from its token. When `keep`
-    /// stops early, the chunk already submitted after it is discarded too.
+    /// later), `t`'s step pauses at that layer as a single step would
+    /// (`supply` is asked for its experts and the later layers' guesses,
+    /// the layer's experts pinned), and `t` is submitted again from that
+    /// layer's saved input row (in `t`'s route buffer, which the discarded
+    /// chunk did not touch), with `t + 1` right behind it: the pipeline
+    /// runs on. When `keep` stops early, the chunk already submitted after
+    /// it is discarded too.
     /// Otherwise each token is one [`crate::model::run_step`], until the
     /// engine can pipeline. The tokens are those of one `run_step` per token
     /// either way: the same kernels run in the same order.
@@ -1884,16 +1886,11 @@ impl Engine {
         let mut out = Vec::with_capacity(n);
         let mut tok = first;
         while out.len() < n {
-            let next = if self.pipelines(tok, opts) {
-                match self.pipelined(&mut out, n, opts, &mut keep).await? {
-                    None => break,
-                    // A token missed an expert: its step, paused, to its end.
-                    Some(step) => crate::model::finish_step(self, supply, Ok(step)).await?,
-                }
-            } else {
-                crate::model::run_step(self, supply, &[tok], opts, Want::Greedy).await?
-            };
-            tok = match next {
+            if self.pipelines(tok, opts) {
+                self.pipelined(supply, &mut out, n, opts, &mut keep).await?;
+                break;
+            }
+            tok = match crate::model::run_step(self, supply, &[tok], opts, Want::Greedy).await? {
                 Output::Token(t) => t,
                 _ => return Err(GpuError::Readback("unexpected output".into()).into()),
             };
@@ -1906,28 +1903,28 @@ impl Engine {
     }
 
     /// [`Engine::decode_greedy`]'s pipelined part (the engine
-    /// [`pipelines`](Engine::pipelines) the token `x` holds). `Ok(None)`:
-    /// `n` tokens are out or `keep` stopped; `Ok(Some(need))`: a token
-    /// routed to a missing expert, and its step is paused (the tokens before
-    /// it are out).
-    async fn pipelined(
+    /// [`pipelines`](Engine::pipelines) the token `x` holds), until `n`
+    /// tokens are out or `keep` stops.
+    async fn pipelined<S: crate::model::Supply + ?Sized>(
         &mut self,
+        supply: &mut S,
         out: &mut Vec<u32>,
         n: usize,
         opts: &RunOptions,
         keep: &mut impl FnMut(u32) -> bool,
-    ) -> Result<Option<Step>, ModelError> {
+    ) -> Result<(), ModelError> {
         let first = self.embedded.take().ok_or_else(|| {
             ModelError::Input("pipelined decode: no sampled token embedded".into())
         })?;
         let mut flight: std::collections::VecDeque<InFlight> = Default::default();
         let mut to_submit = n - out.len();
         let mut free = [true; PIPELINE_DEPTH];
-        // Set once the loop only drains: `keep` stopped, a miss, or an error.
+        // Set once the loop only drains: `keep` stopped, or an error.
         let mut stopped = false;
         let mut err: Option<ModelError> = None;
-        let mut missed: Option<Run> = None;
-        let mut discarded = 0usize;
+        // Whether `x` holds the embedding of `last` (the last chunk run was
+        // kept).
+        let mut x_last = true;
         // The token the chunk read next was fed (the one before it sampled).
         let mut last = first;
         loop {
@@ -1962,15 +1959,16 @@ impl Engine {
             let read = self.ctx.finish_map(&self.pipe_rb[slot], map).await;
             free[slot] = true;
             if stopped {
-                // A speculative chunk (after a stop, a miss or an error): discarded.
+                // A speculative chunk (after a stop or an error): discarded.
                 self.discard_decoded();
-                discarded += 1;
+                x_last = false;
                 continue;
             }
             let b = match read {
                 Ok(b) => b,
                 Err(e) => {
                     self.discard_decoded();
+                    x_last = false;
                     err = Some(e.into());
                     stopped = true;
                     continue;
@@ -1985,17 +1983,38 @@ impl Engine {
                 Ok(false) => {
                     out.push(t);
                     last = t;
+                    x_last = true;
                     stopped = !keep(t);
                 }
                 Ok(true) => {
-                    // Resumed from the missing layer after the drain (the
-                    // step counts its token when it finishes).
+                    // A miss: this chunk and the one after it are dropped;
+                    // this token runs again from the layer that missed,
+                    // once its experts are in.
                     self.discard_decoded();
-                    missed = Some(run);
-                    stopped = true;
+                    for f in flight.drain(..) {
+                        let _ = self.ctx.finish_map(&self.pipe_rb[f.run.set], f.map).await;
+                        free[f.run.set] = true;
+                        self.stats.tokens -= 1;
+                        self.stats.steps -= 1;
+                        self.pos -= 1;
+                        to_submit += 1;
+                    }
+                    x_last = false;
+                    match self.supply_missing(supply, run).await {
+                        Ok(run) => {
+                            let (map, checked) = self.submit_decoded(&run, slot);
+                            free[slot] = false;
+                            flight.push_back(InFlight { run, map, checked });
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            stopped = true;
+                        }
+                    }
                 }
                 Err(e) => {
                     self.discard_decoded();
+                    x_last = false;
                     err = Some(e);
                     stopped = true;
                 }
@@ -2004,16 +2023,44 @@ impl Engine {
         if let Some(e) = err {
             return Err(e);
         }
-        if let Some(run) = missed {
-            // `x` is restored from the layer's saved row; the step's end
-            // embeds its token again.
-            self.embedded = None;
-            return Ok(Some(self.pause(run)));
-        }
         // `x` holds the embedding of the last token sampled, unless a
         // discarded chunk overwrote it.
-        self.embedded = (discarded == 0).then_some(last);
-        Ok(None)
+        self.embedded = x_last.then_some(last);
+        Ok(())
+    }
+
+    /// A pipelined token that routed to missing experts (`run.need`, and
+    /// the later layers' guesses `run.ahead`): paused while `supply` hands
+    /// them over (the layer's experts pinned, as for any paused step), then
+    /// returned to run again from that layer. Errors (and drops the step)
+    /// when the supply fails or leaves one of the layer's experts out.
+    async fn supply_missing<S: crate::model::Supply + ?Sized>(
+        &mut self,
+        supply: &mut S,
+        run: Run,
+    ) -> Result<Run, ModelError> {
+        let Step::Need(ids) = self.pause(run) else {
+            return Err(ModelError::Input("pipelined decode: no pause".into()));
+        };
+        let supplied = async {
+            for (id, w) in supply.experts(&ids).await? {
+                self.supply_expert(id, w)?;
+            }
+            Ok::<(), ModelError>(())
+        }
+        .await;
+        let run = self
+            .paused
+            .take()
+            .ok_or_else(|| ModelError::Input("pipelined decode: the pause was lost".into()))?;
+        supplied?;
+        let missing = self.missing(&run.need);
+        if !missing.is_empty() {
+            return Err(ModelError::Source(format!(
+                "the supply did not return {missing:?}"
+            )));
+        }
+        Ok(run)
     }
 
     /// A submitted decode chunk dropped: the position rolled back (its cache
@@ -2039,7 +2086,8 @@ impl Engine {
     }
 
     /// Encode and submit one decoded token's chunk at `self.pos` (its
-    /// embedding already in `x`; route buffers `run.set`), its sampled id
+    /// embedding already in `x`, or from the layer it missed an expert in,
+    /// [`At::Redo`]; route buffers `run.set`), its sampled id
     /// copied into `pipe_rb[slot]`, followed by the routes of the layers
     /// that lack experts (returned), whose mapping starts; advances the
     /// position.
@@ -2047,12 +2095,33 @@ impl Engine {
         self.write_step(run);
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let mut checked = Vec::new();
+        // A token that missed an expert runs again from that layer's saved
+        // input row (as `advance` resumes a paused step).
+        let redo = match run.at {
+            At::Redo(l) => {
+                self.pool.touch(run.need.iter().copied());
+                enc.copy_buffer_to_buffer(
+                    &self.layers[l].route[run.set],
+                    u64::from(self.p_exp.save_x) * 4,
+                    &self.x,
+                    0,
+                    (self.cfg.hidden_size * 4) as u64,
+                );
+                enc.clear_buffer(&self.part, 0, None);
+                Some(l)
+            }
+            _ => None,
+        };
         {
             let mut pass = enc
                 .begin_compute_pass(&Default::default())
                 .forget_lifetime();
-            for l in 0..self.layers.len() {
-                self.stats.dispatches += self.encode_attention(&mut pass, l, 1);
+            for l in redo.unwrap_or(0)..self.layers.len() {
+                if redo == Some(l) {
+                    self.stats.dispatches += self.encode_shared_up(&mut pass, l, 1);
+                } else {
+                    self.stats.dispatches += self.encode_attention(&mut pass, l, 1);
+                }
                 if self.pool.layer_resident(l) {
                     let ids: Vec<ExpertId> = self.layer_ids(l).collect();
                     self.pool.touch(ids);

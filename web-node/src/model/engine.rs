@@ -189,17 +189,7 @@ pub async fn run_step<E: Engine + ?Sized, S: Supply + ?Sized>(
     opts: &RunOptions,
     want: Want,
 ) -> Result<Output, ModelError> {
-    let step = engine.step(tokens, opts, want).await;
-    finish_step(engine, supply, step).await
-}
-
-/// [`run_step`] from a step already started (or paused): supply whatever
-/// it asks for, resume, repeat; an error cancels the paused step.
-pub async fn finish_step<E: Engine + ?Sized, S: Supply + ?Sized>(
-    engine: &mut E,
-    supply: &mut S,
-    mut step: Result<Step, ModelError>,
-) -> Result<Output, ModelError> {
+    let mut step = engine.step(tokens, opts, want).await;
     loop {
         let supplied = match step {
             Ok(Step::Done(out)) => return Ok(out),
