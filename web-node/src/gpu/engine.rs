@@ -1803,6 +1803,9 @@ struct InFlight {
     run: Run,
     map: Mapping,
     checked: Vec<usize>,
+    /// Submitted after a token that missed an expert: dropped (already
+    /// rolled back) when it comes back.
+    dead: bool,
 }
 
 impl Engine {
@@ -1938,7 +1941,12 @@ impl Engine {
                         run.set = slot;
                         let (map, checked) = self.submit_decoded(&run, slot);
                         free[slot] = false;
-                        flight.push_back(InFlight { run, map, checked });
+                        flight.push_back(InFlight {
+                            run,
+                            map,
+                            checked,
+                            dead: false,
+                        });
                         to_submit -= 1;
                     }
                     Err(e) => {
@@ -1951,6 +1959,7 @@ impl Engine {
                 mut run,
                 map,
                 checked,
+                dead,
             }) = flight.pop_front()
             else {
                 break;
@@ -1958,6 +1967,10 @@ impl Engine {
             let slot = run.set;
             let read = self.ctx.finish_map(&self.pipe_rb[slot], map).await;
             free[slot] = true;
+            if dead {
+                x_last = false;
+                continue;
+            }
             if stopped {
                 // A speculative chunk (after a stop or an error): discarded.
                 self.discard_decoded();
@@ -1987,16 +2000,15 @@ impl Engine {
                     stopped = !keep(t);
                 }
                 Ok(true) => {
-                    // A miss: this chunk and the one after it are dropped;
-                    // this token runs again from the layer that missed,
-                    // once its experts are in.
+                    // A miss: this chunk and the ones after it are dropped
+                    // (those still running come back dead); this token runs
+                    // again from the layer that missed once its experts are
+                    // in, queued right behind them (the uploads are ordered
+                    // after them too), and the next one behind it.
                     self.discard_decoded();
-                    for f in flight.drain(..) {
-                        let _ = self.ctx.finish_map(&self.pipe_rb[f.run.set], f.map).await;
-                        free[f.run.set] = true;
-                        self.stats.tokens -= 1;
-                        self.stats.steps -= 1;
-                        self.pos -= 1;
+                    for f in flight.iter_mut() {
+                        f.dead = true;
+                        self.discard_decoded();
                         to_submit += 1;
                     }
                     x_last = false;
@@ -2004,7 +2016,12 @@ impl Engine {
                         Ok(run) => {
                             let (map, checked) = self.submit_decoded(&run, slot);
                             free[slot] = false;
-                            flight.push_back(InFlight { run, map, checked });
+                            flight.push_back(InFlight {
+                                run,
+                                map,
+                                checked,
+                                dead: false,
+                            });
                         }
                         Err(e) => {
                             err = Some(e);
