@@ -22,9 +22,14 @@
 //! embedding, for a step whose token the previous greedy step did not
 //! sample), and the only readback is the sampled token id (4 bytes), or the
 //! logits when asked for them. [`Engine::decode_greedy`] pipelines greedy
-//! decoding while every expert is resident: token `t + 1`'s chunk needs
-//! nothing from the CPU but its position, so it is submitted before token
-//! `t` is read back (two in flight). A prompt chunk runs `embedding`, then per
+//! decoding: token `t + 1`'s chunk needs nothing from the CPU but its
+//! position, so it is submitted before token `t` is read back (two in
+//! flight), with every expert resident or with a pool that lacks some (the
+//! router fused): each chunk then reads back the routes of the layers that
+//! lack experts with its token (no submission more while every routed
+//! expert is resident), the two tokens in flight use each layer's two route
+//! buffers, and a token that missed an expert runs again from that layer
+//! right behind the chunk after it, which is discarded. A prompt chunk runs `embedding`, then per
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
