@@ -270,8 +270,9 @@ fn first_token<S: web_node::model::Supply + ?Sized>(
 /// of single steps (the CPU's) with pools of 3 and 12 experts (evicting,
 /// missing mid-pipeline: the chunk in flight after a miss discarded, the
 /// missed token resumed from its own route buffer); a stop that leaves the
-/// cache where single steps would; and no submission beyond one per token
-/// while every routed expert is resident.
+/// cache where single steps would; a supply that fails mid-pipeline (an
+/// error, nothing paused); and no submission beyond one per token while
+/// every routed expert is resident.
 #[test]
 fn pipelined_pool_decode_matches_single_steps() {
     let Some(c) = ctx() else { return };
@@ -343,6 +344,38 @@ fn pipelined_pool_decode_matches_single_steps() {
             "pool of {slots}: single steps after the stop"
         );
     }
+
+    // A supply that fails mid-pipeline: a clear error, nothing left
+    // paused, and the engine decodes the CPU's tokens again after a reset.
+    struct FailAfter<S>(S, usize);
+    impl<S: ExpertSource> ExpertSource for FailAfter<S> {
+        fn load_expert(
+            &mut self,
+            layer: usize,
+            expert: usize,
+        ) -> Result<web_node::model::ExpertWeights, web_node::model::ModelError> {
+            if self.1 == 0 {
+                return Err(web_node::model::ModelError::Source(format!(
+                    "layer{layer}.expert{expert} unavailable"
+                )));
+            }
+            self.1 -= 1;
+            self.0.load_expert(layer, expert)
+        }
+    }
+    let mut src = m.expert_source().unwrap();
+    let mut gpu = engine(3);
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    let mut failing = FailAfter(m.expert_source().unwrap(), 4);
+    let e = pollster::block_on(gpu.decode_greedy(&mut failing, t0, n - 1, &opts, |_| true))
+        .unwrap_err();
+    assert!(e.to_string().contains("unavailable"), "{e}");
+    assert!(!gpu.is_paused());
+    assert!(gpu.position() < prompt.len() + n - 1);
+    gpu.reset();
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    let rest = pollster::block_on(gpu.decode_greedy(&mut src, t0, n - 1, &opts, |_| true)).unwrap();
+    assert_eq!(rest, want[1..], "after a failed supply");
 
     // A pool that holds the model, filled by one decode with only the
     // routed experts: the same decode again finds every routed expert
