@@ -19,7 +19,9 @@
 //! attention fused too (`3 * layers + 2`), in interleaved rounds
 //! (`BENCH_ROUNDS`, default 3, the best of each: the machine may be shared).
 //! Both with every expert resident and with a small expert pool
-//! (`BENCH_POOL` experts per layer's worth, default 3, evicting).
+//! (`BENCH_POOL` experts per layer's worth, default 3, evicting), the pool
+//! both pipelined (`Engine::decode_greedy`) and in single steps (one
+//! `run_step` per token, `single_step_ms_per_token`), in the same rounds.
 //!
 //! Wall time and CPU time of the process (best of the rounds each) are both
 //! reported: on lavapipe the GPU is this process's threads, and on a shared
@@ -32,6 +34,12 @@
 //!
 //! Model: `models/default` if present, else a random Mixtral of the default
 //! shape (4 layers, 8 experts, top-2) and realistic small size.
+//! Per engine and format, each kernel of an all-resident decoded token
+//! timed on its own (`Engine::kernel_times`: layer 0's attention,
+//! `expert_up`, `expert_down`, the head and the argmax, `BENCH_KERNEL_REPS`
+//! dispatches each in one pass, default 100; `BENCH_KERNELS=0` skips):
+//! `RESULT gpu_kernels engine=.. dtype=.. attention_ms=.. .. kernels_ms_per_token=..`.
+//!
 //! Env: `BENCH_PROMPT` (default 64), `BENCH_FORMATS` (e.g. `f32,f16`: only
 //! these formats), `AIBLOCK_BENCH_MODEL=random` (or
 //! `BENCH_MODEL=random`: use the random model even if `models/default` exists).
@@ -48,7 +56,9 @@ use web_node::model::quant::QuantizingSource;
 use web_node::model::random::{small_config, write_random_model};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions, Supply};
+use web_node::model::{
+    run_step, ExpertId, ExpertSource, Forward, Output, QuantFormat, RunOptions, Supply, Want,
+};
 
 fn env(name: &str, d: usize) -> usize {
     std::env::var(name)
@@ -139,6 +149,10 @@ struct Measured {
     decode_s: f64,
     /// Seconds per decoded token with the small pool.
     pool_s: f64,
+    /// Seconds per decoded token with the small pool, one
+    /// `run_step` per token (not pipelined: the pool's decode before the
+    /// pipelined pool, measured beside it).
+    pool_single_s: f64,
     /// CPU seconds of this process (lavapipe's threads included) per
     /// decoded token, all resident and with the small pool: on a shared
     /// machine steadier than the wall clock.
@@ -172,6 +186,34 @@ fn decode_fixed<S: Supply + ?Sized>(
     let per = (m.end.0 - m.prefilled.0).as_secs_f64() / steps;
     let cpu = (m.end.1 - m.prefilled.1) / steps;
     Ok((m.tokens, (per, cpu), (m.stats, prefill)))
+}
+
+/// [`decode_fixed`] without the pipeline: after the same prefill, one
+/// `run_step` per token (each pool miss paused, supplied and resumed before
+/// the next token is submitted). Returns the tokens and wall seconds per
+/// decoded token.
+fn decode_single_steps<S: Supply + ?Sized>(
+    gpu: &mut Engine,
+    src: &mut S,
+    prompt: &[u32],
+    n: usize,
+    opts: &RunOptions,
+) -> anyhow::Result<(Vec<u32>, f64)> {
+    gpu.reset();
+    let step = |gpu: &mut Engine, src: &mut S, t: &[u32]| -> anyhow::Result<u32> {
+        match pollster::block_on(run_step(gpu, src, t, opts, Want::Greedy))? {
+            Output::Token(t) => Ok(t),
+            o => anyhow::bail!("unexpected output {o:?}"),
+        }
+    };
+    let mut tok = step(gpu, src, prompt)?;
+    let mut tokens = vec![tok];
+    let t = Instant::now();
+    while tokens.len() < n {
+        tok = step(gpu, src, &[tok])?;
+        tokens.push(tok);
+    }
+    Ok((tokens, t.elapsed().as_secs_f64() / (n - 1).max(1) as f64))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -329,6 +371,7 @@ fn main() -> anyhow::Result<()> {
         let nv = VARIANTS.len();
         // [variant][all resident, pool, all resident CPU, pool CPU]
         let mut best = vec![[f64::MAX; 4]; nv];
+        let mut single = vec![f64::MAX; nv];
         let mut stats = vec![None; nv];
         let mut pool_stats = vec![None; nv];
         let mut tokens = vec![Vec::new(); nv];
@@ -349,6 +392,14 @@ fn main() -> anyhow::Result<()> {
                     decode_fixed(&mut small[v], &mut src, &prompt, n_decode, &opts)?;
                 best[v][1] = best[v][1].min(s_tok.0);
                 best[v][3] = best[v][3].min(s_tok.1);
+                let (single_toks, s_tok) =
+                    decode_single_steps(&mut small[v], &mut src, &prompt, n_decode, &opts)?;
+                single[v] = single[v].min(s_tok);
+                if single_toks != toks {
+                    anyhow::bail!(
+                        "single steps and the pipelined decode disagree: {single_toks:?} vs {toks:?}"
+                    );
+                }
                 pool_tokens[v] = toks;
                 pool_stats[v] = Some(st.0);
             }
@@ -375,11 +426,13 @@ fn main() -> anyhow::Result<()> {
                 }
             );
             println!(
-                "  pool of {} experts ({per_layer} per layer): {:.2} ms/token vs {:.2} all resident ({:.2}x); per token {:.2} uploads, {:.2} pauses, {:.2} submissions, {:.1} dispatches; tokens equal to all resident: {}",
+                "  pool of {} experts ({per_layer} per layer): {:.2} ms/token vs {:.2} all resident ({:.2}x; single steps {:.2} ms/token, {:.2}x); per token {:.2} uploads, {:.2} pauses, {:.2} submissions, {:.1} dispatches; tokens equal to all resident: {}",
                 small[v].pool_slots(),
                 best[v][1] * 1e3,
                 best[v][0] * 1e3,
                 best[v][0] / best[v][1],
+                single[v] * 1e3,
+                best[v][0] / single[v],
                 per_tok(ps.expert_uploads, &ps),
                 per_tok(ps.pauses, &ps),
                 per_tok(ps.submissions, &ps),
@@ -391,6 +444,7 @@ fn main() -> anyhow::Result<()> {
                 engine: name,
                 decode_s: best[v][0],
                 pool_s: best[v][1],
+                pool_single_s: single[v],
                 decode_cpu_s: best[v][2],
                 pool_cpu_s: best[v][3],
                 dispatches: per_tok(s.dispatches, &s),
@@ -400,6 +454,39 @@ fn main() -> anyhow::Result<()> {
                 per_expert: gpu.expert_bytes(),
                 same_tokens: tokens[v] == cpu_tokens,
             });
+            // Where an all-resident decoded token's time goes, kernel by
+            // kernel (`BENCH_KERNELS=0` skips).
+            if env("BENCH_KERNELS", 1) != 0 {
+                let (gpu, _) = &mut full[v];
+                decode_fixed(gpu, &mut src, &prompt, n_decode, &opts)?;
+                let times = gpu.kernel_times(env("BENCH_KERNEL_REPS", 100));
+                let ms = |name: &str| {
+                    times
+                        .iter()
+                        .find(|t| t.0 == name)
+                        .map_or(0.0, |t| t.1 * 1e3)
+                };
+                let sum = nl as f64 * (ms("attention") + ms("expert_up") + ms("expert_down"))
+                    + ms("lm_head")
+                    + ms("argmax");
+                let each: Vec<String> = times
+                    .iter()
+                    .map(|(n, t)| format!("{n}={:.4}", t * 1e3))
+                    .collect();
+                println!(
+                    "  kernels, ms per dispatch (layer 0, {} reps in one pass): {}; {nl} layers + head = {sum:.3} ms/token",
+                    env("BENCH_KERNEL_REPS", 100),
+                    each.join(" ")
+                );
+                println!(
+                    "RESULT gpu_kernels engine={name} dtype={pool_fmt} {} kernels_ms_per_token={sum:.4}",
+                    times
+                        .iter()
+                        .map(|(n, t)| format!("{n}_ms={:.4}", t * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
         }
     }
 
@@ -482,7 +569,7 @@ fn main() -> anyhow::Result<()> {
     }
     for r in &results {
         println!(
-            "RESULT gpu_pool engine={} dtype={} layers={} pool_per_layer={} ms_per_token={:.3} all_resident_ms_per_token={:.3} pool_vs_all_resident={:.2} cpu_ms_per_token={:.3} cpu_pool_vs_all_resident={:.2} submissions_per_token={:.2}",
+            "RESULT gpu_pool engine={} dtype={} layers={} pool_per_layer={} ms_per_token={:.3} all_resident_ms_per_token={:.3} pool_vs_all_resident={:.2} cpu_ms_per_token={:.3} cpu_pool_vs_all_resident={:.2} submissions_per_token={:.2} single_step_ms_per_token={:.3} single_step_vs_all_resident={:.2}",
             r.engine,
             r.fmt,
             cfg.num_hidden_layers,
@@ -492,7 +579,9 @@ fn main() -> anyhow::Result<()> {
             r.decode_s / r.pool_s,
             r.pool_cpu_s * 1e3,
             r.decode_cpu_s / r.pool_cpu_s,
-            r.pool_submissions
+            r.pool_submissions,
+            r.pool_single_s * 1e3,
+            r.decode_s / r.pool_single_s
         );
     }
     println!("peak RSS {:.0} MiB", peak_rss_mib());

@@ -170,8 +170,9 @@ fn greedy(out: Output) -> Result<u32, ModelError> {
 
 /// Fixed-length greedy decode: reset the engine, prefill `prompt`, then
 /// [`Engine::decode_greedy`] until `n` tokens in all, EOS ignored
-/// (pipelined: token `t + 1` is submitted before `t` is read back, as every
-/// expert is resident). `mark` reads the caller's clocks (see [`Marks`]).
+/// (pipelined: token `t + 1` is submitted before `t` is read back, with
+/// every expert resident or with a pool that misses some: see
+/// [`Engine::decode_greedy`]). `mark` reads the caller's clocks (see [`Marks`]).
 pub async fn decode_fixed<S: Supply + ?Sized, M>(
     engine: &mut Engine,
     supply: &mut S,

@@ -22,9 +22,14 @@
 //! embedding, for a step whose token the previous greedy step did not
 //! sample), and the only readback is the sampled token id (4 bytes), or the
 //! logits when asked for them. [`Engine::decode_greedy`] pipelines greedy
-//! decoding while every expert is resident: token `t + 1`'s chunk needs
-//! nothing from the CPU but its position, so it is submitted before token
-//! `t` is read back (two in flight). A prompt chunk runs `embedding`, then per
+//! decoding: token `t + 1`'s chunk needs nothing from the CPU but its
+//! position, so it is submitted before token `t` is read back (two in
+//! flight), with every expert resident or with a pool that lacks some (the
+//! router fused): each chunk then reads back the routes of the layers that
+//! lack experts with its token (no submission more while every routed
+//! expert is resident), the two tokens in flight use each layer's two route
+//! buffers, and a token that missed an expert runs again from that layer
+//! right behind the chunk after it, which is discarded. A prompt chunk runs `embedding`, then per
 //! layer `qkv_rope`, `attention`, the o_proj matvec (+ residual),
 //! `expert_up` (router fused), `expert_down`: `5 * layers + 3`.
 //! The fused decode attention runs with [`EngineOptions::fused_attention`]
@@ -295,20 +300,26 @@ struct Layer {
     bg_attn_dec: Option<wgpu::BindGroup>,
     bg_o: wgpu::BindGroup,
     bg_router: wgpu::BindGroup,
-    bg_up: wgpu::BindGroup,
-    bg_down: wgpu::BindGroup,
+    /// `expert_up`/`expert_down`, one per route buffer (`[set]`, see
+    /// [`Layer::route`]).
+    bg_up: [wgpu::BindGroup; 2],
+    bg_down: [wgpu::BindGroup; 2],
     /// Decode with the fused attention: `expert_up`/`expert_down` adding
-    /// the heads' o_proj shares (`n_part = n_heads`).
-    bg_up_dec: Option<wgpu::BindGroup>,
-    bg_down_dec: Option<wgpu::BindGroup>,
+    /// the heads' o_proj shares (`n_part = n_heads`), per route buffer.
+    bg_up_dec: Option<[wgpu::BindGroup; 2]>,
+    bg_down_dec: Option<[wgpu::BindGroup; 2]>,
     /// `slots[expert]`: the pool slot holding this layer's expert
     /// ([`NO_SLOT`] when it is not resident).
     table: wgpu::Buffer,
     /// The layer's routes (`[max_batch][experts][2]`: id, weight bits),
     /// read back after a chunk while the pool lacks experts, followed by
     /// the input rows `expert_up` saves (`[max_batch][hidden]`, f32 bits)
-    /// to run the layer's experts again after a miss.
-    route: wgpu::Buffer,
+    /// to run the layer's experts again after a miss. Two of them: set 0
+    /// for every step, set 1 (one token's routes and row) for every other
+    /// token of a pipelined pool decode ([`Engine::decode_greedy`]), so that
+    /// the token in flight after one that missed an expert does not
+    /// overwrite what the missed one resumes from.
+    route: [wgpu::Buffer; 2],
 }
 
 /// Table word of an expert that is not in the pool (clamped by the kernels).
@@ -435,6 +446,9 @@ struct Run {
     /// for with `need` so that the step seldom pauses again, never pinned.
     ahead: Vec<ExpertId>,
     all: Vec<Vec<f32>>,
+    /// The layers' route buffers this step uses ([`Layer::route`]): 0, or
+    /// 1 for every other token of a pipelined decode.
+    set: usize,
 }
 
 /// The MoE families on wgpu, a [`crate::model::Engine`]. See the module docs for the
@@ -460,7 +474,8 @@ pub struct Engine {
     argmax_out: wgpu::Buffer,
     readback: wgpu::Buffer,
     /// The sampled ids of the two decoded tokens in flight in
-    /// [`Engine::decode_greedy`] (4 bytes each).
+    /// [`Engine::decode_greedy`] (4 bytes each), each followed by the
+    /// routes of the layers that lack experts.
     pipe_rb: [wgpu::Buffer; 2],
     bg_embed: wgpu::BindGroup,
     bg_head_last: wgpu::BindGroup,
@@ -856,9 +871,11 @@ impl Engine {
         let argmax_out = c.storage_zeroed("argmax_out", 4);
         // The output (logits or the token), then every layer's routes.
         let readback = c.readback_buffer("readback", f((b * v).max(1) + nl * b * ne * 2));
+        // A decoded token's id, then the routes of the layers that lack experts.
+        let pipe_bytes = f(1 + nl * ne * 2);
         let pipe_rb = [
-            c.readback_buffer("token_readback_0", 4),
-            c.readback_buffer("token_readback_1", 4),
+            c.readback_buffer("token_readback_0", pipe_bytes),
+            c.readback_buffer("token_readback_1", pipe_bytes),
         ];
         let rope = c.storage_init("rope", f32_bytes(&rope_table(cfg, max_seq)));
         let embed_t = c.storage_init(
@@ -902,8 +919,12 @@ impl Engine {
             let kc = c.storage_zeroed("k_cache", f(max_seq * kvd));
             let vc = c.storage_zeroed("v_cache", f(max_seq * kvd));
             let table = c.storage_init("expert_slots", bytemuck::cast_slice(&vec![NO_SLOT; ne]));
-            // `[b][ne][2]` routes (id, weight bits), then `[b][h]` saved input rows.
-            let route = c.storage_zeroed("route", f(b * ne * 2 + b * h));
+            // `[b][ne][2]` routes (id, weight bits), then `[b][h]` saved input
+            // rows; the second set holds one token's (decode only).
+            let route = [
+                c.storage_zeroed("route", f(b * ne * 2 + b * h)),
+                c.storage_zeroed("route_alt", f(b * ne * 2 + h)),
+            ];
             let qkv = match (&k.qkv_post, &qkv_raw) {
                 (Some(post), Some(raw)) => {
                     let ex = &la.extras;
@@ -976,6 +997,18 @@ impl Engine {
                     })
                 }
             };
+            let up = |ub: &wgpu::Buffer, r: &wgpu::Buffer| {
+                k.up.bind(
+                    c,
+                    [
+                        &step, ub, &pool.w13, &x, &g_post, r, &act, &table, &gate, &part,
+                    ],
+                )
+            };
+            let down = |ub: &wgpu::Buffer, r: &wgpu::Buffer| {
+                k.down
+                    .bind(c, [&step, ub, &pool.w2, &act, r, &x, &table, &part])
+            };
             layers.push(Layer {
                 qkv,
                 shared: shared_layer,
@@ -1000,51 +1033,20 @@ impl Engine {
                     )
                 }),
                 bg_o: k.mv.bind(c, &step, &ub_o, &wo, &attn_out, &g_in, &x),
-                bg_router: k
-                    .router
-                    .bind(c, [&step, &ub_router, &gate, &x, &g_post, &probs, &route]),
-                bg_up: k.up.bind(
+                bg_router: k.router.bind(
                     c,
-                    [
-                        &step, &ub_exp, &pool.w13, &x, &g_post, &route, &act, &table, &gate, &part,
-                    ],
+                    [&step, &ub_router, &gate, &x, &g_post, &probs, &route[0]],
                 ),
-                bg_down: k.down.bind(
-                    c,
-                    [&step, &ub_exp, &pool.w2, &act, &route, &x, &table, &part],
-                ),
-                bg_up_dec: k.attn_dec.as_ref().map(|_| {
-                    k.up.bind(
-                        c,
-                        [
-                            &step,
-                            &ub_exp_dec,
-                            &pool.w13,
-                            &x,
-                            &g_post,
-                            &route,
-                            &act,
-                            &table,
-                            &gate,
-                            &part,
-                        ],
-                    )
-                }),
-                bg_down_dec: k.attn_dec.as_ref().map(|_| {
-                    k.down.bind(
-                        c,
-                        [
-                            &step,
-                            &ub_exp_dec,
-                            &pool.w2,
-                            &act,
-                            &route,
-                            &x,
-                            &table,
-                            &part,
-                        ],
-                    )
-                }),
+                bg_up: route.each_ref().map(|r| up(&ub_exp, r)),
+                bg_down: route.each_ref().map(|r| down(&ub_exp, r)),
+                bg_up_dec: k
+                    .attn_dec
+                    .as_ref()
+                    .map(|_| route.each_ref().map(|r| up(&ub_exp_dec, r))),
+                bg_down_dec: k
+                    .attn_dec
+                    .as_ref()
+                    .map(|_| route.each_ref().map(|r| down(&ub_exp_dec, r))),
                 table,
                 route,
             });
@@ -1314,6 +1316,7 @@ impl Engine {
             need: Vec::new(),
             ahead: Vec::new(),
             all: Vec::new(),
+            set: 0,
         })
     }
 
@@ -1324,17 +1327,21 @@ impl Engine {
                 self.pos += run.tokens.len();
                 Ok(Step::Done(out))
             }
-            Ok(None) => {
-                let mut missing = self.missing(&run.need);
-                // The guesses for later layers (sorted after the paused layer's).
-                missing.extend(self.missing(&std::mem::take(&mut run.ahead)));
-                self.stats.pauses += 1;
-                self.paused = Some(run);
-                Ok(Step::Need(missing))
-            }
+            Ok(None) => Ok(self.pause(run)),
             // The cache rows written past `pos` are overwritten next time.
             Err(e) => Err(e),
         }
+    }
+
+    /// Keep `run` paused for the experts it needs (`run.need`, then the
+    /// guesses for later layers, `run.ahead`).
+    fn pause(&mut self, mut run: Run) -> Step {
+        let mut missing = self.missing(&run.need);
+        // The guesses for later layers (sorted after the paused layer's).
+        missing.extend(self.missing(&std::mem::take(&mut run.ahead)));
+        self.stats.pauses += 1;
+        self.paused = Some(run);
+        Step::Need(missing)
     }
 
     fn missing(&self, ids: &[ExpertId]) -> Vec<ExpertId> {
@@ -1371,8 +1378,8 @@ impl Engine {
     fn encode_up(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
         let bg = match (&ly.bg_up_dec, run.n) {
-            (Some(bg), 1) => bg,
-            _ => &ly.bg_up,
+            (Some(bg), 1) => &bg[run.set],
+            _ => &ly.bg_up[run.set],
         };
         self.k
             .up
@@ -1386,8 +1393,8 @@ impl Engine {
     fn encode_down(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
         let ly = &self.layers[layer];
         let bg = match (&ly.bg_down_dec, run.n) {
-            (Some(bg), 1) => bg,
-            _ => &ly.bg_down,
+            (Some(bg), 1) => &bg[run.set],
+            _ => &ly.bg_down[run.set],
         };
         self.k.down.encode(pass, bg, &self.p_exp, run.n as u32);
         self.stats.dispatches += 1;
@@ -1493,7 +1500,7 @@ impl Engine {
     ) -> Result<Vec<ExpertId>, ModelError> {
         let ne = self.cfg.num_local_experts;
         let bytes = (run.n * ne * 2 * 4) as u64;
-        enc.copy_buffer_to_buffer(&self.layers[layer].route, 0, &self.readback, 0, bytes);
+        enc.copy_buffer_to_buffer(&self.layers[layer].route[0], 0, &self.readback, 0, bytes);
         self.submit(enc);
         let words: Vec<u32> =
             bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(&self.readback, bytes).await?);
@@ -1527,6 +1534,36 @@ impl Engine {
             .saturating_sub(run.need.len() + resident.len());
         self.pool.touch(resident);
         Ok(missing.into_iter().take(room).collect())
+    }
+
+    /// After a chunk ran: the first of the `checked` layers (`words`: their
+    /// routes as read back, `run.n * experts * 2` words each, in order) that
+    /// routed to a missing expert is where the step resumes
+    /// ([`At::Redo`]; `run.need`: its experts, `run.ahead`: the later
+    /// layers' guesses in a pool that evicts): `Ok(true)`. Otherwise every
+    /// routed expert counts as used: `Ok(false)`.
+    fn check_routes(
+        &mut self,
+        run: &mut Run,
+        checked: &[usize],
+        words: &[u32],
+    ) -> Result<bool, ModelError> {
+        let per = run.n * self.cfg.num_local_experts * 2;
+        for (i, &l) in checked.iter().enumerate() {
+            let ids = self.route_ids(&words[i * per..(i + 1) * per], l, run)?;
+            if ids.iter().any(|&id| !self.pool.resident(id)) {
+                run.need = ids;
+                run.at = At::Redo(l);
+                if self.pool.evicting() {
+                    let later = checked.iter().enumerate().skip(i + 1);
+                    let later = later.map(|(j, &l)| (l, &words[j * per..(j + 1) * per]));
+                    run.ahead = self.ahead(later, run)?;
+                }
+                return Ok(true);
+            }
+            self.pool.touch(ids);
+        }
+        Ok(false)
     }
 
     /// Encode and submit from `run.at` on. `Ok(None)`: paused, `run.need`
@@ -1603,7 +1640,7 @@ impl Engine {
                         // The layer's input row as its expert_up saw it (the
                         // o_proj shares included, so those are cleared).
                         enc.copy_buffer_to_buffer(
-                            &self.layers[l].route,
+                            &self.layers[l].route[run.set],
                             u64::from(self.p_exp.save_x) * 4,
                             &self.x,
                             0,
@@ -1702,7 +1739,7 @@ impl Engine {
             let checked = check.map_or(0..0, |c| c..stop.map_or(nl, |s| s + 1));
             for (i, l) in checked.clone().enumerate() {
                 enc.copy_buffer_to_buffer(
-                    &self.layers[l].route,
+                    &self.layers[l].route[run.set],
                     0,
                     &self.readback,
                     out_bytes + i as u64 * route_bytes,
@@ -1717,20 +1754,9 @@ impl Engine {
                 self.stats.readback_bytes += bytes;
                 // The first checked layer routed to a missing expert: pause there.
                 let words: Vec<u32> = bytemuck::pod_collect_to_vec(&data[out_bytes as usize..]);
-                let per = run.n * ne * 2;
-                for (i, l) in checked.clone().enumerate() {
-                    let ids = self.route_ids(&words[i * per..(i + 1) * per], l, run)?;
-                    if ids.iter().any(|&id| !self.pool.resident(id)) {
-                        run.need = ids;
-                        run.at = At::Redo(l);
-                        if self.pool.evicting() {
-                            let later = checked.clone().enumerate().skip(i + 1);
-                            let later = later.map(|(j, l)| (l, &words[j * per..(j + 1) * per]));
-                            run.ahead = self.ahead(later, run)?;
-                        }
-                        return Ok(None);
-                    }
-                    self.pool.touch(ids);
+                let checked: Vec<usize> = checked.collect();
+                if self.check_routes(run, &checked, &words)? {
+                    return Ok(None);
                 }
                 if stop.is_some() {
                     return Err(GpuError::Readback(
@@ -1775,17 +1801,58 @@ impl Engine {
 /// chunk is submitted before token `t` is read back.
 const PIPELINE_DEPTH: usize = 2;
 
+/// A decoded token's chunk in flight in [`Engine::decode_greedy`]: its
+/// step, its readback's mapping, and the layers (lacking experts) whose
+/// routes follow the sampled id in that readback.
+struct InFlight {
+    run: Run,
+    map: Mapping,
+    checked: Vec<usize>,
+    /// Submitted after a token that missed an expert: dropped (already
+    /// rolled back) when it comes back.
+    dead: bool,
+}
+
 impl Engine {
     /// Whether [`Engine::decode_greedy`] can pipeline the step that feeds
-    /// `token`: the last step sampled it greedily with `argmax_embed` (its
-    /// embedding is in `x`, so the next chunk needs nothing from the CPU but
-    /// its position), every expert of every layer is resident (no step
-    /// can pause for one) and no step is paused.
+    /// `token` (with the default [`RunOptions`]): the last step sampled it
+    /// greedily with `argmax_embed` (its embedding is in `x`, so the next
+    /// chunk needs nothing from the CPU but its position), no step is
+    /// paused, and a decoded chunk runs to its end without a readback in
+    /// between: every expert of every layer resident, or, with the router
+    /// fused into `expert_up`, a pool whose lacking layers are checked
+    /// after the chunk (one that evicts, or one where every layer holds at
+    /// least `top_k` experts).
     pub fn can_pipeline(&self, token: u32) -> bool {
-        self.paused.is_none()
-            && self.k.argmax_embed.is_some()
-            && self.embedded == Some(token)
-            && (0..self.layers.len()).all(|l| self.pool.layer_resident(l))
+        self.pipelines(token, &RunOptions::default())
+    }
+
+    fn all_resident(&self) -> bool {
+        (0..self.layers.len()).all(|l| self.pool.layer_resident(l))
+    }
+
+    /// [`Engine::can_pipeline`] under `opts`.
+    fn pipelines(&self, token: u32, opts: &RunOptions) -> bool {
+        if self.paused.is_some() || self.k.argmax_embed.is_none() || self.embedded != Some(token) {
+            return false;
+        }
+        if self.all_resident() {
+            return true;
+        }
+        let Ok(k) = opts.experts_per_token(&self.cfg) else {
+            return false;
+        };
+        // As `advance`: a layer with fewer resident experts than top_k stops
+        // the chunk, unless the pool evicts.
+        self.k.route_fused
+            && opts.use_moe
+            && self.pool.slots() >= k
+            && (self.pool.evicting()
+                || self
+                    .pool
+                    .slot_of
+                    .iter()
+                    .all(|l| l.iter().flatten().count() >= k))
     }
 
     /// Greedy decoding from `first`, the token the last greedy step
@@ -1795,17 +1862,27 @@ impl Engine {
     /// fed, as after [`crate::model::run_step`]); the KV cache holds `first`
     /// and every returned token but the last.
     ///
-    /// Where [`Engine::can_pipeline`], token `t + 1`'s chunk is encoded and
-    /// submitted before token `t` is read back (`argmax_embed` writes its
-    /// embedding on the GPU), so the GPU (or SwiftShader's threads) runs it
-    /// while the readback of `t` comes back: [`PIPELINE_DEPTH`] chunks in
-    /// flight, each reading back into its own buffer. When `keep` stops
-    /// early, the chunk already submitted after it is discarded (its cache
-    /// row lies past the position and is overwritten later). Otherwise each
-    /// token is one [`crate::model::run_step`] (a pool that misses experts
-    /// asks `supply`), until the engine can pipeline. The tokens are those
-    /// of one `run_step` per token either way: the same kernels run in the
-    /// same order.
+    /// Where the engine [can pipeline](Engine::can_pipeline), token `t + 1`'s
+    /// chunk is encoded and submitted before token `t` is read back
+    /// (`argmax_embed` writes its embedding on the GPU), so the GPU (or
+    /// SwiftShader's threads) runs it while the readback of `t` comes back:
+    /// [`PIPELINE_DEPTH`] chunks in flight, each reading back into its own
+    /// buffer. With a pool that lacks experts, each chunk reads back the
+    /// routes of the layers that lack one with its token (no submission
+    /// more while every routed expert is resident), and the two tokens in
+    /// flight use the two route buffers of each layer ([`Layer::route`]).
+    /// When token `t` routed to a missing expert, the chunk after it is
+    /// discarded (its cache rows lie past the position and are overwritten
+    /// later), `t`'s step pauses at that layer as a single step would
+    /// (`supply` is asked for its experts and the later layers' guesses,
+    /// the layer's experts pinned), and `t` is submitted again from that
+    /// layer's saved input row (in `t`'s route buffer, which the discarded
+    /// chunk did not touch), with `t + 1` right behind it: the pipeline
+    /// runs on. When `keep` stops early, the chunk already submitted after
+    /// it is discarded too.
+    /// Otherwise each token is one [`crate::model::run_step`], until the
+    /// engine can pipeline. The tokens are those of one `run_step` per token
+    /// either way: the same kernels run in the same order.
     pub async fn decode_greedy<S: crate::model::Supply + ?Sized>(
         &mut self,
         supply: &mut S,
@@ -1817,8 +1894,8 @@ impl Engine {
         let mut out = Vec::with_capacity(n);
         let mut tok = first;
         while out.len() < n {
-            if self.can_pipeline(tok) {
-                self.pipelined(&mut out, n, opts, &mut keep).await?;
+            if self.pipelines(tok, opts) {
+                self.pipelined(supply, &mut out, n, opts, &mut keep).await?;
                 break;
             }
             tok = match crate::model::run_step(self, supply, &[tok], opts, Want::Greedy).await? {
@@ -1834,9 +1911,11 @@ impl Engine {
     }
 
     /// [`Engine::decode_greedy`]'s pipelined part (the engine
-    /// [`can_pipeline`](Engine::can_pipeline) the token `x` holds).
-    async fn pipelined(
+    /// [`pipelines`](Engine::pipelines) the token `x` holds), until `n`
+    /// tokens are out or `keep` stops.
+    async fn pipelined<S: crate::model::Supply + ?Sized>(
         &mut self,
+        supply: &mut S,
         out: &mut Vec<u32>,
         n: usize,
         opts: &RunOptions,
@@ -1845,13 +1924,16 @@ impl Engine {
         let first = self.embedded.take().ok_or_else(|| {
             ModelError::Input("pipelined decode: no sampled token embedded".into())
         })?;
-        let mut flight: std::collections::VecDeque<(usize, Mapping)> = Default::default();
+        let mut flight: std::collections::VecDeque<InFlight> = Default::default();
         let mut to_submit = n - out.len();
         let mut free = [true; PIPELINE_DEPTH];
         // Set once the loop only drains: `keep` stopped, or an error.
         let mut stopped = false;
         let mut err: Option<ModelError> = None;
-        let mut discarded = 0usize;
+        // Whether `x` holds the embedding of `last` (the last chunk run was
+        // kept).
+        let mut x_last = true;
+        // The token the chunk read next was fed (the one before it sampled).
         let mut last = first;
         loop {
             while to_submit > 0 && flight.len() < PIPELINE_DEPTH && !stopped {
@@ -1861,9 +1943,15 @@ impl Engine {
                 match self.start(&[first], opts, Want::Greedy) {
                     Ok(mut run) => {
                         run.n = 1;
-                        let m = self.submit_decoded(&run, slot);
+                        run.set = slot;
+                        let (map, checked) = self.submit_decoded(&run, slot);
                         free[slot] = false;
-                        flight.push_back((slot, m));
+                        flight.push_back(InFlight {
+                            run,
+                            map,
+                            checked,
+                            dead: false,
+                        });
                         to_submit -= 1;
                     }
                     Err(e) => {
@@ -1872,29 +1960,84 @@ impl Engine {
                     }
                 }
             }
-            let Some((slot, m)) = flight.pop_front() else {
+            let Some(InFlight {
+                mut run,
+                map,
+                checked,
+                dead,
+            }) = flight.pop_front()
+            else {
                 break;
             };
-            let read = self.ctx.finish_map(&self.pipe_rb[slot], m).await;
+            let slot = run.set;
+            let read = self.ctx.finish_map(&self.pipe_rb[slot], map).await;
             free[slot] = true;
-            if stopped {
-                // A speculative chunk (or one after an error): discarded.
-                self.pos -= 1;
-                discarded += 1;
+            if dead {
+                x_last = false;
                 continue;
             }
-            match read {
-                Ok(b) => {
-                    let t = bytemuck::pod_read_unaligned::<u32>(&b[..4]);
-                    self.stats.readbacks += 1;
-                    self.stats.readback_bytes += 4;
+            if stopped {
+                // A speculative chunk (after a stop or an error): discarded.
+                self.discard_decoded();
+                x_last = false;
+                continue;
+            }
+            let b = match read {
+                Ok(b) => b,
+                Err(e) => {
+                    self.discard_decoded();
+                    x_last = false;
+                    err = Some(e.into());
+                    stopped = true;
+                    continue;
+                }
+            };
+            self.stats.readbacks += 1;
+            self.stats.readback_bytes += b.len() as u64;
+            let t = bytemuck::pod_read_unaligned::<u32>(&b[..4]);
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&b[4..]);
+            run.tokens = vec![last];
+            match self.check_routes(&mut run, &checked, &words) {
+                Ok(false) => {
                     out.push(t);
                     last = t;
+                    x_last = true;
                     stopped = !keep(t);
                 }
+                Ok(true) => {
+                    // A miss: this chunk and the ones after it are dropped
+                    // (those still running come back dead); this token runs
+                    // again from the layer that missed once its experts are
+                    // in, queued right behind them (the uploads are ordered
+                    // after them too), and the next one behind it.
+                    self.discard_decoded();
+                    for f in flight.iter_mut() {
+                        f.dead = true;
+                        self.discard_decoded();
+                        to_submit += 1;
+                    }
+                    x_last = false;
+                    match self.supply_missing(supply, run).await {
+                        Ok(run) => {
+                            let (map, checked) = self.submit_decoded(&run, slot);
+                            free[slot] = false;
+                            flight.push_back(InFlight {
+                                run,
+                                map,
+                                checked,
+                                dead: false,
+                            });
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            stopped = true;
+                        }
+                    }
+                }
                 Err(e) => {
-                    self.pos -= 1;
-                    err = Some(e.into());
+                    self.discard_decoded();
+                    x_last = false;
+                    err = Some(e);
                     stopped = true;
                 }
             }
@@ -1904,8 +2047,51 @@ impl Engine {
         }
         // `x` holds the embedding of the last token sampled, unless a
         // discarded chunk overwrote it.
-        self.embedded = (discarded == 0).then_some(last);
+        self.embedded = x_last.then_some(last);
         Ok(())
+    }
+
+    /// A pipelined token that routed to missing experts (`run.need`, and
+    /// the later layers' guesses `run.ahead`): paused while `supply` hands
+    /// them over (the layer's experts pinned, as for any paused step), then
+    /// returned to run again from that layer. Errors (and drops the step)
+    /// when the supply fails or leaves one of the layer's experts out.
+    async fn supply_missing<S: crate::model::Supply + ?Sized>(
+        &mut self,
+        supply: &mut S,
+        run: Run,
+    ) -> Result<Run, ModelError> {
+        let Step::Need(ids) = self.pause(run) else {
+            return Err(ModelError::Input("pipelined decode: no pause".into()));
+        };
+        let supplied = async {
+            for (id, w) in supply.experts(&ids).await? {
+                self.supply_expert(id, w)?;
+            }
+            Ok::<(), ModelError>(())
+        }
+        .await;
+        let run = self
+            .paused
+            .take()
+            .ok_or_else(|| ModelError::Input("pipelined decode: the pause was lost".into()))?;
+        supplied?;
+        let missing = self.missing(&run.need);
+        if !missing.is_empty() {
+            return Err(ModelError::Source(format!(
+                "the supply did not return {missing:?}"
+            )));
+        }
+        Ok(run)
+    }
+
+    /// A submitted decode chunk dropped: the position rolled back (its cache
+    /// rows lie past it and are overwritten later), its token not counted
+    /// (its dispatches and submission are).
+    fn discard_decoded(&mut self) {
+        self.pos -= 1;
+        self.stats.tokens -= 1;
+        self.stats.steps -= 1;
     }
 
     /// The last token's logits and its greedy pick into `argmax_out` (two
@@ -1921,32 +2107,68 @@ impl Engine {
         }
     }
 
-    /// Encode and submit one decoded token's chunk at `self.pos` (every
-    /// expert resident, its embedding already in `x`), its sampled id copied
-    /// into `pipe_rb[slot]`, whose mapping starts; advances the position.
-    fn submit_decoded(&mut self, run: &Run, slot: usize) -> Mapping {
+    /// Encode and submit one decoded token's chunk at `self.pos` (its
+    /// embedding already in `x`, or from the layer it missed an expert in,
+    /// [`At::Redo`]; route buffers `run.set`), its sampled id
+    /// copied into `pipe_rb[slot]`, followed by the routes of the layers
+    /// that lack experts (returned), whose mapping starts; advances the
+    /// position.
+    fn submit_decoded(&mut self, run: &Run, slot: usize) -> (Mapping, Vec<usize>) {
         self.write_step(run);
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let mut checked = Vec::new();
+        // A token that missed an expert runs again from that layer's saved
+        // input row (as `advance` resumes a paused step).
+        let redo = match run.at {
+            At::Redo(l) => {
+                self.pool.touch(run.need.iter().copied());
+                enc.copy_buffer_to_buffer(
+                    &self.layers[l].route[run.set],
+                    u64::from(self.p_exp.save_x) * 4,
+                    &self.x,
+                    0,
+                    (self.cfg.hidden_size * 4) as u64,
+                );
+                enc.clear_buffer(&self.part, 0, None);
+                Some(l)
+            }
+            _ => None,
+        };
         {
             let mut pass = enc
                 .begin_compute_pass(&Default::default())
                 .forget_lifetime();
-            for l in 0..self.layers.len() {
-                self.stats.dispatches += self.encode_attention(&mut pass, l, 1);
-                let ids: Vec<ExpertId> = self.layer_ids(l).collect();
-                self.pool.touch(ids);
+            for l in redo.unwrap_or(0)..self.layers.len() {
+                if redo == Some(l) {
+                    self.stats.dispatches += self.encode_shared_up(&mut pass, l, 1);
+                } else {
+                    self.stats.dispatches += self.encode_attention(&mut pass, l, 1);
+                }
+                if self.pool.layer_resident(l) {
+                    let ids: Vec<ExpertId> = self.layer_ids(l).collect();
+                    self.pool.touch(ids);
+                } else {
+                    checked.push(l);
+                }
                 self.encode_experts(&mut pass, l, run);
             }
             self.encode_greedy_head(&mut pass, 1);
             self.stats.dispatches += 2;
         }
-        enc.copy_buffer_to_buffer(&self.argmax_out, 0, &self.pipe_rb[slot], 0, 4);
+        let rb = &self.pipe_rb[slot];
+        enc.copy_buffer_to_buffer(&self.argmax_out, 0, rb, 0, 4);
+        let route_bytes = (self.cfg.num_local_experts * 2 * 4) as u64;
+        for (i, &l) in checked.iter().enumerate() {
+            let at = 4 + i as u64 * route_bytes;
+            enc.copy_buffer_to_buffer(&self.layers[l].route[run.set], 0, rb, at, route_bytes);
+        }
+        let bytes = 4 + checked.len() as u64 * route_bytes;
         let index = self.ctx.queue.submit([enc.finish()]);
         self.stats.submissions += 1;
         self.stats.steps += 1;
         self.stats.tokens += 1;
         self.pos += 1;
-        self.ctx.begin_map(&self.pipe_rb[slot], 4, Some(index))
+        (self.ctx.begin_map(rb, bytes, Some(index)), checked)
     }
 }
 
@@ -2070,6 +2292,87 @@ impl Engine {
             }
             tok = self.next_token(source, &[tok], opts)?;
         }
+    }
+}
+
+/// The kernels of a greedily decoded token, timed one at a time
+/// ([`Engine::kernel_times`]): layer 0's attention (the fused decode
+/// attention, or its kernels and the router when unfused), `expert_up`,
+/// `expert_down` (with the shared expert's), then the head and the argmax.
+#[cfg(not(target_arch = "wasm32"))]
+pub const DECODE_KERNELS: [&str; 5] =
+    ["attention", "expert_up", "expert_down", "lm_head", "argmax"];
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Engine {
+    /// Wall seconds per dispatch of each of [`DECODE_KERNELS`], each
+    /// dispatched `reps` times in one pass and one submission (after two
+    /// warm-up dispatches), on whatever the buffers hold (run it after a
+    /// decode, with every expert resident, so that they hold a token's data:
+    /// layer 0's expert_down adds into the hidden state each time, so the
+    /// engine is [`Engine::reset`] afterwards). Where a decoded token's time
+    /// goes, kernel by kernel (`layers x` the first three, plus the last two,
+    /// plus what a submission and its readback cost).
+    pub fn kernel_times(&mut self, reps: usize) -> Vec<(&'static str, f64)> {
+        let k = self.cfg.num_experts_per_tok.min(self.cfg.num_local_experts);
+        let run = Run {
+            tokens: vec![0],
+            k,
+            use_moe: true,
+            want: Want::Greedy,
+            cap: 1,
+            done: 0,
+            n: 1,
+            at: At::Chunk,
+            need: Vec::new(),
+            ahead: Vec::new(),
+            all: Vec::new(),
+            set: 0,
+        };
+        let pos = self.pos.min(self.opts.max_seq - 1);
+        self.pos = pos;
+        self.write_step(&run);
+        let saved = self.stats.clone();
+        let mut out = Vec::new();
+        for (i, name) in DECODE_KERNELS.into_iter().enumerate() {
+            let mut time = |n: usize| {
+                let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc
+                        .begin_compute_pass(&Default::default())
+                        .forget_lifetime();
+                    for _ in 0..n {
+                        match i {
+                            0 => {
+                                self.encode_attention(&mut pass, 0, 1);
+                            }
+                            1 => self.encode_up(&mut pass, 0, &run),
+                            2 => self.encode_down(&mut pass, 0, &run),
+                            3 => self.k.head.encode(
+                                &mut pass,
+                                &self.bg_head_last,
+                                &self.p_head_last,
+                                1,
+                            ),
+                            _ => match (&self.k.argmax_embed, &self.bg_argmax_embed) {
+                                (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
+                                _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
+                            },
+                        }
+                    }
+                }
+                let t = std::time::Instant::now();
+                self.ctx.queue.submit([enc.finish()]);
+                let _ = self.ctx.device.poll(wgpu::PollType::wait_indefinitely());
+                t.elapsed().as_secs_f64()
+            };
+            time(2);
+            let reps = reps.max(1);
+            out.push((name, time(reps) / reps as f64));
+        }
+        self.stats = saved;
+        self.reset();
+        out
     }
 }
 

@@ -245,20 +245,163 @@ fn pipelined_decode_matches_single_steps_and_stops_cleanly() {
     assert_eq!(two, want[1..3]);
     assert!(gpu.can_pipeline(two[1]));
 
-    // A pool of 3 experts (fewer than a layer's): no pipelining, each token
-    // one step asking the source for what it misses; same tokens.
-    let mut src = m.expert_source().unwrap();
+    // A pool of 3 experts (fewer than a layer's) pipelines too: below.
     let mut small = engine(Some(3 * gpu.expert_bytes()));
-    let t0 = match small
-        .run_blocking(&mut src, &prompt, &opts, Want::Greedy)
+    let t0 = first_token(&mut small, &mut m.expert_source().unwrap(), &prompt);
+    assert!(small.can_pipeline(t0));
+}
+
+fn first_token<S: web_node::model::Supply + ?Sized>(
+    gpu: &mut Engine,
+    src: &mut S,
+    prompt: &[u32],
+) -> u32 {
+    match gpu
+        .run_blocking(src, prompt, &RunOptions::default(), Want::Greedy)
         .unwrap()
     {
         Output::Token(t) => t,
         o => panic!("{o:?}"),
+    }
+}
+
+/// `Engine::decode_greedy` with a pool that lacks experts, pipelined: each
+/// chunk reads its lacking layers' routes back with its token. The tokens
+/// of single steps (the CPU's) with pools of 3 and 12 experts (evicting,
+/// missing mid-pipeline: the chunk in flight after a miss discarded, the
+/// missed token resumed from its own route buffer); a stop that leaves the
+/// cache where single steps would; a supply that fails mid-pipeline (an
+/// error, nothing paused); and no submission beyond one per token while
+/// every routed expert is resident.
+#[test]
+fn pipelined_pool_decode_matches_single_steps() {
+    let Some(c) = ctx() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    write_random_model(dir.path(), &cfg, 11).unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 17 + 2) % 200).collect();
+    let n = 24;
+    let opts = RunOptions::default();
+    let want = cpu_fixed(&mut CpuModel::from_model_dir(&m).unwrap(), &prompt, n);
+    let per = web_node::gpu::expert_bytes(&cfg, WeightFormat::F32);
+    let engine = |slots: u64| {
+        Engine::with_options(
+            shared_ctx(c),
+            &cfg,
+            &m.shared,
+            &m.routers,
+            EngineOptions {
+                expert_pool_bytes: Some(slots * per),
+                ..Default::default()
+            },
+        )
+        .unwrap()
     };
-    assert!(!small.can_pipeline(t0));
-    let rest =
-        pollster::block_on(small.decode_greedy(&mut src, t0, n - 1, &opts, |_| true)).unwrap();
-    assert_eq!(rest, want[1..], "small pool vs CPU");
-    assert!(small.stats().pauses > 0, "{:?}", small.stats());
+    for slots in [3u64, 12] {
+        let mut src = m.expert_source().unwrap();
+        let mut gpu = engine(slots);
+        let t0 = first_token(&mut gpu, &mut src, &prompt);
+        assert!(gpu.can_pipeline(t0), "pool of {slots}");
+        gpu.reset_stats();
+        let rest =
+            pollster::block_on(gpu.decode_greedy(&mut src, t0, n - 1, &opts, |_| true)).unwrap();
+        assert_eq!(rest, want[1..], "pool of {slots} vs CPU");
+        assert_eq!(gpu.position(), prompt.len() + n - 1);
+        let s = gpu.stats().clone();
+        eprintln!("pipelined pool of {slots}: {s:?}");
+        assert_eq!(s.tokens, (n - 1) as u64, "{s:?}");
+        // Misses mid-pipeline: each pause costs the missed chunk's resumes
+        // and at most one discarded chunk, nothing else.
+        assert!(s.pauses > 0, "{s:?}");
+        let extra = s.submissions - s.tokens;
+        assert!(
+            (s.pauses..=2 * s.pauses).contains(&extra),
+            "{extra} submissions beyond one per token: {s:?}"
+        );
+
+        // Stop after the 6th sampled token (its successor in flight): the
+        // cache holds t0 and the first five; single steps give the rest.
+        gpu.reset();
+        let t0 = first_token(&mut gpu, &mut src, &prompt);
+        let mut seen = 0;
+        let six = pollster::block_on(gpu.decode_greedy(&mut src, t0, n, &opts, |_| {
+            seen += 1;
+            seen < 6
+        }))
+        .unwrap();
+        assert_eq!(six, want[1..7], "pool of {slots}: stopped at the 6th");
+        assert_eq!(gpu.position(), prompt.len() + 6);
+        let mut tok = six[5];
+        let mut tail = Vec::new();
+        while 7 + tail.len() < n {
+            tok = gpu.next_token(&mut src, &[tok], &opts).unwrap();
+            tail.push(tok);
+        }
+        assert_eq!(
+            tail,
+            want[7..],
+            "pool of {slots}: single steps after the stop"
+        );
+    }
+
+    // A supply that fails mid-pipeline: a clear error, nothing left
+    // paused, and the engine decodes the CPU's tokens again after a reset.
+    struct FailAfter<S>(S, usize);
+    impl<S: ExpertSource> ExpertSource for FailAfter<S> {
+        fn load_expert(
+            &mut self,
+            layer: usize,
+            expert: usize,
+        ) -> Result<web_node::model::ExpertWeights, web_node::model::ModelError> {
+            if self.1 == 0 {
+                return Err(web_node::model::ModelError::Source(format!(
+                    "layer{layer}.expert{expert} unavailable"
+                )));
+            }
+            self.1 -= 1;
+            self.0.load_expert(layer, expert)
+        }
+    }
+    let mut src = m.expert_source().unwrap();
+    let mut gpu = engine(3);
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    let mut failing = FailAfter(m.expert_source().unwrap(), 4);
+    let e = pollster::block_on(gpu.decode_greedy(&mut failing, t0, n - 1, &opts, |_| true))
+        .unwrap_err();
+    assert!(e.to_string().contains("unavailable"), "{e}");
+    assert!(!gpu.is_paused());
+    assert!(gpu.position() < prompt.len() + n - 1);
+    gpu.reset();
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    let rest = pollster::block_on(gpu.decode_greedy(&mut src, t0, n - 1, &opts, |_| true)).unwrap();
+    assert_eq!(rest, want[1..], "after a failed supply");
+
+    // A pool that holds the model, filled by one decode with only the
+    // routed experts: the same decode again finds every routed expert
+    // resident, pipelines through the layers that lack others (their routes
+    // read back with the token) and adds no submission.
+    let total = (cfg.num_hidden_layers * cfg.num_local_experts) as u64;
+    let mut src = m.expert_source().unwrap();
+    let mut gpu = engine(total);
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    let warm = pollster::block_on(gpu.decode_greedy(&mut src, t0, 8, &opts, |_| true)).unwrap();
+    assert_eq!(warm, want[1..9]);
+    assert!(
+        (gpu.resident_experts() as u64) < total,
+        "some expert never routed"
+    );
+    gpu.reset();
+    let t0 = first_token(&mut gpu, &mut src, &prompt);
+    assert!(gpu.can_pipeline(t0));
+    gpu.reset_stats();
+    let again = pollster::block_on(gpu.decode_greedy(&mut src, t0, 8, &opts, |_| true)).unwrap();
+    assert_eq!(again, warm);
+    let s = gpu.stats();
+    assert_eq!(
+        (s.pauses, s.submissions, s.readbacks, s.tokens),
+        (0, 8, 8, 8),
+        "{s:?}"
+    );
+    assert!(s.readback_bytes > 8 * 4, "routes read back: {s:?}");
 }
