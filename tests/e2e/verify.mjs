@@ -19,7 +19,7 @@ import { chromium } from 'playwright-core';
 
 import {
   CHROMIUM_ARGS, REPO, aiblockBin, ask, chromiumPath, listChain, openAndReport, openPage, outDir,
-  payloadRequestHash, readPage, startRelay, startTamperProxy,
+  payloadRequestHash, readPage, startRelay, startTamperProxy, unseenWords,
 } from './lib.mjs';
 
 const results = [];
@@ -77,6 +77,7 @@ async function chat(page, prompt, maxTokens, engine = 'cpu', timeout = 180_000) 
     engine: r.engine ?? null,
     used: r.used,
     fetched: r.fetched,
+    pipelined: r.pipelined ?? null,
     stats: await page.evaluate(() => document.getElementById('chat-stats')?.textContent ?? ''),
   };
 }
@@ -194,12 +195,16 @@ try {
         return;
       }
       const atLoad = new Set(payloadHashes);
-      const prompt = 'Q: 17+38=? A:';
-      const reply = await chat(page, prompt, 8, 'gpu', 300_000);
-      console.log(`  page (GPU): ${JSON.stringify(prompt)} -> ${JSON.stringify(reply.text)} | ${reply.stats}`);
+      // A copy of words made here: an answer of several tokens, decoded
+      // with each next token submitted before the last is read back.
+      const words = unseenWords(3, Date.now());
+      const prompt = `Q: copy ${words.join(' ')} A:`;
+      const reply = await chat(page, prompt, 16, 'gpu', 300_000);
+      console.log(`  page (GPU): ${JSON.stringify(prompt)} -> ${JSON.stringify(reply.text)} (${reply.pipelined} tokens pipelined) | ${reply.stats}`);
+      assert.ok(Number(reply.pipelined) > 0, `no token of the GPU answer was pipelined (${reply.pipelined})`);
       assert.equal(reply.state, 'done', `GPU chat failed: ${reply.text}`);
       assert.equal(reply.engine, 'gpu');
-      const native = nativeChat(prompt, 8);
+      const native = nativeChat(prompt, 16);
       if (native !== null) {
         console.log(`  native aiblock chat (CPU): ${JSON.stringify(native)}`);
         assert.equal(reply.text, native, 'WebGPU engine in the browser and native CPU greedy decoding differ');

@@ -202,6 +202,7 @@ pub async fn run_chat() {
 /// An engine whose decoded experts the page bounds: the CPU engine holds
 /// every expert it was given until one is evicted; the GPU engine keeps its
 /// own pool (sized from the budget) and holds no CPU copy.
+#[allow(async_fn_in_trait)]
 pub trait Bounded {
     /// Drop a held expert; false when the engine keeps no decoded copies.
     fn evict(&mut self, id: ExpertId) -> bool;
@@ -209,6 +210,21 @@ pub trait Bounded {
     fn holds_decoded(&self) -> bool;
     /// Per layer, the experts the last finished step routed to.
     fn last_routed(&self) -> Vec<Vec<usize>>;
+    /// Up to `n` greedy tokens after `first` (the token the last greedy
+    /// step returned), each shown to `keep` (false stops), pipelined on
+    /// the engine where it can run them so (the GPU engine holding every
+    /// expert, [`crate::gpu::Engine::can_pipeline`]): `None` where it
+    /// cannot, and the caller steps token by token.
+    async fn decode_pipelined(
+        &mut self,
+        _supply: &mut ChainSupply<'_>,
+        _first: u32,
+        _n: usize,
+        _opts: &RunOptions,
+        _keep: &mut dyn FnMut(u32) -> bool,
+    ) -> Option<Result<Vec<u32>, ModelError>> {
+        None
+    }
 }
 
 impl Bounded for crate::model::reference::CpuEngine {
@@ -232,6 +248,20 @@ impl Bounded for crate::gpu::Engine {
     }
     fn last_routed(&self) -> Vec<Vec<usize>> {
         Vec::new()
+    }
+    async fn decode_pipelined(
+        &mut self,
+        supply: &mut ChainSupply<'_>,
+        first: u32,
+        n: usize,
+        opts: &RunOptions,
+        keep: &mut dyn FnMut(u32) -> bool,
+    ) -> Option<Result<Vec<u32>, ModelError>> {
+        // Every expert resident: decode_greedy never steps through `supply`.
+        if !self.can_pipeline(first) {
+            return None;
+        }
+        Some(self.decode_greedy(supply, first, n, opts, keep).await)
     }
 }
 
@@ -344,6 +374,9 @@ async fn stream<E: Engine + Bounded + ?Sized>(
     let want = Generator::want(sampler);
     let mut text = String::new();
     let mut ids: Vec<u32> = Vec::new();
+    // Tokens decoded with the next one already submitted (shown to tests).
+    let mut pipelined = 0usize;
+    set_attr("reply", "data-pipelined", "0");
     while let Some(input) = g.input() {
         let input = input.to_vec();
         let out = bounded_step(engine, supply, decoded, &input, opts, want).await?;
@@ -359,6 +392,52 @@ async fn stream<E: Engine + Bounded + ?Sized>(
         next_frame().await;
         if STOP.with(Cell::get) {
             g.cancel();
+        }
+        // Greedy, and the engine can pipeline (the GPU engine holding every
+        // expert): the rest of the answer with token t + 1 submitted before
+        // t is read back, each token shown as it comes (the page paints
+        // while a readback is awaited), within the context.
+        let (Some(&first), Some(_), Want::Greedy) = (ids.last(), g.input(), want) else {
+            continue;
+        };
+        let room = engine
+            .config()
+            .max_position_embeddings
+            .saturating_sub(engine.position());
+        let n = max_tokens.saturating_sub(ids.len()).min(room);
+        if n == 0 {
+            continue;
+        }
+        let mut failed = None;
+        let mut keep = |id: u32| match g.push(Output::Token(id), sampler, tok) {
+            Ok(Some((id, piece))) => {
+                ids.push(id);
+                text.push_str(&piece);
+                set_text("reply", &text);
+                set_attr("reply", "data-tokens", &ids.len().to_string());
+                set_attr("reply", "data-token-ids", &token_list(&ids));
+                if STOP.with(Cell::get) {
+                    g.cancel();
+                }
+                g.input().is_some()
+            }
+            Ok(None) => false,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        };
+        if let Some(r) = engine
+            .decode_pipelined(supply, first, n, opts, &mut keep)
+            .await
+        {
+            pipelined += r?.len();
+            set_attr("reply", "data-pipelined", &pipelined.to_string());
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            super::show_memory_of(supply.chain, decoded.lru);
+            next_frame().await;
         }
     }
     g.finish(tok)
