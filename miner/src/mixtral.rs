@@ -568,9 +568,16 @@ pub fn balanced_experts(per_seq: &[Vec<f32>], k: usize) -> Vec<Vec<usize>> {
             load[j] += 1;
         }
     }
-    for (s, experts) in out.iter_mut().enumerate() {
+    fill_with_likeliest(per_seq, &mut out, k);
+    out
+}
+
+/// Each sequence's experts filled up to `k` with its own likeliest ones
+/// that it does not have yet.
+fn fill_with_likeliest(per_seq: &[Vec<f32>], out: &mut [Vec<usize>], k: usize) {
+    for (row, experts) in per_seq.iter().zip(out.iter_mut()) {
         if experts.len() < k {
-            let more: Vec<usize> = likeliest(&per_seq[s], e)
+            let more: Vec<usize> = likeliest(row, row.len())
                 .into_iter()
                 .filter(|j| !experts.contains(j))
                 .take(k - experts.len())
@@ -578,7 +585,6 @@ pub fn balanced_experts(per_seq: &[Vec<f32>], k: usize) -> Vec<Vec<usize>> {
             experts.extend(more);
         }
     }
-    out
 }
 
 /// `k` experts for each sequence (rows: its summed router probabilities)
@@ -604,6 +610,8 @@ pub fn floored_experts(per_seq: &[Vec<f32>], k: usize, m: usize) -> Vec<Vec<usiz
         .collect();
     let mut out: Vec<Vec<usize>> = vec![Vec::with_capacity(k); b];
     for _ in 0..m {
+        // `j` is the expert being served, pushed as well as indexed.
+        #[allow(clippy::needless_range_loop)]
         for j in 0..e {
             let best = (0..b)
                 .filter(|&s| out[s].len() < k && !out[s].contains(&j))
@@ -613,14 +621,7 @@ pub fn floored_experts(per_seq: &[Vec<f32>], k: usize, m: usize) -> Vec<Vec<usiz
             }
         }
     }
-    for (s, experts) in out.iter_mut().enumerate() {
-        let more: Vec<usize> = likeliest(&per_seq[s], e)
-            .into_iter()
-            .filter(|j| !experts.contains(j))
-            .take(k - experts.len())
-            .collect();
-        experts.extend(more);
-    }
+    fill_with_likeliest(per_seq, &mut out, k);
     out
 }
 

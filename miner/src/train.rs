@@ -710,7 +710,7 @@ pub fn revive_unpicked(
 /// Whether `--revive-every every` revives before `step` (not at step 0,
 /// which `--revive` covers, and only while a quarter of `steps` remains).
 pub fn revive_due(step: usize, every: usize, steps: usize) -> bool {
-    every > 0 && step > 0 && step % every == 0 && 4 * (steps - step) >= steps
+    every > 0 && step > 0 && step.is_multiple_of(every) && 4 * (steps - step) >= steps
 }
 
 /// The whole run: tokenizer, model, training, directory with a README section.
