@@ -710,7 +710,7 @@ pub fn revive_unpicked(
 /// Whether `--revive-every every` revives before `step` (not at step 0,
 /// which `--revive` covers, and only while a quarter of `steps` remains).
 pub fn revive_due(step: usize, every: usize, steps: usize) -> bool {
-    every > 0 && step > 0 && step.is_multiple_of(every) && 4 * (steps - step) >= steps
+    every > 0 && step > 0 && step.is_multiple_of(every) && 4 * steps.saturating_sub(step) >= steps
 }
 
 /// The whole run: tokenizer, model, training, directory with a README section.
@@ -995,6 +995,7 @@ mod tests {
         assert_eq!(due, vec![200, 400, 600]);
         assert!(!(0..1000).any(|s| revive_due(s, 0, 1000)));
         assert_eq!((0..10).filter(|&s| revive_due(s, 1, 10)).count(), 7);
+        assert!(!revive_due(2000, 200, 1000), "past the end");
     }
 
     #[test]
