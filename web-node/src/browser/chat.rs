@@ -212,8 +212,9 @@ pub trait Bounded {
     fn last_routed(&self) -> Vec<Vec<usize>>;
     /// Up to `n` greedy tokens after `first` (the token the last greedy
     /// step returned), each shown to `keep` (false stops), pipelined on
-    /// the engine where it can run them so (the GPU engine holding every
-    /// expert, [`crate::gpu::Engine::can_pipeline`]): `None` where it
+    /// the engine where it can run them so (the GPU engine with every
+    /// expert resident, or a pool whose misses it supplies from `supply`
+    /// mid-pipeline, [`crate::gpu::Engine::can_pipeline`]): `None` where it
     /// cannot, and the caller steps token by token.
     async fn decode_pipelined(
         &mut self,
@@ -257,7 +258,7 @@ impl Bounded for crate::gpu::Engine {
         opts: &RunOptions,
         keep: &mut dyn FnMut(u32) -> bool,
     ) -> Option<Result<Vec<u32>, ModelError>> {
-        // Every expert resident: decode_greedy never steps through `supply`.
+        // A token that misses an expert gets it from `supply` mid-pipeline.
         if !self.can_pipeline(first) {
             return None;
         }
@@ -393,10 +394,10 @@ async fn stream<E: Engine + Bounded + ?Sized>(
         if STOP.with(Cell::get) {
             g.cancel();
         }
-        // Greedy, and the engine can pipeline (the GPU engine holding every
-        // expert): the rest of the answer with token t + 1 submitted before
-        // t is read back, each token shown as it comes (the page paints
-        // while a readback is awaited), within the context.
+        // Greedy, and the engine can pipeline (the GPU engine): the rest of
+        // the answer with token t + 1 submitted before t is read back, each
+        // token shown as it comes (the page paints while a readback is
+        // awaited), within the context.
         let (Some(&first), Some(_), Want::Greedy) = (ids.last(), g.input(), want) else {
             continue;
         };

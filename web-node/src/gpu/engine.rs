@@ -1637,16 +1637,7 @@ impl Engine {
                     self.write_step(run);
                     let mut enc = self.ctx.device.create_command_encoder(&Default::default());
                     if run.at == At::Redo(l) {
-                        // The layer's input row as its expert_up saw it (the
-                        // o_proj shares included, so those are cleared).
-                        enc.copy_buffer_to_buffer(
-                            &self.layers[l].route[run.set],
-                            u64::from(self.p_exp.save_x) * 4,
-                            &self.x,
-                            0,
-                            (run.n * h * 4) as u64,
-                        );
-                        enc.clear_buffer(&self.part, 0, None);
+                        self.restore_row(&mut enc, l, run);
                         check = Some(l);
                     }
                     let mut pass = enc
@@ -1944,14 +1935,8 @@ impl Engine {
                     Ok(mut run) => {
                         run.n = 1;
                         run.set = slot;
-                        let (map, checked) = self.submit_decoded(&run, slot);
+                        flight.push_back(self.launch_decoded(run, slot));
                         free[slot] = false;
-                        flight.push_back(InFlight {
-                            run,
-                            map,
-                            checked,
-                            dead: false,
-                        });
                         to_submit -= 1;
                     }
                     Err(e) => {
@@ -2019,14 +2004,8 @@ impl Engine {
                     x_last = false;
                     match self.supply_missing(supply, run).await {
                         Ok(run) => {
-                            let (map, checked) = self.submit_decoded(&run, slot);
+                            flight.push_back(self.launch_decoded(run, slot));
                             free[slot] = false;
-                            flight.push_back(InFlight {
-                                run,
-                                map,
-                                checked,
-                                dead: false,
-                            });
                         }
                         Err(e) => {
                             err = Some(e);
@@ -2064,13 +2043,7 @@ impl Engine {
         let Step::Need(ids) = self.pause(run) else {
             return Err(ModelError::Input("pipelined decode: no pause".into()));
         };
-        let supplied = async {
-            for (id, w) in supply.experts(&ids).await? {
-                self.supply_expert(id, w)?;
-            }
-            Ok::<(), ModelError>(())
-        }
-        .await;
+        let supplied = crate::model::supply_experts(self, supply, &ids).await;
         let run = self
             .paused
             .take()
@@ -2083,6 +2056,20 @@ impl Engine {
             )));
         }
         Ok(run)
+    }
+
+    /// Before running layer `l`'s experts again for `run` (after a miss):
+    /// its input rows as its `expert_up` saved them into the route buffer
+    /// `run.set` (the o_proj shares included, so those are cleared).
+    fn restore_row(&self, enc: &mut wgpu::CommandEncoder, l: usize, run: &Run) {
+        enc.copy_buffer_to_buffer(
+            &self.layers[l].route[run.set],
+            u64::from(self.p_exp.save_x) * 4,
+            &self.x,
+            0,
+            (run.n * self.cfg.hidden_size * 4) as u64,
+        );
+        enc.clear_buffer(&self.part, 0, None);
     }
 
     /// A submitted decode chunk dropped: the position rolled back (its cache
@@ -2101,9 +2088,26 @@ impl Engine {
         self.k
             .head
             .encode(pass, &self.bg_head_last, &self.p_head_last, n);
+        self.encode_pick(pass);
+    }
+
+    /// The greedy pick of the last logits into `argmax_out`: `argmax_embed`
+    /// where the engine has it, `argmax` otherwise.
+    fn encode_pick(&self, pass: &mut wgpu::ComputePass<'_>) {
         match (&self.k.argmax_embed, &self.bg_argmax_embed) {
             (Some(ke), Some(bg)) => ke.encode(pass, bg),
             _ => self.k.argmax.encode(pass, &self.bg_argmax),
+        }
+    }
+
+    /// [`Engine::submit_decoded`] for `run` into `pipe_rb[slot]`, in flight.
+    fn launch_decoded(&mut self, run: Run, slot: usize) -> InFlight {
+        let (map, checked) = self.submit_decoded(&run, slot);
+        InFlight {
+            run,
+            map,
+            checked,
+            dead: false,
         }
     }
 
@@ -2122,14 +2126,7 @@ impl Engine {
         let redo = match run.at {
             At::Redo(l) => {
                 self.pool.touch(run.need.iter().copied());
-                enc.copy_buffer_to_buffer(
-                    &self.layers[l].route[run.set],
-                    u64::from(self.p_exp.save_x) * 4,
-                    &self.x,
-                    0,
-                    (self.cfg.hidden_size * 4) as u64,
-                );
-                enc.clear_buffer(&self.part, 0, None);
+                self.restore_row(&mut enc, l, run);
                 Some(l)
             }
             _ => None,
@@ -2354,10 +2351,7 @@ impl Engine {
                                 &self.p_head_last,
                                 1,
                             ),
-                            _ => match (&self.k.argmax_embed, &self.bg_argmax_embed) {
-                                (Some(ke), Some(bg)) => ke.encode(&mut pass, bg),
-                                _ => self.k.argmax.encode(&mut pass, &self.bg_argmax),
-                            },
+                            _ => self.encode_pick(&mut pass),
                         }
                     }
                 }

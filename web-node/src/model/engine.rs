@@ -180,6 +180,19 @@ impl<S: ExpertSource + ?Sized> Supply for S {
     }
 }
 
+/// Ask `supply` for the experts a paused step needs (`ids`) and hand each
+/// to `engine`.
+pub async fn supply_experts<E: Engine + ?Sized, S: Supply + ?Sized>(
+    engine: &mut E,
+    supply: &mut S,
+    ids: &[ExpertId],
+) -> Result<(), ModelError> {
+    for (id, w) in supply.experts(ids).await? {
+        engine.supply_expert(id, w)?;
+    }
+    Ok(())
+}
+
 /// Run one step to its end: supply whatever it asks for, resume, repeat.
 /// On any error the paused step is cancelled, so the cache stays consistent.
 pub async fn run_step<E: Engine + ?Sized, S: Supply + ?Sized>(
@@ -193,15 +206,7 @@ pub async fn run_step<E: Engine + ?Sized, S: Supply + ?Sized>(
     loop {
         let supplied = match step {
             Ok(Step::Done(out)) => return Ok(out),
-            Ok(Step::Need(ids)) => {
-                async {
-                    for (id, w) in supply.experts(&ids).await? {
-                        engine.supply_expert(id, w)?;
-                    }
-                    Ok::<(), ModelError>(())
-                }
-                .await
-            }
+            Ok(Step::Need(ids)) => supply_experts(engine, supply, &ids).await,
             Ok(Step::Compute(jobs)) => {
                 async {
                     let mut asked: Vec<ExpertId> = jobs.iter().map(|j| j.id).collect();

@@ -16,7 +16,9 @@ pub mod weights;
 
 pub use crate::spec::quant::QuantFormat;
 pub use crate::spec::{config, slots, Config, Family, QkNorm, Slot, SpecError, TensorSpec};
-pub use engine::{run_step, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want};
+pub use engine::{
+    run_step, supply_experts, Engine, ExpertId, ExpertJob, Output, Step, Supply, Want,
+};
 pub use family::{AttentionExtras, SharedExpertWeights};
 pub use weights::{
     check_expert, check_weights, ExpertSource, ExpertWeights, LayerAttention, Mat, RouterWeights,

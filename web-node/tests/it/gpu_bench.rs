@@ -14,7 +14,7 @@ use web_node::model::quant::QuantizingSource;
 use web_node::model::random::{small_config, tiny_config, write_random_model, TOKENIZER_VOCAB};
 use web_node::model::reference::CpuModel;
 use web_node::model::sampler::argmax;
-use web_node::model::{ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
+use web_node::model::{Config, ExpertId, ExpertSource, Forward, QuantFormat, RunOptions};
 use web_node::model::{Output, Want};
 
 fn all_experts(m: &ModelDir) -> Vec<(ExpertId, web_node::model::ExpertWeights)> {
@@ -158,6 +158,33 @@ fn bad_fixed_decodes_are_errors() {
     assert!(e.to_string().contains("do not fit the context"), "{e}");
 }
 
+/// The pipelined-decode tests' model (tiny, random, in a temporary
+/// directory kept alive by `_dir`), prompt and the CPU reference's `n`
+/// greedy tokens after it.
+struct DecodeCase {
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    m: ModelDir,
+    prompt: Vec<u32>,
+    want: Vec<u32>,
+}
+
+fn decode_case(n: usize) -> DecodeCase {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    write_random_model(dir.path(), &cfg, 11).unwrap();
+    let m = ModelDir::load(dir.path()).unwrap();
+    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 17 + 2) % 200).collect();
+    let want = cpu_fixed(&mut CpuModel::from_model_dir(&m).unwrap(), &prompt, n);
+    DecodeCase {
+        _dir: dir,
+        cfg,
+        m,
+        prompt,
+        want,
+    }
+}
+
 /// `Engine::decode_greedy`, pipelined (every expert resident: token t + 1
 /// submitted before t is read back) and not (a pool that misses, one step
 /// per token): the CPU reference's tokens, one submission per token, and a
@@ -166,14 +193,15 @@ fn bad_fixed_decodes_are_errors() {
 #[test]
 fn pipelined_decode_matches_single_steps_and_stops_cleanly() {
     let Some(c) = ctx() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    write_random_model(dir.path(), &cfg, 11).unwrap();
-    let m = ModelDir::load(dir.path()).unwrap();
-    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 17 + 2) % 200).collect();
     let n = 24;
+    let DecodeCase {
+        _dir,
+        cfg,
+        m,
+        prompt,
+        want,
+    } = decode_case(n);
     let opts = RunOptions::default();
-    let want = cpu_fixed(&mut CpuModel::from_model_dir(&m).unwrap(), &prompt, n);
     let engine = |pool: Option<u64>| {
         Engine::with_options(
             shared_ctx(c),
@@ -276,14 +304,15 @@ fn first_token<S: web_node::model::Supply + ?Sized>(
 #[test]
 fn pipelined_pool_decode_matches_single_steps() {
     let Some(c) = ctx() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    write_random_model(dir.path(), &cfg, 11).unwrap();
-    let m = ModelDir::load(dir.path()).unwrap();
-    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 17 + 2) % 200).collect();
     let n = 24;
+    let DecodeCase {
+        _dir,
+        cfg,
+        m,
+        prompt,
+        want,
+    } = decode_case(n);
     let opts = RunOptions::default();
-    let want = cpu_fixed(&mut CpuModel::from_model_dir(&m).unwrap(), &prompt, n);
     let per = web_node::gpu::expert_bytes(&cfg, WeightFormat::F32);
     let engine = |slots: u64| {
         Engine::with_options(
