@@ -220,6 +220,7 @@ impl RoutingWeights {
             .iter()
             .chain(&self.layer_mi)
             .chain(&self.layer_cover)
+            .chain(&self.layer_union)
         {
             if *l >= layers {
                 anyhow::bail!(
@@ -741,25 +742,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         layer_union: args.layer_union.clone(),
     };
     weights.check(cfg.num_hidden_layers)?;
-    if let Some(l) = args
-        .balanced_cover
-        .iter()
-        .find(|l| **l >= cfg.num_hidden_layers)
-    {
-        anyhow::bail!(
-            "--balanced-cover {l}: the model has {} layers",
-            cfg.num_hidden_layers
-        );
-    }
-    if let Some((l, _)) = args
-        .cover_floor
-        .iter()
-        .find(|(l, _)| *l >= cfg.num_hidden_layers)
-    {
-        anyhow::bail!(
-            "--cover-floor {l}=..: the model has {} layers",
-            cfg.num_hidden_layers
-        );
+    let assigned = (args.balanced_cover.iter().map(|l| ("--balanced-cover", *l)))
+        .chain(args.cover_floor.iter().map(|(l, _)| ("--cover-floor", *l)));
+    for (flag, l) in assigned {
+        if l >= cfg.num_hidden_layers {
+            anyhow::bail!("{flag} {l}: the model has {} layers", cfg.num_hidden_layers);
+        }
     }
     let Splits {
         by_skill,
@@ -941,6 +929,11 @@ mod tests {
         assert!(w.check(3).is_ok());
         let err = w.check(2).unwrap_err().to_string();
         assert!(err.contains("layer 2") && err.contains("2 layers"), "{err}");
+        let mut u = RoutingWeights::uniform(0.02, 0.15, 1.0);
+        u.layer_union.push((4, 1.0));
+        assert!(u.check(5).is_ok());
+        let err = u.check(4).unwrap_err().to_string();
+        assert!(err.contains("layer 4") && err.contains("4 layers"), "{err}");
 
         // Per-layer weights equal to the uniform ones give the same loss; an
         // override of layer 0's MI weight by d moves it by exactly -d/L times

@@ -93,3 +93,34 @@ fn improve_defaults_to_the_expert_its_skill_uses_most() {
         "{out}"
     );
 }
+
+/// A second training stage refuses every per-layer routing flag that names
+/// a layer the model lacks (it has 4), before training or writing anything;
+/// a flag value that does not parse is refused by the argument parser.
+#[test]
+fn train_refuses_routing_flags_for_missing_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    for (flag, value, says) in [
+        ("--layer-union", "4=1", "layer 4"),
+        ("--layer-mi", "7=0.5", "layer 7"),
+        ("--balanced-cover", "4", "--balanced-cover 4"),
+        ("--cover-floor", "9=2", "--cover-floor 9"),
+        ("--cover-floor", "1=x", "not a whole number"),
+    ] {
+        let o = crate::cli::aiblock(
+            &[
+                "train", "--init", model, "--out", "out", "--steps", "1", flag, value,
+            ],
+            tmp.path(),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag} {value} was accepted");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(
+            !tmp.path().join("out").exists(),
+            "{flag} {value} wrote a model"
+        );
+    }
+}
