@@ -289,3 +289,40 @@ pub fn bench_decode_blocking<S: Supply + ?Sized>(
         || t0.elapsed().as_secs_f64() * 1e3,
     ))
 }
+
+/// Prompts answered as the page's chat answers them: for each prompt a new
+/// conversation (the KV cache reset, the expert pool kept, so an expert the
+/// last prompts used may still be resident), the prompt prefilled, then
+/// greedy tokens by [`Engine::decode_greedy`] until `eos` (included) or
+/// `max_new` tokens. The pool benchmark's chat workload: what a pool of a
+/// few experts per layer costs on prompts of the model's own skills, where
+/// a fixed-length decode after a made-up prompt routes anywhere. Returns
+/// each prompt's answer and the engine's counters over all of them.
+pub async fn answer_prompts<S: Supply + ?Sized>(
+    engine: &mut Engine,
+    supply: &mut S,
+    prompts: &[Vec<u32>],
+    eos: u32,
+    max_new: usize,
+    opts: &RunOptions,
+) -> Result<(Vec<Vec<u32>>, EngineStats), ModelError> {
+    if max_new == 0 {
+        return Err(ModelError::Input("answers of 0 tokens".into()));
+    }
+    engine.reset_stats();
+    let mut answers = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        check_length(engine.config(), engine.options().max_seq, p.len(), max_new)?;
+        engine.reset();
+        let first = greedy(run_step(engine, supply, p, opts, Want::Greedy).await?)?;
+        let mut answer = vec![first];
+        if first != eos && max_new > 1 {
+            let rest = engine
+                .decode_greedy(supply, first, max_new - 1, opts, |t| t != eos)
+                .await?;
+            answer.extend(rest);
+        }
+        answers.push(answer);
+    }
+    Ok((answers, engine.stats().clone()))
+}
