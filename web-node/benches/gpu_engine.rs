@@ -248,19 +248,18 @@ fn chat_prompts(m: &ModelDir, dir: &std::path::Path, per: usize) -> anyhow::Resu
     Ok(Some((vec![("grouped", grouped), ("round_robin", robin)], eos)))
 }
 
-/// [`bench::answer_prompts`] timed: the answers, wall seconds over all the
-/// prompts, and the counters.
+/// [`bench::answer_prompts`] timed: what it returns, and wall seconds over
+/// all the prompts.
 fn answer_prompts<S: Supply + ?Sized>(
     gpu: &mut Engine,
     src: &mut S,
     prompts: &[Vec<u32>],
     eos: u32,
     opts: &RunOptions,
-) -> anyhow::Result<(Vec<Vec<u32>>, f64, EngineStats)> {
+) -> anyhow::Result<(bench::Answered, f64)> {
     let t = Instant::now();
-    let (answers, stats) =
-        pollster::block_on(bench::answer_prompts(gpu, src, prompts, eos, CHAT_MAX_NEW, opts))?;
-    Ok((answers, t.elapsed().as_secs_f64(), stats))
+    let a = pollster::block_on(bench::answer_prompts(gpu, src, prompts, eos, CHAT_MAX_NEW, opts))?;
+    Ok((a, t.elapsed().as_secs_f64()))
 }
 
 /// At most this many tokens per answer in the chat workload (the default
@@ -468,25 +467,27 @@ fn main() -> anyhow::Result<()> {
             let v = nv - 1;
             for (order, prompts) in orders {
                 let (mut best_full, mut best_pool) = (f64::MAX, f64::MAX);
-                let mut pool_st = EngineStats::default();
+                let mut pool_a = None;
                 let mut same = true;
                 let mut n_tok = 0usize;
                 for _ in 0..rounds {
-                    let (a_full, s_full, _) =
+                    let (a_full, s_full) =
                         answer_prompts(&mut full[v].0, &mut src, prompts, *eos, &opts)?;
-                    let (a_pool, s_pool, st) =
+                    let (a_pool, s_pool) =
                         answer_prompts(&mut small[v], &mut src, prompts, *eos, &opts)?;
-                    same &= a_full == a_pool;
-                    n_tok = a_full.iter().map(Vec::len).sum();
+                    same &= a_full.answers == a_pool.answers;
+                    n_tok = a_full.answers.iter().map(Vec::len).sum();
                     best_full = best_full.min(s_full);
                     if s_pool < best_pool {
                         best_pool = s_pool;
-                        pool_st = st;
+                        pool_a = Some(a_pool);
                     }
                 }
+                let Some(pa) = pool_a else { continue };
+                let pool_st = &pa.stats;
                 let n = prompts.len().max(1) as f64;
                 println!(
-                    "  chat workload ({order}): {} held-out prompts, {n_tok} answer tokens: pool of {} {:.2} ms/prompt vs {:.2} all resident ({:.2}x); per prompt {:.2} uploads, {:.2} pauses, {:.2} submissions; answers equal to all resident: {same}",
+                    "  chat workload ({order}): {} held-out prompts, {n_tok} answer tokens: pool of {} {:.2} ms/prompt vs {:.2} all resident ({:.2}x); per prompt {:.2} uploads, {:.2} pauses ({:.2} in the prefill), {:.2} submissions ({:.2} in the prefill); answers equal to all resident: {same}",
                     prompts.len(),
                     small[v].pool_slots(),
                     best_pool * 1e3 / n,
@@ -494,7 +495,9 @@ fn main() -> anyhow::Result<()> {
                     best_full / best_pool,
                     pool_st.expert_uploads as f64 / n,
                     pool_st.pauses as f64 / n,
+                    pa.prefill_pauses as f64 / n,
                     pool_st.submissions as f64 / n,
+                    pa.prefill_submissions as f64 / n,
                 );
                 chat_lines.push(format!(
                     "RESULT gpu_pool_chat engine={} dtype={pool_fmt} order={order} prompts={} answer_tokens={n_tok} pool_per_layer={per_layer} ms_per_prompt={:.3} all_resident_ms_per_prompt={:.3} pool_vs_all_resident={:.2} uploads_per_prompt={:.2} submissions_per_prompt={:.2} answers_equal={same}",

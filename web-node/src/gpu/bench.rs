@@ -290,14 +290,25 @@ pub fn bench_decode_blocking<S: Supply + ?Sized>(
     ))
 }
 
+/// Prompts answered by [`answer_prompts`]: each answer, and the engine's
+/// counters over all of them and over their prefills alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answered {
+    pub answers: Vec<Vec<u32>>,
+    pub stats: EngineStats,
+    /// Pauses (experts missing) while prefilling the prompts.
+    pub prefill_pauses: u64,
+    /// Submissions of the prefills.
+    pub prefill_submissions: u64,
+}
+
 /// Prompts answered as the page's chat answers them: for each prompt a new
 /// conversation (the KV cache reset, the expert pool kept, so an expert the
 /// last prompts used may still be resident), the prompt prefilled, then
 /// greedy tokens by [`Engine::decode_greedy`] until `eos` (included) or
 /// `max_new` tokens. The pool benchmark's chat workload: what a pool of a
 /// few experts per layer costs on prompts of the model's own skills, where
-/// a fixed-length decode after a made-up prompt routes anywhere. Returns
-/// each prompt's answer and the engine's counters over all of them.
+/// a fixed-length decode after a made-up prompt routes anywhere.
 pub async fn answer_prompts<S: Supply + ?Sized>(
     engine: &mut Engine,
     supply: &mut S,
@@ -305,16 +316,20 @@ pub async fn answer_prompts<S: Supply + ?Sized>(
     eos: u32,
     max_new: usize,
     opts: &RunOptions,
-) -> Result<(Vec<Vec<u32>>, EngineStats), ModelError> {
+) -> Result<Answered, ModelError> {
     if max_new == 0 {
         return Err(ModelError::Input("answers of 0 tokens".into()));
     }
     engine.reset_stats();
     let mut answers = Vec::with_capacity(prompts.len());
+    let (mut prefill_pauses, mut prefill_submissions) = (0, 0);
     for p in prompts {
         check_length(engine.config(), engine.options().max_seq, p.len(), max_new)?;
         engine.reset();
+        let before = engine.stats().clone();
         let first = greedy(run_step(engine, supply, p, opts, Want::Greedy).await?)?;
+        prefill_pauses += engine.stats().pauses - before.pauses;
+        prefill_submissions += engine.stats().submissions - before.submissions;
         let mut answer = vec![first];
         if first != eos && max_new > 1 {
             let rest = engine
@@ -324,5 +339,10 @@ pub async fn answer_prompts<S: Supply + ?Sized>(
         }
         answers.push(answer);
     }
-    Ok((answers, engine.stats().clone()))
+    Ok(Answered {
+        answers,
+        stats: engine.stats().clone(),
+        prefill_pauses,
+        prefill_submissions,
+    })
 }

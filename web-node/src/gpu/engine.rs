@@ -217,6 +217,12 @@ pub struct EngineStats {
     pub readback_bytes: u64,
     /// Times a step paused with [`Step::Need`].
     pub pauses: u64,
+    /// Times a prompt's chunk (more than one token, in a pool that evicts)
+    /// stopped after a layer's `expert_up` to read back its routes before
+    /// its experts ran, found them all resident and went on without a
+    /// pause (each costs a submission; a stop that finds a missing expert
+    /// counts as a pause).
+    pub resumed_stops: u64,
     /// Experts written into the pool (supplied ones, including replacements).
     pub expert_uploads: u64,
     pub expert_bytes_uploaded: u64,
@@ -1672,7 +1678,13 @@ impl Engine {
                     // Run on; the routes are checked after the chunk.
                     check.get_or_insert(l);
                     let resident = self.pool.slot_of[l].iter().flatten().count();
-                    if resident < run.k.min(ne) && !self.pool.evicting() {
+                    // A prompt (more than one token) in a pool that evicts
+                    // stops here too: its tokens route to more experts
+                    // than one decoded token, so a miss is likely, and
+                    // redoing the chunk's later layers costs far more
+                    // than one readback.
+                    let certain = resident < run.k.min(ne) && !self.pool.evicting();
+                    if certain || (run.n > 1 && self.pool.evicting()) {
                         self.encode_up(&mut pass, l, run);
                         stop = Some(l);
                         break;
@@ -1749,12 +1761,23 @@ impl Engine {
                 if self.check_routes(run, &checked, &words)? {
                     return Ok(None);
                 }
-                if stop.is_some() {
-                    return Err(GpuError::Readback(
-                        "a layer with fewer resident experts than top_k routed to resident ones"
-                            .into(),
-                    )
-                    .into());
+                if let Some(l) = stop {
+                    if !self.pool.evicting() {
+                        return Err(GpuError::Readback(
+                            "a layer with fewer resident experts than top_k routed to resident ones"
+                                .into(),
+                        )
+                        .into());
+                    }
+                    // A prompt stopped at a layer whose routed experts are
+                    // all resident: its experts run from its saved row, as
+                    // after a miss, and the chunk goes on.
+                    let per = run.n * ne * 2;
+                    let last = &words[(checked.len() - 1) * per..];
+                    run.need = self.route_ids(last, l, run)?;
+                    run.at = At::Redo(l);
+                    self.stats.resumed_stops += 1;
+                    continue;
                 }
                 let data = &data[..out_bytes as usize];
                 match (has_out, run.want) {

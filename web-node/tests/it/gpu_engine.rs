@@ -409,7 +409,7 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
         // submission (its layers' routes read back with its output), plus
         // one for each pause (the chunk runs again from the layer that
         // missed, its saved input row restored).
-        assert_eq!(s.submissions, s.steps + s.pauses, "{s:?}");
+        assert_eq!(s.submissions, s.steps + s.pauses + s.resumed_stops, "{s:?}");
         assert_eq!(s.readbacks, s.submissions, "{s:?}");
         // The prompt in one chunk, or (pool of 3: chunks of one token) in
         // several, head and argmax only on a step's last chunk; then
@@ -430,6 +430,23 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
             "dispatches {} for {base} without pauses: {s:?}",
             s.dispatches
         );
+        if slots == 12 {
+            // Another prompt on the warm pool (3 per layer, every layer
+            // lacks some): its chunk stops after each layer's expert_up to
+            // read its routes before that layer's experts run (a pause
+            // where one is missing), so no layer runs on a missing expert
+            // and nothing runs twice: one submission per layer, plus one.
+            small.reset();
+            small.reset_stats();
+            let p2 = prompt(9, 4);
+            let g = small.forward(&mut src, &p2, &opts).unwrap();
+            let s = small.stats().clone();
+            assert_eq!(s.pauses + s.resumed_stops, 4, "{s:?}");
+            assert_eq!(s.submissions, 4 + 1, "{s:?}");
+            assert_eq!(s.steps, 1, "{s:?}");
+            cpu.reset();
+            assert_logits_close(&g, &cpu.forward(&p2, &opts).unwrap(), "second prompt, pool of 12");
+        }
     }
 
     // A prompt in several chunks under a 3-expert pool: logits still match.
