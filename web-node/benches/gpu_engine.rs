@@ -248,18 +248,18 @@ fn chat_prompts(m: &ModelDir, dir: &std::path::Path, per: usize) -> anyhow::Resu
     Ok(Some((vec![("grouped", grouped), ("round_robin", robin)], eos)))
 }
 
-/// [`bench::answer_prompts`] timed: what it returns, and wall seconds over
-/// all the prompts.
+/// [`bench::answer_prompts`] timed: what it returns, and (wall, CPU)
+/// seconds over all the prompts.
 fn answer_prompts<S: Supply + ?Sized>(
     gpu: &mut Engine,
     src: &mut S,
     prompts: &[Vec<u32>],
     eos: u32,
     opts: &RunOptions,
-) -> anyhow::Result<(bench::Answered, f64)> {
-    let t = Instant::now();
+) -> anyhow::Result<(bench::Answered, (f64, f64))> {
+    let (t, c) = (Instant::now(), cpu_s());
     let a = pollster::block_on(bench::answer_prompts(gpu, src, prompts, eos, CHAT_MAX_NEW, opts))?;
-    Ok((a, t.elapsed().as_secs_f64()))
+    Ok((a, (t.elapsed().as_secs_f64(), cpu_s() - c)))
 }
 
 /// At most this many tokens per answer in the chat workload (the default
@@ -385,7 +385,7 @@ fn main() -> anyhow::Result<()> {
                 v
             }
         };
-        let engine = |pool: Option<u64>, (fused, fused_attention): (bool, bool)| {
+        let engine_with = |pool: Option<u64>, (fused, fused_attention): (bool, bool), prompt_stops: bool| {
             Engine::with_options(
                 ctx.clone(),
                 &cfg,
@@ -399,9 +399,11 @@ fn main() -> anyhow::Result<()> {
                     expert_pool_bytes: pool,
                     fused,
                     fused_attention,
+                    prompt_stops,
                 },
             )
         };
+        let engine = |pool: Option<u64>, fused: (bool, bool)| engine_with(pool, fused, true);
         // Per variant (unfused baseline, fused, fused with the decode
         // attention): every expert resident, and a pool of `per_layer`
         // experts per layer's worth.
@@ -465,8 +467,19 @@ fn main() -> anyhow::Result<()> {
         // keeps it), interleaved rounds, the best of each.
         if let Some((orders, eos)) = &chat {
             let v = nv - 1;
+            // The same pool with prompts run on to the end and redone from
+            // the first layer that missed (`prompt_stops: false`), beside it.
+            let slots = small[v].pool_slots() as u64;
+            let mut no_stops = engine_with(
+                Some(slots * full[v].0.expert_bytes()),
+                VARIANTS[v].1,
+                false,
+            )?;
             for (order, prompts) in orders {
                 let (mut best_full, mut best_pool) = (f64::MAX, f64::MAX);
+                let (mut cpu_full, mut cpu_pool) = (f64::MAX, f64::MAX);
+                let mut best_nostop = f64::MAX;
+                let mut nostop_a = None;
                 let mut pool_a = None;
                 let mut same = true;
                 let mut n_tok = 0usize;
@@ -475,19 +488,29 @@ fn main() -> anyhow::Result<()> {
                         answer_prompts(&mut full[v].0, &mut src, prompts, *eos, &opts)?;
                     let (a_pool, s_pool) =
                         answer_prompts(&mut small[v], &mut src, prompts, *eos, &opts)?;
-                    same &= a_full.answers == a_pool.answers;
+                    let (a_ns, s_ns) =
+                        answer_prompts(&mut no_stops, &mut src, prompts, *eos, &opts)?;
+                    same &= a_full.answers == a_pool.answers && a_ns.answers == a_pool.answers;
+                    if s_ns.0 < best_nostop {
+                        best_nostop = s_ns.0;
+                        nostop_a = Some(a_ns);
+                    }
                     n_tok = a_full.answers.iter().map(Vec::len).sum();
-                    best_full = best_full.min(s_full);
-                    if s_pool < best_pool {
-                        best_pool = s_pool;
+                    best_full = best_full.min(s_full.0);
+                    cpu_full = cpu_full.min(s_full.1);
+                    cpu_pool = cpu_pool.min(s_pool.1);
+                    if s_pool.0 < best_pool {
+                        best_pool = s_pool.0;
                         pool_a = Some(a_pool);
                     }
                 }
-                let Some(pa) = pool_a else { continue };
+                let (Some(pa), Some(na)) = (pool_a, nostop_a) else {
+                    continue;
+                };
                 let pool_st = &pa.stats;
                 let n = prompts.len().max(1) as f64;
                 println!(
-                    "  chat workload ({order}): {} held-out prompts, {n_tok} answer tokens: pool of {} {:.2} ms/prompt vs {:.2} all resident ({:.2}x); per prompt {:.2} uploads, {:.2} pauses ({:.2} in the prefill), {:.2} submissions ({:.2} in the prefill); answers equal to all resident: {same}",
+                    "  chat workload ({order}): {} held-out prompts, {n_tok} answer tokens: pool of {} {:.2} ms/prompt vs {:.2} all resident ({:.2}x); per prompt {:.2} uploads, {:.2} pauses ({:.2} in the prefill), {:.2} submissions ({:.2} in the prefill); answers equal to all resident: {same}; CPU time {:.2}x",
                     prompts.len(),
                     small[v].pool_slots(),
                     best_pool * 1e3 / n,
@@ -498,14 +521,25 @@ fn main() -> anyhow::Result<()> {
                     pa.prefill_pauses as f64 / n,
                     pool_st.submissions as f64 / n,
                     pa.prefill_submissions as f64 / n,
+                    cpu_full / cpu_pool,
+                );
+                println!(
+                    "    prompts run to the end and redone from the first miss (prompt_stops off): {:.2} ms/prompt ({:.2}x); per prompt {:.2} pauses ({:.2} in the prefill), {:.2} submissions",
+                    best_nostop * 1e3 / n,
+                    best_full / best_nostop,
+                    na.stats.pauses as f64 / n,
+                    na.prefill_pauses as f64 / n,
+                    na.stats.submissions as f64 / n,
                 );
                 chat_lines.push(format!(
-                    "RESULT gpu_pool_chat engine={} dtype={pool_fmt} order={order} prompts={} answer_tokens={n_tok} pool_per_layer={per_layer} ms_per_prompt={:.3} all_resident_ms_per_prompt={:.3} pool_vs_all_resident={:.2} uploads_per_prompt={:.2} submissions_per_prompt={:.2} answers_equal={same}",
+                    "RESULT gpu_pool_chat engine={} dtype={pool_fmt} order={order} prompts={} answer_tokens={n_tok} pool_per_layer={per_layer} ms_per_prompt={:.3} all_resident_ms_per_prompt={:.3} pool_vs_all_resident={:.2} cpu_pool_vs_all_resident={:.2} no_prompt_stops_vs_all_resident={:.2} uploads_per_prompt={:.2} submissions_per_prompt={:.2} answers_equal={same}",
                     VARIANTS[v].0,
                     prompts.len(),
                     best_pool * 1e3 / n,
                     best_full * 1e3 / n,
                     best_full / best_pool,
+                    cpu_full / cpu_pool,
+                    best_full / best_nostop,
                     pool_st.expert_uploads as f64 / n,
                     pool_st.submissions as f64 / n,
                 ));

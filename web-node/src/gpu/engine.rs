@@ -175,6 +175,13 @@ pub struct EngineOptions {
     /// greedily decoded token (default; `false`: `5 * layers + 2`, the
     /// three kernels it replaces, which the benchmark measures beside it).
     pub fused_attention: bool,
+    /// In a pool that evicts, a prompt's chunk (more than one token) stops
+    /// after each layer's `expert_up` that lacks experts to read back its
+    /// routes before its experts run (default): no later layer runs on a
+    /// missing expert to be redone. `false`: the chunk runs on to its end
+    /// and runs again from the first layer that missed (as a decoded
+    /// token does), which the benchmark measures beside it.
+    pub prompt_stops: bool,
 }
 
 impl Default for EngineOptions {
@@ -187,6 +194,7 @@ impl Default for EngineOptions {
             expert_pool_bytes: None,
             fused: true,
             fused_attention: true,
+            prompt_stops: true,
         }
     }
 }
@@ -1684,7 +1692,8 @@ impl Engine {
                     // redoing the chunk's later layers costs far more
                     // than one readback.
                     let certain = resident < run.k.min(ne) && !self.pool.evicting();
-                    if certain || (run.n > 1 && self.pool.evicting()) {
+                    let prompt = self.opts.prompt_stops && run.n > 1 && self.pool.evicting();
+                    if certain || prompt {
                         self.encode_up(&mut pass, l, run);
                         stop = Some(l);
                         break;
