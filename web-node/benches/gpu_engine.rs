@@ -22,6 +22,13 @@
 //! (`BENCH_POOL` experts per layer's worth, default 3, evicting), the pool
 //! both pipelined (`Engine::decode_greedy`) and in single steps (one
 //! `run_step` per token, `single_step_ms_per_token`), in the same rounds.
+//! With `models/default`, also the chat workload: the first `BENCH_CHAT`
+//! (default 3) held-out prompts of every skill group answered until EOS as
+//! the page answers them (a new conversation per prompt, the pool kept), in
+//! two orders (group by group, and round robin), every expert resident
+//! against the pool of 3 per layer, and that pool without the per-layer
+//! stops of a prompt (`EngineOptions::prompt_stops: false`):
+//! `RESULT gpu_pool_chat engine=fused_attn dtype=.. order=.. pool_vs_all_resident=.. no_prompt_stops_vs_all_resident=..`.
 //!
 //! Wall time and CPU time of the process (best of the rounds each) are both
 //! reported: on lavapipe the GPU is this process's threads, and on a shared
