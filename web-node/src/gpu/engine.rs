@@ -1593,7 +1593,10 @@ impl Engine {
     /// (resuming restores its input row, runs its experts again and
     /// overwrites the later layers' cache rows). A layer with fewer
     /// resident experts than `top_k` misses for certain, so the chunk stops
-    /// after its `expert_up`.
+    /// after its `expert_up`; so does a prompt's chunk (more than one token)
+    /// at each layer that lacks experts in a pool that evicts
+    /// ([`EngineOptions::prompt_stops`]), and goes on from that layer's
+    /// saved row once its routed experts are resident.
     async fn advance(&mut self, run: &mut Run) -> Result<Option<Output>, ModelError> {
         let (ne, nl, h, v) = (
             self.cfg.num_local_experts,
