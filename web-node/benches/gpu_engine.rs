@@ -252,7 +252,10 @@ fn chat_prompts(m: &ModelDir, dir: &std::path::Path, per: usize) -> anyhow::Resu
         robin.extend(grouped.iter().filter_map(|g| g.get(i).cloned()));
     }
     let grouped: Vec<Vec<u32>> = grouped.into_iter().flatten().collect();
-    Ok(Some((vec![("grouped", grouped), ("round_robin", robin)], eos)))
+    Ok(Some((
+        vec![("grouped", grouped), ("round_robin", robin)],
+        eos,
+    )))
 }
 
 /// [`bench::answer_prompts`] timed: what it returns, and (wall, CPU)
@@ -265,7 +268,14 @@ fn answer_prompts<S: Supply + ?Sized>(
     opts: &RunOptions,
 ) -> anyhow::Result<(bench::Answered, (f64, f64))> {
     let (t, c) = (Instant::now(), cpu_s());
-    let a = pollster::block_on(bench::answer_prompts(gpu, src, prompts, eos, CHAT_MAX_NEW, opts))?;
+    let a = pollster::block_on(bench::answer_prompts(
+        gpu,
+        src,
+        prompts,
+        eos,
+        CHAT_MAX_NEW,
+        opts,
+    ))?;
     Ok((a, (t.elapsed().as_secs_f64(), cpu_s() - c)))
 }
 
@@ -392,24 +402,25 @@ fn main() -> anyhow::Result<()> {
                 v
             }
         };
-        let engine_with = |pool: Option<u64>, (fused, fused_attention): (bool, bool), prompt_stops: bool| {
-            Engine::with_options(
-                ctx.clone(),
-                &cfg,
-                &m.shared,
-                &m.routers,
-                EngineOptions {
-                    max_seq: 1024,
-                    max_batch: 64,
-                    weights: fmt,
-                    expert_quant: quant,
-                    expert_pool_bytes: pool,
-                    fused,
-                    fused_attention,
-                    prompt_stops,
-                },
-            )
-        };
+        let engine_with =
+            |pool: Option<u64>, (fused, fused_attention): (bool, bool), prompt_stops: bool| {
+                Engine::with_options(
+                    ctx.clone(),
+                    &cfg,
+                    &m.shared,
+                    &m.routers,
+                    EngineOptions {
+                        max_seq: 1024,
+                        max_batch: 64,
+                        weights: fmt,
+                        expert_quant: quant,
+                        expert_pool_bytes: pool,
+                        fused,
+                        fused_attention,
+                        prompt_stops,
+                    },
+                )
+            };
         let engine = |pool: Option<u64>, fused: (bool, bool)| engine_with(pool, fused, true);
         // Per variant (unfused baseline, fused, fused with the decode
         // attention): every expert resident, and a pool of `per_layer`
@@ -477,11 +488,8 @@ fn main() -> anyhow::Result<()> {
             // The same pool with prompts run on to the end and redone from
             // the first layer that missed (`prompt_stops: false`), beside it.
             let slots = small[v].pool_slots() as u64;
-            let mut no_stops = engine_with(
-                Some(slots * full[v].0.expert_bytes()),
-                VARIANTS[v].1,
-                false,
-            )?;
+            let mut no_stops =
+                engine_with(Some(slots * full[v].0.expert_bytes()), VARIANTS[v].1, false)?;
             for (order, prompts) in orders {
                 let (mut best_full, mut best_pool) = (f64::MAX, f64::MAX);
                 let (mut cpu_full, mut cpu_pool) = (f64::MAX, f64::MAX);

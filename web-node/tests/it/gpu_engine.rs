@@ -445,7 +445,11 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
             assert_eq!(s.submissions, 4 + 1, "{s:?}");
             assert_eq!(s.steps, 1, "{s:?}");
             cpu.reset();
-            assert_logits_close(&g, &cpu.forward(&p2, &opts).unwrap(), "second prompt, pool of 12");
+            assert_logits_close(
+                &g,
+                &cpu.forward(&p2, &opts).unwrap(),
+                "second prompt, pool of 12",
+            );
         }
     }
 
