@@ -245,7 +245,10 @@ fn chat_prompts(m: &ModelDir, dir: &std::path::Path, per: usize) -> anyhow::Resu
         robin.extend(grouped.iter().filter_map(|g| g.get(i).cloned()));
     }
     let grouped: Vec<Vec<u32>> = grouped.into_iter().flatten().collect();
-    Ok(Some((vec![("grouped", grouped), ("round_robin", robin)], eos)))
+    Ok(Some((
+        vec![("grouped", grouped), ("round_robin", robin)],
+        eos,
+    )))
 }
 
 /// [`bench::answer_prompts`] timed: the answers, wall seconds over all the
@@ -258,8 +261,14 @@ fn answer_prompts<S: Supply + ?Sized>(
     opts: &RunOptions,
 ) -> anyhow::Result<(Vec<Vec<u32>>, f64, EngineStats)> {
     let t = Instant::now();
-    let (answers, stats) =
-        pollster::block_on(bench::answer_prompts(gpu, src, prompts, eos, CHAT_MAX_NEW, opts))?;
+    let (answers, stats) = pollster::block_on(bench::answer_prompts(
+        gpu,
+        src,
+        prompts,
+        eos,
+        CHAT_MAX_NEW,
+        opts,
+    ))?;
     Ok((answers, t.elapsed().as_secs_f64(), stats))
 }
 
