@@ -2,23 +2,29 @@
 // is even; Wo's rows padded to even, wo_stride), read with unpack2x16float
 // (no shader-f16 needed). Otherwise as attn_decode.wgsl.
 // One decoded token's attention block in one dispatch, one workgroup per
-// query head: RMSNorm(x) -> this head's q and its kv head's k and v
+// QPW query heads of one kv head (QPW divides n_heads / n_kv; the engine
+// writes it into the source, AttnDecode::with_format: all of a kv group's
+// heads where the workgroup memory holds them, else 1, a workgroup per
+// query head): RMSNorm(x) -> these heads' q and their kv head's k and v
 // (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
 // (rotate-half) on q and k -> k and v appended to the KV cache at position
 // pos0 -> causal attention over positions 0..=pos0 (the scores kept in
-// part's tail, part[n_heads * hidden + head * max_seq + j]) -> this head's share of the
-// output projection: part[head][r] = sum_e Wo[r][head * head_dim + e] * o[e]
-// (Wo stored transposed, [q_dim][wo_stride], wo_stride = hidden, or hidden
-// rounded up to even for f16). The next kernels add x + sum over heads of
-// part (expert_up for its input, expert_down for the residual), so the
-// o_proj needs no dispatch of its own.
-// The heads of one kv group each compute (and write) the same k and v row;
-// a workgroup reads the cache only at positions < pos0 (written by earlier
-// dispatches) and its own k/v row from workgroup memory, so the identical
-// writes never race a read. Decode only (n_tok = 1): a batch's later tokens
-// would read cache rows other workgroups write in the same dispatch.
+// part's tail, part[n_heads * hidden + head * max_seq + j]) -> each head's
+// share of the output projection: part[head][r] = sum_e Wo[r][head *
+// head_dim + e] * o[e] (Wo stored transposed, [q_dim][wo_stride], wo_stride
+// = hidden, or hidden rounded up to even for f16). The next kernels add x +
+// sum over heads of part (expert_up for its input, expert_down for the
+// residual), so the o_proj needs no dispatch of its own.
+// A kv head's k and v rows are computed once per workgroup: once per kv
+// head when QPW is the whole group. Where a group has several workgroups
+// they each compute (and write) the same k and v row; a workgroup reads
+// the cache only at positions < pos0 (written by earlier dispatches) and
+// its own k/v row from workgroup memory, so the identical writes never
+// race a read. Decode only (n_tok = 1): a batch's later tokens would read
+// cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (6 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// (4 * (QPW * (MAX_HEAD_DIM + 2 RED + 1) + 2 MAX_HEAD_DIM) bytes of
+// workgroup memory). k_cache is [kv_dim][max_seq], v_cache
 // [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
@@ -26,6 +32,11 @@ struct Params { hidden: u32, n_heads: u32, n_kv: u32, head_dim: u32, max_seq: u3
 
 const MAX_HIDDEN: u32 = 2048u;
 const MAX_HEAD_DIM: u32 = 256u;
+// Query heads per workgroup.
+const QPW: u32 = 1u;
+// Per-invocation shares of one head's softmax sum and weighted v: at most
+// max(head_dim, WG) <= 256 of them.
+const RED: u32 = 256u;
 override WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> s: Step;
@@ -39,15 +50,14 @@ override WG: u32 = 64u;
 @group(0) @binding(8) var<storage, read> wo: array<u32>;
 @group(0) @binding(9) var<storage, read_write> part: array<f32>;
 
-var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
+// The heads' q rows ([QPW][head_dim]), then their attention outputs.
+var<workgroup> qs: array<f32, QPW * MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
-var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
-// Per-invocation shares of the softmax sum and of the weighted v (at most
-// max(head_dim, WG) <= 256 of them), and the scores' max as ordered bits.
-var<workgroup> red_l: array<f32, 256>;
-var<workgroup> red_a: array<f32, 256>;
-var<workgroup> m_bits: atomic<i32>;
+var<workgroup> red_l: array<f32, QPW * RED>;
+var<workgroup> red_a: array<f32, QPW * RED>;
+// Each head's max score as ordered bits.
+var<workgroup> m_bits: array<atomic<i32>, QPW>;
 
 // f32 bits as an i32 that orders like the f32 (for atomicMax).
 fn ordered(v: f32) -> i32 {
@@ -68,12 +78,13 @@ fn wof(i: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let h = wid.y * nwg.x + wid.x;
+    // The workgroup's first query head.
+    let h0 = (wid.y * nwg.x + wid.x) * QPW;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
-    if (h >= p.n_heads) { return; }
+    if (h0 >= p.n_heads) { return; }
     let hd = p.head_dim;
     let half = hd / 2u;
-    let kvh = h / (p.n_heads / p.n_kv);
+    let kvh = h0 / (p.n_heads / p.n_kv);
     let q_dim = p.n_heads * hd;
     let kv_dim = p.n_kv * hd;
     let rows = q_dim + 2u * kv_dim;
@@ -82,18 +93,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // Barriers are few on purpose (slow on software adapters): none for
     // the norm (each invocation sums the squares itself, as qkv_rope.wgsl),
     // RoPE applied by the invocation that owns both rows of a pair.
-    // Units: q pairs (half), k pairs (half), v rows (head_dim).
-    for (var u = lid; u < 2u * hd; u += WG) {
+    // Units: the heads' q pairs (QPW * half), k pairs (half), v rows
+    // (head_dim).
+    let qp = QPW * half;
+    for (var u = lid; u < qp + 3u * half; u += WG) {
         var r1 = 0u;
         var pair = true;
         var i = u;
-        if (u < half) {
-            r1 = h * hd + i;
-        } else if (u < hd) {
-            i = u - half;
+        if (u < qp) {
+            r1 = h0 * hd + (u / half) * hd + u % half;
+        } else if (u < qp + half) {
+            i = u - qp;
             r1 = q_dim + kvh * hd + i;
         } else {
-            i = u - hd;
+            i = u - qp - half;
             r1 = q_dim + kv_dim + kvh * hd + i;
             pair = false;
         }
@@ -122,21 +135,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (!pair) {
             vs[i] = a;
         } else {
-            let ri = (pos * half + i) * 2u;
+            let ip = u % half;
+            let ri = (pos * half + ip) * 2u;
             let cs = rope[ri];
             let sn = rope[ri + 1u];
             let o1 = a * cs - b * sn;
             let o2 = b * cs + a * sn;
-            if (u < half) {
-                qs[i] = o1;
-                qs[i + half] = o2;
+            if (u < qp) {
+                let qb = (u / half) * hd;
+                qs[qb + ip] = o1;
+                qs[qb + ip + half] = o2;
             } else {
                 ks[i] = o1;
                 ks[i + half] = o2;
             }
         }
     }
-    if (lid == 0u) { atomicStore(&m_bits, ordered(-3.0e38)); }
+    for (var t = lid; t < QPW; t += WG) { atomicStore(&m_bits[t], ordered(-3.0e38)); }
     workgroupBarrier();
 
     // Append to the cache.
@@ -151,63 +166,91 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // invocation's memory access is costly and a loop costs as much in
     // every invocation of a vector: no barrier inside a loop, and no
     // phase where most invocations idle through a long loop. Scores go to
-    // this head's row after the o_proj shares in `part` ([n_heads][max_seq]
-    // from n_heads * hidden on), the max through a workgroup atomic (f32
-    // bits mapped to ordered i32), then every invocation sums exp(score -
-    // max) and its weighted v for one head-dimension entry over a strided
-    // share of the positions; the shares are added after one barrier.
+    // each head's row after the o_proj shares in `part` ([n_heads][max_seq]
+    // from n_heads * hidden on), the max through a workgroup atomic per
+    // head (f32 bits mapped to ordered i32), then every invocation sums
+    // exp(score - max) and its weighted v for one head and head-dimension
+    // entry over a strided share of the positions; the shares are added
+    // after one barrier (none when each entry has one share: its
+    // invocation writes the output itself).
+    // Units: (head, position).
     let len = pos + 1u;
-    let sb = p.n_heads * p.hidden + h * p.max_seq;
+    let sb = p.n_heads * p.hidden + h0 * p.max_seq;
     var mine = -3.0e38;
-    for (var j = lid; j < len; j += WG) {
+    var mt = lid / len;
+    for (var u = lid; u < QPW * len; u += WG) {
+        let t = u / len;
+        let j = u % len;
+        if (t != mt) {
+            atomicMax(&m_bits[mt], ordered(mine));
+            mine = -3.0e38;
+            mt = t;
+        }
+        let qb = t * hd;
         var d = 0.0;
         if (j == pos) {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
+            for (var e = 0u; e < hd; e++) { d += qs[qb + e] * ks[e]; }
         } else {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
+            for (var e = 0u; e < hd; e++) { d += qs[qb + e] * k_cache[(kb + e) * p.max_seq + j]; }
         }
         d = d * p.scale;
-        part[sb + j] = d;
+        part[sb + t * p.max_seq + j] = d;
         mine = max(mine, d);
     }
-    atomicMax(&m_bits, ordered(mine));
+    if (mt < QPW) { atomicMax(&m_bits[mt], ordered(mine)); }
     storageBarrier();
     workgroupBarrier();
-    let mb = atomicLoad(&m_bits);
-    let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
-    // `shares` invocations per head-dimension entry.
-    let shares = max(1u, WG / hd);
-    for (var u = lid; u < hd * shares; u += WG) {
-        let e = u % hd;
+    // `shares` invocations per head-dimension entry of each head.
+    let shares = max(1u, min(WG, RED) / hd);
+    let per = hd * shares;
+    for (var u = lid; u < QPW * per; u += WG) {
+        let t = u / per;
+        let ut = u % per;
+        let e = ut % hd;
+        let mb = atomicLoad(&m_bits[t]);
+        let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
+        let st = sb + t * p.max_seq;
         var l = 0.0;
         var a = 0.0;
-        for (var j = u / hd; j < len; j += shares) {
-            let pe = exp(part[sb + j] - m);
+        for (var j = ut / hd; j < len; j += shares) {
+            let pe = exp(part[st + j] - m);
             var vv = vs[e];
             if (j != pos) { vv = v_cache[j * kv_dim + kb + e]; }
             l += pe;
             a += pe * vv;
         }
-        red_l[u] = l;
-        red_a[u] = a;
-    }
-    workgroupBarrier();
-    for (var e = lid; e < hd; e += WG) {
-        var l = 0.0;
-        var a = 0.0;
-        for (var q = 0u; q < shares; q++) {
-            l += red_l[q * hd + e];
-            a += red_a[q * hd + e];
+        if (shares == 1u) {
+            // q is no longer read (the scores are behind the barrier).
+            qs[t * hd + e] = a / l;
+        } else {
+            red_l[t * RED + ut] = l;
+            red_a[t * RED + ut] = a;
         }
-        acc_s[e] = a / l;
+    }
+    if (shares > 1u) {
+        workgroupBarrier();
+        for (var u = lid; u < QPW * hd; u += WG) {
+            let t = u / hd;
+            let e = u % hd;
+            var l = 0.0;
+            var a = 0.0;
+            for (var q = 0u; q < shares; q++) {
+                l += red_l[t * RED + q * hd + e];
+                a += red_a[t * RED + q * hd + e];
+            }
+            qs[u] = a / l;
+        }
     }
     workgroupBarrier();
 
-    // This head's share of the output projection.
-    for (var r = lid; r < p.hidden; r += WG) {
+    // The heads' shares of the output projection.
+    for (var u = lid; u < QPW * p.hidden; u += WG) {
+        let t = u / p.hidden;
+        let r = u % p.hidden;
+        let h = h0 + t;
         var a = 0.0;
         for (var e = 0u; e < hd; e++) {
-            a += wof((h * hd + e) * p.wo_stride + r) * acc_s[e];
+            a += wof((h * hd + e) * p.wo_stride + r) * qs[t * hd + e];
         }
         part[h * p.hidden + r] = a;
     }

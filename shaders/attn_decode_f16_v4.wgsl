@@ -8,23 +8,29 @@
 // invocation of a vector, active or not, much more than per byte. The
 // engine picks it when the shape allows.
 // One decoded token's attention block in one dispatch, one workgroup per
-// query head: RMSNorm(x) -> this head's q and its kv head's k and v
+// QPW query heads of one kv head (QPW divides n_heads / n_kv; the engine
+// writes it into the source, AttnDecode::with_format: all of a kv group's
+// heads where the workgroup memory holds them, else 1, a workgroup per
+// query head): RMSNorm(x) -> these heads' q and their kv head's k and v
 // (W = [Wq; Wk; Wv] stored transposed, [hidden][q_dim + 2 kv_dim]) -> RoPE
 // (rotate-half) on q and k -> k and v appended to the KV cache at position
 // pos0 -> causal attention over positions 0..=pos0 (the scores kept in
-// part's tail, part[n_heads * hidden + head * max_seq + j]) -> this head's share of the
-// output projection: part[head][r] = sum_e Wo[r][head * head_dim + e] * o[e]
-// (Wo stored transposed, [q_dim][wo_stride], wo_stride = hidden, or hidden
-// rounded up to even for f16). The next kernels add x + sum over heads of
-// part (expert_up for its input, expert_down for the residual), so the
-// o_proj needs no dispatch of its own.
-// The heads of one kv group each compute (and write) the same k and v row;
-// a workgroup reads the cache only at positions < pos0 (written by earlier
-// dispatches) and its own k/v row from workgroup memory, so the identical
-// writes never race a read. Decode only (n_tok = 1): a batch's later tokens
-// would read cache rows other workgroups write in the same dispatch.
+// part's tail, part[n_heads * hidden + head * max_seq + j]) -> each head's
+// share of the output projection: part[head][r] = sum_e Wo[r][head *
+// head_dim + e] * o[e] (Wo stored transposed, [q_dim][wo_stride], wo_stride
+// = hidden, or hidden rounded up to even for f16). The next kernels add x +
+// sum over heads of part (expert_up for its input, expert_down for the
+// residual), so the o_proj needs no dispatch of its own.
+// A kv head's k and v rows are computed once per workgroup: once per kv
+// head when QPW is the whole group. Where a group has several workgroups
+// they each compute (and write) the same k and v row; a workgroup reads
+// the cache only at positions < pos0 (written by earlier dispatches) and
+// its own k/v row from workgroup memory, so the identical writes never
+// race a read. Decode only (n_tok = 1): a batch's later tokens would read
+// cache rows other workgroups write in the same dispatch.
 // Limits: hidden <= MAX_HIDDEN, head_dim <= MAX_HEAD_DIM and even, WG <= 256
-// (about 5 KiB of workgroup memory). k_cache is [kv_dim][max_seq], v_cache
+// (4 * (QPW * (MAX_HEAD_DIM + 5 RED + 1) + 2 MAX_HEAD_DIM) bytes of
+// workgroup memory). k_cache is [kv_dim][max_seq], v_cache
 // [max_seq][kv_dim], as the unfused kernels.
 
 struct Step { pos0: u32, n_tok: u32, top_k: u32, renorm: u32 }
@@ -32,6 +38,11 @@ struct Params { hidden: u32, n_heads: u32, n_kv: u32, head_dim: u32, max_seq: u3
 
 const MAX_HIDDEN: u32 = 2048u;
 const MAX_HEAD_DIM: u32 = 256u;
+// Query heads per workgroup.
+const QPW: u32 = 1u;
+// Per-invocation shares of one head's softmax sum and weighted v rows (at
+// most RED of them, each four head-dimension entries).
+const RED: u32 = 64u;
 override WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> s: Step;
@@ -46,17 +57,14 @@ override WG: u32 = 64u;
 @group(0) @binding(8) var<storage, read> wo: array<vec2<u32>>;
 @group(0) @binding(9) var<storage, read_write> part: array<f32>;
 
-var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
+// The heads' q rows ([QPW][head_dim]), then their attention outputs.
+var<workgroup> qs: array<f32, QPW * MAX_HEAD_DIM>;
 var<workgroup> ks: array<f32, MAX_HEAD_DIM>;
 var<workgroup> vs: array<f32, MAX_HEAD_DIM>;
-var<workgroup> acc_s: array<f32, MAX_HEAD_DIM>;
-// Per-invocation shares of the softmax sum and of the weighted v rows (at
-// most RED of them, each four head-dimension entries), and the scores' max
-// as ordered bits.
-const RED: u32 = 64u;
-var<workgroup> red_l: array<f32, RED>;
-var<workgroup> red_a: array<vec4<f32>, RED>;
-var<workgroup> m_bits: atomic<i32>;
+var<workgroup> red_l: array<f32, QPW * RED>;
+var<workgroup> red_a: array<vec4<f32>, QPW * RED>;
+// Each head's max score as ordered bits.
+var<workgroup> m_bits: array<atomic<i32>, QPW>;
 
 // f32 bits as an i32 that orders like the f32 (for atomicMax).
 fn ordered(v: f32) -> i32 {
@@ -79,12 +87,13 @@ fn wof(i: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let h = wid.y * nwg.x + wid.x;
+    // The workgroup's first query head.
+    let h0 = (wid.y * nwg.x + wid.x) * QPW;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
-    if (h >= p.n_heads) { return; }
+    if (h0 >= p.n_heads) { return; }
     let hd = p.head_dim;
     let half = hd / 2u;
-    let kvh = h / (p.n_heads / p.n_kv);
+    let kvh = h0 / (p.n_heads / p.n_kv);
     let q_dim = p.n_heads * hd;
     let kv_dim = p.n_kv * hd;
     let rows = q_dim + 2u * kv_dim;
@@ -93,21 +102,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // Barriers are few on purpose (slow on software adapters): none for
     // the norm (each invocation sums the squares itself, as qkv_rope.wgsl),
     // RoPE applied by the invocation that owns both rows of a pair.
-    // Units of four rows: q pairs (half / 4), k pairs (half / 4), v rows
-    // (head_dim / 4); indices into w in vec4s (rows % 4 == 0).
+    // Units of four rows: the heads' q pairs (QPW * half / 4), k pairs
+    // (half / 4), v rows (head_dim / 4); indices into w in vec4s (rows % 4
+    // == 0).
     let hq = half / 4u;
     let rows4 = rows / 4u;
-    for (var u = lid; u < hd / 2u; u += WG) {
+    let qp = QPW * hq;
+    for (var u = lid; u < qp + 3u * hq; u += WG) {
         var r1 = 0u;
         var pair = true;
-        var i = u;
-        if (u < hq) {
-            r1 = h * hd + 4u * i;
-        } else if (u < 2u * hq) {
-            i = u - hq;
+        var i = u % hq;
+        if (u < qp) {
+            r1 = h0 * hd + (u / hq) * hd + 4u * i;
+        } else if (u < qp + hq) {
+            i = u - qp;
             r1 = q_dim + kvh * hd + 4u * i;
         } else {
-            i = u - 2u * hq;
+            i = u - qp - hq;
             r1 = q_dim + kv_dim + kvh * hd + 4u * i;
             pair = false;
         }
@@ -134,6 +145,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let inv = 1.0 / sqrt(ss / f32(p.hidden) + p.eps);
         a = a * inv;
         b = b * inv;
+        let qb = (u / hq) * hd;
         for (var m = 0u; m < 4u; m++) {
             let im = 4u * i + m;
             if (!pair) {
@@ -144,9 +156,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 let sn = rope[ri + 1u];
                 let o1 = a[m] * cs - b[m] * sn;
                 let o2 = b[m] * cs + a[m] * sn;
-                if (u < hq) {
-                    qs[im] = o1;
-                    qs[im + half] = o2;
+                if (u < qp) {
+                    qs[qb + im] = o1;
+                    qs[qb + im + half] = o2;
                 } else {
                     ks[im] = o1;
                     ks[im + half] = o2;
@@ -154,7 +166,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
         }
     }
-    if (lid == 0u) { atomicStore(&m_bits, ordered(-3.0e38)); }
+    for (var t = lid; t < QPW; t += WG) { atomicStore(&m_bits[t], ordered(-3.0e38)); }
     workgroupBarrier();
 
     // Append to the cache (v rows four entries at a time).
@@ -173,78 +185,112 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // Attention over positions 0..=pos (the new position's k and v from
     // workgroup memory). Written for software adapters, where every
     // invocation's memory access is costly and a loop costs as much in
-    // every invocation of a vector: no barrier inside a loop. Scores go to
-    // this head's row after the o_proj shares in `part` ([n_heads][max_seq]
-    // from n_heads * hidden on), the max through a workgroup atomic (f32
-    // bits mapped to ordered i32); then every invocation sums exp(score -
-    // max) and the v rows they weight, four head-dimension entries at a
-    // time (a quarter of the exps and loads of one entry at a time), over
-    // a strided share of the positions; the shares are added after one
-    // barrier.
+    // every invocation of a vector: no barrier inside a loop, and no
+    // phase where most invocations idle through a long loop. Scores go to
+    // each head's row after the o_proj shares in `part` ([n_heads][max_seq]
+    // from n_heads * hidden on), the max through a workgroup atomic per
+    // head (f32 bits mapped to ordered i32), then every invocation sums
+    // exp(score - max) and the v rows they weight for one head, four
+    // head-dimension entries at a time (a quarter of the exps and loads of
+    // one entry at a time), over a strided share of the positions; the
+    // shares are added after one barrier (none when each entry has one
+    // share: its invocation writes the output itself).
+    // Units: (head, position).
     let len = pos + 1u;
-    let sb = p.n_heads * p.hidden + h * p.max_seq;
+    let sb = p.n_heads * p.hidden + h0 * p.max_seq;
     var mine = -3.0e38;
-    for (var j = lid; j < len; j += WG) {
+    var mt = lid / len;
+    for (var u = lid; u < QPW * len; u += WG) {
+        let t = u / len;
+        let j = u % len;
+        if (t != mt) {
+            atomicMax(&m_bits[mt], ordered(mine));
+            mine = -3.0e38;
+            mt = t;
+        }
+        let qb = t * hd;
         var d = 0.0;
         if (j == pos) {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * ks[e]; }
+            for (var e = 0u; e < hd; e++) { d += qs[qb + e] * ks[e]; }
         } else {
-            for (var e = 0u; e < hd; e++) { d += qs[e] * k_cache[(kb + e) * p.max_seq + j]; }
+            for (var e = 0u; e < hd; e++) { d += qs[qb + e] * k_cache[(kb + e) * p.max_seq + j]; }
         }
         d = d * p.scale;
-        part[sb + j] = d;
+        part[sb + t * p.max_seq + j] = d;
         mine = max(mine, d);
     }
-    atomicMax(&m_bits, ordered(mine));
+    if (mt < QPW) { atomicMax(&m_bits[mt], ordered(mine)); }
     storageBarrier();
     workgroupBarrier();
-    let mb = atomicLoad(&m_bits);
-    let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
-    // `shares` invocations per four head-dimension entries.
+    // `shares` invocations per four head-dimension entries of each head.
     let shares = max(1u, min(WG, RED) / hd4);
-    for (var u = lid; u < hd4 * shares; u += WG) {
-        let e4 = u % hd4;
-        let sh = u / hd4;
+    let per = hd4 * shares;
+    for (var u = lid; u < QPW * per; u += WG) {
+        let t = u / per;
+        let ut = u % per;
+        let e4 = ut % hd4;
+        let sh = ut / hd4;
+        let mb = atomicLoad(&m_bits[t]);
+        let m = bitcast<f32>(select(mb, mb ^ 0x7fffffff, mb < 0));
+        let st = sb + t * p.max_seq;
         var l = 0.0;
         var a = vec4<f32>(0.0);
         for (var j = sh; j < pos; j += shares) {
-            let pe = exp(part[sb + j] - m);
+            let pe = exp(part[st + j] - m);
             l += pe;
             a += pe * v_cache[j * kv4 + kb4 + e4];
         }
+        let e = 4u * e4;
         if (sh == 0u) {
-            let pe = exp(part[sb + pos] - m);
-            let e = 4u * e4;
+            let pe = exp(part[st + pos] - m);
             l += pe;
             a += pe * vec4<f32>(vs[e], vs[e + 1u], vs[e + 2u], vs[e + 3u]);
         }
-        red_l[u] = l;
-        red_a[u] = a;
-    }
-    workgroupBarrier();
-    for (var e4 = lid; e4 < hd4; e4 += WG) {
-        var l = 0.0;
-        var a = vec4<f32>(0.0);
-        for (var q = 0u; q < shares; q++) {
-            l += red_l[q * hd4 + e4];
-            a += red_a[q * hd4 + e4];
+        if (shares == 1u) {
+            // q is no longer read (the scores are behind the barrier).
+            let o = a / l;
+            let qb = t * hd + e;
+            qs[qb] = o.x;
+            qs[qb + 1u] = o.y;
+            qs[qb + 2u] = o.z;
+            qs[qb + 3u] = o.w;
+        } else {
+            red_l[t * RED + ut] = l;
+            red_a[t * RED + ut] = a;
         }
-        let o = a / l;
-        let e = 4u * e4;
-        acc_s[e] = o.x;
-        acc_s[e + 1u] = o.y;
-        acc_s[e + 2u] = o.z;
-        acc_s[e + 3u] = o.w;
+    }
+    if (shares > 1u) {
+        workgroupBarrier();
+        for (var u = lid; u < QPW * hd4; u += WG) {
+            let t = u / hd4;
+            let e4 = u % hd4;
+            var l = 0.0;
+            var a = vec4<f32>(0.0);
+            for (var q = 0u; q < shares; q++) {
+                l += red_l[t * RED + q * hd4 + e4];
+                a += red_a[t * RED + q * hd4 + e4];
+            }
+            let o = a / l;
+            let qb = t * hd + 4u * e4;
+            qs[qb] = o.x;
+            qs[qb + 1u] = o.y;
+            qs[qb + 2u] = o.z;
+            qs[qb + 3u] = o.w;
+        }
     }
     workgroupBarrier();
 
-    // This head's share of the output projection, four outputs per
-    // invocation (wo_stride % 4 == 0; indices in fours).
+    // The heads' shares of the output projection, four outputs per
+    // invocation (wo_stride % 4 == 0; indices in vec4s).
     let st4 = p.wo_stride / 4u;
-    for (var r4 = lid; r4 < p.hidden / 4u; r4 += WG) {
+    let h4 = p.hidden / 4u;
+    for (var u = lid; u < QPW * h4; u += WG) {
+        let t = u / h4;
+        let r4 = u % h4;
+        let h = h0 + t;
         var a = vec4<f32>(0.0);
         for (var e = 0u; e < hd; e++) {
-            a += wof((h * hd + e) * st4 + r4) * acc_s[e];
+            a += wof((h * hd + e) * st4 + r4) * qs[t * hd + e];
         }
         let ob = h * p.hidden + 4u * r4;
         part[ob] = a.x;

@@ -1,6 +1,8 @@
 //! `shaders/attn_decode{,_f16}.wgsl`: one decoded token's RMSNorm + q/k/v
 //! projection + RoPE + KV-cache append + attention + each head's share of
-//! the output projection in one dispatch (one workgroup per query head).
+//! the output projection in one dispatch (one workgroup per kv head where
+//! its workgroup memory holds the group's query heads, [`heads_per_group`];
+//! else one per query head).
 //! It replaces [`super::qkv_rope`], [`super::attention`] and the o_proj
 //! matvec when a chunk is one token and the shape fits the kernel's
 //! workgroup memory ([`fits`]); prompts keep the three kernels. The heads'
@@ -15,6 +17,12 @@
 //! kernel 2-4x slower per token than the three kernels it replaces. The
 //! attention now spreads every phase over the whole workgroup (see the
 //! shader), and the one-dispatch path is the engine's default.
+//!
+//! A workgroup takes `QPW` query heads of one kv head (written into the
+//! source, [`AttnDecode::with_format`]): it computes their kv head's k and
+//! v rows once, where a workgroup per query head computed them once per
+//! head (the default model: 4 query heads on 2 kv heads, so half the k/v
+//! projection and half the workgroups).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -74,8 +82,60 @@ pub fn part_bytes(n_heads: usize, hidden: usize, max_seq: usize) -> u64 {
     (n_heads * (hidden + max_seq) * 4) as u64
 }
 
+/// The kernel with its query heads per workgroup (`QPW`).
 #[derive(Debug)]
-pub struct AttnDecode(pub Kernel);
+pub struct AttnDecode {
+    pub kernel: Kernel,
+    /// Query heads per workgroup (divides `n_heads / n_kv`).
+    pub heads_per_group: u32,
+}
+
+/// Bytes of workgroup memory the kernel declares for `qpw` heads per
+/// workgroup at `head_dim` and `wg` invocations, its arrays sized as
+/// [`super::kernel::sized_source`] sizes them (`qs`: `qpw * head_dim`;
+/// `ks`, `vs`: `head_dim`; the reductions' shares and the maxima).
+pub fn workgroup_bytes(f16_v4: bool, head_dim: usize, wg: u32, qpw: usize) -> usize {
+    let wg = (wg as usize).clamp(1, 256);
+    let red = if f16_v4 {
+        // RED shares of four entries (red_l f32, red_a vec4).
+        let hd4 = head_dim.div_ceil(4);
+        5 * hd4.max(hd4 * (wg.min(64) / hd4))
+    } else {
+        2 * head_dim.max(head_dim * (wg / head_dim))
+    };
+    4 * (qpw * (head_dim + red + 1) + 2 * head_dim)
+}
+
+/// Query heads per workgroup for `n_heads` on `n_kv` kv heads: the most
+/// (a divisor of `n_heads / n_kv`, at most `limit` unless it is 0) whose
+/// arrays fit the device's workgroup memory, at least 1.
+pub fn heads_per_group(
+    ctx: &GpuContext,
+    format: WeightFormat,
+    hidden: usize,
+    head_dim: usize,
+    n_heads: usize,
+    n_kv: usize,
+) -> u32 {
+    let group = if n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
+        1
+    } else {
+        n_heads / n_kv
+    };
+    let limit = match ctx.attn_heads_per_group {
+        0 => group,
+        l => (l as usize).min(group),
+    };
+    let f16_v4 = format == WeightFormat::F16 && vec4_fits(hidden, head_dim);
+    let budget = ctx.limits.max_compute_workgroup_storage_size as usize;
+    (1..=limit)
+        .rev()
+        .find(|&q| {
+            group.is_multiple_of(q)
+                && workgroup_bytes(f16_v4, head_dim, ctx.barrier_workgroup_size, q) <= budget
+        })
+        .unwrap_or(1) as u32
+}
 
 /// Whether the shape takes the `_v4` kernels (weights read four at a time:
 /// four projection rows and four o_proj outputs per invocation), which need
@@ -88,13 +148,18 @@ pub fn vec4_fits(hidden: usize, head_dim: usize) -> bool {
 
 impl AttnDecode {
     /// The variant reading `w` in `format` for a `hidden` x `head_dim`
-    /// shape: the `_v4` kernels when [`vec4_fits`].
+    /// shape (the `_v4` kernels when [`vec4_fits`]), with
+    /// [`heads_per_group`] query heads of `n_heads` on `n_kv` kv heads per
+    /// workgroup.
     pub fn with_format(
         ctx: &GpuContext,
         format: WeightFormat,
         hidden: usize,
         head_dim: usize,
+        n_heads: usize,
+        n_kv: usize,
     ) -> Self {
+        let qpw = heads_per_group(ctx, format, hidden, head_dim, n_heads, n_kv);
         let v4 = vec4_fits(hidden, head_dim);
         let (name, src) = match (format, v4) {
             (WeightFormat::F32, false) => ("attn_decode", SOURCE),
@@ -102,25 +167,34 @@ impl AttnDecode {
             (WeightFormat::F32, true) => ("attn_decode_v4", SOURCE_V4),
             (WeightFormat::F16, true) => ("attn_decode_f16_v4", SOURCE_F16_V4),
         };
-        Self(Kernel::new_sized(
-            ctx,
-            name,
-            src,
-            ctx.barrier_workgroup_size,
-            &Shape {
-                hidden,
-                n_experts: 0,
-                head_dim,
-            },
-        ))
+        let src = src.replace("const QPW: u32 = 1u;", &format!("const QPW: u32 = {qpw}u;"));
+        Self {
+            kernel: Kernel::new_sized(
+                ctx,
+                name,
+                &src,
+                ctx.barrier_workgroup_size,
+                &Shape {
+                    hidden,
+                    n_experts: 0,
+                    head_dim,
+                },
+            ),
+            heads_per_group: qpw,
+        }
     }
     /// Bindings: step, params, w (q/k/v), x, g, rope, k_cache, v_cache, wo, part.
     pub fn bind(&self, ctx: &GpuContext, b: [&wgpu::Buffer; 10]) -> wgpu::BindGroup {
-        self.0.bind(ctx, &b)
+        self.kernel.bind(ctx, &b)
     }
-    /// One workgroup per query head (the step must hold one token).
+    /// One workgroup per [`AttnDecode::heads_per_group`] query heads (the
+    /// step must hold one token).
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup, p: &Params) {
-        self.0.dispatch_groups(pass, bg, u64::from(p.n_heads));
+        self.kernel.dispatch_groups(
+            pass,
+            bg,
+            u64::from(p.n_heads.div_ceil(self.heads_per_group)),
+        );
     }
 }
 
@@ -195,7 +269,7 @@ pub async fn run(
     {
         return Err(GpuError::Input("attn_decode: shape mismatch".into()));
     }
-    let kern = AttnDecode::with_format(ctx, format, s.hidden, hd);
+    let kern = AttnDecode::with_format(ctx, format, s.hidden, hd, s.n_heads, s.n_kv);
     let p = Params {
         hidden: s.hidden as u32,
         n_heads: s.n_heads as u32,

@@ -48,6 +48,11 @@ pub struct GpuContext {
     /// The CPU threads a software adapter ([`wgpu::DeviceType::Cpu`]) runs
     /// workgroups on; 0 for other adapters ([`GpuContext::spread_workgroup`]).
     pub cpu_threads: u32,
+    /// At most this many query heads per `attn_decode` workgroup
+    /// ([`super::attn_decode::heads_per_group`]); 0: all of a kv head's
+    /// (one workgroup per kv head where its memory holds them), 1: one
+    /// workgroup per query head. `AIBLOCK_GPU_ATTN_GROUP` sets it natively.
+    pub attn_heads_per_group: u32,
 }
 
 /// The CPU threads a software adapter runs workgroups on: the machine's
@@ -188,8 +193,18 @@ impl GpuContext {
         {
             up_groups = g;
         }
+        #[allow(unused_mut)]
+        let mut attn_group = 0;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(g) = std::env::var("AIBLOCK_GPU_ATTN_GROUP")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            attn_group = g;
+        }
         tracing::info!(
             adapter = %info.name,
+            attn_group,
             device_type = ?info.device_type,
             up_groups,
             backend = ?info.backend,
@@ -207,6 +222,7 @@ impl GpuContext {
             barrier_workgroup_size: barrier_wg,
             expert_up_groups: up_groups,
             cpu_threads: threads,
+            attn_heads_per_group: attn_group,
         })
     }
 

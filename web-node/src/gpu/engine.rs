@@ -691,7 +691,7 @@ impl Engine {
                 && !split_qkv
                 && h <= expert::MAX_STAGED_HIDDEN
                 && attn_decode::fits(h, hd, c.barrier_workgroup_size))
-            .then(|| AttnDecode::with_format(c, fmt, h, hd)),
+            .then(|| AttnDecode::with_format(c, fmt, h, hd, nh, nkv)),
             qkv_post: split_qkv.then(|| QkvPost::new(c)),
             shared: shared_fmt.map(|f| SharedKernels {
                 gate: SharedGate::new(c),

@@ -390,7 +390,7 @@ const DEFAULT_WG: usize = 256;
 /// multiple of 4), `MAX_EXPERTS` (`n_experts`), `MAX_HEAD_DIM`
 /// (`head_dim`), `wg` (`r_red`), `max(n_experts, n_experts * (wg /
 /// n_experts))` (`r_part`: the gate's partial sums) and `max(head_dim, head_dim
-/// * (wg / head_dim))` (`red_l`, `red_a`).
+/// * (wg / head_dim))` per head (`RED`: `red_l`, `red_a`).
 pub fn sized_source(source: &str, shape: &Shape, wg: u32) -> String {
     fn group(src: &mut String, reps: &[(&str, String)]) {
         if reps.iter().all(|(from, _)| src.contains(from)) {
@@ -442,25 +442,19 @@ pub fn sized_source(source: &str, shape: &Shape, wg: u32) -> String {
     if (1..=DEFAULT_HEAD_DIM).contains(&hd) {
         let max_hd = format!("const MAX_HEAD_DIM: u32 = {DEFAULT_HEAD_DIM}u;");
         let mut reps = vec![(max_hd.as_str(), format!("const MAX_HEAD_DIM: u32 = {hd}u;"))];
-        // The reductions' shares: one f32 per invocation in the attention
-        // kernels (as many as a whole number of heads' rows within wg)...
+        // The reductions' shares per head: max(1, min(WG, RED) / hd) of
+        // one entry each in the attention kernels (RED = 256 as written),
+        // so RED = max(hd, wg rounded down to a multiple of hd) holds them
+        // all and keeps the kernel's share count...
         let red = hd.max(hd * (wg / hd));
-        let red_l = format!("var<workgroup> red_l: array<f32, {DEFAULT_WG}>;");
-        let red_a = format!("var<workgroup> red_a: array<f32, {DEFAULT_WG}>;");
+        let red_scalar = format!("const RED: u32 = {DEFAULT_WG}u;");
         // ...or, in attn_decode_f16_v4, max(1, min(WG, RED) / (hd / 4))
         // shares of hd / 4 entries (RED = 64 as written), so RED = max(hd /
         // 4, min(wg, 64) rounded down to a multiple of hd / 4) holds them
         // all and keeps the kernel's share count.
         let red_const = "const RED: u32 = 64u;";
-        if s.contains(&red_l) {
-            reps.push((
-                red_l.as_str(),
-                format!("var<workgroup> red_l: array<f32, {red}>;"),
-            ));
-            reps.push((
-                red_a.as_str(),
-                format!("var<workgroup> red_a: array<f32, {red}>;"),
-            ));
+        if s.contains(&red_scalar) {
+            reps.push((red_scalar.as_str(), format!("const RED: u32 = {red}u;")));
         } else if s.contains(red_const) {
             let hd4 = hd.div_ceil(4);
             let red4 = hd4.max(hd4 * (wg.min(64) / hd4));

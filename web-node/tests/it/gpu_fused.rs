@@ -52,6 +52,10 @@ fn check_attn_decode(c: &GpuContext, fmt: WeightFormat, s: &QkvShape, pos0: usiz
     let v_prev = vals(pos0 * kvd, seed ^ 6);
     let wo = w(s.hidden * qd, seed ^ 7);
     let table = rope_table(s.head_dim, 10000.0, pos0 + 1);
+    // The schedule the engine takes: all of a kv head's query heads per
+    // workgroup where they fit (or one per workgroup, `attn_heads_per_group`).
+    let qpw = attn_decode::heads_per_group(c, fmt, s.hidden, s.head_dim, s.n_heads, s.n_kv);
+    assert!(qpw >= 1 && (s.n_heads / s.n_kv).is_multiple_of(qpw as usize));
     let (out, k, v) = pollster::block_on(attn_decode::run(
         c, fmt, s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0,
     ))
@@ -59,18 +63,40 @@ fn check_attn_decode(c: &GpuContext, fmt: WeightFormat, s: &QkvShape, pos0: usiz
     let (ro, rk, rv) = attn_decode::reference(
         s, &wq, &wk, &wv, &x, &g, &table, &k_prev, &v_prev, &wo, pos0,
     );
-    let what = format!("{fmt:?} {s:?} pos0 {pos0}");
+    let what = format!(
+        "{fmt:?} {s:?} pos0 {pos0}, {qpw} heads per workgroup of {}",
+        c.barrier_workgroup_size
+    );
     assert_close(&k, &rk, 2e-5, &format!("k, {what}"));
     assert_close(&v, &rv, 2e-5, &format!("v, {what}"));
     assert_close(&out, &ro, 2e-5, &format!("o_proj shares per head, {what}"));
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+/// `attn_decode`'s schedules: the adapter's workgroup size or the
+/// browser's (16) or an odd one (5), with all of a kv head's query heads per
+/// workgroup (0: as many as fit) or one per query head (1, the kernel's
+/// first schedule) or at most 2.
+fn attn_schedule(c: &GpuContext, wg: usize, per_group: u32) -> GpuContext {
+    GpuContext {
+        barrier_workgroup_size: match wg {
+            0 => c.barrier_workgroup_size,
+            1 => web_node::gpu::context::BROWSER_BARRIER_WORKGROUP,
+            _ => 5,
+        },
+        attn_heads_per_group: per_group,
+        ..c.clone()
+    }
+}
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Query heads per kv head 1-4 (n_heads / n_kv), sizes past and short of
+    /// the workgroup.
     #[test]
-    fn attn_decode_matches_unfused_reference(hidden in 1usize..300, half in 1usize..80, n_kv in 1usize..3, group in 1usize..4, pos0 in 0usize..160, f16: bool, seed: u64) {
+    fn attn_decode_matches_unfused_reference(hidden in 1usize..300, half in 1usize..80, n_kv in 1usize..3, group in 1usize..5, pos0 in 0usize..160, f16: bool, wg in 0usize..3, per_group in 0u32..3, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        let c = &attn_schedule(c, wg, per_group);
         let s = QkvShape { hidden, n_heads: n_kv * group, n_kv, head_dim: 2 * half, eps: 1e-5 };
         let fmt = if f16 { WeightFormat::F16 } else { WeightFormat::F32 };
         check_attn_decode(c, fmt, &s, pos0, seed);
@@ -79,8 +105,9 @@ proptest! {
     /// Shapes that take the `_v4` kernels (hidden % 4, head_dim % 8), which
     /// the random shapes above rarely hit.
     #[test]
-    fn attn_decode_v4_matches_unfused_reference(hidden4 in 1usize..75, hd8 in 1usize..20, n_kv in 1usize..3, group in 1usize..4, pos0 in 0usize..160, f16: bool, seed: u64) {
+    fn attn_decode_v4_matches_unfused_reference(hidden4 in 1usize..75, hd8 in 1usize..20, n_kv in 1usize..3, group in 1usize..5, pos0 in 0usize..160, f16: bool, wg in 0usize..3, per_group in 0u32..3, seed: u64) {
         let Some(c) = ctx() else { return Ok(()) };
+        let c = &attn_schedule(c, wg, per_group);
         let s = QkvShape { hidden: 4 * hidden4, n_heads: n_kv * group, n_kv, head_dim: 8 * hd8, eps: 1e-5 };
         prop_assert!(attn_decode::vec4_fits(s.hidden, s.head_dim));
         let fmt = if f16 { WeightFormat::F16 } else { WeightFormat::F32 };
@@ -104,6 +131,36 @@ fn attn_decode_at_its_limits() {
     };
     for fmt in [WeightFormat::F32, WeightFormat::F16] {
         check_attn_decode(c, fmt, &s, 2 * wg + 3, 7);
+    }
+    // Four query heads per kv head at the largest head dimension, all in
+    // one workgroup where the device's workgroup memory holds them; with
+    // less memory, fewer heads per workgroup (2, then 1), the same result.
+    let s4 = QkvShape {
+        hidden: 256,
+        n_heads: 4,
+        n_kv: 1,
+        ..s
+    };
+    let f16_v4 = attn_decode::vec4_fits(s4.hidden, s4.head_dim);
+    let bwg = c.barrier_workgroup_size;
+    for qpw in [4, 2, 1] {
+        let mut limits = c.limits.clone();
+        limits.max_compute_workgroup_storage_size =
+            attn_decode::workgroup_bytes(f16_v4, s4.head_dim, bwg, qpw) as u32;
+        if limits.max_compute_workgroup_storage_size > c.limits.max_compute_workgroup_storage_size {
+            continue;
+        }
+        let cq = GpuContext {
+            limits,
+            ..c.clone()
+        };
+        for fmt in [WeightFormat::F32, WeightFormat::F16] {
+            let got = attn_decode::heads_per_group(&cq, fmt, s4.hidden, s4.head_dim, 4, 1);
+            if fmt == WeightFormat::F16 || !f16_v4 {
+                assert_eq!(got, qpw as u32, "{fmt:?}");
+            }
+            check_attn_decode(&cq, fmt, &s4, wg + 5, 9);
+        }
     }
     assert!(!attn_decode::fits(
         attn_decode::MAX_HIDDEN + 1,

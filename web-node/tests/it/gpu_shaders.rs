@@ -102,9 +102,17 @@ fn sized_workgroup_arrays_apply_to_every_barrier_kernel() {
                     s.contains(&format!("const MAX_HEAD_DIM: u32 = {head_dim}u;")),
                     "{name}"
                 );
-                assert!(!s.contains("red_l: array<f32, 256>"), "{name}");
+                assert!(!s.contains("const RED: u32 = 256u;"), "{name}");
             }
             validate(name, &s);
+            if attn {
+                // Several query heads per workgroup (the engine writes QPW).
+                let one = "const QPW: u32 = 1u;";
+                assert!(s.contains(one), "{name}: no QPW");
+                for qpw in [2, 3, 4] {
+                    validate(name, &s.replace(one, &format!("const QPW: u32 = {qpw}u;")));
+                }
+            }
         }
         // Larger than the kernels' defaults: left as written.
         let big = Shape {
