@@ -26,9 +26,11 @@
 //! (default 3) held-out prompts of every skill group answered until EOS as
 //! the page answers them (a new conversation per prompt, the pool kept), in
 //! two orders (group by group, and round robin), every expert resident
-//! against the pool of 3 per layer, and that pool without the per-layer
-//! stops of a prompt (`EngineOptions::prompt_stops: false`):
-//! `RESULT gpu_pool_chat engine=fused_attn dtype=.. order=.. pool_vs_all_resident=.. no_prompt_stops_vs_all_resident=..`.
+//! against the pool of 3 per layer, that pool without the per-layer
+//! stops of a prompt (`EngineOptions::prompt_stops: false`) and without
+//! its host cache of evicted experts (`host_cache_bytes: Some(0)`),
+//! interleaved prompt by prompt, each prompt's fastest of the rounds:
+//! `RESULT gpu_pool_chat engine=fused_attn dtype=.. order=.. pool_vs_all_resident=.. no_prompt_stops_vs_all_resident=.. no_host_cache_vs_all_resident=..`.
 //!
 //! Wall time and CPU time of the process (best of the rounds each) are both
 //! reported: on lavapipe the GPU is this process's threads, and on a shared
@@ -279,31 +281,25 @@ fn answer_prompts<S: Supply + ?Sized>(
     Ok((a, (t.elapsed().as_secs_f64(), cpu_s() - c)))
 }
 
-/// The fastest of an engine's timed [`answer_prompts`] runs: its wall
-/// time and counters, and the least CPU time of any run.
-struct Fastest {
-    wall: f64,
-    cpu: f64,
-    answered: Option<bench::Answered>,
+/// An engine's counters over the chat workload's prompts.
+#[derive(Debug, Clone, Copy, Default)]
+struct ChatCounts {
+    uploads: u64,
+    host_hits: u64,
+    pauses: u64,
+    prefill_pauses: u64,
+    submissions: u64,
+    prefill_submissions: u64,
 }
 
-impl Default for Fastest {
-    fn default() -> Self {
-        Self {
-            wall: f64::MAX,
-            cpu: f64::MAX,
-            answered: None,
-        }
-    }
-}
-
-impl Fastest {
-    fn keep(&mut self, a: bench::Answered, (wall, cpu): (f64, f64)) {
-        self.cpu = self.cpu.min(cpu);
-        if wall < self.wall {
-            self.wall = wall;
-            self.answered = Some(a);
-        }
+impl ChatCounts {
+    fn add(&mut self, a: &bench::Answered) {
+        self.uploads += a.stats.expert_uploads;
+        self.host_hits += a.stats.host_cache_hits;
+        self.pauses += a.stats.pauses;
+        self.prefill_pauses += a.prefill_pauses;
+        self.submissions += a.stats.submissions;
+        self.prefill_submissions += a.prefill_submissions;
     }
 }
 
@@ -430,26 +426,29 @@ fn main() -> anyhow::Result<()> {
                 v
             }
         };
-        let engine_with =
-            |pool: Option<u64>, (fused, fused_attention): (bool, bool), prompt_stops: bool| {
-                Engine::with_options(
-                    ctx.clone(),
-                    &cfg,
-                    &m.shared,
-                    &m.routers,
-                    EngineOptions {
-                        max_seq: 1024,
-                        max_batch: 64,
-                        weights: fmt,
-                        expert_quant: quant,
-                        expert_pool_bytes: pool,
-                        fused,
-                        fused_attention,
-                        prompt_stops,
-                    },
-                )
-            };
-        let engine = |pool: Option<u64>, fused: (bool, bool)| engine_with(pool, fused, true);
+        let engine_with = |pool: Option<u64>,
+                           (fused, fused_attention): (bool, bool),
+                           prompt_stops: bool,
+                           host_cache_bytes: Option<u64>| {
+            Engine::with_options(
+                ctx.clone(),
+                &cfg,
+                &m.shared,
+                &m.routers,
+                EngineOptions {
+                    max_seq: 1024,
+                    max_batch: 64,
+                    weights: fmt,
+                    expert_quant: quant,
+                    expert_pool_bytes: pool,
+                    fused,
+                    fused_attention,
+                    prompt_stops,
+                    host_cache_bytes,
+                },
+            )
+        };
+        let engine = |pool: Option<u64>, fused: (bool, bool)| engine_with(pool, fused, true, None);
         // Per variant (unfused baseline, fused, fused with the decode
         // attention): every expert resident, and a pool of `per_layer`
         // experts per layer's worth.
@@ -510,72 +509,118 @@ fn main() -> anyhow::Result<()> {
         }
         // The chat workload on the default schedule: every expert resident
         // against the small pool (kept from prompt to prompt, as the page
-        // keeps it), interleaved rounds, the best of each.
+        // keeps it) and two variants of it, interleaved prompt by prompt
+        // (each engine answers prompt i, then the next engine; each keeps
+        // its own pool), a warm-up round first, then `rounds` timed ones:
+        // per engine the sum over prompts of each prompt's fastest time
+        // (noise on a shared machine lasts milliseconds: a prompt's best
+        // of the rounds drops it where a whole round's best keeps some).
         if let Some((orders, eos)) = &chat {
             let v = nv - 1;
-            // The same pool with prompts run on to the end and redone from
-            // the first layer that missed (`prompt_stops: false`), beside it.
             let slots = small[v].pool_slots() as u64;
-            let mut no_stops =
-                engine_with(Some(slots * full[v].0.expert_bytes()), VARIANTS[v].1, false)?;
+            let pool_bytes = Some(slots * full[v].0.expert_bytes());
+            // The same pool with prompts run on to the end and redone from
+            // the first layer that missed (`prompt_stops: false`), and with
+            // no host cache of evicted experts (`host_cache_bytes: 0`: every
+            // miss asks the supply, which loads, checks and encodes it).
+            let mut no_stops = engine_with(pool_bytes, VARIANTS[v].1, false, None)?;
+            let mut no_host = engine_with(pool_bytes, VARIANTS[v].1, true, Some(0))?;
+            const NAMES: [&str; 4] = ["all resident", "pool", "no prompt stops", "no host cache"];
             for (order, prompts) in orders {
-                // All resident, the pool, the pool without prompt stops.
-                let mut best: [Fastest; 3] = Default::default();
+                let np = prompts.len();
+                // [engine][prompt] fastest wall and CPU seconds.
+                let mut wall = vec![vec![f64::MAX; np]; 4];
+                let mut cpu = vec![vec![f64::MAX; np]; 4];
+                // Per engine, per round: that round's total wall time.
+                let mut round_wall = vec![Vec::new(); 4];
+                // Per engine: counters over the prompts of the last round.
+                let mut counts = [ChatCounts::default(); 4];
                 let mut same = true;
                 let mut n_tok = 0usize;
-                for _ in 0..rounds {
-                    let engines: [&mut Engine; 3] = [&mut full[v].0, &mut small[v], &mut no_stops];
-                    let mut answers = Vec::with_capacity(3);
-                    for (b, gpu) in best.iter_mut().zip(engines) {
-                        let (a, times) = answer_prompts(gpu, &mut src, prompts, *eos, &opts)?;
-                        answers.push(a.answers.clone());
-                        b.keep(a, times);
+                for round in 0..=rounds {
+                    let mut totals = [0.0f64; 4];
+                    let mut round_counts = [ChatCounts::default(); 4];
+                    for (i, prompt) in prompts.iter().enumerate() {
+                        let engines: [&mut Engine; 4] =
+                            [&mut full[v].0, &mut small[v], &mut no_stops, &mut no_host];
+                        let mut answers = Vec::with_capacity(4);
+                        for (e, gpu) in engines.into_iter().enumerate() {
+                            let (a, (w, c)) = answer_prompts(
+                                gpu,
+                                &mut src,
+                                std::slice::from_ref(prompt),
+                                *eos,
+                                &opts,
+                            )?;
+                            round_counts[e].add(&a);
+                            answers.push(a.answers);
+                            if round > 0 {
+                                wall[e][i] = wall[e][i].min(w);
+                                cpu[e][i] = cpu[e][i].min(c);
+                                totals[e] += w;
+                            }
+                        }
+                        same &= answers.windows(2).all(|w| w[0] == w[1]);
+                        n_tok += if round == 0 { answers[0][0].len() } else { 0 };
                     }
-                    same &= answers.windows(2).all(|w| w[0] == w[1]);
-                    n_tok = answers[0].iter().map(Vec::len).sum();
+                    if round > 0 {
+                        for e in 0..4 {
+                            round_wall[e].push(totals[e]);
+                        }
+                    }
+                    counts = round_counts;
                 }
-                let [full_b, pool_b, nostop_b] = best;
-                let (Some(pa), Some(na)) = (pool_b.answered, nostop_b.answered) else {
-                    continue;
+                let n = np.max(1) as f64;
+                let sum = |v: &Vec<f64>| v.iter().sum::<f64>();
+                let ms: Vec<f64> = wall.iter().map(|w| sum(w) * 1e3 / n).collect();
+                let cpu_ms: Vec<f64> = cpu.iter().map(|c| sum(c) * 1e3 / n).collect();
+                // Each round's own ratio (all resident / engine): the spread.
+                let spread = |e: usize| {
+                    let r: Vec<f64> = round_wall[0]
+                        .iter()
+                        .zip(&round_wall[e])
+                        .map(|(a, b)| a / b)
+                        .collect();
+                    let lo = r.iter().copied().fold(f64::MAX, f64::min);
+                    let hi = r.iter().copied().fold(0.0, f64::max);
+                    (lo, hi)
                 };
-                let (best_full, cpu_full) = (full_b.wall, full_b.cpu);
-                let (best_pool, cpu_pool) = (pool_b.wall, pool_b.cpu);
-                let best_nostop = nostop_b.wall;
-                let pool_st = &pa.stats;
-                let n = prompts.len().max(1) as f64;
                 println!(
-                    "  chat workload ({order}): {} held-out prompts, {n_tok} answer tokens: pool of {} {:.2} ms/prompt vs {:.2} all resident ({:.2}x); per prompt {:.2} uploads, {:.2} pauses ({:.2} in the prefill), {:.2} submissions ({:.2} in the prefill); answers equal to all resident: {same}; CPU time {:.2}x",
-                    prompts.len(),
+                    "  chat workload ({order}): {np} held-out prompts, {n_tok} answer tokens, pool of {} ({per_layer} per layer); answers equal in all four: {same}; per prompt (sum of each prompt's fastest of {rounds} rounds):",
                     small[v].pool_slots(),
-                    best_pool * 1e3 / n,
-                    best_full * 1e3 / n,
-                    best_full / best_pool,
-                    pool_st.expert_uploads as f64 / n,
-                    pool_st.pauses as f64 / n,
-                    pa.prefill_pauses as f64 / n,
-                    pool_st.submissions as f64 / n,
-                    pa.prefill_submissions as f64 / n,
-                    cpu_full / cpu_pool,
                 );
-                println!(
-                    "    prompts run to the end and redone from the first miss (prompt_stops off): {:.2} ms/prompt ({:.2}x); per prompt {:.2} pauses ({:.2} in the prefill), {:.2} submissions",
-                    best_nostop * 1e3 / n,
-                    best_full / best_nostop,
-                    na.stats.pauses as f64 / n,
-                    na.prefill_pauses as f64 / n,
-                    na.stats.submissions as f64 / n,
-                );
+                for e in 0..4 {
+                    let c = &counts[e];
+                    let (lo, hi) = spread(e);
+                    println!(
+                        "    {:<16} {:7.2} ms ({:.2}x all resident; rounds {lo:.2}..{hi:.2}x), CPU {:7.2} ms ({:.2}x); {:.2} uploads ({:.2} from the host cache), {:.2} pauses ({:.2} in the prefill), {:.2} submissions ({:.2} in the prefill)",
+                        NAMES[e],
+                        ms[e],
+                        ms[0] / ms[e],
+                        cpu_ms[e],
+                        cpu_ms[0] / cpu_ms[e],
+                        c.uploads as f64 / n,
+                        c.host_hits as f64 / n,
+                        c.pauses as f64 / n,
+                        c.prefill_pauses as f64 / n,
+                        c.submissions as f64 / n,
+                        c.prefill_submissions as f64 / n,
+                    );
+                }
+                let c = &counts[1];
+                let (lo, hi) = spread(1);
                 chat_lines.push(format!(
-                    "RESULT gpu_pool_chat engine={} dtype={pool_fmt} order={order} prompts={} answer_tokens={n_tok} pool_per_layer={per_layer} ms_per_prompt={:.3} all_resident_ms_per_prompt={:.3} pool_vs_all_resident={:.2} cpu_pool_vs_all_resident={:.2} no_prompt_stops_vs_all_resident={:.2} uploads_per_prompt={:.2} submissions_per_prompt={:.2} answers_equal={same}",
+                    "RESULT gpu_pool_chat engine={} dtype={pool_fmt} order={order} prompts={np} answer_tokens={n_tok} pool_per_layer={per_layer} ms_per_prompt={:.3} all_resident_ms_per_prompt={:.3} pool_vs_all_resident={:.2} rounds_pool_vs_all_resident={lo:.2}..{hi:.2} cpu_pool_vs_all_resident={:.2} no_prompt_stops_vs_all_resident={:.2} no_host_cache_vs_all_resident={:.2} uploads_per_prompt={:.2} host_cache_hits_per_prompt={:.2} submissions_per_prompt={:.2} answers_equal={same}",
                     VARIANTS[v].0,
-                    prompts.len(),
-                    best_pool * 1e3 / n,
-                    best_full * 1e3 / n,
-                    best_full / best_pool,
-                    cpu_full / cpu_pool,
-                    best_full / best_nostop,
-                    pool_st.expert_uploads as f64 / n,
-                    pool_st.submissions as f64 / n,
+                    ms[1],
+                    ms[0],
+                    ms[0] / ms[1],
+                    cpu_ms[0] / cpu_ms[1],
+                    ms[0] / ms[2],
+                    ms[0] / ms[3],
+                    c.uploads as f64 / n,
+                    c.host_hits as f64 / n,
+                    c.submissions as f64 / n,
                 ));
             }
         }

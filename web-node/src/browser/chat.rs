@@ -487,6 +487,9 @@ async fn answer(node: &mut Node, ask: &Ask) -> Result<Answer, String> {
         let opts = crate::gpu::EngineOptions {
             expert_quant: c.expert_quant().map_err(|e| e.to_string())?,
             expert_pool_bytes: Some((store.budget / 2).max(one * c.num_local_experts as u64)),
+            // No host copies of evicted experts: the page's memory is the
+            // user's budget (the store keeps the verified blocks).
+            host_cache_bytes: Some(0),
             ..Default::default()
         };
         *gpu = Some(

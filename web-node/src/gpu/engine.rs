@@ -182,6 +182,15 @@ pub struct EngineOptions {
     /// and runs again from the first layer that missed (as a decoded
     /// token does), which the benchmark measures beside it.
     pub prompt_stops: bool,
+    /// Host memory, in bytes, for experts the pool evicted, kept as the
+    /// pool stores them (encoded, in its layout): an expert needed again
+    /// is written back from there, with no [`Step::Need`] pause and no
+    /// reload, revalidation or re-encoding by the supply (least recently
+    /// evicted dropped first). Only a pool that evicts uses it, and it then
+    /// also keeps a host copy of every resident expert (to have it when it
+    /// is evicted): host memory is the pool's bytes plus this. `None`: the
+    /// pool's own size. `Some(0)`: off.
+    pub host_cache_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -195,6 +204,7 @@ impl Default for EngineOptions {
             fused: true,
             fused_attention: true,
             prompt_stops: true,
+            host_cache_bytes: None,
         }
     }
 }
@@ -236,6 +246,13 @@ pub struct EngineStats {
     pub expert_bytes_uploaded: u64,
     /// Experts dropped from the pool to make room (least recently used first).
     pub expert_evictions: u64,
+    /// Of `expert_uploads`, those written back from the host cache of
+    /// evicted experts ([`EngineOptions::host_cache_bytes`]), not supplied.
+    pub host_cache_hits: u64,
+    /// Times a step that lacked experts found every one it waited for in
+    /// the host cache and went on without a pause (each after the
+    /// submission that found the miss, as a pause).
+    pub host_resumes: u64,
 }
 
 impl EngineOptions {
@@ -425,6 +442,60 @@ impl Pool {
     }
 }
 
+/// Encoded experts on the host ([`EngineOptions::host_cache_bytes`]): a
+/// copy of each resident expert (`resident`, by pool slot), and the
+/// evicted ones (`evicted`, at most `budget` bytes, the least recently
+/// evicted dropped first).
+#[derive(Debug, Default)]
+struct HostCache {
+    budget: u64,
+    resident: Vec<Option<(Vec<u8>, Vec<u8>)>>,
+    evicted: std::collections::HashMap<ExpertId, (Vec<u8>, Vec<u8>, u64)>,
+    evicted_bytes: u64,
+    clock: u64,
+}
+
+impl HostCache {
+    fn on(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// `slot` now holds these bytes (of `id`); `old`, the expert it held,
+    /// keeps its copy among the evicted ones.
+    fn place(&mut self, slot: usize, w13: Vec<u8>, w2: Vec<u8>, old: Option<ExpertId>) {
+        if !self.on() {
+            return;
+        }
+        let prev = self.resident[slot].replace((w13, w2));
+        if let (Some(old), Some((a, b))) = (old, prev) {
+            let n = (a.len() + b.len()) as u64;
+            if n > self.budget {
+                return;
+            }
+            self.clock += 1;
+            self.evicted_bytes += n;
+            if let Some((a, b, _)) = self.evicted.insert(old, (a, b, self.clock)) {
+                self.evicted_bytes -= (a.len() + b.len()) as u64;
+            }
+            while self.evicted_bytes > self.budget {
+                let Some((&lru, _)) = self.evicted.iter().min_by_key(|(_, e)| e.2) else {
+                    break;
+                };
+                if let Some((a, b, _)) = self.evicted.remove(&lru) {
+                    self.evicted_bytes -= (a.len() + b.len()) as u64;
+                }
+            }
+        }
+    }
+
+    /// The evicted copy of `id`, taken out (it is about to be resident).
+    fn take(&mut self, id: ExpertId) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (a, b, _) = self.evicted.remove(&id)?;
+        self.evicted_bytes -= (a.len() + b.len()) as u64;
+        Some((a, b))
+    }
+}
+
 /// Where a step goes on from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum At {
@@ -436,6 +507,10 @@ enum At {
     /// chunk ran on): its saved input row is restored and its experts
     /// (the shared expert's too) run again, then the later layers.
     Redo(usize),
+    /// A prompt's chunk stopped after layer `l`'s `expert_up` and found
+    /// every routed expert resident: that `expert_up` ran on the right
+    /// experts, so only the layer's down half runs, then the later layers.
+    Down(usize),
 }
 
 /// A step in progress (paused while it is stored in `Engine::paused`).
@@ -474,6 +549,7 @@ pub struct Engine {
     k: Kernels,
     layers: Vec<Layer>,
     pool: Pool,
+    host: HostCache,
     pool_format: PoolFormat,
     /// The shared expert's format (Qwen2-MoE), if the model has one.
     shared_format: Option<PoolFormat>,
@@ -916,6 +992,16 @@ impl Engine {
             slot_of: vec![vec![None; ne]; nl],
             clock: 0,
         };
+        // The host copies, for a pool that evicts.
+        let host = if n_slots < nl * ne {
+            HostCache {
+                budget: opts.host_cache_bytes.unwrap_or(n_slots as u64 * per_expert),
+                resident: vec![None; n_slots],
+                ..HostCache::default()
+            }
+        } else {
+            HostCache::default()
+        };
         let mut layers = Vec::with_capacity(nl);
         for (l, la) in shared.layers.iter().enumerate() {
             let wqkv = c.storage_init(
@@ -1096,6 +1182,7 @@ impl Engine {
             k,
             layers,
             pool,
+            host,
             pool_format,
             shared_format: shared_fmt,
             step,
@@ -1221,8 +1308,23 @@ impl Engine {
                 self.pool.w2_bytes
             )));
         }
-        let pinned = self.paused.as_ref().map_or(&[][..], |r| &r.need[..]);
+        let pinned = self.paused.as_ref().map_or(Vec::new(), |r| r.need.clone());
+        self.upload(id, w13, w2, &pinned)
+    }
+
+    /// Write `id`'s encoded weights into a pool slot (its own, a free one,
+    /// or the least recently used one not in `pinned`), point its layer's
+    /// table at it, and keep the host copies.
+    fn upload(
+        &mut self,
+        id: ExpertId,
+        w13: Vec<u8>,
+        w2: Vec<u8>,
+        pinned: &[ExpertId],
+    ) -> Result<(), ModelError> {
         let (slot, evicted) = self.pool.claim(id, pinned)?;
+        // A stale evicted copy (this expert supplied anew) is dropped.
+        let _ = self.host.take(id);
         let q = &self.ctx.queue;
         q.write_buffer(&self.pool.w13, slot as u64 * self.pool.w13_bytes, &w13);
         q.write_buffer(&self.pool.w2, slot as u64 * self.pool.w2_bytes, &w2);
@@ -1242,7 +1344,37 @@ impl Engine {
         );
         self.stats.expert_uploads += 1;
         self.stats.expert_bytes_uploaded += (w13.len() + w2.len()) as u64;
+        self.host.place(slot, w13, w2, evicted);
         Ok(())
+    }
+
+    /// Write back from the host cache what `run` needs (its pinned layer
+    /// experts, then the later layers' guesses) and the cache holds; true
+    /// when every expert of `run.need` is then resident (the run goes on
+    /// without a pause).
+    fn fill_from_host(&mut self, run: &mut Run) -> Result<bool, ModelError> {
+        if !self.host.on() || self.missing(&run.need).is_empty() {
+            // Nothing to fill (a run with nothing missing pauses as before).
+            return Ok(false);
+        }
+        let mut ahead = std::mem::take(&mut run.ahead);
+        let want: Vec<ExpertId> = self
+            .missing(&run.need)
+            .into_iter()
+            .chain(self.missing(&ahead))
+            .collect();
+        for id in want {
+            if self.pool.resident(id) {
+                continue;
+            }
+            if let Some((w13, w2)) = self.host.take(id) {
+                self.upload(id, w13, w2, &run.need)?;
+                self.stats.host_cache_hits += 1;
+            }
+        }
+        ahead.retain(|&id| !self.pool.resident(id));
+        run.ahead = ahead;
+        Ok(self.missing(&run.need).is_empty())
     }
 
     /// Weight bytes one decoded token reads with `k` experts per token
@@ -1336,14 +1468,19 @@ impl Engine {
 
     /// Run `run` on from where it stands, until it finishes or lacks experts.
     async fn drive(&mut self, mut run: Run) -> Result<Step, ModelError> {
-        match self.advance(&mut run).await {
-            Ok(Some(out)) => {
-                self.pos += run.tokens.len();
-                Ok(Step::Done(out))
+        loop {
+            match self.advance(&mut run).await {
+                Ok(Some(out)) => {
+                    self.pos += run.tokens.len();
+                    return Ok(Step::Done(out));
+                }
+                // Every expert the run waits for was in the host cache:
+                // it goes on, no pause.
+                Ok(None) if self.fill_from_host(&mut run)? => self.stats.host_resumes += 1,
+                Ok(None) => return Ok(self.pause(run)),
+                // The cache rows written past `pos` are overwritten next time.
+                Err(e) => return Err(e),
             }
-            Ok(None) => Ok(self.pause(run)),
-            // The cache rows written past `pos` are overwritten next time.
-            Err(e) => Err(e),
         }
     }
 
@@ -1595,8 +1732,10 @@ impl Engine {
     /// resident experts than `top_k` misses for certain, so the chunk stops
     /// after its `expert_up`; so does a prompt's chunk (more than one token)
     /// at each layer that lacks experts in a pool that evicts
-    /// ([`EngineOptions::prompt_stops`]), and goes on from that layer's
-    /// saved row once its routed experts are resident.
+    /// ([`EngineOptions::prompt_stops`]): where its routed experts are all
+    /// resident, it goes on with that layer's down half ([`At::Down`]: the
+    /// `expert_up` that routed ran on the right experts), else it pauses
+    /// and later runs the layer's experts again from its saved row.
     async fn advance(&mut self, run: &mut Run) -> Result<Option<Output>, ModelError> {
         let (ne, nl, h, v) = (
             self.cfg.num_local_experts,
@@ -1643,7 +1782,7 @@ impl Engine {
                     }
                     (enc, pass, 0)
                 }
-                At::Experts(l) | At::Redo(l) => {
+                At::Experts(l) | At::Redo(l) | At::Down(l) => {
                     if run.need.iter().any(|&id| !self.pool.resident(id)) {
                         return Ok(None);
                     }
@@ -1663,7 +1802,11 @@ impl Engine {
                     if run.at == At::Redo(l) {
                         self.stats.dispatches += self.encode_shared_up(&mut pass, l, run.n as u32);
                     }
-                    self.encode_experts(&mut pass, l, run);
+                    if run.at == At::Down(l) {
+                        self.encode_down(&mut pass, l, run);
+                    } else {
+                        self.encode_experts(&mut pass, l, run);
+                    }
                     (enc, pass, l + 1)
                 }
             };
@@ -1782,12 +1925,12 @@ impl Engine {
                         .into());
                     }
                     // A prompt stopped at a layer whose routed experts are
-                    // all resident: its experts run from its saved row, as
-                    // after a miss, and the chunk goes on.
+                    // all resident: its expert_up ran on them, so its down
+                    // half runs next, and the chunk goes on.
                     let per = run.n * ne * 2;
                     let last = &words[(checked.len() - 1) * per..];
                     run.need = self.route_ids(last, l, run)?;
-                    run.at = At::Redo(l);
+                    run.at = At::Down(l);
                     self.stats.resumed_stops += 1;
                     continue;
                 }
@@ -2073,8 +2216,12 @@ impl Engine {
     async fn supply_missing<S: crate::model::Supply + ?Sized>(
         &mut self,
         supply: &mut S,
-        run: Run,
+        mut run: Run,
     ) -> Result<Run, ModelError> {
+        if self.fill_from_host(&mut run)? {
+            self.stats.host_resumes += 1;
+            return Ok(run);
+        }
         let Step::Need(ids) = self.pause(run) else {
             return Err(ModelError::Input("pipelined decode: no pause".into()));
         };
@@ -2442,5 +2589,67 @@ pub fn rope_table(cfg: &Config, max_seq: usize) -> Vec<f32> {
 impl From<GpuError> for ModelError {
     fn from(e: GpuError) -> Self {
         ModelError::Gpu(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod host_cache_tests {
+    use super::*;
+
+    fn id(e: usize) -> ExpertId {
+        ExpertId::new(0, e)
+    }
+
+    fn bytes(n: usize) -> (Vec<u8>, Vec<u8>) {
+        (vec![1; n], vec![2; n])
+    }
+
+    #[test]
+    fn keeps_the_most_recently_evicted_within_its_budget() {
+        let mut h = HostCache {
+            budget: 40,
+            resident: vec![None; 2],
+            ..HostCache::default()
+        };
+        // Slot 0 holds experts 0, 1, 2, 3 in turn; slot 1 holds 9.
+        let (a, b) = bytes(10);
+        h.place(0, a, b, None);
+        let (a, b) = bytes(10);
+        h.place(1, a, b, None);
+        assert_eq!(h.evicted_bytes, 0, "resident copies are not counted");
+        for e in 1..4 {
+            let (a, b) = bytes(10);
+            h.place(0, a, b, Some(id(e - 1)));
+            assert_eq!(h.evicted_bytes, (20 * e as u64).min(40));
+        }
+        // Expert 0 (evicted first) was dropped for expert 2.
+        assert!(h.take(id(0)).is_none());
+        assert_eq!(h.take(id(1)), Some(bytes(10)));
+        assert_eq!(h.evicted_bytes, 20);
+        assert!(h.take(id(1)).is_none(), "taken once");
+        // Evicted again (after a write-back): one copy, counted once.
+        let (a, b) = bytes(10);
+        h.place(0, a, b, Some(id(2)));
+        assert_eq!(h.evicted_bytes, 20);
+        assert_eq!(h.evicted.len(), 1);
+    }
+
+    #[test]
+    fn an_expert_larger_than_the_budget_or_a_budget_of_zero_keeps_nothing() {
+        let mut h = HostCache {
+            budget: 15,
+            resident: vec![None; 1],
+            ..HostCache::default()
+        };
+        let (a, b) = bytes(10);
+        h.place(0, a, b, None);
+        let (a, b) = bytes(10);
+        h.place(0, a, b, Some(id(0)));
+        assert!(h.evicted.is_empty());
+        assert_eq!(h.evicted_bytes, 0);
+        let mut off = HostCache::default();
+        assert!(!off.on());
+        off.place(0, vec![1], vec![2], Some(id(0)));
+        assert!(off.take(id(0)).is_none());
     }
 }

@@ -407,9 +407,14 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
         assert!(small.resident_experts() <= slots as usize);
         // A pool step costs no submission of its own: each chunk is one
         // submission (its layers' routes read back with its output), plus
-        // one for each pause (the chunk runs again from the layer that
-        // missed, its saved input row restored).
-        assert_eq!(s.submissions, s.steps + s.pauses + s.resumed_stops, "{s:?}");
+        // one for each pause or resumption from the host cache (the chunk
+        // runs again from the layer that missed, its saved input row
+        // restored).
+        assert_eq!(
+            s.submissions,
+            s.steps + s.pauses + s.resumed_stops + s.host_resumes,
+            "{s:?}"
+        );
         assert_eq!(s.readbacks, s.submissions, "{s:?}");
         // The prompt in one chunk, or (pool of 3: chunks of one token) in
         // several, head and argmax only on a step's last chunk; then
@@ -426,7 +431,7 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
             .dispatches_per_chunk(p.len())
             .max(small.dispatches_per_chunk(1));
         assert!(
-            (base..=base + s.pauses * most).contains(&s.dispatches),
+            (base..=base + (s.pauses + s.host_resumes) * most).contains(&s.dispatches),
             "dispatches {} for {base} without pauses: {s:?}",
             s.dispatches
         );
@@ -441,7 +446,7 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
             let p2 = prompt(9, 4);
             let g = small.forward(&mut src, &p2, &opts).unwrap();
             let s = small.stats().clone();
-            assert_eq!(s.pauses + s.resumed_stops, 4, "{s:?}");
+            assert_eq!(s.pauses + s.resumed_stops + s.host_resumes, 4, "{s:?}");
             assert_eq!(s.submissions, 4 + 1, "{s:?}");
             assert_eq!(s.steps, 1, "{s:?}");
             cpu.reset();
@@ -470,6 +475,78 @@ fn small_pool_gives_the_same_greedy_tokens_and_evicts() {
         assert_logits_close(a, b, &format!("3-slot pool position {i}"));
     }
     assert_eq!(small.stats().steps, p.len() as u64, "one token per chunk");
+}
+
+/// A pool that evicts keeps the evicted experts' encoded bytes on the host
+/// (`host_cache_bytes`): an expert needed again is written back from there,
+/// so the supply is asked for each expert once, the greedy tokens are those
+/// of every expert resident, and steps that find all they lack there go on
+/// without a pause. With the cache off, evicted experts are loaded again.
+#[test]
+fn host_cache_writes_evicted_experts_back_without_the_supply() {
+    let Some(c) = ctx() else { return };
+    let (_d, m) = model_dir(23);
+    let opts = RunOptions::default();
+    let cfg = &m.config;
+    let per = expert_bytes(cfg, WeightFormat::F32);
+    let all = (cfg.num_hidden_layers * cfg.num_local_experts) as u64;
+    let prompts = [prompt(5, 7), prompt(9, 4), prompt(3, 11), prompt(5, 7)];
+    let mut src = m.expert_source().unwrap();
+    let mut full = gpu_engine(c, &m, EngineOptions::default());
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            full.reset();
+            full.generate_greedy(&mut src, p, 12, &opts, |_| {})
+                .unwrap()
+        })
+        .collect();
+    for host in [Some(all * per), None, Some(0)] {
+        let mut counting = Counting {
+            inner: m.expert_source().unwrap(),
+            loads: HashMap::new(),
+        };
+        let mut small = gpu_engine(
+            c,
+            &m,
+            EngineOptions {
+                expert_pool_bytes: Some(12 * per),
+                host_cache_bytes: host,
+                ..Default::default()
+            },
+        );
+        for (p, w) in prompts.iter().zip(&want) {
+            small.reset();
+            let got = small
+                .generate_greedy(&mut counting, p, 12, &opts, |_| {})
+                .unwrap();
+            assert_eq!(&got, w, "host cache {host:?}");
+        }
+        let s = small.stats().clone();
+        eprintln!("host cache {host:?}: {s:?}");
+        assert!(s.expert_evictions > 0, "{s:?}");
+        assert_eq!(
+            s.submissions,
+            s.steps + s.pauses + s.resumed_stops + s.host_resumes,
+            "{s:?}"
+        );
+        let loads: usize = counting.loads.values().sum();
+        let most = counting.loads.values().copied().max().unwrap_or(0);
+        assert_eq!(s.expert_uploads, loads as u64 + s.host_cache_hits, "{s:?}");
+        match host {
+            Some(0) => {
+                assert_eq!((s.host_cache_hits, s.host_resumes), (0, 0), "{s:?}");
+                assert!(most > 1, "no evicted expert was needed again: {s:?}");
+            }
+            // The whole model fits: no expert is loaded twice.
+            Some(_) => {
+                assert_eq!(most, 1, "{:?}", counting.loads);
+                assert!(s.host_cache_hits > 0 && s.host_resumes > 0, "{s:?}");
+            }
+            // The default, the pool's own size: some come back from it.
+            None => assert!(s.host_cache_hits > 0, "{s:?}"),
+        }
+    }
 }
 
 struct Failing;
