@@ -137,7 +137,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // One token per workgroup: `per_wg` workgroups cover its k * inter rows.
     let k = min(s.top_k, p.n_experts);
     let per_tok = k * p.inter;
-    let per_wg = (per_tok + WG - 1u) / WG;
+    var per_wg = (per_tok + WG - 1u) / WG;
+    // Routes only (route_in = 2): one workgroup per token.
+    if (p.route_in == 2u) { per_wg = 1u; }
     let grp = wid.y * nwg.x + wid.x;
     let t = grp / per_wg;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
@@ -145,6 +147,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     stage_x(t, lid);
     if (p.route_in != 0u) { route_token(t, lid, grp % per_wg == 0u); }
     if (p.save_x != 0u && grp % per_wg == 0u) { save_row(t, lid); }
+    // Routes only: a prompt's chunk stops here to read them back before
+    // any expert runs (uniform across the workgroup).
+    if (p.route_in == 2u) { return; }
     let li = (grp % per_wg) * WG + lid;
     if (li >= per_tok) { return; }
     let j = li % p.inter;

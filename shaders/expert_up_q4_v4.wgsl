@@ -238,6 +238,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let per_tok = k * q4n;
     var per_wg = (per_tok + WG - 1u) / WG;
     if (GROUPS > 0u) { per_wg = min(per_wg, GROUPS); }
+    // Routes only (route_in = 2): one workgroup per token.
+    if (p.route_in == 2u) { per_wg = 1u; }
     let grp = wid.y * nwg.x + wid.x;
     let t = grp / per_wg;
     // Uniform across the workgroup, so the early return keeps barriers uniform.
@@ -250,6 +252,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         workgroupBarrier();
     }
     if (p.save_x != 0u && grp % per_wg == 0u) { save_row(t, lid); }
+    // Routes only: a prompt's chunk stops here to read them back before
+    // any expert runs (uniform across the workgroup; no barrier follows).
+    if (p.route_in == 2u) { return; }
     normalize_x(lid);
     for (var li = (grp % per_wg) * WG + lid; li < per_tok; li += per_wg * WG) {
         let j = 4u * (li % q4n);

@@ -176,9 +176,9 @@ pub struct EngineOptions {
     /// three kernels it replaces, which the benchmark measures beside it).
     pub fused_attention: bool,
     /// In a pool that evicts, a prompt's chunk (more than one token) stops
-    /// after each layer's `expert_up` that lacks experts to read back its
-    /// routes before its experts run (default): no later layer runs on a
-    /// missing expert to be redone. `false`: the chunk runs on to its end
+    /// at each layer that lacks experts to read back its routes before its
+    /// experts run (default; `expert_up` routing only): no expert runs on
+    /// a missing one to be redone. `false`: the chunk runs on to its end
     /// and runs again from the first layer that missed (as a decoded
     /// token does), which the benchmark measures beside it.
     pub prompt_stops: bool,
@@ -338,6 +338,9 @@ struct Layer {
     /// Decode with the fused attention: `expert_up`/`expert_down` adding
     /// the heads' o_proj shares (`n_part = n_heads`), per route buffer.
     bg_up_dec: Option<[wgpu::BindGroup; 2]>,
+    /// `expert_up` routing only (`route_in = 2`), with the router fused:
+    /// where a prompt's chunk stops to read a layer's routes back.
+    bg_up_route: Option<[wgpu::BindGroup; 2]>,
     bg_down_dec: Option<[wgpu::BindGroup; 2]>,
     /// `slots[expert]`: the pool slot holding this layer's expert
     /// ([`NO_SLOT`] when it is not resident).
@@ -507,10 +510,6 @@ enum At {
     /// chunk ran on): its saved input row is restored and its experts
     /// (the shared expert's too) run again, then the later layers.
     Redo(usize),
-    /// A prompt's chunk stopped after layer `l`'s `expert_up` and found
-    /// every routed expert resident: that `expert_up` ran on the right
-    /// experts, so only the layer's down half runs, then the later layers.
-    Down(usize),
 }
 
 /// A step in progress (paused while it is stored in `Engine::paused`).
@@ -893,6 +892,13 @@ impl Engine {
         let ub_head_all = u("p_head_all", bytemuck::bytes_of(&p_head_all));
         let ub_router = u("p_router", bytemuck::bytes_of(&p_router));
         let ub_exp = u("p_exp", bytemuck::bytes_of(&p_exp));
+        let ub_exp_route = u(
+            "p_exp_route",
+            bytemuck::bytes_of(&expert::Params {
+                route_in: 2,
+                ..p_exp
+            }),
+        );
         let ub_exp_dec = u(
             "p_exp_decode",
             bytemuck::bytes_of(&expert::Params {
@@ -1139,6 +1145,7 @@ impl Engine {
                 ),
                 bg_up: route.each_ref().map(|r| up(&ub_exp, r)),
                 bg_down: route.each_ref().map(|r| down(&ub_exp, r)),
+                bg_up_route: route_fused.then(|| route.each_ref().map(|r| up(&ub_exp_route, r))),
                 bg_up_dec: k
                     .attn_dec
                     .as_ref()
@@ -1539,6 +1546,16 @@ impl Engine {
         self.stats.dispatches += 1;
     }
 
+    /// The layer's routes only (`expert_up` with `route_in = 2`), where a
+    /// chunk stops to read them back.
+    fn encode_routes(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
+        let ly = &self.layers[layer];
+        if let Some(bg) = &ly.bg_up_route {
+            self.k.up.encode_routes(pass, &bg[run.set], run.n as u32);
+            self.stats.dispatches += 1;
+        }
+    }
+
     /// The routed experts' down halves, weighted sum and residual (and the
     /// shared expert's down half).
     fn encode_down(&mut self, pass: &mut wgpu::ComputePass<'_>, layer: usize, run: &Run) {
@@ -1730,12 +1747,12 @@ impl Engine {
     /// (resuming restores its input row, runs its experts again and
     /// overwrites the later layers' cache rows). A layer with fewer
     /// resident experts than `top_k` misses for certain, so the chunk stops
-    /// after its `expert_up`; so does a prompt's chunk (more than one token)
-    /// at each layer that lacks experts in a pool that evicts
-    /// ([`EngineOptions::prompt_stops`]): where its routed experts are all
-    /// resident, it goes on with that layer's down half ([`At::Down`]: the
-    /// `expert_up` that routed ran on the right experts), else it pauses
-    /// and later runs the layer's experts again from its saved row.
+    /// there; so does a prompt's chunk (more than one token) at each layer
+    /// that lacks experts in a pool that evicts
+    /// ([`EngineOptions::prompt_stops`]). A stop runs `expert_up` for the
+    /// routes only (`route_in = 2`: no expert runs), reads them back and
+    /// goes on with the layer's experts ([`At::Experts`]: its input row is
+    /// still in `x`) once they are resident, pausing first if one is not.
     async fn advance(&mut self, run: &mut Run) -> Result<Option<Output>, ModelError> {
         let (ne, nl, h, v) = (
             self.cfg.num_local_experts,
@@ -1782,7 +1799,7 @@ impl Engine {
                     }
                     (enc, pass, 0)
                 }
-                At::Experts(l) | At::Redo(l) | At::Down(l) => {
+                At::Experts(l) | At::Redo(l) => {
                     if run.need.iter().any(|&id| !self.pool.resident(id)) {
                         return Ok(None);
                     }
@@ -1802,11 +1819,7 @@ impl Engine {
                     if run.at == At::Redo(l) {
                         self.stats.dispatches += self.encode_shared_up(&mut pass, l, run.n as u32);
                     }
-                    if run.at == At::Down(l) {
-                        self.encode_down(&mut pass, l, run);
-                    } else {
-                        self.encode_experts(&mut pass, l, run);
-                    }
+                    self.encode_experts(&mut pass, l, run);
                     (enc, pass, l + 1)
                 }
             };
@@ -1840,7 +1853,9 @@ impl Engine {
                     let certain = resident < run.k.min(ne) && !self.pool.evicting();
                     let prompt = self.opts.prompt_stops && run.n > 1 && self.pool.evicting();
                     if certain || prompt {
-                        self.encode_up(&mut pass, l, run);
+                        // Routes only: no expert runs before they are
+                        // read back, so nothing runs twice.
+                        self.encode_routes(&mut pass, l, run);
                         stop = Some(l);
                         break;
                     }
@@ -1914,6 +1929,11 @@ impl Engine {
                 let words: Vec<u32> = bytemuck::pod_collect_to_vec(&data[out_bytes as usize..]);
                 let checked: Vec<usize> = checked.collect();
                 if self.check_routes(run, &checked, &words)? {
+                    // The stop layer's expert_up only routed: its input
+                    // row is still in `x`, nothing to restore or redo.
+                    if let Some(l) = stop.filter(|&l| run.at == At::Redo(l)) {
+                        run.at = At::Experts(l);
+                    }
                     return Ok(None);
                 }
                 if let Some(l) = stop {
@@ -1924,13 +1944,13 @@ impl Engine {
                         )
                         .into());
                     }
-                    // A prompt stopped at a layer whose routed experts are
-                    // all resident: its expert_up ran on them, so its down
-                    // half runs next, and the chunk goes on.
+                    // A chunk stopped at a layer whose routed experts are
+                    // all resident: its experts run next, and the chunk
+                    // goes on.
                     let per = run.n * ne * 2;
                     let last = &words[(checked.len() - 1) * per..];
                     run.need = self.route_ids(last, l, run)?;
-                    run.at = At::Down(l);
+                    run.at = At::Experts(l);
                     self.stats.resumed_stops += 1;
                     continue;
                 }

@@ -224,7 +224,9 @@ pub struct Params {
     /// Experts the pool buffers hold (slot indices are clamped below it).
     pub n_slots: u32,
     /// 1: `expert_up` routes each token itself (the router fused, reading
-    /// the gate it is bound to, writing `route`); 0: it reads `route`.
+    /// the gate it is bound to, writing `route`); 0: it reads `route`;
+    /// 2: it only routes (and saves the input rows when `save_x`), one
+    /// workgroup per token ([`ExpertUp::encode_routes`]): no expert runs.
     pub route_in: u32,
     /// Heads' o_proj shares (`part`, `[n_part][hidden]`, from the fused
     /// decode attention) added to the token's input (up) and to the
@@ -350,6 +352,16 @@ impl ExpertUp {
         }
         self.kernel
             .dispatch_groups(pass, bg, u64::from(n_tok) * per_tok);
+    }
+
+    /// The routes only (bound with `route_in = 2`): one workgroup per token.
+    pub fn encode_routes(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        bg: &wgpu::BindGroup,
+        n_tok: u32,
+    ) {
+        self.kernel.dispatch_groups(pass, bg, u64::from(n_tok));
     }
 }
 
@@ -654,7 +666,10 @@ async fn run_blocks(
 /// `part` (`[heads][hidden]`, one token only; empty for none): o_proj
 /// shares added to `x` first, as after the fused decode attention.
 /// Returns the new `x` and the route the kernel wrote, as
-/// [`super::router::run`] does.
+/// [`super::router::run`] does. First the same kernel runs for the routes
+/// only (`route_in = 2`, one workgroup per token, as where a prompt's chunk
+/// stops): [`Routed::routes_only`] is what it wrote, and
+/// [`Routed::act_untouched`] whether it left the activations alone.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_routed(
     ctx: &GpuContext,
@@ -669,7 +684,7 @@ pub async fn run_routed(
     k: usize,
     renorm: bool,
     part: &[f32],
-) -> Result<(Vec<f32>, Vec<Vec<(u32, f32)>>), GpuError> {
+) -> Result<Routed, GpuError> {
     let ne = experts.len();
     let n = x.len() / hidden.max(1);
     let n_part = part.len() / hidden.max(1);
@@ -746,6 +761,32 @@ pub async fn run_routed(
         ],
     );
     let bg_down = down.bind(ctx, [&step, &pb, &w2b, &act, &rb, &xb, &tb, &part_b]);
+    // Routes only, into the stale route words; `act` stays zero.
+    let pb_routes = ctx.uniform_init(
+        "params_routes",
+        bytemuck::bytes_of(&Params { route_in: 2, ..p }),
+    );
+    let bg_routes = up.bind(
+        ctx,
+        [
+            &step, &pb_routes, &w13b, &xb, &gb, &rb, &act, &tb, &gate_t, &part_b,
+        ],
+    );
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        up.encode_routes(&mut pass, &bg_routes, n as u32);
+    }
+    ctx.queue.submit([enc.finish()]);
+    let words = ctx.read_u32(&rb, n * ne * 2).await?;
+    let routes_only = super::router::decode_route(&words, n, ne, k);
+    let act_untouched = ctx
+        .read_f32(&act, n * ne * inter)
+        .await?
+        .iter()
+        .all(|&v| v.to_bits() == 0);
+    ctx.queue
+        .write_buffer(&rb, 0, bytemuck::cast_slice(&vec![u32::MAX; n * ne * 2]));
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
@@ -755,5 +796,23 @@ pub async fn run_routed(
     ctx.queue.submit([enc.finish()]);
     let words = ctx.read_u32(&rb, n * ne * 2).await?;
     let route = super::router::decode_route(&words, n, ne, k);
-    Ok((ctx.read_f32(&xb, x.len()).await?, route))
+    Ok(Routed {
+        x: ctx.read_f32(&xb, x.len()).await?,
+        route,
+        routes_only,
+        act_untouched,
+    })
+}
+
+/// What [`run_routed`] returns.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// `x` after the experts.
+    pub x: Vec<f32>,
+    /// The routes the full `expert_up` wrote.
+    pub route: Vec<Vec<(u32, f32)>>,
+    /// The routes the routes-only run wrote.
+    pub routes_only: Vec<Vec<(u32, f32)>>,
+    /// Whether the routes-only run left `act` as it was (zero).
+    pub act_untouched: bool,
 }

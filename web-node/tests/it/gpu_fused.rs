@@ -284,13 +284,21 @@ fn check_routed(
             (experts, cpu)
         }
     };
-    let (gpu, got_route) = pollster::block_on(expert::run_routed(
+    let r = pollster::block_on(expert::run_routed(
         c, fmt, &experts, &gate, inter, hidden, &x0, &g, 1e-5, k, renorm, &part,
     ))
     .unwrap();
     let what = format!(
         "{fmt} ne {ne} inter {inter} hidden {hidden} n {n} k {k} renorm {renorm} heads {heads}"
     );
+    // The routes-only run (where a prompt's chunk stops): the same routes,
+    // bit for bit, and no expert ran.
+    assert_eq!(r.routes_only, r.route, "routes only vs full, {what}");
+    assert!(
+        r.act_untouched,
+        "the routes-only run wrote activations, {what}"
+    );
+    let (gpu, got_route) = (r.x, r.route);
     for (t, (a, b)) in got_route.iter().zip(&route).enumerate() {
         let ids = |r: &[(u32, f32)]| r.iter().map(|p| p.0).collect::<Vec<_>>();
         assert_eq!(ids(a), ids(b), "token {t} experts, {what}");
