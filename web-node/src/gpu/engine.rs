@@ -106,7 +106,10 @@
 //! writes are ordered after earlier submissions, so an eviction never
 //! changes weights under a running kernel. A pool smaller than a whole
 //! layer's experts limits the chunk to `N / k` tokens, so one layer-step
-//! never needs more experts than the pool holds.
+//! never needs more experts than the pool holds. A pool that evicts keeps
+//! what it evicts on the host, encoded ([`EngineOptions::host_cache_bytes`]):
+//! a step that lacks only experts held there writes them back and goes on
+//! without a pause ([`EngineStats::host_resumes`]).
 //!
 //! The pool has one design for every expert format
 //! ([`EngineOptions::pool_format`]): f32 or f16 experts (transposed), or
