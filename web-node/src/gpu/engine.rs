@@ -249,6 +249,10 @@ pub struct EngineStats {
     pub expert_bytes_uploaded: u64,
     /// Experts dropped from the pool to make room (least recently used first).
     pub expert_evictions: u64,
+    /// Decoded chunks submitted and then dropped (the one behind a token
+    /// that missed an expert, or behind the last token kept; not the token
+    /// that missed, which runs again from that layer).
+    pub discarded_chunks: u64,
     /// Of `expert_uploads`, those written back from the host cache of
     /// evicted experts ([`EngineOptions::host_cache_bytes`]), not supplied.
     pub host_cache_hits: u64,
@@ -1993,6 +1997,14 @@ impl Engine {
 /// chunk is submitted before token `t` is read back.
 const PIPELINE_DEPTH: usize = 2;
 
+/// Of the last [`MISS_WINDOW`] tokens [`Engine::decode_greedy`] read back,
+/// this many or more missed an expert: one token in flight at a time (each
+/// miss would discard the chunk behind it, a token's work, where keeping
+/// one in flight only costs the readback's round trip), until the window
+/// holds fewer.
+const MISSES_FOR_ONE: u32 = 2;
+const MISS_WINDOW: u32 = 8;
+
 /// A decoded token's chunk in flight in [`Engine::decode_greedy`]: its
 /// step, its readback's mapping, and the layers (lacking experts) whose
 /// routes follow the sampled id in that readback.
@@ -2070,8 +2082,10 @@ impl Engine {
     /// the layer's experts pinned), and `t` is submitted again from that
     /// layer's saved input row (in `t`'s route buffer, which the discarded
     /// chunk did not touch), with `t + 1` right behind it: the pipeline
-    /// runs on. When `keep` stops early, the chunk already submitted after
-    /// it is discarded too.
+    /// runs on. Where misses are frequent ([`MISSES_FOR_ONE`] of the last
+    /// [`MISS_WINDOW`] tokens) one token is in flight at a time, so that a
+    /// miss discards nothing. When `keep` stops early, the chunk already
+    /// submitted after it is discarded too.
     /// Otherwise each token is one [`crate::model::run_step`], until the
     /// engine can pipeline. The tokens are those of one `run_step` per token
     /// either way: the same kernels run in the same order.
@@ -2119,6 +2133,8 @@ impl Engine {
         let mut flight: std::collections::VecDeque<InFlight> = Default::default();
         let mut to_submit = n - out.len();
         let mut free = [true; PIPELINE_DEPTH];
+        // Misses of the last MISS_WINDOW tokens read back (bit 0: the last).
+        let mut misses = 0u32;
         // Set once the loop only drains: `keep` stopped, or an error.
         let mut stopped = false;
         let mut err: Option<ModelError> = None;
@@ -2128,7 +2144,12 @@ impl Engine {
         // The token the chunk read next was fed (the one before it sampled).
         let mut last = first;
         loop {
-            while to_submit > 0 && flight.len() < PIPELINE_DEPTH && !stopped {
+            let depth = if (misses & ((1 << MISS_WINDOW) - 1)).count_ones() >= MISSES_FOR_ONE {
+                1
+            } else {
+                PIPELINE_DEPTH
+            };
+            while to_submit > 0 && flight.len() < depth && !stopped {
                 let Some(slot) = free.iter().position(|&f| f) else {
                     break;
                 };
@@ -2183,7 +2204,9 @@ impl Engine {
             let t = bytemuck::pod_read_unaligned::<u32>(&b[..4]);
             let words: Vec<u32> = bytemuck::pod_collect_to_vec(&b[4..]);
             run.tokens = vec![last];
-            match self.check_routes(&mut run, &checked, &words) {
+            let routed = self.check_routes(&mut run, &checked, &words);
+            misses = (misses << 1) | u32::from(matches!(routed, Ok(true)));
+            match routed {
                 Ok(false) => {
                     out.push(t);
                     last = t;
@@ -2196,7 +2219,7 @@ impl Engine {
                     // again from the layer that missed once its experts are
                     // in, queued right behind them (the uploads are ordered
                     // after them too), and the next one behind it.
-                    self.discard_decoded();
+                    self.rollback_decoded();
                     for f in flight.iter_mut() {
                         f.dead = true;
                         self.discard_decoded();
@@ -2281,6 +2304,13 @@ impl Engine {
     /// rows lie past it and are overwritten later), its token not counted
     /// (its dispatches and submission are).
     fn discard_decoded(&mut self) {
+        self.rollback_decoded();
+        self.stats.discarded_chunks += 1;
+    }
+
+    /// Undo the position and counters of a decoded chunk that runs again
+    /// (it missed an expert).
+    fn rollback_decoded(&mut self) {
         self.pos -= 1;
         self.stats.tokens -= 1;
         self.stats.steps -= 1;

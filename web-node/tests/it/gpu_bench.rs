@@ -350,6 +350,14 @@ fn pipelined_pool_decode_matches_single_steps() {
             (again..=2 * again).contains(&extra),
             "{extra} submissions beyond one per token: {s:?}"
         );
+        // A miss discards at most the one chunk behind it, and none once
+        // two of the last eight tokens missed (then one token is in flight
+        // at a time): a pool of 3 misses often enough for that.
+        assert!(s.discarded_chunks <= again, "{s:?}");
+        assert_eq!(extra, again + s.discarded_chunks, "{s:?}");
+        if slots == 3 {
+            assert!(s.discarded_chunks < again, "{s:?}");
+        }
 
         // Stop after the 6th sampled token (its successor in flight): the
         // cache holds t0 and the first five; single steps give the rest.
